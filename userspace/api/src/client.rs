@@ -1,0 +1,253 @@
+//! Async client of the overlay master, with failover across several master URLs.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::types::{
+    AgentInfo, DeleteAgentsRequest, DeleteAgentsResponse, ErrorBody, OverlayInfo, RegisterRequest,
+    State, Watched,
+};
+
+/// Time limit of an ordinary request (a watch adds its own long-poll time to it).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No master answered (connection refused, timeout, or a 5xx from every one of them).
+    #[error("no overlay master reachable: {}", .attempts.join("; "))]
+    Unreachable { attempts: Vec<String> },
+    /// A master refused the request (4xx); `message` is its `{"error": ...}` text.
+    #[error("overlay master refused the request ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    /// A master answered with a body this client cannot read.
+    #[error("bad answer from overlay master {url}: {reason}")]
+    BadResponse { url: String, reason: String },
+    #[error("invalid master URL list: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// True when the request should simply be retried later (no master answered).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. })
+    }
+
+    /// The HTTP status of a refusal, if this is one.
+    pub fn rejected_status(&self) -> Option<u16> {
+        match self {
+            ClientError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Client of one overlay master or of several: each request goes to the first master that
+/// answers, in the given order (a connection failure or a 5xx moves on to the next one).
+#[derive(Debug, Clone)]
+pub struct MasterClient {
+    base_urls: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl MasterClient {
+    /// `base_urls` are like `http://10.0.0.1:5000` (no trailing route).
+    pub fn new<I, S>(base_urls: I) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let base_urls: Vec<String> = base_urls
+            .into_iter()
+            .map(|u| u.into().trim_end_matches('/').to_owned())
+            .collect();
+        if base_urls.is_empty() {
+            return Err(ClientError::Config(
+                "at least one master URL is needed".into(),
+            ));
+        }
+        for url in &base_urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ClientError::Config(format!(
+                    "master URL {url:?} must start with http:// or https://"
+                )));
+            }
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(MasterClient { base_urls, http })
+    }
+
+    pub fn base_urls(&self) -> &[String] {
+        &self.base_urls
+    }
+
+    /// Registers (or heartbeats) the agent with this underlay IP; returns its allocation.
+    /// Idempotent: the same IP always gets the same allocation back.
+    pub async fn register(&self, agent_ip: IpAddr) -> Result<AgentInfo, ClientError> {
+        let body = RegisterRequest { ip: agent_ip };
+        self.send(
+            Method::POST,
+            "/overlay-master/agents",
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
+    }
+
+    pub async fn state(&self) -> Result<State, ClientError> {
+        self.send::<()>(Method::GET, "/overlay-master/state", None, REQUEST_TIMEOUT)
+            .await?
+            .json()
+    }
+
+    /// Long-polls for a state newer than `after_revision`. Returns at once when the master is
+    /// already past it, `Ok(None)` when nothing changed within `timeout`.
+    pub async fn watch(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+    ) -> Result<Option<Watched>, ClientError> {
+        let path = format!(
+            "/overlay-master/watch?after={after_revision}&timeout_ms={}",
+            timeout.as_millis()
+        );
+        let answer = self
+            .send::<()>(Method::GET, &path, None, timeout + REQUEST_TIMEOUT)
+            .await?;
+        if answer.status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        answer.json().map(Some)
+    }
+
+    /// Forgets these agents and frees their allocations; returns the ones that existed.
+    pub async fn delete_agents(&self, agent_ips: &[IpAddr]) -> Result<Vec<IpAddr>, ClientError> {
+        let body = DeleteAgentsRequest {
+            agents: agent_ips.to_vec(),
+        };
+        let answer: DeleteAgentsResponse = self
+            .send(
+                Method::POST,
+                "/overlay-master/agents/delete",
+                Some(&body),
+                REQUEST_TIMEOUT,
+            )
+            .await?
+            .json()?;
+        Ok(answer.deleted)
+    }
+
+    /// Adds a network at run time; registered agents get their share at once.
+    /// Returns the network as stored (with its VNI filled in).
+    pub async fn add_network(&self, network: &OverlayInfo) -> Result<OverlayInfo, ClientError> {
+        self.send(
+            Method::POST,
+            "/overlay-master/networks",
+            Some(network),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
+    }
+
+    /// Sets `enabled: false` on a network (agents keep their allocation).
+    pub async fn disable_network(&self, name: &str) -> Result<OverlayInfo, ClientError> {
+        let path = format!("/overlay-master/networks/{name}/disable");
+        self.send::<()>(Method::POST, &path, None, REQUEST_TIMEOUT)
+            .await?
+            .json()
+    }
+
+    /// Sets `enabled: true` on a network.
+    pub async fn enable_network(&self, name: &str) -> Result<OverlayInfo, ClientError> {
+        let path = format!("/overlay-master/networks/{name}/enable");
+        self.send::<()>(Method::POST, &path, None, REQUEST_TIMEOUT)
+            .await?
+            .json()
+    }
+
+    /// Removes a network and frees every agent's allocation in it.
+    pub async fn remove_network(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/overlay-master/networks/{name}");
+        self.send::<()>(Method::DELETE, &path, None, REQUEST_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// Sends the request to each master in turn until one answers with a non-5xx status.
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
+        let mut attempts = Vec::new();
+        for base in &self.base_urls {
+            let url = format!("{base}{path}");
+            let mut request = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(error) => {
+                    tracing::debug!(%url, %error, "overlay master unreachable, trying the next");
+                    attempts.push(format!("{url}: {error}"));
+                    continue;
+                }
+            };
+            let status = response.status();
+            let bytes = match response.bytes().await {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    attempts.push(format!("{url}: reading the answer: {error}"));
+                    continue;
+                }
+            };
+            if status.is_server_error() {
+                attempts.push(format!("{url}: {status}: {}", error_message(&bytes)));
+                continue;
+            }
+            if status.is_client_error() {
+                return Err(ClientError::Rejected {
+                    status: status.as_u16(),
+                    message: error_message(&bytes),
+                });
+            }
+            return Ok(Answer { url, status, bytes });
+        }
+        Err(ClientError::Unreachable { attempts })
+    }
+}
+
+/// A successful (2xx/3xx) answer.
+struct Answer {
+    url: String,
+    status: StatusCode,
+    bytes: bytes::Bytes,
+}
+
+impl Answer {
+    fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(&self.bytes).map_err(|e| ClientError::BadResponse {
+            url: self.url.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The `error` text of an error body, or the raw body when it is not one.
+fn error_message(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => body.error,
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}

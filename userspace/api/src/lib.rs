@@ -1,0 +1,13 @@
+//! Types and client of the overlay master's HTTP/JSON API.
+//!
+//! The JSON shapes are DC/OS's (`/overlay-master/state`), so existing tooling keeps working;
+//! our additions are extra fields only (`vxlan_port`, per-network `vni`, watch `revision`).
+
+mod client;
+mod types;
+
+pub use client::{ClientError, MasterClient};
+pub use types::*;
+
+/// Route prefix shared by the master's endpoints.
+pub const MASTER_PREFIX: &str = "/overlay-master";

@@ -1,0 +1,242 @@
+//! The DC/OS overlay `State` and its parts, serialised field for field as DC/OS's
+//! `GET /overlay-master/state` does (optional fields are omitted when absent), plus this
+//! project's extra fields (`vxlan_port`, per-network `vni`), which DC/OS clients ignore.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// UDP port of the VXLAN underlay (DC/OS's choice, not IANA's 4789).
+pub const DEFAULT_VXLAN_PORT: u16 = 64000;
+/// Name of the agent's VTEP device, as in DC/OS.
+pub const VTEP_NAME: &str = "vtep1024";
+
+/// Everything the master knows: the network configuration and every agent's allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub agents: Vec<AgentInfo>,
+}
+
+/// The cluster-wide overlay configuration (DC/OS's `dcos_overlay_network`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    pub vtep_subnet: Ipv4Network,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_subnet6: Option<Ipv6Network>,
+    pub vtep_mac_oui: MacAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mtu: Option<u32>,
+    #[serde(default)]
+    pub overlays: Vec<OverlayInfo>,
+    /// Extra: UDP port of the VXLAN underlay.
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+}
+
+fn default_vxlan_port() -> u16 {
+    DEFAULT_VXLAN_PORT
+}
+
+/// One virtual network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<Ipv4Network>,
+    /// Prefix length of each agent's IPv4 share of `subnet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Ipv6Network>,
+    /// Prefix length of each agent's IPv6 share of `subnet6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix6: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Extra: VXLAN network identifier of this network (24 bits). The master always fills it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+}
+
+impl OverlayInfo {
+    /// Absent `enabled` means enabled, as in DC/OS.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(true)
+    }
+}
+
+/// One agent and its share of every network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub ip: IpAddr,
+    #[serde(default)]
+    pub overlays: Vec<AgentOverlayInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration_attempts: Option<u32>,
+}
+
+/// One agent's share of one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOverlayInfo {
+    pub info: OverlayInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<Ipv4Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Ipv6Network>,
+    /// First half of the agent's subnet(s): Mesos (CNI) containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesos_bridge: Option<BridgeInfo>,
+    /// Second half of the agent's subnet(s): Docker containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_bridge: Option<BridgeInfo>,
+    pub backend: BackendInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<OverlayState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Network>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    pub vxlan: VxLANInfo,
+}
+
+/// The agent's VTEP as seen by one network. `vtep_ip`/`vtep_ip6` carry the VTEP subnet's
+/// prefix length (`44.128.0.2/20`), as in DC/OS.
+#[allow(clippy::upper_case_acronyms)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxLANInfo {
+    pub vni: u32,
+    pub vtep_name: String,
+    /// Absent only when the agent has no VTEP (its state then says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_ip: Option<Ipv4Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_ip6: Option<Ipv6Network>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mtu: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayState {
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    #[serde(rename = "STATUS_INVALID")]
+    Invalid,
+    #[serde(rename = "STATUS_OK")]
+    Ok,
+    #[serde(rename = "STATUS_FAILED")]
+    Failed,
+    #[serde(rename = "STATUS_CONFIGURING")]
+    Configuring,
+}
+
+/// Body of `GET /overlay-master/watch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watched {
+    pub revision: u64,
+    pub state: State,
+}
+
+/// Body of `POST /overlay-master/agents`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub ip: IpAddr,
+}
+
+/// Body of `POST /overlay-master/agents/delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteAgentsRequest {
+    pub agents: Vec<IpAddr>,
+}
+
+/// Answer to `POST /overlay-master/agents/delete`: the agents that existed and were removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteAgentsResponse {
+    pub deleted: Vec<IpAddr>,
+}
+
+/// Body of every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A 48-bit MAC address, written `70:b3:d5:80:00:01` (parsing accepts either case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// The VTEP MAC of DC/OS: the OUI's upper three bytes and the VTEP IP's lower 24 bits.
+    pub fn vtep(oui: MacAddr, vtep_ip: Ipv4Addr) -> MacAddr {
+        let ip = vtep_ip.octets();
+        MacAddr([oui.0[0], oui.0[1], oui.0[2], ip[1], ip[2], ip[3]])
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid MAC address {0:?}: expected six hex bytes separated by ':'")]
+pub struct MacParseError(pub String);
+
+impl FromStr for MacAddr {
+    type Err = MacParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut bytes = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut bytes {
+            let part = parts.next().ok_or_else(|| MacParseError(s.to_owned()))?;
+            if part.len() != 2 {
+                return Err(MacParseError(s.to_owned()));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| MacParseError(s.to_owned()))?;
+        }
+        if parts.next().is_some() {
+            return Err(MacParseError(s.to_owned()));
+        }
+        Ok(MacAddr(bytes))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}

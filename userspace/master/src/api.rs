@@ -1,0 +1,260 @@
+//! HTTP/JSON API (DC/OS routes and shapes, plus network changes, watch, metrics, health).
+//! Every error answer is `{"error": "..."}` naming the offending field.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use overlay_api::{DeleteAgentsResponse, ErrorBody};
+use serde::Deserialize;
+
+use crate::config::OverlaySpec;
+use crate::master::{Master, MasterError, NetworkChange};
+
+/// Longest long-poll a watcher may ask for.
+pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn router(master: Arc<Master>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/overlay-master/state", get(state))
+        .route("/overlay-master/watch", get(watch))
+        .route("/overlay-master/agents", post(register))
+        .route("/overlay-master/agents/delete", post(delete_agents))
+        .route("/overlay-master/networks", post(add_network))
+        .route(
+            "/overlay-master/networks/{name}",
+            axum::routing::delete(remove_network),
+        )
+        .route(
+            "/overlay-master/networks/{name}/disable",
+            post(disable_network),
+        )
+        .route(
+            "/overlay-master/networks/{name}/enable",
+            post(enable_network),
+        )
+        .fallback(not_found)
+        .with_state(master)
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<MasterError> for ApiError {
+    fn from(error: MasterError) -> Self {
+        let status = match &error {
+            MasterError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MasterError::NotFound(_) => StatusCode::NOT_FOUND,
+            MasterError::Conflict(_) => StatusCode::CONFLICT,
+            MasterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError {
+            status,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        // The body text names the field path (e.g. "subnet: invalid IP address syntax").
+        ApiError {
+            status: rejection.status(),
+            message: format!("invalid request body: {}", rejection.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad_request(format!("invalid query: {}", rejection.body_text()))
+    }
+}
+
+fn json_bytes(bytes: bytes::Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such route".into(),
+    }
+}
+
+async fn health(State(master): State<Arc<Master>>) -> Response {
+    Json(serde_json::json!({"status": "ok", "revision": master.revision()})).into_response()
+}
+
+async fn metrics(State(master): State<Arc<Master>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        master.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn state(State(master): State<Arc<Master>>) -> Response {
+    json_bytes(master.state_body().await.state_json())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchQuery {
+    after: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+/// Decrements the watcher gauge however the request ends (including client disconnects).
+struct WatcherGuard<'a>(&'a Master);
+
+impl Drop for WatcherGuard<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Long-poll: answers as soon as the revision differs from `after` (at once when it already
+/// does, including when the master's revision is behind the caller's after a data loss),
+/// 204 when nothing changed within `timeout_ms`.
+async fn watch(
+    State(master): State<Arc<Master>>,
+    query: Result<Query<WatchQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let after = query.after.unwrap_or(0);
+    let timeout = query
+        .timeout_ms
+        .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_millis)
+        .min(MAX_WATCH_TIMEOUT);
+    let mut revisions = master.subscribe();
+    master.metrics.watchers.fetch_add(1, Ordering::Relaxed);
+    let guard = WatcherGuard(&master);
+    // Reduce the borrowed `Ref` to a plain outcome before awaiting anything else.
+    let changed = tokio::time::timeout(timeout, revisions.wait_for(|&revision| revision != after))
+        .await
+        .map(|result| result.map(|_| ()));
+    drop(guard);
+    match changed {
+        Err(_elapsed) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(Err(_closed)) => Err(MasterError::Unavailable("master is shutting down".into()).into()),
+        Ok(Ok(_)) => Ok(json_bytes(master.state_body().await.watch_body)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    ip: IpAddr,
+}
+
+fn check_agent_ip(field: &str, ip: IpAddr) -> Result<(), ApiError> {
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+        return Err(ApiError::bad_request(format!(
+            "{field} = {ip}: not a unicast agent address"
+        )));
+    }
+    Ok(())
+}
+
+async fn register(
+    State(master): State<Arc<Master>>,
+    body: Result<Json<RegisterBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    check_agent_ip("ip", body.ip)?;
+    let info = master.register(body.ip).await?;
+    Ok(Json(info).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteBody {
+    agents: Vec<IpAddr>,
+}
+
+async fn delete_agents(
+    State(master): State<Arc<Master>>,
+    body: Result<Json<DeleteBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let deleted = master.delete_agents(body.agents).await?;
+    Ok(Json(DeleteAgentsResponse { deleted }).into_response())
+}
+
+async fn add_network(
+    State(master): State<Arc<Master>>,
+    body: Result<Json<OverlaySpec>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(spec) = body?;
+    let overlay = spec.into_overlay("").map_err(ApiError::bad_request)?;
+    let network = master.change_networks(NetworkChange::Add(overlay)).await?;
+    Ok((StatusCode::CREATED, Json(network)).into_response())
+}
+
+async fn set_enabled(master: &Master, name: String, enabled: bool) -> Result<Response, ApiError> {
+    let network = master
+        .change_networks(NetworkChange::SetEnabled { name, enabled })
+        .await?;
+    Ok(Json(network).into_response())
+}
+
+async fn disable_network(
+    State(master): State<Arc<Master>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    set_enabled(&master, name, false).await
+}
+
+async fn enable_network(
+    State(master): State<Arc<Master>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    set_enabled(&master, name, true).await
+}
+
+async fn remove_network(
+    State(master): State<Arc<Master>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    master
+        .change_networks(NetworkChange::Remove(name.clone()))
+        .await?;
+    Ok(Json(serde_json::json!({ "removed": name })).into_response())
+}

@@ -1,0 +1,307 @@
+//! The master's configuration: DC/OS's `dcos_overlay_network` object (YAML or JSON, at top level
+//! or nested under a `dcos_overlay_network` key), DC/OS's defaults, and default VNIs.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use overlay_api::{DEFAULT_VXLAN_PORT, MacAddr, NetworkConfig, OverlayInfo};
+use serde::Deserialize;
+
+/// VNI of the network named `dcos` unless configured otherwise (DC/OS's only VNI).
+pub const DCOS_VNI: u32 = 1024;
+/// Default VNIs of other networks are derived from their names within [FIRST, LAST].
+const HASHED_VNI_FIRST: u32 = 4096;
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+/// Key under which a DC/OS `config.yaml` nests the object.
+const NESTING_KEY: &str = "dcos_overlay_network";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+/// The object as written in a file: every field optional so DC/OS's defaults can fill gaps;
+/// unknown fields are refused so typos do not pass silently.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    // Addresses are read as text and parsed here, so errors can name the field.
+    vtep_subnet: Option<String>,
+    vtep_subnet6: Option<String>,
+    vtep_mac_oui: Option<String>,
+    vtep_mtu: Option<u32>,
+    vxlan_port: Option<u16>,
+    overlays: Option<Vec<OverlaySpec>>,
+}
+
+/// One network as written by a user (config file or `POST /overlay-master/networks`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlaySpec {
+    pub name: String,
+    pub subnet: Option<String>,
+    pub prefix: Option<u8>,
+    pub subnet6: Option<String>,
+    pub prefix6: Option<u8>,
+    pub enabled: Option<bool>,
+    pub vni: Option<u32>,
+}
+
+/// Parses an optional address field, naming it in the error.
+fn parse_field<T: std::str::FromStr>(
+    field: &str,
+    value: Option<&str>,
+    what: &str,
+) -> Result<Option<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .map(|text| {
+            text.trim()
+                .parse()
+                .map_err(|e| format!("{field} = {text:?}: not a valid {what} ({e})"))
+        })
+        .transpose()
+}
+
+impl OverlaySpec {
+    /// Converts to the wire type; `field` prefixes error messages (`overlays[2]`).
+    pub fn into_overlay(self, field: &str) -> Result<OverlayInfo, String> {
+        let dot = if field.is_empty() { "" } else { "." };
+        Ok(OverlayInfo {
+            subnet: parse_field(
+                &format!("{field}{dot}subnet"),
+                self.subnet.as_deref(),
+                "IPv4 network",
+            )?,
+            subnet6: parse_field(
+                &format!("{field}{dot}subnet6"),
+                self.subnet6.as_deref(),
+                "IPv6 network",
+            )?,
+            name: self.name,
+            prefix: self.prefix,
+            prefix6: self.prefix6,
+            enabled: self.enabled,
+            vni: self.vni,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Nested {
+    dcos_overlay_network: serde_yaml::Value,
+}
+
+/// DC/OS's default `dcos_overlay_network` (before default VNIs are assigned).
+pub fn dcos_default() -> NetworkConfig {
+    NetworkConfig {
+        vtep_subnet: "44.128.0.0/20".parse().expect("valid literal"),
+        vtep_subnet6: Some("fd01:a::/64".parse().expect("valid literal")),
+        vtep_mac_oui: MacAddr([0x70, 0xb3, 0xd5, 0, 0, 0]),
+        vtep_mtu: None,
+        overlays: vec![
+            OverlayInfo {
+                name: "dcos".into(),
+                subnet: Some("9.0.0.0/8".parse().expect("valid literal")),
+                prefix: Some(24),
+                subnet6: None,
+                prefix6: None,
+                enabled: None,
+                vni: None,
+            },
+            OverlayInfo {
+                name: "dcos6".into(),
+                subnet: None,
+                prefix: None,
+                subnet6: Some("fd01:b::/64".parse().expect("valid literal")),
+                prefix6: Some(80),
+                enabled: None,
+                vni: None,
+            },
+        ],
+        vxlan_port: DEFAULT_VXLAN_PORT,
+    }
+}
+
+/// Reads and parses a config file (no validation, no default VNIs yet).
+pub fn load_file(path: &Path) -> Result<NetworkConfig, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text).map_err(|message| ConfigFileError::Parse {
+        path: path.display().to_string(),
+        message,
+    })
+}
+
+/// Parses the object from YAML or JSON text; the error names the offending field.
+pub fn parse(text: &str) -> Result<NetworkConfig, String> {
+    let document: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let file: FileConfig = match document.get(NESTING_KEY) {
+        None => serde_yaml::from_str(text).map_err(|e| e.to_string())?,
+        Some(_) => {
+            let nested: Nested = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+            match nested.dcos_overlay_network {
+                // DC/OS configs often carry the object as a JSON string.
+                serde_yaml::Value::String(inner) => serde_yaml::from_str(&inner)
+                    .map_err(|e| format!("{NESTING_KEY} (string value): {e}"))?,
+                value => {
+                    serde_yaml::from_value(value).map_err(|e| format!("{NESTING_KEY}: {e}"))?
+                }
+            }
+        }
+    };
+    let defaults = dcos_default();
+    let overlays = file
+        .overlays
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(index, spec)| spec.into_overlay(&format!("overlays[{index}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NetworkConfig {
+        vtep_subnet: parse_field::<Ipv4Network>(
+            "vtep_subnet",
+            file.vtep_subnet.as_deref(),
+            "IPv4 network",
+        )?
+        .unwrap_or(defaults.vtep_subnet),
+        // An explicit object without `vtep_subnet6` means no IPv6 VTEPs (as in DC/OS).
+        vtep_subnet6: parse_field::<Ipv6Network>(
+            "vtep_subnet6",
+            file.vtep_subnet6.as_deref(),
+            "IPv6 network",
+        )?,
+        vtep_mac_oui: parse_field::<MacAddr>(
+            "vtep_mac_oui",
+            file.vtep_mac_oui.as_deref(),
+            "MAC address",
+        )?
+        .unwrap_or(defaults.vtep_mac_oui),
+        vtep_mtu: file.vtep_mtu,
+        overlays,
+        vxlan_port: file.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT),
+    })
+}
+
+/// Fills in the VNI of every network that has none, deterministically from the names:
+/// `dcos` gets 1024, others a hash of their name in [4096, 2^24), probing upwards on clashes
+/// (in name order, so the result depends only on the set of networks).
+pub fn assign_default_vnis(overlays: &mut [OverlayInfo]) {
+    let mut taken: BTreeSet<u32> = overlays.iter().filter_map(|o| o.vni).collect();
+    let mut missing: Vec<usize> = (0..overlays.len())
+        .filter(|&i| overlays[i].vni.is_none())
+        .collect();
+    missing.sort_by(|&a, &b| overlays[a].name.cmp(&overlays[b].name));
+    for index in missing {
+        let name = &overlays[index].name;
+        let mut vni = if name == "dcos" {
+            DCOS_VNI
+        } else {
+            hashed_vni(name)
+        };
+        while taken.contains(&vni) {
+            vni = if vni >= MAX_VNI {
+                HASHED_VNI_FIRST
+            } else {
+                vni + 1
+            };
+        }
+        taken.insert(vni);
+        overlays[index].vni = Some(vni);
+    }
+}
+
+/// FNV-1a of the name, folded into [4096, 2^24).
+fn hashed_vni(name: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in name.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    HASHED_VNI_FIRST + hash % (MAX_VNI - HASHED_VNI_FIRST + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_yaml_at_top_level() {
+        let config = parse(
+            "vtep_subnet: 44.128.0.0/16\nvtep_mac_oui: 70:B3:D5:00:00:00\nvtep_mtu: 1500\n\
+             vxlan_port: 4789\noverlays:\n  - name: dev\n    subnet: 10.1.0.0/16\n    prefix: 24\n    vni: 77\n",
+        )
+        .unwrap();
+        assert_eq!(config.vtep_subnet, "44.128.0.0/16".parse().unwrap());
+        assert_eq!(config.vtep_subnet6, None);
+        assert_eq!(config.vtep_mtu, Some(1500));
+        assert_eq!(config.vxlan_port, 4789);
+        assert_eq!(config.overlays.len(), 1);
+        assert_eq!(config.overlays[0].vni, Some(77));
+        assert_eq!(config.overlays[0].prefix, Some(24));
+    }
+
+    #[test]
+    fn parses_json_nested_and_string_nested() {
+        let json = r#"{"dcos_overlay_enable": true, "dcos_overlay_network": {"vtep_subnet": "44.128.0.0/20",
+            "vtep_subnet6": "fd01:a::/64", "vtep_mac_oui": "70:B3:D5:00:00:00",
+            "overlays": [{"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24},
+                         {"name": "dcos6", "subnet6": "fd01:b::/64", "prefix6": 80, "enabled": false}]}}"#;
+        let config = parse(json).unwrap();
+        assert_eq!(config.overlays.len(), 2);
+        assert_eq!(config.overlays[1].enabled, Some(false));
+        assert_eq!(config.vtep_subnet6, Some("fd01:a::/64".parse().unwrap()));
+        assert_eq!(config.vxlan_port, DEFAULT_VXLAN_PORT);
+
+        let yaml = "dcos_overlay_network: '{\"vtep_subnet\": \"44.128.0.0/20\", \"overlays\": [{\"name\": \"x\", \"subnet\": \"10.0.0.0/8\", \"prefix\": 24}]}'\nother_key: 1\n";
+        let config = parse(yaml).unwrap();
+        assert_eq!(config.overlays[0].name, "x");
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let err =
+            parse("vtep_subnet: 44.128.0.0/20\noverlays:\n  - name: a\n    subnet: 10.0.0.300/8\n")
+                .unwrap_err();
+        assert!(err.contains("overlays[0].subnet"), "{err}");
+        let err = parse("vtep_subnett: 44.128.0.0/20\n").unwrap_err();
+        assert!(err.contains("vtep_subnett"), "{err}");
+        let err = parse("vtep_mac_oui: 70:B3:D5:00:00\n").unwrap_err();
+        assert!(err.contains("vtep_mac_oui"), "{err}");
+    }
+
+    #[test]
+    fn default_vnis_are_deterministic_and_distinct() {
+        let mut config = dcos_default();
+        assign_default_vnis(&mut config.overlays);
+        assert_eq!(config.overlays[0].vni, Some(DCOS_VNI));
+        let dcos6 = config.overlays[1].vni.unwrap();
+        assert!((HASHED_VNI_FIRST..=MAX_VNI).contains(&dcos6));
+
+        // Same names in another order give the same VNIs; an explicit VNI is kept.
+        let mut reversed = dcos_default().overlays;
+        reversed.reverse();
+        assign_default_vnis(&mut reversed);
+        assert_eq!(reversed[0].vni, Some(dcos6));
+        assert_eq!(reversed[1].vni, Some(DCOS_VNI));
+
+        // A clash with an explicit VNI moves the default one along.
+        let mut clash = dcos_default().overlays;
+        clash[1].vni = Some(DCOS_VNI);
+        assign_default_vnis(&mut clash);
+        assert_eq!(clash[1].vni, Some(DCOS_VNI));
+        assert_eq!(clash[0].vni, Some(DCOS_VNI + 1));
+    }
+}

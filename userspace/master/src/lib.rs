@@ -1,0 +1,10 @@
+//! The overlay master: allocates VTEPs and per-agent overlay subnets the way DC/OS does,
+//! persists them transactionally, and serves them over DC/OS's HTTP/JSON API.
+
+pub mod alloc;
+pub mod api;
+pub mod config;
+pub mod master;
+pub mod metrics;
+pub mod store;
+pub mod validate;
