@@ -1,0 +1,100 @@
+//! Datapath counters: what happened to a packet, and why a packet was dropped.
+//!
+//! Counters are kept per network (VNI) and per counter in `OVL_STATS`; a counter that cannot be
+//! attributed to a network (a packet from an unknown VTEP, say) uses VNI [`NO_NETWORK`].
+
+/// VNI used for counters that belong to no network.
+pub const NO_NETWORK: u32 = 0;
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $variant:ident = $value:literal => $name:literal, )*) => {
+        /// One datapath counter. Values below [`Counter::FIRST_DROP`] count packets handled;
+        /// values from it on count drops, and their names are the drop reasons.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $( $(#[$doc])* $variant = $value, )*
+        }
+
+        impl Counter {
+            /// Every counter, in numeric order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            /// The stable, metric-friendly name of the counter (`drop_spoofed_source`, ...).
+            pub const fn name(self) -> &'static str {
+                match self { $( Counter::$variant => $name, )* }
+            }
+
+            /// The counter with this numeric value, if any.
+            pub const fn from_u32(value: u32) -> Option<Counter> {
+                match value { $( $value => Some(Counter::$variant), )* _ => None }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Delivered straight to a container on this agent.
+    LocalDelivered = 0 => "local_delivered",
+    /// Encapsulated in VXLAN towards another agent.
+    Encapsulated = 1 => "encapsulated",
+    /// VXLAN from another agent, decapsulated and delivered.
+    Decapsulated = 2 => "decapsulated",
+    /// ARP request from a container answered in BPF.
+    ArpReplied = 3 => "arp_replied",
+    /// Left to the host stack (destination outside every overlay).
+    PassedToHost = 4 => "passed_to_host",
+
+    /// A container sent with an IP or MAC that is not its own.
+    DropSpoofedSource = 16 => "drop_spoofed_source",
+    /// Source and destination are on different virtual networks.
+    DropCrossNetwork = 17 => "drop_cross_network",
+    /// Destination is inside an overlay subnet, but no agent owns it.
+    DropNoRoute = 18 => "drop_no_route",
+    /// VXLAN from an address that is not a known agent.
+    DropUnknownVtep = 19 => "drop_unknown_vtep",
+    /// VXLAN with a VNI that is no network of ours.
+    DropUnknownVni = 20 => "drop_unknown_vni",
+    /// VXLAN header flags other than exactly the I flag.
+    DropBadVxlanFlags = 21 => "drop_bad_vxlan_flags",
+    /// Headers shorter than they claim, or cut off.
+    DropTruncated = 22 => "drop_truncated",
+    /// Decapsulated packet for an address that is not a local endpoint.
+    DropNoEndpoint = 23 => "drop_no_endpoint",
+    /// The kernel refused to grow the packet for encapsulation.
+    DropEncapFailed = 24 => "drop_encap_failed",
+    /// The kernel refused to shrink the packet for decapsulation.
+    DropDecapFailed = 25 => "drop_decap_failed",
+    /// Headers that are not valid (IPv4 version or length fields, say).
+    DropMalformed = 26 => "drop_malformed",
+    /// Inner packet larger than the overlay MTU allows (would need fragmentation).
+    DropTooBig = 27 => "drop_too_big",
+    /// Agent configuration missing (datapath not initialised yet).
+    DropNotReady = 28 => "drop_not_ready",
+}
+
+impl Counter {
+    /// The first counter that counts drops.
+    pub const FIRST_DROP: u32 = 16;
+
+    /// Whether this counter counts dropped packets.
+    pub const fn is_drop(self) -> bool {
+        self as u32 >= Self::FIRST_DROP
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_round_trip() {
+        let mut seen = std::collections::BTreeSet::new();
+        for &c in Counter::ALL {
+            assert!(seen.insert(c.name()), "duplicate name {}", c.name());
+            assert_eq!(Counter::from_u32(c as u32), Some(c));
+            assert_eq!(c.is_drop(), c.name().starts_with("drop_"), "{}", c.name());
+        }
+        assert_eq!(Counter::from_u32(999), None);
+    }
+}

@@ -1,0 +1,18 @@
+//! Everything the eBPF programs and userspace must agree on, defined once.
+//!
+//! - [`maps`]: map names, keys and values (`#[repr(C)]`, explicit padding, size asserts). The
+//!   layout is versioned by [`maps::MAP_LAYOUT_VERSION`], which is part of every pin path, so an
+//!   agent never reuses a pinned map whose layout it does not understand.
+//! - [`counters`]: the datapath's counters and drop reasons.
+//! - [`packet`]: header layouts and the pure logic the programs run on them (parsing, VXLAN header
+//!   construction, checksums). It has no aya-ebpf dependency, so it is unit-tested on the host.
+//!
+//! This crate is `no_std` so the kernel side can use it; the `user` feature adds `aya::Pod`.
+#![no_std]
+
+pub mod counters;
+pub mod maps;
+pub mod packet;
+
+#[cfg(test)]
+extern crate std;

@@ -1,0 +1,262 @@
+//! Map names, keys and values shared by the programs and the agent's map façade.
+//!
+//! Addresses are 16 bytes everywhere: IPv6 as is, IPv4 as an IPv4-mapped IPv6 address
+//! (`::ffff:a.b.c.d`), so the IPv6 datapath is an addition and not a layout change. All multi-byte
+//! address fields are in network order; numbers (VNI, ifindex, port) are in host order.
+//!
+//! Changing any type here changes [`MAP_LAYOUT_VERSION`], which is part of every pin path.
+
+/// Version of the layout of every map below. Part of the pin path, so an agent of another layout
+/// version never reuses (and misreads) pinned maps of this one.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as they appear in the object file, in `bpftool map` and under the pin directory.
+pub mod names {
+    pub const CONFIG: &str = "OVL_CONFIG";
+    pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
+    pub const ROUTES: &str = "OVL_ROUTES";
+    pub const SUBNETS: &str = "OVL_SUBNETS";
+    pub const VTEPS: &str = "OVL_VTEPS";
+    pub const NETWORKS: &str = "OVL_NETWORKS";
+    pub const STATS: &str = "OVL_STATS";
+
+    /// Every map the agent pins.
+    pub const ALL: &[&str] = &[CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS];
+}
+
+/// Program names in the object file.
+pub mod programs {
+    /// TC ingress of a container's host-side veth: traffic leaving a container.
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// TC ingress of the underlay NIC: VXLAN from other agents.
+    pub const FROM_UNDERLAY: &str = "from_underlay";
+}
+
+/// Capacity of each map (entries). Sized for thousands of agents and a few hundred local
+/// endpoints; the agent can override them at load time.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const ROUTES: u32 = 65536;
+    pub const SUBNETS: u32 = 1024;
+    pub const VTEPS: u32 = 16384;
+    pub const NETWORKS: u32 = 1024;
+    pub const STATS: u32 = 16384;
+}
+
+/// A 16-byte address (IPv6, or IPv4-mapped IPv6), network order.
+pub type Addr16 = [u8; 16];
+
+/// The IPv4-mapped form of an IPv4 address given in network-order bytes.
+pub const fn ipv4_mapped(v4: [u8; 4]) -> Addr16 {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+/// The IPv4 address inside an IPv4-mapped address, if it is one.
+pub const fn ipv4_unmapped(a: &Addr16) -> Option<[u8; 4]> {
+    if a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+    {
+        Some([a[12], a[13], a[14], a[15]])
+    } else {
+        None
+    }
+}
+
+/// Prefix length of an IPv4 prefix inside the 128-bit IPv4-mapped space.
+pub const fn ipv4_mapped_prefix_len(v4_prefix_len: u8) -> u32 {
+    96 + v4_prefix_len as u32
+}
+
+/// `OVL_CONFIG[0]`: this agent's own datapath settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// This agent's underlay address: the outer source of the VXLAN packets it sends.
+    pub underlay_ip: Addr16,
+    /// ifindex of the underlay NIC that VXLAN leaves through.
+    pub underlay_ifindex: u32,
+    /// This agent's VTEP MAC: inner source MAC of encapsulated frames (DC/OS wire format).
+    pub vtep_mac: [u8; 6],
+    /// VXLAN UDP destination port (DC/OS: 64000).
+    pub vxlan_port: u16,
+    /// Largest inner IP packet the overlay carries (container MTU); larger ones are dropped and
+    /// counted instead of being fragmented by the VTEP (RFC 7348).
+    pub overlay_mtu: u32,
+    /// [`AgentConfig::FLAG_READY`] once the agent has written the config.
+    pub flags: u32,
+}
+
+impl AgentConfig {
+    pub const FLAG_READY: u32 = 1;
+}
+
+/// Key of `OVL_ENDPOINTS`: a local container's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub addr: Addr16,
+}
+
+/// Value of `OVL_ENDPOINTS`: how to reach a local container and which network it is on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// ifindex of the container's host-side veth.
+    pub ifindex: u32,
+    /// The network (VNI) the container is attached to.
+    pub vni: u32,
+    /// The container's own MAC: the only source MAC it may send with, and the destination MAC of
+    /// frames delivered to it.
+    pub mac: [u8; 6],
+    /// MAC of the host-side veth: the container's gateway MAC and the source MAC of frames
+    /// delivered to it.
+    pub gateway_mac: [u8; 6],
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Value of `OVL_ROUTES`: an agent subnet on another agent. `OVL_ROUTES` and `OVL_SUBNETS` are LPM
+/// tries keyed by aya's `Key<Addr16>` (`prefix_len` in bits over the 128-bit address: IPv4 prefixes
+/// are `96 + len`, see [`ipv4_mapped_prefix_len`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteRoute {
+    /// Underlay address of the agent that owns the subnet: outer destination.
+    pub underlay_ip: Addr16,
+    /// That agent's VTEP MAC: inner destination MAC (DC/OS wire format).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Network the subnet belongs to: the VNI the frame is sent with.
+    pub vni: u32,
+    pub flags: u32,
+}
+
+/// Value of `OVL_SUBNETS`: a whole overlay subnet. A destination inside one of these but with no
+/// endpoint or route is dropped; a destination outside all of them is left to the host stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlaySubnet {
+    pub vni: u32,
+    pub flags: u32,
+}
+
+/// Key of `OVL_VTEPS`: the underlay address of a known agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VtepKey {
+    pub underlay_ip: Addr16,
+}
+
+/// Value of `OVL_VTEPS`: what we know of another agent's VTEP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vtep {
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The agent's VTEP IPv4 address (network order), for diagnostics.
+    pub vtep_ip: [u8; 4],
+}
+
+/// Key of `OVL_NETWORKS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetworkKey {
+    pub vni: u32,
+}
+
+/// Value of `OVL_NETWORKS`: a virtual network this agent takes part in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Network {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl Network {
+    /// Traffic from this network to outside every overlay is masqueraded.
+    pub const FLAG_MASQUERADE: u32 = 1;
+}
+
+/// Key of `OVL_STATS` (per-CPU): one counter of one network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StatKey {
+    /// The network, or [`crate::counters::NO_NETWORK`].
+    pub vni: u32,
+    /// A [`crate::counters::Counter`] value.
+    pub counter: u32,
+}
+
+/// Value of `OVL_STATS` (per-CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// Layouts are part of the on-disk (pinned) contract: pin them down.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<AgentConfig>() == 36);
+    assert!(size_of::<EndpointKey>() == 16);
+    assert!(size_of::<Endpoint>() == 28);
+    assert!(size_of::<RemoteRoute>() == 32);
+    assert!(size_of::<OverlaySubnet>() == 8);
+    assert!(size_of::<VtepKey>() == 16);
+    assert!(size_of::<Vtep>() == 12);
+    assert!(size_of::<NetworkKey>() == 4);
+    assert!(size_of::<Network>() == 8);
+    assert!(size_of::<StatKey>() == 8);
+    assert!(size_of::<Stat>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain data with no implicit padding (checked by the
+    // size asserts above), so every byte pattern is a valid value.
+    unsafe impl aya::Pod for AgentConfig {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for RemoteRoute {}
+    unsafe impl aya::Pod for OverlaySubnet {}
+    unsafe impl aya::Pod for VtepKey {}
+    unsafe impl aya::Pod for Vtep {}
+    unsafe impl aya::Pod for NetworkKey {}
+    unsafe impl aya::Pod for Network {}
+    unsafe impl aya::Pod for StatKey {}
+    unsafe impl aya::Pod for Stat {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapping_round_trips() {
+        let a = ipv4_mapped([9, 0, 1, 2]);
+        assert_eq!(ipv4_unmapped(&a), Some([9, 0, 1, 2]));
+        let v6 = [0xfd, 1, 0, 0xb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(ipv4_unmapped(&v6), None);
+        assert_eq!(ipv4_mapped_prefix_len(24), 120);
+    }
+
+    #[test]
+    fn no_implicit_padding() {
+        // Sum of field sizes equals the struct size: no hidden bytes a hash lookup could miss on.
+        assert_eq!(size_of::<Endpoint>(), 4 + 4 + 6 + 6 + 4 + 4);
+        assert_eq!(size_of::<AgentConfig>(), 16 + 4 + 6 + 2 + 4 + 4);
+        assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4);
+    }
+}

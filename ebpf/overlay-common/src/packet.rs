@@ -1,0 +1,437 @@
+//! Header layouts and the pure per-packet logic of the datapath.
+//!
+//! The programs load fixed-size header slices from the packet and call these functions; keeping
+//! them free of aya-ebpf lets the host unit-test exactly the code the kernel runs.
+
+use crate::counters::Counter;
+
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const VXLAN_HLEN: usize = 8;
+pub const ARP_LEN: usize = 28;
+
+/// Bytes added after the outer Ethernet header by encapsulation: outer IPv4, UDP, VXLAN, and the
+/// inner Ethernet header. With the outer Ethernet header the overhead is 64 - 14 = 50 bytes.
+pub const VXLAN_ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+/// Everything in front of the inner IP header of a VXLAN frame (outer IPv4 without options).
+pub const VXLAN_HEADERS_LEN: usize = ETH_HLEN + VXLAN_ENCAP_LEN;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// VXLAN flags byte with only the I flag ("VNI valid") set, RFC 7348.
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
+/// Largest VNI (24 bits).
+pub const VNI_MAX: u32 = 0x00ff_ffff;
+
+/// Outer UDP source ports are spread over the dynamic range from a hash of the inner flow, so that
+/// the receiver's RSS and ECMP in the underlay see per-flow entropy (RFC 7348, section 5).
+pub const fn vxlan_source_port(flow_hash: u32) -> u16 {
+    // 49152..=65535: the top two bits set, the low 14 bits from the hash (folded so that hashes
+    // that differ only in their high bits still spread).
+    let folded = flow_hash ^ (flow_hash >> 16);
+    0xc000 | (folded as u16 & 0x3fff)
+}
+
+/// An Ethernet header's fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EthHeader {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ethertype: u16,
+}
+
+impl EthHeader {
+    pub const fn parse(b: &[u8; ETH_HLEN]) -> EthHeader {
+        EthHeader {
+            dst: [b[0], b[1], b[2], b[3], b[4], b[5]],
+            src: [b[6], b[7], b[8], b[9], b[10], b[11]],
+            ethertype: u16::from_be_bytes([b[12], b[13]]),
+        }
+    }
+}
+
+/// The fields of an IPv4 header the datapath needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Header {
+    /// Header length in bytes (20 without options).
+    pub header_len: usize,
+    pub total_len: usize,
+    pub protocol: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+impl Ipv4Header {
+    /// Parses the first 20 bytes of an IPv4 header; rejects what no IPv4 stack would accept.
+    pub const fn parse(b: &[u8; IPV4_HLEN]) -> Result<Ipv4Header, Counter> {
+        let version = b[0] >> 4;
+        let header_len = ((b[0] & 0x0f) as usize) * 4;
+        let total_len = u16::from_be_bytes([b[2], b[3]]) as usize;
+        if version != 4 || header_len < IPV4_HLEN {
+            return Err(Counter::DropMalformed);
+        }
+        if total_len < header_len {
+            return Err(Counter::DropTruncated);
+        }
+        Ok(Ipv4Header {
+            header_len,
+            total_len,
+            protocol: b[9],
+            src: [b[12], b[13], b[14], b[15]],
+            dst: [b[16], b[17], b[18], b[19]],
+        })
+    }
+}
+
+/// The Internet checksum (RFC 1071) of an IPv4 header whose checksum field is zero.
+pub fn ipv4_header_checksum(header: &[u8; IPV4_HLEN]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < IPV4_HLEN {
+        sum += u16::from_be_bytes([header[i], header[i + 1]]) as u32;
+        i += 2;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// What an underlay packet is to the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnderlayPacket {
+    /// Not VXLAN on our port: the host's own traffic, passed untouched.
+    NotOurs,
+    /// VXLAN on our port whose outer headers look right.
+    Vxlan {
+        outer_src: [u8; 4],
+        /// Length of outer IPv4 + UDP + VXLAN + inner Ethernet: what decapsulation removes after
+        /// the outer Ethernet header.
+        strip_len: usize,
+        /// Offset of the VXLAN header from the start of the frame.
+        vxlan_offset: usize,
+    },
+}
+
+/// Classifies an underlay frame from its Ethernet and IPv4 headers and the UDP header at
+/// `ETH_HLEN + ip.header_len`. `frame_len` is the whole frame's length (skb->len).
+pub fn classify_underlay(
+    eth: &EthHeader,
+    ip: &Ipv4Header,
+    udp: &[u8; UDP_HLEN],
+    frame_len: usize,
+    vxlan_port: u16,
+) -> Result<UnderlayPacket, Counter> {
+    if eth.ethertype != ETH_P_IP || ip.protocol != IPPROTO_UDP {
+        return Ok(UnderlayPacket::NotOurs);
+    }
+    let dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+    if dst_port != vxlan_port {
+        return Ok(UnderlayPacket::NotOurs);
+    }
+    // From here on it claims to be ours: anything inconsistent is dropped and counted.
+    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    let strip_len = ip.header_len + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+    if ip.total_len > frame_len.saturating_sub(ETH_HLEN)
+        || ip.total_len < strip_len + IPV4_HLEN
+        // GSO packets carry the length of the whole super-packet here, never less than this.
+        || udp_len < UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN
+    {
+        return Err(Counter::DropTruncated);
+    }
+    Ok(UnderlayPacket::Vxlan {
+        outer_src: ip.src,
+        strip_len,
+        vxlan_offset: ETH_HLEN + ip.header_len + UDP_HLEN,
+    })
+}
+
+/// The VNI of a VXLAN header; anything but exactly the I flag (and zero reserved bits) is refused,
+/// as the kernel's own VXLAN driver refuses unknown flags.
+pub const fn parse_vxlan(h: &[u8; VXLAN_HLEN]) -> Result<u32, Counter> {
+    if h[0] != VXLAN_FLAG_VNI || h[1] != 0 || h[2] != 0 || h[3] != 0 || h[7] != 0 {
+        return Err(Counter::DropBadVxlanFlags);
+    }
+    Ok(u32::from_be_bytes([0, h[4], h[5], h[6]]))
+}
+
+/// Everything needed to build the headers of one encapsulated frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncapParams {
+    pub outer_src: [u8; 4],
+    pub outer_dst: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub vni: u32,
+    /// Inner Ethernet source: the local VTEP MAC.
+    pub inner_src_mac: [u8; 6],
+    /// Inner Ethernet destination: the remote VTEP MAC.
+    pub inner_dst_mac: [u8; 6],
+    /// Length of the inner IP packet (the original frame minus its Ethernet header).
+    pub inner_ip_len: usize,
+}
+
+/// The 64 bytes in front of the inner IP packet of a VXLAN frame: outer Ethernet (addresses left
+/// zero: the kernel's neighbour code fills them when the frame is sent), outer IPv4 with its
+/// checksum, UDP with checksum 0 (allowed over IPv4 by RFC 7348), VXLAN, inner Ethernet.
+pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
+    let mut h = [0u8; VXLAN_HEADERS_LEN];
+    // Outer Ethernet.
+    h[12] = (ETH_P_IP >> 8) as u8;
+    h[13] = ETH_P_IP as u8;
+    // Outer IPv4.
+    let ip_total = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + p.inner_ip_len;
+    // A GSO super-packet's length is rewritten per segment by the kernel; clamp so the field never
+    // wraps.
+    let ip_total = if ip_total > 0xffff { 0xffff } else { ip_total } as u16;
+    let ip = ETH_HLEN;
+    h[ip] = 0x45;
+    h[ip + 2..ip + 4].copy_from_slice(&ip_total.to_be_bytes());
+    h[ip + 8] = 64; // TTL
+    h[ip + 9] = IPPROTO_UDP;
+    h[ip + 12..ip + 16].copy_from_slice(&p.outer_src);
+    h[ip + 16..ip + 20].copy_from_slice(&p.outer_dst);
+    let mut ip_header = [0u8; IPV4_HLEN];
+    ip_header.copy_from_slice(&h[ip..ip + IPV4_HLEN]);
+    let checksum = ipv4_header_checksum(&ip_header);
+    h[ip + 10..ip + 12].copy_from_slice(&checksum.to_be_bytes());
+    // UDP.
+    let udp = ip + IPV4_HLEN;
+    let udp_len = ip_total - IPV4_HLEN as u16;
+    h[udp..udp + 2].copy_from_slice(&p.src_port.to_be_bytes());
+    h[udp + 2..udp + 4].copy_from_slice(&p.dst_port.to_be_bytes());
+    h[udp + 4..udp + 6].copy_from_slice(&udp_len.to_be_bytes());
+    // VXLAN.
+    let vx = udp + UDP_HLEN;
+    h[vx] = VXLAN_FLAG_VNI;
+    let vni = (p.vni & VNI_MAX).to_be_bytes();
+    h[vx + 4] = vni[1];
+    h[vx + 5] = vni[2];
+    h[vx + 6] = vni[3];
+    // Inner Ethernet.
+    let inner = vx + VXLAN_HLEN;
+    h[inner..inner + 6].copy_from_slice(&p.inner_dst_mac);
+    h[inner + 6..inner + 12].copy_from_slice(&p.inner_src_mac);
+    h[inner + 12] = (ETH_P_IP >> 8) as u8;
+    h[inner + 13] = ETH_P_IP as u8;
+    h
+}
+
+/// The reply to an ARP request, as the 42-byte frame to send back, if `frame` is an Ethernet/IPv4
+/// ARP request that should be answered with `our_mac`. Requests for the sender's own address
+/// (duplicate-address probes and gratuitous ARP) get no answer.
+pub fn arp_reply(frame: &[u8; ETH_HLEN + ARP_LEN], our_mac: [u8; 6]) -> Option<[u8; ETH_HLEN + ARP_LEN]> {
+    let arp = &frame[ETH_HLEN..];
+    let is_eth_ipv4_request = arp[0..2] == [0, 1] // hardware type Ethernet
+        && arp[2..4] == [0x08, 0x00] // protocol type IPv4
+        && arp[4] == 6
+        && arp[5] == 4
+        && arp[6..8] == [0, 1]; // request
+    if !is_eth_ipv4_request {
+        return None;
+    }
+    let sender_mac = &arp[8..14];
+    let sender_ip = &arp[14..18];
+    let target_ip = &arp[24..28];
+    // Probes (sender 0.0.0.0), gratuitous ARP (sender == target): no answer.
+    if sender_ip == target_ip || sender_ip == [0, 0, 0, 0] || target_ip == [0, 0, 0, 0] {
+        return None;
+    }
+    let mut r = [0u8; ETH_HLEN + ARP_LEN];
+    r[0..6].copy_from_slice(sender_mac);
+    r[6..12].copy_from_slice(&our_mac);
+    r[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
+    let a = ETH_HLEN;
+    r[a..a + 6].copy_from_slice(&arp[0..6]);
+    r[a + 6..a + 8].copy_from_slice(&[0, 2]); // reply
+    r[a + 8..a + 14].copy_from_slice(&our_mac);
+    r[a + 14..a + 18].copy_from_slice(target_ip);
+    r[a + 18..a + 24].copy_from_slice(sender_mac);
+    r[a + 24..a + 28].copy_from_slice(sender_ip);
+    Some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipv4(total_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) -> [u8; IPV4_HLEN] {
+        let mut h = [0u8; IPV4_HLEN];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&total_len.to_be_bytes());
+        h[8] = 64;
+        h[9] = proto;
+        h[12..16].copy_from_slice(&src);
+        h[16..20].copy_from_slice(&dst);
+        h
+    }
+
+    #[test]
+    fn checksum_matches_rfc1071_example() {
+        // A header whose checksum is known (from a captured packet): 0xb861.
+        let h: [u8; 20] = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(ipv4_header_checksum(&h), 0xb861);
+    }
+
+    #[test]
+    fn encap_headers_are_byte_exact() {
+        let p = EncapParams {
+            outer_src: [10, 0, 0, 1],
+            outer_dst: [10, 0, 0, 2],
+            src_port: 0xc123,
+            dst_port: 64000,
+            vni: 1024,
+            inner_src_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
+            inner_dst_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
+            inner_ip_len: 84,
+        };
+        let h = build_vxlan_headers(&p);
+        assert_eq!(&h[12..14], &[0x08, 0x00]);
+        let ip: [u8; 20] = h[14..34].try_into().unwrap();
+        let parsed = Ipv4Header::parse(&ip).unwrap();
+        assert_eq!(parsed.total_len, 20 + 8 + 8 + 14 + 84);
+        assert_eq!(parsed.protocol, IPPROTO_UDP);
+        assert_eq!((parsed.src, parsed.dst), ([10, 0, 0, 1], [10, 0, 0, 2]));
+        // A header with a correct checksum sums to zero.
+        assert_eq!(ipv4_header_checksum(&ip), 0);
+        assert_eq!(&h[34..36], &0xc123u16.to_be_bytes());
+        assert_eq!(&h[36..38], &64000u16.to_be_bytes());
+        assert_eq!(&h[38..40], &((8 + 8 + 14 + 84) as u16).to_be_bytes());
+        assert_eq!(&h[40..42], &[0, 0], "UDP checksum 0 over IPv4");
+        assert_eq!(&h[42..50], &[0x08, 0, 0, 0, 0, 0x04, 0x00, 0]);
+        assert_eq!(parse_vxlan(h[42..50].try_into().unwrap()), Ok(1024));
+        assert_eq!(&h[50..56], &p.inner_dst_mac);
+        assert_eq!(&h[56..62], &p.inner_src_mac);
+        assert_eq!(&h[62..64], &[0x08, 0x00]);
+    }
+
+    #[test]
+    fn encap_length_of_gso_superpacket_never_wraps() {
+        let p = EncapParams {
+            outer_src: [1, 1, 1, 1],
+            outer_dst: [2, 2, 2, 2],
+            src_port: 1,
+            dst_port: 2,
+            vni: 3,
+            inner_src_mac: [0; 6],
+            inner_dst_mac: [0; 6],
+            inner_ip_len: 70_000,
+        };
+        let h = build_vxlan_headers(&p);
+        assert_eq!(&h[16..18], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn source_port_stays_in_dynamic_range() {
+        for hash in [0u32, 1, 0xffff, 0x1234_5678, u32::MAX, 0x8000_0000] {
+            let port = vxlan_source_port(hash);
+            assert!(port >= 49152, "{port}");
+        }
+        assert_ne!(vxlan_source_port(1), vxlan_source_port(2));
+        assert_ne!(vxlan_source_port(0x0001_0000), vxlan_source_port(0x0002_0000));
+    }
+
+    #[test]
+    fn vxlan_flags_are_strict() {
+        assert_eq!(parse_vxlan(&[0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]), Ok(0xabcdef));
+        assert_eq!(parse_vxlan(&[0x00, 0, 0, 0, 0, 4, 0, 0]), Err(Counter::DropBadVxlanFlags));
+        assert_eq!(parse_vxlan(&[0x88, 0, 0, 0, 0, 4, 0, 0]), Err(Counter::DropBadVxlanFlags));
+        assert_eq!(parse_vxlan(&[0x08, 0, 0, 0, 0, 4, 0, 1]), Err(Counter::DropBadVxlanFlags));
+    }
+
+    #[test]
+    fn ipv4_parse_rejects_bad_headers() {
+        let mut h = ipv4(40, IPPROTO_TCP, [1, 2, 3, 4], [5, 6, 7, 8]);
+        assert!(Ipv4Header::parse(&h).is_ok());
+        h[0] = 0x65;
+        assert_eq!(Ipv4Header::parse(&h), Err(Counter::DropMalformed));
+        h[0] = 0x44;
+        assert_eq!(Ipv4Header::parse(&h), Err(Counter::DropMalformed));
+        h[0] = 0x46;
+        h[2..4].copy_from_slice(&20u16.to_be_bytes());
+        assert_eq!(Ipv4Header::parse(&h), Err(Counter::DropTruncated));
+    }
+
+    #[test]
+    fn underlay_classification() {
+        let eth = EthHeader { dst: [0; 6], src: [0; 6], ethertype: ETH_P_IP };
+        let total = (20 + 8 + 8 + 14 + 20) as u16;
+        let ip = Ipv4Header::parse(&ipv4(total, IPPROTO_UDP, [10, 0, 0, 9], [10, 0, 0, 1])).unwrap();
+        let udp = |port: u16, len: u16| {
+            let mut u = [0u8; 8];
+            u[2..4].copy_from_slice(&port.to_be_bytes());
+            u[4..6].copy_from_slice(&len.to_be_bytes());
+            u
+        };
+        let frame_len = 14 + total as usize;
+        assert_eq!(
+            classify_underlay(&eth, &ip, &udp(64000, total - 20), frame_len, 64000),
+            Ok(UnderlayPacket::Vxlan { outer_src: [10, 0, 0, 9], strip_len: 50, vxlan_offset: 42 })
+        );
+        // Another port: the host's own UDP.
+        assert_eq!(
+            classify_underlay(&eth, &ip, &udp(53, total - 20), frame_len, 64000),
+            Ok(UnderlayPacket::NotOurs)
+        );
+        // TCP is never ours.
+        let tcp = Ipv4Header { protocol: IPPROTO_TCP, ..ip };
+        assert_eq!(
+            classify_underlay(&eth, &tcp, &udp(64000, 8), frame_len, 64000),
+            Ok(UnderlayPacket::NotOurs)
+        );
+        // Cut off: the frame is shorter than the IP header claims.
+        assert_eq!(
+            classify_underlay(&eth, &ip, &udp(64000, total - 20), frame_len - 1, 64000),
+            Err(Counter::DropTruncated)
+        );
+        // Too short to hold an inner IPv4 packet.
+        let short = Ipv4Header { total_len: 20 + 8 + 8 + 14, ..ip };
+        assert_eq!(
+            classify_underlay(&eth, &short, &udp(64000, 30), frame_len, 64000),
+            Err(Counter::DropTruncated)
+        );
+    }
+
+    #[test]
+    fn arp_responder() {
+        let container_mac = [2, 0, 0, 0, 0, 1];
+        let gw_mac = [2, 0, 0, 0, 0, 0xfe];
+        let mut req = [0u8; 42];
+        req[0..6].copy_from_slice(&[0xff; 6]);
+        req[6..12].copy_from_slice(&container_mac);
+        req[12..14].copy_from_slice(&[0x08, 0x06]);
+        req[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        req[22..28].copy_from_slice(&container_mac);
+        req[28..32].copy_from_slice(&[9, 0, 1, 2]);
+        req[38..42].copy_from_slice(&[9, 0, 1, 1]);
+        let r = arp_reply(&req, gw_mac).expect("answered");
+        assert_eq!(&r[0..6], &container_mac);
+        assert_eq!(&r[6..12], &gw_mac);
+        assert_eq!(&r[20..22], &[0, 2]);
+        assert_eq!(&r[22..28], &gw_mac);
+        assert_eq!(&r[28..32], &[9, 0, 1, 1]);
+        assert_eq!(&r[32..38], &container_mac);
+        assert_eq!(&r[38..42], &[9, 0, 1, 2]);
+        // Gratuitous ARP / duplicate address probe: no answer.
+        let mut garp = req;
+        garp[38..42].copy_from_slice(&[9, 0, 1, 2]);
+        assert_eq!(arp_reply(&garp, gw_mac), None);
+        let mut probe = req;
+        probe[28..32].copy_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(arp_reply(&probe, gw_mac), None);
+        // A reply is not answered.
+        let mut reply = req;
+        reply[21] = 2;
+        assert_eq!(arp_reply(&reply, gw_mac), None);
+    }
+}

@@ -1,0 +1,37 @@
+//! ARP responder: containers resolve their gateway (and every other on-link address) to the MAC of
+//! their host-side veth, so no bridge is needed.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::generated::bpf_redirect, programs::TcContext};
+use overlay_common::{
+    counters::{Counter, NO_NETWORK},
+    maps::ipv4_mapped,
+    packet::{ARP_LEN, ETH_HLEN, arp_reply},
+};
+
+use crate::{isolation::verified_sender, skb, stats::count};
+
+/// Answers an ARP request from the container behind this veth by sending the reply back out of
+/// the same veth. Returns the TC verdict.
+#[inline(always)]
+pub fn respond(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
+    let frame: [u8; ETH_HLEN + ARP_LEN] = skb::load(ctx, 0).map_err(|c| (NO_NETWORK, c))?;
+    let sender_ip = [frame[28], frame[29], frame[30], frame[31]];
+    let sender_mac = [frame[6], frame[7], frame[8], frame[9], frame[10], frame[11]];
+    let ifindex = skb::ingress_ifindex(ctx);
+    let Some(reply) = ({
+        // Probes and gratuitous ARP are not answered and not an error: leave them be.
+        let ep = match verified_sender(ipv4_mapped(sender_ip), sender_mac, ifindex) {
+            Ok(ep) => ep,
+            Err(_) if sender_ip == [0, 0, 0, 0] => return Ok(TC_ACT_SHOT as i32),
+            Err(c) => return Err((NO_NETWORK, c)),
+        };
+        arp_reply(&frame, ep.gateway_mac).map(|r| (r, ep.vni))
+    }) else {
+        return Ok(TC_ACT_SHOT as i32);
+    };
+    let (reply, vni) = reply;
+    ctx.store(0, &reply, 0).map_err(|_| (vni, Counter::DropMalformed))?;
+    count(vni, Counter::ArpReplied, ctx.len());
+    // SAFETY: plain helper call; egress of the ingress veth delivers to its peer, the container.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}

@@ -1,0 +1,15 @@
+//! Delivery to a container on this agent: straight into its network namespace.
+
+use aya_ebpf::{helpers::generated::bpf_redirect_peer, programs::TcContext};
+use overlay_common::{counters::Counter, maps::Endpoint};
+
+use crate::skb;
+
+/// Addresses the frame to the container (gateway MAC -> container MAC) and hands it to the peer
+/// of its host-side veth, skipping the backlog queue (`bpf_redirect_peer`, TC ingress only).
+#[inline(always)]
+pub fn to_endpoint(ctx: &TcContext, ep: &Endpoint) -> Result<i32, Counter> {
+    skb::set_macs(ctx, ep.mac, ep.gateway_mac)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}

@@ -1,0 +1,76 @@
+//! The maps, declared once with the shared layouts from `overlay_common::maps`. All are BTF maps
+//! so that `bpftool map dump` prints their keys and values as structs.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    macros::btf_map,
+};
+use overlay_common::maps::{
+    Addr16, AgentConfig, Endpoint, EndpointKey, Network, NetworkKey, OverlaySubnet, RemoteRoute,
+    Stat, StatKey, Vtep, VtepKey, capacity,
+};
+
+#[btf_map]
+pub static OVL_CONFIG: Array<AgentConfig, 1> = Array::new();
+
+#[btf_map]
+pub static OVL_ENDPOINTS: HashMap<EndpointKey, Endpoint, { capacity::ENDPOINTS as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static OVL_ROUTES: LpmTrie<Addr16, RemoteRoute, { capacity::ROUTES as usize }> =
+    LpmTrie::new();
+
+#[btf_map]
+pub static OVL_SUBNETS: LpmTrie<Addr16, OverlaySubnet, { capacity::SUBNETS as usize }> =
+    LpmTrie::new();
+
+#[btf_map]
+pub static OVL_VTEPS: HashMap<VtepKey, Vtep, { capacity::VTEPS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static OVL_NETWORKS: HashMap<NetworkKey, Network, { capacity::NETWORKS as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static OVL_STATS: PerCpuHashMap<StatKey, Stat, { capacity::STATS as usize }> =
+    PerCpuHashMap::new();
+
+/// The agent's configuration, once it has written one.
+#[inline(always)]
+pub fn config() -> Option<&'static AgentConfig> {
+    OVL_CONFIG
+        .get(0)
+        .filter(|c| c.flags & AgentConfig::FLAG_READY != 0)
+}
+
+/// The local endpoint with this address.
+#[inline(always)]
+pub fn endpoint(addr: Addr16) -> Option<&'static Endpoint> {
+    // SAFETY: the agent replaces entries whole (map update), never writes into them in place.
+    unsafe { OVL_ENDPOINTS.get(EndpointKey { addr }) }
+}
+
+/// The remote agent subnet containing this address.
+#[inline(always)]
+pub fn route(addr: Addr16) -> Option<&'static RemoteRoute> {
+    OVL_ROUTES.get(&Key::new(128, addr))
+}
+
+/// The overlay subnet containing this address.
+#[inline(always)]
+pub fn overlay_subnet(addr: Addr16) -> Option<&'static OverlaySubnet> {
+    OVL_SUBNETS.get(&Key::new(128, addr))
+}
+
+/// Whether this underlay address is a known agent's.
+#[inline(always)]
+pub fn is_known_vtep(underlay_ip: Addr16) -> bool {
+    OVL_VTEPS.get_ptr(VtepKey { underlay_ip }).is_some()
+}
+
+/// Whether this VNI is a network of ours.
+#[inline(always)]
+pub fn is_known_network(vni: u32) -> bool {
+    OVL_NETWORKS.get_ptr(NetworkKey { vni }).is_some()
+}

@@ -1,0 +1,33 @@
+//! Small accessors over the TC context shared by the program paths.
+
+use aya_ebpf::programs::TcContext;
+use overlay_common::counters::Counter;
+
+/// Loads a fixed-size header at `offset`; a packet too short to hold it is truncated.
+#[inline(always)]
+pub fn load<const N: usize>(ctx: &TcContext, offset: usize) -> Result<[u8; N], Counter> {
+    ctx.load::<[u8; N]>(offset).map_err(|_| Counter::DropTruncated)
+}
+
+/// ifindex of the device the packet arrived on.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// GSO segment size; 0 for a packet that is not a GSO super-packet.
+#[inline(always)]
+pub fn gso_size(ctx: &TcContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).gso_size }
+}
+
+/// Rewrites the Ethernet addresses of the frame.
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), Counter> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&dst);
+    macs[6..].copy_from_slice(&src);
+    ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)
+}

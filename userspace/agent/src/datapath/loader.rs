@@ -1,0 +1,115 @@
+//! Loading the embedded eBPF object and attaching its programs with pinned TCX links.
+
+use std::io;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+    },
+};
+use overlay_common::maps::{names, programs};
+
+use super::{OverlayMaps, PinLayout};
+
+/// The eBPF object, built by this crate's build script.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
+
+/// The loaded datapath of one agent: programs in the kernel, maps pinned, links pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+    maps: OverlayMaps,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps already pinned under `pins` (an agent restart keeps every
+    /// entry, so traffic keeps flowing) or creating and pinning them.
+    pub fn load(pins: PinLayout) -> anyhow::Result<Datapath> {
+        pins.create_dirs()?;
+        let map_paths: Vec<_> = names::ALL.iter().map(|n| (*n, pins.map(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("loading the eBPF object into the kernel (needs CAP_BPF and CAP_NET_ADMIN)")?;
+        for name in [programs::FROM_CONTAINER, programs::FROM_UNDERLAY] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            program.load().with_context(|| format!("verifier rejected program {name}"))?;
+        }
+        let maps = OverlayMaps::take_from(&mut ebpf)?;
+        Ok(Datapath { ebpf, pins, maps })
+    }
+
+    pub fn maps(&mut self) -> &mut OverlayMaps {
+        &mut self.maps
+    }
+
+    pub fn maps_ref(&self) -> &OverlayMaps {
+        &self.maps
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    /// Attaches `program` to TC ingress of `ifname` (TCX) and pins the link. If a link pinned by
+    /// an earlier run exists, the new program replaces the old one in it atomically: no packet
+    /// meets an interface without a program.
+    pub fn attach(&mut self, ifname: &str, program_name: &str) -> anyhow::Result<()> {
+        let pin = self.pins.link(ifname, program_name);
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program_name)
+            .ok_or_else(|| anyhow!("no program {program_name}"))?
+            .try_into()?;
+        let link_id = if pin.exists() {
+            let old = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening link pin {}", pin.display()))?;
+            let link = FdLink::from(old).try_into().context("pinned link is not a TC link")?;
+            program
+                .attach_to_link(link)
+                .with_context(|| format!("replacing {program_name} on {ifname}"))?
+        } else {
+            program
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {program_name} to TC ingress of {ifname}"))?
+        };
+        let link: FdLink = program.take_link(link_id)?.try_into()?;
+        // Re-pinning an already pinned link fails with EEXIST; it is pinned either way.
+        if !pin.exists() {
+            link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches `program_name` from `ifname` by removing its pinned link.
+    pub fn detach(&mut self, ifname: &str, program_name: &str) -> anyhow::Result<()> {
+        let pin = self.pins.link(ifname, program_name);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing link pin {}", pin.display())),
+        }
+    }
+}
+
+/// Names of the programs attached (TCX) to the ingress of `ifname`, in the calling thread's
+/// network namespace, as the kernel reports them. Debian's bpftool 7.1 does not list TCX.
+pub fn attached_ingress_programs(ifname: &str) -> anyhow::Result<Vec<String>> {
+    let (_, programs) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+        .with_context(|| format!("querying TCX ingress programs of {ifname}"))?;
+    Ok(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
+}

@@ -1,0 +1,247 @@
+//! The typed façade over the datapath's maps. Nothing else in userspace touches a map: callers
+//! speak in addresses, prefixes and VNIs; this module owns the key encodings.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
+};
+use ipnetwork::IpNetwork;
+use overlay_common::{
+    counters::Counter,
+    maps::{
+        Addr16, AgentConfig, Endpoint, EndpointKey, Network, NetworkKey, OverlaySubnet,
+        RemoteRoute, Stat, StatKey, Vtep, VtepKey, ipv4_mapped, ipv4_unmapped, names,
+    },
+};
+
+/// The 16-byte map form of an address (IPv4 as IPv4-mapped IPv6).
+pub fn addr16(ip: IpAddr) -> Addr16 {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a 16-byte map address stands for.
+pub fn from_addr16(a: &Addr16) -> IpAddr {
+    match ipv4_unmapped(a) {
+        Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+        None => IpAddr::V6(Ipv6Addr::from(*a)),
+    }
+}
+
+/// The LPM-trie key of a prefix.
+pub fn prefix_key(net: IpNetwork) -> Key<Addr16> {
+    let len = match net {
+        IpNetwork::V4(n) => 96 + n.prefix() as u32,
+        IpNetwork::V6(n) => n.prefix() as u32,
+    };
+    Key::new(len, addr16(net.network()))
+}
+
+fn key_prefix(key: &Key<Addr16>) -> anyhow::Result<IpNetwork> {
+    let ip = from_addr16(&key.data());
+    let len = key.prefix_len();
+    let len = if ip.is_ipv4() { len.saturating_sub(96) } else { len };
+    IpNetwork::new(ip, len as u8).map_err(|e| anyhow!("bad prefix in map: {e}"))
+}
+
+/// This agent's own datapath settings (`OVL_CONFIG`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentSettings {
+    pub underlay_ip: IpAddr,
+    pub underlay_ifindex: u32,
+    pub vtep_mac: [u8; 6],
+    pub vxlan_port: u16,
+    pub overlay_mtu: u32,
+}
+
+/// One counter of one network, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatRow {
+    pub vni: u32,
+    pub counter: Counter,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub struct OverlayMaps {
+    config: Array<MapData, AgentConfig>,
+    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    routes: LpmTrie<MapData, Addr16, RemoteRoute>,
+    subnets: LpmTrie<MapData, Addr16, OverlaySubnet>,
+    vteps: HashMap<MapData, VtepKey, Vtep>,
+    networks: HashMap<MapData, NetworkKey, Network>,
+    stats: PerCpuHashMap<MapData, StatKey, Stat>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
+    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Removing an entry that is already gone is not an error: removal is idempotent.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl OverlayMaps {
+    pub(super) fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<OverlayMaps> {
+        Ok(OverlayMaps {
+            config: take(ebpf, names::CONFIG)?.try_into()?,
+            endpoints: take(ebpf, names::ENDPOINTS)?.try_into()?,
+            routes: take(ebpf, names::ROUTES)?.try_into()?,
+            subnets: take(ebpf, names::SUBNETS)?.try_into()?,
+            vteps: take(ebpf, names::VTEPS)?.try_into()?,
+            networks: take(ebpf, names::NETWORKS)?.try_into()?,
+            stats: take(ebpf, names::STATS)?.try_into()?,
+        })
+    }
+
+    pub fn set_config(&mut self, s: &AgentSettings) -> anyhow::Result<()> {
+        let cfg = AgentConfig {
+            underlay_ip: addr16(s.underlay_ip),
+            underlay_ifindex: s.underlay_ifindex,
+            vtep_mac: s.vtep_mac,
+            vxlan_port: s.vxlan_port,
+            overlay_mtu: s.overlay_mtu,
+            flags: AgentConfig::FLAG_READY,
+        };
+        self.config.set(0, cfg, 0).context("writing OVL_CONFIG")
+    }
+
+    pub fn config(&self) -> anyhow::Result<Option<AgentConfig>> {
+        let cfg = self.config.get(&0, 0).context("reading OVL_CONFIG")?;
+        Ok((cfg.flags & AgentConfig::FLAG_READY != 0).then_some(cfg))
+    }
+
+    pub fn put_endpoint(&mut self, ip: IpAddr, ep: Endpoint) -> anyhow::Result<()> {
+        self.endpoints
+            .insert(EndpointKey { addr: addr16(ip) }, ep, 0)
+            .with_context(|| format!("adding endpoint {ip} to OVL_ENDPOINTS"))
+    }
+
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> anyhow::Result<()> {
+        ignore_missing(self.endpoints.remove(&EndpointKey { addr: addr16(ip) }))
+            .with_context(|| format!("removing endpoint {ip} from OVL_ENDPOINTS"))
+    }
+
+    pub fn endpoints(&self) -> anyhow::Result<BTreeMap<IpAddr, Endpoint>> {
+        self.endpoints
+            .iter()
+            .map(|r| r.map(|(k, v)| (from_addr16(&k.addr), v)))
+            .collect::<Result<_, _>>()
+            .context("reading OVL_ENDPOINTS")
+    }
+
+    pub fn put_route(&mut self, subnet: IpNetwork, route: RemoteRoute) -> anyhow::Result<()> {
+        self.routes
+            .insert(&prefix_key(subnet), route, 0)
+            .with_context(|| format!("adding route {subnet} to OVL_ROUTES"))
+    }
+
+    pub fn remove_route(&mut self, subnet: IpNetwork) -> anyhow::Result<()> {
+        ignore_missing(self.routes.remove(&prefix_key(subnet)))
+            .with_context(|| format!("removing route {subnet} from OVL_ROUTES"))
+    }
+
+    pub fn routes(&self) -> anyhow::Result<BTreeMap<IpNetwork, RemoteRoute>> {
+        let mut out = BTreeMap::new();
+        for r in self.routes.iter() {
+            let (k, v) = r.context("reading OVL_ROUTES")?;
+            out.insert(key_prefix(&k)?, v);
+        }
+        Ok(out)
+    }
+
+    pub fn put_subnet(&mut self, subnet: IpNetwork, value: OverlaySubnet) -> anyhow::Result<()> {
+        self.subnets
+            .insert(&prefix_key(subnet), value, 0)
+            .with_context(|| format!("adding overlay subnet {subnet} to OVL_SUBNETS"))
+    }
+
+    pub fn remove_subnet(&mut self, subnet: IpNetwork) -> anyhow::Result<()> {
+        ignore_missing(self.subnets.remove(&prefix_key(subnet)))
+            .with_context(|| format!("removing overlay subnet {subnet} from OVL_SUBNETS"))
+    }
+
+    pub fn subnets(&self) -> anyhow::Result<BTreeMap<IpNetwork, OverlaySubnet>> {
+        let mut out = BTreeMap::new();
+        for r in self.subnets.iter() {
+            let (k, v) = r.context("reading OVL_SUBNETS")?;
+            out.insert(key_prefix(&k)?, v);
+        }
+        Ok(out)
+    }
+
+    pub fn put_vtep(&mut self, underlay_ip: IpAddr, vtep: Vtep) -> anyhow::Result<()> {
+        self.vteps
+            .insert(VtepKey { underlay_ip: addr16(underlay_ip) }, vtep, 0)
+            .with_context(|| format!("adding VTEP of agent {underlay_ip} to OVL_VTEPS"))
+    }
+
+    pub fn remove_vtep(&mut self, underlay_ip: IpAddr) -> anyhow::Result<()> {
+        ignore_missing(self.vteps.remove(&VtepKey { underlay_ip: addr16(underlay_ip) }))
+            .with_context(|| format!("removing VTEP of agent {underlay_ip} from OVL_VTEPS"))
+    }
+
+    pub fn vteps(&self) -> anyhow::Result<BTreeMap<IpAddr, Vtep>> {
+        self.vteps
+            .iter()
+            .map(|r| r.map(|(k, v)| (from_addr16(&k.underlay_ip), v)))
+            .collect::<Result<_, _>>()
+            .context("reading OVL_VTEPS")
+    }
+
+    pub fn put_network(&mut self, vni: u32, network: Network) -> anyhow::Result<()> {
+        self.networks
+            .insert(NetworkKey { vni }, network, 0)
+            .with_context(|| format!("adding network VNI {vni} to OVL_NETWORKS"))
+    }
+
+    pub fn remove_network(&mut self, vni: u32) -> anyhow::Result<()> {
+        ignore_missing(self.networks.remove(&NetworkKey { vni }))
+            .with_context(|| format!("removing network VNI {vni} from OVL_NETWORKS"))
+    }
+
+    pub fn networks(&self) -> anyhow::Result<BTreeMap<u32, Network>> {
+        self.networks
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.vni, v)))
+            .collect::<Result<_, _>>()
+            .context("reading OVL_NETWORKS")
+    }
+
+    /// Every counter, summed over CPUs, sorted by network then counter.
+    pub fn stats(&self) -> anyhow::Result<Vec<StatRow>> {
+        let mut rows = Vec::new();
+        for r in self.stats.iter() {
+            let (key, per_cpu) = r.context("reading OVL_STATS")?;
+            let Some(counter) = Counter::from_u32(key.counter) else { continue };
+            let (packets, bytes) = per_cpu
+                .iter()
+                .fold((0u64, 0u64), |(p, b), s| (p + s.packets, b + s.bytes));
+            rows.push(StatRow { vni: key.vni, counter, packets, bytes });
+        }
+        rows.sort_by_key(|r| (r.vni, r.counter as u32));
+        Ok(rows)
+    }
+
+    /// Packets counted for `counter` on network `vni` (0 if never hit).
+    pub fn stat(&self, vni: u32, counter: Counter) -> anyhow::Result<u64> {
+        Ok(self
+            .stats()?
+            .iter()
+            .find(|r| r.vni == vni && r.counter == counter)
+            .map_or(0, |r| r.packets))
+    }
+}

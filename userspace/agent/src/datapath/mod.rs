@@ -1,0 +1,10 @@
+//! The kernel side as userspace sees it: loading the eBPF object, pinning its maps and TCX links
+//! so they outlive the agent (hitless restarts), and the typed façade over the maps.
+
+mod loader;
+mod maps;
+mod pins;
+
+pub use loader::{Datapath, OBJECT, attached_ingress_programs};
+pub use maps::{AgentSettings, OverlayMaps, StatRow, addr16, prefix_key};
+pub use pins::PinLayout;

@@ -1,0 +1,76 @@
+//! Where the datapath's maps and links are pinned.
+//!
+//! `<bpffs>/ebpf-overlay/v<MAP_LAYOUT_VERSION>/<instance>/{maps,links}/...`: the layout version in
+//! the path means an agent never reuses maps whose layout it does not know; the instance lets
+//! several agents share one bpffs (the lab runs many agents on one machine).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use overlay_common::maps::MAP_LAYOUT_VERSION;
+
+/// Root of all ebpf-overlay pins below a bpffs mount.
+pub const PIN_ROOT: &str = "ebpf-overlay";
+
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    dir: PathBuf,
+}
+
+impl PinLayout {
+    /// The pin directory of `instance` below the bpffs mounted at `bpffs`.
+    pub fn new(bpffs: &Path, instance: &str) -> anyhow::Result<PinLayout> {
+        if instance.is_empty()
+            || !instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("instance name {instance:?} must be non-empty and only [A-Za-z0-9_-]");
+        }
+        let dir = bpffs
+            .join(PIN_ROOT)
+            .join(format!("v{MAP_LAYOUT_VERSION}"))
+            .join(instance);
+        Ok(PinLayout { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join("maps").join(name)
+    }
+
+    /// Pin of the TCX link attaching `program` to the ingress of interface `ifname`.
+    /// bpffs refuses names containing '.', which interface names may have (VLANs: `eth0.100`).
+    pub fn link(&self, ifname: &str, program: &str) -> PathBuf {
+        self.dir.join("links").join(format!("{program}@{}", ifname.replace('.', "%2e")))
+    }
+
+    pub fn create_dirs(&self) -> anyhow::Result<()> {
+        for sub in ["maps", "links"] {
+            let d = self.dir.join(sub);
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("creating pin directory {} (is bpffs mounted?)", d.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every pin of this instance: links first (detaching the programs), then maps.
+    /// Also removes now-empty parent directories up to the bpffs root.
+    pub fn remove_all(&self) -> anyhow::Result<()> {
+        if !self.dir.exists() {
+            return Ok(());
+        }
+        std::fs::remove_dir_all(&self.dir)
+            .with_context(|| format!("removing pins under {}", self.dir.display()))?;
+        // Tidy the version and root directories if this was the last instance.
+        let mut parent = self.dir.parent();
+        for _ in 0..2 {
+            match parent {
+                Some(p) if std::fs::remove_dir(p).is_ok() => parent = p.parent(),
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+}
