@@ -26,12 +26,28 @@ fn bpftool_json(args: &[&str]) -> Value {
 
 #[test]
 fn programs_attach_maps_pin_and_print_as_structs() {
-    let mut lab = Lab::up(LabSpec { agents: 1, id: None }).unwrap();
+    let mut lab = Lab::up(LabSpec {
+        agents: 1,
+        id: None,
+    })
+    .unwrap();
     let c1 = lab
-        .add_container("a1", Ipv4Addr::new(9, 0, 1, 2), 25, Ipv4Addr::new(9, 0, 1, 1), 1420)
+        .add_container(
+            "a1",
+            Ipv4Addr::new(9, 0, 1, 2),
+            25,
+            Ipv4Addr::new(9, 0, 1, 1),
+            1420,
+        )
         .unwrap();
     let c2 = lab
-        .add_container("a1", Ipv4Addr::new(9, 0, 1, 3), 25, Ipv4Addr::new(9, 0, 1, 1), 1420)
+        .add_container(
+            "a1",
+            Ipv4Addr::new(9, 0, 1, 3),
+            25,
+            Ipv4Addr::new(9, 0, 1, 1),
+            1420,
+        )
         .unwrap();
     let agent = lab.node("a1").unwrap().clone();
     let pins = PinLayout::new(Path::new("/sys/fs/bpf"), &lab.pin_instance("a1")).unwrap();
@@ -79,7 +95,10 @@ fn programs_attach_maps_pin_and_print_as_structs() {
     // Attached: the kernel reports our programs on TCX ingress of both interfaces.
     let host_veth = c1.host_veth.clone();
     let (on_eth0, on_veth) = in_netns(&agent, move || {
-        Ok((attached_ingress_programs("eth0")?, attached_ingress_programs(&host_veth)?))
+        Ok((
+            attached_ingress_programs("eth0")?,
+            attached_ingress_programs(&host_veth)?,
+        ))
     })
     .unwrap();
     assert_eq!(on_eth0, ["from_underlay"], "programs on eth0");
@@ -87,25 +106,37 @@ fn programs_attach_maps_pin_and_print_as_structs() {
 
     // Pinned and printed as structs with their field names (BTF).
     for name in names::ALL {
-        assert!(pin_dir.join("maps").join(name).exists(), "map {name} not pinned");
+        assert!(
+            pin_dir.join("maps").join(name).exists(),
+            "map {name} not pinned"
+        );
     }
     let dump = bpftool_json(&[
         "map",
         "dump",
         "pinned",
-        pin_dir.join("maps").join(names::ENDPOINTS).to_str().unwrap(),
+        pin_dir
+            .join("maps")
+            .join(names::ENDPOINTS)
+            .to_str()
+            .unwrap(),
     ]);
     let entries = dump.as_array().expect("dump is a list");
     assert_eq!(entries.len(), 2, "{dump}");
     let values: Vec<&Value> = entries.iter().map(|e| &e["formatted"]["value"]).collect();
     for (_, ep) in &endpoints {
         assert!(
-            values.iter().any(|v| v["ifindex"] == ep.ifindex && v["vni"] == VNI),
+            values
+                .iter()
+                .any(|v| v["ifindex"] == ep.ifindex && v["vni"] == VNI),
             "endpoint with ifindex {} not in bpftool's formatted dump: {dump}",
             ep.ifindex
         );
     }
-    assert!(entries[0]["formatted"]["key"]["addr"].is_array(), "key not formatted: {dump}");
+    assert!(
+        entries[0]["formatted"]["key"]["addr"].is_array(),
+        "key not formatted: {dump}"
+    );
     let cfg = bpftool_json(&[
         "map",
         "dump",
@@ -123,7 +154,10 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         "c1 cannot reach c2 through the datapath; counters: {}",
         stats_now()
     );
-    assert!(c2.node.ping(c1.node.ip.unwrap()), "c2 cannot reach c1 through the datapath");
+    assert!(
+        c2.node.ping(c1.node.ip.unwrap()),
+        "c2 cannot reach c1 through the datapath"
+    );
     let stats = bpftool_json(&[
         "map",
         "dump",
@@ -132,16 +166,23 @@ fn programs_attach_maps_pin_and_print_as_structs() {
     ]);
     let has = |counter: Counter| {
         stats.as_array().unwrap().iter().any(|e| {
-            e["formatted"]["key"]["counter"] == counter as u32 && e["formatted"]["key"]["vni"] == VNI
+            e["formatted"]["key"]["counter"] == counter as u32
+                && e["formatted"]["key"]["vni"] == VNI
         })
     };
-    assert!(has(Counter::LocalDelivered), "no local_delivered counter: {stats}");
+    assert!(
+        has(Counter::LocalDelivered),
+        "no local_delivered counter: {stats}"
+    );
     assert!(has(Counter::ArpReplied), "no arp_replied counter: {stats}");
 
     // A container that lies about its address is dropped and counted.
-    c1.node.exec("ip", &["addr", "add", "9.0.1.99/25", "dev", "eth0"]).unwrap();
+    c1.node
+        .exec("ip", &["addr", "add", "9.0.1.99/25", "dev", "eth0"])
+        .unwrap();
     assert!(
-        !c1.node.try_exec("ping", &["-c", "1", "-W", "1", "-I", "9.0.1.99", "9.0.1.3"]),
+        !c1.node
+            .try_exec("ping", &["-c", "1", "-W", "1", "-I", "9.0.1.99", "9.0.1.3"]),
         "a spoofed source got through"
     );
     let stats = bpftool_json(&[
@@ -151,8 +192,11 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         pin_dir.join("maps").join(names::STATS).to_str().unwrap(),
     ]);
     assert!(
-        stats.as_array().unwrap().iter().any(|e| e["formatted"]["key"]["counter"]
-            == Counter::DropSpoofedSource as u32),
+        stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["formatted"]["key"]["counter"] == Counter::DropSpoofedSource as u32),
         "spoofed packet not counted: {stats}"
     );
 

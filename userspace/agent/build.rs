@@ -20,7 +20,11 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("overlay-ebpf manifest has no parent directory"))?;
     aya_build::build_ebpf(
-        [Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
         Toolchain::default(),
     )
     .context(

@@ -1,1 +1,85 @@
-fn main() {}
+//! `cargo xtask`: the project's one entry point for setup, tests, the lab and the demo.
+//!
+//! xtask depends on nothing that needs the eBPF toolchain, so it builds on a fresh machine and
+//! then installs that toolchain itself (`setup`).
+
+mod demo;
+mod lab;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ebpf-overlay development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, nightly rust-src, bpf-linker, bpffs); skip what is present.
+    Setup,
+    /// Setup, build everything, run the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, and bring up a local cluster on the embedded defaults: shows the datapath
+    /// attached, its maps, and traffic flowing.
+    Demo {
+        /// Leave the lab running afterwards (remove it with `cargo xtask lab down`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The network-namespace lab.
+    Lab {
+        #[command(subcommand)]
+        action: lab::LabCmd,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => {
+            setup::run()?;
+            cargo(&["build", "--bins"])?;
+            let mut test_args = vec!["test", "--no-fail-fast"];
+            test_args.extend(args.iter().map(String::as_str));
+            cargo(&test_args)
+        }
+        Cmd::Demo { keep } => {
+            setup::run()?;
+            cargo(&["build", "--bins"])?;
+            demo::run(keep)
+        }
+        Cmd::Lab { action } => lab::run(action),
+    }
+}
+
+/// Runs cargo from the workspace root with inherited output.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}

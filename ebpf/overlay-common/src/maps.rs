@@ -48,7 +48,9 @@ pub type Addr16 = [u8; 16];
 
 /// The IPv4-mapped form of an IPv4 address given in network-order bytes.
 pub const fn ipv4_mapped(v4: [u8; 4]) -> Addr16 {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }
 
 /// The IPv4 address inside an IPv4-mapped address, if it is one.

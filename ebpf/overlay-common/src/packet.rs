@@ -227,7 +227,10 @@ pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
 /// The reply to an ARP request, as the 42-byte frame to send back, if `frame` is an Ethernet/IPv4
 /// ARP request that should be answered with `our_mac`. Requests for the sender's own address
 /// (duplicate-address probes and gratuitous ARP) get no answer.
-pub fn arp_reply(frame: &[u8; ETH_HLEN + ARP_LEN], our_mac: [u8; 6]) -> Option<[u8; ETH_HLEN + ARP_LEN]> {
+pub fn arp_reply(
+    frame: &[u8; ETH_HLEN + ARP_LEN],
+    our_mac: [u8; 6],
+) -> Option<[u8; ETH_HLEN + ARP_LEN]> {
     let arp = &frame[ETH_HLEN..];
     let is_eth_ipv4_request = arp[0..2] == [0, 1] // hardware type Ethernet
         && arp[2..4] == [0x08, 0x00] // protocol type IPv4
@@ -338,15 +341,30 @@ mod tests {
             assert!(port >= 49152, "{port}");
         }
         assert_ne!(vxlan_source_port(1), vxlan_source_port(2));
-        assert_ne!(vxlan_source_port(0x0001_0000), vxlan_source_port(0x0002_0000));
+        assert_ne!(
+            vxlan_source_port(0x0001_0000),
+            vxlan_source_port(0x0002_0000)
+        );
     }
 
     #[test]
     fn vxlan_flags_are_strict() {
-        assert_eq!(parse_vxlan(&[0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]), Ok(0xabcdef));
-        assert_eq!(parse_vxlan(&[0x00, 0, 0, 0, 0, 4, 0, 0]), Err(Counter::DropBadVxlanFlags));
-        assert_eq!(parse_vxlan(&[0x88, 0, 0, 0, 0, 4, 0, 0]), Err(Counter::DropBadVxlanFlags));
-        assert_eq!(parse_vxlan(&[0x08, 0, 0, 0, 0, 4, 0, 1]), Err(Counter::DropBadVxlanFlags));
+        assert_eq!(
+            parse_vxlan(&[0x08, 0, 0, 0, 0xab, 0xcd, 0xef, 0]),
+            Ok(0xabcdef)
+        );
+        assert_eq!(
+            parse_vxlan(&[0x00, 0, 0, 0, 0, 4, 0, 0]),
+            Err(Counter::DropBadVxlanFlags)
+        );
+        assert_eq!(
+            parse_vxlan(&[0x88, 0, 0, 0, 0, 4, 0, 0]),
+            Err(Counter::DropBadVxlanFlags)
+        );
+        assert_eq!(
+            parse_vxlan(&[0x08, 0, 0, 0, 0, 4, 0, 1]),
+            Err(Counter::DropBadVxlanFlags)
+        );
     }
 
     #[test]
@@ -364,9 +382,14 @@ mod tests {
 
     #[test]
     fn underlay_classification() {
-        let eth = EthHeader { dst: [0; 6], src: [0; 6], ethertype: ETH_P_IP };
+        let eth = EthHeader {
+            dst: [0; 6],
+            src: [0; 6],
+            ethertype: ETH_P_IP,
+        };
         let total = (20 + 8 + 8 + 14 + 20) as u16;
-        let ip = Ipv4Header::parse(&ipv4(total, IPPROTO_UDP, [10, 0, 0, 9], [10, 0, 0, 1])).unwrap();
+        let ip =
+            Ipv4Header::parse(&ipv4(total, IPPROTO_UDP, [10, 0, 0, 9], [10, 0, 0, 1])).unwrap();
         let udp = |port: u16, len: u16| {
             let mut u = [0u8; 8];
             u[2..4].copy_from_slice(&port.to_be_bytes());
@@ -376,7 +399,11 @@ mod tests {
         let frame_len = 14 + total as usize;
         assert_eq!(
             classify_underlay(&eth, &ip, &udp(64000, total - 20), frame_len, 64000),
-            Ok(UnderlayPacket::Vxlan { outer_src: [10, 0, 0, 9], strip_len: 50, vxlan_offset: 42 })
+            Ok(UnderlayPacket::Vxlan {
+                outer_src: [10, 0, 0, 9],
+                strip_len: 50,
+                vxlan_offset: 42
+            })
         );
         // Another port: the host's own UDP.
         assert_eq!(
@@ -384,7 +411,10 @@ mod tests {
             Ok(UnderlayPacket::NotOurs)
         );
         // TCP is never ours.
-        let tcp = Ipv4Header { protocol: IPPROTO_TCP, ..ip };
+        let tcp = Ipv4Header {
+            protocol: IPPROTO_TCP,
+            ..ip
+        };
         assert_eq!(
             classify_underlay(&eth, &tcp, &udp(64000, 8), frame_len, 64000),
             Ok(UnderlayPacket::NotOurs)
@@ -395,7 +425,10 @@ mod tests {
             Err(Counter::DropTruncated)
         );
         // Too short to hold an inner IPv4 packet.
-        let short = Ipv4Header { total_len: 20 + 8 + 8 + 14, ..ip };
+        let short = Ipv4Header {
+            total_len: 20 + 8 + 8 + 14,
+            ..ip
+        };
         assert_eq!(
             classify_underlay(&eth, &short, &udp(64000, 30), frame_len, 64000),
             Err(Counter::DropTruncated)

@@ -30,7 +30,8 @@ pub fn respond(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
         return Ok(TC_ACT_SHOT as i32);
     };
     let (reply, vni) = reply;
-    ctx.store(0, &reply, 0).map_err(|_| (vni, Counter::DropMalformed))?;
+    ctx.store(0, &reply, 0)
+        .map_err(|_| (vni, Counter::DropMalformed))?;
     count(vni, Counter::ArpReplied, ctx.len());
     // SAFETY: plain helper call; egress of the ingress veth delivers to its peer, the container.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)

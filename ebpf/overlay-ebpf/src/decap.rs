@@ -8,8 +8,8 @@ use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{AgentConfig, Endpoint, ipv4_mapped},
     packet::{
-        ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket,
-        VXLAN_HLEN, classify_underlay, parse_vxlan,
+        ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
+        classify_underlay, parse_vxlan,
     },
 };
 
@@ -32,20 +32,32 @@ pub struct Accepted {
 pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (u32, Counter)> {
     let none = |c| (NO_NETWORK, c);
     // Anything we cannot even parse as UDP/IPv4 is not ours to judge: the host stack decides.
-    let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else { return Ok(None) };
+    let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
+        return Ok(None);
+    };
     let eth = EthHeader::parse(&eth);
     if eth.ethertype != ETH_P_IP {
         return Ok(None);
     }
-    let Ok(ip) = skb::load::<IPV4_HLEN>(ctx, ETH_HLEN) else { return Ok(None) };
-    let Ok(ip) = Ipv4Header::parse(&ip) else { return Ok(None) };
-    let Ok(udp) = skb::load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else { return Ok(None) };
+    let Ok(ip) = skb::load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
+        return Ok(None);
+    };
+    let Ok(ip) = Ipv4Header::parse(&ip) else {
+        return Ok(None);
+    };
+    let Ok(udp) = skb::load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
+        return Ok(None);
+    };
     let (outer_src, strip_len, vxlan_offset) =
-        match classify_underlay(&eth, &ip, &udp, ctx.len() as usize, cfg.vxlan_port).map_err(none)? {
+        match classify_underlay(&eth, &ip, &udp, ctx.len() as usize, cfg.vxlan_port)
+            .map_err(none)?
+        {
             UnderlayPacket::NotOurs => return Ok(None),
-            UnderlayPacket::Vxlan { outer_src, strip_len, vxlan_offset } => {
-                (ipv4_mapped(outer_src), strip_len, vxlan_offset)
-            }
+            UnderlayPacket::Vxlan {
+                outer_src,
+                strip_len,
+                vxlan_offset,
+            } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
         };
     if !is_known_vtep(outer_src) {
         return Err(none(Counter::DropUnknownVtep));
@@ -60,7 +72,8 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (
     if EthHeader::parse(&inner_eth).ethertype != ETH_P_IP {
         return Err(in_net(Counter::DropMalformed));
     }
-    let inner_ip = skb::load::<IPV4_HLEN>(ctx, vxlan_offset + VXLAN_HLEN + ETH_HLEN).map_err(in_net)?;
+    let inner_ip =
+        skb::load::<IPV4_HLEN>(ctx, vxlan_offset + VXLAN_HLEN + ETH_HLEN).map_err(in_net)?;
     let inner_ip = Ipv4Header::parse(&inner_ip).map_err(in_net)?;
     let Some(ep) = endpoint(ipv4_mapped(inner_ip.dst)) else {
         return Err(in_net(Counter::DropNoEndpoint));
@@ -71,15 +84,23 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (
     if !remote_sender_matches(ipv4_mapped(inner_ip.src), vni, outer_src) {
         return Err(in_net(Counter::DropSpoofedSource));
     }
-    Ok(Some(Accepted { vni, endpoint: ep, strip_len }))
+    Ok(Some(Accepted {
+        vni,
+        endpoint: ep,
+        strip_len,
+    }))
 }
 
 /// Removes the outer IPv4/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
 /// (its type is already IPv4). FIXED_GSO keeps the MSS of a GSO super-packet as it was built.
 #[inline(always)]
 pub fn strip(ctx: &TcContext, strip_len: usize) -> Result<(), Counter> {
-    ctx.adjust_room(-(strip_len as i32), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
-        .map_err(|_| Counter::DropDecapFailed)
+    ctx.adjust_room(
+        -(strip_len as i32),
+        BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+    )
+    .map_err(|_| Counter::DropDecapFailed)
 }
 
 const _: () = assert!(UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN == 50);

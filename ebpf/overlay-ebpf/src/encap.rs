@@ -31,9 +31,10 @@ const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
 #[inline(always)]
 pub fn to_remote(ctx: &TcContext, cfg: &AgentConfig, route: &RemoteRoute) -> Result<i32, Counter> {
     // IPv6 underlays come later; until then an IPv6 VTEP address has no route.
-    let (Some(outer_src), Some(outer_dst)) =
-        (ipv4_unmapped(&cfg.underlay_ip), ipv4_unmapped(&route.underlay_ip))
-    else {
+    let (Some(outer_src), Some(outer_dst)) = (
+        ipv4_unmapped(&cfg.underlay_ip),
+        ipv4_unmapped(&route.underlay_ip),
+    ) else {
         return Err(Counter::DropNoRoute);
     };
     // SAFETY: plain helper call on the program's own context.
@@ -50,7 +51,8 @@ pub fn to_remote(ctx: &TcContext, cfg: &AgentConfig, route: &RemoteRoute) -> Res
     });
     ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .map_err(|_| Counter::DropEncapFailed)?;
-    ctx.store(0, &headers, 0).map_err(|_| Counter::DropEncapFailed)?;
+    ctx.store(0, &headers, 0)
+        .map_err(|_| Counter::DropEncapFailed)?;
     // SAFETY: plain helper call; no explicit next hop, the FIB decides.
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }

@@ -36,10 +36,18 @@ pub enum Destination {
 #[inline(always)]
 pub fn resolve(vni: u32, dst: Addr16) -> Result<Destination, Counter> {
     if let Some(ep) = endpoint(dst) {
-        return if ep.vni == vni { Ok(Destination::Local(ep)) } else { Err(Counter::DropCrossNetwork) };
+        return if ep.vni == vni {
+            Ok(Destination::Local(ep))
+        } else {
+            Err(Counter::DropCrossNetwork)
+        };
     }
     if let Some(r) = route(dst) {
-        return if r.vni == vni { Ok(Destination::Remote(r)) } else { Err(Counter::DropCrossNetwork) };
+        return if r.vni == vni {
+            Ok(Destination::Remote(r))
+        } else {
+            Err(Counter::DropCrossNetwork)
+        };
     }
     match overlay_subnet(dst) {
         Some(s) if s.vni != vni => Err(Counter::DropCrossNetwork),

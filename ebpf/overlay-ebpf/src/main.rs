@@ -17,11 +17,7 @@ mod maps;
 mod skb;
 mod stats;
 
-use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::ipv4_mapped,
@@ -44,7 +40,9 @@ pub fn from_container(ctx: TcContext) -> i32 {
 
 fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     let none = |c| (NO_NETWORK, c);
-    let Some(cfg) = maps::config() else { return Err(none(Counter::DropNotReady)) };
+    let Some(cfg) = maps::config() else {
+        return Err(none(Counter::DropNotReady));
+    };
     let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0).map_err(none)?);
     match eth.ethertype {
         ETH_P_IP => {}
@@ -52,9 +50,11 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
         // IPv6 (neighbour discovery included) is not carried yet: leave it to the host.
         _ => return Ok(TC_ACT_OK as i32),
     }
-    let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN).map_err(none)?).map_err(none)?;
-    let sender = isolation::verified_sender(ipv4_mapped(ip.src), eth.src, skb::ingress_ifindex(ctx))
-        .map_err(none)?;
+    let ip =
+        Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN).map_err(none)?).map_err(none)?;
+    let sender =
+        isolation::verified_sender(ipv4_mapped(ip.src), eth.src, skb::ingress_ifindex(ctx))
+            .map_err(none)?;
     let vni = sender.vni;
     let in_net = |c| (vni, c);
     match isolation::resolve(vni, ipv4_mapped(ip.dst)).map_err(in_net)? {
@@ -85,7 +85,9 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
 pub fn from_underlay(ctx: TcContext) -> i32 {
     let len = ctx.len();
     // Until the agent has configured us, the host's traffic must flow as if we were not here.
-    let Some(cfg) = maps::config() else { return TC_ACT_OK as i32 };
+    let Some(cfg) = maps::config() else {
+        return TC_ACT_OK as i32;
+    };
     let accepted = match decap::inspect(&ctx, cfg) {
         Ok(Some(accepted)) => accepted,
         Ok(None) => return TC_ACT_OK as i32,

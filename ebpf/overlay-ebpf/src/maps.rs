@@ -18,8 +18,7 @@ pub static OVL_ENDPOINTS: HashMap<EndpointKey, Endpoint, { capacity::ENDPOINTS a
     HashMap::new();
 
 #[btf_map]
-pub static OVL_ROUTES: LpmTrie<Addr16, RemoteRoute, { capacity::ROUTES as usize }> =
-    LpmTrie::new();
+pub static OVL_ROUTES: LpmTrie<Addr16, RemoteRoute, { capacity::ROUTES as usize }> = LpmTrie::new();
 
 #[btf_map]
 pub static OVL_SUBNETS: LpmTrie<Addr16, OverlaySubnet, { capacity::SUBNETS as usize }> =

@@ -6,7 +6,8 @@ use overlay_common::counters::Counter;
 /// Loads a fixed-size header at `offset`; a packet too short to hold it is truncated.
 #[inline(always)]
 pub fn load<const N: usize>(ctx: &TcContext, offset: usize) -> Result<[u8; N], Counter> {
-    ctx.load::<[u8; N]>(offset).map_err(|_| Counter::DropTruncated)
+    ctx.load::<[u8; N]>(offset)
+        .map_err(|_| Counter::DropTruncated)
 }
 
 /// ifindex of the device the packet arrived on.

@@ -11,7 +11,10 @@ use crate::maps::OVL_STATS;
 /// Adds one packet of `bytes` to `counter` of network `vni`.
 #[inline(always)]
 pub fn count(vni: u32, counter: Counter, bytes: u32) {
-    let key = StatKey { vni, counter: counter as u32 };
+    let key = StatKey {
+        vni,
+        counter: counter as u32,
+    };
     let stat = match OVL_STATS.get_ptr_mut(key) {
         Some(stat) => stat,
         None => {

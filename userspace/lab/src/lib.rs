@@ -193,7 +193,10 @@ pub struct LabSpec {
 
 impl Default for LabSpec {
     fn default() -> Self {
-        LabSpec { agents: 2, id: None }
+        LabSpec {
+            agents: 2,
+            id: None,
+        }
     }
 }
 
@@ -205,8 +208,16 @@ impl Lab {
         }
         ensure_bpffs()?;
         let id = spec.id.unwrap_or_else(new_lab_id);
-        let mut lab = Lab { record: LabRecord { id: id.clone(), ..Default::default() }, children: vec![], keep: false };
-        lab.build(spec.agents).with_context(|| format!("building lab {id}"))?;
+        let mut lab = Lab {
+            record: LabRecord {
+                id: id.clone(),
+                ..Default::default()
+            },
+            children: vec![],
+            keep: false,
+        };
+        lab.build(spec.agents)
+            .with_context(|| format!("building lab {id}"))?;
         Ok(lab)
     }
 
@@ -217,14 +228,20 @@ impl Lab {
         self.attach_to_fabric("master", 1)?;
         for i in 1..=agents {
             self.attach_to_fabric(&format!("a{i}"), 10 + i as u8)?;
-            self.record.pin_instances.push(format!("{}-a{i}", self.record.id));
+            self.record
+                .pin_instances
+                .push(format!("{}-a{i}", self.record.id));
         }
         self.attach_to_fabric("ext", 254)?;
         self.save()
     }
 
     fn add_netns(&mut self, role: &str, ip_addr: Option<Ipv4Addr>) -> anyhow::Result<Node> {
-        let node = Node { role: role.into(), netns: format!("{}-{role}", self.record.id), ip: ip_addr };
+        let node = Node {
+            role: role.into(),
+            netns: format!("{}-{role}", self.record.id),
+            ip: ip_addr,
+        };
         // Record before creating, so that a failure half-way is still cleaned up.
         self.record.nodes.push(node.clone());
         self.save()?;
@@ -238,7 +255,20 @@ impl Lab {
         let node = self.add_netns(role, Some(addr))?;
         let fabric = self.netns_of("fabric")?;
         let port = format!("p-{role}");
-        ip(&["-n", &node.netns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &fabric])?;
+        ip(&[
+            "-n",
+            &node.netns,
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &fabric,
+        ])?;
         ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
         let cidr = format!("{addr}/{FABRIC_PREFIX_LEN}");
         ip(&["-n", &node.netns, "addr", "add", &cidr, "dev", "eth0"])?;
@@ -268,7 +298,11 @@ impl Lab {
     }
 
     pub fn agents(&self) -> Vec<&Node> {
-        self.record.nodes.iter().filter(|n| is_agent_role(&n.role)).collect()
+        self.record
+            .nodes
+            .iter()
+            .filter(|n| is_agent_role(&n.role))
+            .collect()
     }
 
     pub fn master(&self) -> &Node {
@@ -305,21 +339,57 @@ impl Lab {
         let node = self.add_netns(&format!("c{n}"), Some(ip_addr))?;
         let host_veth = format!("vc{n}");
         let mtu_s = mtu.to_string();
-        ip(&["-n", &agent.netns, "link", "add", &host_veth, "mtu", &mtu_s, "type", "veth", "peer", "name", "eth0", "netns", &node.netns])?;
+        ip(&[
+            "-n",
+            &agent.netns,
+            "link",
+            "add",
+            &host_veth,
+            "mtu",
+            &mtu_s,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &node.netns,
+        ])?;
         ip(&["-n", &agent.netns, "link", "set", &host_veth, "up"])?;
         let cidr = format!("{ip_addr}/{prefix_len}");
         ip(&["-n", &node.netns, "link", "set", "eth0", "mtu", &mtu_s])?;
         ip(&["-n", &node.netns, "addr", "add", &cidr, "dev", "eth0"])?;
         ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &node.netns, "route", "add", "default", "via", &gateway.to_string(), "dev", "eth0", "onlink"])?;
-        let c = Container { node, agent: agent_role.into(), host_veth, ifname: "eth0".into() };
+        ip(&[
+            "-n",
+            &node.netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+            "dev",
+            "eth0",
+            "onlink",
+        ])?;
+        let c = Container {
+            node,
+            agent: agent_role.into(),
+            host_veth,
+            ifname: "eth0".into(),
+        };
         self.record.containers.push(c.clone());
         self.save()?;
         Ok(c)
     }
 
     /// Starts a process in `role`'s namespace (see [`Node::command`]); it is killed on teardown.
-    pub fn spawn(&mut self, role: &str, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> anyhow::Result<u32> {
+    pub fn spawn(
+        &mut self,
+        role: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+    ) -> anyhow::Result<u32> {
         let node = self.node(role)?.clone();
         let mut cmd = node.command(program);
         cmd.args(args).stdin(Stdio::null());
@@ -368,7 +438,9 @@ impl Lab {
     /// Every lab recorded on this machine.
     pub fn recorded() -> anyhow::Result<Vec<LabRecord>> {
         let mut labs = vec![];
-        let Ok(dir) = std::fs::read_dir(STATE_DIR) else { return Ok(labs) };
+        let Ok(dir) = std::fs::read_dir(STATE_DIR) else {
+            return Ok(labs);
+        };
         for entry in dir {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "json") {
@@ -399,7 +471,11 @@ impl Lab {
             }
         }
         let _ = std::fs::remove_file(Self::state_file(&rec.id));
-        if errors.is_empty() { Ok(()) } else { bail!("tearing down lab {}: {}", rec.id, errors.join("; ")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("tearing down lab {}: {}", rec.id, errors.join("; "))
+        }
     }
 
     /// Removes every lab recorded on this machine (left by crashed runs, or kept on purpose).
@@ -413,7 +489,8 @@ impl Lab {
 }
 
 fn is_agent_role(role: &str) -> bool {
-    role.strip_prefix('a').is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    role.strip_prefix('a')
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Namespaces on this machine that belong to lab `id`.
@@ -431,12 +508,15 @@ pub fn lab_namespaces(id: &str) -> Vec<String> {
 /// Removes the pins of one agent instance (all layout versions).
 pub fn remove_pins(instance: &str) -> anyhow::Result<()> {
     let root = Path::new(BPFFS).join("ebpf-overlay");
-    let Ok(versions) = std::fs::read_dir(&root) else { return Ok(()) };
+    let Ok(versions) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
     for v in versions {
         let vdir = v?.path();
         let dir = vdir.join(instance);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing pins {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing pins {}", dir.display()))?;
         }
         let _ = std::fs::remove_dir(&vdir); // only if empty
     }
@@ -446,7 +526,8 @@ pub fn remove_pins(instance: &str) -> anyhow::Result<()> {
 
 /// Makes sure a bpffs is mounted at /sys/fs/bpf.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     if mounts.lines().any(|l| {
         let f: Vec<_> = l.split_whitespace().collect();
         f.len() > 2 && f[1] == BPFFS && f[2] == "bpf"
@@ -512,7 +593,8 @@ pub fn in_netns<T: Send + 'static>(
     use std::os::fd::AsRawFd as _;
     let path = node.netns_path();
     std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let ns =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: setns on this thread only; the fd is valid for the call.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error())

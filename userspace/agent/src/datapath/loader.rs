@@ -43,7 +43,9 @@ impl Datapath {
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
                 .try_into()?;
-            program.load().with_context(|| format!("verifier rejected program {name}"))?;
+            program
+                .load()
+                .with_context(|| format!("verifier rejected program {name}"))?;
         }
         let maps = OverlayMaps::take_from(&mut ebpf)?;
         Ok(Datapath { ebpf, pins, maps })
@@ -74,7 +76,9 @@ impl Datapath {
         let link_id = if pin.exists() {
             let old = PinnedLink::from_pin(&pin)
                 .with_context(|| format!("opening link pin {}", pin.display()))?;
-            let link = FdLink::from(old).try_into().context("pinned link is not a TC link")?;
+            let link = FdLink::from(old)
+                .try_into()
+                .context("pinned link is not a TC link")?;
             program
                 .attach_to_link(link)
                 .with_context(|| format!("replacing {program_name} on {ifname}"))?
@@ -90,7 +94,8 @@ impl Datapath {
         let link: FdLink = program.take_link(link_id)?.try_into()?;
         // Re-pinning an already pinned link fails with EEXIST; it is pinned either way.
         if !pin.exists() {
-            link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning link at {}", pin.display()))?;
         }
         Ok(())
     }
@@ -111,5 +116,8 @@ impl Datapath {
 pub fn attached_ingress_programs(ifname: &str) -> anyhow::Result<Vec<String>> {
     let (_, programs) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
         .with_context(|| format!("querying TCX ingress programs of {ifname}"))?;
-    Ok(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
+    Ok(programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect())
 }

@@ -48,7 +48,11 @@ pub fn prefix_key(net: IpNetwork) -> Key<Addr16> {
 fn key_prefix(key: &Key<Addr16>) -> anyhow::Result<IpNetwork> {
     let ip = from_addr16(&key.data());
     let len = key.prefix_len();
-    let len = if ip.is_ipv4() { len.saturating_sub(96) } else { len };
+    let len = if ip.is_ipv4() {
+        len.saturating_sub(96)
+    } else {
+        len
+    };
     IpNetwork::new(ip, len as u8).map_err(|e| anyhow!("bad prefix in map: {e}"))
 }
 
@@ -82,7 +86,8 @@ pub struct OverlayMaps {
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
-    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
 /// Removing an entry that is already gone is not an error: removal is idempotent.
@@ -185,13 +190,21 @@ impl OverlayMaps {
 
     pub fn put_vtep(&mut self, underlay_ip: IpAddr, vtep: Vtep) -> anyhow::Result<()> {
         self.vteps
-            .insert(VtepKey { underlay_ip: addr16(underlay_ip) }, vtep, 0)
+            .insert(
+                VtepKey {
+                    underlay_ip: addr16(underlay_ip),
+                },
+                vtep,
+                0,
+            )
             .with_context(|| format!("adding VTEP of agent {underlay_ip} to OVL_VTEPS"))
     }
 
     pub fn remove_vtep(&mut self, underlay_ip: IpAddr) -> anyhow::Result<()> {
-        ignore_missing(self.vteps.remove(&VtepKey { underlay_ip: addr16(underlay_ip) }))
-            .with_context(|| format!("removing VTEP of agent {underlay_ip} from OVL_VTEPS"))
+        ignore_missing(self.vteps.remove(&VtepKey {
+            underlay_ip: addr16(underlay_ip),
+        }))
+        .with_context(|| format!("removing VTEP of agent {underlay_ip} from OVL_VTEPS"))
     }
 
     pub fn vteps(&self) -> anyhow::Result<BTreeMap<IpAddr, Vtep>> {
@@ -226,11 +239,18 @@ impl OverlayMaps {
         let mut rows = Vec::new();
         for r in self.stats.iter() {
             let (key, per_cpu) = r.context("reading OVL_STATS")?;
-            let Some(counter) = Counter::from_u32(key.counter) else { continue };
+            let Some(counter) = Counter::from_u32(key.counter) else {
+                continue;
+            };
             let (packets, bytes) = per_cpu
                 .iter()
                 .fold((0u64, 0u64), |(p, b), s| (p + s.packets, b + s.bytes));
-            rows.push(StatRow { vni: key.vni, counter, packets, bytes });
+            rows.push(StatRow {
+                vni: key.vni,
+                counter,
+                packets,
+                bytes,
+            });
         }
         rows.sort_by_key(|r| (r.vni, r.counter as u32));
         Ok(rows)

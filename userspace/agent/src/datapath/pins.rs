@@ -21,7 +21,9 @@ impl PinLayout {
     /// The pin directory of `instance` below the bpffs mounted at `bpffs`.
     pub fn new(bpffs: &Path, instance: &str) -> anyhow::Result<PinLayout> {
         if instance.is_empty()
-            || !instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            || !instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             bail!("instance name {instance:?} must be non-empty and only [A-Za-z0-9_-]");
         }
@@ -43,14 +45,17 @@ impl PinLayout {
     /// Pin of the TCX link attaching `program` to the ingress of interface `ifname`.
     /// bpffs refuses names containing '.', which interface names may have (VLANs: `eth0.100`).
     pub fn link(&self, ifname: &str, program: &str) -> PathBuf {
-        self.dir.join("links").join(format!("{program}@{}", ifname.replace('.', "%2e")))
+        self.dir
+            .join("links")
+            .join(format!("{program}@{}", ifname.replace('.', "%2e")))
     }
 
     pub fn create_dirs(&self) -> anyhow::Result<()> {
         for sub in ["maps", "links"] {
             let d = self.dir.join(sub);
-            std::fs::create_dir_all(&d)
-                .with_context(|| format!("creating pin directory {} (is bpffs mounted?)", d.display()))?;
+            std::fs::create_dir_all(&d).with_context(|| {
+                format!("creating pin directory {} (is bpffs mounted?)", d.display())
+            })?;
         }
         Ok(())
     }
