@@ -200,6 +200,30 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         "spoofed packet not counted: {stats}"
     );
 
+    // overlayctl reads the same pinned maps through the façade.
+    let out = std::process::Command::new(overlay_tests::bin_path("overlayctl"))
+        .args(["datapath", "--instance", &lab.pin_instance("a1")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "overlayctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "9.0.1.2",
+        "9.0.1.3",
+        "local_delivered",
+        "drop_spoofed_source",
+        "vxlan port 64000",
+    ] {
+        assert!(
+            text.contains(needle),
+            "overlayctl output lacks {needle:?}:\n{text}"
+        );
+    }
+
     drop(lab);
     assert!(!pin_dir.exists(), "pins left at {}", pin_dir.display());
 }

@@ -159,6 +159,16 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             .map_or("?", Counter::name);
         println!("   vni {:>5}  {:<22} {packets} packets", key["vni"], name);
     }
+    println!(
+        "== the same, as `overlayctl datapath --instance {}` shows it:",
+        lab.pin_instance("a1")
+    );
+    let ctl = workspace_root().join("target/debug/overlayctl");
+    let out = std::process::Command::new(&ctl)
+        .args(["datapath", "--instance", &lab.pin_instance("a1")])
+        .output()
+        .with_context(|| format!("running {}", ctl.display()))?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
     if !same || cross {
         bail!(
             "the demo did not behave: same-network ping ok={same}, cross-network ping blocked={}",

@@ -99,7 +99,31 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// Opens one pinned map, read-only use by tools like `overlayctl`.
+fn pinned(pins: &super::PinLayout, name: &str) -> anyhow::Result<MapData> {
+    let path = pins.map(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is an agent running with this instance?)",
+            path.display()
+        )
+    })
+}
+
 impl OverlayMaps {
+    /// The maps an agent pinned, opened without loading anything: for inspection tools.
+    pub fn open_pinned(pins: &super::PinLayout) -> anyhow::Result<OverlayMaps> {
+        Ok(OverlayMaps {
+            config: Map::Array(pinned(pins, names::CONFIG)?).try_into()?,
+            endpoints: Map::HashMap(pinned(pins, names::ENDPOINTS)?).try_into()?,
+            routes: Map::LpmTrie(pinned(pins, names::ROUTES)?).try_into()?,
+            subnets: Map::LpmTrie(pinned(pins, names::SUBNETS)?).try_into()?,
+            vteps: Map::HashMap(pinned(pins, names::VTEPS)?).try_into()?,
+            networks: Map::HashMap(pinned(pins, names::NETWORKS)?).try_into()?,
+            stats: Map::PerCpuHashMap(pinned(pins, names::STATS)?).try_into()?,
+        })
+    }
+
     pub(super) fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<OverlayMaps> {
         Ok(OverlayMaps {
             config: take(ebpf, names::CONFIG)?.try_into()?,

@@ -1,0 +1,121 @@
+//! `overlayctl`: look at an ebpf-overlay cluster — the master's state, and the datapath of an
+//! agent on this host as its pinned maps hold it.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use overlay_agent::datapath::{OverlayMaps, PinLayout};
+use overlay_api::MasterClient;
+
+#[derive(Parser)]
+#[command(
+    name = "overlayctl",
+    version,
+    about = "Inspect an ebpf-overlay cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The master's overlay state (DC/OS `/overlay-master/state` JSON).
+    State {
+        /// Master base URL(s); the first that answers is used.
+        #[arg(long, env = "OVERLAY_MASTER", default_value = "http://127.0.0.1:5050")]
+        master: Vec<String>,
+    },
+    /// The datapath of an agent on this host: config, networks, endpoints, routes, VTEPs and
+    /// counters, read from its pinned maps.
+    Datapath {
+        #[arg(long, default_value = "default")]
+        instance: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn show_datapath(instance: &str, bpffs: &std::path::Path) -> anyhow::Result<()> {
+    let pins = PinLayout::new(bpffs, instance)?;
+    let maps = OverlayMaps::open_pinned(&pins)?;
+    println!("pins: {}", pins.dir().display());
+    match maps.config()? {
+        Some(c) => println!(
+            "config: underlay ifindex {} vtep mac {} vxlan port {} mtu {}",
+            c.underlay_ifindex,
+            mac(&c.vtep_mac),
+            c.vxlan_port,
+            c.overlay_mtu
+        ),
+        None => println!(
+            "config: not written yet (datapath passes host traffic, drops container traffic)"
+        ),
+    }
+    println!("networks:");
+    for (vni, n) in maps.networks()? {
+        println!("  vni {vni:>8}  flags {:#x}", n.flags);
+    }
+    println!("endpoints:");
+    for (ip, e) in maps.endpoints()? {
+        println!(
+            "  {ip:<18} vni {:>8}  ifindex {:>4}  mac {}  gateway {}",
+            e.vni,
+            e.ifindex,
+            mac(&e.mac),
+            mac(&e.gateway_mac)
+        );
+    }
+    println!("remote subnets:");
+    for (net, r) in maps.routes()? {
+        let via = overlay_agent::datapath::from_addr16(&r.underlay_ip);
+        println!(
+            "  {net:<18} vni {:>8}  via {via}  vtep mac {}",
+            r.vni,
+            mac(&r.vtep_mac)
+        );
+    }
+    println!("overlay subnets:");
+    for (net, s) in maps.subnets()? {
+        println!("  {net:<18} vni {:>8}", s.vni);
+    }
+    println!("known agents (VTEPs):");
+    for (ip, v) in maps.vteps()? {
+        println!("  {ip:<18} vtep mac {}", mac(&v.vtep_mac));
+    }
+    println!("counters:");
+    for r in maps.stats()? {
+        println!(
+            "  vni {:>8}  {:<22} {:>12} packets {:>14} bytes",
+            r.vni,
+            r.counter.name(),
+            r.packets,
+            r.bytes
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::State { master } => {
+            let client = MasterClient::new(master.iter().map(String::as_str))?;
+            let state = client
+                .state()
+                .await
+                .context("fetching the master's state")?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+        }
+        Cmd::Datapath { instance, bpffs } => show_datapath(&instance, &bpffs)?,
+    }
+    Ok(())
+}
