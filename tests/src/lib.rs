@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: locating the project's binaries.
+//! Helpers shared by the integration tests: locating the project's binaries, and describing lab
+//! nodes to the datapath as the agent will.
 
 use std::path::PathBuf;
 
@@ -20,4 +21,45 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The map entry for a lab container attached to `agent`, on network `vni`.
+pub fn endpoint_of(
+    agent: &overlay_lab::Node,
+    container: &overlay_lab::Container,
+    vni: u32,
+) -> (std::net::IpAddr, overlay_common::maps::Endpoint) {
+    (
+        std::net::IpAddr::V4(container.node.ip.expect("container has an address")),
+        overlay_common::maps::Endpoint {
+            ifindex: agent.ifindex(&container.host_veth).unwrap(),
+            vni,
+            mac: container.node.mac(&container.ifname).unwrap(),
+            gateway_mac: agent.mac(&container.host_veth).unwrap(),
+            ..Default::default()
+        },
+    )
+}
+
+/// Datapath settings of a lab agent: its fabric address on eth0, DC/OS's port and MTU.
+pub fn agent_settings(
+    agent: &overlay_lab::Node,
+    vtep_mac: [u8; 6],
+) -> overlay_agent::datapath::AgentSettings {
+    overlay_agent::datapath::AgentSettings {
+        underlay_ip: std::net::IpAddr::V4(agent.ip.expect("agent has a fabric address")),
+        underlay_ifindex: agent.ifindex("eth0").unwrap(),
+        vtep_mac,
+        vxlan_port: 64000,
+        overlay_mtu: 1420,
+    }
+}
+
+/// The pin layout of a lab agent.
+pub fn lab_pins(lab: &overlay_lab::Lab, agent_role: &str) -> overlay_agent::datapath::PinLayout {
+    overlay_agent::datapath::PinLayout::new(
+        std::path::Path::new(overlay_lab::BPFFS),
+        &lab.pin_instance(agent_role),
+    )
+    .unwrap()
 }

@@ -2,17 +2,15 @@
 //! underlay NIC and a container veth, maps pinned and readable as structs through bpftool, and
 //! packets between two local containers delivered by the programs.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::Path,
-};
+use std::net::Ipv4Addr;
 
-use overlay_agent::datapath::{AgentSettings, Datapath, PinLayout, attached_ingress_programs};
+use overlay_agent::datapath::{Datapath, attached_ingress_programs};
 use overlay_common::{
     counters::Counter,
-    maps::{Endpoint, Network, names, programs},
+    maps::{Network, names, programs},
 };
 use overlay_lab::{Lab, LabSpec, in_netns};
+use overlay_tests::{agent_settings, endpoint_of, lab_pins};
 use serde_json::Value;
 
 const VNI: u32 = 1024;
@@ -50,30 +48,15 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         )
         .unwrap();
     let agent = lab.node("a1").unwrap().clone();
-    let pins = PinLayout::new(Path::new("/sys/fs/bpf"), &lab.pin_instance("a1")).unwrap();
+    let pins = lab_pins(&lab, "a1");
     let pin_dir = pins.dir().to_owned();
 
     // Endpoint facts as the agent would gather them.
-    let mut endpoints = vec![];
-    for c in [&c1, &c2] {
-        endpoints.push((
-            IpAddr::V4(c.node.ip.unwrap()),
-            Endpoint {
-                ifindex: agent.ifindex(&c.host_veth).unwrap(),
-                vni: VNI,
-                mac: c.node.mac("eth0").unwrap(),
-                gateway_mac: agent.mac(&c.host_veth).unwrap(),
-                ..Default::default()
-            },
-        ));
-    }
-    let settings = AgentSettings {
-        underlay_ip: IpAddr::V4(agent.ip.unwrap()),
-        underlay_ifindex: agent.ifindex("eth0").unwrap(),
-        vtep_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
-        vxlan_port: 64000,
-        overlay_mtu: 1420,
-    };
+    let endpoints: Vec<_> = [&c1, &c2]
+        .iter()
+        .map(|c| endpoint_of(&agent, c, VNI))
+        .collect();
+    let settings = agent_settings(&agent, [0x70, 0xb3, 0xd5, 0x80, 0, 1]);
     let veths = [c1.host_veth.clone(), c2.host_veth.clone()];
     let eps = endpoints.clone();
     in_netns(&agent, move || {

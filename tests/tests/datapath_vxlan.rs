@@ -1,17 +1,15 @@
 //! VXLAN between two agents, built and stripped in BPF: the maps are written through the façade
 //! as the agent's reconciler will write them from the master's state.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::Path,
-};
+use std::net::{IpAddr, Ipv4Addr};
 
-use overlay_agent::datapath::{AgentSettings, Datapath, OverlayMaps, PinLayout};
+use overlay_agent::datapath::{Datapath, OverlayMaps};
 use overlay_common::{
     counters::Counter,
-    maps::{Endpoint, Network, OverlaySubnet, RemoteRoute, Vtep, programs},
+    maps::{Network, OverlaySubnet, RemoteRoute, Vtep, programs},
 };
-use overlay_lab::{Container, Lab, LabSpec, Node, in_netns};
+use overlay_lab::{Lab, LabSpec, in_netns};
+use overlay_tests::{agent_settings, endpoint_of, lab_pins};
 
 const VNI: u32 = 1024;
 
@@ -34,22 +32,8 @@ const AGENTS: [AgentPlan; 2] = [
     },
 ];
 
-fn endpoint_of(agent: &Node, c: &Container) -> (IpAddr, Endpoint) {
-    (
-        IpAddr::V4(c.node.ip.unwrap()),
-        Endpoint {
-            ifindex: agent.ifindex(&c.host_veth).unwrap(),
-            vni: VNI,
-            mac: c.node.mac("eth0").unwrap(),
-            gateway_mac: agent.mac(&c.host_veth).unwrap(),
-            ..Default::default()
-        },
-    )
-}
-
 fn stat(lab: &Lab, role: &str, counter: Counter) -> u64 {
-    let pins = PinLayout::new(Path::new("/sys/fs/bpf"), &lab.pin_instance(role)).unwrap();
-    OverlayMaps::open_pinned(&pins)
+    OverlayMaps::open_pinned(&lab_pins(lab, role))
         .unwrap()
         .stat(VNI, counter)
         .unwrap()
@@ -87,15 +71,9 @@ fn containers_on_two_agents_talk_over_bpf_vxlan() {
         let peer_plan = &AGENTS[1 - i];
         let peer = lab.node(peer_plan.role).unwrap().clone();
         let (local, _) = &locals[i];
-        let (ip, ep) = endpoint_of(&agent, local);
-        let pins = PinLayout::new(Path::new("/sys/fs/bpf"), &lab.pin_instance(plan.role)).unwrap();
-        let settings = AgentSettings {
-            underlay_ip: IpAddr::V4(agent.ip.unwrap()),
-            underlay_ifindex: agent.ifindex("eth0").unwrap(),
-            vtep_mac: plan.vtep_mac,
-            vxlan_port: 64000,
-            overlay_mtu: 1420,
-        };
+        let (ip, ep) = endpoint_of(&agent, local, VNI);
+        let pins = lab_pins(&lab, plan.role);
+        let settings = agent_settings(&agent, plan.vtep_mac);
         let veth = local.host_veth.clone();
         let peer_ip = IpAddr::V4(peer.ip.unwrap());
         let peer_subnet = peer_plan.subnet.parse().unwrap();
