@@ -1,0 +1,257 @@
+//! Benchmark (not a test): 10,000 agents registering against a real `overlay-master` process,
+//! then a watch fan-out to 1,000 long-poll watchers.
+//!
+//! `cargo run --release -p overlay-master --example register_storm [-- AGENTS WATCHERS CONCURRENCY]`
+//!
+//! Reports registrations/s, heartbeats/s, the master's RSS (from /proc/<pid>/status), the
+//! state JSON size, and how long until every watcher woke (headers) and had the whole state.
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use overlay_api::MasterClient;
+
+const CONFIG: &str = "\
+vtep_subnet: 44.128.0.0/16
+vtep_subnet6: fd01:a::/64
+overlays:
+  - {name: dcos, subnet: 9.0.0.0/8, prefix: 24}
+  - {name: dcos6, subnet6: 'fd01:b::/64', prefix6: 80}
+";
+
+/// Kills the master however the benchmark ends.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn master_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/examples/register_storm -> target/<profile>/overlay-master
+    let profile_dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .context("example lives in target/<profile>/examples")?;
+    let binary = profile_dir.join("overlay-master");
+    // `cargo run --example` does not build the package's binaries: build it the same way.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let release = profile_dir.ends_with("release");
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "overlay-master", "--bin", "overlay-master"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build
+        .status()
+        .context("running cargo build for overlay-master")?;
+    if !status.success() || !binary.exists() {
+        bail!("could not build {}", binary.display());
+    }
+    Ok(binary)
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
+fn agent_ip(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
+}
+
+async fn register_all(
+    client: &MasterClient,
+    first: u32,
+    count: u32,
+    concurrency: u32,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = worker;
+            while n < count {
+                client.register(agent_ip(first + n)).await?;
+                n += concurrency;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(started.elapsed())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<u32> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().context("arguments are numbers"))
+        .collect::<anyhow::Result<_>>()?;
+    let agents = args.first().copied().unwrap_or(10_000);
+    let watchers = args.get(1).copied().unwrap_or(1_000);
+    let concurrency = args.get(2).copied().unwrap_or(64);
+
+    let binary = master_binary()?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, CONFIG)?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let base = format!("http://127.0.0.1:{port}");
+    let child = Command::new(&binary)
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting overlay-master")?;
+    let master = ChildGuard(child);
+    let pid = master.0.id();
+
+    let http = reqwest::Client::new();
+    let ready_deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(format!("{base}/health")).send().await.is_err() {
+        if Instant::now() > ready_deadline {
+            bail!("master not ready");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = MasterClient::new([base.clone()])?;
+    let (rss_idle, _) = rss_kib(pid)?;
+
+    let elapsed = register_all(&client, 1, agents, concurrency).await?;
+    println!(
+        "registered {agents} agents with {concurrency} concurrent clients in {:.2} s: {:.0} registrations/s",
+        elapsed.as_secs_f64(),
+        f64::from(agents) / elapsed.as_secs_f64()
+    );
+    let elapsed = register_all(&client, 1, agents, concurrency).await?;
+    println!(
+        "heartbeats of {agents} registered agents in {:.2} s: {:.0} heartbeats/s",
+        elapsed.as_secs_f64(),
+        f64::from(agents) / elapsed.as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let state = http
+        .get(format!("{base}/overlay-master/state"))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let first_state = started.elapsed();
+    let started = Instant::now();
+    http.get(format!("{base}/overlay-master/state"))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let cached_state = started.elapsed();
+    println!(
+        "state JSON: {} bytes ({:.1} MiB); first GET {:.0} ms, cached GET {:.0} ms",
+        state.len(),
+        state.len() as f64 / 1_048_576.0,
+        first_state.as_secs_f64() * 1000.0,
+        cached_state.as_secs_f64() * 1000.0
+    );
+    let (rss, hwm) = rss_kib(pid)?;
+    println!(
+        "master RSS: {:.1} MiB idle before registrations, {:.1} MiB after (peak {:.1} MiB)",
+        rss_idle as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+
+    // Watch fan-out: park `watchers` long-polls, change one thing, time the wake-ups.
+    let revision = client
+        .watch(0, Duration::from_secs(5))
+        .await?
+        .context("state at revision 0?")?
+        .revision;
+    let watch_http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let mut tasks = Vec::new();
+    for _ in 0..watchers {
+        let http = watch_http.clone();
+        let url = format!("{base}/overlay-master/watch?after={revision}&timeout_ms=120000");
+        tasks.push(tokio::spawn(async move {
+            let mut response = http
+                .get(url)
+                .timeout(Duration::from_secs(180))
+                .send()
+                .await?;
+            let woke = Instant::now();
+            let mut bytes = 0usize;
+            while let Some(chunk) = response.chunk().await? {
+                bytes += chunk.len();
+            }
+            anyhow::Ok((woke, Instant::now(), bytes))
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let parked = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("overlay_master_watchers "))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if parked >= watchers {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {parked} of {watchers} watchers parked");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (rss_parked, _) = rss_kib(pid)?;
+    let change = Instant::now();
+    client.register(agent_ip(agents + 1)).await?;
+    let mut last_wake = Duration::ZERO;
+    let mut last_done = Duration::ZERO;
+    let mut total_bytes = 0usize;
+    for task in tasks {
+        let (woke, done, bytes) = task.await??;
+        last_wake = last_wake.max(woke.saturating_duration_since(change));
+        last_done = last_done.max(done.saturating_duration_since(change));
+        total_bytes += bytes;
+    }
+    let (_, hwm) = rss_kib(pid)?;
+    println!(
+        "watch fan-out to {watchers} watchers: all woke (headers) within {:.0} ms, all had the \
+         full state within {:.0} ms ({:.0} MiB sent); RSS with watchers parked {:.1} MiB, peak {:.1} MiB",
+        last_wake.as_secs_f64() * 1000.0,
+        last_done.as_secs_f64() * 1000.0,
+        total_bytes as f64 / 1_048_576.0,
+        rss_parked as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    Ok(())
+}
