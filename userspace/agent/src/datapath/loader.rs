@@ -100,6 +100,30 @@ impl Datapath {
         Ok(())
     }
 
+    /// Runs `program` once on `packet` with `BPF_PROG_TEST_RUN`: no interface, no netns of its
+    /// own (the kernel hands the program an skb on the caller's loopback, ifindex 1). Returns the
+    /// program's verdict and the packet as the program left it. Maps are the live ones, so the
+    /// run counts in `OVL_STATS` like a real packet.
+    pub fn test_run(&self, program: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or_else(|| anyhow!("no program {program}"))?
+            .try_into()?;
+        // Room for what the programs add (encapsulation grows a frame by 50 bytes).
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
     /// Detaches `program_name` from `ifname` by removing its pinned link.
     pub fn detach(&mut self, ifname: &str, program_name: &str) -> anyhow::Result<()> {
         let pin = self.pins.link(ifname, program_name);

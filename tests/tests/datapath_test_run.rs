@@ -1,0 +1,606 @@
+//! The real programs run by the kernel on packets we build, byte for byte (`BPF_PROG_TEST_RUN`):
+//! no interfaces, no namespaces, the maps filled through the façade as the agent fills them.
+//!
+//! The kernel gives a test-run program an skb on the caller's loopback (ifindex 1): endpoints
+//! that send in these tests are attached to ifindex 1, so the anti-spoofing check sees them on
+//! their own veth.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use overlay_agent::datapath::{AgentSettings, Datapath, PinLayout, addr16};
+use overlay_common::{
+    counters::{Counter, NO_NETWORK},
+    maps::{Endpoint, Network, OverlaySubnet, RemoteRoute, Vtep, programs},
+};
+use overlay_tests::support_packets::*;
+
+const VNI_A: u32 = 1024;
+const VNI_B: u32 = 2048;
+const VNI_UNKNOWN: u32 = 4096;
+const LOOPBACK: u32 = 1;
+
+const LOCAL_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
+const LOCAL_VTEP_MAC: [u8; 6] = [0x70, 0xb3, 0xd5, 0x80, 0, 1];
+/// Agent R: owns 9.0.2.0/24 (network A) and 9.1.2.0/24 (network B).
+const R_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 12);
+const R_VTEP_MAC: [u8; 6] = [0x70, 0xb3, 0xd5, 0x80, 0, 2];
+/// Agent S: owns 9.0.3.0/24 (network A).
+const S_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 13);
+const S_VTEP_MAC: [u8; 6] = [0x70, 0xb3, 0xd5, 0x80, 0, 3];
+/// Not an agent.
+const STRANGER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 99);
+
+/// Local endpoints.
+struct Ep {
+    ip: Ipv4Addr,
+    vni: u32,
+    ifindex: u32,
+    mac: [u8; 6],
+    gw_mac: [u8; 6],
+}
+
+/// Container on network A, sending from the test-run skb's device.
+const EP_A: Ep = Ep {
+    ip: Ipv4Addr::new(9, 0, 1, 2),
+    vni: VNI_A,
+    ifindex: LOOPBACK,
+    mac: [0x02, 0, 0, 0, 0x01, 0x02],
+    gw_mac: [0x02, 0, 0, 0, 0x01, 0x01],
+};
+/// Container on network A behind another veth (ifindex 77).
+const EP_A_ELSEWHERE: Ep = Ep {
+    ip: Ipv4Addr::new(9, 0, 1, 3),
+    vni: VNI_A,
+    ifindex: 77,
+    mac: [0x02, 0, 0, 0, 0x01, 0x03],
+    gw_mac: [0x02, 0, 0, 0, 0x01, 0xfe],
+};
+/// Container on network B.
+const EP_B: Ep = Ep {
+    ip: Ipv4Addr::new(9, 1, 1, 2),
+    vni: VNI_B,
+    ifindex: LOOPBACK,
+    mac: [0x02, 0, 0, 0, 0x02, 0x02],
+    gw_mac: [0x02, 0, 0, 0, 0x02, 0x01],
+};
+
+/// Removes the pins of a test-run datapath when dropped, panics included.
+struct PinGuard(PinLayout);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.remove_all() {
+            eprintln!("removing test pins: {e:#}");
+        }
+    }
+}
+
+struct Fixture {
+    dp: Datapath,
+    // Declared after `dp`: the pins go after the maps' file descriptors are closed.
+    _pins: PinGuard,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Fixture {
+    fn new() -> Fixture {
+        overlay_lab::ensure_bpffs().unwrap();
+        let instance = format!(
+            "testrun-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let pins = PinLayout::new(Path::new(overlay_lab::BPFFS), &instance).unwrap();
+        let guard = PinGuard(pins.clone());
+        let mut dp = Datapath::load(pins).unwrap();
+        let m = dp.maps();
+        m.set_config(&AgentSettings {
+            underlay_ip: IpAddr::V4(LOCAL_UNDERLAY),
+            underlay_ifindex: LOOPBACK,
+            vtep_mac: LOCAL_VTEP_MAC,
+            vxlan_port: VXLAN_PORT,
+            overlay_mtu: 1420,
+        })
+        .unwrap();
+        for vni in [VNI_A, VNI_B] {
+            m.put_network(vni, Network::default()).unwrap();
+        }
+        m.put_subnet(
+            "9.0.0.0/16".parse().unwrap(),
+            OverlaySubnet {
+                vni: VNI_A,
+                flags: 0,
+            },
+        )
+        .unwrap();
+        m.put_subnet(
+            "9.1.0.0/16".parse().unwrap(),
+            OverlaySubnet {
+                vni: VNI_B,
+                flags: 0,
+            },
+        )
+        .unwrap();
+        for ep in [&EP_A, &EP_A_ELSEWHERE, &EP_B] {
+            m.put_endpoint(
+                IpAddr::V4(ep.ip),
+                Endpoint {
+                    ifindex: ep.ifindex,
+                    vni: ep.vni,
+                    mac: ep.mac,
+                    gateway_mac: ep.gw_mac,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        for (underlay, mac) in [(R_UNDERLAY, R_VTEP_MAC), (S_UNDERLAY, S_VTEP_MAC)] {
+            m.put_vtep(
+                IpAddr::V4(underlay),
+                Vtep {
+                    vtep_mac: mac,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        for (subnet, underlay, mac, vni) in [
+            ("9.0.2.0/24", R_UNDERLAY, R_VTEP_MAC, VNI_A),
+            ("9.1.2.0/24", R_UNDERLAY, R_VTEP_MAC, VNI_B),
+            ("9.0.3.0/24", S_UNDERLAY, S_VTEP_MAC, VNI_A),
+        ] {
+            m.put_route(
+                subnet.parse().unwrap(),
+                RemoteRoute {
+                    underlay_ip: addr16(IpAddr::V4(underlay)),
+                    vtep_mac: mac,
+                    vni,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        Fixture { dp, _pins: guard }
+    }
+
+    fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.dp.test_run(program, packet).unwrap()
+    }
+
+    fn stat(&self, vni: u32, counter: Counter) -> u64 {
+        self.dp.maps_ref().stat(vni, counter).unwrap()
+    }
+
+    /// Sum of every counter: to show a packet left no trace.
+    fn total_packets(&self) -> u64 {
+        self.dp
+            .maps_ref()
+            .stats()
+            .unwrap()
+            .iter()
+            .map(|r| r.packets)
+            .sum()
+    }
+
+    /// Runs `program` on `packet`, expects a drop counted exactly once under `(vni, counter)`.
+    fn expect_drop(&self, what: &str, program: &str, packet: &[u8], vni: u32, counter: Counter) {
+        let before = self.stat(vni, counter);
+        let total_before = self.total_packets();
+        let (verdict, _) = self.run(program, packet);
+        assert_eq!(verdict, TC_ACT_SHOT, "{what}: verdict");
+        assert_eq!(
+            self.stat(vni, counter),
+            before + 1,
+            "{what}: {} of network {vni} not counted once; all counters: {:?}",
+            counter.name(),
+            self.dp.maps_ref().stats().unwrap()
+        );
+        assert_eq!(
+            self.total_packets(),
+            total_before + 1,
+            "{what}: counted more than once: {:?}",
+            self.dp.maps_ref().stats().unwrap()
+        );
+    }
+}
+
+/// A frame sent by a container: to its gateway's MAC, from `src_mac`.
+fn container_frame(src_mac: [u8; 6], gw_mac: [u8; 6], ip_packet: &[u8]) -> Vec<u8> {
+    eth(gw_mac, src_mac, ETH_P_IP, ip_packet)
+}
+
+/// A well-formed VXLAN frame from agent R to us on network A, for a local endpoint.
+fn vxlan_from_r(inner_src: Ipv4Addr, inner_dst: Ipv4Addr) -> VxlanFrame {
+    VxlanFrame {
+        outer_src: R_UNDERLAY,
+        outer_dst: LOCAL_UNDERLAY,
+        src_port: 51234,
+        dst_port: VXLAN_PORT,
+        flags: 0x08,
+        vni: VNI_A,
+        inner_dst_mac: LOCAL_VTEP_MAC,
+        inner_src_mac: R_VTEP_MAC,
+        inner_ip: ping_packet(inner_src, inner_dst, 56),
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[test]
+fn encap_builds_dcos_vxlan_byte_for_byte() {
+    let f = Fixture::new();
+    let inner_ip = ping_packet(EP_A.ip, Ipv4Addr::new(9, 0, 2, 2), 56);
+    let input = container_frame(EP_A.mac, EP_A.gw_mac, &inner_ip);
+    let (verdict, out) = f.run(programs::FROM_CONTAINER, &input);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "encap verdict; counters {:?}",
+        f.dp.maps_ref().stats().unwrap()
+    );
+    assert_eq!(out.len(), input.len() + 50, "VXLAN overhead is 50 bytes");
+
+    // Outer Ethernet: addresses are left for bpf_redirect_neigh, the type is IPv4.
+    assert_eq!(u16_at(&out, 12), ETH_P_IP, "outer ethertype");
+    // Outer IPv4.
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45, "outer version/IHL");
+    assert_eq!(
+        u16_at(ip, 2) as usize,
+        out.len() - 14,
+        "outer IPv4 total length"
+    );
+    assert_eq!(ip[8], 64, "outer TTL");
+    assert_eq!(ip[9], IPPROTO_UDP, "outer protocol");
+    assert_eq!(&ip[12..16], &LOCAL_UNDERLAY.octets(), "outer source");
+    assert_eq!(&ip[16..20], &R_UNDERLAY.octets(), "outer destination");
+    assert_eq!(inet_checksum(ip), 0, "outer IPv4 header checksum invalid");
+    assert_ne!(u16_at(ip, 10), 0, "outer IPv4 header checksum missing");
+    // UDP.
+    let udp = &out[34..42];
+    let sport = u16_at(udp, 0);
+    assert!((49152..=65535).contains(&sport), "source port {sport}");
+    assert_eq!(u16_at(udp, 2), VXLAN_PORT, "destination port");
+    assert_eq!(u16_at(udp, 4) as usize, out.len() - 34, "UDP length");
+    assert_eq!(u16_at(udp, 6), 0, "UDP checksum must be 0");
+    // VXLAN.
+    assert_eq!(
+        &out[42..50],
+        &[0x08, 0, 0, 0, 0x00, 0x04, 0x00, 0],
+        "VXLAN header (flags 0x08, VNI 1024)"
+    );
+    // Inner Ethernet: DC/OS wire format, VTEP MACs.
+    assert_eq!(&out[50..56], &R_VTEP_MAC, "inner destination MAC");
+    assert_eq!(&out[56..62], &LOCAL_VTEP_MAC, "inner source MAC");
+    assert_eq!(u16_at(&out, 62), ETH_P_IP, "inner ethertype");
+    assert!(out[64..] == inner_ip[..], "inner IP packet altered");
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 1);
+
+    // The same flow always gets the same source port (no reordering across ECMP paths).
+    let (_, again) = f.run(programs::FROM_CONTAINER, &input);
+    assert_eq!(u16_at(&again, 34), sport, "source port not stable per flow");
+
+    // Exactly the overlay MTU still goes out.
+    let largest = ping_packet(EP_A.ip, Ipv4Addr::new(9, 0, 2, 2), 1420 - 28);
+    assert_eq!(largest.len(), 1420);
+    let (verdict, out) = f.run(
+        programs::FROM_CONTAINER,
+        &container_frame(EP_A.mac, EP_A.gw_mac, &largest),
+    );
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "a 1420-byte packet is not too big"
+    );
+    assert_eq!(out.len(), 14 + 1420 + 50);
+    assert!(out[64..] == largest[..]);
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 3);
+}
+
+#[test]
+fn decap_delivers_the_inner_packet_to_the_endpoint() {
+    let f = Fixture::new();
+    let v = vxlan_from_r(Ipv4Addr::new(9, 0, 2, 2), EP_A.ip);
+    let input = v.frame();
+    let (verdict, out) = f.run(programs::FROM_UNDERLAY, &input);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "decap verdict; counters {:?}",
+        f.dp.maps_ref().stats().unwrap()
+    );
+    let expected = eth(EP_A.mac, EP_A.gw_mac, ETH_P_IP, &v.inner_ip);
+    assert_eq!(out.len(), input.len() - 50);
+    assert!(
+        out == expected,
+        "decapsulated frame differs:\n got  {}\n want {}",
+        hex(&out),
+        hex(&expected)
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Decapsulated), 1);
+}
+
+#[test]
+fn underlay_drops_are_counted_by_reason() {
+    let f = Fixture::new();
+    let ok = vxlan_from_r(Ipv4Addr::new(9, 0, 2, 2), EP_A.ip);
+    let u = programs::FROM_UNDERLAY;
+
+    let stranger = VxlanFrame {
+        outer_src: STRANGER_UNDERLAY,
+        ..ok.clone()
+    };
+    f.expect_drop(
+        "unknown VTEP",
+        u,
+        &stranger.frame(),
+        NO_NETWORK,
+        Counter::DropUnknownVtep,
+    );
+    for flags in [0x00, 0x0c, 0x88, 0xff] {
+        let bad = VxlanFrame {
+            flags,
+            ..ok.clone()
+        };
+        f.expect_drop(
+            &format!("VXLAN flags {flags:#04x}"),
+            u,
+            &bad.frame(),
+            NO_NETWORK,
+            Counter::DropBadVxlanFlags,
+        );
+    }
+    let unknown_vni = VxlanFrame {
+        vni: VNI_UNKNOWN,
+        ..ok.clone()
+    };
+    f.expect_drop(
+        "unknown VNI",
+        u,
+        &unknown_vni.frame(),
+        NO_NETWORK,
+        Counter::DropUnknownVni,
+    );
+    // Cut right after the UDP header, headers still claiming the full length.
+    let full = ok.frame();
+    f.expect_drop(
+        "cut after the UDP header",
+        u,
+        &full[..42],
+        NO_NETWORK,
+        Counter::DropTruncated,
+    );
+    // Cut in the middle of the inner IPv4 header.
+    f.expect_drop(
+        "cut in the inner IPv4 header",
+        u,
+        &full[..14 + 20 + 8 + 8 + 14 + 10],
+        NO_NETWORK,
+        Counter::DropTruncated,
+    );
+    // Consistent headers, but an empty datagram: no VXLAN header at all.
+    let empty = eth(
+        [2, 0, 0, 0, 0xee, 1],
+        [2, 0, 0, 0, 0xee, 2],
+        ETH_P_IP,
+        &ipv4(
+            R_UNDERLAY,
+            LOCAL_UNDERLAY,
+            IPPROTO_UDP,
+            &udp(51234, VXLAN_PORT, &[]),
+        ),
+    );
+    f.expect_drop(
+        "empty VXLAN datagram",
+        u,
+        &empty,
+        NO_NETWORK,
+        Counter::DropTruncated,
+    );
+    let not_local = vxlan_from_r(Ipv4Addr::new(9, 0, 2, 2), Ipv4Addr::new(9, 0, 1, 77));
+    f.expect_drop(
+        "inner destination not local",
+        u,
+        &not_local.frame(),
+        VNI_A,
+        Counter::DropNoEndpoint,
+    );
+    let other_net = vxlan_from_r(Ipv4Addr::new(9, 0, 2, 2), EP_B.ip);
+    f.expect_drop(
+        "inner destination on network B, VNI of network A",
+        u,
+        &other_net.frame(),
+        VNI_A,
+        Counter::DropCrossNetwork,
+    );
+    let foreign_src = vxlan_from_r(Ipv4Addr::new(9, 0, 3, 5), EP_A.ip);
+    f.expect_drop(
+        "inner source of agent S sent by agent R",
+        u,
+        &foreign_src.frame(),
+        VNI_A,
+        Counter::DropSpoofedSource,
+    );
+    let local_src = vxlan_from_r(EP_A_ELSEWHERE.ip, EP_A.ip);
+    f.expect_drop(
+        "inner source is one of our own endpoints",
+        u,
+        &local_src.frame(),
+        VNI_A,
+        Counter::DropSpoofedSource,
+    );
+    let b_src_on_a = vxlan_from_r(Ipv4Addr::new(9, 1, 2, 5), EP_A.ip);
+    f.expect_drop(
+        "inner source in R's subnet of network B, sent with VNI A",
+        u,
+        &b_src_on_a.frame(),
+        VNI_A,
+        Counter::DropSpoofedSource,
+    );
+
+    // After all that, the good frame still goes through.
+    let (verdict, _) = f.run(u, &ok.frame());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(f.stat(VNI_A, Counter::Decapsulated), 1);
+}
+
+#[test]
+fn container_drops_are_counted_by_reason() {
+    let f = Fixture::new();
+    let c = programs::FROM_CONTAINER;
+    let remote = Ipv4Addr::new(9, 0, 2, 2);
+
+    let foreign_ip = ping_packet(Ipv4Addr::new(9, 0, 1, 99), remote, 56);
+    f.expect_drop(
+        "source IP of no endpoint",
+        c,
+        &container_frame(EP_A.mac, EP_A.gw_mac, &foreign_ip),
+        NO_NETWORK,
+        Counter::DropSpoofedSource,
+    );
+    let own_ip = ping_packet(EP_A.ip, remote, 56);
+    f.expect_drop(
+        "own IP, foreign MAC",
+        c,
+        &container_frame([0x02, 0, 0, 0, 0x01, 0x99], EP_A.gw_mac, &own_ip),
+        NO_NETWORK,
+        Counter::DropSpoofedSource,
+    );
+    let neighbour_ip = ping_packet(EP_A_ELSEWHERE.ip, remote, 56);
+    f.expect_drop(
+        "IP and MAC of the container behind another veth",
+        c,
+        &container_frame(EP_A_ELSEWHERE.mac, EP_A.gw_mac, &neighbour_ip),
+        NO_NETWORK,
+        Counter::DropSpoofedSource,
+    );
+    for (what, dst) in [
+        ("local endpoint of network B", EP_B.ip),
+        ("remote route of network B", Ipv4Addr::new(9, 1, 2, 5)),
+        ("unrouted address of network B", Ipv4Addr::new(9, 1, 200, 5)),
+    ] {
+        let p = ping_packet(EP_A.ip, dst, 56);
+        f.expect_drop(
+            what,
+            c,
+            &container_frame(EP_A.mac, EP_A.gw_mac, &p),
+            VNI_A,
+            Counter::DropCrossNetwork,
+        );
+    }
+    let too_big = ping_packet(EP_A.ip, remote, 1421 - 28);
+    assert_eq!(too_big.len(), 1421);
+    f.expect_drop(
+        "1421 bytes to a remote route",
+        c,
+        &container_frame(EP_A.mac, EP_A.gw_mac, &too_big),
+        VNI_A,
+        Counter::DropTooBig,
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 0);
+}
+
+#[test]
+fn host_traffic_on_the_underlay_passes_untouched() {
+    let f = Fixture::new();
+    let macs = ([0x02, 0, 0, 0, 0xee, 1], [0x02, 0, 0, 0, 0xee, 2]);
+    let frames = [
+        (
+            "UDP to another port from a known agent",
+            eth(
+                macs.0,
+                macs.1,
+                ETH_P_IP,
+                &ipv4(
+                    R_UNDERLAY,
+                    LOCAL_UNDERLAY,
+                    IPPROTO_UDP,
+                    &udp(51234, 53, &[0x08; 64]),
+                ),
+            ),
+        ),
+        (
+            "UDP from the VXLAN port, to another port",
+            eth(
+                macs.0,
+                macs.1,
+                ETH_P_IP,
+                &ipv4(
+                    R_UNDERLAY,
+                    LOCAL_UNDERLAY,
+                    IPPROTO_UDP,
+                    &udp(
+                        VXLAN_PORT,
+                        4789,
+                        &vxlan_from_r(R_UNDERLAY, EP_A.ip).udp_payload(),
+                    ),
+                ),
+            ),
+        ),
+        (
+            "TCP to port 64000",
+            eth(
+                macs.0,
+                macs.1,
+                ETH_P_IP,
+                &ipv4(
+                    R_UNDERLAY,
+                    LOCAL_UNDERLAY,
+                    IPPROTO_TCP,
+                    &tcp_syn(R_UNDERLAY, LOCAL_UNDERLAY, 40000, VXLAN_PORT),
+                ),
+            ),
+        ),
+        (
+            "ARP request",
+            arp_request(macs.1, R_UNDERLAY, LOCAL_UNDERLAY),
+        ),
+        (
+            "IPv6 UDP to port 64000",
+            ipv6_udp_frame(macs.0, macs.1, VXLAN_PORT),
+        ),
+    ];
+    for (what, frame) in frames {
+        let total = f.total_packets();
+        let (verdict, out) = f.run(programs::FROM_UNDERLAY, &frame);
+        assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+        assert!(out == frame, "{what}: frame altered");
+        assert_eq!(f.total_packets(), total, "{what}: counted");
+    }
+}
+
+#[test]
+fn arp_request_for_the_gateway_gets_an_rfc826_reply() {
+    let f = Fixture::new();
+    let gateway = Ipv4Addr::new(9, 0, 1, 1);
+    let request = arp_request(EP_A.mac, EP_A.ip, gateway);
+    let (verdict, out) = f.run(programs::FROM_CONTAINER, &request);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "bpf_redirect back out of the veth"
+    );
+    let expected = arp_reply(EP_A.gw_mac, gateway, EP_A.mac, EP_A.ip);
+    assert!(
+        out == expected,
+        "ARP reply differs:\n got  {}\n want {}",
+        hex(&out),
+        hex(&expected)
+    );
+    assert_eq!(f.stat(VNI_A, Counter::ArpReplied), 1);
+
+    // A request claiming another container's address is not answered.
+    let spoofed = arp_request(EP_A.mac, EP_A_ELSEWHERE.ip, gateway);
+    f.expect_drop(
+        "ARP with a foreign sender address",
+        programs::FROM_CONTAINER,
+        &spoofed,
+        NO_NETWORK,
+        Counter::DropSpoofedSource,
+    );
+}
