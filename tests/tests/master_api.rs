@@ -817,3 +817,86 @@ async fn sighup_reloads_good_config_and_rejects_bad_one() {
         master.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_watch_follows_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut master = MasterProcess::start(dir.path(), None).await;
+    let client = master.client();
+    for n in 1..=3 {
+        client.register(agent_ip(n)).await.unwrap();
+    }
+    let first = client
+        .watch_delta(0, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.full,
+        "revision 0 predates the master: full state expected"
+    );
+    let mut revision = first.revision;
+    let mut copy = first.state.clone();
+
+    // Follows a change with the delta, checks the copy against the master's state, and
+    // returns whether the delta was a full state.
+    async fn follow(
+        client: &overlay_api::MasterClient,
+        revision: &mut u64,
+        copy: &mut State,
+        expect_agents: Option<usize>,
+    ) -> bool {
+        let delta = client
+            .watch_delta(*revision, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .expect("a change is visible");
+        assert!(delta.revision > *revision);
+        if let Some(count) = expect_agents {
+            assert!(!delta.full);
+            assert_eq!(delta.state.agents.len(), count, "{delta:?}");
+        }
+        let full = delta.full;
+        *revision = delta.revision;
+        delta.apply_to(copy);
+        assert_eq!(copy, &client.state().await.unwrap());
+        full
+    }
+
+    client.register(agent_ip(10)).await.unwrap();
+    follow(&client, &mut revision, &mut copy, Some(1)).await;
+    client.delete_agents(&[agent_ip(2)]).await.unwrap();
+    follow(&client, &mut revision, &mut copy, Some(0)).await;
+    client
+        .add_network(&network("dev", "10.20.0.0/16"))
+        .await
+        .unwrap();
+    assert!(
+        follow(&client, &mut revision, &mut copy, None).await,
+        "network change resyncs"
+    );
+    client.register(agent_ip(11)).await.unwrap();
+    follow(&client, &mut revision, &mut copy, Some(1)).await;
+
+    // Nothing new: the long-poll times out.
+    assert!(
+        client
+            .watch_delta(revision, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Revisions are the store's: a watcher that is current resumes with deltas across a
+    // restart.
+    master.restart().await;
+    client.register(agent_ip(12)).await.unwrap();
+    follow(&client, &mut revision, &mut copy, Some(1)).await;
+
+    // One that missed changes made before the restart cannot get a delta: full state.
+    client.register(agent_ip(13)).await.unwrap();
+    master.restart().await;
+    assert!(follow(&client, &mut revision, &mut copy, None).await);
+    client.register(agent_ip(14)).await.unwrap();
+    follow(&client, &mut revision, &mut copy, Some(1)).await;
+}

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::types::{
     AgentInfo, DeleteAgentsRequest, DeleteAgentsResponse, ErrorBody, OverlayInfo, RegisterRequest,
-    State, Watched,
+    State, Watched, WatchedDelta,
 };
 
 /// Time limit of an ordinary request (a watch adds its own long-poll time to it).
@@ -116,6 +116,26 @@ impl MasterClient {
     ) -> Result<Option<Watched>, ClientError> {
         let path = format!(
             "/overlay-master/watch?after={after_revision}&timeout_ms={}",
+            timeout.as_millis()
+        );
+        let answer = self
+            .send::<()>(Method::GET, &path, None, timeout + REQUEST_TIMEOUT)
+            .await?;
+        if answer.status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        answer.json().map(Some)
+    }
+
+    /// Like [`watch`](Self::watch), but answers with only what changed after `after_revision`
+    /// (see [`WatchedDelta`]); apply it to the copy of the state held at that revision.
+    pub async fn watch_delta(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+    ) -> Result<Option<WatchedDelta>, ClientError> {
+        let path = format!(
+            "/overlay-master/watch?after={after_revision}&timeout_ms={}&delta=true",
             timeout.as_millis()
         );
         let answer = self

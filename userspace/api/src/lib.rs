@@ -3,6 +3,7 @@
 //! The JSON shapes are DC/OS's (`/overlay-master/state`), so existing tooling keeps working;
 //! our additions are extra fields only (`vxlan_port`, per-network `vni`, watch `revision`).
 
+pub mod agent;
 mod client;
 mod types;
 

@@ -157,6 +157,41 @@ pub struct Watched {
     pub state: State,
 }
 
+/// Body of `GET /overlay-master/watch?delta=true`: what changed after the caller's revision.
+/// When `full` is true (the caller was too far behind, the network configuration changed, or
+/// the master restarted) `state` is complete; otherwise `state.agents` holds only the agents
+/// added or changed since then and `deleted` the agents removed. `state.network` is always
+/// complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchedDelta {
+    pub revision: u64,
+    pub full: bool,
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<IpAddr>,
+}
+
+impl WatchedDelta {
+    /// Brings `state` (the caller's copy at the revision it asked after) up to this revision.
+    pub fn apply_to(self, state: &mut State) {
+        if self.full {
+            *state = self.state;
+            return;
+        }
+        state.network = self.state.network;
+        state.agents.retain(|agent| {
+            !self.deleted.contains(&agent.ip)
+                && !self
+                    .state
+                    .agents
+                    .iter()
+                    .any(|changed| changed.ip == agent.ip)
+        });
+        state.agents.extend(self.state.agents);
+        state.agents.sort_by_key(|agent| agent.ip);
+    }
+}
+
 /// Body of `POST /overlay-master/agents`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {

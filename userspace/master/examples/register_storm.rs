@@ -183,75 +183,136 @@ async fn main() -> anyhow::Result<()> {
         hwm as f64 / 1024.0
     );
 
-    // Watch fan-out: park `watchers` long-polls, change one thing, time the wake-ups.
-    let revision = client
-        .watch(0, Duration::from_secs(5))
-        .await?
-        .context("state at revision 0?")?
-        .revision;
-    let watch_http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()?;
-    let mut tasks = Vec::new();
-    for _ in 0..watchers {
-        let http = watch_http.clone();
-        let url = format!("{base}/overlay-master/watch?after={revision}&timeout_ms=120000");
-        tasks.push(tokio::spawn(async move {
-            let mut response = http
-                .get(url)
-                .timeout(Duration::from_secs(180))
-                .send()
-                .await?;
-            let woke = Instant::now();
-            let mut bytes = 0usize;
-            while let Some(chunk) = response.chunk().await? {
-                bytes += chunk.len();
-            }
-            anyhow::Ok((woke, Instant::now(), bytes))
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let metrics = http
-            .get(format!("{base}/metrics"))
-            .send()
+    // Watch fan-out: park `watchers` long-polls, change one thing, time the wake-ups; first
+    // with whole states in the answers, then with deltas.
+    for delta in [false, true] {
+        let revision = client
+            .watch(0, Duration::from_secs(5))
             .await?
-            .text()
+            .context("state at revision 0?")?
+            .revision;
+        let fan_out = FanOut {
+            http: &http,
+            base: &base,
+            pid,
+            watchers,
+        };
+        let result = fan_out
+            .run(revision, delta, || {
+                client.register(agent_ip(agents + 2 + u32::from(delta)))
+            })
             .await?;
-        let parked = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("overlay_master_watchers "))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(0);
-        if parked >= watchers {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {parked} of {watchers} watchers parked");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        println!(
+            "watch fan-out ({}) to {watchers} watchers: all woke (headers) within {:.0} ms, all \
+             had the answer within {:.0} ms ({:.1} MiB sent); master RSS with watchers parked \
+             {:.1} MiB, peak {:.1} MiB",
+            if delta { "delta=true" } else { "whole state" },
+            result.last_wake.as_secs_f64() * 1000.0,
+            result.last_done.as_secs_f64() * 1000.0,
+            result.bytes as f64 / 1_048_576.0,
+            result.rss_parked_kib as f64 / 1024.0,
+            result.hwm_kib as f64 / 1024.0
+        );
     }
-    let (rss_parked, _) = rss_kib(pid)?;
-    let change = Instant::now();
-    client.register(agent_ip(agents + 1)).await?;
-    let mut last_wake = Duration::ZERO;
-    let mut last_done = Duration::ZERO;
-    let mut total_bytes = 0usize;
-    for task in tasks {
-        let (woke, done, bytes) = task.await??;
-        last_wake = last_wake.max(woke.saturating_duration_since(change));
-        last_done = last_done.max(done.saturating_duration_since(change));
-        total_bytes += bytes;
-    }
-    let (_, hwm) = rss_kib(pid)?;
-    println!(
-        "watch fan-out to {watchers} watchers: all woke (headers) within {:.0} ms, all had the \
-         full state within {:.0} ms ({:.0} MiB sent); RSS with watchers parked {:.1} MiB, peak {:.1} MiB",
-        last_wake.as_secs_f64() * 1000.0,
-        last_done.as_secs_f64() * 1000.0,
-        total_bytes as f64 / 1_048_576.0,
-        rss_parked as f64 / 1024.0,
-        hwm as f64 / 1024.0
-    );
     Ok(())
+}
+
+struct FanOut<'a> {
+    http: &'a reqwest::Client,
+    base: &'a str,
+    pid: u32,
+    watchers: u32,
+}
+
+struct FanOutResult {
+    last_wake: Duration,
+    last_done: Duration,
+    bytes: usize,
+    rss_parked_kib: u64,
+    hwm_kib: u64,
+}
+
+impl FanOut<'_> {
+    /// Parks the watchers after `revision`, waits until the master counts them all, runs
+    /// `change`, and times every watcher's wake-up from just before the change.
+    async fn run<F, Fut, T>(
+        &self,
+        revision: u64,
+        delta: bool,
+        change: F,
+    ) -> anyhow::Result<FanOutResult>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, overlay_api::ClientError>>,
+    {
+        // One connection per watcher, as separate agents would have.
+        let watch_http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()?;
+        let mut tasks = Vec::new();
+        for _ in 0..self.watchers {
+            let http = watch_http.clone();
+            let url = format!(
+                "{}/overlay-master/watch?after={revision}&timeout_ms=120000&delta={delta}",
+                self.base
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut response = http
+                    .get(url)
+                    .timeout(Duration::from_secs(180))
+                    .send()
+                    .await?;
+                let woke = Instant::now();
+                let mut bytes = 0usize;
+                while let Some(chunk) = response.chunk().await? {
+                    bytes += chunk.len();
+                }
+                anyhow::Ok((woke, Instant::now(), bytes))
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let metrics = self
+                .http
+                .get(format!("{}/metrics", self.base))
+                .send()
+                .await?
+                .text()
+                .await?;
+            let parked = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("overlay_master_watchers "))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            if parked >= self.watchers {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("only {parked} of {} watchers parked", self.watchers);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (rss_parked_kib, _) = rss_kib(self.pid)?;
+        let changed_at = Instant::now();
+        change().await?;
+        let mut result = FanOutResult {
+            last_wake: Duration::ZERO,
+            last_done: Duration::ZERO,
+            bytes: 0,
+            rss_parked_kib,
+            hwm_kib: 0,
+        };
+        for task in tasks {
+            let (woke, done, bytes) = task.await??;
+            result.last_wake = result
+                .last_wake
+                .max(woke.saturating_duration_since(changed_at));
+            result.last_done = result
+                .last_done
+                .max(done.saturating_duration_since(changed_at));
+            result.bytes += bytes;
+        }
+        result.hwm_kib = rss_kib(self.pid)?.1;
+        Ok(result)
+    }
 }

@@ -139,6 +139,8 @@ async fn state(State(master): State<Arc<Master>>) -> Response {
 struct WatchQuery {
     after: Option<u64>,
     timeout_ms: Option<u64>,
+    /// Answer with a `WatchedDelta` (only what changed after `after`).
+    delta: Option<bool>,
 }
 
 /// Decrements the watcher gauge however the request ends (including client disconnects).
@@ -152,7 +154,8 @@ impl Drop for WatcherGuard<'_> {
 
 /// Long-poll: answers as soon as the revision differs from `after` (at once when it already
 /// does, including when the master's revision is behind the caller's after a data loss),
-/// 204 when nothing changed within `timeout_ms`.
+/// 204 when nothing changed within `timeout_ms`. With `delta=true` the answer is a
+/// `WatchedDelta` instead of the whole state.
 async fn watch(
     State(master): State<Arc<Master>>,
     query: Result<Query<WatchQuery>, QueryRejection>,
@@ -174,7 +177,8 @@ async fn watch(
     match changed {
         Err(_elapsed) => Ok(StatusCode::NO_CONTENT.into_response()),
         Ok(Err(_closed)) => Err(MasterError::Unavailable("master is shutting down".into()).into()),
-        Ok(Ok(_)) => Ok(json_bytes(master.state_body().await.watch_body)),
+        Ok(Ok(())) if query.delta == Some(true) => Ok(json_bytes(master.delta_body(after).await)),
+        Ok(Ok(())) => Ok(json_bytes(master.state_body().await.watch_body)),
     }
 }
 

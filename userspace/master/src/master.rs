@@ -8,7 +8,7 @@
 //! see an allocation that is not durable, and a failed commit is undone by reloading the
 //! in-memory state from the store.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use bytes::Bytes;
 use overlay_api::{
     AgentInfo, AgentOverlayInfo, BackendInfo, BridgeInfo, MacAddr, NetworkConfig, OverlayInfo,
-    OverlayState, State, Status, VTEP_NAME, VxLANInfo,
+    OverlayState, State, Status, VTEP_NAME, VxLANInfo, WatchedDelta,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -91,6 +91,52 @@ pub struct Core {
     agents: BTreeMap<IpAddr, crate::store::AgentRecord>,
     revision: u64,
     pending: Pending,
+    changes: ChangeLog,
+}
+
+/// Most agent deletions remembered for deltas; beyond that, older watchers get a full state.
+const MAX_TOMBSTONES: usize = 100_000;
+
+/// Which revision last changed each agent, so watchers can be sent only what changed.
+/// Kept in memory only: after a restart every watcher gets one full state.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    /// Watchers behind this revision get a full state (start, config change, compaction).
+    full_before: u64,
+    agent_revisions: HashMap<IpAddr, u64>,
+    deleted: HashMap<IpAddr, u64>,
+}
+
+impl ChangeLog {
+    fn starting_at(revision: u64) -> Self {
+        ChangeLog {
+            full_before: revision,
+            ..ChangeLog::default()
+        }
+    }
+
+    fn record(&mut self, revision: u64, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::PutSettings(_) | Op::PutNetwork(_) | Op::DeleteNetwork(_) => {
+                    // Every agent's view of the networks changed.
+                    self.full_before = revision;
+                }
+                Op::PutAgent(record) => {
+                    self.agent_revisions.insert(record.ip, revision);
+                    self.deleted.remove(&record.ip);
+                }
+                Op::DeleteAgent(ip) => {
+                    self.agent_revisions.remove(ip);
+                    self.deleted.insert(*ip, revision);
+                }
+            }
+        }
+        if self.deleted.len() > MAX_TOMBSTONES {
+            self.full_before = revision;
+            self.deleted.clear();
+        }
+    }
 }
 
 fn settings_of(config: &NetworkConfig) -> SettingsRecord {
@@ -122,6 +168,7 @@ impl Core {
                 networks: true,
                 ..Pending::default()
             },
+            changes: ChangeLog::default(),
         })
     }
 
@@ -153,6 +200,7 @@ impl Core {
             agents: BTreeMap::new(),
             revision: snapshot.revision,
             pending: Pending::default(),
+            changes: ChangeLog::starting_at(snapshot.revision),
         };
         let mut report = RestoreReport::default();
         for stored in snapshot.agents {
@@ -377,6 +425,47 @@ impl Core {
         }
     }
 
+    /// What changed after revision `after`: a full state when the change log does not reach
+    /// back that far (or `after` is from the future, e.g. another master's data).
+    pub fn delta(&self, after: u64) -> WatchedDelta {
+        if after < self.changes.full_before || after > self.revision {
+            return WatchedDelta {
+                revision: self.revision,
+                full: true,
+                state: self.state(),
+                deleted: Vec::new(),
+            };
+        }
+        let changed = |ip: &IpAddr| {
+            self.changes
+                .agent_revisions
+                .get(ip)
+                .is_some_and(|&revision| revision > after)
+        };
+        let mut deleted: Vec<IpAddr> = self
+            .changes
+            .deleted
+            .iter()
+            .filter(|&(_, &revision)| revision > after)
+            .map(|(&ip, _)| ip)
+            .collect();
+        deleted.sort();
+        WatchedDelta {
+            revision: self.revision,
+            full: false,
+            state: State {
+                network: self.config().clone(),
+                agents: self
+                    .agents
+                    .values()
+                    .filter(|record| changed(&record.ip))
+                    .map(|record| self.agent_info(record))
+                    .collect(),
+            },
+            deleted,
+        }
+    }
+
     pub fn gauges(&self) -> Gauges {
         Gauges {
             revision: self.revision,
@@ -532,6 +621,8 @@ pub struct Master {
     revision_tx: watch::Sender<u64>,
     pub metrics: Metrics,
     state_cache: tokio::sync::Mutex<Option<StateBody>>,
+    /// Delta bodies of the current revision by `after` (watchers mostly share one `after`).
+    delta_cache: tokio::sync::Mutex<(u64, HashMap<u64, Bytes>)>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -576,6 +667,8 @@ impl Master {
             core.revision = store.commit(core.revision, &ops)?;
             metrics.store_commits.fetch_add(1, Ordering::Relaxed);
         }
+        // Watchers from before this start cannot be given a delta.
+        core.changes = ChangeLog::starting_at(core.revision);
         let (revision_tx, _) = watch::channel(core.revision);
         let (commands, receiver) = mpsc::channel();
         let master = Arc::new(Master {
@@ -584,6 +677,7 @@ impl Master {
             revision_tx,
             metrics,
             state_cache: tokio::sync::Mutex::new(None),
+            delta_cache: tokio::sync::Mutex::new((0, HashMap::new())),
             commands,
         });
         let writer = Arc::clone(&master);
@@ -693,6 +787,31 @@ impl Master {
         body
     }
 
+    /// The `WatchedDelta` JSON after `after`, serialised once per (revision, after).
+    pub async fn delta_body(self: &Arc<Self>, after: u64) -> Bytes {
+        let mut cache = self.delta_cache.lock().await;
+        let revision = self.revision();
+        if cache.0 != revision {
+            *cache = (revision, HashMap::new());
+        }
+        if let Some(body) = cache.1.get(&after) {
+            return body.clone();
+        }
+        let master = Arc::clone(self);
+        let (rendered_revision, body) = tokio::task::spawn_blocking(move || {
+            let core = master.lock_core();
+            let delta = core.delta(after);
+            let body = serde_json::to_vec(&delta).expect("deltas always serialise");
+            (core.revision, Bytes::from(body))
+        })
+        .await
+        .expect("rendering a delta does not panic");
+        if rendered_revision == cache.0 {
+            cache.1.insert(after, body.clone());
+        }
+        body
+    }
+
     fn render_state(&self) -> StateBody {
         let (revision, state) = {
             let core = self.lock_core();
@@ -739,6 +858,7 @@ impl Master {
             Ok(new_revision) => {
                 if let Some(revision) = new_revision {
                     core.revision = revision;
+                    core.changes.record(revision, &ops);
                     self.metrics.store_commits.fetch_add(1, Ordering::Relaxed);
                 }
                 drop(core);
@@ -971,6 +1091,46 @@ mod tests {
                 .await,
             Err(MasterError::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn deltas_rebuild_the_full_state() {
+        let store = Arc::new(MemoryStore::new());
+        let master = Master::start(store, dcos_default()).unwrap();
+        for n in 1..=5 {
+            master.register(IpAddr::from([10, 0, 0, n])).await.unwrap();
+        }
+        let (base_revision, mut copy) = {
+            let core = master.lock_core();
+            (core.revision(), core.state())
+        };
+        master.register(ip("10.0.0.9")).await.unwrap();
+        master
+            .delete_agents(vec![ip("10.0.0.2"), ip("10.0.0.3")])
+            .await
+            .unwrap();
+        let delta = master.lock_core().delta(base_revision);
+        assert!(!delta.full);
+        assert_eq!(delta.state.agents.len(), 1, "only the new agent changed");
+        assert_eq!(delta.deleted, vec![ip("10.0.0.2"), ip("10.0.0.3")]);
+        delta.apply_to(&mut copy);
+        assert_eq!(copy, master.lock_core().state());
+
+        // A network change makes older watchers resynchronise with a full state.
+        master
+            .change_networks(NetworkChange::Add(spec("dev", "10.10.0.0/16")))
+            .await
+            .unwrap();
+        let core = master.lock_core();
+        let delta = core.delta(base_revision);
+        assert!(delta.full);
+        assert_eq!(delta.state, core.state());
+        let current = core.delta(core.revision());
+        assert!(!current.full && current.state.agents.is_empty() && current.deleted.is_empty());
+        assert!(
+            core.delta(core.revision() + 5).full,
+            "a revision from the future resyncs"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,258 @@
+//! The agent's local API: served on a Unix socket (reachable from any network namespace on the
+//! host, so the CNI plugin and tools can use it), spoken here with a small synchronous client
+//! (short-lived callers such as the CNI plugin need no async runtime).
+
+use std::{
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{AgentInfo, ErrorBody, MacAddr};
+
+/// Default socket of the agent's local API.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/ebpf-overlay/agent.sock";
+
+/// Body of `POST /overlay-agent/endpoints`: connect a container's veth to a network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddEndpoint {
+    /// Network name (`dcos`, ...).
+    pub network: String,
+    /// The container's address; must lie in this agent's subnet of the network.
+    pub ip: Ipv4Addr,
+    /// Host-side veth of the container, in the agent's network namespace.
+    pub host_veth: String,
+    /// MAC of the container's interface: the only source MAC it may send with.
+    pub container_mac: MacAddr,
+}
+
+/// A local endpoint as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub network: String,
+    pub vni: u32,
+    pub ip: Ipv4Addr,
+    pub host_veth: String,
+    pub ifindex: u32,
+    pub container_mac: MacAddr,
+    pub gateway_mac: MacAddr,
+}
+
+/// Body of `GET /overlay-agent/status`: what the agent is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// This agent's allocation, once registered with a master.
+    pub agent: Option<AgentInfo>,
+    /// Master state revision last applied to the datapath.
+    pub applied_revision: u64,
+    /// Map entries added, changed and removed by reconciliation since start.
+    pub map_updates: u64,
+    pub pin_dir: String,
+}
+
+/// Errors of the local client; `Unreachable` means the agent is not running (CNI: try later).
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("agent API at {path} is unreachable: {source}")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent answered {status}: {message}")]
+    Rejected { status: u16, message: String },
+    #[error("agent sent a malformed answer: {0}")]
+    Malformed(String),
+}
+
+/// A synchronous HTTP/1.1 client over the agent's Unix socket.
+#[derive(Debug, Clone)]
+pub struct LocalClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl LocalClient {
+    pub fn new(socket: impl AsRef<Path>) -> LocalClient {
+        LocalClient {
+            socket: socket.as_ref().to_owned(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// One request; returns status and body.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), LocalError> {
+        let unreachable = |source| LocalError::Unreachable {
+            path: self.socket.clone(),
+            source,
+        };
+        let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
+        http_exchange(&mut stream, method, path, body).map_err(|e| match e {
+            ExchangeError::Io(source) => unreachable(source),
+            ExchangeError::Malformed(m) => LocalError::Malformed(m),
+        })
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, LocalError> {
+        let (status, body) = self.request(method, path, body.as_deref())?;
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(LocalError::Rejected { status, message });
+        }
+        serde_json::from_slice(&body).map_err(|e| LocalError::Malformed(e.to_string()))
+    }
+
+    pub fn status(&self) -> Result<AgentStatus, LocalError> {
+        self.call("GET", "/overlay-agent/status", None)
+    }
+
+    /// This agent's allocation in DC/OS `AgentInfo` shape.
+    pub fn overlay(&self) -> Result<AgentInfo, LocalError> {
+        self.call("GET", "/overlay-agent/overlay", None)
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<EndpointInfo>, LocalError> {
+        self.call("GET", "/overlay-agent/endpoints", None)
+    }
+
+    pub fn add_endpoint(&self, req: &AddEndpoint) -> Result<EndpointInfo, LocalError> {
+        let body = serde_json::to_vec(req).map_err(|e| LocalError::Malformed(e.to_string()))?;
+        self.call("POST", "/overlay-agent/endpoints", Some(body))
+    }
+
+    pub fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), LocalError> {
+        let (status, body) =
+            self.request("DELETE", &format!("/overlay-agent/endpoints/{ip}"), None)?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(LocalError::Rejected {
+                status,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            })
+        }
+    }
+
+    pub fn metrics(&self) -> Result<String, LocalError> {
+        let (status, body) = self.request("GET", "/metrics", None)?;
+        if status != 200 {
+            return Err(LocalError::Rejected {
+                status,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// Failure of one [`http_exchange`].
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("malformed HTTP answer: {0}")]
+    Malformed(String),
+}
+
+/// One HTTP/1.1 request with `Connection: close` over any byte stream (a Unix socket to the
+/// agent, a TCP connection opened inside a lab namespace, ...): returns status and body.
+pub fn http_exchange<S: std::io::Read + std::io::Write>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), ExchangeError> {
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: ebpf-overlay\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), ExchangeError> {
+    let malformed = |what: &str| ExchangeError::Malformed(what.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| malformed("no header end"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| malformed("header not UTF-8"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| malformed("no status code"))?;
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if chunked {
+        body = dechunk(&body).ok_or_else(|| malformed("bad chunked body"))?;
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&data[..line_end])
+                .ok()?
+                .split(';')
+                .next()?
+                .trim(),
+            16,
+        )
+        .ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_answers() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(plain).unwrap(), (200, b"{}".to_vec()));
+        let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (404, b"abcde".to_vec()));
+        assert!(parse_response(b"garbage").is_err());
+    }
+}
