@@ -900,3 +900,20 @@ async fn delta_watch_follows_every_change() {
     client.register(agent_ip(14)).await.unwrap();
     follow(&client, &mut revision, &mut copy, Some(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_fails_over_to_the_next_master_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = MasterProcess::start(dir.path(), None).await;
+    let dead = format!("http://127.0.0.1:{}", master_support::free_port());
+    let client = overlay_api::MasterClient::new([dead.clone(), master.base_url()]).unwrap();
+    let info = client.register(agent_ip(1)).await.unwrap();
+    assert_eq!(client.state().await.unwrap().agents, vec![info]);
+
+    // A 4xx is an answer, not a reason to try the next master.
+    let err = client.remove_network("nope").await.unwrap_err();
+    assert_eq!(err.rejected_status(), Some(404));
+
+    let only_dead = overlay_api::MasterClient::new([dead]).unwrap();
+    assert!(only_dead.state().await.unwrap_err().is_unreachable());
+}

@@ -271,3 +271,39 @@ fn error_message(bytes: &[u8]) -> String {
         Err(_) => String::from_utf8_lossy(bytes).into_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_empty_or_schemeless_url_lists() {
+        assert!(matches!(
+            MasterClient::new(Vec::<String>::new()),
+            Err(ClientError::Config(_))
+        ));
+        assert!(matches!(
+            MasterClient::new(["10.0.0.1:5055"]),
+            Err(ClientError::Config(_))
+        ));
+        let client = MasterClient::new(["http://10.0.0.1:5055/", "http://10.0.0.2:5055"]).unwrap();
+        assert_eq!(
+            client.base_urls(),
+            ["http://10.0.0.1:5055", "http://10.0.0.2:5055"]
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_masters_are_reported_as_such() {
+        // Bind and drop to get a loopback port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = MasterClient::new([format!("http://127.0.0.1:{port}")]).unwrap();
+        let error = client.state().await.unwrap_err();
+        assert!(error.is_unreachable(), "{error}");
+        assert!(error.to_string().contains(&port.to_string()), "{error}");
+    }
+}

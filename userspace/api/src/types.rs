@@ -275,3 +275,107 @@ impl<'de> Deserialize<'de> for MacAddr {
         text.parse().map_err(serde::de::Error::custom)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_optional_fields_serialise_as_dcos() {
+        let state = OverlayState {
+            status: Status::Failed,
+            error: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&state).unwrap(),
+            r#"{"status":"STATUS_FAILED"}"#
+        );
+        for (status, text) in [
+            (Status::Invalid, "\"STATUS_INVALID\""),
+            (Status::Ok, "\"STATUS_OK\""),
+            (Status::Configuring, "\"STATUS_CONFIGURING\""),
+        ] {
+            assert_eq!(serde_json::to_string(&status).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Status>(text).unwrap(), status);
+        }
+        let bridge = BridgeInfo {
+            name: "m-dcos".into(),
+            ip: Some("9.0.1.0/25".parse().unwrap()),
+            ip6: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&bridge).unwrap(),
+            r#"{"name":"m-dcos","ip":"9.0.1.0/25"}"#
+        );
+    }
+
+    #[test]
+    fn mac_addresses_parse_either_case_and_print_lowercase() {
+        let oui: MacAddr = "70:B3:D5:00:00:00".parse().unwrap();
+        let mac = MacAddr::vtep(oui, "44.128.0.1".parse().unwrap());
+        assert_eq!(mac.to_string(), "70:b3:d5:80:00:01");
+        for bad in [
+            "70:B3:D5:00:00",
+            "70:B3:D5:00:00:00:00",
+            "70-B3-D5-00-00-00",
+            "zz:b3:d5:00:00:00",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn network_config_defaults_vxlan_port_when_absent() {
+        let config: NetworkConfig = serde_json::from_str(
+            r#"{"vtep_subnet":"44.128.0.0/20","vtep_mac_oui":"70:B3:D5:00:00:00","overlays":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vxlan_port, DEFAULT_VXLAN_PORT);
+        assert_eq!(config.vtep_subnet6, None);
+    }
+
+    fn agent(ip: &str) -> AgentInfo {
+        AgentInfo {
+            ip: ip.parse().unwrap(),
+            overlays: Vec::new(),
+            configuration_attempts: None,
+        }
+    }
+
+    #[test]
+    fn delta_applies_upserts_and_deletions() {
+        let network: NetworkConfig = serde_json::from_str(
+            r#"{"vtep_subnet":"44.128.0.0/20","vtep_mac_oui":"70:b3:d5:00:00:00"}"#,
+        )
+        .unwrap();
+        let mut state = State {
+            network: network.clone(),
+            agents: vec![agent("10.0.0.1"), agent("10.0.0.2")],
+        };
+        let mut changed = agent("10.0.0.1");
+        changed.configuration_attempts = Some(3);
+        WatchedDelta {
+            revision: 7,
+            full: false,
+            state: State {
+                network: network.clone(),
+                agents: vec![agent("10.0.0.3"), changed.clone()],
+            },
+            deleted: vec!["10.0.0.2".parse().unwrap()],
+        }
+        .apply_to(&mut state);
+        assert_eq!(state.agents, vec![changed, agent("10.0.0.3")]);
+
+        WatchedDelta {
+            revision: 8,
+            full: true,
+            state: State {
+                network,
+                agents: vec![agent("10.0.0.9")],
+            },
+            deleted: Vec::new(),
+        }
+        .apply_to(&mut state);
+        assert_eq!(state.agents, vec![agent("10.0.0.9")]);
+    }
+}

@@ -1133,6 +1133,63 @@ mod tests {
         );
     }
 
+    /// A store whose commits can be made to fail.
+    struct FlakyStore {
+        inner: MemoryStore,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl Store for FlakyStore {
+        fn load(&self) -> Result<Snapshot, StoreError> {
+            self.inner.load()
+        }
+
+        fn commit(&self, expected: u64, ops: &[Op]) -> Result<u64, StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Backend {
+                    context: "test".into(),
+                    reason: "disk on fire".into(),
+                });
+            }
+            self.inner.commit(expected, ops)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_applies_nothing() {
+        let store = Arc::new(FlakyStore {
+            inner: MemoryStore::new(),
+            failing: false.into(),
+        });
+        let master = Master::start(store.clone(), dcos_default()).unwrap();
+        master.register(ip("10.0.0.1")).await.unwrap();
+        let before = master.lock_core().state();
+        let revision = master.revision();
+
+        store.failing.store(true, Ordering::SeqCst);
+        let err = master.register(ip("10.0.0.2")).await.unwrap_err();
+        assert!(matches!(err, MasterError::Unavailable(_)), "{err}");
+        let err = master
+            .change_networks(NetworkChange::Add(spec("dev", "10.10.0.0/16")))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MasterError::Unavailable(_)), "{err}");
+        assert_eq!(master.lock_core().state(), before);
+        assert_eq!(master.revision(), revision);
+        assert_eq!(
+            master.metrics.store_commit_errors.load(Ordering::Relaxed),
+            2
+        );
+
+        // Once the store works again the freed tentative allocation is handed out normally.
+        store.failing.store(false, Ordering::SeqCst);
+        let info = master.register(ip("10.0.0.2")).await.unwrap();
+        assert_eq!(
+            info.overlays[0].backend.vxlan.vtep_ip,
+            Some("44.128.0.2/20".parse().unwrap())
+        );
+    }
+
     #[tokio::test]
     async fn restart_with_incompatible_prefix_is_refused() {
         let store = Arc::new(MemoryStore::new());
