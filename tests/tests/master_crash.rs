@@ -92,7 +92,7 @@ async fn sigkill_during_registration_storm_loses_no_acknowledged_allocation() {
                 while !stop.load(Ordering::Relaxed) {
                     iteration += 1;
                     // Mostly new agents, sometimes a heartbeat of an older one.
-                    let ip = if iteration % 4 == 0 && !known.is_empty() {
+                    let ip = if iteration.is_multiple_of(4) && !known.is_empty() {
                         known[(worker * 7919 + iteration) % known.len()]
                     } else {
                         agent_ip(next_agent.fetch_add(1, Ordering::Relaxed))
