@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            // Plain stderr so the reason shows even with logging filtered out.
             eprintln!("overlay-master: {error:#}");
             ExitCode::from(2)
         }
@@ -71,6 +71,13 @@ fn read_config(path: Option<&PathBuf>) -> anyhow::Result<NetworkConfig> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let file_config = read_config(args.config.as_ref())?;
+    // Refuse a broken file before touching the data directory.
+    let mut checked = file_config.clone();
+    config::assign_default_vnis(&mut checked.overlays);
+    overlay_master::validate::validate(&checked).with_context(|| match &args.config {
+        Some(path) => format!("config file {}", path.display()),
+        None => "DC/OS's default configuration".to_owned(),
+    })?;
     let store: Arc<dyn Store> = Arc::new(
         RedbStore::open(&args.data_dir)
             .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,

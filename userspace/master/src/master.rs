@@ -90,6 +90,8 @@ impl Master {
                     "recovered stored state"
                 );
                 let (candidate, origins) = cluster.candidate_from_file(file_config);
+                // A broken file is reported as such, before any comparison with the store.
+                crate::validate::validate(&candidate)?;
                 let report =
                     cluster
                         .reconfigure(candidate, origins, &metrics)
