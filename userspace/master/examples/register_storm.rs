@@ -4,7 +4,8 @@
 //! `cargo run --release -p overlay-master --example register_storm [-- AGENTS WATCHERS CONCURRENCY]`
 //!
 //! Reports registrations/s, heartbeats/s, the master's RSS (from /proc/<pid>/status), the
-//! state JSON size, and how long until every watcher woke (headers) and had the whole state.
+//! state JSON size, and how long until every watcher woke (headers) and had its answer, with
+//! whole-state answers and with deltas.
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::PathBuf;
@@ -141,8 +142,10 @@ async fn main() -> anyhow::Result<()> {
     let (rss_idle, _) = rss_kib(pid)?;
 
     let elapsed = register_all(&client, 1, agents, concurrency).await?;
+    let commits = metric(&http, &base, "overlay_master_store_commits_total").await?;
     println!(
-        "registered {agents} agents with {concurrency} concurrent clients in {:.2} s: {:.0} registrations/s",
+        "registered {agents} agents with {concurrency} concurrent clients in {:.2} s: {:.0} \
+         registrations/s ({commits} fsynced store transactions: group commit)",
         elapsed.as_secs_f64(),
         f64::from(agents) / elapsed.as_secs_f64()
     );
@@ -217,6 +220,20 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An unlabelled metric's value.
+async fn metric(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<u64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .with_context(|| format!("metric {name} missing"))
+}
+
 struct FanOut<'a> {
     http: &'a reqwest::Client,
     base: &'a str,
@@ -272,19 +289,8 @@ impl FanOut<'_> {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let metrics = self
-                .http
-                .get(format!("{}/metrics", self.base))
-                .send()
-                .await?
-                .text()
-                .await?;
-            let parked = metrics
-                .lines()
-                .find_map(|l| l.strip_prefix("overlay_master_watchers "))
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .unwrap_or(0);
-            if parked >= self.watchers {
+            let parked = metric(self.http, self.base, "overlay_master_watchers").await?;
+            if parked >= u64::from(self.watchers) {
                 break;
             }
             if Instant::now() > deadline {
