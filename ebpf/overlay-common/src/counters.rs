@@ -44,6 +44,9 @@ counters! {
     ArpReplied = 3 => "arp_replied",
     /// Left to the host stack (destination outside every overlay).
     PassedToHost = 4 => "passed_to_host",
+    /// ARP from a container that needs no answer (replies, gratuitous ARP, probes): dropped,
+    /// since nothing behind the veth is there to hear it.
+    ArpIgnored = 5 => "arp_ignored",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",
@@ -71,6 +74,9 @@ counters! {
     DropTooBig = 27 => "drop_too_big",
     /// Agent configuration missing (datapath not initialised yet).
     DropNotReady = 28 => "drop_not_ready",
+    /// First fragment of a fragmented VXLAN datagram: VTEPs do not reassemble (RFC 7348), and a
+    /// part of a frame must not reach a container as if it were whole.
+    DropFragmented = 29 => "drop_fragmented",
 }
 
 impl Counter {
@@ -94,6 +100,11 @@ mod tests {
             assert!(seen.insert(c.name()), "duplicate name {}", c.name());
             assert_eq!(Counter::from_u32(c as u32), Some(c));
             assert_eq!(c.is_drop(), c.name().starts_with("drop_"), "{}", c.name());
+            assert!(
+                c.name().len() <= 22,
+                "{} is too long for the tables",
+                c.name()
+            );
         }
         assert_eq!(Counter::from_u32(999), None);
     }

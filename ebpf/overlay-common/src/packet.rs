@@ -1,7 +1,10 @@
 //! Header layouts and the pure per-packet logic of the datapath.
 //!
 //! The programs load fixed-size header slices from the packet and call these functions; keeping
-//! them free of aya-ebpf lets the host unit-test exactly the code the kernel runs.
+//! them free of aya-ebpf lets the host unit-test exactly the code the kernel runs. Every function
+//! is `#[inline(always)]`: per packet there should be no calls, and a non-inlined function that
+//! returns a `Counter` puts a BTF enum into the object that aya 0.14 fails to load (every map
+//! creation then fails with EINVAL).
 
 use crate::counters::Counter;
 
@@ -32,6 +35,7 @@ pub const VNI_MAX: u32 = 0x00ff_ffff;
 
 /// Outer UDP source ports are spread over the dynamic range from a hash of the inner flow, so that
 /// the receiver's RSS and ECMP in the underlay see per-flow entropy (RFC 7348, section 5).
+#[inline(always)]
 pub const fn vxlan_source_port(flow_hash: u32) -> u16 {
     // 49152..=65535: the top two bits set, the low 14 bits from the hash (folded so that hashes
     // that differ only in their high bits still spread).
@@ -48,6 +52,7 @@ pub struct EthHeader {
 }
 
 impl EthHeader {
+    #[inline(always)]
     pub const fn parse(b: &[u8; ETH_HLEN]) -> EthHeader {
         EthHeader {
             dst: [b[0], b[1], b[2], b[3], b[4], b[5]],
@@ -66,10 +71,23 @@ pub struct Ipv4Header {
     pub protocol: u8,
     pub src: [u8; 4],
     pub dst: [u8; 4],
+    /// Part of a fragmented datagram (more-fragments set, or a non-zero offset).
+    pub is_fragment: bool,
+    /// A later fragment (non-zero offset): what follows the header is not a transport header.
+    pub is_later_fragment: bool,
+    /// The header checksum is valid. Headers with options are not checked here (only their
+    /// first 20 bytes are seen) and count as valid.
+    pub checksum_ok: bool,
 }
+
+/// IPv4 "don't fragment" flag in the flags/offset field.
+pub const IPV4_DF: u16 = 0x4000;
+const IPV4_MF: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 impl Ipv4Header {
     /// Parses the first 20 bytes of an IPv4 header; rejects what no IPv4 stack would accept.
+    #[inline(always)]
     pub const fn parse(b: &[u8; IPV4_HLEN]) -> Result<Ipv4Header, Counter> {
         let version = b[0] >> 4;
         let header_len = ((b[0] & 0x0f) as usize) * 4;
@@ -80,18 +98,25 @@ impl Ipv4Header {
         if total_len < header_len {
             return Err(Counter::DropTruncated);
         }
+        let frag = u16::from_be_bytes([b[6], b[7]]);
+        let offset = frag & IPV4_OFFSET_MASK;
         Ok(Ipv4Header {
             header_len,
             total_len,
             protocol: b[9],
             src: [b[12], b[13], b[14], b[15]],
             dst: [b[16], b[17], b[18], b[19]],
+            is_fragment: frag & IPV4_MF != 0 || offset != 0,
+            is_later_fragment: offset != 0,
+            checksum_ok: header_len != IPV4_HLEN || ones_complement_sum(b) == 0xffff,
         })
     }
 }
 
-/// The Internet checksum (RFC 1071) of an IPv4 header whose checksum field is zero.
-pub fn ipv4_header_checksum(header: &[u8; IPV4_HLEN]) -> u16 {
+/// The folded 16-bit ones'-complement sum of a 20-byte header (0xffff when its checksum field
+/// is right).
+#[inline(always)]
+const fn ones_complement_sum(header: &[u8; IPV4_HLEN]) -> u16 {
     let mut sum: u32 = 0;
     let mut i = 0;
     while i < IPV4_HLEN {
@@ -101,7 +126,13 @@ pub fn ipv4_header_checksum(header: &[u8; IPV4_HLEN]) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// The Internet checksum (RFC 1071) of an IPv4 header whose checksum field is zero.
+#[inline(always)]
+pub fn ipv4_header_checksum(header: &[u8; IPV4_HLEN]) -> u16 {
+    !ones_complement_sum(header)
 }
 
 /// What an underlay packet is to the datapath.
@@ -121,15 +152,23 @@ pub enum UnderlayPacket {
 }
 
 /// Classifies an underlay frame from its Ethernet and IPv4 headers and the UDP header at
-/// `ETH_HLEN + ip.header_len`. `frame_len` is the whole frame's length (skb->len).
+/// `ETH_HLEN + ip.header_len`. `frame_len` is the whole frame's length (skb->len); `local_ip`
+/// is this agent's underlay address: VXLAN to any other address is not ours to take.
+#[inline(always)]
 pub fn classify_underlay(
     eth: &EthHeader,
     ip: &Ipv4Header,
     udp: &[u8; UDP_HLEN],
     frame_len: usize,
     vxlan_port: u16,
+    local_ip: [u8; 4],
 ) -> Result<UnderlayPacket, Counter> {
-    if eth.ethertype != ETH_P_IP || ip.protocol != IPPROTO_UDP {
+    // A later fragment carries no UDP header: the host stack reassembles or drops it.
+    if eth.ethertype != ETH_P_IP
+        || ip.protocol != IPPROTO_UDP
+        || ip.dst != local_ip
+        || ip.is_later_fragment
+    {
         return Ok(UnderlayPacket::NotOurs);
     }
     let dst_port = u16::from_be_bytes([udp[2], udp[3]]);
@@ -137,14 +176,24 @@ pub fn classify_underlay(
         return Ok(UnderlayPacket::NotOurs);
     }
     // From here on it claims to be ours: anything inconsistent is dropped and counted.
+    if ip.is_fragment {
+        return Err(Counter::DropFragmented);
+    }
+    if !ip.checksum_ok {
+        return Err(Counter::DropMalformed);
+    }
     let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    let ip_payload = ip.total_len - ip.header_len;
     let strip_len = ip.header_len + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
     if ip.total_len > frame_len.saturating_sub(ETH_HLEN)
         || ip.total_len < strip_len + IPV4_HLEN
-        // GSO packets carry the length of the whole super-packet here, never less than this.
-        || udp_len < UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN
+        || udp_len > ip_payload
     {
         return Err(Counter::DropTruncated);
+    }
+    // GSO and GRO keep the UDP and IP lengths of a super-packet consistent too.
+    if udp_len != ip_payload {
+        return Err(Counter::DropMalformed);
     }
     Ok(UnderlayPacket::Vxlan {
         outer_src: ip.src,
@@ -155,6 +204,7 @@ pub fn classify_underlay(
 
 /// The VNI of a VXLAN header; anything but exactly the I flag (and zero reserved bits) is refused,
 /// as the kernel's own VXLAN driver refuses unknown flags.
+#[inline(always)]
 pub const fn parse_vxlan(h: &[u8; VXLAN_HLEN]) -> Result<u32, Counter> {
     if h[0] != VXLAN_FLAG_VNI || h[1] != 0 || h[2] != 0 || h[3] != 0 || h[7] != 0 {
         return Err(Counter::DropBadVxlanFlags);
@@ -181,6 +231,7 @@ pub struct EncapParams {
 /// The 64 bytes in front of the inner IP packet of a VXLAN frame: outer Ethernet (addresses left
 /// zero: the kernel's neighbour code fills them when the frame is sent), outer IPv4 with its
 /// checksum, UDP with checksum 0 (allowed over IPv4 by RFC 7348), VXLAN, inner Ethernet.
+#[inline(always)]
 pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
     let mut h = [0u8; VXLAN_HEADERS_LEN];
     // Outer Ethernet.
@@ -194,6 +245,8 @@ pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
     let ip = ETH_HLEN;
     h[ip] = 0x45;
     h[ip + 2..ip + 4].copy_from_slice(&ip_total.to_be_bytes());
+    // DF: VTEPs must not fragment (RFC 7348), and with DF an ID of 0 is correct (RFC 6864).
+    h[ip + 6..ip + 8].copy_from_slice(&IPV4_DF.to_be_bytes());
     h[ip + 8] = 64; // TTL
     h[ip + 9] = IPPROTO_UDP;
     h[ip + 12..ip + 16].copy_from_slice(&p.outer_src);
@@ -227,6 +280,7 @@ pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
 /// The reply to an ARP request, as the 42-byte frame to send back, if `frame` is an Ethernet/IPv4
 /// ARP request that should be answered with `our_mac`. Requests for the sender's own address
 /// (duplicate-address probes and gratuitous ARP) get no answer.
+#[inline(always)]
 pub fn arp_reply(
     frame: &[u8; ETH_HLEN + ARP_LEN],
     our_mac: [u8; 6],
@@ -273,6 +327,8 @@ mod tests {
         h[9] = proto;
         h[12..16].copy_from_slice(&src);
         h[16..20].copy_from_slice(&dst);
+        let c = ipv4_header_checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
         h
     }
 
@@ -382,14 +438,16 @@ mod tests {
 
     #[test]
     fn underlay_classification() {
+        const LOCAL: [u8; 4] = [10, 0, 0, 1];
         let eth = EthHeader {
             dst: [0; 6],
             src: [0; 6],
             ethertype: ETH_P_IP,
         };
         let total = (20 + 8 + 8 + 14 + 20) as u16;
-        let ip =
-            Ipv4Header::parse(&ipv4(total, IPPROTO_UDP, [10, 0, 0, 9], [10, 0, 0, 1])).unwrap();
+        let raw = ipv4(total, IPPROTO_UDP, [10, 0, 0, 9], LOCAL);
+        let ip = Ipv4Header::parse(&raw).unwrap();
+        assert!(ip.checksum_ok && !ip.is_fragment);
         let udp = |port: u16, len: u16| {
             let mut u = [0u8; 8];
             u[2..4].copy_from_slice(&port.to_be_bytes());
@@ -397,31 +455,42 @@ mod tests {
             u
         };
         let frame_len = 14 + total as usize;
+        let classify = |ip: &Ipv4Header, udp: &[u8; 8], frame_len| {
+            classify_underlay(&eth, ip, udp, frame_len, 64000, LOCAL)
+        };
+        let good = udp(64000, total - 20);
         assert_eq!(
-            classify_underlay(&eth, &ip, &udp(64000, total - 20), frame_len, 64000),
+            classify(&ip, &good, frame_len),
             Ok(UnderlayPacket::Vxlan {
                 outer_src: [10, 0, 0, 9],
                 strip_len: 50,
                 vxlan_offset: 42
             })
         );
-        // Another port: the host's own UDP.
+        // Another port, another protocol, another destination: the host's business.
         assert_eq!(
-            classify_underlay(&eth, &ip, &udp(53, total - 20), frame_len, 64000),
+            classify(&ip, &udp(53, total - 20), frame_len),
             Ok(UnderlayPacket::NotOurs)
         );
-        // TCP is never ours.
         let tcp = Ipv4Header {
             protocol: IPPROTO_TCP,
             ..ip
         };
         assert_eq!(
-            classify_underlay(&eth, &tcp, &udp(64000, 8), frame_len, 64000),
+            classify(&tcp, &good, frame_len),
+            Ok(UnderlayPacket::NotOurs)
+        );
+        let elsewhere = Ipv4Header {
+            dst: [10, 0, 0, 2],
+            ..ip
+        };
+        assert_eq!(
+            classify(&elsewhere, &good, frame_len),
             Ok(UnderlayPacket::NotOurs)
         );
         // Cut off: the frame is shorter than the IP header claims.
         assert_eq!(
-            classify_underlay(&eth, &ip, &udp(64000, total - 20), frame_len - 1, 64000),
+            classify(&ip, &good, frame_len - 1),
             Err(Counter::DropTruncated)
         );
         // Too short to hold an inner IPv4 packet.
@@ -430,9 +499,76 @@ mod tests {
             ..ip
         };
         assert_eq!(
-            classify_underlay(&eth, &short, &udp(64000, 30), frame_len, 64000),
+            classify(&short, &udp(64000, 30), frame_len),
             Err(Counter::DropTruncated)
         );
+        // UDP length disagreeing with the IP payload.
+        assert_eq!(
+            classify(&ip, &udp(64000, total - 19), frame_len),
+            Err(Counter::DropTruncated)
+        );
+        assert_eq!(
+            classify(&ip, &udp(64000, total - 21), frame_len),
+            Err(Counter::DropMalformed)
+        );
+        // Bad outer checksum.
+        let mut bad = raw;
+        bad[10] ^= 0xff;
+        let bad = Ipv4Header::parse(&bad).unwrap();
+        assert!(!bad.checksum_ok);
+        assert_eq!(
+            classify(&bad, &good, frame_len),
+            Err(Counter::DropMalformed)
+        );
+    }
+
+    #[test]
+    fn fragments_are_never_taken_for_whole_vxlan_frames() {
+        let mut first = ipv4(1500, IPPROTO_UDP, [10, 0, 0, 9], [10, 0, 0, 1]);
+        first[6] = 0x20; // MF
+        first[10..12].copy_from_slice(&[0, 0]);
+        let c = ipv4_header_checksum(&first);
+        first[10..12].copy_from_slice(&c.to_be_bytes());
+        let ip = Ipv4Header::parse(&first).unwrap();
+        assert!(ip.is_fragment && !ip.is_later_fragment && ip.checksum_ok);
+        let eth = EthHeader {
+            dst: [0; 6],
+            src: [0; 6],
+            ethertype: ETH_P_IP,
+        };
+        let mut udp = [0u8; 8];
+        udp[2..4].copy_from_slice(&64000u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&1480u16.to_be_bytes());
+        assert_eq!(
+            classify_underlay(&eth, &ip, &udp, 14 + 1500, 64000, [10, 0, 0, 1]),
+            Err(Counter::DropFragmented)
+        );
+        let later = Ipv4Header {
+            is_later_fragment: true,
+            ..ip
+        };
+        assert_eq!(
+            classify_underlay(&eth, &later, &udp, 14 + 1500, 64000, [10, 0, 0, 1]),
+            Ok(UnderlayPacket::NotOurs)
+        );
+    }
+
+    #[test]
+    fn encap_sets_dont_fragment() {
+        let p = EncapParams {
+            outer_src: [1, 1, 1, 1],
+            outer_dst: [2, 2, 2, 2],
+            src_port: 1,
+            dst_port: 2,
+            vni: 3,
+            inner_src_mac: [0; 6],
+            inner_dst_mac: [0; 6],
+            inner_ip_len: 100,
+        };
+        let h = build_vxlan_headers(&p);
+        let ip = Ipv4Header::parse(h[14..34].try_into().unwrap()).unwrap();
+        assert_eq!(&h[20..22], &IPV4_DF.to_be_bytes());
+        assert!(!ip.is_fragment && ip.checksum_ok);
     }
 
     #[test]

@@ -18,15 +18,19 @@ pub fn respond(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     let sender_ip = [frame[28], frame[29], frame[30], frame[31]];
     let sender_mac = [frame[6], frame[7], frame[8], frame[9], frame[10], frame[11]];
     let ifindex = skb::ingress_ifindex(ctx);
-    let Some(reply) = ({
-        // Probes and gratuitous ARP are not answered and not an error: leave them be.
-        let ep = match verified_sender(ipv4_mapped(sender_ip), sender_mac, ifindex) {
-            Ok(ep) => ep,
-            Err(_) if sender_ip == [0, 0, 0, 0] => return Ok(TC_ACT_SHOT as i32),
-            Err(c) => return Err((NO_NETWORK, c)),
-        };
-        arp_reply(&frame, ep.gateway_mac).map(|r| (r, ep.vni))
-    }) else {
+    // Probes (sender 0.0.0.0) come from no endpoint yet; anything else must be the endpoint
+    // behind this veth speaking for itself.
+    let ep = match verified_sender(ipv4_mapped(sender_ip), sender_mac, ifindex) {
+        Ok(ep) => ep,
+        Err(_) if sender_ip == [0, 0, 0, 0] => {
+            count(NO_NETWORK, Counter::ArpIgnored, ctx.len());
+            return Ok(TC_ACT_SHOT as i32);
+        }
+        Err(c) => return Err((NO_NETWORK, c)),
+    };
+    // Replies, gratuitous ARP: nobody behind the veth to hear them.
+    let Some(reply) = arp_reply(&frame, ep.gateway_mac).map(|r| (r, ep.vni)) else {
+        count(ep.vni, Counter::ArpIgnored, ctx.len());
         return Ok(TC_ACT_SHOT as i32);
     };
     let (reply, vni) = reply;

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
-    maps::{AgentConfig, Endpoint, ipv4_mapped},
+    maps::{AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
     packet::{
         ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
         classify_underlay, parse_vxlan,
@@ -31,6 +31,9 @@ pub struct Accepted {
 #[inline(always)]
 pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (u32, Counter)> {
     let none = |c| (NO_NETWORK, c);
+    let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
+        return Ok(None);
+    };
     // Anything we cannot even parse as UDP/IPv4 is not ours to judge: the host stack decides.
     let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
         return Ok(None);
@@ -48,17 +51,23 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (
     let Ok(udp) = skb::load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
         return Ok(None);
     };
-    let (outer_src, strip_len, vxlan_offset) =
-        match classify_underlay(&eth, &ip, &udp, ctx.len() as usize, cfg.vxlan_port)
-            .map_err(none)?
-        {
-            UnderlayPacket::NotOurs => return Ok(None),
-            UnderlayPacket::Vxlan {
-                outer_src,
-                strip_len,
-                vxlan_offset,
-            } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
-        };
+    let (outer_src, strip_len, vxlan_offset) = match classify_underlay(
+        &eth,
+        &ip,
+        &udp,
+        ctx.len() as usize,
+        cfg.vxlan_port,
+        local_ip,
+    )
+    .map_err(none)?
+    {
+        UnderlayPacket::NotOurs => return Ok(None),
+        UnderlayPacket::Vxlan {
+            outer_src,
+            strip_len,
+            vxlan_offset,
+        } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
+    };
     if !is_known_vtep(outer_src) {
         return Err(none(Counter::DropUnknownVtep));
     }
@@ -75,6 +84,11 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (
     let inner_ip =
         skb::load::<IPV4_HLEN>(ctx, vxlan_offset + VXLAN_HLEN + ETH_HLEN).map_err(in_net)?;
     let inner_ip = Ipv4Header::parse(&inner_ip).map_err(in_net)?;
+    // The inner packet must be all there: a cut one is never delivered as if whole.
+    let inner_room = (ctx.len() as usize).saturating_sub(vxlan_offset + VXLAN_HLEN + ETH_HLEN);
+    if inner_ip.total_len > inner_room {
+        return Err(in_net(Counter::DropTruncated));
+    }
     let Some(ep) = endpoint(ipv4_mapped(inner_ip.dst)) else {
         return Err(in_net(Counter::DropNoEndpoint));
     };

@@ -52,6 +52,10 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     }
     let ip =
         Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN).map_err(none)?).map_err(none)?;
+    // A frame shorter than its IP header claims is cut: never forwarded as if whole.
+    if ip.total_len > (ctx.len() as usize).saturating_sub(ETH_HLEN) {
+        return Err(none(Counter::DropTruncated));
+    }
     let sender =
         isolation::verified_sender(ipv4_mapped(ip.src), eth.src, skb::ingress_ifindex(ctx))
             .map_err(none)?;
