@@ -1,4 +1,13 @@
 //! The ebpf-overlay agent: loads the datapath, keeps its maps in step with the master's state,
 //! and serves the local endpoint API.
+//!
+//! The flow: master state -> [`desired`] (what the maps should hold) -> [`reconcile`] (the
+//! difference, applied) -> [`datapath`] (the typed façade over the maps) -> the programs.
+//! [`runtime`] owns the running agent; [`api`] serves it.
 
+pub mod api;
 pub mod datapath;
+pub mod desired;
+pub mod netdev;
+pub mod reconcile;
+pub mod runtime;

@@ -1,27 +1,35 @@
-//! `overlay-agent`: loads the datapath on this host and keeps it configured.
-//!
-//! This first version takes its endpoints from the command line (`--endpoint`); following the
-//! master's state and serving the endpoint API for the CNI plugin come next.
+//! `overlay-agent`: started at agent boot. Loads (or takes over) the eBPF datapath, registers
+//! with the master, follows its watch and keeps the maps in step, and serves the local API that
+//! the CNI plugin and tools use.
 
 use std::{
-    net::IpAddr,
+    net::SocketAddr,
     path::PathBuf,
-    process::{Command, Stdio},
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use overlay_agent::datapath::{AgentSettings, Datapath, PinLayout};
-use overlay_common::maps::{Endpoint, Network, programs};
+use overlay_agent::{
+    api,
+    datapath::{Datapath, PinLayout},
+    netdev,
+    runtime::{Core, follow_master},
+};
+use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
+use overlay_common::maps::programs;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "overlay-agent",
     version,
-    about = "ebpf-overlay agent: loads and configures the eBPF datapath"
+    about = "ebpf-overlay agent: the eBPF datapath of one host"
 )]
 struct Args {
-    /// Underlay NIC: VXLAN leaves and arrives here.
+    /// Master base URL; repeat for several masters (the first that answers is used).
+    #[arg(long = "master", env = "OVERLAY_MASTER", required = true)]
+    masters: Vec<String>,
+    /// Underlay NIC: VXLAN leaves and arrives here; its IPv4 address identifies this agent.
     #[arg(long, env = "OVERLAY_UNDERLAY_IFACE")]
     underlay_iface: String,
     /// Name of this agent's pin directory (several agents may share one bpffs in a lab).
@@ -30,104 +38,22 @@ struct Args {
     /// bpffs mount point.
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
-    /// VXLAN UDP port (DC/OS: 64000).
-    #[arg(long, default_value_t = 64000)]
-    vxlan_port: u16,
-    /// Container MTU: largest inner packet carried.
+    /// Unix socket of the local API (CNI plugin, overlayctl).
+    #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
+    api_socket: PathBuf,
+    /// Also serve /metrics over TCP here (Prometheus), e.g. 0.0.0.0:9101.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Container MTU: the largest inner packet carried (underlay MTU minus 50).
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
-    /// VTEP MAC (default: DC/OS OUI 70:b3:d5 + low 24 bits of the underlay address).
-    #[arg(long)]
-    vtep_mac: Option<String>,
-    /// A local endpoint: HOST_VETH,IP,VNI,CONTAINER_MAC. Repeatable.
-    #[arg(long = "endpoint")]
-    endpoints: Vec<String>,
     /// Remove every pin (detaching the programs) on exit instead of leaving the datapath running
     /// for the next agent to take over.
     #[arg(long)]
     cleanup_on_exit: bool,
 }
 
-fn ip_json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-struct Link {
-    ifindex: u32,
-    mac: [u8; 6],
-    ipv4: Option<IpAddr>,
-}
-
-fn link(ifname: &str) -> anyhow::Result<Link> {
-    let v = ip_json(&["-j", "addr", "show", "dev", ifname])
-        .with_context(|| format!("interface {ifname} not found"))?;
-    let l = &v[0];
-    let ifindex = l["ifindex"]
-        .as_u64()
-        .with_context(|| format!("{ifname}: no ifindex"))? as u32;
-    let mac = parse_mac(l["address"].as_str().unwrap_or_default())
-        .with_context(|| format!("{ifname}: no MAC address"))?;
-    let ipv4 = l["addr_info"].as_array().and_then(|a| {
-        a.iter()
-            .find(|i| i["family"] == "inet")
-            .and_then(|i| i["local"].as_str())
-            .and_then(|s| s.parse().ok())
-    });
-    Ok(Link { ifindex, mac, ipv4 })
-}
-
-fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
-    let parts: Vec<_> = s.split(':').collect();
-    if parts.len() != 6 {
-        bail!("bad MAC address {s:?}");
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC address {s:?}"))?;
-    }
-    Ok(mac)
-}
-
-/// `HOST_VETH,IP,VNI,CONTAINER_MAC` -> (veth name, address, endpoint).
-fn parse_endpoint(spec: &str) -> anyhow::Result<(String, IpAddr, Endpoint)> {
-    let f: Vec<_> = spec.split(',').collect();
-    let [veth, ip, vni, mac] = f[..] else {
-        bail!("--endpoint {spec:?}: expected HOST_VETH,IP,VNI,CONTAINER_MAC");
-    };
-    let ip: IpAddr = ip
-        .parse()
-        .with_context(|| format!("--endpoint {spec:?}: bad IP {ip:?}"))?;
-    let vni: u32 = vni
-        .parse()
-        .with_context(|| format!("--endpoint {spec:?}: bad VNI {vni:?}"))?;
-    let mac = parse_mac(mac).with_context(|| format!("--endpoint {spec:?}"))?;
-    let host = link(veth).with_context(|| format!("--endpoint {spec:?}"))?;
-    Ok((
-        veth.to_owned(),
-        ip,
-        Endpoint {
-            ifindex: host.ifindex,
-            vni,
-            mac,
-            gateway_mac: host.mac,
-            ..Default::default()
-        },
-    ))
-}
-
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -135,57 +61,55 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let underlay = link(&args.underlay_iface)?;
-    let underlay_ip = underlay.ipv4.with_context(|| {
-        format!(
+    if !(552..=9000).contains(&args.mtu) {
+        bail!("--mtu {}: must be between 552 and 9000", args.mtu);
+    }
+    let underlay = netdev::link(&args.underlay_iface).context("--underlay-iface")?;
+    if underlay.ipv4.is_none() {
+        bail!(
             "underlay interface {} has no IPv4 address",
             args.underlay_iface
-        )
-    })?;
-    let vtep_mac = match &args.vtep_mac {
-        Some(m) => parse_mac(m).context("--vtep-mac")?,
-        None => {
-            let IpAddr::V4(v4) = underlay_ip else {
-                unreachable!("ipv4 above")
-            };
-            let o = v4.octets();
-            [0x70, 0xb3, 0xd5, o[1], o[2], o[3]]
-        }
-    };
-    let endpoints = args
-        .endpoints
-        .iter()
-        .map(|s| parse_endpoint(s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        );
+    }
+    let client = MasterClient::new(args.masters.iter().map(String::as_str)).context("--master")?;
 
     let pins = PinLayout::new(&args.bpffs, &args.instance)?;
     let mut dp = Datapath::load(pins.clone())?;
     dp.attach(&args.underlay_iface, programs::FROM_UNDERLAY)?;
-    dp.maps().set_config(&AgentSettings {
-        underlay_ip,
-        underlay_ifindex: underlay.ifindex,
-        vtep_mac,
-        vxlan_port: args.vxlan_port,
-        overlay_mtu: args.mtu,
-    })?;
-    for (veth, ip, ep) in &endpoints {
-        dp.attach(veth, programs::FROM_CONTAINER)?;
-        dp.maps().put_network(ep.vni, Network::default())?;
-        dp.maps().put_endpoint(*ip, *ep)?;
-        tracing::info!(%ip, veth, vni = ep.vni, "endpoint ready");
-    }
+    let mut core = Core::new(dp, underlay, args.mtu);
+    core.restore_endpoints()?;
+    let core = Arc::new(Mutex::new(core));
     tracing::info!(
-        underlay = %args.underlay_iface, %underlay_ip, pins = %pins.dir().display(),
-        "datapath loaded and attached"
+        underlay = %args.underlay_iface, pins = %pins.dir().display(),
+        "datapath loaded and attached; existing entries kept"
     );
+
+    if let Some(dir) = args.api_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&args.api_socket);
+    let listener = tokio::net::UnixListener::bind(&args.api_socket)
+        .with_context(|| format!("binding the API socket {}", args.api_socket.display()))?;
+    tracing::info!(socket = %args.api_socket.display(), "local API listening");
+    let api = tokio::spawn(axum::serve(listener, api::router(core.clone())).into_future());
+    if let Some(addr) = args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+        tokio::spawn(axum::serve(l, api::metrics_router(core.clone())).into_future());
+    }
+    let follower = tokio::spawn(follow_master(core.clone(), client));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        r = api => bail!("local API stopped: {r:?}"),
+        r = follower => bail!("master follower stopped: {r:?}"),
     }
+    let _ = std::fs::remove_file(&args.api_socket);
     if args.cleanup_on_exit {
-        drop(dp);
+        drop(core);
         pins.remove_all()?;
         tracing::info!("pins removed, programs detached");
     } else {

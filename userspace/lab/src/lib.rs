@@ -14,6 +14,11 @@
 //! Namespace names start with a per-lab id (`eo<6 hex>-`), so labs run side by side. The lab is
 //! torn down when dropped (panics included); `Lab::down_stale` removes what a crashed run left,
 //! using the record each lab writes under [`STATE_DIR`].
+//!
+//! [`cluster`] builds on the lab: a real master and real agents in it, containers connected
+//! through the agent's API.
+
+pub mod cluster;
 
 use std::{
     collections::BTreeMap,
@@ -276,6 +281,17 @@ impl Lab {
         Ok(node)
     }
 
+    /// Adds one more agent node to the fabric (a new agent joining the cluster).
+    pub fn add_agent(&mut self) -> anyhow::Result<Node> {
+        let n = self.agents().len() + 1;
+        let node = self.attach_to_fabric(&format!("a{n}"), 10 + n as u8)?;
+        self.record
+            .pin_instances
+            .push(format!("{}-a{n}", self.record.id));
+        self.save()?;
+        Ok(node)
+    }
+
     fn netns_of(&self, role: &str) -> anyhow::Result<String> {
         self.node(role).map(|n| n.netns.clone())
     }
@@ -414,6 +430,15 @@ impl Lab {
         }
         self.record.pids.retain(|p| *p != pid);
         let _ = self.save();
+    }
+
+    /// A lab that owns nothing (dropping it does nothing): what is left in a kept cluster.
+    pub(crate) fn placeholder() -> Lab {
+        Lab {
+            record: LabRecord::default(),
+            children: vec![],
+            keep: true,
+        }
     }
 
     /// Leaves the lab running when dropped (`cargo xtask lab up`).

@@ -63,11 +63,22 @@ impl Datapath {
         &self.pins
     }
 
-    /// Attaches `program` to TC ingress of `ifname` (TCX) and pins the link. If a link pinned by
-    /// an earlier run exists, the new program replaces the old one in it atomically: no packet
-    /// meets an interface without a program.
+    /// Attaches `program` to TC ingress of `ifname` (TCX), pinning the link under the interface
+    /// name. See [`Datapath::attach_keyed`].
     pub fn attach(&mut self, ifname: &str, program_name: &str) -> anyhow::Result<()> {
-        let pin = self.pins.link(ifname, program_name);
+        self.attach_keyed(ifname, program_name, ifname)
+    }
+
+    /// Attaches `program` to TC ingress of `ifname` (TCX) and pins the link under `key`. If a
+    /// link pinned by an earlier run exists, the new program replaces the old one in it
+    /// atomically: no packet meets an interface without a program (hitless restart/upgrade).
+    pub fn attach_keyed(
+        &mut self,
+        ifname: &str,
+        program_name: &str,
+        key: &str,
+    ) -> anyhow::Result<()> {
+        let pin = self.pins.link(program_name, key);
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(program_name)
@@ -124,9 +135,10 @@ impl Datapath {
         Ok((result.return_value, out))
     }
 
-    /// Detaches `program_name` from `ifname` by removing its pinned link.
-    pub fn detach(&mut self, ifname: &str, program_name: &str) -> anyhow::Result<()> {
-        let pin = self.pins.link(ifname, program_name);
+    /// Detaches `program_name` by removing the link pinned under `key` (a veth that is already
+    /// gone took its link with it; the pin is removed all the same).
+    pub fn detach(&mut self, program_name: &str, key: &str) -> anyhow::Result<()> {
+        let pin = self.pins.link(program_name, key);
         match std::fs::remove_file(&pin) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -42,12 +42,14 @@ impl PinLayout {
         self.dir.join("maps").join(name)
     }
 
-    /// Pin of the TCX link attaching `program` to the ingress of interface `ifname`.
-    /// bpffs refuses names containing '.', which interface names may have (VLANs: `eth0.100`).
-    pub fn link(&self, ifname: &str, program: &str) -> PathBuf {
+    /// Pin of the TCX link attaching `program` to an interface, named by `key`: the interface
+    /// name for the underlay NIC, `if<ifindex>` for container veths (so that a link can be
+    /// unpinned after its veth is gone). bpffs refuses names containing '.', which interface
+    /// names may have (VLANs: `eth0.100`).
+    pub fn link(&self, program: &str, key: &str) -> PathBuf {
         self.dir
             .join("links")
-            .join(format!("{program}@{}", ifname.replace('.', "%2e")))
+            .join(format!("{program}@{}", key.replace('.', "%2e")))
     }
 
     pub fn create_dirs(&self) -> anyhow::Result<()> {
@@ -77,5 +79,32 @@ impl PinLayout {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_paths_carry_layout_version_instance_program_and_key() {
+        let p = PinLayout::new(Path::new("/sys/fs/bpf"), "lab-a1").unwrap();
+        let v = MAP_LAYOUT_VERSION;
+        assert_eq!(
+            p.dir(),
+            Path::new(&format!("/sys/fs/bpf/ebpf-overlay/v{v}/lab-a1"))
+        );
+        assert_eq!(p.map("OVL_ROUTES"), p.dir().join("maps/OVL_ROUTES"));
+        assert_eq!(
+            p.link("from_underlay", "eth0"),
+            p.dir().join("links/from_underlay@eth0")
+        );
+        // bpffs rejects '.' in names.
+        assert_eq!(
+            p.link("from_underlay", "eth0.100"),
+            p.dir().join("links/from_underlay@eth0%2e100")
+        );
+        assert!(PinLayout::new(Path::new("/sys/fs/bpf"), "../x").is_err());
+        assert!(PinLayout::new(Path::new("/sys/fs/bpf"), "").is_err());
     }
 }

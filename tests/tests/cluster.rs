@@ -1,0 +1,304 @@
+//! The whole system in a lab: a real master, real agents following it, containers connected
+//! through the agents' API, traffic through the eBPF datapath only.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use overlay_agent::datapath::OverlayMaps;
+use overlay_common::counters::Counter;
+use overlay_lab::{
+    Container,
+    cluster::{Cluster, ClusterSpec},
+};
+use overlay_tests::{bin_path, lab_pins};
+
+fn cluster(agents: usize) -> Cluster {
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    Cluster::up(ClusterSpec::new(agents, &bin_dir)).unwrap()
+}
+
+fn ip(c: &Container) -> Ipv4Addr {
+    c.node.ip.unwrap()
+}
+
+/// Pings every (from, to) pair concurrently; returns which got a reply.
+fn ping_all(pairs: &[(&Container, Ipv4Addr)]) -> Vec<bool> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = pairs
+            .iter()
+            .map(|(c, to)| s.spawn(move || c.node.ping(*to)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn maps(cluster: &Cluster, agent: &str) -> OverlayMaps {
+    OverlayMaps::open_pinned(&lab_pins(&cluster.lab, agent)).unwrap()
+}
+
+#[test]
+fn three_agents_two_networks_connect_within_and_isolate_between() {
+    let mut c = cluster(3);
+    let mut by_net: Vec<(&str, Vec<Container>)> = vec![("dcos", vec![]), ("blue", vec![])];
+    for agent in ["a1", "a2", "a3"] {
+        for (net, list) in by_net.iter_mut() {
+            for _ in 0..2 {
+                list.push(c.add_container(agent, net).unwrap());
+            }
+        }
+    }
+    // Within a network: every container reaches every other, on its agent and across agents.
+    for (net, list) in &by_net {
+        let pairs: Vec<_> = list
+            .iter()
+            .flat_map(|a| {
+                list.iter()
+                    .filter(move |b| ip(a) != ip(b))
+                    .map(move |b| (a, ip(b)))
+            })
+            .collect();
+        let replies = ping_all(&pairs);
+        for ((from, to), ok) in pairs.iter().zip(&replies) {
+            assert!(ok, "{net}: {} ({}) cannot reach {to}", ip(from), from.agent);
+        }
+    }
+    // Between networks: nothing gets through, same agent or not.
+    let (dcos, blue) = (&by_net[0].1, &by_net[1].1);
+    let pairs: Vec<_> = dcos
+        .iter()
+        .flat_map(|a| blue.iter().map(move |b| (a, ip(b))))
+        .chain(
+            blue.iter()
+                .flat_map(|a| dcos.iter().map(move |b| (a, ip(b)))),
+        )
+        .collect();
+    let replies = ping_all(&pairs);
+    for ((from, to), ok) in pairs.iter().zip(&replies) {
+        assert!(!ok, "isolation broken: {} reached {to}", ip(from));
+    }
+    // The counters say why, for both networks, and the metrics show them by name.
+    let dcos_vni = 1024;
+    assert!(
+        maps(&c, "a1")
+            .stat(dcos_vni, Counter::DropCrossNetwork)
+            .unwrap()
+            > 0
+    );
+    let metrics = c.agent("a1").metrics().unwrap();
+    for needle in [
+        "counter=\"drop_cross_network\"",
+        "network=\"dcos\"",
+        "network=\"blue\"",
+        "counter=\"encapsulated\"",
+        "counter=\"decapsulated\"",
+        "overlay_agent_remote_routes 4",
+        "overlay_agent_known_vteps 2",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+
+    // TCP and UDP within a network, on one agent and across agents.
+    let (x, same_agent, other_agent) = (&dcos[0], &dcos[1], &dcos[2]);
+    assert_eq!(x.agent, same_agent.agent);
+    assert_ne!(x.agent, other_agent.agent);
+    for to in [same_agent, other_agent] {
+        let dir = tempfile::tempdir().unwrap();
+        let got = dir.path().join("tcp");
+        let mut server = to.node.command("sh");
+        server.args(["-c", &format!("nc -l -p 7000 > {}", got.display())]);
+        let mut server = server.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        x.node
+            .exec(
+                "sh",
+                &["-c", &format!("echo tcp-hello | nc -N {} 7000", ip(to))],
+            )
+            .unwrap();
+        server.wait().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&got).unwrap(),
+            "tcp-hello\n",
+            "TCP to {}",
+            ip(to)
+        );
+
+        let got = dir.path().join("udp");
+        let mut server = to.node.command("sh");
+        server.args([
+            "-c",
+            &format!("timeout 3 nc -u -l -p 7001 > {}", got.display()),
+        ]);
+        let mut server = server.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        x.node
+            .exec(
+                "sh",
+                &[
+                    "-c",
+                    &format!("echo udp-hello | nc -u -w 1 {} 7001", ip(to)),
+                ],
+            )
+            .unwrap();
+        server.wait().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&got).unwrap(),
+            "udp-hello\n",
+            "UDP to {}",
+            ip(to)
+        );
+    }
+
+    // The agent reports its endpoints, and removing one disconnects it.
+    let eps = c.agent("a1").endpoints().unwrap();
+    assert_eq!(eps.len(), 4, "{eps:?}");
+    c.agent("a1").remove_endpoint(ip(same_agent)).unwrap();
+    assert!(
+        !x.node.ping(ip(same_agent)),
+        "removed endpoint still reachable"
+    );
+}
+
+#[test]
+fn one_gigabyte_across_agents_arrives_intact() {
+    let mut c = cluster(2);
+    let a = c.add_container("a1", "dcos").unwrap();
+    let b = c.add_container("a2", "dcos").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (sent, got) = (dir.path().join("sent.sha"), dir.path().join("got.sha"));
+    let mut server = b.node.command("sh");
+    server.args([
+        "-c",
+        &format!("nc -l -p 7002 | sha256sum > {}", got.display()),
+    ]);
+    let mut server = server.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    a.node
+        .exec(
+            "bash",
+            &[
+                "-c",
+                &format!(
+                    "head -c 1000000000 /dev/urandom | tee >(sha256sum > {}) | nc -N {} 7002",
+                    sent.display(),
+                    ip(&b)
+                ),
+            ],
+        )
+        .unwrap();
+    server.wait().unwrap();
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_millis(200)); // the tee'd checksum finishes writing
+    let (sent, got) = (
+        std::fs::read_to_string(sent).unwrap(),
+        std::fs::read_to_string(got).unwrap(),
+    );
+    assert_eq!(sent, got, "1 GB across agents: checksums differ");
+    eprintln!("1 GB across agents in {elapsed:?} (includes generating random data and hashing)");
+    assert!(maps(&c, "a1").stat(1024, Counter::Encapsulated).unwrap() > 1000);
+}
+
+#[test]
+fn a_joining_agent_is_reachable_within_a_second_and_a_deleted_one_is_forgotten() {
+    let mut c = cluster(2);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let node = c.lab.add_agent().unwrap();
+    let new_ip = IpAddr::V4(node.ip.unwrap());
+    c.spawn_agent(&node.role).unwrap();
+
+    // Time from the master knowing the new agent to the other agents' maps routing to it.
+    let state_has_new = |c: &Cluster| {
+        c.master_request("GET", "/overlay-master/state", None)
+            .map(|(_, body)| String::from_utf8_lossy(&body).contains(&format!("\"{new_ip}\"")))
+            .unwrap_or(false)
+    };
+    let routes_to_new = |c: &Cluster, agent: &str| {
+        maps(c, agent)
+            .routes()
+            .unwrap()
+            .values()
+            .any(|r| overlay_agent::datapath::from_addr16(&r.underlay_ip) == new_ip)
+    };
+    let start = Instant::now();
+    let mut registered = None;
+    let mut converged = None;
+    while start.elapsed() < Duration::from_secs(20) && converged.is_none() {
+        if registered.is_none() && state_has_new(&c) {
+            registered = Some(Instant::now());
+        }
+        if registered.is_some() && routes_to_new(&c, "a1") && routes_to_new(&c, "a2") {
+            converged = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (registered, converged) = (
+        registered.expect("new agent never registered"),
+        converged.expect("never converged"),
+    );
+    let took = converged - registered;
+    eprintln!("new agent routed by every other agent {took:?} after it registered");
+    assert!(took < Duration::from_secs(1), "convergence took {took:?}");
+    c.wait_agent_ready(&node.role).unwrap();
+    let y = c.add_container(&node.role, "dcos").unwrap();
+    assert!(
+        x.node.ping(ip(&y)),
+        "a1's container cannot reach the new agent's container"
+    );
+
+    // Delete it: its VTEP and routes disappear from every other agent's maps.
+    c.stop_agent(&node.role);
+    let body = format!("{{\"agents\":[\"{new_ip}\"]}}");
+    let (status, answer) = c
+        .master_request(
+            "POST",
+            "/overlay-master/agents/delete",
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let start = Instant::now();
+    let forgotten = |c: &Cluster, agent: &str| {
+        let m = maps(c, agent);
+        !m.vteps().unwrap().contains_key(&new_ip) && !routes_to_new(c, agent)
+    };
+    while !(forgotten(&c, "a1") && forgotten(&c, "a2")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "deleted agent still in maps after 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        !x.node.ping(ip(&y)),
+        "deleted agent's container still reachable"
+    );
+}
+
+#[test]
+fn agent_restart_keeps_traffic_flowing_and_entries_in_place() {
+    let mut c = cluster(2);
+    let a = c.add_container("a1", "dcos").unwrap();
+    let b = c.add_container("a2", "dcos").unwrap();
+    assert!(a.node.ping(ip(&b)));
+    let before = maps(&c, "a1").endpoints().unwrap();
+    c.stop_agent("a1");
+    // No agent process on a1: pinned programs and maps still carry the traffic.
+    assert!(a.node.ping(ip(&b)), "traffic stopped with the agent");
+    c.start_agent("a1").unwrap();
+    assert_eq!(
+        maps(&c, "a1").endpoints().unwrap(),
+        before,
+        "endpoints changed across restart"
+    );
+    assert!(a.node.ping(ip(&b)), "traffic broken after restart");
+    let status = c.agent("a1").status().unwrap();
+    assert_eq!(
+        status.map_updates, 0,
+        "a restart with unchanged state must not rewrite maps"
+    );
+}

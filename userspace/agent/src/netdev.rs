@@ -1,0 +1,67 @@
+//! Facts about network interfaces in the agent's namespace.
+
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// An interface's index, MAC and first IPv4 address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub ipv4: Option<Ipv4Addr>,
+}
+
+/// Looks an interface up by name (iproute2's JSON output; netlink directly is a later change).
+pub fn link(ifname: &str) -> anyhow::Result<Link> {
+    let out = Command::new("ip")
+        .args(["-j", "addr", "show", "dev", ifname])
+        .stdin(Stdio::null())
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "interface {ifname:?} not found: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j addr`")?;
+    let l = &v[0];
+    let ifindex = l["ifindex"]
+        .as_u64()
+        .with_context(|| format!("{ifname}: no ifindex"))? as u32;
+    let mac: overlay_api::MacAddr = l["address"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("{ifname}: no Ethernet address"))?;
+    let ipv4 = l["addr_info"].as_array().and_then(|a| {
+        a.iter()
+            .find(|i| i["family"] == "inet")
+            .and_then(|i| i["local"].as_str())
+            .and_then(|s| s.parse().ok())
+    });
+    Ok(Link {
+        name: ifname.to_owned(),
+        ifindex,
+        mac: mac.0,
+        ipv4,
+    })
+}
+
+/// The name of the interface with this index, if it still exists.
+pub fn name_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}

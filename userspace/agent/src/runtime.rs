@@ -1,0 +1,499 @@
+//! The running agent: one [`Core`] owning the datapath and what the agent knows, shared by the
+//! master-following loop and the local API.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow};
+use ipnetwork::Ipv4Network;
+use overlay_api::{
+    AgentInfo, MacAddr, MasterClient, State,
+    agent::{AddEndpoint, AgentStatus, EndpointInfo},
+};
+use overlay_common::maps::{Endpoint, programs};
+
+use crate::{
+    datapath::{AgentSettings, Datapath},
+    desired::{DesiredDatapath, vtep_of},
+    netdev::{self, Link},
+    reconcile::{self, Plan},
+};
+
+/// Why an endpoint request failed; the API maps these to HTTP status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("agent not ready: {0}")]
+    NotReady(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+pub struct Core {
+    dp: Datapath,
+    underlay: Link,
+    mtu: u32,
+    /// This agent's allocation, from registration and every watched state.
+    me: Option<AgentInfo>,
+    state: Option<State>,
+    revision: u64,
+    map_updates: u64,
+    reconcile_errors: u64,
+}
+
+pub type Shared = Arc<Mutex<Core>>;
+
+impl Core {
+    pub fn new(dp: Datapath, underlay: Link, mtu: u32) -> Core {
+        Core {
+            dp,
+            underlay,
+            mtu,
+            me: None,
+            state: None,
+            revision: 0,
+            map_updates: 0,
+            reconcile_errors: 0,
+        }
+    }
+
+    pub fn underlay_ip(&self) -> IpAddr {
+        IpAddr::V4(self.underlay.ipv4.expect("checked at start"))
+    }
+
+    pub fn me(&self) -> Option<&AgentInfo> {
+        self.me.as_ref()
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    /// Records this agent's allocation and writes the datapath config (VTEP MAC, port, MTU).
+    pub fn set_me(&mut self, me: AgentInfo, vxlan_port: u16) -> anyhow::Result<()> {
+        if let Some((vtep_mac, _)) = vtep_of(&me) {
+            let underlay_ip = self.underlay_ip();
+            self.dp.maps().set_config(&AgentSettings {
+                underlay_ip,
+                underlay_ifindex: self.underlay.ifindex,
+                vtep_mac,
+                vxlan_port,
+                overlay_mtu: self.mtu,
+            })?;
+        }
+        self.me = Some(me);
+        Ok(())
+    }
+
+    /// Applies a state from the master: this agent's allocation, then the master-driven maps by
+    /// difference, then endpoints whose network is gone. Returns the number of map changes.
+    pub fn apply_state(&mut self, state: State, revision: u64) -> anyhow::Result<usize> {
+        let my_ip = self.underlay_ip();
+        if let Some(me) = state.agents.iter().find(|a| a.ip == my_ip).cloned() {
+            self.set_me(me, state.network.vxlan_port)?;
+        }
+        let desired = DesiredDatapath::from_state(&state, my_ip);
+        let current = reconcile::current(self.dp.maps_ref())?;
+        let plan = Plan::between(&desired, &current);
+        let mut changed = plan
+            .apply(self.dp.maps())
+            .context("applying the reconcile plan")?;
+        let orphans: Vec<Ipv4Addr> = self
+            .endpoints()?
+            .into_iter()
+            .filter(|e| !desired.networks.contains_key(&e.vni))
+            .map(|e| e.ip)
+            .collect();
+        for ip in orphans {
+            tracing::info!(%ip, "network of endpoint removed: disconnecting it");
+            self.remove_endpoint(ip).map_err(|e| anyhow!("{e}"))?;
+            changed += 1;
+        }
+        self.map_updates += changed as u64;
+        self.state = Some(state);
+        self.revision = revision;
+        if changed > 0 {
+            tracing::info!(revision, changed, "datapath reconciled");
+        }
+        Ok(changed)
+    }
+
+    pub fn note_reconcile_error(&mut self) {
+        self.reconcile_errors += 1;
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            agent: self.me.clone(),
+            applied_revision: self.revision,
+            map_updates: self.map_updates,
+            pin_dir: self.dp.pins().dir().display().to_string(),
+        }
+    }
+
+    fn network_names(&self) -> BTreeMap<u32, String> {
+        let mut names = BTreeMap::new();
+        if let Some(s) = &self.state {
+            for o in &s.network.overlays {
+                if let Some(vni) = o.vni {
+                    names.insert(vni, o.name.clone());
+                }
+            }
+        }
+        names
+    }
+
+    /// Local endpoints, from the pinned map (the source of truth across restarts).
+    pub fn endpoints(&self) -> anyhow::Result<Vec<EndpointInfo>> {
+        let names = self.network_names();
+        let mut out = vec![];
+        for (ip, e) in self.dp.maps_ref().endpoints()? {
+            let IpAddr::V4(ip) = ip else { continue };
+            out.push(EndpointInfo {
+                network: names.get(&e.vni).cloned().unwrap_or_default(),
+                vni: e.vni,
+                ip,
+                host_veth: netdev::name_of(e.ifindex).unwrap_or_default(),
+                ifindex: e.ifindex,
+                container_mac: MacAddr(e.mac),
+                gateway_mac: MacAddr(e.gateway_mac),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Connects a container: validates the request against this agent's allocation, attaches
+    /// the container program to its veth, then publishes the endpoint. On failure nothing is
+    /// left behind.
+    pub fn add_endpoint(&mut self, req: &AddEndpoint) -> Result<EndpointInfo, EndpointError> {
+        let me = self
+            .me
+            .as_ref()
+            .ok_or_else(|| EndpointError::NotReady("not registered with a master yet".into()))?;
+        let ov = me
+            .overlays
+            .iter()
+            .find(|o| o.info.name == req.network)
+            .ok_or_else(|| {
+                EndpointError::Invalid(format!(
+                    "network {:?} is not configured on this agent",
+                    req.network
+                ))
+            })?;
+        let vni = self
+            .network_names()
+            .into_iter()
+            .find(|(_, n)| *n == req.network)
+            .map(|(v, _)| v)
+            .ok_or_else(|| {
+                EndpointError::Invalid(format!("network {:?} has no VNI", req.network))
+            })?;
+        let subnet = ov.subnet.ok_or_else(|| {
+            EndpointError::Invalid(format!(
+                "network {:?}: this agent has no subnet (allocation failed)",
+                req.network
+            ))
+        })?;
+        check_endpoint_ip(req.ip, subnet).map_err(EndpointError::Invalid)?;
+        let existing = self.dp.maps_ref().endpoints()?;
+        if let Some(e) = existing.get(&IpAddr::V4(req.ip)) {
+            let same = e.mac == req.container_mac.0
+                && netdev::name_of(e.ifindex).as_deref() == Some(&req.host_veth);
+            if same {
+                return Ok(self.endpoint_info(req.ip)?);
+            }
+            return Err(EndpointError::Conflict(format!(
+                "address {} is already used by another endpoint",
+                req.ip
+            )));
+        }
+        let veth = netdev::link(&req.host_veth)
+            .map_err(|e| EndpointError::Invalid(format!("host_veth: {e:#}")))?;
+        let key = format!("if{}", veth.ifindex);
+        self.dp
+            .attach_keyed(&veth.name, programs::FROM_CONTAINER, &key)?;
+        let ep = Endpoint {
+            ifindex: veth.ifindex,
+            vni,
+            mac: req.container_mac.0,
+            gateway_mac: veth.mac,
+            ..Default::default()
+        };
+        if let Err(e) = self.dp.maps().put_endpoint(IpAddr::V4(req.ip), ep) {
+            let _ = self.dp.detach(programs::FROM_CONTAINER, &key);
+            return Err(e.into());
+        }
+        tracing::info!(ip = %req.ip, veth = %req.host_veth, network = %req.network, vni, "endpoint added");
+        Ok(self.endpoint_info(req.ip)?)
+    }
+
+    fn endpoint_info(&self, ip: Ipv4Addr) -> anyhow::Result<EndpointInfo> {
+        self.endpoints()?
+            .into_iter()
+            .find(|e| e.ip == ip)
+            .ok_or_else(|| anyhow!("endpoint {ip} vanished"))
+    }
+
+    /// Disconnects a container: map entry first (no more traffic to it), then its program.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EndpointError> {
+        let existing = self.dp.maps_ref().endpoints()?;
+        let e = existing
+            .get(&IpAddr::V4(ip))
+            .ok_or_else(|| EndpointError::NotFound(format!("no endpoint with address {ip}")))?;
+        self.dp.maps().remove_endpoint(IpAddr::V4(ip))?;
+        self.dp
+            .detach(programs::FROM_CONTAINER, &format!("if{}", e.ifindex))?;
+        tracing::info!(%ip, "endpoint removed");
+        Ok(())
+    }
+
+    /// After a restart: give every endpoint whose veth still exists this binary's program (the
+    /// pinned link is reused, so the swap is atomic), and forget endpoints whose veth is gone.
+    pub fn restore_endpoints(&mut self) -> anyhow::Result<()> {
+        for (ip, e) in self.dp.maps_ref().endpoints()? {
+            let key = format!("if{}", e.ifindex);
+            match netdev::name_of(e.ifindex) {
+                Some(name) => {
+                    self.dp
+                        .attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
+                    tracing::info!(%ip, veth = %name, "endpoint kept across restart");
+                }
+                None => {
+                    tracing::info!(%ip, "veth of endpoint is gone: removing it");
+                    self.dp.maps().remove_endpoint(ip)?;
+                    self.dp.detach(programs::FROM_CONTAINER, &key)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Prometheus text exposition of the datapath counters and the agent's own.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let names = self.network_names();
+        let mut out = String::new();
+        out.push_str("# HELP overlay_datapath_packets_total Packets handled by the eBPF datapath, by network and counter (drop_* are drops by reason).\n");
+        out.push_str("# TYPE overlay_datapath_packets_total counter\n");
+        let stats = self.dp.maps_ref().stats()?;
+        for r in &stats {
+            let net = names.get(&r.vni).map_or("", String::as_str);
+            out.push_str(&format!(
+                "overlay_datapath_packets_total{{vni=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
+                r.vni,
+                r.counter.name(),
+                r.packets
+            ));
+        }
+        out.push_str("# HELP overlay_datapath_bytes_total Bytes handled by the eBPF datapath, by network and counter.\n");
+        out.push_str("# TYPE overlay_datapath_bytes_total counter\n");
+        for r in &stats {
+            let net = names.get(&r.vni).map_or("", String::as_str);
+            out.push_str(&format!(
+                "overlay_datapath_bytes_total{{vni=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
+                r.vni,
+                r.counter.name(),
+                r.bytes
+            ));
+        }
+        let maps = self.dp.maps_ref();
+        let mut per_net: BTreeMap<u32, usize> = BTreeMap::new();
+        for e in maps.endpoints()?.values() {
+            *per_net.entry(e.vni).or_default() += 1;
+        }
+        out.push_str("# HELP overlay_agent_endpoints Local endpoints by network.\n# TYPE overlay_agent_endpoints gauge\n");
+        for (vni, n) in per_net {
+            let net = names.get(&vni).map_or("", String::as_str);
+            out.push_str(&format!(
+                "overlay_agent_endpoints{{vni=\"{vni}\",network=\"{net}\"}} {n}\n"
+            ));
+        }
+        for (name, help, kind, value) in [
+            (
+                "overlay_agent_remote_routes",
+                "Remote agent subnets in the datapath.",
+                "gauge",
+                maps.routes()?.len() as u64,
+            ),
+            (
+                "overlay_agent_known_vteps",
+                "Other agents' VTEPs in the datapath.",
+                "gauge",
+                maps.vteps()?.len() as u64,
+            ),
+            (
+                "overlay_agent_applied_revision",
+                "Master state revision applied to the datapath.",
+                "gauge",
+                self.revision,
+            ),
+            (
+                "overlay_agent_map_updates_total",
+                "Map entries changed by reconciliation.",
+                "counter",
+                self.map_updates,
+            ),
+            (
+                "overlay_agent_reconcile_errors_total",
+                "Failed reconciliations (retried).",
+                "counter",
+                self.reconcile_errors,
+            ),
+            (
+                "overlay_agent_registered",
+                "1 once registered with a master.",
+                "gauge",
+                self.me.is_some() as u64,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// A container address must lie in the agent's subnet of the network and be neither the
+/// network's, a half's gateway (first host), nor a broadcast address.
+fn check_endpoint_ip(ip: Ipv4Addr, subnet: Ipv4Network) -> Result<(), String> {
+    if !subnet.contains(ip) {
+        return Err(format!(
+            "address {ip} is outside this agent's subnet {subnet}"
+        ));
+    }
+    let half =
+        Ipv4Network::new(subnet.network(), subnet.prefix() + 1).map_err(|e| e.to_string())?;
+    let halves = [
+        half,
+        Ipv4Network::new(half.broadcast().saturating_next(), half.prefix())
+            .map_err(|e| e.to_string())?,
+    ];
+    for h in halves {
+        let gateway = h.network().saturating_next();
+        if ip == h.network() || ip == gateway || ip == h.broadcast() {
+            return Err(format!(
+                "address {ip} is reserved in {h} (network, gateway or broadcast)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+trait NextAddr {
+    fn saturating_next(self) -> Ipv4Addr;
+}
+
+impl NextAddr for Ipv4Addr {
+    fn saturating_next(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self).saturating_add(1))
+    }
+}
+
+/// Registers with the master until it answers, then follows its watch for as long as the agent
+/// runs, reconciling the datapath on every new revision. Master outages only pause updates:
+/// the datapath keeps forwarding with what it has.
+pub async fn follow_master(core: Shared, client: MasterClient) {
+    let my_ip = core.lock().unwrap().underlay_ip();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match client.register(my_ip).await {
+            Ok(me) => {
+                tracing::info!(%my_ip, "registered with the master");
+                // The port comes with the first state; until then the default.
+                if let Err(e) = core
+                    .lock()
+                    .unwrap()
+                    .set_me(me, overlay_api::DEFAULT_VXLAN_PORT)
+                {
+                    tracing::error!("writing datapath config: {e:#}");
+                }
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("registering with the master failed (retrying in {backoff:?}): {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let heartbeat = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                if let Err(e) = client.register(my_ip).await {
+                    tracing::warn!("heartbeat to the master failed: {e}");
+                }
+            }
+        })
+    };
+    let mut after = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match client.watch(after, Duration::from_secs(25)).await {
+            Ok(Some(w)) => {
+                backoff = Duration::from_millis(100);
+                let revision = w.revision;
+                let applied = {
+                    let mut c = core.lock().unwrap();
+                    let r = c.apply_state(w.state, revision);
+                    if r.is_err() {
+                        c.note_reconcile_error();
+                    }
+                    r
+                };
+                match applied {
+                    Ok(_) => after = revision,
+                    Err(e) => {
+                        tracing::error!(revision, "reconciling failed (will retry): {e:#}");
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("watching the master failed (retrying in {backoff:?}): {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        if heartbeat.is_finished() {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses_must_be_usable_hosts_of_the_agent_subnet() {
+        let subnet: Ipv4Network = "9.0.1.0/24".parse().unwrap();
+        assert!(check_endpoint_ip("9.0.1.2".parse().unwrap(), subnet).is_ok());
+        assert!(check_endpoint_ip("9.0.1.130".parse().unwrap(), subnet).is_ok());
+        for bad in [
+            "9.0.2.2",
+            "9.0.1.0",
+            "9.0.1.1",
+            "9.0.1.127",
+            "9.0.1.128",
+            "9.0.1.129",
+            "9.0.1.255",
+        ] {
+            assert!(
+                check_endpoint_ip(bad.parse().unwrap(), subnet).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+}

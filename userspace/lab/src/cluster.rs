@@ -1,0 +1,291 @@
+//! A running ebpf-overlay cluster in a lab: `overlay-master` in the master namespace,
+//! `overlay-agent` in each agent namespace, containers connected through the agents' API.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use overlay_api::{
+    AgentInfo,
+    agent::{AddEndpoint, LocalClient, http_exchange},
+};
+
+use crate::{Container, Lab, LabSpec, Node, fabric_ip, in_netns};
+
+/// Where the master listens, inside the lab.
+pub const MASTER_PORT: u16 = 5050;
+
+/// Two networks: DC/OS's default `dcos` (VNI 1024) and a second one, `blue`.
+pub const TWO_NETWORKS: &str = "\
+vtep_subnet: 44.128.0.0/20
+vtep_mac_oui: 70:B3:D5:00:00:00
+overlays:
+  - name: dcos
+    subnet: 9.0.0.0/8
+    prefix: 24
+  - name: blue
+    subnet: 10.1.0.0/16
+    prefix: 24
+";
+
+pub struct ClusterSpec {
+    pub agents: usize,
+    /// The master's configuration (DC/OS `dcos_overlay_network`, YAML).
+    pub config: String,
+    /// Directory holding `overlay-master` and `overlay-agent`.
+    pub bin_dir: PathBuf,
+    /// Container MTU given to agents and containers.
+    pub mtu: u32,
+}
+
+impl ClusterSpec {
+    pub fn new(agents: usize, bin_dir: &Path) -> ClusterSpec {
+        ClusterSpec {
+            agents,
+            config: TWO_NETWORKS.into(),
+            bin_dir: bin_dir.to_owned(),
+            mtu: 1420,
+        }
+    }
+}
+
+pub struct Cluster {
+    // Dropped first: containers' veths and agent processes go with the lab.
+    pub lab: Lab,
+    bin_dir: PathBuf,
+    work_dir: PathBuf,
+    mtu: u32,
+    keep: bool,
+    agent_pids: BTreeMap<String, u32>,
+    /// Next host number to hand out per (agent, network): cluster-side IPAM until the CNI
+    /// plugin's IPAM exists.
+    next_host: BTreeMap<(String, String), u32>,
+}
+
+impl Cluster {
+    pub fn up(spec: ClusterSpec) -> anyhow::Result<Cluster> {
+        let lab = Lab::up(LabSpec {
+            agents: spec.agents,
+            id: None,
+        })?;
+        let work_dir = std::env::temp_dir().join(format!("{}-cluster", lab.id()));
+        std::fs::create_dir_all(&work_dir)?;
+        let mut c = Cluster {
+            lab,
+            bin_dir: spec.bin_dir,
+            work_dir,
+            mtu: spec.mtu,
+            keep: false,
+            agent_pids: BTreeMap::new(),
+            next_host: BTreeMap::new(),
+        };
+        let config = c.work_dir.join("overlay.yaml");
+        std::fs::write(&config, &spec.config)?;
+        let master = c.bin_dir.join("overlay-master");
+        let listen = format!("{}:{MASTER_PORT}", fabric_ip(1));
+        let data = c.work_dir.join("master-data");
+        let log = std::fs::File::create(c.work_dir.join("master.log"))?;
+        let mut cmd = c.lab.master().command(&master);
+        cmd.args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        c.lab.spawn_command(cmd)?;
+        c.wait_master()?;
+        for i in 1..=spec.agents {
+            c.start_agent(&format!("a{i}"))?;
+        }
+        Ok(c)
+    }
+
+    pub fn master_url(&self) -> String {
+        format!("http://{}:{MASTER_PORT}", fabric_ip(1))
+    }
+
+    pub fn socket(&self, agent: &str) -> PathBuf {
+        self.work_dir.join(format!("{agent}.sock"))
+    }
+
+    pub fn agent(&self, agent: &str) -> LocalClient {
+        LocalClient::new(self.socket(agent))
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.work_dir.join(format!("{name}.log"))
+    }
+
+    /// One HTTP request to the master, made from inside the master's namespace.
+    pub fn master_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(<[u8]>::to_vec));
+        in_netns(self.lab.master(), move || {
+            let mut s = TcpStream::connect((fabric_ip(1), MASTER_PORT))
+                .context("connecting to the master")?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok(http_exchange(&mut s, &method, &path, body.as_deref())?)
+        })
+    }
+
+    fn wait_master(&self) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = self.master_request("GET", "/health", None) {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let log = std::fs::read_to_string(self.log_path("master")).unwrap_or_default();
+                bail!("the master did not become healthy within 20 s; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts (or restarts) the agent of node `agent` and waits until it has applied the
+    /// master's state.
+    pub fn start_agent(&mut self, agent: &str) -> anyhow::Result<()> {
+        self.spawn_agent(agent)?;
+        self.wait_agent_ready(agent)
+    }
+
+    /// Starts the agent of node `agent` without waiting for it.
+    pub fn spawn_agent(&mut self, agent: &str) -> anyhow::Result<()> {
+        let node = self.lab.node(agent)?.clone();
+        let bin = self.bin_dir.join("overlay-agent");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(agent))?;
+        let mut cmd = node.command(&bin);
+        cmd.args([
+            "--master",
+            &self.master_url(),
+            "--underlay-iface",
+            "eth0",
+            "--instance",
+            &self.lab.pin_instance(agent),
+            "--api-socket",
+            self.socket(agent).to_str().unwrap(),
+            "--mtu",
+            &self.mtu.to_string(),
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        let pid = self.lab.spawn_command(cmd)?;
+        self.agent_pids.insert(agent.to_owned(), pid);
+        Ok(())
+    }
+
+    /// Waits until the agent of `agent` is registered and has applied the master's state.
+    pub fn wait_agent_ready(&self, agent: &str) -> anyhow::Result<()> {
+        let client = self.agent(agent);
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = client.status()
+                && s.agent.is_some()
+                && s.applied_revision > 0
+            {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let log = std::fs::read_to_string(self.log_path(agent)).unwrap_or_default();
+                bail!("agent {agent} was not ready within 20 s; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent process of `agent` (SIGTERM); its pinned datapath stays in the kernel.
+    pub fn stop_agent(&mut self, agent: &str) {
+        if let Some(pid) = self.agent_pids.remove(agent) {
+            self.lab.stop(pid, Duration::from_secs(5));
+        }
+    }
+
+    /// Adds an agent node and starts its agent: a new agent joining the cluster.
+    pub fn join_agent(&mut self) -> anyhow::Result<String> {
+        let node = self.lab.add_agent()?;
+        self.start_agent(&node.role)?;
+        Ok(node.role)
+    }
+
+    /// This agent's allocation, as its API reports it (DC/OS `AgentInfo`).
+    pub fn agent_info(&self, agent: &str) -> anyhow::Result<AgentInfo> {
+        Ok(self.agent(agent).overlay()?)
+    }
+
+    /// Creates a container on `agent` attached to `network`: an address from the agent's CNI
+    /// half of its subnet, a veth pair, and the endpoint registered through the agent's API.
+    pub fn add_container(&mut self, agent: &str, network: &str) -> anyhow::Result<Container> {
+        let info = self.agent_info(agent)?;
+        let ov = info
+            .overlays
+            .iter()
+            .find(|o| o.info.name == network)
+            .with_context(|| format!("agent {agent} has no allocation on network {network}"))?;
+        let half = ov
+            .mesos_bridge
+            .as_ref()
+            .and_then(|b| b.ip)
+            .with_context(|| format!("agent {agent}: no CNI half on network {network}"))?;
+        let next = self
+            .next_host
+            .entry((agent.to_owned(), network.to_owned()))
+            .or_insert(2);
+        let host = *next;
+        *next += 1;
+        let base = u32::from(half.network());
+        let ip = Ipv4Addr::from(base + host);
+        let gateway = Ipv4Addr::from(base + 1);
+        if !half.contains(ip) || ip == half.broadcast() {
+            bail!("agent {agent}: CNI half {half} of {network} is full");
+        }
+        let c = self
+            .lab
+            .add_container(agent, ip, half.prefix(), gateway, self.mtu)?;
+        let mac = overlay_api::MacAddr(c.node.mac(&c.ifname)?);
+        self.agent(agent)
+            .add_endpoint(&AddEndpoint {
+                network: network.into(),
+                ip,
+                host_veth: c.host_veth.clone(),
+                container_mac: mac,
+            })
+            .with_context(|| format!("connecting container {ip} on {agent}"))?;
+        Ok(c)
+    }
+
+    pub fn node(&self, role: &str) -> anyhow::Result<&Node> {
+        self.lab.node(role)
+    }
+}
+
+impl Cluster {
+    /// Leaves the cluster running when dropped (processes, namespaces, work directory).
+    pub fn keep(mut self) -> crate::LabRecord {
+        self.keep = true;
+        let lab = std::mem::replace(&mut self.lab, Lab::placeholder());
+        lab.keep()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}
