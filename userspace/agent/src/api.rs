@@ -7,9 +7,12 @@ use axum::{
     extract::{Path, State, rejection::JsonRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{delete, get},
+    routing::{delete, get, post},
 };
-use overlay_api::{ErrorBody, agent::AddEndpoint};
+use overlay_api::{
+    ErrorBody,
+    agent::{AddEndpoint, GcRequest},
+};
 
 use crate::runtime::{EndpointError, Shared};
 
@@ -29,6 +32,7 @@ fn endpoint_error(e: EndpointError) -> Response {
         EndpointError::Conflict(_) => StatusCode::CONFLICT,
         EndpointError::NotFound(_) => StatusCode::NOT_FOUND,
         EndpointError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+        EndpointError::Exhausted(_) => StatusCode::INSUFFICIENT_STORAGE,
         EndpointError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, format!("{e:#}"))
@@ -87,6 +91,33 @@ async fn remove_endpoint(State(core): State<Shared>, Path(ip): Path<String>) -> 
     }
 }
 
+async fn ipam(State(core): State<Shared>) -> Response {
+    Json(core.lock().unwrap().ipam_usage()).into_response()
+}
+
+async fn release_attachment(State(core): State<Shared>, Path(id): Path<String>) -> Response {
+    match core.lock().unwrap().release_attachment(&id) {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => endpoint_error(e),
+    }
+}
+
+async fn gc(State(core): State<Shared>, body: Result<Json<GcRequest>, JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad GC request: {}", e.body_text()),
+            );
+        }
+    };
+    match core.lock().unwrap().gc(&req) {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => endpoint_error(e),
+    }
+}
+
 async fn metrics(State(core): State<Shared>) -> Response {
     match core.lock().unwrap().metrics() {
         Ok(text) => ([("content-type", "text/plain; version=0.0.4")], text).into_response(),
@@ -103,6 +134,12 @@ pub fn router(core: Shared) -> Router {
             get(list_endpoints).post(add_endpoint),
         )
         .route("/overlay-agent/endpoints/{ip}", delete(remove_endpoint))
+        .route("/overlay-agent/ipam", get(ipam))
+        .route(
+            "/overlay-agent/attachments/{id}",
+            delete(release_attachment),
+        )
+        .route("/overlay-agent/gc", post(gc))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
         .with_state(core)

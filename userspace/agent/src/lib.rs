@@ -8,6 +8,7 @@
 pub mod api;
 pub mod datapath;
 pub mod desired;
+pub mod ipam;
 pub mod netdev;
 pub mod reconcile;
 pub mod runtime;

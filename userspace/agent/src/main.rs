@@ -47,6 +47,13 @@ struct Args {
     /// Container MTU: the largest inner packet carried (underlay MTU minus 50).
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
+    /// Persistent agent state (the IPAM's allocations); default /var/lib/ebpf-overlay/<instance>.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Where to write one CNI config per network (`<network>.conf`), kept in step with the
+    /// master's state.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
     /// Remove every pin (detaching the programs) on exit instead of leaving the datapath running
     /// for the next agent to take over.
     #[arg(long)]
@@ -78,6 +85,16 @@ async fn main() -> anyhow::Result<()> {
     dp.attach(&args.underlay_iface, programs::FROM_UNDERLAY)?;
     let mut core = Core::new(dp, underlay, args.mtu);
     core.restore_endpoints()?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/ebpf-overlay").join(&args.instance));
+    core.set_ipam(overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?);
+    core.set_cni_confs(overlay_agent::ipam::CniConfs {
+        dir: args.cni_conf_dir.clone(),
+        agent_socket: std::path::absolute(&args.api_socket).unwrap_or(args.api_socket.clone()),
+        mtu: args.mtu,
+    });
     let core = Arc::new(Mutex::new(core));
     tracing::info!(
         underlay = %args.underlay_iface, pins = %pins.dir().display(),

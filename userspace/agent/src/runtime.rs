@@ -2,7 +2,7 @@
 //! master-following loop and the local API.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -12,13 +12,14 @@ use anyhow::{Context as _, anyhow};
 use ipnetwork::Ipv4Network;
 use overlay_api::{
     AgentInfo, MacAddr, MasterClient, State,
-    agent::{AddEndpoint, AgentStatus, EndpointInfo},
+    agent::{AddEndpoint, AgentStatus, EndpointInfo, GcRequest, IpamUsage, Released},
 };
 use overlay_common::maps::{Endpoint, programs};
 
 use crate::{
     datapath::{AgentSettings, Datapath},
     desired::{DesiredDatapath, vtep_of},
+    ipam::{CniConfs, Ipam, IpamError},
     netdev::{self, Link},
     reconcile::{self, Plan},
 };
@@ -34,6 +35,9 @@ pub enum EndpointError {
     NotFound(String),
     #[error("agent not ready: {0}")]
     NotReady(String),
+    /// No free address in the requested half (HTTP 507).
+    #[error("{0}")]
+    Exhausted(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -48,6 +52,10 @@ pub struct Core {
     revision: u64,
     map_updates: u64,
     reconcile_errors: u64,
+    /// Container addresses (absent: callers must give every endpoint's address).
+    ipam: Option<Ipam>,
+    /// CNI config files kept in step with this agent's networks.
+    cni_confs: Option<CniConfs>,
 }
 
 pub type Shared = Arc<Mutex<Core>>;
@@ -63,7 +71,19 @@ impl Core {
             revision: 0,
             map_updates: 0,
             reconcile_errors: 0,
+            ipam: None,
+            cni_confs: None,
         }
+    }
+
+    /// Gives the agent its IPAM: endpoints may then be added without an address.
+    pub fn set_ipam(&mut self, ipam: Ipam) {
+        self.ipam = Some(ipam);
+    }
+
+    /// Makes the agent write one CNI config file per network it has a subnet on.
+    pub fn set_cni_confs(&mut self, confs: CniConfs) {
+        self.cni_confs = Some(confs);
     }
 
     pub fn underlay_ip(&self) -> IpAddr {
@@ -121,6 +141,7 @@ impl Core {
         self.map_updates += changed as u64;
         self.state = Some(state);
         self.revision = revision;
+        self.sync_cni_confs();
         if changed > 0 {
             tracing::info!(revision, changed, "datapath reconciled");
         }
@@ -166,14 +187,29 @@ impl Core {
                 ifindex: e.ifindex,
                 container_mac: MacAddr(e.mac),
                 gateway_mac: MacAddr(e.gateway_mac),
+                subnet: None,
+                gateway: None,
+                attachment: None,
             });
+            let info = out.last_mut().expect("just pushed");
+            if let Some(range) = self.half_containing(&info.network, ip) {
+                info.subnet = Some(range);
+                info.gateway = Some(crate::ipam::gateway_of(range));
+            }
+            info.attachment = self
+                .ipam
+                .as_ref()
+                .and_then(|i| i.get(ip))
+                .and_then(|a| a.attachment.clone());
         }
         Ok(out)
     }
 
-    /// Connects a container: validates the request against this agent's allocation, attaches
-    /// the container program to its veth, then publishes the endpoint. On failure nothing is
-    /// left behind.
+    /// Connects a container: validates the request against this agent's allocation, takes its
+    /// address (the requested one, or the next free one of the requested half from the IPAM),
+    /// attaches the container program to its veth, then publishes the endpoint. On failure
+    /// nothing is left behind (an address allocated here is released). Adding an attachment
+    /// that already has an endpoint returns it (re-wired if its veth changed).
     pub fn add_endpoint(&mut self, req: &AddEndpoint) -> Result<EndpointInfo, EndpointError> {
         let me = self
             .me
@@ -203,19 +239,102 @@ impl Core {
                 req.network
             ))
         })?;
-        check_endpoint_ip(req.ip, subnet).map_err(EndpointError::Invalid)?;
-        let existing = self.dp.maps_ref().endpoints()?;
-        if let Some(e) = existing.get(&IpAddr::V4(req.ip)) {
-            let same = e.mac == req.container_mac.0
-                && netdev::name_of(e.ifindex).as_deref() == Some(&req.host_veth);
-            if same {
-                return Ok(self.endpoint_info(req.ip)?);
-            }
-            return Err(EndpointError::Conflict(format!(
-                "address {} is already used by another endpoint",
-                req.ip
-            )));
+        if let Some(ip) = req.ip {
+            check_endpoint_ip(ip, subnet).map_err(EndpointError::Invalid)?;
         }
+        let existing = self.dp.maps_ref().endpoints()?;
+        let same_endpoint = |ip: Ipv4Addr| {
+            existing.get(&IpAddr::V4(ip)).is_some_and(|e| {
+                e.mac == req.container_mac.0
+                    && netdev::name_of(e.ifindex).as_deref() == Some(&req.host_veth)
+            })
+        };
+        // The same attachment again: its address, its endpoint if still wired the same way.
+        let mut reused = None;
+        if let (Some(att), Some(ipam)) = (&req.attachment, &self.ipam)
+            && let Some((ip, a)) = ipam.find_attachment(att)
+        {
+            if a.network != req.network || req.ip.is_some_and(|r| r != ip) {
+                return Err(EndpointError::Conflict(format!(
+                    "attachment {att} already has address {ip} on network {}",
+                    a.network
+                )));
+            }
+            if same_endpoint(ip) {
+                return Ok(self.endpoint_info(ip)?);
+            }
+            if let Some(e) = existing.get(&IpAddr::V4(ip)) {
+                tracing::info!(%ip, attachment = %att, "re-wiring the endpoint of an attachment");
+                self.disconnect(ip, e.ifindex)?;
+            }
+            reused = Some(ip);
+        }
+        let (ip, allocated) = match reused {
+            Some(ip) => (ip, false),
+            None => {
+                if let Some(ip) = req.ip
+                    && existing.contains_key(&IpAddr::V4(ip))
+                {
+                    if same_endpoint(ip) {
+                        return Ok(self.endpoint_info(ip)?);
+                    }
+                    return Err(EndpointError::Conflict(format!(
+                        "address {ip} is already used by another endpoint"
+                    )));
+                }
+                match &mut self.ipam {
+                    Some(ipam) => {
+                        let taken: BTreeSet<Ipv4Addr> = existing
+                            .keys()
+                            .filter_map(|k| match k {
+                                IpAddr::V4(ip) => Some(*ip),
+                                IpAddr::V6(_) => None,
+                            })
+                            .collect();
+                        let ip = ipam
+                            .allocate(
+                                &req.network,
+                                subnet,
+                                req.half,
+                                req.ip,
+                                req.attachment.as_deref(),
+                                &req.host_veth,
+                                &taken,
+                            )
+                            .map_err(|e| match e {
+                                IpamError::Exhausted { .. } => {
+                                    EndpointError::Exhausted(e.to_string())
+                                }
+                                IpamError::Invalid(m) => EndpointError::Invalid(m),
+                                IpamError::Conflict(m) => EndpointError::Conflict(m),
+                                IpamError::Io(e) => EndpointError::Internal(e),
+                            })?;
+                        (ip, true)
+                    }
+                    None => (
+                        req.ip.ok_or_else(|| {
+                            EndpointError::Invalid("this agent has no IPAM: give an ip".into())
+                        })?,
+                        false,
+                    ),
+                }
+            }
+        };
+        if let Err(e) = self.connect(ip, vni, req) {
+            if allocated && let Some(ipam) = &mut self.ipam {
+                let _ = ipam.release(ip);
+            }
+            return Err(e);
+        }
+        if let Some(ipam) = &mut self.ipam {
+            ipam.set_host_veth(ip, &req.host_veth)?;
+        }
+        tracing::info!(%ip, veth = %req.host_veth, network = %req.network, vni, "endpoint added");
+        Ok(self.endpoint_info(ip)?)
+    }
+
+    /// Attaches the container program to the veth and publishes the endpoint.
+    fn connect(&mut self, ip: Ipv4Addr, vni: u32, req: &AddEndpoint) -> Result<(), EndpointError> {
         let veth = netdev::link(&req.host_veth)
             .map_err(|e| EndpointError::Invalid(format!("host_veth: {e:#}")))?;
         let key = format!("if{}", veth.ifindex);
@@ -228,12 +347,19 @@ impl Core {
             gateway_mac: veth.mac,
             ..Default::default()
         };
-        if let Err(e) = self.dp.maps().put_endpoint(IpAddr::V4(req.ip), ep) {
+        if let Err(e) = self.dp.maps().put_endpoint(IpAddr::V4(ip), ep) {
             let _ = self.dp.detach(programs::FROM_CONTAINER, &key);
             return Err(e.into());
         }
-        tracing::info!(ip = %req.ip, veth = %req.host_veth, network = %req.network, vni, "endpoint added");
-        Ok(self.endpoint_info(req.ip)?)
+        Ok(())
+    }
+
+    /// Map entry first (no more traffic to it), then its program.
+    fn disconnect(&mut self, ip: Ipv4Addr, ifindex: u32) -> anyhow::Result<()> {
+        self.dp.maps().remove_endpoint(IpAddr::V4(ip))?;
+        self.dp
+            .detach(programs::FROM_CONTAINER, &format!("if{ifindex}"))?;
+        Ok(())
     }
 
     fn endpoint_info(&self, ip: Ipv4Addr) -> anyhow::Result<EndpointInfo> {
@@ -243,17 +369,107 @@ impl Core {
             .ok_or_else(|| anyhow!("endpoint {ip} vanished"))
     }
 
-    /// Disconnects a container: map entry first (no more traffic to it), then its program.
+    /// Disconnects a container and frees its address.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EndpointError> {
         let existing = self.dp.maps_ref().endpoints()?;
-        let e = existing
-            .get(&IpAddr::V4(ip))
-            .ok_or_else(|| EndpointError::NotFound(format!("no endpoint with address {ip}")))?;
-        self.dp.maps().remove_endpoint(IpAddr::V4(ip))?;
-        self.dp
-            .detach(programs::FROM_CONTAINER, &format!("if{}", e.ifindex))?;
+        let allocated = self.ipam.as_ref().is_some_and(|i| i.get(ip).is_some());
+        match existing.get(&IpAddr::V4(ip)) {
+            Some(e) => self.disconnect(ip, e.ifindex)?,
+            None if allocated => {}
+            None => {
+                return Err(EndpointError::NotFound(format!(
+                    "no endpoint with address {ip}"
+                )));
+            }
+        }
+        if let Some(ipam) = &mut self.ipam {
+            ipam.release(ip)?;
+        }
         tracing::info!(%ip, "endpoint removed");
         Ok(())
+    }
+
+    /// Releases an attachment: its endpoint and its address. Unknown attachments release
+    /// nothing (DEL is idempotent).
+    pub fn release_attachment(&mut self, attachment: &str) -> Result<Released, EndpointError> {
+        let found = self
+            .ipam
+            .as_ref()
+            .and_then(|i| i.find_attachment(attachment))
+            .map(|(ip, a)| (ip, a.host_veth.clone()));
+        let Some((ip, host_veth)) = found else {
+            return Ok(Released {
+                attachment: attachment.to_owned(),
+                ip: None,
+                host_veth: None,
+            });
+        };
+        self.remove_endpoint(ip)?;
+        tracing::info!(%ip, %attachment, "attachment released");
+        Ok(Released {
+            attachment: attachment.to_owned(),
+            ip: Some(ip),
+            host_veth: Some(host_veth),
+        })
+    }
+
+    /// Releases every attachment of a network that is not in `keep` (CNI GC).
+    pub fn gc(&mut self, req: &GcRequest) -> Result<Vec<Released>, EndpointError> {
+        let stale: Vec<String> = self
+            .ipam
+            .as_ref()
+            .map(|i| {
+                i.allocations()
+                    .values()
+                    .filter(|a| a.network == req.network)
+                    .filter_map(|a| a.attachment.clone())
+                    .filter(|a| !req.keep.contains(a))
+                    .collect()
+            })
+            .unwrap_or_default();
+        stale.iter().map(|a| self.release_attachment(a)).collect()
+    }
+
+    /// Address usage per network (that has a subnet here) and half.
+    pub fn ipam_usage(&self) -> Vec<IpamUsage> {
+        let (Some(ipam), Some(me)) = (&self.ipam, &self.me) else {
+            return vec![];
+        };
+        me.overlays
+            .iter()
+            .filter_map(|o| o.subnet.map(|s| (o.info.name.as_str(), s)))
+            .flat_map(|(net, subnet)| ipam.usage(net, subnet))
+            .collect()
+    }
+
+    /// The half of this agent's subnet of `network` that holds `ip`.
+    fn half_containing(&self, network: &str, ip: Ipv4Addr) -> Option<Ipv4Network> {
+        let subnet = self
+            .me
+            .as_ref()?
+            .overlays
+            .iter()
+            .find(|o| o.info.name == network)?
+            .subnet?;
+        crate::ipam::halves(subnet)
+            .into_iter()
+            .find(|h| h.contains(ip))
+    }
+
+    /// Writes the CNI config of every network this agent has a subnet on; removes the others.
+    fn sync_cni_confs(&self) {
+        let (Some(confs), Some(me)) = (&self.cni_confs, &self.me) else {
+            return;
+        };
+        let networks: Vec<String> = me
+            .overlays
+            .iter()
+            .filter(|o| o.subnet.is_some() && o.info.is_enabled())
+            .map(|o| o.info.name.clone())
+            .collect();
+        if let Err(e) = confs.sync(&networks) {
+            tracing::warn!(dir = %confs.dir.display(), "writing CNI configs: {e:#}");
+        }
     }
 
     /// After a restart: give every endpoint whose veth still exists this binary's program (the
@@ -315,6 +531,28 @@ impl Core {
             out.push_str(&format!(
                 "overlay_agent_endpoints{{vni=\"{vni}\",network=\"{net}\"}} {n}\n"
             ));
+        }
+        let mut ipam: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        for u in self.ipam_usage() {
+            let e = ipam.entry(u.network).or_default();
+            e.0 += u.used;
+            e.1 += u.free;
+        }
+        out.push_str("# HELP overlay_agent_ipam_addresses Container addresses of this agent's subnets (both halves), by network and state.\n# TYPE overlay_agent_ipam_addresses gauge\n");
+        for (net, (used, free)) in &ipam {
+            out.push_str(&format!(
+                "overlay_agent_ipam_addresses{{network=\"{net}\",state=\"used\"}} {used}\n\
+                 overlay_agent_ipam_addresses{{network=\"{net}\",state=\"free\"}} {free}\n"
+            ));
+        }
+        out.push_str("# HELP overlay_agent_ipam_exhausted_total Allocations refused because the requested half had no free address.\n# TYPE overlay_agent_ipam_exhausted_total counter\n");
+        if let Some(i) = &self.ipam {
+            for net in ipam.keys() {
+                out.push_str(&format!(
+                    "overlay_agent_ipam_exhausted_total{{network=\"{net}\"}} {}\n",
+                    i.exhausted(net)
+                ));
+            }
         }
         for (name, help, kind, value) in [
             (

@@ -11,6 +11,8 @@ use std::{
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use ipnetwork::Ipv4Network;
+
 use crate::{AgentInfo, ErrorBody, MacAddr};
 
 /// Default socket of the agent's local API.
@@ -21,12 +23,41 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/run/ebpf-overlay/agent.sock";
 pub struct AddEndpoint {
     /// Network name (`dcos`, ...).
     pub network: String,
-    /// The container's address; must lie in this agent's subnet of the network.
-    pub ip: Ipv4Addr,
+    /// The container's address; must lie in this agent's subnet of the network. Absent: the
+    /// agent's IPAM allocates one from `half`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     /// Host-side veth of the container, in the agent's network namespace.
     pub host_veth: String,
     /// MAC of the container's interface: the only source MAC it may send with.
     pub container_mac: MacAddr,
+    /// Half of the agent's subnet to allocate from (when `ip` is absent).
+    #[serde(default)]
+    pub half: Half,
+    /// Who owns the endpoint (CNI: `<container id>/<ifname>`): adding the same attachment again
+    /// returns (or re-wires) its endpoint with the same address; release and GC go by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+}
+
+/// The two halves of an agent's subnet of a network (DC/OS: Mesos/CNI and Docker).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Half {
+    #[default]
+    Cni,
+    Docker,
+}
+
+impl Half {
+    pub fn name(self) -> &'static str {
+        match self {
+            Half::Cni => "cni",
+            Half::Docker => "docker",
+        }
+    }
 }
 
 /// A local endpoint as the agent reports it.
@@ -39,6 +70,53 @@ pub struct EndpointInfo {
     pub ifindex: u32,
     pub container_mac: MacAddr,
     pub gateway_mac: MacAddr,
+    /// The half of the agent's subnet holding `ip` (the container's on-link prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<Ipv4Network>,
+    /// The container's default gateway: the first host of `subnet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// Owner of the endpoint, when it was added with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+}
+
+/// One line of `GET /overlay-agent/ipam`: the addresses of one half of this agent's subnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamUsage {
+    pub network: String,
+    /// The agent's subnet of the network.
+    pub subnet: Ipv4Network,
+    pub half: Half,
+    /// The half itself.
+    pub range: Ipv4Network,
+    pub used: u32,
+    pub free: u32,
+    pub allocations: Vec<IpamAllocation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamAllocation {
+    pub ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+    pub host_veth: String,
+}
+
+/// What a release (`DELETE /overlay-agent/attachments/{id}`) or GC freed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    pub attachment: String,
+    pub ip: Option<Ipv4Addr>,
+    /// Host veth the endpoint used (the caller removes it).
+    pub host_veth: Option<String>,
+}
+
+/// Body of `POST /overlay-agent/gc`: release every attachment of `network` not in `keep`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcRequest {
+    pub network: String,
+    pub keep: Vec<String>,
 }
 
 /// Body of `GET /overlay-agent/status`: what the agent is doing.
@@ -157,6 +235,33 @@ impl LocalClient {
         }
     }
 
+    /// This agent's address usage by network and half.
+    pub fn ipam(&self) -> Result<Vec<IpamUsage>, LocalError> {
+        self.call("GET", "/overlay-agent/ipam", None)
+    }
+
+    /// Releases an attachment: removes its endpoint and frees its address. Releasing an unknown
+    /// attachment succeeds with nothing released.
+    pub fn release(&self, attachment: &str) -> Result<Released, LocalError> {
+        self.call(
+            "DELETE",
+            &format!("/overlay-agent/attachments/{}", percent_encode(attachment)),
+            None,
+        )
+    }
+
+    /// Releases every attachment of `network` not in `keep`.
+    pub fn gc(&self, req: &GcRequest) -> Result<Vec<Released>, LocalError> {
+        let body = serde_json::to_vec(req).map_err(|e| LocalError::Malformed(e.to_string()))?;
+        self.call("POST", "/overlay-agent/gc", Some(body))
+    }
+
+    /// Sets the timeout of each request (default 10 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> LocalClient {
+        self.timeout = timeout;
+        self
+    }
+
     pub fn metrics(&self) -> Result<String, LocalError> {
         let (status, body) = self.request("GET", "/metrics", None)?;
         if status != 200 {
@@ -167,6 +272,19 @@ impl LocalClient {
         }
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (one path segment).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Failure of one [`http_exchange`].

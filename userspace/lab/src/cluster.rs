@@ -61,9 +61,6 @@ pub struct Cluster {
     mtu: u32,
     keep: bool,
     agent_pids: BTreeMap<String, u32>,
-    /// Next host number to hand out per (agent, network): cluster-side IPAM until the CNI
-    /// plugin's IPAM exists.
-    next_host: BTreeMap<(String, String), u32>,
 }
 
 impl Cluster {
@@ -81,7 +78,6 @@ impl Cluster {
             mtu: spec.mtu,
             keep: false,
             agent_pids: BTreeMap::new(),
-            next_host: BTreeMap::new(),
         };
         let config = c.work_dir.join("overlay.yaml");
         std::fs::write(&config, &spec.config)?;
@@ -181,6 +177,13 @@ impl Cluster {
             self.socket(agent).to_str().unwrap(),
             "--mtu",
             &self.mtu.to_string(),
+            "--state-dir",
+            self.work_dir
+                .join(format!("{agent}-state"))
+                .to_str()
+                .unwrap(),
+            "--cni-conf-dir",
+            self.work_dir.join(format!("{agent}-cni")).to_str().unwrap(),
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -227,44 +230,49 @@ impl Cluster {
         Ok(self.agent(agent).overlay()?)
     }
 
-    /// Creates a container on `agent` attached to `network`: an address from the agent's CNI
-    /// half of its subnet, a veth pair, and the endpoint registered through the agent's API.
+    /// Creates a container on `agent` attached to `network`: a veth pair, the endpoint
+    /// registered through the agent's API with an address the agent's IPAM allocates from the
+    /// CNI half of its subnet, and that address and a default route in the container.
     pub fn add_container(&mut self, agent: &str, network: &str) -> anyhow::Result<Container> {
-        let info = self.agent_info(agent)?;
-        let ov = info
-            .overlays
-            .iter()
-            .find(|o| o.info.name == network)
-            .with_context(|| format!("agent {agent} has no allocation on network {network}"))?;
-        let half = ov
-            .mesos_bridge
-            .as_ref()
-            .and_then(|b| b.ip)
-            .with_context(|| format!("agent {agent}: no CNI half on network {network}"))?;
-        let next = self
-            .next_host
-            .entry((agent.to_owned(), network.to_owned()))
-            .or_insert(2);
-        let host = *next;
-        *next += 1;
-        let base = u32::from(half.network());
-        let ip = Ipv4Addr::from(base + host);
-        let gateway = Ipv4Addr::from(base + 1);
-        if !half.contains(ip) || ip == half.broadcast() {
-            bail!("agent {agent}: CNI half {half} of {network} is full");
-        }
-        let c = self
-            .lab
-            .add_container(agent, ip, half.prefix(), gateway, self.mtu)?;
+        // The lab wires the namespace with a placeholder address (TEST-NET-1), replaced by the
+        // allocated one once the agent has it.
+        let placeholder = Ipv4Addr::new(192, 0, 2, 1);
+        let mut c = self.lab.add_container(
+            agent,
+            placeholder,
+            32,
+            Ipv4Addr::new(192, 0, 2, 2),
+            self.mtu,
+        )?;
         let mac = overlay_api::MacAddr(c.node.mac(&c.ifname)?);
-        self.agent(agent)
+        let ep = self
+            .agent(agent)
             .add_endpoint(&AddEndpoint {
                 network: network.into(),
-                ip,
+                ip: None,
                 host_veth: c.host_veth.clone(),
                 container_mac: mac,
+                half: Default::default(),
+                attachment: None,
             })
-            .with_context(|| format!("connecting container {ip} on {agent}"))?;
+            .with_context(|| format!("connecting a container to {network} on {agent}"))?;
+        let (half, gateway) = ep
+            .subnet
+            .zip(ep.gateway)
+            .with_context(|| format!("agent {agent} reported no subnet for {}", ep.ip))?;
+        let cidr = format!("{}/{}", ep.ip, half.prefix());
+        let gw = gateway.to_string();
+        let dev = c.ifname.clone();
+        c.node.exec("ip", &["addr", "add", &cidr, "dev", &dev])?;
+        c.node
+            .exec("ip", &["addr", "del", "192.0.2.1/32", "dev", &dev])?;
+        c.node.exec(
+            "ip",
+            &[
+                "route", "replace", "default", "via", &gw, "dev", &dev, "onlink",
+            ],
+        )?;
+        c.node.ip = Some(ep.ip);
         Ok(c)
     }
 

@@ -1,0 +1,574 @@
+//! The agent's IPAM: container addresses from this agent's subnet of each network, and the CNI
+//! config files that point container runtimes at this agent.
+//!
+//! Each network's agent subnet is split in two halves (DC/OS: the first for Mesos/CNI
+//! containers, the second for Docker); the network address, the first host (the containers'
+//! gateway) and the broadcast address of each half are never handed out.
+//!
+//! The allocations live in one JSON file (`ipam.json` in the state directory), rewritten on every
+//! change by write-to-temporary, fsync, rename, fsync of the directory: a crash (even SIGKILL or
+//! power loss) leaves either the old or the new file, so an address acknowledged to a caller is
+//! never handed out twice. The [`crate::runtime::Core`] mutex serialises all changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use ipnetwork::Ipv4Network;
+use overlay_api::agent::{Half, IpamAllocation, IpamUsage};
+use serde::{Deserialize, Serialize};
+
+/// Name of the state file inside the state directory.
+pub const STATE_FILE: &str = "ipam.json";
+
+/// One allocated address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub network: String,
+    pub half: Half,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+    pub host_veth: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Stored {
+    version: u32,
+    allocations: BTreeMap<Ipv4Addr, Allocation>,
+    /// Last address handed out per `network/half`: allocation continues after it (round
+    /// robin), so a freed address is not reused at once.
+    #[serde(default)]
+    last: BTreeMap<String, Ipv4Addr>,
+}
+
+/// Why an allocation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(
+        "network {network}: no free address in the {} half {range} of this agent's subnet {subnet} ({used} in use)",
+        half.name()
+    )]
+    Exhausted {
+        network: String,
+        subnet: Ipv4Network,
+        half: Half,
+        range: Ipv4Network,
+        used: u32,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Io(#[from] anyhow::Error),
+}
+
+/// The two halves of an agent subnet (the whole subnet twice if it cannot be split).
+pub fn halves(subnet: Ipv4Network) -> [Ipv4Network; 2] {
+    if subnet.prefix() >= 31 {
+        return [subnet, subnet];
+    }
+    let first = Ipv4Network::new(subnet.network(), subnet.prefix() + 1).expect("prefix <= 31");
+    let second_start = Ipv4Addr::from(u32::from(first.broadcast()).wrapping_add(1));
+    let second = Ipv4Network::new(second_start, subnet.prefix() + 1).expect("prefix <= 31");
+    [first, second]
+}
+
+pub fn half_range(subnet: Ipv4Network, half: Half) -> Ipv4Network {
+    halves(subnet)[match half {
+        Half::Cni => 0,
+        Half::Docker => 1,
+    }]
+}
+
+/// The gateway of a half: its first host.
+pub fn gateway_of(range: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(range.network()).wrapping_add(1))
+}
+
+/// Addresses of `range` that may be handed out (network, gateway and broadcast excluded).
+fn usable(range: Ipv4Network) -> impl Iterator<Item = Ipv4Addr> {
+    let start = u32::from(range.network());
+    let end = u32::from(range.broadcast());
+    (start.saturating_add(2)..end).map(Ipv4Addr::from)
+}
+
+fn usable_count(range: Ipv4Network) -> u32 {
+    let size = 1u64 << (32 - range.prefix() as u32);
+    size.saturating_sub(3) as u32
+}
+
+/// Which half of `subnet` holds `ip`, if `ip` may be handed out at all.
+pub fn half_of(ip: Ipv4Addr, subnet: Ipv4Network) -> Result<Half, String> {
+    if !subnet.contains(ip) {
+        return Err(format!(
+            "address {ip} is outside this agent's subnet {subnet}"
+        ));
+    }
+    for half in [Half::Cni, Half::Docker] {
+        let r = half_range(subnet, half);
+        if r.contains(ip) {
+            if ip == r.network() || ip == gateway_of(r) || ip == r.broadcast() {
+                return Err(format!(
+                    "address {ip} is reserved in {r} (network, gateway or broadcast)"
+                ));
+            }
+            return Ok(half);
+        }
+    }
+    Err(format!("address {ip} is in no half of {subnet}"))
+}
+
+pub struct Ipam {
+    path: PathBuf,
+    stored: Stored,
+    /// Exhaustion events per network since start.
+    exhausted: BTreeMap<String, u64>,
+}
+
+impl Ipam {
+    /// Opens (or creates) the state in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<Ipam> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(STATE_FILE);
+        let stored = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing the IPAM state {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored {
+                version: 1,
+                ..Default::default()
+            },
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let _ = std::fs::remove_file(dir.join(format!("{STATE_FILE}.tmp")));
+        Ok(Ipam {
+            path,
+            stored,
+            exhausted: BTreeMap::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn persist(&self) -> anyhow::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(&self.stored)?;
+        {
+            let mut f =
+                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    pub fn allocations(&self) -> &BTreeMap<Ipv4Addr, Allocation> {
+        &self.stored.allocations
+    }
+
+    pub fn get(&self, ip: Ipv4Addr) -> Option<&Allocation> {
+        self.stored.allocations.get(&ip)
+    }
+
+    pub fn find_attachment(&self, attachment: &str) -> Option<(Ipv4Addr, &Allocation)> {
+        self.stored
+            .allocations
+            .iter()
+            .find(|(_, a)| a.attachment.as_deref() == Some(attachment))
+            .map(|(ip, a)| (*ip, a))
+    }
+
+    /// Allocates an address of `network` for `host_veth`: `requested` when given (it must be a
+    /// usable, free address of `subnet`), else the next free one of `half`. `taken` holds
+    /// addresses in use outside the IPAM (endpoints the datapath already has). Persisted before
+    /// it returns.
+    pub fn allocate(
+        &mut self,
+        network: &str,
+        subnet: Ipv4Network,
+        half: Half,
+        requested: Option<Ipv4Addr>,
+        attachment: Option<&str>,
+        host_veth: &str,
+        taken: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, IpamError> {
+        let (ip, half) = match requested {
+            Some(ip) => {
+                let half = half_of(ip, subnet).map_err(IpamError::Invalid)?;
+                if let Some(a) = self.stored.allocations.get(&ip) {
+                    return Err(IpamError::Conflict(format!(
+                        "address {ip} is already allocated{}",
+                        a.attachment
+                            .as_deref()
+                            .map(|a| format!(" to {a}"))
+                            .unwrap_or_default()
+                    )));
+                }
+                if taken.contains(&ip) {
+                    return Err(IpamError::Conflict(format!(
+                        "address {ip} is already used by another endpoint"
+                    )));
+                }
+                (ip, half)
+            }
+            None => {
+                let range = half_range(subnet, half);
+                let key = format!("{network}/{}", half.name());
+                let last = self.stored.last.get(&key).copied();
+                let free = |ip: &Ipv4Addr| {
+                    !self.stored.allocations.contains_key(ip) && !taken.contains(ip)
+                };
+                let after = usable(range)
+                    .filter(|ip| last.is_some_and(|l| *ip > l))
+                    .find(free);
+                let ip = match after.or_else(|| usable(range).find(free)) {
+                    Some(ip) => ip,
+                    None => {
+                        *self.exhausted.entry(network.to_owned()).or_default() += 1;
+                        let used = usable(range).filter(|ip| !free(ip)).count() as u32;
+                        return Err(IpamError::Exhausted {
+                            network: network.to_owned(),
+                            subnet,
+                            half,
+                            range,
+                            used,
+                        });
+                    }
+                };
+                self.stored.last.insert(key, ip);
+                (ip, half)
+            }
+        };
+        self.stored.allocations.insert(
+            ip,
+            Allocation {
+                network: network.to_owned(),
+                half,
+                attachment: attachment.map(str::to_owned),
+                host_veth: host_veth.to_owned(),
+            },
+        );
+        if let Err(e) = self.persist() {
+            self.stored.allocations.remove(&ip);
+            return Err(IpamError::Io(e));
+        }
+        Ok(ip)
+    }
+
+    /// Records the veth now serving an allocation (a re-ADD of the same attachment).
+    pub fn set_host_veth(&mut self, ip: Ipv4Addr, host_veth: &str) -> anyhow::Result<()> {
+        if let Some(a) = self.stored.allocations.get_mut(&ip)
+            && a.host_veth != host_veth
+        {
+            a.host_veth = host_veth.to_owned();
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    /// Frees an address; returns what it was allocated to.
+    pub fn release(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<Allocation>> {
+        let Some(a) = self.stored.allocations.remove(&ip) else {
+            return Ok(None);
+        };
+        if let Err(e) = self.persist() {
+            self.stored.allocations.insert(ip, a);
+            return Err(e);
+        }
+        Ok(Some(a))
+    }
+
+    /// Usage of both halves of `subnet` for `network`.
+    pub fn usage(&self, network: &str, subnet: Ipv4Network) -> Vec<IpamUsage> {
+        [Half::Cni, Half::Docker]
+            .into_iter()
+            .map(|half| {
+                let range = half_range(subnet, half);
+                let allocations: Vec<IpamAllocation> = self
+                    .stored
+                    .allocations
+                    .range(range.network()..=range.broadcast())
+                    .filter(|(_, a)| a.network == network)
+                    .map(|(ip, a)| IpamAllocation {
+                        ip: *ip,
+                        attachment: a.attachment.clone(),
+                        host_veth: a.host_veth.clone(),
+                    })
+                    .collect();
+                let used = allocations.len() as u32;
+                IpamUsage {
+                    network: network.to_owned(),
+                    subnet,
+                    half,
+                    range,
+                    used,
+                    free: usable_count(range).saturating_sub(used),
+                    allocations,
+                }
+            })
+            .collect()
+    }
+
+    pub fn exhausted(&self, network: &str) -> u64 {
+        self.exhausted.get(network).copied().unwrap_or(0)
+    }
+}
+
+/// Marker in every CNI config file the agent writes: only such files are ever rewritten or
+/// removed.
+pub const CNI_CONF_MARKER: &str = "overlay-agent";
+
+/// The CNI config files of this agent: one `<network>.conf` per network on which this agent has
+/// a subnet (DC/OS named them the same way), kept in step with the master's state.
+pub struct CniConfs {
+    pub dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub mtu: u32,
+}
+
+impl CniConfs {
+    /// The config for one network (fields documented in the `overlay-cni` crate).
+    pub fn render(&self, network: &str) -> String {
+        let v = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": network,
+            "type": "ebpf-overlay",
+            "network": network,
+            "agent_socket": self.agent_socket,
+            "mtu": self.mtu,
+            "half": "cni",
+            "generated_by": CNI_CONF_MARKER,
+        });
+        let mut s = serde_json::to_string_pretty(&v).expect("plain JSON");
+        s.push('\n');
+        s
+    }
+
+    /// Writes the config of every network in `networks` whose content changed, and removes the
+    /// agent's configs of networks no longer there. Returns the files changed.
+    pub fn sync(&self, networks: &[String]) -> anyhow::Result<usize> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let mut changed = 0;
+        for net in networks {
+            let path = self.dir.join(format!("{net}.conf"));
+            let content = self.render(net);
+            if std::fs::read_to_string(&path).ok().as_deref() == Some(content.as_str()) {
+                continue;
+            }
+            let tmp = self.dir.join(format!(".{net}.conf.tmp"));
+            std::fs::write(&tmp, &content).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("renaming into {}", path.display()))?;
+            tracing::info!(path = %path.display(), "CNI config written");
+            changed += 1;
+        }
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".conf"))
+            else {
+                continue;
+            };
+            if networks.iter().any(|n| n == stem) {
+                continue;
+            }
+            let ours = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| {
+                    v["generated_by"] == CNI_CONF_MARKER
+                        && v["agent_socket"] == serde_json::json!(self.agent_socket)
+                });
+            if ours {
+                std::fs::remove_file(&path)?;
+                tracing::info!(path = %path.display(), "CNI config removed");
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    fn tmp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ipam-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn halves_gateways_and_reserved_addresses() {
+        let s = net("9.0.1.0/24");
+        assert_eq!(halves(s), [net("9.0.1.0/25"), net("9.0.1.128/25")]);
+        assert_eq!(
+            gateway_of(half_range(s, Half::Docker)),
+            "9.0.1.129".parse::<Ipv4Addr>().unwrap()
+        );
+        assert_eq!(half_of("9.0.1.2".parse().unwrap(), s), Ok(Half::Cni));
+        assert_eq!(half_of("9.0.1.130".parse().unwrap(), s), Ok(Half::Docker));
+        for bad in [
+            "9.0.1.0",
+            "9.0.1.1",
+            "9.0.1.127",
+            "9.0.1.128",
+            "9.0.1.129",
+            "9.0.1.255",
+            "9.0.2.2",
+        ] {
+            assert!(half_of(bad.parse().unwrap(), s).is_err(), "{bad}");
+        }
+        assert_eq!(usable_count(net("9.0.1.0/29")), 5);
+        assert_eq!(usable(net("9.0.1.0/29")).count(), 5);
+    }
+
+    #[test]
+    fn allocates_distinct_addresses_until_exhausted_and_persists_them() {
+        let dir = tmp_dir("alloc");
+        let s = net("9.0.1.0/28");
+        let none = BTreeSet::new();
+        let mut ipam = Ipam::open(&dir).unwrap();
+        let mut got = BTreeSet::new();
+        for i in 0..5 {
+            let ip = ipam
+                .allocate(
+                    "dcos",
+                    s,
+                    Half::Cni,
+                    None,
+                    Some(&format!("c{i}")),
+                    "v",
+                    &none,
+                )
+                .unwrap();
+            assert!(got.insert(ip));
+            assert_eq!(half_of(ip, s), Ok(Half::Cni));
+        }
+        let err = ipam
+            .allocate("dcos", s, Half::Cni, None, Some("c9"), "v", &none)
+            .unwrap_err();
+        assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+        assert!(err.to_string().contains("dcos") && err.to_string().contains("9.0.1.0/28"));
+        assert_eq!(ipam.exhausted("dcos"), 1);
+        // The Docker half is separate.
+        let d = ipam
+            .allocate("dcos", s, Half::Docker, None, None, "v", &none)
+            .unwrap();
+        assert_eq!(half_of(d, s), Ok(Half::Docker));
+        // Reopened (a restart): the same allocations, nothing handed out twice.
+        drop(ipam);
+        let mut ipam = Ipam::open(&dir).unwrap();
+        assert_eq!(ipam.allocations().len(), 6);
+        assert_eq!(ipam.find_attachment("c3").map(|(ip, _)| ip).is_some(), true);
+        let (ip3, _) = ipam.find_attachment("c3").unwrap();
+        assert_eq!(
+            ipam.release(ip3).unwrap().unwrap().attachment.as_deref(),
+            Some("c3")
+        );
+        assert_eq!(ipam.release(ip3).unwrap(), None);
+        let again = ipam
+            .allocate("dcos", s, Half::Cni, None, None, "v", &none)
+            .unwrap();
+        assert_eq!(again, ip3);
+        let u = ipam.usage("dcos", s);
+        assert_eq!((u[0].used, u[0].free), (5, 0));
+        assert_eq!((u[1].used, u[1].free), (1, 4));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn requested_addresses_are_checked() {
+        let dir = tmp_dir("req");
+        let s = net("9.0.1.0/24");
+        let mut taken = BTreeSet::new();
+        taken.insert("9.0.1.7".parse().unwrap());
+        let mut ipam = Ipam::open(&dir).unwrap();
+        let ip: Ipv4Addr = "9.0.1.5".parse().unwrap();
+        assert_eq!(
+            ipam.allocate("dcos", s, Half::Cni, Some(ip), None, "v", &taken)
+                .unwrap(),
+            ip
+        );
+        assert!(matches!(
+            ipam.allocate("dcos", s, Half::Cni, Some(ip), None, "v", &taken),
+            Err(IpamError::Conflict(_))
+        ));
+        assert!(matches!(
+            ipam.allocate(
+                "dcos",
+                s,
+                Half::Cni,
+                Some("9.0.1.7".parse().unwrap()),
+                None,
+                "v",
+                &taken
+            ),
+            Err(IpamError::Conflict(_))
+        ));
+        assert!(matches!(
+            ipam.allocate(
+                "dcos",
+                s,
+                Half::Cni,
+                Some("9.0.1.1".parse().unwrap()),
+                None,
+                "v",
+                &taken
+            ),
+            Err(IpamError::Invalid(_))
+        ));
+        // Round robin skips what the datapath already has.
+        let next = ipam
+            .allocate("dcos", s, Half::Cni, None, None, "v", &taken)
+            .unwrap();
+        assert_eq!(next, "9.0.1.2".parse::<Ipv4Addr>().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cni_confs_follow_the_networks() {
+        let dir = tmp_dir("conf");
+        let confs = CniConfs {
+            dir: dir.clone(),
+            agent_socket: "/run/x.sock".into(),
+            mtu: 1400,
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("other.conf"), "{\"type\":\"bridge\"}").unwrap();
+        assert_eq!(confs.sync(&["dcos".into(), "blue".into()]).unwrap(), 2);
+        assert_eq!(confs.sync(&["dcos".into(), "blue".into()]).unwrap(), 0);
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("dcos.conf")).unwrap()).unwrap();
+        assert_eq!(v["type"], "ebpf-overlay");
+        assert_eq!(v["network"], "dcos");
+        assert_eq!(v["mtu"], 1400);
+        assert_eq!(confs.sync(&["dcos".into()]).unwrap(), 1);
+        assert!(!dir.join("blue.conf").exists());
+        assert!(
+            dir.join("other.conf").exists(),
+            "foreign configs are left alone"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
