@@ -25,6 +25,7 @@ fn network(name: &str, subnet: &str) -> OverlayInfo {
         prefix6: None,
         enabled: None,
         vni: None,
+        masquerade: None,
     }
 }
 

@@ -47,6 +47,14 @@ counters! {
     /// ARP from a container that needs no answer (replies, gratuitous ARP, probes): dropped,
     /// since nothing behind the veth is there to hear it.
     ArpIgnored = 5 => "arp_ignored",
+    /// Container packet to outside every overlay, source translated to the underlay address.
+    Masqueraded = 6 => "masqueraded",
+    /// Reply (or ICMP error) to a masqueraded flow, translated back and delivered.
+    Unmasqueraded = 7 => "unmasqueraded",
+    /// A new masqueraded flow got a port.
+    NatCreated = 8 => "nat_created",
+    /// A port candidate was taken and the next one was tried.
+    NatPortRetries = 9 => "nat_port_retries",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",
@@ -77,6 +85,11 @@ counters! {
     /// First fragment of a fragmented VXLAN datagram: VTEPs do not reassemble (RFC 7348), and a
     /// part of a frame must not reach a container as if it were whole.
     DropFragmented = 29 => "drop_fragmented",
+    /// No free port for a new masqueraded flow within the probe limit.
+    DropNatNoPort = 30 => "drop_nat_no_port",
+    /// Traffic to outside the overlay that masquerade cannot translate (not TCP, UDP or ICMP
+    /// echo), or from a network that does not masquerade and has nowhere else to go.
+    DropNatUnsupported = 31 => "drop_nat_unsupported",
 }
 
 impl Counter {

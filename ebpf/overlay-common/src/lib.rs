@@ -12,6 +12,7 @@
 
 pub mod counters;
 pub mod maps;
+pub mod nat;
 pub mod packet;
 
 #[cfg(test)]

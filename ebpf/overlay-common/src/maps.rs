@@ -19,9 +19,13 @@ pub mod names {
     pub const VTEPS: &str = "OVL_VTEPS";
     pub const NETWORKS: &str = "OVL_NETWORKS";
     pub const STATS: &str = "OVL_STATS";
+    pub const NAT: &str = "OVL_NAT";
+    pub const NAT_CONFIG: &str = "OVL_NAT_CONFIG";
 
     /// Every map the agent pins.
-    pub const ALL: &[&str] = &[CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS];
+    pub const ALL: &[&str] = &[
+        CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG,
+    ];
 }
 
 /// Program names in the object file.
@@ -41,6 +45,8 @@ pub mod capacity {
     pub const VTEPS: u32 = 16384;
     pub const NETWORKS: u32 = 1024;
     pub const STATS: u32 = 16384;
+    /// Connection-tracking entries (two per masqueraded flow), LRU-evicted when full.
+    pub const NAT: u32 = 131072;
 }
 
 /// A 16-byte address (IPv6, or IPv4-mapped IPv6), network order.
@@ -189,6 +195,69 @@ impl Network {
     pub const FLAG_MASQUERADE: u32 = 1;
 }
 
+/// Direction of a [`NatKey`].
+pub mod nat_direction {
+    /// Container -> outside, keyed by the original tuple.
+    pub const EGRESS: u8 = 0;
+    /// Outside -> agent, keyed by the translated tuple.
+    pub const INGRESS: u8 = 1;
+}
+
+/// Key of `OVL_NAT`: one direction of one masqueraded flow. ICMP echo uses the identifier as the
+/// local port and 0 as the remote port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatKey {
+    /// The far end (outside the overlay).
+    pub remote: Addr16,
+    /// Egress: the container's address. Ingress: the agent's underlay address.
+    pub local: Addr16,
+    pub remote_port: u16,
+    /// Egress: the container's port. Ingress: the port allocated for the flow.
+    pub local_port: u16,
+    pub protocol: u8,
+    /// [`nat_direction`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `OVL_NAT`: what the local end of the tuple is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    /// Egress: the underlay address. Ingress: the container's address.
+    pub addr: Addr16,
+    /// Egress: the allocated port. Ingress: the container's port.
+    pub port: u16,
+    /// [`NatEntry::FLAG_CLOSING`].
+    pub flags: u16,
+    /// The container's network.
+    pub vni: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet in either direction.
+    pub last_seen_ns: u64,
+}
+
+impl NatEntry {
+    /// A TCP flow that has seen FIN or RST: it expires after the short closing timeout.
+    pub const FLAG_CLOSING: u16 = 1;
+}
+
+/// `OVL_NAT_CONFIG[0]`: masquerade settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatConfig {
+    /// Ports handed out to masqueraded flows (inclusive); disjoint from the host's ephemeral
+    /// range so the host's own connections never collide with ours.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Ports tried (linear probing) before a flow is refused (`drop_nat_no_port`).
+    pub max_probes: u32,
+    pub tcp_timeout_s: u32,
+    pub tcp_closing_timeout_s: u32,
+    pub udp_timeout_s: u32,
+    pub icmp_timeout_s: u32,
+}
+
 /// Key of `OVL_STATS` (per-CPU): one counter of one network.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -221,6 +290,9 @@ const _: () = {
     assert!(size_of::<Network>() == 8);
     assert!(size_of::<StatKey>() == 8);
     assert!(size_of::<Stat>() == 16);
+    assert!(size_of::<NatKey>() == 40);
+    assert!(size_of::<NatEntry>() == 32);
+    assert!(size_of::<NatConfig>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -239,6 +311,9 @@ mod pod {
     unsafe impl aya::Pod for Network {}
     unsafe impl aya::Pod for StatKey {}
     unsafe impl aya::Pod for Stat {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for NatConfig {}
 }
 
 #[cfg(test)]

@@ -2,9 +2,10 @@
 //!
 //! - `from_container` (TC ingress of a container's host-side veth): ARP answered in place; IPv4
 //!   checked against spoofing and network isolation, then delivered locally, encapsulated towards
-//!   another agent, or left to the host stack.
+//!   another agent, masqueraded out of the underlay NIC, or left to the host stack.
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
-//!   validated, stripped and delivered; everything else passes untouched.
+//!   validated, stripped and delivered; replies to masqueraded flows are translated back and
+//!   delivered; everything else (the host's own traffic) passes untouched.
 #![no_std]
 #![no_main]
 
@@ -14,6 +15,7 @@ mod deliver;
 mod encap;
 mod isolation;
 mod maps;
+mod nat;
 mod skb;
 mod stats;
 
@@ -79,8 +81,13 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
             Ok(verdict)
         }
         Destination::Outside => {
-            count(vni, Counter::PassedToHost, ctx.len());
-            Ok(TC_ACT_OK as i32)
+            // To this agent itself, or from a network that does not masquerade: the host stack.
+            let to_host = ipv4_mapped(ip.dst) == cfg.underlay_ip;
+            if to_host || !maps::masquerades(vni) {
+                count(vni, Counter::PassedToHost, ctx.len());
+                return Ok(TC_ACT_OK as i32);
+            }
+            nat::masquerade(ctx, cfg, &ip, vni).map_err(in_net)
         }
     }
 }
@@ -94,7 +101,14 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
     };
     let accepted = match decap::inspect(&ctx, cfg) {
         Ok(Some(accepted)) => accepted,
-        Ok(None) => return TC_ACT_OK as i32,
+        // Not VXLAN: a reply to a masqueraded flow, or the host's own traffic.
+        Ok(None) => {
+            return match nat::unmasquerade(&ctx, cfg) {
+                Ok(Some(verdict)) => verdict,
+                Ok(None) => TC_ACT_OK as i32,
+                Err((vni, reason)) => drop_packet(vni, reason, len),
+            };
+        }
         Err((vni, reason)) => return drop_packet(vni, reason, len),
     };
     let vni = accepted.vni;

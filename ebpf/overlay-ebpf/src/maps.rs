@@ -2,12 +2,12 @@
 //! so that `bpftool map dump` prints their keys and values as structs.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     macros::btf_map,
 };
 use overlay_common::maps::{
-    Addr16, AgentConfig, Endpoint, EndpointKey, Network, NetworkKey, OverlaySubnet, RemoteRoute,
-    Stat, StatKey, Vtep, VtepKey, capacity,
+    Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, Network, NetworkKey,
+    OverlaySubnet, RemoteRoute, Stat, StatKey, Vtep, VtepKey, capacity,
 };
 
 #[btf_map]
@@ -34,6 +34,28 @@ pub static OVL_NETWORKS: HashMap<NetworkKey, Network, { capacity::NETWORKS as us
 #[btf_map]
 pub static OVL_STATS: PerCpuHashMap<StatKey, Stat, { capacity::STATS as usize }> =
     PerCpuHashMap::new();
+
+#[btf_map]
+pub static OVL_NAT: LruHashMap<NatKey, NatEntry, { capacity::NAT as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static OVL_NAT_CONFIG: Array<NatConfig, 1> = Array::new();
+
+/// Masquerade settings, once the agent has written them (a port range is never empty).
+#[inline(always)]
+pub fn nat_config() -> Option<&'static NatConfig> {
+    OVL_NAT_CONFIG
+        .get(0)
+        .filter(|c| c.port_min != 0 && c.port_min <= c.port_max)
+}
+
+/// Whether network `vni` masquerades traffic leaving the overlay.
+#[inline(always)]
+pub fn masquerades(vni: u32) -> bool {
+    // SAFETY: entries are replaced whole.
+    unsafe { OVL_NETWORKS.get(NetworkKey { vni }) }
+        .is_some_and(|n| n.flags & overlay_common::maps::Network::FLAG_MASQUERADE != 0)
+}
 
 /// The agent's configuration, once it has written one.
 #[inline(always)]

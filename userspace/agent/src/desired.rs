@@ -33,7 +33,11 @@ impl DesiredDatapath {
             d.networks.insert(
                 vni,
                 Network {
-                    flags: Network::FLAG_MASQUERADE,
+                    flags: if net.masquerades() {
+                        Network::FLAG_MASQUERADE
+                    } else {
+                        0
+                    },
                     _pad: 0,
                 },
             );

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod datapath;
 pub mod desired;
+pub mod masquerade;
 pub mod ipam;
 pub mod netdev;
 pub mod reconcile;

@@ -13,7 +13,7 @@ use clap::Parser;
 use overlay_agent::{
     api,
     datapath::{Datapath, PinLayout},
-    netdev,
+    masquerade, netdev,
     runtime::{Core, follow_master},
 };
 use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
@@ -58,6 +58,21 @@ struct Args {
     /// for the next agent to take over.
     #[arg(long)]
     cleanup_on_exit: bool,
+    /// Ports for masqueraded flows (MIN-MAX); must not overlap the host's ephemeral ports.
+    #[arg(long, default_value = "61000-63999")]
+    masquerade_ports: String,
+    /// Idle timeouts of masqueraded flows, in seconds: TCP, TCP after FIN/RST, UDP, ICMP.
+    #[arg(long, default_value_t = 7440)]
+    nat_tcp_timeout: u32,
+    #[arg(long, default_value_t = 10)]
+    nat_tcp_closing_timeout: u32,
+    #[arg(long, default_value_t = 120)]
+    nat_udp_timeout: u32,
+    #[arg(long, default_value_t = 60)]
+    nat_icmp_timeout: u32,
+    /// Ports tried for a new flow before it is refused (drop_nat_no_port).
+    #[arg(long, default_value_t = 32)]
+    nat_max_probes: u32,
 }
 
 #[tokio::main]
@@ -83,6 +98,24 @@ async fn main() -> anyhow::Result<()> {
     let pins = PinLayout::new(&args.bpffs, &args.instance)?;
     let mut dp = Datapath::load(pins.clone())?;
     dp.attach(&args.underlay_iface, programs::FROM_UNDERLAY)?;
+    let nat_ports =
+        masquerade::parse_port_range(&args.masquerade_ports).context("--masquerade-ports")?;
+    masquerade::check_port_range(
+        &nat_ports,
+        &masquerade::host_ephemeral_ports()?,
+        overlay_api::DEFAULT_VXLAN_PORT,
+    )?;
+    let timeouts = [
+        args.nat_tcp_timeout,
+        args.nat_tcp_closing_timeout,
+        args.nat_udp_timeout,
+        args.nat_icmp_timeout,
+    ];
+    dp.maps().set_nat_config(&masquerade::nat_config(
+        &nat_ports,
+        timeouts,
+        args.nat_max_probes,
+    ))?;
     let mut core = Core::new(dp, underlay, args.mtu);
     core.restore_endpoints()?;
     let state_dir = args
@@ -116,6 +149,17 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(axum::serve(l, api::metrics_router(core.clone())).into_future());
     }
     let follower = tokio::spawn(follow_master(core.clone(), client));
+    // Idle masqueraded flows leave the NAT table (the kernel's LRU only evicts when full).
+    let sweeper = core.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = sweeper.lock().unwrap().sweep_nat() {
+                tracing::warn!("sweeping the NAT table: {e:#}");
+            }
+        }
+    });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -596,7 +596,13 @@ impl Core {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             ));
         }
+        out.push_str(&crate::masquerade::metrics(maps)?);
         Ok(out)
+    }
+
+    /// Removes idle masqueraded flows from the NAT table.
+    pub fn sweep_nat(&mut self) -> anyhow::Result<usize> {
+        crate::masquerade::sweep(self.dp.maps())
     }
 }
 

@@ -61,12 +61,21 @@ pub struct OverlayInfo {
     /// Extra: VXLAN network identifier of this network (24 bits). The master always fills it in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vni: Option<u32>,
+    /// Extra: whether traffic from this network to outside every overlay is masqueraded to the
+    /// agent's address (absent: yes, as in DC/OS). `false` leaves it to the host's routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masquerade: Option<bool>,
 }
 
 impl OverlayInfo {
     /// Absent `enabled` means enabled, as in DC/OS.
     pub fn is_enabled(&self) -> bool {
         self.enabled.unwrap_or(true)
+    }
+
+    /// Absent `masquerade` means masquerade, as DC/OS always did.
+    pub fn masquerades(&self) -> bool {
+        self.masquerade.unwrap_or(true)
     }
 }
 

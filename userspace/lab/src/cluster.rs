@@ -40,6 +40,8 @@ pub struct ClusterSpec {
     pub bin_dir: PathBuf,
     /// Container MTU given to agents and containers.
     pub mtu: u32,
+    /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -49,6 +51,7 @@ impl ClusterSpec {
             config: TWO_NETWORKS.into(),
             bin_dir: bin_dir.to_owned(),
             mtu: 1420,
+            agent_args: vec![],
         }
     }
 }
@@ -59,6 +62,7 @@ pub struct Cluster {
     bin_dir: PathBuf,
     work_dir: PathBuf,
     mtu: u32,
+    agent_args: Vec<String>,
     keep: bool,
     agent_pids: BTreeMap<String, u32>,
 }
@@ -76,6 +80,7 @@ impl Cluster {
             bin_dir: spec.bin_dir,
             work_dir,
             mtu: spec.mtu,
+            agent_args: spec.agent_args.clone(),
             keep: false,
             agent_pids: BTreeMap::new(),
         };
@@ -185,6 +190,7 @@ impl Cluster {
             "--cni-conf-dir",
             self.work_dir.join(format!("{agent}-cni")).to_str().unwrap(),
         ])
+        .args(&self.agent_args)
         .stdout(log.try_clone()?)
         .stderr(log);
         let pid = self.lab.spawn_command(cmd)?;

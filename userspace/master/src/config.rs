@@ -53,6 +53,7 @@ pub struct OverlaySpec {
     pub prefix6: Option<u8>,
     pub enabled: Option<bool>,
     pub vni: Option<u32>,
+    pub masquerade: Option<bool>,
 }
 
 /// Parses an optional address field, naming it in the error.
@@ -93,6 +94,7 @@ impl OverlaySpec {
             prefix6: self.prefix6,
             enabled: self.enabled,
             vni: self.vni,
+            masquerade: self.masquerade,
         })
     }
 }
@@ -118,6 +120,7 @@ pub fn dcos_default() -> NetworkConfig {
                 prefix6: None,
                 enabled: None,
                 vni: None,
+                masquerade: None,
             },
             OverlayInfo {
                 name: "dcos6".into(),
@@ -127,6 +130,7 @@ pub fn dcos_default() -> NetworkConfig {
                 prefix6: Some(80),
                 enabled: None,
                 vni: None,
+                masquerade: None,
             },
         ],
         vxlan_port: DEFAULT_VXLAN_PORT,

@@ -397,6 +397,7 @@ mod tests {
             prefix6: None,
             enabled: None,
             vni: None,
+            masquerade: None,
         }
     }
 

@@ -15,8 +15,9 @@ use ipnetwork::IpNetwork;
 use overlay_common::{
     counters::Counter,
     maps::{
-        Addr16, AgentConfig, Endpoint, EndpointKey, Network, NetworkKey, OverlaySubnet,
-        RemoteRoute, Stat, StatKey, Vtep, VtepKey, ipv4_mapped, ipv4_unmapped, names,
+        Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, Network,
+        NetworkKey, OverlaySubnet, RemoteRoute, Stat, StatKey, Vtep, VtepKey, ipv4_mapped,
+        ipv4_unmapped, names,
     },
 };
 
@@ -83,6 +84,8 @@ pub struct OverlayMaps {
     vteps: HashMap<MapData, VtepKey, Vtep>,
     networks: HashMap<MapData, NetworkKey, Network>,
     stats: PerCpuHashMap<MapData, StatKey, Stat>,
+    nat: HashMap<MapData, NatKey, NatEntry>,
+    nat_config: Array<MapData, NatConfig>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -121,6 +124,8 @@ impl OverlayMaps {
             vteps: Map::HashMap(pinned(pins, names::VTEPS)?).try_into()?,
             networks: Map::HashMap(pinned(pins, names::NETWORKS)?).try_into()?,
             stats: Map::PerCpuHashMap(pinned(pins, names::STATS)?).try_into()?,
+            nat: Map::LruHashMap(pinned(pins, names::NAT)?).try_into()?,
+            nat_config: Map::Array(pinned(pins, names::NAT_CONFIG)?).try_into()?,
         })
     }
 
@@ -133,6 +138,8 @@ impl OverlayMaps {
             vteps: take(ebpf, names::VTEPS)?.try_into()?,
             networks: take(ebpf, names::NETWORKS)?.try_into()?,
             stats: take(ebpf, names::STATS)?.try_into()?,
+            nat: take(ebpf, names::NAT)?.try_into()?,
+            nat_config: take(ebpf, names::NAT_CONFIG)?.try_into()?,
         })
     }
 
@@ -278,6 +285,28 @@ impl OverlayMaps {
         }
         rows.sort_by_key(|r| (r.vni, r.counter as u32));
         Ok(rows)
+    }
+
+    pub fn set_nat_config(&mut self, cfg: &NatConfig) -> anyhow::Result<()> {
+        self.nat_config
+            .set(0, cfg, 0)
+            .context("writing OVL_NAT_CONFIG")
+    }
+
+    pub fn nat_config(&self) -> anyhow::Result<NatConfig> {
+        self.nat_config.get(&0, 0).context("reading OVL_NAT_CONFIG")
+    }
+
+    /// Every connection-tracking entry (two per masqueraded flow).
+    pub fn nat_entries(&self) -> anyhow::Result<Vec<(NatKey, NatEntry)>> {
+        self.nat
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading OVL_NAT")
+    }
+
+    pub fn remove_nat(&mut self, key: &NatKey) -> anyhow::Result<()> {
+        ignore_missing(self.nat.remove(key)).context("removing an entry from OVL_NAT")
     }
 
     /// Packets counted for `counter` on network `vni` (0 if never hit).

@@ -1,0 +1,286 @@
+//! The pure parts of masquerade: port candidates, timeouts, and the checksum arithmetic of
+//! rewriting a packet (RFC 1624 incremental updates) and an ICMP error's embedded header
+//! (RFC 5508), unit-tested on the host.
+
+use crate::{
+    maps::{NatConfig, NatEntry},
+    packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+};
+
+/// The `attempt`-th port to try for a new flow: the container's own port first when it lies in
+/// the range, otherwise a hash-chosen start, then linear probing; never `avoid` (the VXLAN port).
+#[inline(always)]
+pub fn port_candidate(
+    cfg: &NatConfig,
+    original: u16,
+    flow_hash: u32,
+    attempt: u32,
+    avoid: u16,
+) -> u16 {
+    // Written without panicking operations: the kernel side cannot have a panic path.
+    let (min, max) = (cfg.port_min as u32, cfg.port_max as u32);
+    let size = max.saturating_sub(min).saturating_add(1);
+    let start = if original as u32 >= min && original as u32 <= max {
+        original as u32 - min
+    } else {
+        flow_hash.checked_rem(size).unwrap_or(0)
+    };
+    let offset = |n: u32| start.wrapping_add(n).checked_rem(size).unwrap_or(0);
+    let mut port = min + offset(attempt);
+    if port == avoid as u32 {
+        port = min + offset(attempt.wrapping_add(1));
+    }
+    port as u16
+}
+
+/// How long an idle entry of `protocol` lives, in nanoseconds.
+#[inline(always)]
+pub fn timeout_ns(cfg: &NatConfig, protocol: u8, flags: u16) -> u64 {
+    let seconds = match protocol {
+        IPPROTO_TCP if flags & NatEntry::FLAG_CLOSING != 0 => cfg.tcp_closing_timeout_s,
+        IPPROTO_TCP => cfg.tcp_timeout_s,
+        IPPROTO_UDP => cfg.udp_timeout_s,
+        IPPROTO_ICMP => cfg.icmp_timeout_s,
+        _ => cfg.udp_timeout_s,
+    };
+    seconds as u64 * 1_000_000_000
+}
+
+/// Whether an entry last seen at `last_seen_ns` is expired at `now_ns`.
+#[inline(always)]
+pub fn is_expired(cfg: &NatConfig, protocol: u8, entry: &NatEntry, now_ns: u64) -> bool {
+    now_ns.saturating_sub(entry.last_seen_ns) > timeout_ns(cfg, protocol, entry.flags)
+}
+
+/// Folds a 32-bit ones'-complement sum to 16 bits.
+#[inline(always)]
+const fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// RFC 1624 eqn. 3: the checksum after one 16-bit word changes from `old` to `new`.
+#[inline(always)]
+pub const fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
+    !fold(!check as u32 + !old as u32 + new as u32)
+}
+
+/// The checksum after a 4-byte field changes.
+#[inline(always)]
+pub const fn csum_replace32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let c = csum_replace16(
+        check,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+    );
+    csum_replace16(
+        c,
+        u16::from_be_bytes([old[2], old[3]]),
+        u16::from_be_bytes([new[2], new[3]]),
+    )
+}
+
+/// Bytes of an ICMP error's quotation that masquerade rewrites: the embedded IPv4 header
+/// (without options) and the first 8 bytes of its transport header.
+pub const ICMP_QUOTE_LEN: usize = 28;
+
+/// Rewrites the quotation of an ICMP error about a masqueraded flow so that the container sees
+/// its own packet quoted: source address and port (or echo identifier) back to the container's,
+/// the quoted IPv4 checksum and (UDP, when not zero) the quoted UDP checksum adjusted. Returns the
+/// ICMP checksum adjusted for every changed byte (ICMPv4 has no pseudo-header).
+#[inline(always)]
+pub fn rewrite_icmp_quote(
+    icmp_check: u16,
+    quote: &mut [u8; ICMP_QUOTE_LEN],
+    new_src: [u8; 4],
+    new_port: u16,
+) -> u16 {
+    let before = *quote;
+    let old_src = [quote[12], quote[13], quote[14], quote[15]];
+    let protocol = quote[9];
+    // Quoted IPv4 header: source address, then its checksum.
+    quote[12..16].copy_from_slice(&new_src);
+    let ip_check = csum_replace32(u16::from_be_bytes([quote[10], quote[11]]), old_src, new_src);
+    quote[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    // Quoted transport header: the source port is at 20..22 for TCP and UDP; the echo
+    // identifier of a quoted ICMP echo request is at 24..26. (Constant indices only: no panic
+    // path may reach the kernel side.)
+    let new = new_port.to_be_bytes();
+    let old_port = if protocol == IPPROTO_ICMP {
+        let old = u16::from_be_bytes([quote[24], quote[25]]);
+        quote[24] = new[0];
+        quote[25] = new[1];
+        old
+    } else {
+        let old = u16::from_be_bytes([quote[20], quote[21]]);
+        quote[20] = new[0];
+        quote[21] = new[1];
+        old
+    };
+    if protocol == IPPROTO_UDP {
+        let udp_check = u16::from_be_bytes([quote[26], quote[27]]);
+        if udp_check != 0 {
+            // The UDP checksum covers the pseudo-header's source address and the port.
+            let c = csum_replace32(udp_check, old_src, new_src);
+            let c = csum_replace16(c, old_port, new_port);
+            quote[26..28].copy_from_slice(&c.to_be_bytes());
+        }
+    } else if protocol == IPPROTO_ICMP {
+        // The quoted echo request's own checksum covers its identifier.
+        let c = csum_replace16(
+            u16::from_be_bytes([quote[22], quote[23]]),
+            old_port,
+            new_port,
+        );
+        quote[22..24].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut check = icmp_check;
+    let mut i = 0;
+    while i < ICMP_QUOTE_LEN {
+        let old = u16::from_be_bytes([before[i], before[i + 1]]);
+        let new = u16::from_be_bytes([quote[i], quote[i + 1]]);
+        if old != new {
+            check = csum_replace16(check, old, new);
+        }
+        i += 2;
+    }
+    check
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec;
+
+    use crate::packet::ipv4_header_checksum;
+
+    fn cfg() -> NatConfig {
+        NatConfig {
+            port_min: 61000,
+            port_max: 61009,
+            max_probes: 16,
+            tcp_timeout_s: 7440,
+            tcp_closing_timeout_s: 10,
+            udp_timeout_s: 120,
+            icmp_timeout_s: 60,
+        }
+    }
+
+    /// RFC 1071 checksum of a byte string (odd length padded).
+    fn full(data: &[u8]) -> u16 {
+        let mut sum = 0u32;
+        for chunk in data.chunks(2) {
+            let w = if chunk.len() == 2 {
+                u16::from_be_bytes([chunk[0], chunk[1]])
+            } else {
+                (chunk[0] as u16) << 8
+            };
+            sum += w as u32;
+        }
+        !fold(sum)
+    }
+
+    #[test]
+    fn candidates_keep_the_original_port_in_range_probe_linearly_and_avoid_vxlan() {
+        let c = cfg();
+        assert_eq!(port_candidate(&c, 61003, 0, 0, 64000), 61003);
+        assert_eq!(port_candidate(&c, 61003, 0, 1, 64000), 61004);
+        assert_eq!(port_candidate(&c, 61009, 0, 1, 64000), 61000, "wraps");
+        assert_eq!(
+            port_candidate(&c, 40000, 7, 0, 64000),
+            61007,
+            "out of range: hashed start"
+        );
+        assert_eq!(
+            port_candidate(&c, 61003, 0, 0, 61003),
+            61004,
+            "never the VXLAN port"
+        );
+        for a in 0..100 {
+            let p = port_candidate(&c, 12345, 0xdead_beef, a, 64000);
+            assert!((61000..=61009).contains(&p));
+        }
+    }
+
+    #[test]
+    fn timeouts_by_protocol_and_closing() {
+        let c = cfg();
+        let mut e = NatEntry {
+            last_seen_ns: 1_000_000_000,
+            ..Default::default()
+        };
+        assert!(!is_expired(&c, IPPROTO_UDP, &e, 100_000_000_000));
+        assert!(is_expired(&c, IPPROTO_UDP, &e, 122_000_000_000));
+        assert!(!is_expired(&c, IPPROTO_TCP, &e, 122_000_000_000));
+        e.flags = NatEntry::FLAG_CLOSING;
+        assert!(is_expired(&c, IPPROTO_TCP, &e, 12_000_000_000));
+    }
+
+    #[test]
+    fn incremental_updates_match_recomputation() {
+        let mut h: [u8; 20] = [
+            0x45, 0, 0, 84, 0x12, 0x34, 0x40, 0, 64, 1, 0, 0, 9, 0, 1, 2, 192, 0, 2, 7,
+        ];
+        let c = ipv4_header_checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let updated = csum_replace32(c, [9, 0, 1, 2], [10, 250, 0, 11]);
+        h[12..16].copy_from_slice(&[10, 250, 0, 11]);
+        h[10..12].copy_from_slice(&[0, 0]);
+        assert_eq!(updated, ipv4_header_checksum(&h));
+    }
+
+    #[test]
+    fn icmp_error_quote_is_rewritten_with_every_checksum_right() {
+        // An ICMP frag-needed error (type 3 code 4, MTU 1300) quoting a masqueraded UDP packet
+        // 10.250.0.11:61005 -> 192.0.2.7:9000, plus 4 more quoted payload bytes.
+        let mut inner_ip: [u8; 20] = [
+            0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 250, 0, 11, 192, 0, 2, 7,
+        ];
+        let c = ipv4_header_checksum(&inner_ip);
+        inner_ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut udp = [0u8; 8];
+        udp[0..2].copy_from_slice(&61005u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&9000u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&20u16.to_be_bytes());
+        let payload = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let udp_sum = |src: [u8; 4], udp: &[u8; 8]| {
+            let mut pseudo = vec![];
+            pseudo.extend_from_slice(&src);
+            pseudo.extend_from_slice(&[192, 0, 2, 7, 0, 17, 0, 20]);
+            let mut u = *udp;
+            u[6] = 0;
+            u[7] = 0;
+            pseudo.extend_from_slice(&u);
+            pseudo.extend_from_slice(&payload);
+            full(&pseudo)
+        };
+        let s = udp_sum([10, 250, 0, 11], &udp);
+        udp[6..8].copy_from_slice(&s.to_be_bytes());
+        let mut icmp = vec![3u8, 4, 0, 0, 0, 0, 0x05, 0x14];
+        icmp.extend_from_slice(&inner_ip);
+        icmp.extend_from_slice(&udp);
+        icmp.extend_from_slice(&payload[..4]);
+        let c = full(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+
+        let mut quote: [u8; ICMP_QUOTE_LEN] = icmp[8..36].try_into().unwrap();
+        let new_check = rewrite_icmp_quote(c, &mut quote, [9, 0, 1, 2], 40000);
+        icmp[8..36].copy_from_slice(&quote);
+        icmp[2..4].copy_from_slice(&new_check.to_be_bytes());
+        assert_eq!(full(&icmp), 0, "ICMP checksum of the rewritten error");
+        let ip: [u8; 20] = icmp[8..28].try_into().unwrap();
+        assert_eq!(&ip[12..16], &[9, 0, 1, 2]);
+        assert_eq!(full(&ip), 0, "quoted IPv4 checksum");
+        assert_eq!(&icmp[28..30], &40000u16.to_be_bytes());
+        let mut rewritten_udp: [u8; 8] = icmp[28..36].try_into().unwrap();
+        let got = u16::from_be_bytes([rewritten_udp[6], rewritten_udp[7]]);
+        rewritten_udp[6] = 0;
+        assert_eq!(
+            got,
+            udp_sum([9, 0, 1, 2], &rewritten_udp),
+            "quoted UDP checksum"
+        );
+    }
+}

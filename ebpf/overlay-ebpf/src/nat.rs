@@ -1,0 +1,452 @@
+//! Masquerade: container traffic to outside every overlay leaves with the agent's underlay address
+//! (no iptables), and replies and ICMP errors about it are translated back.
+//!
+//! `OVL_NAT` holds two entries per flow: the egress key (original tuple) and the ingress key
+//! (translated tuple). A port is claimed by inserting the ingress key with `BPF_NOEXIST`, so two
+//! CPUs can never hand out the same tuple.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_EXIST, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        BPF_NOEXIST,
+    },
+    helpers::generated::{bpf_get_hash_recalc, bpf_ktime_get_ns, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use overlay_common::{
+    counters::{Counter, NO_NETWORK},
+    maps::{AgentConfig, NatConfig, NatEntry, NatKey, ipv4_mapped, ipv4_unmapped, nat_direction},
+    nat::{ICMP_QUOTE_LEN, is_expired, port_candidate, rewrite_icmp_quote},
+    packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
+};
+
+use crate::{
+    deliver,
+    maps::{OVL_NAT, endpoint, nat_config},
+    skb,
+    stats::count,
+};
+
+/// Upper bound of the probing loop, for the verifier; `NatConfig::max_probes` is the real limit.
+const PROBE_LIMIT: u32 = 64;
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
+
+/// Offsets within the IPv4 header.
+const IP_CHECK: usize = ETH_HLEN + 10;
+const IP_SRC: usize = ETH_HLEN + 12;
+const IP_DST: usize = ETH_HLEN + 16;
+
+/// The transport facts of a packet that masquerade needs.
+struct Transport {
+    /// Source port, or the echo identifier.
+    src_port: u16,
+    /// Destination port; 0 for ICMP echo.
+    dst_port: u16,
+    /// Offset of the transport checksum.
+    check_at: usize,
+    /// Offset of the source port (or identifier).
+    src_port_at: usize,
+    closing: bool,
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+/// Checksum helpers take the raw (network-order) field as it sits in memory.
+#[inline(always)]
+fn raw16(v: u16) -> u64 {
+    u16::from_ne_bytes(v.to_be_bytes()) as u64
+}
+
+#[inline(always)]
+fn raw32(a: [u8; 4]) -> u64 {
+    u32::from_ne_bytes(a) as u64
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Ports (or echo identifier) of a packet with the IPv4 header `ip`; `egress` selects which ICMP
+/// echo type is acceptable (requests go out, replies come in).
+#[inline(always)]
+fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport, Counter> {
+    let l4 = ETH_HLEN + ip.header_len;
+    match ip.protocol {
+        IPPROTO_TCP => {
+            let h = skb::load::<14>(ctx, l4)?;
+            Ok(Transport {
+                src_port: be16([h[0], h[1]]),
+                dst_port: be16([h[2], h[3]]),
+                check_at: l4 + 16,
+                src_port_at: l4,
+                closing: h[13] & TCP_FIN_OR_RST != 0,
+            })
+        }
+        IPPROTO_UDP => {
+            let h = skb::load::<8>(ctx, l4)?;
+            Ok(Transport {
+                src_port: be16([h[0], h[1]]),
+                dst_port: be16([h[2], h[3]]),
+                check_at: l4 + 6,
+                src_port_at: l4,
+                closing: false,
+            })
+        }
+        IPPROTO_ICMP => {
+            let h = skb::load::<8>(ctx, l4)?;
+            let wanted = if egress {
+                ICMP_ECHO_REQUEST
+            } else {
+                ICMP_ECHO_REPLY
+            };
+            if h[0] != wanted {
+                return Err(Counter::DropNatUnsupported);
+            }
+            Ok(Transport {
+                src_port: be16([h[4], h[5]]),
+                dst_port: 0,
+                check_at: l4 + 2,
+                src_port_at: l4 + 4,
+                closing: false,
+            })
+        }
+        _ => Err(Counter::DropNatUnsupported),
+    }
+}
+
+/// The ingress key that belongs to an egress entry, and the reverse.
+#[inline(always)]
+fn paired_key(key: &NatKey, entry: &NatEntry) -> NatKey {
+    NatKey {
+        remote: key.remote,
+        local: entry.addr,
+        remote_port: key.remote_port,
+        local_port: entry.port,
+        protocol: key.protocol,
+        direction: key.direction ^ 1,
+        _pad: [0; 2],
+    }
+}
+
+/// The entry for `key` if it is live.
+#[inline(always)]
+fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<NatEntry> {
+    // SAFETY: entries are replaced whole or have only `last_seen_ns`/`flags` updated in place.
+    let e = unsafe { OVL_NAT.get(key) }?;
+    if is_expired(cfg, key.protocol, e, now) {
+        None
+    } else {
+        Some(*e)
+    }
+}
+
+/// Marks both directions of a flow as used now (and closing after FIN/RST).
+#[inline(always)]
+fn refresh(key: &NatKey, entry: &NatEntry, now: u64, closing: bool) {
+    for k in [*key, paired_key(key, entry)] {
+        if let Some(e) = OVL_NAT.get_ptr_mut(k) {
+            // SAFETY: a pointer into the map value; racing writers only store timestamps/flags.
+            unsafe {
+                (*e).last_seen_ns = now;
+                if closing {
+                    (*e).flags |= NatEntry::FLAG_CLOSING;
+                }
+            }
+        }
+    }
+}
+
+/// Claims a port for a new flow. Returns the egress entry.
+#[inline(always)]
+fn allocate(
+    ctx: &TcContext,
+    nat: &NatConfig,
+    key: &NatKey,
+    underlay: [u8; 4],
+    vni: u32,
+    vxlan_port: u16,
+    now: u64,
+) -> Result<NatEntry, Counter> {
+    // SAFETY: plain helper call on the program's own context.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let back = NatEntry {
+        addr: key.local,
+        port: key.local_port,
+        flags: 0,
+        vni,
+        last_seen_ns: now,
+    };
+    for attempt in 0..PROBE_LIMIT {
+        if attempt >= nat.max_probes {
+            break;
+        }
+        let port = port_candidate(nat, key.local_port, hash, attempt, vxlan_port);
+        let ingress = NatKey {
+            remote: key.remote,
+            local: ipv4_mapped(underlay),
+            remote_port: key.remote_port,
+            local_port: port,
+            protocol: key.protocol,
+            direction: nat_direction::INGRESS,
+            _pad: [0; 2],
+        };
+        let claimed = if OVL_NAT.insert(ingress, back, BPF_NOEXIST as u64).is_ok() {
+            true
+        } else {
+            // Taken: an expired flow's tuple may be reused; its stale egress entry goes with it.
+            match live(nat, &ingress, now) {
+                Some(_) => false,
+                None => {
+                    // SAFETY: as in `live`.
+                    if let Some(old) = unsafe { OVL_NAT.get(ingress) } {
+                        let _ = OVL_NAT.remove(paired_key(&ingress, old));
+                    }
+                    OVL_NAT.insert(ingress, back, BPF_EXIST as u64).is_ok()
+                }
+            }
+        };
+        if claimed {
+            let out = NatEntry {
+                addr: ipv4_mapped(underlay),
+                port,
+                flags: 0,
+                vni,
+                last_seen_ns: now,
+            };
+            OVL_NAT
+                .insert(key, out, BPF_ANY as u64)
+                .map_err(|_| Counter::DropNatNoPort)?;
+            count(vni, Counter::NatCreated, 0);
+            return Ok(out);
+        }
+        count(vni, Counter::NatPortRetries, 0);
+    }
+    Err(Counter::DropNatNoPort)
+}
+
+/// Rewrites the source of a container's packet to the underlay address and a flow port and sends
+/// it out of the underlay NIC.
+#[inline(always)]
+pub fn masquerade(
+    ctx: &TcContext,
+    cfg: &AgentConfig,
+    ip: &Ipv4Header,
+    vni: u32,
+) -> Result<i32, Counter> {
+    let nat = nat_config().ok_or(Counter::DropNotReady)?;
+    let underlay = ipv4_unmapped(&cfg.underlay_ip).ok_or(Counter::DropNoRoute)?;
+    if ip.is_fragment {
+        return Err(Counter::DropNatUnsupported);
+    }
+    let t = transport(ctx, ip, true)?;
+    let key = NatKey {
+        remote: ipv4_mapped(ip.dst),
+        local: ipv4_mapped(ip.src),
+        remote_port: t.dst_port,
+        local_port: t.src_port,
+        protocol: ip.protocol,
+        direction: nat_direction::EGRESS,
+        _pad: [0; 2],
+    };
+    let now = now_ns();
+    let out = match live(nat, &key, now) {
+        Some(e) => e,
+        None => allocate(ctx, nat, &key, underlay, vni, cfg.vxlan_port, now)?,
+    };
+    refresh(&key, &out, now, t.closing);
+
+    let fail = |_| Counter::DropMalformed;
+    ctx.l3_csum_replace(IP_CHECK, raw32(ip.src), raw32(underlay), 4)
+        .map_err(fail)?;
+    ctx.store(IP_SRC, &underlay, 0).map_err(fail)?;
+    match ip.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let zero_ok = if ip.protocol == IPPROTO_UDP {
+                BPF_F_MARK_MANGLED_0 as u64
+            } else {
+                0
+            };
+            let flags = BPF_F_PSEUDO_HDR as u64 | zero_ok;
+            ctx.l4_csum_replace(t.check_at, raw32(ip.src), raw32(underlay), flags | 4)
+                .map_err(fail)?;
+            ctx.l4_csum_replace(t.check_at, raw16(t.src_port), raw16(out.port), zero_ok | 2)
+                .map_err(fail)?;
+        }
+        _ => ctx
+            .l4_csum_replace(t.check_at, raw16(t.src_port), raw16(out.port), 2)
+            .map_err(fail)?,
+    }
+    ctx.store(t.src_port_at, &out.port.to_be_bytes(), 0)
+        .map_err(fail)?;
+    count(vni, Counter::Masqueraded, ctx.len());
+    // SAFETY: plain helper call; the FIB picks the next hop of the outside address.
+    Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
+
+/// Translates a packet from outside back to the container whose flow it answers: `Ok(None)` when
+/// it answers none (the host's own traffic), `Err` to drop it.
+#[inline(always)]
+pub fn unmasquerade(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<i32>, (u32, Counter)> {
+    let none = |c| (NO_NETWORK, c);
+    let Some(nat) = nat_config() else {
+        return Ok(None);
+    };
+    let Some(underlay) = ipv4_unmapped(&cfg.underlay_ip) else {
+        return Ok(None);
+    };
+    let Ok(raw) = skb::load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
+        return Ok(None);
+    };
+    let Ok(ip) = Ipv4Header::parse(&raw) else {
+        return Ok(None);
+    };
+    if ip.dst != underlay || ip.is_fragment || ip.header_len != IPV4_HLEN {
+        return Ok(None);
+    }
+    let l4 = ETH_HLEN + IPV4_HLEN;
+    if ip.protocol == IPPROTO_ICMP {
+        let Ok(h) = skb::load::<2>(ctx, l4) else {
+            return Ok(None);
+        };
+        if h[0] == ICMP_DEST_UNREACH || h[0] == ICMP_TIME_EXCEEDED {
+            return icmp_error(ctx, nat, underlay);
+        }
+    }
+    let Ok(t) = transport(ctx, &ip, false) else {
+        return Ok(None);
+    };
+    let key = NatKey {
+        remote: ipv4_mapped(ip.src),
+        local: ipv4_mapped(underlay),
+        remote_port: t.src_port,
+        local_port: t.dst_port,
+        protocol: ip.protocol,
+        direction: nat_direction::INGRESS,
+        _pad: [0; 2],
+    };
+    // An echo reply's identifier is its "destination port".
+    let key = if ip.protocol == IPPROTO_ICMP {
+        NatKey {
+            remote_port: 0,
+            local_port: t.src_port,
+            ..key
+        }
+    } else {
+        key
+    };
+    let now = now_ns();
+    let Some(back) = live(nat, &key, now) else {
+        return Ok(None);
+    };
+    let vni = back.vni;
+    let in_net = |c| (vni, c);
+    let Some(ep) = endpoint(back.addr) else {
+        return Err(in_net(Counter::DropNoEndpoint));
+    };
+    refresh(&key, &back, now, t.closing);
+    let container = ipv4_unmapped(&back.addr).ok_or(none(Counter::DropMalformed))?;
+    let fail = |_| (vni, Counter::DropMalformed);
+    ctx.l3_csum_replace(IP_CHECK, raw32(underlay), raw32(container), 4)
+        .map_err(fail)?;
+    ctx.store(IP_DST, &container, 0).map_err(fail)?;
+    let (port_at, old_port) = match ip.protocol {
+        IPPROTO_ICMP => (t.src_port_at, t.src_port),
+        _ => (l4 + 2, t.dst_port),
+    };
+    match ip.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let zero_ok = if ip.protocol == IPPROTO_UDP {
+                BPF_F_MARK_MANGLED_0 as u64
+            } else {
+                0
+            };
+            let flags = BPF_F_PSEUDO_HDR as u64 | zero_ok;
+            ctx.l4_csum_replace(t.check_at, raw32(underlay), raw32(container), flags | 4)
+                .map_err(fail)?;
+            ctx.l4_csum_replace(t.check_at, raw16(old_port), raw16(back.port), zero_ok | 2)
+                .map_err(fail)?;
+        }
+        _ => ctx
+            .l4_csum_replace(t.check_at, raw16(old_port), raw16(back.port), 2)
+            .map_err(fail)?,
+    }
+    ctx.store(port_at, &back.port.to_be_bytes(), 0)
+        .map_err(fail)?;
+    let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
+    count(vni, Counter::Unmasqueraded, ctx.len());
+    Ok(Some(verdict))
+}
+
+/// An ICMP error (destination unreachable, frag-needed included, or time exceeded) about a
+/// masqueraded flow: the quoted header is rewritten to the container's tuple (RFC 5508) so that
+/// path-MTU discovery and error reporting keep working, and the error is delivered.
+#[inline(always)]
+fn icmp_error(
+    ctx: &TcContext,
+    nat: &NatConfig,
+    underlay: [u8; 4],
+) -> Result<Option<i32>, (u32, Counter)> {
+    let l4 = ETH_HLEN + IPV4_HLEN;
+    let Ok(head) = skb::load::<4>(ctx, l4) else {
+        return Ok(None);
+    };
+    let Ok(mut quote) = skb::load::<ICMP_QUOTE_LEN>(ctx, l4 + 8) else {
+        return Ok(None);
+    };
+    let quoted: [u8; IPV4_HLEN] = [
+        quote[0], quote[1], quote[2], quote[3], quote[4], quote[5], quote[6], quote[7], quote[8],
+        quote[9], quote[10], quote[11], quote[12], quote[13], quote[14], quote[15], quote[16],
+        quote[17], quote[18], quote[19],
+    ];
+    let Ok(inner) = Ipv4Header::parse(&quoted) else {
+        return Ok(None);
+    };
+    if inner.src != underlay || inner.header_len != IPV4_HLEN {
+        return Ok(None);
+    }
+    let (remote_port, local_port) = match inner.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (be16([quote[22], quote[23]]), be16([quote[20], quote[21]])),
+        IPPROTO_ICMP if quote[20] == ICMP_ECHO_REQUEST => (0, be16([quote[24], quote[25]])),
+        _ => return Ok(None),
+    };
+    let key = NatKey {
+        remote: ipv4_mapped(inner.dst),
+        local: ipv4_mapped(underlay),
+        remote_port,
+        local_port,
+        protocol: inner.protocol,
+        direction: nat_direction::INGRESS,
+        _pad: [0; 2],
+    };
+    let Some(back) = live(nat, &key, now_ns()) else {
+        return Ok(None);
+    };
+    let vni = back.vni;
+    let in_net = |c| (vni, c);
+    let Some(ep) = endpoint(back.addr) else {
+        return Err(in_net(Counter::DropNoEndpoint));
+    };
+    let container = ipv4_unmapped(&back.addr).ok_or(in_net(Counter::DropMalformed))?;
+    let check = rewrite_icmp_quote(be16([head[2], head[3]]), &mut quote, container, back.port);
+    let fail = |_| (vni, Counter::DropMalformed);
+    let recompute = BPF_F_RECOMPUTE_CSUM as u64;
+    ctx.store(l4 + 8, &quote, recompute).map_err(fail)?;
+    ctx.store(l4 + 2, &check.to_be_bytes(), recompute)
+        .map_err(fail)?;
+    ctx.l3_csum_replace(IP_CHECK, raw32(underlay), raw32(container), 4)
+        .map_err(fail)?;
+    ctx.store(IP_DST, &container, 0).map_err(fail)?;
+    let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
+    count(vni, Counter::Unmasqueraded, ctx.len());
+    Ok(Some(verdict))
+}

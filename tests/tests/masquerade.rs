@@ -1,0 +1,344 @@
+//! Masquerade in BPF, against a real cluster: containers reach a host outside every overlay (the
+//! lab's external host) with the agent's underlay address as their source, replies and ICMP
+//! errors come back to the right container, and nothing else does.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use overlay_agent::datapath::{OverlayMaps, from_addr16};
+use overlay_common::{counters::Counter, maps::nat_direction};
+use overlay_lab::{
+    Container, Node,
+    cluster::{Cluster, ClusterSpec, TWO_NETWORKS},
+};
+use overlay_tests::{bin_path, lab_pins};
+
+const DCOS: u32 = 1024;
+const EXT: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 254);
+const A1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
+const PORT: u16 = 8000;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("support/nat_peers.py")
+}
+
+fn cluster(agents: usize, config: &str) -> Cluster {
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let mut spec = ClusterSpec::new(agents, &bin_dir);
+    spec.config = config.into();
+    spec.agent_args = ["--nat-udp-timeout", "3"].map(String::from).to_vec();
+    Cluster::up(spec).unwrap()
+}
+
+/// Starts the external host's peer server (killed with the lab) and waits until it listens.
+fn start_peer_server(c: &mut Cluster) {
+    let out = std::env::temp_dir().join(format!("{}-peer-server.out", c.lab.id()));
+    let mut cmd = c.lab.external().command("python3");
+    cmd.arg(script())
+        .args(["peer-server", &PORT.to_string()])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null());
+    c.lab.spawn_command(cmd).unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "peer server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(out);
+}
+
+fn peers(node: &Node, args: &[&str]) -> String {
+    let mut full = vec![script().to_str().unwrap().to_owned()];
+    full.extend(args.iter().map(|s| s.to_string()));
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    node.exec("python3", &full).unwrap().trim().to_owned()
+}
+
+fn maps(c: &Cluster, agent: &str) -> OverlayMaps {
+    OverlayMaps::open_pinned(&lab_pins(&c.lab, agent)).unwrap()
+}
+
+fn ip(c: &Container) -> Ipv4Addr {
+    c.node.ip.unwrap()
+}
+
+#[test]
+fn containers_reach_the_outside_as_their_agent_and_replies_come_back() {
+    let mut c = cluster(2, TWO_NETWORKS);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let y = c.add_container("a2", "blue").unwrap();
+    start_peer_server(&mut c);
+
+    // TCP: the server sees the agent's underlay address and a masquerade port; echo works.
+    let seen = peers(
+        &x.node,
+        &["tcp-hold", &EXT.to_string(), &PORT.to_string(), "0", "0"],
+    );
+    let (addr, rest) = seen
+        .split_once(':')
+        .unwrap_or_else(|| panic!("bad answer {seen:?}"));
+    assert_eq!(addr, A1.to_string(), "server saw {seen}");
+    let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        (61000..=63999).contains(&port),
+        "port {port} outside the masquerade range"
+    );
+    assert!(seen.ends_with("echo-ok"), "{seen}");
+    // UDP and ICMP echo: the external host has no route into the overlay, so any answer at all
+    // proves the source was translated.
+    assert_eq!(
+        peers(
+            &x.node,
+            &["udp-flows", &EXT.to_string(), &PORT.to_string(), "1"]
+        ),
+        "1"
+    );
+    assert!(x.node.ping(EXT), "ping to the outside got no reply");
+    assert!(
+        y.node.ping(EXT),
+        "ping from another network on another agent got no reply"
+    );
+
+    let m = maps(&c, "a1");
+    for counter in [
+        Counter::Masqueraded,
+        Counter::Unmasqueraded,
+        Counter::NatCreated,
+    ] {
+        assert!(
+            m.stat(DCOS, counter).unwrap() > 0,
+            "{} not counted",
+            counter.name()
+        );
+    }
+    let udp_flow = |m: &OverlayMaps| {
+        m.nat_entries().unwrap().into_iter().any(|(k, _)| {
+            k.protocol == 17
+                && k.direction == nat_direction::EGRESS
+                && from_addr16(&k.local) == IpAddr::V4(ip(&x))
+        })
+    };
+    assert!(udp_flow(&m), "no UDP flow in OVL_NAT");
+    let metrics = c.agent("a1").metrics().unwrap();
+    assert!(
+        metrics.contains("overlay_nat_entries ") && metrics.contains("counter=\"masqueraded\""),
+        "{metrics}"
+    );
+
+    // Idle UDP flows expire (timeout 3 s here) and leave the table.
+    let start = Instant::now();
+    while udp_flow(&maps(&c, "a1")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "UDP flow never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_thousand_concurrent_flows_from_several_containers_all_work() {
+    let mut c = cluster(2, TWO_NETWORKS);
+    let containers: Vec<Container> = ["a1", "a1", "a2", "a2"]
+        .iter()
+        .map(|a| c.add_container(a, "dcos").unwrap())
+        .collect();
+    start_peer_server(&mut c);
+    let answered: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = containers
+            .iter()
+            .map(|x| {
+                s.spawn(move || {
+                    peers(
+                        &x.node,
+                        &["udp-flows", &EXT.to_string(), &PORT.to_string(), "250"],
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answered, ["250"; 4], "answers per container");
+    let flows = |agent: &str| {
+        maps(&c, agent)
+            .nat_entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.direction == nat_direction::EGRESS)
+            .count()
+    };
+    assert!(
+        flows("a1") >= 500 && flows("a2") >= 500,
+        "a1 {} a2 {}",
+        flows("a1"),
+        flows("a2")
+    );
+}
+
+#[test]
+fn a_host_connection_and_a_container_flow_wanting_the_same_port_both_work() {
+    let mut c = cluster(1, TWO_NETWORKS);
+    let x = c.add_container("a1", "dcos").unwrap();
+    start_peer_server(&mut c);
+    let host = c.lab.node("a1").unwrap().clone();
+    let args = [
+        "tcp-hold",
+        &EXT.to_string(),
+        &PORT.to_string(),
+        "40000",
+        "2",
+    ]
+    .map(String::from);
+    let (from_host, from_container) = std::thread::scope(|s| {
+        let a = s.spawn(|| peers(&host, &args.each_ref().map(String::as_str)));
+        let b = s.spawn(|| peers(&x.node, &args.each_ref().map(String::as_str)));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(
+        from_host,
+        format!("{A1}:40000 echo-ok"),
+        "the host's own connection"
+    );
+    assert!(
+        from_container.starts_with(&format!("{A1}:")) && from_container.ends_with("echo-ok"),
+        "{from_container}"
+    );
+    assert_ne!(
+        from_container, from_host,
+        "the container flow took the host's tuple"
+    );
+}
+
+#[test]
+fn a_reply_without_a_mapping_reaches_no_container() {
+    let mut c = cluster(1, TWO_NETWORKS);
+    let x = c.add_container("a1", "dcos").unwrap();
+    // Quiet the container link (no IPv6 chatter) so its receive counter only moves for us.
+    x.node
+        .exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+        .unwrap();
+    c.lab
+        .node("a1")
+        .unwrap()
+        .exec(
+            "sysctl",
+            &[
+                "-qw",
+                &format!("net.ipv6.conf.{}.disable_ipv6=1", x.host_veth),
+            ],
+        )
+        .unwrap();
+    let rx = || {
+        x.node
+            .exec("cat", &["/sys/class/net/eth0/statistics/rx_packets"])
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = rx();
+    for port in ["61000", "61500", "63999"] {
+        c.lab
+            .external()
+            .exec(
+                "sh",
+                &["-c", &format!("echo stray | nc -u -w 0 {A1} {port}")],
+            )
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        rx(),
+        before,
+        "a packet without a mapping reached the container"
+    );
+    assert_eq!(
+        maps(&c, "a1").stat(DCOS, Counter::Unmasqueraded).unwrap(),
+        0
+    );
+}
+
+#[test]
+fn a_too_big_icmp_error_from_outside_reaches_the_right_container() {
+    let mut c = cluster(1, TWO_NETWORKS);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let other = c.add_container("a1", "dcos").unwrap();
+    start_peer_server(&mut c);
+    assert_eq!(
+        peers(
+            &x.node,
+            &["udp-flows", &EXT.to_string(), &PORT.to_string(), "1"]
+        ),
+        "1"
+    );
+    let (key, entry) = maps(&c, "a1")
+        .nat_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.protocol == 17 && k.direction == nat_direction::EGRESS)
+        .expect("the UDP flow's mapping");
+    // Listen in both containers, then let a "router" send frag-needed about the flow.
+    let listen = |n: &Node| {
+        let mut cmd = n.command("python3");
+        cmd.arg(script())
+            .args(["icmp-listen", "4"])
+            .stdout(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let (lx, lo) = (listen(&x.node), listen(&other.node));
+    std::thread::sleep(Duration::from_millis(300));
+    peers(
+        c.lab.external(),
+        &[
+            "icmp-too-big",
+            &A1.to_string(),
+            &A1.to_string(),
+            &EXT.to_string(),
+            &entry.port.to_string(),
+            &PORT.to_string(),
+            "1300",
+        ],
+    );
+    let got_x = String::from_utf8(lx.wait_with_output().unwrap().stdout).unwrap();
+    let got_other = String::from_utf8(lo.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(
+        got_x.trim(),
+        format!("3 4 {} {} checksum_ok", ip(&x), key.local_port),
+        "the flow's container"
+    );
+    assert_eq!(got_other.trim(), "none", "another container got the error");
+}
+
+#[test]
+fn a_network_can_opt_out_of_masquerade() {
+    let config = format!(
+        "{TWO_NETWORKS}  - name: plain\n    subnet: 10.2.0.0/16\n    prefix: 24\n    masquerade: false\n"
+    );
+    let mut c = cluster(1, &config);
+    let x = c.add_container("a1", "plain").unwrap();
+    let vni = c
+        .agent_info("a1")
+        .unwrap()
+        .overlays
+        .iter()
+        .find(|o| o.info.name == "plain")
+        .map(|o| o.backend.vxlan.vni)
+        .unwrap();
+    assert!(
+        !x.node.ping(EXT),
+        "a network that opted out was masqueraded"
+    );
+    let m = maps(&c, "a1");
+    assert_eq!(m.stat(vni, Counter::Masqueraded).unwrap(), 0);
+    assert!(m.stat(vni, Counter::PassedToHost).unwrap() > 0);
+}

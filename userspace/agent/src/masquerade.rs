@@ -1,0 +1,171 @@
+//! The agent's side of masquerade: the settings the BPF NAT runs with (validated against the
+//! host, so our ports never collide with the host's own connections), expiry of idle flows, and
+//! the NAT table's metrics.
+
+use std::{
+    ops::RangeInclusive,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use anyhow::{Context as _, bail};
+use overlay_common::{
+    maps::{NatConfig, capacity},
+    nat::is_expired,
+};
+
+use crate::datapath::OverlayMaps;
+
+/// Idle flows removed by the sweeper since start.
+static EXPIRED: AtomicU64 = AtomicU64::new(0);
+
+/// Parses `MIN-MAX` (a masquerade port range).
+pub fn parse_port_range(text: &str) -> anyhow::Result<RangeInclusive<u16>> {
+    let (a, b) = text
+        .split_once('-')
+        .with_context(|| format!("{text:?}: expected MIN-MAX"))?;
+    let (min, max): (u16, u16) = (
+        a.trim()
+            .parse()
+            .with_context(|| format!("{text:?}: bad port {a:?}"))?,
+        b.trim()
+            .parse()
+            .with_context(|| format!("{text:?}: bad port {b:?}"))?,
+    );
+    if min == 0 || min > max {
+        bail!("{text:?}: need 1 <= MIN <= MAX");
+    }
+    Ok(min..=max)
+}
+
+/// The host's ephemeral port range (`net.ipv4.ip_local_port_range` of this namespace).
+pub fn host_ephemeral_ports() -> anyhow::Result<RangeInclusive<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("reading net.ipv4.ip_local_port_range")?;
+    let mut f = text.split_whitespace().map(str::parse::<u16>);
+    match (f.next(), f.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => Ok(a..=b),
+        _ => bail!("unexpected net.ipv4.ip_local_port_range {text:?}"),
+    }
+}
+
+/// Checks a masquerade port range against the host: it must not overlap the host's ephemeral
+/// ports (or the host's connections and ours could pick the same tuple) and must leave room
+/// besides the VXLAN port.
+pub fn check_port_range(
+    ports: &RangeInclusive<u16>,
+    host: &RangeInclusive<u16>,
+    vxlan_port: u16,
+) -> anyhow::Result<()> {
+    if ports.start() <= host.end() && host.start() <= ports.end() {
+        bail!(
+            "--masquerade-ports {}-{} overlaps the host's ephemeral ports {}-{} \
+             (net.ipv4.ip_local_port_range): choose a disjoint range",
+            ports.start(),
+            ports.end(),
+            host.start(),
+            host.end()
+        );
+    }
+    if ports.start() == ports.end() && *ports.start() == vxlan_port {
+        bail!("--masquerade-ports holds only the VXLAN port {vxlan_port}");
+    }
+    Ok(())
+}
+
+/// Removes every idle flow (both directions) from the NAT table; returns how many entries went.
+pub fn sweep(maps: &mut OverlayMaps) -> anyhow::Result<usize> {
+    let cfg = maps.nat_config()?;
+    let now = monotonic_ns();
+    let expired: Vec<_> = maps
+        .nat_entries()?
+        .into_iter()
+        .filter(|(k, e)| is_expired(&cfg, k.protocol, e, now))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &expired {
+        maps.remove_nat(k)?;
+    }
+    EXPIRED.fetch_add(expired.len() as u64, Ordering::Relaxed);
+    Ok(expired.len())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Prometheus lines for the NAT table: fill level, capacity, expiries.
+pub fn metrics(maps: &OverlayMaps) -> anyhow::Result<String> {
+    let entries = maps.nat_entries()?.len();
+    let mut out = String::new();
+    for (name, help, kind, value) in [
+        (
+            "overlay_nat_entries",
+            "Connection-tracking entries (two per masqueraded flow).",
+            "gauge",
+            entries as u64,
+        ),
+        (
+            "overlay_nat_capacity",
+            "Capacity of the NAT table (LRU-evicted when full).",
+            "gauge",
+            capacity::NAT as u64,
+        ),
+        (
+            "overlay_nat_expired_total",
+            "Idle NAT entries removed by the agent.",
+            "counter",
+            EXPIRED.load(Ordering::Relaxed),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    Ok(out)
+}
+
+/// Builds the BPF-side settings.
+pub fn nat_config(ports: &RangeInclusive<u16>, timeouts: [u32; 4], max_probes: u32) -> NatConfig {
+    let [tcp, tcp_closing, udp, icmp] = timeouts;
+    NatConfig {
+        port_min: *ports.start(),
+        port_max: *ports.end(),
+        max_probes: max_probes.clamp(1, 64),
+        tcp_timeout_s: tcp,
+        tcp_closing_timeout_s: tcp_closing,
+        udp_timeout_s: udp,
+        icmp_timeout_s: icmp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_are_parsed_and_checked_against_the_host() {
+        assert_eq!(parse_port_range("61000-63999").unwrap(), 61000..=63999);
+        assert!(parse_port_range("63999-61000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("61000").is_err());
+        let host = 32768..=60999;
+        assert!(check_port_range(&(61000..=63999), &host, 64000).is_ok());
+        let err = check_port_range(&(60000..=62000), &host, 64000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("overlaps") && err.contains("32768-60999"),
+            "{err}"
+        );
+        assert!(check_port_range(&(64000..=64000), &host, 64000).is_err());
+    }
+}
