@@ -3,6 +3,7 @@
 //! xtask depends on nothing that needs the eBPF toolchain, so it builds on a fresh machine and
 //! then installs that toolchain itself (`setup`).
 
+mod bench;
 mod demo;
 mod lab;
 mod setup;
@@ -36,6 +37,8 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmarks: raw underlay vs DC/OS kernel datapath vs ebpf-overlay, and the control plane.
+    Bench(bench::BenchArgs),
     /// The network-namespace lab.
     Lab {
         #[command(subcommand)]
@@ -60,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             demo::run(keep)
         }
         Cmd::Lab { action } => lab::run(action),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 

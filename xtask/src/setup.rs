@@ -18,6 +18,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "hping3",
     "netcat-openbsd",
     "tcpdump",
+    // benchmarks (`cargo xtask bench`): latency, DC/OS's kernel datapath (CNI bridge +
+    // host-local, iptables masquerade), the chart
+    "sockperf",
+    "containernetworking-plugins",
+    "iptables",
+    "python3-matplotlib",
 ];
 
 const NIGHTLY: &str = "nightly";

@@ -1,0 +1,380 @@
+//! `cargo xtask bench`: the same lab topology three ways, measured in one run.
+//!
+//! - `raw`: agent namespaces talking directly over the fabric bridge, no overlay (the physical
+//!   limit of the lab: veth + bridge + veth);
+//! - `kernel`: DC/OS's kernel datapath as DC/OS builds it (see [`kernel`]);
+//! - `ebpf`: ebpf-overlay, a real master and real agents ([`overlay_lab::cluster::Cluster`]).
+//!
+//! The three labs exist side by side and every run measures all of them in turn, so that drift in
+//! machine load hits every datapath alike. Paths: two containers on one agent, on two agents, and
+//! container -> external host (through masquerade). For `raw` the "same agent" and "different
+//! agents" rows are the same measurement (agent to agent), and "external" is agent to external
+//! host. Then the control plane: joins at several cluster sizes and 1,000 simulated agents.
+//!
+//! Output: a markdown table (stdout and `bench-results/latest.md`), JSON
+//! (`bench-results/<timestamp>.json`), and a chart (`bench-results/<timestamp>.png`, via Debian's
+//! python3-matplotlib).
+
+mod control;
+mod kernel;
+mod report;
+mod traffic;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use overlay_lab::{
+    Lab, LabSpec, Node,
+    cluster::{Cluster, ClusterSpec},
+};
+
+use crate::workspace_root;
+pub use report::{Figure, Results};
+use traffic::PathSample;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Smoke mode: 1 run, 2 s per test, small agent counts.
+    #[arg(long)]
+    pub quick: bool,
+    /// Runs per figure (default 3; 1 with --quick).
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Seconds per iperf3 test (default 10; 2 with --quick).
+    #[arg(long)]
+    pub secs: Option<u32>,
+    /// Use overlay-master/overlay-agent from this directory instead of building
+    /// `target/release` (`cargo build --release --bins`).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Where results go (default `bench-results/` in the workspace).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Skip the control-plane figures.
+    #[arg(long)]
+    pub no_control: bool,
+    /// Skip the data-plane figures.
+    #[arg(long)]
+    pub no_data: bool,
+    /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf).
+    #[arg(long, value_delimiter = ',', default_value = "raw,kernel,ebpf")]
+    pub datapaths: Vec<String>,
+}
+
+pub const DATAPATHS: [&str; 3] = ["raw", "kernel", "ebpf"];
+pub const PATHS: [&str; 3] = ["same_agent", "cross_agent", "external"];
+
+struct Plan {
+    runs: usize,
+    secs: u32,
+    lat_secs: u32,
+    join_sizes: Vec<usize>,
+    fake_agents: usize,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let plan = Plan {
+        runs: args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+        secs: args.secs.unwrap_or(if args.quick { 2 } else { 10 }).max(1),
+        lat_secs: if args.quick { 1 } else { 5 },
+        join_sizes: if args.quick {
+            vec![2, 4]
+        } else {
+            vec![2, 10, 50]
+        },
+        fake_agents: if args.quick { 100 } else { 1000 },
+    };
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => {
+            crate::cargo(&["build", "--release", "--bins"])?;
+            workspace_root().join("target/release")
+        }
+    };
+    for bin in ["overlay-master", "overlay-agent"] {
+        if !bin_dir.join(bin).exists() {
+            bail!("{} missing", bin_dir.join(bin).display());
+        }
+    }
+    for tool in ["iperf3", "sockperf", "iptables"] {
+        if overlay_lab::run("sh", &["-c", &format!("command -v {tool}")]).is_err() {
+            bail!("{tool} missing: run `cargo xtask setup`");
+        }
+    }
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("bench-results"));
+    std::fs::create_dir_all(&out_dir)?;
+
+    let started = Instant::now();
+    let mut results = Results::new(
+        if args.quick { "quick" } else { "full" },
+        plan.runs,
+        plan.secs,
+    );
+    results.load_before = load();
+    if !args.no_data {
+        data_plane(&plan, &bin_dir, &args.datapaths, &mut results)?;
+    }
+    if !args.no_control {
+        control_plane(&plan, &bin_dir, &mut results)?;
+    }
+    results.load_after = load();
+    results.elapsed_s = started.elapsed().as_secs_f64();
+    let written = report::write(&results, &out_dir)?;
+    println!("{}", report::markdown(&results));
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Client node, server address for one measured path.
+struct Target {
+    client: Node,
+    server: Ipv4Addr,
+}
+
+/// The labs of one datapath: the paths it can measure (None: not available, with why).
+struct Setup {
+    name: &'static str,
+    paths: Vec<(&'static str, Result<Target, String>)>,
+    _keep: Box<dyn std::any::Any>,
+}
+
+fn raw_setup() -> anyhow::Result<Setup> {
+    let mut lab = Lab::up(LabSpec {
+        agents: 2,
+        id: None,
+    })?;
+    let a1 = lab.node("a1")?.clone();
+    let a2 = lab.node("a2")?.clone();
+    let ext = lab.external().clone();
+    for n in [&a2, &ext] {
+        traffic::start_servers(&mut lab, n, n.ip.unwrap())?;
+    }
+    for n in [&a2, &ext] {
+        traffic::wait_servers(n)?;
+    }
+    let t = |s: &Node| {
+        Ok(Target {
+            client: a1.clone(),
+            server: s.ip.unwrap(),
+        })
+    };
+    Ok(Setup {
+        name: "raw",
+        // same_agent is filled from cross_agent (one measurement, see the module doc).
+        paths: vec![("cross_agent", t(&a2)), ("external", t(&ext))],
+        _keep: Box::new(lab),
+    })
+}
+
+fn kernel_setup() -> anyhow::Result<Setup> {
+    let mut k = kernel::KernelCluster::up(2)?;
+    let c1 = k.add_container(1)?;
+    let c2 = k.add_container(1)?;
+    let c3 = k.add_container(2)?;
+    let ext = k.lab.external().clone();
+    for n in [&c2, &c3, &ext] {
+        traffic::start_servers(&mut k.lab, n, n.ip.unwrap())?;
+    }
+    for n in [&c2, &c3, &ext] {
+        traffic::wait_servers(n)?;
+    }
+    for n in [&c2, &c3, &ext] {
+        if !ping(&c1, n.ip.unwrap()) {
+            bail!(
+                "kernel datapath: {} cannot reach {}",
+                c1.netns,
+                n.ip.unwrap()
+            );
+        }
+    }
+    let t = |s: &Node| {
+        Ok(Target {
+            client: c1.clone(),
+            server: s.ip.unwrap(),
+        })
+    };
+    Ok(Setup {
+        name: "kernel",
+        paths: vec![
+            ("same_agent", t(&c2)),
+            ("cross_agent", t(&c3)),
+            ("external", t(&ext)),
+        ],
+        _keep: Box::new(k),
+    })
+}
+
+fn ping(from: &Node, to: Ipv4Addr) -> bool {
+    (0..3).any(|_| from.ping(to))
+}
+
+fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
+    let mut c = Cluster::up(ClusterSpec::new(2, bin_dir))?;
+    let c1 = c.add_container("a1", "dcos")?.node;
+    let c2 = c.add_container("a1", "dcos")?.node;
+    let c3 = c.add_container("a2", "dcos")?.node;
+    let ext = c.lab.external().clone();
+    for n in [&c2, &c3, &ext] {
+        traffic::start_servers(&mut c.lab, n, n.ip.unwrap())?;
+    }
+    for n in [&c2, &c3, &ext] {
+        traffic::wait_servers(n)?;
+    }
+    for n in [&c2, &c3] {
+        if !ping(&c1, n.ip.unwrap()) {
+            bail!("ebpf-overlay: {} cannot reach {}", c1.netns, n.ip.unwrap());
+        }
+    }
+    let ext_ip = ext.ip.unwrap();
+    let external = if ping(&c1, ext_ip) {
+        Ok(Target {
+            client: c1.clone(),
+            server: ext_ip,
+        })
+    } else {
+        Err(format!(
+            "not available: container {} cannot reach the external host {ext_ip} (no masquerade in the eBPF datapath yet)",
+            c1.ip.unwrap()
+        ))
+    };
+    let t = |s: &Node| {
+        Ok(Target {
+            client: c1.clone(),
+            server: s.ip.unwrap(),
+        })
+    };
+    Ok(Setup {
+        name: "ebpf",
+        paths: vec![
+            ("same_agent", t(&c2)),
+            ("cross_agent", t(&c3)),
+            ("external", external),
+        ],
+        _keep: Box::new(c),
+    })
+}
+
+fn data_plane(
+    plan: &Plan,
+    bin_dir: &Path,
+    which: &[String],
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    println!("bench: building the {} labs", which.join(", "));
+    let want = |d: &str| which.iter().any(|w| w == d);
+    let mut setups = vec![];
+    if want("raw") {
+        setups.push(raw_setup().context("raw underlay lab")?);
+    }
+    if want("kernel") {
+        setups.push(kernel_setup().context("DC/OS kernel datapath lab")?);
+    }
+    if want("ebpf") {
+        setups.push(ebpf_setup(bin_dir).context("ebpf-overlay cluster")?);
+    }
+    let mut samples: Vec<(&str, &str, Vec<PathSample>)> = vec![];
+    let mut unavailable: Vec<(&str, &str, String)> = vec![];
+    for s in &setups {
+        for (path, t) in &s.paths {
+            match t {
+                Ok(_) => samples.push((s.name, path, vec![])),
+                Err(why) => unavailable.push((s.name, path, why.clone())),
+            }
+        }
+    }
+    for run in 1..=plan.runs {
+        for s in &setups {
+            for (path, t) in &s.paths {
+                let Ok(t) = t else { continue };
+                let t0 = Instant::now();
+                let m = traffic::measure(&t.client, t.server, plan.secs, plan.lat_secs)
+                    .with_context(|| format!("{} {path}, run {run}", s.name))?;
+                println!(
+                    "bench: run {run} {:<6} {:<11} tcp1 {:6.2} Gbit/s  tcp4 {:6.2} Gbit/s  udp64 {:7.1} kpps  rtt {:6.1}/{:6.1} us  cpu {:.3} s/Gbit  ({:.0} s)",
+                    s.name,
+                    path,
+                    m.tcp1_gbps,
+                    m.tcp4_gbps,
+                    m.udp64_kpps,
+                    m.lat_mean_us,
+                    m.lat_p99_us,
+                    m.cpu_s_per_gbit,
+                    t0.elapsed().as_secs_f64()
+                );
+                samples
+                    .iter_mut()
+                    .find(|(d, p, _)| d == &s.name && p == path)
+                    .unwrap()
+                    .2
+                    .push(m);
+            }
+        }
+    }
+    // raw: one agent-to-agent measurement stands for both container rows.
+    if let Some((_, _, v)) = samples
+        .iter()
+        .find(|(d, p, _)| *d == "raw" && *p == "cross_agent")
+    {
+        let v = v.clone();
+        samples.push(("raw", "same_agent", v));
+    }
+    for (datapath, path, v) in &samples {
+        for (metric, f) in report::METRICS {
+            results.figures.push(Figure::measured(
+                metric,
+                path,
+                datapath,
+                v.iter().map(|s| f(s)).collect(),
+            ));
+        }
+    }
+    for (datapath, path, why) in &unavailable {
+        for (metric, _) in report::METRICS {
+            results
+                .figures
+                .push(Figure::unavailable(metric, path, datapath, why));
+        }
+    }
+    drop(setups);
+    Ok(())
+}
+
+fn control_plane(plan: &Plan, bin_dir: &Path, results: &mut Results) -> anyhow::Result<()> {
+    for &n in &plan.join_sizes {
+        println!("bench: control plane, {n} agents, {} join(s)", plan.runs);
+        let joins = control::joins(bin_dir, n, plan.runs)
+            .with_context(|| format!("control plane with {n} agents"))?;
+        println!(
+            "bench:   registration request -> routed by all: {:?} ms; real joins: {:?}",
+            joins.simulated_ms, joins.real
+        );
+        results.joins.push(joins);
+    }
+    println!(
+        "bench: control plane, {} simulated agents",
+        plan.fake_agents
+    );
+    let s = control::scale(bin_dir, plan.fake_agents, plan.runs)
+        .with_context(|| format!("{} simulated agents", plan.fake_agents))?;
+    println!(
+        "bench:   registered in {:.0} ms, all routed {:.0} ms after the first; one more: {:?} ms; real join: {:?}",
+        s.register_ms, s.all_routed_ms, s.one_more_ms, s.real_join
+    );
+    results.scale = Some(s);
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Data-plane measurements between two lab nodes: iperf3 (TCP 1 and 4 streams, UDP 64-byte
+//! packets), sockperf TCP ping-pong, and CPU time from /proc/stat across the single-stream run.
+
+use std::{net::Ipv4Addr, process::Stdio, time::Instant};
+
+use anyhow::{Context as _, bail};
+use overlay_lab::{Lab, Node};
+
+pub const IPERF_PORT: u16 = 5201;
+pub const SOCKPERF_PORT: u16 = 11111;
+
+/// One measurement of one path.
+#[derive(Clone, Debug, Default)]
+pub struct PathSample {
+    pub tcp1_gbps: f64,
+    pub tcp4_gbps: f64,
+    pub udp64_kpps: f64,
+    pub lat_mean_us: f64,
+    pub lat_p99_us: f64,
+    pub cpu_s_per_gbit: f64,
+}
+
+/// Starts the iperf3 and sockperf servers on `node` (listening on `ip`); the lab kills them on
+/// teardown.
+pub fn start_servers(lab: &mut Lab, node: &Node, ip: Ipv4Addr) -> anyhow::Result<()> {
+    let ip_s = ip.to_string();
+    let mut iperf = node.command("iperf3");
+    iperf
+        .args(["-s", "-B", &ip_s, "-p", &IPERF_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn_command(iperf)?;
+    let mut sp = node.command("sockperf");
+    sp.args(["sr", "--tcp", "-i", &ip_s, "-p", &SOCKPERF_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn_command(sp)?;
+    Ok(())
+}
+
+/// Waits until both servers listen on `node` (bounded).
+pub fn wait_servers(node: &Node) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let out = node.exec("ss", &["-Htln"]).unwrap_or_default();
+        if out.contains(&format!(":{IPERF_PORT}")) && out.contains(&format!(":{SOCKPERF_PORT}")) {
+            return Ok(());
+        }
+        if start.elapsed().as_secs() > 10 {
+            bail!("servers in {} did not listen within 10 s", node.netns);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Busy and total jiffies of all CPUs.
+fn cpu_jiffies() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest counted in user)
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+fn clk_tck() -> f64 {
+    overlay_lab::run("getconf", &["CLK_TCK"])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn iperf(
+    client: &Node,
+    server: Ipv4Addr,
+    secs: u32,
+    extra: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let limit = (secs + 20).to_string();
+    let secs_s = secs.to_string();
+    let server_s = server.to_string();
+    let port = IPERF_PORT.to_string();
+    let mut args = vec![
+        limit.as_str(),
+        "iperf3",
+        "-c",
+        &server_s,
+        "-p",
+        &port,
+        "-t",
+        &secs_s,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
+    args.extend_from_slice(extra);
+    // iperf3 exits non-zero with its error inside the JSON; retry once (server busy after a
+    // previous test's teardown).
+    let mut last = None;
+    for _ in 0..2 {
+        match client.exec("timeout", &args) {
+            Ok(out) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&out).context("iperf3 JSON output")?;
+                if let Some(e) = v.get("error") {
+                    last = Some(anyhow::anyhow!("iperf3: {e}"));
+                } else {
+                    return Ok(v);
+                }
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    Err(last.unwrap()).with_context(|| format!("iperf3 {} -> {server}", client.netns))
+}
+
+fn tcp_gbps(v: &serde_json::Value) -> anyhow::Result<(f64, f64)> {
+    let s = &v["end"]["sum_received"];
+    let bps = s["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bits_per_second")?;
+    let secs = s["seconds"].as_f64().unwrap_or(0.0);
+    Ok((bps / 1e9, secs))
+}
+
+/// Received packets per second (thousands) of an iperf3 UDP run.
+fn udp_kpps(v: &serde_json::Value) -> anyhow::Result<f64> {
+    // iperf 3.12: end.sum holds the server's view (packets sent, lost_packets as the receiver
+    // counted them); newer versions also have sum_received.
+    let s = if v["end"]["sum_received"]["packets"].is_number() {
+        &v["end"]["sum_received"]
+    } else {
+        &v["end"]["sum"]
+    };
+    let packets = s["packets"].as_f64().context("iperf3 UDP: no packets")?;
+    let lost = s["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = s["seconds"].as_f64().context("iperf3 UDP: no seconds")?;
+    if secs <= 0.0 {
+        bail!("iperf3 UDP: zero duration");
+    }
+    Ok((packets - lost).max(0.0) / secs / 1e3)
+}
+
+/// sockperf TCP ping-pong: (mean, p99) round-trip time in microseconds.
+fn sockperf(client: &Node, server: Ipv4Addr, secs: u32) -> anyhow::Result<(f64, f64)> {
+    let limit = (secs + 20).to_string();
+    let out = client.exec(
+        "timeout",
+        &[
+            &limit,
+            "sockperf",
+            "pp",
+            "--tcp",
+            "--full-rtt",
+            "-i",
+            &server.to_string(),
+            "-p",
+            &SOCKPERF_PORT.to_string(),
+            "-t",
+            &secs.to_string(),
+        ],
+    )?;
+    let mut mean = None;
+    let mut p99 = None;
+    for line in out.lines() {
+        if let Some(rest) = line
+            .split("avg-rtt=")
+            .nth(1)
+            .or(line.split("avg-latency=").nth(1))
+        {
+            mean = rest.split_whitespace().next().and_then(|x| x.parse().ok());
+        }
+        if line.contains("percentile 99.000") {
+            p99 = line.rsplit('=').next().and_then(|x| x.trim().parse().ok());
+        }
+    }
+    match (mean, p99) {
+        (Some(m), Some(p)) => Ok((m, p)),
+        _ => bail!("sockperf output not understood:\n{out}"),
+    }
+}
+
+/// Every figure of one path, once.
+pub fn measure(
+    client: &Node,
+    server: Ipv4Addr,
+    secs: u32,
+    lat_secs: u32,
+) -> anyhow::Result<PathSample> {
+    let tck = clk_tck();
+    let (b0, t0) = cpu_jiffies()?;
+    let tcp1 = iperf(client, server, secs, &[])?;
+    let (b1, t1) = cpu_jiffies()?;
+    let (tcp1_gbps, tcp1_secs) = tcp_gbps(&tcp1)?;
+    let busy_s = (b1 - b0) as f64 / tck;
+    let _ = t1 - t0;
+    let cpu_s_per_gbit = if tcp1_gbps > 0.0 && tcp1_secs > 0.0 {
+        busy_s / (tcp1_gbps * tcp1_secs)
+    } else {
+        0.0
+    };
+    let (tcp4_gbps, _) = tcp_gbps(&iperf(client, server, secs, &["-P", "4"])?)?;
+    let udp = iperf(client, server, secs, &["-u", "-l", "64", "-b", "0"])?;
+    let udp64_kpps = udp_kpps(&udp)?;
+    let (lat_mean_us, lat_p99_us) = sockperf(client, server, lat_secs)?;
+    Ok(PathSample {
+        tcp1_gbps,
+        tcp4_gbps,
+        udp64_kpps,
+        lat_mean_us,
+        lat_p99_us,
+        cpu_s_per_gbit,
+    })
+}
