@@ -24,6 +24,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "iptables",
     "python3-matplotlib",
+    // several masters on etcd (tests/tests/etcd_*.rs)
+    "etcd-server",
+    "etcd-client",
 ];
 
 const NIGHTLY: &str = "nightly";

@@ -1,4 +1,4 @@
-//! `overlay-master --config FILE --listen ADDR --data-dir DIR`
+//! `overlay-master --config FILE --listen ADDR (--data-dir DIR | --store etcd://HOST:PORT,...)`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use overlay_api::NetworkConfig;
 use overlay_master::config;
 use overlay_master::master::Master;
 use overlay_master::store::Store;
+use overlay_master::store::etcd::EtcdStore;
 use overlay_master::store::redb::RedbStore;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,9 +28,37 @@ struct Args {
     /// Address to serve the HTTP API on.
     #[arg(long, env = "OVERLAY_MASTER_LISTEN", default_value = "0.0.0.0:5055")]
     listen: SocketAddr,
-    /// Directory of the state database (created if missing).
+    /// Directory of the embedded state database (created if missing); the default store.
     #[arg(long, env = "OVERLAY_MASTER_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    /// Shared store instead of the embedded one: `etcd://host:port,host:port,...` (etcd 3.4+,
+    /// plain HTTP). Any number of masters may serve the same etcd cluster and prefix.
+    #[arg(long, env = "OVERLAY_MASTER_STORE", conflicts_with = "data_dir")]
+    store: Option<String>,
+    /// Key prefix of this overlay cluster in etcd.
+    #[arg(long, env = "OVERLAY_MASTER_ETCD_PREFIX", default_value = overlay_master::store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+}
+
+fn open_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
+    match (&args.store, &args.data_dir) {
+        (Some(spec), _) => {
+            if !spec.starts_with("etcd://") {
+                anyhow::bail!("--store {spec:?}: only etcd://host:port,... is supported");
+            }
+            let endpoints = overlay_master::store::etcd::parse_endpoints(spec)
+                .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+            let store = EtcdStore::open(endpoints, &args.etcd_prefix)
+                .with_context(|| format!("opening the etcd store {spec}"))?;
+            Ok(Arc::new(store))
+        }
+        (None, Some(dir)) => {
+            Ok(Arc::new(RedbStore::open(dir).with_context(|| {
+                format!("opening the store in {}", dir.display())
+            })?))
+        }
+        (None, None) => anyhow::bail!("give --data-dir DIR (embedded store) or --store etcd://..."),
+    }
 }
 
 fn main() -> ExitCode {
@@ -78,14 +107,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => format!("config file {}", path.display()),
         None => "DC/OS's default configuration".to_owned(),
     })?;
-    let store: Arc<dyn Store> = Arc::new(
-        RedbStore::open(&args.data_dir)
-            .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
-    );
-    let master = Master::start(store, file_config).with_context(|| match &args.config {
-        Some(path) => format!("starting with config file {}", path.display()),
-        None => "starting with DC/OS's default configuration".to_owned(),
-    })?;
+    let store = tokio::task::block_in_place(|| open_store(&args))?;
+    let master =
+        tokio::task::block_in_place(|| Master::start(store, file_config)).with_context(|| {
+            match &args.config {
+                Some(path) => format!("starting with config file {}", path.display()),
+                None => "starting with DC/OS's default configuration".to_owned(),
+            }
+        })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

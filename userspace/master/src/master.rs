@@ -21,10 +21,13 @@ use crate::cluster::{ChangeLog, apply_network_change, log_reconfigure};
 pub use crate::cluster::{ClusterState, MasterError, NetworkChange, ReconfigureReport};
 use crate::config::assign_default_vnis;
 use crate::metrics::Metrics;
-use crate::store::{Origin, Store};
+use crate::store::{Op, Origin, Store, StoreError};
 
 /// Commands taken by the writer in one store transaction at most.
 const MAX_BATCH: usize = 512;
+/// Times a batch (or the start-up commit) is recomputed after another writer of a shared store
+/// committed first.
+const MAX_CONFLICT_RETRIES: usize = 20;
 
 type Reply<T> = oneshot::Sender<Result<T, MasterError>>;
 
@@ -33,15 +36,34 @@ enum Command {
     DeleteAgents(Vec<IpAddr>, Reply<Vec<IpAddr>>),
     ChangeNetworks(NetworkChange, Reply<Option<OverlayInfo>>),
     Reload(NetworkConfig, Reply<ReconfigureReport>),
+    /// Another writer of a shared store committed `revision`: catch up if behind it.
+    Refresh(u64),
+}
+
+/// A command's result, computed before the commit and sent once the commit outcome is known.
+enum Outcome {
+    Agent(Result<AgentInfo, MasterError>),
+    Deleted(Result<Vec<IpAddr>, MasterError>),
+    Network(Result<Option<OverlayInfo>, MasterError>),
+    Report(Result<ReconfigureReport, MasterError>),
+    Nothing,
 }
 
 /// Sends a command's answer once the batch's commit outcome is known.
-type Finish = Box<dyn FnOnce(Result<(), MasterError>) + Send>;
-
-fn finish<T: Send + 'static>(reply: Reply<T>, result: Result<T, MasterError>) -> Finish {
-    Box::new(move |commit| {
+fn deliver(command: Command, outcome: Outcome, commit: Result<(), MasterError>) {
+    fn send<T>(reply: Reply<T>, commit: Result<(), MasterError>, result: Result<T, MasterError>) {
         let _ = reply.send(commit.and(result));
-    })
+    }
+    match (command, outcome) {
+        (Command::Register(_, reply), Outcome::Agent(result)) => send(reply, commit, result),
+        (Command::DeleteAgents(_, reply), Outcome::Deleted(result)) => send(reply, commit, result),
+        (Command::ChangeNetworks(_, reply), Outcome::Network(result)) => {
+            send(reply, commit, result)
+        }
+        (Command::Reload(_, reply), Outcome::Report(result)) => send(reply, commit, result),
+        (Command::Refresh(_), Outcome::Nothing) => {}
+        _ => unreachable!("every command has its own kind of outcome"),
+    }
 }
 
 /// The state JSON of one revision, serialised once and shared by every reader.
@@ -80,6 +102,61 @@ impl Master {
         file_config: NetworkConfig,
     ) -> Result<Arc<Master>, MasterError> {
         let metrics = Metrics::default();
+        let mut attempt = 0;
+        let cluster = loop {
+            match Self::recover(store.as_ref(), file_config.clone(), &metrics) {
+                Err(MasterError::Conflict(reason)) if attempt < MAX_CONFLICT_RETRIES => {
+                    // Another master of a shared store committed meanwhile: start over.
+                    attempt += 1;
+                    tracing::info!(%reason, "start-up commit lost a race; reloading");
+                }
+                other => break other?,
+            }
+        };
+        let (revision_tx, _) = watch::channel(cluster.revision);
+        let (commands, receiver) = mpsc::channel();
+        let changes = store.changes();
+        let master = Arc::new(Master {
+            cluster: Mutex::new(cluster),
+            store,
+            revision_tx,
+            metrics,
+            state_cache: tokio::sync::Mutex::new(None),
+            delta_cache: tokio::sync::Mutex::new((0, HashMap::new())),
+            commands,
+        });
+        let writer = Arc::clone(&master);
+        std::thread::Builder::new()
+            .name("overlay-writer".into())
+            .spawn(move || writer.run_writer(receiver))
+            .map_err(|e| MasterError::Unavailable(format!("cannot start writer thread: {e}")))?;
+        if let Some(changes) = changes {
+            let master = Arc::downgrade(&master);
+            std::thread::Builder::new()
+                .name("overlay-follower".into())
+                .spawn(move || {
+                    for revision in changes {
+                        let Some(master) = master.upgrade() else {
+                            return;
+                        };
+                        if revision > master.revision() {
+                            let _ = master.commands.send(Command::Refresh(revision));
+                        }
+                    }
+                })
+                .map_err(|e| {
+                    MasterError::Unavailable(format!("cannot start follower thread: {e}"))
+                })?;
+        }
+        Ok(master)
+    }
+
+    /// Loads the store, reconciles it with the file and commits the outcome.
+    fn recover(
+        store: &dyn Store,
+        file_config: NetworkConfig,
+        metrics: &Metrics,
+    ) -> Result<ClusterState, MasterError> {
         let snapshot = store.load()?;
         let mut cluster = match ClusterState::from_snapshot(snapshot)? {
             Some(mut cluster) => {
@@ -94,7 +171,7 @@ impl Master {
                 crate::validate::validate(&candidate)?;
                 let report =
                     cluster
-                        .reconfigure(candidate, origins, &metrics)
+                        .reconfigure(candidate, origins, metrics)
                         .map_err(|e| match e {
                             MasterError::Invalid(message) => MasterError::Invalid(format!(
                                 "the configuration does not match the stored state: {message}"
@@ -113,28 +190,18 @@ impl Master {
         };
         let ops = cluster.take_ops();
         if !ops.is_empty() {
-            cluster.revision = store.commit(cluster.revision, &ops)?;
+            cluster.revision = match store.commit(cluster.revision, &ops) {
+                Ok(revision) => revision,
+                Err(error @ StoreError::Conflict { .. }) => {
+                    return Err(MasterError::Conflict(error.to_string()));
+                }
+                Err(error) => return Err(error.into()),
+            };
             metrics.store_commits.fetch_add(1, Ordering::Relaxed);
         }
         // Watchers from before this start cannot be given a delta.
         cluster.changes = ChangeLog::starting_at(cluster.revision);
-        let (revision_tx, _) = watch::channel(cluster.revision);
-        let (commands, receiver) = mpsc::channel();
-        let master = Arc::new(Master {
-            cluster: Mutex::new(cluster),
-            store,
-            revision_tx,
-            metrics,
-            state_cache: tokio::sync::Mutex::new(None),
-            delta_cache: tokio::sync::Mutex::new((0, HashMap::new())),
-            commands,
-        });
-        let writer = Arc::clone(&master);
-        std::thread::Builder::new()
-            .name("overlay-writer".into())
-            .spawn(move || writer.run_writer(receiver))
-            .map_err(|e| MasterError::Unavailable(format!("cannot start writer thread: {e}")))?;
-        Ok(master)
+        Ok(cluster)
     }
 
     fn lock_state(&self) -> MutexGuard<'_, ClusterState> {
@@ -293,86 +360,153 @@ impl Master {
 
     fn apply_batch(&self, batch: Vec<Command>) {
         let mut cluster = self.lock_state();
-        let finishers: Vec<Finish> = batch
-            .into_iter()
-            .map(|command| self.execute(&mut cluster, command))
-            .collect();
-        let ops = cluster.take_ops();
-        let outcome = if ops.is_empty() {
-            Ok(None)
-        } else {
-            self.store.commit(cluster.revision, &ops).map(Some)
-        };
-        match outcome {
-            Ok(new_revision) => {
-                if let Some(revision) = new_revision {
-                    cluster.revision = revision;
-                    cluster.changes.record(revision, &ops);
-                    self.metrics.store_commits.fetch_add(1, Ordering::Relaxed);
-                }
-                drop(cluster);
-                if let Some(revision) = new_revision {
-                    self.revision_tx.send_replace(revision);
-                }
-                for finisher in finishers {
-                    finisher(Ok(()));
-                }
+        if batch.iter().any(|c| matches!(c, Command::Refresh(_))) {
+            let newest = batch
+                .iter()
+                .filter_map(|c| match c {
+                    Command::Refresh(revision) => Some(*revision),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            if newest > cluster.revision
+                && let Err(error) = self.reload_from_store(&mut cluster)
+            {
+                tracing::warn!(%error, "cannot catch up with the shared store; will on the next change");
             }
-            Err(error) => {
-                self.metrics
-                    .store_commit_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%error, "store commit failed; reloading the state from the store");
-                // Undo the in-memory changes by reloading what is durable.
-                match self
-                    .store
-                    .load()
-                    .map_err(MasterError::from)
-                    .and_then(ClusterState::from_snapshot)
-                {
-                    Ok(Some(reloaded)) => *cluster = reloaded,
-                    Ok(None) | Err(_) => {
-                        tracing::error!("cannot reload the state from the store; exiting");
+        }
+        let mut attempt = 0;
+        loop {
+            let outcomes: Vec<Outcome> = batch
+                .iter()
+                .map(|command| self.execute(&mut cluster, command))
+                .collect();
+            let ops = cluster.take_ops();
+            let outcome = if ops.is_empty() {
+                Ok(None)
+            } else {
+                self.store.commit(cluster.revision, &ops).map(Some)
+            };
+            match outcome {
+                Ok(new_revision) => {
+                    if let Some(revision) = new_revision {
+                        cluster.revision = revision;
+                        cluster.changes.record(revision, &ops);
+                        self.metrics.store_commits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(cluster);
+                    if let Some(revision) = new_revision {
+                        self.revision_tx.send_replace(revision);
+                    }
+                    for (command, outcome) in batch.into_iter().zip(outcomes) {
+                        deliver(command, outcome, Ok(()));
+                    }
+                    return;
+                }
+                Err(error) => {
+                    let conflict = matches!(error, StoreError::Conflict { .. });
+                    if !conflict {
+                        self.metrics
+                            .store_commit_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, "store commit failed; reloading the state from the store");
+                    }
+                    // Undo the in-memory changes by reloading what is durable (and, on a
+                    // shared store, what the other writers committed).
+                    if let Err(reload) = self.reload_from_store(&mut cluster) {
+                        tracing::error!(%reload, "cannot reload the state from the store; exiting");
                         std::process::exit(70);
                     }
-                }
-                drop(cluster);
-                let error = MasterError::from(error);
-                for finisher in finishers {
-                    finisher(Err(error.clone()));
+                    if conflict && attempt < MAX_CONFLICT_RETRIES {
+                        // Another writer won: recompute the batch on top of its commit.
+                        attempt += 1;
+                        tracing::debug!(%error, attempt, "lost a commit race; retrying the batch");
+                        continue;
+                    }
+                    drop(cluster);
+                    let error = MasterError::from(error);
+                    for (command, outcome) in batch.into_iter().zip(outcomes) {
+                        deliver(command, outcome, Err(error.clone()));
+                    }
+                    return;
                 }
             }
         }
     }
 
-    fn execute(&self, cluster: &mut ClusterState, command: Command) -> Finish {
-        match command {
-            Command::Register(ip, reply) => {
-                let info = cluster.register(ip, &self.metrics);
-                finish(reply, Ok(info))
+    /// Replaces the in-memory state with the store's. Watchers keep their deltas: agents that
+    /// differ are recorded as changed at the loaded revision (a changed network list makes
+    /// every watcher resynchronise).
+    fn reload_from_store(&self, cluster: &mut ClusterState) -> Result<(), MasterError> {
+        let snapshot = self.store.load()?;
+        let Some(mut reloaded) = ClusterState::from_snapshot(snapshot)? else {
+            return Err(MasterError::Unavailable(
+                "the store lost its settings record".into(),
+            ));
+        };
+        let revision = reloaded.revision;
+        if revision < cluster.revision {
+            // A member behind the others answered; the next commit's compare fails and
+            // reloads again, so nothing stale is ever committed.
+            tracing::warn!(
+                stored = revision,
+                ours = cluster.revision,
+                "the store answered an older revision than ours"
+            );
+        }
+        let mut changes = std::mem::take(&mut cluster.changes);
+        if reloaded.config() != cluster.config() {
+            changes = ChangeLog::starting_at(revision);
+        } else {
+            let mut ops = Vec::new();
+            for (ip, record) in &reloaded.agents {
+                if cluster.agents.get(ip) != Some(record) {
+                    ops.push(Op::PutAgent(record.clone()));
+                }
             }
-            Command::DeleteAgents(ips, reply) => {
-                let deleted = cluster.delete_agents(&ips);
+            for ip in cluster.agents.keys() {
+                if !reloaded.agents.contains_key(ip) {
+                    ops.push(Op::DeleteAgent(*ip));
+                }
+            }
+            if !ops.is_empty() {
+                changes.record(revision.max(cluster.revision), &ops);
+            }
+        }
+        reloaded.changes = changes;
+        let advanced = revision > cluster.revision;
+        *cluster = reloaded;
+        if advanced {
+            self.revision_tx.send_replace(revision);
+        }
+        Ok(())
+    }
+
+    fn execute(&self, cluster: &mut ClusterState, command: &Command) -> Outcome {
+        match command {
+            Command::Register(ip, _) => Outcome::Agent(Ok(cluster.register(*ip, &self.metrics))),
+            Command::DeleteAgents(ips, _) => {
+                let deleted = cluster.delete_agents(ips);
                 self.metrics
                     .agents_deleted
                     .fetch_add(deleted.len() as u64, Ordering::Relaxed);
                 if !deleted.is_empty() {
                     tracing::info!(agents = ?deleted, "agents deleted, allocations freed");
                 }
-                finish(reply, Ok(deleted))
+                Outcome::Deleted(Ok(deleted))
             }
-            Command::ChangeNetworks(change, reply) => {
-                let result = apply_network_change(cluster, change, &self.metrics);
-                finish(reply, result)
+            Command::ChangeNetworks(change, _) => {
+                Outcome::Network(apply_network_change(cluster, change.clone(), &self.metrics))
             }
-            Command::Reload(file_config, reply) => {
-                let (candidate, origins) = cluster.candidate_from_file(file_config);
+            Command::Reload(file_config, _) => {
+                let (candidate, origins) = cluster.candidate_from_file(file_config.clone());
                 let result = cluster.reconfigure(candidate, origins, &self.metrics);
                 if let Ok(report) = &result {
                     log_reconfigure("config reload", report);
                 }
-                finish(reply, result)
+                Outcome::Report(result)
             }
+            Command::Refresh(_) => Outcome::Nothing,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! one for the cluster-wide settings, changed only by compare-and-swap transactions on a
 //! global revision (the model of etcd, so an etcd backend can implement it as it is).
 
+pub mod etcd;
 pub mod memory;
 pub mod redb;
 
@@ -110,4 +111,11 @@ pub trait Store: Send + Sync {
     /// Applies `ops` atomically if the stored revision still is `expected_revision`; the new
     /// revision is `expected_revision + 1` and is durable when this returns.
     fn commit(&self, expected_revision: u64, ops: &[Op]) -> Result<u64, StoreError>;
+
+    /// For a store shared with other writers: the stored revision each time it changes (by
+    /// anyone), so the master can reload when another writer committed. Taken once; `None`
+    /// for a store only this process writes.
+    fn changes(&self) -> Option<std::sync::mpsc::Receiver<u64>> {
+        None
+    }
 }
