@@ -34,7 +34,18 @@ pub mod programs {
     pub const FROM_CONTAINER: &str = "from_container";
     /// TC ingress of the underlay NIC: VXLAN from other agents.
     pub const FROM_UNDERLAY: &str = "from_underlay";
+    /// TC ingress of `ovl-net`, the far end of the host's link into the overlay: the host's
+    /// own traffic to containers.
+    pub const FROM_HOST: &str = "from_host";
 }
+
+/// The host's link into the overlay: a veth pair in the agent's namespace. Routes to every
+/// overlay subnet point at [`HOST_LINK`]; the datapath sits on the ingress of its peer
+/// [`HOST_LINK_PEER`], whose MAC the agent fixes to [`HOST_LINK_PEER_MAC`] so that the programs
+/// need no configuration to answer the host's ARP.
+pub const HOST_LINK: &str = "ovl-host";
+pub const HOST_LINK_PEER: &str = "ovl-net";
+pub const HOST_LINK_PEER_MAC: [u8; 6] = [0x02, 0xeb, 0x0f, 0x00, 0x00, 0x01];
 
 /// Capacity of each map (entries). Sized for thousands of agents and a few hundred local
 /// endpoints; the agent can override them at load time.
@@ -131,6 +142,12 @@ pub struct Endpoint {
     pub gateway_mac: [u8; 6],
     pub flags: u32,
     pub _pad: u32,
+}
+
+impl Endpoint {
+    /// The host itself, at this network's gateway address, behind the host link: frames to it
+    /// are sent out of the host link's peer (`bpf_redirect`), not into another namespace.
+    pub const FLAG_HOST: u32 = 1;
 }
 
 /// Value of `OVL_ROUTES`: an agent subnet on another agent. `OVL_ROUTES` and `OVL_SUBNETS` are LPM

@@ -3,6 +3,8 @@
 //! - `from_container` (TC ingress of a container's host-side veth): ARP answered in place; IPv4
 //!   checked against spoofing and network isolation, then delivered locally, encapsulated towards
 //!   another agent, masqueraded out of the underlay NIC, or left to the host stack.
+//! - `from_host` (TC ingress of the host link's peer): the host's own traffic to containers, local
+//!   or remote (no VXLAN device).
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
 //!   validated, stripped and delivered; replies to masqueraded flows are translated back and
 //!   delivered; everything else (the host's own traffic) passes untouched.
@@ -13,6 +15,7 @@ mod arp;
 mod decap;
 mod deliver;
 mod encap;
+mod host;
 mod isolation;
 mod maps;
 mod nat;
@@ -122,6 +125,22 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
         }
         Err(reason) => drop_packet(vni, reason, len),
     }
+}
+
+#[classifier]
+pub fn from_host(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let verdict = match maps::config() {
+        None => Err((NO_NETWORK, Counter::DropNotReady)),
+        Some(cfg) => match skb::load::<ETH_HLEN>(&ctx, 0).map(|e| EthHeader::parse(&e).ethertype) {
+            Ok(ETH_P_IP) => host::forward(&ctx, cfg),
+            Ok(ETH_P_ARP) => host::answer_arp(&ctx),
+            // IPv6 and the rest: nothing in the overlay to take it yet.
+            Ok(_) => Err((NO_NETWORK, Counter::DropNoRoute)),
+            Err(c) => Err((NO_NETWORK, c)),
+        },
+    };
+    verdict.unwrap_or_else(|(vni, reason)| drop_packet(vni, reason, len))
 }
 
 #[cfg(not(test))]

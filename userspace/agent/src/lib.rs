@@ -8,8 +8,9 @@
 pub mod api;
 pub mod datapath;
 pub mod desired;
-pub mod masquerade;
+pub mod host_link;
 pub mod ipam;
+pub mod masquerade;
 pub mod netdev;
 pub mod reconcile;
 pub mod runtime;

@@ -13,11 +13,11 @@ use clap::Parser;
 use overlay_agent::{
     api,
     datapath::{Datapath, PinLayout},
-    masquerade, netdev,
+    host_link, masquerade, netdev,
     runtime::{Core, follow_master},
 };
 use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
-use overlay_common::maps::programs;
+use overlay_common::maps::{HOST_LINK_PEER, programs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -98,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
     let pins = PinLayout::new(&args.bpffs, &args.instance)?;
     let mut dp = Datapath::load(pins.clone())?;
     dp.attach(&args.underlay_iface, programs::FROM_UNDERLAY)?;
+    // The host's own way into the overlay (health checks, ...), without a VXLAN device.
+    let host_link = host_link::HostLink::ensure(args.mtu).context("setting up the host link")?;
+    dp.attach(HOST_LINK_PEER, programs::FROM_HOST)?;
     let nat_ports =
         masquerade::parse_port_range(&args.masquerade_ports).context("--masquerade-ports")?;
     masquerade::check_port_range(
@@ -117,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         args.nat_max_probes,
     ))?;
     let mut core = Core::new(dp, underlay, args.mtu);
+    core.set_host_link(host_link);
     core.restore_endpoints()?;
     let state_dir = args
         .state_dir
@@ -172,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
     if args.cleanup_on_exit {
         drop(core);
         pins.remove_all()?;
+        host_link::HostLink::remove()?;
         tracing::info!("pins removed, programs detached");
     } else {
         tracing::info!("exiting; pinned maps and links keep the datapath running");

@@ -14,11 +14,12 @@ use overlay_api::{
     AgentInfo, MacAddr, MasterClient, State,
     agent::{AddEndpoint, AgentStatus, EndpointInfo, GcRequest, IpamUsage, Released},
 };
-use overlay_common::maps::{Endpoint, programs};
+use overlay_common::maps::{Endpoint, HOST_LINK_PEER_MAC, programs};
 
 use crate::{
     datapath::{AgentSettings, Datapath},
     desired::{DesiredDatapath, vtep_of},
+    host_link::HostLink,
     ipam::{CniConfs, Ipam, IpamError},
     netdev::{self, Link},
     reconcile::{self, Plan},
@@ -56,6 +57,8 @@ pub struct Core {
     ipam: Option<Ipam>,
     /// CNI config files kept in step with this agent's networks.
     cni_confs: Option<CniConfs>,
+    /// The host's link into the overlay, once set up.
+    host_link: Option<HostLink>,
 }
 
 pub type Shared = Arc<Mutex<Core>>;
@@ -73,7 +76,62 @@ impl Core {
             reconcile_errors: 0,
             ipam: None,
             cni_confs: None,
+            host_link: None,
         }
+    }
+
+    /// Gives the agent the host's link into the overlay: from then on every network's gateway
+    /// address is the host's, reachable from containers local and remote.
+    pub fn set_host_link(&mut self, link: HostLink) {
+        self.host_link = Some(link);
+    }
+
+    /// Keeps the host's endpoints (one per network, at this agent's gateway address), addresses
+    /// and routes in step with this agent's allocation. Returns the number of map changes.
+    fn sync_host(&mut self) -> anyhow::Result<usize> {
+        let Some(link) = self.host_link.clone() else {
+            return Ok(0);
+        };
+        let mut routes = BTreeMap::new();
+        let mut wanted: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
+        let networks = self.dp.maps_ref().networks()?;
+        for ov in self.me.iter().flat_map(|me| &me.overlays) {
+            let vni = ov.backend.vxlan.vni;
+            let half = ov.mesos_bridge.as_ref().and_then(|b| b.ip);
+            let (Some(subnet), Some(half), true) =
+                (ov.info.subnet, half, networks.contains_key(&vni))
+            else {
+                continue;
+            };
+            let gateway = half.network().saturating_next();
+            routes.insert(subnet, gateway);
+            let ep = Endpoint {
+                ifindex: link.peer.ifindex,
+                vni,
+                mac: link.host.mac,
+                gateway_mac: HOST_LINK_PEER_MAC,
+                flags: Endpoint::FLAG_HOST,
+                _pad: 0,
+            };
+            wanted.insert(IpAddr::V4(gateway), ep);
+        }
+        let current: BTreeMap<IpAddr, Endpoint> = self
+            .dp
+            .maps_ref()
+            .endpoints()?
+            .into_iter()
+            .filter(|(_, e)| e.flags & Endpoint::FLAG_HOST != 0)
+            .collect();
+        let changes = reconcile::diff(&wanted, &current);
+        for c in &changes {
+            match c {
+                reconcile::Change::Put(ip, ep) => self.dp.maps().put_endpoint(*ip, *ep)?,
+                reconcile::Change::Remove(ip) => self.dp.maps().remove_endpoint(*ip)?,
+            }
+        }
+        link.sync(&routes)
+            .context("routing the host into the overlay")?;
+        Ok(changes.len())
     }
 
     /// Gives the agent its IPAM: endpoints may then be added without an address.
@@ -138,6 +196,7 @@ impl Core {
             self.remove_endpoint(ip).map_err(|e| anyhow!("{e}"))?;
             changed += 1;
         }
+        changed += self.sync_host()?;
         self.map_updates += changed as u64;
         self.state = Some(state);
         self.revision = revision;
@@ -179,6 +238,9 @@ impl Core {
         let mut out = vec![];
         for (ip, e) in self.dp.maps_ref().endpoints()? {
             let IpAddr::V4(ip) = ip else { continue };
+            if e.flags & Endpoint::FLAG_HOST != 0 {
+                continue; // the host's own endpoints are the agent's business, not an API's
+            }
             out.push(EndpointInfo {
                 network: names.get(&e.vni).cloned().unwrap_or_default(),
                 vni: e.vni,
@@ -476,6 +538,9 @@ impl Core {
     /// pinned link is reused, so the swap is atomic), and forget endpoints whose veth is gone.
     pub fn restore_endpoints(&mut self) -> anyhow::Result<()> {
         for (ip, e) in self.dp.maps_ref().endpoints()? {
+            if e.flags & Endpoint::FLAG_HOST != 0 {
+                continue; // kept by `sync_host` on the next state
+            }
             let key = format!("if{}", e.ifindex);
             match netdev::name_of(e.ifindex) {
                 Some(name) => {

@@ -38,7 +38,11 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object into the kernel (needs CAP_BPF and CAP_NET_ADMIN)")?;
-        for name in [programs::FROM_CONTAINER, programs::FROM_UNDERLAY] {
+        for name in [
+            programs::FROM_CONTAINER,
+            programs::FROM_UNDERLAY,
+            programs::FROM_HOST,
+        ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
