@@ -745,16 +745,27 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
             }
         })
     };
+    // Deltas: the master sends only the agents that changed since `after` (the first answer,
+    // after 0, is the whole state), so a change costs the same with 10 agents or 10,000.
     let mut after = 0u64;
+    let mut state: Option<State> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match client.watch(after, Duration::from_secs(25)).await {
-            Ok(Some(w)) => {
+        match client.watch_delta(after, Duration::from_secs(25)).await {
+            Ok(Some(delta)) => {
                 backoff = Duration::from_millis(100);
-                let revision = w.revision;
+                let revision = delta.revision;
+                let current = match state.take() {
+                    Some(mut s) => {
+                        delta.apply_to(&mut s);
+                        s
+                    }
+                    None => delta.state,
+                };
+                state = Some(current.clone());
                 let applied = {
                     let mut c = core.lock().unwrap();
-                    let r = c.apply_state(w.state, revision);
+                    let r = c.apply_state(current, revision);
                     if r.is_err() {
                         c.note_reconcile_error();
                     }
