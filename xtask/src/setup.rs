@@ -18,6 +18,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "hping3",
     "netcat-openbsd",
     "tcpdump",
+    // CNI plugin tests with a real runtime (tests/tests/cni_podman.rs)
+    "podman",
+    "crun",
+    "containernetworking-plugins",
+    "busybox-static",
     // benchmarks (`cargo xtask bench`): latency, DC/OS's kernel datapath (CNI bridge +
     // host-local, iptables masquerade), the chart
     "sockperf",
