@@ -286,10 +286,32 @@ fn agent_restart_keeps_traffic_flowing_and_entries_in_place() {
     let b = c.add_container("a2", "dcos").unwrap();
     assert!(a.node.ping(ip(&b)));
     let before = maps(&c, "a1").endpoints().unwrap();
+    // A steady stream across agents through the whole stop/start: not one packet may be lost
+    // (programs and maps are pinned; the new agent swaps programs atomically in the links).
+    let mut stream = a.node.command("ping");
+    stream
+        .args([
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            "400",
+            "-W",
+            "1",
+            &ip(&b).to_string(),
+        ])
+        .stdout(std::process::Stdio::piped());
+    let stream = stream.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     c.stop_agent("a1");
     // No agent process on a1: pinned programs and maps still carry the traffic.
     assert!(a.node.ping(ip(&b)), "traffic stopped with the agent");
     c.start_agent("a1").unwrap();
+    let out = String::from_utf8(stream.wait_with_output().unwrap().stdout).unwrap();
+    assert!(
+        out.contains("400 packets transmitted, 400 received"),
+        "packets lost across the restart: {out}"
+    );
     assert_eq!(
         maps(&c, "a1").endpoints().unwrap(),
         before,
