@@ -42,7 +42,17 @@ pub struct ClusterSpec {
     pub mtu: u32,
     /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests).
     pub agent_args: Vec<String>,
+    /// Masters on the master node, on ports `MASTER_PORT`, `MASTER_PORT + 1`, ...; agents get
+    /// every address. More than one needs `etcd_members`.
+    pub masters: usize,
+    /// etcd members (Debian's `/usr/bin/etcd`) in the master namespace, client ports
+    /// `ETCD_PORT`, `ETCD_PORT + 10`, ...; the masters then share them as their store.
+    /// 0 (the default): one master on its embedded store.
+    pub etcd_members: usize,
 }
+
+/// First etcd member's client port inside the lab (its peer port is the next one).
+pub const ETCD_PORT: u16 = 12379;
 
 impl ClusterSpec {
     pub fn new(agents: usize, bin_dir: &Path) -> ClusterSpec {
@@ -52,6 +62,8 @@ impl ClusterSpec {
             bin_dir: bin_dir.to_owned(),
             mtu: 1420,
             agent_args: vec![],
+            masters: 1,
+            etcd_members: 0,
         }
     }
 }
@@ -65,6 +77,9 @@ pub struct Cluster {
     agent_args: Vec<String>,
     keep: bool,
     agent_pids: BTreeMap<String, u32>,
+    /// Process of each master (None once killed).
+    master_pids: Vec<Option<u32>>,
+    etcd_pids: Vec<Option<u32>>,
 }
 
 impl Cluster {
@@ -83,9 +98,24 @@ impl Cluster {
             agent_args: spec.agent_args.clone(),
             keep: false,
             agent_pids: BTreeMap::new(),
+            master_pids: vec![],
+            etcd_pids: vec![],
         };
         let config = c.work_dir.join("overlay.yaml");
         std::fs::write(&config, &spec.config)?;
+        if spec.etcd_members > 0 {
+            c.start_etcd(spec.etcd_members)?;
+            for i in 0..spec.masters.max(1) {
+                c.start_shared_master(i, &config)?;
+            }
+            for i in 1..=spec.agents {
+                c.start_agent(&format!("a{i}"))?;
+            }
+            return Ok(c);
+        }
+        if spec.masters > 1 {
+            bail!("several masters need a shared store: set etcd_members");
+        }
         let master = c.bin_dir.join("overlay-master");
         let listen = format!("{}:{MASTER_PORT}", fabric_ip(1));
         let data = c.work_dir.join("master-data");
@@ -101,7 +131,8 @@ impl Cluster {
         ])
         .stdout(log.try_clone()?)
         .stderr(log);
-        c.lab.spawn_command(cmd)?;
+        let pid = c.lab.spawn_command(cmd)?;
+        c.master_pids.push(Some(pid));
         c.wait_master()?;
         for i in 1..=spec.agents {
             c.start_agent(&format!("a{i}"))?;
@@ -111,6 +142,138 @@ impl Cluster {
 
     pub fn master_url(&self) -> String {
         format!("http://{}:{MASTER_PORT}", fabric_ip(1))
+    }
+
+    /// Every master's URL (what agents are given, in this order).
+    pub fn master_urls(&self) -> Vec<String> {
+        (0..self.master_pids.len().max(1))
+            .map(|i| format!("http://{}:{}", fabric_ip(1), MASTER_PORT + i as u16))
+            .collect()
+    }
+
+    fn etcd_endpoints(&self) -> String {
+        (0..self.etcd_pids.len())
+            .map(|i| format!("{}:{}", fabric_ip(1), ETCD_PORT + 10 * i as u16))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts the etcd members in the master namespace and waits until they accept writes.
+    fn start_etcd(&mut self, members: usize) -> anyhow::Result<()> {
+        let host = fabric_ip(1);
+        let peers: Vec<String> = (0..members)
+            .map(|i| format!("e{i}=http://{host}:{}", ETCD_PORT + 10 * i as u16 + 1))
+            .collect();
+        for i in 0..members {
+            let client = format!("http://{host}:{}", ETCD_PORT + 10 * i as u16);
+            let peer = format!("http://{host}:{}", ETCD_PORT + 10 * i as u16 + 1);
+            let data = self.work_dir.join(format!("etcd-{i}"));
+            let log = std::fs::File::create(self.log_path(&format!("etcd-{i}")))?;
+            let mut cmd = self.lab.master().command("/usr/bin/etcd");
+            cmd.args([
+                "--name",
+                &format!("e{i}"),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &peers.join(",")])
+            .args(["--initial-cluster-token", &self.lab.id().to_string()])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args([
+                "--max-txn-ops",
+                "4096",
+                "--log-level",
+                "warn",
+                "--logger",
+                "zap",
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log);
+            let pid = self.lab.spawn_command(cmd)?;
+            self.etcd_pids.push(Some(pid));
+        }
+        let start = Instant::now();
+        loop {
+            let put = br#"{"key":"bGFiLXByb2Jl","value":"MQ=="}"#;
+            let ok = in_netns(self.lab.master(), move || {
+                let mut s = TcpStream::connect((host, ETCD_PORT))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                Ok(http_exchange(&mut s, "POST", "/v3/kv/put", Some(put))?)
+            });
+            if let Ok((200, body)) = ok
+                && !String::from_utf8_lossy(&body).contains("\"error\"")
+            {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let log = std::fs::read_to_string(self.log_path("etcd-0")).unwrap_or_default();
+                bail!("etcd did not accept writes within 20 s; member 0's log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts master `index` on the etcd store and waits for its `/health`.
+    fn start_shared_master(&mut self, index: usize, config: &Path) -> anyhow::Result<()> {
+        let port = MASTER_PORT + index as u16;
+        let name = format!("master-{index}");
+        let log = std::fs::File::create(self.log_path(&name))?;
+        let mut cmd = self
+            .lab
+            .master()
+            .command(self.bin_dir.join("overlay-master"));
+        cmd.args(["--config", config.to_str().unwrap()])
+            .args(["--listen", &format!("{}:{port}", fabric_ip(1))])
+            .args(["--store", &format!("etcd://{}", self.etcd_endpoints())])
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let pid = self.lab.spawn_command(cmd)?;
+        if self.master_pids.len() <= index {
+            self.master_pids.resize(index + 1, None);
+        }
+        self.master_pids[index] = Some(pid);
+        let start = Instant::now();
+        loop {
+            let health = in_netns(self.lab.master(), move || {
+                let mut s = TcpStream::connect((fabric_ip(1), port))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                Ok(http_exchange(&mut s, "GET", "/health", None)?)
+            });
+            if let Ok((200, _)) = health {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let log = std::fs::read_to_string(self.log_path(&name)).unwrap_or_default();
+                bail!("{name} did not become healthy within 20 s; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills master `index` (SIGKILL): agents fail over to the others.
+    pub fn kill_master(&mut self, index: usize) {
+        if let Some(pid) = self.master_pids.get_mut(index).and_then(Option::take) {
+            self.lab.stop(pid, Duration::ZERO);
+        }
+    }
+
+    /// Kills etcd member `index` (SIGKILL).
+    pub fn kill_etcd(&mut self, index: usize) {
+        if let Some(pid) = self.etcd_pids.get_mut(index).and_then(Option::take) {
+            self.lab.stop(pid, Duration::ZERO);
+        }
     }
 
     pub fn socket(&self, agent: &str) -> PathBuf {
@@ -171,9 +334,10 @@ impl Cluster {
             .append(true)
             .open(self.log_path(agent))?;
         let mut cmd = node.command(&bin);
+        for url in self.master_urls() {
+            cmd.args(["--master", &url]);
+        }
         cmd.args([
-            "--master",
-            &self.master_url(),
             "--underlay-iface",
             "eth0",
             "--instance",
