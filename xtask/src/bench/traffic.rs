@@ -20,6 +20,28 @@ pub struct PathSample {
     pub cpu_s_per_gbit: f64,
 }
 
+/// CPUs the client and the server are pinned to (`taskset`), so that every datapath runs with
+/// the same placement: on 2 CPUs, leaving it to the scheduler makes results bimodal (both ends on
+/// one CPU or not). None on a single-CPU machine.
+fn pinning() -> Option<(&'static str, &'static str)> {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    (n >= 2).then_some(("0", "1"))
+}
+
+/// `cmd args` pinned to `cpu` (if pinning is on).
+fn pinned<'a>(cpu: Option<&'a str>, cmd: &'a str, args: &[&'a str]) -> (String, Vec<&'a str>) {
+    match cpu {
+        Some(c) => {
+            let mut v = vec!["-c", c, cmd];
+            v.extend_from_slice(args);
+            ("taskset".into(), v)
+        }
+        None => (cmd.into(), args.to_vec()),
+    }
+}
+
 /// Starts the iperf3 and sockperf servers on `node` (listening on `ip`); the lab kills them on
 /// teardown.
 pub fn start_servers(lab: &mut Lab, node: &Node, ip: Ipv4Addr) -> anyhow::Result<()> {
@@ -85,8 +107,12 @@ fn iperf(
     let secs_s = secs.to_string();
     let server_s = server.to_string();
     let port = IPERF_PORT.to_string();
-    let mut args = vec![
-        limit.as_str(),
+    let cpu = pinning().map(|p| p.0);
+    let mut args = vec![limit.as_str()];
+    if let Some(c) = cpu {
+        args.extend(["taskset", "-c", c]);
+    }
+    args.extend([
         "iperf3",
         "-c",
         &server_s,
@@ -97,7 +123,7 @@ fn iperf(
         "-J",
         "--connect-timeout",
         "3000",
-    ];
+    ]);
     args.extend_from_slice(extra);
     // iperf3 exits non-zero with its error inside the JSON; retry once (server busy after a
     // previous test's teardown).
@@ -150,22 +176,29 @@ fn udp_kpps(v: &serde_json::Value) -> anyhow::Result<f64> {
 /// sockperf TCP ping-pong: (mean, p99) round-trip time in microseconds.
 fn sockperf(client: &Node, server: Ipv4Addr, secs: u32) -> anyhow::Result<(f64, f64)> {
     let limit = (secs + 20).to_string();
-    let out = client.exec(
-        "timeout",
+    let (server_s, port, secs_s) = (
+        server.to_string(),
+        SOCKPERF_PORT.to_string(),
+        secs.to_string(),
+    );
+    let (prog, args) = pinned(
+        pinning().map(|p| p.0),
+        "sockperf",
         &[
-            &limit,
-            "sockperf",
             "pp",
             "--tcp",
             "--full-rtt",
             "-i",
-            &server.to_string(),
+            &server_s,
             "-p",
-            &SOCKPERF_PORT.to_string(),
+            &port,
             "-t",
-            &secs.to_string(),
+            &secs_s,
         ],
-    )?;
+    );
+    let mut full = vec![limit.as_str(), prog.as_str()];
+    full.extend(args);
+    let out = client.exec("timeout", &full)?;
     let mut mean = None;
     let mut p99 = None;
     for line in out.lines() {
