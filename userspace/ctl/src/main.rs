@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use overlay_agent::datapath::{OverlayMaps, PinLayout};
+use overlay_agent::datapath::{OverlayMaps, PinLayout, from_addr16};
 use overlay_api::MasterClient;
 
 #[derive(Parser)]
@@ -76,7 +76,7 @@ fn show_datapath(instance: &str, bpffs: &std::path::Path) -> anyhow::Result<()> 
     }
     println!("remote subnets:");
     for (net, r) in maps.routes()? {
-        let via = overlay_agent::datapath::from_addr16(&r.underlay_ip);
+        let via = from_addr16(&r.underlay_ip);
         println!(
             "  {net:<18} vni {:>8}  via {via}  vtep mac {}",
             r.vni,
@@ -90,6 +90,30 @@ fn show_datapath(instance: &str, bpffs: &std::path::Path) -> anyhow::Result<()> 
     println!("known agents (VTEPs):");
     for (ip, v) in maps.vteps()? {
         println!("  {ip:<18} vtep mac {}", mac(&v.vtep_mac));
+    }
+    let nat = maps.nat_config()?;
+    let flows = maps.nat_entries()?;
+    println!(
+        "masquerade: ports {}-{}, {} tracked flows (timeouts tcp {}s/{}s closing, udp {}s, icmp {}s)",
+        nat.port_min,
+        nat.port_max,
+        flows.len() / 2,
+        nat.tcp_timeout_s,
+        nat.tcp_closing_timeout_s,
+        nat.udp_timeout_s,
+        nat.icmp_timeout_s
+    );
+    for (k, e) in flows
+        .iter()
+        .filter(|(k, _)| k.direction == overlay_common::maps::nat_direction::EGRESS)
+        .take(20)
+    {
+        let (local, remote) = (from_addr16(&k.local), from_addr16(&k.remote));
+        let via = from_addr16(&e.addr);
+        println!(
+            "  proto {:>2}  {local}:{} -> {remote}:{}  as {via}:{}",
+            k.protocol, k.local_port, k.remote_port, e.port
+        );
     }
     println!("counters:");
     for r in maps.stats()? {

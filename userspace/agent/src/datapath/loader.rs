@@ -33,7 +33,7 @@ impl Datapath {
         let map_paths: Vec<_> = names::ALL.iter().map(|n| (*n, pins.map(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
             .load(OBJECT)
