@@ -1,0 +1,103 @@
+//! `cargo xtask bench --quick` runs end to end and its JSON has every figure with sane values.
+//!
+//! Uses the debug binaries that `cargo xtask test` builds (`--bin-dir`), writes into a temporary
+//! directory (`--out`), and runs the quick mode: one run, 2 s per test, small agent counts.
+
+use std::process::Command;
+
+use overlay_tests::bin_path;
+
+const METRICS: [&str; 6] = [
+    "tcp1_gbps",
+    "tcp4_gbps",
+    "udp64_kpps",
+    "lat_mean_us",
+    "lat_p99_us",
+    "cpu_s_per_gbit",
+];
+const PATHS: [&str; 3] = ["same_agent", "cross_agent", "external"];
+const DATAPATHS: [&str; 3] = ["raw", "kernel", "ebpf"];
+
+#[test]
+fn quick_bench_reports_every_figure() {
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let started = std::time::Instant::now();
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "xtask",
+            "--",
+            "bench",
+            "--quick",
+            "--bin-dir",
+        ])
+        .arg(&bin_dir)
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cargo xtask bench --quick failed: {status}"
+    );
+    eprintln!("quick bench took {:?}", started.elapsed());
+
+    let text = std::fs::read_to_string(out.path().join("latest.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let figures = v["figures"].as_array().unwrap();
+    for metric in METRICS {
+        for path in PATHS {
+            for dp in DATAPATHS {
+                let f = figures
+                    .iter()
+                    .find(|f| f["metric"] == metric && f["path"] == path && f["datapath"] == dp)
+                    .unwrap_or_else(|| panic!("no figure {metric} {path} {dp}"));
+                if f["available"] == false {
+                    // Only the eBPF masquerade row may be missing, and it must say why.
+                    assert_eq!((dp, path), ("ebpf", "external"), "{f}");
+                    assert!(f["reason"].as_str().unwrap().contains("not available"));
+                    continue;
+                }
+                let median = f["median"].as_f64().unwrap();
+                assert!(
+                    median.is_finite() && median > 0.0,
+                    "{metric} {path} {dp}: {median}"
+                );
+                let sane = match metric {
+                    "tcp1_gbps" | "tcp4_gbps" => median < 1000.0,
+                    "udp64_kpps" => median < 100_000.0,
+                    "lat_mean_us" | "lat_p99_us" => median < 1_000_000.0,
+                    _ => median < 100.0,
+                };
+                assert!(sane, "{metric} {path} {dp}: implausible {median}");
+            }
+        }
+    }
+    let cp = &v["control_plane"];
+    let joins = cp["joins"].as_array().unwrap();
+    assert!(!joins.is_empty());
+    for j in joins {
+        let ms = j["registration_request_ms"]["median"].as_f64().unwrap();
+        assert!((0.0..30_000.0).contains(&ms), "join: {j}");
+    }
+    let scale = &cp["scale"];
+    assert!(scale["simulated_agents"].as_u64().unwrap() >= 100);
+    assert!(scale["all_routed_ms"].as_f64().unwrap() > 0.0);
+    assert!(scale["one_more_ms"]["median"].as_f64().unwrap() >= 0.0);
+    assert!(
+        scale["real_join_from_register_ms"]["median"]
+            .as_f64()
+            .unwrap()
+            >= 0.0
+    );
+    assert!(out.path().join("latest.md").exists());
+}
