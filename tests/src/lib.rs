@@ -65,3 +65,82 @@ pub fn lab_pins(lab: &overlay_lab::Lab, agent_role: &str) -> overlay_agent::data
     )
     .unwrap()
 }
+
+/// Another agent as a hand-installed datapath knows it: where its VTEP is and which subnet it owns.
+pub struct PeerAgent<'a> {
+    pub underlay_ip: std::net::Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+    pub subnet: &'a str,
+}
+
+/// Installs the real datapath in lab agent `agent_role` by hand, as the agent's reconciler would:
+/// programs on eth0 and on each container's veth, the agent config, network `vni` (over
+/// `overlay_subnet`, if given), the containers as endpoints, and `peers` as known agents owning
+/// their subnets. The pinned programs and maps stay after this returns (removed with the lab).
+pub fn install_datapath(
+    lab: &overlay_lab::Lab,
+    agent_role: &str,
+    vtep_mac: [u8; 6],
+    vni: u32,
+    overlay_subnet: Option<&str>,
+    containers: &[&overlay_lab::Container],
+    peers: &[PeerAgent],
+) -> anyhow::Result<()> {
+    use overlay_common::maps::{Network, OverlaySubnet, RemoteRoute, Vtep, programs};
+    let agent = lab.node(agent_role)?.clone();
+    let pins = lab_pins(lab, agent_role);
+    let settings = agent_settings(&agent, vtep_mac);
+    let endpoints: Vec<_> = containers
+        .iter()
+        .map(|c| (c.host_veth.clone(), endpoint_of(&agent, c, vni)))
+        .collect();
+    let subnet = overlay_subnet
+        .map(str::parse::<ipnetwork::IpNetwork>)
+        .transpose()?;
+    let peers = peers
+        .iter()
+        .map(|p| {
+            Ok((
+                std::net::IpAddr::V4(p.underlay_ip),
+                p.vtep_mac,
+                p.subnet.parse::<ipnetwork::IpNetwork>()?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    overlay_lab::in_netns(&agent, move || {
+        let mut dp = overlay_agent::datapath::Datapath::load(pins)?;
+        dp.attach("eth0", programs::FROM_UNDERLAY)?;
+        for (veth, _) in &endpoints {
+            dp.attach(veth, programs::FROM_CONTAINER)?;
+        }
+        let m = dp.maps();
+        m.set_config(&settings)?;
+        m.put_network(vni, Network::default())?;
+        if let Some(subnet) = subnet {
+            m.put_subnet(subnet, OverlaySubnet { vni, flags: 0 })?;
+        }
+        for (_, (ip, ep)) in endpoints {
+            m.put_endpoint(ip, ep)?;
+        }
+        for (ip, mac, subnet) in peers {
+            m.put_vtep(
+                ip,
+                Vtep {
+                    vtep_mac: mac,
+                    ..Default::default()
+                },
+            )?;
+            let underlay_ip = overlay_agent::datapath::addr16(ip);
+            m.put_route(
+                subnet,
+                RemoteRoute {
+                    underlay_ip,
+                    vtep_mac: mac,
+                    vni,
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(())
+    })
+}

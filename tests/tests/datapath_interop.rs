@@ -2,19 +2,12 @@
 //! datapath (Linux bridge `m-dcos`, VXLAN device `vtep1024` on port 64000, static neighbour and
 //! FDB entries, a route via the peer's VTEP IP), TCP both ways, payload intact.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    process::Stdio,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, process::Stdio, time::Duration};
 
-use overlay_agent::datapath::{Datapath, OverlayMaps, addr16};
-use overlay_common::{
-    counters::Counter,
-    maps::{Network, OverlaySubnet, RemoteRoute, Vtep, programs},
-};
-use overlay_lab::{Lab, LabSpec, Node, in_netns};
-use overlay_tests::{agent_settings, endpoint_of, lab_pins};
+use overlay_agent::datapath::OverlayMaps;
+use overlay_common::counters::Counter;
+use overlay_lab::{Lab, LabSpec, Node};
+use overlay_tests::{PeerAgent, install_datapath, lab_pins};
 
 const VNI: u32 = 1024;
 const A1_VTEP_MAC: [u8; 6] = [0x70, 0xb3, 0xd5, 0x80, 0, 1];
@@ -208,38 +201,20 @@ fn ebpf_agent_and_dcos_kernel_agent_exchange_tcp() {
     dcos_kernel_agent(&a1, &c1.host_veth, a2.ip.unwrap());
 
     // a2: the eBPF datapath, with a1 as a known agent owning a1's container subnet.
-    let (ep_ip, ep) = endpoint_of(&a2, &c2, VNI);
-    let pins = lab_pins(&lab, "a2");
-    let settings = agent_settings(&a2, A2_VTEP_MAC);
-    let veth = c2.host_veth.clone();
-    in_netns(&a2, move || {
-        let mut dp = Datapath::load(pins)?;
-        dp.attach("eth0", programs::FROM_UNDERLAY)?;
-        dp.attach(&veth, programs::FROM_CONTAINER)?;
-        let m = dp.maps();
-        m.set_config(&settings)?;
-        m.put_network(VNI, Network::default())?;
-        m.put_subnet("9.0.0.0/8".parse()?, OverlaySubnet { vni: VNI, flags: 0 })?;
-        m.put_endpoint(ep_ip, ep)?;
-        m.put_vtep(
-            IpAddr::V4(a1_ip),
-            Vtep {
-                vtep_mac: A1_VTEP_MAC,
-                vtep_ip: [44, 128, 0, 1],
-                ..Default::default()
-            },
-        )?;
-        m.put_route(
-            A1_SUBNET.parse()?,
-            RemoteRoute {
-                underlay_ip: addr16(IpAddr::V4(a1_ip)),
-                vtep_mac: A1_VTEP_MAC,
-                vni: VNI,
-                ..Default::default()
-            },
-        )?;
-        Ok(())
-    })
+    let a1_peer = PeerAgent {
+        underlay_ip: a1_ip,
+        vtep_mac: A1_VTEP_MAC,
+        subnet: A1_SUBNET,
+    };
+    install_datapath(
+        &lab,
+        "a2",
+        A2_VTEP_MAC,
+        VNI,
+        Some("9.0.0.0/8"),
+        &[&c2],
+        &[a1_peer],
+    )
     .unwrap();
 
     let (c1_ip, c2_ip) = (c1.node.ip.unwrap(), c2.node.ip.unwrap());

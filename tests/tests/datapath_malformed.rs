@@ -7,13 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::datapath::{Datapath, OverlayMaps, addr16};
+use overlay_agent::datapath::{OverlayMaps, addr16};
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
-    maps::{Network, OverlaySubnet, RemoteRoute, Vtep, programs},
+    maps::{RemoteRoute, Vtep},
 };
-use overlay_lab::{Lab, LabSpec, Node, in_netns};
-use overlay_tests::{agent_settings, endpoint_of, lab_pins, support_packets::*};
+use overlay_lab::{Lab, LabSpec, Node};
+use overlay_tests::{install_datapath, lab_pins, support_packets::*};
 
 const VNI: u32 = 1024;
 const A2_VTEP_MAC: [u8; 6] = [0x70, 0xb3, 0xd5, 0x80, 0, 2];
@@ -98,22 +98,7 @@ fn malformed_vxlan_from_the_wire_is_dropped_and_counted() {
         .exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
         .unwrap();
 
-    let (ep_ip, ep) = endpoint_of(&a2, &c, VNI);
-    let pins = lab_pins(&lab, "a2");
-    let settings = agent_settings(&a2, A2_VTEP_MAC);
-    let veth = c.host_veth.clone();
-    in_netns(&a2, move || {
-        let mut dp = Datapath::load(pins)?;
-        dp.attach("eth0", programs::FROM_UNDERLAY)?;
-        dp.attach(&veth, programs::FROM_CONTAINER)?;
-        let m = dp.maps();
-        m.set_config(&settings)?;
-        m.put_network(VNI, Network::default())?;
-        m.put_subnet("9.0.0.0/8".parse()?, OverlaySubnet { vni: VNI, flags: 0 })?;
-        m.put_endpoint(ep_ip, ep)?;
-        Ok(())
-    })
-    .unwrap();
+    install_datapath(&lab, "a2", A2_VTEP_MAC, VNI, Some("9.0.0.0/8"), &[&c], &[]).unwrap();
 
     let good = VxlanFrame {
         outer_src: ext_ip,

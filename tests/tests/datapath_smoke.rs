@@ -4,13 +4,10 @@
 
 use std::net::Ipv4Addr;
 
-use overlay_agent::datapath::{Datapath, attached_ingress_programs};
-use overlay_common::{
-    counters::Counter,
-    maps::{Network, names, programs},
-};
+use overlay_agent::datapath::attached_ingress_programs;
+use overlay_common::{counters::Counter, maps::names};
 use overlay_lab::{Lab, LabSpec, in_netns};
-use overlay_tests::{agent_settings, endpoint_of, lab_pins};
+use overlay_tests::{endpoint_of, install_datapath, lab_pins};
 use serde_json::Value;
 
 const VNI: u32 = 1024;
@@ -56,22 +53,15 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         .iter()
         .map(|c| endpoint_of(&agent, c, VNI))
         .collect();
-    let settings = agent_settings(&agent, [0x70, 0xb3, 0xd5, 0x80, 0, 1]);
-    let veths = [c1.host_veth.clone(), c2.host_veth.clone()];
-    let eps = endpoints.clone();
-    in_netns(&agent, move || {
-        let mut dp = Datapath::load(pins)?;
-        dp.attach("eth0", programs::FROM_UNDERLAY)?;
-        for v in &veths {
-            dp.attach(v, programs::FROM_CONTAINER)?;
-        }
-        dp.maps().set_config(&settings)?;
-        dp.maps().put_network(VNI, Network::default())?;
-        for (ip, ep) in eps {
-            dp.maps().put_endpoint(ip, ep)?;
-        }
-        Ok(())
-    })
+    install_datapath(
+        &lab,
+        "a1",
+        [0x70, 0xb3, 0xd5, 0x80, 0, 1],
+        VNI,
+        None,
+        &[&c1, &c2],
+        &[],
+    )
     .unwrap();
     // The loader is gone; pinned links keep the programs attached and pinned maps keep state.
 

@@ -1,15 +1,12 @@
 //! VXLAN between two agents, built and stripped in BPF: the maps are written through the façade
 //! as the agent's reconciler will write them from the master's state.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
-use overlay_agent::datapath::{Datapath, OverlayMaps};
-use overlay_common::{
-    counters::Counter,
-    maps::{Network, OverlaySubnet, RemoteRoute, Vtep, programs},
-};
-use overlay_lab::{Lab, LabSpec, in_netns};
-use overlay_tests::{agent_settings, endpoint_of, lab_pins};
+use overlay_agent::datapath::OverlayMaps;
+use overlay_common::counters::Counter;
+use overlay_lab::{Lab, LabSpec};
+use overlay_tests::{PeerAgent, install_datapath, lab_pins};
 
 const VNI: u32 = 1024;
 
@@ -64,47 +61,23 @@ fn containers_on_two_agents_talk_over_bpf_vxlan() {
             1420,
         )
         .unwrap();
-    let locals = [(c1.clone(), 0usize), (c2.clone(), 1usize)];
-
+    let locals = [&c1, &c2];
     for (i, plan) in AGENTS.iter().enumerate() {
-        let agent = lab.node(plan.role).unwrap().clone();
         let peer_plan = &AGENTS[1 - i];
-        let peer = lab.node(peer_plan.role).unwrap().clone();
-        let (local, _) = &locals[i];
-        let (ip, ep) = endpoint_of(&agent, local, VNI);
-        let pins = lab_pins(&lab, plan.role);
-        let settings = agent_settings(&agent, plan.vtep_mac);
-        let veth = local.host_veth.clone();
-        let peer_ip = IpAddr::V4(peer.ip.unwrap());
-        let peer_subnet = peer_plan.subnet.parse().unwrap();
-        let peer_mac = peer_plan.vtep_mac;
-        in_netns(&agent, move || {
-            let mut dp = Datapath::load(pins)?;
-            dp.attach("eth0", programs::FROM_UNDERLAY)?;
-            dp.attach(&veth, programs::FROM_CONTAINER)?;
-            let m = dp.maps();
-            m.set_config(&settings)?;
-            m.put_network(VNI, Network::default())?;
-            m.put_subnet("9.0.0.0/8".parse()?, OverlaySubnet { vni: VNI, flags: 0 })?;
-            m.put_endpoint(ip, ep)?;
-            m.put_vtep(
-                peer_ip,
-                Vtep {
-                    vtep_mac: peer_mac,
-                    ..Default::default()
-                },
-            )?;
-            m.put_route(
-                peer_subnet,
-                RemoteRoute {
-                    underlay_ip: overlay_agent::datapath::addr16(peer_ip),
-                    vtep_mac: peer_mac,
-                    vni: VNI,
-                    ..Default::default()
-                },
-            )?;
-            Ok(())
-        })
+        let peer = PeerAgent {
+            underlay_ip: lab.node(peer_plan.role).unwrap().ip.unwrap(),
+            vtep_mac: peer_plan.vtep_mac,
+            subnet: peer_plan.subnet,
+        };
+        install_datapath(
+            &lab,
+            plan.role,
+            plan.vtep_mac,
+            VNI,
+            Some("9.0.0.0/8"),
+            &[locals[i]],
+            &[peer],
+        )
         .unwrap();
     }
 
