@@ -168,7 +168,25 @@ fn a_thousand_concurrent_flows_from_several_containers_all_work() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(answered, ["250"; 4], "answers per container");
+    let drops = |agent: &str| {
+        let m = maps(&c, agent);
+        (
+            m.stat(DCOS, Counter::DropNatNoPort).unwrap(),
+            m.stat(DCOS, Counter::NatPortRetries).unwrap(),
+        )
+    };
+    assert_eq!(
+        answered,
+        ["250"; 4],
+        "answers per container; (no-port drops, port retries) a1 {:?} a2 {:?}",
+        drops("a1"),
+        drops("a2")
+    );
+    assert_eq!(
+        (drops("a1").0, drops("a2").0),
+        (0, 0),
+        "flows refused for want of a port"
+    );
     let flows = |agent: &str| {
         maps(&c, agent)
             .nat_entries()
