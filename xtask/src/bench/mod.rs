@@ -15,6 +15,7 @@
 //! (`bench-results/<timestamp>.json`), and a chart (`bench-results/<timestamp>.png`, via Debian's
 //! python3-matplotlib).
 
+mod bpfstats;
 mod control;
 mod kernel;
 mod report;
@@ -60,6 +61,10 @@ pub struct BenchArgs {
     /// Skip the data-plane figures.
     #[arg(long)]
     pub no_data: bool,
+    /// Turn on `kernel.bpf_stats_enabled` for the run (restored after) and report each
+    /// ebpf-overlay program's runs and average run time per path (adds a little per-run cost).
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf).
     #[arg(long, value_delimiter = ',', default_value = "raw,kernel,ebpf")]
     pub datapaths: Vec<String>,
@@ -119,7 +124,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     results.load_before = load();
     if !args.no_data {
-        data_plane(&plan, &bin_dir, &args.datapaths, &mut results)?;
+        let _stats = if args.bpf_stats {
+            Some(bpfstats::StatsGuard::enable()?)
+        } else {
+            None
+        };
+        results.bpf_stats_enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false);
+        data_plane(
+            &plan,
+            &bin_dir,
+            &args.datapaths,
+            args.bpf_stats,
+            &mut results,
+        )?;
     }
     if !args.no_control {
         control_plane(&plan, &bin_dir, &mut results)?;
@@ -150,6 +169,8 @@ struct Target {
 struct Setup {
     name: &'static str,
     paths: Vec<(&'static str, Result<Target, String>)>,
+    /// Programs attached by this setup's agents (ebpf only).
+    prog_ids: Vec<u32>,
     _keep: Box<dyn std::any::Any>,
 }
 
@@ -177,6 +198,7 @@ fn raw_setup() -> anyhow::Result<Setup> {
         name: "raw",
         // same_agent is filled from cross_agent (one measurement, see the module doc).
         paths: vec![("cross_agent", t(&a2)), ("external", t(&ext))],
+        prog_ids: vec![],
         _keep: Box::new(lab),
     })
 }
@@ -215,6 +237,7 @@ fn kernel_setup() -> anyhow::Result<Setup> {
             ("cross_agent", t(&c3)),
             ("external", t(&ext)),
         ],
+        prog_ids: vec![],
         _keep: Box::new(k),
     })
 }
@@ -258,8 +281,10 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
             server: s.ip.unwrap(),
         })
     };
+    let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
     Ok(Setup {
         name: "ebpf",
+        prog_ids: bpfstats::lab_prog_ids(&instances),
         paths: vec![
             ("same_agent", t(&c2)),
             ("cross_agent", t(&c3)),
@@ -273,6 +298,7 @@ fn data_plane(
     plan: &Plan,
     bin_dir: &Path,
     which: &[String],
+    bpf_stats: bool,
     results: &mut Results,
 ) -> anyhow::Result<()> {
     println!("bench: building the {} labs", which.join(", "));
@@ -302,8 +328,25 @@ fn data_plane(
             for (path, t) in &s.paths {
                 let Ok(t) = t else { continue };
                 let t0 = Instant::now();
+                let track = bpf_stats && !s.prog_ids.is_empty();
+                let before = if track {
+                    Some(bpfstats::snapshot(&s.prog_ids)?)
+                } else {
+                    None
+                };
                 let m = traffic::measure(&t.client, t.server, plan.secs, plan.lat_secs)
                     .with_context(|| format!("{} {path}, run {run}", s.name))?;
+                if let Some(before) = before {
+                    let after = bpfstats::snapshot(&s.prog_ids)?;
+                    for (prog, (cnt, ns)) in bpfstats::delta(&before, &after) {
+                        let e = results
+                            .bpf_programs
+                            .entry((path.to_string(), prog))
+                            .or_default();
+                        e.0 += cnt;
+                        e.1 += ns;
+                    }
+                }
                 println!(
                     "bench: run {run} {:<6} {:<11} tcp1 {:6.2} Gbit/s  tcp4 {:6.2} Gbit/s  udp64 {:7.1} kpps  rtt {:6.1}/{:6.1} us  cpu {:.3} s/Gbit  ({:.0} s)",
                     s.name,

@@ -116,6 +116,11 @@ pub struct Results {
     pub figures: Vec<Figure>,
     pub joins: Vec<JoinSet>,
     pub scale: Option<ScaleResult>,
+    /// `kernel.bpf_stats_enabled` during the data-plane figures.
+    pub bpf_stats_enabled: bool,
+    /// (path, program) -> (runs, run time ns), ebpf-overlay's programs over all tests of a path
+    /// (`--bpf-stats`).
+    pub bpf_programs: std::collections::BTreeMap<(String, String), (u64, u64)>,
 }
 
 impl Results {
@@ -130,6 +135,8 @@ impl Results {
             figures: vec![],
             joins: vec![],
             scale: None,
+            bpf_stats_enabled: false,
+            bpf_programs: Default::default(),
         }
     }
 
@@ -245,8 +252,14 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "Mode `{}`: {} run(s) per figure, {} s per iperf3 test; median (min–max). Load average \
-         before/after: {} / {}; {:.0} s in all.\n",
-        r.mode, r.runs, r.secs, r.load_before, r.load_after, r.elapsed_s
+         before/after: {} / {}; {:.0} s in all; kernel.bpf_stats_enabled {}.\n",
+        r.mode,
+        r.runs,
+        r.secs,
+        r.load_before,
+        r.load_after,
+        r.elapsed_s,
+        u8::from(r.bpf_stats_enabled)
     );
     if !r.figures.is_empty() {
         let _ = writeln!(
@@ -337,6 +350,21 @@ pub fn markdown(r: &Results) -> String {
                         .map(|j| j.from_spawn_ms)
                         .collect::<Vec<_>>()
                 )
+            );
+        }
+    }
+    if !r.bpf_programs.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| ebpf-overlay program (`bpftool prog show`, bpf_stats) | path | runs | avg ns/run | total ms |\n|---|---|---|---|---|"
+        );
+        for ((path, prog), (cnt, ns)) in &r.bpf_programs {
+            let _ = writeln!(
+                s,
+                "| {prog} | {} | {cnt} | {:.0} | {:.1} |",
+                path.replace('_', " "),
+                *ns as f64 / (*cnt).max(1) as f64,
+                *ns as f64 / 1e6
             );
         }
     }
@@ -434,6 +462,11 @@ pub fn to_json(r: &Results, timestamp: &str) -> serde_json::Value {
         "ratios": ratios,
         "control_plane": {"joins": joins, "scale": scale},
         "targets": targets,
+        "bpf_stats_enabled": r.bpf_stats_enabled,
+        "bpf_programs": r.bpf_programs.iter().map(|((path, prog), (cnt, ns))| json!({
+            "path": path, "program": prog, "runs": cnt, "run_time_ns": ns,
+            "avg_ns": *ns as f64 / (*cnt).max(1) as f64,
+        })).collect::<Vec<_>>(),
     })
 }
 
