@@ -21,7 +21,6 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // CNI plugin tests with a real runtime (tests/tests/cni_podman.rs)
     "podman",
     "crun",
-    "containernetworking-plugins",
     "busybox-static",
     // benchmarks (`cargo xtask bench`): latency, DC/OS's kernel datapath (CNI bridge +
     // host-local, iptables masquerade), the chart
