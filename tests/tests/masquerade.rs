@@ -27,10 +27,16 @@ fn script() -> PathBuf {
 }
 
 fn cluster(agents: usize, config: &str) -> Cluster {
+    cluster_with(agents, config, &[])
+}
+
+fn cluster_with(agents: usize, config: &str, extra_agent_args: &[&str]) -> Cluster {
     let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
     let mut spec = ClusterSpec::new(agents, &bin_dir);
     spec.config = config.into();
     spec.agent_args = ["--nat-udp-timeout", "3"].map(String::from).to_vec();
+    spec.agent_args
+        .extend(extra_agent_args.iter().map(|s| s.to_string()));
     Cluster::up(spec).unwrap()
 }
 
@@ -359,4 +365,50 @@ fn a_network_can_opt_out_of_masquerade() {
     let m = maps(&c, "a1");
     assert_eq!(m.stat(vni, Counter::Masqueraded).unwrap(), 0);
     assert!(m.stat(vni, Counter::PassedToHost).unwrap() > 0);
+}
+
+#[test]
+fn closed_flows_free_their_port_and_exhaustion_is_refused_and_counted() {
+    // Four masquerade ports only.
+    let mut c = cluster_with(1, TWO_NETWORKS, &["--masquerade-ports", "61000-61003"]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    start_peer_server(&mut c);
+    let ext = EXT.to_string();
+    let port = PORT.to_string();
+    // Twelve connections one after another, each closed: a closed flow's port is taken over at
+    // once (otherwise the closing timeout would refuse the fifth).
+    for i in 0..12 {
+        let seen = peers(&x.node, &["tcp-hold", &ext, &port, "0", "0"]);
+        assert!(seen.ends_with("echo-ok"), "connection {i}: {seen}");
+    }
+    assert_eq!(
+        maps(&c, "a1").stat(DCOS, Counter::DropNatNoPort).unwrap(),
+        0
+    );
+    // Five at once: four ports, so one is refused, and the refusal is counted.
+    let held: Vec<bool> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5)
+            .map(|_| {
+                let (x, ext, port) = (&x, &ext, &port);
+                s.spawn(move || {
+                    let script = script();
+                    // Held longer than the client's 5 s connect timeout, so the refused one cannot
+                    // get in by retransmitting its SYN once another closes.
+                    let args = [script.to_str().unwrap(), "tcp-hold", ext, port, "0", "8"];
+                    x.node.try_exec("python3", &args)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(held.iter().filter(|ok| **ok).count(), 4, "{held:?}");
+    assert!(
+        maps(&c, "a1").stat(DCOS, Counter::DropNatNoPort).unwrap() > 0,
+        "refusal not counted"
+    );
+    let metrics = c.agent("a1").metrics().unwrap();
+    assert!(
+        metrics.contains("counter=\"drop_nat_no_port\""),
+        "{metrics}"
+    );
 }

@@ -203,16 +203,22 @@ fn allocate(
         let claimed = if OVL_NAT.insert(ingress, back, BPF_NOEXIST as u64).is_ok() {
             true
         } else {
-            // Taken: an expired flow's tuple may be reused; its stale egress entry goes with it.
-            match live(nat, &ingress, now) {
-                Some(_) => false,
-                None => {
-                    // SAFETY: as in `live`.
-                    if let Some(old) = unsafe { OVL_NAT.get(ingress) } {
-                        let _ = OVL_NAT.remove(paired_key(&ingress, old));
-                    }
-                    OVL_NAT.insert(ingress, back, BPF_EXIST as u64).is_ok()
+            // Taken: the tuple of an expired or closed (FIN/RST seen) flow may be reused, as the
+            // kernel's conntrack lets a new SYN take over a closing entry; otherwise a closing
+            // timeout caps new connections to one server at ports/timeout per second. The old
+            // flow's egress entry goes with it.
+            let reusable = match live(nat, &ingress, now) {
+                Some(e) => e.flags & NatEntry::FLAG_CLOSING != 0,
+                None => true,
+            };
+            if reusable {
+                // SAFETY: as in `live`.
+                if let Some(old) = unsafe { OVL_NAT.get(ingress) } {
+                    let _ = OVL_NAT.remove(paired_key(&ingress, old));
                 }
+                OVL_NAT.insert(ingress, back, BPF_EXIST as u64).is_ok()
+            } else {
+                false
             }
         };
         if claimed {
