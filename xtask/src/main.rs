@@ -39,6 +39,9 @@ enum Cmd {
     },
     /// Benchmarks: raw underlay vs DC/OS kernel datapath vs ebpf-overlay, and the control plane.
     Bench(bench::BenchArgs),
+    /// (internal) The benchmark's connection-rate server, run inside a lab namespace.
+    #[command(hide = true)]
+    BenchCpsServer { addr: String },
     /// The network-namespace lab.
     Lab {
         #[command(subcommand)]
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Lab { action } => lab::run(action),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::BenchCpsServer { addr } => bench::traffic::cps_server(&addr),
     }
 }
 

@@ -19,7 +19,7 @@ mod bpfstats;
 mod control;
 mod kernel;
 mod report;
-mod traffic;
+pub mod traffic;
 
 use std::{
     net::Ipv4Addr,
@@ -348,7 +348,7 @@ fn data_plane(
                     }
                 }
                 println!(
-                    "bench: run {run} {:<6} {:<11} tcp1 {:6.2} Gbit/s  tcp4 {:6.2} Gbit/s  udp64 {:7.1} kpps  rtt {:6.1}/{:6.1} us  cpu {:.3} s/Gbit  ({:.0} s)",
+                    "bench: run {run} {:<6} {:<11} tcp1 {:6.2} Gbit/s  tcp4 {:6.2} Gbit/s  udp64 {:7.1} kpps  rtt {:6.1}/{:6.1} us  cpu {:.3} s/Gbit  {:7.0} conn/s  ({:.0} s)",
                     s.name,
                     path,
                     m.tcp1_gbps,
@@ -357,6 +357,7 @@ fn data_plane(
                     m.lat_mean_us,
                     m.lat_p99_us,
                     m.cpu_s_per_gbit,
+                    m.tcp_cps,
                     t0.elapsed().as_secs_f64()
                 );
                 samples

@@ -17,13 +17,14 @@ use super::{
 type Getter = fn(&PathSample) -> f64;
 
 /// (name, getter) of every data-plane figure.
-pub const METRICS: [(&str, Getter); 6] = [
+pub const METRICS: [(&str, Getter); 7] = [
     ("tcp1_gbps", |s| s.tcp1_gbps),
     ("tcp4_gbps", |s| s.tcp4_gbps),
     ("udp64_kpps", |s| s.udp64_kpps),
     ("lat_mean_us", |s| s.lat_mean_us),
     ("lat_p99_us", |s| s.lat_p99_us),
     ("cpu_s_per_gbit", |s| s.cpu_s_per_gbit),
+    ("tcp_cps", |s| s.tcp_cps),
 ];
 
 fn label(metric: &str) -> &'static str {
@@ -34,6 +35,7 @@ fn label(metric: &str) -> &'static str {
         "lat_mean_us" => "TCP RTT mean (us)",
         "lat_p99_us" => "TCP RTT p99 (us)",
         "cpu_s_per_gbit" => "CPU s per Gbit (1 stream)",
+        "tcp_cps" => "TCP connections/s",
         _ => "?",
     }
 }

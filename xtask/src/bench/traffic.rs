@@ -8,6 +8,10 @@ use overlay_lab::{Lab, Node};
 
 pub const IPERF_PORT: u16 = 5201;
 pub const SOCKPERF_PORT: u16 = 11111;
+/// Port of the connection-rate server (`xtask bench-cps-server`).
+pub const CPS_PORT: u16 = 5301;
+/// Client threads opening connections in the connection-rate test.
+const CPS_THREADS: usize = 4;
 
 /// One measurement of one path.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +22,8 @@ pub struct PathSample {
     pub lat_mean_us: f64,
     pub lat_p99_us: f64,
     pub cpu_s_per_gbit: f64,
+    /// TCP connections opened (handshake completed) per second, each closed with RST.
+    pub tcp_cps: f64,
 }
 
 /// CPUs the client and the server are pinned to (`taskset`), so that every datapath runs with
@@ -57,7 +63,69 @@ pub fn start_servers(lab: &mut Lab, node: &Node, ip: Ipv4Addr) -> anyhow::Result
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     lab.spawn_command(sp)?;
+    let mut cps = node.command(std::env::current_exe()?);
+    cps.args(["bench-cps-server", &format!("{ip_s}:{CPS_PORT}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn_command(cps)?;
     Ok(())
+}
+
+/// Closes a socket with RST (SO_LINGER 0): no TIME_WAIT, so the connection rate is not capped by
+/// the client's port range.
+fn close_with_reset(s: std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// `xtask bench-cps-server ADDR`: accepts TCP connections and closes them, as fast as it can.
+pub fn cps_server(addr: &str) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    loop {
+        if let Ok((s, _)) = listener.accept() {
+            close_with_reset(s);
+        }
+    }
+}
+
+/// Connections per second from `client` to `server`: threads in the client's namespace open and
+/// reset connections for `secs` seconds.
+fn tcp_cps(client: &Node, server: Ipv4Addr, secs: u32) -> anyhow::Result<f64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let addr = std::net::SocketAddr::from((server, CPS_PORT));
+    overlay_lab::in_netns(client, move || {
+        let opened = AtomicU64::new(0);
+        let deadline = Instant::now() + std::time::Duration::from_secs(secs as u64);
+        let started = Instant::now();
+        // Threads spawned here inherit this thread's network namespace.
+        std::thread::scope(|s| {
+            for _ in 0..CPS_THREADS {
+                s.spawn(|| {
+                    while Instant::now() < deadline {
+                        let t = std::time::Duration::from_secs(1);
+                        if let Ok(c) = std::net::TcpStream::connect_timeout(&addr, t) {
+                            opened.fetch_add(1, Ordering::Relaxed);
+                            close_with_reset(c);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(opened.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    })
 }
 
 /// Waits until both servers listen on `node` (bounded).
@@ -65,7 +133,10 @@ pub fn wait_servers(node: &Node) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         let out = node.exec("ss", &["-Htln"]).unwrap_or_default();
-        if out.contains(&format!(":{IPERF_PORT}")) && out.contains(&format!(":{SOCKPERF_PORT}")) {
+        if [IPERF_PORT, SOCKPERF_PORT, CPS_PORT]
+            .iter()
+            .all(|p| out.contains(&format!(":{p}")))
+        {
             return Ok(());
         }
         if start.elapsed().as_secs() > 10 {
@@ -242,7 +313,9 @@ pub fn measure(
     let udp = iperf(client, server, secs, &["-u", "-l", "64", "-b", "0"])?;
     let udp64_kpps = udp_kpps(&udp)?;
     let (lat_mean_us, lat_p99_us) = sockperf(client, server, lat_secs)?;
+    let tcp_cps = tcp_cps(client, server, lat_secs)?;
     Ok(PathSample {
+        tcp_cps,
         tcp1_gbps,
         tcp4_gbps,
         udp64_kpps,
