@@ -7,13 +7,14 @@ use std::process::Command;
 
 use overlay_tests::bin_path;
 
-const METRICS: [&str; 6] = [
+const METRICS: [&str; 7] = [
     "tcp1_gbps",
     "tcp4_gbps",
     "udp64_kpps",
     "lat_mean_us",
     "lat_p99_us",
     "cpu_s_per_gbit",
+    "tcp_cps",
 ];
 const PATHS: [&str; 3] = ["same_agent", "cross_agent", "external"];
 const DATAPATHS: [&str; 3] = ["raw", "kernel", "ebpf"];
@@ -76,6 +77,7 @@ fn quick_bench_reports_every_figure() {
                     "tcp1_gbps" | "tcp4_gbps" => median < 1000.0,
                     "udp64_kpps" => median < 100_000.0,
                     "lat_mean_us" | "lat_p99_us" => median < 1_000_000.0,
+                    "tcp_cps" => median < 10_000_000.0,
                     _ => median < 100.0,
                 };
                 assert!(sane, "{metric} {path} {dp}: implausible {median}");
