@@ -61,6 +61,14 @@ impl HostLink {
                 &mtu,
             ])?;
         }
+        // No IPv6 over the overlay yet: keep the pair quiet (no router solicitations counted as
+        // drops). The IPv6 datapath turns this back on.
+        for dev in [HOST_LINK, HOST_LINK_PEER] {
+            let knob = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
+            if std::path::Path::new(&knob).exists() {
+                std::fs::write(&knob, "1").with_context(|| format!("writing {knob}"))?;
+            }
+        }
         let mac = overlay_api::MacAddr(HOST_LINK_PEER_MAC).to_string();
         ip(&[
             "link",
