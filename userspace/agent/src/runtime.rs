@@ -20,7 +20,7 @@ use crate::{
     datapath::{AgentSettings, Datapath},
     desired::{DesiredDatapath, vtep_of},
     host_link::HostLink,
-    ipam::{CniConfs, Ipam, IpamError},
+    ipam::{self, CniConfs, Ipam, IpamError},
     netdev::{self, Link},
     reconcile::{self, Plan},
 };
@@ -103,7 +103,7 @@ impl Core {
             else {
                 continue;
             };
-            let gateway = half.network().saturating_next();
+            let gateway = ipam::gateway_of(half);
             routes.insert(subnet, gateway);
             let ep = Endpoint {
                 ifindex: link.peer.ifindex,
@@ -302,7 +302,7 @@ impl Core {
             ))
         })?;
         if let Some(ip) = req.ip {
-            check_endpoint_ip(ip, subnet).map_err(EndpointError::Invalid)?;
+            ipam::half_of(ip, subnet).map_err(EndpointError::Invalid)?;
         }
         let existing = self.dp.maps_ref().endpoints()?;
         let same_endpoint = |ip: Ipv4Addr| {
@@ -671,42 +671,6 @@ impl Core {
     }
 }
 
-/// A container address must lie in the agent's subnet of the network and be neither the
-/// network's, a half's gateway (first host), nor a broadcast address.
-fn check_endpoint_ip(ip: Ipv4Addr, subnet: Ipv4Network) -> Result<(), String> {
-    if !subnet.contains(ip) {
-        return Err(format!(
-            "address {ip} is outside this agent's subnet {subnet}"
-        ));
-    }
-    let half =
-        Ipv4Network::new(subnet.network(), subnet.prefix() + 1).map_err(|e| e.to_string())?;
-    let halves = [
-        half,
-        Ipv4Network::new(half.broadcast().saturating_next(), half.prefix())
-            .map_err(|e| e.to_string())?,
-    ];
-    for h in halves {
-        let gateway = h.network().saturating_next();
-        if ip == h.network() || ip == gateway || ip == h.broadcast() {
-            return Err(format!(
-                "address {ip} is reserved in {h} (network, gateway or broadcast)"
-            ));
-        }
-    }
-    Ok(())
-}
-
-trait NextAddr {
-    fn saturating_next(self) -> Ipv4Addr;
-}
-
-impl NextAddr for Ipv4Addr {
-    fn saturating_next(self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self).saturating_add(1))
-    }
-}
-
 /// Registers with the master until it answers, then follows its watch for as long as the agent
 /// runs, reconciling the datapath on every new revision. Master outages only pause updates:
 /// the datapath keeps forwarding with what it has.
@@ -799,8 +763,8 @@ mod tests {
     #[test]
     fn endpoint_addresses_must_be_usable_hosts_of_the_agent_subnet() {
         let subnet: Ipv4Network = "9.0.1.0/24".parse().unwrap();
-        assert!(check_endpoint_ip("9.0.1.2".parse().unwrap(), subnet).is_ok());
-        assert!(check_endpoint_ip("9.0.1.130".parse().unwrap(), subnet).is_ok());
+        assert!(ipam::half_of("9.0.1.2".parse().unwrap(), subnet).is_ok());
+        assert!(ipam::half_of("9.0.1.130".parse().unwrap(), subnet).is_ok());
         for bad in [
             "9.0.2.2",
             "9.0.1.0",
@@ -811,7 +775,7 @@ mod tests {
             "9.0.1.255",
         ] {
             assert!(
-                check_endpoint_ip(bad.parse().unwrap(), subnet).is_err(),
+                ipam::half_of(bad.parse().unwrap(), subnet).is_err(),
                 "{bad} accepted"
             );
         }
