@@ -205,15 +205,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn bpffs() -> anyhow::Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-    {
-        println!("setup: bpffs mounted");
-        return Ok(());
-    }
-    println!("setup: mounting bpffs at /sys/fs/bpf");
-    std::fs::create_dir_all("/sys/fs/bpf")?;
-    run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    // The lab mounts it the same way when it needs it; one implementation.
+    overlay_lab::ensure_bpffs()?;
+    println!("setup: bpffs mounted");
+    Ok(())
 }

@@ -122,25 +122,13 @@ impl Node {
         let s = v[0]["address"]
             .as_str()
             .with_context(|| format!("no MAC for {ifname} in {}", self.netns))?;
-        parse_mac(s)
+        Ok(s.parse::<overlay_api::MacAddr>()?.0)
     }
 
     /// Pings `dst` from this node; true if a reply came back.
     pub fn ping(&self, dst: Ipv4Addr) -> bool {
         self.try_exec("ping", &["-c", "1", "-W", "1", "-q", &dst.to_string()])
     }
-}
-
-pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<_> = s.split(':').collect();
-    if parts.len() != 6 {
-        bail!("bad MAC address {s:?}");
-    }
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC address {s:?}"))?;
-    }
-    Ok(mac)
 }
 
 /// A container namespace attached to an agent by a veth pair.
