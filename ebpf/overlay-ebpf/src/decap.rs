@@ -26,30 +26,39 @@ pub struct Accepted {
     pub strip_len: usize,
 }
 
-/// Decides what to do with an underlay frame: `Ok(None)` for the host's own traffic (passed
-/// untouched), `Ok(Some)` for VXLAN to deliver, `Err((vni, reason))` for VXLAN to drop.
+/// What an underlay frame is.
+pub enum Inspected {
+    /// Not VXLAN: the host's own traffic or a reply to a masqueraded flow. Carries the IPv4
+    /// header when the frame has one, so the masquerade path need not parse it again.
+    Host(Option<Ipv4Header>),
+    /// VXLAN that passed every check, ready to be stripped.
+    Vxlan(Accepted),
+}
+
+/// Decides what to do with an underlay frame: [`Inspected::Host`] for what is not VXLAN,
+/// [`Inspected::Vxlan`] for VXLAN to deliver, `Err((vni, reason))` for VXLAN to drop.
 #[inline(always)]
-pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (u32, Counter)> {
+pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Counter)> {
     let none = |c| (NO_NETWORK, c);
     let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
-        return Ok(None);
+        return Ok(Inspected::Host(None));
     };
     // Anything we cannot even parse as UDP/IPv4 is not ours to judge: the host stack decides.
     let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
-        return Ok(None);
+        return Ok(Inspected::Host(None));
     };
     let eth = EthHeader::parse(&eth);
     if eth.ethertype != ETH_P_IP {
-        return Ok(None);
+        return Ok(Inspected::Host(None));
     }
     let Ok(ip) = skb::load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
-        return Ok(None);
+        return Ok(Inspected::Host(None));
     };
     let Ok(ip) = Ipv4Header::parse(&ip) else {
-        return Ok(None);
+        return Ok(Inspected::Host(None));
     };
     let Ok(udp) = skb::load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
-        return Ok(None);
+        return Ok(Inspected::Host(Some(ip)));
     };
     let (outer_src, strip_len, vxlan_offset) = match classify_underlay(
         &eth,
@@ -61,7 +70,7 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (
     )
     .map_err(none)?
     {
-        UnderlayPacket::NotOurs => return Ok(None),
+        UnderlayPacket::NotOurs => return Ok(Inspected::Host(Some(ip))),
         UnderlayPacket::Vxlan {
             outer_src,
             strip_len,
@@ -98,7 +107,7 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<Accepted>, (
     if !remote_sender_matches(ipv4_mapped(inner_ip.src), vni, outer_src) {
         return Err(in_net(Counter::DropSpoofedSource));
     }
-    Ok(Some(Accepted {
+    Ok(Inspected::Vxlan(Accepted {
         vni,
         endpoint: ep,
         strip_len,

@@ -103,10 +103,11 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
         return TC_ACT_OK as i32;
     };
     let accepted = match decap::inspect(&ctx, cfg) {
-        Ok(Some(accepted)) => accepted,
+        Ok(decap::Inspected::Vxlan(accepted)) => accepted,
+        Ok(decap::Inspected::Host(None)) => return TC_ACT_OK as i32,
         // Not VXLAN: a reply to a masqueraded flow, or the host's own traffic.
-        Ok(None) => {
-            return match nat::unmasquerade(&ctx, cfg) {
+        Ok(decap::Inspected::Host(Some(ip))) => {
+            return match nat::unmasquerade(&ctx, cfg, &ip) {
                 Ok(Some(verdict)) => verdict,
                 Ok(None) => TC_ACT_OK as i32,
                 Err((vni, reason)) => drop_packet(vni, reason, len),

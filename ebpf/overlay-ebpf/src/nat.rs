@@ -302,18 +302,16 @@ pub fn masquerade(
 /// Translates a packet from outside back to the container whose flow it answers: `Ok(None)` when
 /// it answers none (the host's own traffic), `Err` to drop it.
 #[inline(always)]
-pub fn unmasquerade(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<i32>, (u32, Counter)> {
+pub fn unmasquerade(
+    ctx: &TcContext,
+    cfg: &AgentConfig,
+    ip: &Ipv4Header,
+) -> Result<Option<i32>, (u32, Counter)> {
     let none = |c| (NO_NETWORK, c);
     let Some(nat) = nat_config() else {
         return Ok(None);
     };
     let Some(underlay) = ipv4_unmapped(&cfg.underlay_ip) else {
-        return Ok(None);
-    };
-    let Ok(raw) = skb::load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
-        return Ok(None);
-    };
-    let Ok(ip) = Ipv4Header::parse(&raw) else {
         return Ok(None);
     };
     if ip.dst != underlay || ip.is_fragment || ip.header_len != IPV4_HLEN {
@@ -328,7 +326,7 @@ pub fn unmasquerade(ctx: &TcContext, cfg: &AgentConfig) -> Result<Option<i32>, (
             return icmp_error(ctx, nat, underlay);
         }
     }
-    let Ok(t) = transport(ctx, &ip, false) else {
+    let Ok(t) = transport(ctx, ip, false) else {
         return Ok(None);
     };
     let key = NatKey {
