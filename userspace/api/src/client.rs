@@ -114,17 +114,7 @@ impl MasterClient {
         after_revision: u64,
         timeout: Duration,
     ) -> Result<Option<Watched>, ClientError> {
-        let path = format!(
-            "/overlay-master/watch?after={after_revision}&timeout_ms={}",
-            timeout.as_millis()
-        );
-        let answer = self
-            .send::<()>(Method::GET, &path, None, timeout + REQUEST_TIMEOUT)
-            .await?;
-        if answer.status == StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        answer.json().map(Some)
+        self.long_poll(after_revision, timeout, "").await
     }
 
     /// Like [`watch`](Self::watch), but answers with only what changed after `after_revision`
@@ -134,8 +124,18 @@ impl MasterClient {
         after_revision: u64,
         timeout: Duration,
     ) -> Result<Option<WatchedDelta>, ClientError> {
+        self.long_poll(after_revision, timeout, "&delta=true").await
+    }
+
+    /// One long-poll of the watch; `None` when it timed out with nothing new (204).
+    async fn long_poll<T: DeserializeOwned>(
+        &self,
+        after_revision: u64,
+        timeout: Duration,
+        extra_query: &str,
+    ) -> Result<Option<T>, ClientError> {
         let path = format!(
-            "/overlay-master/watch?after={after_revision}&timeout_ms={}&delta=true",
+            "/overlay-master/watch?after={after_revision}&timeout_ms={}{extra_query}",
             timeout.as_millis()
         );
         let answer = self
