@@ -166,6 +166,42 @@ fn refresh(key: &NatKey, entry: &NatEntry, now: u64, closing: bool) {
     }
 }
 
+/// Replaces the IPv4 address at `at` (source or destination) and fixes the header checksum.
+#[inline(always)]
+fn set_ip_addr(ctx: &TcContext, at: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), Counter> {
+    let fail = |_| Counter::DropMalformed;
+    ctx.l3_csum_replace(IP_CHECK, raw32(old), raw32(new), 4)
+        .map_err(fail)?;
+    ctx.store(at, &new, 0).map_err(fail)
+}
+
+/// Replaces the transport port (or echo identifier) at `port_at` and fixes the transport
+/// checksum at `check_at` for it and, for TCP and UDP, for the address change in the
+/// pseudo-header (a zero UDP checksum stays zero). ICMP has no pseudo-header.
+#[inline(always)]
+fn set_transport_port(
+    ctx: &TcContext,
+    protocol: u8,
+    (check_at, port_at): (usize, usize),
+    (old_addr, new_addr): ([u8; 4], [u8; 4]),
+    (old_port, new_port): (u16, u16),
+) -> Result<(), Counter> {
+    let fail = |_| Counter::DropMalformed;
+    let zero_ok = if protocol == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
+        let flags = BPF_F_PSEUDO_HDR as u64 | zero_ok | 4;
+        ctx.l4_csum_replace(check_at, raw32(old_addr), raw32(new_addr), flags)
+            .map_err(fail)?;
+    }
+    ctx.l4_csum_replace(check_at, raw16(old_port), raw16(new_port), zero_ok | 2)
+        .map_err(fail)?;
+    ctx.store(port_at, &new_port.to_be_bytes(), 0).map_err(fail)
+}
+
 /// Claims a port for a new flow. Returns the egress entry.
 #[inline(always)]
 fn allocate(
@@ -271,29 +307,14 @@ pub fn masquerade(
     };
     refresh(&key, &out, now, t.closing);
 
-    let fail = |_| Counter::DropMalformed;
-    ctx.l3_csum_replace(IP_CHECK, raw32(ip.src), raw32(underlay), 4)
-        .map_err(fail)?;
-    ctx.store(IP_SRC, &underlay, 0).map_err(fail)?;
-    match ip.protocol {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            let zero_ok = if ip.protocol == IPPROTO_UDP {
-                BPF_F_MARK_MANGLED_0 as u64
-            } else {
-                0
-            };
-            let flags = BPF_F_PSEUDO_HDR as u64 | zero_ok;
-            ctx.l4_csum_replace(t.check_at, raw32(ip.src), raw32(underlay), flags | 4)
-                .map_err(fail)?;
-            ctx.l4_csum_replace(t.check_at, raw16(t.src_port), raw16(out.port), zero_ok | 2)
-                .map_err(fail)?;
-        }
-        _ => ctx
-            .l4_csum_replace(t.check_at, raw16(t.src_port), raw16(out.port), 2)
-            .map_err(fail)?,
-    }
-    ctx.store(t.src_port_at, &out.port.to_be_bytes(), 0)
-        .map_err(fail)?;
+    set_ip_addr(ctx, IP_SRC, ip.src, underlay)?;
+    set_transport_port(
+        ctx,
+        ip.protocol,
+        (t.check_at, t.src_port_at),
+        (ip.src, underlay),
+        (t.src_port, out.port),
+    )?;
     count(vni, Counter::Masqueraded, ctx.len());
     // SAFETY: plain helper call; the FIB picks the next hop of the outside address.
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
@@ -359,33 +380,19 @@ pub fn unmasquerade(
     };
     refresh(&key, &back, now, t.closing);
     let container = ipv4_unmapped(&back.addr).ok_or(none(Counter::DropMalformed))?;
-    let fail = |_| (vni, Counter::DropMalformed);
-    ctx.l3_csum_replace(IP_CHECK, raw32(underlay), raw32(container), 4)
-        .map_err(fail)?;
-    ctx.store(IP_DST, &container, 0).map_err(fail)?;
+    set_ip_addr(ctx, IP_DST, underlay, container).map_err(in_net)?;
     let (port_at, old_port) = match ip.protocol {
         IPPROTO_ICMP => (t.src_port_at, t.src_port),
         _ => (l4 + 2, t.dst_port),
     };
-    match ip.protocol {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            let zero_ok = if ip.protocol == IPPROTO_UDP {
-                BPF_F_MARK_MANGLED_0 as u64
-            } else {
-                0
-            };
-            let flags = BPF_F_PSEUDO_HDR as u64 | zero_ok;
-            ctx.l4_csum_replace(t.check_at, raw32(underlay), raw32(container), flags | 4)
-                .map_err(fail)?;
-            ctx.l4_csum_replace(t.check_at, raw16(old_port), raw16(back.port), zero_ok | 2)
-                .map_err(fail)?;
-        }
-        _ => ctx
-            .l4_csum_replace(t.check_at, raw16(old_port), raw16(back.port), 2)
-            .map_err(fail)?,
-    }
-    ctx.store(port_at, &back.port.to_be_bytes(), 0)
-        .map_err(fail)?;
+    set_transport_port(
+        ctx,
+        ip.protocol,
+        (t.check_at, port_at),
+        (underlay, container),
+        (old_port, back.port),
+    )
+    .map_err(in_net)?;
     let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
     count(vni, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
@@ -447,9 +454,7 @@ fn icmp_error(
     ctx.store(l4 + 8, &quote, recompute).map_err(fail)?;
     ctx.store(l4 + 2, &check.to_be_bytes(), recompute)
         .map_err(fail)?;
-    ctx.l3_csum_replace(IP_CHECK, raw32(underlay), raw32(container), 4)
-        .map_err(fail)?;
-    ctx.store(IP_DST, &container, 0).map_err(fail)?;
+    set_ip_addr(ctx, IP_DST, underlay, container).map_err(in_net)?;
     let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
     count(vni, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
