@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, process::Stdio, time::Duration};
 
 use overlay_agent::datapath::OverlayMaps;
 use overlay_common::counters::Counter;
-use overlay_lab::{Lab, LabSpec, Node};
+use overlay_lab::{Lab, LabSpec, Node, dcos};
 use overlay_tests::{PeerAgent, install_datapath, lab_pins};
 
 const VNI: u32 = 1024;
@@ -20,81 +20,23 @@ const A2_SUBNET: &str = "9.0.2.0/24";
 /// Configures `a1` as a DC/OS agent with the kernel datapath, its container `c1_veth` on the
 /// bridge, towards a2 at `a2_ip`.
 fn dcos_kernel_agent(a1: &Node, c1_veth: &str, a2_ip: Ipv4Addr) {
-    let local = a1.ip.unwrap().to_string();
-    let a2_ip = a2_ip.to_string();
-    let steps: &[(&str, &[&str])] = &[
-        ("ip", &["link", "add", "m-dcos", "type", "bridge"]),
-        ("ip", &["addr", "add", "9.0.1.1/24", "dev", "m-dcos"]),
-        ("ip", &["link", "set", "m-dcos", "up"]),
-        ("ip", &["link", "set", c1_veth, "master", "m-dcos", "up"]),
-        (
-            "ip",
-            &[
-                "link",
-                "add",
-                "vtep1024",
-                "address",
-                A1_VTEP_MAC_S,
-                "type",
-                "vxlan",
-                "id",
-                "1024",
-                "dstport",
-                "64000",
-                "local",
-                &local,
-                "dev",
-                "eth0",
-                "nolearning",
-            ],
-        ),
-        ("ip", &["addr", "add", "44.128.0.1/20", "dev", "vtep1024"]),
-        ("ip", &["link", "set", "vtep1024", "up"]),
-        (
-            "ip",
-            &[
-                "neigh",
-                "replace",
-                "44.128.0.2",
-                "lladdr",
-                A2_VTEP_MAC_S,
-                "dev",
-                "vtep1024",
-                "nud",
-                "permanent",
-            ],
-        ),
-        (
-            "bridge",
-            &[
-                "fdb",
-                "append",
-                A2_VTEP_MAC_S,
-                "dev",
-                "vtep1024",
-                "dst",
-                &a2_ip,
-            ],
-        ),
-        (
-            "ip",
-            &[
-                "route",
-                "add",
-                A2_SUBNET,
-                "via",
-                "44.128.0.2",
-                "dev",
-                "vtep1024",
-                "onlink",
-            ],
-        ),
-        ("sysctl", &["-qw", "net.ipv4.ip_forward=1"]),
-    ];
-    for (cmd, args) in steps {
-        a1.exec(cmd, args)
-            .unwrap_or_else(|e| panic!("configuring the kernel datapath on a1: {e:#}"));
-    }
+    let setup = || -> anyhow::Result<()> {
+        a1.exec("ip", &["link", "add", "m-dcos", "type", "bridge"])?;
+        a1.exec("ip", &["addr", "add", "9.0.1.1/24", "dev", "m-dcos"])?;
+        a1.exec("ip", &["link", "set", "m-dcos", "up"])?;
+        a1.exec("ip", &["link", "set", c1_veth, "master", "m-dcos", "up"])?;
+        dcos::add_vtep(a1, "44.128.0.1/20", A1_VTEP_MAC_S)?;
+        dcos::add_peer(
+            a1,
+            "44.128.0.2",
+            A2_VTEP_MAC_S,
+            &a2_ip.to_string(),
+            A2_SUBNET,
+        )?;
+        a1.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(())
+    };
+    setup().unwrap_or_else(|e| panic!("configuring the kernel datapath on a1: {e:#}"));
 }
 
 /// What the kernel side and our counters say, for failure messages.

@@ -19,6 +19,7 @@
 //! through the agent's API.
 
 pub mod cluster;
+pub mod dcos;
 
 use std::{
     collections::BTreeMap,

@@ -12,7 +12,7 @@
 use std::{io::Write as _, net::Ipv4Addr, path::PathBuf, process::Stdio};
 
 use anyhow::{Context as _, bail};
-use overlay_lab::{Lab, Node};
+use overlay_lab::{Lab, Node, dcos};
 
 pub const CNI_DIR: &str = "/usr/lib/cni";
 
@@ -57,71 +57,16 @@ impl KernelCluster {
     }
 
     fn configure_agent(&self, i: usize, a: &Node, all: &[Node]) -> anyhow::Result<()> {
-        let local = a.ip.context("agent without fabric IP")?.to_string();
         let (vip, vmac) = (vtep_ip(i), vtep_mac(i));
-        let vcidr = format!("{vip}/20");
         a.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        a.exec(
-            "ip",
-            &[
-                "link",
-                "add",
-                "vtep1024",
-                "address",
-                &vmac,
-                "type",
-                "vxlan",
-                "id",
-                "1024",
-                "dstport",
-                "64000",
-                "local",
-                &local,
-                "dev",
-                "eth0",
-                "nolearning",
-            ],
-        )?;
-        a.exec("ip", &["addr", "add", &vcidr, "dev", "vtep1024"])?;
-        a.exec("ip", &["link", "set", "vtep1024", "up"])?;
+        dcos::add_vtep(a, &format!("{vip}/20"), &vmac)?;
         for (jdx, peer) in all.iter().enumerate() {
             let j = jdx + 1;
             if j == i {
                 continue;
             }
             let peer_ip = peer.ip.context("agent without fabric IP")?.to_string();
-            let (pvip, pvmac) = (vtep_ip(j), vtep_mac(j));
-            a.exec(
-                "ip",
-                &[
-                    "neigh",
-                    "replace",
-                    &pvip,
-                    "lladdr",
-                    &pvmac,
-                    "dev",
-                    "vtep1024",
-                    "nud",
-                    "permanent",
-                ],
-            )?;
-            a.exec(
-                "bridge",
-                &["fdb", "append", &pvmac, "dev", "vtep1024", "dst", &peer_ip],
-            )?;
-            a.exec(
-                "ip",
-                &[
-                    "route",
-                    "replace",
-                    &agent_subnet(j),
-                    "via",
-                    &pvip,
-                    "dev",
-                    "vtep1024",
-                    "onlink",
-                ],
-            )?;
+            dcos::add_peer(a, &vtep_ip(j), &vtep_mac(j), &peer_ip, &agent_subnet(j))?;
         }
         a.exec(
             "iptables",
