@@ -90,7 +90,10 @@ impl MasterClient {
     /// Registers (or heartbeats) the agent with this underlay IP; returns its allocation.
     /// Idempotent: the same IP always gets the same allocation back.
     pub async fn register(&self, agent_ip: IpAddr) -> Result<AgentInfo, ClientError> {
-        let body = RegisterRequest { ip: agent_ip };
+        let body = RegisterRequest {
+            ip: agent_ip,
+            endpoints: None,
+        };
         self.send(
             Method::POST,
             "/overlay-master/agents",
@@ -196,6 +199,65 @@ impl MasterClient {
     /// Removes a network and frees every agent's allocation in it.
     pub async fn remove_network(&self, name: &str) -> Result<(), ClientError> {
         let path = format!("/overlay-master/networks/{name}");
+        self.send::<()>(Method::DELETE, &path, None, REQUEST_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// Registers (or heartbeats) and reports the agent's local endpoints per network.
+    pub async fn heartbeat(
+        &self,
+        agent_ip: IpAddr,
+        endpoints: std::collections::BTreeMap<String, u32>,
+    ) -> Result<AgentInfo, ClientError> {
+        let body = RegisterRequest {
+            ip: agent_ip,
+            endpoints: Some(endpoints),
+        };
+        self.send(
+            Method::POST,
+            "/overlay-master/agents",
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
+    }
+
+    /// [`Self::delete_agents`], with `force` also agents that heartbeated recently.
+    pub async fn delete_agents_forced(
+        &self,
+        agent_ips: &[IpAddr],
+        force: bool,
+    ) -> Result<Vec<IpAddr>, ClientError> {
+        let body = DeleteAgentsRequest {
+            agents: agent_ips.to_vec(),
+        };
+        let path = format!("/overlay-master/agents/delete?force={force}");
+        let answer: DeleteAgentsResponse = self
+            .send(Method::POST, &path, Some(&body), REQUEST_TIMEOUT)
+            .await?
+            .json()?;
+        Ok(answer.deleted)
+    }
+
+    /// [`Self::disable_network`], with `force` also one that holds endpoints or that the
+    /// configuration file defines.
+    pub async fn disable_network_forced(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<OverlayInfo, ClientError> {
+        let path = format!("/overlay-master/networks/{name}/disable?force={force}");
+        self.send::<()>(Method::POST, &path, None, REQUEST_TIMEOUT)
+            .await?
+            .json()
+    }
+
+    /// [`Self::remove_network`], with `force` also one that holds endpoints or that the
+    /// configuration file defines.
+    pub async fn remove_network_forced(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        let path = format!("/overlay-master/networks/{name}?force={force}");
         self.send::<()>(Method::DELETE, &path, None, REQUEST_TIMEOUT)
             .await?;
         Ok(())

@@ -205,6 +205,11 @@ impl WatchedDelta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     pub ip: IpAddr,
+    /// Extra: the agent's local endpoints per network name (absent: not reported, as from
+    /// DC/OS agents). The master refuses, without force, to remove or disable a network that
+    /// holds some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 /// Body of `POST /overlay-master/agents/delete`.

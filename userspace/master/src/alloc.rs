@@ -3,8 +3,9 @@
 //! lowest free one, reserving a given one and releasing one are all O(log n) even with 10,000
 //! agents, and a pool rebuilt from the store on start is as small as its fragmentation.
 
-use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_api::{NetworkConfig, OverlayInfo};
@@ -337,6 +338,47 @@ pub struct Failure {
     pub network: Option<String>,
 }
 
+/// One freed allocation (the VTEP MAC is derived from the VTEP address, so it goes with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freed {
+    Vtep(Ipv4Addr),
+    Vtep6(Ipv6Addr),
+    Subnet(String, Ipv4Network),
+    Subnet6(String, Ipv6Network),
+}
+
+/// Freed allocations held back from reuse until their time is up: the agent that held them may
+/// still be running with them (deleted while alive, or a heartbeat in flight), and handing them
+/// to a newcomer would give two hosts one VTEP or subnet.
+#[derive(Debug, Clone, Default)]
+pub struct Quarantine {
+    hold: Duration,
+    /// (reusable from, former owner, allocation), oldest first (the writer's clock is
+    /// monotonic).
+    entries: VecDeque<(Instant, IpAddr, Freed)>,
+}
+
+impl Quarantine {
+    pub fn new(hold: Duration) -> Self {
+        Quarantine {
+            hold,
+            entries: VecDeque::new(),
+        }
+    }
+
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Every pool of one configuration.
 #[derive(Debug, Clone)]
 pub struct Allocator {
@@ -344,6 +386,8 @@ pub struct Allocator {
     vtep4: HostPool4,
     vtep6: Option<HostPool6>,
     networks: BTreeMap<String, NetworkPools>,
+    /// Freed allocations still reserved in the pools above, released when their time is up.
+    quarantine: Quarantine,
 }
 
 /// What happened while (re)building pools from stored records.
@@ -366,7 +410,147 @@ impl Allocator {
             vtep4: HostPool4::new(config.vtep_subnet),
             vtep6: config.vtep_subnet6.map(HostPool6::new),
             networks,
+            quarantine: Quarantine::default(),
         }
+    }
+
+    /// Freed allocations are held for `hold` before reuse (zero: reused at once).
+    pub fn set_quarantine_hold(&mut self, hold: Duration) {
+        self.quarantine.hold = hold;
+    }
+
+    /// Allocations freed but not reusable yet.
+    pub fn quarantined(&self) -> usize {
+        self.quarantine.len()
+    }
+
+    pub fn quarantine(&self) -> &Quarantine {
+        &self.quarantine
+    }
+
+    /// Hands the quarantine over (to the allocator of a new configuration).
+    pub fn take_quarantine(&mut self) -> Quarantine {
+        let hold = self.quarantine.hold;
+        std::mem::replace(&mut self.quarantine, Quarantine::new(hold))
+    }
+
+    /// Takes over another allocator's quarantine: each entry is reserved again in these pools;
+    /// entries that no longer fit (network removed, subnet changed) or that an agent holds now
+    /// are dropped.
+    pub fn adopt_quarantine(&mut self, quarantine: Quarantine) {
+        self.quarantine.hold = quarantine.hold;
+        for (until, owner, freed) in quarantine.entries {
+            if self.reserve_freed(&freed) {
+                self.quarantine.entries.push_back((until, owner, freed));
+            }
+        }
+    }
+
+    fn reserve_freed(&mut self, freed: &Freed) -> bool {
+        match freed {
+            Freed::Vtep(ip) => self.vtep4.reserve(*ip),
+            Freed::Vtep6(ip) => self.vtep6.as_mut().is_some_and(|p| p.reserve(*ip)),
+            Freed::Subnet(name, block) => self
+                .networks
+                .get_mut(name)
+                .and_then(|p| p.v4.as_mut())
+                .is_some_and(|p| p.reserve(*block)),
+            Freed::Subnet6(name, block) => self
+                .networks
+                .get_mut(name)
+                .and_then(|p| p.v6.as_mut())
+                .is_some_and(|p| p.reserve(*block)),
+        }
+    }
+
+    fn release_freed(&mut self, freed: &Freed) {
+        match freed {
+            Freed::Vtep(ip) => {
+                self.vtep4.release(*ip);
+            }
+            Freed::Vtep6(ip) => {
+                if let Some(pool) = self.vtep6.as_mut() {
+                    pool.release(*ip);
+                }
+            }
+            Freed::Subnet(name, block) => {
+                if let Some(pool) = self.networks.get_mut(name).and_then(|p| p.v4.as_mut()) {
+                    pool.release(*block);
+                }
+            }
+            Freed::Subnet6(name, block) => {
+                if let Some(pool) = self.networks.get_mut(name).and_then(|p| p.v6.as_mut()) {
+                    pool.release(*block);
+                }
+            }
+        }
+    }
+
+    /// Frees an allocation of `owner`: into quarantine (still reserved) or, without one, at
+    /// once.
+    fn free(&mut self, owner: IpAddr, freed: Freed, now: Instant) {
+        if self.quarantine.hold.is_zero() {
+            self.release_freed(&freed);
+        } else {
+            self.quarantine
+                .entries
+                .push_back((now + self.quarantine.hold, owner, freed));
+        }
+    }
+
+    /// Gives an agent back what was quarantined from it (it was deleted while alive and has
+    /// registered again): its old VTEP and blocks instead of new ones, so its running
+    /// containers keep working. Returns how many allocations came back.
+    pub fn reclaim(&mut self, agent: &mut AgentRecord) -> usize {
+        let owner = agent.ip;
+        let mut reclaimed = 0;
+        let entries = std::mem::take(&mut self.quarantine.entries);
+        for (until, from, freed) in entries {
+            if from != owner {
+                self.quarantine.entries.push_back((until, from, freed));
+                continue;
+            }
+            // Still reserved in the pools: it only changes hands back.
+            let slot_free = match &freed {
+                Freed::Vtep(ip) => agent.vtep_ip.is_none().then(|| agent.vtep_ip = Some(*ip)),
+                Freed::Vtep6(ip) => agent.vtep_ip6.is_none().then(|| agent.vtep_ip6 = Some(*ip)),
+                Freed::Subnet(name, block) => {
+                    let entry = agent.networks.entry(name.clone()).or_insert(AgentNetworkRecord {
+                        subnet: None,
+                        subnet6: None,
+                        error: None,
+                    });
+                    entry.subnet.is_none().then(|| entry.subnet = Some(*block))
+                }
+                Freed::Subnet6(name, block) => {
+                    let entry = agent.networks.entry(name.clone()).or_insert(AgentNetworkRecord {
+                        subnet: None,
+                        subnet6: None,
+                        error: None,
+                    });
+                    entry.subnet6.is_none().then(|| entry.subnet6 = Some(*block))
+                }
+            };
+            if slot_free.is_some() {
+                reclaimed += 1;
+            } else {
+                self.quarantine.entries.push_back((until, from, freed));
+            }
+        }
+        reclaimed
+    }
+
+    /// Returns to the pools every quarantined allocation whose time is up; returns how many.
+    pub fn expire_quarantine(&mut self, now: Instant) -> usize {
+        let mut released = 0;
+        while let Some((until, _, _)) = self.quarantine.entries.front()
+            && *until <= now
+        {
+            let (_, _, freed) = self.quarantine.entries.pop_front().expect("front exists");
+            self.release_freed(&freed);
+            released += 1;
+        }
+        released
     }
 
     fn network_pools(overlay: &OverlayInfo) -> NetworkPools {
@@ -473,6 +657,12 @@ impl Allocator {
     /// earlier failures. Exhaustion is recorded in the agent (its state becomes STATUS_FAILED)
     /// and returned for metrics; the agent's other allocations are kept.
     pub fn allocate_missing(&mut self, agent: &mut AgentRecord) -> Vec<Failure> {
+        self.allocate_missing_at(agent, Instant::now())
+    }
+
+    /// [`Self::allocate_missing`] at `now` (blocks given up for lack of a VTEP are quarantined
+    /// from then).
+    pub fn allocate_missing_at(&mut self, agent: &mut AgentRecord, now: Instant) -> Vec<Failure> {
         let mut failures = Vec::new();
         agent.vtep_error = None;
         if agent.vtep_ip.is_none() {
@@ -505,7 +695,7 @@ impl Allocator {
         }
         if agent.vtep_error.is_some() {
             // Without a VTEP the agent cannot use any network: hold no blocks for it.
-            self.release_networks(agent);
+            self.release_networks(agent, now);
             return failures;
         }
         for overlay in &self.config.overlays {
@@ -562,29 +752,37 @@ impl Allocator {
         failures
     }
 
-    /// Frees everything the agent holds.
+    /// Frees everything the agent holds (through the quarantine, if one is set).
     pub fn release_agent(&mut self, agent: &mut AgentRecord) {
-        if let Some(ip) = agent.vtep_ip.take() {
-            self.vtep4.release(ip);
-        }
-        if let Some(ip6) = agent.vtep_ip6.take()
-            && let Some(pool) = self.vtep6.as_mut()
-        {
-            pool.release(ip6);
-        }
-        self.release_networks(agent);
+        self.release_agent_at(agent, Instant::now());
     }
 
-    fn release_networks(&mut self, agent: &mut AgentRecord) {
+    /// [`Self::release_agent`] at `now`.
+    pub fn release_agent_at(&mut self, agent: &mut AgentRecord, now: Instant) {
+        let owner = agent.ip;
+        if let Some(ip) = agent.vtep_ip.take() {
+            self.free(owner, Freed::Vtep(ip), now);
+        }
+        if let Some(ip6) = agent.vtep_ip6.take()
+            && self.vtep6.is_some()
+        {
+            self.free(owner, Freed::Vtep6(ip6), now);
+        }
+        self.release_networks(agent, now);
+    }
+
+    fn release_networks(&mut self, agent: &mut AgentRecord, now: Instant) {
+        let owner = agent.ip;
         for (name, entry) in std::mem::take(&mut agent.networks) {
-            let Some(pools) = self.networks.get_mut(&name) else {
+            let Some(pools) = self.networks.get(&name) else {
                 continue;
             };
-            if let (Some(block), Some(pool)) = (entry.subnet, pools.v4.as_mut()) {
-                pool.release(block);
+            let (has_v4, has_v6) = (pools.v4.is_some(), pools.v6.is_some());
+            if let (Some(block), true) = (entry.subnet, has_v4) {
+                self.free(owner, Freed::Subnet(name.clone(), block), now);
             }
-            if let (Some(block), Some(pool)) = (entry.subnet6, pools.v6.as_mut()) {
-                pool.release(block);
+            if let (Some(block), true) = (entry.subnet6, has_v6) {
+                self.free(owner, Freed::Subnet6(name, block), now);
             }
         }
     }
@@ -756,6 +954,143 @@ mod tests {
         assert!(fresh.is_complete(&a));
         assert!(copy.vtep_ip.is_none());
         assert!(!fresh.is_complete(&copy));
+    }
+
+    #[test]
+    fn quarantined_allocations_are_not_reused_until_their_time_is_up() {
+        let config = config_with("44.128.0.0/20", "9.0.0.0/8", 24);
+        let mut alloc = Allocator::new(&config);
+        alloc.set_quarantine_hold(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut agents: Vec<AgentRecord> = (1..=3).map(agent).collect();
+        for a in &mut agents {
+            alloc.allocate_missing_at(a, t0);
+        }
+        let deleted = agents[1].clone();
+        alloc.release_agent_at(&mut agents[1], t0);
+        assert_eq!(alloc.quarantined(), 4, "VTEP, VTEP6, dcos and dcos6 blocks");
+
+        // A newcomer within the quarantine gets fresh allocations, none of the deleted ones.
+        let mut newcomer = agent(100);
+        assert_eq!(alloc.expire_quarantine(t0 + Duration::from_secs(59)), 0);
+        alloc.allocate_missing_at(&mut newcomer, t0 + Duration::from_secs(59));
+        assert_ne!(newcomer.vtep_ip, deleted.vtep_ip);
+        assert_ne!(newcomer.vtep_ip6, deleted.vtep_ip6);
+        assert_ne!(newcomer.networks["dcos"].subnet, deleted.networks["dcos"].subnet);
+        assert_ne!(newcomer.networks["dcos6"].subnet6, deleted.networks["dcos6"].subnet6);
+        assert_eq!(newcomer.vtep_ip, Some("44.128.0.4".parse().unwrap()));
+
+        // After it, they are reusable (lowest free again).
+        assert_eq!(alloc.expire_quarantine(t0 + Duration::from_secs(60)), 4);
+        assert_eq!(alloc.quarantined(), 0);
+        let mut later = agent(101);
+        alloc.allocate_missing_at(&mut later, t0 + Duration::from_secs(61));
+        assert_eq!(later.vtep_ip, deleted.vtep_ip);
+        assert_eq!(later.networks["dcos"].subnet, deleted.networks["dcos"].subnet);
+    }
+
+    #[test]
+    fn a_deleted_agent_registering_again_gets_its_own_allocation_back() {
+        let config = config_with("44.128.0.0/20", "9.0.0.0/8", 24);
+        let mut alloc = Allocator::new(&config);
+        alloc.set_quarantine_hold(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut a = agent(1);
+        let mut b = agent(2);
+        alloc.allocate_missing_at(&mut a, t0);
+        alloc.allocate_missing_at(&mut b, t0);
+        let original = b.clone();
+        alloc.release_agent_at(&mut b, t0);
+        let mut back = agent(2);
+        assert_eq!(alloc.reclaim(&mut back), 4);
+        assert!(alloc.allocate_missing_at(&mut back, t0).is_empty());
+        assert_eq!(back, original);
+        assert_eq!(alloc.quarantined(), 0);
+        // Nothing was double-counted: a rebuilt allocator agrees.
+        let mut rebuilt = Allocator::new(&config);
+        let mut report = RestoreReport::default();
+        rebuilt.restore(a.clone(), &mut report);
+        rebuilt.restore(back.clone(), &mut report);
+        assert!(report.dropped.is_empty());
+        assert_eq!(rebuilt.vteps_allocated(), alloc.vteps_allocated());
+    }
+
+    #[test]
+    fn quarantine_survives_a_new_configuration_except_what_no_longer_fits() {
+        let config = config_with("44.128.0.0/20", "9.0.0.0/8", 24);
+        let mut alloc = Allocator::new(&config);
+        alloc.set_quarantine_hold(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut a = agent(1);
+        alloc.allocate_missing_at(&mut a, t0);
+        alloc.release_agent_at(&mut a, t0);
+        let mut fewer = config.clone();
+        fewer.overlays.retain(|o| o.name == "dcos");
+        let mut next = Allocator::new(&fewer);
+        next.adopt_quarantine(alloc.quarantine().clone());
+        assert_eq!(next.quarantined(), 3, "the dcos6 block went with its network");
+        let mut newcomer = agent(5);
+        next.allocate_missing_at(&mut newcomer, t0);
+        assert_eq!(newcomer.vtep_ip, Some("44.128.0.2".parse().unwrap()));
+        assert_eq!(newcomer.networks["dcos"].subnet, Some("9.0.1.0/24".parse().unwrap()));
+    }
+
+    proptest! {
+        /// With a quarantine, whatever sequence of registrations and deletions: no live agent
+        /// ever gets an allocation freed less than the quarantine ago, and nothing leaks.
+        #[test]
+        fn nothing_freed_within_the_quarantine_is_handed_out(
+            ops in proptest::collection::vec((0u32..30, any::<bool>(), 0u64..5), 1..150)
+        ) {
+            let config = config_with("44.128.0.0/26", "9.0.0.0/19", 24);
+            let hold = Duration::from_secs(10);
+            let mut alloc = Allocator::new(&config);
+            alloc.set_quarantine_hold(hold);
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut agents: BTreeMap<u32, AgentRecord> = BTreeMap::new();
+            // VTEP address -> (freed at, by whom)
+            let mut freed: BTreeMap<Ipv4Addr, (Instant, u32)> = BTreeMap::new();
+            let mut freed_blocks: BTreeMap<Ipv4Network, (Instant, u32)> = BTreeMap::new();
+            for (n, register, step) in ops {
+                now += Duration::from_secs(step);
+                alloc.expire_quarantine(now);
+                if register {
+                    if !agents.contains_key(&n) {
+                        let mut record = agent(n);
+                        alloc.reclaim(&mut record);
+                        alloc.allocate_missing_at(&mut record, now);
+                        if let Some(ip) = record.vtep_ip
+                            && let Some((at, by)) = freed.get(&ip)
+                        {
+                            prop_assert!(*by == n || now.duration_since(*at) >= hold, "VTEP {} reused after {:?}", ip, now.duration_since(*at));
+                        }
+                        for entry in record.networks.values() {
+                            if let Some(block) = entry.subnet
+                                && let Some((at, by)) = freed_blocks.get(&block)
+                            {
+                                prop_assert!(*by == n || now.duration_since(*at) >= hold);
+                            }
+                        }
+                        agents.insert(n, record);
+                    }
+                } else if let Some(mut record) = agents.remove(&n) {
+                    if let Some(ip) = record.vtep_ip {
+                        freed.insert(ip, (now, n));
+                    }
+                    for entry in record.networks.values() {
+                        if let Some(block) = entry.subnet {
+                            freed_blocks.insert(block, (now, n));
+                        }
+                    }
+                    alloc.release_agent_at(&mut record, now);
+                }
+            }
+            // Once every quarantine is over, the pools hold exactly the agents' allocations.
+            alloc.expire_quarantine(now + hold);
+            let held = agents.values().filter(|r| r.vtep_ip.is_some()).count() as u128;
+            prop_assert_eq!(alloc.vteps_allocated(), held);
+        }
     }
 
     proptest! {

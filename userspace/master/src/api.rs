@@ -186,6 +186,22 @@ async fn watch(
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
     ip: IpAddr,
+    /// The agent's local endpoints per network (optional).
+    #[serde(default)]
+    endpoints: Option<std::collections::BTreeMap<String, u32>>,
+}
+
+/// `?force=true`: the change goes ahead even where it would cut off running containers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+fn force_of(query: Result<Query<ForceQuery>, QueryRejection>) -> Result<bool, ApiError> {
+    let Query(query) = query?;
+    Ok(query.force)
 }
 
 fn check_agent_ip(field: &str, ip: IpAddr) -> Result<(), ApiError> {
@@ -203,7 +219,7 @@ async fn register(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     check_agent_ip("ip", body.ip)?;
-    let info = master.register(body.ip).await?;
+    let info = master.heartbeat(body.ip, body.endpoints).await?;
     Ok(Json(info).into_response())
 }
 
@@ -215,10 +231,12 @@ struct DeleteBody {
 
 async fn delete_agents(
     State(master): State<Arc<Master>>,
+    query: Result<Query<ForceQuery>, QueryRejection>,
     body: Result<Json<DeleteBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let force = force_of(query)?;
     let Json(body) = body?;
-    let deleted = master.delete_agents(body.agents).await?;
+    let deleted = master.delete_agents(body.agents, force).await?;
     Ok(Json(DeleteAgentsResponse { deleted }).into_response())
 }
 
@@ -232,9 +250,14 @@ async fn add_network(
     Ok((StatusCode::CREATED, Json(network)).into_response())
 }
 
-async fn set_enabled(master: &Master, name: String, enabled: bool) -> Result<Response, ApiError> {
+async fn set_enabled(
+    master: &Master,
+    name: String,
+    enabled: bool,
+    force: bool,
+) -> Result<Response, ApiError> {
     let network = master
-        .change_networks(NetworkChange::SetEnabled { name, enabled })
+        .change_networks_forced(NetworkChange::SetEnabled { name, enabled }, force)
         .await?;
     Ok(Json(network).into_response())
 }
@@ -242,23 +265,27 @@ async fn set_enabled(master: &Master, name: String, enabled: bool) -> Result<Res
 async fn disable_network(
     State(master): State<Arc<Master>>,
     Path(name): Path<String>,
+    query: Result<Query<ForceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    set_enabled(&master, name, false).await
+    set_enabled(&master, name, false, force_of(query)?).await
 }
 
 async fn enable_network(
     State(master): State<Arc<Master>>,
     Path(name): Path<String>,
+    query: Result<Query<ForceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    set_enabled(&master, name, true).await
+    set_enabled(&master, name, true, force_of(query)?).await
 }
 
 async fn remove_network(
     State(master): State<Arc<Master>>,
     Path(name): Path<String>,
+    query: Result<Query<ForceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let force = force_of(query)?;
     master
-        .change_networks(NetworkChange::Remove(name.clone()))
+        .change_networks_forced(NetworkChange::Remove(name.clone()), force)
         .await?;
     Ok(Json(serde_json::json!({ "removed": name })).into_response())
 }

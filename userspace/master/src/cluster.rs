@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use overlay_api::{
     AgentInfo, AgentOverlayInfo, BackendInfo, BridgeInfo, MacAddr, NetworkConfig, OverlayInfo,
@@ -15,7 +16,7 @@ use crate::alloc::{Allocator, RestoreReport, halves4, halves6};
 use crate::config::assign_default_vnis;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{AgentRecord, NetworkRecord, Op, Origin, SettingsRecord, Snapshot, StoreError};
-use crate::validate::{ConfigError, validate};
+use crate::validate::{ConfigError, ReservedAddress, check_reserved_addresses, validate};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MasterError {
@@ -72,6 +73,43 @@ impl ReconfigureReport {
     }
 }
 
+/// How long an agent counts as alive after its last heartbeat, unless told otherwise: three
+/// of the agents' 30 s heartbeats.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long freed VTEPs, MACs and subnets are held back, unless told otherwise: longer than
+/// the heartbeat timeout, so an agent deleted while alive has stopped (or re-registered and
+/// got its own back) before anyone else can get them.
+pub const DEFAULT_QUARANTINE: Duration = Duration::from_secs(300);
+
+/// The master's rules that protect running agents, and what they need to know.
+#[derive(Debug, Clone)]
+pub struct SafetySettings {
+    /// An agent heard from within this time may be running: deleting it needs force.
+    pub heartbeat_timeout: Duration,
+    /// Freed allocations are not reused for this long.
+    pub quarantine: Duration,
+    /// The master's own addresses (listen and advertised): no network may contain them.
+    pub master_addresses: Vec<IpAddr>,
+}
+
+impl Default for SafetySettings {
+    fn default() -> Self {
+        SafetySettings {
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            quarantine: Duration::ZERO,
+            master_addresses: Vec::new(),
+        }
+    }
+}
+
+/// What the master last heard from an agent (memory only, refreshed by every heartbeat).
+#[derive(Debug, Clone)]
+pub(crate) struct Liveness {
+    pub(crate) seen: Instant,
+    /// Local endpoints per network, when the agent reports them.
+    pub(crate) endpoints: Option<BTreeMap<String, u32>>,
+}
+
 /// The in-memory state: configuration, allocations, revision.
 pub struct ClusterState {
     pub(crate) alloc: Allocator,
@@ -80,6 +118,11 @@ pub struct ClusterState {
     pub(crate) revision: u64,
     pending: Pending,
     pub(crate) changes: ChangeLog,
+    safety: SafetySettings,
+    /// Agents without an entry count as seen at `started` (after a restart the master cannot
+    /// know which of its stored agents are alive).
+    liveness: HashMap<IpAddr, Liveness>,
+    started: Instant,
 }
 
 /// Most agent deletions remembered for deltas; beyond that, older watchers get a full state.
@@ -157,6 +200,9 @@ impl ClusterState {
                 ..Pending::default()
             },
             changes: ChangeLog::default(),
+            safety: SafetySettings::default(),
+            liveness: HashMap::new(),
+            started: Instant::now(),
         })
     }
 
@@ -189,6 +235,9 @@ impl ClusterState {
             revision: snapshot.revision,
             pending: Pending::default(),
             changes: ChangeLog::starting_at(snapshot.revision),
+            safety: SafetySettings::default(),
+            liveness: HashMap::new(),
+            started: Instant::now(),
         };
         let mut report = RestoreReport::default();
         for stored in snapshot.agents {
@@ -211,6 +260,134 @@ impl ClusterState {
 
     pub fn config(&self) -> &NetworkConfig {
         self.alloc.config()
+    }
+
+    /// Sets the safety rules (the quarantine applies to allocations freed from now on).
+    pub fn set_safety(&mut self, safety: SafetySettings) {
+        self.alloc.set_quarantine_hold(safety.quarantine);
+        self.safety = safety;
+    }
+
+    /// Keeps what only lives in memory (safety rules, liveness, quarantine) from the state
+    /// this one replaces (a reload from the store).
+    pub(crate) fn inherit_runtime(&mut self, previous: &mut ClusterState) {
+        self.safety = previous.safety.clone();
+        self.liveness = std::mem::take(&mut previous.liveness);
+        self.started = previous.started;
+        let quarantine = previous.alloc.take_quarantine();
+        self.alloc.adopt_quarantine(quarantine);
+    }
+
+    fn last_seen(&self, ip: IpAddr) -> Instant {
+        self.liveness.get(&ip).map_or(self.started, |l| l.seen)
+    }
+
+    /// Records a heartbeat: when, and the endpoints the agent reports (if it does).
+    pub(crate) fn note_heartbeat(
+        &mut self,
+        ip: IpAddr,
+        endpoints: Option<BTreeMap<String, u32>>,
+        now: Instant,
+    ) {
+        self.liveness.insert(ip, Liveness { seen: now, endpoints });
+    }
+
+    /// Agents reporting endpoints on `network`, with their counts.
+    fn endpoints_in(&self, network: &str) -> Vec<(IpAddr, u32)> {
+        let mut holders: Vec<(IpAddr, u32)> = self
+            .liveness
+            .iter()
+            .filter(|(ip, _)| self.agents.contains_key(ip))
+            .filter_map(|(ip, l)| {
+                let n = l.endpoints.as_ref()?.get(network).copied()?;
+                (n > 0).then_some((*ip, n))
+            })
+            .collect();
+        holders.sort();
+        holders
+    }
+
+    /// Refuses (without `force`) to remove or disable a network that holds endpoints or that
+    /// the configuration file defines.
+    fn guard_network(&self, name: &str, action: &str, force: bool) -> Result<(), MasterError> {
+        let holders = self.endpoints_in(name);
+        let from_file = self.origins.get(name) == Some(&Origin::File);
+        if force {
+            if from_file || !holders.is_empty() {
+                tracing::warn!(network = %name, ?holders, from_file, "forced: {action} network");
+            }
+            return Ok(());
+        }
+        if !holders.is_empty() {
+            let total: u32 = holders.iter().map(|(_, n)| n).sum();
+            let shown: Vec<String> = holders
+                .iter()
+                .take(5)
+                .map(|(ip, n)| format!("agent {ip}: {n}"))
+                .collect();
+            return Err(MasterError::Conflict(format!(
+                "network {name} holds {total} endpoint(s) ({}{}): {action} it with force=true \
+                 to cut them off",
+                shown.join(", "),
+                if holders.len() > 5 { ", ..." } else { "" }
+            )));
+        }
+        if from_file {
+            return Err(MasterError::Conflict(format!(
+                "network {name} is defined by the configuration file: {action} it with force=true \
+                 (the file's definition applies again at the next reload or restart), or change \
+                 the file"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a config reload that removes or disables a network holding endpoints (the
+    /// running configuration stays; remove it through the API with force first).
+    fn guard_reload(&self, candidate: &NetworkConfig) -> Result<(), MasterError> {
+        let mut refused = Vec::new();
+        for overlay in &self.config().overlays {
+            let next = candidate.overlays.iter().find(|o| o.name == overlay.name);
+            let action = match next {
+                None => "removes",
+                Some(next) if overlay.is_enabled() && !next.is_enabled() => "disables",
+                Some(_) => continue,
+            };
+            let holders = self.endpoints_in(&overlay.name);
+            if !holders.is_empty() {
+                let total: u32 = holders.iter().map(|(_, n)| n).sum();
+                refused.push(format!(
+                    "the file {action} network {} which holds {total} endpoint(s) on {} agent(s)",
+                    overlay.name,
+                    holders.len()
+                ));
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(MasterError::Conflict(format!(
+            "{}; remove or disable it through the API with force=true first",
+            refused.join("; ")
+        )))
+    }
+
+    /// The addresses no network may contain: every agent's underlay address and the master's.
+    fn reserved_addresses(&self) -> Vec<ReservedAddress> {
+        let mut reserved: Vec<ReservedAddress> = self
+            .safety
+            .master_addresses
+            .iter()
+            .map(|ip| ReservedAddress {
+                ip: *ip,
+                owner: "the master's address".into(),
+            })
+            .collect();
+        reserved.extend(self.agents.keys().map(|ip| ReservedAddress {
+            ip: *ip,
+            owner: format!("agent {ip}'s underlay address"),
+        }));
+        reserved
     }
 
     pub fn revision(&self) -> u64 {
@@ -237,17 +414,32 @@ impl ClusterState {
         validate(&candidate)?;
         let old = self.config().clone();
         let mut report = ReconfigureReport::default();
+        // Networks whose addresses are new: they must not contain the underlay's.
+        let mut readdressed = BTreeSet::new();
         for overlay in &candidate.overlays {
             match old.overlays.iter().find(|o| o.name == overlay.name) {
-                None => report.added.push(overlay.name.clone()),
-                Some(previous) if previous != overlay => report.changed.push(overlay.name.clone()),
+                None => {
+                    report.added.push(overlay.name.clone());
+                    readdressed.insert(overlay.name.clone());
+                }
+                Some(previous) if previous != overlay => {
+                    report.changed.push(overlay.name.clone());
+                    if (previous.subnet, previous.subnet6) != (overlay.subnet, overlay.subnet6) {
+                        readdressed.insert(overlay.name.clone());
+                    }
+                }
                 Some(_) => {}
             }
         }
-        for overlay in &old.overlays {
-            if !candidate.overlays.iter().any(|o| o.name == overlay.name) {
-                report.removed.push(overlay.name.clone());
-            }
+        let vtep_changed = (old.vtep_subnet, old.vtep_subnet6)
+            != (candidate.vtep_subnet, candidate.vtep_subnet6);
+        if vtep_changed || !readdressed.is_empty() {
+            check_reserved_addresses(
+                &candidate,
+                Some(&readdressed),
+                vtep_changed,
+                &self.reserved_addresses(),
+            )?;
         }
 
         let mut alloc = Allocator::new(&candidate);
@@ -257,6 +449,8 @@ impl ClusterState {
             let restored = alloc.restore(record.clone(), &mut restore_report);
             agents.insert(restored.ip, restored);
         }
+        // Quarantined allocations stay out of reach of the agents' new blocks.
+        alloc.adopt_quarantine(self.alloc.quarantine().clone());
         if !restore_report.dropped.is_empty() {
             let shown: Vec<&str> = restore_report
                 .dropped
@@ -330,16 +524,34 @@ impl ClusterState {
         (file, origins)
     }
 
-    /// Registers (or heartbeats) an agent: allocates whatever it lacks.
-    pub fn register(&mut self, ip: IpAddr, metrics: &Metrics) -> AgentInfo {
+    /// Registers (or heartbeats) an agent: allocates whatever it lacks. A new agent whose
+    /// underlay address lies inside an overlay or VTEP subnet is refused.
+    pub fn register(
+        &mut self,
+        ip: IpAddr,
+        endpoints: Option<BTreeMap<String, u32>>,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Result<AgentInfo, MasterError> {
+        let existing = self.agents.get(&ip);
+        if existing.is_none() {
+            crate::validate::check_agent_address(self.config(), ip)?;
+        }
+        self.note_heartbeat(ip, endpoints, now);
         let existing = self.agents.get(&ip);
         if let Some(record) = existing
             && self.alloc.is_complete(record)
         {
-            return self.agent_info(record);
+            return Ok(self.agent_info(record));
         }
-        let mut record = existing.cloned().unwrap_or_else(|| AgentRecord::new(ip));
-        let failures = self.alloc.allocate_missing(&mut record);
+        let existing = existing.cloned();
+        self.alloc.expire_quarantine(now);
+        let mut record = existing.clone().unwrap_or_else(|| AgentRecord::new(ip));
+        let reclaimed = self.alloc.reclaim(&mut record);
+        if reclaimed > 0 {
+            tracing::warn!(agent = %ip, reclaimed, "a deleted agent registered again within the quarantine: it gets its own VTEP and subnets back");
+        }
+        let failures = self.alloc.allocate_missing_at(&mut record, now);
         metrics.record_failures(&failures);
         for failure in &failures {
             tracing::warn!(agent = %ip, reason = failure.reason.label(), network = ?failure.network, "allocation failed");
@@ -347,26 +559,63 @@ impl ClusterState {
         if existing.is_none() {
             metrics.agents_created.fetch_add(1, Ordering::Relaxed);
         }
-        if existing != Some(&record) {
+        if existing.as_ref() != Some(&record) {
             self.pending.agents.insert(ip);
         }
         let info = self.agent_info(&record);
         self.agents.insert(ip, record);
-        info
+        Ok(info)
     }
 
-    /// Forgets agents and frees their allocations; returns those that existed.
-    pub fn delete_agents(&mut self, ips: &[IpAddr]) -> Vec<IpAddr> {
+    /// Forgets agents and frees their allocations (into the quarantine); returns those that
+    /// existed. Without `force`, agents heard from within the heartbeat timeout are refused
+    /// (the whole request, naming them): they may still be using what would be freed.
+    pub fn delete_agents(
+        &mut self,
+        ips: &[IpAddr],
+        force: bool,
+        now: Instant,
+    ) -> Result<Vec<IpAddr>, MasterError> {
+        if !force {
+            let timeout = self.safety.heartbeat_timeout;
+            let alive: Vec<String> = ips
+                .iter()
+                .filter(|ip| self.agents.contains_key(ip))
+                .filter_map(|ip| {
+                    let ago = now.saturating_duration_since(self.last_seen(*ip));
+                    (ago < timeout).then(|| {
+                        if self.liveness.contains_key(ip) {
+                            format!("agent {ip} last heartbeated {:.1} s ago", ago.as_secs_f64())
+                        } else {
+                            format!(
+                                "agent {ip} not heard from since this master started {:.1} s ago",
+                                ago.as_secs_f64()
+                            )
+                        }
+                    })
+                })
+                .collect();
+            if !alive.is_empty() {
+                return Err(MasterError::Conflict(format!(
+                    "{} (heartbeat timeout {} s): it may still be using its VTEP and subnets; \
+                     stop it and wait, or delete with force=true",
+                    alive.join(", "),
+                    timeout.as_secs()
+                )));
+            }
+        }
+        self.alloc.expire_quarantine(now);
         let mut deleted = Vec::new();
         for ip in ips {
             if let Some(mut record) = self.agents.remove(ip) {
-                self.alloc.release_agent(&mut record);
+                self.alloc.release_agent_at(&mut record, now);
                 self.pending.agents.remove(ip);
                 self.pending.deleted_agents.insert(*ip);
+                self.liveness.remove(ip);
                 deleted.push(*ip);
             }
         }
-        deleted
+        Ok(deleted)
     }
 
     /// The store operations for everything changed since the last call.
@@ -464,6 +713,7 @@ impl ClusterState {
                 })
                 .count(),
             vteps_allocated: self.alloc.vteps_allocated(),
+            quarantined: self.alloc.quarantined(),
             subnets_allocated: self
                 .alloc
                 .subnets_allocated()
@@ -569,6 +819,7 @@ pub enum NetworkChange {
 pub(crate) fn apply_network_change(
     cluster: &mut ClusterState,
     change: NetworkChange,
+    force: bool,
     metrics: &Metrics,
 ) -> Result<Option<OverlayInfo>, MasterError> {
     let mut candidate = cluster.config().clone();
@@ -596,11 +847,15 @@ pub(crate) fn apply_network_change(
         }
         NetworkChange::SetEnabled { name, enabled } => {
             let index = position(&candidate, &name)?;
+            if !enabled && candidate.overlays[index].is_enabled() {
+                cluster.guard_network(&name, "disable", force)?;
+            }
             candidate.overlays[index].enabled = Some(enabled);
             Some(name)
         }
         NetworkChange::Remove(name) => {
             let index = position(&candidate, &name)?;
+            cluster.guard_network(&name, "remove", force)?;
             candidate.overlays.remove(index);
             origins.remove(&name);
             None
@@ -618,6 +873,20 @@ pub(crate) fn apply_network_change(
     }))
 }
 
+/// Applies a re-read config file; refused whole when it would cut off endpoints.
+pub(crate) fn apply_reload(
+    cluster: &mut ClusterState,
+    file_config: NetworkConfig,
+    metrics: &Metrics,
+) -> Result<ReconfigureReport, MasterError> {
+    let (candidate, origins) = cluster.candidate_from_file(file_config);
+    validate(&candidate)?;
+    cluster.guard_reload(&candidate)?;
+    let report = cluster.reconfigure(candidate, origins, metrics)?;
+    log_reconfigure("config reload", &report);
+    Ok(report)
+}
+
 pub(crate) fn log_reconfigure(what: &str, report: &ReconfigureReport) {
     if report.is_noop() {
         tracing::info!("{what}: no change");
@@ -633,4 +902,204 @@ pub(crate) fn log_reconfigure(what: &str, report: &ReconfigureReport) {
         agents_changed = report.agents_changed,
         "{what}: configuration applied"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::dcos_default;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn cluster(safety: SafetySettings) -> ClusterState {
+        let mut config = dcos_default();
+        assign_default_vnis(&mut config.overlays);
+        let mut cluster = ClusterState::fresh(config, Origin::File).unwrap();
+        cluster.set_safety(safety);
+        cluster
+    }
+
+    fn network(name: &str, subnet: &str) -> OverlayInfo {
+        OverlayInfo {
+            name: name.into(),
+            subnet: Some(subnet.parse().unwrap()),
+            prefix: Some(24),
+            subnet6: None,
+            prefix6: None,
+            enabled: None,
+            vni: None,
+            masquerade: None,
+        }
+    }
+
+    #[test]
+    fn live_agents_are_deleted_only_with_force() {
+        let metrics = Metrics::default();
+        let mut c = cluster(SafetySettings {
+            heartbeat_timeout: Duration::from_secs(90),
+            quarantine: Duration::from_secs(300),
+            master_addresses: vec![],
+        });
+        let t0 = Instant::now();
+        c.register(ip("10.0.0.1"), None, t0, &metrics).unwrap();
+        c.register(ip("10.0.0.2"), None, t0, &metrics).unwrap();
+        let err = c
+            .delete_agents(&[ip("10.0.0.1")], false, t0 + Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(err, MasterError::Conflict(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("agent 10.0.0.1 last heartbeated 5.0 s ago"), "{text}");
+        assert!(text.contains("force=true"), "{text}");
+        assert_eq!(c.agent_count(), 2, "nothing deleted");
+        // Silent for longer than the timeout: deletable without force.
+        let later = t0 + Duration::from_secs(91);
+        assert_eq!(
+            c.delete_agents(&[ip("10.0.0.1")], false, later).unwrap(),
+            vec![ip("10.0.0.1")]
+        );
+        // Forced: at once.
+        assert_eq!(
+            c.delete_agents(&[ip("10.0.0.2")], true, later).unwrap(),
+            vec![ip("10.0.0.2")]
+        );
+    }
+
+    #[test]
+    fn a_newcomer_never_gets_a_quarantined_allocation() {
+        let metrics = Metrics::default();
+        let mut c = cluster(SafetySettings {
+            heartbeat_timeout: Duration::from_secs(90),
+            quarantine: Duration::from_secs(300),
+            master_addresses: vec![],
+        });
+        let t0 = Instant::now();
+        let victim = c.register(ip("10.0.0.1"), None, t0, &metrics).unwrap();
+        c.delete_agents(&[ip("10.0.0.1")], true, t0).unwrap();
+        let newcomer = c.register(ip("10.0.0.66"), None, t0, &metrics).unwrap();
+        let vtep = |a: &AgentInfo| a.overlays[0].backend.vxlan.clone();
+        assert_ne!(vtep(&newcomer).vtep_ip, vtep(&victim).vtep_ip);
+        assert_ne!(vtep(&newcomer).vtep_mac, vtep(&victim).vtep_mac);
+        assert_ne!(newcomer.overlays[0].subnet, victim.overlays[0].subnet);
+        assert_ne!(newcomer.overlays[1].subnet6, victim.overlays[1].subnet6);
+        // The victim comes back within the quarantine: it gets its own allocation back.
+        let back = c
+            .register(ip("10.0.0.1"), None, t0 + Duration::from_secs(10), &metrics)
+            .unwrap();
+        assert_eq!(back, victim);
+        // After the quarantine, freed allocations are reused.
+        c.delete_agents(&[ip("10.0.0.1")], true, t0 + Duration::from_secs(20))
+            .unwrap();
+        let late = c
+            .register(ip("10.0.0.77"), None, t0 + Duration::from_secs(321), &metrics)
+            .unwrap();
+        assert_eq!(vtep(&late).vtep_ip, vtep(&victim).vtep_ip);
+        assert_eq!(late.overlays[0].subnet, victim.overlays[0].subnet);
+    }
+
+    #[test]
+    fn networks_may_not_contain_agents_or_the_master() {
+        let metrics = Metrics::default();
+        let mut c = cluster(SafetySettings {
+            master_addresses: vec![ip("192.168.7.1")],
+            ..SafetySettings::default()
+        });
+        let now = Instant::now();
+        c.register(ip("10.250.0.11"), None, now, &metrics).unwrap();
+        let err = apply_network_change(
+            &mut c,
+            NetworkChange::Add(network("under", "10.250.0.0/16")),
+            false,
+            &metrics,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("overlays[2].subnet (under) = 10.250.0.0/16"), "{err}");
+        assert!(err.contains("agent 10.250.0.11's underlay address"), "{err}");
+        let err = apply_network_change(
+            &mut c,
+            NetworkChange::Add(network("master", "192.168.0.0/16")),
+            true,
+            &metrics,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("the master's address 192.168.7.1"), "{err}");
+        assert_eq!(c.config().overlays.len(), 2, "nothing added");
+
+        // An agent inside an existing network cannot register.
+        let err = c
+            .register(ip("9.0.3.4"), None, now, &metrics)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ip = 9.0.3.4"), "{err}");
+        assert!(err.contains("overlays[0].subnet (dcos) = 9.0.0.0/8"), "{err}");
+        let err = c
+            .register(ip("44.128.0.9"), None, now, &metrics)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vtep_subnet = 44.128.0.0/20"), "{err}");
+        assert_eq!(c.agent_count(), 1);
+    }
+
+    #[test]
+    fn networks_in_use_or_from_the_file_need_force() {
+        let metrics = Metrics::default();
+        let mut c = cluster(SafetySettings::default());
+        let now = Instant::now();
+        c.register(ip("10.0.0.1"), None, now, &metrics).unwrap();
+        apply_network_change(
+            &mut c,
+            NetworkChange::Add(network("blue", "10.1.0.0/16")),
+            false,
+            &metrics,
+        )
+        .unwrap();
+        let counts = BTreeMap::from([("blue".to_owned(), 2), ("dcos".to_owned(), 0)]);
+        c.register(ip("10.0.0.1"), Some(counts), now, &metrics).unwrap();
+
+        for change in [
+            NetworkChange::SetEnabled {
+                name: "blue".into(),
+                enabled: false,
+            },
+            NetworkChange::Remove("blue".into()),
+        ] {
+            let err = apply_network_change(&mut c, change, false, &metrics).unwrap_err();
+            assert!(matches!(err, MasterError::Conflict(_)));
+            let err = err.to_string();
+            assert!(err.contains("network blue holds 2 endpoint(s) (agent 10.0.0.1: 2)"), "{err}");
+        }
+        // The file's networks need force even when empty.
+        let err = apply_network_change(&mut c, NetworkChange::Remove("dcos".into()), false, &metrics)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network dcos is defined by the configuration file"), "{err}");
+        assert_eq!(c.config().overlays.len(), 3);
+
+        // A reload that drops a network in use is refused whole.
+        let counts = BTreeMap::from([("blue".to_owned(), 2), ("dcos".to_owned(), 1)]);
+        c.register(ip("10.0.0.1"), Some(counts), now, &metrics).unwrap();
+        let mut file = dcos_default();
+        file.overlays.remove(0);
+        let err = apply_reload(&mut c, file, &metrics).unwrap_err().to_string();
+        assert!(err.contains("the file removes network dcos which holds 1 endpoint(s)"), "{err}");
+        assert_eq!(c.config().overlays.len(), 3);
+
+        // Forced, it goes.
+        apply_network_change(
+            &mut c,
+            NetworkChange::SetEnabled {
+                name: "blue".into(),
+                enabled: false,
+            },
+            true,
+            &metrics,
+        )
+        .unwrap();
+        assert!(!c.config().overlays[2].is_enabled());
+        apply_network_change(&mut c, NetworkChange::Remove("blue".into()), true, &metrics).unwrap();
+        assert_eq!(c.config().overlays.len(), 2);
+    }
 }

@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod hostaddr;
 pub mod master;
 pub mod metrics;
 pub mod store;

@@ -38,6 +38,38 @@ struct Args {
     /// Key prefix of this overlay cluster in etcd.
     #[arg(long, env = "OVERLAY_MASTER_ETCD_PREFIX", default_value = overlay_master::store::etcd::DEFAULT_PREFIX)]
     etcd_prefix: String,
+    /// Seconds after its last heartbeat an agent may still be running: deleting it sooner
+    /// needs `force=true` (agents heartbeat every 30 s).
+    #[arg(long, env = "OVERLAY_MASTER_HEARTBEAT_TIMEOUT_SECS", default_value_t = 90)]
+    heartbeat_timeout_secs: u64,
+    /// Seconds a freed VTEP, MAC or subnet is held back before anyone else gets it; keep it
+    /// longer than the heartbeat timeout.
+    #[arg(long, env = "OVERLAY_MASTER_ALLOCATION_QUARANTINE_SECS", default_value_t = 300)]
+    allocation_quarantine_secs: u64,
+    /// This master's address as agents reach it (repeatable); no network may contain it, nor
+    /// the `--listen` address (all of the host's addresses when that is unspecified).
+    #[arg(long = "advertise-address", env = "OVERLAY_MASTER_ADVERTISE_ADDRESS", value_delimiter = ',')]
+    advertise_addresses: Vec<std::net::IpAddr>,
+}
+
+/// The addresses no network may contain: the advertised ones, and the listen address (every
+/// non-loopback address of the host when it listens on all).
+fn master_addresses(args: &Args) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let mut addresses = args.advertise_addresses.clone();
+    let listen = args.listen.ip();
+    if listen.is_unspecified() {
+        addresses.extend(
+            overlay_master::hostaddr::local_addresses()
+                .context("listing the host's addresses (for --listen on all of them)")?
+                .into_iter()
+                .filter(|ip| !ip.is_loopback()),
+        );
+    } else {
+        addresses.push(listen);
+    }
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
 }
 
 fn open_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
@@ -107,9 +139,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => format!("config file {}", path.display()),
         None => "DC/OS's default configuration".to_owned(),
     })?;
+    let heartbeat_timeout = std::time::Duration::from_secs(args.heartbeat_timeout_secs);
+    let quarantine = std::time::Duration::from_secs(args.allocation_quarantine_secs);
+    if quarantine <= heartbeat_timeout {
+        tracing::warn!(
+            ?quarantine,
+            ?heartbeat_timeout,
+            "--allocation-quarantine-secs is not longer than --heartbeat-timeout-secs: a freed \
+             allocation may reach a newcomer while its deleted owner still runs"
+        );
+    }
+    let safety = overlay_master::master::SafetySettings {
+        heartbeat_timeout,
+        quarantine,
+        master_addresses: master_addresses(&args)?,
+    };
     let store = tokio::task::block_in_place(|| open_store(&args))?;
-    let master =
-        tokio::task::block_in_place(|| Master::start(store, file_config)).with_context(|| {
+    let master = tokio::task::block_in_place(|| Master::start_with(store, file_config, safety))
+        .with_context(|| {
             match &args.config {
                 Some(path) => format!("starting with config file {}", path.display()),
                 None => "starting with DC/OS's default configuration".to_owned(),

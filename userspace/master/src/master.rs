@@ -8,17 +8,20 @@
 //! see an allocation that is not durable, and a failed commit is undone by reloading the
 //! in-memory state from the store.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Instant;
 
 use bytes::Bytes;
 use overlay_api::{AgentInfo, NetworkConfig, OverlayInfo};
 use tokio::sync::{oneshot, watch};
 
-use crate::cluster::{ChangeLog, apply_network_change, log_reconfigure};
-pub use crate::cluster::{ClusterState, MasterError, NetworkChange, ReconfigureReport};
+use crate::cluster::{ChangeLog, apply_network_change, apply_reload, log_reconfigure};
+pub use crate::cluster::{
+    ClusterState, MasterError, NetworkChange, ReconfigureReport, SafetySettings,
+};
 use crate::config::assign_default_vnis;
 use crate::metrics::Metrics;
 use crate::store::{Op, Origin, Store, StoreError};
@@ -31,10 +34,15 @@ const MAX_CONFLICT_RETRIES: usize = 20;
 
 type Reply<T> = oneshot::Sender<Result<T, MasterError>>;
 
+/// Per-network endpoint counts an agent reports with its heartbeat.
+pub type EndpointCounts = BTreeMap<String, u32>;
+
 enum Command {
-    Register(IpAddr, Reply<AgentInfo>),
-    DeleteAgents(Vec<IpAddr>, Reply<Vec<IpAddr>>),
-    ChangeNetworks(NetworkChange, Reply<Option<OverlayInfo>>),
+    Register(IpAddr, Option<EndpointCounts>, Reply<AgentInfo>),
+    /// Agents to delete; `true`: even if heard from recently.
+    DeleteAgents(Vec<IpAddr>, bool, Reply<Vec<IpAddr>>),
+    /// A change and whether it is forced.
+    ChangeNetworks(NetworkChange, bool, Reply<Option<OverlayInfo>>),
     Reload(NetworkConfig, Reply<ReconfigureReport>),
     /// Another writer of a shared store committed `revision`: catch up if behind it.
     Refresh(u64),
@@ -55,9 +63,11 @@ fn deliver(command: Command, outcome: Outcome, commit: Result<(), MasterError>) 
         let _ = reply.send(commit.and(result));
     }
     match (command, outcome) {
-        (Command::Register(_, reply), Outcome::Agent(result)) => send(reply, commit, result),
-        (Command::DeleteAgents(_, reply), Outcome::Deleted(result)) => send(reply, commit, result),
-        (Command::ChangeNetworks(_, reply), Outcome::Network(result)) => {
+        (Command::Register(_, _, reply), Outcome::Agent(result)) => send(reply, commit, result),
+        (Command::DeleteAgents(_, _, reply), Outcome::Deleted(result)) => {
+            send(reply, commit, result)
+        }
+        (Command::ChangeNetworks(_, _, reply), Outcome::Network(result)) => {
             send(reply, commit, result)
         }
         (Command::Reload(_, reply), Outcome::Report(result)) => send(reply, commit, result),
@@ -101,10 +111,20 @@ impl Master {
         store: Arc<dyn Store>,
         file_config: NetworkConfig,
     ) -> Result<Arc<Master>, MasterError> {
+        Self::start_with(store, file_config, SafetySettings::default())
+    }
+
+    /// [`Master::start`] with the rules that protect running agents (heartbeat timeout,
+    /// quarantine of freed allocations, the master's own addresses).
+    pub fn start_with(
+        store: Arc<dyn Store>,
+        file_config: NetworkConfig,
+        safety: SafetySettings,
+    ) -> Result<Arc<Master>, MasterError> {
         let metrics = Metrics::default();
         let mut attempt = 0;
         let cluster = loop {
-            match Self::recover(store.as_ref(), file_config.clone(), &metrics) {
+            match Self::recover(store.as_ref(), file_config.clone(), &safety, &metrics) {
                 Err(MasterError::Conflict(reason)) if attempt < MAX_CONFLICT_RETRIES => {
                     // Another master of a shared store committed meanwhile: start over.
                     attempt += 1;
@@ -155,11 +175,13 @@ impl Master {
     fn recover(
         store: &dyn Store,
         file_config: NetworkConfig,
+        safety: &SafetySettings,
         metrics: &Metrics,
     ) -> Result<ClusterState, MasterError> {
         let snapshot = store.load()?;
         let mut cluster = match ClusterState::from_snapshot(snapshot)? {
             Some(mut cluster) => {
+                cluster.set_safety(safety.clone());
                 tracing::info!(
                     revision = cluster.revision,
                     agents = cluster.agents.len(),
@@ -185,7 +207,22 @@ impl Master {
                 let mut config = file_config;
                 assign_default_vnis(&mut config.overlays);
                 tracing::info!("empty store: starting from the configuration");
-                ClusterState::fresh(config, Origin::File)?
+                crate::validate::check_reserved_addresses(
+                    &config,
+                    None,
+                    true,
+                    &safety
+                        .master_addresses
+                        .iter()
+                        .map(|ip| crate::validate::ReservedAddress {
+                            ip: *ip,
+                            owner: "the master's address".into(),
+                        })
+                        .collect::<Vec<_>>(),
+                )?;
+                let mut cluster = ClusterState::fresh(config, Origin::File)?;
+                cluster.set_safety(safety.clone());
+                cluster
             }
         };
         let ops = cluster.take_ops();
@@ -232,23 +269,45 @@ impl Master {
     /// Registers or heartbeats an agent. A complete agent is answered from memory; anything
     /// else goes through the writer and is durable before the answer.
     pub async fn register(&self, ip: IpAddr) -> Result<AgentInfo, MasterError> {
-        {
-            let cluster = self.lock_state();
-            if let Some(record) = cluster.agents.get(&ip)
-                && cluster.alloc.is_complete(record)
-            {
-                let info = cluster.agent_info(record);
+        self.heartbeat(ip, None).await
+    }
+
+    /// Registers or heartbeats an agent that reports its endpoints per network.
+    pub async fn heartbeat(
+        &self,
+        ip: IpAddr,
+        endpoints: Option<EndpointCounts>,
+    ) -> Result<AgentInfo, MasterError> {
+        let endpoints = {
+            let mut cluster = self.lock_state();
+            let complete = cluster
+                .agents
+                .get(&ip)
+                .is_some_and(|record| cluster.alloc.is_complete(record));
+            if complete {
+                cluster.note_heartbeat(ip, endpoints, Instant::now());
+                let info = cluster.agent(ip).expect("agent just found");
                 self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
                 return Ok(info);
             }
-        }
-        let info = self.send(|reply| Command::Register(ip, reply)).await?;
+            endpoints
+        };
+        let info = self
+            .send(|reply| Command::Register(ip, endpoints, reply))
+            .await?;
         self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
         Ok(info)
     }
 
-    pub async fn delete_agents(&self, ips: Vec<IpAddr>) -> Result<Vec<IpAddr>, MasterError> {
-        self.send(|reply| Command::DeleteAgents(ips, reply)).await
+    /// Deletes agents; without `force`, agents heard from within the heartbeat timeout are
+    /// refused (409, naming them).
+    pub async fn delete_agents(
+        &self,
+        ips: Vec<IpAddr>,
+        force: bool,
+    ) -> Result<Vec<IpAddr>, MasterError> {
+        self.send(|reply| Command::DeleteAgents(ips, force, reply))
+            .await
     }
 
     /// Applies an API change of the network list; returns the network as it now is (None
@@ -257,7 +316,17 @@ impl Master {
         &self,
         change: NetworkChange,
     ) -> Result<Option<OverlayInfo>, MasterError> {
-        self.send(|reply| Command::ChangeNetworks(change, reply))
+        self.change_networks_forced(change, false).await
+    }
+
+    /// [`Master::change_networks`]; with `force`, also removes or disables a network that
+    /// holds endpoints or that the configuration file defines.
+    pub async fn change_networks_forced(
+        &self,
+        change: NetworkChange,
+        force: bool,
+    ) -> Result<Option<OverlayInfo>, MasterError> {
+        self.send(|reply| Command::ChangeNetworks(change, force, reply))
             .await
     }
 
@@ -474,6 +543,7 @@ impl Master {
             }
         }
         reloaded.changes = changes;
+        reloaded.inherit_runtime(cluster);
         let advanced = revision > cluster.revision;
         *cluster = reloaded;
         if advanced {
@@ -484,27 +554,32 @@ impl Master {
 
     fn execute(&self, cluster: &mut ClusterState, command: &Command) -> Outcome {
         match command {
-            Command::Register(ip, _) => Outcome::Agent(Ok(cluster.register(*ip, &self.metrics))),
-            Command::DeleteAgents(ips, _) => {
-                let deleted = cluster.delete_agents(ips);
-                self.metrics
-                    .agents_deleted
-                    .fetch_add(deleted.len() as u64, Ordering::Relaxed);
-                if !deleted.is_empty() {
-                    tracing::info!(agents = ?deleted, "agents deleted, allocations freed");
+            Command::Register(ip, endpoints, _) => Outcome::Agent(cluster.register(
+                *ip,
+                endpoints.clone(),
+                Instant::now(),
+                &self.metrics,
+            )),
+            Command::DeleteAgents(ips, force, _) => {
+                let result = cluster.delete_agents(ips, *force, Instant::now());
+                if let Ok(deleted) = &result {
+                    self.metrics
+                        .agents_deleted
+                        .fetch_add(deleted.len() as u64, Ordering::Relaxed);
+                    if !deleted.is_empty() {
+                        tracing::info!(agents = ?deleted, force, "agents deleted, allocations freed (quarantined)");
+                    }
                 }
-                Outcome::Deleted(Ok(deleted))
+                Outcome::Deleted(result)
             }
-            Command::ChangeNetworks(change, _) => {
-                Outcome::Network(apply_network_change(cluster, change.clone(), &self.metrics))
-            }
+            Command::ChangeNetworks(change, force, _) => Outcome::Network(apply_network_change(
+                cluster,
+                change.clone(),
+                *force,
+                &self.metrics,
+            )),
             Command::Reload(file_config, _) => {
-                let (candidate, origins) = cluster.candidate_from_file(file_config.clone());
-                let result = cluster.reconfigure(candidate, origins, &self.metrics);
-                if let Ok(report) = &result {
-                    log_reconfigure("config reload", report);
-                }
-                Outcome::Report(result)
+                Outcome::Report(apply_reload(cluster, file_config.clone(), &self.metrics))
             }
             Command::Refresh(_) => Outcome::Nothing,
         }
@@ -623,7 +698,7 @@ mod tests {
         };
         master.register(ip("10.0.0.9")).await.unwrap();
         master
-            .delete_agents(vec![ip("10.0.0.2"), ip("10.0.0.3")])
+            .delete_agents(vec![ip("10.0.0.2"), ip("10.0.0.3")], true)
             .await
             .unwrap();
         let delta = master.lock_state().delta(base_revision);

@@ -33,6 +33,8 @@ pub struct Gauges {
     /// Agents with at least one network in STATUS_FAILED.
     pub agents_failed: usize,
     pub vteps_allocated: u128,
+    /// Freed VTEPs and subnets held back from reuse (counted in the allocated gauges too).
+    pub quarantined: usize,
     /// (network, IPv4 blocks, IPv6 blocks)
     pub subnets_allocated: Vec<(String, u128, u128)>,
 }
@@ -105,6 +107,12 @@ impl Metrics {
             "overlay_master_vteps_allocated",
             "Allocated VTEP addresses.",
             gauges.vteps_allocated.to_string(),
+        );
+        gauge(
+            &mut out,
+            "overlay_master_quarantined_allocations",
+            "Freed VTEP addresses and subnets not reusable yet (quarantine).",
+            gauges.quarantined.to_string(),
         );
         let _ = writeln!(
             out,

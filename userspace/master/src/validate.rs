@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_api::{NetworkConfig, OverlayInfo};
 
 use crate::config::MAX_VNI;
@@ -330,6 +331,99 @@ fn validate_overlaps(config: &NetworkConfig, errors: &mut Collector) {
                 errors.fail(field, subnet, format!("overlaps {other_field} = {other}"));
             }
         }
+    }
+}
+
+/// An address the overlay must never contain: an agent's underlay address or the master's.
+/// A network holding one would make agents route that host into the overlay (and put the
+/// master's address on their host link).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservedAddress {
+    pub ip: IpAddr,
+    /// Whose it is, for the error ("agent 10.0.0.1's underlay address").
+    pub owner: String,
+}
+
+/// The address subnets of a configuration, as (field, subnet): the VTEP subnets (with
+/// `vtep`) and every network's `subnet`/`subnet6`, restricted to the networks `only` names
+/// (all when `None`).
+fn address_fields(
+    config: &NetworkConfig,
+    only: Option<&std::collections::BTreeSet<String>>,
+    vtep: bool,
+) -> Vec<(String, IpNetwork)> {
+    let mut fields = Vec::new();
+    if vtep {
+        fields.push(("vtep_subnet".to_owned(), IpNetwork::V4(config.vtep_subnet)));
+        if let Some(subnet6) = config.vtep_subnet6 {
+            fields.push(("vtep_subnet6".into(), IpNetwork::V6(subnet6)));
+        }
+    }
+    for (index, overlay) in config.overlays.iter().enumerate() {
+        if only.is_some_and(|names| !names.contains(&overlay.name)) {
+            continue;
+        }
+        if let Some(subnet) = overlay.subnet {
+            fields.push((
+                format!("overlays[{index}].subnet ({})", overlay.name),
+                IpNetwork::V4(subnet),
+            ));
+        }
+        if let Some(subnet6) = overlay.subnet6 {
+            fields.push((
+                format!("overlays[{index}].subnet6 ({})", overlay.name),
+                IpNetwork::V6(subnet6),
+            ));
+        }
+    }
+    fields
+}
+
+/// Refuses a configuration whose networks (those named in `only`, or all) or, with `vtep`,
+/// VTEP subnets contain a reserved address; every clash is named (field, subnet, address,
+/// owner).
+pub fn check_reserved_addresses(
+    config: &NetworkConfig,
+    only: Option<&std::collections::BTreeSet<String>>,
+    vtep: bool,
+    reserved: &[ReservedAddress],
+) -> Result<(), ConfigError> {
+    let mut errors = Collector(Vec::new());
+    for (field, subnet) in address_fields(config, only, vtep) {
+        for address in reserved.iter().filter(|r| subnet.contains(r.ip)) {
+            errors.fail(
+                &field,
+                subnet,
+                format!(
+                    "contains {} {}: an overlay must not overlap the underlay",
+                    address.owner, address.ip
+                ),
+            );
+        }
+    }
+    if errors.0.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError(errors.0))
+    }
+}
+
+/// Why `ip` cannot be an agent's underlay address under this configuration: the field whose
+/// subnet contains it.
+pub fn check_agent_address(config: &NetworkConfig, ip: IpAddr) -> Result<(), ConfigError> {
+    match address_fields(config, None, true)
+        .into_iter()
+        .find(|(_, subnet)| subnet.contains(ip))
+    {
+        Some((field, subnet)) => Err(ConfigError::single(
+            "ip",
+            ip,
+            format!(
+                "inside {field} = {subnet}: an agent's underlay address must not be an overlay \
+                 or VTEP address"
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
