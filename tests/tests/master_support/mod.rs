@@ -28,12 +28,23 @@ pub struct MasterProcess {
     pub dir: PathBuf,
     config: Option<PathBuf>,
     run: u32,
+    /// More command-line arguments for every run.
+    extra_args: Vec<String>,
 }
 
 impl MasterProcess {
     /// Starts a master with its data in `dir/data` and, if given, `config_text` written to
     /// `dir/config.yaml`; waits until `/health` answers.
     pub async fn start(dir: &Path, config_text: Option<&str>) -> MasterProcess {
+        Self::start_with_args(dir, config_text, &[]).await
+    }
+
+    /// [`MasterProcess::start`] with more command-line arguments.
+    pub async fn start_with_args(
+        dir: &Path,
+        config_text: Option<&str>,
+        extra_args: &[&str],
+    ) -> MasterProcess {
         let config = config_text.map(|text| {
             let path = dir.join("config.yaml");
             std::fs::write(&path, text).expect("write config");
@@ -45,6 +56,7 @@ impl MasterProcess {
             dir: dir.to_owned(),
             config,
             run: 0,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         master.spawn();
         master.wait_ready().await;
@@ -61,6 +73,7 @@ impl MasterProcess {
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
+        command.args(&self.extra_args);
         command.env("RUST_LOG", "info");
         command
     }
