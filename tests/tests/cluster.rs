@@ -250,13 +250,14 @@ fn a_joining_agent_is_reachable_within_a_second_and_a_deleted_one_is_forgotten()
         "a1's container cannot reach the new agent's container"
     );
 
-    // Delete it: its VTEP and routes disappear from every other agent's maps.
+    // Delete it: its VTEP and routes disappear from every other agent's maps. (Forced: it
+    // heartbeated less than the heartbeat timeout ago.)
     c.stop_agent(&node.role);
     let body = format!("{{\"agents\":[\"{new_ip}\"]}}");
     let (status, answer) = c
         .master_request(
             "POST",
-            "/overlay-master/agents/delete",
+            "/overlay-master/agents/delete?force=true",
             Some(body.as_bytes()),
         )
         .unwrap();

@@ -412,7 +412,7 @@ async fn state_api_answers_like_the_embedded_store() {
         ),
         (
             "POST",
-            "/overlay-master/agents/delete".into(),
+            "/overlay-master/agents/delete?force=true".into(),
             Some(r#"{"agents":["172.17.0.4"]}"#.into()),
         ),
         (

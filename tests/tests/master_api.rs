@@ -30,7 +30,7 @@ fn network(name: &str, subnet: &str) -> OverlayInfo {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_is_idempotent_and_delete_frees_lowest() {
+async fn registration_is_idempotent_and_delete_quarantines() {
     let dir = tempfile::tempdir().unwrap();
     let master = MasterProcess::start(dir.path(), None).await;
     let client = master.client();
@@ -91,19 +91,24 @@ async fn registration_is_idempotent_and_delete_frees_lowest() {
         "heartbeats of complete agents write nothing"
     );
 
-    // Delete frees; the next agent gets the lowest free VTEP and subnet back.
+    // Delete (forced: agent 2 just heartbeated) frees into the quarantine: the next agent
+    // gets the next free VTEP and subnet, not the deleted agent's (master_safety.rs shows them
+    // reused once the quarantine is over).
     let deleted = client
-        .delete_agents(&[agent_ip(2), agent_ip(99)])
+        .delete_agents_forced(&[agent_ip(2), agent_ip(99)], true)
         .await
         .unwrap();
     assert_eq!(deleted, vec![agent_ip(2)]);
     let state = client.state().await.unwrap();
     assert_eq!(state.agents.len(), 2);
     let newcomer = client.register(agent_ip(4)).await.unwrap();
-    assert_eq!(overlay(&newcomer, "dcos").subnet, dcos.subnet);
+    assert_eq!(
+        overlay(&newcomer, "dcos").subnet,
+        Some("9.0.3.0/24".parse().unwrap())
+    );
     assert_eq!(
         overlay(&newcomer, "dcos").backend.vxlan.vtep_ip,
-        dcos.backend.vxlan.vtep_ip
+        Some("44.128.0.4/20".parse().unwrap())
     );
     assert_eq!(master.metric("overlay_master_agents", "").await, 3.0);
 }
@@ -535,8 +540,15 @@ async fn malformed_requests_get_4xx_naming_the_field_and_change_nothing() {
 async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
     let dir = tempfile::tempdir().unwrap();
     // 6 VTEP addresses; 2 blocks of `small`.
-    let config = "vtep_subnet: 44.128.0.0/29\noverlays:\n  - name: small\n    subnet: 10.0.0.0/23\n    prefix: 24\n  - name: big\n    subnet: 10.8.0.0/16\n    prefix: 24\n";
-    let master = MasterProcess::start(dir.path(), Some(config)).await;
+    // (`small` must not contain the agents' underlay addresses, 10.0.0.x.) Without a
+    // quarantine, freed allocations are reused at once.
+    let config = "vtep_subnet: 44.128.0.0/29\noverlays:\n  - name: small\n    subnet: 10.20.0.0/23\n    prefix: 24\n  - name: big\n    subnet: 10.8.0.0/16\n    prefix: 24\n";
+    let master = MasterProcess::start_with_args(
+        dir.path(),
+        Some(config),
+        &["--allocation-quarantine-secs", "0"],
+    )
+    .await;
     let client = master.client();
     for n in 1..=2 {
         let info = client.register(agent_ip(n)).await.unwrap();
@@ -551,7 +563,7 @@ async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
     let state = small.state.as_ref().unwrap();
     assert_eq!(state.status, Status::Failed);
     assert!(
-        state.error.as_ref().unwrap().contains("10.0.0.0/23"),
+        state.error.as_ref().unwrap().contains("10.20.0.0/23"),
         "{state:?}"
     );
     assert!(small.subnet.is_none());
@@ -594,7 +606,10 @@ async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
     assert_eq!(listed7, &seventh);
 
     // Freeing an agent lets the failed ones succeed on their next heartbeat.
-    client.delete_agents(&[agent_ip(1)]).await.unwrap();
+    client
+        .delete_agents_forced(&[agent_ip(1)], true)
+        .await
+        .unwrap();
     let seventh = client.register(agent_ip(7)).await.unwrap();
     assert_eq!(
         overlay(&seventh, "big").state.as_ref().unwrap().status,
@@ -607,18 +622,21 @@ async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
     // Agent 7 took agent 1's `small` block, so agent 3 still has none until another leaves.
     assert_eq!(
         overlay(&seventh, "small").subnet,
-        Some("10.0.0.0/24".parse().unwrap())
+        Some("10.20.0.0/24".parse().unwrap())
     );
     let third = client.register(agent_ip(3)).await.unwrap();
     assert_eq!(
         overlay(&third, "small").state.as_ref().unwrap().status,
         Status::Failed
     );
-    client.delete_agents(&[agent_ip(2)]).await.unwrap();
+    client
+        .delete_agents_forced(&[agent_ip(2)], true)
+        .await
+        .unwrap();
     let third = client.register(agent_ip(3)).await.unwrap();
     assert_eq!(
         overlay(&third, "small").subnet,
-        Some("10.0.1.0/24".parse().unwrap())
+        Some("10.20.1.0/24".parse().unwrap())
     );
     assert_eq!(
         overlay(&third, "small").state.as_ref().unwrap().status,
@@ -866,7 +884,10 @@ async fn delta_watch_follows_every_change() {
 
     client.register(agent_ip(10)).await.unwrap();
     follow(&client, &mut revision, &mut copy, Some(1)).await;
-    client.delete_agents(&[agent_ip(2)]).await.unwrap();
+    client
+        .delete_agents_forced(&[agent_ip(2)], true)
+        .await
+        .unwrap();
     follow(&client, &mut revision, &mut copy, Some(0)).await;
     client
         .add_network(&network("dev", "10.20.0.0/16"))

@@ -431,6 +431,11 @@ impl ClusterState {
                 Some(_) => {}
             }
         }
+        for overlay in &old.overlays {
+            if !candidate.overlays.iter().any(|o| o.name == overlay.name) {
+                report.removed.push(overlay.name.clone());
+            }
+        }
         let vtep_changed = (old.vtep_subnet, old.vtep_subnet6)
             != (candidate.vtep_subnet, candidate.vtep_subnet6);
         if vtep_changed || !readdressed.is_empty() {
