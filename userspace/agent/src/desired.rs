@@ -22,13 +22,22 @@ pub struct DesiredDatapath {
 }
 
 impl DesiredDatapath {
-    /// Every enabled network and its subnet; every other agent's subnets (routes) and VTEP. IPv4
-    /// only for now: the IPv6 datapath is a later addition (the maps already hold 16 bytes).
+    /// Every enabled network; every network's subnet (a disabled network's addresses stay
+    /// overlay addresses: unreachable, never masqueraded out); every other agent's subnets of
+    /// enabled networks (routes) and VTEP. IPv4 only for now: the IPv6 datapath is a later
+    /// addition (the maps already hold 16 bytes).
     pub fn from_state(state: &State, me: IpAddr) -> DesiredDatapath {
         let mut d = DesiredDatapath::default();
         let mut vni_by_name = BTreeMap::new();
-        for net in state.network.overlays.iter().filter(|n| n.is_enabled()) {
+        for net in &state.network.overlays {
             let Some(vni) = net.vni else { continue };
+            if let Some(subnet) = net.subnet {
+                d.subnets
+                    .insert(IpNetwork::V4(subnet), OverlaySubnet { vni, flags: 0 });
+            }
+            if !net.is_enabled() {
+                continue;
+            }
             vni_by_name.insert(net.name.as_str(), vni);
             d.networks.insert(
                 vni,
@@ -41,10 +50,6 @@ impl DesiredDatapath {
                     _pad: 0,
                 },
             );
-            if let Some(subnet) = net.subnet {
-                d.subnets
-                    .insert(IpNetwork::V4(subnet), OverlaySubnet { vni, flags: 0 });
-            }
         }
         for agent in state.agents.iter().filter(|a| a.ip != me) {
             let Some((vtep_mac, vtep_ip)) = vtep_of(agent) else {
@@ -129,10 +134,12 @@ mod tests {
     }
 
     #[test]
-    fn enabled_networks_and_their_subnets() {
+    fn enabled_networks_and_every_subnet() {
         let d = DesiredDatapath::from_state(&state(), "10.250.0.11".parse().unwrap());
         assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), [1024, 1025]);
-        assert_eq!(d.subnets.len(), 2);
+        // The disabled network's subnet stays an overlay subnet (its addresses unreachable).
+        assert_eq!(d.subnets.len(), 3);
+        assert_eq!(d.subnets[&"10.2.0.0/16".parse().unwrap()].vni, 1026);
         assert_eq!(d.subnets[&"9.0.0.0/8".parse().unwrap()].vni, 1024);
     }
 

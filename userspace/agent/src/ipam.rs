@@ -44,6 +44,19 @@ struct Stored {
     /// robin), so a freed address is not reused at once.
     #[serde(default)]
     last: BTreeMap<String, Ipv4Addr>,
+    /// Endpoints of disabled networks, taken out of the datapath and put back when their
+    /// network is enabled again (kept here so an agent restart does not lose them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    parked: BTreeMap<Ipv4Addr, ParkedEndpoint>,
+}
+
+/// A datapath endpoint set aside while its network is disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedEndpoint {
+    pub vni: u32,
+    pub ifindex: u32,
+    pub mac: overlay_api::MacAddr,
+    pub gateway_mac: overlay_api::MacAddr,
 }
 
 /// Why an allocation failed.
@@ -276,6 +289,36 @@ impl Ipam {
             self.persist()?;
         }
         Ok(())
+    }
+
+    /// Endpoints set aside while their network is disabled.
+    pub fn parked(&self) -> &BTreeMap<Ipv4Addr, ParkedEndpoint> {
+        &self.stored.parked
+    }
+
+    /// Sets an endpoint aside (persisted before it returns).
+    pub fn park(&mut self, ip: Ipv4Addr, endpoint: ParkedEndpoint) -> anyhow::Result<()> {
+        let previous = self.stored.parked.insert(ip, endpoint);
+        if let Err(e) = self.persist() {
+            match previous {
+                Some(p) => self.stored.parked.insert(ip, p),
+                None => self.stored.parked.remove(&ip),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Forgets a set-aside endpoint (put back, or its container is gone).
+    pub fn unpark(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<ParkedEndpoint>> {
+        let Some(p) = self.stored.parked.remove(&ip) else {
+            return Ok(None);
+        };
+        if let Err(e) = self.persist() {
+            self.stored.parked.insert(ip, p);
+            return Err(e);
+        }
+        Ok(Some(p))
     }
 
     /// Frees an address; returns what it was allocated to.

@@ -20,7 +20,7 @@ use crate::{
     datapath::{AgentSettings, Datapath},
     desired::{DesiredDatapath, vtep_of},
     host_link::HostLink,
-    ipam::{self, CniConfs, Ipam, IpamError},
+    ipam::{self, CniConfs, Ipam, IpamError, ParkedEndpoint},
     netdev::{self, Link},
     reconcile::{self, Plan},
 };
@@ -59,6 +59,14 @@ pub struct Core {
     cni_confs: Option<CniConfs>,
     /// The host's link into the overlay, once set up.
     host_link: Option<HostLink>,
+    /// Parked endpoints (disabled networks) when there is no IPAM to keep them in.
+    parked_in_memory: BTreeMap<Ipv4Addr, ParkedEndpoint>,
+    /// Times the master changed this agent's VTEP or subnets under it, and the last change.
+    allocation_changes: u64,
+    allocation_changed: Option<String>,
+    /// Wakes the heartbeat: the endpoint counts the master is told about changed, or the
+    /// master forgot this agent.
+    heartbeat_now: Arc<tokio::sync::Notify>,
 }
 
 pub type Shared = Arc<Mutex<Core>>;
@@ -77,8 +85,217 @@ impl Core {
             ipam: None,
             cni_confs: None,
             host_link: None,
+            parked_in_memory: BTreeMap::new(),
+            allocation_changes: 0,
+            allocation_changed: None,
+            heartbeat_now: Arc::new(tokio::sync::Notify::new()),
         }
     }
+
+    /// Endpoints set aside while their network is disabled.
+    fn parked(&self) -> BTreeMap<Ipv4Addr, ParkedEndpoint> {
+        match &self.ipam {
+            Some(ipam) => ipam.parked().clone(),
+            None => self.parked_in_memory.clone(),
+        }
+    }
+
+    fn park(&mut self, ip: Ipv4Addr, endpoint: ParkedEndpoint) -> anyhow::Result<()> {
+        match &mut self.ipam {
+            Some(ipam) => ipam.park(ip, endpoint),
+            None => {
+                self.parked_in_memory.insert(ip, endpoint);
+                Ok(())
+            }
+        }
+    }
+
+    fn unpark(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<ParkedEndpoint>> {
+        match &mut self.ipam {
+            Some(ipam) => ipam.unpark(ip),
+            None => Ok(self.parked_in_memory.remove(&ip)),
+        }
+    }
+
+    /// Local endpoints per network name (parked ones included): what the master is told, so
+    /// that it refuses to remove or disable a network still in use without force.
+    pub fn endpoint_counts(&self) -> anyhow::Result<BTreeMap<String, u32>> {
+        let names = self.network_names();
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        let parked = self.parked();
+        let vnis = self
+            .dp
+            .maps_ref()
+            .endpoints()?
+            .into_values()
+            .filter(|e| e.flags & Endpoint::FLAG_HOST == 0)
+            .map(|e| e.vni)
+            .chain(parked.values().map(|p| p.vni));
+        for vni in vnis {
+            let name = names.get(&vni).cloned().unwrap_or_else(|| format!("vni-{vni}"));
+            *counts.entry(name).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Notified whenever the heartbeat should go out at once.
+    pub fn heartbeat_trigger(&self) -> Arc<tokio::sync::Notify> {
+        self.heartbeat_now.clone()
+    }
+
+    /// Sets aside the endpoints of disabled networks (out of the datapath: their traffic is
+    /// dropped, nobody reaches them) and puts them back when their network is enabled again;
+    /// endpoints of networks gone from the configuration are removed. Addresses and IPAM
+    /// records stay throughout, so the containers need nothing from their runtime.
+    fn sync_parked(&mut self, state: &State) -> anyhow::Result<usize> {
+        let enabled: BTreeMap<u32, bool> = state
+            .network
+            .overlays
+            .iter()
+            .filter_map(|o| Some((o.vni?, o.is_enabled())))
+            .collect();
+        let mut changed = 0;
+        for e in self.endpoints()? {
+            match enabled.get(&e.vni) {
+                Some(true) => {}
+                Some(false) => {
+                    // Recorded first: a crash in between leaves it both parked and in the map,
+                    // and the next state parks it again.
+                    self.park(
+                        e.ip,
+                        ParkedEndpoint {
+                            vni: e.vni,
+                            ifindex: e.ifindex,
+                            mac: e.container_mac,
+                            gateway_mac: e.gateway_mac,
+                        },
+                    )?;
+                    self.dp.maps().remove_endpoint(IpAddr::V4(e.ip))?;
+                    tracing::warn!(ip = %e.ip, network = %e.network, "network disabled: endpoint parked (kept, out of the datapath until the network is enabled)");
+                    changed += 1;
+                }
+                None => {
+                    tracing::info!(ip = %e.ip, "network of endpoint removed: disconnecting it");
+                    self.remove_endpoint(e.ip).map_err(|e| anyhow!("{e}"))?;
+                    changed += 1;
+                }
+            }
+        }
+        for (ip, p) in self.parked() {
+            let key = format!("if{}", p.ifindex);
+            match enabled.get(&p.vni) {
+                Some(false) => {}
+                Some(true) => {
+                    let veth = netdev::name_of(p.ifindex);
+                    let expected = self
+                        .ipam
+                        .as_ref()
+                        .and_then(|i| i.get(ip))
+                        .map(|a| a.host_veth.clone());
+                    match veth {
+                        Some(name) if expected.as_ref().is_none_or(|x| *x == name) => {
+                            self.dp.attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
+                            self.dp.maps().put_endpoint(
+                                IpAddr::V4(ip),
+                                Endpoint {
+                                    ifindex: p.ifindex,
+                                    vni: p.vni,
+                                    mac: p.mac.0,
+                                    gateway_mac: p.gateway_mac.0,
+                                    ..Default::default()
+                                },
+                            )?;
+                            tracing::info!(%ip, veth = %name, "network enabled again: endpoint back in the datapath");
+                        }
+                        _ => {
+                            tracing::info!(%ip, "veth of parked endpoint is gone: forgetting it");
+                            self.dp.detach(programs::FROM_CONTAINER, &key)?;
+                        }
+                    }
+                    self.unpark(ip)?;
+                    changed += 1;
+                }
+                None => {
+                    tracing::info!(%ip, "network of parked endpoint removed: disconnecting it");
+                    self.dp.detach(programs::FROM_CONTAINER, &key)?;
+                    self.unpark(ip)?;
+                    if let Some(ipam) = &mut self.ipam {
+                        ipam.release(ip)?;
+                    }
+                    changed += 1;
+                }
+            }
+        }
+        if changed > 0 {
+            self.heartbeat_now.notify_one();
+        }
+        Ok(changed)
+    }
+
+    /// Says loudly when the master changed this agent's VTEP or a subnet under it (it was
+    /// deleted and registered again after the quarantine, or its store lost it): containers
+    /// keep their addresses and endpoints (nothing is silently renumbered), and those now
+    /// outside this agent's subnets are named.
+    fn check_allocation_change(&mut self, new: &AgentInfo) {
+        let Some(old) = &self.me else { return };
+        let mut changes = Vec::new();
+        if let (Some(before), Some(after)) = (vtep_of(old), vtep_of(new))
+            && before != after
+        {
+            changes.push(format!(
+                "VTEP {} ({}) -> {} ({})",
+                before.1,
+                MacAddr(before.0),
+                after.1,
+                MacAddr(after.0)
+            ));
+        }
+        let mut subnets: BTreeMap<String, Option<Ipv4Network>> = BTreeMap::new();
+        for ov in &old.overlays {
+            let now = new
+                .overlays
+                .iter()
+                .find(|o| o.info.name == ov.info.name)
+                .and_then(|o| o.subnet);
+            if let (Some(before), Some(after)) = (ov.subnet, now)
+                && before != after
+            {
+                changes.push(format!(
+                    "network {}: subnet {before} -> {after}",
+                    ov.info.name
+                ));
+            }
+            subnets.insert(ov.info.name.clone(), now);
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let names = self.network_names();
+        let mut stranded: Vec<Ipv4Addr> = Vec::new();
+        let active = self.endpoints().unwrap_or_default();
+        let parked = self.parked();
+        let endpoints = active
+            .iter()
+            .map(|e| (e.ip, e.vni))
+            .chain(parked.iter().map(|(ip, p)| (*ip, p.vni)));
+        for (ip, vni) in endpoints {
+            let inside = names
+                .get(&vni)
+                .and_then(|n| subnets.get(n).copied().flatten())
+                .is_some_and(|s| s.contains(ip));
+            if !inside {
+                stranded.push(ip);
+            }
+        }
+        self.allocation_changes += 1;
+        let message = format!(
+            "the master changed this agent's allocation under it: {}; endpoints now outside              this agent's subnets (kept as they are, recreate their containers): {stranded:?}",
+            changes.join(", ")
+        );
+        tracing::error!("{message}");
+        self.allocation_changed = Some(message);
+    }
+
 
     /// Gives the agent the host's link into the overlay: from then on every network's gateway
     /// address is the host's, reachable from containers local and remote.
@@ -158,6 +375,7 @@ impl Core {
 
     /// Records this agent's allocation and writes the datapath config (VTEP MAC, port, MTU).
     pub fn set_me(&mut self, me: AgentInfo, vxlan_port: u16) -> anyhow::Result<()> {
+        self.check_allocation_change(&me);
         if let Some((vtep_mac, _)) = vtep_of(&me) {
             let underlay_ip = self.underlay_ip();
             self.dp.maps().set_config(&AgentSettings {
@@ -185,17 +403,7 @@ impl Core {
         let mut changed = plan
             .apply(self.dp.maps())
             .context("applying the reconcile plan")?;
-        let orphans: Vec<Ipv4Addr> = self
-            .endpoints()?
-            .into_iter()
-            .filter(|e| !desired.networks.contains_key(&e.vni))
-            .map(|e| e.ip)
-            .collect();
-        for ip in orphans {
-            tracing::info!(%ip, "network of endpoint removed: disconnecting it");
-            self.remove_endpoint(ip).map_err(|e| anyhow!("{e}"))?;
-            changed += 1;
-        }
+        changed += self.sync_parked(&state)?;
         changed += self.sync_host()?;
         self.map_updates += changed as u64;
         self.state = Some(state);
@@ -217,6 +425,9 @@ impl Core {
             applied_revision: self.revision,
             map_updates: self.map_updates,
             pin_dir: self.dp.pins().dir().display().to_string(),
+            parked_endpoints: self.parked().into_keys().collect(),
+            allocation_changes: self.allocation_changes,
+            allocation_changed: self.allocation_changed.clone(),
         }
     }
 
@@ -287,6 +498,12 @@ impl Core {
                     req.network
                 ))
             })?;
+        if !ov.info.is_enabled() {
+            return Err(EndpointError::Conflict(format!(
+                "network {:?} is disabled: no new containers until it is enabled again",
+                req.network
+            )));
+        }
         let vni = self
             .network_names()
             .into_iter()
@@ -392,6 +609,7 @@ impl Core {
             ipam.set_host_veth(ip, &req.host_veth)?;
         }
         tracing::info!(%ip, veth = %req.host_veth, network = %req.network, vni, "endpoint added");
+        self.heartbeat_now.notify_one();
         Ok(self.endpoint_info(ip)?)
     }
 
@@ -435,10 +653,21 @@ impl Core {
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EndpointError> {
         let existing = self.dp.maps_ref().endpoints()?;
         let allocated = self.ipam.as_ref().is_some_and(|i| i.get(ip).is_some());
-        match existing.get(&IpAddr::V4(ip)) {
-            Some(e) => self.disconnect(ip, e.ifindex)?,
-            None if allocated => {}
-            None => {
+        let parked = self.parked().get(&ip).copied();
+        match (existing.get(&IpAddr::V4(ip)), parked) {
+            (Some(e), _) => {
+                self.disconnect(ip, e.ifindex)?;
+                if parked.is_some() {
+                    self.unpark(ip)?;
+                }
+            }
+            (None, Some(p)) => {
+                self.dp
+                    .detach(programs::FROM_CONTAINER, &format!("if{}", p.ifindex))?;
+                self.unpark(ip)?;
+            }
+            (None, None) if allocated => {}
+            (None, None) => {
                 return Err(EndpointError::NotFound(format!(
                     "no endpoint with address {ip}"
                 )));
@@ -447,6 +676,7 @@ impl Core {
         if let Some(ipam) = &mut self.ipam {
             ipam.release(ip)?;
         }
+        self.heartbeat_now.notify_one();
         tracing::info!(%ip, "endpoint removed");
         Ok(())
     }
@@ -656,6 +886,18 @@ impl Core {
                 "gauge",
                 self.me.is_some() as u64,
             ),
+            (
+                "overlay_agent_allocation_changed_total",
+                "Times the master changed this agent's VTEP or subnets under it (see /overlay-agent/status).",
+                "counter",
+                self.allocation_changes,
+            ),
+            (
+                "overlay_agent_parked_endpoints",
+                "Endpoints of disabled networks, kept out of the datapath until re-enabled.",
+                "gauge",
+                self.parked().len() as u64,
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
@@ -675,10 +917,14 @@ impl Core {
 /// runs, reconciling the datapath on every new revision. Master outages only pause updates:
 /// the datapath keeps forwarding with what it has.
 pub async fn follow_master(core: Shared, client: MasterClient) {
-    let my_ip = core.lock().unwrap().underlay_ip();
+    let (my_ip, heartbeat_now) = {
+        let c = core.lock().unwrap();
+        (c.underlay_ip(), c.heartbeat_trigger())
+    };
+    let counts = |core: &Shared| core.lock().unwrap().endpoint_counts().unwrap_or_default();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match client.register(my_ip).await {
+        match client.heartbeat(my_ip, counts(&core)).await {
             Ok(me) => {
                 tracing::info!(%my_ip, "registered with the master");
                 // The port comes with the first state; until then the default.
@@ -700,10 +946,17 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
     }
     let heartbeat = {
         let client = client.clone();
+        let core = core.clone();
+        let heartbeat_now = heartbeat_now.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                if let Err(e) = client.register(my_ip).await {
+                // Every 30 s, and at once when the endpoint counts change or the master
+                // forgot this agent.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    _ = heartbeat_now.notified() => {}
+                }
+                if let Err(e) = client.heartbeat(my_ip, counts(&core)).await {
                     tracing::warn!("heartbeat to the master failed: {e}");
                 }
             }
@@ -726,6 +979,10 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
                     }
                     None => delta.state,
                 };
+                if !current.agents.iter().any(|a| a.ip == my_ip) {
+                    tracing::error!(%my_ip, revision, "the master no longer knows this agent (deleted while it runs): registering again");
+                    heartbeat_now.notify_one();
+                }
                 state = Some(current.clone());
                 let applied = {
                     let mut c = core.lock().unwrap();

@@ -129,6 +129,17 @@ pub struct AgentStatus {
     /// Map entries added, changed and removed by reconciliation since start.
     pub map_updates: u64,
     pub pin_dir: String,
+    /// Endpoints of disabled networks, kept (address, IPAM record) but out of the datapath
+    /// until their network is enabled again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parked_endpoints: Vec<std::net::Ipv4Addr>,
+    /// Times the master changed this agent's VTEP or subnets under it since start.
+    #[serde(default)]
+    pub allocation_changes: u64,
+    /// The last such change, said plainly (what changed, which endpoints are now outside this
+    /// agent's subnets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_changed: Option<String>,
 }
 
 /// Errors of the local client; `Unreachable` means the agent is not running (CNI: try later).
