@@ -122,3 +122,66 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
     // And nothing is counted as an allocation change: the agents kept theirs.
     assert_eq!(c.agent("a1").status().unwrap().allocation_changes, 0);
 }
+
+/// Without a quarantine (`--allocation-quarantine-secs 0`, the unsafe setting), a live agent
+/// deleted by force loses its VTEP and subnet to a newcomer at once and comes back with other
+/// ones: it says so loudly (error log, `overlay_agent_allocation_changed_total`, status naming
+/// the containers now outside its subnet) and keeps those containers' state as it is instead
+/// of silently renumbering or dropping them. With the default quarantine the same sequence
+/// gives it its own allocation back (master_safety.rs).
+#[test]
+fn an_agent_whose_allocation_changed_under_it_says_so_and_keeps_its_containers() {
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let mut spec = ClusterSpec::new(2, &bin_dir);
+    spec.master_args = vec!["--allocation-quarantine-secs".into(), "0".into()];
+    let mut c = Cluster::up(spec).unwrap();
+    let x = c.add_container("a1", "dcos").unwrap();
+    let y = c.add_container("a2", "dcos").unwrap();
+    assert!(x.node.ping(ip(&y)));
+    let victim = c.agent_info("a2").unwrap();
+    let old_subnet = victim.overlays.iter().find(|o| o.info.name == "dcos").unwrap().subnet;
+    assert_eq!(c.agent("a2").status().unwrap().allocation_changes, 0);
+
+    // Deleted while alive (forced), and a newcomer registers at once: it gets a2's allocation.
+    let body = format!("{{\"agents\":[\"{}\"]}}", victim.ip);
+    let (status, answer) = c
+        .master_request(
+            "POST",
+            "/overlay-master/agents/delete?force=true",
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let (status, answer) = c
+        .master_request(
+            "POST",
+            "/overlay-master/agents",
+            Some(br#"{"ip":"10.250.0.200"}"#),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let newcomer: overlay_api::AgentInfo = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        newcomer.overlays.iter().find(|o| o.info.name == "dcos").unwrap().subnet,
+        old_subnet,
+        "without a quarantine the newcomer takes the deleted agent's subnet"
+    );
+
+    // a2 notices it was forgotten, registers again, gets other blocks, and says so.
+    wait_for(Duration::from_secs(10), "a2 never reported the change", || {
+        c.agent("a2").status().unwrap().allocation_changes >= 1
+    });
+    let status = c.agent("a2").status().unwrap();
+    let message = status.allocation_changed.unwrap();
+    assert!(message.contains("network dcos: subnet"), "{message}");
+    assert!(message.contains(&ip(&y).to_string()), "{message}");
+    let metrics = c.agent("a2").metrics().unwrap();
+    assert!(
+        metrics.contains("overlay_agent_allocation_changed_total 1"),
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(c.log_path("a2")).unwrap_or_default();
+    assert!(log.contains("ERROR") && log.contains("changed this agent's allocation"), "{log}");
+    // Its container keeps its endpoint (nothing silently renumbered or dropped).
+    assert!(in_datapath(&c, "a2", ip(&y)));
+}

@@ -42,6 +42,8 @@ pub struct ClusterSpec {
     pub mtu: u32,
     /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests).
     pub agent_args: Vec<String>,
+    /// Extra `overlay-master` arguments (e.g. a short allocation quarantine in tests).
+    pub master_args: Vec<String>,
     /// Masters on the master node, on ports `MASTER_PORT`, `MASTER_PORT + 1`, ...; agents get
     /// every address. More than one needs `etcd_members`.
     pub masters: usize,
@@ -62,6 +64,7 @@ impl ClusterSpec {
             bin_dir: bin_dir.to_owned(),
             mtu: 1420,
             agent_args: vec![],
+            master_args: vec![],
             masters: 1,
             etcd_members: 0,
         }
@@ -129,6 +132,7 @@ impl Cluster {
             "--data-dir",
             data.to_str().unwrap(),
         ])
+        .args(&spec.master_args)
         .stdout(log.try_clone()?)
         .stderr(log);
         let pid = c.lab.spawn_command(cmd)?;
