@@ -446,6 +446,28 @@ impl Allocator {
         }
     }
 
+    /// Quarantines what `record` holds in these pools, for an agent deleted elsewhere (by
+    /// another master of a shared store): its allocations, free in the reloaded pools, are
+    /// held back as if deleted here. Those already taken are left alone.
+    pub fn quarantine_record(&mut self, record: &AgentRecord, now: Instant) {
+        if self.quarantine.hold.is_zero() {
+            return;
+        }
+        let mut freed = Vec::new();
+        freed.extend(record.vtep_ip.map(Freed::Vtep));
+        freed.extend(record.vtep_ip6.map(Freed::Vtep6));
+        for (name, entry) in &record.networks {
+            freed.extend(entry.subnet.map(|b| Freed::Subnet(name.clone(), b)));
+            freed.extend(entry.subnet6.map(|b| Freed::Subnet6(name.clone(), b)));
+        }
+        let until = now + self.quarantine.hold;
+        for item in freed {
+            if self.reserve_freed(&item) {
+                self.quarantine.entries.push_back((until, record.ip, item));
+            }
+        }
+    }
+
     fn reserve_freed(&mut self, freed: &Freed) -> bool {
         match freed {
             Freed::Vtep(ip) => self.vtep4.reserve(*ip),

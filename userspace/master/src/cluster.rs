@@ -276,6 +276,13 @@ impl ClusterState {
         self.started = previous.started;
         let quarantine = previous.alloc.take_quarantine();
         self.alloc.adopt_quarantine(quarantine);
+        // Agents another master deleted: their allocations are quarantined here too.
+        let now = Instant::now();
+        for (ip, record) in &previous.agents {
+            if !self.agents.contains_key(ip) {
+                self.alloc.quarantine_record(record, now);
+            }
+        }
     }
 
     fn last_seen(&self, ip: IpAddr) -> Instant {

@@ -783,6 +783,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_agent_deleted_by_another_master_is_quarantined_here_too() {
+        let store = Arc::new(MemoryStore::new());
+        let safety = SafetySettings {
+            quarantine: std::time::Duration::from_secs(300),
+            ..SafetySettings::default()
+        };
+        let a = Master::start_with(store.clone(), dcos_default(), safety.clone()).unwrap();
+        a.register(ip("10.0.0.1")).await.unwrap();
+        let victim = a.register(ip("10.0.0.2")).await.unwrap();
+        // Another master of the same store deletes the agent.
+        let b = Master::start_with(store.clone(), dcos_default(), safety).unwrap();
+        assert_eq!(
+            b.delete_agents(vec![ip("10.0.0.2")], true).await.unwrap(),
+            vec![ip("10.0.0.2")]
+        );
+        // This master learns it from the store (its commit loses the race and reloads): the
+        // newcomer does not get the deleted agent's allocation.
+        let newcomer = a.register(ip("10.0.0.3")).await.unwrap();
+        assert!(a.lock_state().agent(ip("10.0.0.2")).is_none());
+        assert_ne!(
+            newcomer.overlays[0].backend.vxlan.vtep_ip,
+            victim.overlays[0].backend.vxlan.vtep_ip
+        );
+        assert_ne!(newcomer.overlays[0].subnet, victim.overlays[0].subnet);
+        assert_ne!(newcomer.overlays[1].subnet6, victim.overlays[1].subnet6);
+    }
+
+    #[tokio::test]
     async fn restart_with_incompatible_prefix_is_refused() {
         let store = Arc::new(MemoryStore::new());
         let master = Master::start(store.clone(), dcos_default()).unwrap();
