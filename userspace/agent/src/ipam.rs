@@ -462,6 +462,31 @@ mod tests {
     }
 
     #[test]
+    fn parked_endpoints_survive_a_reopen_and_leave_no_trace_when_unparked() {
+        let dir = tmp_dir("parked");
+        let mut ipam = Ipam::open(&dir).unwrap();
+        let ip: Ipv4Addr = "9.0.1.2".parse().unwrap();
+        let parked = ParkedEndpoint {
+            vni: 1025,
+            ifindex: 42,
+            mac: overlay_api::MacAddr([2, 0, 0, 0, 0, 1]),
+            gateway_mac: overlay_api::MacAddr([2, 0, 0, 0, 0, 2]),
+        };
+        ipam.park(ip, parked).unwrap();
+        drop(ipam);
+        // An agent restarted while the network is disabled still knows what to put back.
+        let mut ipam = Ipam::open(&dir).unwrap();
+        assert_eq!(ipam.parked().get(&ip), Some(&parked));
+        assert_eq!(ipam.unpark(ip).unwrap(), Some(parked));
+        assert_eq!(ipam.unpark(ip).unwrap(), None);
+        drop(ipam);
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(!text.contains("parked"), "{text}");
+        assert!(Ipam::open(&dir).unwrap().parked().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn halves_gateways_and_reserved_addresses() {
         let s = net("9.0.1.0/24");
         assert_eq!(halves(s), [net("9.0.1.0/25"), net("9.0.1.128/25")]);
