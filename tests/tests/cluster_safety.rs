@@ -55,11 +55,15 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
     assert!(x1.node.ping(ip(&y)) && x1.node.ping(ip(&x2)), "blue works");
 
     // The agents report their endpoints: an unforced disable is refused, naming them.
-    wait_for(Duration::from_secs(5), "the master never learnt blue's endpoints", || {
-        let (status, body) = request(&c, "POST", "/overlay-master/networks/blue/disable");
-        assert_eq!(status, 409, "{body}");
-        body.contains("network blue holds 3 endpoint(s)")
-    });
+    wait_for(
+        Duration::from_secs(5),
+        "the master never learnt blue's endpoints",
+        || {
+            let (status, body) = request(&c, "POST", "/overlay-master/networks/blue/disable");
+            assert_eq!(status, 409, "{body}");
+            body.contains("network blue holds 3 endpoint(s)")
+        },
+    );
     let (status, body) = request(&c, "DELETE", "/overlay-master/networks/blue");
     assert_eq!(status, 409, "{body}");
 
@@ -69,10 +73,14 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
         "/overlay-master/networks/blue/disable?force=true",
     );
     assert_eq!(status, 200, "{body}");
-    wait_for(Duration::from_secs(5), "blue's endpoints not parked", || {
-        let parked = |agent: &str| c.agent(agent).status().unwrap().parked_endpoints;
-        parked("a1") == vec![ip(&x1), ip(&x2)] && parked("a2") == vec![ip(&y)]
-    });
+    wait_for(
+        Duration::from_secs(5),
+        "blue's endpoints not parked",
+        || {
+            let parked = |agent: &str| c.agent(agent).status().unwrap().parked_endpoints;
+            parked("a1") == vec![ip(&x1), ip(&x2)] && parked("a2") == vec![ip(&y)]
+        },
+    );
 
     // Kept: the addresses stay allocated in the IPAM; out of the datapath meanwhile.
     for (agent, containers) in [("a1", vec![&x1, &x2]), ("a2", vec![&y])] {
@@ -92,10 +100,22 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
         }
     }
     // While disabled, blue carries nothing: within the agent, across agents, from dcos.
-    assert!(!x1.node.ping(ip(&x2)), "disabled network delivered on one agent");
-    assert!(!x1.node.ping(ip(&y)), "disabled network delivered across agents");
-    assert!(!y.node.ping(ip(&x1)), "disabled network delivered across agents");
-    assert!(!d.node.ping(ip(&x1)), "dcos reached a disabled network's container");
+    assert!(
+        !x1.node.ping(ip(&x2)),
+        "disabled network delivered on one agent"
+    );
+    assert!(
+        !x1.node.ping(ip(&y)),
+        "disabled network delivered across agents"
+    );
+    assert!(
+        !y.node.ping(ip(&x1)),
+        "disabled network delivered across agents"
+    );
+    assert!(
+        !d.node.ping(ip(&x1)),
+        "dcos reached a disabled network's container"
+    );
     // No new containers on it.
     let err = c.add_container("a1", "blue").unwrap_err();
     assert!(format!("{err:#}").contains("disabled"), "{err:#}");
@@ -139,7 +159,12 @@ fn an_agent_whose_allocation_changed_under_it_says_so_and_keeps_its_containers()
     let y = c.add_container("a2", "dcos").unwrap();
     assert!(x.node.ping(ip(&y)));
     let victim = c.agent_info("a2").unwrap();
-    let old_subnet = victim.overlays.iter().find(|o| o.info.name == "dcos").unwrap().subnet;
+    let old_subnet = victim
+        .overlays
+        .iter()
+        .find(|o| o.info.name == "dcos")
+        .unwrap()
+        .subnet;
     assert_eq!(c.agent("a2").status().unwrap().allocation_changes, 0);
 
     // Deleted while alive (forced), and a newcomer registers at once: it gets a2's allocation.
@@ -162,15 +187,22 @@ fn an_agent_whose_allocation_changed_under_it_says_so_and_keeps_its_containers()
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     let newcomer: overlay_api::AgentInfo = serde_json::from_slice(&answer).unwrap();
     assert_eq!(
-        newcomer.overlays.iter().find(|o| o.info.name == "dcos").unwrap().subnet,
+        newcomer
+            .overlays
+            .iter()
+            .find(|o| o.info.name == "dcos")
+            .unwrap()
+            .subnet,
         old_subnet,
         "without a quarantine the newcomer takes the deleted agent's subnet"
     );
 
     // a2 notices it was forgotten, registers again, gets other blocks, and says so.
-    wait_for(Duration::from_secs(10), "a2 never reported the change", || {
-        c.agent("a2").status().unwrap().allocation_changes >= 1
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "a2 never reported the change",
+        || c.agent("a2").status().unwrap().allocation_changes >= 1,
+    );
     let status = c.agent("a2").status().unwrap();
     let message = status.allocation_changed.unwrap();
     assert!(message.contains("network dcos: subnet"), "{message}");
@@ -181,7 +213,10 @@ fn an_agent_whose_allocation_changed_under_it_says_so_and_keeps_its_containers()
         "{metrics}"
     );
     let log = std::fs::read_to_string(c.log_path("a2")).unwrap_or_default();
-    assert!(log.contains("ERROR") && log.contains("changed this agent's allocation"), "{log}");
+    assert!(
+        log.contains("ERROR") && log.contains("changed this agent's allocation"),
+        "{log}"
+    );
     // Its container keeps its endpoint (nothing silently renumbered or dropped).
     assert!(in_datapath(&c, "a2", ip(&y)));
 }

@@ -90,7 +90,11 @@ async fn a_deleted_agents_allocation_is_quarantined_then_reusable() {
         "{message}"
     );
     assert!(message.contains("force=true"), "{message}");
-    assert_eq!(client.state().await.unwrap().agents.len(), 2, "nothing deleted");
+    assert_eq!(
+        client.state().await.unwrap().agents.len(),
+        2,
+        "nothing deleted"
+    );
 
     // Forced delete and a newcomer's registration at once (the attack of the issue).
     let other = master.client();
@@ -165,18 +169,21 @@ async fn a_silent_agent_is_deleted_without_force() {
         vec![agent_ip(1)]
     );
     // An unknown agent is no reason to refuse.
-    assert!(client.delete_agents(&[agent_ip(9)]).await.unwrap().is_empty());
+    assert!(
+        client
+            .delete_agents(&[agent_ip(9)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn networks_may_not_contain_agents_or_the_master() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start_with_args(
-        dir.path(),
-        None,
-        &["--advertise-address", "192.168.50.1"],
-    )
-    .await;
+    let master =
+        MasterProcess::start_with_args(dir.path(), None, &["--advertise-address", "192.168.50.1"])
+            .await;
     let client = master.client();
     client.register(agent_ip(1)).await.unwrap();
     let before = client.state().await.unwrap();
@@ -207,8 +214,7 @@ async fn networks_may_not_contain_agents_or_the_master() {
         ("9.0.3.4", "overlays[0].subnet (dcos) = 9.0.0.0/8"),
         ("44.128.0.9", "vtep_subnet = 44.128.0.0/20"),
     ] {
-        let (status, message) =
-            rejected(client.register(ip.parse().unwrap()).await.unwrap_err());
+        let (status, message) = rejected(client.register(ip.parse().unwrap()).await.unwrap_err());
         assert_eq!(status, 400, "{message}");
         assert!(message.contains(&format!("ip = {ip}")), "{message}");
         assert!(message.contains(field), "{message}");
@@ -223,8 +229,14 @@ async fn networks_in_use_or_from_the_file_need_force() {
     let dir = tempfile::tempdir().unwrap();
     let mut master = MasterProcess::start(dir.path(), Some(FILE_CONFIG)).await;
     let client = master.client();
-    client.add_network(&network("blue", "10.1.0.0/16")).await.unwrap();
-    client.add_network(&network("idle", "10.2.0.0/16")).await.unwrap();
+    client
+        .add_network(&network("blue", "10.1.0.0/16"))
+        .await
+        .unwrap();
+    client
+        .add_network(&network("idle", "10.2.0.0/16"))
+        .await
+        .unwrap();
     client
         .heartbeat(
             agent_ip(1),
@@ -286,7 +298,11 @@ async fn networks_in_use_or_from_the_file_need_force() {
         .await
         <= errors_before
     {
-        assert!(Instant::now() < deadline, "reload not refused; log:\n{}", master.log());
+        assert!(
+            Instant::now() < deadline,
+            "reload not refused; log:\n{}",
+            master.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let log = master.log();
@@ -309,11 +325,23 @@ async fn networks_in_use_or_from_the_file_need_force() {
     let disabled = client.disable_network_forced("blue", true).await.unwrap();
     assert_eq!(disabled.enabled, Some(false));
     let info = client.register(agent_ip(2)).await.unwrap();
-    let blue = info.overlays.iter().find(|o| o.info.name == "blue").unwrap();
-    assert!(blue.subnet.is_some(), "a disabled network keeps its allocations");
+    let blue = info
+        .overlays
+        .iter()
+        .find(|o| o.info.name == "blue")
+        .unwrap();
+    assert!(
+        blue.subnet.is_some(),
+        "a disabled network keeps its allocations"
+    );
     client.enable_network("blue").await.unwrap();
     client.remove_network_forced("blue", true).await.unwrap();
     // Force does not bypass validation: the last network cannot go.
-    let (status, message) = rejected(client.remove_network_forced("dcos", true).await.unwrap_err());
+    let (status, message) = rejected(
+        client
+            .remove_network_forced("dcos", true)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(status, 400, "{message}");
 }

@@ -132,7 +132,10 @@ impl Core {
             .map(|e| e.vni)
             .chain(parked.values().map(|p| p.vni));
         for vni in vnis {
-            let name = names.get(&vni).cloned().unwrap_or_else(|| format!("vni-{vni}"));
+            let name = names
+                .get(&vni)
+                .cloned()
+                .unwrap_or_else(|| format!("vni-{vni}"));
             *counts.entry(name).or_default() += 1;
         }
         Ok(counts)
@@ -194,7 +197,8 @@ impl Core {
                         .map(|a| a.host_veth.clone());
                     match veth {
                         Some(name) if expected.as_ref().is_none_or(|x| *x == name) => {
-                            self.dp.attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
+                            self.dp
+                                .attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
                             self.dp.maps().put_endpoint(
                                 IpAddr::V4(ip),
                                 Endpoint {
@@ -295,7 +299,6 @@ impl Core {
         tracing::error!("{message}");
         self.allocation_changed = Some(message);
     }
-
 
     /// Gives the agent the host's link into the overlay: from then on every network's gateway
     /// address is the host's, reachable from containers local and remote.

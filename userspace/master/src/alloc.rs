@@ -537,20 +537,29 @@ impl Allocator {
                 Freed::Vtep(ip) => agent.vtep_ip.is_none().then(|| agent.vtep_ip = Some(*ip)),
                 Freed::Vtep6(ip) => agent.vtep_ip6.is_none().then(|| agent.vtep_ip6 = Some(*ip)),
                 Freed::Subnet(name, block) => {
-                    let entry = agent.networks.entry(name.clone()).or_insert(AgentNetworkRecord {
-                        subnet: None,
-                        subnet6: None,
-                        error: None,
-                    });
+                    let entry = agent
+                        .networks
+                        .entry(name.clone())
+                        .or_insert(AgentNetworkRecord {
+                            subnet: None,
+                            subnet6: None,
+                            error: None,
+                        });
                     entry.subnet.is_none().then(|| entry.subnet = Some(*block))
                 }
                 Freed::Subnet6(name, block) => {
-                    let entry = agent.networks.entry(name.clone()).or_insert(AgentNetworkRecord {
-                        subnet: None,
-                        subnet6: None,
-                        error: None,
-                    });
-                    entry.subnet6.is_none().then(|| entry.subnet6 = Some(*block))
+                    let entry = agent
+                        .networks
+                        .entry(name.clone())
+                        .or_insert(AgentNetworkRecord {
+                            subnet: None,
+                            subnet6: None,
+                            error: None,
+                        });
+                    entry
+                        .subnet6
+                        .is_none()
+                        .then(|| entry.subnet6 = Some(*block))
                 }
             };
             if slot_free.is_some() {
@@ -998,8 +1007,14 @@ mod tests {
         alloc.allocate_missing_at(&mut newcomer, t0 + Duration::from_secs(59));
         assert_ne!(newcomer.vtep_ip, deleted.vtep_ip);
         assert_ne!(newcomer.vtep_ip6, deleted.vtep_ip6);
-        assert_ne!(newcomer.networks["dcos"].subnet, deleted.networks["dcos"].subnet);
-        assert_ne!(newcomer.networks["dcos6"].subnet6, deleted.networks["dcos6"].subnet6);
+        assert_ne!(
+            newcomer.networks["dcos"].subnet,
+            deleted.networks["dcos"].subnet
+        );
+        assert_ne!(
+            newcomer.networks["dcos6"].subnet6,
+            deleted.networks["dcos6"].subnet6
+        );
         assert_eq!(newcomer.vtep_ip, Some("44.128.0.4".parse().unwrap()));
 
         // After it, they are reusable (lowest free again).
@@ -1008,7 +1023,10 @@ mod tests {
         let mut later = agent(101);
         alloc.allocate_missing_at(&mut later, t0 + Duration::from_secs(61));
         assert_eq!(later.vtep_ip, deleted.vtep_ip);
-        assert_eq!(later.networks["dcos"].subnet, deleted.networks["dcos"].subnet);
+        assert_eq!(
+            later.networks["dcos"].subnet,
+            deleted.networks["dcos"].subnet
+        );
     }
 
     #[test]
@@ -1050,11 +1068,18 @@ mod tests {
         fewer.overlays.retain(|o| o.name == "dcos");
         let mut next = Allocator::new(&fewer);
         next.adopt_quarantine(alloc.quarantine().clone());
-        assert_eq!(next.quarantined(), 3, "the dcos6 block went with its network");
+        assert_eq!(
+            next.quarantined(),
+            3,
+            "the dcos6 block went with its network"
+        );
         let mut newcomer = agent(5);
         next.allocate_missing_at(&mut newcomer, t0);
         assert_eq!(newcomer.vtep_ip, Some("44.128.0.2".parse().unwrap()));
-        assert_eq!(newcomer.networks["dcos"].subnet, Some("9.0.1.0/24".parse().unwrap()));
+        assert_eq!(
+            newcomer.networks["dcos"].subnet,
+            Some("9.0.1.0/24".parse().unwrap())
+        );
     }
 
     proptest! {

@@ -296,7 +296,13 @@ impl ClusterState {
         endpoints: Option<BTreeMap<String, u32>>,
         now: Instant,
     ) {
-        self.liveness.insert(ip, Liveness { seen: now, endpoints });
+        self.liveness.insert(
+            ip,
+            Liveness {
+                seen: now,
+                endpoints,
+            },
+        );
     }
 
     /// Agents reporting endpoints on `network`, with their counts.
@@ -443,8 +449,8 @@ impl ClusterState {
                 report.removed.push(overlay.name.clone());
             }
         }
-        let vtep_changed = (old.vtep_subnet, old.vtep_subnet6)
-            != (candidate.vtep_subnet, candidate.vtep_subnet6);
+        let vtep_changed =
+            (old.vtep_subnet, old.vtep_subnet6) != (candidate.vtep_subnet, candidate.vtep_subnet6);
         if vtep_changed || !readdressed.is_empty() {
             check_reserved_addresses(
                 &candidate,
@@ -962,7 +968,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, MasterError::Conflict(_)), "{err}");
         let text = err.to_string();
-        assert!(text.contains("agent 10.0.0.1 last heartbeated 5.0 s ago"), "{text}");
+        assert!(
+            text.contains("agent 10.0.0.1 last heartbeated 5.0 s ago"),
+            "{text}"
+        );
         assert!(text.contains("force=true"), "{text}");
         assert_eq!(c.agent_count(), 2, "nothing deleted");
         // Silent for longer than the timeout: deletable without force.
@@ -1004,7 +1013,12 @@ mod tests {
         c.delete_agents(&[ip("10.0.0.1")], true, t0 + Duration::from_secs(20))
             .unwrap();
         let late = c
-            .register(ip("10.0.0.77"), None, t0 + Duration::from_secs(321), &metrics)
+            .register(
+                ip("10.0.0.77"),
+                None,
+                t0 + Duration::from_secs(321),
+                &metrics,
+            )
             .unwrap();
         assert_eq!(vtep(&late).vtep_ip, vtep(&victim).vtep_ip);
         assert_eq!(late.overlays[0].subnet, victim.overlays[0].subnet);
@@ -1027,8 +1041,14 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("overlays[2].subnet (under) = 10.250.0.0/16"), "{err}");
-        assert!(err.contains("agent 10.250.0.11's underlay address"), "{err}");
+        assert!(
+            err.contains("overlays[2].subnet (under) = 10.250.0.0/16"),
+            "{err}"
+        );
+        assert!(
+            err.contains("agent 10.250.0.11's underlay address"),
+            "{err}"
+        );
         let err = apply_network_change(
             &mut c,
             NetworkChange::Add(network("master", "192.168.0.0/16")),
@@ -1046,7 +1066,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ip = 9.0.3.4"), "{err}");
-        assert!(err.contains("overlays[0].subnet (dcos) = 9.0.0.0/8"), "{err}");
+        assert!(
+            err.contains("overlays[0].subnet (dcos) = 9.0.0.0/8"),
+            "{err}"
+        );
         let err = c
             .register(ip("44.128.0.9"), None, now, &metrics)
             .unwrap_err()
@@ -1069,7 +1092,8 @@ mod tests {
         )
         .unwrap();
         let counts = BTreeMap::from([("blue".to_owned(), 2), ("dcos".to_owned(), 0)]);
-        c.register(ip("10.0.0.1"), Some(counts), now, &metrics).unwrap();
+        c.register(ip("10.0.0.1"), Some(counts), now, &metrics)
+            .unwrap();
 
         for change in [
             NetworkChange::SetEnabled {
@@ -1081,22 +1105,39 @@ mod tests {
             let err = apply_network_change(&mut c, change, false, &metrics).unwrap_err();
             assert!(matches!(err, MasterError::Conflict(_)));
             let err = err.to_string();
-            assert!(err.contains("network blue holds 2 endpoint(s) (agent 10.0.0.1: 2)"), "{err}");
+            assert!(
+                err.contains("network blue holds 2 endpoint(s) (agent 10.0.0.1: 2)"),
+                "{err}"
+            );
         }
         // The file's networks need force even when empty.
-        let err = apply_network_change(&mut c, NetworkChange::Remove("dcos".into()), false, &metrics)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("network dcos is defined by the configuration file"), "{err}");
+        let err = apply_network_change(
+            &mut c,
+            NetworkChange::Remove("dcos".into()),
+            false,
+            &metrics,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("network dcos is defined by the configuration file"),
+            "{err}"
+        );
         assert_eq!(c.config().overlays.len(), 3);
 
         // A reload that drops a network in use is refused whole.
         let counts = BTreeMap::from([("blue".to_owned(), 2), ("dcos".to_owned(), 1)]);
-        c.register(ip("10.0.0.1"), Some(counts), now, &metrics).unwrap();
+        c.register(ip("10.0.0.1"), Some(counts), now, &metrics)
+            .unwrap();
         let mut file = dcos_default();
         file.overlays.remove(0);
-        let err = apply_reload(&mut c, file, &metrics).unwrap_err().to_string();
-        assert!(err.contains("the file removes network dcos which holds 1 endpoint(s)"), "{err}");
+        let err = apply_reload(&mut c, file, &metrics)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the file removes network dcos which holds 1 endpoint(s)"),
+            "{err}"
+        );
         assert_eq!(c.config().overlays.len(), 3);
 
         // Forced, it goes.

@@ -46,6 +46,9 @@ mod tests {
     #[test]
     fn loopback_is_among_the_host_addresses() {
         let addresses = super::local_addresses().unwrap();
-        assert!(addresses.contains(&"127.0.0.1".parse().unwrap()), "{addresses:?}");
+        assert!(
+            addresses.contains(&"127.0.0.1".parse().unwrap()),
+            "{addresses:?}"
+        );
     }
 }

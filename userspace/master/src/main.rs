@@ -40,15 +40,27 @@ struct Args {
     etcd_prefix: String,
     /// Seconds after its last heartbeat an agent may still be running: deleting it sooner
     /// needs `force=true` (agents heartbeat every 30 s).
-    #[arg(long, env = "OVERLAY_MASTER_HEARTBEAT_TIMEOUT_SECS", default_value_t = 90)]
+    #[arg(
+        long,
+        env = "OVERLAY_MASTER_HEARTBEAT_TIMEOUT_SECS",
+        default_value_t = 90
+    )]
     heartbeat_timeout_secs: u64,
     /// Seconds a freed VTEP, MAC or subnet is held back before anyone else gets it; keep it
     /// longer than the heartbeat timeout.
-    #[arg(long, env = "OVERLAY_MASTER_ALLOCATION_QUARANTINE_SECS", default_value_t = 300)]
+    #[arg(
+        long,
+        env = "OVERLAY_MASTER_ALLOCATION_QUARANTINE_SECS",
+        default_value_t = 300
+    )]
     allocation_quarantine_secs: u64,
     /// This master's address as agents reach it (repeatable); no network may contain it, nor
     /// the `--listen` address (all of the host's addresses when that is unspecified).
-    #[arg(long = "advertise-address", env = "OVERLAY_MASTER_ADVERTISE_ADDRESS", value_delimiter = ',')]
+    #[arg(
+        long = "advertise-address",
+        env = "OVERLAY_MASTER_ADVERTISE_ADDRESS",
+        value_delimiter = ','
+    )]
     advertise_addresses: Vec<std::net::IpAddr>,
 }
 
@@ -156,11 +168,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let store = tokio::task::block_in_place(|| open_store(&args))?;
     let master = tokio::task::block_in_place(|| Master::start_with(store, file_config, safety))
-        .with_context(|| {
-            match &args.config {
-                Some(path) => format!("starting with config file {}", path.display()),
-                None => "starting with DC/OS's default configuration".to_owned(),
-            }
+        .with_context(|| match &args.config {
+            Some(path) => format!("starting with config file {}", path.display()),
+            None => "starting with DC/OS's default configuration".to_owned(),
         })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
