@@ -554,6 +554,49 @@ mod tests {
         validate(&config).unwrap();
     }
 
+    proptest::proptest! {
+        /// A network is refused exactly when it contains a reserved address, and the error
+        /// names that address; an agent address is refused exactly when some subnet holds it.
+        #[test]
+        fn reserved_addresses_are_refused_exactly_when_contained(
+            base in 0u32..=u32::MAX, prefix in 8u8..=30, probes in proptest::collection::vec(0u32..=u32::MAX, 1..8)
+        ) {
+            let subnet = Ipv4Network::new(std::net::Ipv4Addr::from(base), prefix).unwrap();
+            let subnet = Ipv4Network::new(subnet.network(), prefix).unwrap();
+            let mut config = default_config();
+            config.overlays[0].subnet = Some(subnet);
+            config.overlays[0].prefix = Some(prefix.max(24).min(30));
+            // Probes inside and outside the subnet.
+            let mut reserved: Vec<ReservedAddress> = probes
+                .iter()
+                .map(|p| ReservedAddress { ip: IpAddr::V4((*p).into()), owner: "agent".into() })
+                .collect();
+            reserved.push(ReservedAddress {
+                ip: IpAddr::V4(subnet.nth(1).unwrap_or(subnet.network())),
+                owner: "agent".into(),
+            });
+            let only: std::collections::BTreeSet<String> = ["dcos".to_owned()].into();
+            let inside: Vec<&ReservedAddress> = reserved
+                .iter()
+                .filter(|r| IpNetwork::V4(subnet).contains(r.ip))
+                .collect();
+            match check_reserved_addresses(&config, Some(&only), false, &reserved) {
+                Ok(()) => proptest::prop_assert!(inside.is_empty()),
+                Err(e) => {
+                    proptest::prop_assert_eq!(e.0.len(), inside.len());
+                    for r in inside {
+                        proptest::prop_assert!(e.to_string().contains(&r.ip.to_string()));
+                    }
+                }
+            }
+            for r in &reserved {
+                let held = IpNetwork::V4(subnet).contains(r.ip)
+                    || IpNetwork::V4(config.vtep_subnet).contains(r.ip);
+                proptest::prop_assert_eq!(check_agent_address(&config, r.ip).is_err(), held);
+            }
+        }
+    }
+
     #[test]
     fn rejects_network_without_subnet_and_empty_overlays() {
         let mut config = default_config();
