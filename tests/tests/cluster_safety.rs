@@ -51,6 +51,7 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
     let x1 = c.add_container("a1", "blue").unwrap();
     let x2 = c.add_container("a1", "blue").unwrap();
     let y = c.add_container("a2", "blue").unwrap();
+    let x3 = c.add_container("a1", "blue").unwrap();
     let d = c.add_container("a1", "dcos").unwrap();
     assert!(x1.node.ping(ip(&y)) && x1.node.ping(ip(&x2)), "blue works");
 
@@ -61,7 +62,7 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
         || {
             let (status, body) = request(&c, "POST", "/overlay-master/networks/blue/disable");
             assert_eq!(status, 409, "{body}");
-            body.contains("network blue holds 3 endpoint(s)")
+            body.contains("network blue holds 4 endpoint(s)")
         },
     );
     let (status, body) = request(&c, "DELETE", "/overlay-master/networks/blue");
@@ -78,7 +79,7 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
         "blue's endpoints not parked",
         || {
             let parked = |agent: &str| c.agent(agent).status().unwrap().parked_endpoints;
-            parked("a1") == vec![ip(&x1), ip(&x2)] && parked("a2") == vec![ip(&y)]
+            parked("a1") == vec![ip(&x1), ip(&x2), ip(&x3)] && parked("a2") == vec![ip(&y)]
         },
     );
 
@@ -119,10 +120,32 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
     // No new containers on it.
     let err = c.add_container("a1", "blue").unwrap_err();
     assert!(format!("{err:#}").contains("disabled"), "{err:#}");
-    // The master still knows they are there: removing needs force.
-    let (status, body) = request(&c, "DELETE", "/overlay-master/networks/blue");
-    assert_eq!(status, 409, "{body}");
-    assert!(body.contains("holds 3 endpoint(s)"), "{body}");
+    // A container deleted meanwhile (its runtime's DEL) leaves nothing: address, parked
+    // endpoint, program.
+    c.agent("a1").remove_endpoint(ip(&x3)).unwrap();
+    let status = c.agent("a1").status().unwrap();
+    assert_eq!(status.parked_endpoints, vec![ip(&x1), ip(&x2)]);
+    let still_allocated = c
+        .agent("a1")
+        .ipam()
+        .unwrap()
+        .iter()
+        .flat_map(|u| u.allocations.clone())
+        .any(|a| a.ip == ip(&x3));
+    assert!(!still_allocated, "x3's address leaked");
+    // The master still knows the others are there: removing needs force.
+    wait_for(Duration::from_secs(5), "endpoint count not updated", || {
+        let (status, body) = request(&c, "DELETE", "/overlay-master/networks/blue");
+        assert_eq!(status, 409, "{body}");
+        body.contains("holds 3 endpoint(s)")
+    });
+    // An agent restarted while the network is disabled keeps what it parked.
+    c.stop_agent("a1");
+    c.start_agent("a1").unwrap();
+    assert_eq!(
+        c.agent("a1").status().unwrap().parked_endpoints,
+        vec![ip(&x1), ip(&x2)]
+    );
 
     // Enabled again: the same containers work, with nothing asked of their runtime.
     let (status, body) = request(&c, "POST", "/overlay-master/networks/blue/enable");
@@ -139,6 +162,10 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
     assert!(y.node.ping(ip(&x1)), "across agents, back");
     assert!(x1.node.ping(ip(&x2)), "on one agent, back");
     assert!(!d.node.ping(ip(&x1)), "isolation still holds");
+    assert!(
+        !in_datapath(&c, "a1", ip(&x3)),
+        "a deleted container came back"
+    );
     // And nothing is counted as an allocation change: the agents kept theirs.
     assert_eq!(c.agent("a1").status().unwrap().allocation_changes, 0);
 }
