@@ -6,6 +6,7 @@
 //! [`runtime`] owns the running agent; [`api`] serves it.
 
 pub mod api;
+pub mod cni_conf;
 pub mod datapath;
 pub mod desired;
 pub mod host_link;

@@ -50,10 +50,14 @@ struct Args {
     /// Persistent agent state (the IPAM's allocations); default /var/lib/ebpf-overlay/<instance>.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Where to write one CNI config per network (`<network>.conf`), kept in step with the
-    /// master's state.
+    /// Where to write one CNI config list per network (`NN-<network>.conflist`, for podman,
+    /// containerd, CRI), kept in step with the master's state.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// Where to write Mesos' single-plugin configs (`<network>.conf`, no cniVersion), for the
+    /// Mesos agent's `--network_cni_config_dir`; none when not given.
+    #[arg(long)]
+    mesos_cni_conf_dir: Option<PathBuf>,
     /// Remove every pin (detaching the programs) on exit instead of leaving the datapath running
     /// for the next agent to take over.
     #[arg(long)]
@@ -129,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
     core.set_ipam(overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?);
     core.set_cni_confs(overlay_agent::ipam::CniConfs {
         dir: args.cni_conf_dir.clone(),
+        mesos_dir: args.mesos_cni_conf_dir.clone(),
         agent_socket: std::path::absolute(&args.api_socket).unwrap_or(args.api_socket.clone()),
         mtu: args.mtu,
     });

@@ -523,11 +523,15 @@ impl Core {
         let (Some(confs), Some(me)) = (&self.cni_confs, &self.me) else {
             return;
         };
-        let networks: Vec<String> = me
+        let networks: Vec<crate::cni_conf::ConfNetwork> = me
             .overlays
             .iter()
-            .filter(|o| o.subnet.is_some() && o.info.is_enabled())
-            .map(|o| o.info.name.clone())
+            .enumerate()
+            .filter(|(_, o)| o.subnet.is_some() && o.info.is_enabled())
+            .map(|(order, o)| crate::cni_conf::ConfNetwork {
+                order,
+                name: o.info.name.clone(),
+            })
             .collect();
         if let Err(e) = confs.sync(&networks) {
             tracing::warn!(dir = %confs.dir.display(), "writing CNI configs: {e:#}");

@@ -280,6 +280,21 @@ impl Cluster {
         self.work_dir.join(format!("{agent}.sock"))
     }
 
+    /// Where the agent of `agent` writes its CNI config lists (`NN-<network>.conflist`).
+    pub fn cni_conf_dir(&self, agent: &str) -> PathBuf {
+        self.work_dir.join(format!("{agent}-cni"))
+    }
+
+    /// Where the agent of `agent` writes Mesos' single-plugin configs (`<network>.conf`).
+    pub fn mesos_cni_conf_dir(&self, agent: &str) -> PathBuf {
+        self.work_dir.join(format!("{agent}-mesos-cni"))
+    }
+
+    /// A per-cluster scratch directory (removed with the cluster).
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
     pub fn agent(&self, agent: &str) -> LocalClient {
         LocalClient::new(self.socket(agent))
     }
@@ -352,7 +367,9 @@ impl Cluster {
                 .to_str()
                 .unwrap(),
             "--cni-conf-dir",
-            self.work_dir.join(format!("{agent}-cni")).to_str().unwrap(),
+            self.cni_conf_dir(agent).to_str().unwrap(),
+            "--mesos-cni-conf-dir",
+            self.mesos_cni_conf_dir(agent).to_str().unwrap(),
         ])
         .args(&self.agent_args)
         .stdout(log.try_clone()?)
