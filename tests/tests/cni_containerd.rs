@@ -65,7 +65,13 @@ fn busybox_oci_tar(root: &Path) -> PathBuf {
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     let layer = root.join("layer.tar");
     let ok = Command::new("tar")
-        .args(["-C", rootfs.to_str().unwrap(), "-cf", layer.to_str().unwrap(), "."])
+        .args([
+            "-C",
+            rootfs.to_str().unwrap(),
+            "-cf",
+            layer.to_str().unwrap(),
+            ".",
+        ])
         .status()
         .unwrap()
         .success();
@@ -111,10 +117,20 @@ fn busybox_oci_tar(root: &Path) -> PathBuf {
         .to_string(),
     )
     .unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let tar = root.join("image.tar");
     let ok = Command::new("tar")
-        .args(["-C", layout.to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."])
+        .args([
+            "-C",
+            layout.to_str().unwrap(),
+            "-cf",
+            tar.to_str().unwrap(),
+            ".",
+        ])
         .status()
         .unwrap()
         .success();
@@ -170,9 +186,12 @@ impl Containerd {
 
     fn ctr_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
-        cmd.args(["--address", self.dir.join("containerd.sock").to_str().unwrap()])
-            .args(["--namespace", "eo-test"])
-            .args(args);
+        cmd.args([
+            "--address",
+            self.dir.join("containerd.sock").to_str().unwrap(),
+        ])
+        .args(["--namespace", "eo-test"])
+        .args(args);
         cmd
     }
 
@@ -190,7 +209,14 @@ impl Containerd {
     /// `ctr run --rm --cni` in `netns` (the lab agent's), with a private mount namespace in
     /// which `/etc/cni/net.d` is `conf_dir` and `/opt/cni/bin` holds the plugin. Returns
     /// ctr's exit status and the container's output.
-    fn run_cni(&self, netns: &Path, conf_dir: &Path, plugin_dir: &Path, id: &str, script: &str) -> (bool, String) {
+    fn run_cni(
+        &self,
+        netns: &Path,
+        conf_dir: &Path,
+        plugin_dir: &Path,
+        id: &str,
+        script: &str,
+    ) -> (bool, String) {
         let address = self.dir.join("containerd.sock");
         let cache = self.dir.join("cni-cache");
         std::fs::create_dir_all(&cache).unwrap();
@@ -206,7 +232,17 @@ impl Containerd {
         );
         let out = Command::new("nsenter")
             .arg(format!("--net={}", netns.display()))
-            .args(["--", "unshare", "--mount", "--propagation", "private", "sh", "-c", &setup, script])
+            .args([
+                "--",
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &setup,
+                script,
+            ])
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -247,8 +283,7 @@ fn used(c: &Cluster, agent: &str) -> u32 {
 }
 
 fn plugin_veths(c: &Cluster, agent: &str) -> usize {
-    let out =
-        overlay_lab::run("ip", &["-n", &c.node(agent).unwrap().netns, "-o", "link"]).unwrap();
+    let out = overlay_lab::run("ip", &["-n", &c.node(agent).unwrap().netns, "-o", "link"]).unwrap();
     out.lines().filter(|l| l.contains(": eo")).count()
 }
 
@@ -286,7 +321,13 @@ fn ctr_run_cni_uses_the_first_list_and_leaves_nothing_behind() {
     std::fs::copy(bin_path("ebpf-overlay"), plugins.join("ebpf-overlay")).unwrap();
     let tar = busybox_oci_tar(&tmp.0);
     let containerd = Containerd::start(&tmp.0.join("containerd"));
-    containerd.ctr(&["image", "import", "--snapshotter", "native", tar.to_str().unwrap()]);
+    containerd.ctr(&[
+        "image",
+        "import",
+        "--snapshotter",
+        "native",
+        tar.to_str().unwrap(),
+    ]);
     assert!(containerd.ctr(&["image", "ls", "-q"]).contains(IMAGE));
     let host_opt = Path::new("/opt/containerd").exists();
     let host_etc = std::fs::read_dir("/etc/cni/net.d")
@@ -299,7 +340,13 @@ fn ctr_run_cni_uses_the_first_list_and_leaves_nothing_behind() {
          ping -c 1 -W 1 {blue_ip} >/dev/null && echo BLUE_REACHED; true"
     );
     let agent_ns = c.node("a1").unwrap().netns_path();
-    let (ok, out) = containerd.run_cni(&agent_ns, &c.cni_conf_dir("a1"), &plugins, "eo-ctr-1", &script);
+    let (ok, out) = containerd.run_cni(
+        &agent_ns,
+        &c.cni_conf_dir("a1"),
+        &plugins,
+        "eo-ctr-1",
+        &script,
+    );
     assert!(ok, "ctr run --cni failed: {out}");
     let ip = inet_of(&out).unwrap_or_else(|| panic!("no address in {out}"));
     // The first list is dcos (10-dcos.conflist): the address is in a1's dcos subnet.
@@ -317,15 +364,27 @@ fn ctr_run_cni_uses_the_first_list_and_leaves_nothing_behind() {
     assert!(!out.contains("BLUE_REACHED"), "isolation broken: {out}");
     // --rm ran DEL: nothing left.
     assert_eq!(used(&c, "a1"), base, "address leaked");
-    assert!(c.agent("a1").endpoints().unwrap().iter().all(|e| e.ip != ip));
+    assert!(
+        c.agent("a1")
+            .endpoints()
+            .unwrap()
+            .iter()
+            .all(|e| e.ip != ip)
+    );
     assert_eq!(plugin_veths(&c, "a1"), 0, "veth leaked");
     assert_eq!(
-        std::fs::read_dir("/etc/cni/net.d").map(|d| d.count()).unwrap_or(0),
+        std::fs::read_dir("/etc/cni/net.d")
+            .map(|d| d.count())
+            .unwrap_or(0),
         host_etc,
         "the host's /etc/cni/net.d was touched"
     );
     assert!(!Path::new("/opt/cni/bin/ebpf-overlay").exists());
-    assert_eq!(Path::new("/opt/containerd").exists(), host_opt, "containerd wrote to /opt");
+    assert_eq!(
+        Path::new("/opt/containerd").exists(),
+        host_opt,
+        "containerd wrote to /opt"
+    );
 }
 
 /// One plugin call as containerd's CRI makes it (go-cni), in `agent`'s namespace.
@@ -420,7 +479,17 @@ fn cri_style_calls_with_pod_args_port_mappings_and_a_double_del_leak_nothing() {
         .unwrap();
     let ping = overlay_lab::run(
         "ip",
-        &["netns", "exec", &netns, "ping", "-c", "1", "-W", "2", &remote_ip.to_string()],
+        &[
+            "netns",
+            "exec",
+            &netns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            &remote_ip.to_string(),
+        ],
     );
     assert!(ping.is_ok(), "pod {ip} cannot reach {remote_ip}: {ping:?}");
     assert_eq!(used(&c, "a1"), base + 1);
@@ -434,6 +503,12 @@ fn cri_style_calls_with_pod_args_port_mappings_and_a_double_del_leak_nothing() {
     let (code, out) = cri_call(&c, "a1", &with_args(env("DEL", "")), &del_conf);
     assert_eq!(code, 0, "second DEL with CNI_NETNS=\"\": {out}");
     assert_eq!(used(&c, "a1"), base, "address leaked");
-    assert!(c.agent("a1").endpoints().unwrap().iter().all(|e| e.ip != ip));
+    assert!(
+        c.agent("a1")
+            .endpoints()
+            .unwrap()
+            .iter()
+            .all(|e| e.ip != ip)
+    );
     assert_eq!(plugin_veths(&c, "a1"), 0, "veth leaked");
 }

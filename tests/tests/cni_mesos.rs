@@ -94,7 +94,11 @@ impl<'a> Isolator<'a> {
             .as_str()
             .unwrap()
             .to_owned();
-        let mut cmd = self.c.node(self.agent).unwrap().command(self.plugins_dir.join(ty));
+        let mut cmd = self
+            .c
+            .node(self.agent)
+            .unwrap()
+            .command(self.plugins_dir.join(ty));
         cmd.env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
@@ -129,7 +133,11 @@ impl<'a> Isolator<'a> {
             self.agent,
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let netns_name = format!("{}-k{}", self.c.lab.id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let netns_name = format!(
+            "{}-k{}",
+            self.c.lab.id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         overlay_lab::run("ip", &["netns", "add", &netns_name]).unwrap();
         overlay_lab::run("ip", &["-n", &netns_name, "link", "set", "lo", "up"]).unwrap();
         let dir = self.runtime_dir.join(&container_id);
@@ -150,7 +158,13 @@ impl<'a> Isolator<'a> {
         let stdin = stdin.to_string();
         // Checkpointed before the call, replayed verbatim on DEL.
         std::fs::write(dir.join(network).join("network.conf"), &stdin).unwrap();
-        let (code, out) = self.plugin("ADD", &container_id, "eth0", Some(&ns_path), stdin.as_bytes());
+        let (code, out) = self.plugin(
+            "ADD",
+            &container_id,
+            "eth0",
+            Some(&ns_path),
+            stdin.as_bytes(),
+        );
         assert_eq!(code, 0, "ADD failed: {out}");
         std::fs::write(dir.join(network).join("eth0/network.info"), &out).unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
@@ -204,7 +218,16 @@ impl Task {
     fn addr(&self) -> Option<Ipv4Addr> {
         let out = overlay_lab::run(
             "ip",
-            &["-n", &self.netns_name, "-j", "-4", "addr", "show", "dev", "eth0"],
+            &[
+                "-n",
+                &self.netns_name,
+                "-j",
+                "-4",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+            ],
         )
         .ok()?;
         let v: Value = serde_json::from_str(&out).ok()?;
@@ -215,7 +238,15 @@ impl Task {
         overlay_lab::run(
             "ip",
             &[
-                "netns", "exec", &self.netns_name, "ping", "-c", "1", "-W", "2", "-q",
+                "netns",
+                "exec",
+                &self.netns_name,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "-q",
                 &dst.to_string(),
             ],
         )
@@ -234,8 +265,7 @@ fn used(c: &Cluster, agent: &str) -> u32 {
 }
 
 fn plugin_veths(c: &Cluster, agent: &str) -> usize {
-    let out =
-        overlay_lab::run("ip", &["-n", &c.node(agent).unwrap().netns, "-o", "link"]).unwrap();
+    let out = overlay_lab::run("ip", &["-n", &c.node(agent).unwrap().netns, "-o", "link"]).unwrap();
     out.lines().filter(|l| l.contains(": eo")).count()
 }
 
@@ -304,12 +334,16 @@ fn mesos_tasks_get_the_address_mesos_parses_and_reach_each_other_across_agents()
     // Replayed again (Mesos retries a failed cleanup): still fine.
     let replay = m2.configs["dcos"].to_string();
     assert_eq!(
-        m2.plugin("DEL", &t2.container_id, "eth0", None, replay.as_bytes()).0,
+        m2.plugin("DEL", &t2.container_id, "eth0", None, replay.as_bytes())
+            .0,
         0
     );
     for agent in ["a1", "a2"] {
         assert_eq!(used(&c, agent), 0, "{agent}: addresses left");
-        assert!(c.agent(agent).endpoints().unwrap().is_empty(), "{agent}: endpoints left");
+        assert!(
+            c.agent(agent).endpoints().unwrap().is_empty(),
+            "{agent}: endpoints left"
+        );
         assert_eq!(plugin_veths(&c, agent), 0, "{agent}: veths left");
     }
 }

@@ -346,8 +346,14 @@ fn pre_0_4_versions_and_configs_without_a_version_get_their_result_shape() {
             v["ips"][0]["address"].as_str().unwrap().to_owned()
         } else {
             // 0.1/0.2 (and no version: 0.2.0): the ip4 object, nothing of the later shapes.
-            assert_eq!(v["cniVersion"], if version.is_empty() { "0.2.0" } else { version });
-            assert!(v.get("ips").is_none() && v.get("interfaces").is_none(), "{v}");
+            assert_eq!(
+                v["cniVersion"],
+                if version.is_empty() { "0.2.0" } else { version }
+            );
+            assert!(
+                v.get("ips").is_none() && v.get("interfaces").is_none(),
+                "{v}"
+            );
             assert!(v["ip4"]["gateway"].is_string(), "{v}");
             v["ip4"]["ip"].as_str().unwrap().to_owned()
         };
@@ -358,7 +364,10 @@ fn pre_0_4_versions_and_configs_without_a_version_get_their_result_shape() {
             link[0]["addr_info"][0]["local"].as_str().unwrap(),
             link[0]["addr_info"][0]["prefixlen"]
         );
-        assert_eq!(have, addr, "{version}: the result names the container's address");
+        assert_eq!(
+            have, addr,
+            "{version}: the result names the container's address"
+        );
         del(&c, "a1", &conf, &id, Some(&ns)).ok();
     }
     assert_clean(&c, "a1");
@@ -380,7 +389,9 @@ fn version_status_gc_static_addresses_and_the_docker_half() {
         assert_eq!(out["cniVersion"], v);
         assert_eq!(
             out["supportedVersions"],
-            json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+            json!([
+                "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"
+            ])
         );
     }
     // STATUS: up, and a network the agent has no subnet on.
@@ -708,8 +719,10 @@ fn malformed_environment_and_config_get_the_right_codes() {
     let about = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
     assert!(
-        about.contains(&format!("ebpf-overlay CNI plugin v{}", env!("CARGO_PKG_VERSION")))
-            && about.contains("0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+        about.contains(&format!(
+            "ebpf-overlay CNI plugin v{}",
+            env!("CARGO_PKG_VERSION")
+        )) && about.contains("0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
         "{about}"
     );
     // A network this agent does not have: our own code, nothing created.

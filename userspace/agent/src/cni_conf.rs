@@ -223,11 +223,20 @@ mod tests {
         )
         .unwrap();
         let two = nets(&[(0, "dcos"), (1, "blue")]);
-        assert_eq!(confs.sync(&two).unwrap(), 5, "2 lists, 2 Mesos files, 1 stale");
+        assert_eq!(
+            confs.sync(&two).unwrap(),
+            5,
+            "2 lists, 2 Mesos files, 1 stale"
+        );
         assert_eq!(confs.sync(&two).unwrap(), 0);
         assert_eq!(
             names(&dir),
-            ["10-dcos.conflist", "10-red.conflist", "11-blue.conflist", "other.conf"]
+            [
+                "10-dcos.conflist",
+                "10-red.conflist",
+                "11-blue.conflist",
+                "other.conf"
+            ]
         );
         assert_eq!(names(&mesos), ["blue.conf", "dcos.conf"]);
         assert_eq!(names(&root), ["mesos", "net.d"], "no temporaries left");
@@ -237,12 +246,23 @@ mod tests {
         let p = &list["plugins"][0];
         assert_eq!(
             (&p["type"], &p["network"], &p["mtu"], &p["half"]),
-            (&json!("ebpf-overlay"), &json!("dcos"), &json!(1400), &json!("cni"))
+            (
+                &json!("ebpf-overlay"),
+                &json!("dcos"),
+                &json!(1400),
+                &json!("cni")
+            )
         );
         assert_eq!(p["capabilities"]["ips"], true);
         let m = read(&mesos.join("blue.conf"));
-        assert!(m.get("cniVersion").is_none(), "Mesos files carry no version: {m}");
-        assert_eq!((&m["name"], &m["type"]), (&json!("blue"), &json!("ebpf-overlay")));
+        assert!(
+            m.get("cniVersion").is_none(),
+            "Mesos files carry no version: {m}"
+        );
+        assert_eq!(
+            (&m["name"], &m["type"]),
+            (&json!("blue"), &json!("ebpf-overlay"))
+        );
         assert_eq!(m["agent_socket"], "/run/x.sock");
         // blue goes (its place stays taken: dcos keeps its name).
         assert_eq!(confs.sync(&nets(&[(0, "dcos")])).unwrap(), 2);

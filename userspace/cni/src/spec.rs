@@ -219,7 +219,12 @@ pub struct MesosNetworkInfo {
 
 /// Reads `args["org.apache.mesos"]["network_info"]` (absent: `None`).
 fn parse_mesos(obj: &serde_json::Map<String, Value>) -> Result<Option<MesosNetworkInfo>, CniError> {
-    let invalid = |m: String| CniError::new(code::INVALID_CONFIG, format!("args.org.apache.mesos.network_info: {m}"));
+    let invalid = |m: String| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("args.org.apache.mesos.network_info: {m}"),
+        )
+    };
     let Some(ni) = obj
         .get("args")
         .and_then(|a| a.get("org.apache.mesos"))
@@ -242,7 +247,11 @@ fn parse_mesos(obj: &serde_json::Map<String, Value>) -> Result<Option<MesosNetwo
         let items = match list {
             Value::Null => &vec![],
             Value::Array(items) => items,
-            other => return Err(invalid(format!("labels.labels must be a list, not {other}"))),
+            other => {
+                return Err(invalid(format!(
+                    "labels.labels must be a list, not {other}"
+                )));
+            }
         };
         for l in items {
             let key = l.get("key").and_then(Value::as_str);
@@ -262,15 +271,17 @@ fn parse_mesos(obj: &serde_json::Map<String, Value>) -> Result<Option<MesosNetwo
             for a in items {
                 let protocol = match a.get("protocol") {
                     None | Some(Value::Null) => "IPv4",
-                    Some(p) => p
-                        .as_str()
-                        .ok_or_else(|| invalid(format!("ip_addresses: protocol {p} is not a string")))?,
+                    Some(p) => p.as_str().ok_or_else(|| {
+                        invalid(format!("ip_addresses: protocol {p} is not a string"))
+                    })?,
                 };
                 if protocol == "IPv6" {
                     continue;
                 }
                 if protocol != "IPv4" {
-                    return Err(invalid(format!("ip_addresses: unknown protocol {protocol:?}")));
+                    return Err(invalid(format!(
+                        "ip_addresses: unknown protocol {protocol:?}"
+                    )));
                 }
                 match a.get("ip_address") {
                     None | Some(Value::Null) => {}
@@ -283,7 +294,9 @@ fn parse_mesos(obj: &serde_json::Map<String, Value>) -> Result<Option<MesosNetwo
                         }
                     }
                     Some(other) => {
-                        return Err(invalid(format!("ip_addresses: ip_address {other} is not a string")));
+                        return Err(invalid(format!(
+                            "ip_addresses: ip_address {other} is not a string"
+                        )));
                     }
                 }
             }
@@ -828,7 +841,9 @@ mod tests {
         assert_eq!(v["cniVersion"], "0.4.0");
         assert_eq!(
             v["supportedVersions"],
-            json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+            json!([
+                "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"
+            ])
         );
         // 0.3.x: as 0.4.0.
         let v03: Value = serde_json::from_str(&add_result("0.3.1", &a)).unwrap();
@@ -840,8 +855,14 @@ mod tests {
             assert_eq!(v["cniVersion"], version);
             assert_eq!(v["ip4"]["ip"], "9.0.1.2/25");
             assert_eq!(v["ip4"]["gateway"], "9.0.1.1");
-            assert_eq!(v["ip4"]["routes"][0], json!({"dst": "0.0.0.0/0", "gw": "9.0.1.1"}));
-            assert!(v.get("ips").is_none() && v.get("interfaces").is_none(), "{v}");
+            assert_eq!(
+                v["ip4"]["routes"][0],
+                json!({"dst": "0.0.0.0/0", "gw": "9.0.1.1"})
+            );
+            assert!(
+                v.get("ips").is_none() && v.get("interfaces").is_none(),
+                "{v}"
+            );
         }
     }
 
@@ -859,7 +880,11 @@ mod tests {
         assert!(parse_request(&env("ADD"), mesos).is_ok());
         assert!(parse_request(&env("DEL"), mesos).is_ok());
         for cmd in ["CHECK", "STATUS", "GC"] {
-            assert_eq!(parse_request(&env(cmd), mesos).unwrap_err().code, 1, "{cmd}");
+            assert_eq!(
+                parse_request(&env(cmd), mesos).unwrap_err().code,
+                1,
+                "{cmd}"
+            );
         }
         let v031 = br#"{"cniVersion":"0.3.1","name":"dcos"}"#;
         assert_eq!(parse_request(&env("CHECK"), v031).unwrap_err().code, 1);
@@ -897,7 +922,10 @@ mod tests {
         assert_eq!(m.name.as_deref(), Some("dcos"));
         assert_eq!(
             m.labels,
-            vec![("team".into(), "web".into()), ("bare".into(), String::new())]
+            vec![
+                ("team".into(), "web".into()),
+                ("bare".into(), String::new())
+            ]
         );
         assert_eq!(m.ip_addresses, vec!["9.0.1.9".parse::<Ipv4Addr>().unwrap()]);
         let r = parse_request(&env("ADD"), &conf).unwrap();
@@ -907,7 +935,12 @@ mod tests {
         assert_eq!(plain.mesos, None);
         let empty = parse_config(&mesos_conf(json!({}))).unwrap();
         assert_eq!(empty.mesos, Some(MesosNetworkInfo::default()));
-        assert_eq!(parse_request(&env("ADD"), &mesos_conf(json!({}))).unwrap().ip, None);
+        assert_eq!(
+            parse_request(&env("ADD"), &mesos_conf(json!({})))
+                .unwrap()
+                .ip,
+            None
+        );
         // A requested address that differs from CNI_ARGS' is refused.
         let mut e = env("ADD");
         e.args = Some("IP=9.0.1.10".into());
@@ -922,9 +955,18 @@ mod tests {
             (json!({"name": "blue"}), "is not this network"),
             (json!({"labels": {"labels": {"key": "a"}}}), "labels.labels"),
             (json!({"labels": {"labels": [{"value": "v"}]}}), "label"),
-            (json!({"ip_addresses": "9.0.1.9"}), "ip_addresses must be a list"),
-            (json!({"ip_addresses": [{"ip_address": "nope"}]}), "not an IPv4 address"),
-            (json!({"ip_addresses": [{"protocol": "IPX", "ip_address": "9.0.1.9"}]}), "protocol"),
+            (
+                json!({"ip_addresses": "9.0.1.9"}),
+                "ip_addresses must be a list",
+            ),
+            (
+                json!({"ip_addresses": [{"ip_address": "nope"}]}),
+                "not an IPv4 address",
+            ),
+            (
+                json!({"ip_addresses": [{"protocol": "IPX", "ip_address": "9.0.1.9"}]}),
+                "protocol",
+            ),
             (
                 json!({"ip_addresses": [{"ip_address": "9.0.1.9"}, {"ip_address": "9.0.1.10"}]}),
                 "one IPv4 address",
@@ -940,7 +982,10 @@ mod tests {
     fn about_names_the_plugin_and_its_versions() {
         let a = about("1.2.3");
         assert!(a.starts_with("ebpf-overlay CNI plugin v1.2.3"), "{a}");
-        assert!(a.contains("0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"), "{a}");
+        assert!(
+            a.contains("0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+            "{a}"
+        );
     }
 
     #[test]
