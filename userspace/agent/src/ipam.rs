@@ -278,6 +278,23 @@ impl Ipam {
         Ok(())
     }
 
+    /// Names the attachment of an address allocated without one (Docker: the address comes
+    /// before its endpoint).
+    pub fn set_attachment(&mut self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+        if let Some(a) = self.stored.allocations.get_mut(&ip)
+            && a.attachment.as_deref() != Some(attachment)
+        {
+            let before = a.attachment.replace(attachment.to_owned());
+            if let Err(e) = self.persist() {
+                if let Some(a) = self.stored.allocations.get_mut(&ip) {
+                    a.attachment = before;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Frees an address; returns what it was allocated to.
     pub fn release(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<Allocation>> {
         let Some(a) = self.stored.allocations.remove(&ip) else {

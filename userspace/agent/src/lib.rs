@@ -9,6 +9,7 @@ pub mod api;
 pub mod cni_conf;
 pub mod datapath;
 pub mod desired;
+pub mod docker;
 pub mod host_link;
 pub mod ipam;
 pub mod masquerade;

@@ -58,6 +58,14 @@ struct Args {
     /// Mesos agent's `--network_cni_config_dir`; none when not given.
     #[arg(long)]
     mesos_cni_conf_dir: Option<PathBuf>,
+    /// Serve Docker's remote network and IPAM driver on this socket; Docker finds it as
+    /// `/run/docker/plugins/<name>.sock` (the driver's name is the file's stem).
+    #[arg(long)]
+    docker_plugin_socket: Option<PathBuf>,
+    /// dockerd's API socket: the agent then creates (or adopts) one Docker network per overlay
+    /// network, named like it, and removes them with their network.
+    #[arg(long, requires = "docker_plugin_socket")]
+    docker_host: Option<PathBuf>,
     /// Remove every pin (detaching the programs) on exit instead of leaving the datapath running
     /// for the next agent to take over.
     #[arg(long)]
@@ -138,6 +146,34 @@ async fn main() -> anyhow::Result<()> {
         mtu: args.mtu,
     });
     let core = Arc::new(Mutex::new(core));
+    // Docker's driver is served before anything waits on the master: dockerd retries a missing
+    // plugin for 15 s a call.
+    let docker = match &args.docker_plugin_socket {
+        Some(sock) => {
+            let driver = Arc::new(overlay_agent::docker::Driver::open(
+                core.clone(),
+                &state_dir,
+                args.mtu,
+            )?);
+            overlay_agent::docker::serve(driver.clone(), sock).await?;
+            if let Some(host) = &args.docker_host {
+                let plugin = sock
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .context("--docker-plugin-socket: no file name")?
+                    .to_owned();
+                overlay_agent::docker::follow_docker(
+                    core.clone(),
+                    driver,
+                    host.clone(),
+                    plugin,
+                    std::time::Duration::from_secs(1),
+                );
+            }
+            Some(sock.clone())
+        }
+        None => None,
+    };
     tracing::info!(
         underlay = %args.underlay_iface, pins = %pins.dir().display(),
         "datapath loaded and attached; existing entries kept"
@@ -178,6 +214,9 @@ async fn main() -> anyhow::Result<()> {
         r = follower => bail!("master follower stopped: {r:?}"),
     }
     let _ = std::fs::remove_file(&args.api_socket);
+    if let Some(sock) = &docker {
+        let _ = std::fs::remove_file(sock);
+    }
     if args.cleanup_on_exit {
         drop(core);
         pins.remove_all()?;

@@ -40,7 +40,8 @@ pub struct ClusterSpec {
     pub bin_dir: PathBuf,
     /// Container MTU given to agents and containers.
     pub mtu: u32,
-    /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests).
+    /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests); `{agent}` in them
+    /// becomes the agent's role (`a1`, ...), for per-agent paths.
     pub agent_args: Vec<String>,
     /// Masters on the master node, on ports `MASTER_PORT`, `MASTER_PORT + 1`, ...; agents get
     /// every address. More than one needs `etcd_members`.
@@ -371,7 +372,7 @@ impl Cluster {
             "--mesos-cni-conf-dir",
             self.mesos_cni_conf_dir(agent).to_str().unwrap(),
         ])
-        .args(&self.agent_args)
+        .args(self.agent_args.iter().map(|a| a.replace("{agent}", agent)))
         .stdout(log.try_clone()?)
         .stderr(log);
         let pid = self.lab.spawn_command(cmd)?;
