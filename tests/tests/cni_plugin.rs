@@ -731,3 +731,145 @@ fn malformed_environment_and_config_get_the_right_codes() {
     add(&c, "a1", &other, "c1", &ns).err(102);
     assert_clean(&c, "a1");
 }
+
+#[test]
+fn a_container_on_two_networks_gets_an_address_and_a_route_per_interface() {
+    let c = cluster_with(2, None);
+    let (dcos1, blue1) = (
+        agent_conf(&c, "a1", "dcos", "1.0.0"),
+        agent_conf(&c, "a1", "blue", "1.0.0"),
+    );
+    // Peers on a2: one on each network.
+    let (dcos_peer, blue_peer) = (Netns::new(&c), Netns::new(&c));
+    let dcos_peer_ip = result_ip(
+        add(
+            &c,
+            "a2",
+            &agent_conf(&c, "a2", "dcos", "1.0.0"),
+            "pd",
+            &dcos_peer,
+        )
+        .ok(),
+    );
+    let blue_peer_ip = result_ip(
+        add(
+            &c,
+            "a2",
+            &agent_conf(&c, "a2", "blue", "1.0.0"),
+            "pb",
+            &blue_peer,
+        )
+        .ok(),
+    );
+    // One container: eth0 on dcos, then net1 on blue (a Mesos task naming two networks).
+    let ns = Netns::new(&c);
+    let a0 = cni(
+        &c,
+        "a1",
+        &op("ADD", "multi", &ns.path(), "eth0"),
+        dcos1.to_string().as_bytes(),
+    );
+    let a1 = cni(
+        &c,
+        "a1",
+        &op("ADD", "multi", &ns.path(), "net1"),
+        blue1.to_string().as_bytes(),
+    );
+    let (ip0, ip1) = (result_ip(a0.ok()), result_ip(a1.ok()));
+    assert_ne!(ip0, ip1);
+    assert_eq!(a0.json()["routes"][0]["dst"], "0.0.0.0/0");
+    assert_eq!(
+        a1.json()["routes"][0]["dst"],
+        "10.1.0.0/16",
+        "{}",
+        a1.stdout
+    );
+    let routes = ns.ip(&["route"]).unwrap();
+    assert!(
+        routes.contains("default via") && routes.contains("dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.1.0.0/16 via") && routes.contains("dev net1"),
+        "{routes}"
+    );
+    let eps = c.agent("a1").endpoints().unwrap();
+    let net_of = |ip: Ipv4Addr| eps.iter().find(|e| e.ip == ip).map(|e| e.network.clone());
+    assert_eq!(net_of(ip0).as_deref(), Some("dcos"));
+    assert_eq!(net_of(ip1).as_deref(), Some("blue"));
+    // Each network through its interface.
+    assert!(ns.ping(dcos_peer_ip), "eth0 -> dcos peer");
+    assert!(ns.ping(blue_peer_ip), "net1 -> blue peer");
+    assert!(
+        dcos_peer.ping(ip0) && blue_peer.ping(ip1),
+        "peers -> the container"
+    );
+    // Isolation per interface: a dcos peer does not reach the blue address, nor does traffic
+    // forced out of eth0 reach the blue peer.
+    assert!(
+        !dcos_peer.ping(ip1),
+        "dcos reached the container's blue address"
+    );
+    let forced = overlay_lab::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            "ping",
+            "-I",
+            "eth0",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-q",
+            &blue_peer_ip.to_string(),
+        ],
+    );
+    assert!(forced.is_err(), "eth0 (dcos) reached the blue peer");
+    // CHECK holds for both, DEL frees both.
+    for (ifname, conf, a) in [("eth0", &dcos1, &a0), ("net1", &blue1, &a1)] {
+        let mut check = conf.clone();
+        check["prevResult"] = a.json();
+        cni(
+            &c,
+            "a1",
+            &op("CHECK", "multi", &ns.path(), ifname),
+            check.to_string().as_bytes(),
+        )
+        .ok();
+    }
+    cni(
+        &c,
+        "a1",
+        &op("DEL", "multi", &ns.path(), "net1"),
+        blue1.to_string().as_bytes(),
+    )
+    .ok();
+    cni(
+        &c,
+        "a1",
+        &op("DEL", "multi", &ns.path(), "eth0"),
+        dcos1.to_string().as_bytes(),
+    )
+    .ok();
+    assert_clean(&c, "a1");
+    del(
+        &c,
+        "a2",
+        &agent_conf(&c, "a2", "dcos", "1.0.0"),
+        "pd",
+        Some(&dcos_peer),
+    )
+    .ok();
+    del(
+        &c,
+        "a2",
+        &agent_conf(&c, "a2", "blue", "1.0.0"),
+        "pb",
+        Some(&blue_peer),
+    )
+    .ok();
+    assert_clean(&c, "a2");
+}

@@ -648,11 +648,30 @@ pub struct Attached {
     pub ip: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    /// The route via the gateway: the default route for the container's first network, the
+    /// overlay network's subnet for each further one (their default routes would collide).
+    pub route: ipnetwork::Ipv4Network,
+}
+
+/// What a further interface of a container routes: the overlay network's whole subnet.
+pub fn route_for(
+    has_default_route: bool,
+    overlay_subnet: Option<ipnetwork::Ipv4Network>,
+) -> Result<ipnetwork::Ipv4Network, CniError> {
+    if !has_default_route {
+        return Ok(ipnetwork::Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid"));
+    }
+    overlay_subnet.ok_or_else(|| {
+        CniError::new(
+            code::NETWORK_UNAVAILABLE,
+            "the container has a default route already and the network has no subnet to route instead",
+        )
+    })
 }
 
 /// ADD's result, shaped for `version` ([`result_shape`]).
 pub fn add_result(version: &str, a: &Attached) -> String {
-    let default_route = json!({"dst": "0.0.0.0/0", "gw": a.gateway.to_string()});
+    let default_route = json!({"dst": a.route.to_string(), "gw": a.gateway.to_string()});
     if result_shape(version) == ResultShape::Ip4 {
         return json!({
             "cniVersion": version,
@@ -828,6 +847,7 @@ mod tests {
             ip: "9.0.1.2".parse().unwrap(),
             prefix: 25,
             gateway: "9.0.1.1".parse().unwrap(),
+            route: route_for(false, None).unwrap(),
         };
         let old: Value = serde_json::from_str(&add_result("0.4.0", &a)).unwrap();
         assert_eq!(old["ips"][0]["version"], "4");
@@ -864,6 +884,17 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn a_second_network_routes_its_subnet_not_the_default() {
+        assert_eq!(route_for(false, None).unwrap().to_string(), "0.0.0.0/0");
+        let blue = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(route_for(true, Some(blue)).unwrap(), blue);
+        assert_eq!(
+            route_for(true, None).unwrap_err().code,
+            code::NETWORK_UNAVAILABLE
+        );
     }
 
     #[test]
