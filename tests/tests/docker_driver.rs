@@ -37,6 +37,8 @@ fn docker_dir(root: &Path, agent: &str) -> PathBuf {
 struct Dockerd {
     dir: PathBuf,
     child: std::process::Child,
+    /// Reaped already (stopped for a restart).
+    stopped: bool,
 }
 
 impl Dockerd {
@@ -52,7 +54,7 @@ impl Dockerd {
              mount -t tmpfs eo-test /opt; \
              exec dockerd --data-root {d}/data --exec-root {d}/exec --pidfile {d}/exec/docker.pid \
              -H unix://{d}/docker.sock --iptables=false --ip6tables=false --bridge=none \
-             --storage-driver vfs --userland-proxy=false --log-level warn",
+             --storage-driver vfs --userland-proxy=false --shutdown-timeout 1 --log-level warn",
             plugins = dir.join("plugins").display(),
             d = dir.display(),
         );
@@ -77,7 +79,11 @@ impl Dockerd {
             .stderr(log)
             .spawn()
             .unwrap();
-        let d = Dockerd { dir, child };
+        let d = Dockerd {
+            dir,
+            child,
+            stopped: false,
+        };
         let start = Instant::now();
         while !d.cmd(&["version"]).output().unwrap().status.success() {
             assert!(
@@ -150,12 +156,11 @@ impl Dockerd {
     }
 }
 
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Ok(ids) = self.run(&["ps", "-aq"]) {
-            for id in ids.lines() {
-                let _ = self.run(&["rm", "-f", id]);
-            }
+impl Dockerd {
+    /// Stops dockerd as an init system does (SIGTERM); its state stays.
+    fn terminate(&mut self) {
+        if self.stopped {
+            return;
         }
         // SIGTERM: dockerd stops its containerd and shims; its mounts go with its namespace.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -168,6 +173,27 @@ impl Drop for Dockerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stopped = true;
+    }
+
+    /// dockerd restarted on the same state.
+    fn restart(mut self, c: &Cluster, agent: &str, root: &Path) -> Dockerd {
+        self.terminate();
+        std::mem::forget(self);
+        Dockerd::start(c, agent, root)
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if !self.stopped
+            && let Ok(ids) = self.run(&["ps", "-aq"])
+        {
+            for id in ids.lines() {
+                let _ = self.run(&["rm", "-f", id]);
+            }
+        }
+        self.terminate();
         // The plugin directory is the agent's (it removes its socket itself).
         for d in ["data", "exec"] {
             let _ = std::fs::remove_dir_all(self.dir.join(d));
@@ -328,6 +354,65 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
         "--mac-address container unreachable"
     );
     d1.run(&["rm", "-f", "mac"]).unwrap();
+    // An address in use is refused, and nothing is left of the attempt.
+    let dup = d2.run(&[
+        "run",
+        "-d",
+        "--name",
+        "dup",
+        "--network",
+        "dcos",
+        "--ip",
+        &wanted.to_string(),
+        IMAGE,
+        "/bin/sleep",
+        "600",
+    ]);
+    assert!(dup.is_err(), "a second container got {wanted}");
+    let _ = d2.run(&["rm", "-f", "dup"]);
+    assert_eq!(
+        docker_half_used(&c, "a2", "dcos"),
+        1,
+        "the refused --ip left something"
+    );
+    // disconnect/connect: the container comes back (as eth1) with a working interface.
+    d1.run(&["network", "disconnect", "dcos", "one"]).unwrap();
+    assert_eq!(
+        docker_half_used(&c, "a1", "dcos"),
+        0,
+        "disconnect kept the address"
+    );
+    d1.run(&["network", "connect", "dcos", "one"]).unwrap();
+    let out = d1.run(&["exec", "one", "ip", "-4", "-o", "addr"]).unwrap();
+    let reconnected: Ipv4Addr = out
+        .lines()
+        .find(|l| !l.contains(" lo "))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address after connect: {out}"));
+    assert!(d1.pings("one", cni2_ip), "after disconnect/connect");
+    assert!(docker_half(&c, "a1", "dcos").contains(reconnected));
+    // --restart=always across a dockerd restart: it comes back wired, nothing duplicated.
+    run(&d1, "always", &["--restart=always"]);
+    let d1 = d1.restart(&c, "a1", &root.0);
+    let start = Instant::now();
+    while !d1.pings("always", cni2_ip) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the restart=always container is not back on the overlay"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        docker_half_used(&c, "a1", "dcos"),
+        1,
+        "after the dockerd restart: only the running container holds an address"
+    );
+    d1.run(&["rm", "-f", "always"]).unwrap();
+    d1.run(&["start", "one"]).unwrap();
+    // Not restart=always: dockerd stopped it; started again, it is wired anew.
+    let ip1 = d1.container_ip("one");
     // An agent restart changes nothing for running containers, and what it persisted lets
     // Docker remove them afterwards.
     c.stop_agent("a1");
