@@ -441,6 +441,41 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
     assert_eq!(d2.container_ip("again"), wanted);
     d2.run(&["rm", "-f", "again"]).unwrap();
     assert_eq!(docker_half_used(&c, "a2", "dcos"), 0);
+    // A network removed from the master: its Docker networks and CNI files go with it.
+    let (status, body) = c
+        .master_request("DELETE", "/overlay-master/networks/blue", None)
+        .unwrap();
+    assert!(
+        status < 300,
+        "removing blue: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    let start = Instant::now();
+    loop {
+        let docker_gone = [&d1, &d2]
+            .iter()
+            .all(|d| d.run(&["network", "inspect", "blue"]).is_err());
+        let files: Vec<String> = ["a1", "a2"]
+            .iter()
+            .flat_map(|a| [c.cni_conf_dir(a), c.mesos_cni_conf_dir(a)])
+            .flat_map(|d| std::fs::read_dir(d).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let files_gone = !files.iter().any(|f| f.contains("blue"));
+        if docker_gone && files_gone {
+            assert!(
+                files.iter().any(|f| f == "10-dcos.conflist")
+                    && files.iter().any(|f| f == "dcos.conf")
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "blue is still there: docker {docker_gone}, files {files:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d1.wait_network("dcos");
     let host_opt = Path::new("/opt/containerd").exists();
     drop(d1);
     drop(d2);
