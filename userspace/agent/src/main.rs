@@ -98,6 +98,11 @@ async fn main() -> anyhow::Result<()> {
     if !(552..=9000).contains(&args.mtu) {
         bail!("--mtu {}: must be between 552 and 9000", args.mtu);
     }
+    if args.mesos_cni_conf_dir.as_ref() == Some(&args.cni_conf_dir) {
+        bail!(
+            "--mesos-cni-conf-dir must differ from --cni-conf-dir: Mesos reads every file of its directory as one single-plugin config"
+        );
+    }
     let underlay = netdev::link(&args.underlay_iface).context("--underlay-iface")?;
     if underlay.ipv4.is_none() {
         bail!(
