@@ -43,6 +43,13 @@ struct Dockerd {
 
 impl Dockerd {
     fn start(c: &Cluster, agent: &str, root: &Path) -> Dockerd {
+        let d = Dockerd::spawn(c, agent, root);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts dockerd without waiting for it.
+    fn spawn(c: &Cluster, agent: &str, root: &Path) -> Dockerd {
         let dir = docker_dir(root, agent);
         for d in ["data", "exec", "plugins"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -79,11 +86,15 @@ impl Dockerd {
             .stderr(log)
             .spawn()
             .unwrap();
-        let d = Dockerd {
+        Dockerd {
             dir,
             child,
             stopped: false,
-        };
+        }
+    }
+
+    fn wait_ready(&self) {
+        let d = self;
         let start = Instant::now();
         while !d.cmd(&["version"]).output().unwrap().status.success() {
             assert!(
@@ -93,7 +104,6 @@ impl Dockerd {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        d
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -280,8 +290,12 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
     let host_run_docker = Path::new("/run/docker").exists();
     let mut c = Cluster::up(spec).unwrap();
     let tar = busybox_tar(&root.0);
-    let d1 = Dockerd::start(&c, "a1", &root.0);
-    let d2 = Dockerd::start(&c, "a2", &root.0);
+    let (d1, d2) = (
+        Dockerd::spawn(&c, "a1", &root.0),
+        Dockerd::spawn(&c, "a2", &root.0),
+    );
+    d1.wait_ready();
+    d2.wait_ready();
     for d in [&d1, &d2] {
         d.run(&["import", tar.to_str().unwrap(), IMAGE]).unwrap();
         d.wait_network("dcos");
