@@ -301,6 +301,71 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
         d.wait_network("dcos");
         d.wait_network("blue");
     }
+    // The driver's socket refuses what it should, and changes nothing doing so.
+    let plugin = |call: &str, body: &[u8]| -> (u16, Value) {
+        let sock = docker_dir(&root.0, "a1").join("plugins/ebpf-overlay.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let (status, out) =
+            overlay_api::agent::http_exchange(&mut s, "POST", &format!("/{call}"), Some(body))
+                .unwrap();
+        (status, serde_json::from_slice(&out).unwrap_or(Value::Null))
+    };
+    let (status, v) = plugin("Plugin.Activate", b"");
+    assert_eq!(status, 200);
+    assert_eq!(
+        v["Implements"],
+        serde_json::json!(["NetworkDriver", "IpamDriver"])
+    );
+    assert_eq!(plugin("Unknown.Call", b"{}").0, 404);
+    let cni_half_ip = {
+        let half = docker_half(&c, "a1", "dcos");
+        Ipv4Addr::from(u32::from(half.network()) - 10)
+    };
+    for (call, body, want) in [
+        (
+            "NetworkDriver.CreateEndpoint",
+            "{not json".to_owned(),
+            "not JSON",
+        ),
+        (
+            "IpamDriver.RequestPool",
+            r#"{"V6":true}"#.to_owned(),
+            "IPv6",
+        ),
+        (
+            "IpamDriver.RequestPool",
+            r#"{"Options":{"network":"green"}}"#.to_owned(),
+            "green",
+        ),
+        (
+            "IpamDriver.RequestAddress",
+            format!(r#"{{"PoolID":"dcos","Address":"{cni_half_ip}"}}"#),
+            "outside",
+        ),
+        (
+            "NetworkDriver.Join",
+            r#"{"EndpointID":"nope"}"#.to_owned(),
+            "unknown endpoint",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            r#"{"NetworkID":"x","EndpointID":"e"}"#.to_owned(),
+            "not an ebpf-overlay network",
+        ),
+    ] {
+        let (status, v) = plugin(call, body.as_bytes());
+        let err = v["Err"].as_str().unwrap_or_default();
+        assert!(
+            status != 200 && err.contains(want),
+            "{call} {body}: {status} {v}"
+        );
+    }
+    assert_eq!(
+        docker_half_used(&c, "a1", "dcos"),
+        0,
+        "a refused call allocated"
+    );
+    assert_eq!(agent_veths(&c, "a1"), 0, "a refused call left a veth");
     let cni1 = c.add_container("a1", "dcos").unwrap();
     let cni2 = c.add_container("a2", "dcos").unwrap();
     let blue = c.add_container("a1", "blue").unwrap();
