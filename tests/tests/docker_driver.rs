@@ -258,6 +258,16 @@ fn docker_half(c: &Cluster, agent: &str, network: &str) -> ipnetwork::Ipv4Networ
         .range
 }
 
+/// The agent's `drop_cross_network` counter of `network`.
+fn cross_drops(c: &Cluster, agent: &str, network: &str) -> u64 {
+    let m = c.agent(agent).metrics().unwrap();
+    let needle = format!("network=\"{network}\",counter=\"drop_cross_network\"}} ");
+    m.lines()
+        .filter(|l| l.starts_with("overlay_datapath_packets_total") && l.contains(&needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn agent_veths(c: &Cluster, agent: &str) -> usize {
     let out = overlay_lab::run("ip", &["-n", &c.node(agent).unwrap().netns, "-o", "link"]).unwrap();
     out.lines().filter(|l| l.contains(": eo")).count()
@@ -414,9 +424,19 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
         d1.pings("one", ip2) && d2.pings("two", ip1),
         "docker <-> docker across agents"
     );
-    // Isolation: the blue container is not reachable, nor does it reach in.
+    // Isolation: the blue container is not reachable, nor does it reach in; the drops are
+    // counted against the sender's network.
+    let (dcos_drops, blue_drops) = (cross_drops(&c, "a1", "dcos"), cross_drops(&c, "a1", "blue"));
     assert!(!d1.pings("one", blue_ip), "dcos reached blue");
     assert!(!blue.node.ping(ip1), "blue reached dcos");
+    assert!(
+        cross_drops(&c, "a1", "dcos") > dcos_drops,
+        "docker -> blue not counted"
+    );
+    assert!(
+        cross_drops(&c, "a1", "blue") > blue_drops,
+        "blue -> docker not counted"
+    );
     // --mac-address (base64 in the endpoint options) is the endpoint's MAC.
     run(&d1, "mac", &["--mac-address", "02:42:0a:bb:cc:dd"]);
     let mac_ip = d1.container_ip("mac");
