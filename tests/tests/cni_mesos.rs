@@ -127,8 +127,9 @@ impl<'a> Isolator<'a> {
     fn launch(&self, network_info: Value) -> Task {
         let network = network_info["name"].as_str().unwrap();
         let conf = self.configs.get(network).expect("a config for the network");
+        // Nested-container style (`parent.child`), as Mesos names them.
         let container_id = format!(
-            "{}-{}-{}",
+            "{}-{}.{}",
             self.c.lab.id(),
             self.agent,
             NEXT.fetch_add(1, Ordering::Relaxed)
