@@ -125,8 +125,6 @@ impl<'a> Isolator<'a> {
     /// Launches a task on `network_info.name` with interface `eth0`: netns, bind mount,
     /// injected NetworkInfo, ADD, checkpoint, result parsed as Mesos parses it.
     fn launch(&self, network_info: Value) -> Task {
-        let network = network_info["name"].as_str().unwrap();
-        let conf = self.configs.get(network).expect("a config for the network");
         // Nested-container style (`parent.child`), as Mesos names them.
         let container_id = format!(
             "{}-{}.{}",
@@ -142,7 +140,7 @@ impl<'a> Isolator<'a> {
         overlay_lab::run("ip", &["netns", "add", &netns_name]).unwrap();
         overlay_lab::run("ip", &["-n", &netns_name, "link", "set", "lo", "up"]).unwrap();
         let dir = self.runtime_dir.join(&container_id);
-        std::fs::create_dir_all(dir.join(network).join("eth0")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
         let ns_path = dir.join("ns");
         std::fs::write(&ns_path, b"").unwrap();
         overlay_lab::run(
@@ -154,51 +152,60 @@ impl<'a> Isolator<'a> {
             ],
         )
         .unwrap();
+        let mut task = Task {
+            container_id,
+            netns_name,
+            ns_path,
+            ip: Ipv4Addr::UNSPECIFIED,
+        };
+        task.ip = self.attach(&task, network_info, "eth0");
+        task
+    }
+
+    /// One more network of the task (Mesos: the next NetworkInfo, the next `ethN`).
+    fn attach(&self, task: &Task, network_info: Value, ifname: &str) -> Ipv4Addr {
+        let network = network_info["name"].as_str().unwrap();
+        let conf = self.configs.get(network).expect("a config for the network");
+        let dir = self.runtime_dir.join(&task.container_id).join(network);
+        std::fs::create_dir_all(dir.join(ifname)).unwrap();
         let mut stdin = conf.clone();
         stdin["args"]["org.apache.mesos"]["network_info"] = network_info.clone();
         let stdin = stdin.to_string();
         // Checkpointed before the call, replayed verbatim on DEL.
-        std::fs::write(dir.join(network).join("network.conf"), &stdin).unwrap();
+        std::fs::write(dir.join("network.conf"), &stdin).unwrap();
         let (code, out) = self.plugin(
             "ADD",
-            &container_id,
-            "eth0",
-            Some(&ns_path),
+            &task.container_id,
+            ifname,
+            Some(&task.ns_path),
             stdin.as_bytes(),
         );
         assert_eq!(code, 0, "ADD failed: {out}");
-        std::fs::write(dir.join(network).join("eth0/network.info"), &out).unwrap();
+        std::fs::write(dir.join(ifname).join("network.info"), &out).unwrap();
         let v: Value = serde_json::from_str(&out).unwrap();
         // Mesos' spec::NetworkInfo: ip4, ip6, dns. A 0.3+ result would leave the task without
-        // an address; make sure none of it is all there is.
+        // an address.
         let ip = v["ip4"]["ip"]
             .as_str()
             .unwrap_or_else(|| panic!("no ip4.ip for Mesos in {out}"));
         assert!(v["ip4"]["gateway"].is_string(), "{out}");
-        let ip: Ipv4Addr = ip.split('/').next().unwrap().parse().unwrap();
-        Task {
-            container_id,
-            netns_name,
-            ns_path,
-            ip,
-        }
+        ip.split('/').next().unwrap().parse().unwrap()
     }
 
-    /// Removes the task's network: DEL with the checkpointed JSON, with CNI_NETNS only while
-    /// the netns still exists.
+    /// Removes the task's network on `eth0`.
     fn destroy(&self, task: &Task, network: &str) {
-        let conf = std::fs::read(
-            self.runtime_dir
-                .join(&task.container_id)
-                .join(network)
-                .join("network.conf"),
-        )
-        .unwrap();
+        self.detach(task, network, "eth0");
+    }
+
+    /// DEL with the checkpointed JSON, with CNI_NETNS only while the netns still exists.
+    fn detach(&self, task: &Task, network: &str, ifname: &str) {
+        let dir = self.runtime_dir.join(&task.container_id).join(network);
+        let conf = std::fs::read(dir.join("network.conf")).unwrap();
         let netns = task.ns_path.exists().then_some(task.ns_path.as_path());
         let netns = netns.filter(|p| is_mounted(p));
-        let (code, out) = self.plugin("DEL", &task.container_id, "eth0", netns, &conf);
+        let (code, out) = self.plugin("DEL", &task.container_id, ifname, netns, &conf);
         assert_eq!(code, 0, "DEL failed: {out}");
-        let _ = std::fs::remove_dir_all(self.runtime_dir.join(&task.container_id));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -323,6 +330,18 @@ fn mesos_tasks_get_the_address_mesos_parses_and_reach_each_other_across_agents()
     let blue = m1.launch(ni("blue", json!({})));
     assert_eq!(blue.addr(), Some(blue.ip));
     assert!(!blue.ping(t1.ip) && !blue.ping(t2.ip), "blue reached dcos");
+    // A task naming two networks: eth0 on dcos, eth1 on blue, each reaching its own.
+    let both = m1.launch(ni("dcos", json!({})));
+    let both_blue = m1.attach(&both, ni("blue", json!({})), "eth1");
+    assert!(both.ping(t2.ip), "eth0 -> dcos across agents");
+    assert!(both.ping(blue.ip), "eth1 -> blue");
+    assert!(
+        blue.ping(both_blue) && !blue.ping(both.ip),
+        "blue reaches only eth1"
+    );
+    m1.detach(&both, "blue", "eth1");
+    m1.destroy(&both, "dcos");
+    drop(both);
     assert_eq!((used(&c, "a1"), used(&c, "a2")), (3, 1));
     // DEL replays the checkpoint: while the netns exists, and after it is gone.
     m1.destroy(&t3, "dcos");
