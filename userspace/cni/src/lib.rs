@@ -3,7 +3,8 @@
 //! ADD creates a veth pair (the container side named `CNI_IFNAME` in `CNI_NETNS`, the host side
 //! `eo<12 hex>` in the agent's namespace), has the local agent allocate an address and wire the
 //! host side to the eBPF datapath (program attached, endpoint map entry written) before it
-//! answers, then gives the container its address, MTU and default route. DEL releases the
+//! answers, then gives the container its address, MTU and default route (on a container's
+//! further networks, a route to that network's subnet instead: one interface per network). DEL releases the
 //! address and the endpoint and removes the veth, and is idempotent. CHECK compares interface,
 //! address, route and the agent's endpoint with what ADD set up. STATUS and GC (1.1.0) ask the
 //! agent. See [`spec`] for the config fields and error codes.
