@@ -21,18 +21,22 @@ fn cluster_with(agents: usize, config: Option<&str>) -> Cluster {
     Cluster::up(spec).unwrap()
 }
 
-/// The CNI config the agent wrote for `network` (what a runtime would read), at `version`.
+/// The plugin config the agent wrote for `network` (what a runtime hands the plugin: the
+/// list's one plugin with the list's name), at `version`.
 fn agent_conf(c: &Cluster, agent: &str, network: &str, version: &str) -> Value {
-    let dir = c
-        .socket(agent)
-        .parent()
+    let dir = c.cni_conf_dir(agent);
+    let file = std::fs::read_dir(&dir)
         .unwrap()
-        .join(format!("{agent}-cni"));
-    let path = dir.join(format!("{network}.conf"));
-    let mut v: Value = serde_json::from_slice(
-        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap();
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(&format!("-{network}.conflist")))
+        })
+        .unwrap_or_else(|| panic!("no list for {network} in {}", dir.display()));
+    let list: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let mut v = list["plugins"][0].clone();
+    v["name"] = list["name"].clone();
     v["cniVersion"] = json!(version);
     v
 }
@@ -325,6 +329,51 @@ fn add_check_del_for_every_version_against_a_real_agent() {
 }
 
 #[test]
+fn pre_0_4_versions_and_configs_without_a_version_get_their_result_shape() {
+    let c = cluster_with(1, None);
+    for version in ["0.1.0", "0.2.0", "0.3.0", "0.3.1", ""] {
+        let mut conf = agent_conf(&c, "a1", "dcos", version);
+        if version.is_empty() {
+            conf.as_object_mut().unwrap().remove("cniVersion");
+        }
+        let ns = Netns::new(&c);
+        let id = format!("old-{}", version.replace('.', ""));
+        let a = add(&c, "a1", &conf, &id, &ns);
+        let v = a.ok().json();
+        let addr = if version.starts_with("0.3") {
+            assert_eq!(v["cniVersion"], version);
+            assert_eq!(v["ips"][0]["version"], "4", "{v}");
+            v["ips"][0]["address"].as_str().unwrap().to_owned()
+        } else {
+            // 0.1/0.2 (and no version: 0.2.0): the ip4 object, nothing of the later shapes.
+            assert_eq!(
+                v["cniVersion"],
+                if version.is_empty() { "0.2.0" } else { version }
+            );
+            assert!(
+                v.get("ips").is_none() && v.get("interfaces").is_none(),
+                "{v}"
+            );
+            assert!(v["ip4"]["gateway"].is_string(), "{v}");
+            v["ip4"]["ip"].as_str().unwrap().to_owned()
+        };
+        let link: Value =
+            serde_json::from_str(&ns.ip(&["-j", "addr", "show", "dev", "eth0"]).unwrap()).unwrap();
+        let have = format!(
+            "{}/{}",
+            link[0]["addr_info"][0]["local"].as_str().unwrap(),
+            link[0]["addr_info"][0]["prefixlen"]
+        );
+        assert_eq!(
+            have, addr,
+            "{version}: the result names the container's address"
+        );
+        del(&c, "a1", &conf, &id, Some(&ns)).ok();
+    }
+    assert_clean(&c, "a1");
+}
+
+#[test]
 fn version_status_gc_static_addresses_and_the_docker_half() {
     let c = cluster_with(1, None);
     let conf = agent_conf(&c, "a1", "dcos", "1.1.0");
@@ -338,7 +387,12 @@ fn version_status_gc_static_addresses_and_the_docker_half() {
         );
         let out = a.ok().json();
         assert_eq!(out["cniVersion"], v);
-        assert_eq!(out["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(
+            out["supportedVersions"],
+            json!([
+                "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"
+            ])
+        );
     }
     // STATUS: up, and a network the agent has no subnet on.
     let status = cni(
@@ -613,7 +667,7 @@ fn malformed_environment_and_config_get_the_right_codes() {
     let ns = Netns::new(&c);
     let p = ns.path();
     let cases: Vec<(Vec<(&str, &str)>, &[u8], u64)> = vec![
-        (vec![], conf.as_bytes(), 4),
+        (vec![("CNI_COMMAND", "")], conf.as_bytes(), 4),
         (vec![("CNI_COMMAND", "FROB")], conf.as_bytes(), 4),
         (op("ADD", "c1", "", "eth0"), conf.as_bytes(), 4),
         (op("ADD", "c1", &p, ""), conf.as_bytes(), 4),
@@ -638,7 +692,12 @@ fn malformed_environment_and_config_get_the_right_codes() {
         ),
         (
             op("ADD", "c1", &p, "eth0"),
-            br#"{"cniVersion":"0.2.0","name":"dcos"}"#,
+            br#"{"cniVersion":"0.5.0","name":"dcos"}"#,
+            1,
+        ),
+        (
+            op("CHECK", "c1", &p, "eth0"),
+            br#"{"cniVersion":"0.3.1","name":"dcos"}"#,
             1,
         ),
         (
@@ -651,9 +710,166 @@ fn malformed_environment_and_config_get_the_right_codes() {
         let a = cni(&c, "a1", &env, stdin);
         a.err(code);
     }
+    // Run by hand, without CNI_COMMAND: what it is, its version, the versions it speaks.
+    let out = std::process::Command::new(bin_path("ebpf-overlay"))
+        .env_remove("CNI_COMMAND")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let about = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    assert!(
+        about.contains(&format!(
+            "ebpf-overlay CNI plugin v{}",
+            env!("CARGO_PKG_VERSION")
+        )) && about.contains("0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+        "{about}"
+    );
     // A network this agent does not have: our own code, nothing created.
     let mut other = agent_conf(&c, "a1", "dcos", "1.0.0");
     other["network"] = json!("green");
     add(&c, "a1", &other, "c1", &ns).err(102);
     assert_clean(&c, "a1");
+}
+
+#[test]
+fn a_container_on_two_networks_gets_an_address_and_a_route_per_interface() {
+    let c = cluster_with(2, None);
+    let (dcos1, blue1) = (
+        agent_conf(&c, "a1", "dcos", "1.0.0"),
+        agent_conf(&c, "a1", "blue", "1.0.0"),
+    );
+    // Peers on a2: one on each network.
+    let (dcos_peer, blue_peer) = (Netns::new(&c), Netns::new(&c));
+    let dcos_peer_ip = result_ip(
+        add(
+            &c,
+            "a2",
+            &agent_conf(&c, "a2", "dcos", "1.0.0"),
+            "pd",
+            &dcos_peer,
+        )
+        .ok(),
+    );
+    let blue_peer_ip = result_ip(
+        add(
+            &c,
+            "a2",
+            &agent_conf(&c, "a2", "blue", "1.0.0"),
+            "pb",
+            &blue_peer,
+        )
+        .ok(),
+    );
+    // One container: eth0 on dcos, then net1 on blue (a Mesos task naming two networks).
+    let ns = Netns::new(&c);
+    let a0 = cni(
+        &c,
+        "a1",
+        &op("ADD", "multi", &ns.path(), "eth0"),
+        dcos1.to_string().as_bytes(),
+    );
+    let a1 = cni(
+        &c,
+        "a1",
+        &op("ADD", "multi", &ns.path(), "net1"),
+        blue1.to_string().as_bytes(),
+    );
+    let (ip0, ip1) = (result_ip(a0.ok()), result_ip(a1.ok()));
+    assert_ne!(ip0, ip1);
+    assert_eq!(a0.json()["routes"][0]["dst"], "0.0.0.0/0");
+    assert_eq!(
+        a1.json()["routes"][0]["dst"],
+        "10.1.0.0/16",
+        "{}",
+        a1.stdout
+    );
+    let routes = ns.ip(&["route"]).unwrap();
+    assert!(
+        routes.contains("default via") && routes.contains("dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.1.0.0/16 via") && routes.contains("dev net1"),
+        "{routes}"
+    );
+    let eps = c.agent("a1").endpoints().unwrap();
+    let net_of = |ip: Ipv4Addr| eps.iter().find(|e| e.ip == ip).map(|e| e.network.clone());
+    assert_eq!(net_of(ip0).as_deref(), Some("dcos"));
+    assert_eq!(net_of(ip1).as_deref(), Some("blue"));
+    // Each network through its interface.
+    assert!(ns.ping(dcos_peer_ip), "eth0 -> dcos peer");
+    assert!(ns.ping(blue_peer_ip), "net1 -> blue peer");
+    assert!(
+        dcos_peer.ping(ip0) && blue_peer.ping(ip1),
+        "peers -> the container"
+    );
+    // Isolation per interface: a dcos peer does not reach the blue address, nor does traffic
+    // forced out of eth0 reach the blue peer.
+    assert!(
+        !dcos_peer.ping(ip1),
+        "dcos reached the container's blue address"
+    );
+    let forced = overlay_lab::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            "ping",
+            "-I",
+            "eth0",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-q",
+            &blue_peer_ip.to_string(),
+        ],
+    );
+    assert!(forced.is_err(), "eth0 (dcos) reached the blue peer");
+    // CHECK holds for both, DEL frees both.
+    for (ifname, conf, a) in [("eth0", &dcos1, &a0), ("net1", &blue1, &a1)] {
+        let mut check = conf.clone();
+        check["prevResult"] = a.json();
+        cni(
+            &c,
+            "a1",
+            &op("CHECK", "multi", &ns.path(), ifname),
+            check.to_string().as_bytes(),
+        )
+        .ok();
+    }
+    cni(
+        &c,
+        "a1",
+        &op("DEL", "multi", &ns.path(), "net1"),
+        blue1.to_string().as_bytes(),
+    )
+    .ok();
+    cni(
+        &c,
+        "a1",
+        &op("DEL", "multi", &ns.path(), "eth0"),
+        dcos1.to_string().as_bytes(),
+    )
+    .ok();
+    assert_clean(&c, "a1");
+    del(
+        &c,
+        "a2",
+        &agent_conf(&c, "a2", "dcos", "1.0.0"),
+        "pd",
+        Some(&dcos_peer),
+    )
+    .ok();
+    del(
+        &c,
+        "a2",
+        &agent_conf(&c, "a2", "blue", "1.0.0"),
+        "pb",
+        Some(&blue_peer),
+    )
+    .ok();
+    assert_clean(&c, "a2");
 }

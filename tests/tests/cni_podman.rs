@@ -14,7 +14,6 @@ use std::{
 
 use overlay_lab::cluster::{Cluster, ClusterSpec};
 use overlay_tests::bin_path;
-use serde_json::json;
 
 const BUSYBOX: &str = "/bin/busybox";
 const IMAGE: &str = "localhost/eo-busybox:latest";
@@ -22,40 +21,33 @@ const IMAGE: &str = "localhost/eo-busybox:latest";
 /// podman's state for one agent; everything is removed on drop.
 struct Podman {
     dir: PathBuf,
+    /// The agent's `--cni-conf-dir`.
+    net_d: PathBuf,
     netns: String,
 }
 
 impl Podman {
     fn new(c: &Cluster, agent: &str, root: &Path) -> Podman {
         let dir = root.join(format!("podman-{agent}"));
-        for d in ["net.d", "plugins", "root", "runroot", "tmp"] {
+        for d in ["plugins", "root", "runroot", "tmp"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         std::fs::copy(bin_path("ebpf-overlay"), dir.join("plugins/ebpf-overlay")).unwrap();
-        // The agent's own config for dcos, as a one-plugin list (podman reads .conflist).
-        let conf_path = c
-            .socket(agent)
-            .parent()
-            .unwrap()
-            .join(format!("{agent}-cni/dcos.conf"));
-        let mut plugin: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&conf_path).unwrap()).unwrap();
-        plugin.as_object_mut().unwrap().remove("cniVersion");
-        plugin.as_object_mut().unwrap().remove("name");
-        let list = json!({"cniVersion": "1.0.0", "name": "dcos", "plugins": [plugin]});
-        std::fs::write(dir.join("net.d/dcos.conflist"), list.to_string()).unwrap();
+        // podman reads the agent's own lists, unmodified.
+        let net_d = c.cni_conf_dir(agent);
         std::fs::write(
             dir.join("containers.conf"),
             format!(
                 "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nruntime = \"crun\"\n\
                  [network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{p}\"]\nnetwork_config_dir = \"{n}\"\n",
                 p = dir.join("plugins").display(),
-                n = dir.join("net.d").display(),
+                n = net_d.display(),
             ),
         )
         .unwrap();
         Podman {
             dir,
+            net_d,
             netns: c.node(agent).unwrap().netns_path().display().to_string(),
         }
     }
@@ -93,7 +85,7 @@ impl Podman {
                 "--network-backend",
                 "cni",
                 "--network-config-dir",
-                self.dir.join("net.d").to_str().unwrap(),
+                self.net_d.to_str().unwrap(),
             ])
             .args(args)
             .env("CONTAINERS_CONF", self.dir.join("containers.conf"))

@@ -31,6 +31,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // several masters on etcd (tests/tests/etcd_*.rs)
     "etcd-server",
     "etcd-client",
+    // the other runtimes DC/OS users run (tests/tests/{cni_containerd,docker_driver}.rs)
+    "containerd",
+    "runc",
+    "docker.io",
 ];
 
 const NIGHTLY: &str = "nightly";

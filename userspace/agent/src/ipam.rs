@@ -1,5 +1,5 @@
-//! The agent's IPAM: container addresses from this agent's subnet of each network, and the CNI
-//! config files that point container runtimes at this agent.
+//! The agent's IPAM: container addresses from this agent's subnet of each network (the CNI
+//! config files are [`crate::cni_conf`]'s).
 //!
 //! Each network's agent subnet is split in two halves (DC/OS: the first for Mesos/CNI
 //! containers, the second for Docker); the network address, the first host (the containers'
@@ -309,6 +309,23 @@ impl Ipam {
         Ok(())
     }
 
+    /// Names the attachment of an address allocated without one (Docker: the address comes
+    /// before its endpoint).
+    pub fn set_attachment(&mut self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+        if let Some(a) = self.stored.allocations.get_mut(&ip)
+            && a.attachment.as_deref() != Some(attachment)
+        {
+            let before = a.attachment.replace(attachment.to_owned());
+            if let Err(e) = self.persist() {
+                if let Some(a) = self.stored.allocations.get_mut(&ip) {
+                    a.attachment = before;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets a set-aside endpoint (put back, or its container is gone).
     pub fn unpark(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<ParkedEndpoint>> {
         let Some(p) = self.stored.parked.remove(&ip) else {
@@ -369,83 +386,7 @@ impl Ipam {
     }
 }
 
-/// Marker in every CNI config file the agent writes: only such files are ever rewritten or
-/// removed.
-pub const CNI_CONF_MARKER: &str = "overlay-agent";
-
-/// The CNI config files of this agent: one `<network>.conf` per network on which this agent has
-/// a subnet (DC/OS named them the same way), kept in step with the master's state.
-pub struct CniConfs {
-    pub dir: PathBuf,
-    pub agent_socket: PathBuf,
-    pub mtu: u32,
-}
-
-impl CniConfs {
-    /// The config for one network (fields documented in the `overlay-cni` crate).
-    pub fn render(&self, network: &str) -> String {
-        let v = serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": network,
-            "type": "ebpf-overlay",
-            "network": network,
-            "agent_socket": self.agent_socket,
-            "mtu": self.mtu,
-            "half": "cni",
-            "generated_by": CNI_CONF_MARKER,
-        });
-        let mut s = serde_json::to_string_pretty(&v).expect("plain JSON");
-        s.push('\n');
-        s
-    }
-
-    /// Writes the config of every network in `networks` whose content changed, and removes the
-    /// agent's configs of networks no longer there. Returns the files changed.
-    pub fn sync(&self, networks: &[String]) -> anyhow::Result<usize> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
-        let mut changed = 0;
-        for net in networks {
-            let path = self.dir.join(format!("{net}.conf"));
-            let content = self.render(net);
-            if std::fs::read_to_string(&path).ok().as_deref() == Some(content.as_str()) {
-                continue;
-            }
-            let tmp = self.dir.join(format!(".{net}.conf.tmp"));
-            std::fs::write(&tmp, &content).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("renaming into {}", path.display()))?;
-            tracing::info!(path = %path.display(), "CNI config written");
-            changed += 1;
-        }
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let Some(stem) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".conf"))
-            else {
-                continue;
-            };
-            if networks.iter().any(|n| n == stem) {
-                continue;
-            }
-            let ours = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .is_some_and(|v| {
-                    v["generated_by"] == CNI_CONF_MARKER
-                        && v["agent_socket"] == serde_json::json!(self.agent_socket)
-                });
-            if ours {
-                std::fs::remove_file(&path)?;
-                tracing::info!(path = %path.display(), "CNI config removed");
-                changed += 1;
-            }
-        }
-        Ok(changed)
-    }
-}
+pub use crate::cni_conf::{CNI_CONF_MARKER, CniConfs};
 
 #[cfg(test)]
 mod tests {
@@ -611,32 +552,6 @@ mod tests {
             .allocate("dcos", s, Half::Cni, None, None, "v", &taken)
             .unwrap();
         assert_eq!(next, "9.0.1.2".parse::<Ipv4Addr>().unwrap());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn cni_confs_follow_the_networks() {
-        let dir = tmp_dir("conf");
-        let confs = CniConfs {
-            dir: dir.clone(),
-            agent_socket: "/run/x.sock".into(),
-            mtu: 1400,
-        };
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("other.conf"), "{\"type\":\"bridge\"}").unwrap();
-        assert_eq!(confs.sync(&["dcos".into(), "blue".into()]).unwrap(), 2);
-        assert_eq!(confs.sync(&["dcos".into(), "blue".into()]).unwrap(), 0);
-        let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("dcos.conf")).unwrap()).unwrap();
-        assert_eq!(v["type"], "ebpf-overlay");
-        assert_eq!(v["network"], "dcos");
-        assert_eq!(v["mtu"], 1400);
-        assert_eq!(confs.sync(&["dcos".into()]).unwrap(), 1);
-        assert!(!dir.join("blue.conf").exists());
-        assert!(
-            dir.join("other.conf").exists(),
-            "foreign configs are left alone"
-        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,8 +6,10 @@
 //! [`runtime`] owns the running agent; [`api`] serves it.
 
 pub mod api;
+pub mod cni_conf;
 pub mod datapath;
 pub mod desired;
+pub mod docker;
 pub mod host_link;
 pub mod ipam;
 pub mod masquerade;

@@ -50,10 +50,22 @@ struct Args {
     /// Persistent agent state (the IPAM's allocations); default /var/lib/ebpf-overlay/<instance>.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Where to write one CNI config per network (`<network>.conf`), kept in step with the
-    /// master's state.
+    /// Where to write one CNI config list per network (`NN-<network>.conflist`, for podman,
+    /// containerd, CRI), kept in step with the master's state.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// Where to write Mesos' single-plugin configs (`<network>.conf`, no cniVersion), for the
+    /// Mesos agent's `--network_cni_config_dir`; none when not given.
+    #[arg(long)]
+    mesos_cni_conf_dir: Option<PathBuf>,
+    /// Serve Docker's remote network and IPAM driver on this socket; Docker finds it as
+    /// `/run/docker/plugins/<name>.sock` (the driver's name is the file's stem).
+    #[arg(long)]
+    docker_plugin_socket: Option<PathBuf>,
+    /// dockerd's API socket: the agent then creates (or adopts) one Docker network per overlay
+    /// network, named like it, and removes them with their network.
+    #[arg(long, requires = "docker_plugin_socket")]
+    docker_host: Option<PathBuf>,
     /// Remove every pin (detaching the programs) on exit instead of leaving the datapath running
     /// for the next agent to take over.
     #[arg(long)]
@@ -85,6 +97,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !(552..=9000).contains(&args.mtu) {
         bail!("--mtu {}: must be between 552 and 9000", args.mtu);
+    }
+    if args.mesos_cni_conf_dir.as_ref() == Some(&args.cni_conf_dir) {
+        bail!(
+            "--mesos-cni-conf-dir must differ from --cni-conf-dir: Mesos reads every file of its directory as one single-plugin config"
+        );
     }
     let underlay = netdev::link(&args.underlay_iface).context("--underlay-iface")?;
     if underlay.ipv4.is_none() {
@@ -129,10 +146,39 @@ async fn main() -> anyhow::Result<()> {
     core.set_ipam(overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?);
     core.set_cni_confs(overlay_agent::ipam::CniConfs {
         dir: args.cni_conf_dir.clone(),
+        mesos_dir: args.mesos_cni_conf_dir.clone(),
         agent_socket: std::path::absolute(&args.api_socket).unwrap_or(args.api_socket.clone()),
         mtu: args.mtu,
     });
     let core = Arc::new(Mutex::new(core));
+    // Docker's driver is served before anything waits on the master: dockerd retries a missing
+    // plugin for 15 s a call.
+    let docker = match &args.docker_plugin_socket {
+        Some(sock) => {
+            let driver = Arc::new(overlay_agent::docker::Driver::open(
+                core.clone(),
+                &state_dir,
+                args.mtu,
+            )?);
+            overlay_agent::docker::serve(driver.clone(), sock).await?;
+            if let Some(host) = &args.docker_host {
+                let plugin = sock
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .context("--docker-plugin-socket: no file name")?
+                    .to_owned();
+                overlay_agent::docker::follow_docker(
+                    core.clone(),
+                    driver,
+                    host.clone(),
+                    plugin,
+                    std::time::Duration::from_secs(1),
+                );
+            }
+            Some(sock.clone())
+        }
+        None => None,
+    };
     tracing::info!(
         underlay = %args.underlay_iface, pins = %pins.dir().display(),
         "datapath loaded and attached; existing entries kept"
@@ -173,6 +219,9 @@ async fn main() -> anyhow::Result<()> {
         r = follower => bail!("master follower stopped: {r:?}"),
     }
     let _ = std::fs::remove_file(&args.api_socket);
+    if let Some(sock) = &docker {
+        let _ = std::fs::remove_file(sock);
+    }
     if args.cleanup_on_exit {
         drop(core);
         pins.remove_all()?;

@@ -684,6 +684,66 @@ impl Core {
         Ok(())
     }
 
+    /// This agent's subnet of `network`, if it has one (the Docker driver's pools).
+    pub fn subnet_of(&self, network: &str) -> Option<Ipv4Network> {
+        self.me
+            .as_ref()?
+            .overlays
+            .iter()
+            .find(|o| o.info.name == network)?
+            .subnet
+    }
+
+    /// Takes an address before its endpoint exists (Docker's IPAM RequestAddress): `requested`
+    /// or the next free one of `half`. Persisted before it returns.
+    pub fn reserve_address(
+        &mut self,
+        network: &str,
+        half: overlay_api::agent::Half,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, EndpointError> {
+        let subnet = self.subnet_of(network).ok_or_else(|| {
+            EndpointError::Invalid(format!("network {network:?} has no subnet on this agent"))
+        })?;
+        let taken: BTreeSet<Ipv4Addr> = self
+            .dp
+            .maps_ref()
+            .endpoints()?
+            .keys()
+            .filter_map(|k| match k {
+                IpAddr::V4(ip) => Some(*ip),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let ipam = self
+            .ipam
+            .as_mut()
+            .ok_or_else(|| EndpointError::Invalid("this agent has no IPAM".into()))?;
+        ipam.allocate(network, subnet, half, requested, None, "", &taken)
+            .map_err(|e| match e {
+                IpamError::Exhausted { .. } => EndpointError::Exhausted(e.to_string()),
+                IpamError::Invalid(m) => EndpointError::Invalid(m),
+                IpamError::Conflict(m) => EndpointError::Conflict(m),
+                IpamError::Io(e) => EndpointError::Internal(e),
+            })
+    }
+
+    /// Names the attachment of a reserved address (Docker's CreateEndpoint).
+    pub fn set_attachment(&mut self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+        match &mut self.ipam {
+            Some(ipam) => ipam.set_attachment(ip, attachment),
+            None => Ok(()),
+        }
+    }
+
+    /// Disconnects an endpoint (map entry, program) but keeps its address (Docker's Leave).
+    pub fn unwire_endpoint(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        if let Some(e) = self.dp.maps_ref().endpoints()?.get(&IpAddr::V4(ip)) {
+            self.disconnect(ip, e.ifindex)?;
+        }
+        Ok(())
+    }
+
     /// Releases an attachment: its endpoint and its address. Unknown attachments release
     /// nothing (DEL is idempotent).
     pub fn release_attachment(&mut self, attachment: &str) -> Result<Released, EndpointError> {
@@ -756,11 +816,15 @@ impl Core {
         let (Some(confs), Some(me)) = (&self.cni_confs, &self.me) else {
             return;
         };
-        let networks: Vec<String> = me
+        let networks: Vec<crate::cni_conf::ConfNetwork> = me
             .overlays
             .iter()
-            .filter(|o| o.subnet.is_some() && o.info.is_enabled())
-            .map(|o| o.info.name.clone())
+            .enumerate()
+            .filter(|(_, o)| o.subnet.is_some() && o.info.is_enabled())
+            .map(|(order, o)| crate::cni_conf::ConfNetwork {
+                order,
+                name: o.info.name.clone(),
+            })
             .collect();
         if let Err(e) = confs.sync(&networks) {
             tracing::warn!(dir = %confs.dir.display(), "writing CNI configs: {e:#}");

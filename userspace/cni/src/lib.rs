@@ -3,7 +3,8 @@
 //! ADD creates a veth pair (the container side named `CNI_IFNAME` in `CNI_NETNS`, the host side
 //! `eo<12 hex>` in the agent's namespace), has the local agent allocate an address and wire the
 //! host side to the eBPF datapath (program attached, endpoint map entry written) before it
-//! answers, then gives the container its address, MTU and default route. DEL releases the
+//! answers, then gives the container its address, MTU and default route (on a container's
+//! further networks, a route to that network's subnet instead: one interface per network). DEL releases the
 //! address and the endpoint and removes the veth, and is idempotent. CHECK compares interface,
 //! address, route and the agent's endpoint with what ADD set up. STATUS and GC (1.1.0) ask the
 //! agent. See [`spec`] for the config fields and error codes.
@@ -214,6 +215,15 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
             format!("this agent has no subnet on network {}", conf.network),
         ));
     }
+    // A container on several networks: the first interface takes the default route, the others
+    // route their network's subnet.
+    let has_default = host
+        .ip(Some(netns), &["-j", "route", "show", "default"], None)
+        .ok()
+        .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+        .and_then(|v| v.as_array().map(|a| !a.is_empty()))
+        .unwrap_or(false);
+    let route = spec::route_for(has_default, ov.info.subnet)?;
     if link_json(host, Some(netns), ifname).is_some() {
         return Err(iface_error(format!(
             "interface {ifname} already exists in {netns}"
@@ -288,7 +298,7 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
         ));
     };
     let batch = format!(
-        "addr add {ip}/{prefix} dev {ifname}\nlink set {ifname} up\nroute add default via {gateway} dev {ifname} onlink\n",
+        "addr add {ip}/{prefix} dev {ifname}\nlink set {ifname} up\nroute add {route} via {gateway} dev {ifname} onlink\n",
         ip = ep.ip,
         prefix = range.prefix()
     );
@@ -307,6 +317,7 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
             ip: ep.ip,
             prefix: range.prefix(),
             gateway,
+            route,
         },
     ))
 }
@@ -418,17 +429,20 @@ fn check(host: &dyn Host, req: &Request) -> Result<(), CniError> {
             }
         }
         let routes = host
-            .ip(Some(netns), &["-j", "route", "show", "default"], None)
+            .ip(Some(netns), &["-j", "route", "show", "dev", ifname], None)
             .ok()
             .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
             .unwrap_or_default();
         let gw = ep.gateway.map(|g| g.to_string()).unwrap_or_default();
+        // The default route, or the network's subnet for a container's further interface.
         let ok = routes.as_array().is_some_and(|rs| {
             rs.iter()
-                .any(|r| r["gateway"].as_str() == Some(gw.as_str()) && r["dev"] == ifname)
+                .any(|r| r["gateway"].as_str() == Some(gw.as_str()))
         });
         if !ok {
-            diffs.push(format!("no default route via {gw} dev {ifname}"));
+            diffs.push(format!(
+                "no default route (nor a subnet route) via {gw} dev {ifname}"
+            ));
         }
     }
     if diffs.is_empty() {

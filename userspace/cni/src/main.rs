@@ -3,6 +3,11 @@
 use std::io::{Read as _, Write as _};
 
 fn main() {
+    // Run by hand (no CNI_COMMAND): say what this is, as the reference plugins do.
+    if std::env::var_os("CNI_COMMAND").is_none() {
+        eprint!("{}", overlay_cni::spec::about(env!("CARGO_PKG_VERSION")));
+        return;
+    }
     let vars = std::env::vars_os().filter_map(|(k, v)| {
         let k = k.into_string().ok()?;
         k.starts_with("CNI_").then(|| (k, v.into_string().ok()))

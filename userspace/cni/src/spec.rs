@@ -5,7 +5,7 @@
 //!
 //! | field | meaning | default |
 //! |---|---|---|
-//! | `cniVersion` | `0.4.0`, `1.0.0` or `1.1.0` | required |
+//! | `cniVersion` | `0.1.0`, `0.2.0`, `0.3.0`, `0.3.1`, `0.4.0`, `1.0.0` or `1.1.0` | `0.2.0` (DC/OS's Mesos configs carry none) |
 //! | `name` | CNI network name | required |
 //! | `network` | overlay network on the agent (`dcos`, ...) | `name` |
 //! | `agent_socket` | the agent's API socket (absolute path) | `/run/ebpf-overlay/agent.sock` |
@@ -13,14 +13,62 @@
 //! | `half` | `cni` (first half of the agent subnet) or `docker` (second) | `cni` |
 //!
 //! A static address may be requested with `CNI_ARGS` `IP=a.b.c.d`, `runtimeConfig.ips`
-//! (capability `ips`) or `args.cni.ips`; it must be a usable address of this agent's subnet.
+//! (capability `ips`), `args.cni.ips` or, from Mesos' `network/cni` isolator, the task's
+//! `NetworkInfo.ip_addresses` (`args["org.apache.mesos"]["network_info"]`); it must be a usable
+//! address of this agent's subnet.
+//!
+//! Results are shaped per version: 0.1.0/0.2.0 (and configs without `cniVersion`) get the
+//! `ip4` object Mesos parses, 0.3.x/0.4.0 `interfaces`/`ips` with `ips[].version`, 1.x without
+//! it. CHECK exists from 0.4.0 on, STATUS and GC from 1.1.0 on.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use serde_json::{Value, json};
 
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+pub const SUPPORTED_VERSIONS: &[&str] = &[
+    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+];
 pub const LATEST: &str = "1.1.0";
+/// The version of a config that names none: libcni and Mesos read such results as 0.1/0.2.
+pub const IMPLICIT_VERSION: &str = "0.2.0";
+
+/// The three result layouts the spec has had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultShape {
+    /// 0.1.0, 0.2.0: `ip4 {ip, gateway, routes}`, `ip6`, `dns`.
+    Ip4,
+    /// 0.3.0 .. 0.4.0: `interfaces`, `ips[] {version, address, gateway, interface}`, `routes`.
+    IpsVersioned,
+    /// 1.0.0 on: as 0.4.0 without `ips[].version`.
+    Ips,
+}
+
+pub fn result_shape(version: &str) -> ResultShape {
+    match version {
+        "0.1.0" | "0.2.0" => ResultShape::Ip4,
+        v if v.starts_with("0.") => ResultShape::IpsVersioned,
+        _ => ResultShape::Ips,
+    }
+}
+
+/// Whether `version` knows `command` (CHECK came with 0.4.0, STATUS and GC with 1.1.0).
+fn version_has(version: &str, command: Command) -> bool {
+    match command {
+        Command::Check => !matches!(version, "0.1.0" | "0.2.0" | "0.3.0" | "0.3.1"),
+        Command::Status | Command::Gc => version == "1.1.0",
+        _ => true,
+    }
+}
+
+/// What `ebpf-overlay` prints (to stderr) when run without `CNI_COMMAND`, as the reference
+/// plugins do.
+pub fn about(plugin_version: &str) -> String {
+    format!(
+        "ebpf-overlay CNI plugin v{plugin_version}: attaches containers to an ebpf-overlay network through the local overlay-agent\n\
+         CNI protocol versions supported: {}\n",
+        SUPPORTED_VERSIONS.join(", ")
+    )
+}
 pub const DEFAULT_MTU: u32 = 1420;
 
 /// CNI error codes (spec) and ours (100+).
@@ -154,19 +202,124 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// GC: attachments to keep (`cni.dev/attachments`), as `<container id>/<ifname>`.
     pub valid_attachments: Option<Vec<String>>,
+    /// The task's `NetworkInfo`, when Mesos' `network/cni` isolator calls.
+    pub mesos: Option<MesosNetworkInfo>,
 }
 
-/// The version to answer errors with: the config's when it names one we speak.
+/// The parts of Mesos' `NetworkInfo` (protobuf as JSON, snake_case) the plugin reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MesosNetworkInfo {
+    pub name: Option<String>,
+    /// `labels.labels[{key, value}]`, in order (a label without value has an empty one).
+    pub labels: Vec<(String, String)>,
+    /// Requested IPv4 addresses (`ip_addresses[].ip_address` with protocol IPv4 or none);
+    /// entries without an address ask for any, IPv6 ones are not ours.
+    pub ip_addresses: Vec<Ipv4Addr>,
+}
+
+/// Reads `args["org.apache.mesos"]["network_info"]` (absent: `None`).
+fn parse_mesos(obj: &serde_json::Map<String, Value>) -> Result<Option<MesosNetworkInfo>, CniError> {
+    let invalid = |m: String| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("args.org.apache.mesos.network_info: {m}"),
+        )
+    };
+    let Some(ni) = obj
+        .get("args")
+        .and_then(|a| a.get("org.apache.mesos"))
+        .and_then(|m| m.get("network_info"))
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(None);
+    };
+    let Some(ni) = ni.as_object() else {
+        return Err(invalid(format!("must be an object, not {ni}")));
+    };
+    let mut out = MesosNetworkInfo::default();
+    match ni.get("name") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(n)) => out.name = Some(n.clone()),
+        Some(other) => return Err(invalid(format!("name must be a string, not {other}"))),
+    }
+    if let Some(labels) = ni.get("labels").filter(|v| !v.is_null()) {
+        let list = labels.get("labels").unwrap_or(&Value::Null);
+        let items = match list {
+            Value::Null => &vec![],
+            Value::Array(items) => items,
+            other => {
+                return Err(invalid(format!(
+                    "labels.labels must be a list, not {other}"
+                )));
+            }
+        };
+        for l in items {
+            let key = l.get("key").and_then(Value::as_str);
+            let value = match l.get("value") {
+                None | Some(Value::Null) => Some(""),
+                Some(v) => v.as_str(),
+            };
+            match (key, value) {
+                (Some(k), Some(v)) => out.labels.push((k.to_owned(), v.to_owned())),
+                _ => return Err(invalid(format!("label {l} needs a string key and value"))),
+            }
+        }
+    }
+    match ni.get("ip_addresses") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for a in items {
+                let protocol = match a.get("protocol") {
+                    None | Some(Value::Null) => "IPv4",
+                    Some(p) => p.as_str().ok_or_else(|| {
+                        invalid(format!("ip_addresses: protocol {p} is not a string"))
+                    })?,
+                };
+                if protocol == "IPv6" {
+                    continue;
+                }
+                if protocol != "IPv4" {
+                    return Err(invalid(format!(
+                        "ip_addresses: unknown protocol {protocol:?}"
+                    )));
+                }
+                match a.get("ip_address") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(s)) => {
+                        let ip = parse_ip(s).ok_or_else(|| {
+                            invalid(format!("ip_addresses: {s:?} is not an IPv4 address"))
+                        })?;
+                        if !out.ip_addresses.contains(&ip) {
+                            out.ip_addresses.push(ip);
+                        }
+                    }
+                    Some(other) => {
+                        return Err(invalid(format!(
+                            "ip_addresses: ip_address {other} is not a string"
+                        )));
+                    }
+                }
+            }
+        }
+        Some(other) => return Err(invalid(format!("ip_addresses must be a list, not {other}"))),
+    }
+    Ok(Some(out))
+}
+
+/// The version to answer errors with: the config's when it names one we speak, the implicit
+/// 0.2.0 when a config object names none, else the latest.
 pub fn answer_version(stdin: &[u8]) -> String {
-    serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| LATEST.to_owned())
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(stdin) else {
+        return LATEST.to_owned();
+    };
+    match obj.get("cniVersion") {
+        None | Some(Value::Null) => IMPLICIT_VERSION.to_owned(),
+        Some(v) => v
+            .as_str()
+            .filter(|v| SUPPORTED_VERSIONS.contains(v))
+            .unwrap_or(LATEST)
+            .to_owned(),
+    }
 }
 
 /// Network names as the master accepts them (at most 13 characters, letters, digits, `-`, `_`).
@@ -204,8 +357,7 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
             Some(other) => Err(invalid(format!("{k} must be a string, not {other}"))),
         }
     };
-    let cni_version =
-        string("cniVersion")?.ok_or_else(|| invalid("cniVersion is missing".into()))?;
+    let cni_version = string("cniVersion")?.unwrap_or_else(|| IMPLICIT_VERSION.to_owned());
     if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -276,6 +428,19 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
             }
         }
     }
+    let mesos = parse_mesos(obj)?;
+    if let Some(m) = &mesos {
+        if let Some(n) = m.name.as_deref().filter(|n| *n != name) {
+            return Err(invalid(format!(
+                "args.org.apache.mesos.network_info: name {n:?} is not this network ({name:?})"
+            )));
+        }
+        for ip in &m.ip_addresses {
+            if !ips.contains(ip) {
+                ips.push(*ip);
+            }
+        }
+    }
     if ips.len() > 1 {
         return Err(invalid(format!(
             "ips: one IPv4 address per attachment, got {ips:?}"
@@ -315,6 +480,7 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
         ips,
         prev_result: obj.get("prevResult").cloned().filter(|v| !v.is_null()),
         valid_attachments,
+        mesos,
     })
 }
 
@@ -401,6 +567,15 @@ pub fn parse_request(env: &Env, stdin: &[u8]) -> Result<Request, CniError> {
     let command = Command::parse(cmd_s)
         .ok_or_else(|| CniError::new(code::BAD_ENV, format!("unknown CNI_COMMAND {cmd_s:?}")))?;
     let conf = parse_config(stdin)?;
+    if !version_has(&conf.cni_version, command) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "{cmd_s} is not part of CNI version {} (config's cniVersion)",
+                conf.cni_version
+            ),
+        ));
+    }
     let needs = |v: &Option<String>, name: &str| -> Result<String, CniError> {
         v.clone()
             .filter(|s| !s.is_empty())
@@ -418,18 +593,7 @@ pub fn parse_request(env: &Env, stdin: &[u8]) -> Result<Request, CniError> {
             ifname = Some(needs(&env.ifname, "CNI_IFNAME")?);
             netns = env.netns.clone().filter(|s| !s.is_empty());
         }
-        Command::Status | Command::Gc => {
-            if conf.cni_version != "1.1.0" {
-                return Err(CniError::new(
-                    code::INCOMPATIBLE_VERSION,
-                    format!(
-                        "{cmd_s} needs CNI version 1.1.0, the config has {}",
-                        conf.cni_version
-                    ),
-                ));
-            }
-        }
-        Command::Version => {}
+        Command::Status | Command::Gc | Command::Version => {}
     }
     if let Some(id) = &container_id
         && !valid_container_id(id)
@@ -484,16 +648,48 @@ pub struct Attached {
     pub ip: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    /// The route via the gateway: the default route for the container's first network, the
+    /// overlay network's subnet for each further one (their default routes would collide).
+    pub route: ipnetwork::Ipv4Network,
 }
 
-/// ADD's result, shaped for `version` (0.4.0 carries `ips[].version`).
+/// What a further interface of a container routes: the overlay network's whole subnet.
+pub fn route_for(
+    has_default_route: bool,
+    overlay_subnet: Option<ipnetwork::Ipv4Network>,
+) -> Result<ipnetwork::Ipv4Network, CniError> {
+    if !has_default_route {
+        return Ok(ipnetwork::Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid"));
+    }
+    overlay_subnet.ok_or_else(|| {
+        CniError::new(
+            code::NETWORK_UNAVAILABLE,
+            "the container has a default route already and the network has no subnet to route instead",
+        )
+    })
+}
+
+/// ADD's result, shaped for `version` ([`result_shape`]).
 pub fn add_result(version: &str, a: &Attached) -> String {
+    let default_route = json!({"dst": a.route.to_string(), "gw": a.gateway.to_string()});
+    if result_shape(version) == ResultShape::Ip4 {
+        return json!({
+            "cniVersion": version,
+            "ip4": {
+                "ip": format!("{}/{}", a.ip, a.prefix),
+                "gateway": a.gateway.to_string(),
+                "routes": [default_route],
+            },
+            "dns": {},
+        })
+        .to_string();
+    }
     let mut ip = json!({
         "address": format!("{}/{}", a.ip, a.prefix),
         "gateway": a.gateway.to_string(),
         "interface": 1,
     });
-    if version.starts_with("0.") {
+    if result_shape(version) == ResultShape::IpsVersioned {
         ip["version"] = json!("4");
     }
     json!({
@@ -503,7 +699,7 @@ pub fn add_result(version: &str, a: &Attached) -> String {
             {"name": a.ifname, "mac": a.container_mac, "sandbox": a.netns},
         ],
         "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": a.gateway.to_string()}],
+        "routes": [default_route],
         "dns": {},
     })
     .to_string()
@@ -546,8 +742,9 @@ mod tests {
         let code_of = |s: &str| parse_config(s.as_bytes()).unwrap_err().code;
         assert_eq!(code_of("{"), 6);
         assert_eq!(code_of("[1]"), 6);
-        assert_eq!(code_of(r#"{"name":"x"}"#), 7);
-        assert_eq!(code_of(r#"{"cniVersion":"0.3.1","name":"x"}"#), 1);
+        assert_eq!(code_of(r#"{"cniVersion":"0.4.0"}"#), 7);
+        assert_eq!(code_of(r#"{"cniVersion":"0.5.0","name":"x"}"#), 1);
+        assert_eq!(code_of(r#"{"cniVersion":2,"name":"x"}"#), 7);
         assert_eq!(code_of(r#"{"cniVersion":"1.0.0","name":"x","mtu":100}"#), 7);
         assert_eq!(
             code_of(r#"{"cniVersion":"1.0.0","name":"x","half":"left"}"#),
@@ -650,6 +847,7 @@ mod tests {
             ip: "9.0.1.2".parse().unwrap(),
             prefix: 25,
             gateway: "9.0.1.1".parse().unwrap(),
+            route: route_for(false, None).unwrap(),
         };
         let old: Value = serde_json::from_str(&add_result("0.4.0", &a)).unwrap();
         assert_eq!(old["ips"][0]["version"], "4");
@@ -661,7 +859,164 @@ mod tests {
         assert_eq!(new["routes"][0]["gw"], "9.0.1.1");
         let v: Value = serde_json::from_str(&version_result(br#"{"cniVersion":"0.4.0"}"#)).unwrap();
         assert_eq!(v["cniVersion"], "0.4.0");
-        assert_eq!(v["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(
+            v["supportedVersions"],
+            json!([
+                "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"
+            ])
+        );
+        // 0.3.x: as 0.4.0.
+        let v03: Value = serde_json::from_str(&add_result("0.3.1", &a)).unwrap();
+        assert_eq!(v03["ips"][0]["version"], "4");
+        assert_eq!(v03["interfaces"][1]["name"], "eth0");
+        // 0.1/0.2: the ip4 object Mesos parses, nothing of the later shapes.
+        for version in ["0.1.0", "0.2.0"] {
+            let v: Value = serde_json::from_str(&add_result(version, &a)).unwrap();
+            assert_eq!(v["cniVersion"], version);
+            assert_eq!(v["ip4"]["ip"], "9.0.1.2/25");
+            assert_eq!(v["ip4"]["gateway"], "9.0.1.1");
+            assert_eq!(
+                v["ip4"]["routes"][0],
+                json!({"dst": "0.0.0.0/0", "gw": "9.0.1.1"})
+            );
+            assert!(
+                v.get("ips").is_none() && v.get("interfaces").is_none(),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_network_routes_its_subnet_not_the_default() {
+        assert_eq!(route_for(false, None).unwrap().to_string(), "0.0.0.0/0");
+        let blue = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(route_for(true, Some(blue)).unwrap(), blue);
+        assert_eq!(
+            route_for(true, None).unwrap_err().code,
+            code::NETWORK_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn a_config_without_cni_version_is_0_2_0() {
+        let mesos = br#"{"name":"dcos","type":"ebpf-overlay"}"#;
+        let c = parse_config(mesos).unwrap();
+        assert_eq!(c.cni_version, "0.2.0");
+        assert_eq!(result_shape(&c.cni_version), ResultShape::Ip4);
+        assert_eq!(answer_version(mesos), "0.2.0");
+        assert_eq!(answer_version(br#"{"cniVersion":"0.3.0"}"#), "0.3.0");
+        assert_eq!(answer_version(br#"{"cniVersion":"9.9.9"}"#), LATEST);
+        assert_eq!(answer_version(b"not json"), LATEST);
+        // ADD and DEL work on it; CHECK (0.4.0 on) and STATUS (1.1.0) do not exist there.
+        assert!(parse_request(&env("ADD"), mesos).is_ok());
+        assert!(parse_request(&env("DEL"), mesos).is_ok());
+        for cmd in ["CHECK", "STATUS", "GC"] {
+            assert_eq!(
+                parse_request(&env(cmd), mesos).unwrap_err().code,
+                1,
+                "{cmd}"
+            );
+        }
+        let v031 = br#"{"cniVersion":"0.3.1","name":"dcos"}"#;
+        assert_eq!(parse_request(&env("CHECK"), v031).unwrap_err().code, 1);
+        let v040 = br#"{"cniVersion":"0.4.0","name":"dcos"}"#;
+        assert!(parse_request(&env("CHECK"), v040).is_ok());
+    }
+
+    /// What Mesos' isolator sends: the file's JSON plus the task's NetworkInfo.
+    fn mesos_conf(network_info: Value) -> Vec<u8> {
+        json!({
+            "name": "dcos",
+            "type": "ebpf-overlay",
+            "args": {"org.apache.mesos": {"network_info": network_info}},
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn mesos_network_info_is_read() {
+        let conf = mesos_conf(json!({
+            "name": "dcos",
+            "labels": {"labels": [{"key": "team", "value": "web"}, {"key": "bare"}]},
+            "port_mappings": [{"host_port": 8080, "container_port": 80, "protocol": "tcp"}],
+            "ip_addresses": [
+                {"protocol": "IPv6"},
+                {"ip_address": "9.0.1.9"},
+                {"protocol": "IPv4", "ip_address": "9.0.1.9"},
+                {"protocol": "IPv4"},
+            ],
+            "groups": ["g"],
+        }));
+        let c = parse_config(&conf).unwrap();
+        let m = c.mesos.as_ref().unwrap();
+        assert_eq!(m.name.as_deref(), Some("dcos"));
+        assert_eq!(
+            m.labels,
+            vec![
+                ("team".into(), "web".into()),
+                ("bare".into(), String::new())
+            ]
+        );
+        assert_eq!(m.ip_addresses, vec!["9.0.1.9".parse::<Ipv4Addr>().unwrap()]);
+        let r = parse_request(&env("ADD"), &conf).unwrap();
+        assert_eq!(r.ip, Some("9.0.1.9".parse().unwrap()));
+        // Without a NetworkInfo (or with an empty one) nothing is requested.
+        let plain = parse_config(br#"{"name":"dcos"}"#).unwrap();
+        assert_eq!(plain.mesos, None);
+        let empty = parse_config(&mesos_conf(json!({}))).unwrap();
+        assert_eq!(empty.mesos, Some(MesosNetworkInfo::default()));
+        assert_eq!(
+            parse_request(&env("ADD"), &mesos_conf(json!({})))
+                .unwrap()
+                .ip,
+            None
+        );
+        // A requested address that differs from CNI_ARGS' is refused.
+        let mut e = env("ADD");
+        e.args = Some("IP=9.0.1.10".into());
+        assert_eq!(parse_request(&e, &conf).unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn malformed_mesos_network_info_names_the_field() {
+        for (ni, field) in [
+            (json!("dcos"), "must be an object"),
+            (json!({"name": 3}), "name"),
+            (json!({"name": "blue"}), "is not this network"),
+            (json!({"labels": {"labels": {"key": "a"}}}), "labels.labels"),
+            (json!({"labels": {"labels": [{"value": "v"}]}}), "label"),
+            (
+                json!({"ip_addresses": "9.0.1.9"}),
+                "ip_addresses must be a list",
+            ),
+            (
+                json!({"ip_addresses": [{"ip_address": "nope"}]}),
+                "not an IPv4 address",
+            ),
+            (
+                json!({"ip_addresses": [{"protocol": "IPX", "ip_address": "9.0.1.9"}]}),
+                "protocol",
+            ),
+            (
+                json!({"ip_addresses": [{"ip_address": "9.0.1.9"}, {"ip_address": "9.0.1.10"}]}),
+                "one IPv4 address",
+            ),
+        ] {
+            let e = parse_config(&mesos_conf(ni.clone())).unwrap_err();
+            assert_eq!(e.code, 7, "{ni}");
+            assert!(e.msg.contains(field), "{ni}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn about_names_the_plugin_and_its_versions() {
+        let a = about("1.2.3");
+        assert!(a.starts_with("ebpf-overlay CNI plugin v1.2.3"), "{a}");
+        assert!(
+            a.contains("0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+            "{a}"
+        );
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub struct ClusterSpec {
     pub bin_dir: PathBuf,
     /// Container MTU given to agents and containers.
     pub mtu: u32,
-    /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests).
+    /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests); `{agent}` in them
+    /// becomes the agent's role (`a1`, ...), for per-agent paths.
     pub agent_args: Vec<String>,
     /// Extra `overlay-master` arguments (e.g. a short allocation quarantine in tests).
     pub master_args: Vec<String>,
@@ -284,6 +285,21 @@ impl Cluster {
         self.work_dir.join(format!("{agent}.sock"))
     }
 
+    /// Where the agent of `agent` writes its CNI config lists (`NN-<network>.conflist`).
+    pub fn cni_conf_dir(&self, agent: &str) -> PathBuf {
+        self.work_dir.join(format!("{agent}-cni"))
+    }
+
+    /// Where the agent of `agent` writes Mesos' single-plugin configs (`<network>.conf`).
+    pub fn mesos_cni_conf_dir(&self, agent: &str) -> PathBuf {
+        self.work_dir.join(format!("{agent}-mesos-cni"))
+    }
+
+    /// A per-cluster scratch directory (removed with the cluster).
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
     pub fn agent(&self, agent: &str) -> LocalClient {
         LocalClient::new(self.socket(agent))
     }
@@ -356,9 +372,11 @@ impl Cluster {
                 .to_str()
                 .unwrap(),
             "--cni-conf-dir",
-            self.work_dir.join(format!("{agent}-cni")).to_str().unwrap(),
+            self.cni_conf_dir(agent).to_str().unwrap(),
+            "--mesos-cni-conf-dir",
+            self.mesos_cni_conf_dir(agent).to_str().unwrap(),
         ])
-        .args(&self.agent_args)
+        .args(self.agent_args.iter().map(|a| a.replace("{agent}", agent)))
         .stdout(log.try_clone()?)
         .stderr(log);
         let pid = self.lab.spawn_command(cmd)?;
