@@ -90,6 +90,9 @@ counters! {
     /// Traffic to outside the overlay that masquerade cannot translate (not TCP, UDP or ICMP
     /// echo), or from a network that does not masquerade and has nowhere else to go.
     DropNatUnsupported = 31 => "drop_nat_unsupported",
+    /// A frame from a container with a VLAN tag (in band, or stripped by the kernel into the skb's
+    /// metadata): it would leave the agent's NIC tagged, VLAN hopping on a trunk port.
+    DropVlanTagged = 32 => "drop_vlan_tagged",
 }
 
 impl Counter {

@@ -45,10 +45,14 @@ pub fn from_container(ctx: TcContext) -> i32 {
 
 fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     let none = |c| (NO_NETWORK, c);
+    let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0).map_err(none)?);
+    // Before anything else: a tag must never reach the underlay (VLAN hopping).
+    if skb::vlan_tagged(ctx, eth.ethertype) {
+        return Err(none(Counter::DropVlanTagged));
+    }
     let Some(cfg) = maps::config() else {
         return Err(none(Counter::DropNotReady));
     };
-    let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0).map_err(none)?);
     match eth.ethertype {
         ETH_P_IP => {}
         ETH_P_ARP => return arp::respond(ctx),
@@ -134,6 +138,8 @@ pub fn from_host(ctx: TcContext) -> i32 {
     let verdict = match maps::config() {
         None => Err((NO_NETWORK, Counter::DropNotReady)),
         Some(cfg) => match skb::load::<ETH_HLEN>(&ctx, 0).map(|e| EthHeader::parse(&e).ethertype) {
+            // The host's tagged frames have no VLAN to go to in the overlay either.
+            Ok(t) if skb::vlan_tagged(&ctx, t) => Err((NO_NETWORK, Counter::DropVlanTagged)),
             Ok(ETH_P_IP) => host::forward(&ctx, cfg),
             Ok(ETH_P_ARP) => host::answer_arp(&ctx),
             // IPv6 and the rest: nothing in the overlay to take it yet.
