@@ -199,3 +199,354 @@ fn vlan_tagged_frames_from_a_container_are_dropped_and_counted() {
     assert_eq!(stat(&c, "a1", DCOS, Counter::Encapsulated), 1);
     assert_eq!(stat(&c, "a1", DCOS, Counter::Masqueraded), 1);
 }
+
+/// Starts a UDP listener on `port` in the container (killed with the lab): it counts the
+/// datagrams it gets into `<file>` when it ends, after `seconds`.
+fn udp_listener(c: &mut Cluster, x: &Container, port: u16, seconds: u32) -> PathBuf {
+    const SCRIPT: &str = "import socket, sys, time\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.bind(('0.0.0.0', int(sys.argv[1])))\n\
+        s.settimeout(0.1)\n\
+        open(sys.argv[3] + '.ready', 'w').close()\n\
+        n, end = 0, time.time() + float(sys.argv[2])\n\
+        while time.time() < end:\n    try:\n        s.recv(2048); n += 1\n    except socket.timeout:\n        pass\n\
+        open(sys.argv[3], 'w').write(str(n))\n";
+    let out = std::env::temp_dir().join(format!("{}-{}-{port}.udp", c.lab.id(), x.host_veth));
+    let mut cmd = x.node.command("python3");
+    cmd.args(["-c", SCRIPT, &port.to_string(), &seconds.to_string()])
+        .arg(&out)
+        .stdin(Stdio::null());
+    c.lab.spawn_command(cmd).unwrap();
+    let ready = out.with_extension("udp.ready");
+    let start = Instant::now();
+    while !ready.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "listener did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(ready);
+    out
+}
+
+/// What a listener from [`udp_listener`] counted (waits for it to finish).
+fn received(out: &PathBuf) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(out)
+            && let Ok(n) = text.trim().parse()
+        {
+            let _ = std::fs::remove_file(out);
+            return n;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "listener never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Finding 2: a container sends an ordinary UDP datagram to another agent's underlay address on
+/// the VXLAN port, with a VXLAN frame as payload (into another network, with an inner source
+/// the sending agent owns there). Masquerade would give it the sending agent's address, a known
+/// VTEP, and the peer would deliver the inner frame. It is dropped on the sending agent, and a
+/// peer refuses VXLAN from a masquerade port (the second line) even from elsewhere.
+#[test]
+fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
+    let mut c = cluster(2, &[]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let y = c.add_container("a2", "blue").unwrap();
+    let z = c.add_container("a2", "dcos").unwrap();
+    let a1_ip = c.lab.node("a1").unwrap().ip.unwrap();
+    let a2_ip = c.lab.node("a2").unwrap().ip.unwrap();
+    let a2 = maps(&c, "a2");
+    let a2_vtep_mac = a2.config().unwrap().unwrap().vtep_mac;
+    let endpoints = a2.endpoints().unwrap();
+    let vni_of = |t: &Container| endpoints[&std::net::IpAddr::V4(ip(t))].vni;
+    // An inner source the sending agent owns on each victim's network: the peer's anti-spoofing
+    // check (inner source inside a subnet of the outer source's) passes.
+    let owned_by_a1 = |vni: u32| -> Ipv4Addr {
+        let (net, _) = a2
+            .routes()
+            .unwrap()
+            .into_iter()
+            .find(|(_, r)| {
+                r.vni == vni
+                    && overlay_agent::datapath::from_addr16(&r.underlay_ip)
+                        == std::net::IpAddr::V4(a1_ip)
+            })
+            .expect("a route to a1 on the network");
+        match net.network() {
+            std::net::IpAddr::V4(n) => Ipv4Addr::from(u32::from(n) + 77),
+            _ => unreachable!(),
+        }
+    };
+    let crafted = |victim: &Container, src: Ipv4Addr| {
+        let inner = ipv4(src, ip(victim), IPPROTO_UDP, &udp(5555, 9999, b"smuggled"));
+        vxlan(
+            0x08,
+            vni_of(victim),
+            &eth(victim.node.mac(&victim.ifname).unwrap(), a2_vtep_mac, ETH_P_IP, &inner),
+        )
+    };
+    let payloads = vec![
+        // Into another network (x is on dcos, y on blue).
+        crafted(&y, owned_by_a1(vni_of(&y))),
+        // On x's own network but with a spoofed inner source.
+        crafted(&z, owned_by_a1(vni_of(&z))),
+    ];
+    let y_out = udp_listener(&mut c, &y, 9999, 3);
+    let z_out = udp_listener(&mut c, &z, 9999, 3);
+    send_udp(&x.node, a2_ip, VXLAN_PORT, &payloads).unwrap();
+    // To this agent itself on the VXLAN port, too.
+    send_udp(&x.node, a1_ip, VXLAN_PORT, &payloads[..1]).unwrap();
+    assert_eq!(
+        wait_for_stat(&c, "a1", DCOS, Counter::DropContainerVxlan, 3),
+        3,
+        "drop_container_vxlan; counters:\n{}",
+        all_stats(&c, "a1")
+    );
+    assert_eq!(received(&y_out), 0, "the smuggled frame reached another network");
+    assert_eq!(received(&z_out), 0, "the spoofed frame reached a peer container");
+    assert_eq!(stat(&c, "a2", vni_of(&y), Counter::Decapsulated), 0);
+    assert_eq!(stat(&c, "a1", DCOS, Counter::Masqueraded), 0);
+
+    // The second line: VXLAN from a masquerade port is refused before anything else, whoever
+    // sends it (here the external host, from port 61500).
+    let before = stat(&c, "a2", NO_NETWORK, Counter::DropVxlanNatPort);
+    let script = "import socket, sys\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.bind(('0.0.0.0', 61500))\n\
+        s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], 64000))\n";
+    c.lab
+        .external()
+        .exec("python3", &["-c", script, &hex(&payloads[1]), &a2_ip.to_string()])
+        .unwrap();
+    assert_eq!(
+        wait_for_stat(&c, "a2", NO_NETWORK, Counter::DropVxlanNatPort, before + 1),
+        before + 1,
+        "drop_vxlan_nat_port; counters:\n{}",
+        all_stats(&c, "a2")
+    );
+}
+
+
+/// An IPv6 frame from `src_mac` (link-local source derived from it) to all nodes, carrying an
+/// ICMPv6 message whose checksum is computed here.
+fn icmpv6_frame(src_mac: [u8; 6], icmp: &[u8]) -> Vec<u8> {
+    let mut src = [0u8; 16];
+    src[0] = 0xfe;
+    src[1] = 0x80;
+    src[8] = src_mac[0] ^ 0x02;
+    src[9] = src_mac[1];
+    src[10] = src_mac[2];
+    src[11] = 0xff;
+    src[12] = 0xfe;
+    src[13] = src_mac[3];
+    src[14] = src_mac[4];
+    src[15] = src_mac[5];
+    let mut dst = [0u8; 16];
+    dst[0] = 0xff;
+    dst[1] = 0x02;
+    dst[15] = 1;
+    let mut msg = icmp.to_vec();
+    let mut pseudo = vec![];
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&msg);
+    let c = inet_checksum(&pseudo);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    p.push(58);
+    p.push(255); // hop limit: RFC 4861 messages must arrive with 255
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&msg);
+    eth([0x33, 0x33, 0, 0, 0, 1], src_mac, ETH_P_IPV6, &p)
+}
+
+/// A Router Advertisement (RFC 4861 4.2): default router for 1800 s, with the container's MAC
+/// and an autonomous on-link prefix 2001:db8:17::/64 (SLAAC would give the host an address).
+fn router_advertisement(src_mac: [u8; 6]) -> Vec<u8> {
+    let mut m = vec![134, 0, 0, 0, 64, 0];
+    m.extend_from_slice(&1800u16.to_be_bytes()); // router lifetime
+    m.extend_from_slice(&[0; 8]); // reachable time, retrans timer
+    m.extend_from_slice(&[1, 1]); // source link-layer address option
+    m.extend_from_slice(&src_mac);
+    m.extend_from_slice(&[3, 4, 64, 0xc0]); // prefix information: /64, on-link + autonomous
+    m.extend_from_slice(&86400u32.to_be_bytes()); // valid lifetime
+    m.extend_from_slice(&14400u32.to_be_bytes()); // preferred lifetime
+    m.extend_from_slice(&[0; 4]);
+    m.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    m
+}
+
+/// A Redirect (RFC 4861 4.5): "reach 2001:db8:99::1 through me".
+fn redirect() -> Vec<u8> {
+    let mut m = vec![137, 0, 0, 0, 0, 0, 0, 0];
+    let mut target = [0u8; 16];
+    target[0] = 0xfe;
+    target[1] = 0x80;
+    target[15] = 0x99;
+    m.extend_from_slice(&target);
+    m.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    m
+}
+
+/// The agent namespace's IPv6 routes (every table) and addresses, for before/after comparison.
+fn ipv6_config(node: &overlay_lab::Node) -> String {
+    let routes = node.exec("ip", &["-6", "route", "show", "table", "all"]).unwrap();
+    let addrs = node.exec("ip", &["-6", "-o", "addr", "show"]).unwrap();
+    // Lifetimes count down; the rest must not change.
+    let addrs: Vec<String> = addrs
+        .lines()
+        .map(|l| l.split("valid_lft").next().unwrap_or(l).trim().to_owned())
+        .collect();
+    format!("{routes}\n{}", addrs.join("\n"))
+}
+
+/// Finding 4: a container's Router Advertisement (default route + autonomous prefix) and
+/// Redirect change nothing on the agent host; they and any other IPv6 are dropped and counted,
+/// and the host-side veth does not accept router messages at all.
+#[test]
+fn a_router_advertisement_from_a_container_changes_nothing_on_the_host() {
+    let mut c = cluster(1, &[]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let a1 = c.lab.node("a1").unwrap().clone();
+    let (x_mac, gw_mac) = macs(&c, &x);
+    // Let the veth's link-local address settle (DAD) so the host would process an RA.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = ipv6_config(&a1);
+    let counted = |c: &Cluster| {
+        (
+            stat(c, "a1", NO_NETWORK, Counter::DropRouterMessage),
+            stat(c, "a1", NO_NETWORK, Counter::DropIpv6),
+        )
+    };
+    let (ra_before, v6_before) = counted(&c);
+    send_frames(
+        &x,
+        &[
+            icmpv6_frame(x_mac, &router_advertisement(x_mac)),
+            icmpv6_frame(x_mac, &router_advertisement(x_mac)),
+            icmpv6_frame(x_mac, &redirect()),
+            ipv6_udp_frame(gw_mac, x_mac, 9999),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (ra, v6) = counted(&c);
+    assert_eq!(ra - ra_before, 3, "drop_ra_or_redirect; counters:\n{}", all_stats(&c, "a1"));
+    assert!(v6 > v6_before, "drop_ipv6 not counted");
+    let after = ipv6_config(&a1);
+    assert_eq!(before, after, "the agent host's IPv6 configuration changed");
+    assert!(!after.contains("2001:db8:17"), "{after}");
+    assert!(!after.contains("default"), "{after}");
+    // Second line: the host side would not listen anyway.
+    for knob in ["accept_ra", "accept_redirects"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{}/{knob}", x.host_veth);
+        assert_eq!(a1.exec("cat", &[&path]).unwrap().trim(), "0", "{path}");
+    }
+    for dev in ["ovl-host", "ovl-net"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{dev}/accept_ra");
+        assert_eq!(a1.exec("cat", &[&path]).unwrap().trim(), "0", "{path}");
+    }
+
+    // Control: the same RA on a link of the agent namespace without the datapath (a veth pair
+    // with the kernel's defaults) does configure the host, so the frames above were real RAs.
+    let (probe, probe_peer) = ("rat0", "rat1");
+    a1.exec("ip", &["link", "add", probe, "type", "veth", "peer", "name", probe_peer])
+        .unwrap();
+    let configured = (|| {
+        a1.exec("ip", &["link", "set", probe, "up"])?;
+        a1.exec("ip", &["link", "set", probe_peer, "up"])?;
+        std::thread::sleep(Duration::from_secs(2));
+        let peer_mac = a1.mac(probe_peer)?;
+        let frame = hex(&icmpv6_frame(peer_mac, &router_advertisement(peer_mac)));
+        a1.exec(
+            "python3",
+            &[
+                "-c",
+                "import socket, sys\n\
+                 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n\
+                 s.bind((sys.argv[1], 0))\n\
+                 s.send(bytes.fromhex(sys.argv[2]))\n",
+                probe_peer,
+                &frame,
+            ],
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        a1.exec("ip", &["-6", "route", "show", "default"])
+    })();
+    a1.exec("ip", &["link", "del", probe]).unwrap();
+    let configured = configured.unwrap();
+    assert!(
+        configured.contains(probe),
+        "the control RA did not configure the host either: {configured:?}"
+    );
+}
+
+/// Whether a TCP connection from `node` to `dst:port` is accepted within 1.5 s.
+fn tcp_connects(node: &overlay_lab::Node, dst: Ipv4Addr, port: u16) -> bool {
+    const SCRIPT: &str = "import socket, sys\n\
+        try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5).close()\n    print('ok')\n\
+        except OSError:\n    print('refused')\n";
+    node.exec("python3", &["-c", SCRIPT, &dst.to_string(), &port.to_string()])
+        .unwrap()
+        .trim()
+        == "ok"
+}
+
+/// The container's default gateway: its agent's host in the container's network.
+fn gateway_of(x: &Container) -> Ipv4Addr {
+    let route = x.node.exec("ip", &["route", "show", "default"]).unwrap();
+    let via = route.split_whitespace().skip_while(|w| *w != "via").nth(1);
+    via.and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no gateway in {route:?}"))
+}
+
+/// Finding 1's datapath half: containers cannot reach the master's API (it is reachable through
+/// masquerade like any outside address) nor an agent's control port (`--metrics-listen`) on any
+/// agent's address, while the agents themselves can; `--allow-containers-to-master` opens the
+/// master and only the master.
+#[test]
+fn containers_cannot_reach_the_control_plane_unless_allowed() {
+    let master = overlay_lab::fabric_ip(1);
+    let master_port = overlay_lab::cluster::MASTER_PORT;
+    {
+        let mut c = cluster(2, &["--metrics-listen", "0.0.0.0:9101"]);
+        let x = c.add_container("a1", "dcos").unwrap();
+        let a1 = c.lab.node("a1").unwrap().clone();
+        let a1_ip = a1.ip.unwrap();
+        let a2_ip = c.lab.node("a2").unwrap().ip.unwrap();
+        assert!(tcp_connects(&a1, master, master_port), "the agent's own way to the master");
+        assert!(tcp_connects(&a1, a1_ip, 9101), "the metrics port listens");
+        assert!(
+            !tcp_connects(&x.node, master, master_port),
+            "a container reached the master's API"
+        );
+        for dst in [a1_ip, gateway_of(&x), a2_ip] {
+            assert!(!tcp_connects(&x.node, dst, 9101), "a container reached {dst}:9101");
+        }
+        let denied = stat(&c, "a1", DCOS, Counter::DropControlPlane);
+        assert!(denied >= 4, "drop_control_plane {denied}; counters:\n{}", all_stats(&c, "a1"));
+        // Everything else outside still works.
+        assert!(x.node.ping(EXT), "masquerade to the outside");
+    }
+    let mut c = cluster(1, &["--allow-containers-to-master", "--metrics-listen", "0.0.0.0:9101"]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let a1_ip = c.lab.node("a1").unwrap().ip.unwrap();
+    assert!(
+        tcp_connects(&x.node, master, master_port),
+        "--allow-containers-to-master: the container should reach the master"
+    );
+    assert!(!tcp_connects(&x.node, a1_ip, 9101), "the agent port stays closed");
+    assert_eq!(
+        maps(&c, "a1")
+            .protected()
+            .unwrap()
+            .iter()
+            .filter(|d| d.addr.is_some())
+            .count(),
+        0,
+        "no master entry with the allow flag"
+    );
+}

@@ -21,10 +21,11 @@ pub mod names {
     pub const STATS: &str = "OVL_STATS";
     pub const NAT: &str = "OVL_NAT";
     pub const NAT_CONFIG: &str = "OVL_NAT_CONFIG";
+    pub const PROTECTED: &str = "OVL_PROTECTED";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
-        CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG,
+        CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG, PROTECTED,
     ];
 }
 
@@ -58,6 +59,8 @@ pub mod capacity {
     pub const STATS: u32 = 16384;
     /// Connection-tracking entries (two per masqueraded flow), LRU-evicted when full.
     pub const NAT: u32 = 131072;
+    /// Control-plane destinations containers may not reach.
+    pub const PROTECTED: u32 = 256;
 }
 
 /// A 16-byte address (IPv6, or IPv4-mapped IPv6), network order.
@@ -275,6 +278,40 @@ pub struct NatConfig {
     pub icmp_timeout_s: u32,
 }
 
+/// Key of `OVL_PROTECTED`: a destination containers may not reach (the master's API, an agent's
+/// control port). [`ProtectedKey::ANY_AGENT`] as the address stands for every agent's addresses:
+/// this agent's underlay address and gateways, and every known VTEP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProtectedKey {
+    pub addr: Addr16,
+    /// Destination port (host order).
+    pub port: u16,
+    /// IP protocol (TCP or UDP).
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl ProtectedKey {
+    pub const ANY_AGENT: Addr16 = [0; 16];
+
+    pub const fn new(addr: Addr16, port: u16, protocol: u8) -> ProtectedKey {
+        ProtectedKey {
+            addr,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `OVL_PROTECTED` (its presence is the rule; the flags are for later policies).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Protected {
+    pub flags: u32,
+}
+
 /// Key of `OVL_STATS` (per-CPU): one counter of one network.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -310,6 +347,8 @@ const _: () = {
     assert!(size_of::<NatKey>() == 40);
     assert!(size_of::<NatEntry>() == 32);
     assert!(size_of::<NatConfig>() == 24);
+    assert!(size_of::<ProtectedKey>() == 20);
+    assert!(size_of::<Protected>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -331,6 +370,8 @@ mod pod {
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for NatConfig {}
+    unsafe impl aya::Pod for ProtectedKey {}
+    unsafe impl aya::Pod for Protected {}
 }
 
 #[cfg(test)]

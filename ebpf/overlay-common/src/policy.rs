@@ -2,6 +2,8 @@
 //! datapath's guards (VLAN tags, IPv6 until the IPv6 datapath exists, VXLAN smuggled through
 //! masquerade), unit-tested on the host.
 
+use crate::counters::Counter;
+
 /// 802.1Q (C-tag).
 pub const ETH_P_8021Q: u16 = 0x8100;
 /// 802.1ad (S-tag, QinQ).
@@ -23,6 +25,35 @@ pub const fn is_vlan_tagged(ethertype: u16, vlan_present: u32, vlan_proto: u32) 
     vlan_present != 0 || is_vlan_ethertype(ethertype) || is_vlan_ethertype(vlan_proto as u16)
 }
 
+/// IPv6 next-header value of ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// Offset of the next-header field in the IPv6 header, and the header's length.
+pub const IPV6_NEXT_HEADER_AT: usize = 6;
+pub const IPV6_HLEN: usize = 40;
+/// ICMPv6 types (RFC 4861) a container must never get to the host.
+pub const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
+pub const ICMPV6_REDIRECT: u8 = 137;
+
+/// Why an IPv6 packet from a container is dropped: Router Advertisements and Redirects (their
+/// ICMPv6 type, when the next header is ICMPv6) get their own reason, everything else is IPv6 the
+/// datapath does not carry yet. (Behind extension headers an RA is still dropped, as IPv6.)
+#[inline(always)]
+pub const fn ipv6_drop_reason(next_header: u8, icmpv6_type: u8) -> Counter {
+    if next_header == IPPROTO_ICMPV6
+        && (icmpv6_type == ICMPV6_ROUTER_ADVERTISEMENT || icmpv6_type == ICMPV6_REDIRECT)
+    {
+        Counter::DropRouterMessage
+    } else {
+        Counter::DropIpv6
+    }
+}
+
+/// Whether `port` lies in `min..=max` (a masquerade port range).
+#[inline(always)]
+pub const fn in_port_range(port: u16, min: u16, max: u16) -> bool {
+    port >= min && port <= max
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +69,29 @@ mod tests {
         assert!(!is_vlan_tagged(0x0800, 0, 0));
         assert!(!is_vlan_tagged(0x0806, 0, 0));
         assert!(!is_vlan_tagged(0x86dd, 0, 0));
+    }
+
+    #[test]
+    fn router_messages_have_their_own_reason() {
+        assert_eq!(ipv6_drop_reason(58, 134), Counter::DropRouterMessage);
+        assert_eq!(ipv6_drop_reason(58, 137), Counter::DropRouterMessage);
+        assert_eq!(ipv6_drop_reason(58, 133), Counter::DropIpv6, "solicitation");
+        assert_eq!(ipv6_drop_reason(58, 135), Counter::DropIpv6, "neighbour solicitation");
+        assert_eq!(ipv6_drop_reason(17, 134), Counter::DropIpv6, "UDP, not ICMPv6");
+        assert_eq!(ipv6_drop_reason(0, 134), Counter::DropIpv6, "behind hop-by-hop");
+    }
+
+    #[test]
+    fn port_ranges_are_inclusive() {
+        assert!(in_port_range(61000, 61000, 63999));
+        assert!(in_port_range(63999, 61000, 63999));
+        assert!(!in_port_range(60999, 61000, 63999));
+        assert!(!in_port_range(64000, 61000, 63999));
+        // Our VXLAN source ports never fall into the default masquerade range.
+        use crate::packet::{VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN, vxlan_source_port};
+        assert!(VXLAN_SOURCE_PORT_MAX < 61000 && VXLAN_SOURCE_PORT_MIN > 1024);
+        for h in [0u32, 7, 0xffff_ffff, 0x1234_5678] {
+            assert!(!in_port_range(vxlan_source_port(h), 61000, 63999));
+        }
     }
 }

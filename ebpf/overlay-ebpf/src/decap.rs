@@ -7,6 +7,7 @@ use aya_ebpf::{
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
+    policy::in_port_range,
     packet::{
         ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
         classify_underlay, parse_vxlan,
@@ -15,7 +16,7 @@ use overlay_common::{
 
 use crate::{
     isolation::remote_sender_matches,
-    maps::{endpoint, is_known_network, is_known_vtep},
+    maps::{endpoint, is_known_network, is_known_vtep, nat_config},
     skb,
 };
 
@@ -77,6 +78,13 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
             vxlan_offset,
         } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
     };
+    // Agents send VXLAN from ports outside the masquerade range; from inside it, it is a
+    // container's datagram that masquerade gave this agent's address (a second line behind
+    // `guard::to_outside` on the sending agent).
+    let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
+    if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
+        return Err(none(Counter::DropVxlanNatPort));
+    }
     if !is_known_vtep(outer_src) {
         return Err(none(Counter::DropUnknownVtep));
     }

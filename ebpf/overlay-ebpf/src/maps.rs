@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, Network, NetworkKey,
-    OverlaySubnet, RemoteRoute, Stat, StatKey, Vtep, VtepKey, capacity,
+    OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep, VtepKey, capacity,
 };
 
 #[btf_map]
@@ -40,6 +40,18 @@ pub static OVL_NAT: LruHashMap<NatKey, NatEntry, { capacity::NAT as usize }> = L
 
 #[btf_map]
 pub static OVL_NAT_CONFIG: Array<NatConfig, 1> = Array::new();
+
+#[btf_map]
+pub static OVL_PROTECTED: HashMap<ProtectedKey, Protected, { capacity::PROTECTED as usize }> =
+    HashMap::new();
+
+/// Whether containers may not reach `addr:port` over `protocol`.
+#[inline(always)]
+pub fn is_protected(addr: Addr16, port: u16, protocol: u8) -> bool {
+    OVL_PROTECTED
+        .get_ptr(ProtectedKey::new(addr, port, protocol))
+        .is_some()
+}
 
 /// Masquerade settings, once the agent has written them (a port range is never empty).
 #[inline(always)]

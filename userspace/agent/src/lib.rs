@@ -6,6 +6,7 @@
 //! [`runtime`] owns the running agent; [`api`] serves it.
 
 pub mod api;
+pub mod control_plane;
 pub mod datapath;
 pub mod desired;
 pub mod host_link;

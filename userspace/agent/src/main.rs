@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use overlay_agent::{
-    api,
+    api, control_plane,
     datapath::{Datapath, PinLayout},
     host_link, masquerade, netdev,
     runtime::{Core, follow_master},
@@ -73,6 +73,14 @@ struct Args {
     /// Ports tried for a new flow before it is refused (drop_nat_no_port).
     #[arg(long, default_value_t = 32)]
     nat_max_probes: u32,
+    /// Let containers reach the master's API. By default they cannot (drop_control_plane): the
+    /// master is reachable through masquerade like any outside address.
+    #[arg(long)]
+    allow_containers_to_master: bool,
+    /// An agent control port containers may not reach on any agent's address (PORT, PORT/tcp or
+    /// PORT/udp; repeatable). The --metrics-listen port is always one.
+    #[arg(long = "protect-agent-port")]
+    protect_agent_ports: Vec<String>,
 }
 
 #[tokio::main]
@@ -119,6 +127,24 @@ async fn main() -> anyhow::Result<()> {
         timeouts,
         args.nat_max_probes,
     ))?;
+    let masters = control_plane::master_addresses(&args.masters).context("--master")?;
+    let mut agent_ports = args
+        .protect_agent_ports
+        .iter()
+        .map(|p| control_plane::parse_agent_port(p).context("--protect-agent-port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(m) = args.metrics_listen {
+        agent_ports.push((m.port(), overlay_common::packet::IPPROTO_TCP));
+    }
+    let protected = control_plane::protected_destinations(
+        &masters,
+        args.allow_containers_to_master,
+        &agent_ports,
+    );
+    dp.maps()
+        .set_protected(&protected)
+        .context("writing the control-plane policy")?;
+    tracing::info!(?protected, "containers may not reach these control-plane destinations");
     let mut core = Core::new(dp, underlay, args.mtu);
     core.set_host_link(host_link);
     core.restore_endpoints()?;

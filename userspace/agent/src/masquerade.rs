@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use overlay_common::{
     maps::{NatConfig, capacity},
     nat::is_expired,
+    packet::{VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN},
 };
 
 use crate::datapath::OverlayMaps;
@@ -64,6 +65,15 @@ pub fn check_port_range(
             ports.end(),
             host.start(),
             host.end()
+        );
+    }
+    let (vmin, vmax) = (VXLAN_SOURCE_PORT_MIN, VXLAN_SOURCE_PORT_MAX);
+    if *ports.start() <= vmax && vmin <= *ports.end() {
+        bail!(
+            "--masquerade-ports {}-{} overlaps the VXLAN source ports {vmin}-{vmax}: agents refuse \
+             VXLAN from masquerade ports (a container's datagram), so choose a disjoint range",
+            ports.start(),
+            ports.end()
         );
     }
     if ports.start() == ports.end() && *ports.start() == vxlan_port {
@@ -167,5 +177,10 @@ mod tests {
             "{err}"
         );
         assert!(check_port_range(&(64000..=64000), &host, 64000).is_err());
+        // A host with a narrow ephemeral range still may not take the VXLAN source ports.
+        let err = check_port_range(&(50000..=52000), &(30000..=32000), 64000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VXLAN source ports"), "{err}");
     }
 }

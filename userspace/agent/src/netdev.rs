@@ -54,6 +54,21 @@ pub fn link(ifname: &str) -> anyhow::Result<Link> {
     })
 }
 
+/// Makes a host-side interface deaf to IPv6 router messages: no Router Advertisements (so no
+/// default route or SLAAC address from a container), no Redirects, no autoconfiguration. Written
+/// through /proc/sys of the agent's namespace; a kernel without IPv6 has nothing to set.
+pub fn refuse_router_messages(ifname: &str) -> anyhow::Result<()> {
+    let dir = std::path::Path::new("/proc/sys/net/ipv6/conf").join(ifname);
+    if !dir.exists() {
+        return Ok(());
+    }
+    for (knob, value) in [("accept_ra", "0"), ("accept_redirects", "0"), ("autoconf", "0")] {
+        let path = dir.join(knob);
+        std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The name of the interface with this index, if it still exists.
 pub fn name_of(ifindex: u32) -> Option<String> {
     let mut buf = [0u8; libc::IF_NAMESIZE];
