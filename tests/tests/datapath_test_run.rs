@@ -676,8 +676,10 @@ fn container_guards_drop_what_a_container_may_never_send() {
     f.dp.maps()
         .set_nat_config(&overlay_agent::masquerade::nat_config(
             &(61000..=63999),
-            [7440, 10, 120, 60],
+            Default::default(),
             32,
+            1024,
+            None,
         ))
         .unwrap();
     f.dp.maps()

@@ -550,3 +550,233 @@ fn containers_cannot_reach_the_control_plane_unless_allowed() {
         "no master entry with the allow flag"
     );
 }
+
+const PEER_PORT: u16 = 8000;
+
+fn nat_peers() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("support/nat_peers.py")
+}
+
+/// Starts the external host's UDP/TCP peer server on [`PEER_PORT`] (killed with the lab).
+fn start_peer_server(c: &mut Cluster) {
+    let out = std::env::temp_dir().join(format!("{}-sec-peer-server.out", c.lab.id()));
+    let mut cmd = c.lab.external().command("python3");
+    cmd.arg(nat_peers())
+        .args(["peer-server", &PEER_PORT.to_string()])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null());
+    c.lab.spawn_command(cmd).unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&out).unwrap_or_default().contains("ready") {
+        assert!(start.elapsed() < Duration::from_secs(10), "peer server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(out);
+}
+
+/// The masquerade egress entries of container `x` (by protocol and destination).
+fn nat_flows_of(c: &Cluster, x: &Container) -> Vec<(u8, std::net::IpAddr, u16)> {
+    use overlay_agent::datapath::from_addr16;
+    maps(c, &x.agent)
+        .nat_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| {
+            k.direction == overlay_common::maps::nat_direction::EGRESS
+                && from_addr16(&k.local) == std::net::IpAddr::V4(ip(x))
+        })
+        .map(|(k, _)| (k.protocol, from_addr16(&k.remote), k.remote_port))
+        .collect()
+}
+
+/// Finding 5, the quota: one container sends 3,000 datagrams from distinct source ports towards
+/// one server:port (a port each, before); it gets its quota of ports and no more, and another
+/// container's new flow to the same server:port still works.
+#[test]
+fn one_container_cannot_take_every_port_towards_one_server() {
+    let mut c = cluster(1, &["--nat-max-flows-per-destination", "1000"]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let w = c.add_container("a1", "dcos").unwrap();
+    start_peer_server(&mut c);
+    const FLOOD: &str = "import socket, sys\n\
+        for p in range(20000, 23000):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('0.0.0.0', p))\n    s.sendto(b'x', (sys.argv[1], int(sys.argv[2])))\n    s.close()\n";
+    x.node
+        .exec("python3", &["-c", FLOOD, &EXT.to_string(), &PEER_PORT.to_string()])
+        .unwrap();
+    let flows = nat_flows_of(&c, &x).len();
+    assert_eq!(flows, 1000, "flows of the flooding container");
+    let refused = stat(&c, "a1", DCOS, Counter::DropNatQuota);
+    assert_eq!(refused, 2000, "drop_nat_quota; counters:\n{}", all_stats(&c, "a1"));
+    assert_eq!(stat(&c, "a1", DCOS, Counter::DropNatNoPort), 0);
+    let script = nat_peers();
+    let answered = w
+        .node
+        .exec(
+            "python3",
+            &[
+                script.to_str().unwrap(),
+                "udp-flows",
+                &EXT.to_string(),
+                &PEER_PORT.to_string(),
+                "5",
+            ],
+        )
+        .unwrap();
+    assert_eq!(answered.trim(), "5", "another container's new flows to the same server:port");
+    // The flooding container's own flows keep working: a known flow is no new one.
+    let quota = maps(&c, "a1").nat_quotas().unwrap();
+    assert!(
+        quota.iter().any(|(_, q)| q.flows == 1000),
+        "OVL_NAT_QUOTA: {quota:?}"
+    );
+}
+
+/// A TCP segment with `flags` and a correct checksum.
+fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = tcp_syn(src, dst, sport, dport);
+    t[13] = flags;
+    t[16] = 0;
+    t[17] = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, IPPROTO_TCP]);
+    pseudo.extend_from_slice(&(t.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&t);
+    let c = inet_checksum(&pseudo);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// Finding 5, the handshake: a bare ACK and a SYN that nobody answers create entries that expire
+/// at the short handshake timeout, not the 2-hour established one; a real connection is
+/// established and stays.
+#[test]
+fn tcp_entries_without_a_handshake_expire_at_the_short_timeout() {
+    let mut c = cluster(1, &["--nat-tcp-handshake-timeout", "3"]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    start_peer_server(&mut c);
+    let (x_mac, gw_mac) = macs(&c, &x);
+    // Nobody on the fabric has this address: no RST will close the entries.
+    let silent = Ipv4Addr::new(10, 250, 0, 200);
+    let frame = |dport: u16, flags: u8| {
+        let seg = tcp_segment(ip(&x), silent, 40000 + dport, dport, flags);
+        eth(gw_mac, x_mac, ETH_P_IP, &ipv4(ip(&x), silent, IPPROTO_TCP, &seg))
+    };
+    // An established connection to the peer server, held open for 10 s.
+    let held = {
+        let script = nat_peers();
+        let mut cmd = x.node.command("python3");
+        cmd.arg(script)
+            .args(["tcp-hold", &EXT.to_string(), &PEER_PORT.to_string(), "0", "10"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.lab.spawn_command(cmd).unwrap()
+    };
+    let tcp_to = |c: &Cluster, port: u16, dst: Ipv4Addr| {
+        nat_flows_of(c, &x)
+            .contains(&(IPPROTO_TCP, std::net::IpAddr::V4(dst), port))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !tcp_to(&c, PEER_PORT, EXT) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    send_frames(&x, &[frame(81, 0x10), frame(82, 0x02)]);
+    assert!(tcp_to(&c, 81, silent), "no entry for the bare ACK");
+    assert!(tcp_to(&c, 82, silent), "no entry for the SYN");
+    assert!(tcp_to(&c, PEER_PORT, EXT), "no entry for the connection");
+    let established = maps(&c, "a1")
+        .nat_entries()
+        .unwrap()
+        .into_iter()
+        .any(|(k, e)| {
+            k.remote_port == PEER_PORT
+                && e.flags & overlay_common::maps::NatEntry::FLAG_ESTABLISHED != 0
+        });
+    assert!(established, "the real connection is not tracked as established");
+    // The sweeper runs every second: both half-open entries are gone within 3 s + 2 sweeps.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while (tcp_to(&c, 81, silent) || tcp_to(&c, 82, silent)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!tcp_to(&c, 81, silent), "the bare ACK's entry outlived the handshake timeout");
+    assert!(!tcp_to(&c, 82, silent), "the SYN's entry outlived the handshake timeout");
+    assert!(tcp_to(&c, PEER_PORT, EXT), "the established connection's entry went too");
+    c.lab.stop(held, Duration::from_secs(1));
+}
+
+/// Finding 5, echo identifiers: the host and a container ping the same external host with the
+/// same identifier (one inside the masquerade range, one outside) at the same time; both get
+/// every answer.
+#[test]
+fn host_and_container_pings_with_the_same_identifier_both_get_answers() {
+    let mut c = cluster(1, &[]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let a1 = c.lab.node("a1").unwrap().clone();
+    for id in ["61500", "1234"] {
+        let args = ["-c", "4", "-i", "0.3", "-W", "2", "-e", id, "-q"];
+        let ext = EXT.to_string();
+        let (host, container) = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let mut a = args.to_vec();
+                a.push(&ext);
+                a1.try_exec("ping", &a)
+            });
+            let k = s.spawn(|| {
+                let mut a = args.to_vec();
+                a.push(&ext);
+                x.node.try_exec("ping", &a)
+            });
+            (h.join().unwrap(), k.join().unwrap())
+        });
+        assert!(host, "the host's ping with identifier {id} lost answers");
+        assert!(container, "the container's ping with identifier {id} lost answers");
+    }
+    let ids: Vec<u16> = maps(&c, "a1")
+        .nat_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.protocol == 1 && k.direction == overlay_common::maps::nat_direction::INGRESS)
+        .map(|(k, _)| k.local_port)
+        .collect();
+    assert!(!ids.is_empty());
+    for id in ids {
+        assert!((61000..=63999).contains(&id), "identifier {id} outside the masquerade range");
+        assert_ne!(id, 61500, "the container's identifier was kept");
+    }
+}
+
+/// Finding 5, destinations: loopback, multicast, the limited broadcast and the underlay's
+/// broadcast get no NAT entry, are not counted as masqueraded, and count as drop_no_route.
+#[test]
+fn loopback_multicast_and_broadcast_destinations_get_no_nat_state() {
+    let mut c = cluster(1, &[]);
+    let x = c.add_container("a1", "dcos").unwrap();
+    let (x_mac, gw_mac) = macs(&c, &x);
+    let dsts = [
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(224, 0, 0, 251),
+        Ipv4Addr::new(239, 1, 2, 3),
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(10, 250, 0, 255),
+    ];
+    let before = stat(&c, "a1", DCOS, Counter::DropNoRoute);
+    let frames: Vec<_> = dsts
+        .iter()
+        .map(|d| eth(gw_mac, x_mac, ETH_P_IP, &ipv4(ip(&x), *d, IPPROTO_UDP, &udp(5353, 5353, b"q"))))
+        .collect();
+    send_frames(&x, &frames);
+    let want = before + dsts.len() as u64;
+    assert_eq!(
+        wait_for_stat(&c, "a1", DCOS, Counter::DropNoRoute, want),
+        want,
+        "drop_no_route; counters:\n{}",
+        all_stats(&c, "a1")
+    );
+    assert_eq!(nat_flows_of(&c, &x), vec![], "NAT state for a non-destination");
+    assert_eq!(stat(&c, "a1", DCOS, Counter::Masqueraded), 0);
+    assert_eq!(stat(&c, "a1", DCOS, Counter::NatCreated), 0);
+    // A real outside address still is one.
+    assert!(x.node.ping(EXT));
+}

@@ -111,6 +111,9 @@ counters! {
     /// A container's packet to the control plane (the master's API, an agent's control port:
     /// `OVL_PROTECTED`), which containers may not reach unless the agent allows it.
     DropControlPlane = 38 => "drop_control_plane",
+    /// A container already holds its quota of masquerade ports towards this destination
+    /// (address, port, protocol): one container may not take every port towards one server.
+    DropNatQuota = 39 => "drop_nat_quota",
 }
 
 impl Counter {

@@ -48,6 +48,17 @@ pub const fn ipv6_drop_reason(next_header: u8, icmpv6_type: u8) -> Counter {
     }
 }
 
+/// Whether an IPv4 destination outside every overlay is no destination at all for masquerade:
+/// "this network" (0/8), loopback (127/8), multicast (224/4), reserved and the limited broadcast
+/// (240/4, 255.255.255.255 included), or the underlay's directed broadcast (`underlay_broadcast`,
+/// zeros if unknown). Such packets get no NAT state and are dropped as `drop_no_route`.
+#[inline(always)]
+pub const fn is_unroutable_destination(dst: [u8; 4], underlay_broadcast: [u8; 4]) -> bool {
+    let known_broadcast = u32::from_be_bytes(underlay_broadcast) != 0
+        && u32::from_be_bytes(dst) == u32::from_be_bytes(underlay_broadcast);
+    dst[0] == 0 || dst[0] == 127 || dst[0] >= 224 || known_broadcast
+}
+
 /// Whether `port` lies in `min..=max` (a masquerade port range).
 #[inline(always)]
 pub const fn in_port_range(port: u16, min: u16, max: u16) -> bool {
@@ -79,6 +90,28 @@ mod tests {
         assert_eq!(ipv6_drop_reason(58, 135), Counter::DropIpv6, "neighbour solicitation");
         assert_eq!(ipv6_drop_reason(17, 134), Counter::DropIpv6, "UDP, not ICMPv6");
         assert_eq!(ipv6_drop_reason(0, 134), Counter::DropIpv6, "behind hop-by-hop");
+    }
+
+    #[test]
+    fn loopback_multicast_and_broadcast_are_no_destinations() {
+        let bcast = [10, 250, 0, 255];
+        for dst in [
+            [127, 0, 0, 1],
+            [127, 255, 0, 9],
+            [0, 0, 0, 0],
+            [224, 0, 0, 1],
+            [239, 255, 255, 250],
+            [255, 255, 255, 255],
+            [240, 0, 0, 1],
+            [10, 250, 0, 255],
+        ] {
+            assert!(is_unroutable_destination(dst, bcast), "{dst:?}");
+        }
+        for dst in [[10, 250, 0, 254], [8, 8, 8, 8], [223, 255, 255, 255], [10, 250, 1, 255]] {
+            assert!(!is_unroutable_destination(dst, bcast), "{dst:?}");
+        }
+        assert!(!is_unroutable_destination([10, 250, 0, 254], [0; 4]));
+        assert!(!is_unroutable_destination([0x0a, 0, 0, 1], [0; 4]));
     }
 
     #[test]

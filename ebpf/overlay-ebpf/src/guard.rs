@@ -13,7 +13,7 @@ use overlay_common::{
 };
 
 use crate::{
-    maps::{is_known_vtep, is_protected},
+    maps::{is_known_vtep, is_protected, nat_config},
     skb,
 };
 
@@ -43,9 +43,15 @@ fn dst_port(ctx: &TcContext, ip: &Ipv4Header) -> Result<Option<u16>, Counter> {
 }
 
 /// Checks a container's packet to outside every overlay (before masquerade or the host stack):
-/// no VXLAN to an agent, nothing to a protected control-plane destination.
+/// nothing to loopback, multicast or broadcast addresses, no VXLAN to an agent, nothing to a
+/// protected control-plane destination.
 #[inline(always)]
 pub fn to_outside(ctx: &TcContext, cfg: &AgentConfig, ip: &Ipv4Header) -> Result<(), Counter> {
+    // Loopback, multicast, broadcast: nowhere to go, and no NAT state for them.
+    let broadcast = nat_config().map_or([0; 4], |n| n.underlay_broadcast);
+    if policy::is_unroutable_destination(ip.dst, broadcast) {
+        return Err(Counter::DropNoRoute);
+    }
     let Some(port) = dst_port(ctx, ip)? else {
         return Ok(());
     };

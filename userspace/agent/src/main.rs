@@ -61,11 +61,14 @@ struct Args {
     /// Ports for masqueraded flows (MIN-MAX); must not overlap the host's ephemeral ports.
     #[arg(long, default_value = "61000-63999")]
     masquerade_ports: String,
-    /// Idle timeouts of masqueraded flows, in seconds: TCP, TCP after FIN/RST, UDP, ICMP.
+    /// Idle timeouts of masqueraded flows, in seconds: established TCP, TCP after FIN/RST, TCP
+    /// that never completed a handshake (a bare ACK, an unanswered SYN), UDP, ICMP.
     #[arg(long, default_value_t = 7440)]
     nat_tcp_timeout: u32,
     #[arg(long, default_value_t = 10)]
     nat_tcp_closing_timeout: u32,
+    #[arg(long, default_value_t = 120)]
+    nat_tcp_handshake_timeout: u32,
     #[arg(long, default_value_t = 120)]
     nat_udp_timeout: u32,
     #[arg(long, default_value_t = 60)]
@@ -73,6 +76,11 @@ struct Args {
     /// Ports tried for a new flow before it is refused (drop_nat_no_port).
     #[arg(long, default_value_t = 32)]
     nat_max_probes: u32,
+    /// Live masqueraded flows one container may have towards one destination (address, port,
+    /// protocol), so that it cannot take every port towards one server (drop_nat_quota); 0: no
+    /// limit.
+    #[arg(long, default_value_t = 1024)]
+    nat_max_flows_per_destination: u32,
     /// Let containers reach the master's API. By default they cannot (drop_control_plane): the
     /// master is reachable through masquerade like any outside address.
     #[arg(long)]
@@ -116,16 +124,19 @@ async fn main() -> anyhow::Result<()> {
         &masquerade::host_ephemeral_ports()?,
         overlay_api::DEFAULT_VXLAN_PORT,
     )?;
-    let timeouts = [
-        args.nat_tcp_timeout,
-        args.nat_tcp_closing_timeout,
-        args.nat_udp_timeout,
-        args.nat_icmp_timeout,
-    ];
+    let timeouts = masquerade::NatTimeouts {
+        tcp: args.nat_tcp_timeout,
+        tcp_closing: args.nat_tcp_closing_timeout,
+        tcp_handshake: args.nat_tcp_handshake_timeout,
+        udp: args.nat_udp_timeout,
+        icmp: args.nat_icmp_timeout,
+    };
     dp.maps().set_nat_config(&masquerade::nat_config(
         &nat_ports,
         timeouts,
         args.nat_max_probes,
+        args.nat_max_flows_per_destination,
+        underlay.ipv4_broadcast,
     ))?;
     let masters = control_plane::master_addresses(&args.masters).context("--master")?;
     let mut agent_ports = args

@@ -15,7 +15,8 @@ use ipnetwork::IpNetwork;
 use overlay_common::{
     counters::Counter,
     maps::{
-        Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, Network,
+        Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
+        NatQuotaKey, Network,
         NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
         VtepKey, ipv4_mapped, ipv4_unmapped, names,
     },
@@ -87,6 +88,7 @@ pub struct OverlayMaps {
     nat: HashMap<MapData, NatKey, NatEntry>,
     nat_config: Array<MapData, NatConfig>,
     protected: HashMap<MapData, ProtectedKey, Protected>,
+    nat_quota: HashMap<MapData, NatQuotaKey, NatQuota>,
 }
 
 /// A destination containers may not reach: one address, or (None) every agent's addresses.
@@ -151,6 +153,7 @@ impl OverlayMaps {
             nat: Map::LruHashMap(pinned(pins, names::NAT)?).try_into()?,
             nat_config: Map::Array(pinned(pins, names::NAT_CONFIG)?).try_into()?,
             protected: Map::HashMap(pinned(pins, names::PROTECTED)?).try_into()?,
+            nat_quota: Map::LruHashMap(pinned(pins, names::NAT_QUOTA)?).try_into()?,
         })
     }
 
@@ -166,6 +169,7 @@ impl OverlayMaps {
             nat: take(ebpf, names::NAT)?.try_into()?,
             nat_config: take(ebpf, names::NAT_CONFIG)?.try_into()?,
             protected: take(ebpf, names::PROTECTED)?.try_into()?,
+            nat_quota: take(ebpf, names::NAT_QUOTA)?.try_into()?,
         })
     }
 
@@ -333,6 +337,34 @@ impl OverlayMaps {
 
     pub fn remove_nat(&mut self, key: &NatKey) -> anyhow::Result<()> {
         ignore_missing(self.nat.remove(key)).context("removing an entry from OVL_NAT")
+    }
+
+    /// Live flows per container and destination, as the datapath counts them.
+    pub fn nat_quotas(&self) -> anyhow::Result<Vec<(NatQuotaKey, NatQuota)>> {
+        self.nat_quota
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading OVL_NAT_QUOTA")
+    }
+
+    /// Makes `OVL_NAT_QUOTA` hold exactly these counts (the agent's recount of live flows).
+    pub fn set_nat_quotas(&mut self, counts: &BTreeMap<NatQuotaKey, u32>) -> anyhow::Result<()> {
+        for (k, flows) in counts {
+            let v = NatQuota {
+                flows: *flows,
+                _pad: 0,
+            };
+            self.nat_quota
+                .insert(k, v, 0)
+                .context("writing OVL_NAT_QUOTA")?;
+        }
+        for (k, _) in self.nat_quotas()? {
+            if !counts.contains_key(&k) {
+                ignore_missing(self.nat_quota.remove(&k))
+                    .context("removing an entry from OVL_NAT_QUOTA")?;
+            }
+        }
+        Ok(())
     }
 
     /// The control-plane destinations containers may not reach.
