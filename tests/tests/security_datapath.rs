@@ -528,6 +528,19 @@ fn containers_cannot_reach_the_control_plane_unless_allowed() {
         }
         let denied = stat(&c, "a1", DCOS, Counter::DropControlPlane);
         assert!(denied >= 4, "drop_control_plane {denied}; counters:\n{}", all_stats(&c, "a1"));
+        // A container on another agent, through the overlay to a1's gateway address: refused
+        // by a1 on decapsulation.
+        let y = c.add_container("a2", "dcos").unwrap();
+        assert!(
+            !tcp_connects(&y.node, gateway_of(&x), 9101),
+            "a remote container reached a1's gateway:9101"
+        );
+        assert!(
+            stat(&c, "a1", DCOS, Counter::DropControlPlane) > denied,
+            "not counted on a1; counters:\n{}",
+            all_stats(&c, "a1")
+        );
+        assert!(y.node.ping(gateway_of(&x)), "a1's gateway itself stays reachable");
         // Everything else outside still works.
         assert!(x.node.ping(EXT), "masquerade to the outside");
     }

@@ -15,6 +15,7 @@ use overlay_common::{
 };
 
 use crate::{
+    guard,
     isolation::remote_sender_matches,
     maps::{endpoint, is_known_network, is_known_vtep, nat_config},
     skb,
@@ -114,6 +115,11 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
     }
     if !remote_sender_matches(ipv4_mapped(inner_ip.src), vni, outer_src) {
         return Err(in_net(Counter::DropSpoofedSource));
+    }
+    // A remote container to this host at its gateway address: no control ports either.
+    if ep.flags & Endpoint::FLAG_HOST != 0 {
+        guard::to_host_gateway(ctx, &inner_ip, vxlan_offset + VXLAN_HLEN + ETH_HLEN)
+            .map_err(in_net)?;
     }
     Ok(Inspected::Vxlan(Accepted {
         vni,

@@ -32,13 +32,14 @@ fn is_agent(cfg: &AgentConfig, dst: [u8; 4]) -> bool {
     dst == cfg.underlay_ip || is_known_vtep(dst)
 }
 
-/// The destination port of a TCP or UDP packet (None for other protocols and later fragments).
+/// The destination port of a TCP or UDP packet whose IPv4 header `ip` starts at `l3` (None for
+/// other protocols and later fragments).
 #[inline(always)]
-fn dst_port(ctx: &TcContext, ip: &Ipv4Header) -> Result<Option<u16>, Counter> {
+fn dst_port(ctx: &TcContext, ip: &Ipv4Header, l3: usize) -> Result<Option<u16>, Counter> {
     if (ip.protocol != IPPROTO_UDP && ip.protocol != IPPROTO_TCP) || ip.is_later_fragment {
         return Ok(None);
     }
-    let ports = skb::load::<4>(ctx, ETH_HLEN + ip.header_len)?;
+    let ports = skb::load::<4>(ctx, l3 + ip.header_len)?;
     Ok(Some(u16::from_be_bytes([ports[2], ports[3]])))
 }
 
@@ -52,7 +53,7 @@ pub fn to_outside(ctx: &TcContext, cfg: &AgentConfig, ip: &Ipv4Header) -> Result
     if policy::is_unroutable_destination(ip.dst, broadcast) {
         return Err(Counter::DropNoRoute);
     }
-    let Some(port) = dst_port(ctx, ip)? else {
+    let Some(port) = dst_port(ctx, ip, ETH_HLEN)? else {
         return Ok(());
     };
     let agent = is_agent(cfg, ip.dst);
@@ -67,11 +68,12 @@ pub fn to_outside(ctx: &TcContext, cfg: &AgentConfig, ip: &Ipv4Header) -> Result
     Ok(())
 }
 
-/// Checks a container's packet to this agent's host at a network's gateway address: the agent's
-/// control ports are out of bounds there too.
+/// Checks a container's packet (IPv4 header `ip` at `l3`: a local container's, or a remote one's
+/// inside VXLAN) to this agent's host at a network's gateway address: the agent's control ports
+/// are out of bounds there too.
 #[inline(always)]
-pub fn to_host_gateway(ctx: &TcContext, ip: &Ipv4Header) -> Result<(), Counter> {
-    match dst_port(ctx, ip)? {
+pub fn to_host_gateway(ctx: &TcContext, ip: &Ipv4Header, l3: usize) -> Result<(), Counter> {
+    match dst_port(ctx, ip, l3)? {
         Some(port) if is_protected(ProtectedKey::ANY_AGENT, port, ip.protocol) => {
             Err(Counter::DropControlPlane)
         }

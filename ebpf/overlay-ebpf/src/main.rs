@@ -76,7 +76,7 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     match isolation::resolve(vni, ipv4_mapped(ip.dst)).map_err(in_net)? {
         Destination::Local(ep) => {
             if ep.flags & Endpoint::FLAG_HOST != 0 {
-                guard::to_host_gateway(ctx, &ip).map_err(in_net)?;
+                guard::to_host_gateway(ctx, &ip, ETH_HLEN).map_err(in_net)?;
             }
             let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
             count(vni, Counter::LocalDelivered, ctx.len());
