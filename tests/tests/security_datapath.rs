@@ -170,12 +170,7 @@ fn vlan_tagged_frames_from_a_container_are_dropped_and_counted() {
         send_frames(&x, &[eth(gw_mac, x_mac, ETH_P_IP, &packet)]);
     }
     let want = before + frames.len() as u64;
-    assert_eq!(
-        wait_for_stat(&c, "a1", NO_NETWORK, Counter::DropVlanTagged, want),
-        want,
-        "drop_vlan_tagged; counters:\n{}",
-        all_stats(&c, "a1")
-    );
+    let dropped = wait_for_stat(&c, "a1", NO_NETWORK, Counter::DropVlanTagged, want);
     let a2_lines = on_a2.finish(&mut c);
     let ext_lines = on_ext.finish(&mut c);
     for (what, lines) in [("a2", &a2_lines), ("ext", &ext_lines)] {
@@ -194,6 +189,12 @@ fn vlan_tagged_frames_from_a_container_are_dropped_and_counted() {
     assert!(
         ext_lines.iter().any(|l| l.contains(&format!("> {EXT}.7102"))),
         "the untagged control was never masqueraded to ext: {ext_lines:#?}"
+    );
+    assert_eq!(
+        dropped,
+        want,
+        "drop_vlan_tagged; counters:\n{}",
+        all_stats(&c, "a1")
     );
     // Nothing tagged was masqueraded or encapsulated: only the two controls were.
     assert_eq!(stat(&c, "a1", DCOS, Counter::Encapsulated), 1);
@@ -296,14 +297,14 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
     send_udp(&x.node, a2_ip, VXLAN_PORT, &payloads).unwrap();
     // To this agent itself on the VXLAN port, too.
     send_udp(&x.node, a1_ip, VXLAN_PORT, &payloads[..1]).unwrap();
+    assert_eq!(received(&y_out), 0, "the smuggled frame reached another network");
+    assert_eq!(received(&z_out), 0, "the spoofed frame reached a peer container");
     assert_eq!(
         wait_for_stat(&c, "a1", DCOS, Counter::DropContainerVxlan, 3),
         3,
         "drop_container_vxlan; counters:\n{}",
         all_stats(&c, "a1")
     );
-    assert_eq!(received(&y_out), 0, "the smuggled frame reached another network");
-    assert_eq!(received(&z_out), 0, "the spoofed frame reached a peer container");
     assert_eq!(stat(&c, "a2", vni_of(&y), Counter::Decapsulated), 0);
     assert_eq!(stat(&c, "a1", DCOS, Counter::Masqueraded), 0);
 
