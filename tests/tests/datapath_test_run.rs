@@ -707,16 +707,40 @@ fn container_guards_drop_what_a_container_may_never_send() {
     // security_datapath.rs), even on a packet that would otherwise be fine.
     let mut tagged = udp_to(Ipv4Addr::new(9, 0, 2, 2), 7000);
     tagged.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
-    f.expect_drop("802.1Q tag", c, &tagged, NO_NETWORK, Counter::DropVlanTagged);
+    f.expect_drop(
+        "802.1Q tag",
+        c,
+        &tagged,
+        NO_NETWORK,
+        Counter::DropVlanTagged,
+    );
     let mut qinq = udp_to(Ipv4Addr::new(9, 0, 2, 2), 7000);
     qinq.splice(12..12, [0x88, 0xa8, 0x00, 0xc8, 0x81, 0x00, 0x00, 0x64]);
-    f.expect_drop("802.1ad + 802.1Q", c, &qinq, NO_NETWORK, Counter::DropVlanTagged);
+    f.expect_drop(
+        "802.1ad + 802.1Q",
+        c,
+        &qinq,
+        NO_NETWORK,
+        Counter::DropVlanTagged,
+    );
     // IPv6: RA and Redirect have their own reason; the rest is IPv6 not carried yet.
     let ra = [134u8, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
-    f.expect_drop("RA", c, &ipv6_from_a(58, &ra), NO_NETWORK, Counter::DropRouterMessage);
+    f.expect_drop(
+        "RA",
+        c,
+        &ipv6_from_a(58, &ra),
+        NO_NETWORK,
+        Counter::DropRouterMessage,
+    );
     let mut redirect = [0u8; 40];
     redirect[0] = 137;
-    f.expect_drop("Redirect", c, &ipv6_from_a(58, &redirect), NO_NETWORK, Counter::DropRouterMessage);
+    f.expect_drop(
+        "Redirect",
+        c,
+        &ipv6_from_a(58, &redirect),
+        NO_NETWORK,
+        Counter::DropRouterMessage,
+    );
     let ipv6_udp = ipv6_udp_frame(EP_A.gw_mac, EP_A.mac, 9999);
     f.expect_drop("IPv6 UDP", c, &ipv6_udp, NO_NETWORK, Counter::DropIpv6);
     let lldp = eth(EP_A.gw_mac, EP_A.mac, 0x88cc, &[0; 46]);
@@ -736,7 +760,12 @@ fn container_guards_drop_what_a_container_may_never_send() {
         container_frame(
             EP_A.mac,
             EP_A.gw_mac,
-            &ipv4(EP_A.ip, dst, IPPROTO_TCP, &tcp_syn(EP_A.ip, dst, 40000, port)),
+            &ipv4(
+                EP_A.ip,
+                dst,
+                IPPROTO_TCP,
+                &tcp_syn(EP_A.ip, dst, 40000, port),
+            ),
         )
     };
     for (dst, port) in [(master, 5050), (R_UNDERLAY, 9101), (LOCAL_UNDERLAY, 9101)] {

@@ -178,7 +178,10 @@ fn vlan_tagged_frames_from_a_container_are_dropped_and_counted() {
             .iter()
             .filter(|l| l.contains("802.1Q") || l.contains("802.1ad") || l.contains("vlan "))
             .collect();
-        assert!(tagged.is_empty(), "tagged frames reached {what}: {tagged:#?}");
+        assert!(
+            tagged.is_empty(),
+            "tagged frames reached {what}: {tagged:#?}"
+        );
     }
     assert!(
         a2_lines
@@ -187,7 +190,9 @@ fn vlan_tagged_frames_from_a_container_are_dropped_and_counted() {
         "the untagged control never reached a2 in VXLAN: {a2_lines:#?}"
     );
     assert!(
-        ext_lines.iter().any(|l| l.contains(&format!("> {EXT}.7102"))),
+        ext_lines
+            .iter()
+            .any(|l| l.contains(&format!("> {EXT}.7102"))),
         "the untagged control was never masqueraded to ext: {ext_lines:#?}"
     );
     assert_eq!(
@@ -221,7 +226,10 @@ fn udp_listener(c: &mut Cluster, x: &Container, port: u16, seconds: u32) -> Path
     let ready = out.with_extension("udp.ready");
     let start = Instant::now();
     while !ready.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "listener did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "listener did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = std::fs::remove_file(ready);
@@ -238,7 +246,10 @@ fn received(out: &PathBuf) -> u64 {
             let _ = std::fs::remove_file(out);
             return n;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "listener never finished");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "listener never finished"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -283,7 +294,12 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
         vxlan(
             0x08,
             vni_of(victim),
-            &eth(victim.node.mac(&victim.ifname).unwrap(), a2_vtep_mac, ETH_P_IP, &inner),
+            &eth(
+                victim.node.mac(&victim.ifname).unwrap(),
+                a2_vtep_mac,
+                ETH_P_IP,
+                &inner,
+            ),
         )
     };
     let payloads = vec![
@@ -297,8 +313,16 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
     send_udp(&x.node, a2_ip, VXLAN_PORT, &payloads).unwrap();
     // To this agent itself on the VXLAN port, too.
     send_udp(&x.node, a1_ip, VXLAN_PORT, &payloads[..1]).unwrap();
-    assert_eq!(received(&y_out), 0, "the smuggled frame reached another network");
-    assert_eq!(received(&z_out), 0, "the spoofed frame reached a peer container");
+    assert_eq!(
+        received(&y_out),
+        0,
+        "the smuggled frame reached another network"
+    );
+    assert_eq!(
+        received(&z_out),
+        0,
+        "the spoofed frame reached a peer container"
+    );
     assert_eq!(
         wait_for_stat(&c, "a1", DCOS, Counter::DropContainerVxlan, 3),
         3,
@@ -317,7 +341,10 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
         s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], 64000))\n";
     c.lab
         .external()
-        .exec("python3", &["-c", script, &hex(&payloads[1]), &a2_ip.to_string()])
+        .exec(
+            "python3",
+            &["-c", script, &hex(&payloads[1]), &a2_ip.to_string()],
+        )
         .unwrap();
     assert_eq!(
         wait_for_stat(&c, "a2", NO_NETWORK, Counter::DropVxlanNatPort, before + 1),
@@ -326,7 +353,6 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
         all_stats(&c, "a2")
     );
 }
-
 
 /// An IPv6 frame from `src_mac` (link-local source derived from it) to all nodes, carrying an
 /// ICMPv6 message whose checksum is computed here.
@@ -377,7 +403,9 @@ fn router_advertisement(src_mac: [u8; 6]) -> Vec<u8> {
     m.extend_from_slice(&86400u32.to_be_bytes()); // valid lifetime
     m.extend_from_slice(&14400u32.to_be_bytes()); // preferred lifetime
     m.extend_from_slice(&[0; 4]);
-    m.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(&[
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]);
     m
 }
 
@@ -389,13 +417,17 @@ fn redirect() -> Vec<u8> {
     target[1] = 0x80;
     target[15] = 0x99;
     m.extend_from_slice(&target);
-    m.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    m.extend_from_slice(&[
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+    ]);
     m
 }
 
 /// The agent namespace's IPv6 routes (every table) and addresses, for before/after comparison.
 fn ipv6_config(node: &overlay_lab::Node) -> String {
-    let routes = node.exec("ip", &["-6", "route", "show", "table", "all"]).unwrap();
+    let routes = node
+        .exec("ip", &["-6", "route", "show", "table", "all"])
+        .unwrap();
     let addrs = node.exec("ip", &["-6", "-o", "addr", "show"]).unwrap();
     // Lifetimes count down; the rest must not change.
     let addrs: Vec<String> = addrs
@@ -435,7 +467,12 @@ fn a_router_advertisement_from_a_container_changes_nothing_on_the_host() {
     );
     std::thread::sleep(Duration::from_secs(1));
     let (ra, v6) = counted(&c);
-    assert_eq!(ra - ra_before, 3, "drop_ra_or_redirect; counters:\n{}", all_stats(&c, "a1"));
+    assert_eq!(
+        ra - ra_before,
+        3,
+        "drop_ra_or_redirect; counters:\n{}",
+        all_stats(&c, "a1")
+    );
     assert!(v6 > v6_before, "drop_ipv6 not counted");
     let after = ipv6_config(&a1);
     assert_eq!(before, after, "the agent host's IPv6 configuration changed");
@@ -454,8 +491,13 @@ fn a_router_advertisement_from_a_container_changes_nothing_on_the_host() {
     // Control: the same RA on a link of the agent namespace without the datapath (a veth pair
     // with the kernel's defaults) does configure the host, so the frames above were real RAs.
     let (probe, probe_peer) = ("rat0", "rat1");
-    a1.exec("ip", &["link", "add", probe, "type", "veth", "peer", "name", probe_peer])
-        .unwrap();
+    a1.exec(
+        "ip",
+        &[
+            "link", "add", probe, "type", "veth", "peer", "name", probe_peer,
+        ],
+    )
+    .unwrap();
     let configured = (|| {
         a1.exec("ip", &["link", "set", probe, "up"])?;
         a1.exec("ip", &["link", "set", probe_peer, "up"])?;
@@ -490,9 +532,12 @@ fn tcp_connects(node: &overlay_lab::Node, dst: Ipv4Addr, port: u16) -> bool {
     const SCRIPT: &str = "import socket, sys\n\
         try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5).close()\n    print('ok')\n\
         except OSError:\n    print('refused')\n";
-    node.exec("python3", &["-c", SCRIPT, &dst.to_string(), &port.to_string()])
-        .unwrap()
-        .trim()
+    node.exec(
+        "python3",
+        &["-c", SCRIPT, &dst.to_string(), &port.to_string()],
+    )
+    .unwrap()
+    .trim()
         == "ok"
 }
 
@@ -518,17 +563,27 @@ fn containers_cannot_reach_the_control_plane_unless_allowed() {
         let a1 = c.lab.node("a1").unwrap().clone();
         let a1_ip = a1.ip.unwrap();
         let a2_ip = c.lab.node("a2").unwrap().ip.unwrap();
-        assert!(tcp_connects(&a1, master, master_port), "the agent's own way to the master");
+        assert!(
+            tcp_connects(&a1, master, master_port),
+            "the agent's own way to the master"
+        );
         assert!(tcp_connects(&a1, a1_ip, 9101), "the metrics port listens");
         assert!(
             !tcp_connects(&x.node, master, master_port),
             "a container reached the master's API"
         );
         for dst in [a1_ip, gateway_of(&x), a2_ip] {
-            assert!(!tcp_connects(&x.node, dst, 9101), "a container reached {dst}:9101");
+            assert!(
+                !tcp_connects(&x.node, dst, 9101),
+                "a container reached {dst}:9101"
+            );
         }
         let denied = stat(&c, "a1", DCOS, Counter::DropControlPlane);
-        assert!(denied >= 4, "drop_control_plane {denied}; counters:\n{}", all_stats(&c, "a1"));
+        assert!(
+            denied >= 4,
+            "drop_control_plane {denied}; counters:\n{}",
+            all_stats(&c, "a1")
+        );
         // A container on another agent, through the overlay to a1's gateway address: refused
         // by a1 on decapsulation.
         let y = c.add_container("a2", "dcos").unwrap();
@@ -541,18 +596,31 @@ fn containers_cannot_reach_the_control_plane_unless_allowed() {
             "not counted on a1; counters:\n{}",
             all_stats(&c, "a1")
         );
-        assert!(y.node.ping(gateway_of(&x)), "a1's gateway itself stays reachable");
+        assert!(
+            y.node.ping(gateway_of(&x)),
+            "a1's gateway itself stays reachable"
+        );
         // Everything else outside still works.
         assert!(x.node.ping(EXT), "masquerade to the outside");
     }
-    let mut c = cluster(1, &["--allow-containers-to-master", "--metrics-listen", "0.0.0.0:9101"]);
+    let mut c = cluster(
+        1,
+        &[
+            "--allow-containers-to-master",
+            "--metrics-listen",
+            "0.0.0.0:9101",
+        ],
+    );
     let x = c.add_container("a1", "dcos").unwrap();
     let a1_ip = c.lab.node("a1").unwrap().ip.unwrap();
     assert!(
         tcp_connects(&x.node, master, master_port),
         "--allow-containers-to-master: the container should reach the master"
     );
-    assert!(!tcp_connects(&x.node, a1_ip, 9101), "the agent port stays closed");
+    assert!(
+        !tcp_connects(&x.node, a1_ip, 9101),
+        "the agent port stays closed"
+    );
     assert_eq!(
         maps(&c, "a1")
             .protected()
@@ -581,8 +649,14 @@ fn start_peer_server(c: &mut Cluster) {
         .stderr(Stdio::null());
     c.lab.spawn_command(cmd).unwrap();
     let start = Instant::now();
-    while !std::fs::read_to_string(&out).unwrap_or_default().contains("ready") {
-        assert!(start.elapsed() < Duration::from_secs(10), "peer server did not start");
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "peer server did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = std::fs::remove_file(out);
@@ -615,12 +689,20 @@ fn one_container_cannot_take_every_port_towards_one_server() {
     const FLOOD: &str = "import socket, sys\n\
         for p in range(20000, 23000):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('0.0.0.0', p))\n    s.sendto(b'x', (sys.argv[1], int(sys.argv[2])))\n    s.close()\n";
     x.node
-        .exec("python3", &["-c", FLOOD, &EXT.to_string(), &PEER_PORT.to_string()])
+        .exec(
+            "python3",
+            &["-c", FLOOD, &EXT.to_string(), &PEER_PORT.to_string()],
+        )
         .unwrap();
     let flows = nat_flows_of(&c, &x).len();
     assert_eq!(flows, 1000, "flows of the flooding container");
     let refused = stat(&c, "a1", DCOS, Counter::DropNatQuota);
-    assert_eq!(refused, 2000, "drop_nat_quota; counters:\n{}", all_stats(&c, "a1"));
+    assert_eq!(
+        refused,
+        2000,
+        "drop_nat_quota; counters:\n{}",
+        all_stats(&c, "a1")
+    );
     assert_eq!(stat(&c, "a1", DCOS, Counter::DropNatNoPort), 0);
     let script = nat_peers();
     let answered = w
@@ -636,7 +718,11 @@ fn one_container_cannot_take_every_port_towards_one_server() {
             ],
         )
         .unwrap();
-    assert_eq!(answered.trim(), "5", "another container's new flows to the same server:port");
+    assert_eq!(
+        answered.trim(),
+        "5",
+        "another container's new flows to the same server:port"
+    );
     // The flooding container's own flows keep working: a known flow is no new one.
     let quota = maps(&c, "a1").nat_quotas().unwrap();
     assert!(
@@ -675,21 +761,31 @@ fn tcp_entries_without_a_handshake_expire_at_the_short_timeout() {
     let silent = Ipv4Addr::new(10, 250, 0, 200);
     let frame = |dport: u16, flags: u8| {
         let seg = tcp_segment(ip(&x), silent, 40000 + dport, dport, flags);
-        eth(gw_mac, x_mac, ETH_P_IP, &ipv4(ip(&x), silent, IPPROTO_TCP, &seg))
+        eth(
+            gw_mac,
+            x_mac,
+            ETH_P_IP,
+            &ipv4(ip(&x), silent, IPPROTO_TCP, &seg),
+        )
     };
     // An established connection to the peer server, held open for 10 s.
     let held = {
         let script = nat_peers();
         let mut cmd = x.node.command("python3");
         cmd.arg(script)
-            .args(["tcp-hold", &EXT.to_string(), &PEER_PORT.to_string(), "0", "10"])
+            .args([
+                "tcp-hold",
+                &EXT.to_string(),
+                &PEER_PORT.to_string(),
+                "0",
+                "10",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         c.lab.spawn_command(cmd).unwrap()
     };
     let tcp_to = |c: &Cluster, port: u16, dst: Ipv4Addr| {
-        nat_flows_of(c, &x)
-            .contains(&(IPPROTO_TCP, std::net::IpAddr::V4(dst), port))
+        nat_flows_of(c, &x).contains(&(IPPROTO_TCP, std::net::IpAddr::V4(dst), port))
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     while !tcp_to(&c, PEER_PORT, EXT) && Instant::now() < deadline {
@@ -708,15 +804,27 @@ fn tcp_entries_without_a_handshake_expire_at_the_short_timeout() {
             k.remote_port == PEER_PORT
                 && e.flags & overlay_common::maps::NatEntry::FLAG_ESTABLISHED != 0
         });
-    assert!(established, "the real connection is not tracked as established");
+    assert!(
+        established,
+        "the real connection is not tracked as established"
+    );
     // The sweeper runs every second: both half-open entries are gone within 3 s + 2 sweeps.
     let deadline = Instant::now() + Duration::from_secs(6);
     while (tcp_to(&c, 81, silent) || tcp_to(&c, 82, silent)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(!tcp_to(&c, 81, silent), "the bare ACK's entry outlived the handshake timeout");
-    assert!(!tcp_to(&c, 82, silent), "the SYN's entry outlived the handshake timeout");
-    assert!(tcp_to(&c, PEER_PORT, EXT), "the established connection's entry went too");
+    assert!(
+        !tcp_to(&c, 81, silent),
+        "the bare ACK's entry outlived the handshake timeout"
+    );
+    assert!(
+        !tcp_to(&c, 82, silent),
+        "the SYN's entry outlived the handshake timeout"
+    );
+    assert!(
+        tcp_to(&c, PEER_PORT, EXT),
+        "the established connection's entry went too"
+    );
     c.lab.stop(held, Duration::from_secs(1));
 }
 
@@ -745,18 +853,26 @@ fn host_and_container_pings_with_the_same_identifier_both_get_answers() {
             (h.join().unwrap(), k.join().unwrap())
         });
         assert!(host, "the host's ping with identifier {id} lost answers");
-        assert!(container, "the container's ping with identifier {id} lost answers");
+        assert!(
+            container,
+            "the container's ping with identifier {id} lost answers"
+        );
     }
     let ids: Vec<u16> = maps(&c, "a1")
         .nat_entries()
         .unwrap()
         .into_iter()
-        .filter(|(k, _)| k.protocol == 1 && k.direction == overlay_common::maps::nat_direction::INGRESS)
+        .filter(|(k, _)| {
+            k.protocol == 1 && k.direction == overlay_common::maps::nat_direction::INGRESS
+        })
         .map(|(k, _)| k.local_port)
         .collect();
     assert!(!ids.is_empty());
     for id in ids {
-        assert!((61000..=63999).contains(&id), "identifier {id} outside the masquerade range");
+        assert!(
+            (61000..=63999).contains(&id),
+            "identifier {id} outside the masquerade range"
+        );
         assert_ne!(id, 61500, "the container's identifier was kept");
     }
 }
@@ -778,7 +894,14 @@ fn loopback_multicast_and_broadcast_destinations_get_no_nat_state() {
     let before = stat(&c, "a1", DCOS, Counter::DropNoRoute);
     let frames: Vec<_> = dsts
         .iter()
-        .map(|d| eth(gw_mac, x_mac, ETH_P_IP, &ipv4(ip(&x), *d, IPPROTO_UDP, &udp(5353, 5353, b"q"))))
+        .map(|d| {
+            eth(
+                gw_mac,
+                x_mac,
+                ETH_P_IP,
+                &ipv4(ip(&x), *d, IPPROTO_UDP, &udp(5353, 5353, b"q")),
+            )
+        })
         .collect();
     send_frames(&x, &frames);
     let want = before + dsts.len() as u64;
@@ -788,7 +911,11 @@ fn loopback_multicast_and_broadcast_destinations_get_no_nat_state() {
         "drop_no_route; counters:\n{}",
         all_stats(&c, "a1")
     );
-    assert_eq!(nat_flows_of(&c, &x), vec![], "NAT state for a non-destination");
+    assert_eq!(
+        nat_flows_of(&c, &x),
+        vec![],
+        "NAT state for a non-destination"
+    );
     assert_eq!(stat(&c, "a1", DCOS, Counter::Masqueraded), 0);
     assert_eq!(stat(&c, "a1", DCOS, Counter::NatCreated), 0);
     // A real outside address still is one.

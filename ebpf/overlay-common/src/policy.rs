@@ -87,9 +87,21 @@ mod tests {
         assert_eq!(ipv6_drop_reason(58, 134), Counter::DropRouterMessage);
         assert_eq!(ipv6_drop_reason(58, 137), Counter::DropRouterMessage);
         assert_eq!(ipv6_drop_reason(58, 133), Counter::DropIpv6, "solicitation");
-        assert_eq!(ipv6_drop_reason(58, 135), Counter::DropIpv6, "neighbour solicitation");
-        assert_eq!(ipv6_drop_reason(17, 134), Counter::DropIpv6, "UDP, not ICMPv6");
-        assert_eq!(ipv6_drop_reason(0, 134), Counter::DropIpv6, "behind hop-by-hop");
+        assert_eq!(
+            ipv6_drop_reason(58, 135),
+            Counter::DropIpv6,
+            "neighbour solicitation"
+        );
+        assert_eq!(
+            ipv6_drop_reason(17, 134),
+            Counter::DropIpv6,
+            "UDP, not ICMPv6"
+        );
+        assert_eq!(
+            ipv6_drop_reason(0, 134),
+            Counter::DropIpv6,
+            "behind hop-by-hop"
+        );
     }
 
     #[test]
@@ -107,7 +119,12 @@ mod tests {
         ] {
             assert!(is_unroutable_destination(dst, bcast), "{dst:?}");
         }
-        for dst in [[10, 250, 0, 254], [8, 8, 8, 8], [223, 255, 255, 255], [10, 250, 1, 255]] {
+        for dst in [
+            [10, 250, 0, 254],
+            [8, 8, 8, 8],
+            [223, 255, 255, 255],
+            [10, 250, 1, 255],
+        ] {
             assert!(!is_unroutable_destination(dst, bcast), "{dst:?}");
         }
         assert!(!is_unroutable_destination([10, 250, 0, 254], [0; 4]));

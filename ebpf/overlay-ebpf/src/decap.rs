@@ -7,11 +7,11 @@ use aya_ebpf::{
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
-    policy::in_port_range,
     packet::{
         ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
         classify_underlay, parse_vxlan,
     },
+    policy::in_port_range,
 };
 
 use crate::{

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
-    Network, NetworkKey,
-    OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep, VtepKey, capacity,
+    Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
+    VtepKey, capacity,
 };
 
 #[btf_map]

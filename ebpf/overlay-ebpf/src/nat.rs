@@ -19,7 +19,9 @@ use overlay_common::{
         Addr16, AgentConfig, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey, ipv4_mapped,
         ipv4_unmapped, nat_direction,
     },
-    nat::{ICMP_QUOTE_LEN, is_expired, port_candidate, rewrite_icmp_quote, tcp_track, within_quota},
+    nat::{
+        ICMP_QUOTE_LEN, is_expired, port_candidate, rewrite_icmp_quote, tcp_track, within_quota,
+    },
     packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
 };
 

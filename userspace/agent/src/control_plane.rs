@@ -96,11 +96,15 @@ pub fn protected_destinations(
             protocol: IPPROTO_TCP,
         }));
     }
-    out.extend(agent_ports.iter().map(|&(port, protocol)| ProtectedDestination {
-        addr: None,
-        port,
-        protocol,
-    }));
+    out.extend(
+        agent_ports
+            .iter()
+            .map(|&(port, protocol)| ProtectedDestination {
+                addr: None,
+                port,
+                protocol,
+            }),
+    );
     out.sort();
     out.dedup();
     out
@@ -121,8 +125,11 @@ mod tests {
         assert!(url_host_port("ftp://x").is_err());
         assert!(url_host_port("http://:80").is_err());
         assert!(url_host_port("http://h:port").is_err());
-        let addrs = master_addresses(&["http://10.0.0.1:5050/".into(), "http://10.0.0.1:5050".into()])
-            .unwrap();
+        let addrs = master_addresses(&[
+            "http://10.0.0.1:5050/".into(),
+            "http://10.0.0.1:5050".into(),
+        ])
+        .unwrap();
         assert_eq!(addrs, vec!["10.0.0.1:5050".parse().unwrap()]);
     }
 
@@ -135,9 +142,17 @@ mod tests {
         let m: SocketAddr = "10.0.0.1:5050".parse().unwrap();
         let denied = protected_destinations(&[m], false, &[(9101, IPPROTO_TCP)]);
         assert_eq!(denied.len(), 2);
-        assert!(denied.iter().any(|d| d.addr == Some(m.ip()) && d.port == 5050));
+        assert!(
+            denied
+                .iter()
+                .any(|d| d.addr == Some(m.ip()) && d.port == 5050)
+        );
         assert!(denied.iter().any(|d| d.addr.is_none() && d.port == 9101));
         let allowed = protected_destinations(&[m], true, &[(9101, IPPROTO_TCP)]);
-        assert_eq!(allowed.len(), 1, "the master is allowed, the agent port is not");
+        assert_eq!(
+            allowed.len(),
+            1,
+            "the master is allowed, the agent port is not"
+        );
     }
 }

@@ -155,7 +155,10 @@ async fn main() -> anyhow::Result<()> {
     dp.maps()
         .set_protected(&protected)
         .context("writing the control-plane policy")?;
-    tracing::info!(?protected, "containers may not reach these control-plane destinations");
+    tracing::info!(
+        ?protected,
+        "containers may not reach these control-plane destinations"
+    );
     let mut core = Core::new(dp, underlay, args.mtu);
     core.set_host_link(host_link);
     core.restore_endpoints()?;

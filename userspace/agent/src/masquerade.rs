@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(counts[&NatQuotaKey::of_egress(&entries[0].0)], 2);
         assert_eq!(counts[&NatQuotaKey::of_egress(&entries[4].0)], 1);
         let cfg = nat_config(&(61000..=61009), NatTimeouts::default(), 32, 1024, None);
-        assert_eq!(cfg.max_flows_per_destination, 0, "no tighter than the range itself");
+        assert_eq!(
+            cfg.max_flows_per_destination, 0,
+            "no tighter than the range itself"
+        );
         let cfg = nat_config(&(61000..=63999), NatTimeouts::default(), 32, 1024, None);
         assert_eq!(cfg.max_flows_per_destination, 1024);
     }

@@ -72,7 +72,11 @@ pub fn refuse_router_messages(ifname: &str) -> anyhow::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    for (knob, value) in [("accept_ra", "0"), ("accept_redirects", "0"), ("autoconf", "0")] {
+    for (knob, value) in [
+        ("accept_ra", "0"),
+        ("accept_redirects", "0"),
+        ("autoconf", "0"),
+    ] {
         let path = dir.join(knob);
         std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
     }

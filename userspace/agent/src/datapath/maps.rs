@@ -16,9 +16,8 @@ use overlay_common::{
     counters::Counter,
     maps::{
         Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
-        NatQuotaKey, Network,
-        NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
-        VtepKey, ipv4_mapped, ipv4_unmapped, names,
+        NatQuotaKey, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute,
+        Stat, StatKey, Vtep, VtepKey, ipv4_mapped, ipv4_unmapped, names,
     },
 };
 
