@@ -139,7 +139,7 @@ mod tests {
         assert!(!in_port_range(64000, 61000, 63999));
         // Our VXLAN source ports never fall into the default masquerade range.
         use crate::packet::{VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN, vxlan_source_port};
-        assert!(VXLAN_SOURCE_PORT_MAX < 61000 && VXLAN_SOURCE_PORT_MIN > 1024);
+        const { assert!(VXLAN_SOURCE_PORT_MAX < 61000 && VXLAN_SOURCE_PORT_MIN > 1024) };
         for h in [0u32, 7, 0xffff_ffff, 0x1234_5678] {
             assert!(!in_port_range(vxlan_source_port(h), 61000, 63999));
         }
