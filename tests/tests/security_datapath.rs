@@ -313,16 +313,10 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
     send_udp(&x.node, a2_ip, VXLAN_PORT, &payloads).unwrap();
     // To this agent itself on the VXLAN port, too.
     send_udp(&x.node, a1_ip, VXLAN_PORT, &payloads[..1]).unwrap();
-    assert_eq!(
-        received(&y_out),
-        0,
-        "the smuggled frame reached another network"
-    );
-    assert_eq!(
-        received(&z_out),
-        0,
-        "the spoofed frame reached a peer container"
-    );
+    // Both read before asserting, so neither result file is left behind on failure.
+    let (into_y, into_z) = (received(&y_out), received(&z_out));
+    assert_eq!(into_y, 0, "the smuggled frame reached another network");
+    assert_eq!(into_z, 0, "the spoofed frame reached a peer container");
     assert_eq!(
         wait_for_stat(&c, "a1", DCOS, Counter::DropContainerVxlan, 3),
         3,
