@@ -90,6 +90,30 @@ counters! {
     /// Traffic to outside the overlay that masquerade cannot translate (not TCP, UDP or ICMP
     /// echo), or from a network that does not masquerade and has nowhere else to go.
     DropNatUnsupported = 31 => "drop_nat_unsupported",
+    /// A frame from a container with a VLAN tag (in band, or stripped by the kernel into the skb's
+    /// metadata): it would leave the agent's NIC tagged, VLAN hopping on a trunk port.
+    DropVlanTagged = 32 => "drop_vlan_tagged",
+    /// UDP from a container to an agent's underlay address on the VXLAN port: VXLAN smuggled
+    /// through masquerade would arrive from a known VTEP and bypass isolation and anti-spoofing.
+    DropContainerVxlan = 33 => "drop_container_vxlan",
+    /// VXLAN on the underlay whose outer UDP source port lies in the masquerade range: a
+    /// masqueraded container datagram, never an agent's VTEP (whose source ports are disjoint).
+    DropVxlanNatPort = 34 => "drop_vxlan_nat_port",
+    /// IPv6 from a container: not carried until the IPv6 datapath exists (it must not reach the
+    /// host stack instead).
+    DropIpv6 = 35 => "drop_ipv6",
+    /// An ICMPv6 Router Advertisement or Redirect from a container: always refused, so a container
+    /// can never configure the host's addresses or routes.
+    DropRouterMessage = 36 => "drop_ra_or_redirect",
+    /// A frame from a container that is neither IPv4, ARP nor IPv6: nothing of ours to carry, and
+    /// not the host stack's to receive.
+    DropUnsupportedEth = 37 => "drop_unsupported_eth",
+    /// A container's packet to the control plane (the master's API, an agent's control port:
+    /// `OVL_PROTECTED`), which containers may not reach unless the agent allows it.
+    DropControlPlane = 38 => "drop_control_plane",
+    /// A container already holds its quota of masquerade ports towards this destination
+    /// (address, port, protocol): one container may not take every port towards one server.
+    DropNatQuota = 39 => "drop_nat_quota",
 }
 
 impl Counter {

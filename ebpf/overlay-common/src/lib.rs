@@ -6,6 +6,8 @@
 //! - [`counters`]: the datapath's counters and drop reasons.
 //! - [`packet`]: header layouts and the pure logic the programs run on them (parsing, VXLAN header
 //!   construction, checksums). It has no aya-ebpf dependency, so it is unit-tested on the host.
+//! - [`policy`]: what a container may never send (VLAN tags, IPv6 for now, VXLAN through
+//!   masquerade, the control plane), and masquerade's destination and handshake rules.
 //!
 //! This crate is `no_std` so the kernel side can use it; the `user` feature adds `aya::Pod`.
 #![no_std]
@@ -14,6 +16,7 @@ pub mod counters;
 pub mod maps;
 pub mod nat;
 pub mod packet;
+pub mod policy;
 
 #[cfg(test)]
 extern crate std;

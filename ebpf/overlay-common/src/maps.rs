@@ -8,7 +8,7 @@
 
 /// Version of the layout of every map below. Part of the pin path, so an agent of another layout
 /// version never reuses (and misreads) pinned maps of this one.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as they appear in the object file, in `bpftool map` and under the pin directory.
 pub mod names {
@@ -21,10 +21,13 @@ pub mod names {
     pub const STATS: &str = "OVL_STATS";
     pub const NAT: &str = "OVL_NAT";
     pub const NAT_CONFIG: &str = "OVL_NAT_CONFIG";
+    pub const PROTECTED: &str = "OVL_PROTECTED";
+    pub const NAT_QUOTA: &str = "OVL_NAT_QUOTA";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
-        CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG,
+        CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG, PROTECTED,
+        NAT_QUOTA,
     ];
 }
 
@@ -58,6 +61,11 @@ pub mod capacity {
     pub const STATS: u32 = 16384;
     /// Connection-tracking entries (two per masqueraded flow), LRU-evicted when full.
     pub const NAT: u32 = 131072;
+    /// Live masqueraded flows per container and destination (LRU: a lost count only loosens the
+    /// quota until the agent's next recount).
+    pub const NAT_QUOTA: u32 = 65536;
+    /// Control-plane destinations containers may not reach.
+    pub const PROTECTED: u32 = 256;
 }
 
 /// A 16-byte address (IPv6, or IPv4-mapped IPv6), network order.
@@ -257,6 +265,12 @@ pub struct NatEntry {
 impl NatEntry {
     /// A TCP flow that has seen FIN or RST: it expires after the short closing timeout.
     pub const FLAG_CLOSING: u16 = 1;
+    /// TCP handshake as masquerade saw it (`overlay_common::nat::tcp_track`): the container's SYN
+    /// went out, the far end's SYN-ACK came back, the container's ACK completed it. Until then
+    /// the entry lives for the short handshake timeout, not the established one.
+    pub const FLAG_SYN_SENT: u16 = 2;
+    pub const FLAG_SYN_ACKED: u16 = 4;
+    pub const FLAG_ESTABLISHED: u16 = 8;
 }
 
 /// `OVL_NAT_CONFIG[0]`: masquerade settings.
@@ -269,10 +283,87 @@ pub struct NatConfig {
     pub port_max: u16,
     /// Ports tried (linear probing) before a flow is refused (`drop_nat_no_port`).
     pub max_probes: u32,
+    /// Established TCP (handshake seen both ways).
     pub tcp_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
     pub udp_timeout_s: u32,
     pub icmp_timeout_s: u32,
+    /// TCP that never completed a handshake (a bare ACK, a SYN without answer).
+    pub tcp_handshake_timeout_s: u32,
+    /// Live flows one container may have towards one destination (address, port, protocol);
+    /// 0: no limit. Over it, new flows are dropped (`drop_nat_quota`).
+    pub max_flows_per_destination: u32,
+    /// The underlay network's directed broadcast address (network order; zeros if unknown):
+    /// never a masquerade destination, like loopback, multicast and the limited broadcast.
+    pub underlay_broadcast: [u8; 4],
+    pub _pad: u32,
+}
+
+/// Key of `OVL_NAT_QUOTA`: one container's flows towards one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatQuotaKey {
+    pub container: Addr16,
+    pub remote: Addr16,
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl NatQuotaKey {
+    /// The quota key of an egress `NatKey` (container = its local end).
+    pub const fn of_egress(key: &NatKey) -> NatQuotaKey {
+        NatQuotaKey {
+            container: key.local,
+            remote: key.remote,
+            remote_port: key.remote_port,
+            protocol: key.protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `OVL_NAT_QUOTA`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatQuota {
+    /// Live (not closing) flows.
+    pub flows: u32,
+    pub _pad: u32,
+}
+
+/// Key of `OVL_PROTECTED`: a destination containers may not reach (the master's API, an agent's
+/// control port). [`ProtectedKey::ANY_AGENT`] as the address stands for every agent's addresses:
+/// this agent's underlay address and gateways, and every known VTEP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProtectedKey {
+    pub addr: Addr16,
+    /// Destination port (host order).
+    pub port: u16,
+    /// IP protocol (TCP or UDP).
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl ProtectedKey {
+    pub const ANY_AGENT: Addr16 = [0; 16];
+
+    pub const fn new(addr: Addr16, port: u16, protocol: u8) -> ProtectedKey {
+        ProtectedKey {
+            addr,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `OVL_PROTECTED` (its presence is the rule; the flags are for later policies).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Protected {
+    pub flags: u32,
 }
 
 /// Key of `OVL_STATS` (per-CPU): one counter of one network.
@@ -309,7 +400,11 @@ const _: () = {
     assert!(size_of::<Stat>() == 16);
     assert!(size_of::<NatKey>() == 40);
     assert!(size_of::<NatEntry>() == 32);
-    assert!(size_of::<NatConfig>() == 24);
+    assert!(size_of::<NatConfig>() == 40);
+    assert!(size_of::<NatQuotaKey>() == 36);
+    assert!(size_of::<NatQuota>() == 8);
+    assert!(size_of::<ProtectedKey>() == 20);
+    assert!(size_of::<Protected>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -331,6 +426,10 @@ mod pod {
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for NatConfig {}
+    unsafe impl aya::Pod for ProtectedKey {}
+    unsafe impl aya::Pod for NatQuotaKey {}
+    unsafe impl aya::Pod for NatQuota {}
+    unsafe impl aya::Pod for Protected {}
 }
 
 #[cfg(test)]

@@ -33,12 +33,46 @@ pub fn port_candidate(
     port as u16
 }
 
+/// TCP flag bits.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The handshake state of a masqueraded TCP flow after a segment with `tcp_flags`, `egress`
+/// (container -> outside) or not: SYN out, SYN-ACK back, ACK out makes it established (as
+/// conntrack's SYN_SENT -> SYN_RECV -> ESTABLISHED); FIN or RST makes it closing. Anything out of
+/// order (a bare ACK first, a SYN-ACK nobody asked for) leaves it where it was.
+#[inline(always)]
+pub const fn tcp_track(flags: u16, tcp_flags: u8, egress: bool) -> u16 {
+    let mut f = flags;
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        f |= NatEntry::FLAG_CLOSING;
+    }
+    let syn_ack = tcp_flags & (TCP_SYN | TCP_ACK);
+    if egress && syn_ack == TCP_SYN {
+        f |= NatEntry::FLAG_SYN_SENT;
+    } else if !egress && syn_ack == TCP_SYN | TCP_ACK && f & NatEntry::FLAG_SYN_SENT != 0 {
+        f |= NatEntry::FLAG_SYN_ACKED;
+    } else if egress && syn_ack == TCP_ACK && f & NatEntry::FLAG_SYN_ACKED != 0 {
+        f |= NatEntry::FLAG_ESTABLISHED;
+    }
+    f
+}
+
+/// Whether a container with `flows` live flows towards a destination may open another.
+#[inline(always)]
+pub const fn within_quota(cfg: &NatConfig, flows: u32) -> bool {
+    cfg.max_flows_per_destination == 0 || flows < cfg.max_flows_per_destination
+}
+
 /// How long an idle entry of `protocol` lives, in nanoseconds.
 #[inline(always)]
 pub fn timeout_ns(cfg: &NatConfig, protocol: u8, flags: u16) -> u64 {
     let seconds = match protocol {
         IPPROTO_TCP if flags & NatEntry::FLAG_CLOSING != 0 => cfg.tcp_closing_timeout_s,
-        IPPROTO_TCP => cfg.tcp_timeout_s,
+        IPPROTO_TCP if flags & NatEntry::FLAG_ESTABLISHED != 0 => cfg.tcp_timeout_s,
+        IPPROTO_TCP => cfg.tcp_handshake_timeout_s,
         IPPROTO_UDP => cfg.udp_timeout_s,
         IPPROTO_ICMP => cfg.icmp_timeout_s,
         _ => cfg.udp_timeout_s,
@@ -165,7 +199,51 @@ mod tests {
             tcp_closing_timeout_s: 10,
             udp_timeout_s: 120,
             icmp_timeout_s: 60,
+            tcp_handshake_timeout_s: 30,
+            max_flows_per_destination: 4,
+            underlay_broadcast: [0; 4],
+            _pad: 0,
         }
+    }
+
+    #[test]
+    fn only_a_full_handshake_makes_tcp_established() {
+        let syn = TCP_SYN;
+        let syn_ack = TCP_SYN | TCP_ACK;
+        let ack = TCP_ACK;
+        let est = NatEntry::FLAG_ESTABLISHED;
+        let f = tcp_track(0, syn, true);
+        let f = tcp_track(f, syn_ack, false);
+        assert_eq!(f & est, 0, "not before the container's ACK");
+        let f = tcp_track(f, ack, true);
+        assert_ne!(f & est, 0);
+        assert_eq!(tcp_track(0, ack, true) & est, 0, "a bare ACK");
+        assert_eq!(tcp_track(tcp_track(0, ack, true), ack, true) & est, 0);
+        assert_eq!(tcp_track(0, syn, true) & est, 0, "SYN only");
+        assert_eq!(
+            tcp_track(tcp_track(0, syn_ack, false), ack, true) & est,
+            0,
+            "an unsolicited SYN-ACK"
+        );
+        // SYN-ACK going out (the container as server) is no handshake of ours either.
+        assert_eq!(tcp_track(tcp_track(0, syn, true), syn_ack, true) & est, 0);
+        assert_ne!(tcp_track(0, TCP_RST, true) & NatEntry::FLAG_CLOSING, 0);
+        // Timeouts follow the state.
+        let c = cfg();
+        let t = |flags| timeout_ns(&c, IPPROTO_TCP, flags) / 1_000_000_000;
+        assert_eq!(t(0), 30);
+        assert_eq!(t(NatEntry::FLAG_SYN_SENT | NatEntry::FLAG_SYN_ACKED), 30);
+        assert_eq!(t(est), 7440);
+        assert_eq!(t(est | NatEntry::FLAG_CLOSING), 10);
+    }
+
+    #[test]
+    fn quota_counts_live_flows() {
+        let mut c = cfg();
+        assert!(within_quota(&c, 3));
+        assert!(!within_quota(&c, 4));
+        c.max_flows_per_destination = 0;
+        assert!(within_quota(&c, u32::MAX), "0: no limit");
     }
 
     /// RFC 1071 checksum of a byte string (odd length padded).
@@ -213,6 +291,7 @@ mod tests {
         };
         assert!(!is_expired(&c, IPPROTO_UDP, &e, 100_000_000_000));
         assert!(is_expired(&c, IPPROTO_UDP, &e, 122_000_000_000));
+        e.flags = NatEntry::FLAG_ESTABLISHED;
         assert!(!is_expired(&c, IPPROTO_TCP, &e, 122_000_000_000));
         e.flags = NatEntry::FLAG_CLOSING;
         assert!(is_expired(&c, IPPROTO_TCP, &e, 12_000_000_000));

@@ -33,14 +33,21 @@ pub const VXLAN_FLAG_VNI: u8 = 0x08;
 /// Largest VNI (24 bits).
 pub const VNI_MAX: u32 = 0x00ff_ffff;
 
-/// Outer UDP source ports are spread over the dynamic range from a hash of the inner flow, so that
-/// the receiver's RSS and ECMP in the underlay see per-flow entropy (RFC 7348, section 5).
+/// Outer UDP source ports of our VXLAN: Linux's default ephemeral range, as the kernel's VXLAN
+/// device picks them. The masquerade range must be disjoint from it (the agent checks), so that
+/// `from_underlay` can refuse VXLAN from a masquerade port: that is a container's datagram.
+pub const VXLAN_SOURCE_PORT_MIN: u16 = 32768;
+pub const VXLAN_SOURCE_PORT_MAX: u16 = 60999;
+
+/// Outer UDP source ports are spread over [`VXLAN_SOURCE_PORT_MIN`]..=[`VXLAN_SOURCE_PORT_MAX`]
+/// from a hash of the inner flow, so that the receiver's RSS and ECMP in the underlay see per-flow
+/// entropy (RFC 7348, section 5).
 #[inline(always)]
 pub const fn vxlan_source_port(flow_hash: u32) -> u16 {
-    // 49152..=65535: the top two bits set, the low 14 bits from the hash (folded so that hashes
-    // that differ only in their high bits still spread).
-    let folded = flow_hash ^ (flow_hash >> 16);
-    0xc000 | (folded as u16 & 0x3fff)
+    // Folded so that hashes that differ only in their high bits still spread.
+    let folded = (flow_hash ^ (flow_hash >> 16)) & 0xffff;
+    let span = (VXLAN_SOURCE_PORT_MAX - VXLAN_SOURCE_PORT_MIN) as u32 + 1;
+    VXLAN_SOURCE_PORT_MIN + (folded % span) as u16
 }
 
 /// An Ethernet header's fields.
@@ -394,7 +401,10 @@ mod tests {
     fn source_port_stays_in_dynamic_range() {
         for hash in [0u32, 1, 0xffff, 0x1234_5678, u32::MAX, 0x8000_0000] {
             let port = vxlan_source_port(hash);
-            assert!(port >= 49152, "{port}");
+            assert!(
+                (VXLAN_SOURCE_PORT_MIN..=VXLAN_SOURCE_PORT_MAX).contains(&port),
+                "{port}"
+            );
         }
         assert_ne!(vxlan_source_port(1), vxlan_source_port(2));
         assert_ne!(

@@ -11,11 +11,13 @@ use overlay_common::{
         ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
         classify_underlay, parse_vxlan,
     },
+    policy::in_port_range,
 };
 
 use crate::{
+    guard,
     isolation::remote_sender_matches,
-    maps::{endpoint, is_known_network, is_known_vtep},
+    maps::{endpoint, is_known_network, is_known_vtep, nat_config},
     skb,
 };
 
@@ -77,6 +79,13 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
             vxlan_offset,
         } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
     };
+    // Agents send VXLAN from ports outside the masquerade range; from inside it, it is a
+    // container's datagram that masquerade gave this agent's address (a second line behind
+    // `guard::to_outside` on the sending agent).
+    let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
+    if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
+        return Err(none(Counter::DropVxlanNatPort));
+    }
     if !is_known_vtep(outer_src) {
         return Err(none(Counter::DropUnknownVtep));
     }
@@ -106,6 +115,11 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
     }
     if !remote_sender_matches(ipv4_mapped(inner_ip.src), vni, outer_src) {
         return Err(in_net(Counter::DropSpoofedSource));
+    }
+    // A remote container to this host at its gateway address: no control ports either.
+    if ep.flags & Endpoint::FLAG_HOST != 0 {
+        guard::to_host_gateway(ctx, &inner_ip, vxlan_offset + VXLAN_HLEN + ETH_HLEN)
+            .map_err(in_net)?;
     }
     Ok(Inspected::Vxlan(Accepted {
         vni,

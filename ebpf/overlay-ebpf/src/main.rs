@@ -15,6 +15,7 @@ mod arp;
 mod decap;
 mod deliver;
 mod encap;
+mod guard;
 mod host;
 mod isolation;
 mod maps;
@@ -25,8 +26,8 @@ mod stats;
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
-    maps::ipv4_mapped,
-    packet::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header},
+    maps::{Endpoint, ipv4_mapped},
+    packet::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header},
 };
 
 use crate::{
@@ -45,15 +46,21 @@ pub fn from_container(ctx: TcContext) -> i32 {
 
 fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     let none = |c| (NO_NETWORK, c);
+    let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0).map_err(none)?);
+    // Before anything else: a tag must never reach the underlay (VLAN hopping).
+    if skb::vlan_tagged(ctx, eth.ethertype) {
+        return Err(none(Counter::DropVlanTagged));
+    }
     let Some(cfg) = maps::config() else {
         return Err(none(Counter::DropNotReady));
     };
-    let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0).map_err(none)?);
     match eth.ethertype {
         ETH_P_IP => {}
         ETH_P_ARP => return arp::respond(ctx),
-        // IPv6 (neighbour discovery included) is not carried yet: leave it to the host.
-        _ => return Ok(TC_ACT_OK as i32),
+        // Not carried yet, and never the host stack's: a container's Router Advertisement
+        // configured the host (issue 17).
+        ETH_P_IPV6 => return Err(none(guard::ipv6_drop_reason(ctx))),
+        _ => return Err(none(Counter::DropUnsupportedEth)),
     }
     let ip =
         Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN).map_err(none)?).map_err(none)?;
@@ -68,6 +75,9 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     let in_net = |c| (vni, c);
     match isolation::resolve(vni, ipv4_mapped(ip.dst)).map_err(in_net)? {
         Destination::Local(ep) => {
+            if ep.flags & Endpoint::FLAG_HOST != 0 {
+                guard::to_host_gateway(ctx, &ip, ETH_HLEN).map_err(in_net)?;
+            }
             let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
             count(vni, Counter::LocalDelivered, ctx.len());
             Ok(verdict)
@@ -84,6 +94,7 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
             Ok(verdict)
         }
         Destination::Outside => {
+            guard::to_outside(ctx, cfg, &ip).map_err(in_net)?;
             // To this agent itself, or from a network that does not masquerade: the host stack.
             let to_host = ipv4_mapped(ip.dst) == cfg.underlay_ip;
             if to_host || !maps::masquerades(vni) {
@@ -134,6 +145,8 @@ pub fn from_host(ctx: TcContext) -> i32 {
     let verdict = match maps::config() {
         None => Err((NO_NETWORK, Counter::DropNotReady)),
         Some(cfg) => match skb::load::<ETH_HLEN>(&ctx, 0).map(|e| EthHeader::parse(&e).ethertype) {
+            // The host's tagged frames have no VLAN to go to in the overlay either.
+            Ok(t) if skb::vlan_tagged(&ctx, t) => Err((NO_NETWORK, Counter::DropVlanTagged)),
             Ok(ETH_P_IP) => host::forward(&ctx, cfg),
             Ok(ETH_P_ARP) => host::answer_arp(&ctx),
             // IPv6 and the rest: nothing in the overlay to take it yet.

@@ -2,12 +2,13 @@
 //! so that `bpftool map dump` prints their keys and values as structs.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     macros::btf_map,
 };
 use overlay_common::maps::{
-    Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, Network, NetworkKey,
-    OverlaySubnet, RemoteRoute, Stat, StatKey, Vtep, VtepKey, capacity,
+    Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
+    Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
+    VtepKey, capacity,
 };
 
 #[btf_map]
@@ -40,6 +41,31 @@ pub static OVL_NAT: LruHashMap<NatKey, NatEntry, { capacity::NAT as usize }> = L
 
 #[btf_map]
 pub static OVL_NAT_CONFIG: Array<NatConfig, 1> = Array::new();
+
+#[btf_map]
+pub static OVL_NAT_QUOTA: LruHashMap<NatQuotaKey, NatQuota, { capacity::NAT_QUOTA as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU scratch for a quota key (keeps it off `from_container`'s stack). Not pinned: its
+/// content never outlives one program run.
+#[btf_map]
+pub static OVL_SCRATCH_QUOTA_KEY: PerCpuArray<NatQuotaKey, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch for a NAT key (the other direction of a flow being refreshed).
+#[btf_map]
+pub static OVL_SCRATCH_NAT_KEY: PerCpuArray<NatKey, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static OVL_PROTECTED: HashMap<ProtectedKey, Protected, { capacity::PROTECTED as usize }> =
+    HashMap::new();
+
+/// Whether containers may not reach `addr:port` over `protocol`.
+#[inline(always)]
+pub fn is_protected(addr: Addr16, port: u16, protocol: u8) -> bool {
+    OVL_PROTECTED
+        .get_ptr(ProtectedKey::new(addr, port, protocol))
+        .is_some()
+}
 
 /// Masquerade settings, once the agent has written them (a port range is never empty).
 #[inline(always)]

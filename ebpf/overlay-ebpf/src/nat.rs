@@ -15,14 +15,21 @@ use aya_ebpf::{
 };
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
-    maps::{AgentConfig, NatConfig, NatEntry, NatKey, ipv4_mapped, ipv4_unmapped, nat_direction},
-    nat::{ICMP_QUOTE_LEN, is_expired, port_candidate, rewrite_icmp_quote},
+    maps::{
+        Addr16, AgentConfig, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey, ipv4_mapped,
+        ipv4_unmapped, nat_direction,
+    },
+    nat::{
+        ICMP_QUOTE_LEN, is_expired, port_candidate, rewrite_icmp_quote, tcp_track, within_quota,
+    },
     packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
 };
 
 use crate::{
     deliver,
-    maps::{OVL_NAT, endpoint, nat_config},
+    maps::{
+        OVL_NAT, OVL_NAT_QUOTA, OVL_SCRATCH_NAT_KEY, OVL_SCRATCH_QUOTA_KEY, endpoint, nat_config,
+    },
     skb,
     stats::count,
 };
@@ -34,7 +41,6 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
-const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
 
 /// Offsets within the IPv4 header.
 const IP_CHECK: usize = ETH_HLEN + 10;
@@ -51,7 +57,8 @@ struct Transport {
     check_at: usize,
     /// Offset of the source port (or identifier).
     src_port_at: usize,
-    closing: bool,
+    /// TCP flags (0 for UDP and ICMP).
+    tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -89,7 +96,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport
                 dst_port: be16([h[2], h[3]]),
                 check_at: l4 + 16,
                 src_port_at: l4,
-                closing: h[13] & TCP_FIN_OR_RST != 0,
+                tcp_flags: h[13],
             })
         }
         IPPROTO_UDP => {
@@ -99,7 +106,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport
                 dst_port: be16([h[2], h[3]]),
                 check_at: l4 + 6,
                 src_port_at: l4,
-                closing: false,
+                tcp_flags: 0,
             })
         }
         IPPROTO_ICMP => {
@@ -117,7 +124,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport
                 dst_port: 0,
                 check_at: l4 + 2,
                 src_port_at: l4 + 4,
-                closing: false,
+                tcp_flags: 0,
             })
         }
         _ => Err(Counter::DropNatUnsupported),
@@ -138,30 +145,100 @@ fn paired_key(key: &NatKey, entry: &NatEntry) -> NatKey {
     }
 }
 
-/// The entry for `key` if it is live.
+/// The entry for `key` if it is live (a reference into the map, not a copy: stack).
 #[inline(always)]
-fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<NatEntry> {
+fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<&'static NatEntry> {
     // SAFETY: entries are replaced whole or have only `last_seen_ns`/`flags` updated in place.
     let e = unsafe { OVL_NAT.get(key) }?;
     if is_expired(cfg, key.protocol, e, now) {
         None
     } else {
-        Some(*e)
+        Some(e)
     }
 }
 
-/// Marks both directions of a flow as used now (and closing after FIN/RST).
+/// The quota key of a flow from either of its entries (an ingress entry's value holds the
+/// container's address), written into the per-CPU scratch slot rather than onto the stack:
+/// `from_container` is close to the verifier's 512-byte stack limit.
 #[inline(always)]
-fn refresh(key: &NatKey, entry: &NatEntry, now: u64, closing: bool) {
-    for k in [*key, paired_key(key, entry)] {
-        if let Some(e) = OVL_NAT.get_ptr_mut(k) {
-            // SAFETY: a pointer into the map value; racing writers only store timestamps/flags.
-            unsafe {
-                (*e).last_seen_ns = now;
-                if closing {
-                    (*e).flags |= NatEntry::FLAG_CLOSING;
-                }
-            }
+fn quota_key(key: &NatKey, container: Addr16) -> Option<&'static NatQuotaKey> {
+    let q = OVL_SCRATCH_QUOTA_KEY.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
+    unsafe {
+        (*q).container = container;
+        (*q).remote = key.remote;
+        (*q).remote_port = key.remote_port;
+        (*q).protocol = key.protocol;
+        (*q)._pad = 0;
+        Some(&*q)
+    }
+}
+
+/// Marks one entry as used now with `flags` added.
+#[inline(always)]
+fn touch(key: &NatKey, now: u64, flags: u16) {
+    if let Some(e) = OVL_NAT.get_ptr_mut(key) {
+        // SAFETY: a pointer into the map value; racing writers only store timestamps/flags.
+        unsafe {
+            (*e).last_seen_ns = now;
+            (*e).flags |= flags;
+        }
+    }
+}
+
+/// Marks both directions of a flow as used now, and moves a TCP flow's handshake state on
+/// (`tcp_track`); a flow that starts closing gives its quota back.
+#[inline(always)]
+fn refresh(key: &NatKey, entry: &NatEntry, now: u64, tcp_flags: u8, egress: bool) {
+    let flags = if key.protocol == IPPROTO_TCP {
+        tcp_track(entry.flags, tcp_flags, egress)
+    } else {
+        entry.flags
+    };
+    touch(key, now, flags);
+    // The paired key goes through the scratch slot too (stack, as in `quota_key`).
+    if let Some(k) = OVL_SCRATCH_NAT_KEY.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            *k = paired_key(key, entry);
+            touch(&*k, now, flags);
+        }
+    }
+    let closing = NatEntry::FLAG_CLOSING;
+    if entry.flags & closing == 0 && flags & closing != 0 {
+        let container = if egress { key.local } else { entry.addr };
+        if let Some(q) = quota_key(key, container)
+            && let Some(c) = OVL_NAT_QUOTA.get_ptr_mut(q)
+        {
+            // SAFETY: as above; a lost race only leaves the count high until the agent's
+            // recount.
+            unsafe { (*c).flows = (*c).flows.saturating_sub(1) };
+        }
+    }
+}
+
+/// Whether a container may open another flow towards the key's destination (its quota).
+#[inline(always)]
+fn quota_admits(nat: &NatConfig, key: &NatKey) -> bool {
+    let Some(q) = quota_key(key, key.local) else {
+        return true;
+    };
+    // SAFETY: plain values, read once.
+    let flows = unsafe { OVL_NAT_QUOTA.get(q) }.map_or(0, |c| c.flows);
+    within_quota(nat, flows)
+}
+
+/// Counts a new flow against its container's quota.
+#[inline(always)]
+fn take_quota(key: &NatKey) {
+    let Some(q) = quota_key(key, key.local) else {
+        return;
+    };
+    match OVL_NAT_QUOTA.get_ptr_mut(q) {
+        // SAFETY: as in `refresh`.
+        Some(c) => unsafe { (*c).flows = (*c).flows.saturating_add(1) },
+        None => {
+            let _ = OVL_NAT_QUOTA.insert(q, NatQuota { flows: 1, _pad: 0 }, BPF_NOEXIST as u64);
         }
     }
 }
@@ -202,7 +279,7 @@ fn set_transport_port(
     ctx.store(port_at, &new_port.to_be_bytes(), 0).map_err(fail)
 }
 
-/// Claims a port for a new flow. Returns the egress entry.
+/// Claims a port for a new flow. Returns the egress entry (in the map).
 #[inline(always)]
 fn allocate(
     ctx: &TcContext,
@@ -212,7 +289,7 @@ fn allocate(
     vni: u32,
     vxlan_port: u16,
     now: u64,
-) -> Result<NatEntry, Counter> {
+) -> Result<&'static NatEntry, Counter> {
     // SAFETY: plain helper call on the program's own context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let back = NatEntry {
@@ -222,11 +299,21 @@ fn allocate(
         vni,
         last_seen_ns: now,
     };
+    if !quota_admits(nat, key) {
+        return Err(Counter::DropNatQuota);
+    }
+    // Echo identifiers are never kept as the container sent them: the translated one could be
+    // an identifier the host itself pings with.
+    let (original, avoid) = if key.protocol == IPPROTO_ICMP {
+        (0, key.local_port)
+    } else {
+        (key.local_port, vxlan_port)
+    };
     for attempt in 0..PROBE_LIMIT {
         if attempt >= nat.max_probes {
             break;
         }
-        let port = port_candidate(nat, key.local_port, hash, attempt, vxlan_port);
+        let port = port_candidate(nat, original, hash, attempt, avoid);
         let ingress = NatKey {
             remote: key.remote,
             local: ipv4_mapped(underlay),
@@ -268,8 +355,10 @@ fn allocate(
             OVL_NAT
                 .insert(key, out, BPF_ANY as u64)
                 .map_err(|_| Counter::DropNatNoPort)?;
+            take_quota(key);
             count(vni, Counter::NatCreated, 0);
-            return Ok(out);
+            // SAFETY: as in `live`.
+            return unsafe { OVL_NAT.get(key) }.ok_or(Counter::DropNatNoPort);
         }
         count(vni, Counter::NatPortRetries, 0);
     }
@@ -305,7 +394,7 @@ pub fn masquerade(
         Some(e) => e,
         None => allocate(ctx, nat, &key, underlay, vni, cfg.vxlan_port, now)?,
     };
-    refresh(&key, &out, now, t.closing);
+    refresh(&key, out, now, t.tcp_flags, true);
 
     set_ip_addr(ctx, IP_SRC, ip.src, underlay)?;
     set_transport_port(
@@ -378,7 +467,7 @@ pub fn unmasquerade(
     let Some(ep) = endpoint(back.addr) else {
         return Err(in_net(Counter::DropNoEndpoint));
     };
-    refresh(&key, &back, now, t.closing);
+    refresh(&key, back, now, t.tcp_flags, false);
     let container = ipv4_unmapped(&back.addr).ok_or(none(Counter::DropMalformed))?;
     set_ip_addr(ctx, IP_DST, underlay, container).map_err(in_net)?;
     let (port_at, old_port) = match ip.protocol {

@@ -32,3 +32,13 @@ pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), Count
     macs[6..].copy_from_slice(&src);
     ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)
 }
+
+/// Whether the frame carries a VLAN tag, in band (`ethertype`) or as the metadata the kernel
+/// strips a tag into before TC runs (`vlan_present`/`vlan_proto`); the tag would survive a
+/// redirect and leave the NIC.
+#[inline(always)]
+pub fn vlan_tagged(ctx: &TcContext, ethertype: u16) -> bool {
+    // SAFETY: as above.
+    let (present, proto) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_proto) };
+    overlay_common::policy::is_vlan_tagged(ethertype, present, proto)
+}

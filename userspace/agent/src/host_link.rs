@@ -68,6 +68,8 @@ impl HostLink {
             if std::path::Path::new(&knob).exists() {
                 std::fs::write(&knob, "1").with_context(|| format!("writing {knob}"))?;
             }
+            // And should IPv6 come back on, still no router messages from the overlay side.
+            netdev::refuse_router_messages(dev)?;
         }
         let mac = overlay_api::MacAddr(HOST_LINK_PEER_MAC).to_string();
         ip(&[

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod cni_conf;
+pub mod control_plane;
 pub mod datapath;
 pub mod desired;
 pub mod docker;

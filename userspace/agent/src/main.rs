@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use overlay_agent::{
-    api,
+    api, control_plane,
     datapath::{Datapath, PinLayout},
     host_link, masquerade, netdev,
     runtime::{Core, follow_master},
@@ -73,11 +73,14 @@ struct Args {
     /// Ports for masqueraded flows (MIN-MAX); must not overlap the host's ephemeral ports.
     #[arg(long, default_value = "61000-63999")]
     masquerade_ports: String,
-    /// Idle timeouts of masqueraded flows, in seconds: TCP, TCP after FIN/RST, UDP, ICMP.
+    /// Idle timeouts of masqueraded flows, in seconds: established TCP, TCP after FIN/RST, TCP
+    /// that never completed a handshake (a bare ACK, an unanswered SYN), UDP, ICMP.
     #[arg(long, default_value_t = 7440)]
     nat_tcp_timeout: u32,
     #[arg(long, default_value_t = 10)]
     nat_tcp_closing_timeout: u32,
+    #[arg(long, default_value_t = 120)]
+    nat_tcp_handshake_timeout: u32,
     #[arg(long, default_value_t = 120)]
     nat_udp_timeout: u32,
     #[arg(long, default_value_t = 60)]
@@ -85,6 +88,19 @@ struct Args {
     /// Ports tried for a new flow before it is refused (drop_nat_no_port).
     #[arg(long, default_value_t = 32)]
     nat_max_probes: u32,
+    /// Live masqueraded flows one container may have towards one destination (address, port,
+    /// protocol), so that it cannot take every port towards one server (drop_nat_quota); 0: no
+    /// limit.
+    #[arg(long, default_value_t = 1024)]
+    nat_max_flows_per_destination: u32,
+    /// Let containers reach the master's API. By default they cannot (drop_control_plane): the
+    /// master is reachable through masquerade like any outside address.
+    #[arg(long)]
+    allow_containers_to_master: bool,
+    /// An agent control port containers may not reach on any agent's address (PORT, PORT/tcp or
+    /// PORT/udp; repeatable). The --metrics-listen port is always one.
+    #[arg(long = "protect-agent-port")]
+    protect_agent_ports: Vec<String>,
 }
 
 #[tokio::main]
@@ -125,17 +141,41 @@ async fn main() -> anyhow::Result<()> {
         &masquerade::host_ephemeral_ports()?,
         overlay_api::DEFAULT_VXLAN_PORT,
     )?;
-    let timeouts = [
-        args.nat_tcp_timeout,
-        args.nat_tcp_closing_timeout,
-        args.nat_udp_timeout,
-        args.nat_icmp_timeout,
-    ];
+    let timeouts = masquerade::NatTimeouts {
+        tcp: args.nat_tcp_timeout,
+        tcp_closing: args.nat_tcp_closing_timeout,
+        tcp_handshake: args.nat_tcp_handshake_timeout,
+        udp: args.nat_udp_timeout,
+        icmp: args.nat_icmp_timeout,
+    };
     dp.maps().set_nat_config(&masquerade::nat_config(
         &nat_ports,
         timeouts,
         args.nat_max_probes,
+        args.nat_max_flows_per_destination,
+        underlay.ipv4_broadcast,
     ))?;
+    let masters = control_plane::master_addresses(&args.masters).context("--master")?;
+    let mut agent_ports = args
+        .protect_agent_ports
+        .iter()
+        .map(|p| control_plane::parse_agent_port(p).context("--protect-agent-port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(m) = args.metrics_listen {
+        agent_ports.push((m.port(), overlay_common::packet::IPPROTO_TCP));
+    }
+    let protected = control_plane::protected_destinations(
+        &masters,
+        args.allow_containers_to_master,
+        &agent_ports,
+    );
+    dp.maps()
+        .set_protected(&protected)
+        .context("writing the control-plane policy")?;
+    tracing::info!(
+        ?protected,
+        "containers may not reach these control-plane destinations"
+    );
     let mut core = Core::new(dp, underlay, args.mtu);
     core.set_host_link(host_link);
     core.restore_endpoints()?;

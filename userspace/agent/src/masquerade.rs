@@ -3,14 +3,16 @@
 //! the NAT table's metrics.
 
 use std::{
+    collections::BTreeMap,
     ops::RangeInclusive,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use anyhow::{Context as _, bail};
 use overlay_common::{
-    maps::{NatConfig, capacity},
+    maps::{NatConfig, NatEntry, NatKey, NatQuotaKey, capacity, nat_direction},
     nat::is_expired,
+    packet::{VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN},
 };
 
 use crate::datapath::OverlayMaps;
@@ -66,27 +68,48 @@ pub fn check_port_range(
             host.end()
         );
     }
+    let (vmin, vmax) = (VXLAN_SOURCE_PORT_MIN, VXLAN_SOURCE_PORT_MAX);
+    if *ports.start() <= vmax && vmin <= *ports.end() {
+        bail!(
+            "--masquerade-ports {}-{} overlaps the VXLAN source ports {vmin}-{vmax}: agents refuse \
+             VXLAN from masquerade ports (a container's datagram), so choose a disjoint range",
+            ports.start(),
+            ports.end()
+        );
+    }
     if ports.start() == ports.end() && *ports.start() == vxlan_port {
         bail!("--masquerade-ports holds only the VXLAN port {vxlan_port}");
     }
     Ok(())
 }
 
-/// Removes every idle flow (both directions) from the NAT table; returns how many entries went.
+/// Removes every idle flow (both directions) from the NAT table and recounts every container's
+/// live flows per destination (the quota; the datapath counts up and down between sweeps, and a
+/// count lost to a race or an LRU eviction is corrected here). Returns how many entries went.
 pub fn sweep(maps: &mut OverlayMaps) -> anyhow::Result<usize> {
     let cfg = maps.nat_config()?;
     let now = monotonic_ns();
-    let expired: Vec<_> = maps
+    let (expired, live): (Vec<_>, Vec<_>) = maps
         .nat_entries()?
         .into_iter()
-        .filter(|(k, e)| is_expired(&cfg, k.protocol, e, now))
-        .map(|(k, _)| k)
-        .collect();
-    for k in &expired {
+        .partition(|(k, e)| is_expired(&cfg, k.protocol, e, now));
+    for (k, _) in &expired {
         maps.remove_nat(k)?;
     }
+    maps.set_nat_quotas(&live_flows(&live))?;
     EXPIRED.fetch_add(expired.len() as u64, Ordering::Relaxed);
     Ok(expired.len())
+}
+
+/// Live (not closing) flows per container and destination, from the egress entries.
+pub fn live_flows(entries: &[(NatKey, NatEntry)]) -> BTreeMap<NatQuotaKey, u32> {
+    let mut counts = BTreeMap::new();
+    for (k, e) in entries {
+        if k.direction == nat_direction::EGRESS && e.flags & NatEntry::FLAG_CLOSING == 0 {
+            *counts.entry(NatQuotaKey::of_egress(k)).or_insert(0) += 1;
+        }
+    }
+    counts
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -133,17 +156,59 @@ pub fn metrics(maps: &OverlayMaps) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Builds the BPF-side settings.
-pub fn nat_config(ports: &RangeInclusive<u16>, timeouts: [u32; 4], max_probes: u32) -> NatConfig {
-    let [tcp, tcp_closing, udp, icmp] = timeouts;
+/// Idle timeouts of masqueraded flows, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatTimeouts {
+    /// Established TCP.
+    pub tcp: u32,
+    /// TCP after FIN or RST.
+    pub tcp_closing: u32,
+    /// TCP that never completed a handshake.
+    pub tcp_handshake: u32,
+    pub udp: u32,
+    pub icmp: u32,
+}
+
+impl Default for NatTimeouts {
+    /// Linux conntrack's: established 2 h 4 min, SYN_SENT 2 min, UDP stream 2 min.
+    fn default() -> Self {
+        NatTimeouts {
+            tcp: 7440,
+            tcp_closing: 10,
+            tcp_handshake: 120,
+            udp: 120,
+            icmp: 60,
+        }
+    }
+}
+
+/// Builds the BPF-side settings. `max_flows_per_destination` (0: no limit) at or above the
+/// range's size is no limit (the range runs out first, counted as `drop_nat_no_port`);
+/// `underlay_broadcast` is the underlay's directed broadcast address, if known.
+pub fn nat_config(
+    ports: &RangeInclusive<u16>,
+    timeouts: NatTimeouts,
+    max_probes: u32,
+    max_flows_per_destination: u32,
+    underlay_broadcast: Option<std::net::Ipv4Addr>,
+) -> NatConfig {
+    let size = (*ports.end() - *ports.start()) as u32 + 1;
     NatConfig {
         port_min: *ports.start(),
         port_max: *ports.end(),
         max_probes: max_probes.clamp(1, 64),
-        tcp_timeout_s: tcp,
-        tcp_closing_timeout_s: tcp_closing,
-        udp_timeout_s: udp,
-        icmp_timeout_s: icmp,
+        tcp_timeout_s: timeouts.tcp,
+        tcp_closing_timeout_s: timeouts.tcp_closing,
+        udp_timeout_s: timeouts.udp,
+        icmp_timeout_s: timeouts.icmp,
+        tcp_handshake_timeout_s: timeouts.tcp_handshake,
+        max_flows_per_destination: if max_flows_per_destination >= size {
+            0
+        } else {
+            max_flows_per_destination
+        },
+        underlay_broadcast: underlay_broadcast.map_or([0; 4], |b| b.octets()),
+        _pad: 0,
     }
 }
 
@@ -167,5 +232,46 @@ mod tests {
             "{err}"
         );
         assert!(check_port_range(&(64000..=64000), &host, 64000).is_err());
+        // A host with a narrow ephemeral range still may not take the VXLAN source ports.
+        let err = check_port_range(&(50000..=52000), &(30000..=32000), 64000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VXLAN source ports"), "{err}");
+    }
+
+    #[test]
+    fn live_flows_count_open_egress_entries_per_container_and_destination() {
+        let key = |local: u8, port: u16, direction| NatKey {
+            remote: overlay_common::maps::ipv4_mapped([10, 250, 0, 254]),
+            local: overlay_common::maps::ipv4_mapped([9, 0, 1, local]),
+            remote_port: 8000,
+            local_port: port,
+            protocol: 17,
+            direction,
+            _pad: [0; 2],
+        };
+        let open = NatEntry::default();
+        let closing = NatEntry {
+            flags: NatEntry::FLAG_CLOSING,
+            ..Default::default()
+        };
+        let entries = [
+            (key(2, 1, nat_direction::EGRESS), open),
+            (key(2, 2, nat_direction::EGRESS), open),
+            (key(2, 3, nat_direction::EGRESS), closing),
+            (key(2, 4, nat_direction::INGRESS), open),
+            (key(3, 1, nat_direction::EGRESS), open),
+        ];
+        let counts = live_flows(&entries);
+        assert_eq!(counts.len(), 2);
+        assert_eq!(counts[&NatQuotaKey::of_egress(&entries[0].0)], 2);
+        assert_eq!(counts[&NatQuotaKey::of_egress(&entries[4].0)], 1);
+        let cfg = nat_config(&(61000..=61009), NatTimeouts::default(), 32, 1024, None);
+        assert_eq!(
+            cfg.max_flows_per_destination, 0,
+            "no tighter than the range itself"
+        );
+        let cfg = nat_config(&(61000..=63999), NatTimeouts::default(), 32, 1024, None);
+        assert_eq!(cfg.max_flows_per_destination, 1024);
     }
 }

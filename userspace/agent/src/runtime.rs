@@ -620,6 +620,8 @@ impl Core {
     fn connect(&mut self, ip: Ipv4Addr, vni: u32, req: &AddEndpoint) -> Result<(), EndpointError> {
         let veth = netdev::link(&req.host_veth)
             .map_err(|e| EndpointError::Invalid(format!("host_veth: {e:#}")))?;
+        netdev::refuse_router_messages(&veth.name)
+            .map_err(|e| EndpointError::Invalid(format!("host_veth: {e:#}")))?;
         let key = format!("if{}", veth.ifindex);
         self.dp
             .attach_keyed(&veth.name, programs::FROM_CONTAINER, &key)?;
@@ -841,6 +843,7 @@ impl Core {
             let key = format!("if{}", e.ifindex);
             match netdev::name_of(e.ifindex) {
                 Some(name) => {
+                    netdev::refuse_router_messages(&name)?;
                     self.dp
                         .attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
                     tracing::info!(%ip, veth = %name, "endpoint kept across restart");

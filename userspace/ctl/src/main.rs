@@ -94,14 +94,20 @@ fn show_datapath(instance: &str, bpffs: &std::path::Path) -> anyhow::Result<()> 
     let nat = maps.nat_config()?;
     let flows = maps.nat_entries()?;
     println!(
-        "masquerade: ports {}-{}, {} tracked flows (timeouts tcp {}s/{}s closing, udp {}s, icmp {}s)",
+        "masquerade: ports {}-{}, {} tracked flows (timeouts tcp {}s/{}s closing/{}s before the \
+         handshake, udp {}s, icmp {}s; at most {} flows per container and destination)",
         nat.port_min,
         nat.port_max,
         flows.len() / 2,
         nat.tcp_timeout_s,
         nat.tcp_closing_timeout_s,
+        nat.tcp_handshake_timeout_s,
         nat.udp_timeout_s,
-        nat.icmp_timeout_s
+        nat.icmp_timeout_s,
+        match nat.max_flows_per_destination {
+            0 => "unlimited".to_owned(),
+            n => n.to_string(),
+        }
     );
     for (k, e) in flows
         .iter()
@@ -114,6 +120,14 @@ fn show_datapath(instance: &str, bpffs: &std::path::Path) -> anyhow::Result<()> 
             "  proto {:>2}  {local}:{} -> {remote}:{}  as {via}:{}",
             k.protocol, k.local_port, k.remote_port, e.port
         );
+    }
+    println!("closed to containers (control plane):");
+    for d in maps.protected()? {
+        let proto = if d.protocol == 17 { "udp" } else { "tcp" };
+        match d.addr {
+            Some(a) => println!("  {a}:{}/{proto}", d.port),
+            None => println!("  every agent's address :{}/{proto}", d.port),
+        }
     }
     println!("counters:");
     for r in maps.stats()? {

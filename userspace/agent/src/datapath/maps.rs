@@ -15,9 +15,9 @@ use ipnetwork::IpNetwork;
 use overlay_common::{
     counters::Counter,
     maps::{
-        Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, Network,
-        NetworkKey, OverlaySubnet, RemoteRoute, Stat, StatKey, Vtep, VtepKey, ipv4_mapped,
-        ipv4_unmapped, names,
+        Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
+        NatQuotaKey, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute,
+        Stat, StatKey, Vtep, VtepKey, ipv4_mapped, ipv4_unmapped, names,
     },
 };
 
@@ -86,6 +86,31 @@ pub struct OverlayMaps {
     stats: PerCpuHashMap<MapData, StatKey, Stat>,
     nat: HashMap<MapData, NatKey, NatEntry>,
     nat_config: Array<MapData, NatConfig>,
+    protected: HashMap<MapData, ProtectedKey, Protected>,
+    nat_quota: HashMap<MapData, NatQuotaKey, NatQuota>,
+}
+
+/// A destination containers may not reach: one address, or (None) every agent's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProtectedDestination {
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+    pub protocol: u8,
+}
+
+impl ProtectedDestination {
+    fn key(&self) -> ProtectedKey {
+        let addr = self.addr.map_or(ProtectedKey::ANY_AGENT, addr16);
+        ProtectedKey::new(addr, self.port, self.protocol)
+    }
+
+    fn from_key(k: &ProtectedKey) -> ProtectedDestination {
+        ProtectedDestination {
+            addr: (k.addr != ProtectedKey::ANY_AGENT).then(|| from_addr16(&k.addr)),
+            port: k.port,
+            protocol: k.protocol,
+        }
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -126,6 +151,8 @@ impl OverlayMaps {
             stats: Map::PerCpuHashMap(pinned(pins, names::STATS)?).try_into()?,
             nat: Map::LruHashMap(pinned(pins, names::NAT)?).try_into()?,
             nat_config: Map::Array(pinned(pins, names::NAT_CONFIG)?).try_into()?,
+            protected: Map::HashMap(pinned(pins, names::PROTECTED)?).try_into()?,
+            nat_quota: Map::LruHashMap(pinned(pins, names::NAT_QUOTA)?).try_into()?,
         })
     }
 
@@ -140,6 +167,8 @@ impl OverlayMaps {
             stats: take(ebpf, names::STATS)?.try_into()?,
             nat: take(ebpf, names::NAT)?.try_into()?,
             nat_config: take(ebpf, names::NAT_CONFIG)?.try_into()?,
+            protected: take(ebpf, names::PROTECTED)?.try_into()?,
+            nat_quota: take(ebpf, names::NAT_QUOTA)?.try_into()?,
         })
     }
 
@@ -307,6 +336,59 @@ impl OverlayMaps {
 
     pub fn remove_nat(&mut self, key: &NatKey) -> anyhow::Result<()> {
         ignore_missing(self.nat.remove(key)).context("removing an entry from OVL_NAT")
+    }
+
+    /// Live flows per container and destination, as the datapath counts them.
+    pub fn nat_quotas(&self) -> anyhow::Result<Vec<(NatQuotaKey, NatQuota)>> {
+        self.nat_quota
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading OVL_NAT_QUOTA")
+    }
+
+    /// Makes `OVL_NAT_QUOTA` hold exactly these counts (the agent's recount of live flows).
+    pub fn set_nat_quotas(&mut self, counts: &BTreeMap<NatQuotaKey, u32>) -> anyhow::Result<()> {
+        for (k, flows) in counts {
+            let v = NatQuota {
+                flows: *flows,
+                _pad: 0,
+            };
+            self.nat_quota
+                .insert(k, v, 0)
+                .context("writing OVL_NAT_QUOTA")?;
+        }
+        for (k, _) in self.nat_quotas()? {
+            if !counts.contains_key(&k) {
+                ignore_missing(self.nat_quota.remove(&k))
+                    .context("removing an entry from OVL_NAT_QUOTA")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The control-plane destinations containers may not reach.
+    pub fn protected(&self) -> anyhow::Result<Vec<ProtectedDestination>> {
+        self.protected
+            .keys()
+            .map(|k| k.map(|k| ProtectedDestination::from_key(&k)))
+            .collect::<Result<_, _>>()
+            .context("reading OVL_PROTECTED")
+    }
+
+    /// Makes `OVL_PROTECTED` hold exactly `wanted`.
+    pub fn set_protected(&mut self, wanted: &[ProtectedDestination]) -> anyhow::Result<()> {
+        for d in wanted {
+            self.protected
+                .insert(d.key(), Protected::default(), 0)
+                .with_context(|| format!("writing OVL_PROTECTED entry {d:?}"))?;
+        }
+        for d in self.protected()? {
+            if !wanted.contains(&d) {
+                ignore_missing(self.protected.remove(&d.key()))
+                    .context("removing an entry from OVL_PROTECTED")?;
+            }
+        }
+        Ok(())
     }
 
     /// Packets counted for `counter` on network `vni` (0 if never hit).

@@ -6,5 +6,7 @@ mod maps;
 mod pins;
 
 pub use loader::{Datapath, OBJECT, attached_ingress_programs};
-pub use maps::{AgentSettings, OverlayMaps, StatRow, addr16, from_addr16, prefix_key};
+pub use maps::{
+    AgentSettings, OverlayMaps, ProtectedDestination, StatRow, addr16, from_addr16, prefix_key,
+};
 pub use pins::PinLayout;
