@@ -540,9 +540,10 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
     assert_eq!(d2.container_ip("again"), wanted);
     d2.run(&["rm", "-f", "again"]).unwrap();
     assert_eq!(docker_half_used(&c, "a2", "dcos"), 0);
-    // A network removed from the master: its Docker networks and CNI files go with it.
+    // A network removed from the master (forced: it still holds containers): its Docker networks
+    // and CNI files go with it.
     let (status, body) = c
-        .master_request("DELETE", "/overlay-master/networks/blue", None)
+        .master_request("DELETE", "/overlay-master/networks/blue?force=true", None)
         .unwrap();
     assert!(
         status < 300,
