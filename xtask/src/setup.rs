@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // several masters on etcd (tests/tests/etcd_*.rs)
     "etcd-server",
     "etcd-client",
+    // the master on a full disk (tests/tests/master_disk_full.rs): mkfs.ext4 for a loop image
+    "e2fsprogs",
 ];
 
 const NIGHTLY: &str = "nightly";
