@@ -30,8 +30,10 @@ pub const MASTER_PASSWORD: &str = "master-secret";
 const ROOT_PASSWORD: &str = "root-secret";
 
 /// Certificates of a test cluster, as PEM files in `dir`: `ca.pem`; `member.pem`/`-key.pem`
-/// (server and peer, for 127.0.0.1); `client.pem`/`-key.pem` (CN `overlay-master`); and
-/// `rogue-ca.pem` with `rogue-client.pem`/`-key.pem`, a client certificate from another CA.
+/// (server and peer, for 127.0.0.1); `client.pem`/`-key.pem` (no CN: etcd's gateway refuses
+/// client certificates with one while authentication is on); `cn-client.pem`/`-key.pem` (CN
+/// [`MASTER_USER`]); and `rogue-ca.pem` with `rogue-client.pem`/`-key.pem`, a client
+/// certificate from another CA.
 pub struct TestPki {
     pub dir: PathBuf,
 }
@@ -39,8 +41,8 @@ pub struct TestPki {
 impl TestPki {
     pub fn create(dir: &Path) -> TestPki {
         use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-            KeyUsagePurpose,
+            BasicConstraints, CertificateParams, DistinguishedName, DnType,
+            ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
         };
         std::fs::create_dir_all(dir).unwrap();
         let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
@@ -57,10 +59,16 @@ impl TestPki {
             let cert = params.self_signed(&key).unwrap();
             (cert, key)
         };
-        let leaf = |cn: &str, names: Vec<String>, ca: &(rcgen::Certificate, KeyPair)| {
+        let leaf = |cn: Option<&str>, names: Vec<String>, ca: &(rcgen::Certificate, KeyPair)| {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::new(names).unwrap();
-            params.distinguished_name.push(DnType::CommonName, cn);
+            params.distinguished_name = DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, "ovl-test");
+            if let Some(cn) = cn {
+                params.distinguished_name.push(DnType::CommonName, cn);
+            }
             params.key_usages = vec![
                 KeyUsagePurpose::DigitalSignature,
                 KeyUsagePurpose::KeyEncipherment,
@@ -77,15 +85,18 @@ impl TestPki {
         let ca = make_ca("ovl-test-etcd-ca");
         write("ca.pem", ca.0.pem());
         let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
-        let (cert, key) = leaf("ovl-test-etcd-member", names, &ca);
+        let (cert, key) = leaf(Some("ovl-test-etcd-member"), names, &ca);
         write("member.pem", cert);
         write("member-key.pem", key);
-        let (cert, key) = leaf(MASTER_USER, vec![], &ca);
+        let (cert, key) = leaf(None, vec![], &ca);
         write("client.pem", cert);
         write("client-key.pem", key);
+        let (cert, key) = leaf(Some(MASTER_USER), vec![], &ca);
+        write("cn-client.pem", cert);
+        write("cn-client-key.pem", key);
         let rogue = make_ca("ovl-test-rogue-ca");
         write("rogue-ca.pem", rogue.0.pem());
-        let (cert, key) = leaf(MASTER_USER, vec![], &rogue);
+        let (cert, key) = leaf(None, vec![], &rogue);
         write("rogue-client.pem", cert);
         write("rogue-client-key.pem", key);
         TestPki {

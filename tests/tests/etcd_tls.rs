@@ -83,8 +83,18 @@ fn only_the_right_certificate_and_password_open_the_tls_store() {
     assert!(log.contains("authentication failed"), "{log}");
     assert!(log.contains(MASTER_USER), "{log}");
 
-    // Right certificate, no login while etcd authentication is on: the gateway does not pass
-    // the certificate's CN on, so nothing is readable.
+    // A certificate whose CN names the master's etcd user: etcd's gateway does not pass the
+    // CN on to its authorisation and refuses such a client while authentication is on.
+    let log = refused(
+        dir.path(),
+        &etcd
+            .store()
+            .with("--etcd-certfile", file("cn-client.pem"))
+            .with("--etcd-keyfile", file("cn-client-key.pem")),
+    );
+    assert!(log.contains("CommonName"), "{log}");
+
+    // Right certificate, no login while etcd authentication is on: nothing is readable.
     refused(
         dir.path(),
         &etcd

@@ -32,7 +32,8 @@
 //! and password (a token from `/v3/auth/authenticate`, renewed when a member no longer knows
 //! it). The JSON gateway authenticates by password only: it forwards requests to the member's
 //! gRPC server over its own connection, so a client certificate's CN never reaches etcd's
-//! authorisation (use a user and password when etcd auth is on).
+//! authorisation, and with authentication on etcd 3.4 refuses (400) gateway clients whose
+//! certificate carries a CN: the master's certificate must have none.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -471,8 +472,16 @@ async fn post(
     let response = request.send().await.map_err(|e| error_chain(&e))?;
     let status = response.status();
     let bytes = response.bytes().await.map_err(|e| error_chain(&e))?;
-    let value: Value =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{status}: unreadable answer ({e})"))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+        let hint = if text.contains("CommonName of client") {
+            " (with etcd authentication on, the JSON gateway refuses client certificates that \
+             carry a CN: give the master one without, and a user and password)"
+        } else {
+            ""
+        };
+        format!("{status}: unreadable answer ({e}): {:?}{hint}", text.trim())
+    })?;
     if !status.is_success() || value.get("error").is_some() {
         let message = value
             .get("error")
