@@ -290,7 +290,14 @@ impl EtcdCluster {
             &["user", "add", &format!("root:{ROOT_PASSWORD}")],
             &["user", "add", &format!("{MASTER_USER}:{MASTER_PASSWORD}")],
             &["role", "add", "overlay"],
-            &["role", "grant-permission", "overlay", "--prefix=true", "readwrite", "/"],
+            &[
+                "role",
+                "grant-permission",
+                "overlay",
+                "--prefix=true",
+                "readwrite",
+                "/",
+            ],
             &["user", "grant-role", MASTER_USER, "overlay"],
             &["auth", "enable"],
         ];

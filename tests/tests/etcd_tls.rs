@@ -104,7 +104,10 @@ fn only_the_right_certificate_and_password_open_the_tls_store() {
     );
 
     // Plain http to a TLS member, without any TLS flag.
-    let http_url = etcd.store_url().replace("etcd://", "etcd://http://").replace(",", ",http://");
+    let http_url = etcd
+        .store_url()
+        .replace("etcd://", "etcd://http://")
+        .replace(",", ",http://");
     refused(dir.path(), &StoreFlags::plain(http_url));
 
     // The running master was not disturbed by any of this.

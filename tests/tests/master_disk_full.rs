@@ -15,9 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use overlay_api::{AgentInfo, State};
-use overlay_tests::support_etcd::{
-    EtcdCluster, EtcdMaster, EtcdSpec, Security, free_port, http,
-};
+use overlay_tests::support_etcd::{EtcdCluster, EtcdMaster, EtcdSpec, Security, free_port, http};
 
 /// An ext4 file system of `size_mib` on a loop device, mounted in a temporary directory.
 struct SmallDisk {
@@ -333,7 +331,10 @@ fn a_full_disk_refuses_writes_serves_reads_and_resumes_without_restart() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let (status, body) = add_network(&addr, "green", "10.2.0.0/16");
-    assert!(status < 300, "network change after recovery: {status} {body}");
+    assert!(
+        status < 300,
+        "network change after recovery: {status} {body}"
+    );
     for _ in 0..20 {
         let (status, body) = register(&addr, next);
         assert_eq!(status, 200, "{body}");

@@ -57,11 +57,20 @@ struct Args {
     etcd_username: Option<String>,
     /// Password of `--etcd-username`. Prefer the environment variable or
     /// `--etcd-password-file`: command lines are visible to every local user.
-    #[arg(long, env = "OVERLAY_MASTER_ETCD_PASSWORD", hide_env_values = true,
-          requires = "etcd_username", conflicts_with = "etcd_password_file")]
+    #[arg(
+        long,
+        env = "OVERLAY_MASTER_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_username",
+        conflicts_with = "etcd_password_file"
+    )]
     etcd_password: Option<String>,
     /// File holding the password of `--etcd-username` (one line).
-    #[arg(long, env = "OVERLAY_MASTER_ETCD_PASSWORD_FILE", requires = "etcd_username")]
+    #[arg(
+        long,
+        env = "OVERLAY_MASTER_ETCD_PASSWORD_FILE",
+        requires = "etcd_username"
+    )]
     etcd_password_file: Option<PathBuf>,
 }
 

@@ -124,13 +124,19 @@ impl EtcdSecurity {
         fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
             std::fs::read(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))
         }
-        fn certs(path: &std::path::Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+        fn certs(
+            path: &std::path::Path,
+            what: &str,
+        ) -> Result<Vec<CertificateDer<'static>>, String> {
             let pem = read(path, what)?;
             let certs = rustls_pemfile::certs(&mut pem.as_slice())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("the {what} {}: {e}", path.display()))?;
             if certs.is_empty() {
-                return Err(format!("the {what} {} holds no PEM certificate", path.display()));
+                return Err(format!(
+                    "the {what} {} holds no PEM certificate",
+                    path.display()
+                ));
             }
             Ok(certs)
         }
@@ -156,14 +162,21 @@ impl EtcdSecurity {
                 let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
                     .map_err(|e| format!("the etcd client key {}: {e}", key_path.display()))?
                     .ok_or_else(|| {
-                        format!("the etcd client key {} holds no PEM private key", key_path.display())
+                        format!(
+                            "the etcd client key {} holds no PEM private key",
+                            key_path.display()
+                        )
                     })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| format!("the etcd client certificate and key: {e}"))?
             }
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err("an etcd client certificate needs its key, and the other way round".into()),
+            _ => {
+                return Err(
+                    "an etcd client certificate needs its key, and the other way round".into(),
+                );
+            }
         };
         // The JSON gateway is HTTP/1.1; saying so keeps the member from offering gRPC's h2.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -228,10 +241,25 @@ impl Client {
         if self.credentials.is_some() && self.current_token().is_none() {
             self.authenticate(endpoint).await?;
         }
-        match post(&self.http, &url, body, timeout, self.current_token().as_deref()).await {
+        match post(
+            &self.http,
+            &url,
+            body,
+            timeout,
+            self.current_token().as_deref(),
+        )
+        .await
+        {
             Err(reason) if self.credentials.is_some() && is_token_error(&reason) => {
                 self.authenticate(endpoint).await?;
-                post(&self.http, &url, body, timeout, self.current_token().as_deref()).await
+                post(
+                    &self.http,
+                    &url,
+                    body,
+                    timeout,
+                    self.current_token().as_deref(),
+                )
+                .await
             }
             other => other,
         }
@@ -422,9 +450,7 @@ impl EtcdStore {
                         let _ = tx.send(Ok((index, answer)));
                         return;
                     }
-                    Err(reason) => {
-                        failures.push(format!("{}: {reason}", client.endpoints[index]))
-                    }
+                    Err(reason) => failures.push(format!("{}: {reason}", client.endpoints[index])),
                 }
             }
             let _ = tx.send(Err(failures.join("; ")));

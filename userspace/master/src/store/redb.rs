@@ -105,8 +105,10 @@ impl RedbStore {
         &self,
         action: impl FnOnce(&Database) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut slot: MutexGuard<'_, Option<Database>> =
-            self.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot: MutexGuard<'_, Option<Database>> = self
+            .db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if slot.is_none() {
             let db = Database::create(&self.path)
                 .map_err(|e| backend(&self.path, "reopening after an I/O error", e))?;
