@@ -289,6 +289,10 @@ fn a_full_disk_refuses_writes_serves_reads_and_resumes_without_restart() {
     disk.fill();
     let mut next = 100;
     let refusal = register_until_refused(&addr, &mut next, &mut acknowledged, 5000);
+    eprintln!(
+        "full disk: {} registrations acknowledged, then refused: {refusal}",
+        next - 101
+    );
     master.assert_running();
     assert!(
         refusal.contains("redb store") && refusal.contains(data.to_str().unwrap()),
