@@ -1,14 +1,16 @@
 //! Several `overlay-master` processes on one real 3-member etcd cluster (Debian's
 //! `etcd-server`): no duplicate allocation under registration storms spread over the masters,
 //! masters learning each other's allocations through etcd's watch, member and quorum loss,
-//! start-up from empty/populated etcd, and the same API answers as the embedded store.
+//! start-up from empty/populated etcd, and the same API answers as the embedded store. Every
+//! test runs twice: `plain::*` on a plain-http cluster, `tls::*` on one with TLS between
+//! members and towards clients, client certificates required, and etcd authentication on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use overlay_api::{AgentInfo, MasterClient, OverlayInfo, State};
-use overlay_tests::support_etcd::{EtcdCluster, EtcdMaster, free_port, http};
+use overlay_tests::support_etcd::{EtcdCluster, EtcdMaster, Security, StoreFlags, free_port, http};
 
 const PREFIX: &str = "/ebpf-overlay/";
 
@@ -94,13 +96,12 @@ fn same_allocation(a: &AgentInfo, b: &AgentInfo) -> bool {
     a.ip == b.ip && a.overlays == b.overlays
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_storm_over_three_masters_gives_no_duplicate() {
-    let etcd = EtcdCluster::start(3);
+async fn registration_storm_over_three_masters_gives_no_duplicate(security: Security) {
+    let etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
     // Started together: their start-up commits race on the empty store too.
     let mut masters: Vec<EtcdMaster> = (0..3)
-        .map(|_| EtcdMaster::spawn(dir.path(), &etcd.store_url(), PREFIX, None))
+        .map(|_| EtcdMaster::spawn(dir.path(), &etcd.store(), PREFIX, None))
         .collect();
     for master in &mut masters {
         master.wait_ready();
@@ -153,12 +154,11 @@ async fn registration_storm_over_three_masters_gives_no_duplicate() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn masters_follow_each_other_and_survive_a_member_and_a_master_loss() {
-    let mut etcd = EtcdCluster::start(3);
+async fn masters_follow_each_other_and_survive_a_member_and_a_master_loss(security: Security) {
+    let mut etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
-    let mut m1 = EtcdMaster::start(dir.path(), &etcd.store_url(), PREFIX, None);
-    let m2 = EtcdMaster::start(dir.path(), &etcd.store_url(), PREFIX, None);
+    let mut m1 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
+    let m2 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
     let c1 = client(&[&m1]);
     let c2 = client(&[&m2]);
 
@@ -214,12 +214,11 @@ async fn masters_follow_each_other_and_survive_a_member_and_a_master_loss() {
     assert_no_duplicates(&state.agents);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quorum_loss_refuses_writes_with_503_naming_etcd_and_recovers() {
-    let mut etcd = EtcdCluster::start(3);
+async fn quorum_loss_refuses_writes_with_503_naming_etcd_and_recovers(security: Security) {
+    let mut etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
-    let m1 = EtcdMaster::start(dir.path(), &etcd.store_url(), PREFIX, None);
-    let m2 = EtcdMaster::start(dir.path(), &etcd.store_url(), PREFIX, None);
+    let m1 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
+    let m2 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
     let c1 = client(&[&m1]);
     let mut before = Vec::new();
     for n in 1..=5 {
@@ -297,28 +296,27 @@ overlays:
     prefix: 24
 ";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn start_initialises_recovers_and_refuses_a_conflicting_config() {
-    let etcd = EtcdCluster::start(3);
+async fn start_initialises_recovers_and_refuses_a_conflicting_config(security: Security) {
+    let etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
     let prefix = "/tenant-a/";
-    let mut m1 = EtcdMaster::start(dir.path(), &etcd.store_url(), prefix, Some(ONE_NETWORK));
+    let mut m1 = EtcdMaster::start(dir.path(), &etcd.store(), prefix, Some(ONE_NETWORK));
     let first = client(&[&m1]).register(agent_ip(1)).await.unwrap();
     m1.kill();
     // A fresh master on the populated prefix recovers the allocations.
-    let m2 = EtcdMaster::start(dir.path(), &etcd.store_url(), prefix, Some(ONE_NETWORK));
+    let m2 = EtcdMaster::start(dir.path(), &etcd.store(), prefix, Some(ONE_NETWORK));
     let again = client(&[&m2]).register(agent_ip(1)).await.unwrap();
     assert!(same_allocation(&again, &first));
     let second = client(&[&m2]).register(agent_ip(2)).await.unwrap();
     assert_no_duplicates(&[first, second]);
 
     // Another prefix is another, empty, cluster.
-    let other = EtcdMaster::start(dir.path(), &etcd.store_url(), "/tenant-b/", None);
+    let other = EtcdMaster::start(dir.path(), &etcd.store(), "/tenant-b/", None);
     assert!(client(&[&other]).state().await.unwrap().agents.is_empty());
 
     // A config whose prefix length contradicts the stored allocations is refused.
     let conflicting = ONE_NETWORK.replace("prefix: 24", "prefix: 23");
-    let mut m3 = EtcdMaster::spawn(dir.path(), &etcd.store_url(), prefix, Some(&conflicting));
+    let mut m3 = EtcdMaster::spawn(dir.path(), &etcd.store(), prefix, Some(&conflicting));
     let (status, log) = m3.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(
@@ -329,7 +327,10 @@ async fn start_initialises_recovers_and_refuses_a_conflicting_config() {
     assert_eq!(client(&[&m2]).state().await.unwrap().agents.len(), 2);
 
     // Unreachable etcd: a clear error at start.
-    let dead = format!("etcd://127.0.0.1:{}", free_port());
+    let dead = StoreFlags {
+        url: format!("etcd://127.0.0.1:{}", free_port()),
+        ..etcd.store()
+    };
     let mut m4 = EtcdMaster::spawn(dir.path(), &dead, prefix, None);
     let (status, log) = m4.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{log}");
@@ -343,11 +344,10 @@ fn network(name: &str, subnet: &str) -> OverlayInfo {
 
 /// A redb master and an etcd master given the same requests give the same answers, byte for
 /// byte, including the DC/OS state JSON and the watch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_api_answers_like_the_embedded_store() {
-    let etcd = EtcdCluster::start(3);
+async fn state_api_answers_like_the_embedded_store(security: Security) {
+    let etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
-    let etcd_master = EtcdMaster::start(dir.path(), &etcd.store_url(), PREFIX, None);
+    let etcd_master = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
     let redb_port = free_port();
     struct Reap(std::process::Child);
     impl Drop for Reap {
@@ -464,3 +464,33 @@ async fn state_api_answers_like_the_embedded_store() {
         .collect();
     assert_eq!(watch[0], watch[1]);
 }
+
+/// Each test above as `plain::NAME` and `tls::NAME`.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod plain {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Security::Plain).await
+                }
+            )*
+        }
+        mod tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Security::TlsAuth).await
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    registration_storm_over_three_masters_gives_no_duplicate,
+    masters_follow_each_other_and_survive_a_member_and_a_master_loss,
+    quorum_loss_refuses_writes_with_503_naming_etcd_and_recovers,
+    start_initialises_recovers_and_refuses_a_conflicting_config,
+    state_api_answers_like_the_embedded_store,
+);

@@ -35,6 +35,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "docker.io",
+    // the master on a full disk (tests/tests/master_disk_full.rs): mkfs.ext4 for a loop image
+    "e2fsprogs",
 ];
 
 const NIGHTLY: &str = "nightly";

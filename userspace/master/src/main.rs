@@ -1,4 +1,6 @@
 //! `overlay-master --config FILE --listen ADDR (--data-dir DIR | --store etcd://HOST:PORT,...)`
+//! (etcd over TLS and with authentication: `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`,
+//! `--etcd-username`, `--etcd-password[-file]`, named as flannel's).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use overlay_api::NetworkConfig;
 use overlay_master::config;
 use overlay_master::master::Master;
 use overlay_master::store::Store;
-use overlay_master::store::etcd::EtcdStore;
+use overlay_master::store::etcd::{EtcdSecurity, EtcdStore};
 use overlay_master::store::redb::RedbStore;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -31,8 +33,10 @@ struct Args {
     /// Directory of the embedded state database (created if missing); the default store.
     #[arg(long, env = "OVERLAY_MASTER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Shared store instead of the embedded one: `etcd://host:port,host:port,...` (etcd 3.4+,
-    /// plain HTTP). Any number of masters may serve the same etcd cluster and prefix.
+    /// Shared store instead of the embedded one: `etcd://host:port,host:port,...` (etcd 3.4+;
+    /// a member may be written `https://host:port`; without a scheme it is https when an etcd
+    /// CA or client certificate is given). Any number of masters may serve the same etcd
+    /// cluster and prefix.
     #[arg(long, env = "OVERLAY_MASTER_STORE", conflicts_with = "data_dir")]
     store: Option<String>,
     /// Key prefix of this overlay cluster in etcd.
@@ -62,6 +66,36 @@ struct Args {
         value_delimiter = ','
     )]
     advertise_addresses: Vec<std::net::IpAddr>,
+    /// PEM bundle of the CA that signed the etcd members' certificates (default for https
+    /// members: the system's bundle).
+    #[arg(long, env = "OVERLAY_MASTER_ETCD_CAFILE", requires = "store")]
+    etcd_cafile: Option<PathBuf>,
+    /// PEM client certificate for etcd members run with `--client-cert-auth`.
+    #[arg(long, env = "OVERLAY_MASTER_ETCD_CERTFILE", requires_all = ["store", "etcd_keyfile"])]
+    etcd_certfile: Option<PathBuf>,
+    /// PEM private key of `--etcd-certfile`.
+    #[arg(long, env = "OVERLAY_MASTER_ETCD_KEYFILE", requires_all = ["store", "etcd_certfile"])]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user, when etcd authentication is enabled (with a password).
+    #[arg(long, env = "OVERLAY_MASTER_ETCD_USERNAME", requires = "store")]
+    etcd_username: Option<String>,
+    /// Password of `--etcd-username`. Prefer the environment variable or
+    /// `--etcd-password-file`: command lines are visible to every local user.
+    #[arg(
+        long,
+        env = "OVERLAY_MASTER_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_username",
+        conflicts_with = "etcd_password_file"
+    )]
+    etcd_password: Option<String>,
+    /// File holding the password of `--etcd-username` (one line).
+    #[arg(
+        long,
+        env = "OVERLAY_MASTER_ETCD_PASSWORD_FILE",
+        requires = "etcd_username"
+    )]
+    etcd_password_file: Option<PathBuf>,
 }
 
 /// The addresses no network may contain: the advertised ones, and the listen address (every
@@ -84,15 +118,45 @@ fn master_addresses(args: &Args) -> anyhow::Result<Vec<std::net::IpAddr>> {
     Ok(addresses)
 }
 
+impl Args {
+    fn etcd_security(&self) -> anyhow::Result<EtcdSecurity> {
+        let password = match (&self.etcd_password, &self.etcd_password_file) {
+            (Some(password), _) => Some(password.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--etcd-password-file {}", path.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if self.etcd_username.is_some() && password.is_none() {
+            anyhow::bail!("--etcd-username needs --etcd-password or --etcd-password-file");
+        }
+        Ok(EtcdSecurity {
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password,
+        })
+    }
+}
+
 fn open_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
     match (&args.store, &args.data_dir) {
         (Some(spec), _) => {
-            if !spec.starts_with("etcd://") {
+            if !["etcd://", "http://", "https://"]
+                .iter()
+                .any(|scheme| spec.starts_with(scheme))
+            {
                 anyhow::bail!("--store {spec:?}: only etcd://host:port,... is supported");
             }
-            let endpoints = overlay_master::store::etcd::parse_endpoints(spec)
-                .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
-            let store = EtcdStore::open(endpoints, &args.etcd_prefix)
+            let security = args.etcd_security()?;
+            let endpoints =
+                overlay_master::store::etcd::parse_endpoints(spec, security.wants_tls())
+                    .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+            let store = EtcdStore::open_with(endpoints, &args.etcd_prefix, &security)
                 .with_context(|| format!("opening the etcd store {spec}"))?;
             Ok(Arc::new(store))
         }

@@ -6,7 +6,10 @@
 //! in-memory state under the state lock, commits the resulting records in one store
 //! transaction (fsync), and only then releases the lock and answers. Readers therefore never
 //! see an allocation that is not durable, and a failed commit is undone by reloading the
-//! in-memory state from the store.
+//! in-memory state from the store or, when the store cannot even be read (a full or read-only
+//! disk, etcd unreachable), from a copy of what was last committed: the master never exits
+//! over a store fault, keeps serving reads, heartbeats and watches, and refuses writes with a
+//! 503 naming the store until it works again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -24,7 +27,8 @@ pub use crate::cluster::{
 };
 use crate::config::assign_default_vnis;
 use crate::metrics::Metrics;
-use crate::store::{Op, Origin, Store, StoreError};
+use crate::store::memory::MemoryStore;
+use crate::store::{Op, Origin, Snapshot, Store, StoreError};
 
 /// Commands taken by the writer in one store transaction at most.
 const MAX_BATCH: usize = 512;
@@ -96,6 +100,9 @@ impl StateBody {
 pub struct Master {
     cluster: Mutex<ClusterState>,
     store: Arc<dyn Store>,
+    /// What the store held after the last commit or load: undoes a failed commit when the
+    /// store cannot be read back. Touched by the writer only.
+    committed: MemoryStore,
     revision_tx: watch::Sender<u64>,
     pub metrics: Metrics,
     state_cache: tokio::sync::Mutex<Option<StateBody>>,
@@ -123,7 +130,7 @@ impl Master {
     ) -> Result<Arc<Master>, MasterError> {
         let metrics = Metrics::default();
         let mut attempt = 0;
-        let cluster = loop {
+        let (cluster, committed) = loop {
             match Self::recover(store.as_ref(), file_config.clone(), &safety, &metrics) {
                 Err(MasterError::Conflict(reason)) if attempt < MAX_CONFLICT_RETRIES => {
                     // Another master of a shared store committed meanwhile: start over.
@@ -139,6 +146,7 @@ impl Master {
         let master = Arc::new(Master {
             cluster: Mutex::new(cluster),
             store,
+            committed,
             revision_tx,
             metrics,
             state_cache: tokio::sync::Mutex::new(None),
@@ -171,14 +179,16 @@ impl Master {
         Ok(master)
     }
 
-    /// Loads the store, reconciles it with the file and commits the outcome.
+    /// Loads the store, reconciles it with the file and commits the outcome; also returns a
+    /// copy of what the store now holds.
     fn recover(
         store: &dyn Store,
         file_config: NetworkConfig,
         safety: &SafetySettings,
         metrics: &Metrics,
-    ) -> Result<ClusterState, MasterError> {
+    ) -> Result<(ClusterState, MemoryStore), MasterError> {
         let snapshot = store.load()?;
+        let committed = MemoryStore::from_snapshot(snapshot.clone());
         let mut cluster = match ClusterState::from_snapshot(snapshot)? {
             Some(mut cluster) => {
                 cluster.set_safety(safety.clone());
@@ -227,18 +237,29 @@ impl Master {
         };
         let ops = cluster.take_ops();
         if !ops.is_empty() {
-            cluster.revision = match store.commit(cluster.revision, &ops) {
+            let before = cluster.revision;
+            cluster.revision = match store.commit(before, &ops) {
                 Ok(revision) => revision,
                 Err(error @ StoreError::Conflict { .. }) => {
                     return Err(MasterError::Conflict(error.to_string()));
                 }
                 Err(error) => return Err(error.into()),
             };
+            Self::record_committed(&committed, before, cluster.revision, &ops);
             metrics.store_commits.fetch_add(1, Ordering::Relaxed);
         }
         // Watchers from before this start cannot be given a delta.
         cluster.changes = ChangeLog::starting_at(cluster.revision);
-        Ok(cluster)
+        Ok((cluster, committed))
+    }
+
+    /// Applies a successful commit to the copy of the store's contents.
+    fn record_committed(committed: &MemoryStore, before: u64, after: u64, ops: &[Op]) {
+        match committed.commit(before, ops) {
+            Ok(revision) if revision == after => {}
+            // Cannot happen (the writer keeps both in step); the copy is only a fallback.
+            other => tracing::error!(?other, after, "copy of the committed state out of step"),
+        }
     }
 
     fn lock_state(&self) -> MutexGuard<'_, ClusterState> {
@@ -459,6 +480,7 @@ impl Master {
             match outcome {
                 Ok(new_revision) => {
                     if let Some(revision) = new_revision {
+                        Self::record_committed(&self.committed, cluster.revision, revision, &ops);
                         cluster.revision = revision;
                         cluster.changes.record(revision, &ops);
                         self.metrics.store_commits.fetch_add(1, Ordering::Relaxed);
@@ -481,12 +503,17 @@ impl Master {
                         tracing::error!(%error, "store commit failed; reloading the state from the store");
                     }
                     // Undo the in-memory changes by reloading what is durable (and, on a
-                    // shared store, what the other writers committed).
-                    if let Err(reload) = self.reload_from_store(&mut cluster) {
-                        tracing::error!(%reload, "cannot reload the state from the store; exiting");
-                        std::process::exit(70);
-                    }
-                    if conflict && attempt < MAX_CONFLICT_RETRIES {
+                    // shared store, what the other writers committed); a store that cannot
+                    // even be read (full or read-only disk) leaves the last committed copy.
+                    let reloaded = match self.reload_from_store(&mut cluster) {
+                        Ok(()) => true,
+                        Err(reload) => {
+                            tracing::warn!(%reload, "cannot read the store back; serving the last committed state");
+                            self.restore_committed(&mut cluster);
+                            false
+                        }
+                    };
+                    if conflict && reloaded && attempt < MAX_CONFLICT_RETRIES {
                         // Another writer won: recompute the batch on top of its commit.
                         attempt += 1;
                         tracing::debug!(%error, attempt, "lost a commit race; retrying the batch");
@@ -508,6 +535,30 @@ impl Master {
     /// every watcher resynchronise).
     fn reload_from_store(&self, cluster: &mut ClusterState) -> Result<(), MasterError> {
         let snapshot = self.store.load()?;
+        self.replace_state(cluster, snapshot.clone())?;
+        self.committed.replace(snapshot);
+        Ok(())
+    }
+
+    /// Puts back the state of the last commit, after a failed commit whose store cannot be
+    /// read (it was valid when committed, so rebuilding it cannot fail).
+    fn restore_committed(&self, cluster: &mut ClusterState) {
+        let snapshot = self
+            .committed
+            .load()
+            .expect("the in-memory copy always loads");
+        if let Err(error) = self.replace_state(cluster, snapshot) {
+            tracing::error!(%error, "cannot rebuild the last committed state; exiting");
+            std::process::exit(70);
+        }
+    }
+
+    /// Replaces the in-memory state with `snapshot` (see `reload_from_store`).
+    fn replace_state(
+        &self,
+        cluster: &mut ClusterState,
+        snapshot: Snapshot,
+    ) -> Result<(), MasterError> {
         let Some(mut reloaded) = ClusterState::from_snapshot(snapshot)? else {
             return Err(MasterError::Unavailable(
                 "the store lost its settings record".into(),
@@ -725,14 +776,21 @@ mod tests {
         );
     }
 
-    /// A store whose commits can be made to fail.
+    /// A store whose commits, and loads, can be made to fail.
     struct FlakyStore {
         inner: MemoryStore,
         failing: std::sync::atomic::AtomicBool,
+        unreadable: std::sync::atomic::AtomicBool,
     }
 
     impl Store for FlakyStore {
         fn load(&self) -> Result<Snapshot, StoreError> {
+            if self.unreadable.load(Ordering::SeqCst) {
+                return Err(StoreError::Backend {
+                    context: "test".into(),
+                    reason: "Previous I/O error occurred".into(),
+                });
+            }
             self.inner.load()
         }
 
@@ -752,6 +810,7 @@ mod tests {
         let store = Arc::new(FlakyStore {
             inner: MemoryStore::new(),
             failing: false.into(),
+            unreadable: false.into(),
         });
         let master = Master::start(store.clone(), dcos_default()).unwrap();
         master.register(ip("10.0.0.1")).await.unwrap();
@@ -780,6 +839,52 @@ mod tests {
             info.overlays[0].backend.vxlan.vtep_ip,
             Some("44.128.0.2/20".parse().unwrap())
         );
+    }
+
+    /// The master exited (status 70) when a failed commit could not be undone by reading the
+    /// store back (redb refuses reads after an I/O error): now the last committed state is
+    /// kept, heartbeats are served, and writes resume once the store works.
+    #[tokio::test]
+    async fn an_unreadable_store_keeps_the_last_committed_state() {
+        let store = Arc::new(FlakyStore {
+            inner: MemoryStore::new(),
+            failing: false.into(),
+            unreadable: false.into(),
+        });
+        let master = Master::start(store.clone(), dcos_default()).unwrap();
+        let first = master.register(ip("10.0.0.1")).await.unwrap();
+        let before = master.lock_state().state();
+        let revision = master.revision();
+
+        store.failing.store(true, Ordering::SeqCst);
+        store.unreadable.store(true, Ordering::SeqCst);
+        for n in 2..=4 {
+            let err = master
+                .register(IpAddr::from([10, 0, 0, n]))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("disk on fire"), "{err}");
+        }
+        let err = master
+            .change_networks(NetworkChange::Add(spec("dev", "10.10.0.0/16")))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, MasterError::Unavailable(_)), "{err}");
+        assert_eq!(master.lock_state().state(), before, "nothing half-applied");
+        assert_eq!(master.revision(), revision);
+        assert_eq!(master.register(ip("10.0.0.1")).await.unwrap(), first);
+
+        store.failing.store(false, Ordering::SeqCst);
+        store.unreadable.store(false, Ordering::SeqCst);
+        let second = master.register(ip("10.0.0.2")).await.unwrap();
+        assert_eq!(
+            second.overlays[0].backend.vxlan.vtep_ip,
+            Some("44.128.0.2/20".parse().unwrap())
+        );
+        assert_eq!(master.revision(), revision + 1);
+        let restarted = Master::start(store, dcos_default()).unwrap();
+        assert_eq!(restarted.register(ip("10.0.0.1")).await.unwrap(), first);
+        assert_eq!(restarted.register(ip("10.0.0.2")).await.unwrap(), second);
     }
 
     #[tokio::test]

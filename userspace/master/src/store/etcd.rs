@@ -23,10 +23,21 @@
 //! Reads are linearizable; when no member can serve one (quorum lost), `load` falls back to a
 //! serializable read of a reachable member, which may be stale but only ever misses records
 //! (the next commit's compare catches that), so a master keeps serving what it has and refuses
-//! writes with an error naming etcd until quorum returns.
+//! writes with an error naming etcd until quorum returns. The same holds when etcd raised its
+//! NOSPACE alarm (quota exceeded): writes are refused, naming the alarm, and resume once the
+//! operator compacted, defragmented and disarmed it.
+//!
+//! Security, as flannel and Calico offer it: `https://` members verified against a CA bundle,
+//! a client certificate for etcd's `--client-cert-auth`, and etcd authentication by user name
+//! and password (a token from `/v3/auth/authenticate`, renewed when a member no longer knows
+//! it). The JSON gateway authenticates by password only: it forwards requests to the member's
+//! gRPC server over its own connection, so a client certificate's CN never reaches etcd's
+//! authorisation, and with authentication on etcd 3.4 refuses (400) gateway clients whose
+//! certificate carries a CN: the master's certificate must have none.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -47,22 +58,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(700);
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Parses `etcd://host:port,host:port,...` (or a bare `host:port,...` list) into member URLs.
-pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
+/// A member may name its scheme (`http://host:port`, `https://host:port`); one that does not
+/// gets `https` when `tls` (a CA or client certificate was given), `http` otherwise. Plain
+/// `http` members are refused when `tls`: certificates given for nothing are a mistake.
+pub fn parse_endpoints(spec: &str, tls: bool) -> Result<Vec<String>, String> {
     let list = spec.strip_prefix("etcd://").unwrap_or(spec);
+    let default_scheme = if tls { "https" } else { "http" };
     let endpoints: Vec<String> = list
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|member| {
-            if member.contains("://") {
-                Err(format!(
-                    "etcd member {member:?}: give host:port (the scheme is http)"
-                ))
-            } else if !member.contains(':') {
-                Err(format!("etcd member {member:?}: host:port expected"))
-            } else {
-                Ok(format!("http://{member}"))
+            let (scheme, address) = match member.split_once("://") {
+                Some((scheme @ ("http" | "https"), address)) => (scheme, address),
+                Some((scheme, _)) => {
+                    return Err(format!(
+                        "etcd member {member:?}: scheme {scheme:?}, expected http or https"
+                    ));
+                }
+                None => (default_scheme, member),
+            };
+            if scheme == "http" && tls {
+                return Err(format!(
+                    "etcd member {member:?} is plain http but etcd TLS files were given"
+                ));
             }
+            if !address.contains(':') || address.contains('/') {
+                return Err(format!("etcd member {member:?}: host:port expected"));
+            }
+            Ok(format!("{scheme}://{address}"))
         })
         .collect::<Result<_, _>>()?;
     if endpoints.is_empty() {
@@ -71,16 +95,200 @@ pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
     Ok(endpoints)
 }
 
+/// Where the system's CA bundle is on Debian, used for `https` members without a CA file.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// TLS and authentication towards etcd (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdSecurity {
+    /// PEM bundle of the CA(s) that signed the members' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) and its key, for members with `--client-cert-auth`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// etcd user and password, for members with authentication enabled.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl EtcdSecurity {
+    /// Whether members without a scheme are `https`.
+    pub fn wants_tls(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some()
+    }
+
+    /// The rustls client configuration: the CA file (or the system bundle) as roots, the
+    /// client certificate if given.
+    fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+            std::fs::read(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))
+        }
+        fn certs(
+            path: &std::path::Path,
+            what: &str,
+        ) -> Result<Vec<CertificateDer<'static>>, String> {
+            let pem = read(path, what)?;
+            let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("the {what} {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "the {what} {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+            Ok(certs)
+        }
+        let ca_path = self
+            .ca_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs(&ca_path, "etcd CA file")? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("the etcd CA file {}: {e}", ca_path.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .with_root_certificates(roots);
+        let mut config = match (&self.cert_file, &self.key_file) {
+            (Some(cert_path), Some(key_path)) => {
+                let chain = certs(cert_path, "etcd client certificate")?;
+                let pem = read(key_path, "etcd client key")?;
+                let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
+                    .map_err(|e| format!("the etcd client key {}: {e}", key_path.display()))?
+                    .ok_or_else(|| {
+                        format!(
+                            "the etcd client key {} holds no PEM private key",
+                            key_path.display()
+                        )
+                    })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("the etcd client certificate and key: {e}"))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => {
+                return Err(
+                    "an etcd client certificate needs its key, and the other way round".into(),
+                );
+            }
+        };
+        // The JSON gateway is HTTP/1.1; saying so keeps the member from offering gRPC's h2.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
 pub struct EtcdStore {
-    endpoints: Vec<String>,
+    client: Client,
     prefix: String,
-    http: reqwest::Client,
     /// Our own runtime: the trait is synchronous and is called from inside the master's runtime
     /// too, so requests run here and the caller waits on a channel.
     runtime: Option<tokio::runtime::Runtime>,
     /// Member that answered last; requests start there.
     preferred: AtomicUsize,
     changes: Mutex<Option<mpsc::Receiver<u64>>>,
+}
+
+/// The HTTP client of the members, shared by requests and the watch.
+#[derive(Clone)]
+struct Client {
+    endpoints: Arc<Vec<String>>,
+    http: reqwest::Client,
+    /// User and password when etcd authentication is on.
+    credentials: Option<Arc<(String, String)>>,
+    /// The current auth token (cluster-wide; renewed when a member does not know it).
+    token: Arc<RwLock<Option<String>>>,
+}
+
+/// An error and its causes on one line (reqwest's own text hides the TLS reason).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether an etcd error says the request's auth token is missing or unknown.
+fn is_token_error(reason: &str) -> bool {
+    reason.contains("invalid auth token") || reason.contains("user name is empty")
+}
+
+impl Client {
+    /// POSTs `body` to `path` on member `index`, with the auth token; a token the member does
+    /// not know is renewed once.
+    async fn call(
+        &self,
+        index: usize,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        let endpoint = &self.endpoints[index];
+        let url = format!("{endpoint}{path}");
+        if self.credentials.is_some() && self.current_token().is_none() {
+            self.authenticate(endpoint).await?;
+        }
+        match post(
+            &self.http,
+            &url,
+            body,
+            timeout,
+            self.current_token().as_deref(),
+        )
+        .await
+        {
+            Err(reason) if self.credentials.is_some() && is_token_error(&reason) => {
+                self.authenticate(endpoint).await?;
+                post(
+                    &self.http,
+                    &url,
+                    body,
+                    timeout,
+                    self.current_token().as_deref(),
+                )
+                .await
+            }
+            other => other,
+        }
+    }
+
+    fn current_token(&self) -> Option<String> {
+        self.token.read().expect("token lock").clone()
+    }
+
+    /// Gets a fresh token from `endpoint` with the user and password.
+    async fn authenticate(&self, endpoint: &str) -> Result<(), String> {
+        let Some(credentials) = &self.credentials else {
+            return Ok(());
+        };
+        let answer = post(
+            &self.http,
+            &format!("{endpoint}/v3/auth/authenticate"),
+            &json!({"name": credentials.0, "password": credentials.1}),
+            REQUEST_TIMEOUT,
+            None,
+        )
+        .await
+        .map_err(|e| format!("authenticating as etcd user {:?}: {e}", credentials.0))?;
+        let token = answer["token"]
+            .as_str()
+            .ok_or_else(|| format!("etcd gave no auth token for user {:?}", credentials.0))?;
+        *self.token.write().expect("token lock") = Some(token.to_owned());
+        Ok(())
+    }
 }
 
 fn backend(context: &str, reason: impl std::fmt::Display) -> StoreError {
@@ -135,8 +343,18 @@ fn parse_revision(key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl EtcdStore {
-    /// Connects to the members (`http://host:port`). Checks that one of them answers.
+    /// Connects to the members (`http://host:port`) without TLS or authentication.
     pub fn open(endpoints: Vec<String>, prefix: &str) -> Result<Self, StoreError> {
+        Self::open_with(endpoints, prefix, &EtcdSecurity::default())
+    }
+
+    /// Connects to the members (`http://` or `https://host:port`) with `security`. Checks that
+    /// one of them answers (and accepts the credentials).
+    pub fn open_with(
+        endpoints: Vec<String>,
+        prefix: &str,
+        security: &EtcdSecurity,
+    ) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(backend("opening the etcd store", "no etcd member given"));
         }
@@ -149,23 +367,51 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| backend("starting the etcd client runtime", e))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        if endpoints.iter().any(|e| e.starts_with("https://")) {
+            let tls = security
+                .tls_config()
+                .map_err(|e| backend("setting up TLS towards etcd", e))?;
+            builder = builder.use_preconfigured_tls(tls);
+        } else if security.wants_tls() {
+            return Err(backend(
+                "opening the etcd store",
+                "etcd TLS files were given but no member is https",
+            ));
+        }
+        let http = builder
             .build()
-            .map_err(|e| backend("building the etcd HTTP client", e))?;
+            .map_err(|e| backend("building the etcd HTTP client", error_chain(&e)))?;
+        let credentials = match (&security.username, &security.password) {
+            (Some(user), Some(password)) => Some(Arc::new((user.clone(), password.clone()))),
+            (None, None) => None,
+            _ => {
+                return Err(backend(
+                    "opening the etcd store",
+                    "an etcd user name needs its password, and the other way round",
+                ));
+            }
+        };
+        if credentials.is_some() && endpoints.iter().any(|e| e.starts_with("http://")) {
+            tracing::warn!("the etcd password is sent over plain http");
+        }
+        let client = Client {
+            endpoints: Arc::new(endpoints),
+            http,
+            credentials,
+            token: Arc::new(RwLock::new(None)),
+        };
         let (tx, rx) = mpsc::channel();
         let store = EtcdStore {
-            endpoints,
+            client,
             prefix: prefix.to_owned(),
-            http,
             runtime: Some(runtime),
             preferred: AtomicUsize::new(0),
             changes: Mutex::new(Some(rx)),
         };
         store.request("/v3/maintenance/status", json!({}), REQUEST_TIMEOUT)?;
         let watcher = Watcher {
-            endpoints: store.endpoints.clone(),
-            http: store.http.clone(),
+            client: store.client.clone(),
             key: store.key("revision"),
             tx,
         };
@@ -174,7 +420,7 @@ impl EtcdStore {
     }
 
     pub fn endpoints(&self) -> &[String] {
-        &self.endpoints
+        &self.client.endpoints
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -191,21 +437,20 @@ impl EtcdStore {
     /// until one gives a 2xx answer; the error lists every member's failure.
     fn request(&self, path: &str, body: Value, timeout: Duration) -> Result<Value, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let endpoints = self.endpoints.clone();
-        let http = self.http.clone();
+        let client = self.client.clone();
         let start = self.preferred.load(Ordering::Relaxed);
         let route = path.to_owned();
         self.runtime().spawn(async move {
             let mut failures = Vec::new();
-            for n in 0..endpoints.len() {
-                let index = (start + n) % endpoints.len();
-                let url = format!("{}{route}", endpoints[index]);
-                match post(&http, &url, &body, timeout).await {
+            let members = client.endpoints.len();
+            for n in 0..members {
+                let index = (start + n) % members;
+                match client.call(index, &route, &body, timeout).await {
                     Ok(answer) => {
                         let _ = tx.send(Ok((index, answer)));
                         return;
                     }
-                    Err(reason) => failures.push(format!("{}: {reason}", endpoints[index])),
+                    Err(reason) => failures.push(format!("{}: {reason}", client.endpoints[index])),
                 }
             }
             let _ = tx.send(Err(failures.join("; ")));
@@ -244,18 +489,25 @@ async fn post(
     url: &str,
     body: &Value,
     timeout: Duration,
+    token: Option<&str>,
 ) -> Result<Value, String> {
-    let response = http
-        .post(url)
-        .timeout(timeout)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut request = http.post(url).timeout(timeout).json(body);
+    if let Some(token) = token {
+        request = request.header(reqwest::header::AUTHORIZATION, token);
+    }
+    let response = request.send().await.map_err(|e| error_chain(&e))?;
     let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-    let value: Value =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{status}: unreadable answer ({e})"))?;
+    let bytes = response.bytes().await.map_err(|e| error_chain(&e))?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+        let hint = if text.contains("CommonName of client") {
+            " (with etcd authentication on, the JSON gateway refuses client certificates that \
+             carry a CN: give the master one without, and a user and password)"
+        } else {
+            ""
+        };
+        format!("{status}: unreadable answer ({e}): {:?}{hint}", text.trim())
+    })?;
     if !status.is_success() || value.get("error").is_some() {
         let message = value
             .get("error")
@@ -354,7 +606,15 @@ impl Store for EtcdStore {
                         "committing {} record(s) at revision {new_revision} ({context})",
                         ops.len()
                     ),
-                    reason,
+                    reason: if reason.contains("database space exceeded") {
+                        format!(
+                            "{reason}; etcd raised its NOSPACE alarm: writes are refused until \
+                             it is compacted, defragmented and the alarm disarmed, then resume \
+                             by themselves"
+                        )
+                    } else {
+                        reason
+                    },
                 },
                 other => other,
             })?;
@@ -380,8 +640,7 @@ impl Store for EtcdStore {
 
 /// Follows the revision key on any member, reconnecting to the next one when a stream ends.
 struct Watcher {
-    endpoints: Vec<String>,
-    http: reqwest::Client,
+    client: Client,
     key: String,
     tx: mpsc::Sender<u64>,
 }
@@ -397,8 +656,9 @@ impl Watcher {
     async fn run(self) {
         let mut index = 0;
         loop {
-            let endpoint = &self.endpoints[index % self.endpoints.len()];
-            match self.follow(endpoint).await {
+            let member = index % self.client.endpoints.len();
+            let endpoint = &self.client.endpoints[member];
+            match self.follow(member).await {
                 WatchEnd::Stop => return,
                 WatchEnd::Retry(reason) => {
                     tracing::debug!(%endpoint, %reason, "etcd watch ended; reconnecting");
@@ -413,21 +673,30 @@ impl Watcher {
         self.tx.send(revision).map_err(|_| WatchEnd::Stop)
     }
 
-    async fn follow(&self, endpoint: &str) -> WatchEnd {
-        match self.follow_inner(endpoint).await {
+    async fn follow(&self, member: usize) -> WatchEnd {
+        match self.follow_inner(member).await {
             Ok(reason) => WatchEnd::Retry(reason),
             Err(end) => end,
         }
     }
 
-    async fn follow_inner(&self, endpoint: &str) -> Result<String, WatchEnd> {
-        let mut response = match self
+    async fn follow_inner(&self, member: usize) -> Result<String, WatchEnd> {
+        let endpoint = &self.client.endpoints[member];
+        if self.client.credentials.is_some()
+            && self.client.current_token().is_none()
+            && let Err(reason) = self.client.authenticate(endpoint).await
+        {
+            return Ok(reason);
+        }
+        let mut request = self
+            .client
             .http
             .post(format!("{endpoint}/v3/watch"))
-            .json(&json!({"create_request": {"key": b64(&self.key)}}))
-            .send()
-            .await
-        {
+            .json(&json!({"create_request": {"key": b64(&self.key)}}));
+        if let Some(token) = self.client.current_token() {
+            request = request.header(reqwest::header::AUTHORIZATION, token);
+        }
+        let mut response = match request.send().await {
             Ok(response) if response.status().is_success() => response,
             Ok(response) => return Ok(format!("status {}", response.status())),
             Err(e) => return Ok(e.to_string()),
@@ -458,11 +727,15 @@ impl Watcher {
             for message in messages {
                 let result = &message["result"];
                 if message.get("error").is_some() || result["canceled"].as_bool() == Some(true) {
+                    if is_token_error(&message.to_string()) {
+                        // Renewed by the next stream's start.
+                        *self.client.token.write().expect("token lock") = None;
+                    }
                     return Ok(format!("watch canceled: {message}"));
                 }
                 if result["created"].as_bool() == Some(true) {
                     // Commits made while no stream was open are seen through a fresh read.
-                    if let Some(revision) = self.current(endpoint).await {
+                    if let Some(revision) = self.current(member).await {
                         self.report(revision)?;
                     }
                 }
@@ -476,15 +749,17 @@ impl Watcher {
         }
     }
 
-    async fn current(&self, endpoint: &str) -> Option<u64> {
-        let answer = post(
-            &self.http,
-            &format!("{endpoint}/v3/kv/range"),
-            &json!({"key": b64(&self.key), "serializable": true}),
-            REQUEST_TIMEOUT,
-        )
-        .await
-        .ok()?;
+    async fn current(&self, member: usize) -> Option<u64> {
+        let answer = self
+            .client
+            .call(
+                member,
+                "/v3/kv/range",
+                &json!({"key": b64(&self.key), "serializable": true}),
+                REQUEST_TIMEOUT,
+            )
+            .await
+            .ok()?;
         let kv = &answer["kvs"][0];
         if kv.is_null() {
             return Some(0);
@@ -500,12 +775,22 @@ mod tests {
     #[test]
     fn endpoints_and_prefix_end() {
         assert_eq!(
-            parse_endpoints("etcd://127.0.0.1:2379,10.0.0.2:2379").unwrap(),
+            parse_endpoints("etcd://127.0.0.1:2379,10.0.0.2:2379", false).unwrap(),
             vec!["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
         );
-        assert!(parse_endpoints("etcd://").is_err());
-        assert!(parse_endpoints("etcd://http://x:1").is_err());
-        assert!(parse_endpoints("etcd://nohost").is_err());
+        assert_eq!(
+            parse_endpoints("etcd://127.0.0.1:2379,https://10.0.0.2:2379", true).unwrap(),
+            vec!["https://127.0.0.1:2379", "https://10.0.0.2:2379"]
+        );
+        assert_eq!(
+            parse_endpoints("https://a:1,http://b:2", false).unwrap(),
+            vec!["https://a:1", "http://b:2"]
+        );
+        assert!(parse_endpoints("etcd://", false).is_err());
+        assert!(parse_endpoints("etcd://ftp://x:1", false).is_err());
+        assert!(parse_endpoints("etcd://http://x:1", true).is_err());
+        assert!(parse_endpoints("etcd://nohost", false).is_err());
+        assert!(parse_endpoints("etcd://x:1/path", false).is_err());
         assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
         assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
     }

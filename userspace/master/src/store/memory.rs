@@ -23,6 +23,28 @@ impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// A store holding `snapshot`.
+    pub fn from_snapshot(snapshot: Snapshot) -> Self {
+        let store = Self::new();
+        store.replace(snapshot);
+        store
+    }
+
+    /// Replaces the whole contents with `snapshot`.
+    pub fn replace(&self, snapshot: Snapshot) {
+        let mut contents = self.contents.lock().expect("memory store lock");
+        *contents = Contents {
+            revision: snapshot.revision,
+            settings: snapshot.settings,
+            networks: snapshot
+                .networks
+                .into_iter()
+                .map(|n| (n.info.name.clone(), n))
+                .collect(),
+            agents: snapshot.agents.into_iter().map(|a| (a.ip, a)).collect(),
+        };
+    }
 }
 
 impl Store for MemoryStore {

@@ -1,8 +1,15 @@
 //! The embedded default store: one redb file, one table per record kind, JSON values.
 //! Every commit is `Durability::Immediate` (fsync before returning), so an answer the API has
 //! sent survives a SIGKILL; redb's copy-on-write commit makes a transaction all-or-nothing.
+//!
+//! After an I/O error (full or read-only disk) redb refuses every further operation ("Previous
+//! I/O error occurred"), so the database is closed at once and reopened on the next request:
+//! writes are refused while the disk has no room and resume by themselves when it has, without
+//! a restart. A commit that failed was not acknowledged; reopening shows whether it reached the
+//! disk (the master reloads and compares revisions), so nothing acknowledged is lost.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -21,15 +28,31 @@ const SETTINGS_KEY: &str = "network";
 pub const DB_FILE: &str = "overlay-master.redb";
 
 pub struct RedbStore {
-    db: Database,
+    /// `None` after an I/O error: reopened by the next `load` or `commit`.
+    db: Mutex<Option<Database>>,
     path: PathBuf,
 }
 
-fn backend(context: impl Into<String>) -> impl FnOnce(redb::Error) -> StoreError {
-    let context = context.into();
-    move |error| StoreError::Backend {
-        context,
-        reason: error.to_string(),
+/// A redb failure as a `StoreError` naming the file, what was being done and, for the usual
+/// disk faults, what the operator can expect.
+fn backend(path: &Path, action: &str, error: impl Into<redb::Error>) -> StoreError {
+    let error = error.into();
+    let hint = match &error {
+        redb::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                "; the disk is full: writes are refused until it has room, then resume by themselves"
+            }
+            std::io::ErrorKind::ReadOnlyFilesystem => {
+                "; the file system is read-only: writes are refused until it is writable again"
+            }
+            _ => "",
+        },
+        redb::Error::PreviousIo => "; the store is reopened on the next request",
+        _ => "",
+    };
+    StoreError::Backend {
+        context: format!("{action} (redb store {})", path.display()),
+        reason: format!("{error}{hint}"),
     }
 }
 
@@ -52,33 +75,57 @@ impl RedbStore {
             reason: e.to_string(),
         })?;
         let path = data_dir.join(DB_FILE);
-        let db = Database::create(&path)
-            .map_err(|e| backend(format!("opening {}", path.display()))(e.into()))?;
+        let db = Database::create(&path).map_err(|e| backend(&path, "opening", e))?;
         // Create the tables up front so reads of a fresh store find them.
         let txn = db
             .begin_write()
-            .map_err(|e| backend("starting the first transaction")(e.into()))?;
+            .map_err(|e| backend(&path, "starting the first transaction", e))?;
         {
-            let open = |e: redb::TableError| backend("creating tables")(e.into());
+            let open = |e: redb::TableError| backend(&path, "creating tables", e);
             txn.open_table(META).map_err(open)?;
             txn.open_table(SETTINGS).map_err(open)?;
             txn.open_table(NETWORKS).map_err(open)?;
             txn.open_table(AGENTS).map_err(open)?;
         }
         txn.commit()
-            .map_err(|e| backend("creating tables")(e.into()))?;
-        Ok(RedbStore { db, path })
+            .map_err(|e| backend(&path, "creating tables", e))?;
+        Ok(RedbStore {
+            db: Mutex::new(Some(db)),
+            path,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
 
-impl Store for RedbStore {
-    fn load(&self) -> Result<Snapshot, StoreError> {
-        let read = |e: redb::Error| backend("loading the store")(e);
-        let txn = self.db.begin_read().map_err(|e| read(e.into()))?;
+    /// Runs `action` on the open database, reopening it first if an I/O error closed it; a
+    /// backend error closes it (redb refuses everything after one).
+    fn with_db<T>(
+        &self,
+        action: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut slot: MutexGuard<'_, Option<Database>> = self
+            .db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.is_none() {
+            let db = Database::create(&self.path)
+                .map_err(|e| backend(&self.path, "reopening after an I/O error", e))?;
+            tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
+            *slot = Some(db);
+        }
+        let result = action(slot.as_ref().expect("opened above"));
+        if let Err(error @ StoreError::Backend { .. }) = &result {
+            tracing::warn!(%error, "closing the store; it is reopened on the next request");
+            *slot = None;
+        }
+        result
+    }
+
+    fn load_from(&self, db: &Database) -> Result<Snapshot, StoreError> {
+        let read = |e: redb::Error| backend(&self.path, "loading the store", e);
+        let txn = db.begin_read().map_err(|e| read(e.into()))?;
         let meta = txn.open_table(META).map_err(|e| read(e.into()))?;
         let revision = meta
             .get(REVISION_KEY)
@@ -122,11 +169,18 @@ impl Store for RedbStore {
         })
     }
 
-    fn commit(&self, expected_revision: u64, ops: &[Op]) -> Result<u64, StoreError> {
-        let fail = |e: redb::Error| backend("committing a transaction")(e);
-        let mut txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
+    fn commit_to(
+        &self,
+        db: &Database,
+        expected_revision: u64,
+        ops: &[Op],
+    ) -> Result<u64, StoreError> {
+        let new_revision = expected_revision + 1;
+        let action = format!("committing revision {new_revision}");
+        let fail = |e: redb::Error| backend(&self.path, &action, e);
+        let mut txn = db.begin_write().map_err(|e| fail(e.into()))?;
         txn.set_durability(Durability::Immediate);
-        let new_revision = {
+        {
             let mut meta = txn.open_table(META).map_err(|e| fail(e.into()))?;
             let actual = meta
                 .get(REVISION_KEY)
@@ -170,13 +224,21 @@ impl Store for RedbStore {
                     }
                 }
             }
-            let new_revision = expected_revision + 1;
             meta.insert(REVISION_KEY, new_revision)
                 .map_err(|e| fail(e.into()))?;
-            new_revision
-        };
+        }
         txn.commit().map_err(|e| fail(e.into()))?;
         Ok(new_revision)
+    }
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.with_db(|db| self.load_from(db))
+    }
+
+    fn commit(&self, expected_revision: u64, ops: &[Op]) -> Result<u64, StoreError> {
+        self.with_db(|db| self.commit_to(db, expected_revision, ops))
     }
 }
 
