@@ -9,6 +9,7 @@ pub mod api;
 pub mod datapath;
 pub mod desired;
 pub mod host_link;
+pub mod identity;
 pub mod ipam;
 pub mod masquerade;
 pub mod netdev;
