@@ -36,7 +36,7 @@ struct Args {
     /// Cluster CA directory (`ca.crt`, `ca.key`, `admin.token`, join tokens, revocations);
     /// created with a new CA if it holds none. The master serves HTTPS with a certificate it
     /// issues itself from this CA.
-    #[arg(long, env = "OVERLAY_MASTER_TLS_DIR", required_unless_present_any = ["insecure_http", "command"])]
+    #[arg(long, env = "OVERLAY_MASTER_TLS_DIR")]
     tls_dir: Option<PathBuf>,
     /// Extra names (DNS or IP) of the master's certificate, besides localhost, 127.0.0.1, ::1
     /// and the --listen address; repeat for several.
@@ -235,6 +235,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => format!("config file {}", path.display()),
         None => "DC/OS's default configuration".to_owned(),
     })?;
+    if args.tls_dir.is_none() && !args.insecure_http {
+        anyhow::bail!(
+            "give --tls-dir DIR (HTTPS with the cluster CA in DIR, created if missing) or, in a lab only, --insecure-http"
+        );
+    }
     let tls = match &args.tls_dir {
         Some(dir) => Some(tls_setup(&args, dir)?),
         None => {
