@@ -45,8 +45,16 @@ pub fn admin_tls(tls_dir: &Path) -> MasterTls {
 pub fn agent_tls_with_ttl(tls_dir: &Path, ip: IpAddr, ttl: &str) -> MasterTls {
     let out = tls_dir.join(format!("agent-{ip}-{}", free_port()));
     master_command(&[
-        "cert", "issue", "--dir", tls_dir.to_str().unwrap(), "--ip", &ip.to_string(), "--out",
-        out.to_str().unwrap(), "--ttl", ttl,
+        "cert",
+        "issue",
+        "--dir",
+        tls_dir.to_str().unwrap(),
+        "--ip",
+        &ip.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--ttl",
+        ttl,
     ]);
     MasterTls {
         ca_pem: std::fs::read(tls_dir.join("ca.crt")).unwrap(),
@@ -60,7 +68,8 @@ pub fn agent_tls_with_ttl(tls_dir: &Path, ip: IpAddr, ttl: &str) -> MasterTls {
 
 /// A raw HTTP client with this TLS material (for requests `MasterClient` does not make).
 pub fn http_with(tls: &MasterTls) -> reqwest::Client {
-    let mut builder = reqwest::Client::builder().use_preconfigured_tls(tls.client_config().unwrap());
+    let mut builder =
+        reqwest::Client::builder().use_preconfigured_tls(tls.client_config().unwrap());
     if let Some(token) = &tls.admin_token {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(
@@ -98,6 +107,15 @@ impl MasterProcess {
     /// Starts a master with its data in `dir/data` and, if given, `config_text` written to
     /// `dir/config.yaml`; waits until `/health` answers.
     pub async fn start(dir: &Path, config_text: Option<&str>) -> MasterProcess {
+        Self::start_with_args(dir, config_text, &[]).await
+    }
+
+    /// [`start`](Self::start) with more `overlay-master` arguments.
+    pub async fn start_with_args(
+        dir: &Path,
+        config_text: Option<&str>,
+        extra_args: &[&str],
+    ) -> MasterProcess {
         let config = config_text.map(|text| {
             let path = dir.join("config.yaml");
             std::fs::write(&path, text).expect("write config");
@@ -109,7 +127,7 @@ impl MasterProcess {
             dir: dir.to_owned(),
             config,
             run: 0,
-            extra_args: vec![],
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         ca_init(&master.tls_dir());
         master.spawn();

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use overlay_api::tls::{Identity, MasterTls, cert_validity};
 use overlay_api::MasterClient;
+use overlay_api::tls::{Identity, MasterTls, cert_validity};
 
 pub const CA_FILE: &str = "ca.crt";
 pub const CERT_FILE: &str = "agent.crt";
@@ -99,7 +99,9 @@ pub async fn establish(
         .with_context(|| format!("creating {}", state_dir.display()))?;
     let stored_ca = state_dir.join(CA_FILE);
     let ca_pem = match &options.ca {
-        Some(path) => Some(std::fs::read(path).with_context(|| format!("--ca {}", path.display()))?),
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("--ca {}", path.display()))?)
+        }
         None if stored_ca.exists() => Some(std::fs::read(&stored_ca)?),
         None => None,
     };
@@ -128,14 +130,13 @@ pub async fn establish(
         .ok()
         .filter(|_| options.ca.is_none())
         .or(ca_pem)
-        .context("no CA to verify the master with: give --ca or --join-token with --ca-cert-hash")?;
+        .context(
+            "no CA to verify the master with: give --ca or --join-token with --ca-cert-hash",
+        )?;
     let (not_before, not_after) = cert_validity(&cert_pem).context("the agent certificate")?;
     let tls = MasterTls {
         ca_pem: ca_pem.clone(),
-        identity: Some(Identity {
-            cert_pem,
-            key_pem,
-        }),
+        identity: Some(Identity { cert_pem, key_pem }),
         ..Default::default()
     };
     let client = MasterClient::with_tls(masters.iter().map(String::as_str), &tls)?;
@@ -210,7 +211,10 @@ impl Renewal {
                 Ok(()) => tracing::info!(not_after = self.not_after, "agent certificate renewed"),
                 Err(e) => {
                     let left = self.not_after - now();
-                    tracing::warn!(seconds_left = left, "renewing the agent certificate failed: {e:#}");
+                    tracing::warn!(
+                        seconds_left = left,
+                        "renewing the agent certificate failed: {e:#}"
+                    );
                     let retry = (left / 10).clamp(1, 30) as u64;
                     // `due` has passed, so the next round retries right after this pause.
                     tokio::time::sleep(Duration::from_secs(retry)).await;

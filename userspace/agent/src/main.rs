@@ -13,8 +13,7 @@ use clap::Parser;
 use overlay_agent::{
     api,
     datapath::{Datapath, PinLayout},
-    identity,
-    host_link, masquerade, netdev,
+    host_link, identity, masquerade, netdev,
     runtime::{Core, follow_master},
 };
 use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
@@ -182,8 +181,8 @@ async fn main() -> anyhow::Result<()> {
     let umask = unsafe { libc::umask(0o177) };
     let bound = tokio::net::UnixListener::bind(&args.api_socket);
     unsafe { libc::umask(umask) };
-    let listener = bound
-        .with_context(|| format!("binding the API socket {}", args.api_socket.display()))?;
+    let listener =
+        bound.with_context(|| format!("binding the API socket {}", args.api_socket.display()))?;
     // Root only: the socket adds and removes endpoints on this host's datapath.
     std::fs::set_permissions(
         &args.api_socket,

@@ -263,9 +263,14 @@ impl MasterClient {
             ip: agent_ip,
             csr: csr_pem.to_owned(),
         };
-        self.send(Method::POST, "/overlay-master/join", Some(&body), REQUEST_TIMEOUT)
-            .await?
-            .json()
+        self.send(
+            Method::POST,
+            "/overlay-master/join",
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
     }
 
     /// A new certificate for the caller's own address (authenticated by its current one).

@@ -134,9 +134,7 @@ impl MasterTls {
             }),
             None => None,
         };
-        let admin_token = admin_token_file
-            .map(|p| read_token_file(p))
-            .transpose()?;
+        let admin_token = admin_token_file.map(|p| read_token_file(p)).transpose()?;
         Ok(MasterTls {
             ca_pem,
             identity,
@@ -165,9 +163,7 @@ impl MasterTls {
                     return Err(tls_error("CA certificate", "no PEM certificate in it"));
                 }
                 for ca in cas {
-                    roots
-                        .add(ca)
-                        .map_err(|e| tls_error("CA certificate", e))?;
+                    roots.add(ca).map_err(|e| tls_error("CA certificate", e))?;
                 }
                 builder.with_root_certificates(roots)
             }
@@ -211,12 +207,19 @@ pub fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
 }
 
 /// `sha256:<64 hex digits>` -> the digest.
 pub fn parse_ca_hash(text: &str) -> Result<Vec<u8>, TlsError> {
-    let bad = || tls_error("--ca-cert-hash", format!("{text:?}: expected sha256:<64 hex digits>"));
+    let bad = || {
+        tls_error(
+            "--ca-cert-hash",
+            format!("{text:?}: expected sha256:<64 hex digits>"),
+        )
+    };
     let hex = text.strip_prefix("sha256:").ok_or_else(bad)?;
     if hex.len() != 64 {
         return Err(bad());
@@ -325,7 +328,10 @@ mod tests {
 
     #[test]
     fn ca_hashes_must_be_sha256_hex() {
-        assert_eq!(parse_ca_hash(&format!("sha256:{}", "ab".repeat(32))).unwrap(), vec![0xab; 32]);
+        assert_eq!(
+            parse_ca_hash(&format!("sha256:{}", "ab".repeat(32))).unwrap(),
+            vec![0xab; 32]
+        );
         assert!(parse_ca_hash("sha256:abc").is_err());
         assert!(parse_ca_hash(&format!("md5:{}", "ab".repeat(32))).is_err());
         assert!(parse_ca_hash(&format!("sha256:{}", "zz".repeat(32))).is_err());

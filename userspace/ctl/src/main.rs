@@ -26,7 +26,11 @@ struct MasterArgs {
     #[arg(long, env = "OVERLAY_MASTER", default_value = "https://127.0.0.1:5055")]
     master: Vec<String>,
     /// Cluster CA certificate (PEM) the master's certificate must chain to.
-    #[arg(long, env = "OVERLAY_CA", default_value = "/etc/ebpf-overlay/tls/ca.crt")]
+    #[arg(
+        long,
+        env = "OVERLAY_CA",
+        default_value = "/etc/ebpf-overlay/tls/ca.crt"
+    )]
     ca: PathBuf,
     /// File with the admin token (`admin.token` of the master's --tls-dir); needed for
     /// changes, and for reads unless the master runs with --anonymous-read.
@@ -39,11 +43,8 @@ impl MasterArgs {
         if self.master.iter().all(|m| m.starts_with("http://")) {
             return Ok(MasterClient::new(self.master.iter().map(String::as_str))?);
         }
-        let tls = overlay_api::MasterTls::from_files(
-            &self.ca,
-            None,
-            self.admin_token_file.as_deref(),
-        )?;
+        let tls =
+            overlay_api::MasterTls::from_files(&self.ca, None, self.admin_token_file.as_deref())?;
         Ok(MasterClient::with_tls(
             self.master.iter().map(String::as_str),
             &tls,

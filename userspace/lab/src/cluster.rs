@@ -202,7 +202,9 @@ impl Cluster {
     pub fn ca_cert_hash(&self) -> anyhow::Result<String> {
         let pem = std::fs::read(self.ca_cert())?;
         let der = overlay_api::tls::parse_certs(&pem, "CA certificate")?;
-        Ok(overlay_api::tls::cert_hash(der.first().context("empty CA file")?))
+        Ok(overlay_api::tls::cert_hash(
+            der.first().context("empty CA file")?,
+        ))
     }
 
     fn etcd_endpoints(&self) -> String {
@@ -366,9 +368,11 @@ impl Cluster {
         let bearer = format!("Bearer {}", tls.admin_token.unwrap_or_default());
         let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(<[u8]>::to_vec));
         in_netns(self.lab.master(), move || {
-            let tcp = TcpStream::connect((fabric_ip(1), port)).context("connecting to the master")?;
+            let tcp =
+                TcpStream::connect((fabric_ip(1), port)).context("connecting to the master")?;
             tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::V4(fabric_ip(1)).into());
+            let name =
+                rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::V4(fabric_ip(1)).into());
             let connection = rustls::ClientConnection::new(config, name)?;
             let mut stream = rustls::StreamOwned::new(connection, tcp);
             Ok(http_exchange_with_headers(
@@ -420,8 +424,14 @@ impl Cluster {
             if !has_cert {
                 let ip = node.ip.context("agent node without a fabric address")?;
                 let token = self.ca_command(&[
-                    "token", "create", "--dir", self.tls_dir().to_str().unwrap(), "--ttl", "10m",
-                    "--ip", &ip.to_string(),
+                    "token",
+                    "create",
+                    "--dir",
+                    self.tls_dir().to_str().unwrap(),
+                    "--ttl",
+                    "10m",
+                    "--ip",
+                    &ip.to_string(),
                 ])?;
                 cmd.args(["--join-token", token.trim()])
                     .args(["--ca-cert-hash", &self.ca_cert_hash()?]);
@@ -431,8 +441,14 @@ impl Cluster {
             let out = self.tls_dir().join(agent);
             if !out.with_extension("crt").exists() {
                 self.ca_command(&[
-                    "cert", "issue", "--dir", self.tls_dir().to_str().unwrap(), "--ip",
-                    &ip.to_string(), "--out", out.to_str().unwrap(),
+                    "cert",
+                    "issue",
+                    "--dir",
+                    self.tls_dir().to_str().unwrap(),
+                    "--ip",
+                    &ip.to_string(),
+                    "--out",
+                    out.to_str().unwrap(),
                 ])?;
             }
             cmd.args(["--ca", self.ca_cert().to_str().unwrap()])

@@ -13,10 +13,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use overlay_api::{DeleteAgentsResponse, ErrorBody};
 use overlay_api::tls::wire::{
     IssuedCertificate, JoinRequest, RenewRequest, TokenRequest, TokenResponse,
 };
+use overlay_api::{DeleteAgentsResponse, ErrorBody};
 use serde::Deserialize;
 
 use crate::auth::{Auth, Authenticated};
@@ -52,7 +52,10 @@ pub fn router(master: Arc<Master>, auth: Arc<Auth>) -> Router {
         )
         .route("/overlay-master/ca", get(ca_certificate))
         .route("/overlay-master/join", post(join))
-        .route("/overlay-master/certificates/renew", post(renew_certificate))
+        .route(
+            "/overlay-master/certificates/renew",
+            post(renew_certificate),
+        )
         .route("/overlay-master/tokens", post(create_token))
         .fallback(not_found)
         .layer(axum::Extension(auth))
@@ -137,7 +140,10 @@ async fn health(State(master): State<Arc<Master>>) -> Response {
     Json(serde_json::json!({"status": "ok", "revision": master.revision()})).into_response()
 }
 
-async fn metrics(State(master): State<Arc<Master>>, who: Authenticated) -> Result<Response, ApiError> {
+async fn metrics(
+    State(master): State<Arc<Master>>,
+    who: Authenticated,
+) -> Result<Response, ApiError> {
     who.caller.require_read(&who.auth, "/metrics")?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -146,7 +152,10 @@ async fn metrics(State(master): State<Arc<Master>>, who: Authenticated) -> Resul
         .into_response())
 }
 
-async fn state(State(master): State<Arc<Master>>, who: Authenticated) -> Result<Response, ApiError> {
+async fn state(
+    State(master): State<Arc<Master>>,
+    who: Authenticated,
+) -> Result<Response, ApiError> {
     who.caller.require_read(&who.auth, "the state")?;
     Ok(json_bytes(master.state_body().await.state_json()))
 }
@@ -324,7 +333,11 @@ fn unavailable(context: &str, error: anyhow::Error) -> ApiError {
 /// The cluster CA certificate (public; an agent joining with `--ca-cert-hash` checks it).
 async fn ca_certificate(who: Authenticated) -> Result<Response, ApiError> {
     let ca = needs_tls(&who.auth)?;
-    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], ca.cert_pem().to_owned()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        ca.cert_pem().to_owned(),
+    )
+        .into_response())
 }
 
 fn issued(ca: &crate::pki::ClusterCa, certificate: String, not_after: i64) -> Response {

@@ -125,8 +125,7 @@ impl Caller {
         }
         let Some(cert) = cert else {
             return Caller::Anonymous {
-                reason: "no client certificate and no admin token (Authorization: Bearer)"
-                    .into(),
+                reason: "no client certificate and no admin token (Authorization: Bearer)".into(),
             };
         };
         let Some(ip) = cert.agent_ip else {
@@ -140,7 +139,10 @@ impl Caller {
         // The handshake checked validity, but a kept-alive connection outlives it.
         if cert.not_after <= unix_now() {
             return Caller::Anonymous {
-                reason: format!("client certificate {} of agent {ip} has expired", cert.serial),
+                reason: format!(
+                    "client certificate {} of agent {ip} has expired",
+                    cert.serial
+                ),
             };
         }
         if auth
@@ -189,9 +191,9 @@ impl Caller {
     pub fn require_agent(&self, action: &str) -> Result<IpAddr, ApiError> {
         match self {
             Caller::Agent(ip) => Ok(*ip),
-            Caller::Unauthenticated | Caller::Admin => Err(forbidden(format!(
-                "{action} needs an agent's certificate"
-            ))),
+            Caller::Unauthenticated | Caller::Admin => {
+                Err(forbidden(format!("{action} needs an agent's certificate")))
+            }
             Caller::Anonymous { reason } => Err(unauthorized(format!(
                 "{action} needs an agent's certificate: {reason}"
             ))),
@@ -228,7 +230,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
             .get::<Arc<Auth>>()
             .cloned()
             .ok_or_else(|| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no auth configured".into())
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no auth configured".into(),
+                )
             })?;
         let cert = parts.extensions.get::<PeerCert>();
         let bearer = parts

@@ -40,7 +40,11 @@ struct Args {
     tls_dir: Option<PathBuf>,
     /// Extra names (DNS or IP) of the master's certificate, besides localhost, 127.0.0.1, ::1
     /// and the --listen address; repeat for several.
-    #[arg(long = "tls-san", env = "OVERLAY_MASTER_TLS_SAN", value_delimiter = ',')]
+    #[arg(
+        long = "tls-san",
+        env = "OVERLAY_MASTER_TLS_SAN",
+        value_delimiter = ','
+    )]
     tls_sans: Vec<String>,
     /// File holding the operators' admin token (default: `admin.token` of --tls-dir).
     #[arg(long, env = "OVERLAY_MASTER_ADMIN_TOKEN_FILE")]
@@ -298,7 +302,11 @@ fn tls_setup(
         tracing::info!(dir = %dir.display(), hash = %ca.cert_hash(), "created a new cluster CA");
         ca
     };
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     if !args.listen.ip().is_unspecified() {
         names.push(args.listen.ip().to_string());
     }

@@ -104,10 +104,7 @@ impl ClusterCa {
             bail!("{} already holds a CA ({CA_CERT})", dir.display());
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(
-            dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let key = KeyPair::generate().context("generating the CA key")?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = name(CA_NAME);
@@ -124,14 +121,22 @@ impl ClusterCa {
         let cert = params.self_signed(&key).context("signing the CA")?;
         write_private(&dir.join(CA_KEY), key.serialize_pem().as_bytes())?;
         std::fs::write(dir.join(CA_CERT), cert.pem())?;
-        write_private(&dir.join(ADMIN_TOKEN), format!("{}\n", random_hex(32)).as_bytes())?;
+        write_private(
+            &dir.join(ADMIN_TOKEN),
+            format!("{}\n", random_hex(32)).as_bytes(),
+        )?;
         Self::load(dir)
     }
 
     pub fn load(dir: &Path) -> anyhow::Result<ClusterCa> {
         let cert_path = dir.join(CA_CERT);
-        let cert_pem = std::fs::read_to_string(&cert_path)
-            .with_context(|| format!("reading {} (create it with `overlay-master ca init --dir {}`)", cert_path.display(), dir.display()))?;
+        let cert_pem = std::fs::read_to_string(&cert_path).with_context(|| {
+            format!(
+                "reading {} (create it with `overlay-master ca init --dir {}`)",
+                cert_path.display(),
+                dir.display()
+            )
+        })?;
         let key_path = dir.join(CA_KEY);
         let key_pem = std::fs::read_to_string(&key_path)
             .with_context(|| format!("reading {}", key_path.display()))?;
@@ -182,7 +187,10 @@ impl ClusterCa {
         params.not_after = offset(now + SERVER_LIFETIME.as_secs() as i64)?;
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
-        Ok((format!("{}{}", cert.pem(), self.cert_pem), key.serialize_pem()))
+        Ok((
+            format!("{}{}", cert.pem(), self.cert_pem),
+            key.serialize_pem(),
+        ))
     }
 
     fn agent_params(ip: IpAddr, lifetime: Duration) -> anyhow::Result<(CertificateParams, i64)> {
@@ -442,14 +450,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let (token, _) = create_join_token(dir.path(), Duration::from_secs(60), None).unwrap();
-        assert_eq!(consume_join_token(dir.path(), "short.x", ip), Err(TokenError::Malformed));
+        assert_eq!(
+            consume_join_token(dir.path(), "short.x", ip),
+            Err(TokenError::Malformed)
+        );
         let forged = format!("{}.{}", &token[..6], "a".repeat(16));
-        assert_eq!(consume_join_token(dir.path(), &forged, ip), Err(TokenError::Unknown));
+        assert_eq!(
+            consume_join_token(dir.path(), &forged, ip),
+            Err(TokenError::Unknown)
+        );
         assert_eq!(consume_join_token(dir.path(), &token, ip), Ok(()));
-        assert_eq!(consume_join_token(dir.path(), &token, ip), Err(TokenError::Unknown));
+        assert_eq!(
+            consume_join_token(dir.path(), &token, ip),
+            Err(TokenError::Unknown)
+        );
         let other: IpAddr = "10.0.0.2".parse().unwrap();
-        let (bound, _) = create_join_token(dir.path(), Duration::from_secs(60), Some(other)).unwrap();
-        assert_eq!(consume_join_token(dir.path(), &bound, ip), Err(TokenError::WrongIp(other)));
+        let (bound, _) =
+            create_join_token(dir.path(), Duration::from_secs(60), Some(other)).unwrap();
+        assert_eq!(
+            consume_join_token(dir.path(), &bound, ip),
+            Err(TokenError::WrongIp(other))
+        );
         assert_eq!(consume_join_token(dir.path(), &bound, other), Ok(()));
     }
 
@@ -466,10 +487,15 @@ mod tests {
             .pem()
             .unwrap();
         let ip: IpAddr = "10.0.0.7".parse().unwrap();
-        let (pem, _) = ca.sign_agent_csr(ip, &csr, Duration::from_secs(60)).unwrap();
+        let (pem, _) = ca
+            .sign_agent_csr(ip, &csr, Duration::from_secs(60))
+            .unwrap();
         let der = overlay_api::tls::parse_certs(pem.as_bytes(), "cert").unwrap();
         let info = crate::auth::PeerCert::parse(&der[0]).unwrap();
         assert_eq!(info.agent_ip, Some(ip));
-        assert!(ca.sign_agent_csr(ip, "garbage", Duration::from_secs(60)).is_err());
+        assert!(
+            ca.sign_agent_csr(ip, "garbage", Duration::from_secs(60))
+                .is_err()
+        );
     }
 }

@@ -25,7 +25,9 @@ pub fn server_config(ca: &ClusterCa, names: &[String]) -> anyhow::Result<rustls:
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in overlay_api::tls::parse_certs(ca.cert_pem().as_bytes(), "CA certificate")? {
-        roots.add(cert).context("adding the CA to the trust roots")?;
+        roots
+            .add(cert)
+            .context("adding the CA to the trust roots")?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
@@ -89,13 +91,15 @@ pub async fn serve_tls(
                 },
                 None => None,
             };
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                if let Some(peer) = &peer {
-                    request.extensions_mut().insert(peer.clone());
-                }
-                let mut router = router.clone();
-                async move { router.call(request).await }
-            });
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(peer) = &peer {
+                        request.extensions_mut().insert(peer.clone());
+                    }
+                    let mut router = router.clone();
+                    async move { router.call(request).await }
+                },
+            );
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
                 .await
