@@ -134,7 +134,7 @@ impl MasterTls {
             }),
             None => None,
         };
-        let admin_token = admin_token_file.map(|p| read_token_file(p)).transpose()?;
+        let admin_token = admin_token_file.map(read_token_file).transpose()?;
         Ok(MasterTls {
             ca_pem,
             identity,
