@@ -522,6 +522,9 @@ impl EtcdMaster {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--store", &store.url, "--etcd-prefix", prefix])
             .args(&store.extra)
+            // The store tests talk raw HTTP to compare masters' answers; TLS is covered by
+            // master_api, control_plane_auth and the lab cluster (etcd_cluster).
+            .arg("--insecure-http")
             .env("RUST_LOG", "info");
         if let Some(text) = config {
             let path = dir.join(format!("config-{port}.yaml"));

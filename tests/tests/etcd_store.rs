@@ -359,6 +359,7 @@ async fn state_api_answers_like_the_embedded_store(security: Security) {
     let mut redb = Reap(
         std::process::Command::new(overlay_tests::bin_path("overlay-master"))
             .args(["--listen", &format!("127.0.0.1:{redb_port}")])
+            .arg("--insecure-http")
             .arg("--data-dir")
             .arg(dir.path().join("redb"))
             .stderr(std::process::Stdio::null())

@@ -128,7 +128,7 @@ async fn state_has_dcos_shape_and_names() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let master = MasterProcess::start(dir.path(), None).await;
-    let http = reqwest::Client::new();
+    let http = master.http();
     let url = |path: &str| format!("{}{path}", master.base_url());
     for ip in ["172.17.0.3", "172.17.0.4"] {
         let response = http
@@ -374,7 +374,7 @@ async fn malformed_requests_get_4xx_naming_the_field_and_change_nothing() {
     let master = MasterProcess::start(dir.path(), None).await;
     let client = master.client();
     client.register(agent_ip(1)).await.unwrap();
-    let http = reqwest::Client::new();
+    let http = master.http();
     let url = |path: &str| format!("{}{path}", master.base_url());
     let before = http
         .get(url("/overlay-master/state"))
@@ -927,8 +927,10 @@ async fn delta_watch_follows_every_change() {
 async fn client_fails_over_to_the_next_master_url() {
     let dir = tempfile::tempdir().unwrap();
     let master = MasterProcess::start(dir.path(), None).await;
-    let dead = format!("http://127.0.0.1:{}", master_support::free_port());
-    let client = overlay_api::MasterClient::new([dead.clone(), master.base_url()]).unwrap();
+    let dead = format!("https://127.0.0.1:{}", master_support::free_port());
+    let client =
+        overlay_api::MasterClient::with_tls([dead.clone(), master.base_url()], &master.admin_tls())
+            .unwrap();
     let info = client.register(agent_ip(1)).await.unwrap();
     assert_eq!(client.state().await.unwrap().agents, vec![info]);
 
@@ -936,6 +938,6 @@ async fn client_fails_over_to_the_next_master_url() {
     let err = client.remove_network("nope").await.unwrap_err();
     assert_eq!(err.rejected_status(), Some(404));
 
-    let only_dead = overlay_api::MasterClient::new([dead]).unwrap();
+    let only_dead = overlay_api::MasterClient::with_tls([dead], &master.admin_tls()).unwrap();
     assert!(only_dead.state().await.unwrap_err().is_unreachable());
 }

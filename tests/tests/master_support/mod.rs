@@ -1,5 +1,6 @@
-//! Running the real `overlay-master` binary in tests: free loopback port, temp data dir,
-//! readiness wait, signals, and a guard that kills the process even when a test panics.
+//! Running the real `overlay-master` binary in tests: free loopback port, temp data dir, a
+//! cluster CA (`dir/tls`, so the master serves HTTPS), authenticated clients (admin, per
+//! agent), readiness wait, signals, and a guard that kills the process even when a test panics.
 
 #![allow(dead_code)] // each test file uses a different part of it
 
@@ -8,7 +9,77 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use overlay_api::MasterClient;
+use overlay_api::{Identity, MasterClient, MasterTls};
+
+/// Runs `overlay-master` with these arguments (the CA commands) and expects success.
+pub fn master_command(args: &[&str]) -> String {
+    let output = Command::new(overlay_tests::bin_path("overlay-master"))
+        .args(args)
+        .output()
+        .expect("run overlay-master");
+    assert!(
+        output.status.success(),
+        "overlay-master {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Creates the cluster CA (and admin token) in `dir` with `overlay-master ca init`.
+pub fn ca_init(dir: &Path) {
+    master_command(&["ca", "init", "--dir", dir.to_str().unwrap()]);
+}
+
+/// TLS material of an operator of the CA in `tls_dir`.
+pub fn admin_tls(tls_dir: &Path) -> MasterTls {
+    MasterTls::from_files(
+        &tls_dir.join("ca.crt"),
+        None,
+        Some(&tls_dir.join("admin.token")),
+    )
+    .expect("admin TLS material")
+}
+
+/// Issues a certificate for agent `ip` with `overlay-master cert issue` (lifetime `ttl`,
+/// e.g. "24h") and returns the agent's TLS material.
+pub fn agent_tls_with_ttl(tls_dir: &Path, ip: IpAddr, ttl: &str) -> MasterTls {
+    let out = tls_dir.join(format!("agent-{ip}-{}", free_port()));
+    master_command(&[
+        "cert",
+        "issue",
+        "--dir",
+        tls_dir.to_str().unwrap(),
+        "--ip",
+        &ip.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--ttl",
+        ttl,
+    ]);
+    MasterTls {
+        ca_pem: std::fs::read(tls_dir.join("ca.crt")).unwrap(),
+        identity: Some(Identity {
+            cert_pem: std::fs::read(out.with_extension("crt")).unwrap(),
+            key_pem: std::fs::read(out.with_extension("key")).unwrap(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A raw HTTP client with this TLS material (for requests `MasterClient` does not make).
+pub fn http_with(tls: &MasterTls) -> reqwest::Client {
+    let mut builder =
+        reqwest::Client::builder().use_preconfigured_tls(tls.client_config().unwrap());
+    if let Some(token) = &tls.admin_token {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        builder = builder.default_headers(headers);
+    }
+    builder.build().unwrap()
+}
 
 /// A free loopback port: bind port 0, read the port, release it for the master to bind.
 pub fn free_port() -> u16 {
@@ -28,8 +99,8 @@ pub struct MasterProcess {
     pub dir: PathBuf,
     config: Option<PathBuf>,
     run: u32,
-    /// More command-line arguments for every run.
-    extra_args: Vec<String>,
+    /// More `overlay-master` arguments (kept across restarts).
+    pub extra_args: Vec<String>,
 }
 
 impl MasterProcess {
@@ -39,7 +110,7 @@ impl MasterProcess {
         Self::start_with_args(dir, config_text, &[]).await
     }
 
-    /// [`MasterProcess::start`] with more command-line arguments.
+    /// [`start`](Self::start) with more `overlay-master` arguments.
     pub async fn start_with_args(
         dir: &Path,
         config_text: Option<&str>,
@@ -58,6 +129,7 @@ impl MasterProcess {
             run: 0,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
+        ca_init(&master.tls_dir());
         master.spawn();
         master.wait_ready().await;
         master
@@ -73,6 +145,7 @@ impl MasterProcess {
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
+        command.arg("--tls-dir").arg(self.tls_dir());
         command.args(&self.extra_args);
         command.env("RUST_LOG", "info");
         command
@@ -101,11 +174,46 @@ impl MasterProcess {
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
     }
 
+    /// The cluster CA directory of this master.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// An operator's TLS material (CA + admin token).
+    pub fn admin_tls(&self) -> MasterTls {
+        admin_tls(&self.tls_dir())
+    }
+
+    /// An operator's client (admin token): may do everything, including registering any agent.
     pub fn client(&self) -> MasterClient {
-        MasterClient::new([self.base_url()]).expect("valid URL")
+        MasterClient::with_tls([self.base_url()], &self.admin_tls()).expect("valid URL")
+    }
+
+    /// Agent `ip`'s TLS material: a fresh certificate of the cluster CA for that address.
+    pub fn agent_tls(&self, ip: IpAddr) -> MasterTls {
+        agent_tls_with_ttl(&self.tls_dir(), ip, "24h")
+    }
+
+    /// A client presenting agent `ip`'s certificate.
+    pub fn agent_client(&self, ip: IpAddr) -> MasterClient {
+        MasterClient::with_tls([self.base_url()], &self.agent_tls(ip)).expect("valid URL")
+    }
+
+    /// A client that trusts the CA but has no credential at all.
+    pub fn anonymous_client(&self) -> MasterClient {
+        let tls = MasterTls {
+            ca_pem: std::fs::read(self.tls_dir().join("ca.crt")).unwrap(),
+            ..Default::default()
+        };
+        MasterClient::with_tls([self.base_url()], &tls).expect("valid URL")
+    }
+
+    /// A raw HTTP client with the admin token.
+    pub fn http(&self) -> reqwest::Client {
+        http_with(&self.admin_tls())
     }
 
     pub fn pid(&self) -> i32 {
@@ -113,7 +221,7 @@ impl MasterProcess {
     }
 
     pub async fn wait_ready(&mut self) {
-        let http = reqwest::Client::new();
+        let http = self.http();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self
@@ -190,7 +298,10 @@ impl MasterProcess {
 
     /// Value of an unlabelled metric, or the sum of a labelled one's series matching `filter`.
     pub async fn metric(&self, name: &str, filter: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.base_url()))
+        let text = self
+            .http()
+            .get(format!("{}/metrics", self.base_url()))
+            .send()
             .await
             .expect("GET /metrics")
             .text()

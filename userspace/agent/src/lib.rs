@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod desired;
 pub mod docker;
 pub mod host_link;
+pub mod identity;
 pub mod ipam;
 pub mod masquerade;
 pub mod netdev;

@@ -13,7 +13,7 @@ use clap::Parser;
 use overlay_agent::{
     api, control_plane,
     datapath::{Datapath, PinLayout},
-    host_link, masquerade, netdev,
+    host_link, identity, masquerade, netdev,
     runtime::{Core, follow_master},
 };
 use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
@@ -26,9 +26,27 @@ use overlay_common::maps::{HOST_LINK_PEER, programs};
     about = "ebpf-overlay agent: the eBPF datapath of one host"
 )]
 struct Args {
-    /// Master base URL; repeat for several masters (the first that answers is used).
+    /// Master base URL (`https://HOST:5055`); repeat for several masters (the first that
+    /// answers is used). `http://` only towards a master run with --insecure-http.
     #[arg(long = "master", env = "OVERLAY_MASTER", required = true)]
     masters: Vec<String>,
+    /// Cluster CA certificate (PEM) to verify the master with.
+    #[arg(long, env = "OVERLAY_CA")]
+    ca: Option<PathBuf>,
+    /// This agent's client certificate (PEM, IP SAN = its underlay address) and key; without
+    /// them the agent uses the ones in its state directory or joins with --join-token.
+    #[arg(long, env = "OVERLAY_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, env = "OVERLAY_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Single-use join token (`overlay-master token create`): buys this agent a certificate,
+    /// kept in its state directory and renewed before it expires.
+    #[arg(long, env = "OVERLAY_JOIN_TOKEN", conflicts_with = "cert")]
+    join_token: Option<String>,
+    /// `sha256:<hex>` of the cluster CA certificate (what `overlay-master ca init` prints):
+    /// the CA the master must present when joining without --ca.
+    #[arg(long, env = "OVERLAY_CA_CERT_HASH")]
+    ca_cert_hash: Option<String>,
     /// Underlay NIC: VXLAN leaves and arrives here; its IPv4 address identifies this agent.
     #[arg(long, env = "OVERLAY_UNDERLAY_IFACE")]
     underlay_iface: String,
@@ -41,7 +59,9 @@ struct Args {
     /// Unix socket of the local API (CNI plugin, overlayctl).
     #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
     api_socket: PathBuf,
-    /// Also serve /metrics over TCP here (Prometheus), e.g. 0.0.0.0:9101.
+    /// Also serve /metrics over TCP here (Prometheus), e.g. 10.0.0.5:9101; nothing listens
+    /// on TCP without it. Containers reach the host's addresses: prefer an address they are
+    /// not routed to, or filter the port.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Container MTU: the largest inner packet carried (underlay MTU minus 50).
@@ -126,7 +146,25 @@ async fn main() -> anyhow::Result<()> {
             args.underlay_iface
         );
     }
-    let client = MasterClient::new(args.masters.iter().map(String::as_str)).context("--master")?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/ebpf-overlay").join(&args.instance));
+    let my_ip = std::net::IpAddr::V4(underlay.ipv4.unwrap());
+    let tls_options = identity::TlsOptions {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        join_token: args.join_token.clone(),
+        ca_cert_hash: args.ca_cert_hash.clone(),
+    };
+    let established = identity::establish(&args.masters, my_ip, &tls_options, &state_dir)
+        .await
+        .context("--master")?;
+    let client: MasterClient = established.client;
+    if let Some(renewal) = established.renewal {
+        tokio::spawn(renewal.run(client.clone()));
+    }
 
     let pins = PinLayout::new(&args.bpffs, &args.instance)?;
     let mut dp = Datapath::load(pins.clone())?;
@@ -179,10 +217,6 @@ async fn main() -> anyhow::Result<()> {
     let mut core = Core::new(dp, underlay, args.mtu);
     core.set_host_link(host_link);
     core.restore_endpoints()?;
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/var/lib/ebpf-overlay").join(&args.instance));
     core.set_ipam(overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?);
     core.set_cni_confs(overlay_agent::ipam::CniConfs {
         dir: args.cni_conf_dir.clone(),
@@ -228,8 +262,19 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&args.api_socket);
-    let listener = tokio::net::UnixListener::bind(&args.api_socket)
-        .with_context(|| format!("binding the API socket {}", args.api_socket.display()))?;
+    // Root only: created 0600 (umask) so there is no window where others may connect.
+    // SAFETY: umask(2) cannot fail; restored right after the bind.
+    let umask = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(&args.api_socket);
+    unsafe { libc::umask(umask) };
+    let listener =
+        bound.with_context(|| format!("binding the API socket {}", args.api_socket.display()))?;
+    // Root only: the socket adds and removes endpoints on this host's datapath.
+    std::fs::set_permissions(
+        &args.api_socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .with_context(|| format!("restricting {}", args.api_socket.display()))?;
     tracing::info!(socket = %args.api_socket.display(), "local API listening");
     let api = tokio::spawn(axum::serve(listener, api::router(core.clone())).into_future());
     if let Some(addr) = args.metrics_listen {

@@ -315,15 +315,36 @@ pub fn http_exchange<S: std::io::Read + std::io::Write>(
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<(u16, Vec<u8>), ExchangeError> {
+    http_exchange_with_headers(stream, method, path, body, &[])
+}
+
+/// [`http_exchange`] with extra request headers (e.g. `("Authorization", "Bearer ...")`).
+/// A stream that ends without a TLS close_notify after a complete answer is accepted.
+pub fn http_exchange_with_headers<S: std::io::Read + std::io::Write>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Vec<u8>), ExchangeError> {
     let body = body.unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: ebpf-overlay\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: ebpf-overlay\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes())?;
     stream.write_all(body)?;
+    stream.flush()?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e.into()),
+    }
     parse_response(&raw)
 }
 

@@ -1,12 +1,15 @@
 //! Async client of the overlay master, with failover across several master URLs.
 
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::tls::MasterTls;
+use crate::tls::wire::{IssuedCertificate, JoinRequest, RenewRequest, TokenRequest, TokenResponse};
 use crate::types::{
     AgentInfo, DeleteAgentsRequest, DeleteAgentsResponse, ErrorBody, OverlayInfo, RegisterRequest,
     State, Watched, WatchedDelta,
@@ -50,12 +53,62 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct MasterClient {
     base_urls: Vec<String>,
-    http: reqwest::Client,
+    /// Replaced whole when the TLS identity changes (certificate renewal), so no pooled
+    /// connection keeps presenting the old certificate.
+    http: Arc<RwLock<reqwest::Client>>,
+}
+
+fn http_client(tls: Option<&MasterTls>) -> Result<reqwest::Client, ClientError> {
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        let config = tls
+            .client_config()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        builder = builder.use_preconfigured_tls(config);
+        if let Some(token) = &tls.admin_token {
+            let mut headers = reqwest::header::HeaderMap::new();
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| ClientError::Config("admin token: not a valid header value".into()))?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+            builder = builder.default_headers(headers);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| ClientError::Config(e.to_string()))
 }
 
 impl MasterClient {
-    /// `base_urls` are like `http://10.0.0.1:5000` (no trailing route).
+    /// `base_urls` are like `http://10.0.0.1:5000` (no trailing route). Plain HTTP, or
+    /// HTTPS without a client identity and trusting no CA: use [`with_tls`](Self::with_tls)
+    /// for a master serving TLS.
     pub fn new<I, S>(base_urls: I) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::build(base_urls, None)
+    }
+
+    /// A client of masters serving HTTPS: trusts `tls.ca_pem`, presents `tls.identity` (an
+    /// agent) and/or sends `tls.admin_token` (an operator).
+    pub fn with_tls<I, S>(base_urls: I, tls: &MasterTls) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::build(base_urls, Some(tls))
+    }
+
+    /// Replaces the TLS material (a renewed certificate); later requests use new connections.
+    pub fn set_tls(&self, tls: &MasterTls) -> Result<(), ClientError> {
+        let http = http_client(Some(tls))?;
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
+        Ok(())
+    }
+
+    fn build<I, S>(base_urls: I, tls: Option<&MasterTls>) -> Result<Self, ClientError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -76,10 +129,7 @@ impl MasterClient {
                 )));
             }
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let http = Arc::new(RwLock::new(http_client(tls)?));
         Ok(MasterClient { base_urls, http })
     }
 
@@ -224,6 +274,28 @@ impl MasterClient {
         .json()
     }
 
+    /// Trades a join token for a certificate of `agent_ip`'s key (`csr_pem`).
+    pub async fn join(
+        &self,
+        token: &str,
+        agent_ip: IpAddr,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate, ClientError> {
+        let body = JoinRequest {
+            token: token.to_owned(),
+            ip: agent_ip,
+            csr: csr_pem.to_owned(),
+        };
+        self.send(
+            Method::POST,
+            "/overlay-master/join",
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
+    }
+
     /// [`Self::delete_agents`], with `force` also agents that heartbeated recently.
     pub async fn delete_agents_forced(
         &self,
@@ -263,6 +335,36 @@ impl MasterClient {
         Ok(())
     }
 
+    /// A new certificate for the caller's own address (authenticated by its current one).
+    pub async fn renew_certificate(&self, csr_pem: &str) -> Result<IssuedCertificate, ClientError> {
+        let body = RenewRequest {
+            csr: csr_pem.to_owned(),
+        };
+        self.send(
+            Method::POST,
+            "/overlay-master/certificates/renew",
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
+    }
+
+    /// A single-use join token (admin).
+    pub async fn create_join_token(
+        &self,
+        request: &TokenRequest,
+    ) -> Result<TokenResponse, ClientError> {
+        self.send(
+            Method::POST,
+            "/overlay-master/tokens",
+            Some(request),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
+    }
+
     /// Sends the request to each master in turn until one answers with a non-5xx status.
     async fn send<B: Serialize>(
         &self,
@@ -272,9 +374,10 @@ impl MasterClient {
         timeout: Duration,
     ) -> Result<Answer, ClientError> {
         let mut attempts = Vec::new();
+        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
         for base in &self.base_urls {
             let url = format!("{base}{path}");
-            let mut request = self.http.request(method.clone(), &url).timeout(timeout);
+            let mut request = http.request(method.clone(), &url).timeout(timeout);
             if let Some(body) = body {
                 request = request.json(body);
             }
@@ -282,7 +385,7 @@ impl MasterClient {
                 Ok(response) => response,
                 Err(error) => {
                     tracing::debug!(%url, %error, "overlay master unreachable, trying the next");
-                    attempts.push(format!("{url}: {error}"));
+                    attempts.push(format!("{url}: {}", error_chain(&error)));
                     continue;
                 }
             };
@@ -324,6 +427,18 @@ impl Answer {
             reason: e.to_string(),
         })
     }
+}
+
+/// An error with its sources (reqwest hides a TLS refusal's reason in them).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The `error` text of an error body, or the raw body when it is not one.

@@ -5,9 +5,11 @@
 
 pub mod agent;
 mod client;
+pub mod tls;
 mod types;
 
 pub use client::{ClientError, MasterClient};
+pub use tls::{Identity, MasterTls};
 pub use types::*;
 
 /// Route prefix shared by the master's endpoints.

@@ -19,13 +19,62 @@ struct Cli {
     command: Cmd,
 }
 
+/// How to reach the master as an operator.
+#[derive(clap::Args)]
+struct MasterArgs {
+    /// Master base URL(s); the first that answers is used.
+    #[arg(long, env = "OVERLAY_MASTER", default_value = "https://127.0.0.1:5055")]
+    master: Vec<String>,
+    /// Cluster CA certificate (PEM) the master's certificate must chain to.
+    #[arg(
+        long,
+        env = "OVERLAY_CA",
+        default_value = "/etc/ebpf-overlay/tls/ca.crt"
+    )]
+    ca: PathBuf,
+    /// File with the admin token (`admin.token` of the master's --tls-dir); needed for
+    /// changes, and for reads unless the master runs with --anonymous-read.
+    #[arg(long, env = "OVERLAY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+impl MasterArgs {
+    fn client(&self) -> anyhow::Result<MasterClient> {
+        if self.master.iter().all(|m| m.starts_with("http://")) {
+            return Ok(MasterClient::new(self.master.iter().map(String::as_str))?);
+        }
+        let tls =
+            overlay_api::MasterTls::from_files(&self.ca, None, self.admin_token_file.as_deref())?;
+        Ok(MasterClient::with_tls(
+            self.master.iter().map(String::as_str),
+            &tls,
+        )?)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// The master's overlay state (DC/OS `/overlay-master/state` JSON).
     State {
-        /// Master base URL(s); the first that answers is used.
-        #[arg(long, env = "OVERLAY_MASTER", default_value = "http://127.0.0.1:5050")]
-        master: Vec<String>,
+        #[command(flatten)]
+        master: MasterArgs,
+    },
+    /// A single-use join token for a new agent (`overlay-agent --join-token`).
+    JoinToken {
+        #[command(flatten)]
+        master: MasterArgs,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+        /// Only the agent with this underlay address may use it.
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+    },
+    /// Forgets agents (frees their subnets) and revokes their certificates.
+    DeleteAgents {
+        #[command(flatten)]
+        master: MasterArgs,
+        agents: Vec<std::net::IpAddr>,
     },
     /// The datapath of an agent on this host: config, networks, endpoints, routes, VTEPs and
     /// counters, read from its pinned maps.
@@ -145,8 +194,32 @@ fn show_datapath(instance: &str, bpffs: &std::path::Path) -> anyhow::Result<()> 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::JoinToken {
+            master,
+            ttl_seconds,
+            ip,
+        } => {
+            let request = overlay_api::tls::wire::TokenRequest {
+                ttl_seconds: Some(ttl_seconds),
+                ip,
+            };
+            let token = master
+                .client()?
+                .create_join_token(&request)
+                .await
+                .context("creating a join token")?;
+            println!("{}", token.token);
+        }
+        Cmd::DeleteAgents { master, agents } => {
+            let deleted = master
+                .client()?
+                .delete_agents(&agents)
+                .await
+                .context("deleting agents")?;
+            println!("{}", serde_json::to_string(&deleted)?);
+        }
         Cmd::State { master } => {
-            let client = MasterClient::new(master.iter().map(String::as_str))?;
+            let client = master.client()?;
             let state = client
                 .state()
                 .await

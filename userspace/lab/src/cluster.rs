@@ -1,5 +1,8 @@
 //! A running ebpf-overlay cluster in a lab: `overlay-master` in the master namespace,
 //! `overlay-agent` in each agent namespace, containers connected through the agents' API.
+//! The control plane runs with TLS: the cluster creates a CA (`overlay-master ca init`), the
+//! master serves HTTPS from it, and each agent gets a certificate for its fabric address
+//! (issued offline, or bought with a join token when `ClusterSpec::join_tokens` is set).
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use overlay_api::{
     AgentInfo,
-    agent::{AddEndpoint, LocalClient, http_exchange},
+    agent::{AddEndpoint, LocalClient, http_exchange, http_exchange_with_headers},
 };
 
 use crate::{Container, Lab, LabSpec, Node, fabric_ip, in_netns};
@@ -52,6 +55,11 @@ pub struct ClusterSpec {
     /// `ETCD_PORT`, `ETCD_PORT + 10`, ...; the masters then share them as their store.
     /// 0 (the default): one master on its embedded store.
     pub etcd_members: usize,
+    /// Agents join with a single-use token and the CA's hash (and get, store and renew their
+    /// certificate themselves) instead of being given a certificate.
+    pub join_tokens: bool,
+    /// Extra `overlay-master` arguments (e.g. a short `--cert-ttl`).
+    pub master_args: Vec<String>,
 }
 
 /// First etcd member's client port inside the lab (its peer port is the next one).
@@ -68,6 +76,8 @@ impl ClusterSpec {
             master_args: vec![],
             masters: 1,
             etcd_members: 0,
+            join_tokens: false,
+            master_args: vec![],
         }
     }
 }
@@ -84,6 +94,7 @@ pub struct Cluster {
     /// Process of each master (None once killed).
     master_pids: Vec<Option<u32>>,
     etcd_pids: Vec<Option<u32>>,
+    join_tokens: bool,
 }
 
 impl Cluster {
@@ -104,7 +115,9 @@ impl Cluster {
             agent_pids: BTreeMap::new(),
             master_pids: vec![],
             etcd_pids: vec![],
+            join_tokens: spec.join_tokens,
         };
+        c.ca_command(&["ca", "init", "--dir", c.tls_dir().to_str().unwrap()])?;
         let config = c.work_dir.join("overlay.yaml");
         std::fs::write(&config, &spec.config)?;
         if spec.etcd_members > 0 {
@@ -132,6 +145,8 @@ impl Cluster {
             &listen,
             "--data-dir",
             data.to_str().unwrap(),
+            "--tls-dir",
+            c.tls_dir().to_str().unwrap(),
         ])
         .args(&spec.master_args)
         .stdout(log.try_clone()?)
@@ -146,14 +161,54 @@ impl Cluster {
     }
 
     pub fn master_url(&self) -> String {
-        format!("http://{}:{MASTER_PORT}", fabric_ip(1))
+        format!("https://{}:{MASTER_PORT}", fabric_ip(1))
     }
 
     /// Every master's URL (what agents are given, in this order).
     pub fn master_urls(&self) -> Vec<String> {
         (0..self.master_pids.len().max(1))
-            .map(|i| format!("http://{}:{}", fabric_ip(1), MASTER_PORT + i as u16))
+            .map(|i| format!("https://{}:{}", fabric_ip(1), MASTER_PORT + i as u16))
             .collect()
+    }
+
+    /// The cluster CA directory (`ca.crt`, `admin.token`, ...), shared by every master.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.work_dir.join("tls")
+    }
+
+    /// The cluster CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls_dir().join("ca.crt")
+    }
+
+    /// The operators' admin token file.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.tls_dir().join("admin.token")
+    }
+
+    /// Runs `overlay-master` (CA commands, in the root namespace: files only); its stdout.
+    pub fn ca_command(&self, args: &[&str]) -> anyhow::Result<String> {
+        let bin = self.bin_dir.join("overlay-master");
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "overlay-master {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `sha256:...` of the CA certificate (for `--ca-cert-hash`).
+    pub fn ca_cert_hash(&self) -> anyhow::Result<String> {
+        let pem = std::fs::read(self.ca_cert())?;
+        let der = overlay_api::tls::parse_certs(&pem, "CA certificate")?;
+        Ok(overlay_api::tls::cert_hash(
+            der.first().context("empty CA file")?,
+        ))
     }
 
     fn etcd_endpoints(&self) -> String {
@@ -241,6 +296,7 @@ impl Cluster {
             .command(self.bin_dir.join("overlay-master"));
         cmd.args(["--config", config.to_str().unwrap()])
             .args(["--listen", &format!("{}:{port}", fabric_ip(1))])
+            .args(["--tls-dir", self.tls_dir().to_str().unwrap()])
             .args(["--store", &format!("etcd://{}", self.etcd_endpoints())])
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -251,11 +307,7 @@ impl Cluster {
         self.master_pids[index] = Some(pid);
         let start = Instant::now();
         loop {
-            let health = in_netns(self.lab.master(), move || {
-                let mut s = TcpStream::connect((fabric_ip(1), port))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                Ok(http_exchange(&mut s, "GET", "/health", None)?)
-            });
+            let health = self.request_port(port, "GET", "/health", None);
             if let Ok((200, _)) = health {
                 return Ok(());
             }
@@ -308,19 +360,47 @@ impl Cluster {
         self.work_dir.join(format!("{name}.log"))
     }
 
-    /// One HTTP request to the master, made from inside the master's namespace.
+    /// One HTTPS request to the master as an operator (admin token), made from inside the
+    /// master's namespace.
     pub fn master_request(
         &self,
         method: &str,
         path: &str,
         body: Option<&[u8]>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
+        self.request_port(MASTER_PORT, method, path, body)
+    }
+
+    fn request_port(
+        &self,
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let tls = overlay_api::MasterTls::from_files(
+            &self.ca_cert(),
+            None,
+            Some(&self.admin_token_file()),
+        )?;
+        let config = std::sync::Arc::new(tls.client_config()?);
+        let bearer = format!("Bearer {}", tls.admin_token.unwrap_or_default());
         let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(<[u8]>::to_vec));
         in_netns(self.lab.master(), move || {
-            let mut s = TcpStream::connect((fabric_ip(1), MASTER_PORT))
-                .context("connecting to the master")?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            Ok(http_exchange(&mut s, &method, &path, body.as_deref())?)
+            let tcp =
+                TcpStream::connect((fabric_ip(1), port)).context("connecting to the master")?;
+            tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let name =
+                rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::V4(fabric_ip(1)).into());
+            let connection = rustls::ClientConnection::new(config, name)?;
+            let mut stream = rustls::StreamOwned::new(connection, tcp);
+            Ok(http_exchange_with_headers(
+                &mut stream,
+                &method,
+                &path,
+                body.as_deref(),
+                &[("Authorization", &bearer)],
+            )?)
         })
     }
 
@@ -356,6 +436,43 @@ impl Cluster {
         let mut cmd = node.command(&bin);
         for url in self.master_urls() {
             cmd.args(["--master", &url]);
+        }
+        let state_dir = self.work_dir.join(format!("{agent}-state"));
+        let has_cert = state_dir.join("agent.crt").exists();
+        if self.join_tokens {
+            if !has_cert {
+                let ip = node.ip.context("agent node without a fabric address")?;
+                let token = self.ca_command(&[
+                    "token",
+                    "create",
+                    "--dir",
+                    self.tls_dir().to_str().unwrap(),
+                    "--ttl",
+                    "10m",
+                    "--ip",
+                    &ip.to_string(),
+                ])?;
+                cmd.args(["--join-token", token.trim()])
+                    .args(["--ca-cert-hash", &self.ca_cert_hash()?]);
+            }
+        } else {
+            let ip = node.ip.context("agent node without a fabric address")?;
+            let out = self.tls_dir().join(agent);
+            if !out.with_extension("crt").exists() {
+                self.ca_command(&[
+                    "cert",
+                    "issue",
+                    "--dir",
+                    self.tls_dir().to_str().unwrap(),
+                    "--ip",
+                    &ip.to_string(),
+                    "--out",
+                    out.to_str().unwrap(),
+                ])?;
+            }
+            cmd.args(["--ca", self.ca_cert().to_str().unwrap()])
+                .args(["--cert", out.with_extension("crt").to_str().unwrap()])
+                .args(["--key", out.with_extension("key").to_str().unwrap()]);
         }
         cmd.args([
             "--underlay-iface",

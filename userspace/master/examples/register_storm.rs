@@ -123,6 +123,8 @@ async fn main() -> anyhow::Result<()> {
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data-dir")
         .arg(dir.path().join("data"))
+        // Measures allocation and fan-out, not TLS; loopback only.
+        .arg("--insecure-http")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()

@@ -13,17 +13,23 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use overlay_api::tls::wire::{
+    IssuedCertificate, JoinRequest, RenewRequest, TokenRequest, TokenResponse,
+};
 use overlay_api::{DeleteAgentsResponse, ErrorBody};
 use serde::Deserialize;
 
+use crate::auth::{Auth, Authenticated};
 use crate::config::OverlaySpec;
 use crate::master::{Master, MasterError, NetworkChange};
+use crate::pki::TokenError;
 
 /// Longest long-poll a watcher may ask for.
 pub const MAX_WATCH_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn router(master: Arc<Master>) -> Router {
+/// The API; `auth` decides who may call what (see [`crate::auth`]).
+pub fn router(master: Arc<Master>, auth: Arc<Auth>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -44,7 +50,15 @@ pub fn router(master: Arc<Master>) -> Router {
             "/overlay-master/networks/{name}/enable",
             post(enable_network),
         )
+        .route("/overlay-master/ca", get(ca_certificate))
+        .route("/overlay-master/join", post(join))
+        .route(
+            "/overlay-master/certificates/renew",
+            post(renew_certificate),
+        )
+        .route("/overlay-master/tokens", post(create_token))
         .fallback(not_found)
+        .layer(axum::Extension(auth))
         .with_state(master)
 }
 
@@ -56,6 +70,10 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub fn new(status: StatusCode, message: String) -> Self {
+        ApiError { status, message }
+    }
+
     fn bad_request(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -122,16 +140,24 @@ async fn health(State(master): State<Arc<Master>>) -> Response {
     Json(serde_json::json!({"status": "ok", "revision": master.revision()})).into_response()
 }
 
-async fn metrics(State(master): State<Arc<Master>>) -> Response {
-    (
+async fn metrics(
+    State(master): State<Arc<Master>>,
+    who: Authenticated,
+) -> Result<Response, ApiError> {
+    who.caller.require_read(&who.auth, "/metrics")?;
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         master.metrics_text(),
     )
-        .into_response()
+        .into_response())
 }
 
-async fn state(State(master): State<Arc<Master>>) -> Response {
-    json_bytes(master.state_body().await.state_json())
+async fn state(
+    State(master): State<Arc<Master>>,
+    who: Authenticated,
+) -> Result<Response, ApiError> {
+    who.caller.require_read(&who.auth, "the state")?;
+    Ok(json_bytes(master.state_body().await.state_json()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,8 +184,10 @@ impl Drop for WatcherGuard<'_> {
 /// `WatchedDelta` instead of the whole state.
 async fn watch(
     State(master): State<Arc<Master>>,
+    who: Authenticated,
     query: Result<Query<WatchQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    who.caller.require_read(&who.auth, "the watch")?;
     let Query(query) = query?;
     let after = query.after.unwrap_or(0);
     let timeout = query
@@ -215,9 +243,13 @@ fn check_agent_ip(field: &str, ip: IpAddr) -> Result<(), ApiError> {
 
 async fn register(
     State(master): State<Arc<Master>>,
+    who: Authenticated,
     body: Result<Json<RegisterBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    // Authentication first: an anonymous caller learns nothing from validation errors.
+    who.caller.require_read(&who.auth, "agents")?;
     let Json(body) = body?;
+    who.caller.require_agent_or_admin(body.ip, "register")?;
     check_agent_ip("ip", body.ip)?;
     let info = master.heartbeat(body.ip, body.endpoints).await?;
     Ok(Json(info).into_response())
@@ -231,19 +263,33 @@ struct DeleteBody {
 
 async fn delete_agents(
     State(master): State<Arc<Master>>,
+    who: Authenticated,
     query: Result<Query<ForceQuery>, QueryRejection>,
     body: Result<Json<DeleteBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    who.caller.require_admin("deleting agents")?;
     let force = force_of(query)?;
     let Json(body) = body?;
+    // Delete first (an unforced delete of a live agent is refused and must revoke nothing),
+    // then revoke what was deleted: it must not register again with the certificate it has.
     let deleted = master.delete_agents(body.agents, force).await?;
+    if let Some(revocations) = &who.auth.revocations {
+        revocations.revoke_agents(&deleted).map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("revoking the agents' certificates: {e:#}"),
+            )
+        })?;
+    }
     Ok(Json(DeleteAgentsResponse { deleted }).into_response())
 }
 
 async fn add_network(
     State(master): State<Arc<Master>>,
+    who: Authenticated,
     body: Result<Json<OverlaySpec>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    who.caller.require_admin("adding a network")?;
     let Json(spec) = body?;
     let overlay = spec.into_overlay("").map_err(ApiError::bad_request)?;
     let network = master.change_networks(NetworkChange::Add(overlay)).await?;
@@ -264,28 +310,129 @@ async fn set_enabled(
 
 async fn disable_network(
     State(master): State<Arc<Master>>,
+    who: Authenticated,
     Path(name): Path<String>,
     query: Result<Query<ForceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    who.caller.require_admin("disabling a network")?;
     set_enabled(&master, name, false, force_of(query)?).await
 }
 
 async fn enable_network(
     State(master): State<Arc<Master>>,
+    who: Authenticated,
     Path(name): Path<String>,
     query: Result<Query<ForceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    who.caller.require_admin("enabling a network")?;
     set_enabled(&master, name, true, force_of(query)?).await
 }
 
 async fn remove_network(
     State(master): State<Arc<Master>>,
+    who: Authenticated,
     Path(name): Path<String>,
     query: Result<Query<ForceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    who.caller.require_admin("removing a network")?;
     let force = force_of(query)?;
     master
         .change_networks_forced(NetworkChange::Remove(name.clone()), force)
         .await?;
     Ok(Json(serde_json::json!({ "removed": name })).into_response())
+}
+
+fn needs_tls(auth: &Auth) -> Result<&crate::pki::ClusterCa, ApiError> {
+    auth.ca.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this master serves plain HTTP (--insecure-http): no CA, no certificates".into(),
+        )
+    })
+}
+
+fn unavailable(context: &str, error: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{context}: {error:#}"),
+    )
+}
+
+/// The cluster CA certificate (public; an agent joining with `--ca-cert-hash` checks it).
+async fn ca_certificate(who: Authenticated) -> Result<Response, ApiError> {
+    let ca = needs_tls(&who.auth)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        ca.cert_pem().to_owned(),
+    )
+        .into_response())
+}
+
+fn issued(ca: &crate::pki::ClusterCa, certificate: String, not_after: i64) -> Response {
+    Json(IssuedCertificate {
+        certificate,
+        ca: ca.cert_pem().to_owned(),
+        not_after,
+    })
+    .into_response()
+}
+
+/// A join token buys an agent certificate for the address it names (once).
+async fn join(
+    who: Authenticated,
+    body: Result<Json<JoinRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let ca = needs_tls(&who.auth)?;
+    let Json(body) = body?;
+    check_agent_ip("ip", body.ip)?;
+    crate::pki::consume_join_token(ca.dir(), &body.token, body.ip).map_err(|e| match e {
+        TokenError::Malformed => ApiError::bad_request(e.to_string()),
+        TokenError::Store(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        _ => ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()),
+    })?;
+    let (certificate, not_after) = ca
+        .sign_agent_csr(body.ip, &body.csr, who.auth.cert_lifetime)
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    tracing::info!(agent = %body.ip, "agent joined with a token; certificate issued");
+    Ok(issued(ca, certificate, not_after))
+}
+
+/// A fresh certificate for the calling agent's own address.
+async fn renew_certificate(
+    who: Authenticated,
+    body: Result<Json<RenewRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let ca = needs_tls(&who.auth)?;
+    let ip = who.caller.require_agent("renewing a certificate")?;
+    let Json(body) = body?;
+    let (certificate, not_after) = ca
+        .sign_agent_csr(ip, &body.csr, who.auth.cert_lifetime)
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    Ok(issued(ca, certificate, not_after))
+}
+
+/// Largest join-token lifetime the API hands out.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+async fn create_token(
+    who: Authenticated,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    who.caller.require_admin("creating a join token")?;
+    let ca = needs_tls(&who.auth)?;
+    let Json(body) = body?;
+    let ttl = Duration::from_secs(body.ttl_seconds.unwrap_or(3600));
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        return Err(ApiError::bad_request(format!(
+            "ttl_seconds = {}: must be between 1 and {}",
+            ttl.as_secs(),
+            MAX_TOKEN_TTL.as_secs()
+        )));
+    }
+    if let Some(ip) = body.ip {
+        check_agent_ip("ip", ip)?;
+    }
+    let (token, expires) = crate::pki::create_join_token(ca.dir(), ttl, body.ip)
+        .map_err(|e| unavailable("storing the join token", e))?;
+    Ok((StatusCode::CREATED, Json(TokenResponse { token, expires })).into_response())
 }

@@ -3,10 +3,13 @@
 
 pub mod alloc;
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod hostaddr;
 pub mod master;
 pub mod metrics;
+pub mod pki;
+pub mod server;
 pub mod store;
 pub mod validate;

@@ -1,6 +1,8 @@
-//! `overlay-master --config FILE --listen ADDR (--data-dir DIR | --store etcd://HOST:PORT,...)`
-//! (etcd over TLS and with authentication: `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`,
-//! `--etcd-username`, `--etcd-password[-file]`, named as flannel's).
+//! `overlay-master --config FILE --listen ADDR (--data-dir DIR | --store etcd://HOST:PORT,...)
+//!  (--tls-dir DIR | --insecure-http)`, and `overlay-master ca init | cert issue | token create`
+//! for the cluster CA.
+//! etcd over TLS and with authentication: `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`,
+//! `--etcd-username`, `--etcd-password[-file]`, named as flannel's.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use overlay_api::NetworkConfig;
 use overlay_master::config;
 use overlay_master::master::Master;
@@ -23,13 +25,42 @@ use tokio::signal::unix::{SignalKind, signal};
     about = "Overlay network master: allocates VTEPs and agent subnets, serves DC/OS's /overlay-master API"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// `dcos_overlay_network` object (YAML or JSON, top level or under that key); without it
     /// DC/OS's defaults apply. Re-read on SIGHUP.
     #[arg(long, env = "OVERLAY_MASTER_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to serve the HTTP API on.
+    /// Address to serve the API on (HTTPS; agents and operators must reach it, containers
+    /// should not: see the README).
     #[arg(long, env = "OVERLAY_MASTER_LISTEN", default_value = "0.0.0.0:5055")]
     listen: SocketAddr,
+    /// Cluster CA directory (`ca.crt`, `ca.key`, `admin.token`, join tokens, revocations);
+    /// created with a new CA if it holds none. The master serves HTTPS with a certificate it
+    /// issues itself from this CA.
+    #[arg(long, env = "OVERLAY_MASTER_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Extra names (DNS or IP) of the master's certificate, besides localhost, 127.0.0.1, ::1
+    /// and the --listen address; repeat for several.
+    #[arg(
+        long = "tls-san",
+        env = "OVERLAY_MASTER_TLS_SAN",
+        value_delimiter = ','
+    )]
+    tls_sans: Vec<String>,
+    /// File holding the operators' admin token (default: `admin.token` of --tls-dir).
+    #[arg(long, env = "OVERLAY_MASTER_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Let unauthenticated clients read the state, watch and metrics (/health always is).
+    #[arg(long)]
+    anonymous_read: bool,
+    /// Lifetime of the agent certificates this master issues (join and renewal).
+    #[arg(long, default_value = "24h", value_parser = overlay_master::pki::parse_duration)]
+    cert_ttl: std::time::Duration,
+    /// Serve plain HTTP without any authentication: anyone who reaches the port can change
+    /// the cluster. Labs only.
+    #[arg(long, conflicts_with = "tls_dir")]
+    insecure_http: bool,
     /// Directory of the embedded state database (created if missing); the default store.
     #[arg(long, env = "OVERLAY_MASTER_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -143,6 +174,98 @@ impl Args {
     }
 }
 
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The cluster CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCmd,
+    },
+    /// Agent certificates, issued offline from the CA directory.
+    Cert {
+        #[command(subcommand)]
+        command: CertCmd,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Creates the CA and the admin token in DIR; prints the CA's hash for `--ca-cert-hash`.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCmd {
+    /// Issues an agent certificate for IP with a new key: `<out>.crt` and `<out>.key` (0600).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "24h", value_parser = overlay_master::pki::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Creates a single-use join token and prints it.
+    Create {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "1h", value_parser = overlay_master::pki::parse_duration)]
+        ttl: std::time::Duration,
+        /// Only an agent with this underlay address may use it.
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+    },
+}
+
+fn run_command(command: Cmd) -> anyhow::Result<()> {
+    use overlay_master::pki::{self, ClusterCa};
+    match command {
+        Cmd::Ca {
+            command: CaCmd::Init { dir },
+        } => {
+            let ca = ClusterCa::init(&dir)?;
+            println!("CA created in {}", dir.display());
+            println!("admin token: {}", dir.join(pki::ADMIN_TOKEN).display());
+            println!("ca-cert-hash: {}", ca.cert_hash());
+        }
+        Cmd::Cert {
+            command: CertCmd::Issue { dir, ip, out, ttl },
+        } => {
+            let ca = ClusterCa::load(&dir)?;
+            let (cert, key, _) = ca.issue_agent_with_key(ip, ttl)?;
+            let cert_path = out.with_extension("crt");
+            let key_path = out.with_extension("key");
+            pki::write_private(&key_path, key.as_bytes())?;
+            std::fs::write(&cert_path, cert)
+                .with_context(|| format!("writing {}", cert_path.display()))?;
+            println!("{}\n{}", cert_path.display(), key_path.display());
+        }
+        Cmd::Token {
+            command: TokenCmd::Create { dir, ttl, ip },
+        } => {
+            let ca = ClusterCa::load(&dir)?;
+            let (token, _) = pki::create_join_token(&dir, ttl, ip)?;
+            println!("{token}");
+            eprintln!("ca-cert-hash: {}", ca.cert_hash());
+        }
+    }
+    Ok(())
+}
+
 fn open_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
     match (&args.store, &args.data_dir) {
         (Some(spec), _) => {
@@ -178,7 +301,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        return match run_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("overlay-master: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -230,6 +362,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         quarantine,
         master_addresses: master_addresses(&args)?,
     };
+    if args.tls_dir.is_none() && !args.insecure_http {
+        anyhow::bail!(
+            "give --tls-dir DIR (HTTPS with the cluster CA in DIR, created if missing) or, in a lab only, --insecure-http"
+        );
+    }
+    let tls = match &args.tls_dir {
+        Some(dir) => Some(tls_setup(&args, dir)?),
+        None => {
+            tracing::warn!(
+                "--insecure-http: serving plain HTTP WITHOUT AUTHENTICATION; anyone who reaches {} (containers included) can register agents and change networks",
+                args.listen
+            );
+            None
+        }
+    };
     let store = tokio::task::block_in_place(|| open_store(&args))?;
     let master = tokio::task::block_in_place(|| Master::start_with(store, file_config, safety))
         .with_context(|| match &args.config {
@@ -243,13 +390,78 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(listen = %bound, revision = master.revision(), "overlay master serving");
 
     tokio::spawn(reload_on_sighup(Arc::clone(&master), args.config.clone()));
-    let router = overlay_master::api::router(Arc::clone(&master));
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    match tls {
+        Some((config, auth)) => {
+            let router = overlay_master::api::router(Arc::clone(&master), auth);
+            overlay_master::server::serve_tls(listener, config, router, shutdown_signal())
+                .await
+                .context("serving HTTPS")?;
+        }
+        None => {
+            let auth = Arc::new(overlay_master::auth::Auth::insecure());
+            let router = overlay_master::api::router(Arc::clone(&master), auth);
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("serving HTTP")?;
+        }
+    }
     tracing::info!("overlay master stopped");
     Ok(())
+}
+
+/// Loads (or creates) the CA, issues the master's certificate, reads the admin token.
+fn tls_setup(
+    args: &Args,
+    dir: &std::path::Path,
+) -> anyhow::Result<(rustls::ServerConfig, Arc<overlay_master::auth::Auth>)> {
+    use overlay_master::pki::{self, ClusterCa, Revocations};
+    let ca = if dir.join(pki::CA_CERT).exists() {
+        ClusterCa::load(dir)?
+    } else {
+        let ca = ClusterCa::init(dir)?;
+        tracing::info!(dir = %dir.display(), hash = %ca.cert_hash(), "created a new cluster CA");
+        ca
+    };
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    if !args.listen.ip().is_unspecified() {
+        names.push(args.listen.ip().to_string());
+    }
+    for name in &args.tls_sans {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    let config = overlay_master::server::server_config(&ca, &names)
+        .with_context(|| format!("--tls-dir {}", dir.display()))?;
+    let token_file = args
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| dir.join(pki::ADMIN_TOKEN));
+    let admin_token = match overlay_api::tls::read_token_file(&token_file) {
+        Ok(token) => Some(token),
+        Err(error) if args.admin_token_file.is_some() => {
+            anyhow::bail!("--admin-token-file: {error}")
+        }
+        Err(error) => {
+            tracing::warn!(%error, "no admin token: nobody can change networks or delete agents");
+            None
+        }
+    };
+    tracing::info!(dir = %dir.display(), hash = %ca.cert_hash(), names = ?names, anonymous_read = args.anonymous_read, "serving HTTPS; agents need certificates of this CA, operators the admin token");
+    let auth = overlay_master::auth::Auth {
+        insecure: false,
+        admin_token,
+        anonymous_read: args.anonymous_read,
+        revocations: Some(Revocations::new(dir)),
+        ca: Some(ca),
+        cert_lifetime: args.cert_ttl,
+    };
+    Ok((config, Arc::new(auth)))
 }
 
 /// Re-reads the config file on SIGHUP; a bad file is rejected whole and the running
