@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod lab;
+mod package;
 mod setup;
 
 use std::process::Command;
@@ -42,6 +43,8 @@ enum Cmd {
     /// (internal) The benchmark's connection-rate server, run inside a lab namespace.
     #[command(hide = true)]
     BenchCpsServer { addr: String },
+    /// The Debian package (binaries, CNI plugin, systemd units, default config, man pages).
+    Package(package::PackageArgs),
     /// The network-namespace lab.
     Lab {
         #[command(subcommand)]
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             demo::run(keep)
         }
         Cmd::Lab { action } => lab::run(action),
+        Cmd::Package(args) => package::run(&args).map(|_| ()),
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchCpsServer { addr } => bench::traffic::cps_server(&addr),
     }

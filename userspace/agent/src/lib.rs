@@ -6,11 +6,14 @@
 //! [`runtime`] owns the running agent; [`api`] serves it.
 
 pub mod api;
+pub mod cleanup;
 pub mod datapath;
 pub mod desired;
 pub mod host_link;
 pub mod ipam;
 pub mod masquerade;
 pub mod netdev;
+pub mod preflight;
 pub mod reconcile;
 pub mod runtime;
+pub mod service;

@@ -5,6 +5,7 @@
 
 pub mod agent;
 mod client;
+pub mod sd_notify;
 mod types;
 
 pub use client::{ClientError, MasterClient};
