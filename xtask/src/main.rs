@@ -8,6 +8,7 @@ mod demo;
 mod lab;
 mod package;
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -45,6 +46,11 @@ enum Cmd {
     BenchCpsServer { addr: String },
     /// The Debian package (binaries, CNI plugin, systemd units, default config, man pages).
     Package(package::PackageArgs),
+    /// The QEMU VM lab: real boots, systemd, the package installed, virtio-net NICs.
+    Vm {
+        #[command(subcommand)]
+        action: vm::VmCmd,
+    },
     /// The network-namespace lab.
     Lab {
         #[command(subcommand)]
@@ -70,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Lab { action } => lab::run(action),
         Cmd::Package(args) => package::run(&args).map(|_| ()),
+        Cmd::Vm { action } => vm::run(action),
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchCpsServer { addr } => bench::traffic::cps_server(&addr),
     }
