@@ -121,7 +121,11 @@ impl Vm {
         };
         let marker = format!("__VMLAB_END_{n}__");
         let line = format!("{{ {cmd}\n}} </dev/null 2>&1; s=$?; echo; echo {marker} $s\n");
-        self.ctl.lock().unwrap().write_all(line.as_bytes())?;
+        self.ctl
+            .lock()
+            .unwrap()
+            .write_all(line.as_bytes())
+            .with_context(|| format!("{}: sending `{cmd}` (guest shell not reading)", self.name))?;
         let lines = self.lines.lock().unwrap();
         let deadline = Instant::now() + timeout;
         let mut text = String::new();
@@ -188,6 +192,34 @@ impl Vm {
                     tail(&self.console_log, 40)
                 );
             }
+        }
+    }
+
+    /// Reboots the guest (`systemctl reboot`) and waits until the new boot's shell answers;
+    /// returns the time from the request to that shell.
+    pub fn reboot(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let boot_id = |vm: &Vm| -> Option<String> {
+            vm.sh("cat /proc/sys/kernel/random/boot_id", Duration::from_secs(5))
+                .ok()
+                .filter(|o| o.status == 0)
+                .map(|o| o.text.trim().to_owned())
+        };
+        let before = boot_id(self).context("reading the boot id")?;
+        let start = Instant::now();
+        // The shell dies with the system; its answer may never come.
+        let line = "systemctl reboot </dev/null >/dev/null 2>&1\n";
+        self.ctl.lock().unwrap().write_all(line.as_bytes())?;
+        loop {
+            // The old shell may still answer while the system shuts down.
+            let left = timeout.saturating_sub(start.elapsed());
+            self.wait_shell(left)?;
+            if boot_id(self).is_some_and(|id| id != before) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!("{}: still the same boot {timeout:?} after the reboot request", self.name);
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 
@@ -467,6 +499,9 @@ impl VmLab {
                 }
             }
         };
+        // QEMU stops reading the socket while the guest has the port closed (booting,
+        // rebooting): a write must not block forever then.
+        ctl.set_write_timeout(Some(Duration::from_secs(2)))?;
         let (tx, rx) = mpsc::channel();
         let reader = ctl.try_clone()?;
         std::thread::spawn(move || {
