@@ -200,3 +200,20 @@ fn overlayctl_cleanup_removes_pins_links_host_link_and_generated_cni_configs() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to remove"));
 }
+
+#[test]
+fn agent_refuses_to_start_without_its_capabilities_naming_them() {
+    // Root, but CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN taken out of the bounding set (so they
+    // are not effective after exec): the preflight refuses before loading anything.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set", "-bpf,-perfmon,-sys_admin", "--"])
+        .arg(bin_path("overlay-agent"))
+        .args(["--master", "http://127.0.0.1:9", "--underlay-iface", "lo"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("missing capability CAP_BPF"), "{stderr}");
+    assert!(stderr.contains("missing capability CAP_PERFMON"), "{stderr}");
+    assert!(!stderr.contains("CAP_NET_ADMIN"), "{stderr}");
+}

@@ -114,6 +114,9 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
                 panic!("{e:#}\n{log}")
             });
         assert_eq!(state.trim(), "active");
+        // Ready came from the agent itself (sd_notify), once its state was applied.
+        let status = vm.ok("systemctl show -P StatusText overlay-agent").unwrap();
+        assert!(status.contains("datapath attached, master revision"), "{status}");
         assert_eq!(vm.ok("systemctl is-enabled overlay-agent").unwrap().trim(), "enabled");
         let programs = tcx_programs(vm);
         assert_eq!(programs, ["from_host", "from_underlay"], "{}: TCX programs", vm.name);
@@ -183,6 +186,14 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
     assert_eq!(fields[0], fields[3], "pings lost across the upgrade: {summary}");
 
     eprintln!("upgrade under ping: {:.0}s", phase.elapsed().as_secs_f64());
+
+    // Purge removes the datapath with the package: programs detached, pins, host link and the
+    // generated CNI configs gone; the agent stopped.
+    vm1.ok("dpkg --purge ebpf-overlay").unwrap();
+    assert!(tcx_programs(vm1).is_empty(), "programs still attached after purge");
+    vm1.ok("! test -e /sys/fs/bpf/ebpf-overlay && ! ip link show ovl-host && ! ls /etc/cni/net.d/*.conf && ! test -e /var/lib/ebpf-overlay && ! test -e /usr/bin/overlay-agent")
+        .unwrap();
+    assert_ne!(vm1.sh("systemctl is-active overlay-agent", Duration::from_secs(30)).unwrap().text.trim(), "active");
 
     eprintln!("vm test: {:.0}s in all", started.elapsed().as_secs_f64());
 }
