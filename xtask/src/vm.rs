@@ -57,10 +57,12 @@ pub fn run(cmd: VmCmd) -> anyhow::Result<()> {
                 lab.image_secs, lab.root_image_secs, lab.boot_secs
             );
             for vm in &lab.vms {
+                // The agent starts after network-online and loads its programs under
+                // emulation: give it time.
                 let state = vm
-                    .sh("systemctl is-active overlay-agent", Duration::from_secs(30))
-                    .map(|o| o.text.trim().to_owned())
-                    .unwrap_or_else(|e| e.to_string());
+                    .wait_for("systemctl is-active overlay-agent", Duration::from_secs(180))
+                    .map(|o| o.trim().to_owned())
+                    .unwrap_or_else(|e| format!("{e:#}"));
                 println!("  {} {} overlay-agent: {state}", vm.name, vm.ip);
             }
             println!("logs and disks in {}", lab.work.display());
