@@ -8,8 +8,16 @@ use overlay_lab::cluster::{Cluster, ClusterSpec};
 use overlay_tests::bin_path;
 
 fn dpkg_deb(args: &[&str], deb: &Path) -> String {
-    let out = Command::new("dpkg-deb").args(args).arg(deb).output().unwrap();
-    assert!(out.status.success(), "dpkg-deb {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("dpkg-deb")
+        .args(args)
+        .arg(deb)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg-deb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -59,12 +67,20 @@ fn package_holds_binaries_units_config_man_pages_and_scripts() {
         assert!(line.starts_with("-rw-r--r-- root/root"), "{line}");
     }
     entry("/etc/cni/net.d/");
-    assert_eq!(dpkg_deb(&["-f"], &deb).lines().next(), Some("Package: ebpf-overlay"));
+    assert_eq!(
+        dpkg_deb(&["-f"], &deb).lines().next(),
+        Some("Package: ebpf-overlay")
+    );
     assert!(dpkg_deb(&["-f"], &deb).contains("Version: 0.1.0+test"));
 
     // Control area: the maintainer scripts and the conffiles.
     let control = out.path().join("control");
-    let st = Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control).status().unwrap();
+    let st = Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(&deb)
+        .arg(&control)
+        .status()
+        .unwrap();
     assert!(st.success());
     let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
     assert_eq!(
@@ -74,10 +90,20 @@ fn package_holds_binaries_units_config_man_pages_and_scripts() {
     let prerm = std::fs::read_to_string(control.join("prerm")).unwrap();
     assert!(prerm.contains("overlayctl cleanup"), "{prerm}");
     let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
-    assert!(postinst.contains("enable overlay-agent.service"), "{postinst}");
-    assert!(postinst.contains("try-restart overlay-agent.service"), "{postinst}");
+    assert!(
+        postinst.contains("enable overlay-agent.service"),
+        "{postinst}"
+    );
+    assert!(
+        postinst.contains("try-restart overlay-agent.service"),
+        "{postinst}"
+    );
     for script in ["postinst", "prerm", "postrm"] {
-        let st = Command::new("sh").arg("-n").arg(control.join(script)).status().unwrap();
+        let st = Command::new("sh")
+            .arg("-n")
+            .arg(control.join(script))
+            .status()
+            .unwrap();
         assert!(st.success(), "{script} is not valid sh");
     }
 
@@ -88,14 +114,23 @@ fn package_holds_binaries_units_config_man_pages_and_scripts() {
         .output()
         .unwrap();
     let page = String::from_utf8_lossy(&page.stdout);
-    for flag in ["--master", "--underlay-iface", "--cni-conf-dir", "--masquerade-ports"] {
+    for flag in [
+        "--master",
+        "--underlay-iface",
+        "--cni-conf-dir",
+        "--masquerade-ports",
+    ] {
         assert!(page.contains(flag), "{flag} missing from overlay-agent(8)");
     }
     // The agent unit keeps the datapath on stop and runs with exactly the capabilities the
     // agent's preflight checks.
-    let unit = std::fs::read_to_string(tree.join("lib/systemd/system/overlay-agent.service")).unwrap();
+    let unit =
+        std::fs::read_to_string(tree.join("lib/systemd/system/overlay-agent.service")).unwrap();
     let exec = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
-    assert!(!exec.contains("cleanup-on-exit"), "stopping must not tear the datapath down");
+    assert!(
+        !exec.contains("cleanup-on-exit"),
+        "stopping must not tear the datapath down"
+    );
     assert!(unit.contains("CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON\n"));
     assert!(unit.contains("Type=notify\n") && unit.contains("Restart=on-failure\n"));
 }
@@ -129,7 +164,10 @@ fn master_starts_on_the_packaged_default_config() {
     }
     let addr = addr.expect("master did not report its address");
     let state: serde_json::Value = {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             reqwest::get(format!("http://{addr}/overlay-master/state"))
                 .await
@@ -142,7 +180,9 @@ fn master_starts_on_the_packaged_default_config() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(master.id() as i32, libc::SIGTERM) };
     master.wait().unwrap();
-    let networks = state["network"]["overlays"].as_array().unwrap_or_else(|| panic!("{state}"));
+    let networks = state["network"]["overlays"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{state}"));
     let dcos = networks.iter().find(|n| n["name"] == "dcos").unwrap();
     assert_eq!(dcos["subnet"], "9.0.0.0/8");
     assert_eq!(dcos["prefix"], 24);
@@ -152,7 +192,11 @@ fn master_starts_on_the_packaged_default_config() {
 
 #[test]
 fn overlayctl_cleanup_removes_pins_links_host_link_and_generated_cni_configs() {
-    let mut c = Cluster::up(ClusterSpec::new(1, bin_path("overlay-agent").parent().unwrap())).unwrap();
+    let mut c = Cluster::up(ClusterSpec::new(
+        1,
+        bin_path("overlay-agent").parent().unwrap(),
+    ))
+    .unwrap();
     let node = c.lab.node("a1").unwrap().clone();
     let instance = c.lab.pin_instance("a1");
     let pins = Path::new("/sys/fs/bpf/ebpf-overlay")
@@ -160,12 +204,21 @@ fn overlayctl_cleanup_removes_pins_links_host_link_and_generated_cni_configs() {
         .join(&instance);
     let cni_dir = c.log_path("a1").parent().unwrap().join("a1-cni");
     // Someone else's CNI config next to the agent's.
-    std::fs::write(cni_dir.join("10-other.conf"), r#"{"type":"bridge","name":"other"}"#).unwrap();
+    std::fs::write(
+        cni_dir.join("10-other.conf"),
+        r#"{"type":"bridge","name":"other"}"#,
+    )
+    .unwrap();
     assert!(pins.join("links").exists());
-    assert!(std::fs::read_dir(&cni_dir).unwrap().count() >= 2, "agent wrote no CNI config");
+    assert!(
+        std::fs::read_dir(&cni_dir).unwrap().count() >= 2,
+        "agent wrote no CNI config"
+    );
     let attached = |node: &overlay_lab::Node| {
-        overlay_lab::in_netns(node, || overlay_agent::datapath::attached_ingress_programs("eth0"))
-            .unwrap()
+        overlay_lab::in_netns(node, || {
+            overlay_agent::datapath::attached_ingress_programs("eth0")
+        })
+        .unwrap()
     };
     assert_eq!(attached(&node), ["from_underlay"]);
     assert!(node.try_exec("ip", &["link", "show", "ovl-host"]));
@@ -180,11 +233,21 @@ fn overlayctl_cleanup_removes_pins_links_host_link_and_generated_cni_configs() {
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(report.contains("removed pins") && report.contains("removed host link"), "{report}");
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("removed pins") && report.contains("removed host link"),
+        "{report}"
+    );
     assert!(!pins.exists(), "pins left at {}", pins.display());
     assert!(attached(&node).is_empty(), "programs still attached");
-    assert!(!node.try_exec("ip", &["link", "show", "ovl-host"]), "host link left");
+    assert!(
+        !node.try_exec("ip", &["link", "show", "ovl-host"]),
+        "host link left"
+    );
     let left: Vec<_> = std::fs::read_dir(&cni_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -214,6 +277,9 @@ fn agent_refuses_to_start_without_its_capabilities_naming_them() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("missing capability CAP_BPF"), "{stderr}");
-    assert!(stderr.contains("missing capability CAP_PERFMON"), "{stderr}");
+    assert!(
+        stderr.contains("missing capability CAP_PERFMON"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("CAP_NET_ADMIN"), "{stderr}");
 }

@@ -66,7 +66,9 @@ fn tcx_programs(vm: &overlay_lab::vm::Vm) -> Vec<String> {
         if link["type"] == 11 || link["type"] == "tcx" {
             let id = link["prog_id"].as_u64().unwrap();
             let prog: serde_json::Value = serde_json::from_str(
-                vm.ok(&format!("bpftool -j prog show id {id}")).unwrap().trim(),
+                vm.ok(&format!("bpftool -j prog show id {id}"))
+                    .unwrap()
+                    .trim(),
             )
             .unwrap();
             names.push(prog["name"].as_str().unwrap().to_owned());
@@ -116,17 +118,33 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
         assert_eq!(state.trim(), "active");
         // Ready came from the agent itself (sd_notify), once its state was applied.
         let status = vm.ok("systemctl show -P StatusText overlay-agent").unwrap();
-        assert!(status.contains("datapath attached, master revision"), "{status}");
-        assert_eq!(vm.ok("systemctl is-enabled overlay-agent").unwrap().trim(), "enabled");
+        assert!(
+            status.contains("datapath attached, master revision"),
+            "{status}"
+        );
+        assert_eq!(
+            vm.ok("systemctl is-enabled overlay-agent").unwrap().trim(),
+            "enabled"
+        );
         let programs = tcx_programs(vm);
-        assert_eq!(programs, ["from_host", "from_underlay"], "{}: TCX programs", vm.name);
-        vm.ok("test -e /sys/fs/bpf/ebpf-overlay/v*/default/links/from_underlay@eth0").unwrap();
+        assert_eq!(
+            programs,
+            ["from_host", "from_underlay"],
+            "{}: TCX programs",
+            vm.name
+        );
+        vm.ok("test -e /sys/fs/bpf/ebpf-overlay/v*/default/links/from_underlay@eth0")
+            .unwrap();
         // The agent runs with the unit's capabilities only.
         let caps = vm
             .ok("grep CapEff /proc/$(systemctl show -P MainPID overlay-agent)/status")
             .unwrap();
         // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39).
-        assert_eq!(caps.split_whitespace().nth(1), Some("000000c000001000"), "{caps}");
+        assert_eq!(
+            caps.split_whitespace().nth(1),
+            Some("000000c000001000"),
+            "{caps}"
+        );
     }
     // Both registered with the master (read from inside vm1, as any host would).
     let state: serde_json::Value = serde_json::from_str(
@@ -141,9 +159,15 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
         .iter()
         .map(|a| a["ip"].as_str().unwrap())
         .collect();
-    assert!(agents.contains(&"10.251.0.11") && agents.contains(&"10.251.0.12"), "{agents:?}");
+    assert!(
+        agents.contains(&"10.251.0.11") && agents.contains(&"10.251.0.12"),
+        "{agents:?}"
+    );
 
-    eprintln!("agents active, attached and registered: {:.0}s", phase.elapsed().as_secs_f64());
+    eprintln!(
+        "agents active, attached and registered: {:.0}s",
+        phase.elapsed().as_secs_f64()
+    );
     let phase = Instant::now();
 
     // Containers on two networks in each VM.
@@ -157,7 +181,10 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
     assert!(!pings(vm1, "c-blue", &a2), "blue reached dcos across VMs");
     let _ = a1;
 
-    eprintln!("containers across VMs: {:.0}s", phase.elapsed().as_secs_f64());
+    eprintln!(
+        "containers across VMs: {:.0}s",
+        phase.elapsed().as_secs_f64()
+    );
     let phase = Instant::now();
 
     // A package upgrade inside vm2 keeps a running ping from vm1's container going: the new
@@ -177,23 +204,42 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
         Duration::from_secs(90),
     )
     .unwrap();
-    assert!(vm2.ok("dpkg-query -W -f='${Version}' ebpf-overlay").unwrap().contains("0.1.1"));
+    assert!(
+        vm2.ok("dpkg-query -W -f='${Version}' ebpf-overlay")
+            .unwrap()
+            .contains("0.1.1")
+    );
     let summary = vm1
-        .wait_for("grep 'packets transmitted' /tmp/ping.log", Duration::from_secs(60))
+        .wait_for(
+            "grep 'packets transmitted' /tmp/ping.log",
+            Duration::from_secs(60),
+        )
         .unwrap();
     // "60 packets transmitted, 60 received, 0% packet loss"
     let fields: Vec<&str> = summary.split_whitespace().collect();
-    assert_eq!(fields[0], fields[3], "pings lost across the upgrade: {summary}");
+    assert_eq!(
+        fields[0], fields[3],
+        "pings lost across the upgrade: {summary}"
+    );
 
     eprintln!("upgrade under ping: {:.0}s", phase.elapsed().as_secs_f64());
 
     // Purge removes the datapath with the package: programs detached, pins, host link and the
     // generated CNI configs gone; the agent stopped.
     vm1.ok("dpkg --purge ebpf-overlay").unwrap();
-    assert!(tcx_programs(vm1).is_empty(), "programs still attached after purge");
+    assert!(
+        tcx_programs(vm1).is_empty(),
+        "programs still attached after purge"
+    );
     vm1.ok("! test -e /sys/fs/bpf/ebpf-overlay && ! ip link show ovl-host && ! ls /etc/cni/net.d/*.conf && ! test -e /var/lib/ebpf-overlay && ! test -e /usr/bin/overlay-agent")
         .unwrap();
-    assert_ne!(vm1.sh("systemctl is-active overlay-agent", Duration::from_secs(30)).unwrap().text.trim(), "active");
+    assert_ne!(
+        vm1.sh("systemctl is-active overlay-agent", Duration::from_secs(30))
+            .unwrap()
+            .text
+            .trim(),
+        "active"
+    );
 
     eprintln!("vm test: {:.0}s in all", started.elapsed().as_secs_f64());
 }

@@ -45,7 +45,10 @@ const BINARIES: &[(&str, &str, &str, &str)] = &[
 const CONFFILES: &[(&str, &str)] = &[
     ("packaging/config/agent.env", "etc/ebpf-overlay/agent.env"),
     ("packaging/config/master.env", "etc/ebpf-overlay/master.env"),
-    ("packaging/config/master.yaml", "etc/ebpf-overlay/master.yaml"),
+    (
+        "packaging/config/master.yaml",
+        "etc/ebpf-overlay/master.yaml",
+    ),
 ];
 
 const UNITS: &[&str] = &["overlay-agent.service", "overlay-master.service"];
@@ -68,11 +71,17 @@ pub fn run(args: &PackageArgs) -> anyhow::Result<PathBuf> {
                 .join(if args.debug { "debug" } else { "release" })
         }
     };
-    let out = args.out.clone().unwrap_or_else(|| root.join("target/package"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target/package"));
     let tree = out.join("tree");
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(&tree)?;
-    let version = args.version.clone().unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
+    let version = args
+        .version
+        .clone()
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
 
     for (_, bin, dir, _) in BINARIES {
         let dest = tree.join(dir).join(bin);
@@ -117,11 +126,18 @@ pub fn run(args: &PackageArgs) -> anyhow::Result<PathBuf> {
     let debian = tree.join("DEBIAN");
     std::fs::create_dir_all(&debian)?;
     for script in ["postinst", "prerm", "postrm"] {
-        install(&root.join("packaging/debian").join(script), &debian.join(script), 0o755)?;
+        install(
+            &root.join("packaging/debian").join(script),
+            &debian.join(script),
+            0o755,
+        )?;
     }
     let conffiles: String = CONFFILES.iter().map(|(_, d)| format!("/{d}\n")).collect();
     std::fs::write(debian.join("conffiles"), conffiles)?;
-    std::fs::write(debian.join("control"), control(&version, installed_size_kib(&tree)?))?;
+    std::fs::write(
+        debian.join("control"),
+        control(&version, installed_size_kib(&tree)?),
+    )?;
 
     let deb = out.join(format!("{PACKAGE}_{version}_amd64.deb"));
     run_tool(
@@ -184,7 +200,11 @@ fn man_page_from_help(bin_path: &Path, name: &str, section: &str) -> anyhow::Res
         .filter(|c| c != "help")
         .collect();
     for sub in subcommands {
-        page.push_str(&format!(".SH {} {}\n", name.to_uppercase(), sub.to_uppercase()));
+        page.push_str(&format!(
+            ".SH {} {}\n",
+            name.to_uppercase(),
+            sub.to_uppercase()
+        ));
         page.push_str(&preformatted(&help(&[&sub])?));
     }
     page.push_str(

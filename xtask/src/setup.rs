@@ -128,7 +128,13 @@ fn qemu_packages() -> anyhow::Result<()> {
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
     run_cmd(
         Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "--allow-downgrades"])
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "--allow-downgrades",
+            ])
             .args(VM_QEMU_PACKAGES)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )

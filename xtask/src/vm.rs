@@ -60,7 +60,10 @@ pub fn run(cmd: VmCmd) -> anyhow::Result<()> {
                 // The agent starts after network-online and loads its programs under
                 // emulation: give it time.
                 let state = vm
-                    .wait_for("systemctl is-active overlay-agent", Duration::from_secs(180))
+                    .wait_for(
+                        "systemctl is-active overlay-agent",
+                        Duration::from_secs(180),
+                    )
                     .map(|o| o.trim().to_owned())
                     .unwrap_or_else(|e| format!("{e:#}"));
                 println!("  {} {} overlay-agent: {state}", vm.name, vm.ip);
@@ -80,7 +83,15 @@ pub fn run(cmd: VmCmd) -> anyhow::Result<()> {
         VmCmd::Test => {
             crate::setup::run()?;
             cargo(&["build", "--bins"])?;
-            cargo(&["test", "-p", "overlay-tests", "--test", "vm", "--", "--nocapture"])
+            cargo(&[
+                "test",
+                "-p",
+                "overlay-tests",
+                "--test",
+                "vm",
+                "--",
+                "--nocapture",
+            ])
         }
     }
 }

@@ -128,13 +128,21 @@ mod tests {
         };
         confs.sync(&["dcos".into()]).unwrap();
         // Someone else's config, and a file that is not JSON.
-        std::fs::write(dir.join("10-bridge.conf"), r#"{"type":"bridge","name":"b"}"#).unwrap();
+        std::fs::write(
+            dir.join("10-bridge.conf"),
+            r#"{"type":"bridge","name":"b"}"#,
+        )
+        .unwrap();
         std::fs::write(dir.join("broken.conf"), "not json").unwrap();
         let removed = remove_generated_cni_confs(&dir).unwrap();
         assert_eq!(removed, vec![dir.join("dcos.conf")]);
         assert!(dir.join("10-bridge.conf").exists());
         assert!(dir.join("broken.conf").exists());
-        assert!(remove_generated_cni_confs(&dir.join("missing")).unwrap().is_empty());
+        assert!(
+            remove_generated_cni_confs(&dir.join("missing"))
+                .unwrap()
+                .is_empty()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

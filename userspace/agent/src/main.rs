@@ -157,7 +157,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(axum::serve(l, api::metrics_router(core.clone())).into_future());
     }
     let follower = tokio::spawn(follow_master(core.clone(), client));
-    tokio::spawn(overlay_agent::service::notify_ready_when_applied(core.clone()));
+    tokio::spawn(overlay_agent::service::notify_ready_when_applied(
+        core.clone(),
+    ));
     // Idle masqueraded flows leave the NAT table (the kernel's LRU only evicts when full).
     let sweeper = core.clone();
     tokio::spawn(async move {

@@ -52,11 +52,20 @@ pub struct HostFacts {
 /// One thing the agent needs and does not have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Missing {
-    KernelTooOld { release: String },
-    UnknownKernel { release: String },
+    KernelTooOld {
+        release: String,
+    },
+    UnknownKernel {
+        release: String,
+    },
     NoVmlinuxBtf,
-    NoBpffs { why: String },
-    Capability { name: &'static str, why: &'static str },
+    NoBpffs {
+        why: String,
+    },
+    Capability {
+        name: &'static str,
+        why: &'static str,
+    },
 }
 
 impl fmt::Display for Missing {
@@ -187,13 +196,23 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), String> {
     if is_bpffs(path) {
         return Ok(());
     }
-    std::fs::create_dir_all(path)
-        .map_err(|e| format!("{} is not a bpffs and cannot be created: {e}", path.display()))?;
+    std::fs::create_dir_all(path).map_err(|e| {
+        format!(
+            "{} is not a bpffs and cannot be created: {e}",
+            path.display()
+        )
+    })?;
     let target = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
     let bpf = c"bpf";
     // SAFETY: all pointers are valid NUL-terminated strings; data may be null.
     let rc = unsafe {
-        libc::mount(bpf.as_ptr(), target.as_ptr(), bpf.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            bpf.as_ptr(),
+            target.as_ptr(),
+            bpf.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
@@ -238,18 +257,38 @@ mod tests {
     fn tcx_needs_6_6() {
         assert!(evaluate(&good()).is_empty());
         for ok in ["6.6.0", "6.18.1", "7.0.0"] {
-            let facts = HostFacts { kernel_release: ok.into(), ..good() };
+            let facts = HostFacts {
+                kernel_release: ok.into(),
+                ..good()
+            };
             assert!(evaluate(&facts).is_empty(), "{ok}");
         }
         for old in ["6.5.13", "5.15.0-91-generic", "4.19.0"] {
-            let facts = HostFacts { kernel_release: old.into(), ..good() };
+            let facts = HostFacts {
+                kernel_release: old.into(),
+                ..good()
+            };
             let missing = evaluate(&facts);
-            assert_eq!(missing, vec![Missing::KernelTooOld { release: old.into() }]);
+            assert_eq!(
+                missing,
+                vec![Missing::KernelTooOld {
+                    release: old.into()
+                }]
+            );
             let msg = missing[0].to_string();
-            assert!(msg.contains("TCX") && msg.contains("6.6") && msg.contains(old), "{msg}");
+            assert!(
+                msg.contains("TCX") && msg.contains("6.6") && msg.contains(old),
+                "{msg}"
+            );
         }
-        let facts = HostFacts { kernel_release: "weird".into(), ..good() };
-        assert!(matches!(evaluate(&facts)[..], [Missing::UnknownKernel { .. }]));
+        let facts = HostFacts {
+            kernel_release: "weird".into(),
+            ..good()
+        };
+        assert!(matches!(
+            evaluate(&facts)[..],
+            [Missing::UnknownKernel { .. }]
+        ));
     }
 
     #[test]
@@ -268,13 +307,16 @@ mod tests {
     #[test]
     fn capabilities_are_checked_one_by_one() {
         let names = |caps: u64| -> Vec<&'static str> {
-            evaluate(&HostFacts { effective_caps: caps, ..good() })
-                .into_iter()
-                .map(|m| match m {
-                    Missing::Capability { name, .. } => name,
-                    other => panic!("unexpected {other:?}"),
-                })
-                .collect()
+            evaluate(&HostFacts {
+                effective_caps: caps,
+                ..good()
+            })
+            .into_iter()
+            .map(|m| match m {
+                Missing::Capability { name, .. } => name,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
         };
         assert_eq!(names(0), ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
         assert_eq!(names(ALL_CAPS & !(1 << CAP_NET_ADMIN)), ["CAP_NET_ADMIN"]);

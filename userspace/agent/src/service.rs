@@ -11,7 +11,8 @@ pub async fn notify_ready_when_applied(core: Shared) {
     loop {
         let revision = core.lock().unwrap().status().applied_revision;
         if revision > 0 {
-            let status = format!("READY=1\nSTATUS=datapath attached, master revision {revision} applied");
+            let status =
+                format!("READY=1\nSTATUS=datapath attached, master revision {revision} applied");
             if let Err(e) = overlay_api::sd_notify::notify(&status) {
                 tracing::warn!("telling systemd we are ready: {e}");
             }

@@ -166,7 +166,10 @@ pub fn ensure_base() -> anyhow::Result<BaseImage> {
         return Ok(base);
     }
     let started = Instant::now();
-    eprintln!("vm: building the guest image in {} (kernel {release})", dir.display());
+    eprintln!(
+        "vm: building the guest image in {} (kernel {release})",
+        dir.display()
+    );
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let kdir = dir.join("kernel");
@@ -201,7 +204,10 @@ fn extract_kernel(pkg: &str, dir: &Path, kdir: &Path) -> anyhow::Result<()> {
         .next()
         .context("apt-get download left no file")??
         .path();
-    run("dpkg", &["-x", deb.to_str().unwrap(), kdir.to_str().unwrap()])?;
+    run(
+        "dpkg",
+        &["-x", deb.to_str().unwrap(), kdir.to_str().unwrap()],
+    )?;
     std::fs::remove_dir_all(&dl)?;
     Ok(())
 }
@@ -259,7 +265,9 @@ fn build_rootfs(rootfs: &Path, kdir: &Path, release: &str) -> anyhow::Result<()>
         .args([SUITE, rootfs.to_str().unwrap()])
         .args(MIRRORS)
         .stdin(Stdio::null());
-    let st = cmd.status().context("running mmdebstrap (cargo xtask setup installs it)")?;
+    let st = cmd
+        .status()
+        .context("running mmdebstrap (cargo xtask setup installs it)")?;
     if !st.success() {
         bail!("mmdebstrap failed ({st})");
     }
@@ -270,7 +278,9 @@ fn build_rootfs(rootfs: &Path, kdir: &Path, release: &str) -> anyhow::Result<()>
         "cp",
         &[
             "-a",
-            kdir.join(format!("lib/modules/{release}")).to_str().unwrap(),
+            kdir.join(format!("lib/modules/{release}"))
+                .to_str()
+                .unwrap(),
             modules.to_str().unwrap(),
         ],
     )?;
@@ -334,7 +344,17 @@ pub fn make_root_image(
         upper.display(),
         ovwork.display()
     );
-    run("mount", &["-t", "overlay", "overlay", "-o", &opts, merged.to_str().unwrap()])?;
+    run(
+        "mount",
+        &[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &opts,
+            merged.to_str().unwrap(),
+        ],
+    )?;
     let result = (|| -> anyhow::Result<()> {
         for deb in debs {
             let name = deb.file_name().unwrap().to_string_lossy().into_owned();

@@ -58,14 +58,20 @@ impl Accel {
             .open("/dev/kvm")
             .is_ok();
         match (dev, hw) {
-            (true, true) => (Accel::Kvm, "KVM (/dev/kvm and hardware virtualisation)".into()),
+            (true, true) => (
+                Accel::Kvm,
+                "KVM (/dev/kvm and hardware virtualisation)".into(),
+            ),
             (true, false) => (
                 Accel::Tcg,
                 "TCG software emulation (/dev/kvm exists but the CPU has no vmx/svm: \
                  paravirtual KVM that stock kernels cannot run on)"
                     .into(),
             ),
-            (false, _) => (Accel::Tcg, "TCG software emulation (no usable /dev/kvm)".into()),
+            (false, _) => (
+                Accel::Tcg,
+                "TCG software emulation (no usable /dev/kvm)".into(),
+            ),
         }
     }
 
@@ -156,7 +162,12 @@ impl Vm {
     pub fn ok(&self, cmd: &str) -> anyhow::Result<String> {
         let out = self.sh(cmd, Duration::from_secs(60))?;
         if out.status != 0 {
-            bail!("{}: `{cmd}` exited {}:\n{}", self.name, out.status, out.text);
+            bail!(
+                "{}: `{cmd}` exited {}:\n{}",
+                self.name,
+                out.status,
+                out.text
+            );
         }
         Ok(out.text)
     }
@@ -199,10 +210,13 @@ impl Vm {
     /// returns the time from the request to that shell.
     pub fn reboot(&self, timeout: Duration) -> anyhow::Result<Duration> {
         let boot_id = |vm: &Vm| -> Option<String> {
-            vm.sh("cat /proc/sys/kernel/random/boot_id", Duration::from_secs(5))
-                .ok()
-                .filter(|o| o.status == 0)
-                .map(|o| o.text.trim().to_owned())
+            vm.sh(
+                "cat /proc/sys/kernel/random/boot_id",
+                Duration::from_secs(5),
+            )
+            .ok()
+            .filter(|o| o.status == 0)
+            .map(|o| o.text.trim().to_owned())
         };
         let before = boot_id(self).context("reading the boot id")?;
         let start = Instant::now();
@@ -217,7 +231,10 @@ impl Vm {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > timeout {
-                bail!("{}: still the same boot {timeout:?} after the reboot request", self.name);
+                bail!(
+                    "{}: still the same boot {timeout:?} after the reboot request",
+                    self.name
+                );
             }
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -232,7 +249,11 @@ impl Vm {
                 return Ok(out.text);
             }
             if start.elapsed() > timeout {
-                bail!("{}: `{cmd}` still failing after {timeout:?}:\n{}", self.name, out.text);
+                bail!(
+                    "{}: `{cmd}` still failing after {timeout:?}:\n{}",
+                    self.name,
+                    out.text
+                );
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -317,7 +338,14 @@ impl VmLab {
             let img = lab.work.join("extra.img");
             run(
                 "mkfs.ext4",
-                &["-q", "-F", "-d", dir.to_str().unwrap(), img.to_str().unwrap(), "256M"],
+                &[
+                    "-q",
+                    "-F",
+                    "-d",
+                    dir.to_str().unwrap(),
+                    img.to_str().unwrap(),
+                    "256M",
+                ],
             )?;
             Some(img)
         };
@@ -342,7 +370,10 @@ impl VmLab {
             "id": self.id, "netns": self.netns, "work": self.work,
             "pids": self.pids(),
         });
-        std::fs::write(Path::new(STATE_DIR).join(format!("{}.json", self.id)), rec.to_string())?;
+        std::fs::write(
+            Path::new(STATE_DIR).join(format!("{}.json", self.id)),
+            rec.to_string(),
+        )?;
         Ok(())
     }
 
@@ -387,7 +418,11 @@ impl VmLab {
             .arg(spec.bin_dir.join("overlay-master"))
             .arg("--config")
             .arg(&config)
-            .args(["--listen", &format!("{BRIDGE_IP}:{MASTER_PORT}"), "--data-dir"])
+            .args([
+                "--listen",
+                &format!("{BRIDGE_IP}:{MASTER_PORT}"),
+                "--data-dir",
+            ])
             .arg(self.work.join("master-data"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -430,7 +465,10 @@ impl VmLab {
         )?;
         let ctl_path = self.work.join(format!("{name}.ctl"));
         let console_log = self.work.join(format!("{name}.console.log"));
-        let machine_id = format!("{:032x}", (0x5eed_0000u128 << 64) | n as u128 | ((std::process::id() as u128) << 32));
+        let machine_id = format!(
+            "{:032x}",
+            (0x5eed_0000u128 << 64) | n as u128 | ((std::process::id() as u128) << 32)
+        );
         let cmdline = format!(
             "console=ttyS0 root=/dev/vda rw net.ifnames=0 systemd.machine_id={machine_id} \
              systemd.hostname={name} vmlab.ip={}/24 systemd.show_status=false loglevel=4",
@@ -449,7 +487,10 @@ impl VmLab {
             .arg(&base.initrd)
             .args(["-append", &cmdline])
             .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2,cache=unsafe", disk.display()))
+            .arg(format!(
+                "file={},if=virtio,format=qcow2,cache=unsafe",
+                disk.display()
+            ))
             .args([
                 "-netdev",
                 &format!("tap,id=net0,ifname=tap{n},script=no,downscript=no"),
@@ -459,7 +500,10 @@ impl VmLab {
             .args(["-serial", &format!("file:{}", console_log.display())])
             .args([
                 "-chardev",
-                &format!("socket,id=ctl,path={},server=on,wait=off", ctl_path.display()),
+                &format!(
+                    "socket,id=ctl,path={},server=on,wait=off",
+                    ctl_path.display()
+                ),
                 "-device",
                 "virtio-serial-pci",
                 "-device",
@@ -527,7 +571,10 @@ impl VmLab {
     }
 
     pub fn vm(&self, name: &str) -> &Vm {
-        self.vms.iter().find(|v| v.name == name).expect("no such VM")
+        self.vms
+            .iter()
+            .find(|v| v.name == name)
+            .expect("no such VM")
     }
 
     /// Leaves everything running (for `cargo xtask vm up`); `vm down --id` removes it.
@@ -599,7 +646,11 @@ impl Drop for VmLab {
             let _ = run("umount", &["-l", merged.to_str().unwrap()]);
         }
         if std::env::var_os("OVERLAY_VM_KEEP_LOGS").is_some() {
-            for entry in std::fs::read_dir(&self.work).into_iter().flatten().flatten() {
+            for entry in std::fs::read_dir(&self.work)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let p = entry.path();
                 if !p.to_string_lossy().ends_with(".log") {
                     let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
