@@ -6,7 +6,9 @@
 mod bench;
 mod demo;
 mod lab;
+mod package;
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -42,6 +44,13 @@ enum Cmd {
     /// (internal) The benchmark's connection-rate server, run inside a lab namespace.
     #[command(hide = true)]
     BenchCpsServer { addr: String },
+    /// The Debian package (binaries, CNI plugin, systemd units, default config, man pages).
+    Package(package::PackageArgs),
+    /// The QEMU VM lab: real boots, systemd, the package installed, virtio-net NICs.
+    Vm {
+        #[command(subcommand)]
+        action: vm::VmCmd,
+    },
     /// The network-namespace lab.
     Lab {
         #[command(subcommand)]
@@ -66,6 +75,8 @@ fn main() -> anyhow::Result<()> {
             demo::run(keep)
         }
         Cmd::Lab { action } => lab::run(action),
+        Cmd::Package(args) => package::run(&args).map(|_| ()),
+        Cmd::Vm { action } => vm::run(action),
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchCpsServer { addr } => bench::traffic::cps_server(&addr),
     }

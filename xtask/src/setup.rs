@@ -37,7 +37,19 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     // the master on a full disk (tests/tests/master_disk_full.rs): mkfs.ext4 for a loop image
     "e2fsprogs",
+    // the VM lab (`cargo xtask vm`, tests/tests/vm.rs): guest root, initramfs, kernel modules.
+    // QEMU itself is in VM_QEMU_PACKAGES.
+    "mmdebstrap",
+    "kmod",
+    "cpio",
+    "xz-utils",
 ];
+
+/// QEMU for the VM lab, installed in one apt command of their own: bookworm's
+/// qemu-system-x86 7.2 conflicts with a newer qemu-utils (this machine kind ships 10.x from
+/// backports, which `Breaks: qemu-system-common (<< 8)`), so qemu-utils is named with it, from
+/// bookworm, allowing the downgrade.
+const VM_QEMU_PACKAGES: &[&str] = &["qemu-system-x86", "qemu-utils/bookworm"];
 
 const NIGHTLY: &str = "nightly";
 
@@ -45,6 +57,7 @@ pub fn run() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     check_root()?;
     debian_packages()?;
+    qemu_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
     bpffs()?;
@@ -108,6 +121,27 @@ fn debian_packages() -> anyhow::Result<()> {
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn qemu_packages() -> anyhow::Result<()> {
+    if quiet(Command::new("qemu-system-x86_64").arg("--version")) {
+        println!("setup: QEMU present");
+        return Ok(());
+    }
+    println!("setup: installing QEMU: {}", VM_QEMU_PACKAGES.join(" "));
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "--allow-downgrades",
+            ])
+            .args(VM_QEMU_PACKAGES)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

@@ -6,6 +6,7 @@
 //! [`runtime`] owns the running agent; [`api`] serves it.
 
 pub mod api;
+pub mod cleanup;
 pub mod cni_conf;
 pub mod control_plane;
 pub mod datapath;
@@ -16,5 +17,7 @@ pub mod identity;
 pub mod ipam;
 pub mod masquerade;
 pub mod netdev;
+pub mod preflight;
 pub mod reconcile;
 pub mod runtime;
+pub mod service;

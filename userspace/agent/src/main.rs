@@ -131,6 +131,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Err(missing) = overlay_agent::preflight::check(&args.bpffs) {
+        eprintln!("overlay-agent: {missing}");
+        std::process::exit(overlay_agent::preflight::EXIT_PREFLIGHT);
+    }
     if !(552..=9000).contains(&args.mtu) {
         bail!("--mtu {}: must be between 552 and 9000", args.mtu);
     }
@@ -284,6 +288,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(axum::serve(l, api::metrics_router(core.clone())).into_future());
     }
     let follower = tokio::spawn(follow_master(core.clone(), client));
+    tokio::spawn(overlay_agent::service::notify_ready_when_applied(
+        core.clone(),
+    ));
     // Idle masqueraded flows leave the NAT table (the kernel's LRU only evicts when full).
     let sweeper = core.clone();
     tokio::spawn(async move {

@@ -6,6 +6,7 @@
 pub mod agent;
 mod client;
 pub mod tls;
+pub mod sd_notify;
 mod types;
 
 pub use client::{ClientError, MasterClient};

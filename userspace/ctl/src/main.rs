@@ -84,6 +84,23 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Remove what agents left on this host: pinned maps and links (detaching the programs),
+    /// the host link, and the CNI configs the agent generated. Stop the agent first
+    /// (`systemctl stop overlay-agent`); package removal runs this.
+    Cleanup {
+        /// Only this instance's pins (current layout version); default: every instance and
+        /// layout version under <bpffs>/ebpf-overlay.
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// Where the agent wrote its CNI configs; only files it marked as generated are removed.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// Leave the host link (ovl-host) in place.
+        #[arg(long)]
+        keep_host_link: bool,
+    },
 }
 
 fn mac(m: &[u8; 6]) -> String {
@@ -191,6 +208,34 @@ fn show_datapath(instance: &str, bpffs: &std::path::Path) -> anyhow::Result<()> 
     Ok(())
 }
 
+fn cleanup(
+    instance: Option<String>,
+    bpffs: PathBuf,
+    cni_conf_dir: PathBuf,
+    host_link: bool,
+) -> anyhow::Result<()> {
+    let removed = overlay_agent::cleanup::Cleanup {
+        bpffs,
+        instance,
+        cni_conf_dir,
+        host_link,
+    }
+    .run()?;
+    for dir in &removed.pin_dirs {
+        println!("removed pins {}", dir.display());
+    }
+    if removed.host_link {
+        println!("removed host link {}", overlay_common::maps::HOST_LINK);
+    }
+    for conf in &removed.cni_confs {
+        println!("removed CNI config {}", conf.display());
+    }
+    if removed.pin_dirs.is_empty() && !removed.host_link && removed.cni_confs.is_empty() {
+        println!("nothing to remove");
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -227,6 +272,12 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&state)?);
         }
         Cmd::Datapath { instance, bpffs } => show_datapath(&instance, &bpffs)?,
+        Cmd::Cleanup {
+            instance,
+            bpffs,
+            cni_conf_dir,
+            keep_host_link,
+        } => cleanup(instance, bpffs, cni_conf_dir, !keep_host_link)?,
     }
     Ok(())
 }

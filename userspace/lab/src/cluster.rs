@@ -46,7 +46,7 @@ pub struct ClusterSpec {
     /// Extra `overlay-agent` arguments (e.g. short NAT timeouts in tests); `{agent}` in them
     /// becomes the agent's role (`a1`, ...), for per-agent paths.
     pub agent_args: Vec<String>,
-    /// Extra `overlay-master` arguments (e.g. a short allocation quarantine in tests).
+    /// Extra `overlay-master` arguments (e.g. a short allocation quarantine or `--cert-ttl`).
     pub master_args: Vec<String>,
     /// Masters on the master node, on ports `MASTER_PORT`, `MASTER_PORT + 1`, ...; agents get
     /// every address. More than one needs `etcd_members`.
@@ -58,8 +58,6 @@ pub struct ClusterSpec {
     /// Agents join with a single-use token and the CA's hash (and get, store and renew their
     /// certificate themselves) instead of being given a certificate.
     pub join_tokens: bool,
-    /// Extra `overlay-master` arguments (e.g. a short `--cert-ttl`).
-    pub master_args: Vec<String>,
 }
 
 /// First etcd member's client port inside the lab (its peer port is the next one).
@@ -77,7 +75,6 @@ impl ClusterSpec {
             masters: 1,
             etcd_members: 0,
             join_tokens: false,
-            master_args: vec![],
         }
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod cluster;
 pub mod dcos;
+pub mod vm;
 
 use std::{
     collections::BTreeMap,

@@ -388,6 +388,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let bound = listener.local_addr()?;
     tracing::info!(listen = %bound, revision = master.revision(), "overlay master serving");
+    // systemd (Type=notify): the store is open and the API listens.
+    let _ = overlay_api::sd_notify::notify("READY=1");
 
     tokio::spawn(reload_on_sighup(Arc::clone(&master), args.config.clone()));
     match tls {

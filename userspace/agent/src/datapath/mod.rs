@@ -9,4 +9,4 @@ pub use loader::{Datapath, OBJECT, attached_ingress_programs};
 pub use maps::{
     AgentSettings, OverlayMaps, ProtectedDestination, StatRow, addr16, from_addr16, prefix_key,
 };
-pub use pins::PinLayout;
+pub use pins::{PIN_ROOT, PinLayout};
