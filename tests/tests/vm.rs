@@ -31,11 +31,27 @@ fn build_package(version: &str, out: &std::path::Path) -> std::path::PathBuf {
 /// Adds a container (network namespace `name`) on `network` in `vm` with the CNI plugin, as a
 /// runtime would; returns its address.
 fn add_container(vm: &overlay_lab::vm::Vm, name: &str, network: &str) -> String {
+    // The agent's list for the network, turned into the plugin's config as libcni does
+    // (the list's cniVersion and name added to its one plugin).
+    let list: serde_json::Value = serde_json::from_str(
+        vm.ok(&format!("cat /etc/cni/net.d/*-{network}.conflist"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap_or_else(|e| panic!("{}: the agent's {network} conflist ({e})", vm.name));
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let conf = conf.to_string();
+    assert!(
+        !conf.contains('\''),
+        "config must fit in single quotes: {conf}"
+    );
     let out = vm
         .ok(&format!(
-            "ip netns add {name} && CNI_COMMAND=ADD CNI_CONTAINERID={name} \
+            "ip netns add {name} && printf '%s' '{conf}' | CNI_COMMAND=ADD CNI_CONTAINERID={name} \
              CNI_NETNS=/run/netns/{name} CNI_IFNAME=eth0 CNI_PATH=/opt/cni/bin \
-             /opt/cni/bin/ebpf-overlay < /etc/cni/net.d/{network}.conf"
+             /opt/cni/bin/ebpf-overlay"
         ))
         .unwrap();
     let result: serde_json::Value = serde_json::from_str(out.trim())
@@ -148,9 +164,13 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
     }
     // Both registered with the master (read from inside vm1, as any host would).
     let state: serde_json::Value = serde_json::from_str(
-        vm1.ok(&format!("overlayctl state --master {}", lab.master_url()))
-            .unwrap()
-            .trim(),
+        vm1.ok(&format!(
+            "overlayctl state --master {} --ca {}",
+            lab.master_url(),
+            VmLab::GUEST_CA
+        ))
+        .unwrap()
+        .trim(),
     )
     .unwrap();
     let agents: Vec<&str> = state["agents"]
@@ -256,9 +276,13 @@ fn reboot_keeps_allocation_and_traffic(lab: &VmLab) {
     let (vm1, vm2) = (lab.vm("vm1"), lab.vm("vm2"));
     let info = |lab: &VmLab| -> serde_json::Value {
         let state: serde_json::Value = serde_json::from_str(
-            vm1.ok(&format!("overlayctl state --master {}", lab.master_url()))
-                .unwrap()
-                .trim(),
+            vm1.ok(&format!(
+                "overlayctl state --master {} --ca {}",
+                lab.master_url(),
+                VmLab::GUEST_CA
+            ))
+            .unwrap()
+            .trim(),
         )
         .unwrap();
         state["agents"]

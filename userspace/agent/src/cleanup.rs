@@ -86,8 +86,9 @@ fn read_dir(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Removes the `*.conf` files in `dir` that an agent generated (marked `generated_by`), leaving
-/// every other CNI config alone. A missing directory is nothing to do.
+/// Removes the `*.conf` and `*.conflist` files in `dir` that an agent generated (marked
+/// `generated_by`, plugin `ebpf-overlay`), leaving every other CNI config alone. A missing
+/// directory is nothing to do.
 pub fn remove_generated_cni_confs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(dir) {
@@ -97,13 +98,20 @@ pub fn remove_generated_cni_confs(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     };
     for entry in entries {
         let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("conf") {
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("conf" | "conflist")
+        ) {
             continue;
         }
+        // A single-plugin file names the plugin at the top, a list in its first plugin.
         let ours = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["generated_by"] == CNI_CONF_MARKER && v["type"] == "ebpf-overlay");
+            .is_some_and(|v| {
+                v["generated_by"] == CNI_CONF_MARKER
+                    && (v["type"] == "ebpf-overlay" || v["plugins"][0]["type"] == "ebpf-overlay")
+            });
         if ours {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             removed.push(path);
@@ -121,12 +129,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cleanup-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let confs = crate::ipam::CniConfs {
+        let confs = crate::cni_conf::CniConfs {
             dir: dir.clone(),
+            // Mesos' files in the same directory here, so one sweep must take both kinds.
+            mesos_dir: None,
             agent_socket: "/run/ebpf-overlay/agent.sock".into(),
             mtu: 1420,
         };
-        confs.sync(&["dcos".into()]).unwrap();
+        let dcos = crate::cni_conf::ConfNetwork {
+            order: 0,
+            name: "dcos".into(),
+        };
+        confs.sync(std::slice::from_ref(&dcos)).unwrap();
+        std::fs::write(dir.join("dcos.conf"), confs.render_mesos("dcos")).unwrap();
         // Someone else's config, and a file that is not JSON.
         std::fs::write(
             dir.join("10-bridge.conf"),
@@ -134,8 +149,12 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("broken.conf"), "not json").unwrap();
-        let removed = remove_generated_cni_confs(&dir).unwrap();
-        assert_eq!(removed, vec![dir.join("dcos.conf")]);
+        let mut removed = remove_generated_cni_confs(&dir).unwrap();
+        removed.sort();
+        let list = dir.join(crate::cni_conf::CniConfs::list_file_name(&dcos));
+        let mut expected = vec![dir.join("dcos.conf"), list];
+        expected.sort();
+        assert_eq!(removed, expected);
         assert!(dir.join("10-bridge.conf").exists());
         assert!(dir.join("broken.conf").exists());
         assert!(

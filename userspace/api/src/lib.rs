@@ -5,8 +5,8 @@
 
 pub mod agent;
 mod client;
-pub mod tls;
 pub mod sd_notify;
+pub mod tls;
 mod types;
 
 pub use client::{ClientError, MasterClient};

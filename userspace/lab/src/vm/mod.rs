@@ -290,6 +290,23 @@ fn random_id() -> String {
     format!("vm{:02x}{:02x}{:02x}", b[0], b[1], b[2])
 }
 
+/// Runs `overlay-master ARGS` (its offline CA commands) and returns what it printed.
+fn master_command(bin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let bin = bin_dir.join("overlay-master");
+    let out = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "overlay-master {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 impl VmLab {
     pub fn up(spec: VmLabSpec) -> anyhow::Result<VmLab> {
         let (accel, accel_reason) = Accel::detect();
@@ -316,8 +333,21 @@ impl VmLab {
         lab.image_secs = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let root = lab.work.join("root.img");
+        // The cluster CA, made before the image: the agents verify the master by the CA's hash
+        // and join with a single-use token of their own (given on their kernel command line).
+        let ca_init = master_command(
+            &spec.bin_dir,
+            &["ca", "init", "--dir", lab.tls_dir().to_str().unwrap()],
+        )?;
+        let ca_hash = ca_init
+            .lines()
+            .find_map(|l| l.strip_prefix("ca-cert-hash: "))
+            .context("`overlay-master ca init` printed no ca-cert-hash")?
+            .trim()
+            .to_owned();
         let agent_env = format!(
-            "# written by the VM lab\nOVERLAY_MASTER=http://{BRIDGE_IP}:{MASTER_PORT}\n\
+            "# written by the VM lab\nOVERLAY_MASTER=https://{BRIDGE_IP}:{MASTER_PORT}\n\
+             OVERLAY_CA_CERT_HASH={ca_hash}\n\
              OVERLAY_UNDERLAY_IFACE=eth0\nOVERLAY_AGENT_ARGS=\n"
         );
         image::make_root_image(
@@ -354,7 +384,23 @@ impl VmLab {
         lab.start_master(&spec)?;
         let t = Instant::now();
         for n in 1..=spec.vms {
-            let vm = lab.start_vm(n, &base, &root, extra.as_deref(), spec.mem_mib)?;
+            let ip = vm_ip(n).to_string();
+            let token = master_command(
+                &spec.bin_dir,
+                &[
+                    "token",
+                    "create",
+                    "--dir",
+                    lab.tls_dir().to_str().unwrap(),
+                    "--ttl",
+                    "1h",
+                    "--ip",
+                    &ip,
+                ],
+            )?
+            .trim()
+            .to_owned();
+            let vm = lab.start_vm(n, &base, &root, extra.as_deref(), spec.mem_mib, &token)?;
             lab.vms.push(vm);
         }
         for vm in &lab.vms {
@@ -424,6 +470,11 @@ impl VmLab {
                 "--data-dir",
             ])
             .arg(self.work.join("master-data"))
+            // TLS with the CA made in `up`; reads open so `overlayctl state` in a guest needs
+            // only the CA (changes still need the admin token).
+            .arg("--tls-dir")
+            .arg(self.tls_dir())
+            .arg("--anonymous-read")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -436,8 +487,16 @@ impl VmLab {
 
     /// The master's URL as the VMs reach it.
     pub fn master_url(&self) -> String {
-        format!("http://{BRIDGE_IP}:{MASTER_PORT}")
+        format!("https://{BRIDGE_IP}:{MASTER_PORT}")
     }
+
+    /// The cluster CA's directory (on the host).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.work.join("tls")
+    }
+
+    /// Where a guest's agent keeps the CA it verified the master with.
+    pub const GUEST_CA: &str = "/var/lib/ebpf-overlay/default/ca.crt";
 
     fn start_vm(
         &mut self,
@@ -446,6 +505,7 @@ impl VmLab {
         root: &Path,
         extra: Option<&Path>,
         mem_mib: u32,
+        join_token: &str,
     ) -> anyhow::Result<Vm> {
         let name = format!("vm{n}");
         let disk = self.work.join(format!("{name}.qcow2"));
@@ -471,7 +531,8 @@ impl VmLab {
         );
         let cmdline = format!(
             "console=ttyS0 root=/dev/vda rw net.ifnames=0 systemd.machine_id={machine_id} \
-             systemd.hostname={name} vmlab.ip={}/24 systemd.show_status=false loglevel=4",
+             systemd.hostname={name} vmlab.ip={}/24 systemd.show_status=false loglevel=4 \
+             systemd.setenv=OVERLAY_JOIN_TOKEN={join_token}",
             vm_ip(n)
         );
         let mut cmd = Command::new("nsenter");
