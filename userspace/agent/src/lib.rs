@@ -20,4 +20,5 @@ pub mod netdev;
 pub mod preflight;
 pub mod reconcile;
 pub mod runtime;
+pub mod saved;
 pub mod service;

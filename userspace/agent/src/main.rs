@@ -222,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
     core.set_host_link(host_link);
     core.restore_endpoints()?;
     core.set_ipam(overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?);
+    core.set_state_dir(state_dir.clone());
     core.set_cni_confs(overlay_agent::ipam::CniConfs {
         dir: args.cni_conf_dir.clone(),
         mesos_dir: args.mesos_cni_conf_dir.clone(),

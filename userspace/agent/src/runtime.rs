@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -23,7 +24,29 @@ use crate::{
     ipam::{self, CniConfs, Ipam, IpamError, ParkedEndpoint},
     netdev::{self, Link},
     reconcile::{self, Plan},
+    saved::{self, SavedState},
 };
+
+/// Where the state applied to the datapath came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateSource {
+    /// Nothing applied yet.
+    None,
+    /// The state last applied before a restart, loaded because no master answered.
+    Saved,
+    /// The master's watch.
+    Master,
+}
+
+impl StateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateSource::None => "none",
+            StateSource::Saved => "saved",
+            StateSource::Master => "master",
+        }
+    }
+}
 
 /// Why an endpoint request failed; the API maps these to HTTP status codes.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +90,11 @@ pub struct Core {
     /// Wakes the heartbeat: the endpoint counts the master is told about changed, or the
     /// master forgot this agent.
     heartbeat_now: Arc<tokio::sync::Notify>,
+    /// Where every applied state is saved, for a restart while no master answers.
+    state_dir: Option<PathBuf>,
+    state_source: StateSource,
+    /// Whether the master answered the last request (registration, heartbeat, watch).
+    master_reachable: bool,
 }
 
 pub type Shared = Arc<Mutex<Core>>;
@@ -89,6 +117,9 @@ impl Core {
             allocation_changes: 0,
             allocation_changed: None,
             heartbeat_now: Arc::new(tokio::sync::Notify::new()),
+            state_dir: None,
+            state_source: StateSource::None,
+            master_reachable: false,
         }
     }
 
@@ -396,6 +427,60 @@ impl Core {
     /// Applies a state from the master: this agent's allocation, then the master-driven maps by
     /// difference, then endpoints whose network is gone. Returns the number of map changes.
     pub fn apply_state(&mut self, state: State, revision: u64) -> anyhow::Result<usize> {
+        let changed = self.apply(state, revision)?;
+        self.state_source = StateSource::Master;
+        self.save_applied();
+        Ok(changed)
+    }
+
+    /// Saves the state just applied and this agent's allocation (a failure is logged: the
+    /// datapath has the state, only a restart without master would miss it).
+    fn save_applied(&self) {
+        let (Some(dir), Some(me), Some(state)) = (&self.state_dir, &self.me, &self.state) else {
+            return;
+        };
+        let saved = SavedState {
+            version: 1,
+            revision: self.revision,
+            me: me.clone(),
+            state: state.clone(),
+        };
+        if let Err(e) = saved::save(dir, &saved) {
+            tracing::warn!(dir = %dir.display(), "saving the applied master state: {e:#}");
+        }
+    }
+
+    /// Makes the agent save every state it applies into `dir`.
+    pub fn set_state_dir(&mut self, dir: PathBuf) {
+        self.state_dir = Some(dir);
+    }
+
+    /// While no master answers: loads the state saved in the state directory and applies it
+    /// (the pinned maps already hold it; this brings back the agent's knowledge: allocation,
+    /// networks, subnets), so that containers can be attached until the master is back.
+    /// Returns the revision loaded, None without a saved state or once a master state applied.
+    pub fn restore_saved(&mut self) -> anyhow::Result<Option<u64>> {
+        if self.state_source != StateSource::None {
+            return Ok(None);
+        }
+        let Some(dir) = self.state_dir.clone() else {
+            return Ok(None);
+        };
+        let Some(saved) = saved::load(&dir, self.underlay_ip())? else {
+            return Ok(None);
+        };
+        self.set_me(saved.me, saved.state.network.vxlan_port)?;
+        self.apply(saved.state, saved.revision)
+            .context("applying the saved master state")?;
+        self.state_source = StateSource::Saved;
+        Ok(Some(saved.revision))
+    }
+
+    pub fn set_master_reachable(&mut self, reachable: bool) {
+        self.master_reachable = reachable;
+    }
+
+    fn apply(&mut self, state: State, revision: u64) -> anyhow::Result<usize> {
         let my_ip = self.underlay_ip();
         if let Some(me) = state.agents.iter().find(|a| a.ip == my_ip).cloned() {
             self.set_me(me, state.network.vxlan_port)?;
@@ -431,6 +516,8 @@ impl Core {
             parked_endpoints: self.parked().into_keys().collect(),
             allocation_changes: self.allocation_changes,
             allocation_changed: self.allocation_changed.clone(),
+            master_reachable: self.master_reachable,
+            state_source: self.state_source.as_str().to_owned(),
         }
     }
 
@@ -490,7 +577,12 @@ impl Core {
         let me = self
             .me
             .as_ref()
-            .ok_or_else(|| EndpointError::NotReady("not registered with a master yet".into()))?;
+            .ok_or_else(|| {
+                EndpointError::NotReady(
+                    "not registered with a master yet (no master answers and no saved state)"
+                        .into(),
+                )
+            })?;
         let ov = me
             .overlays
             .iter()
@@ -993,22 +1085,45 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
     };
     let counts = |core: &Shared| core.lock().unwrap().endpoint_counts().unwrap_or_default();
     let mut backoff = Duration::from_millis(100);
+    let mut tried_saved = false;
     loop {
         match client.heartbeat(my_ip, counts(&core)).await {
             Ok(me) => {
                 tracing::info!(%my_ip, "registered with the master");
-                // The port comes with the first state; until then the default.
-                if let Err(e) = core
-                    .lock()
-                    .unwrap()
-                    .set_me(me, overlay_api::DEFAULT_VXLAN_PORT)
+                // The port comes with the first state; until then the saved state's, or the
+                // default.
                 {
-                    tracing::error!("writing datapath config: {e:#}");
+                    let mut c = core.lock().unwrap();
+                    c.set_master_reachable(true);
+                    let port = c
+                        .state
+                        .as_ref()
+                        .map_or(overlay_api::DEFAULT_VXLAN_PORT, |s| s.network.vxlan_port);
+                    if let Err(e) = c.set_me(me, port) {
+                        tracing::error!("writing datapath config: {e:#}");
+                    }
                 }
                 break;
             }
             Err(e) => {
                 tracing::warn!("registering with the master failed (retrying in {backoff:?}): {e}");
+                if !tried_saved {
+                    tried_saved = true;
+                    let mut c = core.lock().unwrap();
+                    c.set_master_reachable(false);
+                    match c.restore_saved() {
+                        Ok(Some(revision)) => tracing::warn!(
+                            revision,
+                            "no master answers: running from the saved state (allocation and networks of revision {revision}); containers can be attached, the master's state will replace it once it answers"
+                        ),
+                        Ok(None) => tracing::warn!(
+                            "no master answers and no saved state: containers cannot be attached until a master answers"
+                        ),
+                        Err(e) => tracing::error!(
+                            "no master answers and the saved state is unusable: {e:#}"
+                        ),
+                    }
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -1026,9 +1141,11 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
                     _ = tokio::time::sleep(Duration::from_secs(30)) => {}
                     _ = heartbeat_now.notified() => {}
                 }
-                if let Err(e) = client.heartbeat(my_ip, counts(&core)).await {
+                let answered = client.heartbeat(my_ip, counts(&core)).await;
+                if let Err(e) = &answered {
                     tracing::warn!("heartbeat to the master failed: {e}");
                 }
+                core.lock().unwrap().set_master_reachable(answered.is_ok());
             }
         })
     };
@@ -1041,6 +1158,7 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
         match client.watch_delta(after, Duration::from_secs(25)).await {
             Ok(Some(delta)) => {
                 backoff = Duration::from_millis(100);
+                core.lock().unwrap().set_master_reachable(true);
                 let revision = delta.revision;
                 let current = match state.take() {
                     Some(mut s) => {
@@ -1073,6 +1191,7 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!("watching the master failed (retrying in {backoff:?}): {e}");
+                core.lock().unwrap().set_master_reachable(false);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -140,6 +140,13 @@ pub struct AgentStatus {
     /// agent's subnets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation_changed: Option<String>,
+    /// Whether the master answered the agent's last request.
+    #[serde(default)]
+    pub master_reachable: bool,
+    /// Where the applied state comes from: `master`, `saved` (the state last applied before a
+    /// restart, used while no master answers) or `none`.
+    #[serde(default)]
+    pub state_source: String,
 }
 
 /// Errors of the local client; `Unreachable` means the agent is not running (CNI: try later).
