@@ -92,6 +92,10 @@ pub struct Cluster {
     master_pids: Vec<Option<u32>>,
     etcd_pids: Vec<Option<u32>>,
     join_tokens: bool,
+    /// How the master was started, to start it again (`start_master`).
+    master_config: PathBuf,
+    master_args: Vec<String>,
+    etcd_store: bool,
 }
 
 impl Cluster {
@@ -113,10 +117,14 @@ impl Cluster {
             master_pids: vec![],
             etcd_pids: vec![],
             join_tokens: spec.join_tokens,
+            master_config: PathBuf::new(),
+            master_args: spec.master_args.clone(),
+            etcd_store: spec.etcd_members > 0,
         };
         c.ca_command(&["ca", "init", "--dir", c.tls_dir().to_str().unwrap()])?;
         let config = c.work_dir.join("overlay.yaml");
         std::fs::write(&config, &spec.config)?;
+        c.master_config = config.clone();
         if spec.etcd_members > 0 {
             c.start_etcd(spec.etcd_members)?;
             for i in 0..spec.masters.max(1) {
@@ -130,27 +138,8 @@ impl Cluster {
         if spec.masters > 1 {
             bail!("several masters need a shared store: set etcd_members");
         }
-        let master = c.bin_dir.join("overlay-master");
-        let listen = format!("{}:{MASTER_PORT}", fabric_ip(1));
-        let data = c.work_dir.join("master-data");
-        let log = std::fs::File::create(c.work_dir.join("master.log"))?;
-        let mut cmd = c.lab.master().command(&master);
-        cmd.args([
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--tls-dir",
-            c.tls_dir().to_str().unwrap(),
-        ])
-        .args(&spec.master_args)
-        .stdout(log.try_clone()?)
-        .stderr(log);
-        let pid = c.lab.spawn_command(cmd)?;
-        c.master_pids.push(Some(pid));
-        c.wait_master()?;
+        c.master_pids.push(None);
+        c.start_master(0)?;
         for i in 1..=spec.agents {
             c.start_agent(&format!("a{i}"))?;
         }
@@ -314,6 +303,47 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts master `index` (again, after `kill_master`) on the cluster's store and waits for
+    /// its `/health`.
+    pub fn start_master(&mut self, index: usize) -> anyhow::Result<()> {
+        if self.master_pids.get(index).is_some_and(Option::is_some) {
+            bail!("master {index} is running");
+        }
+        let config = self.master_config.clone();
+        if self.etcd_store {
+            return self.start_shared_master(index, &config);
+        }
+        if index != 0 {
+            bail!("several masters need a shared store: set etcd_members");
+        }
+        let listen = format!("{}:{MASTER_PORT}", fabric_ip(1));
+        let data = self.work_dir.join("master-data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.join("master.log"))?;
+        let mut cmd = self
+            .lab
+            .master()
+            .command(self.bin_dir.join("overlay-master"));
+        cmd.args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--tls-dir",
+            self.tls_dir().to_str().unwrap(),
+        ])
+        .args(&self.master_args)
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        let pid = self.lab.spawn_command(cmd)?;
+        self.master_pids[0] = Some(pid);
+        self.wait_master()
     }
 
     /// Kills master `index` (SIGKILL): agents fail over to the others.
