@@ -24,7 +24,12 @@ fn ip(c: &Container) -> Ipv4Addr {
 }
 
 /// Waits (20 s at most) for a status of `agent` that `ok` accepts.
-fn wait_status(c: &Cluster, agent: &str, what: &str, ok: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
+fn wait_status(
+    c: &Cluster,
+    agent: &str,
+    what: &str,
+    ok: impl Fn(&AgentStatus) -> bool,
+) -> AgentStatus {
     let start = Instant::now();
     loop {
         if let Ok(s) = c.agent(agent).status()
@@ -59,7 +64,10 @@ fn an_agent_restarted_while_the_master_is_down_attaches_containers_from_its_save
     assert_eq!(before.state_source, "master");
     assert!(before.master_reachable);
     let me = before.agent.clone().unwrap();
-    assert!(saved_state_file(&c, "a1").exists(), "applied state not saved");
+    assert!(
+        saved_state_file(&c, "a1").exists(),
+        "applied state not saved"
+    );
 
     c.kill_master(0);
     c.stop_agent("a1");
@@ -86,12 +94,22 @@ fn an_agent_restarted_while_the_master_is_down_attaches_containers_from_its_save
     assert!(subnet.contains(ip(&n)), "{} outside {subnet}", ip(&n));
     assert_ne!(ip(&n), ip(&a), "address handed out twice");
     assert!(n.node.ping(ip(&b)), "new container cannot reach a2's");
-    assert!(b.node.ping(ip(&n)), "a2's container cannot reach the new one");
-    assert!(n.node.ping(ip(&a)), "new container cannot reach its neighbour");
+    assert!(
+        b.node.ping(ip(&n)),
+        "a2's container cannot reach the new one"
+    );
+    assert!(
+        n.node.ping(ip(&a)),
+        "new container cannot reach its neighbour"
+    );
     // DEL while the master is down: the endpoint and its address go.
     c.agent("a1").remove_endpoint(ip(&n)).unwrap();
     assert!(
-        !c.agent("a1").endpoints().unwrap().iter().any(|e| e.ip == ip(&n)),
+        !c.agent("a1")
+            .endpoints()
+            .unwrap()
+            .iter()
+            .any(|e| e.ip == ip(&n)),
         "endpoint still there after DEL"
     );
     assert!(!b.node.ping(ip(&n)), "deleted container still reachable");
@@ -111,9 +129,16 @@ fn an_agent_restarted_while_the_master_is_down_attaches_containers_from_its_save
         s.state_source == "master" && s.master_reachable
     });
     assert_eq!(online.agent.as_ref(), Some(&me));
-    assert_eq!(online.allocation_changes, 0, "{:?}", online.allocation_changed);
+    assert_eq!(
+        online.allocation_changes, 0,
+        "{:?}",
+        online.allocation_changed
+    );
     let m = c.add_container("a1", "dcos").unwrap();
-    assert!(m.node.ping(ip(&b)), "container added after the reconcile cannot reach a2's");
+    assert!(
+        m.node.ping(ip(&b)),
+        "container added after the reconcile cannot reach a2's"
+    );
     assert!(a.node.ping(ip(&b)), "traffic broken after the reconcile");
 }
 

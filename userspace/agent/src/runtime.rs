@@ -574,15 +574,11 @@ impl Core {
     /// nothing is left behind (an address allocated here is released). Adding an attachment
     /// that already has an endpoint returns it (re-wired if its veth changed).
     pub fn add_endpoint(&mut self, req: &AddEndpoint) -> Result<EndpointInfo, EndpointError> {
-        let me = self
-            .me
-            .as_ref()
-            .ok_or_else(|| {
-                EndpointError::NotReady(
-                    "not registered with a master yet (no master answers and no saved state)"
-                        .into(),
-                )
-            })?;
+        let me = self.me.as_ref().ok_or_else(|| {
+            EndpointError::NotReady(
+                "not registered with a master yet (no master answers and no saved state)".into(),
+            )
+        })?;
         let ov = me
             .overlays
             .iter()

@@ -129,10 +129,16 @@ mod tests {
         assert!(!path_in(&dir).with_extension("json.tmp").exists());
         assert_eq!(load(&dir, me_ip).unwrap(), Some(saved.clone()));
         let other = load(&dir, "10.250.0.12".parse().unwrap()).unwrap_err();
-        assert!(format!("{other:#}").contains("saved for agent 10.250.0.11"), "{other:#}");
+        assert!(
+            format!("{other:#}").contains("saved for agent 10.250.0.11"),
+            "{other:#}"
+        );
         std::fs::write(path_in(&dir), b"{\"version\": 1, \"revis").unwrap();
         let corrupt = load(&dir, me_ip).unwrap_err();
-        assert!(format!("{corrupt:#}").contains("parsing the saved master state"), "{corrupt:#}");
+        assert!(
+            format!("{corrupt:#}").contains("parsing the saved master state"),
+            "{corrupt:#}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
