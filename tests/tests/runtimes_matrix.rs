@@ -1,8 +1,8 @@
 //! Every runtime on the same overlay (issue 16's closing test): on two agents, a Mesos task
 //! (the `network/cni` isolator, emulated), a podman container, a Docker container (real
 //! dockerd, the agent's remote driver) and a containerd container (`ctr run --cni`), one of
-//! each on network `dcos` and one on `blue`. Mesos and podman run on a1, Docker and containerd
-//! on a2, so every runtime pair is met on one agent and across agents.
+//! each on network `dcos` and one on `blue`, on each agent: every runtime pair (and every
+//! runtime with itself) is met on one agent and across agents.
 //!
 //! Every container pings and TCP-connects to every other: same network reaches, other network
 //! is blocked and counted (`drop_cross_network`). Then each container is removed through its
@@ -62,17 +62,25 @@ struct Member {
     handle: Handle,
 }
 
-/// The runtimes, one per agent pair role.
+const AGENTS: [&str; 2] = ["a1", "a2"];
+
+/// Index of `agent` in [`AGENTS`].
+fn idx(agent: &str) -> usize {
+    AGENTS.iter().position(|a| *a == agent).unwrap()
+}
+
+/// The runtimes, one of each per agent (indexed as [`AGENTS`]); containerd is one daemon, its
+/// `ctr` run in each agent's namespace.
 struct Runtimes<'a> {
-    mesos: Isolator<'a>,
-    podman: Podman,
-    docker: Dockerd,
+    mesos: Vec<Isolator<'a>>,
+    podman: Vec<Podman>,
+    docker: Vec<Dockerd>,
     containerd: Containerd,
-    /// The agent's conflists, for `ctr` (which takes the first file of a directory): one
-    /// directory per network holding only that network's list.
-    ctr_conf: Vec<(&'static str, std::path::PathBuf)>,
+    /// Each agent's conflists, for `ctr` (which takes the first file of a directory): one
+    /// directory per agent and network holding only that network's list.
+    ctr_conf: Vec<(&'static str, &'static str, std::path::PathBuf)>,
     plugins: std::path::PathBuf,
-    a2_netns: std::path::PathBuf,
+    netns: Vec<std::path::PathBuf>,
 }
 
 impl Member {
@@ -88,9 +96,13 @@ impl Member {
         match &self.handle {
             // The task's netns runs the host's busybox (the same binary as the images').
             Handle::Mesos(task, _) => task.sh(script),
-            Handle::Docker(name) => rt.docker.run(&["exec", name, "/bin/sh", "-c", script]),
+            Handle::Docker(name) => {
+                rt.docker[idx(self.agent)].run(&["exec", name, "/bin/sh", "-c", script])
+            }
             Handle::Containerd(id, _) => rt.containerd.exec(id, script),
-            Handle::Podman(name) => rt.podman.run(&["exec", name, "/bin/sh", "-c", script]),
+            Handle::Podman(name) => {
+                rt.podman[idx(self.agent)].run(&["exec", name, "/bin/sh", "-c", script])
+            }
         }
     }
 }
@@ -155,13 +167,18 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
     let c = Cluster::up(spec).unwrap();
 
     // The runtimes: dockerd started first (the slowest), images imported meanwhile.
-    let dockerd = Dockerd::spawn(&c, "a2", &root.0.join("docker"));
+    let dockerds: Vec<Dockerd> = AGENTS
+        .iter()
+        .map(|a| Dockerd::spawn(&c, a, &root.0.join("docker")))
+        .collect();
     let tar = busybox_tar(&root.0);
     let oci_dir = root.0.join("oci-image");
     std::fs::create_dir_all(&oci_dir).unwrap();
     let oci_tar = containerd::busybox_oci_tar(&oci_dir);
-    let podman = Podman::new(&c, "a1", &root.0);
-    podman.import(&tar);
+    let podmans: Vec<Podman> = AGENTS.iter().map(|a| Podman::new(&c, a, &root.0)).collect();
+    for p in &podmans {
+        p.import(&tar);
+    }
     let ctrd = Containerd::start(&root.0.join("containerd"));
     ctrd.ctr(&[
         "image",
@@ -173,35 +190,40 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
     let plugins = root.0.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::copy(bin_path("ebpf-overlay"), plugins.join("ebpf-overlay")).unwrap();
-    let ctr_conf = NETWORKS
+    let ctr_conf = AGENTS
         .iter()
-        .map(|net| {
-            let dir = root.0.join(format!("ctr-net.d-{net}"));
+        .flat_map(|a| NETWORKS.map(|net| (*a, net)))
+        .map(|(agent, net)| {
+            let dir = root.0.join(format!("ctr-net.d-{agent}-{net}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let list = std::fs::read_dir(c.cni_conf_dir("a2"))
+            let list = std::fs::read_dir(c.cni_conf_dir(agent))
                 .unwrap()
                 .map(|e| e.unwrap().path())
                 .find(|p| p.to_string_lossy().ends_with(&format!("-{net}.conflist")))
-                .unwrap_or_else(|| panic!("a2 has no list for {net}"));
+                .unwrap_or_else(|| panic!("{agent} has no list for {net}"));
             std::fs::copy(&list, dir.join(list.file_name().unwrap())).unwrap();
-            (*net, dir)
+            (agent, net, dir)
         })
         .collect();
-    dockerd.wait_ready();
-    dockerd
-        .run(&["import", tar.to_str().unwrap(), docker::IMAGE])
-        .unwrap();
-    for net in NETWORKS {
-        dockerd.wait_network(net);
+    for d in &dockerds {
+        d.wait_ready();
+        d.run(&["import", tar.to_str().unwrap(), docker::IMAGE])
+            .unwrap();
+        for net in NETWORKS {
+            d.wait_network(net);
+        }
     }
     let rt = Runtimes {
-        mesos: Isolator::load(&c, "a1"),
-        podman,
-        docker: dockerd,
+        mesos: AGENTS.iter().map(|a| Isolator::load(&c, a)).collect(),
+        podman: podmans,
+        docker: dockerds,
         containerd: ctrd,
         ctr_conf,
         plugins,
-        a2_netns: c.node("a2").unwrap().netns_path(),
+        netns: AGENTS
+            .iter()
+            .map(|a| c.node(a).unwrap().netns_path())
+            .collect(),
     };
     let base = (used(&c, "a1"), used(&c, "a2"));
     let base_veths = (agent_veths(&c, "a1"), agent_veths(&c, "a2"));
@@ -209,10 +231,9 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
 
     // One container of each runtime on each network.
     let mut members = Vec::new();
-    for net in NETWORKS {
-        let task = rt
-            .mesos
-            .launch(json!({"name": net, "labels": {"labels": []}}));
+    for (agent, net) in AGENTS.iter().flat_map(|a| NETWORKS.map(|net| (*a, net))) {
+        let i = idx(agent);
+        let task = rt.mesos[i].launch(json!({"name": net, "labels": {"labels": []}}));
         assert_eq!(task.addr(), Some(task.ip), "Mesos parsed another address");
         let mut server = Command::new("ip");
         server
@@ -224,13 +245,13 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
         let server = server.spawn().unwrap();
         members.push(Member {
             runtime: "mesos",
-            agent: "a1",
+            agent,
             network: net,
             ip: task.ip,
             handle: Handle::Mesos(task, Killed(server)),
         });
 
-        let name = format!("pod-{net}");
+        let name = format!("pod-{net}-{agent}");
         let mut args = vec![
             "run",
             "-d",
@@ -251,16 +272,16 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
             podman::IMAGE,
         ];
         args.extend_from_slice(SERVER);
-        rt.podman.run(&args).unwrap();
+        rt.podman[i].run(&args).unwrap();
         members.push(Member {
             runtime: "podman",
-            agent: "a1",
+            agent,
             network: net,
-            ip: rt.podman.container_ip(&name),
+            ip: rt.podman[i].container_ip(&name),
             handle: Handle::Podman(name),
         });
 
-        let name = format!("dock-{net}");
+        let name = format!("dock-{net}-{agent}");
         let mut args = vec![
             "run",
             "-d",
@@ -271,21 +292,26 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
             docker::IMAGE,
         ];
         args.extend_from_slice(SERVER);
-        rt.docker.run(&args).unwrap();
+        rt.docker[i].run(&args).unwrap();
         members.push(Member {
             runtime: "docker",
-            agent: "a2",
+            agent,
             network: net,
-            ip: rt.docker.container_ip(&name),
+            ip: rt.docker[i].container_ip(&name),
             handle: Handle::Docker(name),
         });
 
-        let id = format!("ctr-{net}-{}", c.lab.id());
-        let conf = &rt.ctr_conf.iter().find(|(n, _)| *n == net).unwrap().1;
+        let id = format!("ctr-{net}-{agent}-{}", c.lab.id());
+        let conf = &rt
+            .ctr_conf
+            .iter()
+            .find(|(a, n, _)| *a == agent && *n == net)
+            .unwrap()
+            .2;
         let log = std::fs::File::create(root.0.join(format!("{id}.log"))).unwrap();
         let child = rt
             .containerd
-            .cni_command(&rt.a2_netns, conf, &rt.plugins, &id, &SERVER.join(" "))
+            .cni_command(&rt.netns[i], conf, &rt.plugins, &id, &SERVER.join(" "))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -293,7 +319,7 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
         let ip = rt.containerd.wait_ip(&id);
         members.push(Member {
             runtime: "containerd",
-            agent: "a2",
+            agent,
             network: net,
             ip,
             handle: Handle::Containerd(id, Killed(child)),
@@ -324,10 +350,10 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
     }
     assert_eq!(
         (used(&c, "a1"), used(&c, "a2")),
-        (base.0 + 4, base.1 + 4),
+        (base.0 + 8, base.1 + 8),
         "each container holds one address"
     );
-    eprintln!("matrix: 8 containers up after {:?}", started.elapsed());
+    eprintln!("matrix: 16 containers up after {:?}", started.elapsed());
 
     // Reachability: every container probes every other, in parallel per source.
     let drops_before: u64 = ["a1", "a2"]
@@ -373,7 +399,7 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
         "reachability:\n{}",
         failures.join("\n")
     );
-    assert_eq!(cross_pairs, 32);
+    assert_eq!(cross_pairs, 16 * 8);
     let drops_after: u64 = ["a1", "a2"]
         .iter()
         .flat_map(|a| NETWORKS.map(|n| cross_drops(&c, a, n)))
@@ -385,7 +411,7 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
         drops_after - drops_before
     );
     eprintln!(
-        "matrix: 56 probes each of ping and TCP after {:?}, {} cross-network drops",
+        "matrix: 240 probes each of ping and TCP after {:?}, {} cross-network drops",
         started.elapsed(),
         drops_after - drops_before
     );
@@ -409,16 +435,16 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
         match m.handle {
             Handle::Mesos(task, server) => {
                 drop(server);
-                mesos.destroy(&task, m.network);
+                mesos[idx(agent)].destroy(&task, m.network);
                 drop(task);
             }
             Handle::Podman(name) => {
-                podman
+                podman[idx(agent)]
                     .run(&["rm", "--force", "--time", "0", &name])
                     .unwrap();
             }
             Handle::Docker(name) => {
-                docker.run(&["rm", "--force", &name]).unwrap();
+                docker[idx(agent)].run(&["rm", "--force", &name]).unwrap();
             }
             Handle::Containerd(id, mut ctr_run) => {
                 containerd.ctr(&["task", "kill", "-s", "KILL", &id]);
