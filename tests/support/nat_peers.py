@@ -114,6 +114,8 @@ def icmp_too_big(to, qsrc, qdst, qsport, qdport, mtu):
 def icmp_listen(seconds):
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     s.settimeout(seconds)
+    # The caller waits for this line before it has the error sent.
+    print("listening", file=sys.stderr, flush=True)
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:

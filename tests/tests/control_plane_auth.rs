@@ -305,7 +305,11 @@ async fn the_admin_token_may_change_everything() {
     admin.enable_network("green").await.unwrap();
     admin.remove_network("green").await.unwrap();
     assert_eq!(
-        admin.delete_agents(&[agent_ip(1)]).await.unwrap(),
+        // Forced: the agent was heard from just now (master_safety.rs).
+        admin
+            .delete_agents_forced(&[agent_ip(1)], true)
+            .await
+            .unwrap(),
         vec![agent_ip(1)]
     );
     let token = admin
@@ -341,7 +345,11 @@ async fn deleting_an_agent_revokes_its_certificate() {
     let mut master = MasterProcess::start(dir.path(), None).await;
     let a5 = master.agent_client(agent_ip(5));
     a5.register(agent_ip(5)).await.unwrap();
-    master.client().delete_agents(&[agent_ip(5)]).await.unwrap();
+    master
+        .client()
+        .delete_agents_forced(&[agent_ip(5)], true)
+        .await
+        .unwrap();
     // The deleted agent cannot come back, nor read, with the certificate it had.
     rejected(
         a5.register(agent_ip(5)).await,

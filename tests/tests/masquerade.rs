@@ -316,11 +316,20 @@ fn a_too_big_icmp_error_from_outside_reaches_the_right_container() {
         let mut cmd = n.command("python3");
         cmd.arg(script())
             .args(["icmp-listen", "4"])
-            .stdout(Stdio::piped());
-        cmd.spawn().unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        // Wait until its socket is open (a fixed sleep lost the race on a loaded machine).
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stderr.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "listening", "icmp listener did not start");
+        child
     };
     let (lx, lo) = (listen(&x.node), listen(&other.node));
-    std::thread::sleep(Duration::from_millis(300));
     peers(
         c.lab.external(),
         &[

@@ -130,6 +130,9 @@ impl RedbMaster {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(data_dir)
+            // Raw HTTP keeps the store's behaviour in view; TLS is covered by
+            // control_plane_auth.rs and the lab.
+            .arg("--insecure-http")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

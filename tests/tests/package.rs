@@ -141,11 +141,14 @@ fn master_starts_on_the_packaged_default_config() {
     // `dcos` network with DC/OS's VNI.
     let yaml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config/master.yaml");
     let data = tempfile::tempdir().unwrap();
+    let tls = data.path().join("tls");
     let mut master = Command::new(bin_path("overlay-master"))
         .arg("--config")
         .arg(&yaml)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
+        .arg("--tls-dir")
+        .arg(&tls)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -168,14 +171,15 @@ fn master_starts_on_the_packaged_default_config() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async {
-            reqwest::get(format!("http://{addr}/overlay-master/state"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
+        let admin = overlay_api::MasterTls::from_files(
+            &tls.join("ca.crt"),
+            None,
+            Some(&tls.join("admin.token")),
+        )
+        .unwrap();
+        let client =
+            overlay_api::MasterClient::with_tls([format!("https://{addr}")], &admin).unwrap();
+        rt.block_on(async { serde_json::to_value(client.state().await.unwrap()).unwrap() })
     };
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(master.id() as i32, libc::SIGTERM) };

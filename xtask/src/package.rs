@@ -210,7 +210,7 @@ fn man_page_from_help(bin_path: &Path, name: &str, section: &str) -> anyhow::Res
     page.push_str(
         ".SH FILES\n/etc/ebpf-overlay/agent.env, /etc/ebpf-overlay/master.env, \
          /etc/ebpf-overlay/master.yaml, /sys/fs/bpf/ebpf-overlay/, /var/lib/ebpf-overlay/, \
-         /run/ebpf-overlay/agent.sock, /etc/cni/net.d/<network>.conf\n\
+         /run/ebpf-overlay/agent.sock, /etc/cni/net.d/NN-<network>.conflist\n\
          .SH SEE ALSO\noverlay-agent(8), overlay-master(8), overlayctl(1), ebpf-overlay(8)\n",
     );
     Ok(page)
