@@ -4,6 +4,7 @@
 pub mod runtimes;
 pub mod support_etcd;
 pub mod support_packets;
+pub mod support_peers;
 use std::path::PathBuf;
 
 /// Path of one of the workspace's binaries (`overlay-master`, `overlay-agent`, ...), built into the

@@ -15,16 +15,13 @@ use overlay_lab::{
     Container, Node,
     cluster::{Cluster, ClusterSpec, TWO_NETWORKS},
 };
+use overlay_tests::support_peers::{nat_peers_script, start_peer_server};
 use overlay_tests::{bin_path, lab_pins};
 
 const DCOS: u32 = 1024;
 const EXT: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 254);
 const A1: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
 const PORT: u16 = 8000;
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("support/nat_peers.py")
-}
 
 fn cluster(agents: usize, config: &str) -> Cluster {
     cluster_with(agents, config, &[])
@@ -40,31 +37,8 @@ fn cluster_with(agents: usize, config: &str, extra_agent_args: &[&str]) -> Clust
     Cluster::up(spec).unwrap()
 }
 
-/// Starts the external host's peer server (killed with the lab) and waits until it listens.
-fn start_peer_server(c: &mut Cluster) {
-    let out = std::env::temp_dir().join(format!("{}-peer-server.out", c.lab.id()));
-    let mut cmd = c.lab.external().command("python3");
-    cmd.arg(script())
-        .args(["peer-server", &PORT.to_string()])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null());
-    c.lab.spawn_command(cmd).unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "peer server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = std::fs::remove_file(out);
-}
-
 fn peers(node: &Node, args: &[&str]) -> String {
-    let mut full = vec![script().to_str().unwrap().to_owned()];
+    let mut full = vec![nat_peers_script().to_str().unwrap().to_owned()];
     full.extend(args.iter().map(|s| s.to_string()));
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
     node.exec("python3", &full).unwrap().trim().to_owned()
@@ -83,7 +57,7 @@ fn containers_reach_the_outside_as_their_agent_and_replies_come_back() {
     let mut c = cluster(2, TWO_NETWORKS);
     let x = c.add_container("a1", "dcos").unwrap();
     let y = c.add_container("a2", "blue").unwrap();
-    start_peer_server(&mut c);
+    start_peer_server(&mut c, PORT);
 
     // TCP: the server sees the agent's underlay address and a masquerade port; echo works.
     let seen = peers(
@@ -159,7 +133,7 @@ fn a_thousand_concurrent_flows_from_several_containers_all_work() {
         .iter()
         .map(|a| c.add_container(a, "dcos").unwrap())
         .collect();
-    start_peer_server(&mut c);
+    start_peer_server(&mut c, PORT);
     let answered: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = containers
             .iter()
@@ -213,7 +187,7 @@ fn a_thousand_concurrent_flows_from_several_containers_all_work() {
 fn a_host_connection_and_a_container_flow_wanting_the_same_port_both_work() {
     let mut c = cluster(1, TWO_NETWORKS);
     let x = c.add_container("a1", "dcos").unwrap();
-    start_peer_server(&mut c);
+    start_peer_server(&mut c, PORT);
     let host = c.lab.node("a1").unwrap().clone();
     let args = [
         "tcp-hold",
@@ -297,7 +271,7 @@ fn a_too_big_icmp_error_from_outside_reaches_the_right_container() {
     let mut c = cluster(1, TWO_NETWORKS);
     let x = c.add_container("a1", "dcos").unwrap();
     let other = c.add_container("a1", "dcos").unwrap();
-    start_peer_server(&mut c);
+    start_peer_server(&mut c, PORT);
     assert_eq!(
         peers(
             &x.node,
@@ -314,7 +288,7 @@ fn a_too_big_icmp_error_from_outside_reaches_the_right_container() {
     // Listen in both containers, then let a "router" send frag-needed about the flow.
     let listen = |n: &Node| {
         let mut cmd = n.command("python3");
-        cmd.arg(script())
+        cmd.arg(nat_peers_script())
             .args(["icmp-listen", "4"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -381,7 +355,7 @@ fn closed_flows_free_their_port_and_exhaustion_is_refused_and_counted() {
     // Four masquerade ports only.
     let mut c = cluster_with(1, TWO_NETWORKS, &["--masquerade-ports", "61000-61003"]);
     let x = c.add_container("a1", "dcos").unwrap();
-    start_peer_server(&mut c);
+    start_peer_server(&mut c, PORT);
     let ext = EXT.to_string();
     let port = PORT.to_string();
     // Twelve connections one after another, each closed: a closed flow's port is taken over at
@@ -400,7 +374,7 @@ fn closed_flows_free_their_port_and_exhaustion_is_refused_and_counted() {
             .map(|_| {
                 let (x, ext, port) = (&x, &ext, &port);
                 s.spawn(move || {
-                    let script = script();
+                    let script = nat_peers_script();
                     // Held longer than the client's 5 s connect timeout, so the refused one cannot
                     // get in by retransmitting its SYN once another closes.
                     let args = [script.to_str().unwrap(), "tcp-hold", ext, port, "0", "8"];

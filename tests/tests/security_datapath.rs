@@ -15,6 +15,7 @@ use overlay_lab::{
     Container,
     cluster::{Cluster, ClusterSpec},
 };
+use overlay_tests::support_peers::{nat_peers_script, start_peer_server};
 use overlay_tests::{bin_path, lab_pins, support_packets::*};
 
 const DCOS: u32 = 1024;
@@ -629,33 +630,6 @@ fn containers_cannot_reach_the_control_plane_unless_allowed() {
 
 const PEER_PORT: u16 = 8000;
 
-fn nat_peers() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("support/nat_peers.py")
-}
-
-/// Starts the external host's UDP/TCP peer server on [`PEER_PORT`] (killed with the lab).
-fn start_peer_server(c: &mut Cluster) {
-    let out = std::env::temp_dir().join(format!("{}-sec-peer-server.out", c.lab.id()));
-    let mut cmd = c.lab.external().command("python3");
-    cmd.arg(nat_peers())
-        .args(["peer-server", &PEER_PORT.to_string()])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null());
-    c.lab.spawn_command(cmd).unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "peer server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = std::fs::remove_file(out);
-}
-
 /// The masquerade egress entries of container `x` (by protocol and destination).
 fn nat_flows_of(c: &Cluster, x: &Container) -> Vec<(u8, std::net::IpAddr, u16)> {
     use overlay_agent::datapath::from_addr16;
@@ -679,7 +653,7 @@ fn one_container_cannot_take_every_port_towards_one_server() {
     let mut c = cluster(1, &["--nat-max-flows-per-destination", "1000"]);
     let x = c.add_container("a1", "dcos").unwrap();
     let w = c.add_container("a1", "dcos").unwrap();
-    start_peer_server(&mut c);
+    start_peer_server(&mut c, PEER_PORT);
     const FLOOD: &str = "import socket, sys\n\
         for p in range(20000, 23000):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('0.0.0.0', p))\n    s.sendto(b'x', (sys.argv[1], int(sys.argv[2])))\n    s.close()\n";
     x.node
@@ -698,7 +672,7 @@ fn one_container_cannot_take_every_port_towards_one_server() {
         all_stats(&c, "a1")
     );
     assert_eq!(stat(&c, "a1", DCOS, Counter::DropNatNoPort), 0);
-    let script = nat_peers();
+    let script = nat_peers_script();
     let answered = w
         .node
         .exec(
@@ -749,7 +723,7 @@ fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) 
 fn tcp_entries_without_a_handshake_expire_at_the_short_timeout() {
     let mut c = cluster(1, &["--nat-tcp-handshake-timeout", "3"]);
     let x = c.add_container("a1", "dcos").unwrap();
-    start_peer_server(&mut c);
+    start_peer_server(&mut c, PEER_PORT);
     let (x_mac, gw_mac) = macs(&c, &x);
     // Nobody on the fabric has this address: no RST will close the entries.
     let silent = Ipv4Addr::new(10, 250, 0, 200);
@@ -764,7 +738,7 @@ fn tcp_entries_without_a_handshake_expire_at_the_short_timeout() {
     };
     // An established connection to the peer server, held open for 10 s.
     let held = {
-        let script = nat_peers();
+        let script = nat_peers_script();
         let mut cmd = x.node.command("python3");
         cmd.arg(script)
             .args([
