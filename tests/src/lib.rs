@@ -115,7 +115,7 @@ pub fn install_datapath(
         for (veth, _) in &endpoints {
             dp.attach(veth, programs::FROM_CONTAINER)?;
         }
-        let m = dp.maps();
+        let m = dp.maps_mut();
         m.set_config(&settings)?;
         m.put_network(vni, Network::default())?;
         if let Some(subnet) = subnet {

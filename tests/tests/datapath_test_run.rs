@@ -98,7 +98,7 @@ impl Fixture {
         let pins = PinLayout::new(Path::new(overlay_lab::BPFFS), &instance).unwrap();
         let guard = PinGuard(pins.clone());
         let mut dp = Datapath::load(pins).unwrap();
-        let m = dp.maps();
+        let m = dp.maps_mut();
         m.set_config(&AgentSettings {
             underlay_ip: IpAddr::V4(LOCAL_UNDERLAY),
             underlay_ifindex: LOOPBACK,
@@ -173,13 +173,13 @@ impl Fixture {
     }
 
     fn stat(&self, vni: u32, counter: Counter) -> u64 {
-        self.dp.maps_ref().stat(vni, counter).unwrap()
+        self.dp.maps().stat(vni, counter).unwrap()
     }
 
     /// Sum of every counter: to show a packet left no trace.
     fn total_packets(&self) -> u64 {
         self.dp
-            .maps_ref()
+            .maps()
             .stats()
             .unwrap()
             .iter()
@@ -198,13 +198,13 @@ impl Fixture {
             before + 1,
             "{what}: {} of network {vni} not counted once; all counters: {:?}",
             counter.name(),
-            self.dp.maps_ref().stats().unwrap()
+            self.dp.maps().stats().unwrap()
         );
         assert_eq!(
             self.total_packets(),
             total_before + 1,
             "{what}: counted more than once: {:?}",
-            self.dp.maps_ref().stats().unwrap()
+            self.dp.maps().stats().unwrap()
         );
     }
 }
@@ -243,7 +243,7 @@ fn encap_builds_dcos_vxlan_byte_for_byte() {
         verdict,
         TC_ACT_REDIRECT,
         "encap verdict; counters {:?}",
-        f.dp.maps_ref().stats().unwrap()
+        f.dp.maps().stats().unwrap()
     );
     assert_eq!(out.len(), input.len() + 50, "VXLAN overhead is 50 bytes");
 
@@ -313,7 +313,7 @@ fn decap_delivers_the_inner_packet_to_the_endpoint() {
         verdict,
         TC_ACT_REDIRECT,
         "decap verdict; counters {:?}",
-        f.dp.maps_ref().stats().unwrap()
+        f.dp.maps().stats().unwrap()
     );
     let expected = eth(EP_A.mac, EP_A.gw_mac, ETH_P_IP, &v.inner_ip);
     assert_eq!(out.len(), input.len() - 50);
@@ -632,7 +632,7 @@ fn outer_fragments_are_never_decapsulated() {
             verdict,
             TC_ACT_REDIRECT,
             "{what} decapsulated and delivered as a whole packet; counters {:?}",
-            f.dp.maps_ref().stats().unwrap()
+            f.dp.maps().stats().unwrap()
         );
     }
     assert_eq!(f.stat(VNI_A, Counter::Decapsulated), 0);
@@ -673,7 +673,7 @@ fn container_guards_drop_what_a_container_may_never_send() {
     let mut f = Fixture::new();
     let c = programs::FROM_CONTAINER;
     let master = Ipv4Addr::new(10, 250, 0, 1);
-    f.dp.maps()
+    f.dp.maps_mut()
         .set_nat_config(&overlay_agent::masquerade::nat_config(
             &(61000..=63999),
             Default::default(),
@@ -682,7 +682,7 @@ fn container_guards_drop_what_a_container_may_never_send() {
             None,
         ))
         .unwrap();
-    f.dp.maps()
+    f.dp.maps_mut()
         .set_protected(&[
             overlay_agent::datapath::ProtectedDestination {
                 addr: Some(IpAddr::V4(master)),

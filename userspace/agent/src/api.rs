@@ -14,7 +14,7 @@ use overlay_api::{
     agent::{AddEndpoint, GcRequest},
 };
 
-use crate::runtime::{EndpointError, Shared};
+use crate::{endpoints::EndpointError, runtime::Handle};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
@@ -38,29 +38,37 @@ fn endpoint_error(e: EndpointError) -> Response {
     error(status, format!("{e:#}"))
 }
 
-async fn overlay(State(core): State<Shared>) -> Response {
-    match core.lock().unwrap().me() {
-        Some(me) => Json(me.clone()).into_response(),
-        None => error(
+fn internal(e: anyhow::Error) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+async fn overlay(State(agent): State<Handle>) -> Response {
+    match agent.me().await {
+        Ok(Some(me)) => Json(me).into_response(),
+        Err(e) => internal(e),
+        Ok(None) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not registered with a master yet",
         ),
     }
 }
 
-async fn status(State(core): State<Shared>) -> Response {
-    Json(core.lock().unwrap().status()).into_response()
+async fn status(State(agent): State<Handle>) -> Response {
+    match agent.status().await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => internal(e),
+    }
 }
 
-async fn list_endpoints(State(core): State<Shared>) -> Response {
-    match core.lock().unwrap().endpoints() {
+async fn list_endpoints(State(agent): State<Handle>) -> Response {
+    match agent.endpoints().await {
         Ok(eps) => Json(eps).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => internal(e),
     }
 }
 
 async fn add_endpoint(
-    State(core): State<Shared>,
+    State(agent): State<Handle>,
     body: Result<Json<AddEndpoint>, JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
@@ -72,37 +80,40 @@ async fn add_endpoint(
             );
         }
     };
-    match core.lock().unwrap().add_endpoint(&req) {
+    match agent.add_endpoint(req).await {
         Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
         Err(e) => endpoint_error(e),
     }
 }
 
-async fn remove_endpoint(State(core): State<Shared>, Path(ip): Path<String>) -> Response {
+async fn remove_endpoint(State(agent): State<Handle>, Path(ip): Path<String>) -> Response {
     let Ok(ip) = ip.parse::<Ipv4Addr>() else {
         return error(
             StatusCode::BAD_REQUEST,
             format!("{ip:?} is not an IPv4 address"),
         );
     };
-    match core.lock().unwrap().remove_endpoint(ip) {
+    match agent.remove_endpoint(ip).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => endpoint_error(e),
     }
 }
 
-async fn ipam(State(core): State<Shared>) -> Response {
-    Json(core.lock().unwrap().ipam_usage()).into_response()
+async fn ipam(State(agent): State<Handle>) -> Response {
+    match agent.ipam_usage().await {
+        Ok(u) => Json(u).into_response(),
+        Err(e) => internal(e),
+    }
 }
 
-async fn release_attachment(State(core): State<Shared>, Path(id): Path<String>) -> Response {
-    match core.lock().unwrap().release_attachment(&id) {
+async fn release_attachment(State(agent): State<Handle>, Path(id): Path<String>) -> Response {
+    match agent.release_attachment(id).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => endpoint_error(e),
     }
 }
 
-async fn gc(State(core): State<Shared>, body: Result<Json<GcRequest>, JsonRejection>) -> Response {
+async fn gc(State(agent): State<Handle>, body: Result<Json<GcRequest>, JsonRejection>) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => {
@@ -112,20 +123,20 @@ async fn gc(State(core): State<Shared>, body: Result<Json<GcRequest>, JsonReject
             );
         }
     };
-    match core.lock().unwrap().gc(&req) {
+    match agent.gc(req).await {
         Ok(r) => Json(r).into_response(),
         Err(e) => endpoint_error(e),
     }
 }
 
-async fn metrics(State(core): State<Shared>) -> Response {
-    match core.lock().unwrap().metrics() {
+async fn metrics(State(agent): State<Handle>) -> Response {
+    match agent.metrics().await {
         Ok(text) => ([("content-type", "text/plain; version=0.0.4")], text).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => internal(e),
     }
 }
 
-pub fn router(core: Shared) -> Router {
+pub fn router(agent: Handle) -> Router {
     Router::new()
         .route("/overlay-agent/overlay", get(overlay))
         .route("/overlay-agent/status", get(status))
@@ -142,11 +153,11 @@ pub fn router(core: Shared) -> Router {
         .route("/overlay-agent/gc", post(gc))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
-        .with_state(core)
+        .with_state(agent)
 }
 
-pub fn metrics_router(core: Shared) -> Router {
+pub fn metrics_router(agent: Handle) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .with_state(core)
+        .with_state(agent)
 }

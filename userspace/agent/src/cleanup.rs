@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 use crate::{
+    cni_conf::CNI_CONF_MARKER,
     datapath::{PIN_ROOT, PinLayout},
     host_link::HostLink,
-    ipam::CNI_CONF_MARKER,
 };
 
 /// What to remove.

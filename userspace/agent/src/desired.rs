@@ -1,36 +1,81 @@
-//! What the datapath should hold, derived from the master's state: a pure function, so the
-//! mapping from DC/OS state to map entries is tested on the host.
+//! What the datapath should hold, derived from the master's state and this host's own facts:
+//! a pure function, so the mapping from DC/OS state to map entries is tested on the host. The one
+//! home of "what the maps should hold"; [`crate::reconcile`] applies the difference.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
 };
 
-use ipnetwork::IpNetwork;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use overlay_api::{AgentInfo, State, Status};
-use overlay_common::maps::{Network, OverlaySubnet, RemoteRoute, Vtep};
+use overlay_common::maps::{
+    Endpoint, HOST_LINK_PEER_MAC, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep,
+};
 
-use crate::datapath::addr16;
+use crate::{
+    datapath::{AgentSettings, addr16},
+    ipam,
+};
 
-/// The master-driven part of the datapath (local endpoints are managed separately).
+/// What this host contributes besides the master's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalFacts {
+    pub underlay_ip: IpAddr,
+    pub underlay_ifindex: u32,
+    /// Container MTU.
+    pub mtu: u32,
+    /// The host's link into the overlay, once set up.
+    pub host_link: Option<HostLinkFacts>,
+    /// The masquerade settings (from the command line).
+    pub nat: Option<NatConfig>,
+}
+
+/// The two ends of the host's link into the overlay, as the host endpoints name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostLinkFacts {
+    /// ifindex of the datapath's end (`ovl-net`), where traffic to the host is delivered.
+    pub peer_ifindex: u32,
+    /// MAC of the host's end (`ovl-host`).
+    pub host_mac: [u8; 6],
+}
+
+/// Everything the datapath should hold (local containers' endpoints are the runtimes' business:
+/// only whether their network is enabled comes from here).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredDatapath {
     pub networks: BTreeMap<u32, Network>,
     pub subnets: BTreeMap<IpNetwork, OverlaySubnet>,
     pub routes: BTreeMap<IpNetwork, RemoteRoute>,
     pub vteps: BTreeMap<IpAddr, Vtep>,
+    /// Every configured network by VNI, and whether it is enabled: local endpoints of a
+    /// disabled network are parked, of a network missing here removed.
+    pub configured: BTreeMap<u32, bool>,
+    /// The host's endpoints: one per enabled network this agent has a subnet of, at its gateway.
+    pub host_endpoints: BTreeMap<IpAddr, Endpoint>,
+    /// The host's routes into the overlay: this agent's subnet -> its gateway (the source).
+    pub host_routes: BTreeMap<Ipv4Network, Ipv4Addr>,
+    /// `OVL_CONFIG`, once this agent has a VTEP.
+    pub config: Option<AgentSettings>,
+    pub nat_config: Option<NatConfig>,
 }
 
 impl DesiredDatapath {
     /// Every enabled network; every network's subnet (a disabled network's addresses stay
     /// overlay addresses: unreachable, never masqueraded out); every other agent's subnets of
-    /// enabled networks (routes) and VTEP. IPv4 only for now: the IPv6 datapath is a later
-    /// addition (the maps already hold 16 bytes).
-    pub fn from_state(state: &State, me: IpAddr) -> DesiredDatapath {
-        let mut d = DesiredDatapath::default();
+    /// enabled networks (routes) and VTEP; this agent's config and host endpoints from `me`
+    /// (its allocation). IPv4 only for now: the IPv6 datapath is a later addition (the maps
+    /// already hold 16 bytes).
+    pub fn from_state(state: &State, me: Option<&AgentInfo>, local: &LocalFacts) -> DesiredDatapath {
+        let mut d = DesiredDatapath {
+            config: me.and_then(|me| agent_settings(me, local, state.network.vxlan_port)),
+            nat_config: local.nat,
+            ..Default::default()
+        };
         let mut vni_by_name = BTreeMap::new();
         for net in &state.network.overlays {
             let Some(vni) = net.vni else { continue };
+            d.configured.insert(vni, net.is_enabled());
             if let Some(subnet) = net.subnet {
                 d.subnets
                     .insert(IpNetwork::V4(subnet), OverlaySubnet { vni, flags: 0 });
@@ -51,7 +96,7 @@ impl DesiredDatapath {
                 },
             );
         }
-        for agent in state.agents.iter().filter(|a| a.ip != me) {
+        for agent in state.agents.iter().filter(|a| a.ip != local.underlay_ip) {
             let Some((vtep_mac, vtep_ip)) = vtep_of(agent) else {
                 continue;
             };
@@ -84,8 +129,44 @@ impl DesiredDatapath {
                 );
             }
         }
+        if let Some(link) = local.host_link {
+            for ov in me.iter().flat_map(|me| &me.overlays) {
+                let vni = ov.backend.vxlan.vni;
+                let half = ov.mesos_bridge.as_ref().and_then(|b| b.ip);
+                let (Some(subnet), Some(half), true) =
+                    (ov.info.subnet, half, d.networks.contains_key(&vni))
+                else {
+                    continue;
+                };
+                let gateway = ipam::gateway_of(half);
+                d.host_routes.insert(subnet, gateway);
+                d.host_endpoints.insert(
+                    IpAddr::V4(gateway),
+                    Endpoint {
+                        ifindex: link.peer_ifindex,
+                        vni,
+                        mac: link.host_mac,
+                        gateway_mac: HOST_LINK_PEER_MAC,
+                        flags: Endpoint::FLAG_HOST,
+                        _pad: 0,
+                    },
+                );
+            }
+        }
         d
     }
+}
+
+/// This agent's `OVL_CONFIG`: its underlay, VTEP MAC (none before it has one), port and MTU.
+pub fn agent_settings(me: &AgentInfo, local: &LocalFacts, vxlan_port: u16) -> Option<AgentSettings> {
+    let (vtep_mac, _) = vtep_of(me)?;
+    Some(AgentSettings {
+        underlay_ip: local.underlay_ip,
+        underlay_ifindex: local.underlay_ifindex,
+        vtep_mac,
+        vxlan_port,
+        overlay_mtu: local.mtu,
+    })
 }
 
 /// An agent's VTEP MAC and IPv4 address (the same in every network's backend).
@@ -133,9 +214,22 @@ mod tests {
         .unwrap()
     }
 
+    fn local(ip: &str) -> LocalFacts {
+        LocalFacts {
+            underlay_ip: ip.parse().unwrap(),
+            underlay_ifindex: 2,
+            mtu: 1420,
+            host_link: Some(HostLinkFacts {
+                peer_ifindex: 7,
+                host_mac: [2, 0, 0, 0, 0, 1],
+            }),
+            nat: None,
+        }
+    }
+
     #[test]
     fn enabled_networks_and_every_subnet() {
-        let d = DesiredDatapath::from_state(&state(), "10.250.0.11".parse().unwrap());
+        let d = DesiredDatapath::from_state(&state(), None, &local("10.250.0.11"));
         assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), [1024, 1025]);
         // The disabled network's subnet stays an overlay subnet (its addresses unreachable).
         assert_eq!(d.subnets.len(), 3);
@@ -145,8 +239,7 @@ mod tests {
 
     #[test]
     fn routes_and_vteps_of_other_agents_only() {
-        let me: IpAddr = "10.250.0.11".parse().unwrap();
-        let d = DesiredDatapath::from_state(&state(), me);
+        let d = DesiredDatapath::from_state(&state(), None, &local("10.250.0.11"));
         // Our own subnet is never a remote route; a failed agent (no VTEP) contributes nothing;
         // a network unknown to the configuration is ignored.
         assert_eq!(
@@ -161,5 +254,34 @@ mod tests {
             ["10.250.0.12"]
         );
         assert_eq!(d.vteps.values().next().unwrap().vtep_ip, [44, 128, 0, 2]);
+        assert!(d.config.is_none() && d.host_endpoints.is_empty(), "no allocation given");
+    }
+
+    #[test]
+    fn config_and_host_endpoints_from_this_agents_allocation() {
+        let s = state();
+        let mut me = s.agents[1].clone();
+        // The DC/OS shape gives the mesos half on `mesos_bridge`.
+        me.overlays[0].mesos_bridge = serde_json::from_value(
+            serde_json::json!({"name": "m-dcos", "ip": "9.0.1.0/25"}),
+        )
+        .unwrap();
+        me.overlays[1].mesos_bridge =
+            serde_json::from_value(serde_json::json!({"name": "m-blue", "ip": "10.1.1.0/25"}))
+                .unwrap();
+        let d = DesiredDatapath::from_state(&s, Some(&me), &local("10.250.0.12"));
+        let cfg = d.config.unwrap();
+        assert_eq!((cfg.vtep_mac, cfg.vxlan_port), ([0x70, 0xb3, 0xd5, 0x80, 0, 2], 64000));
+        // One host endpoint per enabled network with a half here, at its gateway (.1).
+        let gw: IpAddr = "9.0.1.1".parse().unwrap();
+        assert_eq!(d.host_endpoints.len(), 2, "{:?}", d.host_endpoints);
+        let e = d.host_endpoints[&gw];
+        assert_eq!((e.vni, e.ifindex, e.flags), (1024, 7, Endpoint::FLAG_HOST));
+        assert_eq!(d.host_routes[&"9.0.0.0/8".parse().unwrap()], "9.0.1.1".parse::<Ipv4Addr>().unwrap());
+        // Without the host link: neither.
+        let mut l = local("10.250.0.12");
+        l.host_link = None;
+        let d = DesiredDatapath::from_state(&s, Some(&me), &l);
+        assert!(d.host_endpoints.is_empty() && d.host_routes.is_empty());
     }
 }

@@ -46,7 +46,8 @@ use serde_json::{Value, json};
 
 use crate::{
     ipam,
-    runtime::{EndpointError, Shared},
+    endpoints::EndpointError,
+    runtime::Handle,
 };
 
 /// Name of the state file inside the state directory.
@@ -76,7 +77,7 @@ struct Stored {
 }
 
 pub struct Driver {
-    core: Shared,
+    agent: Handle,
     path: PathBuf,
     stored: Mutex<Stored>,
     mtu: u32,
@@ -194,7 +195,7 @@ fn cidr_ip(s: &str) -> Result<Ipv4Addr, DriverError> {
 }
 
 impl Driver {
-    pub fn open(core: Shared, state_dir: &Path, mtu: u32) -> anyhow::Result<Driver> {
+    pub fn open(agent: Handle, state_dir: &Path, mtu: u32) -> anyhow::Result<Driver> {
         let path = state_dir.join(STATE_FILE);
         let stored = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -206,7 +207,7 @@ impl Driver {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         Ok(Driver {
-            core,
+            agent,
             path,
             stored: Mutex::new(stored),
             mtu,
@@ -229,10 +230,8 @@ impl Driver {
     /// The docker half of this agent's subnet of `network`.
     fn pool_of(&self, network: &str) -> Result<Ipv4Network, DriverError> {
         let subnet = self
-            .core
-            .lock()
-            .unwrap()
-            .subnet_of(network)
+            .agent
+            .blocking_subnet_of(network)?
             .ok_or_else(|| {
                 bad(format!(
                     "network {network:?} is not configured on this agent (or has no subnet here)"
@@ -250,8 +249,8 @@ impl Driver {
         let pool: Option<Ipv4Network> =
             pool.filter(|p| !p.is_empty()).map(str::parse).transpose()?;
         if let Some(pool) = pool {
-            let core = self.core.lock().unwrap();
-            for o in core.me().iter().flat_map(|m| &m.overlays) {
+            let me = self.agent.blocking_me()?;
+            for o in me.iter().flat_map(|m| &m.overlays) {
                 if o.subnet
                     .is_some_and(|s| ipam::half_range(s, Half::Docker) == pool)
                 {
@@ -290,7 +289,7 @@ impl Driver {
                 let id = str_field(req, "EndpointID")?;
                 let ep = self.stored.lock().unwrap().endpoints.get(id).cloned();
                 if let Some(ep) = ep {
-                    self.core.lock().unwrap().unwire_endpoint(ep.ip)?;
+                    self.agent.blocking_unwire_endpoint(ep.ip)?;
                 }
                 Ok(json!({}))
             }
@@ -340,7 +339,7 @@ impl Driver {
                 if addr == ipam::gateway_of(pool) {
                     return Ok(json!({}));
                 }
-                match self.core.lock().unwrap().remove_endpoint(addr) {
+                match self.agent.blocking_remove_endpoint(addr) {
                     Ok(()) | Err(EndpointError::NotFound(_)) => Ok(json!({})),
                     Err(e) => Err(e.into()),
                 }
@@ -399,10 +398,8 @@ impl Driver {
             )));
         }
         let ip = self
-            .core
-            .lock()
-            .unwrap()
-            .reserve_address(network, Half::Docker, requested)?;
+            .agent
+            .blocking_reserve_address(network, Half::Docker, requested)?;
         Ok(json!({"Address": format!("{ip}/{}", pool.prefix()), "Data": {}}))
     }
 
@@ -447,10 +444,8 @@ impl Driver {
             .map_err(bad)?,
         };
         let mac = given_mac.unwrap_or_else(|| mac_for(ip));
-        self.core
-            .lock()
-            .unwrap()
-            .set_attachment(ip, &attachment_of(eid))?;
+        self.agent
+            .blocking_set_attachment(ip, &attachment_of(eid))?;
         let mut s = self.stored.lock().unwrap();
         s.endpoints.insert(
             eid.to_owned(),
@@ -495,7 +490,7 @@ impl Driver {
             ip(&["link", "set", &peer, "address", &ep.mac.to_string()])?;
             ip(&["link", "set", &host, "up"])?;
             let pool = self.pool_of(&ep.network)?;
-            self.core.lock().unwrap().add_endpoint(&AddEndpoint {
+            self.agent.blocking_add_endpoint(AddEndpoint {
                 network: ep.network.clone(),
                 ip: Some(ep.ip),
                 host_veth: host.clone(),
@@ -525,7 +520,7 @@ impl Driver {
         let eid = str_field(req, "EndpointID")?;
         let ep = self.stored.lock().unwrap().endpoints.get(eid).cloned();
         if let Some(ep) = &ep {
-            self.core.lock().unwrap().unwire_endpoint(ep.ip)?;
+            self.agent.blocking_unwire_endpoint(ep.ip)?;
         }
         let (host, _) = veth_names(eid);
         let _ = ip(&["link", "del", &host]);
@@ -630,14 +625,14 @@ fn docker_api(
 /// Creates or adopts the Docker network of every network this agent has a subnet on, and
 /// removes those the agent created for networks that are gone. Returns the changes.
 pub fn sync_docker_networks(
-    core: &Shared,
+    agent: &Handle,
     driver: &Driver,
     host: &Path,
     plugin: &str,
 ) -> anyhow::Result<usize> {
     let wanted: Vec<(String, Ipv4Network)> = {
-        let c = core.lock().unwrap();
-        c.me()
+        agent
+            .blocking_me()?
             .iter()
             .flat_map(|m| &m.overlays)
             .filter(|o| o.info.is_enabled())
@@ -713,7 +708,7 @@ pub fn sync_docker_networks(
 
 /// Keeps Docker's networks in step, every `period` (dockerd may start after the agent).
 pub fn follow_docker(
-    core: Shared,
+    agent: Handle,
     driver: Arc<Driver>,
     host: PathBuf,
     plugin: String,
@@ -722,8 +717,8 @@ pub fn follow_docker(
     std::thread::spawn(move || {
         let mut last_err = String::new();
         loop {
-            if core.lock().unwrap().me().is_some() {
-                match sync_docker_networks(&core, &driver, &host, &plugin) {
+            if agent.blocking_me().is_ok_and(|me| me.is_some()) {
+                match sync_docker_networks(&agent, &driver, &host, &plugin) {
                     Ok(_) => last_err.clear(),
                     Err(e) => {
                         let msg = format!("{e:#}");

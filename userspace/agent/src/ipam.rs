@@ -386,7 +386,6 @@ impl Ipam {
     }
 }
 
-pub use crate::cni_conf::{CNI_CONF_MARKER, CniConfs};
 
 #[cfg(test)]
 mod tests {

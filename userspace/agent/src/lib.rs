@@ -3,8 +3,10 @@
 //!
 //! The flow: master state -> [`desired`] (what the maps should hold) -> [`reconcile`] (the
 //! difference, applied) -> [`datapath`] (the typed façade over the maps) -> the programs.
-//! [`runtime`] owns the running agent; [`api`] serves it.
+//! [`agent`] is what the running agent owns (the datapath, its knowledge, its [`endpoints`]);
+//! [`runtime`] runs it on one owner that everyone else sends commands; [`api`] serves it.
 
+pub mod agent;
 pub mod api;
 pub mod cleanup;
 pub mod cni_conf;
@@ -12,10 +14,12 @@ pub mod control_plane;
 pub mod datapath;
 pub mod desired;
 pub mod docker;
+pub mod endpoints;
 pub mod host_link;
 pub mod identity;
 pub mod ipam;
 pub mod masquerade;
+pub mod metrics;
 pub mod netdev;
 pub mod preflight;
 pub mod reconcile;

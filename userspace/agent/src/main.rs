@@ -1,20 +1,22 @@
-//! `overlay-agent`: started at agent boot. Loads (or takes over) the eBPF datapath, registers
-//! with the master, follows its watch and keeps the maps in step, and serves the local API that
-//! the CNI plugin and tools use.
+//! `overlay-agent`: started at agent boot. Loads (or takes over) the eBPF datapath and its three
+//! programs (from the underlay, from containers, from the host), registers with the master,
+//! follows its watch and keeps the maps in step, and serves the local API that the CNI plugin
+//! and tools use.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use overlay_agent::{
-    api, control_plane,
+    agent::Agent,
+    api,
+    cni_conf::CniConfs,
+    control_plane,
     datapath::{Datapath, PinLayout},
+    desired::{HostLinkFacts, LocalFacts},
+    endpoints::Endpoints,
     host_link, identity, masquerade, netdev,
-    runtime::{Core, follow_master},
+    runtime::{Handle, follow_master, sweep_nat},
 };
 use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
 use overlay_common::maps::{HOST_LINK_PEER, programs};
@@ -190,13 +192,13 @@ async fn main() -> anyhow::Result<()> {
         udp: args.nat_udp_timeout,
         icmp: args.nat_icmp_timeout,
     };
-    dp.maps().set_nat_config(&masquerade::nat_config(
+    let nat = masquerade::nat_config(
         &nat_ports,
         timeouts,
         args.nat_max_probes,
         args.nat_max_flows_per_destination,
         underlay.ipv4_broadcast,
-    ))?;
+    );
     let masters = control_plane::master_addresses(&args.masters).context("--master")?;
     let mut agent_ports = args
         .protect_agent_ports
@@ -211,31 +213,45 @@ async fn main() -> anyhow::Result<()> {
         args.allow_containers_to_master,
         &agent_ports,
     );
-    dp.maps()
+    dp.maps_mut()
         .set_protected(&protected)
         .context("writing the control-plane policy")?;
     tracing::info!(
         ?protected,
         "containers may not reach these control-plane destinations"
     );
-    let mut core = Core::new(dp, underlay, args.mtu);
-    core.set_host_link(host_link);
-    core.restore_endpoints()?;
-    core.set_ipam(overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?);
-    core.set_state_dir(state_dir.clone());
-    core.set_cni_confs(overlay_agent::ipam::CniConfs {
+    let local = LocalFacts {
+        underlay_ip: my_ip,
+        underlay_ifindex: underlay.ifindex,
+        mtu: args.mtu,
+        host_link: Some(HostLinkFacts {
+            peer_ifindex: host_link.peer.ifindex,
+            host_mac: host_link.host.mac,
+        }),
+        nat: Some(nat),
+    };
+    let ipam = overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?;
+    let cni_confs = CniConfs {
         dir: args.cni_conf_dir.clone(),
         mesos_dir: args.mesos_cni_conf_dir.clone(),
         agent_socket: std::path::absolute(&args.api_socket).unwrap_or(args.api_socket.clone()),
         mtu: args.mtu,
-    });
-    let core = Arc::new(Mutex::new(core));
+    };
+    let agent = Agent::start(
+        dp,
+        local,
+        Endpoints::new(Some(ipam)),
+        Some(state_dir.clone()),
+        Some(cni_confs),
+    )?;
+    // From here on one thread owns the datapath; everything else holds a handle.
+    let agent = Handle::spawn(agent)?;
     // Docker's driver is served before anything waits on the master: dockerd retries a missing
     // plugin for 15 s a call.
     let docker = match &args.docker_plugin_socket {
         Some(sock) => {
             let driver = Arc::new(overlay_agent::docker::Driver::open(
-                core.clone(),
+                agent.clone(),
                 &state_dir,
                 args.mtu,
             )?);
@@ -247,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
                     .context("--docker-plugin-socket: no file name")?
                     .to_owned();
                 overlay_agent::docker::follow_docker(
-                    core.clone(),
+                    agent.clone(),
                     driver,
                     host.clone(),
                     plugin,
@@ -281,28 +297,27 @@ async fn main() -> anyhow::Result<()> {
     )
     .with_context(|| format!("restricting {}", args.api_socket.display()))?;
     tracing::info!(socket = %args.api_socket.display(), "local API listening");
-    let api = tokio::spawn(axum::serve(listener, api::router(core.clone())).into_future());
+    let api = tokio::spawn(axum::serve(listener, api::router(agent.clone())).into_future());
     if let Some(addr) = args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--metrics-listen {addr}"))?;
-        tokio::spawn(axum::serve(l, api::metrics_router(core.clone())).into_future());
+        tokio::spawn(axum::serve(l, api::metrics_router(agent.clone())).into_future());
     }
-    let follower = tokio::spawn(follow_master(core.clone(), client));
+    let follower = tokio::spawn(follow_master(
+        agent.clone(),
+        client,
+        Some(host_link.clone()),
+    ));
     tokio::spawn(overlay_agent::service::notify_ready_when_applied(
-        core.clone(),
+        agent.clone(),
     ));
     // Idle masqueraded flows leave the NAT table (the kernel's LRU only evicts when full).
-    let sweeper = core.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            if let Err(e) = sweeper.lock().unwrap().sweep_nat() {
-                tracing::warn!("sweeping the NAT table: {e:#}");
-            }
-        }
-    });
+    let sweeper = tokio::spawn(sweep_nat(
+        agent.clone(),
+        pins.clone(),
+        std::time::Duration::from_secs(1),
+    ));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -310,13 +325,14 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => {}
         r = api => bail!("local API stopped: {r:?}"),
         r = follower => bail!("master follower stopped: {r:?}"),
+        r = sweeper => bail!("NAT sweeper stopped: {r:?}"),
     }
     let _ = std::fs::remove_file(&args.api_socket);
     if let Some(sock) = &docker {
         let _ = std::fs::remove_file(sock);
     }
     if args.cleanup_on_exit {
-        drop(core);
+        drop(agent);
         pins.remove_all()?;
         host_link::HostLink::remove()?;
         tracing::info!("pins removed, programs detached");

@@ -1,24 +1,16 @@
 //! The agent's side of masquerade: the settings the BPF NAT runs with (validated against the
-//! host, so our ports never collide with the host's own connections), expiry of idle flows, and
-//! the NAT table's metrics.
+//! host, so our ports never collide with the host's own connections) and expiry of idle flows.
 
-use std::{
-    collections::BTreeMap,
-    ops::RangeInclusive,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::{collections::BTreeMap, ops::RangeInclusive};
 
 use anyhow::{Context as _, bail};
 use overlay_common::{
-    maps::{NatConfig, NatEntry, NatKey, NatQuotaKey, capacity, nat_direction},
+    maps::{NatConfig, NatEntry, NatKey, NatQuotaKey, nat_direction},
     nat::is_expired,
     packet::{VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN},
 };
 
 use crate::datapath::OverlayMaps;
-
-/// Idle flows removed by the sweeper since start.
-static EXPIRED: AtomicU64 = AtomicU64::new(0);
 
 /// Parses `MIN-MAX` (a masquerade port range).
 pub fn parse_port_range(text: &str) -> anyhow::Result<RangeInclusive<u16>> {
@@ -85,8 +77,8 @@ pub fn check_port_range(
 
 /// Removes every idle flow (both directions) from the NAT table and recounts every container's
 /// live flows per destination (the quota; the datapath counts up and down between sweeps, and a
-/// count lost to a race or an LRU eviction is corrected here). Returns how many entries went.
-pub fn sweep(maps: &mut OverlayMaps) -> anyhow::Result<usize> {
+/// count lost to a race or an LRU eviction is corrected here).
+pub fn sweep(maps: &mut OverlayMaps) -> anyhow::Result<Swept> {
     let cfg = maps.nat_config()?;
     let now = monotonic_ns();
     let (expired, live): (Vec<_>, Vec<_>) = maps
@@ -97,8 +89,19 @@ pub fn sweep(maps: &mut OverlayMaps) -> anyhow::Result<usize> {
         maps.remove_nat(k)?;
     }
     maps.set_nat_quotas(&live_flows(&live))?;
-    EXPIRED.fetch_add(expired.len() as u64, Ordering::Relaxed);
-    Ok(expired.len())
+    Ok(Swept {
+        expired: expired.len(),
+        remaining: live.len(),
+    })
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Swept {
+    /// Idle entries removed.
+    pub expired: usize,
+    /// Entries left.
+    pub remaining: usize,
 }
 
 /// Live (not closing) flows per container and destination, from the egress entries.
@@ -123,37 +126,6 @@ pub fn monotonic_ns() -> u64 {
         libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Prometheus lines for the NAT table: fill level, capacity, expiries.
-pub fn metrics(maps: &OverlayMaps) -> anyhow::Result<String> {
-    let entries = maps.nat_entries()?.len();
-    let mut out = String::new();
-    for (name, help, kind, value) in [
-        (
-            "overlay_nat_entries",
-            "Connection-tracking entries (two per masqueraded flow).",
-            "gauge",
-            entries as u64,
-        ),
-        (
-            "overlay_nat_capacity",
-            "Capacity of the NAT table (LRU-evicted when full).",
-            "gauge",
-            capacity::NAT as u64,
-        ),
-        (
-            "overlay_nat_expired_total",
-            "Idle NAT entries removed by the agent.",
-            "counter",
-            EXPIRED.load(Ordering::Relaxed),
-        ),
-    ] {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    }
-    Ok(out)
 }
 
 /// Idle timeouts of masqueraded flows, in seconds.

@@ -2,12 +2,22 @@
 //! and touch only the entries that differ. Never flush-and-refill: traffic to unchanged
 //! destinations is never interrupted.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
+use anyhow::anyhow;
 use ipnetwork::IpNetwork;
-use overlay_common::maps::{Network, OverlaySubnet, RemoteRoute, Vtep};
+use overlay_api::MacAddr;
+use overlay_common::maps::{Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep};
 
-use crate::{datapath::OverlayMaps, desired::DesiredDatapath};
+use crate::{
+    datapath::{AgentSettings, Datapath, OverlayMaps, from_addr16},
+    desired::DesiredDatapath,
+    endpoints::Endpoints,
+    ipam::ParkedEndpoint,
+};
 
 /// One change to one map entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,36 +42,142 @@ pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     puts.chain(removes).collect()
 }
 
-/// Every change for every master-driven map.
+/// What a container endpoint needs because of its network's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointChange {
+    /// Its network is disabled: set aside (kept, out of the datapath).
+    Park(Ipv4Addr, ParkedEndpoint),
+    /// Its network is enabled again: back into the datapath (or forgotten if its veth is gone).
+    Unpark(Ipv4Addr, ParkedEndpoint),
+    /// Its network is gone: disconnected, address released.
+    Remove(Ipv4Addr),
+    /// Parked, and its network is gone: program detached, address released.
+    ForgetParked(Ipv4Addr, ParkedEndpoint),
+}
+
+/// What the maps hold now: each map read once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub networks: BTreeMap<u32, Network>,
+    pub subnets: BTreeMap<IpNetwork, OverlaySubnet>,
+    pub routes: BTreeMap<IpNetwork, RemoteRoute>,
+    pub vteps: BTreeMap<IpAddr, Vtep>,
+    /// Every endpoint, the host's and the containers'.
+    pub endpoints: BTreeMap<IpAddr, Endpoint>,
+    pub config: Option<AgentSettings>,
+    pub nat_config: Option<NatConfig>,
+}
+
+/// Reads every map reconciliation touches, once.
+pub fn read_maps(maps: &OverlayMaps) -> anyhow::Result<MapContents> {
+    Ok(MapContents {
+        networks: maps.networks()?,
+        subnets: maps.subnets()?,
+        routes: maps.routes()?,
+        vteps: maps.vteps()?,
+        endpoints: maps.endpoints()?,
+        config: maps.config()?.map(|c| AgentSettings {
+            underlay_ip: from_addr16(&c.underlay_ip),
+            underlay_ifindex: c.underlay_ifindex,
+            vtep_mac: c.vtep_mac,
+            vxlan_port: c.vxlan_port,
+            overlay_mtu: c.overlay_mtu,
+        }),
+        nat_config: Some(maps.nat_config()?),
+    })
+}
+
+/// Every change the datapath needs, for every map and for the local endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
+    /// `OVL_CONFIG` to write (None: as it is).
+    pub config: Option<AgentSettings>,
+    pub nat_config: Option<NatConfig>,
     pub networks: Vec<Change<u32, Network>>,
     pub subnets: Vec<Change<IpNetwork, OverlaySubnet>>,
     pub routes: Vec<Change<IpNetwork, RemoteRoute>>,
     pub vteps: Vec<Change<IpAddr, Vtep>>,
+    pub host_endpoints: Vec<Change<IpAddr, Endpoint>>,
+    pub endpoints: Vec<EndpointChange>,
 }
 
 impl Plan {
-    pub fn between(desired: &DesiredDatapath, current: &DesiredDatapath) -> Plan {
+    /// The plan that takes the maps from `current` (and the endpoints parked in `parked`) to
+    /// `desired`.
+    pub fn between(
+        desired: &DesiredDatapath,
+        current: &MapContents,
+        parked: &BTreeMap<Ipv4Addr, ParkedEndpoint>,
+    ) -> Plan {
+        let (host, containers): (BTreeMap<_, _>, BTreeMap<_, _>) = current
+            .endpoints
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .partition(|(_, e)| e.flags & Endpoint::FLAG_HOST != 0);
+        let mut endpoints = Vec::new();
+        for (ip, e) in &containers {
+            let IpAddr::V4(ip) = *ip else { continue };
+            match desired.configured.get(&e.vni) {
+                Some(true) => {}
+                Some(false) => endpoints.push(EndpointChange::Park(
+                    ip,
+                    ParkedEndpoint {
+                        vni: e.vni,
+                        ifindex: e.ifindex,
+                        mac: MacAddr(e.mac),
+                        gateway_mac: MacAddr(e.gateway_mac),
+                    },
+                )),
+                None => endpoints.push(EndpointChange::Remove(ip)),
+            }
+        }
+        for (ip, p) in parked {
+            match desired.configured.get(&p.vni) {
+                Some(false) => {}
+                Some(true) => endpoints.push(EndpointChange::Unpark(*ip, *p)),
+                // Already handled with its (stale) map entry.
+                None if containers.contains_key(&IpAddr::V4(*ip)) => {}
+                None => endpoints.push(EndpointChange::ForgetParked(*ip, *p)),
+            }
+        }
         Plan {
+            config: desired.config.filter(|c| current.config != Some(*c)),
+            nat_config: desired.nat_config.filter(|c| current.nat_config != Some(*c)),
             networks: diff(&desired.networks, &current.networks),
             subnets: diff(&desired.subnets, &current.subnets),
             routes: diff(&desired.routes, &current.routes),
             vteps: diff(&desired.vteps, &current.vteps),
+            host_endpoints: diff(&desired.host_endpoints, &host),
+            endpoints,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.networks.len() + self.subnets.len() + self.routes.len() + self.vteps.len()
+        self.config.is_some() as usize
+            + self.nat_config.is_some() as usize
+            + self.networks.len()
+            + self.subnets.len()
+            + self.routes.len()
+            + self.vteps.len()
+            + self.host_endpoints.len()
+            + self.endpoints.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Applies the plan. Additions go in dependency order (a VTEP and network before the routes
-    /// that use them), removals in the reverse order, so no packet meets a half-built path.
-    pub fn apply(&self, maps: &mut OverlayMaps) -> anyhow::Result<usize> {
+    /// Applies the plan. Additions go in dependency order (config, a VTEP and network before the
+    /// routes and endpoints that use them), removals in the reverse order, so no packet meets a
+    /// half-built path.
+    pub fn apply(&self, dp: &mut Datapath, local: &mut Endpoints) -> anyhow::Result<usize> {
+        let maps = dp.maps_mut();
+        if let Some(c) = &self.config {
+            maps.set_config(c)?;
+        }
+        if let Some(c) = &self.nat_config {
+            maps.set_nat_config(c)?;
+        }
         for c in &self.vteps {
             if let Change::Put(k, v) = c {
                 maps.put_vtep(*k, *v)?;
@@ -83,6 +199,27 @@ impl Plan {
                 Change::Remove(k) => maps.remove_route(*k)?,
             }
         }
+        for c in &self.host_endpoints {
+            match c {
+                Change::Put(k, v) => maps.put_endpoint(*k, *v)?,
+                Change::Remove(k) => maps.remove_endpoint(*k)?,
+            }
+        }
+        for c in &self.endpoints {
+            match c {
+                EndpointChange::Park(ip, p) => {
+                    local.park(dp, *ip, *p)?;
+                    tracing::warn!(%ip, vni = p.vni, "network disabled: endpoint parked (kept, out of the datapath until the network is enabled)");
+                }
+                EndpointChange::Unpark(ip, p) => local.unpark_into(dp, *ip, *p)?,
+                EndpointChange::Remove(ip) => {
+                    tracing::info!(%ip, "network of endpoint removed: disconnecting it");
+                    local.remove(dp, *ip).map_err(|e| anyhow!("{e}"))?;
+                }
+                EndpointChange::ForgetParked(ip, p) => local.forget_parked(dp, *ip, *p)?,
+            }
+        }
+        let maps = dp.maps_mut();
         for c in &self.subnets {
             if let Change::Remove(k) = c {
                 maps.remove_subnet(*k)?;
@@ -102,16 +239,6 @@ impl Plan {
     }
 }
 
-/// What the maps hold now, in the same shape as [`DesiredDatapath`].
-pub fn current(maps: &OverlayMaps) -> anyhow::Result<DesiredDatapath> {
-    Ok(DesiredDatapath {
-        networks: maps.networks()?,
-        subnets: maps.subnets()?,
-        routes: maps.routes()?,
-        vteps: maps.vteps()?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,14 +255,71 @@ mod tests {
         assert!(diff(&desired, &desired).is_empty());
     }
 
+    fn held(d: &DesiredDatapath) -> MapContents {
+        MapContents {
+            networks: d.networks.clone(),
+            subnets: d.subnets.clone(),
+            routes: d.routes.clone(),
+            vteps: d.vteps.clone(),
+            endpoints: d.host_endpoints.clone(),
+            config: d.config,
+            nat_config: d.nat_config,
+        }
+    }
+
     #[test]
     fn plan_of_identical_state_is_empty() {
         let mut d = DesiredDatapath::default();
         d.networks.insert(1024, Network::default());
         d.vteps.insert("10.0.0.2".parse().unwrap(), Vtep::default());
-        assert!(Plan::between(&d, &d).is_empty());
+        let host = Endpoint {
+            flags: Endpoint::FLAG_HOST,
+            ..Default::default()
+        };
+        d.host_endpoints.insert("9.0.1.1".parse().unwrap(), host);
+        let none = BTreeMap::new();
+        assert!(Plan::between(&d, &held(&d), &none).is_empty());
         let empty = DesiredDatapath::default();
-        assert_eq!(Plan::between(&d, &empty).len(), 2);
-        assert_eq!(Plan::between(&empty, &d).len(), 2);
+        assert_eq!(Plan::between(&d, &held(&empty), &none).len(), 3);
+        assert_eq!(Plan::between(&empty, &held(&d), &none).len(), 3);
+    }
+
+    #[test]
+    fn container_endpoints_follow_their_networks_state() {
+        let mut d = DesiredDatapath::default();
+        d.configured = BTreeMap::from([(1024, true), (1025, false)]);
+        let ep = |vni| Endpoint {
+            vni,
+            ifindex: 9,
+            ..Default::default()
+        };
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let mut now = MapContents::default();
+        for (a, vni) in [("9.0.1.2", 1024), ("10.1.1.2", 1025), ("10.3.1.2", 1027)] {
+            now.endpoints.insert(IpAddr::V4(ip(a)), ep(vni));
+        }
+        let parked_ep = |vni| ParkedEndpoint {
+            vni,
+            ifindex: 9,
+            mac: MacAddr([0; 6]),
+            gateway_mac: MacAddr([0; 6]),
+        };
+        let parked = BTreeMap::from([
+            (ip("9.0.1.3"), parked_ep(1024)),
+            (ip("10.1.1.3"), parked_ep(1025)),
+            (ip("10.3.1.3"), parked_ep(1027)),
+        ]);
+        let plan = Plan::between(&d, &now, &parked);
+        for wanted in [
+            EndpointChange::Park(ip("10.1.1.2"), parked_ep(1025)),
+            EndpointChange::Remove(ip("10.3.1.2")),
+            EndpointChange::ForgetParked(ip("10.3.1.3"), parked_ep(1027)),
+            EndpointChange::Unpark(ip("9.0.1.3"), parked_ep(1024)),
+        ] {
+            assert!(plan.endpoints.contains(&wanted), "{wanted:?} missing: {plan:?}");
+        }
+        assert_eq!(plan.endpoints.len(), 4, "{plan:?}");
+        // The host's endpoints are never container endpoints.
+        assert!(plan.host_endpoints.iter().all(|c| matches!(c, Change::Remove(_))));
     }
 }

@@ -55,11 +55,13 @@ impl Datapath {
         Ok(Datapath { ebpf, pins, maps })
     }
 
-    pub fn maps(&mut self) -> &mut OverlayMaps {
+    /// The maps, to change them.
+    pub fn maps_mut(&mut self) -> &mut OverlayMaps {
         &mut self.maps
     }
 
-    pub fn maps_ref(&self) -> &OverlayMaps {
+    /// The maps, to read them.
+    pub fn maps(&self) -> &OverlayMaps {
         &self.maps
     }
 

@@ -1,0 +1,475 @@
+//! What the agent owns: the datapath and everything it knows (its allocation, the master's
+//! state, its containers, counters). Exactly one task holds an [`Agent`]
+//! ([`crate::runtime`]); everyone else sends it commands. Nothing here blocks for long: the
+//! veth lookups of a request, the host's routes and the NAT sweep run outside it.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use ipnetwork::Ipv4Network;
+use overlay_api::{
+    AgentInfo, MacAddr, State,
+    agent::{AddEndpoint, AgentStatus, EndpointInfo, GcRequest, Half, IpamUsage, Released},
+};
+
+use crate::{
+    cni_conf::{CniConfs, ConfNetwork},
+    datapath::Datapath,
+    desired::{DesiredDatapath, LocalFacts, agent_settings, vtep_of},
+    endpoints::{Allocation, EndpointError, Endpoints, Veth},
+    metrics::Snapshot,
+    reconcile::{self, Plan},
+    saved::{self, SavedState},
+};
+
+/// Where the state applied to the datapath came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateSource {
+    /// Nothing applied yet.
+    None,
+    /// The state last applied before a restart, loaded because no master answered.
+    Saved,
+    /// The master's watch.
+    Master,
+}
+
+impl StateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateSource::None => "none",
+            StateSource::Saved => "saved",
+            StateSource::Master => "master",
+        }
+    }
+}
+
+/// What applying a state did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Map entries changed.
+    pub changed: usize,
+    /// The host's routes into the overlay as they should be now (set outside the owner: it
+    /// talks to the kernel's routing tables); None without a host link.
+    pub host_routes: Option<BTreeMap<Ipv4Network, Ipv4Addr>>,
+}
+
+pub struct Agent {
+    dp: Datapath,
+    local: LocalFacts,
+    /// This agent's allocation, from registration and every watched state.
+    me: Option<AgentInfo>,
+    state: Option<State>,
+    /// Network name per VNI of `state`.
+    names: BTreeMap<u32, String>,
+    revision: u64,
+    map_updates: u64,
+    reconcile_errors: u64,
+    endpoints: Endpoints,
+    /// CNI config files kept in step with this agent's networks.
+    cni_confs: Option<CniConfs>,
+    /// Times the master changed this agent's VTEP or subnets under it, and the last change.
+    allocation_changes: u64,
+    allocation_changed: Option<String>,
+    /// Wakes the heartbeat: the endpoint counts the master is told about changed.
+    heartbeat_now: Arc<tokio::sync::Notify>,
+    /// Where every applied state is saved, for a restart while no master answers.
+    state_dir: Option<PathBuf>,
+    state_source: StateSource,
+    /// Whether the master answered the last request (registration, heartbeat, watch).
+    master_reachable: bool,
+    /// The NAT sweeper's last figures: entries left, entries expired since start.
+    nat_entries: u64,
+    nat_expired: u64,
+}
+
+impl Agent {
+    /// The agent around a loaded datapath. Restores the endpoints the pinned map kept and
+    /// writes the settings that need no master (masquerade).
+    pub fn start(
+        mut dp: Datapath,
+        local: LocalFacts,
+        endpoints: Endpoints,
+        state_dir: Option<PathBuf>,
+        cni_confs: Option<CniConfs>,
+    ) -> anyhow::Result<Agent> {
+        let mut endpoints = endpoints;
+        endpoints.restore(&mut dp)?;
+        let nat = Plan {
+            nat_config: local.nat,
+            ..Default::default()
+        };
+        nat.apply(&mut dp, &mut endpoints)
+            .context("writing the masquerade settings")?;
+        Ok(Agent {
+            dp,
+            local,
+            me: None,
+            state: None,
+            names: BTreeMap::new(),
+            revision: 0,
+            map_updates: 0,
+            reconcile_errors: 0,
+            endpoints,
+            cni_confs,
+            allocation_changes: 0,
+            allocation_changed: None,
+            heartbeat_now: Arc::new(tokio::sync::Notify::new()),
+            state_dir,
+            state_source: StateSource::None,
+            master_reachable: false,
+            nat_entries: 0,
+            nat_expired: 0,
+        })
+    }
+
+    fn alloc(&self) -> Allocation<'_> {
+        Allocation {
+            me: self.me.as_ref(),
+            names: &self.names,
+        }
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    pub fn underlay_ip(&self) -> IpAddr {
+        self.local.underlay_ip
+    }
+
+    /// Notified whenever the heartbeat should go out at once.
+    pub fn heartbeat_trigger(&self) -> Arc<tokio::sync::Notify> {
+        self.heartbeat_now.clone()
+    }
+
+    pub fn me(&self) -> Option<&AgentInfo> {
+        self.me.as_ref()
+    }
+
+    /// The VXLAN port of the applied state (the default before one).
+    pub fn vxlan_port(&self) -> u16 {
+        self.state
+            .as_ref()
+            .map_or(overlay_api::DEFAULT_VXLAN_PORT, |s| s.network.vxlan_port)
+    }
+
+    /// Says loudly when the master changed this agent's VTEP or a subnet under it (it was
+    /// deleted and registered again after the quarantine, or its store lost it): containers
+    /// keep their addresses and endpoints (nothing is silently renumbered), and those now
+    /// outside this agent's subnets are named.
+    fn check_allocation_change(&mut self, new: &AgentInfo) {
+        let Some(old) = &self.me else { return };
+        let mut changes = Vec::new();
+        if let (Some(before), Some(after)) = (vtep_of(old), vtep_of(new))
+            && before != after
+        {
+            changes.push(format!(
+                "VTEP {} ({}) -> {} ({})",
+                before.1,
+                MacAddr(before.0),
+                after.1,
+                MacAddr(after.0)
+            ));
+        }
+        let mut subnets: BTreeMap<String, Option<Ipv4Network>> = BTreeMap::new();
+        for ov in &old.overlays {
+            let now = new
+                .overlays
+                .iter()
+                .find(|o| o.info.name == ov.info.name)
+                .and_then(|o| o.subnet);
+            if let (Some(before), Some(after)) = (ov.subnet, now)
+                && before != after
+            {
+                changes.push(format!(
+                    "network {}: subnet {before} -> {after}",
+                    ov.info.name
+                ));
+            }
+            subnets.insert(ov.info.name.clone(), now);
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let mut stranded: Vec<Ipv4Addr> = Vec::new();
+        let active = self.endpoints().unwrap_or_default();
+        let parked = self.endpoints.parked();
+        let endpoints = active
+            .iter()
+            .map(|e| (e.ip, e.vni))
+            .chain(parked.iter().map(|(ip, p)| (*ip, p.vni)));
+        for (ip, vni) in endpoints {
+            let inside = self
+                .names
+                .get(&vni)
+                .and_then(|n| subnets.get(n).copied().flatten())
+                .is_some_and(|s| s.contains(ip));
+            if !inside {
+                stranded.push(ip);
+            }
+        }
+        self.allocation_changes += 1;
+        let message = format!(
+            "the master changed this agent's allocation under it: {}; endpoints now outside              this agent's subnets (kept as they are, recreate their containers): {stranded:?}",
+            changes.join(", ")
+        );
+        tracing::error!("{message}");
+        self.allocation_changed = Some(message);
+    }
+
+    /// Records this agent's allocation (registration) and writes its datapath config.
+    pub fn set_me(&mut self, me: AgentInfo) -> anyhow::Result<()> {
+        self.check_allocation_change(&me);
+        let plan = Plan {
+            config: agent_settings(&me, &self.local, self.vxlan_port()),
+            ..Default::default()
+        };
+        plan.apply(&mut self.dp, &mut self.endpoints)?;
+        self.me = Some(me);
+        Ok(())
+    }
+
+    /// Applies a state from the master: this agent's allocation, then every map by difference
+    /// (one plan: networks, routes, VTEPs, the host's and the containers' endpoints).
+    pub fn apply_state(&mut self, state: State, revision: u64) -> anyhow::Result<Applied> {
+        let applied = self.apply(state, revision);
+        if applied.is_err() {
+            self.reconcile_errors += 1;
+        }
+        let applied = applied?;
+        self.state_source = StateSource::Master;
+        self.save_applied();
+        Ok(applied)
+    }
+
+    /// Saves the state just applied and this agent's allocation (a failure is logged: the
+    /// datapath has the state, only a restart without master would miss it).
+    fn save_applied(&self) {
+        let (Some(dir), Some(me), Some(state)) = (&self.state_dir, &self.me, &self.state) else {
+            return;
+        };
+        let saved = SavedState {
+            version: 1,
+            revision: self.revision,
+            me: me.clone(),
+            state: state.clone(),
+        };
+        if let Err(e) = saved::save(dir, &saved) {
+            tracing::warn!(dir = %dir.display(), "saving the applied master state: {e:#}");
+        }
+    }
+
+    /// While no master answers: loads the state saved in the state directory and applies it
+    /// (the pinned maps already hold it; this brings back the agent's knowledge: allocation,
+    /// networks, subnets), so that containers can be attached until the master is back.
+    /// Returns the revision loaded (None without a saved state or once a master state applied)
+    /// and what applying it did.
+    pub fn restore_saved(&mut self) -> anyhow::Result<Option<(u64, Applied)>> {
+        if self.state_source != StateSource::None {
+            return Ok(None);
+        }
+        let Some(dir) = self.state_dir.clone() else {
+            return Ok(None);
+        };
+        let Some(saved) = saved::load(&dir, self.underlay_ip())? else {
+            return Ok(None);
+        };
+        self.check_allocation_change(&saved.me);
+        self.me = Some(saved.me);
+        let applied = self
+            .apply(saved.state, saved.revision)
+            .context("applying the saved master state")?;
+        self.state_source = StateSource::Saved;
+        Ok(Some((saved.revision, applied)))
+    }
+
+    pub fn set_master_reachable(&mut self, reachable: bool) {
+        self.master_reachable = reachable;
+    }
+
+    fn apply(&mut self, state: State, revision: u64) -> anyhow::Result<Applied> {
+        let my_ip = self.underlay_ip();
+        if let Some(me) = state.agents.iter().find(|a| a.ip == my_ip).cloned() {
+            self.check_allocation_change(&me);
+            self.me = Some(me);
+        }
+        self.names = state
+            .network
+            .overlays
+            .iter()
+            .filter_map(|o| Some((o.vni?, o.name.clone())))
+            .collect();
+        let desired = DesiredDatapath::from_state(&state, self.me.as_ref(), &self.local);
+        let current = reconcile::read_maps(self.dp.maps())?;
+        let plan = Plan::between(&desired, &current, &self.endpoints.parked());
+        let changed = plan
+            .apply(&mut self.dp, &mut self.endpoints)
+            .context("applying the reconcile plan")?;
+        if !plan.endpoints.is_empty() {
+            self.heartbeat_now.notify_one();
+        }
+        self.map_updates += changed as u64;
+        self.state = Some(state);
+        self.revision = revision;
+        self.sync_cni_confs();
+        if changed > 0 {
+            tracing::info!(revision, changed, "datapath reconciled");
+        }
+        Ok(Applied {
+            changed,
+            host_routes: self.local.host_link.map(|_| desired.host_routes),
+        })
+    }
+
+    /// Writes the CNI config of every network this agent has a subnet on; removes the others.
+    fn sync_cni_confs(&self) {
+        let (Some(confs), Some(me)) = (&self.cni_confs, &self.me) else {
+            return;
+        };
+        let networks: Vec<ConfNetwork> = me
+            .overlays
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.subnet.is_some() && o.info.is_enabled())
+            .map(|(order, o)| ConfNetwork {
+                order,
+                name: o.info.name.clone(),
+            })
+            .collect();
+        if let Err(e) = confs.sync(&networks) {
+            tracing::warn!(dir = %confs.dir.display(), "writing CNI configs: {e:#}");
+        }
+    }
+
+    pub fn note_reconcile_error(&mut self) {
+        self.reconcile_errors += 1;
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            agent: self.me.clone(),
+            applied_revision: self.revision,
+            map_updates: self.map_updates,
+            pin_dir: self.dp.pins().dir().display().to_string(),
+            parked_endpoints: self.endpoints.parked().into_keys().collect(),
+            allocation_changes: self.allocation_changes,
+            allocation_changed: self.allocation_changed.clone(),
+            master_reachable: self.master_reachable,
+            state_source: self.state_source.as_str().to_owned(),
+        }
+    }
+
+    /// Local endpoints per network name, for the heartbeat.
+    pub fn endpoint_counts(&self) -> anyhow::Result<BTreeMap<String, u32>> {
+        self.endpoints.counts(&self.dp, &self.names)
+    }
+
+    pub fn endpoints(&self) -> anyhow::Result<Vec<EndpointInfo>> {
+        self.endpoints.list(&self.dp, self.alloc())
+    }
+
+    pub fn add_endpoint(
+        &mut self,
+        req: &AddEndpoint,
+        veth: &Veth,
+    ) -> Result<EndpointInfo, EndpointError> {
+        let alloc = Allocation {
+            me: self.me.as_ref(),
+            names: &self.names,
+        };
+        let info = self.endpoints.add(&mut self.dp, alloc, req, veth)?;
+        self.heartbeat_now.notify_one();
+        Ok(info)
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EndpointError> {
+        self.endpoints.remove(&mut self.dp, ip)?;
+        self.heartbeat_now.notify_one();
+        Ok(())
+    }
+
+    pub fn release_attachment(&mut self, attachment: &str) -> Result<Released, EndpointError> {
+        let r = self.endpoints.release(&mut self.dp, attachment)?;
+        if r.ip.is_some() {
+            self.heartbeat_now.notify_one();
+        }
+        Ok(r)
+    }
+
+    pub fn gc(&mut self, req: &GcRequest) -> Result<Vec<Released>, EndpointError> {
+        let r = self.endpoints.gc(&mut self.dp, req)?;
+        if !r.is_empty() {
+            self.heartbeat_now.notify_one();
+        }
+        Ok(r)
+    }
+
+    pub fn ipam_usage(&self) -> Vec<IpamUsage> {
+        self.endpoints.usage(self.me.as_ref())
+    }
+
+    /// This agent's subnet of `network`, if it has one (the Docker driver's pools).
+    pub fn subnet_of(&self, network: &str) -> Option<Ipv4Network> {
+        self.alloc().subnet_of(network)
+    }
+
+    pub fn reserve_address(
+        &mut self,
+        network: &str,
+        half: Half,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, EndpointError> {
+        let alloc = Allocation {
+            me: self.me.as_ref(),
+            names: &self.names,
+        };
+        self.endpoints
+            .reserve_address(&self.dp, alloc, network, half, requested)
+    }
+
+    pub fn set_attachment(&mut self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+        self.endpoints.set_attachment(ip, attachment)
+    }
+
+    pub fn unwire_endpoint(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        self.endpoints.unwire(&mut self.dp, ip)
+    }
+
+    /// Records what the NAT sweeper found.
+    pub fn nat_swept(&mut self, expired: usize, remaining: usize) {
+        self.nat_expired += expired as u64;
+        self.nat_entries = remaining as u64;
+    }
+
+    /// What the metrics need from the agent's knowledge (the maps are read by the renderer).
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let mut ipam: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        for u in self.ipam_usage() {
+            let e = ipam.entry(u.network).or_default();
+            e.0 += u.used;
+            e.1 += u.free;
+        }
+        let exhausted = match self.endpoints.ipam() {
+            Some(i) => ipam.keys().map(|n| (n.clone(), i.exhausted(n))).collect(),
+            None => BTreeMap::new(),
+        };
+        Snapshot {
+            names: self.names.clone(),
+            ipam,
+            ipam_exhausted: exhausted,
+            revision: self.revision,
+            map_updates: self.map_updates,
+            reconcile_errors: self.reconcile_errors,
+            registered: self.me.is_some(),
+            allocation_changes: self.allocation_changes,
+            parked: self.endpoints.parked().len() as u64,
+            nat_entries: self.nat_entries,
+            nat_expired: self.nat_expired,
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Prometheus text of the datapath counters and the agent's own, rendered from a [`Snapshot`] of
+//! the agent's knowledge and a read-only view of the maps, outside the datapath's owner (the
+//! NAT table's fill level comes from the sweeper's last walk, not from another one).
+
+use std::collections::BTreeMap;
+
+use overlay_common::maps::capacity;
+
+use crate::datapath::OverlayMaps;
+
+/// The agent's figures at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub names: BTreeMap<u32, String>,
+    /// Used and free addresses per network.
+    pub ipam: BTreeMap<String, (u32, u32)>,
+    pub ipam_exhausted: BTreeMap<String, u64>,
+    pub revision: u64,
+    pub map_updates: u64,
+    pub reconcile_errors: u64,
+    pub registered: bool,
+    pub allocation_changes: u64,
+    pub parked: u64,
+    pub nat_entries: u64,
+    pub nat_expired: u64,
+}
+
+pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
+    let names = &s.names;
+    let mut out = String::new();
+    out.push_str("# HELP overlay_datapath_packets_total Packets handled by the eBPF datapath, by network and counter (drop_* are drops by reason).\n");
+    out.push_str("# TYPE overlay_datapath_packets_total counter\n");
+    let stats = maps.stats()?;
+    for r in &stats {
+        let net = names.get(&r.vni).map_or("", String::as_str);
+        out.push_str(&format!(
+            "overlay_datapath_packets_total{{vni=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
+            r.vni,
+            r.counter.name(),
+            r.packets
+        ));
+    }
+    out.push_str("# HELP overlay_datapath_bytes_total Bytes handled by the eBPF datapath, by network and counter.\n");
+    out.push_str("# TYPE overlay_datapath_bytes_total counter\n");
+    for r in &stats {
+        let net = names.get(&r.vni).map_or("", String::as_str);
+        out.push_str(&format!(
+            "overlay_datapath_bytes_total{{vni=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
+            r.vni,
+            r.counter.name(),
+            r.bytes
+        ));
+    }
+    let mut per_net: BTreeMap<u32, usize> = BTreeMap::new();
+    for e in maps.endpoints()?.values() {
+        *per_net.entry(e.vni).or_default() += 1;
+    }
+    out.push_str("# HELP overlay_agent_endpoints Local endpoints by network.\n# TYPE overlay_agent_endpoints gauge\n");
+    for (vni, n) in per_net {
+        let net = names.get(&vni).map_or("", String::as_str);
+        out.push_str(&format!(
+            "overlay_agent_endpoints{{vni=\"{vni}\",network=\"{net}\"}} {n}\n"
+        ));
+    }
+    out.push_str("# HELP overlay_agent_ipam_addresses Container addresses of this agent's subnets (both halves), by network and state.\n# TYPE overlay_agent_ipam_addresses gauge\n");
+    for (net, (used, free)) in &s.ipam {
+        out.push_str(&format!(
+            "overlay_agent_ipam_addresses{{network=\"{net}\",state=\"used\"}} {used}\n\
+             overlay_agent_ipam_addresses{{network=\"{net}\",state=\"free\"}} {free}\n"
+        ));
+    }
+    out.push_str("# HELP overlay_agent_ipam_exhausted_total Allocations refused because the requested half had no free address.\n# TYPE overlay_agent_ipam_exhausted_total counter\n");
+    for (net, n) in &s.ipam_exhausted {
+        out.push_str(&format!(
+            "overlay_agent_ipam_exhausted_total{{network=\"{net}\"}} {n}\n"
+        ));
+    }
+    for (name, help, kind, value) in [
+        (
+            "overlay_agent_remote_routes",
+            "Remote agent subnets in the datapath.",
+            "gauge",
+            maps.routes()?.len() as u64,
+        ),
+        (
+            "overlay_agent_known_vteps",
+            "Other agents' VTEPs in the datapath.",
+            "gauge",
+            maps.vteps()?.len() as u64,
+        ),
+        (
+            "overlay_agent_applied_revision",
+            "Master state revision applied to the datapath.",
+            "gauge",
+            s.revision,
+        ),
+        (
+            "overlay_agent_map_updates_total",
+            "Map entries changed by reconciliation.",
+            "counter",
+            s.map_updates,
+        ),
+        (
+            "overlay_agent_reconcile_errors_total",
+            "Failed reconciliations (retried).",
+            "counter",
+            s.reconcile_errors,
+        ),
+        (
+            "overlay_agent_registered",
+            "1 once registered with a master.",
+            "gauge",
+            s.registered as u64,
+        ),
+        (
+            "overlay_agent_allocation_changed_total",
+            "Times the master changed this agent's VTEP or subnets under it (see /overlay-agent/status).",
+            "counter",
+            s.allocation_changes,
+        ),
+        (
+            "overlay_agent_parked_endpoints",
+            "Endpoints of disabled networks, kept out of the datapath until re-enabled.",
+            "gauge",
+            s.parked,
+        ),
+        (
+            "overlay_nat_entries",
+            "Connection-tracking entries (two per masqueraded flow), as of the last sweep.",
+            "gauge",
+            s.nat_entries,
+        ),
+        (
+            "overlay_nat_capacity",
+            "Capacity of the NAT table (LRU-evicted when full).",
+            "gauge",
+            capacity::NAT as u64,
+        ),
+        (
+            "overlay_nat_expired_total",
+            "Idle NAT entries removed by the agent.",
+            "counter",
+            s.nat_expired,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    Ok(out)
+}
