@@ -3,9 +3,9 @@
 //! filled through its pinned map.
 //!
 //! `bench_cni_add_del_50_parallel` (ignored; `-- --ignored --nocapture`) prints the ADD and DEL
-//! latencies of 50 containers attached and detached in parallel; `OVERLAY_BENCH_BIN_DIR` runs it
-//! against other binaries (`overlay-master`, `overlay-agent`, `ebpf-overlay`), e.g. a copy of
-//! an older build, for a before/after comparison in one run.
+//! latencies of 50 containers attached and detached in parallel. `OVERLAY_AGENT_BIN_DIR` runs
+//! either test against other binaries (`overlay-master`, `overlay-agent`, `ebpf-overlay`), e.g.
+//! a copy of an older build, for a before/after comparison in one run.
 
 use std::{
     io::Write as _,
@@ -26,8 +26,11 @@ fn cluster(bin_dir: &Path) -> Cluster {
     Cluster::up(ClusterSpec::new(1, bin_dir)).unwrap()
 }
 
-fn default_bin_dir() -> PathBuf {
-    bin_path("overlay-agent").parent().unwrap().to_owned()
+/// This build's binaries, or those in `OVERLAY_AGENT_BIN_DIR`.
+fn bin_dir() -> PathBuf {
+    std::env::var_os("OVERLAY_AGENT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_path("overlay-agent").parent().unwrap().to_owned())
 }
 
 /// The plugin config the agent wrote for `network` (the list's one plugin, named like it).
@@ -174,7 +177,7 @@ fn metric(text: &str, name: &str) -> Option<u64> {
 
 #[test]
 fn cni_add_and_metrics_answer_while_the_nat_sweep_walks_100k_entries() {
-    let bin_dir = default_bin_dir();
+    let bin_dir = bin_dir();
     let c = cluster(&bin_dir);
     let plugin = bin_dir.join("ebpf-overlay");
     let conf = agent_conf(&c, "a1", "dcos");
@@ -268,9 +271,7 @@ fn summary(name: &str, mut d: Vec<Duration>) -> String {
 #[test]
 #[ignore = "benchmark: prints figures"]
 fn bench_cni_add_del_50_parallel() {
-    let bin_dir = std::env::var_os("OVERLAY_BENCH_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(default_bin_dir);
+    let bin_dir = bin_dir();
     let c = cluster(&bin_dir);
     let plugin = bin_dir.join("ebpf-overlay");
     let conf = agent_conf(&c, "a1", "dcos");
