@@ -85,6 +85,7 @@ pub struct Agent {
     /// The NAT sweeper's last figures: entries left, entries expired since start.
     nat_entries: u64,
     nat_expired: u64,
+    nat_sweep_seconds: f64,
 }
 
 impl Agent {
@@ -124,6 +125,7 @@ impl Agent {
             master_reachable: false,
             nat_entries: 0,
             nat_expired: 0,
+            nat_sweep_seconds: 0.0,
         })
     }
 
@@ -440,10 +442,11 @@ impl Agent {
         self.endpoints.unwire(&mut self.dp, ip)
     }
 
-    /// Records what the NAT sweeper found.
-    pub fn nat_swept(&mut self, expired: usize, remaining: usize) {
+    /// Records what the NAT sweeper found and how long its walk took.
+    pub fn nat_swept(&mut self, expired: usize, remaining: usize, took: std::time::Duration) {
         self.nat_expired += expired as u64;
         self.nat_entries = remaining as u64;
+        self.nat_sweep_seconds = took.as_secs_f64();
     }
 
     /// What the metrics need from the agent's knowledge (the maps are read by the renderer).
@@ -470,6 +473,7 @@ impl Agent {
             parked: self.endpoints.parked().len() as u64,
             nat_entries: self.nat_entries,
             nat_expired: self.nat_expired,
+            nat_sweep_seconds: self.nat_sweep_seconds,
         }
     }
 }

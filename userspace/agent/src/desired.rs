@@ -9,9 +9,7 @@ use std::{
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use overlay_api::{AgentInfo, State, Status};
-use overlay_common::maps::{
-    Endpoint, HOST_LINK_PEER_MAC, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep,
-};
+use overlay_common::maps::{Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep};
 
 use crate::{
     datapath::{AgentSettings, addr16},
@@ -78,36 +76,20 @@ impl DesiredDatapath {
             d.configured.insert(vni, net.is_enabled());
             if let Some(subnet) = net.subnet {
                 d.subnets
-                    .insert(IpNetwork::V4(subnet), OverlaySubnet { vni, flags: 0 });
+                    .insert(IpNetwork::V4(subnet), OverlaySubnet::new(vni));
             }
             if !net.is_enabled() {
                 continue;
             }
             vni_by_name.insert(net.name.as_str(), vni);
-            d.networks.insert(
-                vni,
-                Network {
-                    flags: if net.masquerades() {
-                        Network::FLAG_MASQUERADE
-                    } else {
-                        0
-                    },
-                    _pad: 0,
-                },
-            );
+            d.networks.insert(vni, Network::new(net.masquerades()));
         }
         for agent in state.agents.iter().filter(|a| a.ip != local.underlay_ip) {
             let Some((vtep_mac, vtep_ip)) = vtep_of(agent) else {
                 continue;
             };
-            d.vteps.insert(
-                agent.ip,
-                Vtep {
-                    vtep_mac,
-                    _pad: [0; 2],
-                    vtep_ip: vtep_ip.octets(),
-                },
-            );
+            d.vteps
+                .insert(agent.ip, Vtep::new(vtep_mac, vtep_ip.octets()));
             for ov in &agent.overlays {
                 let failed = ov
                     .state
@@ -119,13 +101,7 @@ impl DesiredDatapath {
                 };
                 d.routes.insert(
                     IpNetwork::V4(subnet),
-                    RemoteRoute {
-                        underlay_ip: addr16(agent.ip),
-                        vtep_mac,
-                        _pad: [0; 2],
-                        vni,
-                        flags: 0,
-                    },
+                    RemoteRoute::new(addr16(agent.ip), vtep_mac, vni),
                 );
             }
         }
@@ -142,14 +118,7 @@ impl DesiredDatapath {
                 d.host_routes.insert(subnet, gateway);
                 d.host_endpoints.insert(
                     IpAddr::V4(gateway),
-                    Endpoint {
-                        ifindex: link.peer_ifindex,
-                        vni,
-                        mac: link.host_mac,
-                        gateway_mac: HOST_LINK_PEER_MAC,
-                        flags: Endpoint::FLAG_HOST,
-                        _pad: 0,
-                    },
+                    Endpoint::host(link.peer_ifindex, vni, link.host_mac),
                 );
             }
         }
@@ -276,7 +245,7 @@ mod tests {
         let gw: IpAddr = "9.0.1.1".parse().unwrap();
         assert_eq!(d.host_endpoints.len(), 2, "{:?}", d.host_endpoints);
         let e = d.host_endpoints[&gw];
-        assert_eq!((e.vni, e.ifindex, e.flags), (1024, 7, Endpoint::FLAG_HOST));
+        assert_eq!(e, Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 1]));
         assert_eq!(d.host_routes[&"9.0.0.0/8".parse().unwrap()], "9.0.1.1".parse::<Ipv4Addr>().unwrap());
         // Without the host link: neither.
         let mut l = local("10.250.0.12");

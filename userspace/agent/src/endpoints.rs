@@ -113,7 +113,7 @@ fn container_endpoints(dp: &Datapath) -> anyhow::Result<BTreeMap<IpAddr, Endpoin
         .maps()
         .endpoints()?
         .into_iter()
-        .filter(|(_, e)| e.flags & Endpoint::FLAG_HOST == 0)
+        .filter(|(_, e)| !e.is_host())
         .collect())
 }
 
@@ -198,13 +198,7 @@ impl Endpoints {
                 dp.attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
                 dp.maps_mut().put_endpoint(
                     IpAddr::V4(ip),
-                    Endpoint {
-                        ifindex: p.ifindex,
-                        vni: p.vni,
-                        mac: p.mac.0,
-                        gateway_mac: p.gateway_mac.0,
-                        ..Default::default()
-                    },
+                    Endpoint::container(p.ifindex, p.vni, p.mac.0, p.gateway_mac.0),
                 )?;
                 tracing::info!(%ip, veth = %name, "network enabled again: endpoint back in the datapath");
             }
@@ -571,13 +565,7 @@ fn connect(
     let veth = veth.link()?;
     let key = link_key(veth.ifindex);
     dp.attach_keyed(&veth.name, programs::FROM_CONTAINER, &key)?;
-    let ep = Endpoint {
-        ifindex: veth.ifindex,
-        vni,
-        mac: req.container_mac.0,
-        gateway_mac: veth.mac,
-        ..Default::default()
-    };
+    let ep = Endpoint::container(veth.ifindex, vni, req.container_mac.0, veth.mac);
     if let Err(e) = dp.maps_mut().put_endpoint(IpAddr::V4(ip), ep) {
         let _ = dp.detach(programs::FROM_CONTAINER, &key);
         return Err(e.into());

@@ -16,7 +16,7 @@ use overlay_agent::{
     desired::{HostLinkFacts, LocalFacts},
     endpoints::Endpoints,
     host_link, identity, masquerade, netdev,
-    runtime::{Handle, follow_master, sweep_nat},
+    runtime::{Handle, follow_master, spawn_nat_sweeper},
 };
 use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
 use overlay_common::maps::{HOST_LINK_PEER, programs};
@@ -313,11 +313,8 @@ async fn main() -> anyhow::Result<()> {
         agent.clone(),
     ));
     // Idle masqueraded flows leave the NAT table (the kernel's LRU only evicts when full).
-    let sweeper = tokio::spawn(sweep_nat(
-        agent.clone(),
-        pins.clone(),
-        std::time::Duration::from_secs(1),
-    ));
+    spawn_nat_sweeper(agent.clone(), &pins, std::time::Duration::from_secs(1))
+        .context("starting the NAT sweeper")?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -325,7 +322,6 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => {}
         r = api => bail!("local API stopped: {r:?}"),
         r = follower => bail!("master follower stopped: {r:?}"),
-        r = sweeper => bail!("NAT sweeper stopped: {r:?}"),
     }
     let _ = std::fs::remove_file(&args.api_socket);
     if let Some(sock) = &docker {

@@ -213,14 +213,14 @@ mod tests {
 
     #[test]
     fn live_flows_count_open_egress_entries_per_container_and_destination() {
-        let key = |local: u8, port: u16, direction| NatKey {
-            remote: overlay_common::maps::ipv4_mapped([10, 250, 0, 254]),
-            local: overlay_common::maps::ipv4_mapped([9, 0, 1, local]),
-            remote_port: 8000,
-            local_port: port,
-            protocol: 17,
-            direction,
-            _pad: [0; 2],
+        let key = |local: u8, port: u16, direction| {
+            let remote = overlay_common::maps::ipv4_mapped([10, 250, 0, 254]);
+            let local = overlay_common::maps::ipv4_mapped([9, 0, 1, local]);
+            if direction == nat_direction::EGRESS {
+                NatKey::egress(17, local, port, remote, 8000)
+            } else {
+                NatKey::ingress(17, remote, 8000, local, port)
+            }
         };
         let open = NatEntry::default();
         let closing = NatEntry {

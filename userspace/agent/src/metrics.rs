@@ -23,6 +23,7 @@ pub struct Snapshot {
     pub parked: u64,
     pub nat_entries: u64,
     pub nat_expired: u64,
+    pub nat_sweep_seconds: f64,
 }
 
 pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
@@ -147,5 +148,10 @@ pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
     }
+    out.push_str(&format!(
+        "# HELP overlay_nat_sweep_seconds Duration of the last walk of the NAT table.\n\
+         # TYPE overlay_nat_sweep_seconds gauge\noverlay_nat_sweep_seconds {:.6}\n",
+        s.nat_sweep_seconds
+    ));
     Ok(out)
 }

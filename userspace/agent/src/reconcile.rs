@@ -113,7 +113,7 @@ impl Plan {
             .endpoints
             .iter()
             .map(|(k, v)| (*k, *v))
-            .partition(|(_, e)| e.flags & Endpoint::FLAG_HOST != 0);
+            .partition(|(_, e)| e.is_host());
         let mut endpoints = Vec::new();
         for (ip, e) in &containers {
             let IpAddr::V4(ip) = *ip else { continue };
@@ -272,10 +272,7 @@ mod tests {
         let mut d = DesiredDatapath::default();
         d.networks.insert(1024, Network::default());
         d.vteps.insert("10.0.0.2".parse().unwrap(), Vtep::default());
-        let host = Endpoint {
-            flags: Endpoint::FLAG_HOST,
-            ..Default::default()
-        };
+        let host = Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 1]);
         d.host_endpoints.insert("9.0.1.1".parse().unwrap(), host);
         let none = BTreeMap::new();
         assert!(Plan::between(&d, &held(&d), &none).is_empty());
@@ -288,11 +285,7 @@ mod tests {
     fn container_endpoints_follow_their_networks_state() {
         let mut d = DesiredDatapath::default();
         d.configured = BTreeMap::from([(1024, true), (1025, false)]);
-        let ep = |vni| Endpoint {
-            vni,
-            ifindex: 9,
-            ..Default::default()
-        };
+        let ep = |vni| Endpoint::container(9, vni, [0; 6], [0; 6]);
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         let mut now = MapContents::default();
         for (a, vni) in [("9.0.1.2", 1024), ("10.1.1.2", 1025), ("10.3.1.2", 1027)] {

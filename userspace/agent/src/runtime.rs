@@ -324,26 +324,35 @@ pub async fn follow_master(
     }
 }
 
-/// Removes idle masqueraded flows every `period` (the kernel's LRU only evicts when full). The
-/// walk runs on its own handle of the maps, off the owner; the owner only hears the result.
-pub async fn sweep_nat(agent: Handle, pins: PinLayout, period: Duration) -> anyhow::Result<()> {
-    let mut maps = Some(OverlayMaps::open_pinned(&pins)?);
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let mut m = maps.take().expect("returned after every sweep");
-        let (m, swept) = tokio::task::spawn_blocking(move || {
-            let r = crate::masquerade::sweep(&mut m);
-            (m, r)
-        })
-        .await?;
-        maps = Some(m);
-        match swept {
-            Ok(s) => agent.tell(move |a| a.nat_swept(s.expired, s.remaining)),
-            Err(e) => tracing::warn!("sweeping the NAT table: {e:#}"),
-        }
-    }
+/// Removes idle masqueraded flows (the kernel's LRU only evicts when full), on a thread of its
+/// own with its own handle of the maps: the owner only hears the result. Housekeeping, so it
+/// yields the CPU: it runs at a lower priority and rests at least `period`, and at least as long
+/// as the last walk took (a full table costs at most half a core).
+pub fn spawn_nat_sweeper(
+    agent: Handle,
+    pins: &PinLayout,
+    period: Duration,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let mut maps = OverlayMaps::open_pinned(pins)?;
+    Ok(std::thread::Builder::new()
+        .name("nat-sweeper".into())
+        .spawn(move || {
+            // SAFETY: plain syscalls on this thread's own id.
+            unsafe {
+                let tid = libc::gettid() as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+            }
+            loop {
+                let started = std::time::Instant::now();
+                let swept = crate::masquerade::sweep(&mut maps);
+                let took = started.elapsed();
+                match swept {
+                    Ok(s) => agent.tell(move |a| a.nat_swept(s.expired, s.remaining, took)),
+                    Err(e) => tracing::warn!("sweeping the NAT table: {e:#}"),
+                }
+                std::thread::sleep(period.max(took));
+            }
+        })?)
 }
 
 #[cfg(test)]
