@@ -8,7 +8,7 @@
 //!   collide), the gateway is the half's first host.
 //! - A Docker container's interface is wired exactly like a CNI container's: a veth pair whose
 //!   host side gets the `from_container` program and an endpoint map entry
-//!   ([`Core::add_endpoint`] with the attachment `docker/<endpoint id>`).
+//!   ([`crate::agent::Agent::add_endpoint`] with the attachment `docker/<endpoint id>`).
 //! - Docker never re-sends `CreateNetwork` (nor anything but Activate and the endpoints of
 //!   `--restart=always` containers after its own restart), so networks and endpoints persist in
 //!   `docker.json` in the state directory, written like the IPAM's state.

@@ -438,6 +438,20 @@ impl Endpoints {
         Ok(())
     }
 
+    /// Disconnects an endpoint whose network is gone (as the plan found it: no second read of
+    /// the map) and frees its address.
+    pub fn remove_orphan(&mut self, dp: &mut Datapath, ip: Ipv4Addr, ifindex: u32) -> anyhow::Result<()> {
+        disconnect(dp, ip, ifindex)?;
+        if self.parked().contains_key(&ip) {
+            self.unpark(ip)?;
+        }
+        if let Some(ipam) = &mut self.ipam {
+            ipam.release(ip)?;
+        }
+        tracing::info!(%ip, "endpoint removed");
+        Ok(())
+    }
+
     /// Takes an address before its endpoint exists (Docker's IPAM RequestAddress): `requested`
     /// or the next free one of `half`. Persisted before it returns.
     pub fn reserve_address(

@@ -8,7 +8,7 @@
 //! The allocations live in one JSON file (`ipam.json` in the state directory), rewritten on every
 //! change by write-to-temporary, fsync, rename, fsync of the directory: a crash (even SIGKILL or
 //! power loss) leaves either the old or the new file, so an address acknowledged to a caller is
-//! never handed out twice. The [`crate::runtime::Core`] mutex serialises all changes.
+//! never handed out twice. The datapath's one owner ([`crate::runtime`]) serialises all changes.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -7,7 +7,6 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use anyhow::anyhow;
 use ipnetwork::IpNetwork;
 use overlay_api::MacAddr;
 use overlay_common::maps::{Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep};
@@ -49,8 +48,8 @@ pub enum EndpointChange {
     Park(Ipv4Addr, ParkedEndpoint),
     /// Its network is enabled again: back into the datapath (or forgotten if its veth is gone).
     Unpark(Ipv4Addr, ParkedEndpoint),
-    /// Its network is gone: disconnected, address released.
-    Remove(Ipv4Addr),
+    /// Its network is gone: disconnected (its program on veth `ifindex`), address released.
+    Remove(Ipv4Addr, u32),
     /// Parked, and its network is gone: program detached, address released.
     ForgetParked(Ipv4Addr, ParkedEndpoint),
 }
@@ -128,7 +127,7 @@ impl Plan {
                         gateway_mac: MacAddr(e.gateway_mac),
                     },
                 )),
-                None => endpoints.push(EndpointChange::Remove(ip)),
+                None => endpoints.push(EndpointChange::Remove(ip, e.ifindex)),
             }
         }
         for (ip, p) in parked {
@@ -212,9 +211,9 @@ impl Plan {
                     tracing::warn!(%ip, vni = p.vni, "network disabled: endpoint parked (kept, out of the datapath until the network is enabled)");
                 }
                 EndpointChange::Unpark(ip, p) => local.unpark_into(dp, *ip, *p)?,
-                EndpointChange::Remove(ip) => {
+                EndpointChange::Remove(ip, ifindex) => {
                     tracing::info!(%ip, "network of endpoint removed: disconnecting it");
-                    local.remove(dp, *ip).map_err(|e| anyhow!("{e}"))?;
+                    local.remove_orphan(dp, *ip, *ifindex)?;
                 }
                 EndpointChange::ForgetParked(ip, p) => local.forget_parked(dp, *ip, *p)?,
             }
@@ -305,7 +304,7 @@ mod tests {
         let plan = Plan::between(&d, &now, &parked);
         for wanted in [
             EndpointChange::Park(ip("10.1.1.2"), parked_ep(1025)),
-            EndpointChange::Remove(ip("10.3.1.2")),
+            EndpointChange::Remove(ip("10.3.1.2"), 9),
             EndpointChange::ForgetParked(ip("10.3.1.3"), parked_ep(1027)),
             EndpointChange::Unpark(ip("9.0.1.3"), parked_ep(1024)),
         ] {

@@ -299,7 +299,10 @@ pub async fn follow_master(
                 }
                 state = Some(current.clone());
                 let applied = match agent.call(move |a| a.apply_state(current, revision)).await? {
-                    Ok(applied) => sync_host_routes(&host_link, &applied).await,
+                    // A failed plan is counted by the owner, a failed route sync here.
+                    Ok(applied) => sync_host_routes(&host_link, &applied)
+                        .await
+                        .inspect_err(|_| agent.tell(|a| a.note_reconcile_error())),
                     Err(e) => Err(e),
                 };
                 match applied {
