@@ -142,8 +142,11 @@ fn fill_nat(c: &Cluster, flows: u32) {
         let container = [9, 0, 200, (i % 100) as u8 + 2];
         let (local_port, nat_port) = (1024 + (i / 100) as u16, 61000 + (i % 3000) as u16);
         let remote_port = 8000 + (i / 3000) as u16;
-        let (server, container, underlay) =
-            (ipv4_mapped(server), ipv4_mapped(container), ipv4_mapped(underlay));
+        let (server, container, underlay) = (
+            ipv4_mapped(server),
+            ipv4_mapped(container),
+            ipv4_mapped(underlay),
+        );
         let egress = NatKey::egress(17, container, local_port, server, remote_port);
         let ingress = NatKey::ingress(17, server, remote_port, underlay, nat_port);
         let entry = |addr, port| NatEntry {
@@ -154,7 +157,8 @@ fn fill_nat(c: &Cluster, flows: u32) {
             last_seen_ns: now,
         };
         nat.insert(egress, entry(underlay, nat_port), 0).unwrap();
-        nat.insert(ingress, entry(container, local_port), 0).unwrap();
+        nat.insert(ingress, entry(container, local_port), 0)
+            .unwrap();
     }
 }
 
@@ -185,7 +189,10 @@ fn cni_add_and_metrics_answer_while_the_nat_sweep_walks_100k_entries() {
     }
     let filled = Instant::now();
     fill_nat(&c, 50_000);
-    eprintln!("NAT table filled with 100000 entries in {:?}", filled.elapsed());
+    eprintln!(
+        "NAT table filled with 100000 entries in {:?}",
+        filled.elapsed()
+    );
     let api = c.agent("a1").with_timeout(Duration::from_secs(30));
     // A sweep has walked the full table once it reports it (the sweeper runs every second).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -194,7 +201,10 @@ fn cni_add_and_metrics_answer_while_the_nat_sweep_walks_100k_entries() {
         if metric(&text, "overlay_nat_entries").is_some_and(|n| n >= 100_000) {
             break;
         }
-        assert!(Instant::now() < deadline, "no sweep reported 100000 entries: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "no sweep reported 100000 entries: {text}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // Several ADDs back to back, for several seconds, so that sweeps (one a second, each a walk
@@ -302,7 +312,10 @@ fn bench_cni_add_del_50_parallel() {
             .and_then(|t| metric(&t, "overlay_nat_entries"))
             .is_some_and(|n| n >= 2 * flows as u64)
         {
-            assert!(Instant::now() < deadline, "no sweep reported the filled table");
+            assert!(
+                Instant::now() < deadline,
+                "no sweep reported the filled table"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -332,7 +345,11 @@ fn bench_cni_add_del_50_parallel() {
     assert_eq!(eps.len(), 50, "every container attached");
     let (dels, del_wall) = run("DEL");
     assert!(c.agent("a1").endpoints().unwrap().is_empty());
-    println!("binaries: {}, NAT entries: {}", bin_dir.display(), 2 * flows);
+    println!(
+        "binaries: {}, NAT entries: {}",
+        bin_dir.display(),
+        2 * flows
+    );
     println!("{} (all 50 in {add_wall:?})", summary("ADD", adds));
     println!("{} (all 50 in {del_wall:?})", summary("DEL", dels));
 }

@@ -64,7 +64,11 @@ impl DesiredDatapath {
     /// enabled networks (routes) and VTEP; this agent's config and host endpoints from `me`
     /// (its allocation). IPv4 only for now: the IPv6 datapath is a later addition (the maps
     /// already hold 16 bytes).
-    pub fn from_state(state: &State, me: Option<&AgentInfo>, local: &LocalFacts) -> DesiredDatapath {
+    pub fn from_state(
+        state: &State,
+        me: Option<&AgentInfo>,
+        local: &LocalFacts,
+    ) -> DesiredDatapath {
         let mut d = DesiredDatapath {
             config: me.and_then(|me| agent_settings(me, local, state.network.vxlan_port)),
             nat_config: local.nat,
@@ -127,7 +131,11 @@ impl DesiredDatapath {
 }
 
 /// This agent's `OVL_CONFIG`: its underlay, VTEP MAC (none before it has one), port and MTU.
-pub fn agent_settings(me: &AgentInfo, local: &LocalFacts, vxlan_port: u16) -> Option<AgentSettings> {
+pub fn agent_settings(
+    me: &AgentInfo,
+    local: &LocalFacts,
+    vxlan_port: u16,
+) -> Option<AgentSettings> {
     let (vtep_mac, _) = vtep_of(me)?;
     Some(AgentSettings {
         underlay_ip: local.underlay_ip,
@@ -223,7 +231,10 @@ mod tests {
             ["10.250.0.12"]
         );
         assert_eq!(d.vteps.values().next().unwrap().vtep_ip, [44, 128, 0, 2]);
-        assert!(d.config.is_none() && d.host_endpoints.is_empty(), "no allocation given");
+        assert!(
+            d.config.is_none() && d.host_endpoints.is_empty(),
+            "no allocation given"
+        );
     }
 
     #[test]
@@ -231,22 +242,27 @@ mod tests {
         let s = state();
         let mut me = s.agents[1].clone();
         // The DC/OS shape gives the mesos half on `mesos_bridge`.
-        me.overlays[0].mesos_bridge = serde_json::from_value(
-            serde_json::json!({"name": "m-dcos", "ip": "9.0.1.0/25"}),
-        )
-        .unwrap();
+        me.overlays[0].mesos_bridge =
+            serde_json::from_value(serde_json::json!({"name": "m-dcos", "ip": "9.0.1.0/25"}))
+                .unwrap();
         me.overlays[1].mesos_bridge =
             serde_json::from_value(serde_json::json!({"name": "m-blue", "ip": "10.1.1.0/25"}))
                 .unwrap();
         let d = DesiredDatapath::from_state(&s, Some(&me), &local("10.250.0.12"));
         let cfg = d.config.unwrap();
-        assert_eq!((cfg.vtep_mac, cfg.vxlan_port), ([0x70, 0xb3, 0xd5, 0x80, 0, 2], 64000));
+        assert_eq!(
+            (cfg.vtep_mac, cfg.vxlan_port),
+            ([0x70, 0xb3, 0xd5, 0x80, 0, 2], 64000)
+        );
         // One host endpoint per enabled network with a half here, at its gateway (.1).
         let gw: IpAddr = "9.0.1.1".parse().unwrap();
         assert_eq!(d.host_endpoints.len(), 2, "{:?}", d.host_endpoints);
         let e = d.host_endpoints[&gw];
         assert_eq!(e, Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 1]));
-        assert_eq!(d.host_routes[&"9.0.0.0/8".parse().unwrap()], "9.0.1.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            d.host_routes[&"9.0.0.0/8".parse().unwrap()],
+            "9.0.1.1".parse::<Ipv4Addr>().unwrap()
+        );
         // Without the host link: neither.
         let mut l = local("10.250.0.12");
         l.host_link = None;

@@ -44,11 +44,7 @@ use overlay_api::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{
-    ipam,
-    endpoints::EndpointError,
-    runtime::Handle,
-};
+use crate::{endpoints::EndpointError, ipam, runtime::Handle};
 
 /// Name of the state file inside the state directory.
 pub const STATE_FILE: &str = "docker.json";
@@ -229,14 +225,11 @@ impl Driver {
 
     /// The docker half of this agent's subnet of `network`.
     fn pool_of(&self, network: &str) -> Result<Ipv4Network, DriverError> {
-        let subnet = self
-            .agent
-            .blocking_subnet_of(network)?
-            .ok_or_else(|| {
-                bad(format!(
-                    "network {network:?} is not configured on this agent (or has no subnet here)"
-                ))
-            })?;
+        let subnet = self.agent.blocking_subnet_of(network)?.ok_or_else(|| {
+            bad(format!(
+                "network {network:?} is not configured on this agent (or has no subnet here)"
+            ))
+        })?;
         Ok(ipam::half_range(subnet, Half::Docker))
     }
 

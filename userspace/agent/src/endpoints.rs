@@ -336,9 +336,9 @@ impl Endpoints {
         }
         let existing = dp.maps().endpoints()?;
         let same_endpoint = |ip: Ipv4Addr| {
-            existing.get(&IpAddr::V4(ip)).is_some_and(|e| {
-                e.mac == req.container_mac.0 && Some(e.ifindex) == veth.ifindex()
-            })
+            existing
+                .get(&IpAddr::V4(ip))
+                .is_some_and(|e| e.mac == req.container_mac.0 && Some(e.ifindex) == veth.ifindex())
         };
         // The same attachment again: its address, its endpoint if still wired the same way.
         let mut reused = None;
@@ -440,7 +440,12 @@ impl Endpoints {
 
     /// Disconnects an endpoint whose network is gone (as the plan found it: no second read of
     /// the map) and frees its address.
-    pub fn remove_orphan(&mut self, dp: &mut Datapath, ip: Ipv4Addr, ifindex: u32) -> anyhow::Result<()> {
+    pub fn remove_orphan(
+        &mut self,
+        dp: &mut Datapath,
+        ip: Ipv4Addr,
+        ifindex: u32,
+    ) -> anyhow::Result<()> {
         disconnect(dp, ip, ifindex)?;
         if self.parked().contains_key(&ip) {
             self.unpark(ip)?;
@@ -518,7 +523,11 @@ impl Endpoints {
     }
 
     /// Releases every attachment of a network that is not in `keep` (CNI GC).
-    pub fn gc(&mut self, dp: &mut Datapath, req: &GcRequest) -> Result<Vec<Released>, EndpointError> {
+    pub fn gc(
+        &mut self,
+        dp: &mut Datapath,
+        req: &GcRequest,
+    ) -> Result<Vec<Released>, EndpointError> {
         let stale: Vec<String> = self
             .ipam
             .as_ref()
@@ -592,4 +601,30 @@ pub fn disconnect(dp: &mut Datapath, ip: Ipv4Addr, ifindex: u32) -> anyhow::Resu
     dp.maps_mut().remove_endpoint(IpAddr::V4(ip))?;
     dp.detach(programs::FROM_CONTAINER, &link_key(ifindex))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses_must_be_usable_hosts_of_the_agent_subnet() {
+        let subnet: Ipv4Network = "9.0.1.0/24".parse().unwrap();
+        assert!(ipam::half_of("9.0.1.2".parse().unwrap(), subnet).is_ok());
+        assert!(ipam::half_of("9.0.1.130".parse().unwrap(), subnet).is_ok());
+        for bad in [
+            "9.0.2.2",
+            "9.0.1.0",
+            "9.0.1.1",
+            "9.0.1.127",
+            "9.0.1.128",
+            "9.0.1.129",
+            "9.0.1.255",
+        ] {
+            assert!(
+                ipam::half_of(bad.parse().unwrap(), subnet).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
 }

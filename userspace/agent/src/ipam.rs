@@ -386,7 +386,6 @@ impl Ipam {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

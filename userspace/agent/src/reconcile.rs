@@ -141,7 +141,9 @@ impl Plan {
         }
         Plan {
             config: desired.config.filter(|c| current.config != Some(*c)),
-            nat_config: desired.nat_config.filter(|c| current.nat_config != Some(*c)),
+            nat_config: desired
+                .nat_config
+                .filter(|c| current.nat_config != Some(*c)),
             networks: diff(&desired.networks, &current.networks),
             subnets: diff(&desired.subnets, &current.subnets),
             routes: diff(&desired.routes, &current.routes),
@@ -308,10 +310,17 @@ mod tests {
             EndpointChange::ForgetParked(ip("10.3.1.3"), parked_ep(1027)),
             EndpointChange::Unpark(ip("9.0.1.3"), parked_ep(1024)),
         ] {
-            assert!(plan.endpoints.contains(&wanted), "{wanted:?} missing: {plan:?}");
+            assert!(
+                plan.endpoints.contains(&wanted),
+                "{wanted:?} missing: {plan:?}"
+            );
         }
         assert_eq!(plan.endpoints.len(), 4, "{plan:?}");
         // The host's endpoints are never container endpoints.
-        assert!(plan.host_endpoints.iter().all(|c| matches!(c, Change::Remove(_))));
+        assert!(
+            plan.host_endpoints
+                .iter()
+                .all(|c| matches!(c, Change::Remove(_)))
+        );
     }
 }
