@@ -55,6 +55,11 @@ counters! {
     NatCreated = 8 => "nat_created",
     /// A port candidate was taken and the next one was tried.
     NatPortRetries = 9 => "nat_port_retries",
+    /// IPv6 Neighbor Solicitation (a container's or the host's) answered in BPF.
+    NdReplied = 10 => "nd_replied",
+    /// IPv6 link housekeeping from a container that needs no answer (duplicate-address probes,
+    /// MLD reports, Router Solicitations, Neighbor Advertisements): dropped, as `arp_ignored`.
+    NdIgnored = 11 => "nd_ignored",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",
@@ -99,8 +104,8 @@ counters! {
     /// VXLAN on the underlay whose outer UDP source port lies in the masquerade range: a
     /// masqueraded container datagram, never an agent's VTEP (whose source ports are disjoint).
     DropVxlanNatPort = 34 => "drop_vxlan_nat_port",
-    /// IPv6 from a container: not carried until the IPv6 datapath exists (it must not reach the
-    /// host stack instead).
+    /// IPv6 from a container's address that no IPv6 overlay has (a container on an IPv4-only
+    /// network, say): not carried, and never the host stack's.
     DropIpv6 = 35 => "drop_ipv6",
     /// An ICMPv6 Router Advertisement or Redirect from a container: always refused, so a container
     /// can never configure the host's addresses or routes.
@@ -114,6 +119,9 @@ counters! {
     /// A container already holds its quota of masquerade ports towards this destination
     /// (address, port, protocol): one container may not take every port towards one server.
     DropNatQuota = 39 => "drop_nat_quota",
+    /// IPv6 link-local traffic that is not neighbour discovery with the gateway: a container
+    /// reaches no other container, and not the host, by link-local address.
+    DropLinkLocal = 40 => "drop_link_local",
 }
 
 /// A packet the datapath refuses: why, and the network it is counted under. Every program

@@ -1,11 +1,14 @@
-//! Forwarding inside the overlay, shared by containers' and the host's traffic: to a local
-//! endpoint (the host's own at a gateway address included) or, in VXLAN, to a remote one.
+//! Forwarding inside the overlay, shared by containers' and the host's traffic and by both IP
+//! families: to a local endpoint (the host's own at a gateway address included) or, in VXLAN, to
+//! a remote one.
 
 use aya_ebpf::programs::TcContext;
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
+    ipv6::Ipv6Header,
     maps::{AgentConfig, Endpoint, RemoteRoute},
-    packet::{ETH_HLEN, Ipv4Header},
+    packet::{ETH_P_IP, ETH_P_IPV6, Ipv4Header},
+    policy::{IPV6_HLEN, is_ipv6_extension_header},
 };
 
 use crate::{deliver, encap, guard, skb, stats::count};
@@ -18,13 +21,57 @@ pub enum Hop {
     Remote(&'static RemoteRoute),
 }
 
-/// Sends a packet of network `vni` (IPv4 header `ip`) on to `hop` and counts it.
+/// What forwarding needs of an IP packet (right behind the frame's Ethernet header) of either
+/// family.
+pub struct L3 {
+    pub ethertype: u16,
+    pub total_len: usize,
+    /// IPv4 protocol, or the IPv6 next header.
+    pub protocol: u8,
+    /// Offset of the transport header; `None` when none is there to check (a later IPv4
+    /// fragment) and the protocol is no transport's (an IPv6 extension header).
+    pub l4: Option<usize>,
+}
+
+impl L3 {
+    /// An IPv4 packet whose header starts at `l3`.
+    #[inline(always)]
+    pub fn v4(ip: &Ipv4Header, l3: usize) -> L3 {
+        L3 {
+            ethertype: ETH_P_IP,
+            total_len: ip.total_len,
+            protocol: ip.protocol,
+            l4: if ip.is_later_fragment {
+                None
+            } else {
+                Some(l3 + ip.header_len)
+            },
+        }
+    }
+
+    /// An IPv6 packet whose header starts at `l3`.
+    #[inline(always)]
+    pub fn v6(ip: &Ipv6Header, l3: usize) -> L3 {
+        L3 {
+            ethertype: ETH_P_IPV6,
+            total_len: ip.total_len(),
+            protocol: ip.next_header,
+            l4: if is_ipv6_extension_header(ip.next_header) {
+                None
+            } else {
+                Some(l3 + IPV6_HLEN)
+            },
+        }
+    }
+}
+
+/// Sends a packet of network `vni` on to `hop` and counts it.
 #[inline(always)]
 pub fn into_overlay(
     ctx: &TcContext,
     cfg: &AgentConfig,
     vni: u32,
-    ip: &Ipv4Header,
+    l3: &L3,
     hop: Hop,
 ) -> Result<i32, Drop> {
     let len = ctx.len();
@@ -32,7 +79,7 @@ pub fn into_overlay(
         Hop::Local(ep) => {
             // The host at its gateway address: the agent's control ports are out of bounds.
             if ep.is_host() {
-                guard::to_host_gateway(ctx, ip, ETH_HLEN).in_network(vni)?;
+                guard::to_host_gateway(ctx, l3).in_network(vni)?;
             }
             let verdict = deliver::to_endpoint(ctx, ep).in_network(vni)?;
             count(vni, Counter::LocalDelivered, len);
@@ -41,10 +88,10 @@ pub fn into_overlay(
         Hop::Remote(route) => {
             // VTEPs must not fragment (RFC 7348): a non-GSO packet over the overlay MTU is
             // refused and counted rather than sent in pieces.
-            if skb::gso_size(ctx) == 0 && ip.total_len > cfg.overlay_mtu as usize {
+            if skb::gso_size(ctx) == 0 && l3.total_len > cfg.overlay_mtu as usize {
                 return Err(Counter::DropTooBig.in_network(vni));
             }
-            let verdict = encap::to_remote(ctx, cfg, route).in_network(vni)?;
+            let verdict = encap::to_remote(ctx, cfg, route, l3.ethertype).in_network(vni)?;
             count(vni, Counter::Encapsulated, len);
             Ok(verdict)
         }

@@ -6,14 +6,16 @@
 use aya_ebpf::{helpers::generated::bpf_redirect, programs::TcContext};
 use overlay_common::{
     counters::{Counter, Drop, NO_NETWORK},
-    maps::{HOST_LINK_PEER_MAC, ipv4_mapped},
+    ipv6::{Icmpv6Role, Ipv6Header, icmpv6_role, is_link_local, is_multicast},
+    maps::{Addr16, AgentConfig, HOST_LINK_PEER_MAC},
     packet::{ARP_LEN, ETH_HLEN, arp_reply},
+    policy::{IPPROTO_ICMPV6, IPV6_HLEN},
 };
 
 use crate::{
-    forward::Hop,
+    forward::{self, Hop, L3},
     maps::{endpoint, route},
-    skb,
+    nd, skb,
     stats::count,
 };
 
@@ -31,9 +33,31 @@ pub fn answer_arp(ctx: &TcContext) -> Result<i32, Drop> {
 
 /// Where the host's packet to `dst` goes, and on which network.
 #[inline(always)]
-pub fn resolve(dst: [u8; 4]) -> Option<(u32, Hop)> {
-    if let Some(ep) = endpoint(ipv4_mapped(dst)) {
+pub fn resolve(dst: Addr16) -> Option<(u32, Hop)> {
+    if let Some(ep) = endpoint(dst) {
         return Some((ep.vni, Hop::Local(ep)));
     }
-    route(ipv4_mapped(dst)).map(|r| (r.vni, Hop::Remote(r)))
+    route(dst).map(|r| (r.vni, Hop::Remote(r)))
+}
+
+/// The host's IPv6 into the overlay: its solicitations for overlay addresses answered (as its
+/// ARP), its link housekeeping ignored, packets to containers forwarded.
+#[inline(always)]
+pub fn forward_ipv6(ctx: &TcContext, cfg: &AgentConfig) -> Result<i32, Drop> {
+    let ip = Ipv6Header::parse(&skb::load::<IPV6_HLEN>(ctx, ETH_HLEN)?)?;
+    if ip.next_header == IPPROTO_ICMPV6 {
+        let icmp_type = skb::load::<1>(ctx, ETH_HLEN + IPV6_HLEN)?;
+        match icmpv6_role(icmp_type[0]) {
+            Icmpv6Role::Solicitation => return nd::answer_host(ctx, &ip),
+            Icmpv6Role::Housekeeping | Icmpv6Role::RouterMessage => {
+                return Err(Counter::NdIgnored.into());
+            }
+            Icmpv6Role::Other => {}
+        }
+    }
+    if is_link_local(&ip.dst) || is_multicast(&ip.dst) {
+        return Err(Counter::DropLinkLocal.into());
+    }
+    let (vni, hop) = resolve(ip.dst).ok_or(Counter::DropNoRoute)?;
+    forward::into_overlay(ctx, cfg, vni, &L3::v6(&ip, ETH_HLEN), hop)
 }

@@ -1,10 +1,11 @@
 //! ebpf-overlay's datapath: three TC programs composed from one module per concern.
 //!
-//! - `from_container` (TC ingress of a container's host-side veth): ARP answered in place; IPv4
-//!   checked against spoofing and network isolation, then delivered locally, encapsulated towards
-//!   another agent, masqueraded out of the underlay NIC, or left to the host stack.
+//! - `from_container` (TC ingress of a container's host-side veth): ARP and IPv6 neighbour
+//!   solicitations answered in place; IPv4 and IPv6 checked against spoofing and network
+//!   isolation, then delivered locally or encapsulated towards another agent; IPv4 to outside the
+//!   overlays masqueraded out of the underlay NIC, or left to the host stack.
 //! - `from_host` (TC ingress of the host link's peer): the host's own traffic to containers, local
-//!   or remote (no VXLAN device).
+//!   or remote (no VXLAN device), both families.
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
 //!   validated, stripped and delivered; replies to masqueraded flows are translated back and
 //!   delivered; everything else (the host's own traffic) passes untouched.
@@ -21,20 +22,25 @@ mod encap;
 mod forward;
 mod guard;
 mod host;
+mod ipv6;
 mod isolation;
 mod maps;
 mod nat;
+mod nd;
 mod skb;
 mod stats;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
-    maps::ipv4_mapped,
+    maps::{ipv4_mapped, tail_calls},
     packet::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header},
 };
 
-use crate::stats::{count, drop_packet};
+use crate::{
+    forward::L3,
+    stats::{count, drop_packet},
+};
 
 /// Runs one program path on the packet and returns its TC verdict; a [`Drop`] is counted
 /// against the packet's length as it arrived.
@@ -50,6 +56,12 @@ fn run(ctx: &TcContext, path: impl FnOnce(&TcContext) -> Result<i32, Drop>) -> i
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
     run(&ctx, try_from_container)
+}
+
+/// Tail-called by `from_container` for IPv6 (see `overlay_common::maps::tail_calls`).
+#[classifier]
+pub fn from_container_ipv6(ctx: TcContext) -> i32 {
+    run(&ctx, try_from_container_ipv6)
 }
 
 #[classifier]
@@ -73,9 +85,12 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
     match eth.ethertype {
         ETH_P_IP => {}
         ETH_P_ARP => return arp::respond(ctx),
-        // Not carried yet, and never the host stack's: a container's Router Advertisement
-        // configured the host (issue 17).
-        ETH_P_IPV6 => return Err(guard::ipv6_drop_reason(ctx).into()),
+        ETH_P_IPV6 => {
+            // SAFETY: on success the IPv6 program takes the packet and this one ends here.
+            unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::CONTAINER_IPV6) };
+            // Its slot is empty until the loader has filled it.
+            return Err(Counter::DropNotReady.into());
+        }
         _ => return Err(Counter::DropUnsupportedEth.into()),
     }
     let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN)?)?;
@@ -87,7 +102,7 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
         isolation::verified_sender(ipv4_mapped(ip.src), eth.src, skb::ingress_ifindex(ctx))?;
     let vni = sender.vni;
     match isolation::resolve(vni, ipv4_mapped(ip.dst)).in_network(vni)? {
-        Some(hop) => forward::into_overlay(ctx, cfg, vni, &ip, hop),
+        Some(hop) => forward::into_overlay(ctx, cfg, vni, &L3::v4(&ip, ETH_HLEN), hop),
         None => {
             guard::to_outside(ctx, cfg, &ip).in_network(vni)?;
             // To this agent itself, or from a network that does not masquerade: the host stack.
@@ -102,6 +117,13 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
 }
 
 #[inline(always)]
+fn try_from_container_ipv6(ctx: &TcContext) -> Result<i32, Drop> {
+    let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0)?);
+    let cfg = maps::config().ok_or(Counter::DropNotReady)?;
+    ipv6::from_container(ctx, cfg, &eth)
+}
+
+#[inline(always)]
 fn try_from_host(ctx: &TcContext) -> Result<i32, Drop> {
     let cfg = maps::config().ok_or(Counter::DropNotReady)?;
     let ethertype = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0)?).ethertype;
@@ -112,11 +134,12 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, Drop> {
     match ethertype {
         ETH_P_IP => {
             let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN)?)?;
-            let (vni, hop) = host::resolve(ip.dst).ok_or(Counter::DropNoRoute)?;
-            forward::into_overlay(ctx, cfg, vni, &ip, hop)
+            let (vni, hop) = host::resolve(ipv4_mapped(ip.dst)).ok_or(Counter::DropNoRoute)?;
+            forward::into_overlay(ctx, cfg, vni, &L3::v4(&ip, ETH_HLEN), hop)
         }
+        ETH_P_IPV6 => host::forward_ipv6(ctx, cfg),
         ETH_P_ARP => host::answer_arp(ctx),
-        // IPv6 and the rest: nothing in the overlay to take it yet.
+        // The rest: nothing in the overlay to take it.
         _ => Err(Counter::DropNoRoute.into()),
     }
 }
