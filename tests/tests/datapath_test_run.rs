@@ -494,8 +494,10 @@ fn container_drops_are_counted_by_reason() {
             Counter::DropCrossNetwork,
         );
     }
-    let too_big = ping_packet(EP_A.ip, remote, 1421 - 28);
+    // Without DF (with DF the sender is answered: too_big_packets_are_answered_...).
+    let mut too_big = ping_packet(EP_A.ip, remote, 1421 - 28);
     assert_eq!(too_big.len(), 1421);
+    clear_dont_fragment(&mut too_big);
     f.expect_drop(
         "1421 bytes to a remote route",
         c,
@@ -1085,16 +1087,7 @@ fn ipv6_spoofing_isolation_and_link_local_drops_are_counted_by_reason() {
         ),
     );
     f.expect_drop("MLDv2 report", c, &from_a(&mld), VNI_A, Counter::NdIgnored);
-    // Too big for the overlay, and outside every overlay (no IPv6 masquerade yet).
-    let too_big = ping6_packet(EP_A6, R_A6, 1421 - 48);
-    assert_eq!(too_big.len(), 1421);
-    f.expect_drop(
-        "1421 bytes to a remote route",
-        c,
-        &from_a(&too_big),
-        VNI_A,
-        Counter::DropTooBig,
-    );
+    // Outside every overlay: no IPv6 masquerade yet.
     f.expect_drop(
         "to outside the overlays",
         c,
@@ -1250,4 +1243,101 @@ fn neighbour_solicitations_get_rfc4861_advertisements_within_the_network() {
         hex(&out)
     );
     assert_eq!(f.stat(NO_NETWORK, Counter::NdReplied), 1);
+}
+
+/// Clears DF in an IPv4 packet and fixes its header checksum.
+fn clear_dont_fragment(ip: &mut [u8]) {
+    ip[6] &= !0x40;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = inet_checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn too_big_packets_are_answered_with_the_overlay_mtu_byte_for_byte() {
+    let mut f = Fixture::new();
+    with_ipv6(&mut f);
+    let c = programs::FROM_CONTAINER;
+    const QUOTE: usize = 256;
+
+    // IPv4 with DF: ICMP frag-needed (RFC 1191) from the destination, MTU 1420.
+    let remote = Ipv4Addr::new(9, 0, 2, 2);
+    let p = ping_packet(EP_A.ip, remote, 1500 - 28);
+    let input = container_frame(EP_A.mac, EP_A.gw_mac, &p);
+    let (verdict, out) = f.run(c, &input);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "sent back; counters {:?}",
+        f.dp.maps_ref().stats().unwrap()
+    );
+    assert_eq!(out.len(), 14 + 20 + 8 + QUOTE);
+    assert_eq!(&out[0..6], &EP_A.mac, "to the sender");
+    assert_eq!(&out[6..12], &EP_A.gw_mac, "from its gateway");
+    assert_eq!(u16_at(&out, 12), ETH_P_IP);
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(inet_checksum(ip), 0, "IPv4 header checksum");
+    assert_eq!(u16_at(ip, 2) as usize, out.len() - 14);
+    assert_eq!(ip[9], IPPROTO_ICMP);
+    assert_eq!(
+        &ip[12..16],
+        &remote.octets(),
+        "from the packet's destination"
+    );
+    assert_eq!(&ip[16..20], &EP_A.ip.octets(), "to its source");
+    assert_eq!(
+        &out[34..36],
+        &[3, 4],
+        "destination unreachable, fragmentation needed"
+    );
+    assert_eq!(&out[36 + 2..42], &[0, 0, 0x05, 0x8c], "next-hop MTU 1420");
+    assert_eq!(inet_checksum(&out[34..]), 0, "ICMP checksum");
+    assert!(out[42..] == p[..QUOTE], "quote of the packet");
+    assert_eq!(f.stat(VNI_A, Counter::DropTooBig), 1);
+    assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 1);
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 0);
+
+    // IPv6: ICMPv6 Packet Too Big (RFC 4443 3.2).
+    let p = ping6_packet(EP_A6, R_A6, 1500 - 48);
+    let input = ipv6_frame(EP_A.mac, EP_A.gw_mac, &p);
+    let (verdict, out) = f.run(c, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "IPv6 sent back");
+    assert_eq!(out.len(), 14 + 40 + 8 + QUOTE);
+    assert_eq!(&out[0..6], &EP_A.mac);
+    assert_eq!(&out[6..12], &EP_A.gw_mac);
+    assert_eq!(u16_at(&out, 12), ETH_P_IPV6);
+    assert_eq!(out[14] >> 4, 6);
+    assert_eq!(u16_at(&out, 18) as usize, 8 + QUOTE, "payload length");
+    assert_eq!(out[20], IPPROTO_ICMPV6);
+    assert_eq!(
+        &out[22..38],
+        &R_A6.octets(),
+        "from the packet's destination"
+    );
+    assert_eq!(&out[38..54], &EP_A6.octets(), "to its source");
+    assert_eq!(&out[54..56], &[2, 0], "packet too big");
+    assert_eq!(&out[58..62], &1420u32.to_be_bytes(), "MTU");
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&R_A6.octets());
+    pseudo.extend_from_slice(&EP_A6.octets());
+    pseudo.extend_from_slice(&((8 + QUOTE) as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_ICMPV6]);
+    pseudo.extend_from_slice(&out[54..]);
+    assert_eq!(inet_checksum(&pseudo), 0, "ICMPv6 checksum");
+    assert!(out[62..] == p[..QUOTE], "quote of the packet");
+    assert_eq!(f.stat(VNI_A, Counter::DropTooBig), 2);
+    assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 2);
+
+    // IPv4 without DF: the sender does no path MTU discovery; dropped and counted only.
+    let mut p = ping_packet(EP_A.ip, remote, 1500 - 28);
+    clear_dont_fragment(&mut p);
+    f.expect_drop(
+        "1500 bytes without DF",
+        c,
+        &container_frame(EP_A.mac, EP_A.gw_mac, &p),
+        VNI_A,
+        Counter::DropTooBig,
+    );
+    assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 2);
 }

@@ -60,6 +60,9 @@ counters! {
     /// IPv6 link housekeeping from a container that needs no answer (duplicate-address probes,
     /// MLD reports, Router Solicitations, Neighbor Advertisements): dropped, as `arp_ignored`.
     NdIgnored = 11 => "nd_ignored",
+    /// A packet over the overlay MTU answered with ICMP frag-needed / ICMPv6 Packet Too Big
+    /// carrying the overlay MTU (it is counted as `drop_too_big` as well).
+    TooBigAnswered = 12 => "too_big_answered",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",

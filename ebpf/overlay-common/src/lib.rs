@@ -10,6 +10,8 @@
 //!   control plane), and masquerade's destination and handshake rules.
 //! - [`ipv6`]: the IPv6 header, address classes, ICMPv6 roles and the neighbour-discovery
 //!   responder's reply.
+//! - [`too_big`]: the frag-needed / Packet Too Big errors the datapath answers too-big packets
+//!   with.
 //!
 //! This crate is `no_std` so the kernel side can use it; the `user` feature adds `aya::Pod`.
 #![no_std]
@@ -20,6 +22,7 @@ pub mod maps;
 pub mod nat;
 pub mod packet;
 pub mod policy;
+pub mod too_big;
 
 #[cfg(test)]
 extern crate std;

@@ -47,6 +47,8 @@ pub mod programs {
     /// A container's IPv6, tail-called from `from_container` (its own stack: both families in
     /// one program exceed the verifier's 512 bytes). Loaded, never attached.
     pub const FROM_CONTAINER_IPV6: &str = "from_container_ipv6";
+    /// The host's IPv6, tail-called from `from_host` likewise.
+    pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
 }
 
 /// `OVL_TAIL_CALLS`, the programs `from_container` tail-calls into: each load of the object puts
@@ -55,7 +57,14 @@ pub mod tail_calls {
     pub const MAP: &str = super::names::TAIL_CALLS;
     /// Slot of [`super::programs::FROM_CONTAINER_IPV6`].
     pub const CONTAINER_IPV6: u32 = 0;
-    pub const SLOTS: u32 = 1;
+    /// Slot of [`super::programs::FROM_HOST_IPV6`].
+    pub const HOST_IPV6: u32 = 1;
+    pub const SLOTS: u32 = 2;
+    /// Every slot and the program that goes into it.
+    pub const ALL: &[(u32, &str)] = &[
+        (CONTAINER_IPV6, super::programs::FROM_CONTAINER_IPV6),
+        (HOST_IPV6, super::programs::FROM_HOST_IPV6),
+    ];
 }
 
 /// The host's link into the overlay: a veth pair in the agent's namespace. Routes to every

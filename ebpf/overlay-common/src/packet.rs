@@ -82,6 +82,8 @@ pub struct Ipv4Header {
     pub is_fragment: bool,
     /// A later fragment (non-zero offset): what follows the header is not a transport header.
     pub is_later_fragment: bool,
+    /// DF set: the sender does path MTU discovery.
+    pub dont_fragment: bool,
     /// The header checksum is valid. Headers with options are not checked here (only their
     /// first 20 bytes are seen) and count as valid.
     pub checksum_ok: bool,
@@ -115,6 +117,7 @@ impl Ipv4Header {
             dst: [b[16], b[17], b[18], b[19]],
             is_fragment: frag & IPV4_MF != 0 || offset != 0,
             is_later_fragment: offset != 0,
+            dont_fragment: frag & IPV4_DF != 0,
             checksum_ok: header_len != IPV4_HLEN || ones_complement_sum(b) == 0xffff,
         })
     }

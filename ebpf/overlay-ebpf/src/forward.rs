@@ -11,7 +11,7 @@ use overlay_common::{
     policy::{IPV6_HLEN, is_ipv6_extension_header},
 };
 
-use crate::{deliver, encap, guard, skb, stats::count};
+use crate::{deliver, encap, guard, skb, stats::count, too_big};
 
 /// Where a packet inside the overlay goes next.
 pub enum Hop {
@@ -31,6 +31,8 @@ pub struct L3 {
     /// Offset of the transport header; `None` when none is there to check (a later IPv4
     /// fragment) and the protocol is no transport's (an IPv6 extension header).
     pub l4: Option<usize>,
+    /// IPv4 DF (always for IPv6): a too-big packet is answered, not only dropped.
+    pub dont_fragment: bool,
 }
 
 impl L3 {
@@ -46,6 +48,7 @@ impl L3 {
             } else {
                 Some(l3 + ip.header_len)
             },
+            dont_fragment: ip.dont_fragment,
         }
     }
 
@@ -61,6 +64,7 @@ impl L3 {
             } else {
                 Some(l3 + IPV6_HLEN)
             },
+            dont_fragment: true,
         }
     }
 }
@@ -86,10 +90,11 @@ pub fn into_overlay(
             Ok(verdict)
         }
         Hop::Remote(route) => {
-            // VTEPs must not fragment (RFC 7348): a non-GSO packet over the overlay MTU is
-            // refused and counted rather than sent in pieces.
+            // VTEPs must not fragment (RFC 7348): a non-GSO packet over the overlay MTU goes back
+            // to its sender as a "too big" error when it can (path MTU discovery), and is
+            // counted as dropped either way.
             if skb::gso_size(ctx) == 0 && l3.total_len > cfg.overlay_mtu as usize {
-                return Err(Counter::DropTooBig.in_network(vni));
+                return too_big::answer(ctx, cfg, vni, l3);
             }
             let verdict = encap::to_remote(ctx, cfg, route, l3.ethertype).in_network(vni)?;
             count(vni, Counter::Encapsulated, len);

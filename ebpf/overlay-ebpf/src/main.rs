@@ -29,6 +29,7 @@ mod nat;
 mod nd;
 mod skb;
 mod stats;
+mod too_big;
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use overlay_common::{
@@ -67,6 +68,15 @@ pub fn from_container_ipv6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_host(ctx: TcContext) -> i32 {
     run(&ctx, try_from_host)
+}
+
+/// Tail-called by `from_host` for IPv6.
+#[classifier]
+pub fn from_host_ipv6(ctx: TcContext) -> i32 {
+    run(&ctx, |ctx| {
+        let cfg = maps::config().ok_or(Counter::DropNotReady)?;
+        host::forward_ipv6(ctx, cfg)
+    })
 }
 
 #[classifier]
@@ -137,7 +147,11 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, Drop> {
             let (vni, hop) = host::resolve(ipv4_mapped(ip.dst)).ok_or(Counter::DropNoRoute)?;
             forward::into_overlay(ctx, cfg, vni, &L3::v4(&ip, ETH_HLEN), hop)
         }
-        ETH_P_IPV6 => host::forward_ipv6(ctx, cfg),
+        ETH_P_IPV6 => {
+            // SAFETY: as in `try_from_container`.
+            unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::HOST_IPV6) };
+            Err(Counter::DropNotReady.into())
+        }
         ETH_P_ARP => host::answer_arp(ctx),
         // The rest: nothing in the overlay to take it.
         _ => Err(Counter::DropNoRoute.into()),

@@ -25,24 +25,25 @@ pub struct Datapath {
     maps: OverlayMaps,
 }
 
-/// Loads the programs `from_container` tail-calls into and puts them in its `OVL_TAIL_CALLS`.
+/// Loads the programs `from_container` and `from_host` tail-call into and puts them in their
+/// slots of `OVL_TAIL_CALLS`.
 fn fill_tail_calls(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
-    let name = programs::FROM_CONTAINER_IPV6;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-        .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("verifier rejected program {name}"))?;
-    let fd = program.fd()?.try_clone()?;
-    let map = ebpf
-        .map_mut(tail_calls::MAP)
-        .ok_or_else(|| anyhow!("map {} missing from the eBPF object", tail_calls::MAP))?;
-    let mut slots = aya::maps::ProgramArray::try_from(map)?;
-    slots
-        .set(tail_calls::CONTAINER_IPV6, &fd, 0)
-        .with_context(|| format!("putting {name} into {}", tail_calls::MAP))?;
+    for &(slot, name) in tail_calls::ALL {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected program {name}"))?;
+        let fd = program.fd()?.try_clone()?;
+        let map = ebpf
+            .map_mut(tail_calls::MAP)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", tail_calls::MAP))?;
+        aya::maps::ProgramArray::try_from(map)?
+            .set(slot, &fd, 0)
+            .with_context(|| format!("putting {name} into {}", tail_calls::MAP))?;
+    }
     Ok(())
 }
 
