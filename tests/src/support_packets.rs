@@ -1,7 +1,7 @@
 //! Packets built byte by byte for the datapath tests, independently of `overlay_common::packet`
 //! (so a bug there is not mirrored here), and a helper to send them from a lab node.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -229,4 +229,95 @@ pub fn send_udp(
     args.extend(hexes.iter().map(String::as_str));
     node.exec("python3", &args)?;
     Ok(())
+}
+
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// An IPv6 packet (no extension headers).
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, hop_limit: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next, hop_limit]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An ICMPv6 message with its checksum over the RFC 8200 pseudo-header.
+pub fn icmpv6(src: Ipv6Addr, dst: Ipv6Addr, message: &[u8]) -> Vec<u8> {
+    let mut m = message.to_vec();
+    m[2] = 0;
+    m[3] = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_ICMPV6]);
+    pseudo.extend_from_slice(&m);
+    let c = inet_checksum(&pseudo);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// An ICMPv6 echo request packet from `src` to `dst` with `data_len` pattern bytes.
+pub fn ping6_packet(src: Ipv6Addr, dst: Ipv6Addr, data_len: usize) -> Vec<u8> {
+    let mut m = vec![128, 0, 0, 0, 0x42, 0x42, 0, 1];
+    m.extend((0..data_len).map(|i| (i * 7 + 3) as u8));
+    ipv6(src, dst, IPPROTO_ICMPV6, 64, &icmpv6(src, dst, &m))
+}
+
+/// The solicited-node multicast address of `target` (RFC 4291 2.7.1).
+pub fn solicited_node(target: Ipv6Addr) -> Ipv6Addr {
+    let t = target.octets();
+    Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        u16::from_be_bytes([t[14], t[15]]),
+    )
+}
+
+/// A Neighbor Solicitation frame (RFC 4861 4.3) for `target` from `src` at `src_mac`, to the
+/// target's solicited-node group, with a source link-layer address option.
+pub fn neighbor_solicitation(src_mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let dst = solicited_node(target);
+    let mut m = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&target.octets());
+    m.extend_from_slice(&[1, 1]);
+    m.extend_from_slice(&src_mac);
+    let d = dst.octets();
+    eth(
+        [0x33, 0x33, d[12], d[13], d[14], d[15]],
+        src_mac,
+        ETH_P_IPV6,
+        &ipv6(src, dst, IPPROTO_ICMPV6, 255, &icmpv6(src, dst, &m)),
+    )
+}
+
+/// The Neighbor Advertisement RFC 4861 prescribes as the answer to [`neighbor_solicitation`]
+/// `(req_mac, req, target)` given by `target_mac`: unicast to the solicitor, solicited and
+/// override set, router set if `router`, with a target link-layer address option.
+pub fn neighbor_advertisement(
+    target_mac: [u8; 6],
+    target: Ipv6Addr,
+    req_mac: [u8; 6],
+    req: Ipv6Addr,
+    router: bool,
+) -> Vec<u8> {
+    let flags = 0x60 | if router { 0x80 } else { 0 };
+    let mut m = vec![136, 0, 0, 0, flags, 0, 0, 0];
+    m.extend_from_slice(&target.octets());
+    m.extend_from_slice(&[2, 1]);
+    m.extend_from_slice(&target_mac);
+    eth(
+        req_mac,
+        target_mac,
+        ETH_P_IPV6,
+        &ipv6(target, req, IPPROTO_ICMPV6, 255, &icmpv6(target, req, &m)),
+    )
 }

@@ -6,7 +6,7 @@
 //! their own veth.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -14,7 +14,7 @@ use std::{
 use overlay_agent::datapath::{AgentSettings, Datapath, PinLayout, addr16};
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
-    maps::{Endpoint, Network, OverlaySubnet, RemoteRoute, Vtep, programs},
+    maps::{Endpoint, HOST_LINK_PEER_MAC, Network, OverlaySubnet, RemoteRoute, Vtep, programs},
 };
 use overlay_tests::support_packets::*;
 
@@ -494,8 +494,10 @@ fn container_drops_are_counted_by_reason() {
             Counter::DropCrossNetwork,
         );
     }
-    let too_big = ping_packet(EP_A.ip, remote, 1421 - 28);
+    // Without DF (with DF the sender is answered: too_big_packets_are_answered_...).
+    let mut too_big = ping_packet(EP_A.ip, remote, 1421 - 28);
     assert_eq!(too_big.len(), 1421);
+    clear_dont_fragment(&mut too_big);
     f.expect_drop(
         "1421 bytes to a remote route",
         c,
@@ -796,4 +798,546 @@ fn container_guards_drop_what_a_container_may_never_send() {
     v.src_port = 60999;
     let (verdict, _) = f.run(programs::FROM_UNDERLAY, &v.frame());
     assert_eq!(verdict, TC_ACT_REDIRECT, "VXLAN from a VTEP source port");
+}
+
+// ---- IPv6 inside the overlay (over the IPv4 underlay) ----
+
+const A6_GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfd01, 0xa, 0, 1, 0, 0, 0, 1);
+const EP_A6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0xa, 0, 1, 0, 0, 0, 2);
+const EP_A6_ELSEWHERE: Ipv6Addr = Ipv6Addr::new(0xfd01, 0xa, 0, 1, 0, 0, 0, 3);
+/// EP_A's link-local address (EUI-64 of its MAC 02:00:00:00:01:02).
+const EP_A_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0xff, 0xfe00, 0x0102);
+const EP_B6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0xb, 0, 1, 0, 0, 0, 2);
+/// Containers behind agent R (network A) and S.
+const R_A6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0xa, 0, 2, 0, 0, 0, 5);
+const S_A6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0xa, 0, 3, 0, 0, 0, 5);
+const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+const HOST_PEER_IFINDEX: u32 = 55;
+
+/// Network A's IPv6 subnet fd01:a::/48 (this agent's block fd01:a:0:1::/64, R's fd01:a:0:2::/64,
+/// S's fd01:a:0:3::/64) and network B's fd01:b::/48 (R's block fd01:b:0:2::/64): what the agent
+/// must write for a dual-stack network. EP_A's link-local address is an endpoint of its own.
+fn with_ipv6(f: &mut Fixture) {
+    let m = f.dp.maps();
+    for (subnet, vni) in [("fd01:a::/48", VNI_A), ("fd01:b::/48", VNI_B)] {
+        m.put_subnet(subnet.parse().unwrap(), OverlaySubnet { vni, flags: 0 })
+            .unwrap();
+    }
+    for (ip, ep) in [
+        (EP_A6, &EP_A),
+        (EP_A_LINK_LOCAL, &EP_A),
+        (EP_A6_ELSEWHERE, &EP_A_ELSEWHERE),
+        (EP_B6, &EP_B),
+    ] {
+        m.put_endpoint(
+            IpAddr::V6(ip),
+            Endpoint {
+                ifindex: ep.ifindex,
+                vni: ep.vni,
+                mac: ep.mac,
+                gateway_mac: ep.gw_mac,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    m.put_endpoint(
+        IpAddr::V6(A6_GATEWAY),
+        Endpoint::host(HOST_PEER_IFINDEX, VNI_A, HOST_MAC),
+    )
+    .unwrap();
+    for (subnet, underlay, mac, vni) in [
+        ("fd01:a:0:2::/64", R_UNDERLAY, R_VTEP_MAC, VNI_A),
+        ("fd01:b:0:2::/64", R_UNDERLAY, R_VTEP_MAC, VNI_B),
+        ("fd01:a:0:3::/64", S_UNDERLAY, S_VTEP_MAC, VNI_A),
+    ] {
+        m.put_route(
+            subnet.parse().unwrap(),
+            RemoteRoute {
+                underlay_ip: addr16(IpAddr::V4(underlay)),
+                vtep_mac: mac,
+                vni,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+}
+
+fn ipv6_frame(src_mac: [u8; 6], gw_mac: [u8; 6], ip_packet: &[u8]) -> Vec<u8> {
+    eth(gw_mac, src_mac, ETH_P_IPV6, ip_packet)
+}
+
+/// VXLAN from agent R on network `vni` carrying the IPv6 packet `inner`.
+fn vxlan6_from_r(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let inner_frame = eth(LOCAL_VTEP_MAC, R_VTEP_MAC, ETH_P_IPV6, inner);
+    let u = udp(51234, VXLAN_PORT, &vxlan(0x08, vni, &inner_frame));
+    eth(
+        [0x02, 0, 0, 0, 0xee, 0x01],
+        [0x02, 0, 0, 0, 0xee, 0x02],
+        ETH_P_IP,
+        &ipv4(R_UNDERLAY, LOCAL_UNDERLAY, IPPROTO_UDP, &u),
+    )
+}
+
+#[test]
+fn ipv6_is_delivered_encapsulated_and_decapsulated_byte_for_byte() {
+    let mut f = Fixture::new();
+    with_ipv6(&mut f);
+    let c = programs::FROM_CONTAINER;
+
+    // Local delivery: to the container's MAC from its gateway's, the packet itself untouched
+    // (hop limit as for IPv4's TTL: the overlay is one link).
+    let p = ping6_packet(EP_A6, EP_A6_ELSEWHERE, 56);
+    let (verdict, out) = f.run(c, &ipv6_frame(EP_A.mac, EP_A.gw_mac, &p));
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "local delivery; counters {:?}",
+        f.dp.maps_ref().stats().unwrap()
+    );
+    let expected = eth(EP_A_ELSEWHERE.mac, EP_A_ELSEWHERE.gw_mac, ETH_P_IPV6, &p);
+    assert!(
+        out == expected,
+        "delivered frame differs:\n got  {}\n want {}",
+        hex(&out),
+        hex(&expected)
+    );
+    assert_eq!(f.stat(VNI_A, Counter::LocalDelivered), 1);
+
+    // Encapsulation: outer IPv4/UDP/VXLAN as for IPv4, inner Ethernet type IPv6.
+    let p = ping6_packet(EP_A6, R_A6, 56);
+    let input = ipv6_frame(EP_A.mac, EP_A.gw_mac, &p);
+    let (verdict, out) = f.run(c, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "encap");
+    assert_eq!(out.len(), input.len() + 50);
+    assert_eq!(u16_at(&out, 12), ETH_P_IP, "outer ethertype");
+    let ip = &out[14..34];
+    assert_eq!(inet_checksum(ip), 0, "outer IPv4 header checksum");
+    assert_eq!(u16_at(ip, 2) as usize, out.len() - 14);
+    assert_eq!(&ip[12..16], &LOCAL_UNDERLAY.octets());
+    assert_eq!(&ip[16..20], &R_UNDERLAY.octets());
+    assert_eq!(u16_at(&out, 36), VXLAN_PORT);
+    assert_eq!(u16_at(&out, 38) as usize, out.len() - 34, "UDP length");
+    assert_eq!(
+        &out[42..50],
+        &[0x08, 0, 0, 0, 0x00, 0x04, 0x00, 0],
+        "VNI 1024"
+    );
+    assert_eq!(&out[50..56], &R_VTEP_MAC);
+    assert_eq!(&out[56..62], &LOCAL_VTEP_MAC);
+    assert_eq!(u16_at(&out, 62), ETH_P_IPV6, "inner ethertype");
+    assert!(out[64..] == p[..], "inner IPv6 packet altered");
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 1);
+    // Exactly the overlay MTU still goes out.
+    let largest = ping6_packet(EP_A6, R_A6, 1420 - 48);
+    assert_eq!(largest.len(), 1420);
+    let (verdict, _) = f.run(c, &ipv6_frame(EP_A.mac, EP_A.gw_mac, &largest));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "1420 bytes fit");
+
+    // Decapsulation: the outer headers go, the frame becomes IPv6 to the container.
+    let p = ping6_packet(R_A6, EP_A6, 56);
+    let input = vxlan6_from_r(VNI_A, &p);
+    let (verdict, out) = f.run(programs::FROM_UNDERLAY, &input);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "decap; counters {:?}",
+        f.dp.maps_ref().stats().unwrap()
+    );
+    let expected = eth(EP_A.mac, EP_A.gw_mac, ETH_P_IPV6, &p);
+    assert_eq!(out.len(), input.len() - 50);
+    assert!(
+        out == expected,
+        "decapsulated frame differs:\n got  {}\n want {}",
+        hex(&out),
+        hex(&expected)
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Decapsulated), 1);
+
+    // The host's own IPv6 to a container, through the host link.
+    let p = ping6_packet(A6_GATEWAY, EP_A6, 56);
+    let (verdict, out) = f.run(
+        programs::FROM_HOST,
+        &eth(HOST_LINK_PEER_MAC, HOST_MAC, ETH_P_IPV6, &p),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "from the host");
+    assert!(out == eth(EP_A.mac, EP_A.gw_mac, ETH_P_IPV6, &p));
+    assert_eq!(f.stat(VNI_A, Counter::LocalDelivered), 2);
+}
+
+#[test]
+fn ipv6_spoofing_isolation_and_link_local_drops_are_counted_by_reason() {
+    let mut f = Fixture::new();
+    with_ipv6(&mut f);
+    let c = programs::FROM_CONTAINER;
+    let from_a = |p: &[u8]| ipv6_frame(EP_A.mac, EP_A.gw_mac, p);
+
+    // Anti-spoofing: the source address and MAC must be the endpoint's on this veth.
+    let unassigned = Ipv6Addr::new(0xfd01, 0xa, 0, 1, 0, 0, 0, 0x99);
+    for (what, frame) in [
+        (
+            "unassigned address of the network",
+            from_a(&ping6_packet(unassigned, R_A6, 8)),
+        ),
+        (
+            "own address, foreign MAC",
+            ipv6_frame(
+                [0x02, 0, 0, 0, 0x01, 0x99],
+                EP_A.gw_mac,
+                &ping6_packet(EP_A6, R_A6, 8),
+            ),
+        ),
+        (
+            "address and MAC of the container behind another veth",
+            ipv6_frame(
+                EP_A_ELSEWHERE.mac,
+                EP_A.gw_mac,
+                &ping6_packet(EP_A6_ELSEWHERE, R_A6, 8),
+            ),
+        ),
+        (
+            "the gateway's address",
+            from_a(&ping6_packet(A6_GATEWAY, R_A6, 8)),
+        ),
+    ] {
+        f.expect_drop(what, c, &frame, NO_NETWORK, Counter::DropSpoofedSource);
+    }
+    // An address no IPv6 overlay has: IPv6 that is not carried.
+    let outsider = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    f.expect_drop(
+        "source outside every IPv6 overlay",
+        c,
+        &from_a(&ping6_packet(outsider, R_A6, 8)),
+        NO_NETWORK,
+        Counter::DropIpv6,
+    );
+    // Isolation: any address of network B, local, remote or unassigned.
+    for (what, dst) in [
+        ("local endpoint of network B", EP_B6),
+        (
+            "remote route of network B",
+            Ipv6Addr::new(0xfd01, 0xb, 0, 2, 0, 0, 0, 5),
+        ),
+        (
+            "unrouted address of network B",
+            Ipv6Addr::new(0xfd01, 0xb, 0, 0x99, 0, 0, 0, 5),
+        ),
+    ] {
+        f.expect_drop(
+            what,
+            c,
+            &from_a(&ping6_packet(EP_A6, dst, 8)),
+            VNI_A,
+            Counter::DropCrossNetwork,
+        );
+    }
+    // Link-local goes to the gateway only: never to another container or the host.
+    let other_link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0xff, 0xfe00, 0x0103);
+    f.expect_drop(
+        "link-local to link-local",
+        c,
+        &from_a(&ping6_packet(EP_A_LINK_LOCAL, other_link_local, 8)),
+        VNI_A,
+        Counter::DropLinkLocal,
+    );
+    f.expect_drop(
+        "link-local source to a global address",
+        c,
+        &from_a(&ping6_packet(EP_A_LINK_LOCAL, EP_A6_ELSEWHERE, 8)),
+        VNI_A,
+        Counter::DropLinkLocal,
+    );
+    f.expect_drop(
+        "global source to a link-local address",
+        c,
+        &from_a(&ping6_packet(EP_A6, other_link_local, 8)),
+        VNI_A,
+        Counter::DropLinkLocal,
+    );
+    // RA guard: an RA or Redirect from a verified container is still refused.
+    let ra = icmpv6(
+        EP_A_LINK_LOCAL,
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+        &[134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0],
+    );
+    f.expect_drop(
+        "RA",
+        c,
+        &from_a(&ipv6(
+            EP_A_LINK_LOCAL,
+            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+            IPPROTO_ICMPV6,
+            255,
+            &ra,
+        )),
+        NO_NETWORK,
+        Counter::DropRouterMessage,
+    );
+    // MLD reports and the like need no answer: ignored, counted on the network.
+    let mld = ipv6(
+        EP_A_LINK_LOCAL,
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16),
+        IPPROTO_ICMPV6,
+        1,
+        &icmpv6(
+            EP_A_LINK_LOCAL,
+            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16),
+            &[143, 0, 0, 0, 0, 0, 0, 0],
+        ),
+    );
+    f.expect_drop("MLDv2 report", c, &from_a(&mld), VNI_A, Counter::NdIgnored);
+    // Outside every overlay: no IPv6 masquerade yet.
+    f.expect_drop(
+        "to outside the overlays",
+        c,
+        &from_a(&ping6_packet(EP_A6, outsider, 8)),
+        VNI_A,
+        Counter::DropNatUnsupported,
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 0);
+    assert_eq!(f.stat(VNI_A, Counter::LocalDelivered), 0);
+
+    // From the underlay: the inner IPv6 source must be the sending agent's, on the VNI's network.
+    let u = programs::FROM_UNDERLAY;
+    for (what, inner, counter) in [
+        (
+            "inner source of agent S sent by R",
+            ping6_packet(S_A6, EP_A6, 8),
+            Counter::DropSpoofedSource,
+        ),
+        (
+            "inner destination on network B",
+            ping6_packet(R_A6, EP_B6, 8),
+            Counter::DropCrossNetwork,
+        ),
+        (
+            "inner destination link-local",
+            ping6_packet(R_A6, EP_A_LINK_LOCAL, 8),
+            Counter::DropLinkLocal,
+        ),
+        (
+            "inner destination not local",
+            ping6_packet(R_A6, Ipv6Addr::new(0xfd01, 0xa, 0, 1, 0, 0, 0, 0x77), 8),
+            Counter::DropNoEndpoint,
+        ),
+    ] {
+        f.expect_drop(what, u, &vxlan6_from_r(VNI_A, &inner), VNI_A, counter);
+    }
+    let mut cut = ping6_packet(R_A6, EP_A6, 8);
+    cut[4..6].copy_from_slice(&1000u16.to_be_bytes());
+    f.expect_drop(
+        "inner payload length beyond the frame",
+        u,
+        &vxlan6_from_r(VNI_A, &cut),
+        VNI_A,
+        Counter::DropTruncated,
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Decapsulated), 0);
+}
+
+#[test]
+fn neighbour_solicitations_get_rfc4861_advertisements_within_the_network() {
+    let mut f = Fixture::new();
+    with_ipv6(&mut f);
+    let c = programs::FROM_CONTAINER;
+
+    // The gateway's own address: answered with the gateway MAC, as a router.
+    let (verdict, out) = f.run(c, &neighbor_solicitation(EP_A.mac, EP_A6, A6_GATEWAY));
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "back out of the veth; counters {:?}",
+        f.dp.maps_ref().stats().unwrap()
+    );
+    let expected = neighbor_advertisement(EP_A.gw_mac, A6_GATEWAY, EP_A.mac, EP_A6, true);
+    assert!(
+        out == expected,
+        "NA differs:\n got  {}\n want {}",
+        hex(&out),
+        hex(&expected)
+    );
+    // Any other address of the network, from the container's link-local address.
+    let (verdict, out) = f.run(c, &neighbor_solicitation(EP_A.mac, EP_A_LINK_LOCAL, R_A6));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let expected = neighbor_advertisement(EP_A.gw_mac, R_A6, EP_A.mac, EP_A_LINK_LOCAL, false);
+    assert!(
+        out == expected,
+        "NA differs:\n got  {}\n want {}",
+        hex(&out),
+        hex(&expected)
+    );
+    // Without a source link-layer option (78 bytes), the answer is still the whole NA.
+    let snm = solicited_node(EP_A6_ELSEWHERE);
+    let mut m = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&EP_A6_ELSEWHERE.octets());
+    let bare = eth(
+        [0x33, 0x33, 0xff, 0, 0, 3],
+        EP_A.mac,
+        ETH_P_IPV6,
+        &ipv6(EP_A6, snm, IPPROTO_ICMPV6, 255, &icmpv6(EP_A6, snm, &m)),
+    );
+    assert_eq!(bare.len(), 78);
+    let (verdict, out) = f.run(c, &bare);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert!(
+        out == neighbor_advertisement(EP_A.gw_mac, EP_A6_ELSEWHERE, EP_A.mac, EP_A6, false),
+        "NA to a bare NS: {}",
+        hex(&out)
+    );
+    assert_eq!(f.stat(VNI_A, Counter::NdReplied), 3);
+
+    // Not answered: another network's address, an address outside the overlays, a
+    // duplicate-address probe, a solicitor that is not who it claims to be.
+    f.expect_drop(
+        "NS for network B's container",
+        c,
+        &neighbor_solicitation(EP_A.mac, EP_A6, EP_B6),
+        VNI_A,
+        Counter::DropCrossNetwork,
+    );
+    f.expect_drop(
+        "NS for an outside address",
+        c,
+        &neighbor_solicitation(
+            EP_A.mac,
+            EP_A6,
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+        ),
+        VNI_A,
+        Counter::NdIgnored,
+    );
+    f.expect_drop(
+        "duplicate-address probe",
+        c,
+        &neighbor_solicitation(EP_A.mac, Ipv6Addr::UNSPECIFIED, EP_A6),
+        NO_NETWORK,
+        Counter::NdIgnored,
+    );
+    f.expect_drop(
+        "NS from another container's address",
+        c,
+        &neighbor_solicitation(EP_A.mac, EP_A6_ELSEWHERE, A6_GATEWAY),
+        NO_NETWORK,
+        Counter::DropSpoofedSource,
+    );
+    let mut forwarded = neighbor_solicitation(EP_A.mac, EP_A6, A6_GATEWAY);
+    forwarded[21] = 64;
+    f.expect_drop(
+        "NS with hop limit 64 (forwarded)",
+        c,
+        &forwarded,
+        VNI_A,
+        Counter::NdIgnored,
+    );
+
+    // The host's solicitation for a container: answered with the host link peer's MAC.
+    let (verdict, out) = f.run(
+        programs::FROM_HOST,
+        &neighbor_solicitation(HOST_MAC, A6_GATEWAY, EP_A6),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "host NS");
+    assert!(
+        out == neighbor_advertisement(HOST_LINK_PEER_MAC, EP_A6, HOST_MAC, A6_GATEWAY, false),
+        "host NA: {}",
+        hex(&out)
+    );
+    assert_eq!(f.stat(NO_NETWORK, Counter::NdReplied), 1);
+}
+
+/// Clears DF in an IPv4 packet and fixes its header checksum.
+fn clear_dont_fragment(ip: &mut [u8]) {
+    ip[6] &= !0x40;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = inet_checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn too_big_packets_are_answered_with_the_overlay_mtu_byte_for_byte() {
+    let mut f = Fixture::new();
+    with_ipv6(&mut f);
+    let c = programs::FROM_CONTAINER;
+    const QUOTE: usize = 256;
+
+    // IPv4 with DF: ICMP frag-needed (RFC 1191) from the destination, MTU 1420.
+    let remote = Ipv4Addr::new(9, 0, 2, 2);
+    let p = ping_packet(EP_A.ip, remote, 1500 - 28);
+    let input = container_frame(EP_A.mac, EP_A.gw_mac, &p);
+    let (verdict, out) = f.run(c, &input);
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "sent back; counters {:?}",
+        f.dp.maps_ref().stats().unwrap()
+    );
+    assert_eq!(out.len(), 14 + 20 + 8 + QUOTE);
+    assert_eq!(&out[0..6], &EP_A.mac, "to the sender");
+    assert_eq!(&out[6..12], &EP_A.gw_mac, "from its gateway");
+    assert_eq!(u16_at(&out, 12), ETH_P_IP);
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(inet_checksum(ip), 0, "IPv4 header checksum");
+    assert_eq!(u16_at(ip, 2) as usize, out.len() - 14);
+    assert_eq!(ip[9], IPPROTO_ICMP);
+    assert_eq!(
+        &ip[12..16],
+        &remote.octets(),
+        "from the packet's destination"
+    );
+    assert_eq!(&ip[16..20], &EP_A.ip.octets(), "to its source");
+    assert_eq!(
+        &out[34..36],
+        &[3, 4],
+        "destination unreachable, fragmentation needed"
+    );
+    assert_eq!(&out[36 + 2..42], &[0, 0, 0x05, 0x8c], "next-hop MTU 1420");
+    assert_eq!(inet_checksum(&out[34..]), 0, "ICMP checksum");
+    assert!(out[42..] == p[..QUOTE], "quote of the packet");
+    assert_eq!(f.stat(VNI_A, Counter::DropTooBig), 1);
+    assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 1);
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 0);
+
+    // IPv6: ICMPv6 Packet Too Big (RFC 4443 3.2).
+    let p = ping6_packet(EP_A6, R_A6, 1500 - 48);
+    let input = ipv6_frame(EP_A.mac, EP_A.gw_mac, &p);
+    let (verdict, out) = f.run(c, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "IPv6 sent back");
+    assert_eq!(out.len(), 14 + 40 + 8 + QUOTE);
+    assert_eq!(&out[0..6], &EP_A.mac);
+    assert_eq!(&out[6..12], &EP_A.gw_mac);
+    assert_eq!(u16_at(&out, 12), ETH_P_IPV6);
+    assert_eq!(out[14] >> 4, 6);
+    assert_eq!(u16_at(&out, 18) as usize, 8 + QUOTE, "payload length");
+    assert_eq!(out[20], IPPROTO_ICMPV6);
+    assert_eq!(
+        &out[22..38],
+        &R_A6.octets(),
+        "from the packet's destination"
+    );
+    assert_eq!(&out[38..54], &EP_A6.octets(), "to its source");
+    assert_eq!(&out[54..56], &[2, 0], "packet too big");
+    assert_eq!(&out[58..62], &1420u32.to_be_bytes(), "MTU");
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&R_A6.octets());
+    pseudo.extend_from_slice(&EP_A6.octets());
+    pseudo.extend_from_slice(&((8 + QUOTE) as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_ICMPV6]);
+    pseudo.extend_from_slice(&out[54..]);
+    assert_eq!(inet_checksum(&pseudo), 0, "ICMPv6 checksum");
+    assert!(out[62..] == p[..QUOTE], "quote of the packet");
+    assert_eq!(f.stat(VNI_A, Counter::DropTooBig), 2);
+    assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 2);
+
+    // IPv4 without DF: the sender does no path MTU discovery; dropped and counted only.
+    let mut p = ping_packet(EP_A.ip, remote, 1500 - 28);
+    clear_dont_fragment(&mut p);
+    f.expect_drop(
+        "1500 bytes without DF",
+        c,
+        &container_frame(EP_A.mac, EP_A.gw_mac, &p),
+        VNI_A,
+        Counter::DropTooBig,
+    );
+    assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 2);
 }

@@ -55,6 +55,14 @@ counters! {
     NatCreated = 8 => "nat_created",
     /// A port candidate was taken and the next one was tried.
     NatPortRetries = 9 => "nat_port_retries",
+    /// IPv6 Neighbor Solicitation (a container's or the host's) answered in BPF.
+    NdReplied = 10 => "nd_replied",
+    /// IPv6 link housekeeping from a container that needs no answer (duplicate-address probes,
+    /// MLD reports, Router Solicitations, Neighbor Advertisements): dropped, as `arp_ignored`.
+    NdIgnored = 11 => "nd_ignored",
+    /// A packet over the overlay MTU answered with ICMP frag-needed / ICMPv6 Packet Too Big
+    /// carrying the overlay MTU (it is counted as `drop_too_big` as well).
+    TooBigAnswered = 12 => "too_big_answered",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",
@@ -99,8 +107,8 @@ counters! {
     /// VXLAN on the underlay whose outer UDP source port lies in the masquerade range: a
     /// masqueraded container datagram, never an agent's VTEP (whose source ports are disjoint).
     DropVxlanNatPort = 34 => "drop_vxlan_nat_port",
-    /// IPv6 from a container: not carried until the IPv6 datapath exists (it must not reach the
-    /// host stack instead).
+    /// IPv6 from a container's address that no IPv6 overlay has (a container on an IPv4-only
+    /// network, say): not carried, and never the host stack's.
     DropIpv6 = 35 => "drop_ipv6",
     /// An ICMPv6 Router Advertisement or Redirect from a container: always refused, so a container
     /// can never configure the host's addresses or routes.
@@ -114,9 +122,49 @@ counters! {
     /// A container already holds its quota of masquerade ports towards this destination
     /// (address, port, protocol): one container may not take every port towards one server.
     DropNatQuota = 39 => "drop_nat_quota",
+    /// IPv6 link-local traffic that is not neighbour discovery with the gateway: a container
+    /// reaches no other container, and not the host, by link-local address.
+    DropLinkLocal = 40 => "drop_link_local",
+}
+
+/// A packet the datapath refuses: why, and the network it is counted under. Every program
+/// path returns `Result<verdict, Drop>` and one place per program counts and drops it; `?` on a
+/// bare [`Counter`] attributes the drop to no network, [`Counter::in_network`] to one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drop {
+    pub vni: u32,
+    pub reason: Counter,
+}
+
+impl From<Counter> for Drop {
+    #[inline(always)]
+    fn from(reason: Counter) -> Drop {
+        Drop {
+            vni: NO_NETWORK,
+            reason,
+        }
+    }
+}
+
+/// Attributes a path's drop reason to a network: `step().in_network(vni)?`.
+pub trait InNetwork<T> {
+    fn in_network(self, vni: u32) -> Result<T, Drop>;
+}
+
+impl<T> InNetwork<T> for Result<T, Counter> {
+    #[inline(always)]
+    fn in_network(self, vni: u32) -> Result<T, Drop> {
+        self.map_err(|reason| reason.in_network(vni))
+    }
 }
 
 impl Counter {
+    /// This drop reason, counted under network `vni`.
+    #[inline(always)]
+    pub const fn in_network(self, vni: u32) -> Drop {
+        Drop { vni, reason: self }
+    }
+
     /// The first counter that counts drops.
     pub const FIRST_DROP: u32 = 16;
 
@@ -144,5 +192,18 @@ mod tests {
             );
         }
         assert_eq!(Counter::from_u32(999), None);
+    }
+
+    #[test]
+    fn drops_without_a_network_count_under_no_network() {
+        let d: Drop = Counter::DropTruncated.into();
+        assert_eq!((d.vni, d.reason), (NO_NETWORK, Counter::DropTruncated));
+        let d = Counter::DropCrossNetwork.in_network(1024);
+        assert_eq!((d.vni, d.reason), (1024, Counter::DropCrossNetwork));
+        let via_question_mark = || -> Result<(), Drop> { Err(Counter::DropMalformed)? };
+        assert_eq!(via_question_mark(), Err(Counter::DropMalformed.into()));
+        let step: Result<u8, Counter> = Err(Counter::DropNoRoute);
+        assert_eq!(step.in_network(7), Err(Counter::DropNoRoute.in_network(7)));
+        assert_eq!(Ok::<u8, Counter>(3).in_network(7), Ok(3));
     }
 }

@@ -6,17 +6,23 @@
 //! - [`counters`]: the datapath's counters and drop reasons.
 //! - [`packet`]: header layouts and the pure logic the programs run on them (parsing, VXLAN header
 //!   construction, checksums). It has no aya-ebpf dependency, so it is unit-tested on the host.
-//! - [`policy`]: what a container may never send (VLAN tags, IPv6 for now, VXLAN through
-//!   masquerade, the control plane), and masquerade's destination and handshake rules.
+//! - [`policy`]: what a container may never send (VLAN tags, VXLAN through masquerade, the
+//!   control plane), and masquerade's destination and handshake rules.
+//! - [`ipv6`]: the IPv6 header, address classes, ICMPv6 roles and the neighbour-discovery
+//!   responder's reply.
+//! - [`too_big`]: the frag-needed / Packet Too Big errors the datapath answers too-big packets
+//!   with.
 //!
 //! This crate is `no_std` so the kernel side can use it; the `user` feature adds `aya::Pod`.
 #![no_std]
 
 pub mod counters;
+pub mod ipv6;
 pub mod maps;
 pub mod nat;
 pub mod packet;
 pub mod policy;
+pub mod too_big;
 
 #[cfg(test)]
 extern crate std;

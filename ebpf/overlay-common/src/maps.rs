@@ -23,11 +23,15 @@ pub mod names {
     pub const NAT_CONFIG: &str = "OVL_NAT_CONFIG";
     pub const PROTECTED: &str = "OVL_PROTECTED";
     pub const NAT_QUOTA: &str = "OVL_NAT_QUOTA";
+    /// The program array of [`super::tail_calls`]. Pinned like the rest: the kernel empties a
+    /// program array when no file refers to it any more, which would cut the pinned programs off
+    /// their tail calls while no agent runs.
+    pub const TAIL_CALLS: &str = "OVL_TAIL_CALLS";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
         CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG, PROTECTED,
-        NAT_QUOTA,
+        NAT_QUOTA, TAIL_CALLS,
     ];
 }
 
@@ -40,6 +44,27 @@ pub mod programs {
     /// TC ingress of `ovl-net`, the far end of the host's link into the overlay: the host's
     /// own traffic to containers.
     pub const FROM_HOST: &str = "from_host";
+    /// A container's IPv6, tail-called from `from_container` (its own stack: both families in
+    /// one program exceed the verifier's 512 bytes). Loaded, never attached.
+    pub const FROM_CONTAINER_IPV6: &str = "from_container_ipv6";
+    /// The host's IPv6, tail-called from `from_host` likewise.
+    pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
+}
+
+/// `OVL_TAIL_CALLS`, the programs `from_container` tail-calls into: each load of the object puts
+/// its own programs into the slots, so a restart swaps them with the rest.
+pub mod tail_calls {
+    pub const MAP: &str = super::names::TAIL_CALLS;
+    /// Slot of [`super::programs::FROM_CONTAINER_IPV6`].
+    pub const CONTAINER_IPV6: u32 = 0;
+    /// Slot of [`super::programs::FROM_HOST_IPV6`].
+    pub const HOST_IPV6: u32 = 1;
+    pub const SLOTS: u32 = 2;
+    /// Every slot and the program that goes into it.
+    pub const ALL: &[(u32, &str)] = &[
+        (CONTAINER_IPV6, super::programs::FROM_CONTAINER_IPV6),
+        (HOST_IPV6, super::programs::FROM_HOST_IPV6),
+    ];
 }
 
 /// The host's link into the overlay: a veth pair in the agent's namespace. Routes to every

@@ -82,6 +82,8 @@ pub struct Ipv4Header {
     pub is_fragment: bool,
     /// A later fragment (non-zero offset): what follows the header is not a transport header.
     pub is_later_fragment: bool,
+    /// DF set: the sender does path MTU discovery.
+    pub dont_fragment: bool,
     /// The header checksum is valid. Headers with options are not checked here (only their
     /// first 20 bytes are seen) and count as valid.
     pub checksum_ok: bool,
@@ -115,6 +117,7 @@ impl Ipv4Header {
             dst: [b[16], b[17], b[18], b[19]],
             is_fragment: frag & IPV4_MF != 0 || offset != 0,
             is_later_fragment: offset != 0,
+            dont_fragment: frag & IPV4_DF != 0,
             checksum_ok: header_len != IPV4_HLEN || ones_complement_sum(b) == 0xffff,
         })
     }
@@ -231,6 +234,8 @@ pub struct EncapParams {
     pub inner_src_mac: [u8; 6],
     /// Inner Ethernet destination: the remote VTEP MAC.
     pub inner_dst_mac: [u8; 6],
+    /// Inner Ethernet type: the inner packet's family ([`ETH_P_IP`] or [`ETH_P_IPV6`]).
+    pub inner_ethertype: u16,
     /// Length of the inner IP packet (the original frame minus its Ethernet header).
     pub inner_ip_len: usize,
 }
@@ -279,8 +284,7 @@ pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
     let inner = vx + VXLAN_HLEN;
     h[inner..inner + 6].copy_from_slice(&p.inner_dst_mac);
     h[inner + 6..inner + 12].copy_from_slice(&p.inner_src_mac);
-    h[inner + 12] = (ETH_P_IP >> 8) as u8;
-    h[inner + 13] = ETH_P_IP as u8;
+    h[inner + 12..inner + 14].copy_from_slice(&p.inner_ethertype.to_be_bytes());
     h
 }
 
@@ -359,6 +363,7 @@ mod tests {
             vni: 1024,
             inner_src_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
             inner_dst_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
+            inner_ethertype: ETH_P_IP,
             inner_ip_len: 84,
         };
         let h = build_vxlan_headers(&p);
@@ -391,6 +396,7 @@ mod tests {
             vni: 3,
             inner_src_mac: [0; 6],
             inner_dst_mac: [0; 6],
+            inner_ethertype: ETH_P_IPV6,
             inner_ip_len: 70_000,
         };
         let h = build_vxlan_headers(&p);
@@ -573,9 +579,11 @@ mod tests {
             vni: 3,
             inner_src_mac: [0; 6],
             inner_dst_mac: [0; 6],
+            inner_ethertype: ETH_P_IPV6,
             inner_ip_len: 100,
         };
         let h = build_vxlan_headers(&p);
+        assert_eq!(&h[62..64], &[0x86, 0xdd], "inner IPv6");
         let ip = Ipv4Header::parse(h[14..34].try_into().unwrap()).unwrap();
         assert_eq!(&h[20..22], &IPV4_DF.to_be_bytes());
         assert!(!ip.is_fragment && ip.checksum_ok);

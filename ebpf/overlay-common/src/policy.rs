@@ -1,8 +1,6 @@
 //! What a container may never send, whatever its destination: the pure checks behind the
-//! datapath's guards (VLAN tags, IPv6 until the IPv6 datapath exists, VXLAN smuggled through
-//! masquerade), unit-tested on the host.
-
-use crate::counters::Counter;
+//! datapath's guards (VLAN tags, VXLAN smuggled through masquerade, IPv6 extension headers),
+//! unit-tested on the host.
 
 /// 802.1Q (C-tag).
 pub const ETH_P_8021Q: u16 = 0x8100;
@@ -27,25 +25,18 @@ pub const fn is_vlan_tagged(ethertype: u16, vlan_present: u32, vlan_proto: u32) 
 
 /// IPv6 next-header value of ICMPv6.
 pub const IPPROTO_ICMPV6: u8 = 58;
-/// Offset of the next-header field in the IPv6 header, and the header's length.
-pub const IPV6_NEXT_HEADER_AT: usize = 6;
+/// Length of the fixed IPv6 header.
 pub const IPV6_HLEN: usize = 40;
-/// ICMPv6 types (RFC 4861) a container must never get to the host.
+/// ICMPv6 types (RFC 4861) a container may never send: the RA guard.
 pub const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
 pub const ICMPV6_REDIRECT: u8 = 137;
 
-/// Why an IPv6 packet from a container is dropped: Router Advertisements and Redirects (their
-/// ICMPv6 type, when the next header is ICMPv6) get their own reason, everything else is IPv6 the
-/// datapath does not carry yet. (Behind extension headers an RA is still dropped, as IPv6.)
+/// Whether an IPv6 next-header value is an extension header (hop-by-hop, routing, fragment,
+/// destination options, mobility, HIP, shim6): the transport header is not right behind the
+/// fixed header.
 #[inline(always)]
-pub const fn ipv6_drop_reason(next_header: u8, icmpv6_type: u8) -> Counter {
-    if next_header == IPPROTO_ICMPV6
-        && (icmpv6_type == ICMPV6_ROUTER_ADVERTISEMENT || icmpv6_type == ICMPV6_REDIRECT)
-    {
-        Counter::DropRouterMessage
-    } else {
-        Counter::DropIpv6
-    }
+pub const fn is_ipv6_extension_header(next_header: u8) -> bool {
+    matches!(next_header, 0 | 43 | 44 | 60 | 135 | 139 | 140)
 }
 
 /// Whether an IPv4 destination outside every overlay is no destination at all for masquerade:
@@ -83,25 +74,13 @@ mod tests {
     }
 
     #[test]
-    fn router_messages_have_their_own_reason() {
-        assert_eq!(ipv6_drop_reason(58, 134), Counter::DropRouterMessage);
-        assert_eq!(ipv6_drop_reason(58, 137), Counter::DropRouterMessage);
-        assert_eq!(ipv6_drop_reason(58, 133), Counter::DropIpv6, "solicitation");
-        assert_eq!(
-            ipv6_drop_reason(58, 135),
-            Counter::DropIpv6,
-            "neighbour solicitation"
-        );
-        assert_eq!(
-            ipv6_drop_reason(17, 134),
-            Counter::DropIpv6,
-            "UDP, not ICMPv6"
-        );
-        assert_eq!(
-            ipv6_drop_reason(0, 134),
-            Counter::DropIpv6,
-            "behind hop-by-hop"
-        );
+    fn extension_headers_are_recognised() {
+        for next in [0, 43, 44, 60] {
+            assert!(is_ipv6_extension_header(next), "{next}");
+        }
+        for next in [6, 17, IPPROTO_ICMPV6, 50, 51] {
+            assert!(!is_ipv6_extension_header(next), "{next}");
+        }
     }
 
     #[test]

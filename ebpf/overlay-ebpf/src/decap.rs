@@ -1,24 +1,30 @@
 //! VXLAN decapsulation: validate what arrived from the underlay, strip it, deliver the inner frame.
 
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     programs::TcContext,
 };
 use overlay_common::{
-    counters::{Counter, NO_NETWORK},
-    maps::{AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
+    counters::{Counter, Drop, InNetwork},
+    ipv6::{Ipv6Header, is_link_local},
+    maps::{Addr16, AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
     packet::{
-        ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
-        classify_underlay, parse_vxlan,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket,
+        VXLAN_HLEN, classify_underlay, parse_vxlan,
     },
-    policy::in_port_range,
+    policy::{IPV6_HLEN, in_port_range},
 };
 
 use crate::{
+    deliver,
+    forward::L3,
     guard,
     isolation::remote_sender_matches,
     maps::{endpoint, is_known_network, is_known_vtep, nat_config},
     skb,
+    stats::count,
 };
 
 /// A VXLAN frame that passed every check, ready to be stripped.
@@ -26,6 +32,8 @@ pub struct Accepted {
     pub vni: u32,
     pub endpoint: &'static Endpoint,
     pub strip_len: usize,
+    /// The inner packet is IPv6 (the outer Ethernet header says IPv4 until stripped).
+    pub inner_ipv6: bool,
 }
 
 /// What an underlay frame is.
@@ -38,10 +46,9 @@ pub enum Inspected {
 }
 
 /// Decides what to do with an underlay frame: [`Inspected::Host`] for what is not VXLAN,
-/// [`Inspected::Vxlan`] for VXLAN to deliver, `Err((vni, reason))` for VXLAN to drop.
+/// [`Inspected::Vxlan`] for VXLAN to deliver, a [`Drop`] for VXLAN to drop.
 #[inline(always)]
-pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Counter)> {
-    let none = |c| (NO_NETWORK, c);
+pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
     let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
         return Ok(Inspected::Host(None));
     };
@@ -69,9 +76,7 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
         ctx.len() as usize,
         cfg.vxlan_port,
         local_ip,
-    )
-    .map_err(none)?
-    {
+    )? {
         UnderlayPacket::NotOurs => return Ok(Inspected::Host(Some(ip))),
         UnderlayPacket::Vxlan {
             outer_src,
@@ -84,60 +89,106 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
     // `guard::to_outside` on the sending agent).
     let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
     if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
-        return Err(none(Counter::DropVxlanNatPort));
+        return Err(Counter::DropVxlanNatPort.into());
     }
     if !is_known_vtep(outer_src) {
-        return Err(none(Counter::DropUnknownVtep));
+        return Err(Counter::DropUnknownVtep.into());
     }
-    let vxlan = skb::load::<VXLAN_HLEN>(ctx, vxlan_offset).map_err(none)?;
-    let vni = parse_vxlan(&vxlan).map_err(none)?;
+    let vxlan = skb::load::<VXLAN_HLEN>(ctx, vxlan_offset)?;
+    let vni = parse_vxlan(&vxlan)?;
     if !is_known_network(vni) {
-        return Err(none(Counter::DropUnknownVni));
+        return Err(Counter::DropUnknownVni.into());
     }
-    let in_net = |c| (vni, c);
-    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).map_err(in_net)?;
-    if EthHeader::parse(&inner_eth).ethertype != ETH_P_IP {
-        return Err(in_net(Counter::DropMalformed));
-    }
-    let inner_ip =
-        skb::load::<IPV4_HLEN>(ctx, vxlan_offset + VXLAN_HLEN + ETH_HLEN).map_err(in_net)?;
-    let inner_ip = Ipv4Header::parse(&inner_ip).map_err(in_net)?;
-    // The inner packet must be all there: a cut one is never delivered as if whole.
-    let inner_room = (ctx.len() as usize).saturating_sub(vxlan_offset + VXLAN_HLEN + ETH_HLEN);
-    if inner_ip.total_len > inner_room {
-        return Err(in_net(Counter::DropTruncated));
-    }
-    let Some(ep) = endpoint(ipv4_mapped(inner_ip.dst)) else {
-        return Err(in_net(Counter::DropNoEndpoint));
+    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).in_network(vni)?;
+    let inner_l3 = vxlan_offset + VXLAN_HLEN + ETH_HLEN;
+    let inner_ipv6 = match EthHeader::parse(&inner_eth).ethertype {
+        ETH_P_IP => false,
+        ETH_P_IPV6 => true,
+        _ => return Err(Counter::DropMalformed.in_network(vni)),
     };
-    if ep.vni != vni {
-        return Err(in_net(Counter::DropCrossNetwork));
+    let (inner_src, inner_dst, inner) = if inner_ipv6 {
+        let ip = Ipv6Header::parse(&skb::load::<IPV6_HLEN>(ctx, inner_l3).in_network(vni)?)
+            .in_network(vni)?;
+        // Link-local addresses never cross an agent: nothing from a remote container reaches a
+        // local one (or the host) by link-local, whatever the map holds under that address.
+        if is_link_local(&ip.src) || is_link_local(&ip.dst) {
+            return Err(Counter::DropLinkLocal.in_network(vni));
+        }
+        (ip.src, ip.dst, L3::v6(&ip, inner_l3))
+    } else {
+        let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, inner_l3).in_network(vni)?)
+            .in_network(vni)?;
+        (
+            ipv4_mapped(ip.src),
+            ipv4_mapped(ip.dst),
+            L3::v4(&ip, inner_l3),
+        )
+    };
+    // The inner packet must be all there: a cut one is never delivered as if whole.
+    let inner_room = (ctx.len() as usize).saturating_sub(inner_l3);
+    if inner.total_len > inner_room {
+        return Err(Counter::DropTruncated.in_network(vni));
     }
-    if !remote_sender_matches(ipv4_mapped(inner_ip.src), vni, outer_src) {
-        return Err(in_net(Counter::DropSpoofedSource));
-    }
+    let ep = accepted_endpoint(vni, &inner_src, &inner_dst, outer_src).in_network(vni)?;
     // A remote container to this host at its gateway address: no control ports either.
-    if ep.flags & Endpoint::FLAG_HOST != 0 {
-        guard::to_host_gateway(ctx, &inner_ip, vxlan_offset + VXLAN_HLEN + ETH_HLEN)
-            .map_err(in_net)?;
+    if ep.is_host() {
+        guard::to_host_gateway(ctx, &inner).in_network(vni)?;
     }
     Ok(Inspected::Vxlan(Accepted {
         vni,
         endpoint: ep,
         strip_len,
+        inner_ipv6,
     }))
 }
 
-/// Removes the outer IPv4/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
-/// (its type is already IPv4). FIXED_GSO keeps the MSS of a GSO super-packet as it was built.
+/// The local endpoint a decapsulated packet of network `vni` from `src` to `dst` goes to, if it
+/// may: on that network, and from an address the sending agent owns on it.
 #[inline(always)]
-pub fn strip(ctx: &TcContext, strip_len: usize) -> Result<(), Counter> {
-    ctx.adjust_room(
-        -(strip_len as i32),
-        BPF_ADJ_ROOM_MAC,
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
-    )
-    .map_err(|_| Counter::DropDecapFailed)
+fn accepted_endpoint(
+    vni: u32,
+    src: &Addr16,
+    dst: &Addr16,
+    outer_src: Addr16,
+) -> Result<&'static Endpoint, Counter> {
+    let ep = endpoint(*dst).ok_or(Counter::DropNoEndpoint)?;
+    if ep.vni != vni {
+        return Err(Counter::DropCrossNetwork);
+    }
+    if !remote_sender_matches(*src, vni, outer_src) {
+        return Err(Counter::DropSpoofedSource);
+    }
+    Ok(ep)
+}
+
+/// Strips an accepted VXLAN frame and delivers the inner packet to its endpoint.
+#[inline(always)]
+pub fn deliver(ctx: &TcContext, accepted: Accepted) -> Result<i32, Drop> {
+    let (vni, len) = (accepted.vni, ctx.len());
+    strip(ctx, accepted.strip_len, accepted.inner_ipv6).in_network(vni)?;
+    let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(vni)?;
+    count(vni, Counter::Decapsulated, len);
+    Ok(verdict)
+}
+
+/// Removes the outer IPv4/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
+/// (its type is IPv4; for an inner IPv6 packet it is rewritten, and DECAP_L3_IPV6 makes the
+/// kernel's protocol of the packet IPv6 too). FIXED_GSO keeps the MSS of a GSO super-packet as it
+/// was built.
+#[inline(always)]
+fn strip(ctx: &TcContext, strip_len: usize, inner_ipv6: bool) -> Result<(), Counter> {
+    let fail = |_| Counter::DropDecapFailed;
+    let flags = if inner_ipv6 {
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64
+    } else {
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    };
+    ctx.adjust_room(-(strip_len as i32), BPF_ADJ_ROOM_MAC, flags)
+        .map_err(fail)?;
+    if inner_ipv6 {
+        ctx.store(12, &ETH_P_IPV6.to_be_bytes(), 0).map_err(fail)?;
+    }
+    Ok(())
 }
 
 const _: () = assert!(UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN == 50);

@@ -26,10 +26,18 @@ const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | ENCAP_L2_ETH_LEN;
 
-/// Wraps the frame in outer Ethernet/IPv4/UDP/VXLAN towards the agent owning `route` and sends it
-/// out of the underlay NIC; the kernel's neighbour table supplies the next-hop MAC.
+/// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN
+/// towards the agent owning `route` and sends it out of the underlay NIC; the kernel's neighbour
+/// table supplies the next-hop MAC. The ENCAP flags are the same for both inner families: the
+/// kernel finds the inner network header behind the inner Ethernet header (L2_ETH), and the
+/// inner packet's own GSO type (TCPV4/TCPV6/UDP_L4) stays as it is under the UDP tunnel's.
 #[inline(always)]
-pub fn to_remote(ctx: &TcContext, cfg: &AgentConfig, route: &RemoteRoute) -> Result<i32, Counter> {
+pub fn to_remote(
+    ctx: &TcContext,
+    cfg: &AgentConfig,
+    route: &RemoteRoute,
+    inner_ethertype: u16,
+) -> Result<i32, Counter> {
     // IPv6 underlays come later; until then an IPv6 VTEP address has no route.
     let (Some(outer_src), Some(outer_dst)) = (
         ipv4_unmapped(&cfg.underlay_ip),
@@ -47,6 +55,7 @@ pub fn to_remote(ctx: &TcContext, cfg: &AgentConfig, route: &RemoteRoute) -> Res
         vni: route.vni,
         inner_src_mac: cfg.vtep_mac,
         inner_dst_mac: route.vtep_mac,
+        inner_ethertype,
         inner_ip_len: (ctx.len() as usize).saturating_sub(ETH_HLEN),
     });
     ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)

@@ -1,29 +1,22 @@
-//! What a container may never send: IPv6 (until the IPv6 datapath carries it; Router
-//! Advertisements and Redirects always), and out of the overlay, whatever the network's
-//! masquerade setting, VXLAN to an agent (it would arrive from a known VTEP, masqueraded, and
-//! bypass isolation and anti-spoofing on the peer), and nothing to the control plane
-//! (`OVL_PROTECTED`: the master's API unless the agent allows it, agents' control ports).
+//! What a container may never send: out of the overlay, whatever the network's masquerade
+//! setting, VXLAN to an agent (it would arrive from a known VTEP, masqueraded, and bypass
+//! isolation and anti-spoofing on the peer), and nothing to the control plane (`OVL_PROTECTED`:
+//! the master's API unless the agent allows it, agents' control ports). (IPv6's own guards, RA
+//! and Redirect first, are in `ipv6`.)
 
 use aya_ebpf::programs::TcContext;
 use overlay_common::{
     counters::Counter,
     maps::{AgentConfig, ProtectedKey, ipv4_mapped},
-    packet::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, Ipv4Header},
-    policy::{self, IPV6_HLEN, IPV6_NEXT_HEADER_AT},
+    packet::{ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv4Header},
+    policy,
 };
 
 use crate::{
+    forward::L3,
     maps::{is_known_vtep, is_protected, nat_config},
     skb,
 };
-
-/// The reason an IPv6 packet from a container is dropped (RA and Redirect have their own).
-#[inline(always)]
-pub fn ipv6_drop_reason(ctx: &TcContext) -> Counter {
-    let next = skb::load::<1>(ctx, ETH_HLEN + IPV6_NEXT_HEADER_AT).map_or(0, |b| b[0]);
-    let icmp_type = skb::load::<1>(ctx, ETH_HLEN + IPV6_HLEN).map_or(0, |b| b[0]);
-    policy::ipv6_drop_reason(next, icmp_type)
-}
 
 /// Whether an agent (this one or a known VTEP) has this underlay address.
 #[inline(always)]
@@ -68,15 +61,26 @@ pub fn to_outside(ctx: &TcContext, cfg: &AgentConfig, ip: &Ipv4Header) -> Result
     Ok(())
 }
 
-/// Checks a container's packet (IPv4 header `ip` at `l3`: a local container's, or a remote one's
-/// inside VXLAN) to this agent's host at a network's gateway address: the agent's control ports
-/// are out of bounds there too.
+/// Checks a container's packet (a local container's, or a remote one's inside VXLAN) to this
+/// agent's host at a network's gateway address: the agent's control ports are out of bounds
+/// there too. IPv6 behind extension headers hides its transport header from this check, so it
+/// does not reach the host at all.
 #[inline(always)]
-pub fn to_host_gateway(ctx: &TcContext, ip: &Ipv4Header, l3: usize) -> Result<(), Counter> {
-    match dst_port(ctx, ip, l3)? {
-        Some(port) if is_protected(ProtectedKey::ANY_AGENT, port, ip.protocol) => {
+pub fn to_host_gateway(ctx: &TcContext, l3: &L3) -> Result<(), Counter> {
+    let Some(l4) = l3.l4 else {
+        return if l3.ethertype == ETH_P_IPV6 {
             Err(Counter::DropControlPlane)
-        }
-        _ => Ok(()),
+        } else {
+            Ok(())
+        };
+    };
+    if l3.protocol != IPPROTO_UDP && l3.protocol != IPPROTO_TCP {
+        return Ok(());
     }
+    let ports = skb::load::<4>(ctx, l4)?;
+    let port = u16::from_be_bytes([ports[2], ports[3]]);
+    if is_protected(ProtectedKey::ANY_AGENT, port, l3.protocol) {
+        return Err(Counter::DropControlPlane);
+    }
+    Ok(())
 }

@@ -2,13 +2,17 @@
 //! so that `bpftool map dump` prints their keys and values as structs.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        lpm_trie::Key,
+    },
     macros::btf_map,
 };
+use overlay_common::ipv6::NA_FRAME_LEN;
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
     Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
-    VtepKey, capacity,
+    VtepKey, capacity, tail_calls,
 };
 
 #[btf_map]
@@ -54,6 +58,15 @@ pub static OVL_SCRATCH_QUOTA_KEY: PerCpuArray<NatQuotaKey, 1> = PerCpuArray::new
 /// Per-CPU scratch for a NAT key (the other direction of a flow being refreshed).
 #[btf_map]
 pub static OVL_SCRATCH_NAT_KEY: PerCpuArray<NatKey, 1> = PerCpuArray::new();
+
+/// `overlay_common::maps::tail_calls`: filled by the agent's loader.
+#[btf_map]
+pub static OVL_TAIL_CALLS: ProgramArray<{ tail_calls::SLOTS as usize }> = ProgramArray::new();
+
+/// Per-CPU scratch for a frame the datapath answers with (a Neighbor Advertisement), built off
+/// the stack. Not pinned either.
+#[btf_map]
+pub static OVL_SCRATCH_FRAME: PerCpuArray<[u8; NA_FRAME_LEN], 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static OVL_PROTECTED: HashMap<ProtectedKey, Protected, { capacity::PROTECTED as usize }> =

@@ -1,6 +1,6 @@
 //! Small accessors over the TC context shared by the program paths.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::generated::bpf_skb_change_tail, programs::TcContext};
 use overlay_common::counters::Counter;
 
 /// Loads a fixed-size header at `offset`; a packet too short to hold it is truncated.
@@ -41,4 +41,14 @@ pub fn vlan_tagged(ctx: &TcContext, ethertype: u16) -> bool {
     // SAFETY: as above.
     let (present, proto) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_proto) };
     overlay_common::policy::is_vlan_tagged(ethertype, present, proto)
+}
+
+/// Trims or extends the frame to `len` bytes (an answer built in place of the request).
+#[inline(always)]
+pub fn set_len(ctx: &TcContext, len: u32) -> Result<(), Counter> {
+    // SAFETY: plain helper call on the program's own context.
+    match unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } {
+        0 => Ok(()),
+        _ => Err(Counter::DropMalformed),
+    }
 }

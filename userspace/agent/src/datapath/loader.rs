@@ -11,7 +11,7 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
-use overlay_common::maps::{names, programs};
+use overlay_common::maps::{names, programs, tail_calls};
 
 use super::{OverlayMaps, PinLayout};
 
@@ -23,6 +23,28 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: PinLayout,
     maps: OverlayMaps,
+}
+
+/// Loads the programs `from_container` and `from_host` tail-call into and puts them in their
+/// slots of `OVL_TAIL_CALLS`.
+fn fill_tail_calls(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    for &(slot, name) in tail_calls::ALL {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected program {name}"))?;
+        let fd = program.fd()?.try_clone()?;
+        let map = ebpf
+            .map_mut(tail_calls::MAP)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", tail_calls::MAP))?;
+        aya::maps::ProgramArray::try_from(map)?
+            .set(slot, &fd, 0)
+            .with_context(|| format!("putting {name} into {}", tail_calls::MAP))?;
+    }
+    Ok(())
 }
 
 impl Datapath {
@@ -51,6 +73,7 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("verifier rejected program {name}"))?;
         }
+        fill_tail_calls(&mut ebpf)?;
         let maps = OverlayMaps::take_from(&mut ebpf)?;
         Ok(Datapath { ebpf, pins, maps })
     }

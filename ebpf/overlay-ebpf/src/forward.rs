@@ -1,0 +1,104 @@
+//! Forwarding inside the overlay, shared by containers' and the host's traffic and by both IP
+//! families: to a local endpoint (the host's own at a gateway address included) or, in VXLAN, to
+//! a remote one.
+
+use aya_ebpf::programs::TcContext;
+use overlay_common::{
+    counters::{Counter, Drop, InNetwork},
+    ipv6::Ipv6Header,
+    maps::{AgentConfig, Endpoint, RemoteRoute},
+    packet::{ETH_P_IP, ETH_P_IPV6, Ipv4Header},
+    policy::{IPV6_HLEN, is_ipv6_extension_header},
+};
+
+use crate::{deliver, encap, guard, skb, stats::count, too_big};
+
+/// Where a packet inside the overlay goes next.
+pub enum Hop {
+    /// A container on this agent, or the host at a gateway address.
+    Local(&'static Endpoint),
+    /// A container behind another agent.
+    Remote(&'static RemoteRoute),
+}
+
+/// What forwarding needs of an IP packet (right behind the frame's Ethernet header) of either
+/// family.
+pub struct L3 {
+    pub ethertype: u16,
+    pub total_len: usize,
+    /// IPv4 protocol, or the IPv6 next header.
+    pub protocol: u8,
+    /// Offset of the transport header; `None` when none is there to check (a later IPv4
+    /// fragment) and the protocol is no transport's (an IPv6 extension header).
+    pub l4: Option<usize>,
+    /// IPv4 DF (always for IPv6): a too-big packet is answered, not only dropped.
+    pub dont_fragment: bool,
+}
+
+impl L3 {
+    /// An IPv4 packet whose header starts at `l3`.
+    #[inline(always)]
+    pub fn v4(ip: &Ipv4Header, l3: usize) -> L3 {
+        L3 {
+            ethertype: ETH_P_IP,
+            total_len: ip.total_len,
+            protocol: ip.protocol,
+            l4: if ip.is_later_fragment {
+                None
+            } else {
+                Some(l3 + ip.header_len)
+            },
+            dont_fragment: ip.dont_fragment,
+        }
+    }
+
+    /// An IPv6 packet whose header starts at `l3`.
+    #[inline(always)]
+    pub fn v6(ip: &Ipv6Header, l3: usize) -> L3 {
+        L3 {
+            ethertype: ETH_P_IPV6,
+            total_len: ip.total_len(),
+            protocol: ip.next_header,
+            l4: if is_ipv6_extension_header(ip.next_header) {
+                None
+            } else {
+                Some(l3 + IPV6_HLEN)
+            },
+            dont_fragment: true,
+        }
+    }
+}
+
+/// Sends a packet of network `vni` on to `hop` and counts it.
+#[inline(always)]
+pub fn into_overlay(
+    ctx: &TcContext,
+    cfg: &AgentConfig,
+    vni: u32,
+    l3: &L3,
+    hop: Hop,
+) -> Result<i32, Drop> {
+    let len = ctx.len();
+    match hop {
+        Hop::Local(ep) => {
+            // The host at its gateway address: the agent's control ports are out of bounds.
+            if ep.is_host() {
+                guard::to_host_gateway(ctx, l3).in_network(vni)?;
+            }
+            let verdict = deliver::to_endpoint(ctx, ep).in_network(vni)?;
+            count(vni, Counter::LocalDelivered, len);
+            Ok(verdict)
+        }
+        Hop::Remote(route) => {
+            // VTEPs must not fragment (RFC 7348): a non-GSO packet over the overlay MTU goes back
+            // to its sender as a "too big" error when it can (path MTU discovery), and is
+            // counted as dropped either way.
+            if skb::gso_size(ctx) == 0 && l3.total_len > cfg.overlay_mtu as usize {
+                return too_big::answer(ctx, cfg, vni, l3);
+            }
+            let verdict = encap::to_remote(ctx, cfg, route, l3.ethertype).in_network(vni)?;
+            count(vni, Counter::Encapsulated, len);
+            Ok(verdict)
+        }
+    }
+}
