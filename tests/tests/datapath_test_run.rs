@@ -818,7 +818,7 @@ const HOST_PEER_IFINDEX: u32 = 55;
 /// S's fd01:a:0:3::/64) and network B's fd01:b::/48 (R's block fd01:b:0:2::/64): what the agent
 /// must write for a dual-stack network. EP_A's link-local address is an endpoint of its own.
 fn with_ipv6(f: &mut Fixture) {
-    let m = f.dp.maps();
+    let m = f.dp.maps_mut();
     for (subnet, vni) in [("fd01:a::/48", VNI_A), ("fd01:b::/48", VNI_B)] {
         m.put_subnet(subnet.parse().unwrap(), OverlaySubnet { vni, flags: 0 })
             .unwrap();
@@ -894,7 +894,7 @@ fn ipv6_is_delivered_encapsulated_and_decapsulated_byte_for_byte() {
         verdict,
         TC_ACT_REDIRECT,
         "local delivery; counters {:?}",
-        f.dp.maps_ref().stats().unwrap()
+        f.dp.maps().stats().unwrap()
     );
     let expected = eth(EP_A_ELSEWHERE.mac, EP_A_ELSEWHERE.gw_mac, ETH_P_IPV6, &p);
     assert!(
@@ -943,7 +943,7 @@ fn ipv6_is_delivered_encapsulated_and_decapsulated_byte_for_byte() {
         verdict,
         TC_ACT_REDIRECT,
         "decap; counters {:?}",
-        f.dp.maps_ref().stats().unwrap()
+        f.dp.maps().stats().unwrap()
     );
     let expected = eth(EP_A.mac, EP_A.gw_mac, ETH_P_IPV6, &p);
     assert_eq!(out.len(), input.len() - 50);
@@ -1148,7 +1148,7 @@ fn neighbour_solicitations_get_rfc4861_advertisements_within_the_network() {
         verdict,
         TC_ACT_REDIRECT,
         "back out of the veth; counters {:?}",
-        f.dp.maps_ref().stats().unwrap()
+        f.dp.maps().stats().unwrap()
     );
     let expected = neighbor_advertisement(EP_A.gw_mac, A6_GATEWAY, EP_A.mac, EP_A6, true);
     assert!(
@@ -1269,7 +1269,7 @@ fn too_big_packets_are_answered_with_the_overlay_mtu_byte_for_byte() {
         verdict,
         TC_ACT_REDIRECT,
         "sent back; counters {:?}",
-        f.dp.maps_ref().stats().unwrap()
+        f.dp.maps().stats().unwrap()
     );
     assert_eq!(out.len(), 14 + 20 + 8 + QUOTE);
     assert_eq!(&out[0..6], &EP_A.mac, "to the sender");
