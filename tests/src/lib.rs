@@ -35,13 +35,12 @@ pub fn endpoint_of(
 ) -> (std::net::IpAddr, overlay_common::maps::Endpoint) {
     (
         std::net::IpAddr::V4(container.node.ip.expect("container has an address")),
-        overlay_common::maps::Endpoint {
-            ifindex: agent.ifindex(&container.host_veth).unwrap(),
+        overlay_common::maps::Endpoint::container(
+            agent.ifindex(&container.host_veth).unwrap(),
             vni,
-            mac: container.node.mac(&container.ifname).unwrap(),
-            gateway_mac: agent.mac(&container.host_veth).unwrap(),
-            ..Default::default()
-        },
+            container.node.mac(&container.ifname).unwrap(),
+            agent.mac(&container.host_veth).unwrap(),
+        ),
     )
 }
 
@@ -49,8 +48,8 @@ pub fn endpoint_of(
 pub fn agent_settings(
     agent: &overlay_lab::Node,
     vtep_mac: [u8; 6],
-) -> overlay_agent::datapath::AgentSettings {
-    overlay_agent::datapath::AgentSettings {
+) -> overlay_datapath::AgentSettings {
+    overlay_datapath::AgentSettings {
         underlay_ip: std::net::IpAddr::V4(agent.ip.expect("agent has a fabric address")),
         underlay_ifindex: agent.ifindex("eth0").unwrap(),
         vtep_mac,
@@ -60,8 +59,8 @@ pub fn agent_settings(
 }
 
 /// The pin layout of a lab agent.
-pub fn lab_pins(lab: &overlay_lab::Lab, agent_role: &str) -> overlay_agent::datapath::PinLayout {
-    overlay_agent::datapath::PinLayout::new(
+pub fn lab_pins(lab: &overlay_lab::Lab, agent_role: &str) -> overlay_datapath::PinLayout {
+    overlay_datapath::PinLayout::new(
         std::path::Path::new(overlay_lab::BPFFS),
         &lab.pin_instance(agent_role),
     )
@@ -119,29 +118,15 @@ pub fn install_datapath(
         m.set_config(&settings)?;
         m.put_network(vni, Network::default())?;
         if let Some(subnet) = subnet {
-            m.put_subnet(subnet, OverlaySubnet { vni, flags: 0 })?;
+            m.put_subnet(subnet, OverlaySubnet::new(vni))?;
         }
         for (_, (ip, ep)) in endpoints {
             m.put_endpoint(ip, ep)?;
         }
         for (ip, mac, subnet) in peers {
-            m.put_vtep(
-                ip,
-                Vtep {
-                    vtep_mac: mac,
-                    ..Default::default()
-                },
-            )?;
-            let underlay_ip = overlay_agent::datapath::addr16(ip);
-            m.put_route(
-                subnet,
-                RemoteRoute {
-                    underlay_ip,
-                    vtep_mac: mac,
-                    vni,
-                    ..Default::default()
-                },
-            )?;
+            m.put_vtep(ip, Vtep::new(mac, [0; 4]))?;
+            let underlay_ip = overlay_datapath::addr16(ip);
+            m.put_route(subnet, RemoteRoute::new(underlay_ip, mac, vni))?;
         }
         Ok(())
     })

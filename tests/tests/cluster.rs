@@ -6,8 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::datapath::OverlayMaps;
 use overlay_common::counters::Counter;
+use overlay_datapath::OverlayMaps;
 use overlay_lab::{
     Container,
     cluster::{Cluster, ClusterSpec},
@@ -222,7 +222,7 @@ fn a_joining_agent_is_reachable_within_a_second_and_a_deleted_one_is_forgotten()
             .routes()
             .unwrap()
             .values()
-            .any(|r| overlay_agent::datapath::from_addr16(&r.underlay_ip) == new_ip)
+            .any(|r| overlay_datapath::from_addr16(&r.underlay_ip) == new_ip)
     };
     let start = Instant::now();
     let mut registered = None;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::datapath::OverlayMaps;
+use overlay_datapath::OverlayMaps;
 use overlay_lab::{
     Container,
     cluster::{Cluster, ClusterSpec},

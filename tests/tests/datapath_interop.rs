@@ -4,8 +4,8 @@
 
 use std::{net::Ipv4Addr, process::Stdio, time::Duration};
 
-use overlay_agent::datapath::OverlayMaps;
 use overlay_common::counters::Counter;
+use overlay_datapath::OverlayMaps;
 use overlay_lab::{Lab, LabSpec, Node, dcos};
 use overlay_tests::{PeerAgent, install_datapath, lab_pins};
 

@@ -7,11 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::datapath::{OverlayMaps, addr16};
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{RemoteRoute, Vtep},
 };
+use overlay_datapath::{OverlayMaps, addr16};
 use overlay_lab::{Lab, LabSpec, Node};
 use overlay_tests::{install_datapath, lab_pins, support_packets::*};
 
@@ -132,23 +132,12 @@ fn malformed_vxlan_from_the_wire_is_dropped_and_counted() {
     // refused, each for its reason.
     let ext_route = (
         EXT_SUBNET.parse().unwrap(),
-        RemoteRoute {
-            underlay_ip: addr16(IpAddr::V4(ext_ip)),
-            vtep_mac: EXT_VTEP_MAC,
-            vni: VNI,
-            ..Default::default()
-        },
+        RemoteRoute::new(addr16(IpAddr::V4(ext_ip)), EXT_VTEP_MAC, VNI),
     );
     {
         let mut m = OverlayMaps::open_pinned(&lab_pins(&lab, "a2")).unwrap();
-        m.put_vtep(
-            IpAddr::V4(ext_ip),
-            Vtep {
-                vtep_mac: EXT_VTEP_MAC,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        m.put_vtep(IpAddr::V4(ext_ip), Vtep::new(EXT_VTEP_MAC, [0; 4]))
+            .unwrap();
         m.put_route(ext_route.0, ext_route.1).unwrap();
     }
     let bad_flags = VxlanFrame {

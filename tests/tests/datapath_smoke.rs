@@ -4,8 +4,8 @@
 
 use std::net::Ipv4Addr;
 
-use overlay_agent::datapath::attached_ingress_programs;
 use overlay_common::{counters::Counter, maps::names};
+use overlay_datapath::attached_ingress_programs;
 use overlay_lab::{Lab, LabSpec, in_netns};
 use overlay_tests::{endpoint_of, install_datapath, lab_pins};
 use serde_json::Value;
@@ -79,20 +79,13 @@ fn programs_attach_maps_pin_and_print_as_structs() {
 
     // Pinned and printed as structs with their field names (BTF).
     for name in names::ALL {
-        assert!(
-            pin_dir.join("maps").join(name).exists(),
-            "map {name} not pinned"
-        );
+        assert!(pins.map(name).exists(), "map {name} not pinned");
     }
     let dump = bpftool_json(&[
         "map",
         "dump",
         "pinned",
-        pin_dir
-            .join("maps")
-            .join(names::ENDPOINTS)
-            .to_str()
-            .unwrap(),
+        pins.map(names::ENDPOINTS).to_str().unwrap(),
     ]);
     let entries = dump.as_array().expect("dump is a list");
     assert_eq!(entries.len(), 2, "{dump}");
@@ -114,13 +107,13 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         "map",
         "dump",
         "pinned",
-        pin_dir.join("maps").join(names::CONFIG).to_str().unwrap(),
+        pins.map(names::CONFIG).to_str().unwrap(),
     ]);
     assert_eq!(cfg[0]["formatted"]["value"]["vxlan_port"], 64000, "{cfg}");
 
     // Real packets: the containers resolve the gateway through the BPF ARP responder and reach
     // each other by bpf_redirect_peer, with no bridge and no address on the host side.
-    let stats_path = pin_dir.join("maps").join(names::STATS);
+    let stats_path = pins.map(names::STATS);
     let stats_now = || bpftool_json(&["map", "dump", "pinned", stats_path.to_str().unwrap()]);
     assert!(
         c1.node.ping(c2.node.ip.unwrap()),
@@ -135,7 +128,7 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         "map",
         "dump",
         "pinned",
-        pin_dir.join("maps").join(names::STATS).to_str().unwrap(),
+        pins.map(names::STATS).to_str().unwrap(),
     ]);
     let has = |counter: Counter| {
         stats.as_array().unwrap().iter().any(|e| {
@@ -162,7 +155,7 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         "map",
         "dump",
         "pinned",
-        pin_dir.join("maps").join(names::STATS).to_str().unwrap(),
+        pins.map(names::STATS).to_str().unwrap(),
     ]);
     assert!(
         stats

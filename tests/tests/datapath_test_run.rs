@@ -11,11 +11,12 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use overlay_agent::datapath::{AgentSettings, Datapath, PinLayout, addr16};
+use overlay_agent::datapath::Datapath;
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{Endpoint, HOST_LINK_PEER_MAC, Network, OverlaySubnet, RemoteRoute, Vtep, programs},
 };
+use overlay_datapath::{AgentSettings, PinLayout, addr16};
 use overlay_tests::support_packets::*;
 
 const VNI_A: u32 = 1024;
@@ -110,44 +111,20 @@ impl Fixture {
         for vni in [VNI_A, VNI_B] {
             m.put_network(vni, Network::default()).unwrap();
         }
-        m.put_subnet(
-            "9.0.0.0/16".parse().unwrap(),
-            OverlaySubnet {
-                vni: VNI_A,
-                flags: 0,
-            },
-        )
-        .unwrap();
-        m.put_subnet(
-            "9.1.0.0/16".parse().unwrap(),
-            OverlaySubnet {
-                vni: VNI_B,
-                flags: 0,
-            },
-        )
-        .unwrap();
+        m.put_subnet("9.0.0.0/16".parse().unwrap(), OverlaySubnet::new(VNI_A))
+            .unwrap();
+        m.put_subnet("9.1.0.0/16".parse().unwrap(), OverlaySubnet::new(VNI_B))
+            .unwrap();
         for ep in [&EP_A, &EP_A_ELSEWHERE, &EP_B] {
             m.put_endpoint(
                 IpAddr::V4(ep.ip),
-                Endpoint {
-                    ifindex: ep.ifindex,
-                    vni: ep.vni,
-                    mac: ep.mac,
-                    gateway_mac: ep.gw_mac,
-                    ..Default::default()
-                },
+                Endpoint::container(ep.ifindex, ep.vni, ep.mac, ep.gw_mac),
             )
             .unwrap();
         }
         for (underlay, mac) in [(R_UNDERLAY, R_VTEP_MAC), (S_UNDERLAY, S_VTEP_MAC)] {
-            m.put_vtep(
-                IpAddr::V4(underlay),
-                Vtep {
-                    vtep_mac: mac,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            m.put_vtep(IpAddr::V4(underlay), Vtep::new(mac, [0; 4]))
+                .unwrap();
         }
         for (subnet, underlay, mac, vni) in [
             ("9.0.2.0/24", R_UNDERLAY, R_VTEP_MAC, VNI_A),
@@ -156,12 +133,7 @@ impl Fixture {
         ] {
             m.put_route(
                 subnet.parse().unwrap(),
-                RemoteRoute {
-                    underlay_ip: addr16(IpAddr::V4(underlay)),
-                    vtep_mac: mac,
-                    vni,
-                    ..Default::default()
-                },
+                RemoteRoute::new(addr16(IpAddr::V4(underlay)), mac, vni),
             )
             .unwrap();
         }
@@ -686,12 +658,12 @@ fn container_guards_drop_what_a_container_may_never_send() {
         .unwrap();
     f.dp.maps_mut()
         .set_protected(&[
-            overlay_agent::datapath::ProtectedDestination {
+            overlay_datapath::ProtectedDestination {
                 addr: Some(IpAddr::V4(master)),
                 port: 5050,
                 protocol: IPPROTO_TCP,
             },
-            overlay_agent::datapath::ProtectedDestination {
+            overlay_datapath::ProtectedDestination {
                 addr: None,
                 port: 9101,
                 protocol: IPPROTO_TCP,

@@ -3,8 +3,8 @@
 
 use std::net::Ipv4Addr;
 
-use overlay_agent::datapath::OverlayMaps;
 use overlay_common::counters::Counter;
+use overlay_datapath::OverlayMaps;
 use overlay_lab::{Lab, LabSpec};
 use overlay_tests::{PeerAgent, install_datapath, lab_pins};
 

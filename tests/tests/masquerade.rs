@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::datapath::{OverlayMaps, from_addr16};
 use overlay_common::{counters::Counter, maps::nat_direction};
+use overlay_datapath::{OverlayMaps, from_addr16};
 use overlay_lab::{
     Container, Node,
     cluster::{Cluster, ClusterSpec, TWO_NETWORKS},

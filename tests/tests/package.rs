@@ -203,9 +203,10 @@ fn overlayctl_cleanup_removes_pins_links_host_link_and_generated_cni_configs() {
     .unwrap();
     let node = c.lab.node("a1").unwrap().clone();
     let instance = c.lab.pin_instance("a1");
-    let pins = Path::new("/sys/fs/bpf/ebpf-overlay")
-        .join(format!("v{}", overlay_common::maps::MAP_LAYOUT_VERSION))
-        .join(&instance);
+    let pins = overlay_datapath::PinLayout::new(Path::new(overlay_lab::BPFFS), &instance)
+        .unwrap()
+        .dir()
+        .to_owned();
     let cni_dir = c.log_path("a1").parent().unwrap().join("a1-cni");
     // Someone else's CNI config next to the agent's.
     std::fs::write(
@@ -219,10 +220,7 @@ fn overlayctl_cleanup_removes_pins_links_host_link_and_generated_cni_configs() {
         "agent wrote no CNI config"
     );
     let attached = |node: &overlay_lab::Node| {
-        overlay_lab::in_netns(node, || {
-            overlay_agent::datapath::attached_ingress_programs("eth0")
-        })
-        .unwrap()
+        overlay_lab::in_netns(node, || overlay_datapath::attached_ingress_programs("eth0")).unwrap()
     };
     assert_eq!(attached(&node), ["from_underlay"]);
     assert!(node.try_exec("ip", &["link", "show", "ovl-host"]));

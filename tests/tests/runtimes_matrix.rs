@@ -132,7 +132,7 @@ fn endpoint_ips(c: &Cluster, agent: &str) -> Vec<std::net::IpAddr> {
 
 /// The agent's pinned TCX links on container veths.
 fn container_link_pins(c: &Cluster, agent: &str) -> usize {
-    let dir = lab_pins(&c.lab, agent).dir().join("links");
+    let dir = lab_pins(&c.lab, agent).links_dir();
     std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(Result::ok)

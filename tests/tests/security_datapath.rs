@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::datapath::OverlayMaps;
 use overlay_common::counters::{Counter, NO_NETWORK};
+use overlay_datapath::OverlayMaps;
 use overlay_lab::{
     Container,
     cluster::{Cluster, ClusterSpec},
@@ -281,8 +281,7 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
             .into_iter()
             .find(|(_, r)| {
                 r.vni == vni
-                    && overlay_agent::datapath::from_addr16(&r.underlay_ip)
-                        == std::net::IpAddr::V4(a1_ip)
+                    && overlay_datapath::from_addr16(&r.underlay_ip) == std::net::IpAddr::V4(a1_ip)
             })
             .expect("a route to a1 on the network");
         match net.network() {
@@ -632,7 +631,7 @@ const PEER_PORT: u16 = 8000;
 
 /// The masquerade egress entries of container `x` (by protocol and destination).
 fn nat_flows_of(c: &Cluster, x: &Container) -> Vec<(u8, std::net::IpAddr, u16)> {
-    use overlay_agent::datapath::from_addr16;
+    use overlay_datapath::from_addr16;
     maps(c, &x.agent)
         .nat_entries()
         .unwrap()

@@ -356,7 +356,7 @@ mod tests {
             tcp_handshake_timeout_s: 30,
             max_flows_per_destination: 4,
             underlay_broadcast: [0; 4],
-            _pad: 0,
+            ..Default::default()
         }
     }
 

@@ -81,27 +81,20 @@ pub enum IpamError {
     Io(#[from] anyhow::Error),
 }
 
-/// The two halves of an agent subnet (the whole subnet twice if it cannot be split).
+/// The two halves of an agent subnet (the whole subnet twice if it cannot be split): the
+/// master's rule, [`overlay_api::subnets::halves4`].
 pub fn halves(subnet: Ipv4Network) -> [Ipv4Network; 2] {
-    if subnet.prefix() >= 31 {
-        return [subnet, subnet];
-    }
-    let first = Ipv4Network::new(subnet.network(), subnet.prefix() + 1).expect("prefix <= 31");
-    let second_start = Ipv4Addr::from(u32::from(first.broadcast()).wrapping_add(1));
-    let second = Ipv4Network::new(second_start, subnet.prefix() + 1).expect("prefix <= 31");
-    [first, second]
+    let (cni, docker) = overlay_api::subnets::halves4(subnet);
+    [cni, docker]
 }
 
 pub fn half_range(subnet: Ipv4Network, half: Half) -> Ipv4Network {
-    halves(subnet)[match half {
-        Half::Cni => 0,
-        Half::Docker => 1,
-    }]
+    overlay_api::subnets::half_range4(subnet, half)
 }
 
-/// The gateway of a half: its first host.
+/// The gateway of a half: its first host ([`overlay_api::subnets::gateway4`]).
 pub fn gateway_of(range: Ipv4Network) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(range.network()).wrapping_add(1))
+    overlay_api::subnets::gateway4(range)
 }
 
 /// Addresses of `range` that may be handed out (network, gateway and broadcast excluded).
@@ -550,6 +543,30 @@ mod tests {
             .allocate("dcos", s, Half::Cni, None, None, "v", &taken)
             .unwrap();
         assert_eq!(next, "9.0.1.2".parse::<Ipv4Addr>().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unsplittable_subnets_are_both_halves_and_hand_out_nothing() {
+        // The master's rule (overlay_api::subnets): a /31 or /32 is both halves. Neither has
+        // room for a container besides network, gateway and broadcast, so IPAM refuses cleanly.
+        let dir = tmp_dir("tiny");
+        let mut ipam = Ipam::open(&dir).unwrap();
+        for s in ["9.0.1.2/31", "9.0.1.3/32"] {
+            let s = net(s);
+            assert_eq!(halves(s), [s, s]);
+            assert_eq!(half_range(s, Half::Docker), s);
+            for half in [Half::Cni, Half::Docker] {
+                let err = ipam
+                    .allocate("dcos", s, half, None, None, "v", &BTreeSet::new())
+                    .unwrap_err();
+                assert!(matches!(err, IpamError::Exhausted { .. }), "{s}: {err}");
+            }
+            for ip in s.iter() {
+                assert!(half_of(ip, s).is_err(), "{ip} in {s}");
+            }
+        }
+        assert!(ipam.allocations().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,6 +6,7 @@
 pub mod agent;
 mod client;
 pub mod sd_notify;
+pub mod subnets;
 pub mod tls;
 mod types;
 

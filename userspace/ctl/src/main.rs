@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use overlay_agent::datapath::{OverlayMaps, PinLayout, from_addr16};
 use overlay_api::MasterClient;
+use overlay_datapath::{OverlayMaps, PinLayout, from_addr16};
 
 #[derive(Parser)]
 #[command(

@@ -522,7 +522,7 @@ pub fn lab_namespaces(id: &str) -> Vec<String> {
 
 /// Removes the pins of one agent instance (all layout versions).
 pub fn remove_pins(instance: &str) -> anyhow::Result<()> {
-    let root = Path::new(BPFFS).join("ebpf-overlay");
+    let root = Path::new(BPFFS).join(overlay_datapath::PIN_ROOT);
     let Ok(versions) = std::fs::read_dir(&root) else {
         return Ok(());
     };

@@ -819,30 +819,11 @@ impl Allocator {
     }
 }
 
-/// The two halves of an agent's IPv4 block: Mesos (first) and Docker (second).
-pub fn halves4(block: Ipv4Network) -> (Ipv4Network, Ipv4Network) {
-    let prefix = block.prefix() + 1;
-    let first = Ipv4Network::new(block.network(), prefix).expect("validated prefix < 32");
-    let size = 1u32 << (32 - u32::from(prefix));
-    let second = Ipv4Network::new(Ipv4Addr::from(u32::from(block.network()) + size), prefix)
-        .expect("validated prefix < 32");
-    (first, second)
-}
-
-/// The two halves of an agent's IPv6 block: Mesos (first) and Docker (second).
-pub fn halves6(block: Ipv6Network) -> (Ipv6Network, Ipv6Network) {
-    let prefix = block.prefix() + 1;
-    let first = Ipv6Network::new(block.network(), prefix).expect("validated prefix < 128");
-    let size = 1u128 << (128 - u32::from(prefix));
-    let second = Ipv6Network::new(Ipv6Addr::from(u128::from(block.network()) + size), prefix)
-        .expect("validated prefix < 128");
-    (first, second)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{assign_default_vnis, dcos_default};
+    use overlay_api::subnets::{halves4, halves6};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
     use std::net::IpAddr;

@@ -12,11 +12,12 @@ use overlay_api::{
     OverlayState, State, Status, VTEP_NAME, VxLANInfo, WatchedDelta,
 };
 
-use crate::alloc::{Allocator, RestoreReport, halves4, halves6};
+use crate::alloc::{Allocator, RestoreReport};
 use crate::config::assign_default_vnis;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{AgentRecord, NetworkRecord, Op, Origin, SettingsRecord, Snapshot, StoreError};
 use crate::validate::{ConfigError, ReservedAddress, check_reserved_addresses, validate};
+use overlay_api::subnets::{halves4, halves6};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MasterError {

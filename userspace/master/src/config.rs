@@ -101,7 +101,7 @@ impl OverlaySpec {
 
 #[derive(Debug, Deserialize)]
 struct Nested {
-    dcos_overlay_network: serde_yaml::Value,
+    dcos_overlay_network: serde_norway::Value,
 }
 
 /// DC/OS's default `dcos_overlay_network` (before default VNIs are assigned).
@@ -151,17 +151,17 @@ pub fn load_file(path: &Path) -> Result<NetworkConfig, ConfigFileError> {
 
 /// Parses the object from YAML or JSON text; the error names the offending field.
 pub fn parse(text: &str) -> Result<NetworkConfig, String> {
-    let document: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let document: serde_norway::Value = serde_norway::from_str(text).map_err(|e| e.to_string())?;
     let file: FileConfig = match document.get(NESTING_KEY) {
-        None => serde_yaml::from_str(text).map_err(|e| e.to_string())?,
+        None => serde_norway::from_str(text).map_err(|e| e.to_string())?,
         Some(_) => {
-            let nested: Nested = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+            let nested: Nested = serde_norway::from_str(text).map_err(|e| e.to_string())?;
             match nested.dcos_overlay_network {
                 // DC/OS configs often carry the object as a JSON string.
-                serde_yaml::Value::String(inner) => serde_yaml::from_str(&inner)
+                serde_norway::Value::String(inner) => serde_norway::from_str(&inner)
                     .map_err(|e| format!("{NESTING_KEY} (string value): {e}"))?,
                 value => {
-                    serde_yaml::from_value(value).map_err(|e| format!("{NESTING_KEY}: {e}"))?
+                    serde_norway::from_value(value).map_err(|e| format!("{NESTING_KEY}: {e}"))?
                 }
             }
         }

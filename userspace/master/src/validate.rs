@@ -6,7 +6,10 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
-use overlay_api::{NetworkConfig, OverlayInfo};
+use overlay_api::{
+    NetworkConfig, OverlayInfo,
+    subnets::{MAX_AGENT_PREFIX4, MAX_AGENT_PREFIX6},
+};
 
 use crate::config::MAX_VNI;
 
@@ -248,10 +251,10 @@ fn validate_overlay(index: usize, overlay: &OverlayInfo, errors: &mut Collector)
                         subnet.prefix()
                     ),
                 );
-            } else if prefix > 29 {
+            } else if prefix > MAX_AGENT_PREFIX4 {
                 // Each half (/prefix+1) needs a gateway and at least one container address
                 // besides its network and broadcast addresses.
-                errors.fail(field("prefix"), prefix, "each half (/prefix+1) would have no usable container address; use /29 or shorter");
+                errors.fail(field("prefix"), prefix, format!("each half (/prefix+1) would have no usable container address; use /{MAX_AGENT_PREFIX4} or shorter"));
             }
         }
         (Some(_), None) => errors.fail(field("prefix"), "null", "required with `subnet`"),
@@ -276,8 +279,8 @@ fn validate_overlay(index: usize, overlay: &OverlayInfo, errors: &mut Collector)
                         subnet6.prefix()
                     ),
                 );
-            } else if prefix6 > 125 {
-                errors.fail(field("prefix6"), prefix6, "each half (/prefix6+1) would have no usable container address; use /125 or shorter");
+            } else if prefix6 > MAX_AGENT_PREFIX6 {
+                errors.fail(field("prefix6"), prefix6, format!("each half (/prefix6+1) would have no usable container address; use /{MAX_AGENT_PREFIX6} or shorter"));
             }
         }
         (Some(_), None) => errors.fail(field("prefix6"), "null", "required with `subnet6`"),

@@ -1,88 +1,33 @@
-//! Per-program run time of ebpf-overlay's programs (`--bpf-stats`): `kernel.bpf_stats_enabled`
-//! on for the run, and `bpftool prog show` deltas of run_cnt / run_time_ns around each measured
-//! path, for the programs attached by the lab's agents only (found through their pinned links).
+//! Per-program run time of ebpf-overlay's programs (`--bpf-stats`): the kernel's run-time
+//! accounting on for the run (`BPF_ENABLE_STATS`), and deltas of run_cnt / run_time_ns around
+//! each measured path, for the programs attached by the lab's agents only (found through their
+//! pinned links). All through `overlay-datapath` (aya): no bpftool, no hand-written bpf(2).
 
 use std::{collections::BTreeMap, path::Path};
 
-use anyhow::Context as _;
-use overlay_common::maps::MAP_LAYOUT_VERSION;
+use overlay_datapath::{PinLayout, stats};
 
-const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-/// Turns statistics on; restores the previous setting when dropped.
-pub struct StatsGuard {
-    previous: String,
-}
-
-impl StatsGuard {
-    pub fn enable() -> anyhow::Result<StatsGuard> {
-        let previous = std::fs::read_to_string(SYSCTL)
-            .context("reading kernel.bpf_stats_enabled")?
-            .trim()
-            .to_owned();
-        std::fs::write(SYSCTL, "1").context("enabling kernel.bpf_stats_enabled")?;
-        Ok(StatsGuard { previous })
-    }
-}
-
-impl Drop for StatsGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::write(SYSCTL, &self.previous);
-    }
-}
+pub use stats::RunTimeStats as StatsGuard;
 
 /// Ids of the programs attached through the pinned links of these agent instances.
-pub fn lab_prog_ids(instances: &[String]) -> Vec<u32> {
+pub fn lab_prog_ids(instances: &[String]) -> anyhow::Result<Vec<u32>> {
     let mut ids = vec![];
     for inst in instances {
-        let dir = Path::new(overlay_lab::BPFFS)
-            .join("ebpf-overlay")
-            .join(format!("v{MAP_LAYOUT_VERSION}"))
-            .join(inst)
-            .join("links");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let Ok(out) = overlay_lab::run(
-                "bpftool",
-                &["-j", "link", "show", "pinned", p.to_str().unwrap_or("")],
-            ) else {
-                continue;
-            };
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&out)
-                && let Some(id) = v["prog_id"].as_u64()
-            {
-                ids.push(id as u32);
-            }
-        }
+        let pins = PinLayout::new(Path::new(overlay_lab::BPFFS), inst)?;
+        ids.extend(stats::attached_program_ids(&pins)?);
     }
     ids.sort_unstable();
     ids.dedup();
-    ids
+    Ok(ids)
 }
 
 /// (name, run_cnt, run_time_ns) of each program id.
 pub type Snapshot = BTreeMap<u32, (String, u64, u64)>;
 
 pub fn snapshot(ids: &[u32]) -> anyhow::Result<Snapshot> {
-    let out = overlay_lab::run("bpftool", &["-j", "prog", "show"])?;
-    let v: Vec<serde_json::Value> = serde_json::from_str(&out).context("bpftool prog show JSON")?;
-    Ok(v.iter()
-        .filter_map(|p| {
-            let id = p["id"].as_u64()? as u32;
-            ids.contains(&id).then(|| {
-                (
-                    id,
-                    (
-                        p["name"].as_str().unwrap_or("?").to_owned(),
-                        p["run_cnt"].as_u64().unwrap_or(0),
-                        p["run_time_ns"].as_u64().unwrap_or(0),
-                    ),
-                )
-            })
-        })
+    Ok(stats::program_stats(ids)?
+        .into_iter()
+        .map(|(id, s)| (id, (s.name, s.run_count, s.run_time_ns)))
         .collect())
 }
 

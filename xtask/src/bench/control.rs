@@ -1,17 +1,15 @@
 //! Control-plane figures: how long from a new agent joining until every other agent's maps route
-//! to it, read straight from the pinned `OVL_ROUTES` maps (bpf(2), no helper process, so polling
-//! 50 agents every few milliseconds costs microseconds).
+//! to it, read straight from the pinned `OVL_ROUTES` maps (through `overlay-datapath`, no helper
+//! process, so polling 50 agents every few milliseconds costs microseconds).
 
 use std::{
-    ffi::CString,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use overlay_common::maps::{MAP_LAYOUT_VERSION, ipv4_mapped, names};
+use overlay_datapath::{OverlayMaps, PinLayout, from_addr16};
 use overlay_lab::cluster::{Cluster, ClusterSpec};
 
 /// One overlay over 9.0.0.0/8 in /24s: room for thousands of agents (the lab's default second
@@ -25,100 +23,31 @@ overlays:
     prefix: 24
 ";
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
-    // SAFETY: attr is a zero-initialised 128-byte bpf_attr; pointers in it point to live buffers
-    // sized for the map's key and value.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr() as *mut libc::c_void,
-            std::mem::size_of_val(attr) as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-/// An agent's pinned `OVL_ROUTES` LPM trie, opened read-only by path.
+/// An agent's pinned maps, opened by path (aya, no helper process).
 pub struct RoutesMap {
-    fd: OwnedFd,
-    key_size: usize,
-    value_size: usize,
+    maps: OverlayMaps,
 }
 
 impl RoutesMap {
-    pub fn pin_path(instance: &str) -> PathBuf {
-        Path::new(overlay_lab::BPFFS)
-            .join("ebpf-overlay")
-            .join(format!("v{MAP_LAYOUT_VERSION}"))
-            .join(instance)
-            .join("maps")
-            .join(names::ROUTES)
-    }
-
     pub fn open(instance: &str) -> anyhow::Result<RoutesMap> {
-        let path = Self::pin_path(instance);
-        let c = CString::new(path.to_str().context("pin path")?)?;
-        let mut attr = [0u64; 16];
-        attr[0] = c.as_ptr() as u64;
-        let fd =
-            bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: a new fd returned by the kernel, owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut info = [0u32; 4];
-        let mut attr = [0u64; 16];
-        attr[0] = fd.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
-        attr[1] = info.as_mut_ptr() as u64;
-        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("map info")?;
+        let pins = PinLayout::new(Path::new(overlay_lab::BPFFS), instance)?;
         Ok(RoutesMap {
-            fd,
-            key_size: info[2] as usize,
-            value_size: info[3] as usize,
+            maps: OverlayMaps::open_pinned(&pins)?,
         })
     }
 
-    /// Underlay address (IPv4-mapped) of every route's value.
-    pub fn underlays(&self) -> anyhow::Result<Vec<[u8; 16]>> {
-        let mut out = vec![];
-        let mut key = vec![0u8; self.key_size];
-        let mut next = vec![0u8; self.key_size];
-        let mut value = vec![0u8; self.value_size.max(16)];
-        let mut first = true;
-        for _ in 0..1_000_000 {
-            let mut attr = [0u64; 16];
-            attr[0] = self.fd.as_raw_fd() as u64;
-            attr[1] = if first { 0 } else { key.as_ptr() as u64 };
-            attr[2] = next.as_mut_ptr() as u64;
-            match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-                Err(e) => return Err(e).context("iterating OVL_ROUTES"),
-            }
-            first = false;
-            std::mem::swap(&mut key, &mut next);
-            let mut attr = [0u64; 16];
-            attr[0] = self.fd.as_raw_fd() as u64;
-            attr[1] = key.as_ptr() as u64;
-            attr[2] = value.as_mut_ptr() as u64;
-            if bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).is_ok() {
-                out.push(value[..16].try_into().unwrap());
-            }
-        }
-        Ok(out)
+    /// Underlay address of every route's value.
+    pub fn underlays(&self) -> anyhow::Result<Vec<IpAddr>> {
+        Ok(self
+            .maps
+            .routes()?
+            .values()
+            .map(|r| from_addr16(&r.underlay_ip))
+            .collect())
     }
 
     pub fn routes_to(&self, ip: Ipv4Addr) -> anyhow::Result<bool> {
-        let want = ipv4_mapped(ip.octets());
-        Ok(self.underlays()?.contains(&want))
+        Ok(self.underlays()?.contains(&IpAddr::V4(ip)))
     }
 }
 

@@ -124,14 +124,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     results.load_before = load();
     if !args.no_data {
-        let _stats = if args.bpf_stats {
+        let stats = if args.bpf_stats {
             Some(bpfstats::StatsGuard::enable()?)
         } else {
             None
         };
-        results.bpf_stats_enabled = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-            .map(|s| s.trim() == "1")
-            .unwrap_or(false);
+        // On through our fd, or by the sysctl (which does not show what an fd turned on).
+        results.bpf_stats_enabled = stats.is_some()
+            || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                .is_ok_and(|s| s.trim() == "1");
         data_plane(
             &plan,
             &bin_dir,
@@ -284,7 +285,7 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
     let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
     Ok(Setup {
         name: "ebpf",
-        prog_ids: bpfstats::lab_prog_ids(&instances),
+        prog_ids: bpfstats::lab_prog_ids(&instances)?,
         paths: vec![
             ("same_agent", t(&c2)),
             ("cross_agent", t(&c3)),

@@ -358,7 +358,7 @@ pub fn markdown(r: &Results) -> String {
     if !r.bpf_programs.is_empty() {
         let _ = writeln!(
             s,
-            "\n| ebpf-overlay program (`bpftool prog show`, bpf_stats) | path | runs | avg ns/run | total ms |\n|---|---|---|---|---|"
+            "\n| ebpf-overlay program (run_cnt / run_time_ns, bpf_stats) | path | runs | avg ns/run | total ms |\n|---|---|---|---|---|"
         );
         for ((path, prog), (cnt, ns)) in &r.bpf_programs {
             let _ = writeln!(

@@ -175,14 +175,3 @@ impl Datapath {
         }
     }
 }
-
-/// Names of the programs attached (TCX) to the ingress of `ifname`, in the calling thread's
-/// network namespace, as the kernel reports them. Debian's bpftool 7.1 does not list TCX.
-pub fn attached_ingress_programs(ifname: &str) -> anyhow::Result<Vec<String>> {
-    let (_, programs) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
-        .with_context(|| format!("querying TCX ingress programs of {ifname}"))?;
-    Ok(programs
-        .iter()
-        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-        .collect())
-}

@@ -1,12 +1,12 @@
-//! The kernel side as userspace sees it: loading the eBPF object, pinning its maps and TCX links
-//! so they outlive the agent (hitless restarts), and the typed façade over the maps.
+//! The kernel side as userspace sees it: loading the eBPF object and attaching its programs with
+//! pinned TCX links so they outlive the agent (hitless restarts) here; the typed façade over the
+//! maps and the pin layout live in the `overlay-datapath` crate, re-exported under their old
+//! paths.
 
 mod loader;
-mod maps;
-mod pins;
 
-pub use loader::{Datapath, OBJECT, attached_ingress_programs};
-pub use maps::{
-    AgentSettings, OverlayMaps, ProtectedDestination, StatRow, addr16, from_addr16, prefix_key,
+pub use loader::{Datapath, OBJECT};
+pub use overlay_datapath::{
+    AgentSettings, OverlayMaps, PIN_ROOT, PinLayout, ProtectedDestination, StatRow, addr16,
+    from_addr16, maps, pins, prefix_key, stats::attached_ingress_programs,
 };
-pub use pins::{PIN_ROOT, PinLayout};

@@ -38,6 +38,11 @@ impl PinLayout {
         &self.dir
     }
 
+    /// Where the TCX links of this instance are pinned (one per attached program).
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+
     pub fn map(&self, name: &str) -> PathBuf {
         self.dir.join("maps").join(name)
     }
@@ -47,8 +52,7 @@ impl PinLayout {
     /// unpinned after its veth is gone). bpffs refuses names containing '.', which interface
     /// names may have (VLANs: `eth0.100`).
     pub fn link(&self, program: &str, key: &str) -> PathBuf {
-        self.dir
-            .join("links")
+        self.links_dir()
             .join(format!("{program}@{}", key.replace('.', "%2e")))
     }
 

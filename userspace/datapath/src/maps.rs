@@ -17,9 +17,12 @@ use overlay_common::{
     maps::{
         Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
         NatQuotaKey, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute,
-        Stat, StatKey, Vtep, VtepKey, ipv4_mapped, ipv4_unmapped, names,
+        Stat, StatKey, Vtep, VtepKey, family_prefix_len, ipv4_mapped, ipv4_mapped_prefix_len,
+        ipv4_unmapped, names,
     },
 };
+
+use crate::PinLayout;
 
 /// The 16-byte map form of an address (IPv4 as IPv4-mapped IPv6).
 pub fn addr16(ip: IpAddr) -> Addr16 {
@@ -40,21 +43,17 @@ pub fn from_addr16(a: &Addr16) -> IpAddr {
 /// The LPM-trie key of a prefix.
 pub fn prefix_key(net: IpNetwork) -> Key<Addr16> {
     let len = match net {
-        IpNetwork::V4(n) => 96 + n.prefix() as u32,
+        IpNetwork::V4(n) => ipv4_mapped_prefix_len(n.prefix()),
         IpNetwork::V6(n) => n.prefix() as u32,
     };
     Key::new(len, addr16(net.network()))
 }
 
-fn key_prefix(key: &Key<Addr16>) -> anyhow::Result<IpNetwork> {
-    let ip = from_addr16(&key.data());
-    let len = key.prefix_len();
-    let len = if ip.is_ipv4() {
-        len.saturating_sub(96)
-    } else {
-        len
-    };
-    IpNetwork::new(ip, len as u8).map_err(|e| anyhow!("bad prefix in map: {e}"))
+/// The prefix an LPM-trie key stands for.
+pub fn key_prefix(key: &Key<Addr16>) -> anyhow::Result<IpNetwork> {
+    let addr = key.data();
+    let len = family_prefix_len(&addr, key.prefix_len());
+    IpNetwork::new(from_addr16(&addr), len).map_err(|e| anyhow!("bad prefix in map: {e}"))
 }
 
 /// This agent's own datapath settings (`OVL_CONFIG`).
@@ -128,7 +127,7 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 /// Opens one pinned map, read-only use by tools like `overlayctl`.
-fn pinned(pins: &super::PinLayout, name: &str) -> anyhow::Result<MapData> {
+fn pinned(pins: &PinLayout, name: &str) -> anyhow::Result<MapData> {
     let path = pins.map(name);
     MapData::from_pin(&path).with_context(|| {
         format!(
@@ -140,7 +139,7 @@ fn pinned(pins: &super::PinLayout, name: &str) -> anyhow::Result<MapData> {
 
 impl OverlayMaps {
     /// The maps an agent pinned, opened without loading anything: for inspection tools.
-    pub fn open_pinned(pins: &super::PinLayout) -> anyhow::Result<OverlayMaps> {
+    pub fn open_pinned(pins: &PinLayout) -> anyhow::Result<OverlayMaps> {
         Ok(OverlayMaps {
             config: Map::Array(pinned(pins, names::CONFIG)?).try_into()?,
             endpoints: Map::HashMap(pinned(pins, names::ENDPOINTS)?).try_into()?,
@@ -156,7 +155,8 @@ impl OverlayMaps {
         })
     }
 
-    pub(super) fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<OverlayMaps> {
+    /// The maps of a freshly loaded object (the agent's loader), taken out of it.
+    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<OverlayMaps> {
         Ok(OverlayMaps {
             config: take(ebpf, names::CONFIG)?.try_into()?,
             endpoints: take(ebpf, names::ENDPOINTS)?.try_into()?,
@@ -191,12 +191,12 @@ impl OverlayMaps {
 
     pub fn put_endpoint(&mut self, ip: IpAddr, ep: Endpoint) -> anyhow::Result<()> {
         self.endpoints
-            .insert(EndpointKey { addr: addr16(ip) }, ep, 0)
+            .insert(EndpointKey::new(addr16(ip)), ep, 0)
             .with_context(|| format!("adding endpoint {ip} to OVL_ENDPOINTS"))
     }
 
     pub fn remove_endpoint(&mut self, ip: IpAddr) -> anyhow::Result<()> {
-        ignore_missing(self.endpoints.remove(&EndpointKey { addr: addr16(ip) }))
+        ignore_missing(self.endpoints.remove(&EndpointKey::new(addr16(ip))))
             .with_context(|| format!("removing endpoint {ip} from OVL_ENDPOINTS"))
     }
 
@@ -250,21 +250,13 @@ impl OverlayMaps {
 
     pub fn put_vtep(&mut self, underlay_ip: IpAddr, vtep: Vtep) -> anyhow::Result<()> {
         self.vteps
-            .insert(
-                VtepKey {
-                    underlay_ip: addr16(underlay_ip),
-                },
-                vtep,
-                0,
-            )
+            .insert(VtepKey::new(addr16(underlay_ip)), vtep, 0)
             .with_context(|| format!("adding VTEP of agent {underlay_ip} to OVL_VTEPS"))
     }
 
     pub fn remove_vtep(&mut self, underlay_ip: IpAddr) -> anyhow::Result<()> {
-        ignore_missing(self.vteps.remove(&VtepKey {
-            underlay_ip: addr16(underlay_ip),
-        }))
-        .with_context(|| format!("removing VTEP of agent {underlay_ip} from OVL_VTEPS"))
+        ignore_missing(self.vteps.remove(&VtepKey::new(addr16(underlay_ip))))
+            .with_context(|| format!("removing VTEP of agent {underlay_ip} from OVL_VTEPS"))
     }
 
     pub fn vteps(&self) -> anyhow::Result<BTreeMap<IpAddr, Vtep>> {
@@ -277,12 +269,12 @@ impl OverlayMaps {
 
     pub fn put_network(&mut self, vni: u32, network: Network) -> anyhow::Result<()> {
         self.networks
-            .insert(NetworkKey { vni }, network, 0)
+            .insert(NetworkKey::new(vni), network, 0)
             .with_context(|| format!("adding network VNI {vni} to OVL_NETWORKS"))
     }
 
     pub fn remove_network(&mut self, vni: u32) -> anyhow::Result<()> {
-        ignore_missing(self.networks.remove(&NetworkKey { vni }))
+        ignore_missing(self.networks.remove(&NetworkKey::new(vni)))
             .with_context(|| format!("removing network VNI {vni} from OVL_NETWORKS"))
     }
 
@@ -349,12 +341,8 @@ impl OverlayMaps {
     /// Makes `OVL_NAT_QUOTA` hold exactly these counts (the agent's recount of live flows).
     pub fn set_nat_quotas(&mut self, counts: &BTreeMap<NatQuotaKey, u32>) -> anyhow::Result<()> {
         for (k, flows) in counts {
-            let v = NatQuota {
-                flows: *flows,
-                _pad: 0,
-            };
             self.nat_quota
-                .insert(k, v, 0)
+                .insert(k, NatQuota::new(*flows), 0)
                 .context("writing OVL_NAT_QUOTA")?;
         }
         for (k, _) in self.nat_quotas()? {
@@ -398,5 +386,30 @@ impl OverlayMaps {
             .iter()
             .find(|r| r.vni == vni && r.counter == counter)
             .map_or(0, |r| r.packets))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_round_trip_through_their_lpm_keys() {
+        for net in [
+            "9.0.1.0/24",
+            "9.0.1.2/31",
+            "9.0.1.2/32",
+            "0.0.0.0/0",
+            "fd01:b::/64",
+        ] {
+            let net: IpNetwork = net.parse().unwrap();
+            let key = prefix_key(net);
+            assert_eq!(key_prefix(&key).unwrap(), net, "{net}");
+        }
+        // IPv4 prefixes sit inside the mapped /96; IPv6 ones count from bit 0.
+        assert_eq!(prefix_key("9.0.1.0/24".parse().unwrap()).prefix_len(), 120);
+        assert_eq!(prefix_key("fd01:b::/64".parse().unwrap()).prefix_len(), 64);
+        let ip: IpAddr = "9.0.1.2".parse().unwrap();
+        assert_eq!(from_addr16(&addr16(ip)), ip);
     }
 }
