@@ -43,7 +43,7 @@ async fn overlay(State(core): State<Shared>) -> Response {
         Some(me) => Json(me.clone()).into_response(),
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not registered with a master yet",
+            "not registered with a master yet (no master answers and no saved state)",
         ),
     }
 }
