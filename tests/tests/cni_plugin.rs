@@ -893,7 +893,13 @@ fn the_plugin_needs_no_ip_or_nsenter_on_its_path() {
     let ip = result_ip(a.ok());
     let mut check_conf = conf.clone();
     check_conf["prevResult"] = a.json();
-    cni(&c, "a1", &with_path("CHECK"), check_conf.to_string().as_bytes()).ok();
+    cni(
+        &c,
+        "a1",
+        &with_path("CHECK"),
+        check_conf.to_string().as_bytes(),
+    )
+    .ok();
     // The container's side as ADD left it, seen by iproute2 from outside.
     let addr = ns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
     assert!(addr.contains(&format!("inet {ip}/")), "{addr}");

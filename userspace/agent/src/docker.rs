@@ -164,8 +164,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 
 /// Removes a veth this driver made (with its peer); a missing one is fine.
 fn del_veth(name: &str) {
-    if let Err(e) = overlay_netlink::Handle::new().and_then(|mut nl| nl.del_link_if_exists(name))
-    {
+    if let Err(e) = overlay_netlink::Handle::new().and_then(|mut nl| nl.del_link_if_exists(name)) {
         tracing::warn!(veth = name, "removing veth: {e}");
     }
 }

@@ -284,7 +284,9 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
         let lookup = |ns: Option<&str>, name: &str| {
             host.iface(ns, name)
                 .map_err(|e| iface_error(e.to_string()))?
-                .ok_or_else(|| iface_error(format!("{name} not found in {}", ns.unwrap_or("the host"))))
+                .ok_or_else(|| {
+                    iface_error(format!("{name} not found in {}", ns.unwrap_or("the host")))
+                })
         };
         let host_link = lookup(None, &host_veth)?.link;
         let container_link = lookup(Some(netns), ifname)?.link;

@@ -303,7 +303,9 @@ impl Handle {
         peer_netns: Option<&Netns>,
     ) -> Result<()> {
         let mut peer_msg = LinkMessage::default();
-        peer_msg.attributes.push(LinkAttribute::IfName(peer.to_owned()));
+        peer_msg
+            .attributes
+            .push(LinkAttribute::IfName(peer.to_owned()));
         peer_msg.attributes.push(LinkAttribute::Mtu(mtu));
         if let Some(ns) = peer_netns {
             peer_msg
@@ -329,7 +331,9 @@ impl Handle {
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(name.to_owned()));
         m.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Bridge,
+            )]));
         self.change(
             RouteNetlinkMessage::NewLink(m),
             NLM_F_CREATE | NLM_F_EXCL,
@@ -355,7 +359,12 @@ impl Handle {
         }
     }
 
-    fn set_link(&mut self, name: &str, what: &str, edit: impl FnOnce(&mut LinkMessage)) -> Result<()> {
+    fn set_link(
+        &mut self,
+        name: &str,
+        what: &str,
+        edit: impl FnOnce(&mut LinkMessage),
+    ) -> Result<()> {
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(name.to_owned()));
         edit(&mut m);
@@ -373,7 +382,9 @@ impl Handle {
     }
 
     pub fn set_mtu(&mut self, name: &str, mtu: u32) -> Result<()> {
-        self.set_link(name, "the MTU", |m| m.attributes.push(LinkAttribute::Mtu(mtu)))
+        self.set_link(name, "the MTU", |m| {
+            m.attributes.push(LinkAttribute::Mtu(mtu))
+        })
     }
 
     pub fn set_mac(&mut self, name: &str, mac: [u8; 6]) -> Result<()> {
@@ -458,7 +469,12 @@ impl Handle {
         self.change(
             RouteNetlinkMessage::NewAddress(Self::address_msg(&addr)),
             NLM_F_CREATE | NLM_F_EXCL,
-            &|| format!("adding {}/{} to interface #{}", addr.ip, addr.prefix_len, addr.ifindex),
+            &|| {
+                format!(
+                    "adding {}/{} to interface #{}",
+                    addr.ip, addr.prefix_len, addr.ifindex
+                )
+            },
         )
     }
 

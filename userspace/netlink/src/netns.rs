@@ -92,7 +92,9 @@ impl Netns {
         // SAFETY: the closure only calls setns(2), which is async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                let file = file.as_ref().map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+                let file = file
+                    .as_ref()
+                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
                 if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -40,15 +40,24 @@ fn veth_address_route_and_errors_in_test_namespaces() {
 
     // Fresh namespaces hold only lo.
     let links = ha.links().unwrap();
-    assert_eq!(links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["lo"]);
+    assert_eq!(
+        links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+        ["lo"]
+    );
     ha.set_up("lo").unwrap();
     assert!(ha.link("lo").unwrap().up);
 
     // A veth pair whose peer is born in the other namespace.
     ha.add_veth("ve-a", "ve-b", 1400, Some(&nb)).unwrap();
     let va = ha.link("ve-a").unwrap();
-    assert_eq!((va.mtu, va.kind.as_deref(), va.up), (1400, Some("veth"), false));
-    assert!(ha.link("ve-b").unwrap_err().is_not_found(), "peer must not be in a");
+    assert_eq!(
+        (va.mtu, va.kind.as_deref(), va.up),
+        (1400, Some("veth"), false)
+    );
+    assert!(
+        ha.link("ve-b").unwrap_err().is_not_found(),
+        "peer must not be in a"
+    );
     let vb = hb.link("ve-b").unwrap();
     assert_eq!(vb.mtu, 1400);
     assert_eq!(hb.link_by_index(vb.ifindex).unwrap().name, "ve-b");
@@ -62,13 +71,24 @@ fn veth_address_route_and_errors_in_test_namespaces() {
     ha.set_mac("ve-a", [0x02, 0, 0, 0, 0, 0xaa]).unwrap();
     ha.set_up("ve-a").unwrap();
     let va = ha.link("ve-a").unwrap();
-    assert_eq!((va.mtu, va.mac, va.up), (1350, [0x02, 0, 0, 0, 0, 0xaa], true));
+    assert_eq!(
+        (va.mtu, va.mac, va.up),
+        (1350, [0x02, 0, 0, 0, 0, 0xaa], true)
+    );
     hb.set_mtu("ve-b", 1350).unwrap();
     hb.set_up("ve-b").unwrap();
 
     // Addresses.
-    let addr_a = Address { ifindex: va.ifindex, ip: Ipv4Addr::new(10, 77, 0, 1), prefix_len: 24 };
-    let addr_b = Address { ifindex: vb.ifindex, ip: Ipv4Addr::new(10, 77, 0, 2), prefix_len: 24 };
+    let addr_a = Address {
+        ifindex: va.ifindex,
+        ip: Ipv4Addr::new(10, 77, 0, 1),
+        prefix_len: 24,
+    };
+    let addr_b = Address {
+        ifindex: vb.ifindex,
+        ip: Ipv4Addr::new(10, 77, 0, 2),
+        prefix_len: 24,
+    };
     ha.add_address(addr_a).unwrap();
     hb.add_address(addr_b).unwrap();
     assert!(ha.add_address(addr_a).unwrap_err().is_exists());
@@ -84,14 +104,27 @@ fn veth_address_route_and_errors_in_test_namespaces() {
     ha.replace_route(r).unwrap();
     let gw = Ipv4Addr::new(169, 254, 1, 1);
     hb.add_route(Route::default_via(gw, vb.ifindex)).unwrap();
-    let ours: Vec<Route> = ha.routes().unwrap().into_iter().filter(|x| x.protocol == 77).collect();
+    let ours: Vec<Route> = ha
+        .routes()
+        .unwrap()
+        .into_iter()
+        .filter(|x| x.protocol == 77)
+        .collect();
     assert_eq!(ours.len(), 1);
     assert_eq!(
         (ours[0].dst, ours[0].prefix_len, ours[0].oif, ours[0].src),
         (r.dst, 16, Some(va.ifindex), Some(addr_a.ip))
     );
-    let def = hb.routes().unwrap().into_iter().find(Route::is_default).unwrap();
-    assert_eq!((def.gateway, def.oif, def.onlink), (Some(gw), Some(vb.ifindex), true));
+    let def = hb
+        .routes()
+        .unwrap()
+        .into_iter()
+        .find(Route::is_default)
+        .unwrap();
+    assert_eq!(
+        (def.gateway, def.oif, def.onlink),
+        (Some(gw), Some(vb.ifindex), true)
+    );
     ha.del_route(r).unwrap();
     assert!(ha.del_route(r).unwrap_err().is_not_found());
     assert!(ha.routes().unwrap().iter().all(|x| x.protocol != 77));
@@ -100,7 +133,10 @@ fn veth_address_route_and_errors_in_test_namespaces() {
     let mut ping = Command::new("ping");
     ping.args(["-c", "1", "-W", "2", "-q", "10.77.0.2"]);
     na.prepare_command(&mut ping);
-    assert!(ping.status().unwrap().success(), "ping across the veth pair");
+    assert!(
+        ping.status().unwrap().success(),
+        "ping across the veth pair"
+    );
 
     // Sysctls, per namespace: set in a, unchanged in b.
     let knob = "net/ipv4/conf/all/forwarding";
@@ -108,7 +144,8 @@ fn veth_address_route_and_errors_in_test_namespaces() {
     assert_eq!(na.run(|| read_sysctl(knob)).unwrap().unwrap(), "1");
     assert_eq!(nb.run(|| read_sysctl(knob)).unwrap().unwrap(), "0");
     assert!(matches!(
-        na.run(|| write_sysctl("net/ipv4/conf/no-such-dev/forwarding", "1")).unwrap(),
+        na.run(|| write_sysctl("net/ipv4/conf/no-such-dev/forwarding", "1"))
+            .unwrap(),
         Err(Error::NotFound { .. })
     ));
 
@@ -119,8 +156,14 @@ fn veth_address_route_and_errors_in_test_namespaces() {
     assert!(hb.link("ve-b").unwrap_err().is_not_found());
 
     // Typed errors for a device that is not there.
-    assert!(matches!(ha.link("no-such-dev"), Err(Error::NoSuchDevice { .. })));
-    assert!(matches!(ha.del_link("no-such-dev"), Err(Error::NoSuchDevice { .. })));
+    assert!(matches!(
+        ha.link("no-such-dev"),
+        Err(Error::NoSuchDevice { .. })
+    ));
+    assert!(matches!(
+        ha.del_link("no-such-dev"),
+        Err(Error::NoSuchDevice { .. })
+    ));
     assert!(!ha.del_link_if_exists("no-such-dev").unwrap());
     assert!(ha.set_up("no-such-dev").unwrap_err().is_not_found());
 
