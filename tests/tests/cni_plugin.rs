@@ -873,3 +873,43 @@ fn a_container_on_two_networks_gets_an_address_and_a_route_per_interface() {
     .ok();
     assert_clean(&c, "a2");
 }
+
+#[test]
+fn the_plugin_needs_no_ip_or_nsenter_on_its_path() {
+    // The plugin spawns nothing (netlink and setns): with a PATH holding no iproute2 or
+    // util-linux, ADD, CHECK and DEL work and the container is reachable.
+    let c = cluster_with(1, None);
+    let empty = std::env::temp_dir().join(format!("{}-empty-path", c.lab.id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let path = empty.to_str().unwrap();
+    let conf = agent_conf(&c, "a1", "dcos", "1.0.0");
+    let ns = Netns::new(&c);
+    let with_path = |cmd: &'static str| {
+        let mut env = op(cmd, "nopath", Box::leak(ns.path().into_boxed_str()), "eth0");
+        env.push(("PATH", path));
+        env
+    };
+    let a = cni(&c, "a1", &with_path("ADD"), conf.to_string().as_bytes());
+    let ip = result_ip(a.ok());
+    let mut check_conf = conf.clone();
+    check_conf["prevResult"] = a.json();
+    cni(
+        &c,
+        "a1",
+        &with_path("CHECK"),
+        check_conf.to_string().as_bytes(),
+    )
+    .ok();
+    // The container's side as ADD left it, seen by iproute2 from outside.
+    let addr = ns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(addr.contains(&format!("inet {ip}/")), "{addr}");
+    // A second container, and the datapath carries packets between the two.
+    let peer_ns = Netns::new(&c);
+    let peer = add(&c, "a1", &conf, "nopath-peer", &peer_ns);
+    let peer_ip = result_ip(peer.ok());
+    assert!(ns.ping(peer_ip), "{ip} -> {peer_ip}");
+    del(&c, "a1", &conf, "nopath-peer", Some(&peer_ns)).ok();
+    cni(&c, "a1", &with_path("DEL"), conf.to_string().as_bytes()).ok();
+    assert_clean(&c, "a1");
+    let _ = std::fs::remove_dir(&empty);
+}

@@ -73,8 +73,23 @@ pub fn used(c: &Cluster, agent: &str) -> u32 {
 
 /// The plugin's and driver's host veths (`eo...`) in `agent`'s namespace.
 pub fn agent_veths(c: &Cluster, agent: &str) -> usize {
+    // The cluster's own containers (`Cluster::add_container`) come through the plugin too;
+    // only the runtime's count.
+    let lab_veths: Vec<&str> = c
+        .lab
+        .containers()
+        .iter()
+        .map(|x| x.host_veth.as_str())
+        .collect();
     let out = overlay_lab::run("ip", &["-n", &c.node(agent).unwrap().netns, "-o", "link"]).unwrap();
-    out.lines().filter(|l| l.contains(": eo")).count()
+    out.lines()
+        .filter(|l| l.contains(": eo"))
+        .filter(|l| {
+            !lab_veths
+                .iter()
+                .any(|v| l.contains(&format!(": {v}@")) || l.contains(&format!(": {v}:")))
+        })
+        .count()
 }
 
 /// The agent's `drop_cross_network` counter of `network`.

@@ -48,7 +48,7 @@ async fn overlay(State(agent): State<Handle>) -> Response {
         Err(e) => internal(e),
         Ok(None) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not registered with a master yet",
+            "not registered with a master yet (no master answers and no saved state)",
         ),
     }
 }

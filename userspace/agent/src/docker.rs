@@ -22,7 +22,6 @@ use std::{
     io::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -160,20 +159,11 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+/// Removes a veth this driver made (with its peer); a missing one is fine.
+fn del_veth(name: &str) {
+    if let Err(e) = overlay_netlink::Handle::new().and_then(|mut nl| nl.del_link_if_exists(name)) {
+        tracing::warn!(veth = name, "removing veth: {e}");
     }
-    Ok(())
 }
 
 fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str, DriverError> {
@@ -474,14 +464,12 @@ impl Driver {
             .ok_or_else(|| bad(format!("unknown endpoint {eid}")))?;
         let (host, peer) = veth_names(eid);
         // What an interrupted Join (or the previous dockerd) left.
-        let _ = ip(&["link", "del", &host]);
-        let mtu = self.mtu.to_string();
-        ip(&[
-            "link", "add", &host, "mtu", &mtu, "type", "veth", "peer", "name", &peer, "mtu", &mtu,
-        ])?;
+        del_veth(&host);
+        let mut nl = overlay_netlink::Handle::new()?;
+        nl.add_veth(&host, &peer, self.mtu, None)?;
         let wired = (|| -> Result<Ipv4Network, DriverError> {
-            ip(&["link", "set", &peer, "address", &ep.mac.to_string()])?;
-            ip(&["link", "set", &host, "up"])?;
+            nl.set_mac(&peer, ep.mac.0)?;
+            nl.set_up(&host)?;
             let pool = self.pool_of(&ep.network)?;
             self.agent.blocking_add_endpoint(AddEndpoint {
                 network: ep.network.clone(),
@@ -496,7 +484,7 @@ impl Driver {
         let pool = match wired {
             Ok(p) => p,
             Err(e) => {
-                let _ = ip(&["link", "del", &host]);
+                del_veth(&host);
                 return Err(e);
             }
         };
@@ -516,7 +504,7 @@ impl Driver {
             self.agent.blocking_unwire_endpoint(ep.ip)?;
         }
         let (host, _) = veth_names(eid);
-        let _ = ip(&["link", "del", &host]);
+        del_veth(&host);
         let mut s = self.stored.lock().unwrap();
         if s.endpoints.remove(eid).is_some() {
             self.persist(&s)?;

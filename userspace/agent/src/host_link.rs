@@ -3,36 +3,17 @@
 //! network (so the host has a source address inside each overlay); the datapath's `from_host`
 //! program sits on the ingress of its peer `ovl-net`.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use ipnetwork::Ipv4Network;
 use overlay_common::maps::{HOST_LINK, HOST_LINK_PEER, HOST_LINK_PEER_MAC};
+use overlay_netlink::{Address, Handle, Route};
 
 use crate::netdev::{self, Link};
 
-/// Marks our routes and addresses so that we only ever remove our own.
-const ROUTE_PROTO: &str = "77";
-
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+/// Marks our routes (`rtm_protocol`) so that we only ever remove our own.
+const ROUTE_PROTO: u8 = 77;
 
 #[derive(Clone, Debug)]
 pub struct HostLink {
@@ -44,45 +25,28 @@ impl HostLink {
     /// Creates the pair if missing (an agent restart finds it in place), with the peer's fixed
     /// MAC and the container MTU (host packets are encapsulated like containers').
     pub fn ensure(mtu: u32) -> anyhow::Result<HostLink> {
-        let mtu = mtu.to_string();
-        if netdev::link(HOST_LINK).is_err() {
-            ip(&[
-                "link",
-                "add",
-                HOST_LINK,
-                "mtu",
-                &mtu,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                HOST_LINK_PEER,
-                "mtu",
-                &mtu,
-            ])?;
+        let mut nl = Handle::new()?;
+        match nl.add_veth(HOST_LINK, HOST_LINK_PEER, mtu, None) {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {}
+            Err(e) => return Err(e).context("creating the host link"),
         }
         // No IPv6 over the overlay yet: keep the pair quiet (no router solicitations counted as
         // drops). The IPv6 datapath turns this back on.
         for dev in [HOST_LINK, HOST_LINK_PEER] {
-            let knob = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
-            if std::path::Path::new(&knob).exists() {
-                std::fs::write(&knob, "1").with_context(|| format!("writing {knob}"))?;
+            match overlay_netlink::write_sysctl(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "1") {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {} // a kernel without IPv6
+                Err(e) => return Err(e.into()),
             }
             // And should IPv6 come back on, still no router messages from the overlay side.
             netdev::refuse_router_messages(dev)?;
         }
-        let mac = overlay_api::MacAddr(HOST_LINK_PEER_MAC).to_string();
-        ip(&[
-            "link",
-            "set",
-            HOST_LINK_PEER,
-            "address",
-            &mac,
-            "mtu",
-            &mtu,
-            "up",
-        ])?;
-        ip(&["link", "set", HOST_LINK, "mtu", &mtu, "up"])?;
+        nl.set_mac(HOST_LINK_PEER, HOST_LINK_PEER_MAC)?;
+        for dev in [HOST_LINK_PEER, HOST_LINK] {
+            nl.set_mtu(dev, mtu)?;
+            nl.set_up(dev)?;
+        }
         Ok(HostLink {
             host: netdev::link(HOST_LINK)?,
             peer: netdev::link(HOST_LINK_PEER)?,
@@ -92,49 +56,42 @@ impl HostLink {
     /// Makes the host's addresses and routes into the overlay exactly `wanted`: overlay subnet ->
     /// this agent's gateway address in it (the source the host uses there).
     pub fn sync(&self, wanted: &BTreeMap<Ipv4Network, Ipv4Addr>) -> anyhow::Result<()> {
+        let mut nl = Handle::new()?;
+        let ifindex = nl.link(HOST_LINK)?.ifindex;
+        let have_addrs = nl.addresses(Some(ifindex))?;
         for (subnet, gateway) in wanted {
-            let cidr = format!("{gateway}/32");
-            let _ = ip(&["addr", "add", &cidr, "dev", HOST_LINK]);
-            ip(&[
-                "route",
-                "replace",
-                &subnet.to_string(),
-                "dev",
-                HOST_LINK,
-                "src",
-                &gateway.to_string(),
-                "proto",
-                ROUTE_PROTO,
-            ])?;
-        }
-        let routes: serde_json::Value = serde_json::from_str(&ip(&[
-            "-j",
-            "route",
-            "show",
-            "dev",
-            HOST_LINK,
-            "proto",
-            ROUTE_PROTO,
-        ])?)?;
-        for r in routes.as_array().into_iter().flatten() {
-            let Some(dst) = r["dst"].as_str() else {
-                continue;
+            let addr = Address {
+                ifindex,
+                ip: *gateway,
+                prefix_len: 32,
             };
-            if !wanted.keys().any(|s| s.to_string() == dst) {
-                ip(&["route", "del", dst, "dev", HOST_LINK, "proto", ROUTE_PROTO])?;
+            if !have_addrs.contains(&addr) {
+                match nl.add_address(addr) {
+                    Ok(()) => {}
+                    Err(e) if e.is_exists() => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
+            nl.replace_route(
+                Route::new(subnet.network(), subnet.prefix(), ifindex)
+                    .src(*gateway)
+                    .protocol(ROUTE_PROTO),
+            )?;
         }
-        let addrs: serde_json::Value =
-            serde_json::from_str(&ip(&["-j", "addr", "show", "dev", HOST_LINK])?)?;
-        for a in addrs[0]["addr_info"].as_array().into_iter().flatten() {
-            if a["family"] != "inet" {
+        for r in nl.routes()? {
+            if r.oif != Some(ifindex) || r.protocol != ROUTE_PROTO {
                 continue;
             }
-            let Some(local) = a["local"].as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()) else {
-                continue;
-            };
-            if !wanted.values().any(|g| *g == local) {
-                ip(&["addr", "del", &format!("{local}/32"), "dev", HOST_LINK])?;
+            if !wanted
+                .keys()
+                .any(|s| s.network() == r.dst && s.prefix() == r.prefix_len)
+            {
+                nl.del_route(r)?;
+            }
+        }
+        for a in have_addrs {
+            if !wanted.values().any(|g| *g == a.ip) {
+                nl.del_address(a)?;
             }
         }
         Ok(())
@@ -142,9 +99,7 @@ impl HostLink {
 
     /// Removes the pair (and with it every route and address on it).
     pub fn remove() -> anyhow::Result<()> {
-        if netdev::link(HOST_LINK).is_ok() {
-            ip(&["link", "del", HOST_LINK])?;
-        }
+        Handle::new()?.del_link_if_exists(HOST_LINK)?;
         Ok(())
     }
 }

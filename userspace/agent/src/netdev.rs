@@ -1,11 +1,8 @@
-//! Facts about network interfaces in the agent's namespace.
+//! Facts about network interfaces in the agent's namespace (over rtnetlink, `overlay-netlink`).
 
-use std::{
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-};
+use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 /// An interface's index, MAC and first IPv4 address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,49 +15,20 @@ pub struct Link {
     pub ipv4_broadcast: Option<Ipv4Addr>,
 }
 
-/// Looks an interface up by name (iproute2's JSON output; netlink directly is a later change).
+/// Looks an interface up by name. A missing one is an `overlay_netlink::Error::NoSuchDevice`
+/// underneath (callers that branch can downcast).
 pub fn link(ifname: &str) -> anyhow::Result<Link> {
-    let out = Command::new("ip")
-        .args(["-j", "addr", "show", "dev", ifname])
-        .stdin(Stdio::null())
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "interface {ifname:?} not found: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `ip -j addr`")?;
-    let l = &v[0];
-    let ifindex = l["ifindex"]
-        .as_u64()
-        .with_context(|| format!("{ifname}: no ifindex"))? as u32;
-    let mac: overlay_api::MacAddr = l["address"]
-        .as_str()
-        .unwrap_or_default()
-        .parse()
-        .with_context(|| format!("{ifname}: no Ethernet address"))?;
-    let inet = l["addr_info"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["family"] == "inet"));
-    let ipv4: Option<Ipv4Addr> = inet
-        .and_then(|i| i["local"].as_str())
-        .and_then(|s| s.parse().ok());
-    let prefix = inet.and_then(|i| i["prefixlen"].as_u64());
-    let ipv4_broadcast = match (ipv4, prefix) {
-        (Some(ip), Some(len)) if len < 31 => {
-            Some(Ipv4Addr::from(u32::from(ip) | (u32::MAX >> len)))
-        }
-        _ => None,
-    };
+    let mut nl = overlay_netlink::Handle::new()?;
+    let l = nl
+        .link(ifname)
+        .with_context(|| format!("interface {ifname:?} not found"))?;
+    let addr = nl.addresses(Some(l.ifindex))?.into_iter().next();
     Ok(Link {
-        name: ifname.to_owned(),
-        ifindex,
-        mac: mac.0,
-        ipv4,
-        ipv4_broadcast,
+        name: l.name,
+        ifindex: l.ifindex,
+        mac: l.mac,
+        ipv4: addr.map(|a| a.ip),
+        ipv4_broadcast: addr.and_then(|a| a.broadcast()),
     })
 }
 
@@ -68,17 +36,14 @@ pub fn link(ifname: &str) -> anyhow::Result<Link> {
 /// default route or SLAAC address from a container), no Redirects, no autoconfiguration. Written
 /// through /proc/sys of the agent's namespace; a kernel without IPv6 has nothing to set.
 pub fn refuse_router_messages(ifname: &str) -> anyhow::Result<()> {
-    let dir = std::path::Path::new("/proc/sys/net/ipv6/conf").join(ifname);
-    if !dir.exists() {
+    if !std::path::Path::new("/proc/sys/net/ipv6/conf")
+        .join(ifname)
+        .exists()
+    {
         return Ok(());
     }
-    for (knob, value) in [
-        ("accept_ra", "0"),
-        ("accept_redirects", "0"),
-        ("autoconf", "0"),
-    ] {
-        let path = dir.join(knob);
-        std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
+    for knob in ["accept_ra", "accept_redirects", "autoconf"] {
+        overlay_netlink::write_sysctl(&format!("net/ipv6/conf/{ifname}/{knob}"), "0")?;
     }
     Ok(())
 }

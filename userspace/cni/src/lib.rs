@@ -10,34 +10,74 @@
 //! agent. See [`spec`] for the config fields and error codes.
 //!
 //! The work is split so that everything but the system calls is pure: [`run`] drives one
-//! invocation against a [`Host`] (the agent API and `ip`), [`System`] is the real one.
+//! invocation against a [`Host`] (the agent API and rtnetlink), [`System`] is the real one. The
+//! plugin spawns nothing: interfaces, addresses and routes go over netlink (`overlay-netlink`),
+//! inside the container's namespace through a socket opened there with `setns`.
 
 pub mod spec;
 
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
 use overlay_api::{
     AgentInfo,
     agent::{AddEndpoint, EndpointInfo, GcRequest, LocalClient, LocalError, Released},
 };
+pub use overlay_netlink::{Address, Error as NetlinkError, Link, Route};
+use overlay_netlink::{Handle, Netns};
 use spec::{Attached, CniError, Command, Env, Request, code};
 
+/// An interface and its IPv4 addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub link: Link,
+    pub addrs: Vec<Address>,
+}
+
 /// What the plugin needs from the system. [`System`] is the real thing; tests substitute.
+/// `netns` is the path of a network namespace (`CNI_NETNS`); `None` is the plugin's own.
 pub trait Host {
     fn overlay(&self, socket: &Path) -> Result<AgentInfo, LocalError>;
     fn add_endpoint(&self, socket: &Path, req: &AddEndpoint) -> Result<EndpointInfo, LocalError>;
     fn release(&self, socket: &Path, attachment: &str) -> Result<Released, LocalError>;
     fn endpoints(&self, socket: &Path) -> Result<Vec<EndpointInfo>, LocalError>;
     fn gc(&self, socket: &Path, req: &GcRequest) -> Result<Vec<Released>, LocalError>;
-    /// Runs `ip` (iproute2) with `args`, inside the network namespace at `netns` when given, with
-    /// `stdin` (for `-batch -`). Returns stdout, or stderr as the error.
-    fn ip(&self, netns: Option<&str>, args: &[&str], stdin: Option<&str>)
-    -> Result<String, String>;
+    /// The interface `ifname` in `netns`, or `None` if there is none.
+    fn iface(&self, netns: Option<&str>, ifname: &str) -> Result<Option<Iface>, NetlinkError>;
+    /// The IPv4 routes of the main table in `netns`.
+    fn routes(&self, netns: Option<&str>) -> Result<Vec<Route>, NetlinkError>;
+    /// Creates the veth pair: `host_veth` here (and up), `ifname` in the namespace `netns`.
+    fn add_veth(
+        &self,
+        host_veth: &str,
+        ifname: &str,
+        mtu: u32,
+        netns: &str,
+    ) -> Result<(), NetlinkError>;
+    /// Deletes an interface of the plugin's namespace; `false` if there was none.
+    fn del_link(&self, name: &str) -> Result<bool, NetlinkError>;
+    /// Gives `ifname` in `netns` its address, brings it up and routes `route` via `gateway`
+    /// (on-link).
+    fn configure(
+        &self,
+        netns: &str,
+        ifname: &str,
+        addr: (Ipv4Addr, u8),
+        route: (Ipv4Addr, u8),
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError>;
     fn path_exists(&self, path: &str) -> bool;
 }
 
-/// The real system: the agent's Unix socket and iproute2 (`nsenter --net` for the container).
+/// The real system: the agent's Unix socket and rtnetlink (a socket opened inside the
+/// container's namespace for the container side).
 pub struct System;
+
+fn netlink_in(netns: Option<&str>) -> Result<Handle, NetlinkError> {
+    match netns {
+        Some(ns) => Handle::in_netns(&Netns::open(ns)?),
+        None => Handle::new(),
+    }
+}
 
 impl Host for System {
     fn overlay(&self, socket: &Path) -> Result<AgentInfo, LocalError> {
@@ -55,48 +95,51 @@ impl Host for System {
     fn gc(&self, socket: &Path, req: &GcRequest) -> Result<Vec<Released>, LocalError> {
         LocalClient::new(socket).gc(req)
     }
-    fn ip(
-        &self,
-        netns: Option<&str>,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<String, String> {
-        use std::{io::Write as _, process::Stdio};
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = std::process::Command::new("nsenter");
-                c.arg(format!("--net={ns}")).arg("ip");
-                c
-            }
-            None => std::process::Command::new("ip"),
+    fn iface(&self, netns: Option<&str>, ifname: &str) -> Result<Option<Iface>, NetlinkError> {
+        let mut nl = netlink_in(netns)?;
+        let link = match nl.link(ifname) {
+            Ok(l) => l,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
         };
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("running ip: {e}"))?;
-        if let Some(input) = stdin
-            && let Some(mut pipe) = child.stdin.take()
-        {
-            pipe.write_all(input.as_bytes())
-                .map_err(|e| format!("writing to ip: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("running ip: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "`ip {}` failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        let addrs = nl.addresses(Some(link.ifindex))?;
+        Ok(Some(Iface { link, addrs }))
+    }
+    fn routes(&self, netns: Option<&str>) -> Result<Vec<Route>, NetlinkError> {
+        netlink_in(netns)?.routes()
+    }
+    fn add_veth(
+        &self,
+        host_veth: &str,
+        ifname: &str,
+        mtu: u32,
+        netns: &str,
+    ) -> Result<(), NetlinkError> {
+        let ns = Netns::open(netns)?;
+        let mut nl = Handle::new()?;
+        nl.add_veth(host_veth, ifname, mtu, Some(&ns))?;
+        nl.set_up(host_veth)
+    }
+    fn del_link(&self, name: &str) -> Result<bool, NetlinkError> {
+        Handle::new()?.del_link_if_exists(name)
+    }
+    fn configure(
+        &self,
+        netns: &str,
+        ifname: &str,
+        (ip, prefix_len): (Ipv4Addr, u8),
+        (dst, dst_len): (Ipv4Addr, u8),
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let mut nl = netlink_in(Some(netns))?;
+        let ifindex = nl.link(ifname)?.ifindex;
+        nl.add_address(Address {
+            ifindex,
+            ip,
+            prefix_len,
+        })?;
+        nl.set_up(ifname)?;
+        nl.add_route(Route::new(dst, dst_len, ifindex).gateway(gateway).onlink())
     }
     fn path_exists(&self, path: &str) -> bool {
         Path::new(path).exists()
@@ -172,16 +215,8 @@ fn iface_error(msg: String) -> CniError {
     CniError::new(code::INTERFACE, msg)
 }
 
-fn link_json(host: &dyn Host, netns: Option<&str>, ifname: &str) -> Option<serde_json::Value> {
-    let out = host
-        .ip(netns, &["-j", "addr", "show", "dev", ifname], None)
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-    v.get(0).cloned()
-}
-
-fn mac_of(link: &serde_json::Value) -> Option<String> {
-    link.get("address")?.as_str().map(str::to_owned)
+fn mac_string(link: &Link) -> String {
+    overlay_api::MacAddr(link.mac).to_string()
 }
 
 fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
@@ -218,52 +253,48 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
     // A container on several networks: the first interface takes the default route, the others
     // route their network's subnet.
     let has_default = host
-        .ip(Some(netns), &["-j", "route", "show", "default"], None)
-        .ok()
-        .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
-        .and_then(|v| v.as_array().map(|a| !a.is_empty()))
-        .unwrap_or(false);
+        .routes(Some(netns))
+        .map_err(|e| iface_error(e.to_string()))?
+        .iter()
+        .any(Route::is_default);
     let route = spec::route_for(has_default, ov.info.subnet)?;
-    if link_json(host, Some(netns), ifname).is_some() {
+    if host
+        .iface(Some(netns), ifname)
+        .map_err(|e| iface_error(e.to_string()))?
+        .is_some()
+    {
         return Err(iface_error(format!(
             "interface {ifname} already exists in {netns}"
         )));
     }
     let host_veth = spec::host_veth_name(id, ifname);
     // A veth left by an earlier, interrupted ADD of this attachment.
-    let _ = host.ip(None, &["link", "del", &host_veth], None);
-    let mtu = conf.mtu.to_string();
-    host.ip(
-        None,
-        &[
-            "link", "add", &host_veth, "mtu", &mtu, "type", "veth", "peer", "name", ifname, "mtu",
-            &mtu, "netns", netns,
-        ],
-        None,
-    )
-    .map_err(iface_error)?;
+    host.del_link(&host_veth)
+        .map_err(|e| iface_error(e.to_string()))?;
+    host.add_veth(&host_veth, ifname, conf.mtu, netns)
+        .map_err(|e| iface_error(e.to_string()))?;
     let attachment = spec::attachment_id(id, ifname);
     let cleanup = |release: bool| {
         if release {
             let _ = host.release(&conf.agent_socket, &attachment);
         }
-        let _ = host.ip(None, &["link", "del", &host_veth], None);
+        let _ = host.del_link(&host_veth);
     };
     let result = (|| {
-        host.ip(None, &["link", "set", &host_veth, "up"], None)
-            .map_err(iface_error)?;
-        let host_link = link_json(host, None, &host_veth)
-            .ok_or_else(|| iface_error(format!("{host_veth} vanished")))?;
-        let container_link = link_json(host, Some(netns), ifname)
-            .ok_or_else(|| iface_error(format!("{ifname} not found in {netns}")))?;
-        let (Some(host_mac), Some(container_mac)) = (mac_of(&host_link), mac_of(&container_link))
-        else {
-            return Err(iface_error("veth without a MAC address".into()));
+        let lookup = |ns: Option<&str>, name: &str| {
+            host.iface(ns, name)
+                .map_err(|e| iface_error(e.to_string()))?
+                .ok_or_else(|| {
+                    iface_error(format!("{name} not found in {}", ns.unwrap_or("the host")))
+                })
         };
-        let mac: overlay_api::MacAddr = container_mac
-            .parse()
-            .map_err(|e| iface_error(format!("container MAC {container_mac}: {e}")))?;
-        Ok((host_mac, container_mac, mac))
+        let host_link = lookup(None, &host_veth)?.link;
+        let container_link = lookup(Some(netns), ifname)?.link;
+        if host_link.mac == [0; 6] || container_link.mac == [0; 6] {
+            return Err(iface_error("veth without a MAC address".into()));
+        }
+        let mac = overlay_api::MacAddr(container_link.mac);
+        Ok((mac_string(&host_link), mac.to_string(), mac))
     })();
     let (host_mac, container_mac, mac) = match result {
         Ok(r) => r,
@@ -297,14 +328,15 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
             format!("the agent reported no subnet for {}", ep.ip),
         ));
     };
-    let batch = format!(
-        "addr add {ip}/{prefix} dev {ifname}\nlink set {ifname} up\nroute add {route} via {gateway} dev {ifname} onlink\n",
-        ip = ep.ip,
-        prefix = range.prefix()
-    );
-    if let Err(e) = host.ip(Some(netns), &["-batch", "-"], Some(&batch)) {
+    if let Err(e) = host.configure(
+        netns,
+        ifname,
+        (ep.ip, range.prefix()),
+        (route.network(), route.prefix()),
+        gateway,
+    ) {
         cleanup(true);
-        return Err(iface_error(e));
+        return Err(iface_error(format!("configuring {ifname} in {netns}: {e}")));
     }
     Ok(spec::add_result(
         &conf.cni_version,
@@ -330,10 +362,10 @@ fn del(host: &dyn Host, req: &Request) -> Result<(), CniError> {
     let host_veth = spec::host_veth_name(id, ifname);
     let released = host.release(&req.conf.agent_socket, &spec::attachment_id(id, ifname));
     // The veth goes in any case (with it, the container side); a missing one is fine.
-    let _ = host.ip(None, &["link", "del", &host_veth], None);
+    let _ = host.del_link(&host_veth);
     let released = released.map_err(agent_error)?;
     if let Some(other) = released.host_veth.filter(|v| *v != host_veth) {
-        let _ = host.ip(None, &["link", "del", &other], None);
+        let _ = host.del_link(&other);
     }
     Ok(())
 }
@@ -370,10 +402,11 @@ fn check(host: &dyn Host, req: &Request) -> Result<(), CniError> {
             ep.host_veth
         ));
     }
-    match link_json(host, None, &host_veth) {
-        None => diffs.push(format!("host veth {host_veth} is missing")),
-        Some(l) => {
-            if l.get("ifindex").and_then(|i| i.as_u64()) != Some(ep.ifindex as u64) {
+    match host.iface(None, &host_veth) {
+        Ok(None) => diffs.push(format!("host veth {host_veth} is missing")),
+        Err(e) => diffs.push(format!("host veth {host_veth}: {e}")),
+        Ok(Some(i)) => {
+            if i.link.ifindex != ep.ifindex {
                 diffs.push(format!(
                     "host veth {host_veth} is not the interface the endpoint is wired to"
                 ));
@@ -394,33 +427,30 @@ fn check(host: &dyn Host, req: &Request) -> Result<(), CniError> {
     if !host.path_exists(netns) {
         diffs.push(format!("network namespace {netns} is gone"));
     } else {
-        match link_json(host, Some(netns), ifname) {
-            None => diffs.push(format!("interface {ifname} is missing in {netns}")),
-            Some(l) => {
-                let mac = mac_of(&l).unwrap_or_default();
-                if mac.parse::<overlay_api::MacAddr>().ok() != Some(ep.container_mac) {
+        let mut container_ifindex = None;
+        match host.iface(Some(netns), ifname) {
+            Ok(None) => diffs.push(format!("interface {ifname} is missing in {netns}")),
+            Err(e) => diffs.push(format!("interface {ifname} in {netns}: {e}")),
+            Ok(Some(i)) => {
+                container_ifindex = Some(i.link.ifindex);
+                if overlay_api::MacAddr(i.link.mac) != ep.container_mac {
                     diffs.push(format!(
-                        "{ifname} has MAC {mac}, the endpoint {}",
+                        "{ifname} has MAC {}, the endpoint {}",
+                        mac_string(&i.link),
                         ep.container_mac
                     ));
                 }
-                if l.get("mtu").and_then(|m| m.as_u64()) != Some(conf.mtu as u64) {
+                if i.link.mtu != conf.mtu {
                     diffs.push(format!(
                         "{ifname} has MTU {}, config says {}",
-                        l["mtu"], conf.mtu
+                        i.link.mtu, conf.mtu
                     ));
                 }
-                let addrs: Vec<String> = l["addr_info"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter(|i| i["family"] == "inet")
-                            .map(|i| {
-                                format!("{}/{}", i["local"].as_str().unwrap_or(""), i["prefixlen"])
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let addrs: Vec<String> = i
+                    .addrs
+                    .iter()
+                    .map(|a| format!("{}/{}", a.ip, a.prefix_len))
+                    .collect();
                 if let Some(want) = &want_addr
                     && !addrs.contains(want)
                 {
@@ -428,18 +458,14 @@ fn check(host: &dyn Host, req: &Request) -> Result<(), CniError> {
                 }
             }
         }
-        let routes = host
-            .ip(Some(netns), &["-j", "route", "show", "dev", ifname], None)
-            .ok()
-            .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
-            .unwrap_or_default();
-        let gw = ep.gateway.map(|g| g.to_string()).unwrap_or_default();
+        let routes = host.routes(Some(netns)).unwrap_or_default();
         // The default route, or the network's subnet for a container's further interface.
-        let ok = routes.as_array().is_some_and(|rs| {
-            rs.iter()
-                .any(|r| r["gateway"].as_str() == Some(gw.as_str()))
-        });
+        let ok = ep.gateway.is_some()
+            && routes
+                .iter()
+                .any(|r| r.gateway == ep.gateway && r.oif.is_some() && r.oif == container_ifindex);
         if !ok {
+            let gw = ep.gateway.map(|g| g.to_string()).unwrap_or_default();
             diffs.push(format!(
                 "no default route (nor a subnet route) via {gw} dev {ifname}"
             ));
@@ -489,14 +515,10 @@ fn gc(host: &dyn Host, req: &Request) -> Result<(), CniError> {
         .map_err(agent_error)?;
     for r in released {
         if let Some(v) = r.host_veth {
-            let _ = host.ip(None, &["link", "del", &v], None);
+            let _ = host.del_link(&v);
         }
         if let Some((id, ifname)) = r.attachment.split_once('/') {
-            let _ = host.ip(
-                None,
-                &["link", "del", &spec::host_veth_name(id, ifname)],
-                None,
-            );
+            let _ = host.del_link(&spec::host_veth_name(id, ifname));
         }
     }
     Ok(())

@@ -7,13 +7,26 @@ use overlay_api::{
     AgentInfo,
     agent::{AddEndpoint, EndpointInfo, GcRequest, LocalError, Released},
 };
-use overlay_cni::{Host, Output, run, spec::Env};
+use overlay_cni::{Host, Iface, Link, NetlinkError, Output, Route, run, spec::Env};
 use proptest::prelude::*;
 use serde_json::Value;
 
-/// A host whose agent is down and whose `ip` answers with arbitrary text.
+/// A host whose agent is down and whose netlink either fails with arbitrary text or reports
+/// an interface of arbitrary name and MTU wherever asked.
 struct Down {
-    ip_out: Result<String, String>,
+    netlink: Result<(String, u32), String>,
+}
+
+impl Down {
+    fn nl<T>(&self, ok: impl FnOnce(&(String, u32)) -> T) -> Result<T, NetlinkError> {
+        match &self.netlink {
+            Ok(v) => Ok(ok(v)),
+            Err(text) => Err(NetlinkError::Os {
+                op: text.clone(),
+                source: std::io::Error::other(text.clone()),
+            }),
+        }
+    }
 }
 
 fn down() -> LocalError {
@@ -42,8 +55,39 @@ impl Host for Down {
     fn gc(&self, _: &Path, _: &GcRequest) -> Result<Vec<Released>, LocalError> {
         Err(down())
     }
-    fn ip(&self, _: Option<&str>, _: &[&str], _: Option<&str>) -> Result<String, String> {
-        self.ip_out.clone()
+    fn iface(&self, _: Option<&str>, _: &str) -> Result<Option<Iface>, NetlinkError> {
+        self.nl(|(name, mtu)| {
+            Some(Iface {
+                link: Link {
+                    name: name.clone(),
+                    ifindex: *mtu,
+                    mac: [2, 0, 0, 0, 0, 1],
+                    mtu: *mtu,
+                    up: true,
+                    kind: None,
+                },
+                addrs: vec![],
+            })
+        })
+    }
+    fn routes(&self, _: Option<&str>) -> Result<Vec<Route>, NetlinkError> {
+        self.nl(|_| vec![])
+    }
+    fn add_veth(&self, _: &str, _: &str, _: u32, _: &str) -> Result<(), NetlinkError> {
+        self.nl(|_| ())
+    }
+    fn del_link(&self, _: &str) -> Result<bool, NetlinkError> {
+        self.nl(|_| true)
+    }
+    fn configure(
+        &self,
+        _: &str,
+        _: &str,
+        _: (std::net::Ipv4Addr, u8),
+        _: (std::net::Ipv4Addr, u8),
+        _: std::net::Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.nl(|_| ())
     }
     fn path_exists(&self, _: &str) -> bool {
         true
@@ -152,11 +196,12 @@ proptest! {
         ifname in opt_string(),
         args in opt_string(),
         stdin in config(),
-        ip_ok in any::<bool>(),
-        ip_text in any::<String>(),
+        nl_ok in any::<bool>(),
+        nl_text in any::<String>(),
+        mtu in any::<u32>(),
     ) {
         let env = Env { command: cmd, container_id, netns, ifname, args, path: None };
-        let host = Down { ip_out: if ip_ok { Ok(ip_text) } else { Err(ip_text) } };
+        let host = Down { netlink: if nl_ok { Ok((nl_text, mtu)) } else { Err(nl_text) } };
         let out = run(&host, &env, &stdin);
         if let Err(e) = well_formed(&out) {
             prop_assert!(false, "{e}\nenv {env:?}\nstdin {:?}", String::from_utf8_lossy(&stdin));
@@ -178,7 +223,7 @@ fn agent_down_is_try_again_later() {
         ..Default::default()
     };
     let host = Down {
-        ip_out: Err("no".into()),
+        netlink: Err("no".into()),
     };
     let out = run(&host, &env, br#"{"cniVersion":"1.0.0","name":"dcos"}"#);
     let v: Value = serde_json::from_str(&out.stdout).unwrap();

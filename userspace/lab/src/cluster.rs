@@ -14,10 +14,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use overlay_api::{
     AgentInfo,
-    agent::{AddEndpoint, LocalClient, http_exchange, http_exchange_with_headers},
+    agent::{LocalClient, http_exchange, http_exchange_with_headers},
 };
 
 use crate::{Container, Lab, LabSpec, Node, fabric_ip, in_netns};
+
+/// The interface the CNI plugin makes in each of the cluster's containers.
+const CONTAINER_IFNAME: &str = "eth0";
 
 /// Where the master listens, inside the lab.
 pub const MASTER_PORT: u16 = 5050;
@@ -566,50 +569,124 @@ impl Cluster {
         Ok(self.agent(agent).overlay()?)
     }
 
-    /// Creates a container on `agent` attached to `network`: a veth pair, the endpoint
-    /// registered through the agent's API with an address the agent's IPAM allocates from the
-    /// CNI half of its subnet, and that address and a default route in the container.
+    /// Creates a container on `agent` attached to `network` the way a runtime does: a fresh
+    /// namespace, then the real CNI plugin (`ebpf-overlay` from the binary directory) run with
+    /// `CNI_COMMAND=ADD` in the agent's namespace on the config list the agent wrote for
+    /// `network`. The plugin makes the veth pair, the agent allocates the address from the CNI
+    /// half of its subnet and wires the endpoint, the plugin sets address and default route.
     pub fn add_container(&mut self, agent: &str, network: &str) -> anyhow::Result<Container> {
-        // The lab wires the namespace with a placeholder address (TEST-NET-1), replaced by the
-        // allocated one once the agent has it.
-        let placeholder = Ipv4Addr::new(192, 0, 2, 1);
-        let mut c = self.lab.add_container(
-            agent,
-            placeholder,
-            32,
-            Ipv4Addr::new(192, 0, 2, 2),
-            self.mtu,
-        )?;
-        let mac = overlay_api::MacAddr(c.node.mac(&c.ifname)?);
-        let ep = self
-            .agent(agent)
-            .add_endpoint(&AddEndpoint {
-                network: network.into(),
-                ip: None,
-                host_veth: c.host_veth.clone(),
-                container_mac: mac,
-                half: Default::default(),
-                attachment: None,
-            })
+        let conf = self
+            .plugin_conf(agent, network)
+            .with_context(|| format!("the CNI config of {network} on {agent}"))?;
+        let mut node = self.lab.add_container_netns()?;
+        let container_id = format!("{}-{}", self.lab.id(), node.role);
+        let result = self
+            .cni_add(agent, &container_id, &node, &conf)
             .with_context(|| format!("connecting a container to {network} on {agent}"))?;
-        let (half, gateway) = ep
-            .subnet
-            .zip(ep.gateway)
-            .with_context(|| format!("agent {agent} reported no subnet for {}", ep.ip))?;
-        let cidr = format!("{}/{}", ep.ip, half.prefix());
-        let gw = gateway.to_string();
-        let dev = c.ifname.clone();
-        c.node.exec("ip", &["addr", "add", &cidr, "dev", &dev])?;
-        c.node
-            .exec("ip", &["addr", "del", "192.0.2.1/32", "dev", &dev])?;
-        c.node.exec(
-            "ip",
-            &[
-                "route", "replace", "default", "via", &gw, "dev", &dev, "onlink",
-            ],
-        )?;
-        c.node.ip = Some(ep.ip);
+        let ip: Ipv4Addr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in the plugin's result {result}"))?;
+        let host_veth = result["interfaces"][0]["name"]
+            .as_str()
+            .with_context(|| format!("no host interface in the plugin's result {result}"))?
+            .to_owned();
+        node.ip = Some(ip);
+        let c = Container {
+            node,
+            agent: agent.into(),
+            host_veth,
+            ifname: CONTAINER_IFNAME.into(),
+        };
+        self.lab.record_container(c.clone())?;
         Ok(c)
+    }
+
+    /// The plugin config a runtime hands the plugin for `network` on `agent`: the list's one
+    /// plugin with the list's name and version (the agent writes the list once it has the
+    /// network; waits a moment for it). Without a list (a disabled network has none), the same
+    /// fields by hand, so that the agent's own refusal reaches the caller.
+    fn plugin_conf(&self, agent: &str, network: &str) -> anyhow::Result<serde_json::Value> {
+        let dir = self.cni_conf_dir(agent);
+        let suffix = format!("-{network}.conflist");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let file = loop {
+            let found = std::fs::read_dir(&dir).ok().and_then(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(&suffix))
+                })
+            });
+            match found {
+                Some(f) => break f,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                None => {
+                    return Ok(serde_json::json!({
+                        "cniVersion": "1.0.0",
+                        "name": network,
+                        "type": "ebpf-overlay",
+                        "network": network,
+                        "agent_socket": self.socket(agent),
+                        "mtu": self.mtu,
+                        "half": "cni",
+                    }));
+                }
+            }
+        };
+        let list: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)
+            .with_context(|| format!("parsing {}", file.display()))?;
+        let mut conf = list["plugins"][0].clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        Ok(conf)
+    }
+
+    /// Runs the CNI plugin's ADD in `agent`'s namespace; its JSON result.
+    fn cni_add(
+        &self,
+        agent: &str,
+        container_id: &str,
+        container: &Node,
+        conf: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        use std::{io::Write as _, process::Stdio};
+        let plugin = self.bin_dir.join("ebpf-overlay");
+        let mut cmd = self.lab.node(agent)?.command(&plugin);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CNI_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", container.netns_path())
+            .env("CNI_IFNAME", CONTAINER_IFNAME)
+            .env("CNI_PATH", &self.bin_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("running the CNI plugin {}", plugin.display()))?;
+        child
+            .stdin
+            .take()
+            .context("plugin stdin")?
+            .write_all(&serde_json::to_vec(conf)?)?;
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "CNI ADD failed ({}): {} {}",
+                out.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_str(&stdout)
+            .with_context(|| format!("the plugin's result is not JSON: {stdout:?}"))
     }
 
     pub fn node(&self, role: &str) -> anyhow::Result<&Node> {

@@ -65,8 +65,10 @@ pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<String> {
-    run("ip", args)
+/// A netlink socket inside the named namespace `netns`.
+fn netlink(netns: &str) -> anyhow::Result<overlay_netlink::Handle> {
+    let ns = overlay_netlink::Netns::named(netns)?;
+    Ok(overlay_netlink::Handle::in_netns(&ns)?)
 }
 
 /// A node of the lab: one network namespace.
@@ -85,11 +87,13 @@ impl Node {
         Path::new("/run/netns").join(&self.netns)
     }
 
-    /// Runs a command inside this node's namespace; fails with stderr on failure.
+    /// Runs a command inside this node's namespace; fails with stderr on failure. Through
+    /// `ip netns exec`, so that the command's /sys is the namespace's (its devices under
+    /// /sys/class/net); [`Node::command`] keeps the host's /sys.
     pub fn exec(&self, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
         let mut full = vec!["netns", "exec", &self.netns, cmd];
         full.extend_from_slice(args);
-        ip(&full)
+        run("ip", &full)
     }
 
     /// Runs a command inside this node's namespace and returns whether it succeeded.
@@ -99,32 +103,46 @@ impl Node {
 
     /// A command that runs in this node's namespace without a new mount namespace (unlike
     /// `ip netns exec`), so that it sees the host's bpffs at /sys/fs/bpf.
+    /// The child enters the namespace with `setns` between fork and exec (no `nsenter`).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.netns_path().display()))
-            .arg("--")
-            .arg(program);
+        let mut c = Command::new(program);
+        match overlay_netlink::Netns::open(self.netns_path()) {
+            Ok(ns) => ns.prepare_command(&mut c),
+            Err(e) => {
+                // Spawning fails with the reason rather than running in the wrong namespace.
+                let msg = e.to_string();
+                // SAFETY: the closure only builds an error value.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+                        Err(std::io::Error::other(msg.clone()))
+                    });
+                }
+            }
+        }
         c
+    }
+
+    /// A netlink socket inside this node's namespace.
+    pub fn netlink(&self) -> anyhow::Result<overlay_netlink::Handle> {
+        netlink(&self.netns)
     }
 
     /// ifindex of a link in this namespace.
     pub fn ifindex(&self, ifname: &str) -> anyhow::Result<u32> {
-        let out = ip(&["-n", &self.netns, "-j", "link", "show", "dev", ifname])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        v[0]["ifindex"]
-            .as_u64()
-            .map(|i| i as u32)
-            .with_context(|| format!("no ifindex for {ifname} in {}", self.netns))
+        let l = self
+            .netlink()?
+            .link(ifname)
+            .with_context(|| format!("no ifindex for {ifname} in {}", self.netns))?;
+        Ok(l.ifindex)
     }
 
     /// MAC address of a link in this namespace.
     pub fn mac(&self, ifname: &str) -> anyhow::Result<[u8; 6]> {
-        let out = ip(&["-n", &self.netns, "-j", "link", "show", "dev", ifname])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        let s = v[0]["address"]
-            .as_str()
+        let l = self
+            .netlink()?
+            .link(ifname)
             .with_context(|| format!("no MAC for {ifname} in {}", self.netns))?;
-        Ok(s.parse::<overlay_api::MacAddr>()?.0)
+        Ok(l.mac)
     }
 
     /// Pings `dst` from this node; true if a reply came back.
@@ -218,8 +236,9 @@ impl Lab {
 
     fn build(&mut self, agents: usize) -> anyhow::Result<()> {
         let fabric = self.add_netns("fabric", None)?;
-        ip(&["-n", &fabric.netns, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &fabric.netns, "link", "set", "br0", "up"])?;
+        let mut nl = fabric.netlink()?;
+        nl.add_bridge("br0")?;
+        nl.set_up("br0")?;
         self.attach_to_fabric("master", 1)?;
         for i in 1..=agents {
             self.attach_to_fabric(&format!("a{i}"), 10 + i as u8)?;
@@ -240,8 +259,8 @@ impl Lab {
         // Record before creating, so that a failure half-way is still cleaned up.
         self.record.nodes.push(node.clone());
         self.save()?;
-        ip(&["netns", "add", &node.netns])?;
-        ip(&["-n", &node.netns, "link", "set", "lo", "up"])?;
+        overlay_netlink::Netns::create_named(&node.netns)?;
+        node.netlink()?.set_up("lo")?;
         Ok(node)
     }
 
@@ -250,24 +269,20 @@ impl Lab {
         let node = self.add_netns(role, Some(addr))?;
         let fabric = self.netns_of("fabric")?;
         let port = format!("p-{role}");
-        ip(&[
-            "-n",
-            &node.netns,
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &fabric,
-        ])?;
-        ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"])?;
-        let cidr = format!("{addr}/{FABRIC_PREFIX_LEN}");
-        ip(&["-n", &node.netns, "addr", "add", &cidr, "dev", "eth0"])?;
-        ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
+        let fabric_ns = overlay_netlink::Netns::named(&fabric)?;
+        let mut nl = node.netlink()?;
+        nl.add_veth("eth0", &port, 1500, Some(&fabric_ns))?;
+        let mut fnl = overlay_netlink::Handle::in_netns(&fabric_ns)?;
+        let br0 = fnl.link("br0")?.ifindex;
+        fnl.set_master(&port, br0)?;
+        fnl.set_up(&port)?;
+        let ifindex = nl.link("eth0")?.ifindex;
+        nl.add_address(overlay_netlink::Address {
+            ifindex,
+            ip: addr,
+            prefix_len: FABRIC_PREFIX_LEN,
+        })?;
+        nl.set_up("eth0")?;
         Ok(node)
     }
 
@@ -344,40 +359,19 @@ impl Lab {
         let n = self.record.containers.len() + 1;
         let node = self.add_netns(&format!("c{n}"), Some(ip_addr))?;
         let host_veth = format!("vc{n}");
-        let mtu_s = mtu.to_string();
-        ip(&[
-            "-n",
-            &agent.netns,
-            "link",
-            "add",
-            &host_veth,
-            "mtu",
-            &mtu_s,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &node.netns,
-        ])?;
-        ip(&["-n", &agent.netns, "link", "set", &host_veth, "up"])?;
-        let cidr = format!("{ip_addr}/{prefix_len}");
-        ip(&["-n", &node.netns, "link", "set", "eth0", "mtu", &mtu_s])?;
-        ip(&["-n", &node.netns, "addr", "add", &cidr, "dev", "eth0"])?;
-        ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &node.netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gateway.to_string(),
-            "dev",
-            "eth0",
-            "onlink",
-        ])?;
+        let container_ns = overlay_netlink::Netns::named(&node.netns)?;
+        let mut anl = agent.netlink()?;
+        anl.add_veth(&host_veth, "eth0", mtu, Some(&container_ns))?;
+        anl.set_up(&host_veth)?;
+        let mut cnl = overlay_netlink::Handle::in_netns(&container_ns)?;
+        let ifindex = cnl.link("eth0")?.ifindex;
+        cnl.add_address(overlay_netlink::Address {
+            ifindex,
+            ip: ip_addr,
+            prefix_len,
+        })?;
+        cnl.set_up("eth0")?;
+        cnl.add_route(overlay_netlink::Route::default_via(gateway, ifindex))?;
         let c = Container {
             node,
             agent: agent_role.into(),
@@ -387,6 +381,29 @@ impl Lab {
         self.record.containers.push(c.clone());
         self.save()?;
         Ok(c)
+    }
+
+    /// Adds an empty container namespace (`c<N>`, loopback up) for a runtime path to wire
+    /// (the CNI plugin in [`cluster::Cluster::add_container`]); record it with
+    /// [`Lab::record_container`] once wired.
+    pub fn add_container_netns(&mut self) -> anyhow::Result<Node> {
+        let n = self.record.containers.len() + 1;
+        let mut role = format!("c{n}");
+        let mut k = n;
+        while self.record.nodes.iter().any(|x| x.role == role) {
+            k += 1;
+            role = format!("c{k}");
+        }
+        self.add_netns(&role, None)
+    }
+
+    /// Records a container wired by someone else (see [`Lab::add_container_netns`]).
+    pub fn record_container(&mut self, c: Container) -> anyhow::Result<()> {
+        if let Some(n) = self.record.nodes.iter_mut().find(|n| n.role == c.node.role) {
+            n.ip = c.node.ip;
+        }
+        self.record.containers.push(c);
+        self.save()
     }
 
     /// Starts a process in `role`'s namespace (see [`Node::command`]); it is killed on teardown.
@@ -481,7 +498,7 @@ impl Lab {
             }
         }
         for ns in lab_namespaces(&rec.id) {
-            if let Err(e) = ip(&["netns", "del", &ns]) {
+            if let Err(e) = overlay_netlink::Netns::delete_named(&ns) {
                 errors.push(e.to_string());
             }
         }
@@ -511,12 +528,9 @@ fn is_agent_role(role: &str) -> bool {
 /// Namespaces on this machine that belong to lab `id`.
 pub fn lab_namespaces(id: &str) -> Vec<String> {
     let prefix = format!("{id}-");
-    ip(&["netns", "list"])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
+    overlay_netlink::Netns::list_named()
+        .into_iter()
         .filter(|n| n.starts_with(&prefix))
-        .map(str::to_owned)
         .collect()
 }
 

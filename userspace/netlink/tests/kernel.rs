@@ -1,0 +1,193 @@
+//! Against the real kernel, inside namespaces this test creates (needs root): veth pairs across
+//! namespaces, MTU, MAC, addresses, routes, sysctls, typed errors, and child processes started
+//! inside a namespace.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use overlay_netlink::{Address, Error, Handle, Netns, Route, read_sysctl, write_sysctl};
+
+/// A named namespace removed on drop (also when an assertion fails).
+struct TestNs(String);
+
+impl TestNs {
+    fn new(tag: &str) -> TestNs {
+        let name = format!("eonl{}-{tag}", std::process::id());
+        Netns::create_named(&name).unwrap();
+        TestNs(name)
+    }
+    fn open(&self) -> Netns {
+        Netns::named(&self.0).unwrap()
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Netns::delete_named(&self.0);
+    }
+}
+
+#[test]
+fn veth_address_route_and_errors_in_test_namespaces() {
+    let a = TestNs::new("a");
+    let b = TestNs::new("b");
+    assert!(Netns::list_named().contains(&a.0));
+    // A second namespace of the same name is refused, typed.
+    assert!(Netns::create_named(&a.0).unwrap_err().is_exists());
+
+    let (na, nb) = (a.open(), b.open());
+    let mut ha = Handle::in_netns(&na).unwrap();
+    let mut hb = Handle::in_netns(&nb).unwrap();
+
+    // Fresh namespaces hold only lo.
+    let links = ha.links().unwrap();
+    assert_eq!(
+        links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+        ["lo"]
+    );
+    ha.set_up("lo").unwrap();
+    assert!(ha.link("lo").unwrap().up);
+
+    // A veth pair whose peer is born in the other namespace.
+    ha.add_veth("ve-a", "ve-b", 1400, Some(&nb)).unwrap();
+    let va = ha.link("ve-a").unwrap();
+    assert_eq!(
+        (va.mtu, va.kind.as_deref(), va.up),
+        (1400, Some("veth"), false)
+    );
+    assert!(
+        ha.link("ve-b").unwrap_err().is_not_found(),
+        "peer must not be in a"
+    );
+    let vb = hb.link("ve-b").unwrap();
+    assert_eq!(vb.mtu, 1400);
+    assert_eq!(hb.link_by_index(vb.ifindex).unwrap().name, "ve-b");
+    // The same name again: Exists.
+    assert!(matches!(
+        ha.add_veth("ve-a", "ve-x", 1400, None),
+        Err(Error::Exists { .. })
+    ));
+
+    ha.set_mtu("ve-a", 1350).unwrap();
+    ha.set_mac("ve-a", [0x02, 0, 0, 0, 0, 0xaa]).unwrap();
+    ha.set_up("ve-a").unwrap();
+    let va = ha.link("ve-a").unwrap();
+    assert_eq!(
+        (va.mtu, va.mac, va.up),
+        (1350, [0x02, 0, 0, 0, 0, 0xaa], true)
+    );
+    hb.set_mtu("ve-b", 1350).unwrap();
+    hb.set_up("ve-b").unwrap();
+
+    // Addresses.
+    let addr_a = Address {
+        ifindex: va.ifindex,
+        ip: Ipv4Addr::new(10, 77, 0, 1),
+        prefix_len: 24,
+    };
+    let addr_b = Address {
+        ifindex: vb.ifindex,
+        ip: Ipv4Addr::new(10, 77, 0, 2),
+        prefix_len: 24,
+    };
+    ha.add_address(addr_a).unwrap();
+    hb.add_address(addr_b).unwrap();
+    assert!(ha.add_address(addr_a).unwrap_err().is_exists());
+    assert_eq!(ha.addresses(Some(va.ifindex)).unwrap(), vec![addr_a]);
+    assert_eq!(addr_a.broadcast(), Some(Ipv4Addr::new(10, 77, 0, 255)));
+
+    // Routes: a subnet route with a source and our protocol, and an on-link default route.
+    let r = Route::new(Ipv4Addr::new(10, 88, 0, 0), 16, va.ifindex)
+        .src(addr_a.ip)
+        .protocol(77);
+    ha.add_route(r).unwrap();
+    assert!(ha.add_route(r).unwrap_err().is_exists());
+    ha.replace_route(r).unwrap();
+    let gw = Ipv4Addr::new(169, 254, 1, 1);
+    hb.add_route(Route::default_via(gw, vb.ifindex)).unwrap();
+    let ours: Vec<Route> = ha
+        .routes()
+        .unwrap()
+        .into_iter()
+        .filter(|x| x.protocol == 77)
+        .collect();
+    assert_eq!(ours.len(), 1);
+    assert_eq!(
+        (ours[0].dst, ours[0].prefix_len, ours[0].oif, ours[0].src),
+        (r.dst, 16, Some(va.ifindex), Some(addr_a.ip))
+    );
+    let def = hb
+        .routes()
+        .unwrap()
+        .into_iter()
+        .find(Route::is_default)
+        .unwrap();
+    assert_eq!(
+        (def.gateway, def.oif, def.onlink),
+        (Some(gw), Some(vb.ifindex), true)
+    );
+    ha.del_route(r).unwrap();
+    assert!(ha.del_route(r).unwrap_err().is_not_found());
+    assert!(ha.routes().unwrap().iter().all(|x| x.protocol != 77));
+
+    // Packets cross the pair: ping from a process started inside namespace a (no nsenter).
+    let mut ping = Command::new("ping");
+    ping.args(["-c", "1", "-W", "2", "-q", "10.77.0.2"]);
+    na.prepare_command(&mut ping);
+    assert!(
+        ping.status().unwrap().success(),
+        "ping across the veth pair"
+    );
+
+    // Sysctls, per namespace: set in a, unchanged in b.
+    let knob = "net/ipv4/conf/all/forwarding";
+    na.run(|| write_sysctl(knob, "1")).unwrap().unwrap();
+    assert_eq!(na.run(|| read_sysctl(knob)).unwrap().unwrap(), "1");
+    assert_eq!(nb.run(|| read_sysctl(knob)).unwrap().unwrap(), "0");
+    assert!(matches!(
+        na.run(|| write_sysctl("net/ipv4/conf/no-such-dev/forwarding", "1"))
+            .unwrap(),
+        Err(Error::NotFound { .. })
+    ));
+
+    // Addresses go, then the pair (both ends).
+    ha.del_address(addr_a).unwrap();
+    assert!(ha.addresses(Some(va.ifindex)).unwrap().is_empty());
+    ha.del_link("ve-a").unwrap();
+    assert!(hb.link("ve-b").unwrap_err().is_not_found());
+
+    // Typed errors for a device that is not there.
+    assert!(matches!(
+        ha.link("no-such-dev"),
+        Err(Error::NoSuchDevice { .. })
+    ));
+    assert!(matches!(
+        ha.del_link("no-such-dev"),
+        Err(Error::NoSuchDevice { .. })
+    ));
+    assert!(!ha.del_link_if_exists("no-such-dev").unwrap());
+    assert!(ha.set_up("no-such-dev").unwrap_err().is_not_found());
+
+    drop((ha, hb, na, nb));
+    let name = a.0.clone();
+    drop(a);
+    assert!(!Netns::list_named().contains(&name));
+}
+
+#[test]
+fn moving_a_link_between_namespaces_and_bridging() {
+    let a = TestNs::new("m");
+    let b = TestNs::new("n");
+    let (na, nb) = (a.open(), b.open());
+    let mut ha = Handle::in_netns(&na).unwrap();
+    let mut hb = Handle::in_netns(&nb).unwrap();
+    ha.add_bridge("br0").unwrap();
+    ha.add_veth("p0", "q0", 1500, None).unwrap();
+    let br = ha.link("br0").unwrap();
+    assert_eq!(br.kind.as_deref(), Some("bridge"));
+    ha.set_master("p0", br.ifindex).unwrap();
+    ha.move_to_netns("q0", &nb).unwrap();
+    assert!(ha.link("q0").unwrap_err().is_not_found());
+    assert!(hb.link("q0").is_ok());
+    // The thread that ran those is back in its own namespace.
+    assert!(Handle::new().unwrap().link("br0").is_err());
+}
