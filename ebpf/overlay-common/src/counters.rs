@@ -55,6 +55,9 @@ counters! {
     NatCreated = 8 => "nat_created",
     /// A port candidate was taken and the next one was tried.
     NatPortRetries = 9 => "nat_port_retries",
+    /// VXLAN dropped early by XDP on the underlay NIC; each is also counted under the drop reason
+    /// `from_underlay` would have given it, so those agree with or without XDP.
+    XdpDropped = 10 => "xdp_dropped",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",

@@ -40,6 +40,8 @@ pub mod programs {
     /// TC ingress of `ovl-net`, the far end of the host's link into the overlay: the host's
     /// own traffic to containers.
     pub const FROM_HOST: &str = "from_host";
+    /// XDP on the underlay NIC: early drops of VXLAN `from_underlay` would drop anyway.
+    pub const XDP_UNDERLAY: &str = "xdp_underlay";
 }
 
 /// The host's link into the overlay: a veth pair in the agent's namespace. Routes to every

@@ -22,8 +22,13 @@ mod maps;
 mod nat;
 mod skb;
 mod stats;
+mod xdp;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{Endpoint, ipv4_mapped},
@@ -155,6 +160,18 @@ pub fn from_host(ctx: TcContext) -> i32 {
         },
     };
     verdict.unwrap_or_else(|(vni, reason)| drop_packet(vni, reason, len))
+}
+
+/// XDP on the underlay NIC (native mode where the driver has it): VXLAN that `from_underlay`
+/// would drop on its outer headers is dropped here, early and counted alike; the rest goes on
+/// to TC.
+#[xdp]
+pub fn xdp_underlay(ctx: XdpContext) -> u32 {
+    let len = xdp::frame_len(&ctx);
+    match xdp::try_from_underlay(&ctx) {
+        Ok(action) => action,
+        Err((vni, reason)) => xdp::drop_early(vni, reason, len),
+    }
 }
 
 #[cfg(not(test))]

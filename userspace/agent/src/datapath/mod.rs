@@ -5,7 +5,7 @@ mod loader;
 mod maps;
 mod pins;
 
-pub use loader::{Datapath, OBJECT, attached_ingress_programs};
+pub use loader::{Datapath, OBJECT, XdpAttached, XdpMode, attached_ingress_programs, driver_of};
 pub use maps::{
     AgentSettings, OverlayMaps, ProtectedDestination, StatRow, addr16, from_addr16, prefix_key,
 };
