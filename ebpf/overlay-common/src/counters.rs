@@ -119,7 +119,44 @@ counters! {
     DropNatQuota = 39 => "drop_nat_quota",
 }
 
+/// A packet the datapath refuses: why, and the network it is counted under. Every program
+/// path returns `Result<verdict, Drop>` and one place per program counts and drops it; `?` on a
+/// bare [`Counter`] attributes the drop to no network, [`Counter::in_network`] to one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drop {
+    pub vni: u32,
+    pub reason: Counter,
+}
+
+impl From<Counter> for Drop {
+    #[inline(always)]
+    fn from(reason: Counter) -> Drop {
+        Drop {
+            vni: NO_NETWORK,
+            reason,
+        }
+    }
+}
+
+/// Attributes a path's drop reason to a network: `step().in_network(vni)?`.
+pub trait InNetwork<T> {
+    fn in_network(self, vni: u32) -> Result<T, Drop>;
+}
+
+impl<T> InNetwork<T> for Result<T, Counter> {
+    #[inline(always)]
+    fn in_network(self, vni: u32) -> Result<T, Drop> {
+        self.map_err(|reason| reason.in_network(vni))
+    }
+}
+
 impl Counter {
+    /// This drop reason, counted under network `vni`.
+    #[inline(always)]
+    pub const fn in_network(self, vni: u32) -> Drop {
+        Drop { vni, reason: self }
+    }
+
     /// The first counter that counts drops.
     pub const FIRST_DROP: u32 = 16;
 
@@ -147,5 +184,18 @@ mod tests {
             );
         }
         assert_eq!(Counter::from_u32(999), None);
+    }
+
+    #[test]
+    fn drops_without_a_network_count_under_no_network() {
+        let d: Drop = Counter::DropTruncated.into();
+        assert_eq!((d.vni, d.reason), (NO_NETWORK, Counter::DropTruncated));
+        let d = Counter::DropCrossNetwork.in_network(1024);
+        assert_eq!((d.vni, d.reason), (1024, Counter::DropCrossNetwork));
+        let via_question_mark = || -> Result<(), Drop> { Err(Counter::DropMalformed)? };
+        assert_eq!(via_question_mark(), Err(Counter::DropMalformed.into()));
+        let step: Result<u8, Counter> = Err(Counter::DropNoRoute);
+        assert_eq!(step.in_network(7), Err(Counter::DropNoRoute.in_network(7)));
+        assert_eq!(Ok::<u8, Counter>(3).in_network(7), Ok(3));
     }
 }

@@ -103,7 +103,31 @@ pub const fn ipv4_unmapped(a: &Addr16) -> Option<[u8; 4]> {
 
 /// Prefix length of an IPv4 prefix inside the 128-bit IPv4-mapped space.
 pub const fn ipv4_mapped_prefix_len(v4_prefix_len: u8) -> u32 {
-    96 + v4_prefix_len as u32
+    IPV4_MAPPED_PREFIX_LEN + v4_prefix_len as u32
+}
+
+/// Bits of the IPv4-mapped space (`::ffff:0:0/96`) in front of the IPv4 address.
+const IPV4_MAPPED_PREFIX_LEN: u32 = 96;
+
+/// The LPM-trie prefix length (bits over the 128-bit map address) of a prefix of `len` bits in
+/// the family of `addr`: IPv4-mapped addresses count from the mapped /96, IPv6 ones as they are.
+pub const fn lpm_prefix_len(addr: &Addr16, len: u8) -> u32 {
+    if ipv4_unmapped(addr).is_some() {
+        ipv4_mapped_prefix_len(len)
+    } else {
+        len as u32
+    }
+}
+
+/// The inverse of [`lpm_prefix_len`]: the prefix length in the address's own family of an
+/// LPM-trie prefix length (a mapped prefix shorter than /96 reads as /0).
+pub const fn family_prefix_len(addr: &Addr16, lpm_len: u32) -> u8 {
+    let len = if ipv4_unmapped(addr).is_some() {
+        lpm_len.saturating_sub(IPV4_MAPPED_PREFIX_LEN)
+    } else {
+        lpm_len
+    };
+    if len > 128 { 128 } else { len as u8 }
 }
 
 /// `OVL_CONFIG[0]`: this agent's own datapath settings.
@@ -136,6 +160,12 @@ pub struct EndpointKey {
     pub addr: Addr16,
 }
 
+impl EndpointKey {
+    pub const fn new(addr: Addr16) -> EndpointKey {
+        EndpointKey { addr }
+    }
+}
+
 /// Value of `OVL_ENDPOINTS`: how to reach a local container and which network it is on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -158,6 +188,38 @@ impl Endpoint {
     /// The host itself, at this network's gateway address, behind the host link: frames to it
     /// are sent out of the host link's peer (`bpf_redirect`), not into another namespace.
     pub const FLAG_HOST: u32 = 1;
+
+    /// A container on network `vni` behind its host-side veth `ifindex` (whose MAC,
+    /// `gateway_mac`, is the container's gateway MAC).
+    pub const fn container(ifindex: u32, vni: u32, mac: [u8; 6], gateway_mac: [u8; 6]) -> Endpoint {
+        Endpoint {
+            ifindex,
+            vni,
+            mac,
+            gateway_mac,
+            flags: 0,
+            _pad: 0,
+        }
+    }
+
+    /// The host at network `vni`'s gateway address: reached out of the host link's peer
+    /// (`peer_ifindex`), towards the host link's own MAC `host_mac`; frames to it come from
+    /// [`HOST_LINK_PEER_MAC`], the MAC the host's ARP for container addresses resolves to.
+    pub const fn host(peer_ifindex: u32, vni: u32, host_mac: [u8; 6]) -> Endpoint {
+        Endpoint {
+            ifindex: peer_ifindex,
+            vni,
+            mac: host_mac,
+            gateway_mac: HOST_LINK_PEER_MAC,
+            flags: Endpoint::FLAG_HOST,
+            _pad: 0,
+        }
+    }
+
+    /// Whether this is the host's endpoint ([`Endpoint::host`]), not a container's.
+    pub const fn is_host(&self) -> bool {
+        self.flags & Endpoint::FLAG_HOST != 0
+    }
 }
 
 /// Value of `OVL_ROUTES`: an agent subnet on another agent. `OVL_ROUTES` and `OVL_SUBNETS` are LPM
@@ -176,6 +238,19 @@ pub struct RemoteRoute {
     pub flags: u32,
 }
 
+impl RemoteRoute {
+    /// A subnet of network `vni` on the agent at `underlay_ip` whose VTEP MAC is `vtep_mac`.
+    pub const fn new(underlay_ip: Addr16, vtep_mac: [u8; 6], vni: u32) -> RemoteRoute {
+        RemoteRoute {
+            underlay_ip,
+            vtep_mac,
+            _pad: [0; 2],
+            vni,
+            flags: 0,
+        }
+    }
+}
+
 /// Value of `OVL_SUBNETS`: a whole overlay subnet. A destination inside one of these but with no
 /// endpoint or route is dropped; a destination outside all of them is left to the host stack.
 #[repr(C)]
@@ -185,11 +260,24 @@ pub struct OverlaySubnet {
     pub flags: u32,
 }
 
+impl OverlaySubnet {
+    /// The whole subnet of network `vni`.
+    pub const fn new(vni: u32) -> OverlaySubnet {
+        OverlaySubnet { vni, flags: 0 }
+    }
+}
+
 /// Key of `OVL_VTEPS`: the underlay address of a known agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VtepKey {
     pub underlay_ip: Addr16,
+}
+
+impl VtepKey {
+    pub const fn new(underlay_ip: Addr16) -> VtepKey {
+        VtepKey { underlay_ip }
+    }
 }
 
 /// Value of `OVL_VTEPS`: what we know of another agent's VTEP.
@@ -202,11 +290,27 @@ pub struct Vtep {
     pub vtep_ip: [u8; 4],
 }
 
+impl Vtep {
+    pub const fn new(vtep_mac: [u8; 6], vtep_ip: [u8; 4]) -> Vtep {
+        Vtep {
+            vtep_mac,
+            _pad: [0; 2],
+            vtep_ip,
+        }
+    }
+}
+
 /// Key of `OVL_NETWORKS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NetworkKey {
     pub vni: u32,
+}
+
+impl NetworkKey {
+    pub const fn new(vni: u32) -> NetworkKey {
+        NetworkKey { vni }
+    }
 }
 
 /// Value of `OVL_NETWORKS`: a virtual network this agent takes part in.
@@ -220,6 +324,22 @@ pub struct Network {
 impl Network {
     /// Traffic from this network to outside every overlay is masqueraded.
     pub const FLAG_MASQUERADE: u32 = 1;
+
+    /// A network this agent takes part in, masquerading its traffic to the outside or not.
+    pub const fn new(masquerade: bool) -> Network {
+        Network {
+            flags: if masquerade {
+                Network::FLAG_MASQUERADE
+            } else {
+                0
+            },
+            _pad: 0,
+        }
+    }
+
+    pub const fn masquerades(&self) -> bool {
+        self.flags & Network::FLAG_MASQUERADE != 0
+    }
 }
 
 /// Direction of a [`NatKey`].
@@ -246,6 +366,66 @@ pub struct NatKey {
     /// [`nat_direction`].
     pub direction: u8,
     pub _pad: [u8; 2],
+}
+
+impl NatKey {
+    /// The egress key of a flow, from the container's packet as it left the container
+    /// (source: the container, destination: the far end).
+    pub const fn egress(
+        protocol: u8,
+        container: Addr16,
+        container_port: u16,
+        remote: Addr16,
+        remote_port: u16,
+    ) -> NatKey {
+        NatKey {
+            remote,
+            local: container,
+            remote_port,
+            local_port: container_port,
+            protocol,
+            direction: nat_direction::EGRESS,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The ingress key of a flow, from the far end's answer as it reaches this agent (source:
+    /// the far end, destination: the underlay address and the port allocated for the flow).
+    pub const fn ingress(
+        protocol: u8,
+        remote: Addr16,
+        remote_port: u16,
+        underlay: Addr16,
+        port: u16,
+    ) -> NatKey {
+        NatKey {
+            remote,
+            local: underlay,
+            remote_port,
+            local_port: port,
+            protocol,
+            direction: nat_direction::INGRESS,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The key of the other direction of this key's flow, whose `entry` this key maps to: the
+    /// local end becomes what the entry rewrites it to.
+    pub const fn paired(&self, entry: &NatEntry) -> NatKey {
+        NatKey {
+            remote: self.remote,
+            local: entry.addr,
+            remote_port: self.remote_port,
+            local_port: entry.port,
+            protocol: self.protocol,
+            direction: self.direction ^ 1,
+            _pad: [0; 2],
+        }
+    }
+
+    pub const fn is_egress(&self) -> bool {
+        self.direction == nat_direction::EGRESS
+    }
 }
 
 /// Value of `OVL_NAT`: what the local end of the tuple is rewritten to.
@@ -313,15 +493,25 @@ pub struct NatQuotaKey {
 }
 
 impl NatQuotaKey {
-    /// The quota key of an egress `NatKey` (container = its local end).
-    pub const fn of_egress(key: &NatKey) -> NatQuotaKey {
+    /// `container`'s flows towards `remote`:`remote_port` over `protocol`.
+    pub const fn new(
+        container: Addr16,
+        remote: Addr16,
+        remote_port: u16,
+        protocol: u8,
+    ) -> NatQuotaKey {
         NatQuotaKey {
-            container: key.local,
-            remote: key.remote,
-            remote_port: key.remote_port,
-            protocol: key.protocol,
+            container,
+            remote,
+            remote_port,
+            protocol,
             _pad: 0,
         }
+    }
+
+    /// The quota key of an egress `NatKey` (container = its local end).
+    pub const fn of_egress(key: &NatKey) -> NatQuotaKey {
+        NatQuotaKey::new(key.local, key.remote, key.remote_port, key.protocol)
     }
 }
 
@@ -332,6 +522,12 @@ pub struct NatQuota {
     /// Live (not closing) flows.
     pub flows: u32,
     pub _pad: u32,
+}
+
+impl NatQuota {
+    pub const fn new(flows: u32) -> NatQuota {
+        NatQuota { flows, _pad: 0 }
+    }
 }
 
 /// Key of `OVL_PROTECTED`: a destination containers may not reach (the master's API, an agent's
@@ -376,6 +572,12 @@ pub struct StatKey {
     pub vni: u32,
     /// A [`crate::counters::Counter`] value.
     pub counter: u32,
+}
+
+impl StatKey {
+    pub const fn new(vni: u32, counter: u32) -> StatKey {
+        StatKey { vni, counter }
+    }
 }
 
 /// Value of `OVL_STATS` (per-CPU).
@@ -445,6 +647,84 @@ mod tests {
         let v6 = [0xfd, 1, 0, 0xb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(ipv4_unmapped(&v6), None);
         assert_eq!(ipv4_mapped_prefix_len(24), 120);
+    }
+
+    #[test]
+    fn lpm_prefix_lengths_count_ipv4_from_the_mapped_96() {
+        let v4 = ipv4_mapped([9, 0, 0, 0]);
+        let v6 = [0xfd, 1, 0, 0xb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        for len in [0u8, 8, 24, 31, 32] {
+            assert_eq!(lpm_prefix_len(&v4, len), 96 + len as u32);
+            assert_eq!(family_prefix_len(&v4, lpm_prefix_len(&v4, len)), len);
+        }
+        for len in [0u8, 48, 64, 128] {
+            assert_eq!(lpm_prefix_len(&v6, len), len as u32);
+            assert_eq!(family_prefix_len(&v6, lpm_prefix_len(&v6, len)), len);
+        }
+        // A mapped prefix shorter than the mapping itself is no IPv4 prefix at all.
+        assert_eq!(family_prefix_len(&v4, 80), 0);
+    }
+
+    #[test]
+    fn nat_keys_of_both_directions_pair_up() {
+        let container = ipv4_mapped([9, 0, 1, 2]);
+        let remote = ipv4_mapped([10, 250, 0, 254]);
+        let underlay = ipv4_mapped([10, 0, 0, 1]);
+        let egress = NatKey::egress(6, container, 40000, remote, 80);
+        assert_eq!(
+            egress,
+            NatKey {
+                remote,
+                local: container,
+                remote_port: 80,
+                local_port: 40000,
+                protocol: 6,
+                direction: nat_direction::EGRESS,
+                _pad: [0; 2],
+            }
+        );
+        assert!(egress.is_egress());
+        let ingress = NatKey::ingress(6, remote, 80, underlay, 61000);
+        assert_eq!(ingress.direction, nat_direction::INGRESS);
+        assert!(!ingress.is_egress());
+        assert_eq!((ingress.local, ingress.local_port), (underlay, 61000));
+        assert_eq!((ingress.remote, ingress.remote_port), (remote, 80));
+        // Each direction's entry names the other's local end, so pairing goes both ways.
+        let out = NatEntry {
+            addr: underlay,
+            port: 61000,
+            ..Default::default()
+        };
+        let back = NatEntry {
+            addr: container,
+            port: 40000,
+            ..Default::default()
+        };
+        assert_eq!(egress.paired(&out), ingress);
+        assert_eq!(ingress.paired(&back), egress);
+        assert_eq!(
+            NatQuotaKey::of_egress(&egress),
+            NatQuotaKey::new(container, remote, 80, 6)
+        );
+    }
+
+    #[test]
+    fn value_constructors_zero_their_padding_and_set_their_flags() {
+        let host = Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 9]);
+        assert!(host.is_host());
+        assert_eq!(host.gateway_mac, HOST_LINK_PEER_MAC);
+        assert_eq!((host.ifindex, host.vni, host._pad), (7, 1024, 0));
+        let c = Endpoint::container(8, 1024, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        assert!(!c.is_host());
+        assert_eq!(c.flags, 0);
+        assert!(Network::new(true).masquerades());
+        assert_eq!(Network::new(false), Network::default());
+        let r = RemoteRoute::new(ipv4_mapped([10, 0, 0, 2]), [2, 0, 0, 0, 0, 3], 1024);
+        assert_eq!((r._pad, r.flags, r.vni), ([0; 2], 0, 1024));
+        let v = Vtep::new([2, 0, 0, 0, 0, 3], [44, 128, 0, 2]);
+        assert_eq!(v._pad, [0; 2]);
+        assert_eq!(NatQuota::new(3), NatQuota { flows: 3, _pad: 0 });
+        assert_eq!(OverlaySubnet::new(1024).flags, 0);
     }
 
     #[test]

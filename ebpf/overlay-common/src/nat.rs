@@ -1,11 +1,165 @@
-//! The pure parts of masquerade: port candidates, timeouts, and the checksum arithmetic of
-//! rewriting a packet (RFC 1624 incremental updates) and an ICMP error's embedded header
-//! (RFC 5508), unit-tested on the host.
+//! The pure parts of masquerade: where a packet's ports and checksums are, port candidates,
+//! timeouts, the flow an ICMP error quotes, and the checksum arithmetic of rewriting a packet
+//! (RFC 1624 incremental updates) and an ICMP error's embedded header (RFC 5508), unit-tested on
+//! the host.
 
 use crate::{
+    counters::Counter,
     maps::{NatConfig, NatEntry},
-    packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
 };
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// Whether an ICMP type is an error that quotes the packet it is about (and so may be about a
+/// masqueraded flow): destination unreachable (frag-needed included) and time exceeded.
+#[inline(always)]
+pub const fn is_icmp_error(icmp_type: u8) -> bool {
+    icmp_type == ICMP_DEST_UNREACH || icmp_type == ICMP_TIME_EXCEEDED
+}
+
+/// Bytes of a TCP header masquerade reads: ports, sequence numbers and the flags byte.
+pub const TCP_PREFIX_LEN: usize = 14;
+/// Bytes of a UDP header, and of an ICMP echo header (type, code, checksum, id, sequence).
+pub const UDP_HEADER_LEN: usize = 8;
+pub const ICMP_ECHO_HEADER_LEN: usize = 8;
+
+/// The transport facts of a packet that masquerade needs. Offsets count from the start of the
+/// frame (the transport header is at `l4`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transport {
+    /// Source port, or the echo identifier.
+    pub src_port: u16,
+    /// Destination port; 0 for ICMP echo.
+    pub dst_port: u16,
+    /// Offset of the transport checksum.
+    pub check_at: usize,
+    /// Offset of the source port (or identifier).
+    pub src_port_at: usize,
+    /// Offset of the destination port (the identifier for ICMP echo: it names the flow both
+    /// ways).
+    pub dst_port_at: usize,
+    /// TCP flags (0 for UDP and ICMP).
+    pub tcp_flags: u8,
+    /// ICMP echo: the identifier stands for the local port in both directions.
+    pub is_echo: bool,
+}
+
+impl Transport {
+    /// A TCP segment whose header (its first [`TCP_PREFIX_LEN`] bytes, `h`) is at `l4`.
+    #[inline(always)]
+    pub const fn tcp(l4: usize, h: &[u8; TCP_PREFIX_LEN]) -> Transport {
+        Transport {
+            src_port: u16::from_be_bytes([h[0], h[1]]),
+            dst_port: u16::from_be_bytes([h[2], h[3]]),
+            check_at: l4 + 16,
+            src_port_at: l4,
+            dst_port_at: l4 + 2,
+            tcp_flags: h[13],
+            is_echo: false,
+        }
+    }
+
+    /// A UDP datagram whose header `h` is at `l4`.
+    #[inline(always)]
+    pub const fn udp(l4: usize, h: &[u8; UDP_HEADER_LEN]) -> Transport {
+        Transport {
+            src_port: u16::from_be_bytes([h[0], h[1]]),
+            dst_port: u16::from_be_bytes([h[2], h[3]]),
+            check_at: l4 + 6,
+            src_port_at: l4,
+            dst_port_at: l4 + 2,
+            tcp_flags: 0,
+            is_echo: false,
+        }
+    }
+
+    /// An ICMP echo whose header `h` is at `l4`: a request going out (`egress`), a reply coming
+    /// back; any other ICMP message cannot be masqueraded as a flow of its own.
+    #[inline(always)]
+    pub const fn icmp_echo(
+        l4: usize,
+        h: &[u8; ICMP_ECHO_HEADER_LEN],
+        egress: bool,
+    ) -> Result<Transport, Counter> {
+        let wanted = if egress {
+            ICMP_ECHO_REQUEST
+        } else {
+            ICMP_ECHO_REPLY
+        };
+        if h[0] != wanted {
+            return Err(Counter::DropNatUnsupported);
+        }
+        Ok(Transport {
+            src_port: u16::from_be_bytes([h[4], h[5]]),
+            dst_port: 0,
+            check_at: l4 + 2,
+            src_port_at: l4 + 4,
+            dst_port_at: l4 + 4,
+            tcp_flags: 0,
+            is_echo: true,
+        })
+    }
+
+    /// On a packet coming back (outside -> agent): the far end's port (0 for echo) and the
+    /// translated local port with its offset (the echo identifier, else the destination port).
+    #[inline(always)]
+    pub const fn ingress_ports(&self) -> (u16, u16, usize) {
+        if self.is_echo {
+            (0, self.src_port, self.src_port_at)
+        } else {
+            (self.src_port, self.dst_port, self.dst_port_at)
+        }
+    }
+}
+
+/// The masqueraded flow an ICMP error is about, read from its quotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotedFlow {
+    pub protocol: u8,
+    /// Destination of the quoted packet: the far end.
+    pub remote: [u8; 4],
+    pub remote_port: u16,
+    /// Source port (or echo identifier) of the quoted packet: the port masquerade allocated.
+    pub local_port: u16,
+}
+
+/// The flow an ICMP error's quotation (`quote`: the quoted IPv4 header and 8 bytes after it)
+/// names, if it is one masquerade could have sent from `underlay`: an IPv4 header without
+/// options from that address, carrying TCP, UDP or an ICMP echo request.
+#[inline(always)]
+pub const fn quoted_flow(quote: &[u8; ICMP_QUOTE_LEN], underlay: [u8; 4]) -> Option<QuotedFlow> {
+    let q = quote;
+    let header: [u8; IPV4_HLEN] = [
+        q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9], q[10], q[11], q[12], q[13],
+        q[14], q[15], q[16], q[17], q[18], q[19],
+    ];
+    let Ok(inner) = Ipv4Header::parse(&header) else {
+        return None;
+    };
+    if u32::from_be_bytes(inner.src) != u32::from_be_bytes(underlay)
+        || inner.header_len != IPV4_HLEN
+    {
+        return None;
+    }
+    let (remote_port, local_port) = match inner.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (
+            u16::from_be_bytes([q[22], q[23]]),
+            u16::from_be_bytes([q[20], q[21]]),
+        ),
+        IPPROTO_ICMP if q[20] == ICMP_ECHO_REQUEST => (0, u16::from_be_bytes([q[24], q[25]])),
+        _ => return None,
+    };
+    Some(QuotedFlow {
+        protocol: inner.protocol,
+        remote: inner.dst,
+        remote_port,
+        local_port,
+    })
+}
 
 /// The `attempt`-th port to try for a new flow: the container's own port first when it lies in
 /// the range, otherwise a hash-chosen start, then linear probing; never `avoid` (the VXLAN port).
@@ -308,6 +462,115 @@ mod tests {
         h[12..16].copy_from_slice(&[10, 250, 0, 11]);
         h[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(updated, ipv4_header_checksum(&h));
+    }
+
+    #[test]
+    fn transport_fields_sit_where_each_protocol_has_them() {
+        let l4 = 14 + 20;
+        let mut tcp = [0u8; TCP_PREFIX_LEN];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&443u16.to_be_bytes());
+        tcp[13] = TCP_SYN;
+        let t = Transport::tcp(l4, &tcp);
+        assert_eq!((t.src_port, t.dst_port, t.tcp_flags), (40000, 443, TCP_SYN));
+        assert_eq!((t.src_port_at, t.dst_port_at, t.check_at), (34, 36, 50));
+        assert_eq!(t.ingress_ports(), (40000, 443, 36));
+        let mut udp = [0u8; UDP_HEADER_LEN];
+        udp[0..2].copy_from_slice(&53u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&61000u16.to_be_bytes());
+        let u = Transport::udp(l4, &udp);
+        assert_eq!((u.src_port, u.dst_port, u.tcp_flags), (53, 61000, 0));
+        assert_eq!((u.src_port_at, u.dst_port_at, u.check_at), (34, 36, 40));
+        // A reply from port 53 to our port 61000: remote 53, local 61000 at the destination port.
+        assert_eq!(u.ingress_ports(), (53, 61000, 36));
+        let echo = [ICMP_ECHO_REQUEST, 0, 0xab, 0xcd, 0x12, 0x34, 0, 1];
+        let e = Transport::icmp_echo(l4, &echo, true).unwrap();
+        assert_eq!(
+            (e.src_port, e.dst_port, e.src_port_at, e.check_at),
+            (0x1234, 0, 38, 36)
+        );
+        assert_eq!(
+            Transport::icmp_echo(l4, &echo, false),
+            Err(Counter::DropNatUnsupported),
+            "a request coming in is no reply to a flow of ours"
+        );
+        let reply = [ICMP_ECHO_REPLY, 0, 0, 0, 0xf0, 0x01, 0, 1];
+        let r = Transport::icmp_echo(l4, &reply, false).unwrap();
+        assert_eq!(
+            r.ingress_ports(),
+            (0, 0xf001, 38),
+            "the identifier names the flow"
+        );
+        assert_eq!(
+            Transport::icmp_echo(l4, &reply, true),
+            Err(Counter::DropNatUnsupported)
+        );
+        assert!(is_icmp_error(ICMP_DEST_UNREACH) && is_icmp_error(ICMP_TIME_EXCEEDED));
+        assert!(
+            !is_icmp_error(ICMP_ECHO_REPLY) && !is_icmp_error(5),
+            "redirect"
+        );
+    }
+
+    /// A quotation of a packet from `src` to 192.0.2.7 with `l4` as its first 8 transport bytes.
+    fn quote_of(src: [u8; 4], protocol: u8, l4: [u8; 8]) -> [u8; ICMP_QUOTE_LEN] {
+        let mut ip: [u8; 20] = [
+            0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, protocol, 0, 0, 0, 0, 0, 0, 192, 0, 2, 7,
+        ];
+        ip[12..16].copy_from_slice(&src);
+        let c = ipv4_header_checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut q = [0u8; ICMP_QUOTE_LEN];
+        q[..20].copy_from_slice(&ip);
+        q[20..].copy_from_slice(&l4);
+        q
+    }
+
+    #[test]
+    fn quoted_flows_are_read_only_from_our_own_packets() {
+        let underlay = [10, 250, 0, 11];
+        let ports = [0xee, 0x48, 0x23, 0x28, 0, 20, 0, 0]; // 61000 -> 9000
+        let udp = quote_of(underlay, IPPROTO_UDP, ports);
+        assert_eq!(
+            quoted_flow(&udp, underlay),
+            Some(QuotedFlow {
+                protocol: IPPROTO_UDP,
+                remote: [192, 0, 2, 7],
+                remote_port: 9000,
+                local_port: 61000,
+            })
+        );
+        let tcp = quote_of(underlay, IPPROTO_TCP, ports);
+        assert_eq!(
+            quoted_flow(&tcp, underlay).map(|f| f.protocol),
+            Some(IPPROTO_TCP)
+        );
+        let echo = quote_of(underlay, IPPROTO_ICMP, [8, 0, 0, 0, 0xf0, 0x01, 0, 1]);
+        let f = quoted_flow(&echo, underlay).unwrap();
+        assert_eq!((f.remote_port, f.local_port), (0, 0xf001));
+        // Not ours to translate: another source, an echo reply, another protocol, options, junk.
+        assert_eq!(
+            quoted_flow(&quote_of([10, 250, 0, 12], IPPROTO_UDP, ports), underlay),
+            None
+        );
+        assert_eq!(
+            quoted_flow(
+                &quote_of(underlay, IPPROTO_ICMP, [0, 0, 0, 0, 0xf0, 1, 0, 1]),
+                underlay
+            ),
+            None
+        );
+        assert_eq!(
+            quoted_flow(&quote_of(underlay, 47, ports), underlay),
+            None,
+            "GRE"
+        );
+        let mut options = udp;
+        options[0] = 0x46;
+        assert_eq!(quoted_flow(&options, underlay), None);
+        let mut not_ipv4 = udp;
+        not_ipv4[0] = 0x65;
+        assert_eq!(quoted_flow(&not_ipv4, underlay), None);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! ARP responder: containers resolve their gateway (and every other on-link address) to the MAC of
 //! their host-side veth, so no bridge is needed.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::generated::bpf_redirect, programs::TcContext};
+use aya_ebpf::{helpers::generated::bpf_redirect, programs::TcContext};
 use overlay_common::{
-    counters::{Counter, NO_NETWORK},
+    counters::{Counter, Drop, InNetwork},
     maps::ipv4_mapped,
     packet::{ARP_LEN, ETH_HLEN, arp_reply},
 };
@@ -11,10 +11,10 @@ use overlay_common::{
 use crate::{isolation::verified_sender, skb, stats::count};
 
 /// Answers an ARP request from the container behind this veth by sending the reply back out of
-/// the same veth. Returns the TC verdict.
+/// the same veth. ARP that needs no answer is dropped as `arp_ignored`.
 #[inline(always)]
-pub fn respond(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
-    let frame: [u8; ETH_HLEN + ARP_LEN] = skb::load(ctx, 0).map_err(|c| (NO_NETWORK, c))?;
+pub fn respond(ctx: &TcContext) -> Result<i32, Drop> {
+    let frame: [u8; ETH_HLEN + ARP_LEN] = skb::load(ctx, 0)?;
     let sender_ip = [frame[28], frame[29], frame[30], frame[31]];
     let sender_mac = [frame[6], frame[7], frame[8], frame[9], frame[10], frame[11]];
     let ifindex = skb::ingress_ifindex(ctx);
@@ -22,20 +22,17 @@ pub fn respond(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
     // behind this veth speaking for itself.
     let ep = match verified_sender(ipv4_mapped(sender_ip), sender_mac, ifindex) {
         Ok(ep) => ep,
-        Err(_) if sender_ip == [0, 0, 0, 0] => {
-            count(NO_NETWORK, Counter::ArpIgnored, ctx.len());
-            return Ok(TC_ACT_SHOT as i32);
-        }
-        Err(c) => return Err((NO_NETWORK, c)),
+        Err(_) if sender_ip == [0, 0, 0, 0] => return Err(Counter::ArpIgnored.into()),
+        Err(c) => return Err(c.into()),
     };
+    let vni = ep.vni;
     // Replies, gratuitous ARP: nobody behind the veth to hear them.
-    let Some(reply) = arp_reply(&frame, ep.gateway_mac).map(|r| (r, ep.vni)) else {
-        count(ep.vni, Counter::ArpIgnored, ctx.len());
-        return Ok(TC_ACT_SHOT as i32);
-    };
-    let (reply, vni) = reply;
+    let reply = arp_reply(&frame, ep.gateway_mac)
+        .ok_or(Counter::ArpIgnored)
+        .in_network(vni)?;
     ctx.store(0, &reply, 0)
-        .map_err(|_| (vni, Counter::DropMalformed))?;
+        .map_err(|_| Counter::DropMalformed)
+        .in_network(vni)?;
     count(vni, Counter::ArpReplied, ctx.len());
     // SAFETY: plain helper call; egress of the ingress veth delivers to its peer, the container.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)

@@ -5,7 +5,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use overlay_common::{
-    counters::{Counter, NO_NETWORK},
+    counters::{Counter, Drop, InNetwork},
     maps::{AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
     packet::{
         ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
@@ -15,10 +15,11 @@ use overlay_common::{
 };
 
 use crate::{
-    guard,
+    deliver, guard,
     isolation::remote_sender_matches,
     maps::{endpoint, is_known_network, is_known_vtep, nat_config},
     skb,
+    stats::count,
 };
 
 /// A VXLAN frame that passed every check, ready to be stripped.
@@ -38,10 +39,9 @@ pub enum Inspected {
 }
 
 /// Decides what to do with an underlay frame: [`Inspected::Host`] for what is not VXLAN,
-/// [`Inspected::Vxlan`] for VXLAN to deliver, `Err((vni, reason))` for VXLAN to drop.
+/// [`Inspected::Vxlan`] for VXLAN to deliver, a [`Drop`] for VXLAN to drop.
 #[inline(always)]
-pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Counter)> {
-    let none = |c| (NO_NETWORK, c);
+pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
     let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
         return Ok(Inspected::Host(None));
     };
@@ -69,9 +69,7 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
         ctx.len() as usize,
         cfg.vxlan_port,
         local_ip,
-    )
-    .map_err(none)?
-    {
+    )? {
         UnderlayPacket::NotOurs => return Ok(Inspected::Host(Some(ip))),
         UnderlayPacket::Vxlan {
             outer_src,
@@ -84,42 +82,41 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
     // `guard::to_outside` on the sending agent).
     let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
     if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
-        return Err(none(Counter::DropVxlanNatPort));
+        return Err(Counter::DropVxlanNatPort.into());
     }
     if !is_known_vtep(outer_src) {
-        return Err(none(Counter::DropUnknownVtep));
+        return Err(Counter::DropUnknownVtep.into());
     }
-    let vxlan = skb::load::<VXLAN_HLEN>(ctx, vxlan_offset).map_err(none)?;
-    let vni = parse_vxlan(&vxlan).map_err(none)?;
+    let vxlan = skb::load::<VXLAN_HLEN>(ctx, vxlan_offset)?;
+    let vni = parse_vxlan(&vxlan)?;
     if !is_known_network(vni) {
-        return Err(none(Counter::DropUnknownVni));
+        return Err(Counter::DropUnknownVni.into());
     }
-    let in_net = |c| (vni, c);
-    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).map_err(in_net)?;
+    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).in_network(vni)?;
     if EthHeader::parse(&inner_eth).ethertype != ETH_P_IP {
-        return Err(in_net(Counter::DropMalformed));
+        return Err(Counter::DropMalformed.in_network(vni));
     }
     let inner_ip =
-        skb::load::<IPV4_HLEN>(ctx, vxlan_offset + VXLAN_HLEN + ETH_HLEN).map_err(in_net)?;
-    let inner_ip = Ipv4Header::parse(&inner_ip).map_err(in_net)?;
+        skb::load::<IPV4_HLEN>(ctx, vxlan_offset + VXLAN_HLEN + ETH_HLEN).in_network(vni)?;
+    let inner_ip = Ipv4Header::parse(&inner_ip).in_network(vni)?;
     // The inner packet must be all there: a cut one is never delivered as if whole.
     let inner_room = (ctx.len() as usize).saturating_sub(vxlan_offset + VXLAN_HLEN + ETH_HLEN);
     if inner_ip.total_len > inner_room {
-        return Err(in_net(Counter::DropTruncated));
+        return Err(Counter::DropTruncated.in_network(vni));
     }
-    let Some(ep) = endpoint(ipv4_mapped(inner_ip.dst)) else {
-        return Err(in_net(Counter::DropNoEndpoint));
-    };
+    let ep = endpoint(ipv4_mapped(inner_ip.dst))
+        .ok_or(Counter::DropNoEndpoint)
+        .in_network(vni)?;
     if ep.vni != vni {
-        return Err(in_net(Counter::DropCrossNetwork));
+        return Err(Counter::DropCrossNetwork.in_network(vni));
     }
     if !remote_sender_matches(ipv4_mapped(inner_ip.src), vni, outer_src) {
-        return Err(in_net(Counter::DropSpoofedSource));
+        return Err(Counter::DropSpoofedSource.in_network(vni));
     }
     // A remote container to this host at its gateway address: no control ports either.
-    if ep.flags & Endpoint::FLAG_HOST != 0 {
+    if ep.is_host() {
         guard::to_host_gateway(ctx, &inner_ip, vxlan_offset + VXLAN_HLEN + ETH_HLEN)
-            .map_err(in_net)?;
+            .in_network(vni)?;
     }
     Ok(Inspected::Vxlan(Accepted {
         vni,
@@ -128,10 +125,20 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, (u32, Co
     }))
 }
 
+/// Strips an accepted VXLAN frame and delivers the inner packet to its endpoint.
+#[inline(always)]
+pub fn deliver(ctx: &TcContext, accepted: Accepted) -> Result<i32, Drop> {
+    let (vni, len) = (accepted.vni, ctx.len());
+    strip(ctx, accepted.strip_len).in_network(vni)?;
+    let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(vni)?;
+    count(vni, Counter::Decapsulated, len);
+    Ok(verdict)
+}
+
 /// Removes the outer IPv4/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
 /// (its type is already IPv4). FIXED_GSO keeps the MSS of a GSO super-packet as it was built.
 #[inline(always)]
-pub fn strip(ctx: &TcContext, strip_len: usize) -> Result<(), Counter> {
+fn strip(ctx: &TcContext, strip_len: usize) -> Result<(), Counter> {
     ctx.adjust_room(
         -(strip_len as i32),
         BPF_ADJ_ROOM_MAC,

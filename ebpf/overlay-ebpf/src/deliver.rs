@@ -14,7 +14,7 @@ use crate::skb;
 #[inline(always)]
 pub fn to_endpoint(ctx: &TcContext, ep: &Endpoint) -> Result<i32, Counter> {
     skb::set_macs(ctx, ep.mac, ep.gateway_mac)?;
-    if ep.flags & Endpoint::FLAG_HOST != 0 {
+    if ep.is_host() {
         // The host link's peer lives in this namespace: out of it, into the host stack.
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32);

@@ -5,7 +5,10 @@ use overlay_common::{
     maps::{Addr16, Endpoint},
 };
 
-use crate::maps::{endpoint, overlay_subnet, route};
+use crate::{
+    forward::Hop,
+    maps::{endpoint, overlay_subnet, route},
+};
 
 /// The endpoint a container's frame claims to come from, if the claim holds: its source IP is a
 /// local endpoint attached to the veth the frame arrived on, with that endpoint's MAC.
@@ -21,30 +24,21 @@ pub fn verified_sender(
     }
 }
 
-/// Where a packet from network `vni` to `dst` goes.
-pub enum Destination {
-    /// A container on this agent.
-    Local(&'static Endpoint),
-    /// A container behind another agent.
-    Remote(&'static overlay_common::maps::RemoteRoute),
-    /// Outside every overlay: the host stack's business.
-    Outside,
-}
-
-/// Resolves the destination of a packet sent on network `vni`; any address of another network
-/// is refused, whether or not something lives there.
+/// Where a packet sent on network `vni` to `dst` goes: a [`Hop`] inside the overlay, or `None`
+/// for outside every overlay (the host stack's business). Any address of another network is
+/// refused, whether or not something lives there.
 #[inline(always)]
-pub fn resolve(vni: u32, dst: Addr16) -> Result<Destination, Counter> {
+pub fn resolve(vni: u32, dst: Addr16) -> Result<Option<Hop>, Counter> {
     if let Some(ep) = endpoint(dst) {
         return if ep.vni == vni {
-            Ok(Destination::Local(ep))
+            Ok(Some(Hop::Local(ep)))
         } else {
             Err(Counter::DropCrossNetwork)
         };
     }
     if let Some(r) = route(dst) {
         return if r.vni == vni {
-            Ok(Destination::Remote(r))
+            Ok(Some(Hop::Remote(r)))
         } else {
             Err(Counter::DropCrossNetwork)
         };
@@ -52,7 +46,7 @@ pub fn resolve(vni: u32, dst: Addr16) -> Result<Destination, Counter> {
     match overlay_subnet(dst) {
         Some(s) if s.vni != vni => Err(Counter::DropCrossNetwork),
         Some(_) => Err(Counter::DropNoRoute),
-        None => Ok(Destination::Outside),
+        None => Ok(None),
     }
 }
 

@@ -1,4 +1,4 @@
-//! ebpf-overlay's datapath: two TC programs composed from one module per concern.
+//! ebpf-overlay's datapath: three TC programs composed from one module per concern.
 //!
 //! - `from_container` (TC ingress of a container's host-side veth): ARP answered in place; IPv4
 //!   checked against spoofing and network isolation, then delivered locally, encapsulated towards
@@ -8,6 +8,9 @@
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
 //!   validated, stripped and delivered; replies to masqueraded flows are translated back and
 //!   delivered; everything else (the host's own traffic) passes untouched.
+//!
+//! Every entry point has one shape: `try_*` returns the verdict or a [`Drop`], and [`run`] is
+//! the one place a packet is dropped (and counted).
 #![no_std]
 #![no_main]
 
@@ -15,6 +18,7 @@ mod arp;
 mod decap;
 mod deliver;
 mod encap;
+mod forward;
 mod guard;
 mod host;
 mod isolation;
@@ -30,136 +34,112 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    counters::{Counter, NO_NETWORK},
-    maps::{Endpoint, ipv4_mapped},
+    counters::{Counter, Drop, InNetwork},
+    maps::ipv4_mapped,
     packet::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header},
 };
 
-use crate::{
-    isolation::Destination,
-    stats::{count, drop_packet},
-};
+use crate::stats::{count, drop_packet};
 
-#[classifier]
-pub fn from_container(ctx: TcContext) -> i32 {
+/// Runs one program path on the packet and returns its TC verdict; a [`Drop`] is counted
+/// against the packet's length as it arrived.
+#[inline(always)]
+fn run(ctx: &TcContext, path: impl FnOnce(&TcContext) -> Result<i32, Drop>) -> i32 {
     let len = ctx.len();
-    match try_from_container(&ctx) {
+    match path(ctx) {
         Ok(verdict) => verdict,
-        Err((vni, reason)) => drop_packet(vni, reason, len),
+        Err(drop) => drop_packet(drop, len),
     }
 }
 
-fn try_from_container(ctx: &TcContext) -> Result<i32, (u32, Counter)> {
-    let none = |c| (NO_NETWORK, c);
-    let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0).map_err(none)?);
+#[classifier]
+pub fn from_container(ctx: TcContext) -> i32 {
+    run(&ctx, try_from_container)
+}
+
+#[classifier]
+pub fn from_host(ctx: TcContext) -> i32 {
+    run(&ctx, try_from_host)
+}
+
+#[classifier]
+pub fn from_underlay(ctx: TcContext) -> i32 {
+    run(&ctx, try_from_underlay)
+}
+
+#[inline(always)]
+fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
+    let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0)?);
     // Before anything else: a tag must never reach the underlay (VLAN hopping).
     if skb::vlan_tagged(ctx, eth.ethertype) {
-        return Err(none(Counter::DropVlanTagged));
+        return Err(Counter::DropVlanTagged.into());
     }
-    let Some(cfg) = maps::config() else {
-        return Err(none(Counter::DropNotReady));
-    };
+    let cfg = maps::config().ok_or(Counter::DropNotReady)?;
     match eth.ethertype {
         ETH_P_IP => {}
         ETH_P_ARP => return arp::respond(ctx),
         // Not carried yet, and never the host stack's: a container's Router Advertisement
         // configured the host (issue 17).
-        ETH_P_IPV6 => return Err(none(guard::ipv6_drop_reason(ctx))),
-        _ => return Err(none(Counter::DropUnsupportedEth)),
+        ETH_P_IPV6 => return Err(guard::ipv6_drop_reason(ctx).into()),
+        _ => return Err(Counter::DropUnsupportedEth.into()),
     }
-    let ip =
-        Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN).map_err(none)?).map_err(none)?;
+    let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN)?)?;
     // A frame shorter than its IP header claims is cut: never forwarded as if whole.
     if ip.total_len > (ctx.len() as usize).saturating_sub(ETH_HLEN) {
-        return Err(none(Counter::DropTruncated));
+        return Err(Counter::DropTruncated.into());
     }
     let sender =
-        isolation::verified_sender(ipv4_mapped(ip.src), eth.src, skb::ingress_ifindex(ctx))
-            .map_err(none)?;
+        isolation::verified_sender(ipv4_mapped(ip.src), eth.src, skb::ingress_ifindex(ctx))?;
     let vni = sender.vni;
-    let in_net = |c| (vni, c);
-    match isolation::resolve(vni, ipv4_mapped(ip.dst)).map_err(in_net)? {
-        Destination::Local(ep) => {
-            if ep.flags & Endpoint::FLAG_HOST != 0 {
-                guard::to_host_gateway(ctx, &ip, ETH_HLEN).map_err(in_net)?;
-            }
-            let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
-            count(vni, Counter::LocalDelivered, ctx.len());
-            Ok(verdict)
-        }
-        Destination::Remote(route) => {
-            // VTEPs must not fragment (RFC 7348): a non-GSO packet over the overlay MTU is
-            // refused and counted rather than sent in pieces.
-            if skb::gso_size(ctx) == 0 && ip.total_len > cfg.overlay_mtu as usize {
-                return Err(in_net(Counter::DropTooBig));
-            }
-            let len = ctx.len();
-            let verdict = encap::to_remote(ctx, cfg, route).map_err(in_net)?;
-            count(vni, Counter::Encapsulated, len);
-            Ok(verdict)
-        }
-        Destination::Outside => {
-            guard::to_outside(ctx, cfg, &ip).map_err(in_net)?;
+    match isolation::resolve(vni, ipv4_mapped(ip.dst)).in_network(vni)? {
+        Some(hop) => forward::into_overlay(ctx, cfg, vni, &ip, hop),
+        None => {
+            guard::to_outside(ctx, cfg, &ip).in_network(vni)?;
             // To this agent itself, or from a network that does not masquerade: the host stack.
             let to_host = ipv4_mapped(ip.dst) == cfg.underlay_ip;
             if to_host || !maps::masquerades(vni) {
                 count(vni, Counter::PassedToHost, ctx.len());
                 return Ok(TC_ACT_OK as i32);
             }
-            nat::masquerade(ctx, cfg, &ip, vni).map_err(in_net)
+            nat::masquerade(ctx, cfg, &ip, vni).in_network(vni)
         }
     }
 }
 
-#[classifier]
-pub fn from_underlay(ctx: TcContext) -> i32 {
-    let len = ctx.len();
+#[inline(always)]
+fn try_from_host(ctx: &TcContext) -> Result<i32, Drop> {
+    let cfg = maps::config().ok_or(Counter::DropNotReady)?;
+    let ethertype = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0)?).ethertype;
+    // The host's tagged frames have no VLAN to go to in the overlay either.
+    if skb::vlan_tagged(ctx, ethertype) {
+        return Err(Counter::DropVlanTagged.into());
+    }
+    match ethertype {
+        ETH_P_IP => {
+            let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN)?)?;
+            let (vni, hop) = host::resolve(ip.dst).ok_or(Counter::DropNoRoute)?;
+            forward::into_overlay(ctx, cfg, vni, &ip, hop)
+        }
+        ETH_P_ARP => host::answer_arp(ctx),
+        // IPv6 and the rest: nothing in the overlay to take it yet.
+        _ => Err(Counter::DropNoRoute.into()),
+    }
+}
+
+#[inline(always)]
+fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
     // Until the agent has configured us, the host's traffic must flow as if we were not here.
     let Some(cfg) = maps::config() else {
-        return TC_ACT_OK as i32;
+        return Ok(TC_ACT_OK as i32);
     };
-    let accepted = match decap::inspect(&ctx, cfg) {
-        Ok(decap::Inspected::Vxlan(accepted)) => accepted,
-        Ok(decap::Inspected::Host(None)) => return TC_ACT_OK as i32,
+    match decap::inspect(ctx, cfg)? {
+        decap::Inspected::Vxlan(accepted) => decap::deliver(ctx, accepted),
+        decap::Inspected::Host(None) => Ok(TC_ACT_OK as i32),
         // Not VXLAN: a reply to a masqueraded flow, or the host's own traffic.
-        Ok(decap::Inspected::Host(Some(ip))) => {
-            return match nat::unmasquerade(&ctx, cfg, &ip) {
-                Ok(Some(verdict)) => verdict,
-                Ok(None) => TC_ACT_OK as i32,
-                Err((vni, reason)) => drop_packet(vni, reason, len),
-            };
+        decap::Inspected::Host(Some(ip)) => {
+            Ok(nat::unmasquerade(ctx, cfg, &ip)?.unwrap_or(TC_ACT_OK as i32))
         }
-        Err((vni, reason)) => return drop_packet(vni, reason, len),
-    };
-    let vni = accepted.vni;
-    if let Err(reason) = decap::strip(&ctx, accepted.strip_len) {
-        return drop_packet(vni, reason, len);
     }
-    match deliver::to_endpoint(&ctx, accepted.endpoint) {
-        Ok(verdict) => {
-            count(vni, Counter::Decapsulated, len);
-            verdict
-        }
-        Err(reason) => drop_packet(vni, reason, len),
-    }
-}
-
-#[classifier]
-pub fn from_host(ctx: TcContext) -> i32 {
-    let len = ctx.len();
-    let verdict = match maps::config() {
-        None => Err((NO_NETWORK, Counter::DropNotReady)),
-        Some(cfg) => match skb::load::<ETH_HLEN>(&ctx, 0).map(|e| EthHeader::parse(&e).ethertype) {
-            // The host's tagged frames have no VLAN to go to in the overlay either.
-            Ok(t) if skb::vlan_tagged(&ctx, t) => Err((NO_NETWORK, Counter::DropVlanTagged)),
-            Ok(ETH_P_IP) => host::forward(&ctx, cfg),
-            Ok(ETH_P_ARP) => host::answer_arp(&ctx),
-            // IPv6 and the rest: nothing in the overlay to take it yet.
-            Ok(_) => Err((NO_NETWORK, Counter::DropNoRoute)),
-            Err(c) => Err((NO_NETWORK, c)),
-        },
-    };
-    verdict.unwrap_or_else(|(vni, reason)| drop_packet(vni, reason, len))
 }
 
 /// XDP on the underlay NIC (native mode where the driver has it): VXLAN that `from_underlay`

@@ -14,13 +14,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use overlay_common::{
-    counters::{Counter, NO_NETWORK},
+    counters::{Counter, Drop, InNetwork},
     maps::{
         Addr16, AgentConfig, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey, ipv4_mapped,
-        ipv4_unmapped, nat_direction,
+        ipv4_unmapped,
     },
     nat::{
-        ICMP_QUOTE_LEN, is_expired, port_candidate, rewrite_icmp_quote, tcp_track, within_quota,
+        ICMP_ECHO_HEADER_LEN, ICMP_QUOTE_LEN, TCP_PREFIX_LEN, Transport, UDP_HEADER_LEN,
+        is_expired, is_icmp_error, port_candidate, quoted_flow, rewrite_icmp_quote, tcp_track,
+        within_quota,
     },
     packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
 };
@@ -37,34 +39,10 @@ use crate::{
 /// Upper bound of the probing loop, for the verifier; `NatConfig::max_probes` is the real limit.
 const PROBE_LIMIT: u32 = 64;
 
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-
 /// Offsets within the IPv4 header.
 const IP_CHECK: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
-
-/// The transport facts of a packet that masquerade needs.
-struct Transport {
-    /// Source port, or the echo identifier.
-    src_port: u16,
-    /// Destination port; 0 for ICMP echo.
-    dst_port: u16,
-    /// Offset of the transport checksum.
-    check_at: usize,
-    /// Offset of the source port (or identifier).
-    src_port_at: usize,
-    /// TCP flags (0 for UDP and ICMP).
-    tcp_flags: u8,
-}
-
-#[inline(always)]
-fn be16(b: [u8; 2]) -> u16 {
-    u16::from_be_bytes(b)
-}
 
 /// Checksum helpers take the raw (network-order) field as it sits in memory.
 #[inline(always)]
@@ -89,59 +67,12 @@ fn now_ns() -> u64 {
 fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport, Counter> {
     let l4 = ETH_HLEN + ip.header_len;
     match ip.protocol {
-        IPPROTO_TCP => {
-            let h = skb::load::<14>(ctx, l4)?;
-            Ok(Transport {
-                src_port: be16([h[0], h[1]]),
-                dst_port: be16([h[2], h[3]]),
-                check_at: l4 + 16,
-                src_port_at: l4,
-                tcp_flags: h[13],
-            })
-        }
-        IPPROTO_UDP => {
-            let h = skb::load::<8>(ctx, l4)?;
-            Ok(Transport {
-                src_port: be16([h[0], h[1]]),
-                dst_port: be16([h[2], h[3]]),
-                check_at: l4 + 6,
-                src_port_at: l4,
-                tcp_flags: 0,
-            })
-        }
+        IPPROTO_TCP => Ok(Transport::tcp(l4, &skb::load::<TCP_PREFIX_LEN>(ctx, l4)?)),
+        IPPROTO_UDP => Ok(Transport::udp(l4, &skb::load::<UDP_HEADER_LEN>(ctx, l4)?)),
         IPPROTO_ICMP => {
-            let h = skb::load::<8>(ctx, l4)?;
-            let wanted = if egress {
-                ICMP_ECHO_REQUEST
-            } else {
-                ICMP_ECHO_REPLY
-            };
-            if h[0] != wanted {
-                return Err(Counter::DropNatUnsupported);
-            }
-            Ok(Transport {
-                src_port: be16([h[4], h[5]]),
-                dst_port: 0,
-                check_at: l4 + 2,
-                src_port_at: l4 + 4,
-                tcp_flags: 0,
-            })
+            Transport::icmp_echo(l4, &skb::load::<ICMP_ECHO_HEADER_LEN>(ctx, l4)?, egress)
         }
         _ => Err(Counter::DropNatUnsupported),
-    }
-}
-
-/// The ingress key that belongs to an egress entry, and the reverse.
-#[inline(always)]
-fn paired_key(key: &NatKey, entry: &NatEntry) -> NatKey {
-    NatKey {
-        remote: key.remote,
-        local: entry.addr,
-        remote_port: key.remote_port,
-        local_port: entry.port,
-        protocol: key.protocol,
-        direction: key.direction ^ 1,
-        _pad: [0; 2],
     }
 }
 
@@ -165,11 +96,7 @@ fn quota_key(key: &NatKey, container: Addr16) -> Option<&'static NatQuotaKey> {
     let q = OVL_SCRATCH_QUOTA_KEY.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
     unsafe {
-        (*q).container = container;
-        (*q).remote = key.remote;
-        (*q).remote_port = key.remote_port;
-        (*q).protocol = key.protocol;
-        (*q)._pad = 0;
+        *q = NatQuotaKey::new(container, key.remote, key.remote_port, key.protocol);
         Some(&*q)
     }
 }
@@ -200,7 +127,7 @@ fn refresh(key: &NatKey, entry: &NatEntry, now: u64, tcp_flags: u8, egress: bool
     if let Some(k) = OVL_SCRATCH_NAT_KEY.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.
         unsafe {
-            *k = paired_key(key, entry);
+            *k = key.paired(entry);
             touch(&*k, now, flags);
         }
     }
@@ -238,7 +165,7 @@ fn take_quota(key: &NatKey) {
         // SAFETY: as in `refresh`.
         Some(c) => unsafe { (*c).flows = (*c).flows.saturating_add(1) },
         None => {
-            let _ = OVL_NAT_QUOTA.insert(q, NatQuota { flows: 1, _pad: 0 }, BPF_NOEXIST as u64);
+            let _ = OVL_NAT_QUOTA.insert(q, NatQuota::new(1), BPF_NOEXIST as u64);
         }
     }
 }
@@ -314,15 +241,13 @@ fn allocate(
             break;
         }
         let port = port_candidate(nat, original, hash, attempt, avoid);
-        let ingress = NatKey {
-            remote: key.remote,
-            local: ipv4_mapped(underlay),
-            remote_port: key.remote_port,
-            local_port: port,
-            protocol: key.protocol,
-            direction: nat_direction::INGRESS,
-            _pad: [0; 2],
-        };
+        let ingress = NatKey::ingress(
+            key.protocol,
+            key.remote,
+            key.remote_port,
+            ipv4_mapped(underlay),
+            port,
+        );
         let claimed = if OVL_NAT.insert(ingress, back, BPF_NOEXIST as u64).is_ok() {
             true
         } else {
@@ -337,7 +262,7 @@ fn allocate(
             if reusable {
                 // SAFETY: as in `live`.
                 if let Some(old) = unsafe { OVL_NAT.get(ingress) } {
-                    let _ = OVL_NAT.remove(paired_key(&ingress, old));
+                    let _ = OVL_NAT.remove(ingress.paired(old));
                 }
                 OVL_NAT.insert(ingress, back, BPF_EXIST as u64).is_ok()
             } else {
@@ -380,15 +305,13 @@ pub fn masquerade(
         return Err(Counter::DropNatUnsupported);
     }
     let t = transport(ctx, ip, true)?;
-    let key = NatKey {
-        remote: ipv4_mapped(ip.dst),
-        local: ipv4_mapped(ip.src),
-        remote_port: t.dst_port,
-        local_port: t.src_port,
-        protocol: ip.protocol,
-        direction: nat_direction::EGRESS,
-        _pad: [0; 2],
-    };
+    let key = NatKey::egress(
+        ip.protocol,
+        ipv4_mapped(ip.src),
+        t.src_port,
+        ipv4_mapped(ip.dst),
+        t.dst_port,
+    );
     let now = now_ns();
     let out = match live(nat, &key, now) {
         Some(e) => e,
@@ -410,14 +333,13 @@ pub fn masquerade(
 }
 
 /// Translates a packet from outside back to the container whose flow it answers: `Ok(None)` when
-/// it answers none (the host's own traffic), `Err` to drop it.
+/// it answers none (the host's own traffic), a [`Drop`] when it does but cannot be delivered.
 #[inline(always)]
 pub fn unmasquerade(
     ctx: &TcContext,
     cfg: &AgentConfig,
     ip: &Ipv4Header,
-) -> Result<Option<i32>, (u32, Counter)> {
-    let none = |c| (NO_NETWORK, c);
+) -> Result<Option<i32>, Drop> {
     let Some(nat) = nat_config() else {
         return Ok(None);
     };
@@ -432,57 +354,41 @@ pub fn unmasquerade(
         let Ok(h) = skb::load::<2>(ctx, l4) else {
             return Ok(None);
         };
-        if h[0] == ICMP_DEST_UNREACH || h[0] == ICMP_TIME_EXCEEDED {
+        if is_icmp_error(h[0]) {
             return icmp_error(ctx, nat, underlay);
         }
     }
     let Ok(t) = transport(ctx, ip, false) else {
         return Ok(None);
     };
-    let key = NatKey {
-        remote: ipv4_mapped(ip.src),
-        local: ipv4_mapped(underlay),
-        remote_port: t.src_port,
-        local_port: t.dst_port,
-        protocol: ip.protocol,
-        direction: nat_direction::INGRESS,
-        _pad: [0; 2],
-    };
-    // An echo reply's identifier is its "destination port".
-    let key = if ip.protocol == IPPROTO_ICMP {
-        NatKey {
-            remote_port: 0,
-            local_port: t.src_port,
-            ..key
-        }
-    } else {
-        key
-    };
+    let (remote_port, local_port, local_port_at) = t.ingress_ports();
+    let key = NatKey::ingress(
+        ip.protocol,
+        ipv4_mapped(ip.src),
+        remote_port,
+        ipv4_mapped(underlay),
+        local_port,
+    );
     let now = now_ns();
     let Some(back) = live(nat, &key, now) else {
         return Ok(None);
     };
     let vni = back.vni;
-    let in_net = |c| (vni, c);
-    let Some(ep) = endpoint(back.addr) else {
-        return Err(in_net(Counter::DropNoEndpoint));
-    };
+    let ep = endpoint(back.addr)
+        .ok_or(Counter::DropNoEndpoint)
+        .in_network(vni)?;
     refresh(&key, back, now, t.tcp_flags, false);
-    let container = ipv4_unmapped(&back.addr).ok_or(none(Counter::DropMalformed))?;
-    set_ip_addr(ctx, IP_DST, underlay, container).map_err(in_net)?;
-    let (port_at, old_port) = match ip.protocol {
-        IPPROTO_ICMP => (t.src_port_at, t.src_port),
-        _ => (l4 + 2, t.dst_port),
-    };
+    let container = ipv4_unmapped(&back.addr).ok_or(Counter::DropMalformed)?;
+    set_ip_addr(ctx, IP_DST, underlay, container).in_network(vni)?;
     set_transport_port(
         ctx,
         ip.protocol,
-        (t.check_at, port_at),
+        (t.check_at, local_port_at),
         (underlay, container),
-        (old_port, back.port),
+        (local_port, back.port),
     )
-    .map_err(in_net)?;
-    let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
+    .in_network(vni)?;
+    let verdict = deliver::to_endpoint(ctx, ep).in_network(vni)?;
     count(vni, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
 }
@@ -491,11 +397,7 @@ pub fn unmasquerade(
 /// masqueraded flow: the quoted header is rewritten to the container's tuple (RFC 5508) so that
 /// path-MTU discovery and error reporting keep working, and the error is delivered.
 #[inline(always)]
-fn icmp_error(
-    ctx: &TcContext,
-    nat: &NatConfig,
-    underlay: [u8; 4],
-) -> Result<Option<i32>, (u32, Counter)> {
+fn icmp_error(ctx: &TcContext, nat: &NatConfig, underlay: [u8; 4]) -> Result<Option<i32>, Drop> {
     let l4 = ETH_HLEN + IPV4_HLEN;
     let Ok(head) = skb::load::<4>(ctx, l4) else {
         return Ok(None);
@@ -503,48 +405,39 @@ fn icmp_error(
     let Ok(mut quote) = skb::load::<ICMP_QUOTE_LEN>(ctx, l4 + 8) else {
         return Ok(None);
     };
-    let quoted: [u8; IPV4_HLEN] = [
-        quote[0], quote[1], quote[2], quote[3], quote[4], quote[5], quote[6], quote[7], quote[8],
-        quote[9], quote[10], quote[11], quote[12], quote[13], quote[14], quote[15], quote[16],
-        quote[17], quote[18], quote[19],
-    ];
-    let Ok(inner) = Ipv4Header::parse(&quoted) else {
+    let Some(flow) = quoted_flow(&quote, underlay) else {
         return Ok(None);
     };
-    if inner.src != underlay || inner.header_len != IPV4_HLEN {
-        return Ok(None);
-    }
-    let (remote_port, local_port) = match inner.protocol {
-        IPPROTO_TCP | IPPROTO_UDP => (be16([quote[22], quote[23]]), be16([quote[20], quote[21]])),
-        IPPROTO_ICMP if quote[20] == ICMP_ECHO_REQUEST => (0, be16([quote[24], quote[25]])),
-        _ => return Ok(None),
-    };
-    let key = NatKey {
-        remote: ipv4_mapped(inner.dst),
-        local: ipv4_mapped(underlay),
-        remote_port,
-        local_port,
-        protocol: inner.protocol,
-        direction: nat_direction::INGRESS,
-        _pad: [0; 2],
-    };
+    let key = NatKey::ingress(
+        flow.protocol,
+        ipv4_mapped(flow.remote),
+        flow.remote_port,
+        ipv4_mapped(underlay),
+        flow.local_port,
+    );
     let Some(back) = live(nat, &key, now_ns()) else {
         return Ok(None);
     };
     let vni = back.vni;
-    let in_net = |c| (vni, c);
-    let Some(ep) = endpoint(back.addr) else {
-        return Err(in_net(Counter::DropNoEndpoint));
-    };
-    let container = ipv4_unmapped(&back.addr).ok_or(in_net(Counter::DropMalformed))?;
-    let check = rewrite_icmp_quote(be16([head[2], head[3]]), &mut quote, container, back.port);
-    let fail = |_| (vni, Counter::DropMalformed);
+    let ep = endpoint(back.addr)
+        .ok_or(Counter::DropNoEndpoint)
+        .in_network(vni)?;
+    let container = ipv4_unmapped(&back.addr)
+        .ok_or(Counter::DropMalformed)
+        .in_network(vni)?;
+    let check = rewrite_icmp_quote(
+        u16::from_be_bytes([head[2], head[3]]),
+        &mut quote,
+        container,
+        back.port,
+    );
+    let fail = |_| Counter::DropMalformed.in_network(vni);
     let recompute = BPF_F_RECOMPUTE_CSUM as u64;
     ctx.store(l4 + 8, &quote, recompute).map_err(fail)?;
     ctx.store(l4 + 2, &check.to_be_bytes(), recompute)
         .map_err(fail)?;
-    set_ip_addr(ctx, IP_DST, underlay, container).map_err(in_net)?;
-    let verdict = deliver::to_endpoint(ctx, ep).map_err(in_net)?;
+    set_ip_addr(ctx, IP_DST, underlay, container).in_network(vni)?;
+    let verdict = deliver::to_endpoint(ctx, ep).in_network(vni)?;
     count(vni, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
 }

@@ -2,7 +2,7 @@
 
 use aya_ebpf::bindings::{BPF_NOEXIST, TC_ACT_SHOT};
 use overlay_common::{
-    counters::Counter,
+    counters::{Counter, Drop},
     maps::{Stat, StatKey},
 };
 
@@ -11,10 +11,7 @@ use crate::maps::OVL_STATS;
 /// Adds one packet of `bytes` to `counter` of network `vni`.
 #[inline(always)]
 pub fn count(vni: u32, counter: Counter, bytes: u32) {
-    let key = StatKey {
-        vni,
-        counter: counter as u32,
-    };
+    let key = StatKey::new(vni, counter as u32);
     let stat = match OVL_STATS.get_ptr_mut(key) {
         Some(stat) => stat,
         None => {
@@ -34,9 +31,10 @@ pub fn count(vni: u32, counter: Counter, bytes: u32) {
     }
 }
 
-/// Counts a drop and returns the TC verdict that drops the packet.
+/// Counts a drop of a packet of `bytes` (its length as it arrived) and returns the TC verdict
+/// that drops it.
 #[inline(always)]
-pub fn drop_packet(vni: u32, reason: Counter, bytes: u32) -> i32 {
-    count(vni, reason, bytes);
+pub fn drop_packet(drop: Drop, bytes: u32) -> i32 {
+    count(drop.vni, drop.reason, bytes);
     TC_ACT_SHOT as i32
 }
