@@ -150,7 +150,7 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
     let len = xdp::frame_len(&ctx);
     match xdp::try_from_underlay(&ctx) {
         Ok(action) => action,
-        Err((vni, reason)) => xdp::drop_early(vni, reason, len),
+        Err(drop) => xdp::drop_early(drop, len),
     }
 }
 

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use overlay_common::{
-    counters::{Counter, NO_NETWORK},
+    counters::{Counter, Drop},
     maps::{ipv4_mapped, ipv4_unmapped},
     packet::{
         ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
@@ -33,11 +33,12 @@ pub fn frame_len(ctx: &XdpContext) -> u32 {
     (ctx.data_end() - ctx.data()) as u32
 }
 
-/// Counts an early drop under its reason (as TC would have) and as dropped in XDP.
+/// The program's one drop site: counts the drop under its reason (as TC would have) and as
+/// dropped in XDP.
 #[inline(always)]
-pub fn drop_early(vni: u32, reason: Counter, bytes: u32) -> u32 {
-    count(vni, reason, bytes);
-    count(vni, Counter::XdpDropped, bytes);
+pub fn drop_early(drop: Drop, bytes: u32) -> u32 {
+    count(drop.vni, drop.reason, bytes);
+    count(drop.vni, Counter::XdpDropped, bytes);
     XDP_DROP
 }
 
@@ -51,11 +52,10 @@ fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
     (r == 0).then_some(buf)
 }
 
-/// `Ok(XDP_PASS)` for everything TC should see, `Err((vni, reason))` for VXLAN that TC would
-/// drop on its outer headers.
+/// `Ok(XDP_PASS)` for everything TC should see, a [`Drop`] for VXLAN that TC would drop on its
+/// outer headers (all counted under no network, as `decap` counts them).
 #[inline(always)]
-pub fn try_from_underlay(ctx: &XdpContext) -> Result<u32, (u32, Counter)> {
-    let none = |c| (NO_NETWORK, c);
+pub fn try_from_underlay(ctx: &XdpContext) -> Result<u32, Drop> {
     // Not configured yet, or nothing we can parse: TC (and the host stack) decide, as without us.
     let Some(cfg) = config() else {
         return Ok(XDP_PASS);
@@ -86,26 +86,24 @@ pub fn try_from_underlay(ctx: &XdpContext) -> Result<u32, (u32, Counter)> {
         frame_len(ctx) as usize,
         cfg.vxlan_port,
         local_ip,
-    )
-    .map_err(none)?
-    {
+    )? {
         UnderlayPacket::NotOurs => return Ok(XDP_PASS),
         UnderlayPacket::Vxlan { vxlan_offset, .. } => vxlan_offset,
     };
     // The order of `decap::inspect`: the same packet gets the same reason.
     let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
     if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
-        return Err(none(Counter::DropVxlanNatPort));
+        return Err(Counter::DropVxlanNatPort.into());
     }
     if !is_known_vtep(ipv4_mapped(ip.src)) {
-        return Err(none(Counter::DropUnknownVtep));
+        return Err(Counter::DropUnknownVtep.into());
     }
     let Some(vxlan) = load::<VXLAN_HLEN>(ctx, vxlan_offset) else {
         return Ok(XDP_PASS);
     };
-    let vni = parse_vxlan(&vxlan).map_err(none)?;
+    let vni = parse_vxlan(&vxlan)?;
     if !is_known_network(vni) {
-        return Err(none(Counter::DropUnknownVni));
+        return Err(Counter::DropUnknownVni.into());
     }
     Ok(XDP_PASS)
 }
