@@ -125,7 +125,7 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     for vm in [vm1, vm2] {
         vm.wait_for(
             "systemctl is-active overlay-agent",
-            Duration::from_secs(240),
+            Duration::from_secs(420),
         )
         .with_context(|| format!("{}: agent not active", vm.name))?;
     }
