@@ -210,9 +210,10 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
         super::load(),
     );
     md.push_str(
-        "| figure | raw | kernel (DC/OS) | ebpf-overlay | ebpf/raw | ebpf/kernel | kernel/raw |\n",
+        "| figure | raw | kernel (DC/OS) | ebpf-overlay | ebpf-overlay, `--xdp off` | ebpf/raw \
+         | ebpf/kernel | ebpf without XDP/kernel | kernel/raw |\n",
     );
-    md.push_str("|---|---|---|---|---|---|---|\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let mut json_rows = vec![];
     for (k, p) in streams.iter().enumerate() {
         let m: Vec<f64> = (0..4).map(|d| median(&samples[d][k])).collect();
