@@ -63,6 +63,9 @@ counters! {
     /// A packet over the overlay MTU answered with ICMP frag-needed / ICMPv6 Packet Too Big
     /// carrying the overlay MTU (it is counted as `drop_too_big` as well).
     TooBigAnswered = 12 => "too_big_answered",
+    /// VXLAN dropped early by XDP on the underlay NIC; each is also counted under the drop reason
+    /// `from_underlay` would have given it, so those agree with or without XDP.
+    XdpDropped = 13 => "xdp_dropped",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",

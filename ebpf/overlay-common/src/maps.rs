@@ -49,6 +49,8 @@ pub mod programs {
     pub const FROM_CONTAINER_IPV6: &str = "from_container_ipv6";
     /// The host's IPv6, tail-called from `from_host` likewise.
     pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
+    /// XDP on the underlay NIC: early drops of VXLAN `from_underlay` would drop anyway.
+    pub const XDP_UNDERLAY: &str = "xdp_underlay";
 }
 
 /// `OVL_TAIL_CALLS`, the programs `from_container` tail-calls into: each load of the object puts

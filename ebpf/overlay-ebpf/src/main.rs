@@ -30,8 +30,13 @@ mod nd;
 mod skb;
 mod stats;
 mod too_big;
+mod xdp;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     maps::{ipv4_mapped, tail_calls},
@@ -171,6 +176,18 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
         decap::Inspected::Host(Some(ip)) => {
             Ok(nat::unmasquerade(ctx, cfg, &ip)?.unwrap_or(TC_ACT_OK as i32))
         }
+    }
+}
+
+/// XDP on the underlay NIC (native mode where the driver has it): VXLAN that `from_underlay`
+/// would drop on its outer headers is dropped here, early and counted alike; the rest goes on
+/// to TC.
+#[xdp]
+pub fn xdp_underlay(ctx: XdpContext) -> u32 {
+    let len = xdp::frame_len(&ctx);
+    match xdp::try_from_underlay(&ctx) {
+        Ok(action) => action,
+        Err(drop) => xdp::drop_early(drop, len),
     }
 }
 

@@ -123,6 +123,11 @@ struct Args {
     /// PORT/udp; repeatable). The --metrics-listen port is always one.
     #[arg(long = "protect-agent-port")]
     protect_agent_ports: Vec<String>,
+    /// XDP on the underlay NIC, which drops VXLAN the TC program would drop anyway (unknown
+    /// VTEP or VNI, malformed, fragments) before the kernel builds an skb: auto (native, except
+    /// on veth; none where the driver has no native XDP), native, generic (skb mode), off.
+    #[arg(long, default_value = "auto")]
+    xdp: overlay_agent::datapath::XdpMode,
 }
 
 #[tokio::main]
@@ -175,6 +180,16 @@ async fn main() -> anyhow::Result<()> {
     let pins = PinLayout::new(&args.bpffs, &args.instance)?;
     let mut dp = Datapath::load(pins.clone())?;
     dp.attach(&args.underlay_iface, programs::FROM_UNDERLAY)?;
+    match dp.attach_xdp(&args.underlay_iface, args.xdp)? {
+        overlay_agent::datapath::XdpAttached::Off(why)
+            if args.xdp == overlay_agent::datapath::XdpMode::Auto =>
+        {
+            tracing::info!(underlay = %args.underlay_iface, "no XDP: {why}; TC makes the early drops")
+        }
+        attached => {
+            tracing::info!(underlay = %args.underlay_iface, ?attached, "XDP on the underlay NIC")
+        }
+    }
     // The host's own way into the overlay (health checks, ...), without a VXLAN device.
     let host_link = host_link::HostLink::ensure(args.mtu).context("setting up the host link")?;
     dp.attach(HOST_LINK_PEER, programs::FROM_HOST)?;

@@ -20,6 +20,7 @@ mod control;
 mod kernel;
 mod report;
 pub mod traffic;
+mod vm;
 
 use std::{
     net::Ipv4Addr,
@@ -68,6 +69,10 @@ pub struct BenchArgs {
     /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf).
     #[arg(long, value_delimiter = ',', default_value = "raw,kernel,ebpf")]
     pub datapaths: Vec<String>,
+    /// Instead: iperf3 between containers in two QEMU VMs (the VM lab), raw vs DC/OS kernel
+    /// datapath vs ebpf-overlay in one lab run (default 1 run of 10 s per figure).
+    #[arg(long)]
+    pub vm: bool,
 }
 
 pub const DATAPATHS: [&str; 3] = ["raw", "kernel", "ebpf"];
@@ -82,6 +87,17 @@ struct Plan {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.vm {
+        let out_dir = args
+            .out
+            .clone()
+            .unwrap_or_else(|| workspace_root().join("bench-results"));
+        return vm::run(vm::VmBenchArgs {
+            runs: args.runs.unwrap_or(1).max(1),
+            secs: args.secs.unwrap_or(10).max(1),
+            out_dir: &out_dir,
+        });
+    }
     let plan = Plan {
         runs: args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
         secs: args.secs.unwrap_or(if args.quick { 2 } else { 10 }).max(1),

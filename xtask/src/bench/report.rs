@@ -155,7 +155,7 @@ impl Results {
     }
 }
 
-fn spread(v: &[f64]) -> String {
+pub fn spread(v: &[f64]) -> String {
     fn f(x: f64) -> String {
         if x.abs() >= 100.0 {
             format!("{x:.0}")

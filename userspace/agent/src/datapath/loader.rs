@@ -1,12 +1,17 @@
 //! Loading the embedded eBPF object and attaching its programs with pinned TCX links.
 
-use std::io;
+mod layout_upgrade;
+mod xdp_mode;
+
+pub use xdp_mode::{XdpAttached, XdpMode, driver_of};
+
+use std::{io, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
     },
@@ -74,6 +79,21 @@ impl Datapath {
                 .with_context(|| format!("verifier rejected program {name}"))?;
         }
         fill_tail_calls(&mut ebpf)?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(programs::XDP_UNDERLAY)
+            .ok_or_else(|| {
+                anyhow!(
+                    "program {} missing from the eBPF object",
+                    programs::XDP_UNDERLAY
+                )
+            })?
+            .try_into()?;
+        xdp.load()
+            .with_context(|| format!("verifier rejected program {}", programs::XDP_UNDERLAY))?;
+        // Pins an agent of another map layout left: its links get these programs (so two
+        // program sets are never attached at once), its maps' entries where the layout is the
+        // same, and its pins go.
+        layout_upgrade::take_over_other_layouts(&mut ebpf, &pins)?;
         let maps = OverlayMaps::take_from(&mut ebpf)?;
         Ok(Datapath { ebpf, pins, maps })
     }
@@ -108,35 +128,26 @@ impl Datapath {
         key: &str,
     ) -> anyhow::Result<()> {
         let pin = self.pins.link(program_name, key);
+        if replace_in_pinned_link(&mut self.ebpf, program_name, &pin)
+            .with_context(|| format!("replacing {program_name} on {ifname}"))?
+        {
+            return Ok(());
+        }
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(program_name)
             .ok_or_else(|| anyhow!("no program {program_name}"))?
             .try_into()?;
-        let link_id = if pin.exists() {
-            let old = PinnedLink::from_pin(&pin)
-                .with_context(|| format!("opening link pin {}", pin.display()))?;
-            let link = FdLink::from(old)
-                .try_into()
-                .context("pinned link is not a TC link")?;
-            program
-                .attach_to_link(link)
-                .with_context(|| format!("replacing {program_name} on {ifname}"))?
-        } else {
-            program
-                .attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .with_context(|| format!("attaching {program_name} to TC ingress of {ifname}"))?
-        };
+        let link_id = program
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("attaching {program_name} to TC ingress of {ifname}"))?;
         let link: FdLink = program.take_link(link_id)?.try_into()?;
-        // Re-pinning an already pinned link fails with EEXIST; it is pinned either way.
-        if !pin.exists() {
-            link.pin(&pin)
-                .with_context(|| format!("pinning link at {}", pin.display()))?;
-        }
+        link.pin(&pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
         Ok(())
     }
 
@@ -145,21 +156,24 @@ impl Datapath {
     /// program's verdict and the packet as the program left it. Maps are the live ones, so the
     /// run counts in `OVL_STATS` like a real packet.
     pub fn test_run(&self, program: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
-        use aya::programs::{TestRun as _, TestRunOptions};
-        let prog: &SchedClassifier = self
+        use aya::programs::{Program, TestRun as _, TestRunOptions};
+        let prog = self
             .ebpf
             .program(program)
-            .ok_or_else(|| anyhow!("no program {program}"))?
-            .try_into()?;
+            .ok_or_else(|| anyhow!("no program {program}"))?;
         // Room for what the programs add (encapsulation grows a frame by 50 bytes).
         let mut out = vec![0u8; packet.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let result = match prog {
+            Program::SchedClassifier(p) => p.test_run(opts),
+            Program::Xdp(p) => p.test_run(opts),
+            other => anyhow::bail!("cannot test-run {program} ({:?})", other.prog_type()),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
     }
@@ -175,3 +189,37 @@ impl Datapath {
         }
     }
 }
+
+/// If a link is pinned at `pin`, puts `program_name` into it in place of whatever program it
+/// runs (atomically: no packet meets the hook without a program) and returns true; false when
+/// there is no such pin. The link stays pinned where it is.
+fn replace_in_pinned_link(ebpf: &mut Ebpf, program_name: &str, pin: &Path) -> anyhow::Result<bool> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let old =
+        PinnedLink::from_pin(pin).with_context(|| format!("opening link pin {}", pin.display()))?;
+    let program = ebpf
+        .program_mut(program_name)
+        .ok_or_else(|| anyhow!("no program {program_name}"))?;
+    let link = FdLink::from(old);
+    match program {
+        aya::programs::Program::SchedClassifier(p) => {
+            let link = link.try_into().context("pinned link is not a TC link")?;
+            let id = p.attach_to_link(link)?;
+            // Closing our descriptor leaves the link attached: the pin holds it.
+            let _: FdLink = p.take_link(id)?.try_into()?;
+        }
+        aya::programs::Program::Xdp(p) => {
+            let link = link.try_into().context("pinned link is not an XDP link")?;
+            let id = p.attach_to_link(link)?;
+            let _: FdLink = p.take_link(id)?.try_into()?;
+        }
+        other => anyhow::bail!(
+            "program {program_name} ({:?}) has no pinned links",
+            other.prog_type()
+        ),
+    }
+    Ok(true)
+}
+

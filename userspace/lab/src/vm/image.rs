@@ -311,6 +311,14 @@ fn install_helpers(rootfs: &Path) -> anyhow::Result<()> {
         std::fs::write(sbin.join(name), text)?;
         run("chmod", &["755", sbin.join(name).to_str().unwrap()])?;
     }
+    // A lab VM has nothing worth 90 s of waiting at shutdown (the default for a stop job
+    // that hangs): reboots in the tests stay short.
+    let conf = rootfs.join("etc/systemd/system.conf.d");
+    std::fs::create_dir_all(&conf)?;
+    std::fs::write(
+        conf.join("vmlab.conf"),
+        "[Manager]\nDefaultTimeoutStopSec=10s\n",
+    )?;
     let units = rootfs.join("etc/systemd/system");
     for (name, text, target) in [
         ("vm-net.service", VM_NET_UNIT, "network-online.target"),

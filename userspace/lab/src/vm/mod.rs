@@ -260,6 +260,39 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Adds a container (network namespace `name`) on `network` with the CNI plugin, as a
+    /// runtime would: the agent's conflist for the network, turned into the plugin's config as
+    /// libcni does (the list's cniVersion and name added to its one plugin). Returns its address.
+    pub fn add_cni_container(&self, name: &str, network: &str) -> anyhow::Result<Ipv4Addr> {
+        let text = self.ok(&format!("cat /etc/cni/net.d/*-{network}.conflist"))?;
+        let list: serde_json::Value = serde_json::from_str(text.trim())
+            .with_context(|| format!("{}: the agent's {network} conflist", self.name))?;
+        let mut conf = list["plugins"][0].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["name"] = list["name"].clone();
+        let conf = conf.to_string();
+        if conf.contains('\'') {
+            bail!("config must fit in single quotes: {conf}");
+        }
+        let out = self.ok(&format!(
+            "ip netns add {name} && printf '%s' '{conf}' | CNI_COMMAND=ADD CNI_CONTAINERID={name} \
+             CNI_NETNS=/run/netns/{name} CNI_IFNAME=eth0 CNI_PATH=/opt/cni/bin \
+             /opt/cni/bin/ebpf-overlay"
+        ))?;
+        let result: serde_json::Value = serde_json::from_str(out.trim())
+            .with_context(|| format!("{}: CNI ADD answer is not JSON: {out}", self.name))?;
+        let addr = result["ips"][0]["address"]
+            .as_str()
+            .with_context(|| format!("no address in {result}"))?;
+        addr.split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("address {addr}"))
+    }
+}
+
 /// The last `n` lines of a file (console logs in error messages).
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -1,0 +1,370 @@
+//! Upgrades across a `MAP_LAYOUT_VERSION` change: the pins of this instance under another
+//! layout version (`<bpffs>/ebpf-overlay/v<M>/<instance>/`, left by the agent this one
+//! replaces) are taken over before this agent attaches anything.
+//!
+//! - Every pinned link of the old agent gets this binary's program of the same name, in place
+//!   (`bpf_link_update`, atomic), and moves into this layout's `links/`: no hook ever runs two
+//!   program sets, nor none. A link of a program this binary does not have is removed
+//!   (detaching it).
+//! - Maps whose layout is unchanged since the old version ([`SAME_LAYOUT_SINCE`]) have their
+//!   entries copied into this layout's (new, empty) maps before the programs run on them, so
+//!   endpoints, routes, VTEPs, networks and counters carry over and traffic keeps flowing. The
+//!   others start empty and are refilled by the agent (NAT state is lost: masqueraded flows
+//!   start again).
+//! - Then the old version's pins are removed; its maps go with its last program.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{Ebpf, maps::MapData};
+use overlay_common::maps::{MAP_LAYOUT_VERSION, names};
+
+use super::{super::PinLayout, replace_in_pinned_link};
+
+/// For each pinned map: the oldest layout version whose entries this binary reads as its own
+/// (same key and value types, same meaning). Revisit with every `MAP_LAYOUT_VERSION` bump: a
+/// map whose layout changed gets the new version here (its entries are then not carried over).
+/// Checked for layout version [`CHECKED_FOR`].
+pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
+    (names::CONFIG, 1),
+    (names::ENDPOINTS, 1),
+    (names::ROUTES, 1),
+    (names::SUBNETS, 1),
+    (names::VTEPS, 1),
+    (names::NETWORKS, 1),
+    (names::STATS, 1),
+    (names::PROTECTED, 1),
+    // v2: NatEntry flags track the TCP handshake; NatConfig grew (24 -> 40 bytes); new map.
+    (names::NAT, 2),
+    (names::NAT_CONFIG, 2),
+    (names::NAT_QUOTA, 2),
+];
+
+/// The layout version [`SAME_LAYOUT_SINCE`] was last checked against (a test compares it).
+#[allow(dead_code)]
+pub const CHECKED_FOR: u32 = 2;
+
+/// Whether entries of `map` pinned by an agent of layout `version` can be copied as they are.
+pub fn carries_over(map: &str, version: u32) -> bool {
+    // Newer layouts than ours are unknown to this binary: nothing of theirs is read.
+    version <= MAP_LAYOUT_VERSION
+        && SAME_LAYOUT_SINCE
+            .iter()
+            .any(|(name, since)| *name == map && *since <= version)
+}
+
+/// What was taken over from one other layout version.
+#[derive(Debug, Default)]
+pub struct TakenOver {
+    pub version: u32,
+    pub links_replaced: Vec<String>,
+    pub links_removed: Vec<String>,
+    pub maps_copied: Vec<(String, usize)>,
+    pub maps_dropped: Vec<String>,
+}
+
+/// Pin directories of `instance` under layout versions other than ours, as (version, dir).
+pub fn other_layouts(root: &Path, instance: &str) -> anyhow::Result<Vec<(u32, PathBuf)>> {
+    let mut found = vec![];
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", root.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(version) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('v'))
+            .and_then(|v| v.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path().join(instance);
+        if version != MAP_LAYOUT_VERSION && dir.is_dir() {
+            found.push((version, dir));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Takes over the pins of this instance under every other layout version (see the module
+/// comment). Called with the programs loaded and this layout's maps pinned, before anything is
+/// attached.
+pub fn take_over_other_layouts(ebpf: &mut Ebpf, pins: &PinLayout) -> anyhow::Result<()> {
+    let instance_dir = pins.dir();
+    let (Some(instance), Some(root)) = (
+        instance_dir.file_name().and_then(|n| n.to_str()),
+        instance_dir.parent().and_then(Path::parent),
+    ) else {
+        bail!("unexpected pin directory {}", instance_dir.display());
+    };
+    for (version, old_dir) in other_layouts(root, instance)? {
+        let report = take_over(ebpf, pins, version, &old_dir).with_context(|| {
+            format!(
+                "taking over the pins of layout version {version} ({})",
+                old_dir.display()
+            )
+        })?;
+        tracing::warn!(
+            from = report.version,
+            to = MAP_LAYOUT_VERSION,
+            links_replaced = ?report.links_replaced,
+            links_removed = ?report.links_removed,
+            maps_copied = ?report.maps_copied,
+            maps_started_empty = ?report.maps_dropped,
+            "map layout upgrade: took over the datapath of the previous agent"
+        );
+    }
+    Ok(())
+}
+
+fn take_over(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    version: u32,
+    old_dir: &Path,
+) -> anyhow::Result<TakenOver> {
+    let mut report = TakenOver {
+        version,
+        ..Default::default()
+    };
+    // Maps first: the programs put into the old links below must find the state already there.
+    for name in names::ALL {
+        let old = old_dir.join("maps").join(name);
+        if !old.exists() {
+            continue;
+        }
+        if !carries_over(name, version) {
+            report.maps_dropped.push((*name).to_owned());
+            continue;
+        }
+        match copy_entries(&old, &pins.map(name))
+            .with_context(|| format!("copying the entries of {name}"))?
+        {
+            Some(n) => report.maps_copied.push(((*name).to_owned(), n)),
+            None => report.maps_dropped.push((*name).to_owned()),
+        }
+    }
+    let links = old_dir.join("links");
+    let mut pinned: Vec<PathBuf> = match std::fs::read_dir(&links) {
+        Ok(entries) => entries
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+        Err(e) => return Err(e).with_context(|| format!("reading {}", links.display())),
+    };
+    pinned.sort();
+    for old in pinned {
+        let file = old
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("link pin name")?
+            .to_owned();
+        let program = file.split('@').next().unwrap_or_default();
+        let new = pins.dir().join("links").join(&file);
+        let ours = ebpf.program(program).is_some();
+        if ours && !new.exists() {
+            // Our program into the old link first (the hook keeps exactly one program), then
+            // the pin into our layout (bpffs renames within one mount).
+            replace_in_pinned_link(ebpf, program, &old)?;
+            std::fs::rename(&old, &new)
+                .with_context(|| format!("moving {} to {}", old.display(), new.display()))?;
+            report.links_replaced.push(file);
+        } else {
+            // A program this binary does not have, or a hook our layout already holds a link
+            // for (an interrupted earlier take-over): the old link goes, detaching its program.
+            std::fs::remove_file(&old)
+                .with_context(|| format!("removing link pin {}", old.display()))?;
+            report.links_removed.push(file);
+        }
+    }
+    std::fs::remove_dir_all(old_dir).with_context(|| format!("removing {}", old_dir.display()))?;
+    if let Some(version_dir) = old_dir.parent() {
+        let _ = std::fs::remove_dir(version_dir); // only if no other instance is left in it
+    }
+    Ok(report)
+}
+
+/// Copies every entry of the map pinned at `from` into the one pinned at `to`, byte for byte.
+/// `None` (nothing copied) when the two differ in type or key or value size: then the layout
+/// changed after all, whatever [`SAME_LAYOUT_SINCE`] says.
+fn copy_entries(from: &Path, to: &Path) -> anyhow::Result<Option<usize>> {
+    let src = MapData::from_pin(from).with_context(|| format!("opening {}", from.display()))?;
+    let dst = MapData::from_pin(to).with_context(|| format!("opening {}", to.display()))?;
+    let (si, di) = (src.info()?, dst.info()?);
+    let shape = |i: &aya::maps::MapInfo| (i.map_type().ok(), i.key_size(), i.value_size());
+    if shape(&si) != shape(&di) {
+        tracing::warn!(map = %from.display(), "pinned map's shape differs: not carried over");
+        return Ok(None);
+    }
+    let value_len = match si.map_type().ok() {
+        Some(
+            aya::maps::MapType::PerCpuHash
+            | aya::maps::MapType::PerCpuArray
+            | aya::maps::MapType::LruPerCpuHash,
+        ) => {
+            let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+            (si.value_size() as usize).next_multiple_of(8) * cpus
+        }
+        _ => si.value_size() as usize,
+    };
+    let key_len = si.key_size() as usize;
+    let (src_fd, dst_fd) = (src.fd().as_fd().as_raw_fd(), dst.fd().as_fd().as_raw_fd());
+    let mut key = vec![0u8; key_len];
+    let mut next = vec![0u8; key_len];
+    let mut value = vec![0u8; value_len];
+    let mut copied = 0;
+    let mut first = true;
+    loop {
+        let more = raw::next_key(src_fd, (!first).then_some(&key[..]), &mut next)
+            .context("BPF_MAP_GET_NEXT_KEY")?;
+        if !more {
+            break;
+        }
+        first = false;
+        key.copy_from_slice(&next);
+        // An entry deleted since (an LRU eviction) is skipped.
+        if raw::lookup(src_fd, &key, &mut value).context("BPF_MAP_LOOKUP_ELEM")? {
+            raw::update(dst_fd, &key, &value).context("BPF_MAP_UPDATE_ELEM")?;
+            copied += 1;
+        }
+    }
+    Ok(Some(copied))
+}
+
+/// The three map commands of bpf(2) the copy needs, on raw key and value bytes (aya's maps are
+/// typed; here the types are whatever both layouts agree on).
+mod raw {
+    use std::os::fd::RawFd;
+
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_ANY: u64 = 0;
+
+    /// `union bpf_attr` as the map element commands read it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value_or_next_key: u64,
+        flags: u64,
+    }
+
+    fn bpf(cmd: libc::c_long, attr: &MapElemAttr) -> std::io::Result<()> {
+        // SAFETY: `attr` is a valid bpf_attr prefix for `cmd`; the pointers in it point to
+        // buffers of the map's key and value sizes that outlive the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *const MapElemAttr,
+                size_of::<MapElemAttr>(),
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The key after `key` (the first with `None`); false at the end.
+    pub fn next_key(fd: RawFd, key: Option<&[u8]>, next: &mut [u8]) -> std::io::Result<bool> {
+        let attr = MapElemAttr {
+            map_fd: fd as u32,
+            key: key.map_or(0, |k| k.as_ptr() as u64),
+            value_or_next_key: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &attr) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The value of `key`; false if there is none.
+    pub fn lookup(fd: RawFd, key: &[u8], value: &mut [u8]) -> std::io::Result<bool> {
+        let attr = MapElemAttr {
+            map_fd: fd as u32,
+            key: key.as_ptr() as u64,
+            value_or_next_key: value.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &attr) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn update(fd: RawFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+        let attr = MapElemAttr {
+            map_fd: fd as u32,
+            key: key.as_ptr() as u64,
+            value_or_next_key: value.as_ptr() as u64,
+            flags: BPF_ANY,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &attr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_covers_every_map_and_the_current_layout() {
+        for name in names::ALL {
+            assert!(
+                SAME_LAYOUT_SINCE.iter().any(|(n, _)| n == name),
+                "{name} missing from SAME_LAYOUT_SINCE"
+            );
+        }
+        assert_eq!(
+            CHECKED_FOR, MAP_LAYOUT_VERSION,
+            "MAP_LAYOUT_VERSION changed: say in SAME_LAYOUT_SINCE which maps kept their layout, \
+             then set CHECKED_FOR"
+        );
+        for (name, since) in SAME_LAYOUT_SINCE {
+            assert!(*since <= MAP_LAYOUT_VERSION, "{name}: {since}");
+        }
+    }
+
+    #[test]
+    fn entries_carry_over_only_from_versions_with_the_same_layout() {
+        assert!(carries_over(names::ENDPOINTS, 1));
+        assert!(carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION));
+        assert!(!carries_over(names::NAT, 1));
+        assert!(carries_over(names::NAT, 2));
+        // A newer agent's layout is unknown to us.
+        assert!(!carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION + 1));
+        assert!(!carries_over("OVL_SOMETHING_ELSE", 1));
+    }
+
+    #[test]
+    fn other_layouts_lists_this_instance_under_other_versions_only() {
+        let root = std::env::temp_dir().join(format!("layout-upgrade-{}", std::process::id()));
+        for dir in ["v1/a", "v1/b", "v3/a", "x/a", "vx/a"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::create_dir_all(root.join(format!("v{MAP_LAYOUT_VERSION}/a"))).unwrap();
+        let found = other_layouts(&root, "a").unwrap();
+        let missing = other_layouts(&root.join("missing"), "a").unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        let versions: Vec<u32> = found.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, [1, 3]);
+        assert_eq!(found[0].1, root.join("v1/a"));
+        assert!(missing.is_empty());
+    }
+}

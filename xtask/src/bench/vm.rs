@@ -1,0 +1,255 @@
+//! `cargo xtask bench --vm`: iperf3 between containers in two QEMU VMs (`overlay_lab::vm`), over
+//! their virtio-net NICs, three ways in one lab run:
+//!
+//! - `ebpf`: ebpf-overlay as the package installs it (agents started by systemd at boot, CNI
+//!   containers on `dcos`, XDP native on virtio_net, TC programs);
+//! - `ebpf, --xdp off`: the same agents restarted without XDP (native XDP turns virtio_net's
+//!   receive offloads off);
+//! - `raw`: VM to VM over the same NICs, nothing of the overlay loaded (measured after the
+//!   agents were stopped and `overlayctl cleanup` detached everything);
+//! - `kernel`: DC/OS's kernel datapath built in the guests the way dcos-net builds it (bridge
+//!   `m-dcos`, `vtep1024` VNI 1024 on UDP 64000 `nolearning`, permanent neighbour + FDB entries
+//!   and a route via the peer's VTEP), containers on veths into the bridge.
+//!
+//! Under software emulation (TCG) the figures measure the emulator's CPU, not the network: the
+//! report names the accelerator, and the ratios are the figures that count.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, bail};
+use overlay_lab::vm::{Vm, VmLab, VmLabSpec};
+
+use super::report::{median, spread};
+
+const IPERF_PORT: u16 = 5201;
+
+/// One measurement: iperf3 TCP from `client` (a netns or the root namespace of vm1) to `server`.
+fn iperf(
+    vm: &Vm,
+    netns: Option<&str>,
+    server: &str,
+    secs: u32,
+    streams: u32,
+) -> anyhow::Result<f64> {
+    let exec = netns.map_or(String::new(), |n| format!("ip netns exec {n} "));
+    let out = vm.sh(
+        &format!(
+            "{exec}iperf3 -J -c {server} -p {IPERF_PORT} -t {secs} -P {streams} --connect-timeout 5000"
+        ),
+        Duration::from_secs(secs as u64 + 120),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(out.text.trim())
+        .with_context(|| format!("{}: iperf3 output is not JSON: {}", vm.name, out.text))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("{}: iperf3 to {server}: {e}", vm.name);
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3: no end.sum_received.bits_per_second")
+}
+
+/// Starts an iperf3 server (daemon) in `netns` of `vm` (or its root namespace).
+fn iperf_server(vm: &Vm, netns: Option<&str>) -> anyhow::Result<()> {
+    let exec = netns.map_or(String::new(), |n| format!("ip netns exec {n} "));
+    vm.ok(&format!("{exec}iperf3 -s -D -p {IPERF_PORT}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
+/// DC/OS's datapath in VM `i` (1-based) of `vms`: agent subnet 9.0.i.0/24 on bridge `m-dcos`,
+/// VTEP 44.128.0.i, one container netns `k-dcos` at 9.0.i.2.
+fn kernel_datapath(vm: &Vm, i: usize, vms: &[&Vm]) -> anyhow::Result<String> {
+    let mut script = format!(
+        "set -e
+ip link add m-dcos type bridge
+ip addr add 9.0.{i}.1/24 dev m-dcos
+ip link set m-dcos mtu 1420 up
+ip link add vtep1024 address 70:b3:d5:80:00:{i:02x} type vxlan id 1024 dstport 64000 local {local} dev eth0 nolearning
+ip addr add 44.128.0.{i}/20 dev vtep1024
+ip link set vtep1024 up
+sysctl -qw net.ipv4.ip_forward=1
+ip netns add k-dcos
+ip link add k-veth type veth peer name eth0 netns k-dcos
+ip link set k-veth master m-dcos mtu 1420 up
+ip -n k-dcos link set lo up
+ip -n k-dcos link set eth0 mtu 1420 up
+ip -n k-dcos addr add 9.0.{i}.2/24 dev eth0
+ip -n k-dcos route add default via 9.0.{i}.1
+",
+        local = vm.ip
+    );
+    for (jdx, peer) in vms.iter().enumerate() {
+        let j = jdx + 1;
+        if j == i {
+            continue;
+        }
+        script.push_str(&format!(
+            "ip neigh replace 44.128.0.{j} lladdr 70:b3:d5:80:00:{j:02x} dev vtep1024 nud permanent
+bridge fdb append 70:b3:d5:80:00:{j:02x} dev vtep1024 dst {peer_ip}
+ip route replace 9.0.{j}.0/24 via 44.128.0.{j} dev vtep1024 onlink
+",
+            peer_ip = peer.ip
+        ));
+    }
+    vm.ok(&format!("sh -c '{script}'"))
+        .with_context(|| format!("kernel datapath in {}", vm.name))?;
+    Ok(format!("9.0.{i}.2"))
+}
+
+pub struct VmBenchArgs<'a> {
+    pub runs: usize,
+    pub secs: u32,
+    pub out_dir: &'a Path,
+}
+
+/// Runs the VM benchmark; prints the table and writes `vm-<timestamp>.{md,json}`.
+pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
+    let load_before = super::load();
+    let (bin_dir, deb) = crate::vm::build_package()?;
+    let lab = VmLab::up(VmLabSpec {
+        vms: 2,
+        debs: vec![deb],
+        bin_dir,
+        master_config: overlay_lab::cluster::TWO_NETWORKS.into(),
+        mem_mib: 512,
+        extra_files: vec![],
+    })?;
+    eprintln!(
+        "vm lab {}: {}; boot to shell {:.0}s",
+        lab.id, lab.accel_reason, lab.boot_secs
+    );
+    let accel = format!("{:?}", lab.accel);
+    let accel_reason = lab.accel_reason.clone();
+    let (vm1, vm2) = (lab.vm("vm1"), lab.vm("vm2"));
+    for vm in [vm1, vm2] {
+        vm.wait_for(
+            "systemctl is-active overlay-agent",
+            Duration::from_secs(420),
+        )
+        .with_context(|| format!("{}: agent not active", vm.name))?;
+    }
+    let xdp = vm2
+        .ok("ip link show dev eth0")?
+        .split_whitespace()
+        .find(|w| w.starts_with("xdp"))
+        .unwrap_or("none")
+        .to_owned();
+    let kernel_release = vm1.ok("uname -r")?.trim().to_owned();
+    let streams = [1u32, 4];
+    // samples[datapath][streams index]
+    // raw, kernel, ebpf (as installed), ebpf with --xdp off
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![vec![]; streams.len()]; 4];
+
+    // ebpf-overlay, as installed.
+    vm1.add_cni_container("c-dcos", "dcos")?;
+    let server = vm2.add_cni_container("c-dcos", "dcos")?.to_string();
+    iperf_server(vm2, Some("c-dcos"))?;
+    for _ in 0..args.runs {
+        for (k, p) in streams.iter().enumerate() {
+            samples[2][k].push(iperf(vm1, Some("c-dcos"), &server, args.secs, *p)?);
+        }
+    }
+    // The same without XDP: attaching native XDP turns virtio_net's receive offloads (guest
+    // GRO) off, which this shows apart from the programs' own cost. The restarted agents take
+    // the pinned datapath over; the containers stay.
+    for vm in [vm1, vm2] {
+        vm.ok("sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=--xdp off|' /etc/ebpf-overlay/agent.env && systemctl restart overlay-agent")?;
+    }
+    for vm in [vm1, vm2] {
+        vm.wait_for(
+            "systemctl is-active overlay-agent && ! ip link show dev eth0 | grep -q ' xdp'",
+            Duration::from_secs(240),
+        )
+        .with_context(|| format!("{}: agent with --xdp off not active", vm.name))?;
+    }
+    for _ in 0..args.runs {
+        for (k, p) in streams.iter().enumerate() {
+            samples[3][k].push(iperf(vm1, Some("c-dcos"), &server, args.secs, *p)?);
+        }
+    }
+    // Nothing of the overlay left for the other two.
+    for vm in [vm1, vm2] {
+        vm.ok(
+            "systemctl stop overlay-agent && overlayctl cleanup >/dev/null && ip netns del c-dcos",
+        )?;
+        let left = vm.ok("ip link show dev eth0")?;
+        if left.contains(" xdp") {
+            bail!("{}: XDP still attached after cleanup: {left}", vm.name);
+        }
+    }
+    vm2.ok("pkill -x iperf3 || true")?;
+    iperf_server(vm2, None)?;
+    for _ in 0..args.runs {
+        for (k, p) in streams.iter().enumerate() {
+            samples[0][k].push(iperf(vm1, None, &vm2.ip.to_string(), args.secs, *p)?);
+        }
+    }
+    vm2.ok("pkill -x iperf3 || true")?;
+    kernel_datapath(vm1, 1, &[vm1, vm2])?;
+    let server = kernel_datapath(vm2, 2, &[vm1, vm2])?;
+    iperf_server(vm2, Some("k-dcos"))?;
+    for _ in 0..args.runs {
+        for (k, p) in streams.iter().enumerate() {
+            samples[1][k].push(iperf(vm1, Some("k-dcos"), &server, args.secs, *p)?);
+        }
+    }
+
+    let when = overlay_lab::run("date", &["-u", "+%Y%m%dT%H%M%SZ"])?
+        .trim()
+        .to_owned();
+    let mut md = format!(
+        "VM benchmark `cargo xtask bench --vm` ({when}): 2 QEMU VMs, 1 vCPU and 512 MiB each, \
+         guest kernel {kernel_release}, virtio-net NICs on a bridge; accelerator: **{}**; \
+         {} run(s) of {} s per figure, iperf3 TCP container to container across the VMs (raw: \
+         VM to VM). ebpf-overlay as installed (XDP on the receiving NIC: `{xdp}`). Host load \
+         before/after: {load_before} / {}.\n\n",
+        accel_reason,
+        args.runs,
+        args.secs,
+        super::load(),
+    );
+    md.push_str(
+        "| figure | raw | kernel (DC/OS) | ebpf-overlay | ebpf-overlay, `--xdp off` | ebpf/raw \
+         | ebpf/kernel | ebpf without XDP/kernel | kernel/raw |\n",
+    );
+    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    let mut json_rows = vec![];
+    for (k, p) in streams.iter().enumerate() {
+        let m: Vec<f64> = (0..4).map(|d| median(&samples[d][k])).collect();
+        md.push_str(&format!(
+            "| TCP {p} stream{} (Gbit/s) | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
+            if *p == 1 { "" } else { "s" },
+            spread(&samples[0][k]),
+            spread(&samples[1][k]),
+            spread(&samples[2][k]),
+            spread(&samples[3][k]),
+            m[2] / m[0],
+            m[2] / m[1],
+            m[3] / m[1],
+            m[1] / m[0],
+        ));
+        json_rows.push(serde_json::json!({
+            "streams": p, "raw": samples[0][k], "kernel": samples[1][k], "ebpf": samples[2][k],
+            "ebpf_xdp_off": samples[3][k],
+        }));
+    }
+    drop(lab);
+    println!("{md}");
+    std::fs::create_dir_all(args.out_dir)?;
+    let md_path = args.out_dir.join(format!("vm-{when}.md"));
+    std::fs::write(&md_path, &md)?;
+    let json_path = args.out_dir.join(format!("vm-{when}.json"));
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "accelerator": accel,
+            "accelerator_reason": accel_reason,
+            "kernel": kernel_release,
+            "runs": args.runs, "secs": args.secs, "xdp": xdp,
+            "tcp_gbit_s": json_rows,
+        }))?,
+    )?;
+    println!("wrote {}\nwrote {}", md_path.display(), json_path.display());
+    Ok(())
+}
