@@ -22,7 +22,7 @@ use overlay_common::maps::{HOST_LINK_PEER, programs};
 #[derive(Parser, Debug)]
 #[command(
     name = "overlay-agent",
-    version,
+    version = overlay_api::build::version(),
     about = "ebpf-overlay agent: the eBPF datapath of one host"
 )]
 struct Args {

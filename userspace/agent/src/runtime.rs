@@ -949,7 +949,7 @@ impl Core {
     /// Prometheus text exposition of the datapath counters and the agent's own.
     pub fn metrics(&self) -> anyhow::Result<String> {
         let names = self.network_names();
-        let mut out = String::new();
+        let mut out = overlay_api::build::build_info_metric("overlay_agent");
         out.push_str("# HELP overlay_datapath_packets_total Packets handled by the eBPF datapath, by network and counter (drop_* are drops by reason).\n");
         out.push_str("# TYPE overlay_datapath_packets_total counter\n");
         let stats = self.dp.maps_ref().stats()?;
@@ -1079,13 +1079,17 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
         let c = core.lock().unwrap();
         (c.underlay_ip(), c.heartbeat_trigger())
     };
-    let counts = |core: &Shared| core.lock().unwrap().endpoint_counts().unwrap_or_default();
     let mut backoff = Duration::from_millis(100);
     let mut tried_saved = false;
     loop {
-        match client.heartbeat(my_ip, counts(&core)).await {
+        match crate::endpoint_report::heartbeat(&client, my_ip, &core).await {
             Ok(me) => {
                 tracing::info!(%my_ip, "registered with the master");
+                if let Err(conflict) = crate::vtep_mtu::check(core.lock().unwrap().mtu, &me) {
+                    tracing::error!("{conflict}");
+                    eprintln!("overlay-agent: {conflict}");
+                    std::process::exit(crate::vtep_mtu::EXIT_CONFLICT);
+                }
                 // The port comes with the first state; until then the saved state's, or the
                 // default.
                 {
@@ -1137,7 +1141,7 @@ pub async fn follow_master(core: Shared, client: MasterClient) {
                     _ = tokio::time::sleep(Duration::from_secs(30)) => {}
                     _ = heartbeat_now.notified() => {}
                 }
-                let answered = client.heartbeat(my_ip, counts(&core)).await;
+                let answered = crate::endpoint_report::heartbeat(&client, my_ip, &core).await;
                 if let Err(e) = &answered {
                     tracing::warn!("heartbeat to the master failed: {e}");
                 }
