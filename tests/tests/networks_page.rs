@@ -22,7 +22,7 @@ fn cluster(agents: usize) -> Cluster {
 
 /// One WebDriver command (JSON over HTTP to chromedriver on the master node's loopback).
 fn webdriver(c: &Cluster, method: &str, path: &str, body: Option<Value>) -> Value {
-    let (method, path) = (method.to_owned(), path.to_owned());
+    let (method, route) = (method.to_owned(), path.to_owned());
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let raw = in_netns(c.lab.master(), move || {
         let mut s = TcpStream::connect(("127.0.0.1", DRIVER_PORT))?;
@@ -30,13 +30,33 @@ fn webdriver(c: &Cluster, method: &str, path: &str, body: Option<Value>) -> Valu
         // chromedriver accepts only a localhost Host header.
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{DRIVER_PORT}\r\nConnection: close\r\n\
+            "{method} {route} HTTP/1.1\r\nHost: 127.0.0.1:{DRIVER_PORT}\r\nConnection: close\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )?;
+        // chromedriver keeps the connection open: read the head, then Content-Length bytes.
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        Ok(raw)
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(raw);
+            }
+            raw.extend_from_slice(&buf[..n]);
+            let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if let Some(length) = length
+                && raw.len() >= end + 4 + length
+            {
+                return Ok(raw);
+            }
+        }
     })
     .unwrap_or_else(|e| panic!("webdriver {path}: {e:#}"));
     let text = String::from_utf8_lossy(&raw);
