@@ -218,4 +218,8 @@ fn an_agent_mtu_conflicting_with_the_masters_vtep_mtu_is_refused_naming_both() {
     spec.mtu = 1400;
     let c = Cluster::up(spec).unwrap();
     assert!(c.agent("a1").status().unwrap().agent.is_some());
+    // The agent logs to standard error without colour codes off a terminal.
+    let log = std::fs::read_to_string(c.log_path("a1")).unwrap();
+    assert!(log.contains("registered with the master"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in the agent's log file:\n{log}");
 }
