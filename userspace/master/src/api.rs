@@ -582,3 +582,33 @@ async fn create_token(
         .map_err(|e| unavailable("storing the join token", e))?;
     Ok((StatusCode::CREATED, Json(TokenResponse { token, expires })).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::dcos_default;
+    use crate::store::memory::MemoryStore;
+    use tower_service::Service as _;
+
+    /// A watch asking for an hour ends (204) after [`MAX_WATCH_TIMEOUT`]: no client can pin a
+    /// connection and a watcher slot for longer.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_longer_than_the_cap_ends_at_the_cap() {
+        let master = Master::start(Arc::new(MemoryStore::new()), dcos_default()).unwrap();
+        let mut api = router(Arc::clone(&master), Arc::new(Auth::insecure()));
+        let request = axum::http::Request::get(format!(
+            "/overlay-master/watch?after={}&timeout_ms=3600000",
+            master.revision()
+        ))
+        .body(axum::body::Body::empty())
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let answer = api.call(request).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+        assert!(
+            waited >= MAX_WATCH_TIMEOUT && waited < MAX_WATCH_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
+}
