@@ -166,6 +166,37 @@ fn cni(c: &Cluster, agent: &str, command: &str, id: &str, netns: &str, conf: &Va
     serde_json::from_str(stdout.trim()).unwrap_or(Value::Null)
 }
 
+/// Kills the browser processes of this test's profile (found by their exact
+/// `--user-data-dir`, so only ours) however the test ends: chromedriver does not always take
+/// Chromium with it.
+struct BrowserReaper(String);
+
+impl Drop for BrowserReaper {
+    fn drop(&mut self) {
+        let needle = format!("--user-data-dir={}", self.0);
+        for _ in 0..3 {
+            let Ok(entries) = std::fs::read_dir("/proc") else { return };
+            let mut found = false;
+            for entry in entries.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                if cmdline.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()) {
+                    found = true;
+                    // SAFETY: kill(2) of a process this test started (its unique profile).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            if !found {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// A container namespace named after the lab (removed on drop, and by the lab's teardown).
 struct Netns(String);
 
@@ -180,6 +211,7 @@ fn the_networks_page_shows_networks_agents_and_cni_containers_live() {
     let mut c = cluster(2);
     let master = c.lab.master().clone();
     let profile = c.work_dir().join("chromium-profile");
+    let _reaper = BrowserReaper(profile.display().to_string());
     let log = std::fs::File::create(c.log_path("chromedriver")).unwrap();
     let mut driver = master.command("chromedriver");
     driver
