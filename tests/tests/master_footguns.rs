@@ -30,7 +30,10 @@ fn health_follows_the_etcd_quorum_and_readiness_is_its_own_answer() {
     etcd.kill(0);
     let (status, body) = http(&addr, "GET", "/health", None).unwrap();
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("unhealthy") && body.contains("etcd"), "{body}");
+    assert!(
+        body.contains("unhealthy") && body.contains("etcd"),
+        "{body}"
+    );
     let (status, body) = http(&addr, "GET", "/ready", None).unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(r#""ready":false"#), "{body}");
@@ -51,8 +54,14 @@ fn the_listen_address_is_bound_before_the_store_is_opened() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains(&format!("binding 127.0.0.1:{port}")), "{stderr}");
-    assert!(!data.exists(), "the store was created before the bind failed");
+    assert!(
+        stderr.contains(&format!("binding 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(
+        !data.exists(),
+        "the store was created before the bind failed"
+    );
 }
 
 async fn liveness(master: &MasterProcess) -> Vec<overlay_api::AgentLiveness> {
@@ -79,19 +88,29 @@ async fn stale_agents_are_marked_and_reclaimed_only_after_their_lease() {
     let kept = MasterProcess::start_with_args(kept_dir.path(), None, &common).await;
     // A lease not longer than the heartbeat timeout would reclaim live agents: refused.
     let out = std::process::Command::new(bin_path("overlay-master"))
-        .args(["--insecure-http", "--data-dir", "/nonexistent/never-created"])
+        .args([
+            "--insecure-http",
+            "--data-dir",
+            "/nonexistent/never-created",
+        ])
         .args(["--heartbeat-timeout-secs", "90", "--agent-lease-secs", "60"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("--agent-lease-secs 60"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("--agent-lease-secs 60"),
+        "{stderr}"
+    );
 
     for master in [&leased, &kept] {
         master.client().register(agent_ip(1)).await.unwrap();
         let live = liveness(master).await;
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].status, "live", "{live:?}");
-        assert!(live[0].last_heartbeat_seconds_ago.unwrap() < 1.0, "{live:?}");
+        assert!(
+            live[0].last_heartbeat_seconds_ago.unwrap() < 1.0,
+            "{live:?}"
+        );
     }
     tokio::time::sleep(Duration::from_millis(1300)).await;
     for master in [&leased, &kept] {
@@ -103,22 +122,29 @@ async fn stale_agents_are_marked_and_reclaimed_only_after_their_lease() {
     // The lease (3 s) expires: that master deletes the agent; the other keeps it, stale.
     let deadline = Instant::now() + Duration::from_secs(6);
     while !leased.client().state().await.unwrap().agents.is_empty() {
-        assert!(Instant::now() < deadline, "not reclaimed; log:\n{}", leased.log());
+        assert!(
+            Instant::now() < deadline,
+            "not reclaimed; log:\n{}",
+            leased.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(leased.log().contains("agent leases expired"), "{}", leased.log());
+    assert!(
+        leased.log().contains("agent leases expired"),
+        "{}",
+        leased.log()
+    );
     assert_eq!(kept.client().state().await.unwrap().agents.len(), 1);
     assert_eq!(liveness(&kept).await[0].status, "stale");
     // Reclaimed on request.
-    let deleted = kept
-        .client()
-        .delete_agents(&[agent_ip(1)])
-        .await
-        .unwrap();
+    let deleted = kept.client().delete_agents(&[agent_ip(1)]).await.unwrap();
     assert_eq!(deleted, [agent_ip(1)]);
     // Text logs off a terminal carry no colour codes; the deletion is in the access log.
     let log = kept.log();
-    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a log file:\n{log}"
+    );
     assert!(
         log.lines().any(|l| l.contains("access")
             && l.contains("/overlay-master/agents/delete")
@@ -153,22 +179,26 @@ async fn json_logs_access_log_version_and_build_info() {
         ..network.clone()
     };
     let error = client.add_network(&clash).await.unwrap_err().to_string();
-    assert!(error.contains("clash") && error.contains("green"), "{error}");
+    assert!(
+        error.contains("clash") && error.contains("green"),
+        "{error}"
+    );
     // A network of the config file: 409 naming the file.
     let error = client.remove_network("dcos").await.unwrap_err();
     assert_eq!(error.rejected_status(), Some(409), "{error}");
     let config = dir.path().join("config.yaml");
-    assert!(error.to_string().contains(config.to_str().unwrap()), "{error}");
+    assert!(
+        error.to_string().contains(config.to_str().unwrap()),
+        "{error}"
+    );
 
     let log = master.log();
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    let access: Vec<&serde_json::Value> = lines
-        .iter()
-        .filter(|l| l["target"] == "access")
-        .collect();
+    let access: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["target"] == "access").collect();
     let added = access
         .iter()
         .find(|l| l["fields"]["path"] == "/overlay-master/networks")
@@ -183,15 +213,26 @@ async fn json_logs_access_log_version_and_build_info() {
         "{log}"
     );
     // GETs are not state-changing: not in the access log.
-    assert!(!access.iter().any(|l| l["fields"]["method"] == "GET"), "{log}");
+    assert!(
+        !access.iter().any(|l| l["fields"]["method"] == "GET"),
+        "{log}"
+    );
 
     let version = std::process::Command::new(bin_path("overlay-master"))
         .arg("--version")
         .output()
         .unwrap();
     let version = String::from_utf8_lossy(&version.stdout);
-    assert!(version.contains("(git ") && version.contains("map layout v"), "{version}");
-    assert_eq!(master.metric("overlay_master_build_info", "git_revision=").await, 1.0);
+    assert!(
+        version.contains("(git ") && version.contains("map layout v"),
+        "{version}"
+    );
+    assert_eq!(
+        master
+            .metric("overlay_master_build_info", "git_revision=")
+            .await,
+        1.0
+    );
     let agent_version = std::process::Command::new(bin_path("overlay-agent"))
         .arg("--version")
         .output()
@@ -207,7 +248,10 @@ fn an_agent_mtu_conflicting_with_the_masters_vtep_mtu_is_refused_naming_both() {
     let mut spec = ClusterSpec::new(1, &bin_dir);
     spec.config = format!("vtep_mtu: 1400\n{TWO_NETWORKS}");
     spec.mtu = 1420;
-    let error = format!("{:#}", Cluster::up(spec).err().expect("the agent should refuse"));
+    let error = format!(
+        "{:#}",
+        Cluster::up(spec).err().expect("the agent should refuse")
+    );
     assert!(
         error.contains("--mtu 1420 conflicts with the master's vtep_mtu 1400"),
         "{error}"
@@ -221,5 +265,8 @@ fn an_agent_mtu_conflicting_with_the_masters_vtep_mtu_is_refused_naming_both() {
     // The agent logs to standard error without colour codes off a terminal.
     let log = std::fs::read_to_string(c.log_path("a1")).unwrap();
     assert!(log.contains("registered with the master"), "{log}");
-    assert!(!log.contains('\u{1b}'), "ANSI escapes in the agent's log file:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in the agent's log file:\n{log}"
+    );
 }

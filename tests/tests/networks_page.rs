@@ -63,7 +63,10 @@ fn webdriver(c: &Cluster, method: &str, path: &str, body: Option<Value>) -> Valu
     let start = text.find("\r\n\r\n").expect("HTTP answer") + 4;
     let mut payload = &text[start..];
     // chromedriver answers with Content-Length, but be tolerant of chunking.
-    if text[..start].to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if text[..start]
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         payload = payload.split_once("\r\n").map_or(payload, |(_, rest)| rest);
     }
     let end = payload.rfind('}').map_or(payload.len(), |i| i + 1);
@@ -116,7 +119,12 @@ impl Browser<'_> {
 impl Drop for Browser<'_> {
     fn drop(&mut self) {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            webdriver(self.c, "DELETE", &format!("/session/{}", self.session), None)
+            webdriver(
+                self.c,
+                "DELETE",
+                &format!("/session/{}", self.session),
+                None,
+            )
         }));
     }
 }
@@ -127,7 +135,10 @@ fn plugin_conf(c: &Cluster, agent: &str, network: &str) -> Value {
     let file = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with(&format!("-{network}.conflist")))
+        .find(|p| {
+            p.to_string_lossy()
+                .ends_with(&format!("-{network}.conflist"))
+        })
         .unwrap_or_else(|| panic!("no conflist for {network} in {}", dir.display()));
     let list: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
     let mut conf = list["plugins"][0].clone();
@@ -175,15 +186,23 @@ impl Drop for BrowserReaper {
     fn drop(&mut self) {
         let needle = format!("--user-data-dir={}", self.0);
         for _ in 0..3 {
-            let Ok(entries) = std::fs::read_dir("/proc") else { return };
+            let Ok(entries) = std::fs::read_dir("/proc") else {
+                return;
+            };
             let mut found = false;
             for entry in entries.flatten() {
-                let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<i32>().ok())
                 else {
                     continue;
                 };
                 let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-                if cmdline.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()) {
+                if cmdline
+                    .split(|b| *b == 0)
+                    .any(|arg| arg == needle.as_bytes())
+                {
                     found = true;
                     // SAFETY: kill(2) of a process this test started (its unique profile).
                     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -221,7 +240,10 @@ fn the_networks_page_shows_networks_agents_and_cni_containers_live() {
     c.lab.spawn_command(driver).unwrap();
     let start = Instant::now();
     while webdriver_ready(&c).is_none() {
-        assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "chromedriver did not start"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let session = webdriver(
@@ -245,7 +267,11 @@ fn the_networks_page_shows_networks_agents_and_cni_containers_live() {
         .to_owned();
     let browser = Browser { c: &c, session };
     let token = std::fs::read_to_string(c.admin_token_file()).unwrap();
-    let url = format!("{}/overlay-master/ui#token={}", c.master_url(), token.trim());
+    let url = format!(
+        "{}/overlay-master/ui#token={}",
+        c.master_url(),
+        token.trim()
+    );
     webdriver(
         &c,
         "POST",
@@ -262,7 +288,11 @@ fn the_networks_page_shows_networks_agents_and_cni_containers_live() {
     let a2 = c.node("a2").unwrap().ip.unwrap().to_string();
     assert!(agents.contains(&a1) && agents.contains(&a2), "{agents}");
     assert!(agents.contains("live"), "{agents}");
-    assert!(!browser.text_of("#error").contains("HTTP"), "{}", browser.text_of("#error"));
+    assert!(
+        !browser.text_of("#error").contains("HTTP"),
+        "{}",
+        browser.text_of("#error")
+    );
 
     // A container added through the CNI plugin appears with its address.
     let ns = Netns(format!("{}-ui1", c.lab.id()));
@@ -281,7 +311,9 @@ fn the_networks_page_shows_networks_agents_and_cni_containers_live() {
         t.contains(&ip) && t.contains("ui-container-1")
     });
     let since_add = added_at.elapsed();
-    eprintln!("container {ip} on the page {seen:?} after the CNI ADD returned ({since_add:?} after it started)");
+    eprintln!(
+        "container {ip} on the page {seen:?} after the CNI ADD returned ({since_add:?} after it started)"
+    );
     assert!(seen < Duration::from_secs(3), "took {seen:?}");
     let row = browser.text_of("#containers tbody");
     let line = row.lines().find(|l| l.contains(&ip)).unwrap();
@@ -308,15 +340,21 @@ fn the_networks_page_shows_networks_agents_and_cni_containers_live() {
         && let Ok(dir) = std::env::var("OVERLAY_SCREENSHOT_DIR")
     {
         use base64::Engine as _;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(png).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png)
+            .unwrap();
         std::fs::write(std::path::Path::new(&dir).join("networks-page.png"), bytes).unwrap();
     }
 
     // Removed through the plugin: gone from the page, and the search says no container has it.
     cni(&c, "a2", "DEL", "ui-container-1", &ns.0, &conf);
-    let gone = browser.wait_text("#containers tbody", Duration::from_secs(5), |t| !t.contains(&ip));
+    let gone = browser.wait_text("#containers tbody", Duration::from_secs(5), |t| {
+        !t.contains(&ip)
+    });
     assert!(gone < Duration::from_secs(3), "took {gone:?}");
-    browser.wait_text("#result", Duration::from_secs(3), |t| t.contains("no container has it"));
+    browser.wait_text("#result", Duration::from_secs(3), |t| {
+        t.contains("no container has it")
+    });
 }
 
 fn webdriver_ready(c: &Cluster) -> Option<()> {

@@ -61,14 +61,20 @@ fn status_networks_agents_ipam_and_endpoints_against_a_lab_cluster() {
     assert!(agent["applied_revision"].as_u64().unwrap() >= 1, "{agent}");
     let maps = agent["maps"].as_array().unwrap();
     let endpoints_map = maps.iter().find(|m| m["map"] == "OVL_ENDPOINTS").unwrap();
-    assert!(endpoints_map["max_entries"].as_u64().unwrap() > 0, "{endpoints_map}");
+    assert!(
+        endpoints_map["max_entries"].as_u64().unwrap() > 0,
+        "{endpoints_map}"
+    );
     let ipam_networks: Vec<&str> = agent["ipam"]
         .as_array()
         .unwrap()
         .iter()
         .map(|u| u["network"].as_str().unwrap())
         .collect();
-    assert!(ipam_networks.contains(&"dcos") && ipam_networks.contains(&"blue"), "{agent}");
+    assert!(
+        ipam_networks.contains(&"dcos") && ipam_networks.contains(&"blue"),
+        "{agent}"
+    );
     assert_eq!(status["master"]["agents"], 2, "{status}");
     assert_eq!(status["master"]["networks"], 2, "{status}");
     assert_eq!(status["master"]["store_healthy"], true, "{status}");
@@ -78,7 +84,10 @@ fn status_networks_agents_ipam_and_endpoints_against_a_lab_cluster() {
     // network list: names, VNIs, subnets; text and JSON.
     let text = ok(&c, "a1", &["network", "list"]);
     let dcos_line = text.lines().find(|l| l.starts_with("dcos ")).expect(&text);
-    assert!(dcos_line.contains("9.0.0.0/8") && dcos_line.contains("yes"), "{text}");
+    assert!(
+        dcos_line.contains("9.0.0.0/8") && dcos_line.contains("yes"),
+        "{text}"
+    );
     let networks = json(&c, "a1", &["network", "list"]);
     let names: Vec<&str> = networks
         .as_array()
@@ -93,7 +102,15 @@ fn status_networks_agents_ipam_and_endpoints_against_a_lab_cluster() {
     let added = json(
         &c,
         "a1",
-        &["network", "add", "green", "--subnet", "10.2.0.0/16", "--prefix", "24"],
+        &[
+            "network",
+            "add",
+            "green",
+            "--subnet",
+            "10.2.0.0/16",
+            "--prefix",
+            "24",
+        ],
     );
     assert_eq!(added["name"], "green");
     assert!(added["vni"].as_u64().is_some(), "{added}");
@@ -105,11 +122,22 @@ fn status_networks_agents_ipam_and_endpoints_against_a_lab_cluster() {
     let out = ctl(
         &c,
         "a1",
-        &["network", "add", "clash", "--subnet", "10.2.128.0/17", "--prefix", "24"],
+        &[
+            "network",
+            "add",
+            "clash",
+            "--subnet",
+            "10.2.128.0/17",
+            "--prefix",
+            "24",
+        ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("clash") && stderr.contains("green"), "{stderr}");
+    assert!(
+        stderr.contains("clash") && stderr.contains("green"),
+        "{stderr}"
+    );
     ok(&c, "a1", &["network", "remove", "green"]);
     let names: Vec<String> = json(&c, "a1", &["network", "list"])
         .as_array()
@@ -129,7 +157,10 @@ fn status_networks_agents_ipam_and_endpoints_against_a_lab_cluster() {
         assert_eq!(a["networks"][0]["network"], "dcos", "{a}");
     }
     let text = ok(&c, "a1", &["agent", "list"]);
-    assert!(text.contains("live") && text.contains("dcos=9.0."), "{text}");
+    assert!(
+        text.contains("live") && text.contains("dcos=9.0."),
+        "{text}"
+    );
 
     // A container appears in endpoints and ipam, by network name.
     let container = c.add_container("a1", "blue").unwrap();
@@ -149,7 +180,10 @@ fn status_networks_agents_ipam_and_endpoints_against_a_lab_cluster() {
     assert!(text.contains(&ip) && !text.contains("dcos"), "{text}");
     let out = ctl(&c, "a1", &["ipam", "show", "--network", "nope"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("--network nope"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("--network nope"),
+        "{stderr}"
+    );
 
     // The datapath view names networks beside their VNIs.
     let instance = c.lab.pin_instance("a1");
@@ -172,9 +206,16 @@ fn errors_show_their_root_cause_and_status_fails_when_unhealthy() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.starts_with("NOT HEALTHY"), "{stdout}");
-    assert!(stdout.to_lowercase().contains("connection refused"), "{stdout}");
+    assert!(
+        stdout.to_lowercase().contains("connection refused"),
+        "{stdout}"
+    );
     // A socket nobody serves: the agent is reported down.
-    let out = ctl(&c, "a1", &["status", "--socket", "/nonexistent.sock", "--no-master"]);
+    let out = ctl(
+        &c,
+        "a1",
+        &["status", "--socket", "/nonexistent.sock", "--no-master"],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("/nonexistent.sock"), "{stdout}");
@@ -191,16 +232,25 @@ fn completions_man_pages_and_version_come_from_the_cli_definition() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let bash = run(&["completions", "bash"]);
-    assert!(bash.contains("overlayctl") && bash.contains("network"), "{bash}");
+    assert!(
+        bash.contains("overlayctl") && bash.contains("network"),
+        "{bash}"
+    );
     assert!(run(&["completions", "zsh"]).contains("#compdef overlayctl"));
     let man = run(&["man"]);
-    assert!(man.contains(".TH overlayctl") && man.contains("status"), "{man}");
+    assert!(
+        man.contains(".TH overlayctl") && man.contains("status"),
+        "{man}"
+    );
     let dir = tempfile::tempdir().unwrap();
     run(&["man", "--dir", dir.path().to_str().unwrap()]);
     let page = std::fs::read_to_string(dir.path().join("overlayctl-network.1")).unwrap();
     assert!(page.contains("add") && page.contains("remove"), "{page}");
     let version = run(&["--version"]);
-    assert!(version.contains("git ") && version.contains("map layout v"), "{version}");
+    assert!(
+        version.contains("git ") && version.contains("map layout v"),
+        "{version}"
+    );
     // Default master address = the master's default listen port.
     let help = run(&["status", "--help"]);
     assert!(help.contains("https://127.0.0.1:5055"), "{help}");

@@ -123,7 +123,10 @@ pub fn run(args: &PackageArgs) -> anyhow::Result<PathBuf> {
     for (shell, dest) in [
         ("bash", "usr/share/bash-completion/completions/overlayctl"),
         ("zsh", "usr/share/zsh/vendor-completions/_overlayctl"),
-        ("fish", "usr/share/fish/vendor_completions.d/overlayctl.fish"),
+        (
+            "fish",
+            "usr/share/fish/vendor_completions.d/overlayctl.fish",
+        ),
     ] {
         let dest = tree.join(dest);
         std::fs::create_dir_all(dest.parent().unwrap())?;

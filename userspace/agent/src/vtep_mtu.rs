@@ -12,10 +12,7 @@ pub const EXIT_CONFLICT: i32 = 3;
 
 /// `Err` naming both values when the master sets a `vtep_mtu` other than `agent_mtu`.
 pub fn check(agent_mtu: u32, me: &AgentInfo) -> Result<(), String> {
-    let master_mtu = me
-        .overlays
-        .iter()
-        .find_map(|o| o.backend.vxlan.vtep_mtu);
+    let master_mtu = me.overlays.iter().find_map(|o| o.backend.vxlan.vtep_mtu);
     match master_mtu {
         Some(master_mtu) if master_mtu != agent_mtu => Err(format!(
             "--mtu {agent_mtu} conflicts with the master's vtep_mtu {master_mtu}: start the agent \
@@ -43,7 +40,10 @@ mod tests {
     #[test]
     fn a_conflicting_vtep_mtu_is_refused_naming_both() {
         let error = check(1420, &agent_with(Some(1400))).unwrap_err();
-        assert!(error.contains("--mtu 1420") && error.contains("vtep_mtu 1400"), "{error}");
+        assert!(
+            error.contains("--mtu 1420") && error.contains("vtep_mtu 1400"),
+            "{error}"
+        );
         assert!(check(1400, &agent_with(Some(1400))).is_ok());
         assert!(check(1420, &agent_with(None)).is_ok());
     }

@@ -31,7 +31,10 @@ mod tests {
     #[test]
     fn version_names_revision_and_layout() {
         let v = super::version();
-        assert!(v.contains(super::GIT_REVISION) && v.contains("map layout v"), "{v}");
+        assert!(
+            v.contains(super::GIT_REVISION) && v.contains("map layout v"),
+            "{v}"
+        );
         assert!(super::build_info_metric("x").contains("x_build_info{version="));
     }
 }

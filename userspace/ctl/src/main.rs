@@ -65,8 +65,11 @@ impl MasterArgs {
         if self.master.iter().all(|m| m.starts_with("http://")) {
             return Ok(MasterClient::new(self.master.iter().map(String::as_str))?);
         }
-        let tls = overlay_api::MasterTls::from_files(&self.ca, None, self.admin_token_file.as_deref())
-            .with_context(|| format!("reading the TLS material (--ca {})", self.ca.display()))?;
+        let tls =
+            overlay_api::MasterTls::from_files(&self.ca, None, self.admin_token_file.as_deref())
+                .with_context(|| {
+                    format!("reading the TLS material (--ca {})", self.ca.display())
+                })?;
         Ok(MasterClient::with_tls(
             self.master.iter().map(String::as_str),
             &tls,
@@ -187,7 +190,9 @@ enum NetworkCmd {
         #[arg(long)]
         force: bool,
     },
-    Enable { name: String },
+    Enable {
+        name: String,
+    },
     /// Disables a network (agents keep their share; containers are parked).
     Disable {
         name: String,
@@ -249,7 +254,10 @@ struct NetworkRow {
 }
 
 async fn network_list(client: &MasterClient, format: Format) -> anyhow::Result<()> {
-    let state = client.state().await.context("fetching the master's state")?;
+    let state = client
+        .state()
+        .await
+        .context("fetching the master's state")?;
     let rows: Vec<NetworkRow> = state
         .network
         .overlays
@@ -276,7 +284,17 @@ async fn network_list(client: &MasterClient, format: Format) -> anyhow::Result<(
         .collect();
     format.emit(&rows, |rows| {
         table(
-            &["NAME", "VNI", "SUBNET", "PREFIX", "SUBNET6", "PREFIX6", "ENABLED", "MASQUERADE", "AGENTS"],
+            &[
+                "NAME",
+                "VNI",
+                "SUBNET",
+                "PREFIX",
+                "SUBNET6",
+                "PREFIX6",
+                "ENABLED",
+                "MASQUERADE",
+                "AGENTS",
+            ],
             &rows
                 .iter()
                 .map(|r| {
@@ -323,7 +341,11 @@ fn network_text(n: &OverlayInfo) -> String {
         n.subnet6
             .map(|s| format!(" subnet6 {s} prefix6 {}", or_dash(n.prefix6)))
             .unwrap_or_default(),
-        if n.is_enabled() { "enabled" } else { "disabled" }
+        if n.is_enabled() {
+            "enabled"
+        } else {
+            "disabled"
+        }
     )
 }
 
@@ -361,7 +383,9 @@ async fn network(client: &MasterClient, command: NetworkCmd, format: Format) -> 
                 .remove_network_forced(&name, force)
                 .await
                 .with_context(|| format!("removing network {name}"))?;
-            format.emit(&serde_json::json!({ "removed": name }), |_| format!("removed {name}"))
+            format.emit(&serde_json::json!({ "removed": name }), |_| {
+                format!("removed {name}")
+            })
         }
         NetworkCmd::Enable { name } => {
             let n = client
@@ -402,7 +426,10 @@ struct AgentNetwork {
 }
 
 async fn agent_list(client: &MasterClient, format: Format) -> anyhow::Result<()> {
-    let state = client.state().await.context("fetching the master's state")?;
+    let state = client
+        .state()
+        .await
+        .context("fetching the master's state")?;
     let liveness: Vec<overlay_api::AgentLiveness> = client
         .get_json("/overlay-master/agents/liveness")
         .await
@@ -433,7 +460,14 @@ async fn agent_list(client: &MasterClient, format: Format) -> anyhow::Result<()>
         .collect();
     format.emit(&rows, |rows| {
         table(
-            &["AGENT", "STATUS", "LAST HEARTBEAT", "VTEP", "VTEP MAC", "SUBNETS"],
+            &[
+                "AGENT",
+                "STATUS",
+                "LAST HEARTBEAT",
+                "VTEP",
+                "VTEP MAC",
+                "SUBNETS",
+            ],
             &rows
                 .iter()
                 .map(|r| {
@@ -446,11 +480,20 @@ async fn agent_list(client: &MasterClient, format: Format) -> anyhow::Result<()>
                         r.networks
                             .iter()
                             .map(|n| {
-                                let subnets: Vec<&str> = [n.subnet.as_deref(), n.subnet6.as_deref()]
-                                    .into_iter()
-                                    .flatten()
-                                    .collect();
-                                format!("{}={}", n.network, if subnets.is_empty() { "-".to_owned() } else { subnets.join(",") })
+                                let subnets: Vec<&str> =
+                                    [n.subnet.as_deref(), n.subnet6.as_deref()]
+                                        .into_iter()
+                                        .flatten()
+                                        .collect();
+                                format!(
+                                    "{}={}",
+                                    n.network,
+                                    if subnets.is_empty() {
+                                        "-".to_owned()
+                                    } else {
+                                        subnets.join(",")
+                                    }
+                                )
                             })
                             .collect::<Vec<_>>()
                             .join(" "),
@@ -461,7 +504,12 @@ async fn agent_list(client: &MasterClient, format: Format) -> anyhow::Result<()>
     })
 }
 
-async fn agent_remove(client: &MasterClient, agents: &[IpAddr], force: bool, format: Format) -> anyhow::Result<()> {
+async fn agent_remove(
+    client: &MasterClient,
+    agents: &[IpAddr],
+    force: bool,
+    format: Format,
+) -> anyhow::Result<()> {
     if agents.is_empty() {
         anyhow::bail!("name the agents to remove (underlay addresses)");
     }
@@ -473,7 +521,10 @@ async fn agent_remove(client: &MasterClient, agents: &[IpAddr], force: bool, for
         if d.deleted.is_empty() {
             "no such agents\n".to_owned()
         } else {
-            d.deleted.iter().map(|ip| format!("removed {ip}\n")).collect()
+            d.deleted
+                .iter()
+                .map(|ip| format!("removed {ip}\n"))
+                .collect()
         }
     })
 }
@@ -487,7 +538,11 @@ fn ipam_show(socket: &Path, network: Option<&str>, format: Format) -> anyhow::Re
         if usage.is_empty() {
             anyhow::bail!(
                 "--network {network}: this agent has no addresses in it (it has: {})",
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             );
         }
     }
@@ -523,7 +578,10 @@ fn ipam_show(socket: &Path, network: Option<&str>, format: Format) -> anyhow::Re
             .collect();
         if !allocations.is_empty() {
             out.push('\n');
-            out.push_str(&table(&["ADDRESS", "NETWORK", "CONTAINER", "INTERFACE"], &allocations));
+            out.push_str(&table(
+                &["ADDRESS", "NETWORK", "CONTAINER", "INTERFACE"],
+                &allocations,
+            ));
         }
         out
     })
@@ -572,7 +630,8 @@ fn man_pages(dir: Option<&Path>) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, cmd: clap::Command| -> anyhow::Result<()> {
         let path = dir.join(format!("{name}.1"));
-        let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         clap_mangen::Man::new(cmd).render(&mut file)?;
         Ok(())
     };
@@ -589,19 +648,34 @@ fn man_pages(dir: Option<&Path>) -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let format = cli.output;
     match cli.command {
-        Cmd::Status { no_agent, no_master } => {
-            let client = if no_master { None } else { Some(cli.master.client()?) };
+        Cmd::Status {
+            no_agent,
+            no_master,
+        } => {
+            let client = if no_master {
+                None
+            } else {
+                Some(cli.master.client()?)
+            };
             let socket = (!no_agent).then_some(cli.socket.as_path());
             let status = status::collect(socket, client.as_ref()).await;
             format.emit(&status, status::render)?;
-            return Ok(if status.healthy { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            return Ok(if status.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
         Cmd::Network { command } => network(&cli.master.client()?, command, format).await?,
-        Cmd::Agent { command: AgentCmd::List } => agent_list(&cli.master.client()?, format).await?,
+        Cmd::Agent {
+            command: AgentCmd::List,
+        } => agent_list(&cli.master.client()?, format).await?,
         Cmd::Agent {
             command: AgentCmd::Remove { agents, force },
         } => agent_remove(&cli.master.client()?, &agents, force, format).await?,
-        Cmd::DeleteAgents { agents } => agent_remove(&cli.master.client()?, &agents, false, format).await?,
+        Cmd::DeleteAgents { agents } => {
+            agent_remove(&cli.master.client()?, &agents, false, format).await?
+        }
         Cmd::Ipam {
             command: IpamCmd::Show { network },
         } => ipam_show(&cli.socket, network.as_deref(), format)?,
@@ -643,7 +717,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_host_link,
         } => cleanup(instance, bpffs, cni_conf_dir, !keep_host_link)?,
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "overlayctl", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "overlayctl",
+                &mut std::io::stdout(),
+            );
         }
         Cmd::Man { dir } => man_pages(dir.as_deref())?,
     }
@@ -652,7 +731,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("overlayctl: starting the async runtime: {error}");
@@ -806,4 +888,3 @@ fn cleanup(
     }
     Ok(())
 }
-

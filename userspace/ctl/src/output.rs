@@ -16,7 +16,11 @@ pub enum Format {
 
 impl Format {
     /// Prints `value` as JSON/YAML, or as what `text` renders from it.
-    pub fn emit<T: Serialize>(self, value: &T, text: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    pub fn emit<T: Serialize>(
+        self,
+        value: &T,
+        text: impl FnOnce(&T) -> String,
+    ) -> anyhow::Result<()> {
         match self {
             Format::Text => {
                 let out = text(value);

@@ -106,11 +106,12 @@ fn pins_of(pin_dir: &Path) -> anyhow::Result<PinLayout> {
     let instance = pin_dir
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| anyhow::anyhow!("pin directory {} has no instance name", pin_dir.display()))?;
-    let bpffs = pin_dir
-        .ancestors()
-        .nth(3)
-        .ok_or_else(|| anyhow::anyhow!("pin directory {} is not below a bpffs", pin_dir.display()))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("pin directory {} has no instance name", pin_dir.display())
+        })?;
+    let bpffs = pin_dir.ancestors().nth(3).ok_or_else(|| {
+        anyhow::anyhow!("pin directory {} is not below a bpffs", pin_dir.display())
+    })?;
     PinLayout::new(bpffs, instance)
 }
 

@@ -185,8 +185,9 @@ async fn health(State(master): State<Arc<Master>>) -> Response {
 /// before, see [`starting_router`]) and its store answers.
 async fn ready(State(master): State<Arc<Master>>) -> Response {
     match probe_store(&master).await {
-        Ok(()) => Json(serde_json::json!({"ready": true, "revision": master.revision()}))
-            .into_response(),
+        Ok(()) => {
+            Json(serde_json::json!({"ready": true, "revision": master.revision()})).into_response()
+        }
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"ready": false, "reason": error})),
@@ -201,7 +202,9 @@ pub fn starting_router() -> Router {
     let starting = || async {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "starting", "ready": false, "reason": "opening the store"})),
+            Json(
+                serde_json::json!({"status": "starting", "ready": false, "reason": "opening the store"}),
+            ),
         )
     };
     Router::new()
@@ -241,10 +244,7 @@ fn caller_name(caller: &crate::auth::Caller) -> String {
 
 /// Logs every state-changing request (anything but GET/HEAD): who, what, the answer. Agent
 /// heartbeats (`POST /overlay-master/agents` by the agent itself) are logged at debug only.
-async fn access_log(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+async fn access_log(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use axum::extract::FromRequestParts as _;
     let method = request.method().clone();
     if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
@@ -260,9 +260,11 @@ async fn access_log(
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16();
-    let who = caller.as_ref().map_or_else(|_| "unknown".to_owned(), caller_name);
-    let heartbeat = path == "/overlay-master/agents"
-        && matches!(caller, Ok(crate::auth::Caller::Agent(_)));
+    let who = caller
+        .as_ref()
+        .map_or_else(|_| "unknown".to_owned(), caller_name);
+    let heartbeat =
+        path == "/overlay-master/agents" && matches!(caller, Ok(crate::auth::Caller::Agent(_)));
     let millis = started.elapsed().as_millis() as u64;
     let query = query.unwrap_or_default();
     if heartbeat && status < 400 {

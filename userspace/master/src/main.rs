@@ -443,7 +443,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.config {
         master.set_config_file(path);
     }
-    let _ = live.set(overlay_master::api::router(Arc::clone(&master), Arc::clone(&auth)));
+    let _ = live.set(overlay_master::api::router(
+        Arc::clone(&master),
+        Arc::clone(&auth),
+    ));
     tracing::info!(listen = %bound, revision = master.revision(), version = overlay_api::build::version(), "overlay master serving");
     // systemd (Type=notify): the store is open and the API listens.
     let _ = overlay_api::sd_notify::notify("READY=1");

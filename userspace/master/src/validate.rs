@@ -315,10 +315,16 @@ fn validate_overlaps(config: &NetworkConfig, errors: &mut Collector) {
     }
     for (index, overlay) in config.overlays.iter().enumerate() {
         if let Some(subnet) = overlay.subnet {
-            v4.push((format!("overlays[{index}].subnet ({})", overlay.name), subnet));
+            v4.push((
+                format!("overlays[{index}].subnet ({})", overlay.name),
+                subnet,
+            ));
         }
         if let Some(subnet6) = overlay.subnet6 {
-            v6.push((format!("overlays[{index}].subnet6 ({})", overlay.name), subnet6));
+            v6.push((
+                format!("overlays[{index}].subnet6 ({})", overlay.name),
+                subnet6,
+            ));
         }
     }
     // A handful of networks: the pairwise check is cheap.
@@ -447,10 +453,10 @@ mod tests {
         let err = validate(config).expect_err("configuration should be rejected");
         let text = err.to_string();
         assert!(
-            err.0
-                .iter()
-                .any(|e| (e.field == field || e.field.starts_with(&format!("{field} (")))
-                    && e.value.contains(value)),
+            err.0.iter().any(
+                |e| (e.field == field || e.field.starts_with(&format!("{field} (")))
+                    && e.value.contains(value)
+            ),
             "expected an error on {field} = {value}, got: {text}"
         );
         assert!(text.contains(field) && text.contains(value), "{text}");
