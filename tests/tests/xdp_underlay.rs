@@ -53,7 +53,7 @@ impl Fixture {
         );
         let pins = PinLayout::new(Path::new(overlay_lab::BPFFS), &instance).unwrap();
         let mut dp = Datapath::load(pins.clone()).unwrap();
-        let m = dp.maps();
+        let m = dp.maps_mut();
         m.set_config(&AgentSettings {
             underlay_ip: IpAddr::V4(LOCAL_UNDERLAY),
             underlay_ifindex: 1,
@@ -118,7 +118,7 @@ impl Fixture {
     fn counters(&self) -> Vec<(u32, &'static str, u64, u64)> {
         let mut rows: Vec<_> = self
             .dp
-            .maps_ref()
+            .maps()
             .stats()
             .unwrap()
             .into_iter()
@@ -298,7 +298,7 @@ fn xdp_drops_early_what_tc_would_drop_and_counts_it_alike() {
         } else {
             early += 1;
             let reason = reason.unwrap();
-            let got = with_xdp.dp.maps_ref().stat(0, reason).unwrap();
+            let got = with_xdp.dp.maps().stat(0, reason).unwrap();
             let was = before
                 .iter()
                 .find(|r| r.0 == 0 && r.1 == reason.name())
@@ -311,7 +311,7 @@ fn xdp_drops_early_what_tc_would_drop_and_counts_it_alike() {
         }
     }
     assert_eq!(
-        with_xdp.dp.maps_ref().stat(0, Counter::XdpDropped).unwrap(),
+        with_xdp.dp.maps().stat(0, Counter::XdpDropped).unwrap(),
         early
     );
     // Every per-reason counter (packets and bytes) agrees; only xdp_dropped is XDP's own.

@@ -109,6 +109,8 @@ pub fn run(args: &PackageArgs) -> anyhow::Result<PathBuf> {
     for (_, bin, _, section) in BINARIES {
         let page = if section.is_empty() {
             std::fs::read_to_string(root.join("packaging/debian").join(format!("{bin}.8")))?
+        } else if *bin == "overlayctl" {
+            ctl_output(&bin_dir, &["man"])?
         } else {
             man_page_from_help(&bin_dir.join(bin), bin, section)?
         };
@@ -116,6 +118,19 @@ pub fn run(args: &PackageArgs) -> anyhow::Result<PathBuf> {
         let dest = tree.join(format!("usr/share/man/man{section}/{bin}.{section}.gz"));
         std::fs::create_dir_all(dest.parent().unwrap())?;
         gzip(page.as_bytes(), &dest)?;
+    }
+    // overlayctl's completions, generated from its clap definition like its man page.
+    for (shell, dest) in [
+        ("bash", "usr/share/bash-completion/completions/overlayctl"),
+        ("zsh", "usr/share/zsh/vendor-completions/_overlayctl"),
+        (
+            "fish",
+            "usr/share/fish/vendor_completions.d/overlayctl.fish",
+        ),
+    ] {
+        let dest = tree.join(dest);
+        std::fs::create_dir_all(dest.parent().unwrap())?;
+        std::fs::write(&dest, ctl_output(&bin_dir, &["completions", shell])?)?;
     }
     install(
         &root.join("packaging/debian/copyright"),
@@ -166,6 +181,18 @@ fn control(version: &str, installed_kib: u64) -> String {
          masquerade) rebuilt on TC/TCX eBPF programs: no bridge, no VXLAN device, no\n \
          iptables. Contains the agent, the master, overlayctl and the CNI plugin.\n"
     )
+}
+
+/// Standard output of `overlayctl ARGS` (its generated man page, completions).
+fn ctl_output(bin_dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin_dir.join("overlayctl"))
+        .args(args)
+        .output()
+        .with_context(|| format!("running overlayctl {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!("overlayctl {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// A man page whose body is the binary's clap help (and every subcommand's).

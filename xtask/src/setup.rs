@@ -37,6 +37,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     // the master on a full disk (tests/tests/master_disk_full.rs): mkfs.ext4 for a loop image
     "e2fsprogs",
+    // the master's Networks page in a real browser (tests/tests/networks_page.rs)
+    "chromium",
+    "chromium-driver",
     // the VM lab (`cargo xtask vm`, tests/tests/vm.rs): guest root, initramfs, kernel modules.
     // QEMU itself is in VM_QEMU_PACKAGES.
     "mmdebstrap",

@@ -149,6 +149,11 @@ impl Agent {
         self.heartbeat_now.clone()
     }
 
+    /// The overlay MTU this agent was started with (`--mtu`).
+    pub fn mtu(&self) -> u32 {
+        self.local.mtu
+    }
+
     pub fn me(&self) -> Option<&AgentInfo> {
         self.me.as_ref()
     }

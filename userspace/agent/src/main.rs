@@ -24,7 +24,7 @@ use overlay_common::maps::{HOST_LINK_PEER, programs};
 #[derive(Parser, Debug)]
 #[command(
     name = "overlay-agent",
-    version,
+    version = overlay_api::build::version(),
     about = "ebpf-overlay agent: the eBPF datapath of one host"
 )]
 struct Args {
@@ -66,6 +66,9 @@ struct Args {
     /// not routed to, or filter the port.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Log format on standard error: `text` or `json` (one object per line).
+    #[arg(long, env = "OVERLAY_AGENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// Container MTU: the largest inner packet carried (underlay MTU minus 50).
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
@@ -132,12 +135,19 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let args = Args::parse();
+    // Standard error like the master's; colour only for a person at a terminal.
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .init();
-    let args = Args::parse();
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     if let Err(missing) = overlay_agent::preflight::check(&args.bpffs) {
         eprintln!("overlay-agent: {missing}");
         std::process::exit(overlay_agent::preflight::EXIT_PREFLIGHT);

@@ -55,6 +55,11 @@ impl Handle {
     }
 
     /// Runs `f` on the owner and waits for its answer.
+    /// The maps opened from their pins, for reads outside the owner.
+    pub fn view(&self) -> Arc<OverlayMaps> {
+        self.view.clone()
+    }
+
     pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Agent) -> R + Send + 'static,
@@ -194,21 +199,18 @@ pub async fn follow_master(
     let (my_ip, heartbeat_now) = agent
         .call(|a| (a.underlay_ip(), a.heartbeat_trigger()))
         .await?;
-    let counts = |agent: &Handle| {
-        let agent = agent.clone();
-        async move {
-            agent
-                .call(|a| a.endpoint_counts().unwrap_or_default())
-                .await
-                .unwrap_or_default()
-        }
-    };
     let mut backoff = Duration::from_millis(100);
     let mut tried_saved = false;
     loop {
-        match client.heartbeat(my_ip, counts(&agent).await).await {
+        match crate::endpoint_report::heartbeat(&client, my_ip, &agent).await {
             Ok(me) => {
                 tracing::info!(%my_ip, "registered with the master");
+                let mtu = agent.call(|a| a.mtu()).await?;
+                if let Err(conflict) = crate::vtep_mtu::check(mtu, &me) {
+                    tracing::error!("{conflict}");
+                    eprintln!("overlay-agent: {conflict}");
+                    std::process::exit(crate::vtep_mtu::EXIT_CONFLICT);
+                }
                 // The port comes with the first state; until then the saved state's, or the
                 // default.
                 agent
@@ -266,7 +268,7 @@ pub async fn follow_master(
                     _ = tokio::time::sleep(Duration::from_secs(30)) => {}
                     _ = heartbeat_now.notified() => {}
                 }
-                let answered = client.heartbeat(my_ip, counts(&agent).await).await;
+                let answered = crate::endpoint_report::heartbeat(&client, my_ip, &agent).await;
                 if let Err(e) = &answered {
                     tracing::warn!("heartbeat to the master failed: {e}");
                 }

@@ -143,6 +143,8 @@ impl MasterClient {
         let body = RegisterRequest {
             ip: agent_ip,
             endpoints: None,
+            endpoint_list: None,
+            drops: None,
         };
         self.send(
             Method::POST,
@@ -263,6 +265,33 @@ impl MasterClient {
         let body = RegisterRequest {
             ip: agent_ip,
             endpoints: Some(endpoints),
+            endpoint_list: None,
+            drops: None,
+        };
+        self.send(
+            Method::POST,
+            "/overlay-master/agents",
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .json()
+    }
+
+    /// [`Self::heartbeat`] that also reports every container address (for the master's
+    /// `/overlay-master/endpoints` and Networks page).
+    pub async fn heartbeat_with_endpoints(
+        &self,
+        agent_ip: IpAddr,
+        endpoints: std::collections::BTreeMap<String, u32>,
+        endpoint_list: Vec<crate::types::ReportedEndpoint>,
+        drops: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    ) -> Result<AgentInfo, ClientError> {
+        let body = RegisterRequest {
+            ip: agent_ip,
+            endpoints: Some(endpoints),
+            endpoint_list: Some(endpoint_list),
+            drops: Some(drops),
         };
         self.send(
             Method::POST,
@@ -363,6 +392,34 @@ impl MasterClient {
         )
         .await?
         .json()
+    }
+
+    /// `GET /health` of the first master that answers at all: its JSON body, whether it says
+    /// healthy (200) or not (503, e.g. its store lost quorum).
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        let mut attempts = Vec::new();
+        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for base in &self.base_urls {
+            let url = format!("{base}/health");
+            match http.get(&url).timeout(REQUEST_TIMEOUT).send().await {
+                Ok(response) => {
+                    let bytes = response.bytes().await.unwrap_or_default();
+                    return serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse {
+                        url,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(error) => attempts.push(format!("{url}: {}", error_chain(&error))),
+            }
+        }
+        Err(ClientError::Unreachable { attempts })
+    }
+
+    /// `GET` of an extra JSON route of the master (`/overlay-master/agents/liveness`, ...).
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send::<()>(Method::GET, path, None, REQUEST_TIMEOUT)
+            .await?
+            .json()
     }
 
     /// Sends the request to each master in turn until one answers with a non-5xx status.

@@ -4,6 +4,7 @@
 //! our additions are extra fields only (`vxlan_port`, per-network `vni`, watch `revision`).
 
 pub mod agent;
+pub mod build;
 mod client;
 pub mod sd_notify;
 pub mod subnets;

@@ -210,6 +210,35 @@ pub struct RegisterRequest {
     /// holds some.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<std::collections::BTreeMap<String, u32>>,
+    /// Extra: the agent's containers, one entry per address (absent: not reported). The master
+    /// keeps them in memory for `/overlay-master/endpoints` and its Networks page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_list: Option<Vec<ReportedEndpoint>>,
+    /// Extra: packets the agent's datapath dropped since it was loaded, by network name and
+    /// reason (absent: not reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drops: Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>>,
+}
+
+/// One container address an agent reports with its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReportedEndpoint {
+    pub ip: IpAddr,
+    pub network: String,
+    /// The runtime's container id (CNI `CNI_CONTAINERID`, Docker endpoint), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The host side of the container's veth.
+    pub interface: String,
+    pub mac: MacAddr,
+}
+
+/// One entry of `GET /overlay-master/endpoints`: a reported endpoint and its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterEndpoint {
+    pub agent: IpAddr,
+    #[serde(flatten)]
+    pub endpoint: ReportedEndpoint,
 }
 
 /// Body of `POST /overlay-master/agents/delete`.
@@ -392,4 +421,17 @@ mod tests {
         .apply_to(&mut state);
         assert_eq!(state.agents, vec![agent("10.0.0.9")]);
     }
+}
+
+/// One agent as `GET /overlay-master/agents/liveness` reports it: when the master last heard
+/// from it and what that makes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentLiveness {
+    pub ip: IpAddr,
+    /// `live`, `stale` (no heartbeat for `--stale-after-secs`) or `unknown` (not heard from
+    /// since this master started).
+    pub status: String,
+    /// Seconds since the last heartbeat this master received (absent: none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_seconds_ago: Option<f64>,
 }

@@ -32,6 +32,11 @@ const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn router(master: Arc<Master>, auth: Arc<Auth>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/overlay-master/agents/liveness", get(agents_liveness))
+        .route("/overlay-master/endpoints", get(endpoints))
+        .route("/overlay-master/ui", get(crate::ui::page))
+        .route("/overlay-master/ui/data", get(crate::ui::data))
         .route("/metrics", get(metrics))
         .route("/overlay-master/state", get(state))
         .route("/overlay-master/watch", get(watch))
@@ -58,6 +63,7 @@ pub fn router(master: Arc<Master>, auth: Arc<Auth>) -> Router {
         )
         .route("/overlay-master/tokens", post(create_token))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(access_log))
         .layer(axum::Extension(auth))
         .with_state(master)
 }
@@ -136,8 +142,137 @@ async fn not_found() -> ApiError {
     }
 }
 
+/// Longest a health check waits for the store.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The store's answer to a probe read, or why there was none.
+async fn probe_store(master: &Arc<Master>) -> Result<(), String> {
+    let probing = Arc::clone(master);
+    match tokio::time::timeout(
+        STORE_PROBE_TIMEOUT,
+        tokio::task::spawn_blocking(move || probing.probe_store()),
+    )
+    .await
+    {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(format!("the store probe failed: {join}")),
+        Err(_) => Err(format!(
+            "the store did not answer within {} s",
+            STORE_PROBE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// 200 while the store answers reads (etcd: with a quorum), 503 naming the fault otherwise.
+/// Unauthenticated: load balancers and systemd probes call it.
 async fn health(State(master): State<Arc<Master>>) -> Response {
-    Json(serde_json::json!({"status": "ok", "revision": master.revision()})).into_response()
+    match probe_store(&master).await {
+        Ok(()) => Json(serde_json::json!({
+            "status": "ok", "store": "ok", "revision": master.revision()
+        }))
+        .into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "unhealthy", "store": error, "revision": master.revision()
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// Whether this master takes agents: its state is loaded (the route answers 503 `starting`
+/// before, see [`starting_router`]) and its store answers.
+async fn ready(State(master): State<Arc<Master>>) -> Response {
+    match probe_store(&master).await {
+        Ok(()) => {
+            Json(serde_json::json!({"ready": true, "revision": master.revision()})).into_response()
+        }
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"ready": false, "reason": error})),
+        )
+            .into_response(),
+    }
+}
+
+/// What answers while the master is still opening its store (the listen address is bound
+/// first, so a port conflict fails before the store is touched).
+pub fn starting_router() -> Router {
+    let starting = || async {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                serde_json::json!({"status": "starting", "ready": false, "reason": "opening the store"}),
+            ),
+        )
+    };
+    Router::new()
+        .route("/health", get(starting))
+        .route("/ready", get(starting))
+        .fallback(starting)
+}
+
+/// Every agent with its last heartbeat and whether it is stale.
+async fn agents_liveness(
+    State(master): State<Arc<Master>>,
+    who: Authenticated,
+) -> Result<Response, ApiError> {
+    who.caller.require_read(&who.auth, "agents")?;
+    Ok(Json(master.liveness()).into_response())
+}
+
+/// Every container address the agents reported, with its agent.
+async fn endpoints(
+    State(master): State<Arc<Master>>,
+    who: Authenticated,
+) -> Result<Response, ApiError> {
+    who.caller.require_read(&who.auth, "endpoints")?;
+    Ok(Json(master.endpoints()).into_response())
+}
+
+/// Who made a request, for the access log.
+fn caller_name(caller: &crate::auth::Caller) -> String {
+    use crate::auth::Caller;
+    match caller {
+        Caller::Unauthenticated => "unauthenticated (insecure http)".into(),
+        Caller::Admin => "admin".into(),
+        Caller::Agent(ip) => format!("agent {ip}"),
+        Caller::Anonymous { .. } => "anonymous".into(),
+    }
+}
+
+/// Logs every state-changing request (anything but GET/HEAD): who, what, the answer. Agent
+/// heartbeats (`POST /overlay-master/agents` by the agent itself) are logged at debug only.
+async fn access_log(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::extract::FromRequestParts as _;
+    let method = request.method().clone();
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let caller = Authenticated::from_request_parts(&mut parts, &())
+        .await
+        .map(|who| who.caller);
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().map(str::to_owned);
+    let request = axum::extract::Request::from_parts(parts, body);
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let who = caller
+        .as_ref()
+        .map_or_else(|_| "unknown".to_owned(), caller_name);
+    let heartbeat =
+        path == "/overlay-master/agents" && matches!(caller, Ok(crate::auth::Caller::Agent(_)));
+    let millis = started.elapsed().as_millis() as u64;
+    let query = query.unwrap_or_default();
+    if heartbeat && status < 400 {
+        tracing::debug!(target: "access", %method, %path, status, caller = %who, millis, "request");
+    } else {
+        tracing::info!(target: "access", %method, %path, %query, status, caller = %who, millis, "request");
+    }
+    response
 }
 
 async fn metrics(
@@ -217,6 +352,12 @@ struct RegisterBody {
     /// The agent's local endpoints per network (optional).
     #[serde(default)]
     endpoints: Option<std::collections::BTreeMap<String, u32>>,
+    /// The agent's containers (optional).
+    #[serde(default)]
+    endpoint_list: Option<Vec<overlay_api::ReportedEndpoint>>,
+    /// Drops by network and reason (optional).
+    #[serde(default)]
+    drops: Option<crate::master::DropReport>,
 }
 
 /// `?force=true`: the change goes ahead even where it would cut off running containers.
@@ -252,6 +393,13 @@ async fn register(
     who.caller.require_agent_or_admin(body.ip, "register")?;
     check_agent_ip("ip", body.ip)?;
     let info = master.heartbeat(body.ip, body.endpoints).await?;
+    if body.endpoint_list.is_some() || body.drops.is_some() {
+        master.note_report(
+            body.ip,
+            body.endpoint_list.unwrap_or_default(),
+            body.drops.unwrap_or_default(),
+        );
+    }
     Ok(Json(info).into_response())
 }
 
@@ -435,4 +583,34 @@ async fn create_token(
     let (token, expires) = crate::pki::create_join_token(ca.dir(), ttl, body.ip)
         .map_err(|e| unavailable("storing the join token", e))?;
     Ok((StatusCode::CREATED, Json(TokenResponse { token, expires })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::dcos_default;
+    use crate::store::memory::MemoryStore;
+    use tower_service::Service as _;
+
+    /// A watch asking for an hour ends (204) after [`MAX_WATCH_TIMEOUT`]: no client can pin a
+    /// connection and a watcher slot for longer.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_longer_than_the_cap_ends_at_the_cap() {
+        let master = Master::start(Arc::new(MemoryStore::new()), dcos_default()).unwrap();
+        let mut api = router(Arc::clone(&master), Arc::new(Auth::insecure()));
+        let request = axum::http::Request::get(format!(
+            "/overlay-master/watch?after={}&timeout_ms=3600000",
+            master.revision()
+        ))
+        .body(axum::body::Body::empty())
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let answer = api.call(request).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+        assert!(
+            waited >= MAX_WATCH_TIMEOUT && waited < MAX_WATCH_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
 }

@@ -124,6 +124,8 @@ pub struct ClusterState {
     /// know which of its stored agents are alive).
     liveness: HashMap<IpAddr, Liveness>,
     started: Instant,
+    /// The configuration file's path, for refusals that name it.
+    pub(crate) config_file: Option<String>,
 }
 
 /// Most agent deletions remembered for deltas; beyond that, older watchers get a full state.
@@ -204,6 +206,7 @@ impl ClusterState {
             safety: SafetySettings::default(),
             liveness: HashMap::new(),
             started: Instant::now(),
+            config_file: None,
         })
     }
 
@@ -239,6 +242,7 @@ impl ClusterState {
             safety: SafetySettings::default(),
             liveness: HashMap::new(),
             started: Instant::now(),
+            config_file: None,
         };
         let mut report = RestoreReport::default();
         for stored in snapshot.agents {
@@ -275,6 +279,7 @@ impl ClusterState {
         self.safety = previous.safety.clone();
         self.liveness = std::mem::take(&mut previous.liveness);
         self.started = previous.started;
+        self.config_file = previous.config_file.take();
         let quarantine = previous.alloc.take_quarantine();
         self.alloc.adopt_quarantine(quarantine);
         // Agents another master deleted: their allocations are quarantined here too.
@@ -304,6 +309,41 @@ impl ClusterState {
                 endpoints,
             },
         );
+    }
+
+    /// Every agent with its last heartbeat: `stale` once the heartbeat timeout passed
+    /// without one (also for agents not heard from since this master started), `unknown`
+    /// before that for those, `live` otherwise.
+    pub(crate) fn liveness_report(&self, now: Instant) -> Vec<overlay_api::AgentLiveness> {
+        self.agents
+            .keys()
+            .map(|ip| {
+                let heard = self.liveness.get(ip).map(|l| l.seen);
+                let ago = now.saturating_duration_since(self.last_seen(*ip));
+                let status = if ago >= self.safety.heartbeat_timeout {
+                    "stale"
+                } else if heard.is_none() {
+                    "unknown"
+                } else {
+                    "live"
+                };
+                overlay_api::AgentLiveness {
+                    ip: *ip,
+                    status: status.to_owned(),
+                    last_heartbeat_seconds_ago: heard
+                        .map(|seen| now.saturating_duration_since(seen).as_secs_f64()),
+                }
+            })
+            .collect()
+    }
+
+    /// Agents whose last heartbeat (or this master's start) is `lease` or more ago.
+    pub(crate) fn not_heard_for(&self, lease: Duration, now: Instant) -> Vec<IpAddr> {
+        self.agents
+            .keys()
+            .filter(|ip| now.saturating_duration_since(self.last_seen(**ip)) >= lease)
+            .copied()
+            .collect()
     }
 
     /// Agents reporting endpoints on `network`, with their counts.
@@ -348,9 +388,13 @@ impl ClusterState {
         }
         if from_file {
             return Err(MasterError::Conflict(format!(
-                "network {name} is defined by the configuration file: {action} it with force=true \
-                 (the file's definition applies again at the next reload or restart), or change \
-                 the file"
+                "network {name} is defined by the configuration file{}: {action} it with \
+                 force=true (the file's definition applies again at the next reload or restart), \
+                 or change the file",
+                self.config_file
+                    .as_deref()
+                    .map(|path| format!(" {path}"))
+                    .unwrap_or_default()
             )));
         }
         Ok(())
@@ -730,6 +774,11 @@ impl ClusterState {
                 .filter(|r| {
                     r.vtep_error.is_some() || r.networks.values().any(|n| n.error.is_some())
                 })
+                .count(),
+            agents_stale: self
+                .liveness_report(Instant::now())
+                .iter()
+                .filter(|l| l.status == "stale")
                 .count(),
             vteps_allocated: self.alloc.vteps_allocated(),
             quarantined: self.alloc.quarantined(),

@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod store;
+pub mod ui;
 pub mod validate;

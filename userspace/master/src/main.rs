@@ -21,7 +21,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
 #[command(
-    version,
+    version = overlay_api::build::version(),
     about = "Overlay network master: allocates VTEPs and agent subnets, serves DC/OS's /overlay-master API"
 )]
 struct Args {
@@ -73,6 +73,15 @@ struct Args {
     /// Key prefix of this overlay cluster in etcd.
     #[arg(long, env = "OVERLAY_MASTER_ETCD_PREFIX", default_value = overlay_master::store::etcd::DEFAULT_PREFIX)]
     etcd_prefix: String,
+    /// Seconds without a heartbeat after which an agent's lease expires and the master deletes
+    /// it, freeing its VTEP and subnets (0: never; agents are then only removed on request).
+    /// Must exceed --heartbeat-timeout-secs, after which agents are reported stale.
+    #[arg(long, env = "OVERLAY_MASTER_AGENT_LEASE_SECS", default_value_t = 0)]
+    agent_lease_secs: u64,
+    /// Log format on standard error: `text` (coloured only on a terminal) or `json` (one
+    /// object per line).
+    #[arg(long, env = "OVERLAY_MASTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Seconds after its last heartbeat an agent may still be running: deleting it sooner
     /// needs `force=true` (agents heartbeat every 30 s).
     #[arg(
@@ -172,6 +181,12 @@ impl Args {
             password,
         })
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,16 +307,24 @@ fn open_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        // Colour only for a person at a terminal, never into journald or a file.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let mut args = Args::parse();
+    init_logging(args.log_format);
     if let Some(command) = args.command.take() {
         return match run_command(command) {
             Ok(()) => ExitCode::SUCCESS,
@@ -377,39 +400,107 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
+    let lease = match args.agent_lease_secs {
+        0 => None,
+        secs if secs <= args.heartbeat_timeout_secs => anyhow::bail!(
+            "--agent-lease-secs {secs} must exceed --heartbeat-timeout-secs {}: a lease shorter \
+             than the heartbeat timeout would reclaim agents that are alive",
+            args.heartbeat_timeout_secs
+        ),
+        secs => Some(std::time::Duration::from_secs(secs)),
+    };
+    // Bind before touching the store: a taken port fails here, with the store untouched, and
+    // probes get `starting` (503) while the store opens.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let live: Arc<std::sync::OnceLock<axum::Router>> = Arc::default();
+    let front = front_router(Arc::clone(&live));
+    let auth = match &tls {
+        Some((_, auth)) => Arc::clone(auth),
+        None => Arc::new(overlay_master::auth::Auth::insecure()),
+    };
+    let server = match tls {
+        Some((config, _)) => tokio::spawn(async move {
+            overlay_master::server::serve_tls(listener, config, front, shutdown_signal())
+                .await
+                .context("serving HTTPS")
+        }),
+        None => tokio::spawn(async move {
+            axum::serve(listener, front)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("serving HTTP")
+        }),
+    };
     let store = tokio::task::block_in_place(|| open_store(&args))?;
     let master = tokio::task::block_in_place(|| Master::start_with(store, file_config, safety))
         .with_context(|| match &args.config {
             Some(path) => format!("starting with config file {}", path.display()),
             None => "starting with DC/OS's default configuration".to_owned(),
         })?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let bound = listener.local_addr()?;
-    tracing::info!(listen = %bound, revision = master.revision(), "overlay master serving");
+    if let Some(path) = &args.config {
+        master.set_config_file(path);
+    }
+    let _ = live.set(overlay_master::api::router(
+        Arc::clone(&master),
+        Arc::clone(&auth),
+    ));
+    tracing::info!(listen = %bound, revision = master.revision(), version = overlay_api::build::version(), "overlay master serving");
     // systemd (Type=notify): the store is open and the API listens.
     let _ = overlay_api::sd_notify::notify("READY=1");
 
     tokio::spawn(reload_on_sighup(Arc::clone(&master), args.config.clone()));
-    match tls {
-        Some((config, auth)) => {
-            let router = overlay_master::api::router(Arc::clone(&master), auth);
-            overlay_master::server::serve_tls(listener, config, router, shutdown_signal())
-                .await
-                .context("serving HTTPS")?;
-        }
-        None => {
-            let auth = Arc::new(overlay_master::auth::Auth::insecure());
-            let router = overlay_master::api::router(Arc::clone(&master), auth);
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .context("serving HTTP")?;
-        }
+    if let Some(lease) = lease {
+        tokio::spawn(reclaim_expired_leases(Arc::clone(&master), auth, lease));
     }
+    server.await.context("the server task")??;
     tracing::info!("overlay master stopped");
     Ok(())
+}
+
+/// Serves the real API once it is set, the `starting` answers before.
+fn front_router(live: Arc<std::sync::OnceLock<axum::Router>>) -> axum::Router {
+    use tower_service::Service as _;
+    let starting = overlay_master::api::starting_router();
+    axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let mut router = live.get().cloned().unwrap_or_else(|| starting.clone());
+        async move {
+            match router.call(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    })
+}
+
+/// Deletes agents whose lease expired (no heartbeat for `lease`) and revokes their
+/// certificates, checking a few times per lease.
+async fn reclaim_expired_leases(
+    master: Arc<Master>,
+    auth: Arc<overlay_master::auth::Auth>,
+    lease: std::time::Duration,
+) {
+    let period = (lease / 4).clamp(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(30),
+    );
+    loop {
+        tokio::time::sleep(period).await;
+        match master.reclaim_expired(lease).await {
+            Ok(reclaimed) if reclaimed.is_empty() => {}
+            Ok(reclaimed) => {
+                tracing::warn!(agents = ?reclaimed, lease_secs = lease.as_secs(), "agent leases expired: deleted, subnets freed");
+                if let Some(revocations) = &auth.revocations
+                    && let Err(error) = revocations.revoke_agents(&reclaimed)
+                {
+                    tracing::error!(%error, "revoking the certificates of reclaimed agents");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reclaiming expired agent leases"),
+        }
+    }
 }
 
 /// Loads (or creates) the CA, issues the master's certificate, reads the admin token.

@@ -109,6 +109,19 @@ pub struct Master {
     /// Delta bodies of the current revision by `after` (watchers mostly share one `after`).
     delta_cache: tokio::sync::Mutex<(u64, HashMap<u64, Bytes>)>,
     commands: mpsc::Sender<Command>,
+    /// Container addresses each agent reported with its last heartbeat (memory only: agents
+    /// report again within a heartbeat).
+    reported: Mutex<HashMap<IpAddr, AgentReport>>,
+}
+
+/// Drops by network name and reason, as an agent reports them.
+pub type DropReport = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// What an agent reported with its last heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct AgentReport {
+    pub endpoints: Vec<overlay_api::ReportedEndpoint>,
+    pub drops: DropReport,
 }
 
 impl Master {
@@ -152,6 +165,7 @@ impl Master {
             state_cache: tokio::sync::Mutex::new(None),
             delta_cache: tokio::sync::Mutex::new((0, HashMap::new())),
             commands,
+            reported: Mutex::new(HashMap::new()),
         });
         let writer = Arc::clone(&master);
         std::thread::Builder::new()
@@ -285,6 +299,70 @@ impl Master {
     pub fn metrics_text(&self) -> String {
         let gauges = self.lock_state().gauges();
         self.metrics.render(&gauges)
+    }
+
+    /// The configuration file's path, named when a change of one of its networks is refused.
+    pub fn set_config_file(&self, path: &std::path::Path) {
+        self.lock_state().config_file = Some(path.display().to_string());
+    }
+
+    /// Replaces what `agent` reported about its containers and drops.
+    pub fn note_report(
+        &self,
+        agent: IpAddr,
+        mut endpoints: Vec<overlay_api::ReportedEndpoint>,
+        drops: DropReport,
+    ) {
+        endpoints.sort();
+        self.reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(agent, AgentReport { endpoints, drops });
+    }
+
+    /// The reports of the agents the master knows (a deleted agent's report goes with it).
+    pub fn reports(&self) -> BTreeMap<IpAddr, AgentReport> {
+        let known: std::collections::BTreeSet<IpAddr> =
+            self.lock_state().agents.keys().copied().collect();
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        reported.retain(|ip, _| known.contains(ip));
+        reported.iter().map(|(ip, r)| (*ip, r.clone())).collect()
+    }
+
+    /// Every reported container address, by agent and address.
+    pub fn endpoints(&self) -> Vec<overlay_api::ClusterEndpoint> {
+        self.reports()
+            .into_iter()
+            .flat_map(|(agent, report)| {
+                report
+                    .endpoints
+                    .into_iter()
+                    .map(move |endpoint| overlay_api::ClusterEndpoint { agent, endpoint })
+            })
+            .collect()
+    }
+
+    /// Whether the store answers a read now. Blocks: call it off the async threads.
+    pub fn probe_store(&self) -> Result<(), String> {
+        self.store.probe().map_err(|e| e.to_string())
+    }
+
+    /// Every agent with when it last heartbeated and whether that makes it stale.
+    pub fn liveness(&self) -> Vec<overlay_api::AgentLiveness> {
+        self.lock_state().liveness_report(Instant::now())
+    }
+
+    /// Deletes the agents not heard from for `lease` (an expired lease, as flannel's), freeing
+    /// their subnets; returns them.
+    pub async fn reclaim_expired(
+        &self,
+        lease: std::time::Duration,
+    ) -> Result<Vec<IpAddr>, MasterError> {
+        let expired = self.lock_state().not_heard_for(lease, Instant::now());
+        if expired.is_empty() {
+            return Ok(expired);
+        }
+        self.delete_agents(expired, true).await
     }
 
     /// Registers or heartbeats an agent. A complete agent is answered from memory; anything

@@ -32,6 +32,8 @@ pub struct Gauges {
     pub agents: usize,
     /// Agents with at least one network in STATUS_FAILED.
     pub agents_failed: usize,
+    /// Agents without a heartbeat for the heartbeat timeout.
+    pub agents_stale: usize,
     pub vteps_allocated: u128,
     /// Freed VTEPs and subnets held back from reuse (counted in the allocated gauges too).
     pub quarantined: usize,
@@ -71,7 +73,7 @@ impl Metrics {
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
-        let mut out = String::new();
+        let mut out = overlay_api::build::build_info_metric("overlay_master");
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
             let _ = writeln!(
                 out,
@@ -101,6 +103,12 @@ impl Metrics {
             "overlay_master_agents_failed",
             "Agents with a failed allocation.",
             gauges.agents_failed.to_string(),
+        );
+        gauge(
+            &mut out,
+            "overlay_master_agents_stale",
+            "Agents not heard from within the heartbeat timeout.",
+            gauges.agents_stale.to_string(),
         );
         gauge(
             &mut out,

@@ -92,7 +92,7 @@ pub fn validate(config: &NetworkConfig) -> Result<(), ConfigError> {
         validate_overlay(index, overlay, &mut errors);
         if let Some(first) = names.insert(&overlay.name, index) {
             errors.fail(
-                format!("overlays[{index}].name"),
+                format!("overlays[{index}].name ({})", overlay.name),
                 &overlay.name,
                 format!("duplicate network name (also overlays[{first}])"),
             );
@@ -101,9 +101,12 @@ pub fn validate(config: &NetworkConfig) -> Result<(), ConfigError> {
             && let Some(first) = vnis.insert(vni, index)
         {
             errors.fail(
-                format!("overlays[{index}].vni"),
+                format!("overlays[{index}].vni ({})", overlay.name),
                 vni,
-                format!("duplicate VNI (also overlays[{first}])"),
+                format!(
+                    "duplicate VNI (also overlays[{first}], {})",
+                    config.overlays[first].name
+                ),
             );
         }
     }
@@ -206,7 +209,8 @@ pub fn validate_overlay_alone(index: usize, overlay: &OverlayInfo) -> Result<(),
 }
 
 fn validate_overlay(index: usize, overlay: &OverlayInfo, errors: &mut Collector) {
-    let field = |name: &str| format!("overlays[{index}].{name}");
+    // The network's name beside its place: an API caller never sees the list's indices.
+    let field = |name: &str| format!("overlays[{index}].{name} ({})", overlay.name);
     let name = &overlay.name;
     if name.is_empty() {
         errors.fail(field("name"), "\"\"", "must not be empty");
@@ -314,10 +318,16 @@ fn validate_overlaps(config: &NetworkConfig, errors: &mut Collector) {
     }
     for (index, overlay) in config.overlays.iter().enumerate() {
         if let Some(subnet) = overlay.subnet {
-            v4.push((format!("overlays[{index}].subnet"), subnet));
+            v4.push((
+                format!("overlays[{index}].subnet ({})", overlay.name),
+                subnet,
+            ));
         }
         if let Some(subnet6) = overlay.subnet6 {
-            v6.push((format!("overlays[{index}].subnet6"), subnet6));
+            v6.push((
+                format!("overlays[{index}].subnet6 ({})", overlay.name),
+                subnet6,
+            ));
         }
     }
     // A handful of networks: the pairwise check is cheap.
@@ -446,9 +456,10 @@ mod tests {
         let err = validate(config).expect_err("configuration should be rejected");
         let text = err.to_string();
         assert!(
-            err.0
-                .iter()
-                .any(|e| e.field == field && e.value.contains(value)),
+            err.0.iter().any(
+                |e| (e.field == field || e.field.starts_with(&format!("{field} (")))
+                    && e.value.contains(value)
+            ),
             "expected an error on {field} = {value}, got: {text}"
         );
         assert!(text.contains(field) && text.contains(value), "{text}");

@@ -529,6 +529,20 @@ impl Drop for EtcdStore {
 }
 
 impl Store for EtcdStore {
+    /// A linearizable count of the prefix: answers only while etcd has a quorum.
+    fn probe(&self) -> Result<(), StoreError> {
+        self.request(
+            "/v3/kv/range",
+            json!({
+                "key": b64(&self.prefix),
+                "range_end": B64.encode(prefix_end(&self.prefix)),
+                "count_only": true,
+            }),
+            READ_TIMEOUT,
+        )
+        .map(|_| ())
+    }
+
     fn load(&self) -> Result<Snapshot, StoreError> {
         let answer = match self.range_all(false) {
             Ok(answer) => answer,

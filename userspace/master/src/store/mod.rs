@@ -118,4 +118,9 @@ pub trait Store: Send + Sync {
     fn changes(&self) -> Option<std::sync::mpsc::Receiver<u64>> {
         None
     }
+
+    /// Whether the store answers a read now (`/health`); the default reads everything.
+    fn probe(&self) -> Result<(), StoreError> {
+        self.load().map(|_| ())
+    }
 }

@@ -1,0 +1,78 @@
+//! What the agent tells the master about its containers with each heartbeat: the endpoint
+//! counts per network (the master's guard against removing a network in use) and every
+//! container address (the master's `/overlay-master/endpoints` and Networks page).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use overlay_api::{AgentInfo, MasterClient, ReportedEndpoint};
+
+use crate::runtime::Handle;
+
+/// Drops by network name and reason.
+pub type DropReport = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// The heartbeat's payload: counts and endpoints from the owner, drops read from the pinned
+/// counters outside it.
+pub async fn report(agent: &Handle) -> (BTreeMap<String, u32>, Vec<ReportedEndpoint>, DropReport) {
+    let (names, counts, endpoints) = agent
+        .call(|a| {
+            let names: BTreeMap<u32, String> = a
+                .me()
+                .map(|me| {
+                    me.overlays
+                        .iter()
+                        .map(|o| (o.backend.vxlan.vni, o.info.name.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                names,
+                a.endpoint_counts().unwrap_or_default(),
+                a.endpoints().unwrap_or_default(),
+            )
+        })
+        .await
+        .unwrap_or_default();
+    let view = agent.view();
+    let stats = tokio::task::spawn_blocking(move || view.stats().unwrap_or_default())
+        .await
+        .unwrap_or_default();
+    let mut drops = DropReport::new();
+    for row in stats {
+        if row.counter.is_drop() && row.packets > 0 {
+            let network = names
+                .get(&row.vni)
+                .cloned()
+                .unwrap_or_else(|| format!("vni {}", row.vni));
+            *drops
+                .entry(network)
+                .or_default()
+                .entry(row.counter.name().to_owned())
+                .or_default() += row.packets;
+        }
+    }
+    let list = endpoints
+        .into_iter()
+        .map(|e| ReportedEndpoint {
+            ip: IpAddr::V4(e.ip),
+            network: e.network,
+            container: e.attachment,
+            interface: e.host_veth,
+            mac: e.container_mac,
+        })
+        .collect();
+    (counts, list, drops)
+}
+
+/// One heartbeat with the full report.
+pub async fn heartbeat(
+    client: &MasterClient,
+    my_ip: IpAddr,
+    agent: &Handle,
+) -> Result<AgentInfo, overlay_api::ClientError> {
+    let (counts, list, drops) = report(agent).await;
+    client
+        .heartbeat_with_endpoints(my_ip, counts, list, drops)
+        .await
+}
