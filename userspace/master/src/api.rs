@@ -13,10 +13,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use overlay_api::ErrorBody;
 use overlay_api::tls::wire::{
     IssuedCertificate, JoinRequest, RenewRequest, TokenRequest, TokenResponse,
 };
-use overlay_api::ErrorBody;
 use serde::Deserialize;
 
 use crate::auth::{Auth, Authenticated};

@@ -170,12 +170,10 @@ fn records_of(
                     "{field}: a different VTEP than the agent's other networks"
                 ));
             }
-            let Some(network) = config
-                .overlays
-                .iter()
-                .find(|o| o.name == overlay.info.name)
-            else {
-                reasons.push(format!("{field}: no such network in the state's network list"));
+            let Some(network) = config.overlays.iter().find(|o| o.name == overlay.info.name) else {
+                reasons.push(format!(
+                    "{field}: no such network in the state's network list"
+                ));
                 continue;
             };
             if record.networks.contains_key(&network.name) {
@@ -185,9 +183,17 @@ fn records_of(
             // The bridges must be the halves the subnet gives (the agent's CNI configs and
             // Docker networks were made from them).
             let expect = |bridge: &Option<overlay_api::BridgeInfo>, first: bool| {
-                let Some(bridge) = bridge else { return Ok(false) };
-                let v4 = overlay.subnet.map(halves4).map(|h| if first { h.0 } else { h.1 });
-                let v6 = overlay.subnet6.map(halves6).map(|h| if first { h.0 } else { h.1 });
+                let Some(bridge) = bridge else {
+                    return Ok(false);
+                };
+                let v4 = overlay
+                    .subnet
+                    .map(halves4)
+                    .map(|h| if first { h.0 } else { h.1 });
+                let v6 = overlay
+                    .subnet6
+                    .map(halves6)
+                    .map(|h| if first { h.0 } else { h.1 });
                 if bridge.ip != v4 || bridge.ip6 != v6 {
                     return Err(format!(
                         "{field}: bridge {} is not the {} half of the agent's subnet",
@@ -370,9 +376,10 @@ fn merge_into(
         if let Some(existing) = stored.agents.get(&record.ip) {
             let same = existing.vtep_ip == record.vtep_ip
                 && record.networks.iter().all(|(name, entry)| {
-                    existing.networks.get(name).is_some_and(|e| {
-                        (e.subnet, e.subnet6) == (entry.subnet, entry.subnet6)
-                    })
+                    existing
+                        .networks
+                        .get(name)
+                        .is_some_and(|e| (e.subnet, e.subnet6) == (entry.subnet, entry.subnet6))
                 });
             if same {
                 report.unchanged.push(record.ip);
@@ -386,7 +393,11 @@ fn merge_into(
         }
         let clashes: Vec<String> = key_of(&record)
             .into_iter()
-            .filter_map(|key| holders.get(&key).map(|holder| format!("{key} held by agent {holder}")))
+            .filter_map(|key| {
+                holders
+                    .get(&key)
+                    .map(|holder| format!("{key} held by agent {holder}"))
+            })
             .collect();
         if !clashes.is_empty() {
             reasons.push(format!("agent {}: {}", record.ip, clashes.join(", ")));

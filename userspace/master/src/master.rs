@@ -21,11 +21,10 @@ use bytes::Bytes;
 use overlay_api::{AgentInfo, NetworkConfig, OverlayInfo};
 use tokio::sync::{oneshot, watch};
 
-use crate::cluster::{ChangeLog, apply_network_change, apply_reload, log_reconfigure};
 pub use crate::cluster::{
-    AgentNetworkConfig, ClusterState, MasterError, NetworkChange, ReconfigureReport,
-    SafetySettings,
+    AgentNetworkConfig, ClusterState, MasterError, NetworkChange, ReconfigureReport, SafetySettings,
 };
+use crate::cluster::{ChangeLog, apply_network_change, apply_reload, log_reconfigure};
 use crate::config::assign_default_vnis;
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
