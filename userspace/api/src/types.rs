@@ -439,6 +439,40 @@ mod tests {
         assert_eq!(config.vtep_subnet6, None);
     }
 
+    #[test]
+    fn the_oui_prints_as_written_and_empty_lists_are_left_out() {
+        let network: NetworkConfig = serde_json::from_str(
+            r#"{"vtep_subnet":"44.128.0.0/20","vtep_mac_oui":"70:B3:d5:00:00:00"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            network.vtep_mac_oui.mac(),
+            MacAddr([0x70, 0xb3, 0xd5, 0, 0, 0])
+        );
+        let state = State {
+            network,
+            agents: vec![agent("10.0.0.1")],
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(
+            text.contains(r#""vtep_mac_oui":"70:B3:d5:00:00:00""#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("overlays"),
+            "empty repeated fields are left out: {text}"
+        );
+        let empty = State {
+            agents: vec![],
+            ..state
+        };
+        assert!(!serde_json::to_string(&empty).unwrap().contains("agents"));
+        assert_eq!(
+            MacOui::from(MacAddr([0x70, 0xb3, 0xd5, 0, 0, 0])).to_string(),
+            "70:B3:D5:00:00:00"
+        );
+    }
+
     fn agent(ip: &str) -> AgentInfo {
         AgentInfo {
             ip: ip.parse().unwrap(),
@@ -470,6 +504,28 @@ mod tests {
         }
         .apply_to(&mut state);
         assert_eq!(state.agents, vec![changed, agent("10.0.0.3")]);
+
+        // Registration order, not address order: a changed agent keeps its place.
+        let mut ordered = State {
+            network: network.clone(),
+            agents: vec![agent("10.0.0.9"), agent("10.0.0.2")],
+        };
+        let mut nine = agent("10.0.0.9");
+        nine.configuration_attempts = Some(1);
+        WatchedDelta {
+            revision: 3,
+            full: false,
+            state: State {
+                network: network.clone(),
+                agents: vec![nine.clone(), agent("10.0.0.1")],
+            },
+            deleted: vec![],
+        }
+        .apply_to(&mut ordered);
+        assert_eq!(
+            ordered.agents,
+            vec![nine, agent("10.0.0.2"), agent("10.0.0.1")]
+        );
 
         WatchedDelta {
             revision: 8,

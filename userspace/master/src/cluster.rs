@@ -1049,6 +1049,63 @@ mod tests {
     }
 
     #[test]
+    fn bridges_ipv6_agents_and_disabled_networks_as_dcos() {
+        let metrics = Metrics::default();
+        let mut c = cluster(SafetySettings::default());
+        let now = Instant::now();
+        let node = c
+            .register_with(
+                ip("10.0.0.5"),
+                None,
+                AgentNetworkConfig {
+                    mesos_bridge: Some(false),
+                    docker_bridge: Some(false),
+                },
+                now,
+                &metrics,
+            )
+            .unwrap();
+        assert!(node.overlays.iter().all(|o| o.mesos_bridge.is_none()
+            && o.docker_bridge.is_none()
+            && (o.subnet.is_some() || o.subnet6.is_some())));
+        // A later registration saying nothing keeps the choice.
+        let again = c.register(ip("10.0.0.5"), None, now, &metrics).unwrap();
+        assert_eq!(again, node);
+
+        let err = c.register(ip("fd00::5"), None, now, &metrics).unwrap_err();
+        assert!(err.to_string().contains("--ipv6-underlay"), "{err}");
+        let mut open = cluster(SafetySettings {
+            ipv6_underlay: true,
+            ..SafetySettings::default()
+        });
+        open.register(ip("fd00::5"), None, now, &metrics).unwrap();
+
+        c.register(ip("10.0.0.1"), None, now, &metrics).unwrap();
+        apply_network_change(
+            &mut c,
+            NetworkChange::SetEnabled {
+                name: "dcos6".into(),
+                enabled: false,
+            },
+            true,
+            &metrics,
+        )
+        .unwrap();
+        let newcomer = c.register(ip("10.0.0.2"), None, now, &metrics).unwrap();
+        let names: Vec<&str> = newcomer
+            .overlays
+            .iter()
+            .map(|o| o.info.name.as_str())
+            .collect();
+        assert_eq!(names, ["dcos"]);
+        let holder = c.agent(ip("10.0.0.1")).unwrap();
+        assert_eq!(holder.overlays[1].info.enabled, Some(false));
+        // Registration order in the state.
+        let order: Vec<IpAddr> = c.state().agents.iter().map(|a| a.ip).collect();
+        assert_eq!(order, [ip("10.0.0.5"), ip("10.0.0.1"), ip("10.0.0.2")]);
+    }
+
+    #[test]
     fn live_agents_are_deleted_only_with_force() {
         let metrics = Metrics::default();
         let mut c = cluster(SafetySettings {

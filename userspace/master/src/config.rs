@@ -37,9 +37,9 @@ struct FileConfig {
     vtep_subnet: Option<String>,
     vtep_subnet6: Option<String>,
     vtep_mac_oui: Option<String>,
-    #[serde(default, deserialize_with = "lenient::number")]
+    #[serde(default, deserialize_with = "lenient::vtep_mtu")]
     vtep_mtu: Option<u32>,
-    #[serde(default, deserialize_with = "lenient::number")]
+    #[serde(default, deserialize_with = "lenient::vxlan_port")]
     vxlan_port: Option<u16>,
     overlays: Option<Vec<OverlaySpec>>,
 }
@@ -78,7 +78,25 @@ mod lenient {
         Text(String),
     }
 
-    pub fn number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    /// Field-named readers (serde's path stops at the enclosing object).
+    macro_rules! named {
+        ($($name:ident: $kind:ident -> $ty:ty;)*) => {$(
+            pub fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<$ty>, D::Error> {
+                $kind(d, stringify!($name))
+            }
+        )*};
+    }
+    named! {
+        vtep_mtu: number -> u32;
+        vxlan_port: number -> u16;
+        prefix: number -> u8;
+        prefix6: number -> u8;
+        vni: number -> u32;
+        enabled: boolean -> bool;
+        masquerade: boolean -> bool;
+    }
+
+    fn number<'de, D, T>(deserializer: D, field: &str) -> Result<Option<T>, D::Error>
     where
         D: Deserializer<'de>,
         T: TryFrom<u64>,
@@ -89,14 +107,14 @@ mod lenient {
             Some(NumberOrText::Text(text)) => text
                 .trim()
                 .parse::<u64>()
-                .map_err(|_| D::Error::custom(format!("{text:?} is not a number")))?,
+                .map_err(|_| D::Error::custom(format!("{field} = {text:?}: not a number")))?,
         };
         T::try_from(value)
             .map(Some)
-            .map_err(|_| D::Error::custom(format!("{value} is out of range")))
+            .map_err(|_| D::Error::custom(format!("{field} = {value}: out of range")))
     }
 
-    pub fn boolean<'de, D>(deserializer: D) -> Result<Option<bool>, D::Error>
+    fn boolean<'de, D>(deserializer: D, field: &str) -> Result<Option<bool>, D::Error>
     where
         D: Deserializer<'de>,
     {
@@ -106,7 +124,9 @@ mod lenient {
             Some(BoolOrText::Text(text)) => match text.trim() {
                 "true" => Ok(Some(true)),
                 "false" => Ok(Some(false)),
-                _ => Err(D::Error::custom(format!("{text:?} is not true or false"))),
+                _ => Err(D::Error::custom(format!(
+                    "{field} = {text:?}: not true or false"
+                ))),
             },
         }
     }
@@ -118,16 +138,16 @@ mod lenient {
 pub struct OverlaySpec {
     pub name: String,
     pub subnet: Option<String>,
-    #[serde(default, deserialize_with = "lenient::number")]
+    #[serde(default, deserialize_with = "lenient::prefix")]
     pub prefix: Option<u8>,
     pub subnet6: Option<String>,
-    #[serde(default, deserialize_with = "lenient::number")]
+    #[serde(default, deserialize_with = "lenient::prefix6")]
     pub prefix6: Option<u8>,
-    #[serde(default, deserialize_with = "lenient::boolean")]
+    #[serde(default, deserialize_with = "lenient::enabled")]
     pub enabled: Option<bool>,
-    #[serde(default, deserialize_with = "lenient::number")]
+    #[serde(default, deserialize_with = "lenient::vni")]
     pub vni: Option<u32>,
-    #[serde(default, deserialize_with = "lenient::boolean")]
+    #[serde(default, deserialize_with = "lenient::masquerade")]
     pub masquerade: Option<bool>,
 }
 
@@ -375,6 +395,54 @@ mod tests {
         assert!(err.contains("vtep_subnett"), "{err}");
         let err = parse("vtep_mac_oui: 70:B3:D5:00:00\n").unwrap_err();
         assert!(err.contains("vtep_mac_oui"), "{err}");
+    }
+
+    #[test]
+    fn numbers_and_booleans_may_be_strings_as_stout_takes_them() {
+        let config = parse(
+            r#"{"vtep_subnet": "44.128.0.0/20", "vtep_mtu": "1500", "vxlan_port": "64000",
+                "overlays": [{"name": "a", "subnet": "10.0.0.0/8", "prefix": "24",
+                              "enabled": "false", "vni": "77", "masquerade": "true"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vtep_mtu, Some(1500));
+        assert_eq!(config.vxlan_port, 64000);
+        let a = &config.overlays[0];
+        assert_eq!(
+            (a.prefix, a.enabled, a.vni, a.masquerade),
+            (Some(24), Some(false), Some(77), Some(true))
+        );
+        for (bad, field) in [
+            (r#""prefix": "twenty""#, "prefix"),
+            (r#""prefix": "300""#, "prefix"),
+            (r#""enabled": "yes""#, "enabled"),
+        ] {
+            let text =
+                format!(r#"{{"overlays": [{{"name": "a", "subnet": "10.0.0.0/8", {bad}}}]}}"#);
+            let err = parse(&text).unwrap_err();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn dcos_master_json_gives_its_network() {
+        let config = parse(
+            r#"{"replicated_log_dir": "/var/lib/dcos/mesos/master",
+                "zk": {"url": "zk://127.0.0.1:2181/mesos", "quorum": 1},
+                "network": {"vtep_subnet": "44.128.0.0/16", "vtep_mac_oui": "70:B3:D5:00:00:00",
+                            "overlays": [{"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vtep_subnet, "44.128.0.0/16".parse().unwrap());
+        assert_eq!(config.vtep_mac_oui.to_string(), "70:B3:D5:00:00:00");
+        assert_eq!(config.overlays[0].name, "dcos");
+        let err = parse(r#"{"replicated_log": "/x", "network": {}}"#).unwrap_err();
+        assert!(err.contains("replicated_log"), "{err}");
+        let err = parse(r#"{"network": {"vtep_subnett": "44.128.0.0/20"}}"#).unwrap_err();
+        assert!(
+            err.contains("network") && err.contains("vtep_subnett"),
+            "{err}"
+        );
     }
 
     #[test]
