@@ -537,7 +537,7 @@ async fn malformed_requests_get_4xx_naming_the_field_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
+async fn exhaustion_drops_the_registration_or_the_network_entry_and_recovers_after_delete() {
     let dir = tempfile::tempdir().unwrap();
     // 6 VTEP addresses; 2 blocks of `small`.
     // (`small` must not contain the agents' underlay addresses, 10.0.0.x.) Without a
@@ -552,21 +552,21 @@ async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
     let client = master.client();
     for n in 1..=2 {
         let info = client.register(agent_ip(n)).await.unwrap();
+        assert_eq!(info.overlays.len(), 2);
         assert!(
             info.overlays
                 .iter()
                 .all(|o| o.state.as_ref().unwrap().status == Status::Ok)
         );
     }
+    // As DC/OS's master: the exhausted network has no entry for this agent, the others do.
     let third = client.register(agent_ip(3)).await.unwrap();
-    let small = overlay(&third, "small");
-    let state = small.state.as_ref().unwrap();
-    assert_eq!(state.status, Status::Failed);
-    assert!(
-        state.error.as_ref().unwrap().contains("10.20.0.0/23"),
-        "{state:?}"
-    );
-    assert!(small.subnet.is_none());
+    let names: Vec<&str> = third
+        .overlays
+        .iter()
+        .map(|o| o.info.name.as_str())
+        .collect();
+    assert_eq!(names, ["big"], "{third:?}");
     assert_eq!(
         overlay(&third, "big").state.as_ref().unwrap().status,
         Status::Ok
@@ -584,28 +584,29 @@ async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
     for n in 4..=6 {
         client.register(agent_ip(n)).await.unwrap();
     }
-    let seventh = client.register(agent_ip(7)).await.unwrap();
-    for o in &seventh.overlays {
-        let state = o.state.as_ref().unwrap();
-        assert_eq!(state.status, Status::Failed);
-        assert!(
-            state.error.as_ref().unwrap().contains("44.128.0.0/29"),
-            "{state:?}"
-        );
-        assert!(o.backend.vxlan.vtep_ip.is_none());
-    }
+    // No VTEP left: the registration is dropped whole (503, saying why), nothing is stored.
+    let err = client.register(agent_ip(7)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("503"), "{text}");
+    assert!(
+        text.contains("registration of agent 10.0.0.7 dropped")
+            && text.contains("no free VTEP address left in vtep_subnet 44.128.0.0/29"),
+        "{text}"
+    );
     assert!(
         master
             .metric("overlay_master_allocation_failures_total", "vtep_exhausted")
             .await
             >= 1.0
     );
-    // The failure is visible in the state too.
     let listed = client.state().await.unwrap();
-    let listed7 = listed.agents.iter().find(|a| a.ip == agent_ip(7)).unwrap();
-    assert_eq!(listed7, &seventh);
+    assert!(
+        listed.agents.iter().all(|a| a.ip != agent_ip(7)),
+        "a dropped registration is not in the state"
+    );
+    assert_eq!(listed.agents.len(), 6);
 
-    // Freeing an agent lets the failed ones succeed on their next heartbeat.
+    // Freeing an agent lets the dropped one in on its next attempt.
     client
         .delete_agents_forced(&[agent_ip(1)], true)
         .await
@@ -625,10 +626,7 @@ async fn exhaustion_gives_failed_state_and_recovers_after_delete() {
         Some("10.20.0.0/24".parse().unwrap())
     );
     let third = client.register(agent_ip(3)).await.unwrap();
-    assert_eq!(
-        overlay(&third, "small").state.as_ref().unwrap().status,
-        Status::Failed
-    );
+    assert!(third.overlays.iter().all(|o| o.info.name != "small"));
     client
         .delete_agents_forced(&[agent_ip(2)], true)
         .await
@@ -740,7 +738,7 @@ async fn bad_config_file_exits_nonzero_naming_file_and_field() {
         ),
         (
             BASE_CONFIG.replace("70:B3:D5:00:00:00", "70:B3:D5:00:00:01"),
-            vec!["vtep_mac_oui", "70:b3:d5:00:00:01"],
+            vec!["vtep_mac_oui", "70:B3:D5:00:00:01"],
         ),
         (
             BASE_CONFIG.replace("44.128.0.0/20", "44.0.0.0/7"),

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::tls::MasterTls;
 use crate::tls::wire::{IssuedCertificate, JoinRequest, RenewRequest, TokenRequest, TokenResponse};
 use crate::types::{
-    AgentInfo, DeleteAgentsRequest, DeleteAgentsResponse, ErrorBody, OverlayInfo, RegisterRequest,
+    AgentInfo, DELETED_AGENTS_HEADER, DeleteAgentsRequest, ErrorBody, OverlayInfo, RegisterRequest,
     State, Watched, WatchedDelta,
 };
 
@@ -140,11 +140,22 @@ impl MasterClient {
     /// Registers (or heartbeats) the agent with this underlay IP; returns its allocation.
     /// Idempotent: the same IP always gets the same allocation back.
     pub async fn register(&self, agent_ip: IpAddr) -> Result<AgentInfo, ClientError> {
+        self.register_with(agent_ip, None).await
+    }
+
+    /// [`Self::register`] saying what the agent asks for, as DC/OS agents do (e.g. no
+    /// bridges on a master node).
+    pub async fn register_with(
+        &self,
+        agent_ip: IpAddr,
+        network_config: Option<crate::AgentNetworkConfig>,
+    ) -> Result<AgentInfo, ClientError> {
         let body = RegisterRequest {
             ip: agent_ip,
             endpoints: None,
             endpoint_list: None,
             drops: None,
+            network_config,
         };
         self.send(
             Method::POST,
@@ -207,16 +218,14 @@ impl MasterClient {
         let body = DeleteAgentsRequest {
             agents: agent_ips.to_vec(),
         };
-        let answer: DeleteAgentsResponse = self
-            .send(
-                Method::POST,
-                "/overlay-master/agents/delete",
-                Some(&body),
-                REQUEST_TIMEOUT,
-            )
-            .await?
-            .json()?;
-        Ok(answer.deleted)
+        self.send(
+            Method::POST,
+            "/overlay-master/agents/delete",
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .await?
+        .deleted_agents()
     }
 
     /// Adds a network at run time; registered agents get their share at once.
@@ -267,6 +276,7 @@ impl MasterClient {
             endpoints: Some(endpoints),
             endpoint_list: None,
             drops: None,
+            network_config: None,
         };
         self.send(
             Method::POST,
@@ -292,6 +302,7 @@ impl MasterClient {
             endpoints: Some(endpoints),
             endpoint_list: Some(endpoint_list),
             drops: Some(drops),
+            network_config: None,
         };
         self.send(
             Method::POST,
@@ -335,11 +346,9 @@ impl MasterClient {
             agents: agent_ips.to_vec(),
         };
         let path = format!("/overlay-master/agents/delete?force={force}");
-        let answer: DeleteAgentsResponse = self
-            .send(Method::POST, &path, Some(&body), REQUEST_TIMEOUT)
+        self.send(Method::POST, &path, Some(&body), REQUEST_TIMEOUT)
             .await?
-            .json()?;
-        Ok(answer.deleted)
+            .deleted_agents()
     }
 
     /// [`Self::disable_network`], with `force` also one that holds endpoints or that the
@@ -447,6 +456,7 @@ impl MasterClient {
                 }
             };
             let status = response.status();
+            let headers = response.headers().clone();
             let bytes = match response.bytes().await {
                 Ok(bytes) => bytes,
                 Err(error) => {
@@ -464,7 +474,12 @@ impl MasterClient {
                     message: error_message(&bytes),
                 });
             }
-            return Ok(Answer { url, status, bytes });
+            return Ok(Answer {
+                url,
+                status,
+                headers,
+                bytes,
+            });
         }
         Err(ClientError::Unreachable { attempts })
     }
@@ -474,10 +489,32 @@ impl MasterClient {
 struct Answer {
     url: String,
     status: StatusCode,
+    headers: reqwest::header::HeaderMap,
     bytes: bytes::Bytes,
 }
 
 impl Answer {
+    /// The agents a delete removed (the answer's body is the whole state).
+    fn deleted_agents(&self) -> Result<Vec<IpAddr>, ClientError> {
+        let bad = |reason: String| ClientError::BadResponse {
+            url: self.url.clone(),
+            reason,
+        };
+        let text = self
+            .headers
+            .get(DELETED_AGENTS_HEADER)
+            .ok_or_else(|| bad(format!("no {DELETED_AGENTS_HEADER} header")))?
+            .to_str()
+            .map_err(|e| bad(format!("{DELETED_AGENTS_HEADER}: {e}")))?;
+        text.split(',')
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                part.parse()
+                    .map_err(|e| bad(format!("{DELETED_AGENTS_HEADER} {part:?}: {e}")))
+            })
+            .collect()
+    }
+
     fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
         serde_json::from_slice(&self.bytes).map_err(|e| ClientError::BadResponse {
             url: self.url.clone(),

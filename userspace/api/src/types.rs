@@ -18,7 +18,9 @@ pub const VTEP_NAME: &str = "vtep1024";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub network: NetworkConfig,
-    #[serde(default)]
+    /// In registration order (as DC/OS's master keeps them); left out when empty, as stout
+    /// prints an empty repeated field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<AgentInfo>,
 }
 
@@ -28,10 +30,11 @@ pub struct NetworkConfig {
     pub vtep_subnet: Ipv4Network,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_subnet6: Option<Ipv6Network>,
-    pub vtep_mac_oui: MacAddr,
+    /// Echoed as configured (DC/OS stores the configuration's text).
+    pub vtep_mac_oui: MacOui,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_mtu: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlays: Vec<OverlayInfo>,
     /// Extra: UDP port of the VXLAN underlay.
     #[serde(default = "default_vxlan_port")]
@@ -83,7 +86,7 @@ impl OverlayInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentInfo {
     pub ip: IpAddr,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlays: Vec<AgentOverlayInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub configuration_attempts: Option<u32>,
@@ -188,16 +191,26 @@ impl WatchedDelta {
             return;
         }
         state.network = self.state.network;
-        state.agents.retain(|agent| {
-            !self.deleted.contains(&agent.ip)
-                && !self
-                    .state
-                    .agents
-                    .iter()
-                    .any(|changed| changed.ip == agent.ip)
-        });
-        state.agents.extend(self.state.agents);
-        state.agents.sort_by_key(|agent| agent.ip);
+        state
+            .agents
+            .retain(|agent| !self.deleted.contains(&agent.ip));
+        // Registration order, as the master lists them: a changed agent keeps its place,
+        // a new one comes last.
+        let mut places: std::collections::HashMap<IpAddr, usize> = state
+            .agents
+            .iter()
+            .enumerate()
+            .map(|(place, agent)| (agent.ip, place))
+            .collect();
+        for changed in self.state.agents {
+            match places.get(&changed.ip) {
+                Some(&place) => state.agents[place] = changed,
+                None => {
+                    places.insert(changed.ip, state.agents.len());
+                    state.agents.push(changed);
+                }
+            }
+        }
     }
 }
 
@@ -218,6 +231,10 @@ pub struct RegisterRequest {
     /// reason (absent: not reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drops: Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>>,
+    /// What the agent asks for, as DC/OS agents say it in their registration (absent: both
+    /// bridges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<AgentNetworkConfig>,
 }
 
 /// One container address an agent reports with its heartbeat.
@@ -241,17 +258,36 @@ pub struct ClusterEndpoint {
     pub endpoint: ReportedEndpoint,
 }
 
+/// DC/OS's `AgentNetworkConfig`, as a registration carries it. The master acts on the
+/// bridges; `allocate_subnet: false` is refused; the rest is the DC/OS agent's own business
+/// and accepted as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentNetworkConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocate_subnet: Option<bool>,
+    /// `false`: no Mesos bridge (`m-<network>`) is given (DC/OS master nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesos_bridge: Option<bool>,
+    /// `false`: no Docker bridge (`d-<network>`) is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_bridge: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_mtu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_ipv6: Option<bool>,
+}
+
 /// Body of `POST /overlay-master/agents/delete`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteAgentsRequest {
     pub agents: Vec<IpAddr>,
 }
 
-/// Answer to `POST /overlay-master/agents/delete`: the agents that existed and were removed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeleteAgentsResponse {
-    pub deleted: Vec<IpAddr>,
-}
+/// `POST /overlay-master/agents/delete` answers with the whole `State` (as DC/OS does); this
+/// header lists the agents that existed and were removed (comma-separated, may be empty).
+pub const DELETED_AGENTS_HEADER: &str = "x-overlay-deleted-agents";
 
 /// Body of every 4xx/5xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,6 +355,61 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
+/// The VTEP MAC OUI of the configuration: used by value, printed as it was written
+/// (`70:B3:D5:00:00:00` in DC/OS's configs; DC/OS echoes the configured text).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MacOui {
+    mac: MacAddr,
+    written: String,
+}
+
+impl MacOui {
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+}
+
+impl From<MacAddr> for MacOui {
+    /// Written in upper case, as DC/OS's configurations write it.
+    fn from(mac: MacAddr) -> Self {
+        MacOui {
+            mac,
+            written: mac.to_string().to_uppercase(),
+        }
+    }
+}
+
+impl fmt::Display for MacOui {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.written)
+    }
+}
+
+impl FromStr for MacOui {
+    type Err = MacParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let written = s.trim();
+        Ok(MacOui {
+            mac: written.parse()?,
+            written: written.to_owned(),
+        })
+    }
+}
+
+impl Serialize for MacOui {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.written)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacOui {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +468,40 @@ mod tests {
         assert_eq!(config.vtep_subnet6, None);
     }
 
+    #[test]
+    fn the_oui_prints_as_written_and_empty_lists_are_left_out() {
+        let network: NetworkConfig = serde_json::from_str(
+            r#"{"vtep_subnet":"44.128.0.0/20","vtep_mac_oui":"70:B3:d5:00:00:00"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            network.vtep_mac_oui.mac(),
+            MacAddr([0x70, 0xb3, 0xd5, 0, 0, 0])
+        );
+        let state = State {
+            network,
+            agents: vec![agent("10.0.0.1")],
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(
+            text.contains(r#""vtep_mac_oui":"70:B3:d5:00:00:00""#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("overlays"),
+            "empty repeated fields are left out: {text}"
+        );
+        let empty = State {
+            agents: vec![],
+            ..state
+        };
+        assert!(!serde_json::to_string(&empty).unwrap().contains("agents"));
+        assert_eq!(
+            MacOui::from(MacAddr([0x70, 0xb3, 0xd5, 0, 0, 0])).to_string(),
+            "70:B3:D5:00:00:00"
+        );
+    }
+
     fn agent(ip: &str) -> AgentInfo {
         AgentInfo {
             ip: ip.parse().unwrap(),
@@ -408,6 +533,28 @@ mod tests {
         }
         .apply_to(&mut state);
         assert_eq!(state.agents, vec![changed, agent("10.0.0.3")]);
+
+        // Registration order, not address order: a changed agent keeps its place.
+        let mut ordered = State {
+            network: network.clone(),
+            agents: vec![agent("10.0.0.9"), agent("10.0.0.2")],
+        };
+        let mut nine = agent("10.0.0.9");
+        nine.configuration_attempts = Some(1);
+        WatchedDelta {
+            revision: 3,
+            full: false,
+            state: State {
+                network: network.clone(),
+                agents: vec![nine.clone(), agent("10.0.0.1")],
+            },
+            deleted: vec![],
+        }
+        .apply_to(&mut ordered);
+        assert_eq!(
+            ordered.agents,
+            vec![nine, agent("10.0.0.2"), agent("10.0.0.1")]
+        );
 
         WatchedDelta {
             revision: 8,

@@ -517,7 +517,12 @@ async fn agent_remove(
         .delete_agents_forced(agents, force)
         .await
         .context("removing agents")?;
-    format.emit(&overlay_api::DeleteAgentsResponse { deleted }, |d| {
+    /// What `agent remove -o json` prints: the agents that existed and were removed.
+    #[derive(Serialize)]
+    struct Removed {
+        deleted: Vec<IpAddr>,
+    }
+    format.emit(&Removed { deleted }, |d| {
         if d.deleted.is_empty() {
             "no such agents\n".to_owned()
         } else {

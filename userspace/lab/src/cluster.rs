@@ -61,6 +61,9 @@ pub struct ClusterSpec {
     /// Agents join with a single-use token and the CA's hash (and get, store and renew their
     /// certificate themselves) instead of being given a certificate.
     pub join_tokens: bool,
+    /// Start every node's agent in `up` (the default). `false` leaves the nodes bare, e.g. to
+    /// run DC/OS's kernel datapath on them and convert them later with `start_agent`.
+    pub start_agents: bool,
 }
 
 /// First etcd member's client port inside the lab (its peer port is the next one).
@@ -78,6 +81,7 @@ impl ClusterSpec {
             masters: 1,
             etcd_members: 0,
             join_tokens: false,
+            start_agents: true,
         }
     }
 }
@@ -133,7 +137,7 @@ impl Cluster {
             for i in 0..spec.masters.max(1) {
                 c.start_shared_master(i, &config)?;
             }
-            for i in 1..=spec.agents {
+            for i in (1..=spec.agents).filter(|_| spec.start_agents) {
                 c.start_agent(&format!("a{i}"))?;
             }
             return Ok(c);
@@ -143,7 +147,7 @@ impl Cluster {
         }
         c.master_pids.push(None);
         c.start_master(0)?;
-        for i in 1..=spec.agents {
+        for i in (1..=spec.agents).filter(|_| spec.start_agents) {
             c.start_agent(&format!("a{i}"))?;
         }
         Ok(c)

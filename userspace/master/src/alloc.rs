@@ -676,6 +676,10 @@ impl Allocator {
             return false;
         }
         self.config.overlays.iter().all(|overlay| {
+            // A disabled network is not given to agents that do not hold it yet (DC/OS).
+            if !overlay.is_enabled() && !agent.networks.contains_key(&overlay.name) {
+                return true;
+            }
             agent.networks.get(&overlay.name).is_some_and(|entry| {
                 entry.error.is_none()
                     && (overlay.subnet.is_none() || entry.subnet.is_some())
@@ -730,6 +734,9 @@ impl Allocator {
             return failures;
         }
         for overlay in &self.config.overlays {
+            if !overlay.is_enabled() && !agent.networks.contains_key(&overlay.name) {
+                continue;
+            }
             let pools = self
                 .networks
                 .get_mut(&overlay.name)
@@ -800,6 +807,21 @@ impl Allocator {
             self.free(owner, Freed::Vtep6(ip6), now);
         }
         self.release_networks(agent, now);
+    }
+
+    /// Returns at once (no quarantine) everything a registration that is being dropped took:
+    /// nobody ever saw it.
+    pub fn release_tentative(&mut self, agent: &mut AgentRecord) {
+        let mut freed = Vec::new();
+        freed.extend(agent.vtep_ip.take().map(Freed::Vtep));
+        freed.extend(agent.vtep_ip6.take().map(Freed::Vtep6));
+        for (name, entry) in std::mem::take(&mut agent.networks) {
+            freed.extend(entry.subnet.map(|b| Freed::Subnet(name.clone(), b)));
+            freed.extend(entry.subnet6.map(|b| Freed::Subnet6(name.clone(), b)));
+        }
+        for item in &freed {
+            self.release_freed(item);
+        }
     }
 
     fn release_networks(&mut self, agent: &mut AgentRecord, now: Instant) {
@@ -1145,7 +1167,7 @@ mod tests {
                 if let Some(ip) = record.vtep_ip {
                     prop_assert!(config.vtep_subnet.contains(ip));
                     prop_assert!(vteps.insert(ip));
-                    prop_assert!(macs.insert(overlay_api::MacAddr::vtep(config.vtep_mac_oui, ip)));
+                    prop_assert!(macs.insert(overlay_api::MacAddr::vtep(config.vtep_mac_oui.mac(), ip)));
                 }
                 for entry in record.networks.values() {
                     if let Some(block) = entry.subnet {

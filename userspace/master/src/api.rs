@@ -13,15 +13,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use overlay_api::ErrorBody;
 use overlay_api::tls::wire::{
     IssuedCertificate, JoinRequest, RenewRequest, TokenRequest, TokenResponse,
 };
-use overlay_api::{DeleteAgentsResponse, ErrorBody};
 use serde::Deserialize;
 
 use crate::auth::{Auth, Authenticated};
 use crate::config::OverlaySpec;
-use crate::master::{Master, MasterError, NetworkChange};
+use crate::master::{AgentNetworkConfig, Master, MasterError, NetworkChange};
 use crate::pki::TokenError;
 
 /// Longest long-poll a watcher may ask for.
@@ -106,7 +106,9 @@ impl From<MasterError> for ApiError {
             MasterError::Invalid(_) => StatusCode::BAD_REQUEST,
             MasterError::NotFound(_) => StatusCode::NOT_FOUND,
             MasterError::Conflict(_) => StatusCode::CONFLICT,
-            MasterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            MasterError::Unavailable(_) | MasterError::Exhausted(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         ApiError {
             status,
@@ -287,12 +289,62 @@ async fn metrics(
         .into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateQuery {
+    /// JSONP callback, as DC/OS's (libprocess) endpoints take it.
+    jsonp: Option<String>,
+}
+
+/// Longest JSONP callback name accepted.
+const MAX_JSONP_CALLBACK: usize = 128;
+
+/// A JSONP callback must be a (dotted) JavaScript identifier: anything else could inject
+/// script into the answer. (DC/OS echoes any text; this master refuses it.)
+fn check_jsonp_callback(callback: &str) -> Result<(), ApiError> {
+    let identifier = |part: &str| {
+        let mut chars = part.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '$')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+    };
+    if callback.len() > MAX_JSONP_CALLBACK || !callback.split('.').all(identifier) {
+        return Err(ApiError::bad_request(format!(
+            "jsonp = {callback:?}: not a JavaScript identifier (letters, digits, _ and $, \
+             dot-separated, at most {MAX_JSONP_CALLBACK} characters)"
+        )));
+    }
+    Ok(())
+}
+
 async fn state(
     State(master): State<Arc<Master>>,
     who: Authenticated,
+    query: Result<Query<StateQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     who.caller.require_read(&who.auth, "the state")?;
-    Ok(json_bytes(master.state_body().await.state_json()))
+    let Query(query) = query?;
+    let state = master.state_body().await.state_json();
+    match query.jsonp {
+        None => Ok(json_bytes(state)),
+        Some(callback) => {
+            check_jsonp_callback(&callback)?;
+            let mut body = Vec::with_capacity(callback.len() + state.len() + 3);
+            body.extend_from_slice(callback.as_bytes());
+            body.push(b'(');
+            body.extend_from_slice(&state);
+            body.extend_from_slice(b");");
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "text/javascript"),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                ],
+                body,
+            )
+                .into_response())
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -358,6 +410,9 @@ struct RegisterBody {
     /// Drops by network and reason (optional).
     #[serde(default)]
     drops: Option<crate::master::DropReport>,
+    /// DC/OS's `AgentNetworkConfig` (optional).
+    #[serde(default)]
+    network_config: Option<overlay_api::AgentNetworkConfig>,
 }
 
 /// `?force=true`: the change goes ahead even where it would cut off running containers.
@@ -392,7 +447,24 @@ async fn register(
     let Json(body) = body?;
     who.caller.require_agent_or_admin(body.ip, "register")?;
     check_agent_ip("ip", body.ip)?;
-    let info = master.heartbeat(body.ip, body.endpoints).await?;
+    let wishes = body.network_config.unwrap_or_default();
+    if wishes.allocate_subnet == Some(false) {
+        // DC/OS would give such an agent VTEP-only entries; nothing here uses them.
+        return Err(ApiError::bad_request(
+            "network_config.allocate_subnet = false: not supported (every agent gets a \
+             subnet of every network; ask for mesos_bridge/docker_bridge = false instead)",
+        ));
+    }
+    let info = master
+        .heartbeat_with(
+            body.ip,
+            body.endpoints,
+            AgentNetworkConfig {
+                mesos_bridge: wishes.mesos_bridge,
+                docker_bridge: wishes.docker_bridge,
+            },
+        )
+        .await?;
     if body.endpoint_list.is_some() || body.drops.is_some() {
         master.note_report(
             body.ip,
@@ -406,7 +478,28 @@ async fn register(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeleteBody {
-    agents: Vec<IpAddr>,
+    /// Read as values so a bad entry is a 400 naming it (as DC/OS answers), not a 422.
+    agents: Vec<serde_json::Value>,
+}
+
+/// The agents of a delete request: IPv4 addresses (IPv6 too with `--ipv6-underlay`).
+fn delete_targets(body: &DeleteBody, ipv6_underlay: bool) -> Result<Vec<IpAddr>, ApiError> {
+    body.agents
+        .iter()
+        .enumerate()
+        .map(|(index, value)| {
+            let ip = value
+                .as_str()
+                .and_then(|text| text.parse::<IpAddr>().ok())
+                .filter(|ip| ip.is_ipv4() || ipv6_underlay);
+            ip.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "agents[{index}] = {value}: not an {} address",
+                    if ipv6_underlay { "IP" } else { "IPv4" }
+                ))
+            })
+        })
+        .collect()
 }
 
 async fn delete_agents(
@@ -418,9 +511,10 @@ async fn delete_agents(
     who.caller.require_admin("deleting agents")?;
     let force = force_of(query)?;
     let Json(body) = body?;
+    let agents = delete_targets(&body, master.ipv6_underlay())?;
     // Delete first (an unforced delete of a live agent is refused and must revoke nothing),
     // then revoke what was deleted: it must not register again with the certificate it has.
-    let deleted = master.delete_agents(body.agents, force).await?;
+    let deleted = master.delete_agents(agents, force).await?;
     if let Some(revocations) = &who.auth.revocations {
         revocations.revoke_agents(&deleted).map_err(|e| {
             ApiError::new(
@@ -429,7 +523,20 @@ async fn delete_agents(
             )
         })?;
     }
-    Ok(Json(DeleteAgentsResponse { deleted }).into_response())
+    // DC/OS answers with the whole state; which agents existed and went is in a header.
+    let deleted_header = deleted
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut response = json_bytes(master.state_body().await.state_json());
+    response.headers_mut().insert(
+        overlay_api::DELETED_AGENTS_HEADER,
+        deleted_header
+            .parse()
+            .expect("addresses are valid header text"),
+    );
+    Ok(response)
 }
 
 async fn add_network(

@@ -30,6 +30,9 @@ pub enum MasterError {
     /// The store failed; nothing of the request was applied.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// An address pool is exhausted: the registration was dropped, nothing of it kept.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 impl From<ConfigError> for MasterError {
@@ -91,6 +94,8 @@ pub struct SafetySettings {
     pub quarantine: Duration,
     /// The master's own addresses (listen and advertised): no network may contain them.
     pub master_addresses: Vec<IpAddr>,
+    /// Agents may have IPv6 underlay addresses (DC/OS's master takes IPv4 only).
+    pub ipv6_underlay: bool,
 }
 
 impl Default for SafetySettings {
@@ -99,6 +104,33 @@ impl Default for SafetySettings {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             quarantine: Duration::ZERO,
             master_addresses: Vec::new(),
+            ipv6_underlay: false,
+        }
+    }
+}
+
+/// What an agent asks of the master when it registers (DC/OS's `AgentNetworkConfig`; absent
+/// fields leave the agent's record as it is, a new agent gets both bridges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentNetworkConfig {
+    /// The first half of each subnet for Mesos containers (`m-<network>`).
+    pub mesos_bridge: Option<bool>,
+    /// The second half for Docker containers (`d-<network>`).
+    pub docker_bridge: Option<bool>,
+}
+
+impl AgentNetworkConfig {
+    pub(crate) fn matches(&self, record: &AgentRecord) -> bool {
+        self.mesos_bridge.is_none_or(|b| b == record.mesos_bridge)
+            && self.docker_bridge.is_none_or(|b| b == record.docker_bridge)
+    }
+
+    fn apply(&self, record: &mut AgentRecord) {
+        if let Some(b) = self.mesos_bridge {
+            record.mesos_bridge = b;
+        }
+        if let Some(b) = self.docker_bridge {
+            record.docker_bridge = b;
         }
     }
 }
@@ -126,6 +158,8 @@ pub struct ClusterState {
     started: Instant,
     /// The configuration file's path, for refusals that name it.
     pub(crate) config_file: Option<String>,
+    /// Registration place of the next new agent.
+    next_order: u64,
 }
 
 /// Most agent deletions remembered for deltas; beyond that, older watchers get a full state.
@@ -177,7 +211,7 @@ fn settings_of(config: &NetworkConfig) -> SettingsRecord {
     SettingsRecord {
         vtep_subnet: config.vtep_subnet,
         vtep_subnet6: config.vtep_subnet6,
-        vtep_mac_oui: config.vtep_mac_oui,
+        vtep_mac_oui: config.vtep_mac_oui.clone(),
         vtep_mtu: config.vtep_mtu,
         vxlan_port: config.vxlan_port,
     }
@@ -207,6 +241,7 @@ impl ClusterState {
             liveness: HashMap::new(),
             started: Instant::now(),
             config_file: None,
+            next_order: 1,
         })
     }
 
@@ -243,7 +278,9 @@ impl ClusterState {
             liveness: HashMap::new(),
             started: Instant::now(),
             config_file: None,
+            next_order: 1,
         };
+        cluster.next_order = snapshot.agents.iter().map(|a| a.order).max().unwrap_or(0) + 1;
         let mut report = RestoreReport::default();
         for stored in snapshot.agents {
             let restored = cluster.alloc.restore(stored.clone(), &mut report);
@@ -265,6 +302,10 @@ impl ClusterState {
 
     pub fn config(&self) -> &NetworkConfig {
         self.alloc.config()
+    }
+
+    pub fn safety(&self) -> &SafetySettings {
+        &self.safety
     }
 
     /// Sets the safety rules (the quarantine applies to allocations freed from now on).
@@ -596,20 +637,47 @@ impl ClusterState {
         now: Instant,
         metrics: &Metrics,
     ) -> Result<AgentInfo, MasterError> {
+        self.register_with(ip, endpoints, AgentNetworkConfig::default(), now, metrics)
+    }
+
+    /// [`Self::register`] with the agent's wishes (DC/OS's `AgentNetworkConfig`). When no
+    /// VTEP address is left the registration is dropped whole (as DC/OS's master drops it):
+    /// the agent is not stored half-allocated, and it may try again later.
+    pub fn register_with(
+        &mut self,
+        ip: IpAddr,
+        endpoints: Option<BTreeMap<String, u32>>,
+        network_config: AgentNetworkConfig,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Result<AgentInfo, MasterError> {
         let existing = self.agents.get(&ip);
         if existing.is_none() {
+            if ip.is_ipv6() && !self.safety.ipv6_underlay {
+                return Err(MasterError::Invalid(format!(
+                    "ip = {ip}: agent addresses are IPv4 (as in DC/OS) unless the master runs \
+                     with --ipv6-underlay"
+                )));
+            }
             crate::validate::check_agent_address(self.config(), ip)?;
         }
         self.note_heartbeat(ip, endpoints, now);
         let existing = self.agents.get(&ip);
+        let bridges_unchanged = existing.is_none_or(|record| network_config.matches(record));
         if let Some(record) = existing
+            && bridges_unchanged
             && self.alloc.is_complete(record)
         {
             return Ok(self.agent_info(record));
         }
         let existing = existing.cloned();
         self.alloc.expire_quarantine(now);
-        let mut record = existing.clone().unwrap_or_else(|| AgentRecord::new(ip));
+        let mut record = existing.clone().unwrap_or_else(|| {
+            let mut record = AgentRecord::new(ip);
+            record.order = self.next_order;
+            record
+        });
+        network_config.apply(&mut record);
         let reclaimed = self.alloc.reclaim(&mut record);
         if reclaimed > 0 {
             tracing::warn!(agent = %ip, reclaimed, "a deleted agent registered again within the quarantine: it gets its own VTEP and subnets back");
@@ -619,8 +687,22 @@ impl ClusterState {
         for failure in &failures {
             tracing::warn!(agent = %ip, reason = failure.reason.label(), network = ?failure.network, "allocation failed");
         }
+        if let Some(error) = record.vtep_error.take() {
+            // Dropped whole: what it took goes back at once (nobody saw it).
+            self.alloc.release_tentative(&mut record);
+            self.liveness.remove(&ip);
+            if self.agents.remove(&ip).is_some() {
+                self.pending.agents.remove(&ip);
+                self.pending.deleted_agents.insert(ip);
+            }
+            tracing::error!(agent = %ip, %error, "registration dropped");
+            return Err(MasterError::Exhausted(format!(
+                "registration of agent {ip} dropped: {error}"
+            )));
+        }
         if existing.is_none() {
             metrics.agents_created.fetch_add(1, Ordering::Relaxed);
+            self.next_order += 1;
         }
         if existing.as_ref() != Some(&record) {
             self.pending.agents.insert(ip);
@@ -715,12 +797,38 @@ impl ClusterState {
         ops
     }
 
-    /// The DC/OS `State`.
+    /// The DC/OS `State`: agents in registration order; an agent without a VTEP (only after
+    /// a stored clash it could not be given a new one for) is left out rather than shown
+    /// half-allocated.
     pub fn state(&self) -> State {
         State {
-            network: self.config().clone(),
-            agents: self.agents.values().map(|r| self.agent_info(r)).collect(),
+            network: self.shown_config(),
+            agents: self
+                .agents_in_order(|_| true)
+                .map(|r| self.agent_info(r))
+                .collect(),
         }
+    }
+
+    /// The configuration as the state shows it (`enabled` always present).
+    fn shown_config(&self) -> NetworkConfig {
+        let mut config = self.config().clone();
+        config.overlays = config.overlays.iter().map(shown).collect();
+        config
+    }
+
+    /// The agents that have a VTEP and pass `keep`, in registration order.
+    fn agents_in_order(
+        &self,
+        keep: impl Fn(&AgentRecord) -> bool,
+    ) -> impl Iterator<Item = &AgentRecord> {
+        let mut records: Vec<&AgentRecord> = self
+            .agents
+            .values()
+            .filter(|r| r.vtep_ip.is_some() && r.vtep_error.is_none() && keep(r))
+            .collect();
+        records.sort_by_key(|r| (r.order, r.ip));
+        records.into_iter()
     }
 
     /// What changed after revision `after`: a full state when the change log does not reach
@@ -752,11 +860,9 @@ impl ClusterState {
             revision: self.revision,
             full: false,
             state: State {
-                network: self.config().clone(),
+                network: self.shown_config(),
                 agents: self
-                    .agents
-                    .values()
-                    .filter(|record| changed(&record.ip))
+                    .agents_in_order(|record| changed(&record.ip))
                     .map(|record| self.agent_info(record))
                     .collect(),
             },
@@ -790,13 +896,20 @@ impl ClusterState {
         }
     }
 
-    /// An agent's record in DC/OS's `AgentInfo` shape.
+    /// An agent's record in DC/OS's `AgentInfo` shape, as DC/OS's master shows it: one
+    /// entry per network the agent holds a share of (a network whose pool is exhausted for
+    /// it, or that was disabled before it got a share, has none), each with the agent's one
+    /// backend and a `state` of `status` only.
     pub(crate) fn agent_info(&self, record: &AgentRecord) -> AgentInfo {
         let config = self.config();
         let overlays = config
             .overlays
             .iter()
-            .map(|overlay| {
+            .filter_map(|overlay| {
+                let entry = record.networks.get(&overlay.name)?;
+                if entry.error.is_some() || record.vtep_error.is_some() {
+                    return None;
+                }
                 let vxlan = VxLANInfo {
                     vni: overlay.vni.expect("validated configs have VNIs"),
                     vtep_name: VTEP_NAME.to_owned(),
@@ -806,7 +919,7 @@ impl ClusterState {
                     }),
                     vtep_mac: record
                         .vtep_ip
-                        .map(|ip| MacAddr::vtep(config.vtep_mac_oui, ip)),
+                        .map(|ip| MacAddr::vtep(config.vtep_mac_oui.mac(), ip)),
                     vtep_ip6: record
                         .vtep_ip6
                         .zip(config.vtep_subnet6)
@@ -816,56 +929,30 @@ impl ClusterState {
                         }),
                     vtep_mtu: config.vtep_mtu,
                 };
-                let mut info = AgentOverlayInfo {
-                    info: overlay.clone(),
-                    subnet: None,
-                    subnet6: None,
-                    mesos_bridge: None,
-                    docker_bridge: None,
+                let v4 = entry.subnet.map(halves4);
+                let v6 = entry.subnet6.map(halves6);
+                let mesos_bridge = record.mesos_bridge.then(|| BridgeInfo {
+                    name: format!("m-{}", overlay.name),
+                    ip: v4.map(|h| h.0),
+                    ip6: v6.map(|h| h.0),
+                });
+                let docker_bridge = record.docker_bridge.then(|| BridgeInfo {
+                    name: format!("d-{}", overlay.name),
+                    ip: v4.map(|h| h.1),
+                    ip6: v6.map(|h| h.1),
+                });
+                Some(AgentOverlayInfo {
+                    info: shown(overlay),
+                    subnet: entry.subnet,
+                    subnet6: entry.subnet6,
+                    mesos_bridge,
+                    docker_bridge,
                     backend: BackendInfo { vxlan },
-                    state: None,
-                };
-                let entry = record.networks.get(&overlay.name);
-                let error = record
-                    .vtep_error
-                    .clone()
-                    .or_else(|| entry.and_then(|e| e.error.clone()));
-                match (error, entry) {
-                    (Some(error), _) => {
-                        info.state = Some(OverlayState {
-                            status: Status::Failed,
-                            error: Some(error),
-                        });
-                    }
-                    (None, Some(entry)) => {
-                        info.subnet = entry.subnet;
-                        info.subnet6 = entry.subnet6;
-                        let v4 = entry.subnet.map(halves4);
-                        let v6 = entry.subnet6.map(halves6);
-                        info.mesos_bridge = Some(BridgeInfo {
-                            name: format!("m-{}", overlay.name),
-                            ip: v4.map(|h| h.0),
-                            ip6: v6.map(|h| h.0),
-                        });
-                        info.docker_bridge = Some(BridgeInfo {
-                            name: format!("d-{}", overlay.name),
-                            ip: v4.map(|h| h.1),
-                            ip6: v6.map(|h| h.1),
-                        });
-                        info.state = Some(OverlayState {
-                            status: Status::Ok,
-                            error: None,
-                        });
-                    }
-                    // Not yet allocated (cannot be observed outside the writer).
-                    (None, None) => {
-                        info.state = Some(OverlayState {
-                            status: Status::Configuring,
-                            error: None,
-                        });
-                    }
-                }
-                info
+                    state: Some(OverlayState {
+                        status: Status::Ok,
+                        error: None,
+                    }),
+                })
             })
             .collect();
         AgentInfo {
@@ -873,6 +960,15 @@ impl ClusterState {
             overlays,
             configuration_attempts: None,
         }
+    }
+}
+
+/// A network as the state shows it: `enabled` always present, as stout prints a proto2
+/// field with a default.
+fn shown(overlay: &OverlayInfo) -> OverlayInfo {
+    OverlayInfo {
+        enabled: Some(overlay.is_enabled()),
+        ..overlay.clone()
     }
 }
 
@@ -1003,12 +1099,70 @@ mod tests {
     }
 
     #[test]
+    fn bridges_ipv6_agents_and_disabled_networks_as_dcos() {
+        let metrics = Metrics::default();
+        let mut c = cluster(SafetySettings::default());
+        let now = Instant::now();
+        let node = c
+            .register_with(
+                ip("10.0.0.5"),
+                None,
+                AgentNetworkConfig {
+                    mesos_bridge: Some(false),
+                    docker_bridge: Some(false),
+                },
+                now,
+                &metrics,
+            )
+            .unwrap();
+        assert!(node.overlays.iter().all(|o| o.mesos_bridge.is_none()
+            && o.docker_bridge.is_none()
+            && (o.subnet.is_some() || o.subnet6.is_some())));
+        // A later registration saying nothing keeps the choice.
+        let again = c.register(ip("10.0.0.5"), None, now, &metrics).unwrap();
+        assert_eq!(again, node);
+
+        let err = c.register(ip("fd00::5"), None, now, &metrics).unwrap_err();
+        assert!(err.to_string().contains("--ipv6-underlay"), "{err}");
+        let mut open = cluster(SafetySettings {
+            ipv6_underlay: true,
+            ..SafetySettings::default()
+        });
+        open.register(ip("fd00::5"), None, now, &metrics).unwrap();
+
+        c.register(ip("10.0.0.1"), None, now, &metrics).unwrap();
+        apply_network_change(
+            &mut c,
+            NetworkChange::SetEnabled {
+                name: "dcos6".into(),
+                enabled: false,
+            },
+            true,
+            &metrics,
+        )
+        .unwrap();
+        let newcomer = c.register(ip("10.0.0.2"), None, now, &metrics).unwrap();
+        let names: Vec<&str> = newcomer
+            .overlays
+            .iter()
+            .map(|o| o.info.name.as_str())
+            .collect();
+        assert_eq!(names, ["dcos"]);
+        let holder = c.agent(ip("10.0.0.1")).unwrap();
+        assert_eq!(holder.overlays[1].info.enabled, Some(false));
+        // Registration order in the state.
+        let order: Vec<IpAddr> = c.state().agents.iter().map(|a| a.ip).collect();
+        assert_eq!(order, [ip("10.0.0.5"), ip("10.0.0.1"), ip("10.0.0.2")]);
+    }
+
+    #[test]
     fn live_agents_are_deleted_only_with_force() {
         let metrics = Metrics::default();
         let mut c = cluster(SafetySettings {
             heartbeat_timeout: Duration::from_secs(90),
             quarantine: Duration::from_secs(300),
             master_addresses: vec![],
+            ipv6_underlay: false,
         });
         let t0 = Instant::now();
         c.register(ip("10.0.0.1"), None, t0, &metrics).unwrap();
@@ -1044,6 +1198,7 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(90),
             quarantine: Duration::from_secs(300),
             master_addresses: vec![],
+            ipv6_underlay: false,
         });
         let t0 = Instant::now();
         let victim = c.register(ip("10.0.0.1"), None, t0, &metrics).unwrap();

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use overlay_api::{DEFAULT_VXLAN_PORT, MacAddr, NetworkConfig, OverlayInfo};
+use overlay_api::{DEFAULT_VXLAN_PORT, MacAddr, MacOui, NetworkConfig, OverlayInfo};
 use serde::Deserialize;
 
 /// VNI of the network named `dcos` unless configured otherwise (DC/OS's only VNI).
@@ -37,9 +37,99 @@ struct FileConfig {
     vtep_subnet: Option<String>,
     vtep_subnet6: Option<String>,
     vtep_mac_oui: Option<String>,
+    #[serde(default, deserialize_with = "lenient::vtep_mtu")]
     vtep_mtu: Option<u32>,
+    #[serde(default, deserialize_with = "lenient::vxlan_port")]
     vxlan_port: Option<u16>,
     overlays: Option<Vec<OverlaySpec>>,
+}
+
+/// DC/OS's overlay master module configuration (`master.json`, a `MasterConfig`): the
+/// network is read; the replicated-log settings belong to DC/OS's own store and are
+/// ignored here (this master's store is `--data-dir` or `--store`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MasterConfigFile {
+    network: serde_norway::Value,
+    #[serde(default)]
+    zk: Option<serde_norway::Value>,
+    #[serde(default)]
+    replicated_log_dir: Option<String>,
+    #[serde(default)]
+    replicated_log_timeout: Option<String>,
+}
+
+/// Numbers and booleans as stout's protobuf parser takes them: JSON numbers or strings
+/// (`"prefix": "24"`, `"enabled": "false"`), which DC/OS's templates produce.
+mod lenient {
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(u64),
+        Text(String),
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BoolOrText {
+        Bool(bool),
+        Text(String),
+    }
+
+    /// Field-named readers (serde's path stops at the enclosing object).
+    macro_rules! named {
+        ($($name:ident: $kind:ident -> $ty:ty;)*) => {$(
+            pub fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<$ty>, D::Error> {
+                $kind(d, stringify!($name))
+            }
+        )*};
+    }
+    named! {
+        vtep_mtu: number -> u32;
+        vxlan_port: number -> u16;
+        prefix: number -> u8;
+        prefix6: number -> u8;
+        vni: number -> u32;
+        enabled: boolean -> bool;
+        masquerade: boolean -> bool;
+    }
+
+    fn number<'de, D, T>(deserializer: D, field: &str) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        let value = match Option::<NumberOrText>::deserialize(deserializer)? {
+            None => return Ok(None),
+            Some(NumberOrText::Number(n)) => n,
+            Some(NumberOrText::Text(text)) => text
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| D::Error::custom(format!("{field} = {text:?}: not a number")))?,
+        };
+        T::try_from(value)
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{field} = {value}: out of range")))
+    }
+
+    fn boolean<'de, D>(deserializer: D, field: &str) -> Result<Option<bool>, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        match Option::<BoolOrText>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(BoolOrText::Bool(b)) => Ok(Some(b)),
+            Some(BoolOrText::Text(text)) => match text.trim() {
+                "true" => Ok(Some(true)),
+                "false" => Ok(Some(false)),
+                _ => Err(D::Error::custom(format!(
+                    "{field} = {text:?}: not true or false"
+                ))),
+            },
+        }
+    }
 }
 
 /// One network as written by a user (config file or `POST /overlay-master/networks`).
@@ -48,11 +138,16 @@ struct FileConfig {
 pub struct OverlaySpec {
     pub name: String,
     pub subnet: Option<String>,
+    #[serde(default, deserialize_with = "lenient::prefix")]
     pub prefix: Option<u8>,
     pub subnet6: Option<String>,
+    #[serde(default, deserialize_with = "lenient::prefix6")]
     pub prefix6: Option<u8>,
+    #[serde(default, deserialize_with = "lenient::enabled")]
     pub enabled: Option<bool>,
+    #[serde(default, deserialize_with = "lenient::vni")]
     pub vni: Option<u32>,
+    #[serde(default, deserialize_with = "lenient::masquerade")]
     pub masquerade: Option<bool>,
 }
 
@@ -109,7 +204,7 @@ pub fn dcos_default() -> NetworkConfig {
     NetworkConfig {
         vtep_subnet: "44.128.0.0/20".parse().expect("valid literal"),
         vtep_subnet6: Some("fd01:a::/64".parse().expect("valid literal")),
-        vtep_mac_oui: MacAddr([0x70, 0xb3, 0xd5, 0, 0, 0]),
+        vtep_mac_oui: MacAddr([0x70, 0xb3, 0xd5, 0, 0, 0]).into(),
         vtep_mtu: None,
         overlays: vec![
             OverlayInfo {
@@ -149,12 +244,28 @@ pub fn load_file(path: &Path) -> Result<NetworkConfig, ConfigFileError> {
     })
 }
 
-/// Parses the object from YAML or JSON text; the error names the offending field.
+/// Parses the object from YAML or JSON text; the error names the offending field. Also
+/// takes DC/OS's `master.json` (`{"replicated_log_dir": ..., "network": {...}}`).
 pub fn parse(text: &str) -> Result<NetworkConfig, String> {
     let document: serde_norway::Value = serde_norway::from_str(text).map_err(|e| e.to_string())?;
-    let file: FileConfig = match document.get(NESTING_KEY) {
-        None => serde_norway::from_str(text).map_err(|e| e.to_string())?,
-        Some(_) => {
+    let file: FileConfig = match (document.get(NESTING_KEY), document.get("network")) {
+        (None, Some(_)) => {
+            let master: MasterConfigFile = serde_norway::from_value(document.clone())
+                .map_err(|e| format!("DC/OS master.json: {e}"))?;
+            if master.replicated_log_dir.is_some()
+                || master.zk.is_some()
+                || master.replicated_log_timeout.is_some()
+            {
+                tracing::info!(
+                    "DC/OS master.json: replicated_log_dir, zk and replicated_log_timeout are \
+                     DC/OS's own store settings and are ignored (import DC/OS's state with \
+                     --import-dcos-state)"
+                );
+            }
+            serde_norway::from_value(master.network).map_err(|e| format!("network: {e}"))?
+        }
+        (None, None) => serde_norway::from_str(text).map_err(|e| e.to_string())?,
+        (Some(_), _) => {
             let nested: Nested = serde_norway::from_str(text).map_err(|e| e.to_string())?;
             match nested.dcos_overlay_network {
                 // DC/OS configs often carry the object as a JSON string.
@@ -187,7 +298,7 @@ pub fn parse(text: &str) -> Result<NetworkConfig, String> {
             file.vtep_subnet6.as_deref(),
             "IPv6 network",
         )?,
-        vtep_mac_oui: parse_field::<MacAddr>(
+        vtep_mac_oui: parse_field::<MacOui>(
             "vtep_mac_oui",
             file.vtep_mac_oui.as_deref(),
             "MAC address",
@@ -284,6 +395,54 @@ mod tests {
         assert!(err.contains("vtep_subnett"), "{err}");
         let err = parse("vtep_mac_oui: 70:B3:D5:00:00\n").unwrap_err();
         assert!(err.contains("vtep_mac_oui"), "{err}");
+    }
+
+    #[test]
+    fn numbers_and_booleans_may_be_strings_as_stout_takes_them() {
+        let config = parse(
+            r#"{"vtep_subnet": "44.128.0.0/20", "vtep_mtu": "1500", "vxlan_port": "64000",
+                "overlays": [{"name": "a", "subnet": "10.0.0.0/8", "prefix": "24",
+                              "enabled": "false", "vni": "77", "masquerade": "true"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vtep_mtu, Some(1500));
+        assert_eq!(config.vxlan_port, 64000);
+        let a = &config.overlays[0];
+        assert_eq!(
+            (a.prefix, a.enabled, a.vni, a.masquerade),
+            (Some(24), Some(false), Some(77), Some(true))
+        );
+        for (bad, field) in [
+            (r#""prefix": "twenty""#, "prefix"),
+            (r#""prefix": "300""#, "prefix"),
+            (r#""enabled": "yes""#, "enabled"),
+        ] {
+            let text =
+                format!(r#"{{"overlays": [{{"name": "a", "subnet": "10.0.0.0/8", {bad}}}]}}"#);
+            let err = parse(&text).unwrap_err();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn dcos_master_json_gives_its_network() {
+        let config = parse(
+            r#"{"replicated_log_dir": "/var/lib/dcos/mesos/master",
+                "zk": {"url": "zk://127.0.0.1:2181/mesos", "quorum": 1},
+                "network": {"vtep_subnet": "44.128.0.0/16", "vtep_mac_oui": "70:B3:D5:00:00:00",
+                            "overlays": [{"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.vtep_subnet, "44.128.0.0/16".parse().unwrap());
+        assert_eq!(config.vtep_mac_oui.to_string(), "70:B3:D5:00:00:00");
+        assert_eq!(config.overlays[0].name, "dcos");
+        let err = parse(r#"{"replicated_log": "/x", "network": {}}"#).unwrap_err();
+        assert!(err.contains("replicated_log"), "{err}");
+        let err = parse(r#"{"network": {"vtep_subnett": "44.128.0.0/20"}}"#).unwrap_err();
+        assert!(
+            err.contains("network") && err.contains("vtep_subnett"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod hostaddr;
+pub mod import;
 pub mod master;
 pub mod metrics;
 pub mod pki;

@@ -106,6 +106,15 @@ struct Args {
         value_delimiter = ','
     )]
     advertise_addresses: Vec<std::net::IpAddr>,
+    /// Agents may register with IPv6 underlay addresses (DC/OS's master takes IPv4 only).
+    #[arg(long, env = "OVERLAY_MASTER_IPV6_UNDERLAY")]
+    ipv6_underlay: bool,
+    /// Seeds the store from a DC/OS master's `/overlay-master/state` JSON before serving:
+    /// every agent keeps its VTEP, MAC and subnets. Refused (the master does not start) when
+    /// the store holds allocations that conflict with the file; a repeated import of the
+    /// same file changes nothing.
+    #[arg(long, value_name = "FILE")]
+    import_dcos_state: Option<PathBuf>,
     /// PEM bundle of the CA that signed the etcd members' certificates (default for https
     /// members: the system's bundle).
     #[arg(long, env = "OVERLAY_MASTER_ETCD_CAFILE", requires = "store")]
@@ -384,6 +393,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat_timeout,
         quarantine,
         master_addresses: master_addresses(&args)?,
+        ipv6_underlay: args.ipv6_underlay,
     };
     if args.tls_dir.is_none() && !args.insecure_http {
         anyhow::bail!(
@@ -435,6 +445,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }),
     };
     let store = tokio::task::block_in_place(|| open_store(&args))?;
+    if let Some(path) = &args.import_dcos_state {
+        let report = tokio::task::block_in_place(|| {
+            overlay_master::import::import_file(store.as_ref(), path, args.ipv6_underlay)
+        })?;
+        tracing::info!(
+            file = %path.display(),
+            imported = report.imported.len(),
+            unchanged = report.unchanged.len(),
+            skipped = ?report.skipped,
+            networks = ?report.networks,
+            "DC/OS state imported"
+        );
+    }
     let master = tokio::task::block_in_place(|| Master::start_with(store, file_config, safety))
         .with_context(|| match &args.config {
             Some(path) => format!("starting with config file {}", path.display()),

@@ -21,10 +21,10 @@ use bytes::Bytes;
 use overlay_api::{AgentInfo, NetworkConfig, OverlayInfo};
 use tokio::sync::{oneshot, watch};
 
-use crate::cluster::{ChangeLog, apply_network_change, apply_reload, log_reconfigure};
 pub use crate::cluster::{
-    ClusterState, MasterError, NetworkChange, ReconfigureReport, SafetySettings,
+    AgentNetworkConfig, ClusterState, MasterError, NetworkChange, ReconfigureReport, SafetySettings,
 };
+use crate::cluster::{ChangeLog, apply_network_change, apply_reload, log_reconfigure};
 use crate::config::assign_default_vnis;
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
@@ -42,7 +42,12 @@ type Reply<T> = oneshot::Sender<Result<T, MasterError>>;
 pub type EndpointCounts = BTreeMap<String, u32>;
 
 enum Command {
-    Register(IpAddr, Option<EndpointCounts>, Reply<AgentInfo>),
+    Register(
+        IpAddr,
+        Option<EndpointCounts>,
+        AgentNetworkConfig,
+        Reply<AgentInfo>,
+    ),
     /// Agents to delete; `true`: even if heard from recently.
     DeleteAgents(Vec<IpAddr>, bool, Reply<Vec<IpAddr>>),
     /// A change and whether it is forced.
@@ -67,7 +72,7 @@ fn deliver(command: Command, outcome: Outcome, commit: Result<(), MasterError>) 
         let _ = reply.send(commit.and(result));
     }
     match (command, outcome) {
-        (Command::Register(_, _, reply), Outcome::Agent(result)) => send(reply, commit, result),
+        (Command::Register(_, _, _, reply), Outcome::Agent(result)) => send(reply, commit, result),
         (Command::DeleteAgents(_, _, reply), Outcome::Deleted(result)) => {
             send(reply, commit, result)
         }
@@ -296,6 +301,11 @@ impl Master {
         self.lock_state().config().clone()
     }
 
+    /// Whether agents may have IPv6 underlay addresses.
+    pub fn ipv6_underlay(&self) -> bool {
+        self.lock_state().safety().ipv6_underlay
+    }
+
     pub fn metrics_text(&self) -> String {
         let gauges = self.lock_state().gauges();
         self.metrics.render(&gauges)
@@ -377,12 +387,22 @@ impl Master {
         ip: IpAddr,
         endpoints: Option<EndpointCounts>,
     ) -> Result<AgentInfo, MasterError> {
+        self.heartbeat_with(ip, endpoints, AgentNetworkConfig::default())
+            .await
+    }
+
+    /// [`Master::heartbeat`] with the agent's wishes (bridges), as DC/OS agents register.
+    pub async fn heartbeat_with(
+        &self,
+        ip: IpAddr,
+        endpoints: Option<EndpointCounts>,
+        network_config: AgentNetworkConfig,
+    ) -> Result<AgentInfo, MasterError> {
         let endpoints = {
             let mut cluster = self.lock_state();
-            let complete = cluster
-                .agents
-                .get(&ip)
-                .is_some_and(|record| cluster.alloc.is_complete(record));
+            let complete = cluster.agents.get(&ip).is_some_and(|record| {
+                network_config.matches(record) && cluster.alloc.is_complete(record)
+            });
             if complete {
                 cluster.note_heartbeat(ip, endpoints, Instant::now());
                 let info = cluster.agent(ip).expect("agent just found");
@@ -392,7 +412,7 @@ impl Master {
             endpoints
         };
         let info = self
-            .send(|reply| Command::Register(ip, endpoints, reply))
+            .send(|reply| Command::Register(ip, endpoints, network_config, reply))
             .await?;
         self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
         Ok(info)
@@ -683,12 +703,15 @@ impl Master {
 
     fn execute(&self, cluster: &mut ClusterState, command: &Command) -> Outcome {
         match command {
-            Command::Register(ip, endpoints, _) => Outcome::Agent(cluster.register(
-                *ip,
-                endpoints.clone(),
-                Instant::now(),
-                &self.metrics,
-            )),
+            Command::Register(ip, endpoints, network_config, _) => {
+                Outcome::Agent(cluster.register_with(
+                    *ip,
+                    endpoints.clone(),
+                    *network_config,
+                    Instant::now(),
+                    &self.metrics,
+                ))
+            }
             Command::DeleteAgents(ips, force, _) => {
                 let result = cluster.delete_agents(ips, *force, Instant::now());
                 if let Ok(deleted) = &result {

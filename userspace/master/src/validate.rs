@@ -162,18 +162,18 @@ fn validate_vtep(config: &NetworkConfig, errors: &mut Collector) {
             );
         }
     }
-    let oui = config.vtep_mac_oui.0;
+    let oui = config.vtep_mac_oui.mac().0;
     if oui[3..] != [0, 0, 0] {
         errors.fail(
             "vtep_mac_oui",
-            config.vtep_mac_oui,
+            &config.vtep_mac_oui,
             "the lower three bytes must be zero",
         );
     }
     if oui[0] & 1 != 0 {
         errors.fail(
             "vtep_mac_oui",
-            config.vtep_mac_oui,
+            &config.vtep_mac_oui,
             "must be a unicast OUI (lowest bit of the first byte clear)",
         );
     }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use overlay_api::{MacAddr, OverlayInfo};
+use overlay_api::{MacOui, OverlayInfo};
 use serde::{Deserialize, Serialize};
 
 /// Cluster-wide settings (everything of `NetworkConfig` except the networks).
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub struct SettingsRecord {
     pub vtep_subnet: Ipv4Network,
     pub vtep_subnet6: Option<Ipv6Network>,
-    pub vtep_mac_oui: MacAddr,
+    pub vtep_mac_oui: MacOui,
     pub vtep_mtu: Option<u32>,
     pub vxlan_port: u16,
 }
@@ -50,6 +50,24 @@ pub struct AgentRecord {
     pub vtep_error: Option<String>,
     /// Per network name.
     pub networks: BTreeMap<String, AgentNetworkRecord>,
+    /// Place in registration order (the state lists agents in it, as DC/OS does); records
+    /// stored before it existed have 0 and sort by address among themselves.
+    #[serde(default)]
+    pub order: u64,
+    /// Whether the agent wants the Mesos / Docker bridges (halves) of its subnets: DC/OS's
+    /// `AgentNetworkConfig`; master nodes register without them.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub mesos_bridge: bool,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub docker_bridge: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 impl AgentRecord {
@@ -60,6 +78,9 @@ impl AgentRecord {
             vtep_ip6: None,
             vtep_error: None,
             networks: BTreeMap::new(),
+            order: 0,
+            mesos_bridge: true,
+            docker_bridge: true,
         }
     }
 }

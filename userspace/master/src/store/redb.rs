@@ -255,6 +255,9 @@ mod tests {
             vtep_ip6: None,
             vtep_error: None,
             networks: BTreeMap::new(),
+            order: 0,
+            mesos_bridge: true,
+            docker_bridge: true,
         }
     }
 
