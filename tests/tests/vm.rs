@@ -417,6 +417,9 @@ fn master_unit_is_ready_when_it_serves(vm: &overlay_lab::vm::Vm) {
         .unwrap_or_else(|e| panic!("master state is not JSON ({e}): {state}"));
     // A master with no agents yet leaves `agents` out, as DC/OS's does.
     assert!(state["network"]["overlays"].is_array(), "{state}");
-    assert!(state["agents"].is_null() || state["agents"].is_array(), "{state}");
+    assert!(
+        state["agents"].is_null() || state["agents"].is_array(),
+        "{state}"
+    );
     vm.ok("systemctl stop overlay-master").unwrap();
 }

@@ -11,9 +11,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand};
-use overlay_datapath::{OverlayMaps, PinLayout, from_addr16};
 use overlay_api::agent::{DEFAULT_AGENT_SOCKET, LocalClient};
 use overlay_api::{MasterClient, OverlayInfo};
+use overlay_datapath::{OverlayMaps, PinLayout, from_addr16};
 use serde::Serialize;
 
 use output::{Format, or_dash, table};

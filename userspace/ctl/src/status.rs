@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use overlay_datapath::{OverlayMaps, PinLayout};
 use overlay_api::agent::LocalClient;
 use overlay_api::{MasterClient, NetworkConfig};
 use overlay_common::maps::names;
+use overlay_datapath::{OverlayMaps, PinLayout};
 use serde::Serialize;
 
 use crate::output::table;

@@ -19,13 +19,13 @@ use ipnetwork::IpNetwork;
 use overlay_api::{MacAddr, NetworkConfig, State};
 
 use crate::alloc::{Allocator, RestoreReport};
-use overlay_api::subnets::{halves4, halves6};
 use crate::cluster::ClusterState;
 use crate::config::assign_default_vnis;
 use crate::store::{
     AgentNetworkRecord, AgentRecord, NetworkRecord, Op, Origin, SettingsRecord, Store,
 };
 use crate::validate::{check_agent_address, validate};
+use overlay_api::subnets::{halves4, halves6};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {

@@ -222,4 +222,3 @@ fn replace_in_pinned_link(ebpf: &mut Ebpf, program_name: &str, pin: &Path) -> an
     }
     Ok(true)
 }
-
