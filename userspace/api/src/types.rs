@@ -92,6 +92,18 @@ pub struct AgentInfo {
     pub configuration_attempts: Option<u32>,
 }
 
+impl AgentInfo {
+    /// The agent's VTEP address and MAC as text (every network of an agent shares one VTEP, so
+    /// the first overlay's backend says it), for listings.
+    pub fn vtep_text(&self) -> (Option<String>, Option<String>) {
+        let vxlan = self.overlays.first().map(|o| &o.backend.vxlan);
+        (
+            vxlan.and_then(|v| v.vtep_ip).map(|v| v.to_string()),
+            vxlan.and_then(|v| v.vtep_mac).map(|m| m.to_string()),
+        )
+    }
+}
+
 /// One agent's share of one network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentOverlayInfo {

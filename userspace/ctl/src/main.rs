@@ -438,12 +438,12 @@ async fn agent_list(client: &MasterClient, format: Format) -> anyhow::Result<()>
         .agents
         .iter()
         .map(|a| {
-            let vxlan = a.overlays.first().map(|o| &o.backend.vxlan);
+            let (vtep_ip, vtep_mac) = a.vtep_text();
             let live = liveness.iter().find(|l| l.ip == a.ip);
             AgentRow {
                 ip: a.ip,
-                vtep_ip: vxlan.and_then(|v| v.vtep_ip).map(|v| v.to_string()),
-                vtep_mac: vxlan.and_then(|v| v.vtep_mac).map(|m| m.to_string()),
+                vtep_ip,
+                vtep_mac,
                 networks: a
                     .overlays
                     .iter()

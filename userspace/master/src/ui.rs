@@ -127,12 +127,12 @@ pub async fn data(
         .agents
         .iter()
         .map(|a| {
-            let vxlan = a.overlays.first().map(|o| &o.backend.vxlan);
+            let (vtep_ip, vtep_mac) = a.vtep_text();
             let live = liveness.iter().find(|l| l.ip == a.ip);
             AgentView {
                 ip: a.ip,
-                vtep_ip: vxlan.and_then(|v| v.vtep_ip).map(|v| v.to_string()),
-                vtep_mac: vxlan.and_then(|v| v.vtep_mac).map(|m| m.to_string()),
+                vtep_ip,
+                vtep_mac,
                 status: live.map_or_else(|| "unknown".into(), |l| l.status.clone()),
                 last_heartbeat_seconds_ago: live.and_then(|l| l.last_heartbeat_seconds_ago),
                 endpoints: endpoints.iter().filter(|e| e.agent == a.ip).count(),

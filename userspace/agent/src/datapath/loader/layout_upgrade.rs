@@ -55,6 +55,7 @@ pub const CHECKED_FOR: u32 = 2;
 pub fn carries_over(map: &str, version: u32) -> bool {
     // Newer layouts than ours are unknown to this binary: nothing of theirs is read.
     version <= MAP_LAYOUT_VERSION
+        && !NEVER_CARRIED.contains(&map)
         && SAME_LAYOUT_SINCE
             .iter()
             .any(|(name, since)| *name == map && *since <= version)
