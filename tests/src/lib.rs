@@ -75,8 +75,8 @@ pub struct PeerAgent<'a> {
 }
 
 /// Installs the real datapath in lab agent `agent_role` by hand, as the agent's reconciler would:
-/// programs on eth0 and on each container's veth, the agent config, network `vni` (over
-/// `overlay_subnet`, if given), the containers as endpoints, and `peers` as known agents owning
+/// programs on eth0 and on each container's veth, the agent config, network `vni` (its network
+/// id, and the VNI its frames carry; over `overlay_subnet`, if given), the containers as endpoints, and `peers` as known agents owning
 /// their subnets. The pinned programs and maps stay after this returns (removed with the lab).
 pub fn install_datapath(
     lab: &overlay_lab::Lab,
@@ -87,7 +87,7 @@ pub fn install_datapath(
     containers: &[&overlay_lab::Container],
     peers: &[PeerAgent],
 ) -> anyhow::Result<()> {
-    use overlay_common::maps::{Network, OverlaySubnet, RemoteRoute, Vtep, programs};
+    use overlay_common::maps::{Network, OverlaySubnet, RemoteRoute, Vtep, WireVni, programs};
     let agent = lab.node(agent_role)?.clone();
     let pins = lab_pins(lab, agent_role);
     let settings = agent_settings(&agent, vtep_mac);
@@ -117,6 +117,7 @@ pub fn install_datapath(
         let m = dp.maps_mut();
         m.set_config(&settings)?;
         m.put_network(vni, Network::default())?;
+        m.put_vni(vni, WireVni::carrying(&[vni]))?;
         if let Some(subnet) = subnet {
             m.put_subnet(subnet, OverlaySubnet::new(vni))?;
         }
@@ -126,7 +127,7 @@ pub fn install_datapath(
         for (ip, mac, subnet) in peers {
             m.put_vtep(ip, Vtep::new(mac, [0; 4]))?;
             let underlay_ip = overlay_datapath::addr16(ip);
-            m.put_route(subnet, RemoteRoute::new(underlay_ip, mac, vni))?;
+            m.put_route(subnet, RemoteRoute::new(underlay_ip, mac, vni, vni))?;
         }
         Ok(())
     })

@@ -96,22 +96,14 @@ fn add_ipv6(lab: &Lab, i: usize, container: &Container) {
         .unwrap();
     let mut m = maps(lab, plan.role);
     let ep = m.endpoints().unwrap()[&IpAddr::V4(container.node.ip.unwrap())];
-    m.put_subnet(
-        SUBNET6.parse().unwrap(),
-        OverlaySubnet { vni: VNI, flags: 0 },
-    )
-    .unwrap();
+    m.put_subnet(SUBNET6.parse().unwrap(), OverlaySubnet::new(VNI))
+        .unwrap();
     m.put_endpoint(IpAddr::V6(plan.container6), ep).unwrap();
     m.put_endpoint(IpAddr::V6(ll), ep).unwrap();
     let peer_underlay = lab.node(peer.role).unwrap().ip.unwrap();
     m.put_route(
         peer.subnet6.parse().unwrap(),
-        RemoteRoute {
-            underlay_ip: addr16(IpAddr::V4(peer_underlay)),
-            vtep_mac: peer.vtep_mac,
-            vni: VNI,
-            ..Default::default()
-        },
+        RemoteRoute::new(addr16(IpAddr::V4(peer_underlay)), peer.vtep_mac, VNI, VNI),
     )
     .unwrap();
 }

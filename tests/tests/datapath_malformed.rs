@@ -132,7 +132,7 @@ fn malformed_vxlan_from_the_wire_is_dropped_and_counted() {
     // refused, each for its reason.
     let ext_route = (
         EXT_SUBNET.parse().unwrap(),
-        RemoteRoute::new(addr16(IpAddr::V4(ext_ip)), EXT_VTEP_MAC, VNI),
+        RemoteRoute::new(addr16(IpAddr::V4(ext_ip)), EXT_VTEP_MAC, VNI, VNI),
     );
     {
         let mut m = OverlayMaps::open_pinned(&lab_pins(&lab, "a2")).unwrap();

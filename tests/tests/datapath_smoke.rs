@@ -94,7 +94,7 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         assert!(
             values
                 .iter()
-                .any(|v| v["ifindex"] == ep.ifindex && v["vni"] == VNI),
+                .any(|v| v["ifindex"] == ep.ifindex && v["network"] == VNI),
             "endpoint with ifindex {} not in bpftool's formatted dump: {dump}",
             ep.ifindex
         );
@@ -133,7 +133,7 @@ fn programs_attach_maps_pin_and_print_as_structs() {
     let has = |counter: Counter| {
         stats.as_array().unwrap().iter().any(|e| {
             e["formatted"]["key"]["counter"] == counter as u32
-                && e["formatted"]["key"]["vni"] == VNI
+                && e["formatted"]["key"]["network"] == VNI
         })
     };
     assert!(

@@ -4,6 +4,10 @@
 //! The kernel gives a test-run program an skb on the caller's loopback (ifindex 1): endpoints
 //! that send in these tests are attached to ifindex 1, so the anti-spoofing check sees them on
 //! their own veth.
+//!
+//! Networks A and B have network ids `VNI_A` and `VNI_B`. [`Fixture::new`] gives each its own VNI
+//! on the wire (the per-network `vni` option: A's is 1024, B's 2048); [`Fixture::shared`] puts
+//! both on VNI 1024, DC/OS's scheme and the default, where only the addresses tell them apart.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -14,7 +18,10 @@ use std::{
 use overlay_agent::datapath::Datapath;
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
-    maps::{Endpoint, HOST_LINK_PEER_MAC, Network, OverlaySubnet, RemoteRoute, Vtep, programs},
+    maps::{
+        Endpoint, HOST_LINK_PEER_MAC, Network, OverlaySubnet, RemoteRoute, SHARED_VNI, Vtep,
+        WireVni, programs,
+    },
 };
 use overlay_datapath::{AgentSettings, PinLayout, addr16};
 use overlay_tests::support_packets::*;
@@ -89,7 +96,22 @@ struct Fixture {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Fixture {
+    /// Networks A and B each on a VNI of its own.
     fn new() -> Fixture {
+        Fixture::with_wire(false)
+    }
+
+    /// Networks A and B both on the shared VNI 1024.
+    fn shared() -> Fixture {
+        Fixture::with_wire(true)
+    }
+
+    /// The VNI network `id` is sent with.
+    fn wire(shared: bool, id: u32) -> u32 {
+        if shared { SHARED_VNI } else { id }
+    }
+
+    fn with_wire(shared: bool) -> Fixture {
         overlay_lab::ensure_bpffs().unwrap();
         let instance = format!(
             "testrun-{}-{}",
@@ -110,6 +132,14 @@ impl Fixture {
         .unwrap();
         for vni in [VNI_A, VNI_B] {
             m.put_network(vni, Network::default()).unwrap();
+        }
+        if shared {
+            m.put_vni(SHARED_VNI, WireVni::carrying(&[VNI_A, VNI_B]))
+                .unwrap();
+        } else {
+            for vni in [VNI_A, VNI_B] {
+                m.put_vni(vni, WireVni::carrying(&[vni])).unwrap();
+            }
         }
         m.put_subnet("9.0.0.0/16".parse().unwrap(), OverlaySubnet::new(VNI_A))
             .unwrap();
@@ -133,7 +163,12 @@ impl Fixture {
         ] {
             m.put_route(
                 subnet.parse().unwrap(),
-                RemoteRoute::new(addr16(IpAddr::V4(underlay)), mac, vni),
+                RemoteRoute::new(
+                    addr16(IpAddr::V4(underlay)),
+                    mac,
+                    vni,
+                    Fixture::wire(shared, vni),
+                ),
             )
             .unwrap();
         }
@@ -407,13 +442,23 @@ fn underlay_drops_are_counted_by_reason() {
         VNI_A,
         Counter::DropSpoofedSource,
     );
+    // (Its VNI is A's, but the addresses decide: network B's source, network A's destination.)
     let b_src_on_a = vxlan_from_r(Ipv4Addr::new(9, 1, 2, 5), EP_A.ip);
     f.expect_drop(
-        "inner source in R's subnet of network B, sent with VNI A",
+        "inner source in R's subnet of network B to network A, sent with VNI A",
         u,
         &b_src_on_a.frame(),
-        VNI_A,
-        Counter::DropSpoofedSource,
+        VNI_B,
+        Counter::DropCrossNetwork,
+    );
+    // Network B to network B, but in A's VNI: B's frames carry B's own VNI.
+    let b_in_a_vni = vxlan_from_r(Ipv4Addr::new(9, 1, 2, 5), EP_B.ip);
+    f.expect_drop(
+        "network B's packet in network A's VNI",
+        u,
+        &b_in_a_vni.frame(),
+        VNI_B,
+        Counter::DropVniMismatch,
     );
 
     // After all that, the good frame still goes through.
@@ -792,7 +837,7 @@ const HOST_PEER_IFINDEX: u32 = 55;
 fn with_ipv6(f: &mut Fixture) {
     let m = f.dp.maps_mut();
     for (subnet, vni) in [("fd01:a::/48", VNI_A), ("fd01:b::/48", VNI_B)] {
-        m.put_subnet(subnet.parse().unwrap(), OverlaySubnet { vni, flags: 0 })
+        m.put_subnet(subnet.parse().unwrap(), OverlaySubnet::new(vni))
             .unwrap();
     }
     for (ip, ep) in [
@@ -805,7 +850,7 @@ fn with_ipv6(f: &mut Fixture) {
             IpAddr::V6(ip),
             Endpoint {
                 ifindex: ep.ifindex,
-                vni: ep.vni,
+                network: ep.vni,
                 mac: ep.mac,
                 gateway_mac: ep.gw_mac,
                 ..Default::default()
@@ -825,12 +870,7 @@ fn with_ipv6(f: &mut Fixture) {
     ] {
         m.put_route(
             subnet.parse().unwrap(),
-            RemoteRoute {
-                underlay_ip: addr16(IpAddr::V4(underlay)),
-                vtep_mac: mac,
-                vni,
-                ..Default::default()
-            },
+            RemoteRoute::new(addr16(IpAddr::V4(underlay)), mac, vni, vni),
         )
         .unwrap();
     }
@@ -1312,4 +1352,146 @@ fn too_big_packets_are_answered_with_the_overlay_mtu_byte_for_byte() {
         Counter::DropTooBig,
     );
     assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 2);
+}
+
+/// A frame agent R sends in the shared VNI 1024, from `src` to `dst`.
+fn shared_vxlan_from_r(src: Ipv4Addr, dst: Ipv4Addr) -> VxlanFrame {
+    VxlanFrame {
+        vni: SHARED_VNI,
+        ..vxlan_from_r(src, dst)
+    }
+}
+
+#[test]
+fn shared_vni_carries_every_network_and_encap_writes_it() {
+    let f = Fixture::shared();
+    // Network B's container to R's block of network B: VNI 1024 on the wire, counted under B.
+    let inner = ping_packet(EP_B.ip, Ipv4Addr::new(9, 1, 2, 2), 56);
+    let (verdict, out) = f.run(
+        programs::FROM_CONTAINER,
+        &container_frame(EP_B.mac, EP_B.gw_mac, &inner),
+    );
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "encap verdict; counters {:?}",
+        f.dp.maps().stats().unwrap()
+    );
+    assert_eq!(
+        &out[42..50],
+        &[0x08, 0, 0, 0, 0x00, 0x04, 0x00, 0],
+        "network B goes out in VNI 1024"
+    );
+    assert!(out[64..] == inner[..]);
+    assert_eq!(f.stat(VNI_B, Counter::Encapsulated), 1);
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 0);
+
+    // Both networks come in on VNI 1024 and reach their own network's containers.
+    for (src, ep, network) in [
+        (Ipv4Addr::new(9, 0, 2, 2), &EP_A, VNI_A),
+        (Ipv4Addr::new(9, 1, 2, 2), &EP_B, VNI_B),
+    ] {
+        let v = shared_vxlan_from_r(src, ep.ip);
+        let (verdict, out) = f.run(programs::FROM_UNDERLAY, &v.frame());
+        assert_eq!(
+            verdict,
+            TC_ACT_REDIRECT,
+            "{src} -> {}; counters {:?}",
+            ep.ip,
+            f.dp.maps().stats().unwrap()
+        );
+        assert!(out == eth(ep.mac, ep.gw_mac, ETH_P_IP, &v.inner_ip));
+        assert_eq!(f.stat(network, Counter::Decapsulated), 1);
+    }
+}
+
+#[test]
+fn shared_vni_cross_network_packets_from_a_remote_vtep_or_a_container_are_dropped_and_counted() {
+    let f = Fixture::shared();
+    let u = programs::FROM_UNDERLAY;
+    // A remote VTEP forges what a kernel agent's datapath (no isolation) would forward: network
+    // B's source to network A's container, and the other way, both in VNI 1024.
+    f.expect_drop(
+        "B -> A in VNI 1024",
+        u,
+        &shared_vxlan_from_r(Ipv4Addr::new(9, 1, 2, 5), EP_A.ip).frame(),
+        VNI_B,
+        Counter::DropCrossNetwork,
+    );
+    f.expect_drop(
+        "A -> B in VNI 1024",
+        u,
+        &shared_vxlan_from_r(Ipv4Addr::new(9, 0, 2, 5), EP_B.ip).frame(),
+        VNI_A,
+        Counter::DropCrossNetwork,
+    );
+    // A source R does not own (S's block of A; a local container's address) is spoofed, on any
+    // network: the anti-spoofing check stays in front of the network check.
+    f.expect_drop(
+        "S's source sent by R in VNI 1024",
+        u,
+        &shared_vxlan_from_r(Ipv4Addr::new(9, 0, 3, 5), EP_B.ip).frame(),
+        VNI_B,
+        Counter::DropSpoofedSource,
+    );
+    f.expect_drop(
+        "a local address as source in VNI 1024",
+        u,
+        &shared_vxlan_from_r(EP_A_ELSEWHERE.ip, EP_A.ip).frame(),
+        VNI_A,
+        Counter::DropSpoofedSource,
+    );
+    // Before the addresses are read, a shared VNI names no network.
+    f.expect_drop(
+        "no such endpoint in VNI 1024",
+        u,
+        &shared_vxlan_from_r(Ipv4Addr::new(9, 0, 2, 5), Ipv4Addr::new(9, 0, 1, 77)).frame(),
+        NO_NETWORK,
+        Counter::DropNoEndpoint,
+    );
+    // VNI 2048 is nobody's once both networks share 1024.
+    f.expect_drop(
+        "B's old VNI",
+        u,
+        &VxlanFrame {
+            vni: VNI_B,
+            ..vxlan_from_r(Ipv4Addr::new(9, 1, 2, 5), EP_B.ip)
+        }
+        .frame(),
+        NO_NETWORK,
+        Counter::DropUnknownVni,
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Decapsulated), 0);
+    assert_eq!(f.stat(VNI_B, Counter::Decapsulated), 0);
+
+    // A container of network A: to network B's local and remote addresses (never encapsulated,
+    // whatever the VNI would be), and VXLAN of its own in VNI 1024 to an agent.
+    let c = programs::FROM_CONTAINER;
+    for dst in [
+        EP_B.ip,
+        Ipv4Addr::new(9, 1, 2, 2),
+        Ipv4Addr::new(9, 1, 9, 9),
+    ] {
+        f.expect_drop(
+            &format!("container of A to {dst} on B"),
+            c,
+            &container_frame(EP_A.mac, EP_A.gw_mac, &ping_packet(EP_A.ip, dst, 56)),
+            VNI_A,
+            Counter::DropCrossNetwork,
+        );
+    }
+    let forged = shared_vxlan_from_r(Ipv4Addr::new(9, 0, 1, 2), EP_B.ip);
+    let forged_udp = udp(51234, VXLAN_PORT, &forged.udp_payload());
+    f.expect_drop(
+        "container's own VXLAN in VNI 1024 to agent R",
+        c,
+        &container_frame(
+            EP_A.mac,
+            EP_A.gw_mac,
+            &ipv4(EP_A.ip, R_UNDERLAY, IPPROTO_UDP, &forged_udp),
+        ),
+        VNI_A,
+        Counter::DropContainerVxlan,
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 0);
 }

@@ -154,6 +154,16 @@ async fn state_json_is_shaped_as_dcos_prints_it() {
         vxlan["vtep_mac"], "70:b3:d5:80:00:02",
         "stout prints MACs lower case"
     );
+    // DC/OS's master gives every network of an agent the same backend: VNI 1024 on `vtep1024`
+    // (DC/OS's integration tests assert it for dcos and dcos6).
+    for name in ["dcos", "blue", "dcos6"] {
+        let vxlan = &entry(agent, name).unwrap()["backend"]["vxlan"];
+        assert_eq!(vxlan["vni"], 1024, "{name}");
+        assert_eq!(vxlan["vtep_name"], "vtep1024", "{name}");
+    }
+    for overlay in network["overlays"].as_array().unwrap() {
+        assert!(overlay.get("vni").is_none(), "no VNI of its own: {overlay}");
+    }
     let dcos6 = entry(agent, "dcos6").unwrap();
     assert_eq!(
         keys(dcos6),
@@ -398,7 +408,7 @@ async fn import_dcos_state_keeps_every_allocation() {
         ["172.17.0.4", "172.17.0.2", "172.17.0.6"],
         "DC/OS's order"
     );
-    // Field for field what DC/OS had, per agent and network (VNI aside: see `vni` below).
+    // Field for field what DC/OS had, per agent and network, VNI 1024 included.
     for (ours, theirs) in state["agents"]
         .as_array()
         .unwrap()
@@ -411,7 +421,7 @@ async fn import_dcos_state_keeps_every_allocation() {
             for field in ["subnet", "mesos_bridge", "docker_bridge", "state"] {
                 assert_eq!(ours.get(field), theirs.get(field), "{name}.{field}");
             }
-            for field in ["vtep_ip", "vtep_mac", "vtep_name"] {
+            for field in ["vni", "vtep_ip", "vtep_mac", "vtep_name"] {
                 assert_eq!(
                     ours["backend"]["vxlan"][field], theirs["backend"]["vxlan"][field],
                     "{name}.backend.vxlan.{field}"
@@ -497,4 +507,104 @@ async fn import_dcos_state_keeps_every_allocation() {
         stderr.contains("agents[2] (172.17.0.6)") && stderr.contains("vtep_mac"),
         "{stderr}"
     );
+}
+
+/// Exhaustion as DC/OS's master shows it: a network whose pool is exhausted for an agent has no
+/// entry in that agent's record (the others are whole); an agent for which no VTEP is left is
+/// not in the state at all (its registration was dropped with a 503), never half-allocated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhaustion_in_the_state_json_as_dcos_prints_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // 6 VTEP addresses (44.128.0.1-6); two blocks of `small`.
+    let config = r#"{"vtep_subnet": "44.128.0.0/29", "vtep_mac_oui": "70:B3:D5:00:00:00",
+      "overlays": [{"name": "small", "subnet": "10.20.0.0/23", "prefix": 24},
+                   {"name": "big", "subnet": "10.8.0.0/16", "prefix": 24}]}"#;
+    let master = MasterProcess::start(dir.path(), Some(config)).await;
+    let registered: Vec<String> = (3..=8).map(|n| format!("172.17.0.{n}")).collect();
+    for ip in &registered {
+        let response = post(&master, "/overlay-master/agents", json!({ "ip": ip })).await;
+        assert_eq!(response.status(), 200, "{ip}");
+    }
+    let response = post(
+        &master,
+        "/overlay-master/agents",
+        json!({"ip": "172.17.0.9"}),
+    )
+    .await;
+    assert_eq!(response.status(), 503, "no VTEP left");
+    let state = get_json(&master, "/overlay-master/state").await;
+    let agents = state["agents"].as_array().unwrap();
+    assert_eq!(
+        agents
+            .iter()
+            .map(|a| a["ip"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        registered,
+        "the dropped registration left nothing: {state}"
+    );
+    // The first two agents hold both networks; the third only `big`, whose entry is whole.
+    assert!(entry(&agents[1], "small").is_some());
+    assert!(entry(&agents[2], "small").is_none(), "{}", agents[2]);
+    let big = entry(&agents[2], "big").unwrap();
+    assert_eq!(
+        keys(big),
+        set(&[
+            "info",
+            "subnet",
+            "mesos_bridge",
+            "docker_bridge",
+            "backend",
+            "state"
+        ]),
+        "{big}"
+    );
+    assert_eq!(big["state"], json!({"status": "STATUS_OK"}));
+    assert_eq!(
+        keys(&big["backend"]["vxlan"]),
+        set(&["vni", "vtep_name", "vtep_ip", "vtep_mac"])
+    );
+    assert_eq!(big["backend"]["vxlan"]["vtep_ip"], "44.128.0.3/29");
+    assert!(!state.to_string().contains("null"), "{state}");
+}
+
+/// A network may carry a VNI of its own (for clusters with no DC/OS kernel agents): the state
+/// says it, in the network and in every agent's backend, with DC/OS's device name for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_of_its_own_vni_is_an_option_the_state_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"{"vtep_subnet": "44.128.0.0/20", "vtep_mac_oui": "70:B3:D5:00:00:00",
+      "overlays": [{"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24},
+                   {"name": "blue", "subnet": "10.1.0.0/16", "prefix": 24, "vni": "5000"}]}"#;
+    let master = MasterProcess::start(dir.path(), Some(config)).await;
+    let info: Value = post(
+        &master,
+        "/overlay-master/agents",
+        json!({"ip": "172.17.0.3"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let vxlan = |name: &str| entry(&info, name).unwrap()["backend"]["vxlan"].clone();
+    assert_eq!(
+        (
+            vxlan("dcos")["vni"].clone(),
+            vxlan("dcos")["vtep_name"].clone()
+        ),
+        (json!(1024), json!("vtep1024"))
+    );
+    assert_eq!(
+        (
+            vxlan("blue")["vni"].clone(),
+            vxlan("blue")["vtep_name"].clone()
+        ),
+        (json!(5000), json!("vtep5000"))
+    );
+    let state = get_json(&master, "/overlay-master/state").await;
+    let overlays = state["network"]["overlays"].as_array().unwrap();
+    assert_eq!(overlays[1]["vni"], 5000);
+    assert!(overlays[0].get("vni").is_none());
+    // Each network has an id of its own either way (what the datapath keys on).
+    assert_eq!(overlays[0]["id"], 1024);
+    assert!(overlays[1]["id"].as_u64().is_some_and(|id| id != 1024));
 }

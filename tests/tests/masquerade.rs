@@ -339,7 +339,7 @@ fn a_network_can_opt_out_of_masquerade() {
         .overlays
         .iter()
         .find(|o| o.info.name == "plain")
-        .map(|o| o.backend.vxlan.vni)
+        .and_then(|o| o.info.id)
         .unwrap();
     assert!(
         !x.node.ping(EXT),

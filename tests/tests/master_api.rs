@@ -24,6 +24,7 @@ fn network(name: &str, subnet: &str) -> OverlayInfo {
         subnet6: None,
         prefix6: None,
         enabled: None,
+        id: None,
         vni: None,
         masquerade: None,
     }
@@ -231,8 +232,10 @@ async fn runtime_network_add_disable_remove() {
         .add_network(&network("dev", "10.20.0.0/16"))
         .await
         .unwrap();
-    let vni = added.vni.expect("VNI assigned");
-    assert!(vni != 1024);
+    // An id of its own; on the wire the VNI every network shares (DC/OS's scheme).
+    let id = added.id.expect("network id assigned");
+    assert!(id != 1024);
+    assert_eq!(added.vni, None);
     let seen = watcher.await.unwrap().unwrap().expect("watch woke");
     assert!(seen.revision > start.revision);
     let dev_subnets: BTreeSet<String> = seen
@@ -249,7 +252,11 @@ async fn runtime_network_add_disable_remove() {
             "10.20.2.0/24".into()
         ])
     );
-    assert_eq!(overlay(&seen.state.agents[0], "dev").backend.vxlan.vni, vni);
+    let backend = &overlay(&seen.state.agents[0], "dev").backend.vxlan;
+    assert_eq!(
+        (backend.vni, backend.vtep_name.as_str()),
+        (1024, "vtep1024")
+    );
 
     // Disable: still listed, enabled false, allocations kept.
     let disabled = client.disable_network("dev").await.unwrap();
@@ -450,8 +457,8 @@ async fn malformed_requests_get_4xx_naming_the_field_and_change_nothing() {
         (
             "POST",
             "/overlay-master/networks",
-            json!({"name": "ov", "subnet": "10.0.0.0/8", "prefix": 24, "vni": 1024}),
-            &["vni", "1024"],
+            json!({"name": "ov", "subnet": "10.0.0.0/8", "prefix": 24, "vni": 0}),
+            &["vni", "0"],
         ),
         (
             "POST",

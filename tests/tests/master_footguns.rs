@@ -168,6 +168,7 @@ async fn json_logs_access_log_version_and_build_info() {
         subnet6: None,
         prefix6: None,
         enabled: None,
+        id: None,
         vni: None,
         masquerade: None,
     };

@@ -28,6 +28,7 @@ fn network(name: &str, subnet: &str) -> OverlayInfo {
         subnet6: None,
         prefix6: None,
         enabled: None,
+        id: None,
         vni: None,
         masquerade: None,
     }

@@ -271,7 +271,7 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
     let a2 = maps(&c, "a2");
     let a2_vtep_mac = a2.config().unwrap().unwrap().vtep_mac;
     let endpoints = a2.endpoints().unwrap();
-    let vni_of = |t: &Container| endpoints[&std::net::IpAddr::V4(ip(t))].vni;
+    let vni_of = |t: &Container| endpoints[&std::net::IpAddr::V4(ip(t))].network;
     // An inner source the sending agent owns on each victim's network: the peer's anti-spoofing
     // check (inner source inside a subnet of the outer source's) passes.
     let owned_by_a1 = |vni: u32| -> Ipv4Addr {
@@ -280,7 +280,7 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
             .unwrap()
             .into_iter()
             .find(|(_, r)| {
-                r.vni == vni
+                r.network == vni
                     && overlay_datapath::from_addr16(&r.underlay_ip) == std::net::IpAddr::V4(a1_ip)
             })
             .expect("a route to a1 on the network");
@@ -291,9 +291,10 @@ fn vxlan_in_udp_from_a_container_never_reaches_a_peer_container() {
     };
     let crafted = |victim: &Container, src: Ipv4Addr| {
         let inner = ipv4(src, ip(victim), IPPROTO_UDP, &udp(5555, 9999, b"smuggled"));
+        // Every network's frames carry the shared VNI 1024: the addresses say the network.
         vxlan(
             0x08,
-            vni_of(victim),
+            overlay_common::maps::SHARED_VNI,
             &eth(
                 victim.node.mac(&victim.ifname).unwrap(),
                 a2_vtep_mac,

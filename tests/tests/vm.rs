@@ -98,9 +98,9 @@ fn counter(vm: &overlay_lab::vm::Vm, vni: u32, name: &str) -> u64 {
     let out = vm.ok("overlayctl datapath").unwrap();
     out.lines()
         .filter_map(|l| {
-            // "  dcos (vni 1024)          drop_unknown_vni        20 packets   1520 bytes"
+            // "  dcos (id 1024)           drop_unknown_vni        20 packets   1520 bytes"
             let f: Vec<&str> = l.split_whitespace().collect();
-            let at = f.iter().position(|t| *t == "(vni")?;
+            let at = f.iter().position(|t| *t == "(id")?;
             (f.get(at + 1) == Some(&format!("{vni})").as_str()) && f.get(at + 2) == Some(&name))
                 .then(|| f[at + 3].parse::<u64>().unwrap())
         })

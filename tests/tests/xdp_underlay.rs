@@ -14,7 +14,7 @@ use std::{
 use overlay_agent::datapath::{AgentSettings, Datapath, PinLayout, StatRow, addr16};
 use overlay_common::{
     counters::Counter,
-    maps::{Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep, programs},
+    maps::{Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep, WireVni, programs},
 };
 use overlay_tests::support_packets::*;
 
@@ -70,19 +70,14 @@ impl Fixture {
         })
         .unwrap();
         m.put_network(VNI_A, Network::default()).unwrap();
-        m.put_subnet(
-            "9.0.0.0/16".parse().unwrap(),
-            OverlaySubnet {
-                vni: VNI_A,
-                flags: 0,
-            },
-        )
-        .unwrap();
+        m.put_vni(VNI_A, WireVni::carrying(&[VNI_A])).unwrap();
+        m.put_subnet("9.0.0.0/16".parse().unwrap(), OverlaySubnet::new(VNI_A))
+            .unwrap();
         m.put_endpoint(
             IpAddr::V4(EP_IP),
             Endpoint {
                 ifindex: 1,
-                vni: VNI_A,
+                network: VNI_A,
                 mac: [2, 0, 0, 0, 1, 2],
                 gateway_mac: [2, 0, 0, 0, 1, 1],
                 ..Default::default()
@@ -99,12 +94,7 @@ impl Fixture {
         .unwrap();
         m.put_route(
             "9.0.2.0/24".parse().unwrap(),
-            RemoteRoute {
-                underlay_ip: addr16(IpAddr::V4(R_UNDERLAY)),
-                vtep_mac: R_VTEP_MAC,
-                vni: VNI_A,
-                ..Default::default()
-            },
+            RemoteRoute::new(addr16(IpAddr::V4(R_UNDERLAY)), R_VTEP_MAC, VNI_A, VNI_A),
         )
         .unwrap();
         Fixture { dp, pins }
@@ -123,7 +113,7 @@ impl Fixture {
             .unwrap()
             .into_iter()
             .filter(|r: &StatRow| r.packets > 0)
-            .map(|r| (r.vni, r.counter.name(), r.packets, r.bytes))
+            .map(|r| (r.network, r.counter.name(), r.packets, r.bytes))
             .collect();
         rows.sort();
         rows

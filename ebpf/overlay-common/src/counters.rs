@@ -1,9 +1,10 @@
 //! Datapath counters: what happened to a packet, and why a packet was dropped.
 //!
-//! Counters are kept per network (VNI) and per counter in `OVL_STATS`; a counter that cannot be
-//! attributed to a network (a packet from an unknown VTEP, say) uses VNI [`NO_NETWORK`].
+//! Counters are kept per network (network id, not the VNI on the wire: networks may share one)
+//! and per counter in `OVL_STATS`; a counter that cannot be attributed to a network (a packet
+//! from an unknown VTEP, say) uses the network id [`NO_NETWORK`].
 
-/// VNI used for counters that belong to no network.
+/// Network id used for counters that belong to no network.
 pub const NO_NETWORK: u32 = 0;
 
 macro_rules! counters {
@@ -128,6 +129,9 @@ counters! {
     /// IPv6 link-local traffic that is not neighbour discovery with the gateway: a container
     /// reaches no other container, and not the host, by link-local address.
     DropLinkLocal = 40 => "drop_link_local",
+    /// VXLAN whose inner source and destination are on one network, but whose VNI is not the
+    /// one that network's frames carry (a network with its own VNI, reached in another one).
+    DropVniMismatch = 70 => "drop_vni_mismatch",
 }
 
 /// A packet the datapath refuses: why, and the network it is counted under. Every program
@@ -135,7 +139,8 @@ counters! {
 /// bare [`Counter`] attributes the drop to no network, [`Counter::in_network`] to one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Drop {
-    pub vni: u32,
+    /// Network id the drop is counted under.
+    pub network: u32,
     pub reason: Counter,
 }
 
@@ -143,29 +148,32 @@ impl From<Counter> for Drop {
     #[inline(always)]
     fn from(reason: Counter) -> Drop {
         Drop {
-            vni: NO_NETWORK,
+            network: NO_NETWORK,
             reason,
         }
     }
 }
 
-/// Attributes a path's drop reason to a network: `step().in_network(vni)?`.
+/// Attributes a path's drop reason to a network: `step().in_network(network)?`.
 pub trait InNetwork<T> {
-    fn in_network(self, vni: u32) -> Result<T, Drop>;
+    fn in_network(self, network: u32) -> Result<T, Drop>;
 }
 
 impl<T> InNetwork<T> for Result<T, Counter> {
     #[inline(always)]
-    fn in_network(self, vni: u32) -> Result<T, Drop> {
-        self.map_err(|reason| reason.in_network(vni))
+    fn in_network(self, network: u32) -> Result<T, Drop> {
+        self.map_err(|reason| reason.in_network(network))
     }
 }
 
 impl Counter {
-    /// This drop reason, counted under network `vni`.
+    /// This drop reason, counted under network (id) `network`.
     #[inline(always)]
-    pub const fn in_network(self, vni: u32) -> Drop {
-        Drop { vni, reason: self }
+    pub const fn in_network(self, network: u32) -> Drop {
+        Drop {
+            network,
+            reason: self,
+        }
     }
 
     /// The first counter that counts drops.
@@ -200,9 +208,9 @@ mod tests {
     #[test]
     fn drops_without_a_network_count_under_no_network() {
         let d: Drop = Counter::DropTruncated.into();
-        assert_eq!((d.vni, d.reason), (NO_NETWORK, Counter::DropTruncated));
+        assert_eq!((d.network, d.reason), (NO_NETWORK, Counter::DropTruncated));
         let d = Counter::DropCrossNetwork.in_network(1024);
-        assert_eq!((d.vni, d.reason), (1024, Counter::DropCrossNetwork));
+        assert_eq!((d.network, d.reason), (1024, Counter::DropCrossNetwork));
         let via_question_mark = || -> Result<(), Drop> { Err(Counter::DropMalformed)? };
         assert_eq!(via_question_mark(), Err(Counter::DropMalformed.into()));
         let step: Result<u8, Counter> = Err(Counter::DropNoRoute);

@@ -4,11 +4,19 @@
 //! (`::ffff:a.b.c.d`), so the IPv6 datapath is an addition and not a layout change. All multi-byte
 //! address fields are in network order; numbers (VNI, ifindex, port) are in host order.
 //!
+//! A network is named in the maps by its *network id* (`network` fields), which isolation and
+//! counters key on; the *VNI* is only what its frames carry on the wire. By default every network
+//! shares VNI [`SHARED_VNI`] (DC/OS's scheme), so a decapsulated packet's network comes from its
+//! addresses (the route its source lies in, the endpoint it goes to), never from the VNI.
+//!
 //! Changing any type here changes [`MAP_LAYOUT_VERSION`], which is part of every pin path.
 
 /// Version of the layout of every map below. Part of the pin path, so an agent of another layout
 /// version never reuses (and misreads) pinned maps of this one.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
+
+/// The VNI every network's frames carry unless the network has its own (DC/OS: `vtep1024`).
+pub const SHARED_VNI: u32 = 1024;
 
 /// Map names, as they appear in the object file, in `bpftool map` and under the pin directory.
 pub mod names {
@@ -23,6 +31,7 @@ pub mod names {
     pub const NAT_CONFIG: &str = "OVL_NAT_CONFIG";
     pub const PROTECTED: &str = "OVL_PROTECTED";
     pub const NAT_QUOTA: &str = "OVL_NAT_QUOTA";
+    pub const VNIS: &str = "OVL_VNIS";
     /// The program array of [`super::tail_calls`]. Pinned like the rest: the kernel empties a
     /// program array when no file refers to it any more, which would cut the pinned programs off
     /// their tail calls while no agent runs.
@@ -31,7 +40,7 @@ pub mod names {
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
         CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG, PROTECTED,
-        NAT_QUOTA, TAIL_CALLS,
+        NAT_QUOTA, TAIL_CALLS, VNIS,
     ];
 }
 
@@ -85,6 +94,7 @@ pub mod capacity {
     pub const SUBNETS: u32 = 1024;
     pub const VTEPS: u32 = 16384;
     pub const NETWORKS: u32 = 1024;
+    pub const VNIS: u32 = 1024;
     pub const STATS: u32 = 16384;
     /// Connection-tracking entries (two per masqueraded flow), LRU-evicted when full.
     pub const NAT: u32 = 131072;
@@ -197,8 +207,8 @@ impl EndpointKey {
 pub struct Endpoint {
     /// ifindex of the container's host-side veth.
     pub ifindex: u32,
-    /// The network (VNI) the container is attached to.
-    pub vni: u32,
+    /// The network id of the network the container is attached to.
+    pub network: u32,
     /// The container's own MAC: the only source MAC it may send with, and the destination MAC of
     /// frames delivered to it.
     pub mac: [u8; 6],
@@ -214,12 +224,17 @@ impl Endpoint {
     /// are sent out of the host link's peer (`bpf_redirect`), not into another namespace.
     pub const FLAG_HOST: u32 = 1;
 
-    /// A container on network `vni` behind its host-side veth `ifindex` (whose MAC,
+    /// A container on network `network` behind its host-side veth `ifindex` (whose MAC,
     /// `gateway_mac`, is the container's gateway MAC).
-    pub const fn container(ifindex: u32, vni: u32, mac: [u8; 6], gateway_mac: [u8; 6]) -> Endpoint {
+    pub const fn container(
+        ifindex: u32,
+        network: u32,
+        mac: [u8; 6],
+        gateway_mac: [u8; 6],
+    ) -> Endpoint {
         Endpoint {
             ifindex,
-            vni,
+            network,
             mac,
             gateway_mac,
             flags: 0,
@@ -227,13 +242,13 @@ impl Endpoint {
         }
     }
 
-    /// The host at network `vni`'s gateway address: reached out of the host link's peer
+    /// The host at network `network`'s gateway address: reached out of the host link's peer
     /// (`peer_ifindex`), towards the host link's own MAC `host_mac`; frames to it come from
     /// [`HOST_LINK_PEER_MAC`], the MAC the host's ARP for container addresses resolves to.
-    pub const fn host(peer_ifindex: u32, vni: u32, host_mac: [u8; 6]) -> Endpoint {
+    pub const fn host(peer_ifindex: u32, network: u32, host_mac: [u8; 6]) -> Endpoint {
         Endpoint {
             ifindex: peer_ifindex,
-            vni,
+            network,
             mac: host_mac,
             gateway_mac: HOST_LINK_PEER_MAC,
             flags: Endpoint::FLAG_HOST,
@@ -258,18 +273,29 @@ pub struct RemoteRoute {
     /// That agent's VTEP MAC: inner destination MAC (DC/OS wire format).
     pub vtep_mac: [u8; 6],
     pub _pad: [u8; 2],
-    /// Network the subnet belongs to: the VNI the frame is sent with.
+    /// Network id of the network the subnet belongs to: a packet from a container of another
+    /// network is never sent there, and a decapsulated packet from this subnet is of this network.
+    pub network: u32,
+    /// The VNI frames of that network carry on the wire ([`SHARED_VNI`] unless the network has
+    /// its own): written by encapsulation, and the only one decapsulation accepts from the subnet.
     pub vni: u32,
     pub flags: u32,
 }
 
 impl RemoteRoute {
-    /// A subnet of network `vni` on the agent at `underlay_ip` whose VTEP MAC is `vtep_mac`.
-    pub const fn new(underlay_ip: Addr16, vtep_mac: [u8; 6], vni: u32) -> RemoteRoute {
+    /// A subnet of network `network` (whose frames carry `vni`) on the agent at `underlay_ip`
+    /// whose VTEP MAC is `vtep_mac`.
+    pub const fn new(
+        underlay_ip: Addr16,
+        vtep_mac: [u8; 6],
+        network: u32,
+        vni: u32,
+    ) -> RemoteRoute {
         RemoteRoute {
             underlay_ip,
             vtep_mac,
             _pad: [0; 2],
+            network,
             vni,
             flags: 0,
         }
@@ -281,14 +307,15 @@ impl RemoteRoute {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OverlaySubnet {
-    pub vni: u32,
+    /// Network id.
+    pub network: u32,
     pub flags: u32,
 }
 
 impl OverlaySubnet {
-    /// The whole subnet of network `vni`.
-    pub const fn new(vni: u32) -> OverlaySubnet {
-        OverlaySubnet { vni, flags: 0 }
+    /// The whole subnet of network `network`.
+    pub const fn new(network: u32) -> OverlaySubnet {
+        OverlaySubnet { network, flags: 0 }
     }
 }
 
@@ -329,12 +356,13 @@ impl Vtep {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NetworkKey {
-    pub vni: u32,
+    /// Network id.
+    pub network: u32,
 }
 
 impl NetworkKey {
-    pub const fn new(vni: u32) -> NetworkKey {
-        NetworkKey { vni }
+    pub const fn new(network: u32) -> NetworkKey {
+        NetworkKey { network }
     }
 }
 
@@ -364,6 +392,43 @@ impl Network {
 
     pub const fn masquerades(&self) -> bool {
         self.flags & Network::FLAG_MASQUERADE != 0
+    }
+}
+
+/// Key of `OVL_VNIS`: a VNI this agent accepts VXLAN frames in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VniKey {
+    pub vni: u32,
+}
+
+impl VniKey {
+    pub const fn new(vni: u32) -> VniKey {
+        VniKey { vni }
+    }
+}
+
+/// Value of `OVL_VNIS`: which networks a VNI carries. It never decides a packet's network (its
+/// addresses do); it only attributes the drops that happen before the inner packet is read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireVni {
+    /// The network id of the only network on this VNI, or [`crate::counters::NO_NETWORK`] when
+    /// several networks share it.
+    pub network: u32,
+    pub flags: u32,
+}
+
+impl WireVni {
+    /// A VNI carrying exactly the networks `networks` (ids).
+    pub fn carrying(networks: &[u32]) -> WireVni {
+        WireVni {
+            network: match networks {
+                [only] => *only,
+                _ => crate::counters::NO_NETWORK,
+            },
+            flags: 0,
+        }
     }
 }
 
@@ -463,7 +528,7 @@ pub struct NatEntry {
     pub port: u16,
     /// [`NatEntry::FLAG_CLOSING`].
     pub flags: u16,
-    /// The container's network.
+    /// The container's network (network id; the field keeps its old name).
     pub vni: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet in either direction.
     pub last_seen_ns: u64,
@@ -593,15 +658,15 @@ pub struct Protected {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StatKey {
-    /// The network, or [`crate::counters::NO_NETWORK`].
-    pub vni: u32,
+    /// The network id, or [`crate::counters::NO_NETWORK`].
+    pub network: u32,
     /// A [`crate::counters::Counter`] value.
     pub counter: u32,
 }
 
 impl StatKey {
-    pub const fn new(vni: u32, counter: u32) -> StatKey {
-        StatKey { vni, counter }
+    pub const fn new(network: u32, counter: u32) -> StatKey {
+        StatKey { network, counter }
     }
 }
 
@@ -619,12 +684,14 @@ const _: () = {
     assert!(size_of::<AgentConfig>() == 36);
     assert!(size_of::<EndpointKey>() == 16);
     assert!(size_of::<Endpoint>() == 28);
-    assert!(size_of::<RemoteRoute>() == 32);
+    assert!(size_of::<RemoteRoute>() == 36);
     assert!(size_of::<OverlaySubnet>() == 8);
     assert!(size_of::<VtepKey>() == 16);
     assert!(size_of::<Vtep>() == 12);
     assert!(size_of::<NetworkKey>() == 4);
     assert!(size_of::<Network>() == 8);
+    assert!(size_of::<VniKey>() == 4);
+    assert!(size_of::<WireVni>() == 8);
     assert!(size_of::<StatKey>() == 8);
     assert!(size_of::<Stat>() == 16);
     assert!(size_of::<NatKey>() == 40);
@@ -650,6 +717,8 @@ mod pod {
     unsafe impl aya::Pod for Vtep {}
     unsafe impl aya::Pod for NetworkKey {}
     unsafe impl aya::Pod for Network {}
+    unsafe impl aya::Pod for VniKey {}
+    unsafe impl aya::Pod for WireVni {}
     unsafe impl aya::Pod for StatKey {}
     unsafe impl aya::Pod for Stat {}
     unsafe impl aya::Pod for NatKey {}
@@ -738,14 +807,25 @@ mod tests {
         let host = Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 9]);
         assert!(host.is_host());
         assert_eq!(host.gateway_mac, HOST_LINK_PEER_MAC);
-        assert_eq!((host.ifindex, host.vni, host._pad), (7, 1024, 0));
+        assert_eq!((host.ifindex, host.network, host._pad), (7, 1024, 0));
         let c = Endpoint::container(8, 1024, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
         assert!(!c.is_host());
         assert_eq!(c.flags, 0);
         assert!(Network::new(true).masquerades());
         assert_eq!(Network::new(false), Network::default());
-        let r = RemoteRoute::new(ipv4_mapped([10, 0, 0, 2]), [2, 0, 0, 0, 0, 3], 1024);
-        assert_eq!((r._pad, r.flags, r.vni), ([0; 2], 0, 1024));
+        let r = RemoteRoute::new(
+            ipv4_mapped([10, 0, 0, 2]),
+            [2, 0, 0, 0, 0, 3],
+            7,
+            SHARED_VNI,
+        );
+        assert_eq!((r._pad, r.flags, r.network, r.vni), ([0; 2], 0, 7, 1024));
+        assert_eq!(WireVni::carrying(&[7]).network, 7);
+        assert_eq!(
+            WireVni::carrying(&[7, 8]).network,
+            crate::counters::NO_NETWORK
+        );
+        assert_eq!(WireVni::carrying(&[]).network, crate::counters::NO_NETWORK);
         let v = Vtep::new([2, 0, 0, 0, 0, 3], [44, 128, 0, 2]);
         assert_eq!(v._pad, [0; 2]);
         assert_eq!(NatQuota::new(3), NatQuota { flows: 3, _pad: 0 });
@@ -757,6 +837,6 @@ mod tests {
         // Sum of field sizes equals the struct size: no hidden bytes a hash lookup could miss on.
         assert_eq!(size_of::<Endpoint>(), 4 + 4 + 6 + 6 + 4 + 4);
         assert_eq!(size_of::<AgentConfig>(), 16 + 4 + 6 + 2 + 4 + 4);
-        assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4);
+        assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4);
     }
 }

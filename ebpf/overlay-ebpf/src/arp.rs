@@ -25,15 +25,15 @@ pub fn respond(ctx: &TcContext) -> Result<i32, Drop> {
         Err(_) if sender_ip == [0, 0, 0, 0] => return Err(Counter::ArpIgnored.into()),
         Err(c) => return Err(c.into()),
     };
-    let vni = ep.vni;
+    let network = ep.network;
     // Replies, gratuitous ARP: nobody behind the veth to hear them.
     let reply = arp_reply(&frame, ep.gateway_mac)
         .ok_or(Counter::ArpIgnored)
-        .in_network(vni)?;
+        .in_network(network)?;
     ctx.store(0, &reply, 0)
         .map_err(|_| Counter::DropMalformed)
-        .in_network(vni)?;
-    count(vni, Counter::ArpReplied, ctx.len());
+        .in_network(network)?;
+    count(network, Counter::ArpReplied, ctx.len());
     // SAFETY: plain helper call; egress of the ingress veth delivers to its peer, the container.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     ipv6::{Ipv6Header, is_link_local},
-    maps::{Addr16, AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
+    maps::{AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket,
         VXLAN_HLEN, classify_underlay, parse_vxlan,
@@ -21,15 +21,16 @@ use crate::{
     deliver,
     forward::L3,
     guard,
-    isolation::remote_sender_matches,
-    maps::{endpoint, is_known_network, is_known_vtep, nat_config},
+    isolation::accept_remote,
+    maps::{is_known_vtep, nat_config, wire_vni},
     skb,
     stats::count,
 };
 
 /// A VXLAN frame that passed every check, ready to be stripped.
 pub struct Accepted {
-    pub vni: u32,
+    /// The network (id) of the inner packet, from its addresses.
+    pub network: u32,
     pub endpoint: &'static Endpoint,
     pub strip_len: usize,
     /// The inner packet is IPv6 (the outer Ethernet header says IPv4 until stripped).
@@ -96,28 +97,28 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
     }
     let vxlan = skb::load::<VXLAN_HLEN>(ctx, vxlan_offset)?;
     let vni = parse_vxlan(&vxlan)?;
-    if !is_known_network(vni) {
-        return Err(Counter::DropUnknownVni.into());
-    }
-    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).in_network(vni)?;
+    // Until the inner addresses say the network, drops count under the one the VNI carries
+    // (none when networks share it).
+    let carried = wire_vni(vni).ok_or(Counter::DropUnknownVni)?.network;
+    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).in_network(carried)?;
     let inner_l3 = vxlan_offset + VXLAN_HLEN + ETH_HLEN;
     let inner_ipv6 = match EthHeader::parse(&inner_eth).ethertype {
         ETH_P_IP => false,
         ETH_P_IPV6 => true,
-        _ => return Err(Counter::DropMalformed.in_network(vni)),
+        _ => return Err(Counter::DropMalformed.in_network(carried)),
     };
     let (inner_src, inner_dst, inner) = if inner_ipv6 {
-        let ip = Ipv6Header::parse(&skb::load::<IPV6_HLEN>(ctx, inner_l3).in_network(vni)?)
-            .in_network(vni)?;
+        let ip = Ipv6Header::parse(&skb::load::<IPV6_HLEN>(ctx, inner_l3).in_network(carried)?)
+            .in_network(carried)?;
         // Link-local addresses never cross an agent: nothing from a remote container reaches a
         // local one (or the host) by link-local, whatever the map holds under that address.
         if is_link_local(&ip.src) || is_link_local(&ip.dst) {
-            return Err(Counter::DropLinkLocal.in_network(vni));
+            return Err(Counter::DropLinkLocal.in_network(carried));
         }
         (ip.src, ip.dst, L3::v6(&ip, inner_l3))
     } else {
-        let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, inner_l3).in_network(vni)?)
-            .in_network(vni)?;
+        let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, inner_l3).in_network(carried)?)
+            .in_network(carried)?;
         (
             ipv4_mapped(ip.src),
             ipv4_mapped(ip.dst),
@@ -127,47 +128,28 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
     // The inner packet must be all there: a cut one is never delivered as if whole.
     let inner_room = (ctx.len() as usize).saturating_sub(inner_l3);
     if inner.total_len > inner_room {
-        return Err(Counter::DropTruncated.in_network(vni));
+        return Err(Counter::DropTruncated.in_network(carried));
     }
-    let ep = accepted_endpoint(vni, &inner_src, &inner_dst, outer_src).in_network(vni)?;
+    let ep = accept_remote(&inner_src, &inner_dst, vni, carried, outer_src)?;
     // A remote container to this host at its gateway address: no control ports either.
     if ep.is_host() {
-        guard::to_host_gateway(ctx, &inner).in_network(vni)?;
+        guard::to_host_gateway(ctx, &inner).in_network(ep.network)?;
     }
     Ok(Inspected::Vxlan(Accepted {
-        vni,
+        network: ep.network,
         endpoint: ep,
         strip_len,
         inner_ipv6,
     }))
 }
 
-/// The local endpoint a decapsulated packet of network `vni` from `src` to `dst` goes to, if it
-/// may: on that network, and from an address the sending agent owns on it.
-#[inline(always)]
-fn accepted_endpoint(
-    vni: u32,
-    src: &Addr16,
-    dst: &Addr16,
-    outer_src: Addr16,
-) -> Result<&'static Endpoint, Counter> {
-    let ep = endpoint(*dst).ok_or(Counter::DropNoEndpoint)?;
-    if ep.vni != vni {
-        return Err(Counter::DropCrossNetwork);
-    }
-    if !remote_sender_matches(*src, vni, outer_src) {
-        return Err(Counter::DropSpoofedSource);
-    }
-    Ok(ep)
-}
-
 /// Strips an accepted VXLAN frame and delivers the inner packet to its endpoint.
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, accepted: Accepted) -> Result<i32, Drop> {
-    let (vni, len) = (accepted.vni, ctx.len());
-    strip(ctx, accepted.strip_len, accepted.inner_ipv6).in_network(vni)?;
-    let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(vni)?;
-    count(vni, Counter::Decapsulated, len);
+    let (network, len) = (accepted.network, ctx.len());
+    strip(ctx, accepted.strip_len, accepted.inner_ipv6).in_network(network)?;
+    let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(network)?;
+    count(network, Counter::Decapsulated, len);
     Ok(verdict)
 }
 

@@ -52,6 +52,7 @@ pub fn to_remote(
         outer_dst,
         src_port: vxlan_source_port(flow_hash),
         dst_port: cfg.vxlan_port,
+        // The wire VNI of the route's network (shared by default), not its network id.
         vni: route.vni,
         inner_src_mac: cfg.vtep_mac,
         inner_dst_mac: route.vtep_mac,

@@ -69,12 +69,12 @@ impl L3 {
     }
 }
 
-/// Sends a packet of network `vni` on to `hop` and counts it.
+/// Sends a packet of network (id) `network` on to `hop` and counts it.
 #[inline(always)]
 pub fn into_overlay(
     ctx: &TcContext,
     cfg: &AgentConfig,
-    vni: u32,
+    network: u32,
     l3: &L3,
     hop: Hop,
 ) -> Result<i32, Drop> {
@@ -83,10 +83,10 @@ pub fn into_overlay(
         Hop::Local(ep) => {
             // The host at its gateway address: the agent's control ports are out of bounds.
             if ep.is_host() {
-                guard::to_host_gateway(ctx, l3).in_network(vni)?;
+                guard::to_host_gateway(ctx, l3).in_network(network)?;
             }
-            let verdict = deliver::to_endpoint(ctx, ep).in_network(vni)?;
-            count(vni, Counter::LocalDelivered, len);
+            let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
+            count(network, Counter::LocalDelivered, len);
             Ok(verdict)
         }
         Hop::Remote(route) => {
@@ -94,10 +94,10 @@ pub fn into_overlay(
             // to its sender as a "too big" error when it can (path MTU discovery), and is
             // counted as dropped either way.
             if skb::gso_size(ctx) == 0 && l3.total_len > cfg.overlay_mtu as usize {
-                return too_big::answer(ctx, cfg, vni, l3);
+                return too_big::answer(ctx, cfg, network, l3);
             }
-            let verdict = encap::to_remote(ctx, cfg, route, l3.ethertype).in_network(vni)?;
-            count(vni, Counter::Encapsulated, len);
+            let verdict = encap::to_remote(ctx, cfg, route, l3.ethertype).in_network(network)?;
+            count(network, Counter::Encapsulated, len);
             Ok(verdict)
         }
     }

@@ -35,9 +35,9 @@ pub fn answer_arp(ctx: &TcContext) -> Result<i32, Drop> {
 #[inline(always)]
 pub fn resolve(dst: Addr16) -> Option<(u32, Hop)> {
     if let Some(ep) = endpoint(dst) {
-        return Some((ep.vni, Hop::Local(ep)));
+        return Some((ep.network, Hop::Local(ep)));
     }
-    route(dst).map(|r| (r.vni, Hop::Remote(r)))
+    route(dst).map(|r| (r.network, Hop::Remote(r)))
 }
 
 /// The host's IPv6 into the overlay: its solicitations for overlay addresses answered (as its
@@ -58,6 +58,6 @@ pub fn forward_ipv6(ctx: &TcContext, cfg: &AgentConfig) -> Result<i32, Drop> {
     if is_link_local(&ip.dst) || is_multicast(&ip.dst) {
         return Err(Counter::DropLinkLocal.into());
     }
-    let (vni, hop) = resolve(ip.dst).ok_or(Counter::DropNoRoute)?;
-    forward::into_overlay(ctx, cfg, vni, &L3::v6(&ip, ETH_HLEN), hop)
+    let (network, hop) = resolve(ip.dst).ok_or(Counter::DropNoRoute)?;
+    forward::into_overlay(ctx, cfg, network, &L3::v6(&ip, ETH_HLEN), hop)
 }

@@ -60,7 +60,7 @@ pub fn from_container(ctx: &TcContext, cfg: &AgentConfig, eth: &EthHeader) -> Re
     let Ok(sender) = isolation::verified_sender(ip.src, eth.src, skb::ingress_ifindex(ctx)) else {
         return Err(unverified(&ip, role).into());
     };
-    let vni = sender.vni;
+    let vni = sender.network;
     match role {
         Icmpv6Role::Solicitation => return nd::answer_container(ctx, &ip, sender),
         Icmpv6Role::Housekeeping => return Err(Counter::NdIgnored.in_network(vni)),

@@ -1,7 +1,7 @@
 //! Per-network isolation and anti-spoofing: who may send, and to whom.
 
 use overlay_common::{
-    counters::Counter,
+    counters::{Counter, Drop},
     maps::{Addr16, Endpoint},
 };
 
@@ -24,35 +24,57 @@ pub fn verified_sender(
     }
 }
 
-/// Where a packet sent on network `vni` to `dst` goes: a [`Hop`] inside the overlay, or `None`
-/// for outside every overlay (the host stack's business). Any address of another network is
-/// refused, whether or not something lives there.
+/// Where a packet sent on network (id) `network` to `dst` goes: a [`Hop`] inside the overlay, or
+/// `None` for outside every overlay (the host stack's business). Any address of another network
+/// is refused, whether or not something lives there.
 #[inline(always)]
-pub fn resolve(vni: u32, dst: Addr16) -> Result<Option<Hop>, Counter> {
+pub fn resolve(network: u32, dst: Addr16) -> Result<Option<Hop>, Counter> {
     if let Some(ep) = endpoint(dst) {
-        return if ep.vni == vni {
+        return if ep.network == network {
             Ok(Some(Hop::Local(ep)))
         } else {
             Err(Counter::DropCrossNetwork)
         };
     }
     if let Some(r) = route(dst) {
-        return if r.vni == vni {
+        return if r.network == network {
             Ok(Some(Hop::Remote(r)))
         } else {
             Err(Counter::DropCrossNetwork)
         };
     }
     match overlay_subnet(dst) {
-        Some(s) if s.vni != vni => Err(Counter::DropCrossNetwork),
+        Some(s) if s.network != network => Err(Counter::DropCrossNetwork),
         Some(_) => Err(Counter::DropNoRoute),
         None => Ok(None),
     }
 }
 
-/// Whether a decapsulated packet's inner source is plausible: it lies in a subnet of network `vni`
-/// that belongs to the agent the VXLAN packet came from.
+/// The local endpoint a decapsulated packet from `src` to `dst`, that arrived in VNI `vni` from
+/// the agent at `outer_src`, goes to, if it may. The VNI does not say the network (networks share
+/// one by default): the addresses do. The source must lie in a subnet the sending agent owns (no
+/// spoofing), that subnet's network must be the destination's (isolation, counted under the
+/// source's network as a container's cross-network packet is), and the VNI must be the one that
+/// network's frames carry. Drops before the source is known count under `vni_network` (the
+/// network the VNI carries, if only one).
 #[inline(always)]
-pub fn remote_sender_matches(inner_src: Addr16, vni: u32, outer_src: Addr16) -> bool {
-    matches!(route(inner_src), Some(r) if r.vni == vni && r.underlay_ip == outer_src)
+pub fn accept_remote(
+    src: &Addr16,
+    dst: &Addr16,
+    vni: u32,
+    vni_network: u32,
+    outer_src: Addr16,
+) -> Result<&'static Endpoint, Drop> {
+    let ep = endpoint(*dst).ok_or(Counter::DropNoEndpoint.in_network(vni_network))?;
+    let from = match route(*src) {
+        Some(r) if r.underlay_ip == outer_src => r,
+        _ => return Err(Counter::DropSpoofedSource.in_network(ep.network)),
+    };
+    if from.network != ep.network {
+        return Err(Counter::DropCrossNetwork.in_network(from.network));
+    }
+    if from.vni != vni {
+        return Err(Counter::DropVniMismatch.in_network(from.network));
+    }
+    Ok(ep)
 }

@@ -115,18 +115,18 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
     }
     let sender =
         isolation::verified_sender(ipv4_mapped(ip.src), eth.src, skb::ingress_ifindex(ctx))?;
-    let vni = sender.vni;
-    match isolation::resolve(vni, ipv4_mapped(ip.dst)).in_network(vni)? {
-        Some(hop) => forward::into_overlay(ctx, cfg, vni, &L3::v4(&ip, ETH_HLEN), hop),
+    let network = sender.network;
+    match isolation::resolve(network, ipv4_mapped(ip.dst)).in_network(network)? {
+        Some(hop) => forward::into_overlay(ctx, cfg, network, &L3::v4(&ip, ETH_HLEN), hop),
         None => {
-            guard::to_outside(ctx, cfg, &ip).in_network(vni)?;
+            guard::to_outside(ctx, cfg, &ip).in_network(network)?;
             // To this agent itself, or from a network that does not masquerade: the host stack.
             let to_host = ipv4_mapped(ip.dst) == cfg.underlay_ip;
-            if to_host || !maps::masquerades(vni) {
-                count(vni, Counter::PassedToHost, ctx.len());
+            if to_host || !maps::masquerades(network) {
+                count(network, Counter::PassedToHost, ctx.len());
                 return Ok(TC_ACT_OK as i32);
             }
-            nat::masquerade(ctx, cfg, &ip, vni).in_network(vni)
+            nat::masquerade(ctx, cfg, &ip, network).in_network(network)
         }
     }
 }
@@ -149,8 +149,8 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, Drop> {
     match ethertype {
         ETH_P_IP => {
             let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN)?)?;
-            let (vni, hop) = host::resolve(ipv4_mapped(ip.dst)).ok_or(Counter::DropNoRoute)?;
-            forward::into_overlay(ctx, cfg, vni, &L3::v4(&ip, ETH_HLEN), hop)
+            let (network, hop) = host::resolve(ipv4_mapped(ip.dst)).ok_or(Counter::DropNoRoute)?;
+            forward::into_overlay(ctx, cfg, network, &L3::v4(&ip, ETH_HLEN), hop)
         }
         ETH_P_IPV6 => {
             // SAFETY: as in `try_from_container`.

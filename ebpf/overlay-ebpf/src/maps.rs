@@ -11,8 +11,8 @@ use aya_ebpf::{
 use overlay_common::ipv6::NA_FRAME_LEN;
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
-    Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
-    VtepKey, capacity, tail_calls,
+    Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey,
+    VniKey, Vtep, VtepKey, WireVni, capacity, tail_calls,
 };
 
 #[btf_map]
@@ -35,6 +35,10 @@ pub static OVL_VTEPS: HashMap<VtepKey, Vtep, { capacity::VTEPS as usize }> = Has
 #[btf_map]
 pub static OVL_NETWORKS: HashMap<NetworkKey, Network, { capacity::NETWORKS as usize }> =
     HashMap::new();
+
+/// The VNIs VXLAN is accepted in, and which networks each carries.
+#[btf_map]
+pub static OVL_VNIS: HashMap<VniKey, WireVni, { capacity::VNIS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static OVL_STATS: PerCpuHashMap<StatKey, Stat, { capacity::STATS as usize }> =
@@ -88,11 +92,11 @@ pub fn nat_config() -> Option<&'static NatConfig> {
         .filter(|c| c.port_min != 0 && c.port_min <= c.port_max)
 }
 
-/// Whether network `vni` masquerades traffic leaving the overlay.
+/// Whether network (id) `network` masquerades traffic leaving the overlay.
 #[inline(always)]
-pub fn masquerades(vni: u32) -> bool {
+pub fn masquerades(network: u32) -> bool {
     // SAFETY: entries are replaced whole.
-    unsafe { OVL_NETWORKS.get(NetworkKey { vni }) }
+    unsafe { OVL_NETWORKS.get(NetworkKey::new(network)) }
         .is_some_and(|n| n.flags & overlay_common::maps::Network::FLAG_MASQUERADE != 0)
 }
 
@@ -129,8 +133,9 @@ pub fn is_known_vtep(underlay_ip: Addr16) -> bool {
     OVL_VTEPS.get_ptr(VtepKey { underlay_ip }).is_some()
 }
 
-/// Whether this VNI is a network of ours.
+/// What VNI `vni` carries, if VXLAN is accepted in it.
 #[inline(always)]
-pub fn is_known_network(vni: u32) -> bool {
-    OVL_NETWORKS.get_ptr(NetworkKey { vni }).is_some()
+pub fn wire_vni(vni: u32) -> Option<&'static WireVni> {
+    // SAFETY: entries are replaced whole.
+    unsafe { OVL_VNIS.get(VniKey::new(vni)) }
 }

@@ -23,14 +23,14 @@ use crate::{
 #[inline(always)]
 fn target_in_network(target: &Addr16, vni: u32) -> Result<bool, Counter> {
     if let Some(ep) = endpoint(*target) {
-        return if ep.vni == vni {
+        return if ep.network == vni {
             Ok(ep.is_host())
         } else {
             Err(Counter::DropCrossNetwork)
         };
     }
     match overlay_subnet(*target) {
-        Some(s) if s.vni == vni => Ok(false),
+        Some(s) if s.network == vni => Ok(false),
         Some(_) => Err(Counter::DropCrossNetwork),
         // Outside every overlay: nothing of ours to claim.
         None => Err(Counter::NdIgnored),
@@ -71,7 +71,7 @@ fn reply(
 /// A verified container's Neighbor Solicitation (`sender` is the endpoint it came from).
 #[inline(always)]
 pub fn answer_container(ctx: &TcContext, ip: &Ipv6Header, sender: &Endpoint) -> Result<i32, Drop> {
-    let vni = sender.vni;
+    let vni = sender.network;
     let target = target(ctx, ip).in_network(vni)?;
     let router = target_in_network(&target, vni).in_network(vni)?;
     let verdict = reply(

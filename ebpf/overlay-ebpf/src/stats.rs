@@ -8,10 +8,10 @@ use overlay_common::{
 
 use crate::maps::OVL_STATS;
 
-/// Adds one packet of `bytes` to `counter` of network `vni`.
+/// Adds one packet of `bytes` to `counter` of network (id) `network`.
 #[inline(always)]
-pub fn count(vni: u32, counter: Counter, bytes: u32) {
-    let key = StatKey::new(vni, counter as u32);
+pub fn count(network: u32, counter: Counter, bytes: u32) {
+    let key = StatKey::new(network, counter as u32);
     let stat = match OVL_STATS.get_ptr_mut(key) {
         Some(stat) => stat,
         None => {
@@ -35,6 +35,6 @@ pub fn count(vni: u32, counter: Counter, bytes: u32) {
 /// that drops it.
 #[inline(always)]
 pub fn drop_packet(drop: Drop, bytes: u32) -> i32 {
-    count(drop.vni, drop.reason, bytes);
+    count(drop.network, drop.reason, bytes);
     TC_ACT_SHOT as i32
 }

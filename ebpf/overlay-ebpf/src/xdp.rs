@@ -23,7 +23,7 @@ use overlay_common::{
 };
 
 use crate::{
-    maps::{config, is_known_network, is_known_vtep, nat_config},
+    maps::{config, is_known_vtep, nat_config, wire_vni},
     stats::count,
 };
 
@@ -37,8 +37,8 @@ pub fn frame_len(ctx: &XdpContext) -> u32 {
 /// dropped in XDP.
 #[inline(always)]
 pub fn drop_early(drop: Drop, bytes: u32) -> u32 {
-    count(drop.vni, drop.reason, bytes);
-    count(drop.vni, Counter::XdpDropped, bytes);
+    count(drop.network, drop.reason, bytes);
+    count(drop.network, Counter::XdpDropped, bytes);
     XDP_DROP
 }
 
@@ -102,7 +102,7 @@ pub fn try_from_underlay(ctx: &XdpContext) -> Result<u32, Drop> {
         return Ok(XDP_PASS);
     };
     let vni = parse_vxlan(&vxlan)?;
-    if !is_known_network(vni) {
+    if wire_vni(vni).is_none() {
         return Err(Counter::DropUnknownVni.into());
     }
     Ok(XDP_PASS)

@@ -208,7 +208,7 @@ impl Agent {
         let parked = self.endpoints.parked();
         let endpoints = active
             .iter()
-            .map(|e| (e.ip, e.vni))
+            .map(|e| (e.ip, e.network_id))
             .chain(parked.iter().map(|(ip, p)| (*ip, p.vni)));
         for (ip, vni) in endpoints {
             let inside = self
@@ -309,7 +309,7 @@ impl Agent {
             .network
             .overlays
             .iter()
-            .filter_map(|o| Some((o.vni?, o.name.clone())))
+            .filter_map(|o| Some((o.id.or(o.vni)?, o.name.clone())))
             .collect();
         let desired = DesiredDatapath::from_state(&state, self.me.as_ref(), &self.local);
         let current = reconcile::read_maps(self.dp.maps())?;

@@ -9,7 +9,9 @@ use std::{
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use overlay_api::{AgentInfo, State, Status};
-use overlay_common::maps::{Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep};
+use overlay_common::maps::{
+    Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep, WireVni,
+};
 
 use crate::{
     datapath::{AgentSettings, addr16},
@@ -42,11 +44,15 @@ pub struct HostLinkFacts {
 /// only whether their network is enabled comes from here).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredDatapath {
+    /// Every enabled network by network id.
     pub networks: BTreeMap<u32, Network>,
+    /// Every VNI an enabled network's frames carry (one, 1024, when all share it), and what it
+    /// carries.
+    pub vnis: BTreeMap<u32, WireVni>,
     pub subnets: BTreeMap<IpNetwork, OverlaySubnet>,
     pub routes: BTreeMap<IpNetwork, RemoteRoute>,
     pub vteps: BTreeMap<IpAddr, Vtep>,
-    /// Every configured network by VNI, and whether it is enabled: local endpoints of a
+    /// Every configured network by network id, and whether it is enabled: local endpoints of a
     /// disabled network are parked, of a network missing here removed.
     pub configured: BTreeMap<u32, bool>,
     /// The host's endpoints: one per enabled network this agent has a subnet of, at its gateway.
@@ -74,20 +80,30 @@ impl DesiredDatapath {
             nat_config: local.nat,
             ..Default::default()
         };
-        let mut vni_by_name = BTreeMap::new();
+        // Network id and wire VNI of every enabled network, by name. A master from before
+        // network ids gave each network its own VNI and keyed on it: then the VNI is the id.
+        let mut by_name: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        let mut on_vni: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for net in &state.network.overlays {
-            let Some(vni) = net.vni else { continue };
-            d.configured.insert(vni, net.is_enabled());
+            let Some(id) = net.id.or(net.vni) else {
+                continue;
+            };
+            d.configured.insert(id, net.is_enabled());
             if let Some(subnet) = net.subnet {
                 d.subnets
-                    .insert(IpNetwork::V4(subnet), OverlaySubnet::new(vni));
+                    .insert(IpNetwork::V4(subnet), OverlaySubnet::new(id));
             }
             if !net.is_enabled() {
                 continue;
             }
-            vni_by_name.insert(net.name.as_str(), vni);
-            d.networks.insert(vni, Network::new(net.masquerades()));
+            by_name.insert(net.name.as_str(), (id, net.wire_vni()));
+            on_vni.entry(net.wire_vni()).or_default().push(id);
+            d.networks.insert(id, Network::new(net.masquerades()));
         }
+        d.vnis = on_vni
+            .into_iter()
+            .map(|(vni, ids)| (vni, WireVni::carrying(&ids)))
+            .collect();
         for agent in state.agents.iter().filter(|a| a.ip != local.underlay_ip) {
             let Some((vtep_mac, vtep_ip)) = vtep_of(agent) else {
                 continue;
@@ -99,30 +115,28 @@ impl DesiredDatapath {
                     .state
                     .as_ref()
                     .is_some_and(|s| s.status == Status::Failed);
-                let vni = vni_by_name.get(ov.info.name.as_str()).copied();
-                let (Some(subnet), Some(vni), false) = (ov.subnet, vni, failed) else {
+                let net = by_name.get(ov.info.name.as_str()).copied();
+                let (Some(subnet), Some((id, vni)), false) = (ov.subnet, net, failed) else {
                     continue;
                 };
                 d.routes.insert(
                     IpNetwork::V4(subnet),
-                    RemoteRoute::new(addr16(agent.ip), vtep_mac, vni),
+                    RemoteRoute::new(addr16(agent.ip), vtep_mac, id, vni),
                 );
             }
         }
         if let Some(link) = local.host_link {
             for ov in me.iter().flat_map(|me| &me.overlays) {
-                let vni = ov.backend.vxlan.vni;
                 let half = ov.mesos_bridge.as_ref().and_then(|b| b.ip);
-                let (Some(subnet), Some(half), true) =
-                    (ov.info.subnet, half, d.networks.contains_key(&vni))
-                else {
+                let id = by_name.get(ov.info.name.as_str()).map(|&(id, _)| id);
+                let (Some(subnet), Some(half), Some(id)) = (ov.info.subnet, half, id) else {
                     continue;
                 };
                 let gateway = ipam::gateway_of(half);
                 d.host_routes.insert(subnet, gateway);
                 d.host_endpoints.insert(
                     IpAddr::V4(gateway),
-                    Endpoint::host(link.peer_ifindex, vni, link.host_mac),
+                    Endpoint::host(link.peer_ifindex, id, link.host_mac),
                 );
             }
         }
@@ -163,9 +177,9 @@ mod tests {
             "network": {
                 "vtep_subnet": "44.128.0.0/20", "vtep_mac_oui": "70:B3:D5:00:00:00",
                 "overlays": [
-                    {"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24, "vni": 1024},
-                    {"name": "blue", "subnet": "10.1.0.0/16", "prefix": 24, "vni": 1025},
-                    {"name": "off", "subnet": "10.2.0.0/16", "prefix": 24, "vni": 1026, "enabled": false}
+                    {"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24, "id": 1024},
+                    {"name": "blue", "subnet": "10.1.0.0/16", "prefix": 24, "id": 1025},
+                    {"name": "off", "subnet": "10.2.0.0/16", "prefix": 24, "id": 1026, "enabled": false}
                 ]
             },
             "agents": [
@@ -177,9 +191,9 @@ mod tests {
                     {"info": {"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24}, "subnet": "9.0.1.0/24",
                      "backend": {"vxlan": {"vni": 1024, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.2/20", "vtep_mac": "70:b3:d5:80:00:02"}}},
                     {"info": {"name": "blue", "subnet": "10.1.0.0/16", "prefix": 24}, "subnet": "10.1.1.0/24",
-                     "backend": {"vxlan": {"vni": 1025, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.2/20", "vtep_mac": "70:b3:d5:80:00:02"}}},
+                     "backend": {"vxlan": {"vni": 1024, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.2/20", "vtep_mac": "70:b3:d5:80:00:02"}}},
                     {"info": {"name": "gone", "subnet": "10.3.0.0/16", "prefix": 24}, "subnet": "10.3.1.0/24",
-                     "backend": {"vxlan": {"vni": 1027, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.2/20", "vtep_mac": "70:b3:d5:80:00:02"}}}
+                     "backend": {"vxlan": {"vni": 1024, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.2/20", "vtep_mac": "70:b3:d5:80:00:02"}}}
                 ]},
                 {"ip": "10.250.0.13", "overlays": [
                     {"info": {"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24},
@@ -210,8 +224,40 @@ mod tests {
         assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), [1024, 1025]);
         // The disabled network's subnet stays an overlay subnet (its addresses unreachable).
         assert_eq!(d.subnets.len(), 3);
-        assert_eq!(d.subnets[&"10.2.0.0/16".parse().unwrap()].vni, 1026);
-        assert_eq!(d.subnets[&"9.0.0.0/8".parse().unwrap()].vni, 1024);
+        assert_eq!(d.subnets[&"10.2.0.0/16".parse().unwrap()].network, 1026);
+        assert_eq!(d.subnets[&"9.0.0.0/8".parse().unwrap()].network, 1024);
+        // DC/OS's scheme: both enabled networks on VNI 1024, which then names neither.
+        assert_eq!(
+            d.vnis,
+            BTreeMap::from([(1024, WireVni::carrying(&[1024, 1025]))])
+        );
+        assert_eq!(d.vnis[&1024].network, overlay_common::counters::NO_NETWORK);
+    }
+
+    #[test]
+    fn a_network_of_its_own_vni_and_a_master_without_network_ids() {
+        let mut s = state();
+        s.network.overlays[1].vni = Some(7000);
+        let d = DesiredDatapath::from_state(&s, None, &local("10.250.0.11"));
+        let r = d.routes[&"10.1.1.0/24".parse().unwrap()];
+        assert_eq!((r.network, r.vni), (1025, 7000));
+        let r = d.routes[&"9.0.1.0/24".parse().unwrap()];
+        assert_eq!((r.network, r.vni), (1024, 1024));
+        assert_eq!(
+            d.vnis,
+            BTreeMap::from([
+                (1024, WireVni::carrying(&[1024])),
+                (7000, WireVni::carrying(&[1025]))
+            ])
+        );
+        // An older master gave every network its own VNI and no id: the VNI is the id.
+        for o in &mut s.network.overlays {
+            o.vni = o.id.take().map(|id| id + 1);
+        }
+        let d = DesiredDatapath::from_state(&s, None, &local("10.250.0.11"));
+        assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), [1025, 1026]);
+        let r = d.routes[&"10.1.1.0/24".parse().unwrap()];
+        assert_eq!((r.network, r.vni), (1026, 1026));
     }
 
     #[test]
@@ -224,7 +270,10 @@ mod tests {
             ["9.0.1.0/24", "10.1.1.0/24"]
         );
         let r = d.routes[&"10.1.1.0/24".parse().unwrap()];
-        assert_eq!((r.vni, r.vtep_mac), (1025, [0x70, 0xb3, 0xd5, 0x80, 0, 2]));
+        assert_eq!(
+            (r.network, r.vni, r.vtep_mac),
+            (1025, 1024, [0x70, 0xb3, 0xd5, 0x80, 0, 2])
+        );
         assert_eq!(r.underlay_ip, addr16("10.250.0.12".parse().unwrap()));
         assert_eq!(
             d.vteps.keys().map(|k| k.to_string()).collect::<Vec<_>>(),

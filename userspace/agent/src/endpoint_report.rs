@@ -22,7 +22,8 @@ pub async fn report(agent: &Handle) -> (BTreeMap<String, u32>, Vec<ReportedEndpo
                 .map(|me| {
                     me.overlays
                         .iter()
-                        .map(|o| (o.backend.vxlan.vni, o.info.name.clone()))
+                        // By network id: the VNI does not tell networks apart (they share one).
+                        .filter_map(|o| Some((o.info.id.or(o.info.vni)?, o.info.name.clone())))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -42,9 +43,9 @@ pub async fn report(agent: &Handle) -> (BTreeMap<String, u32>, Vec<ReportedEndpo
     for row in stats {
         if row.counter.is_drop() && row.packets > 0 {
             let network = names
-                .get(&row.vni)
+                .get(&row.network)
                 .cloned()
-                .unwrap_or_else(|| format!("vni {}", row.vni));
+                .unwrap_or_else(|| format!("network {}", row.network));
             *drops
                 .entry(network)
                 .or_default()

@@ -238,7 +238,7 @@ impl Endpoints {
         let parked = self.parked();
         let vnis = container_endpoints(dp)?
             .into_values()
-            .map(|e| e.vni)
+            .map(|e| e.network)
             .chain(parked.values().map(|p| p.vni));
         for vni in vnis {
             let name = names
@@ -255,10 +255,10 @@ impl Endpoints {
         let mut out = vec![];
         for (ip, e) in container_endpoints(dp)? {
             let IpAddr::V4(ip) = ip else { continue };
-            let network = alloc.names.get(&e.vni).cloned().unwrap_or_default();
+            let network = alloc.names.get(&e.network).cloned().unwrap_or_default();
             let range = alloc.half_containing(&network, ip);
             out.push(EndpointInfo {
-                vni: e.vni,
+                network_id: e.network,
                 ip,
                 host_veth: netdev::name_of(e.ifindex).unwrap_or_default(),
                 ifindex: e.ifindex,

@@ -33,10 +33,10 @@ pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
     out.push_str("# TYPE overlay_datapath_packets_total counter\n");
     let stats = maps.stats()?;
     for r in &stats {
-        let net = names.get(&r.vni).map_or("", String::as_str);
+        let net = names.get(&r.network).map_or("", String::as_str);
         out.push_str(&format!(
-            "overlay_datapath_packets_total{{vni=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
-            r.vni,
+            "overlay_datapath_packets_total{{network_id=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
+            r.network,
             r.counter.name(),
             r.packets
         ));
@@ -44,23 +44,23 @@ pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
     out.push_str("# HELP overlay_datapath_bytes_total Bytes handled by the eBPF datapath, by network and counter.\n");
     out.push_str("# TYPE overlay_datapath_bytes_total counter\n");
     for r in &stats {
-        let net = names.get(&r.vni).map_or("", String::as_str);
+        let net = names.get(&r.network).map_or("", String::as_str);
         out.push_str(&format!(
-            "overlay_datapath_bytes_total{{vni=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
-            r.vni,
+            "overlay_datapath_bytes_total{{network_id=\"{}\",network=\"{net}\",counter=\"{}\"}} {}\n",
+            r.network,
             r.counter.name(),
             r.bytes
         ));
     }
     let mut per_net: BTreeMap<u32, usize> = BTreeMap::new();
     for e in maps.endpoints()?.values() {
-        *per_net.entry(e.vni).or_default() += 1;
+        *per_net.entry(e.network).or_default() += 1;
     }
     out.push_str("# HELP overlay_agent_endpoints Local endpoints by network.\n# TYPE overlay_agent_endpoints gauge\n");
-    for (vni, n) in per_net {
-        let net = names.get(&vni).map_or("", String::as_str);
+    for (id, n) in per_net {
+        let net = names.get(&id).map_or("", String::as_str);
         out.push_str(&format!(
-            "overlay_agent_endpoints{{vni=\"{vni}\",network=\"{net}\"}} {n}\n"
+            "overlay_agent_endpoints{{network_id=\"{id}\",network=\"{net}\"}} {n}\n"
         ));
     }
     out.push_str("# HELP overlay_agent_ipam_addresses Container addresses of this agent's subnets (both halves), by network and state.\n# TYPE overlay_agent_ipam_addresses gauge\n");

@@ -9,7 +9,9 @@ use std::{
 
 use ipnetwork::IpNetwork;
 use overlay_api::MacAddr;
-use overlay_common::maps::{Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep};
+use overlay_common::maps::{
+    Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep, WireVni,
+};
 
 use crate::{
     datapath::{AgentSettings, Datapath, OverlayMaps, from_addr16},
@@ -58,6 +60,7 @@ pub enum EndpointChange {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub networks: BTreeMap<u32, Network>,
+    pub vnis: BTreeMap<u32, WireVni>,
     pub subnets: BTreeMap<IpNetwork, OverlaySubnet>,
     pub routes: BTreeMap<IpNetwork, RemoteRoute>,
     pub vteps: BTreeMap<IpAddr, Vtep>,
@@ -71,6 +74,7 @@ pub struct MapContents {
 pub fn read_maps(maps: &OverlayMaps) -> anyhow::Result<MapContents> {
     Ok(MapContents {
         networks: maps.networks()?,
+        vnis: maps.vnis()?,
         subnets: maps.subnets()?,
         routes: maps.routes()?,
         vteps: maps.vteps()?,
@@ -93,6 +97,7 @@ pub struct Plan {
     pub config: Option<AgentSettings>,
     pub nat_config: Option<NatConfig>,
     pub networks: Vec<Change<u32, Network>>,
+    pub vnis: Vec<Change<u32, WireVni>>,
     pub subnets: Vec<Change<IpNetwork, OverlaySubnet>>,
     pub routes: Vec<Change<IpNetwork, RemoteRoute>>,
     pub vteps: Vec<Change<IpAddr, Vtep>>,
@@ -116,12 +121,12 @@ impl Plan {
         let mut endpoints = Vec::new();
         for (ip, e) in &containers {
             let IpAddr::V4(ip) = *ip else { continue };
-            match desired.configured.get(&e.vni) {
+            match desired.configured.get(&e.network) {
                 Some(true) => {}
                 Some(false) => endpoints.push(EndpointChange::Park(
                     ip,
                     ParkedEndpoint {
-                        vni: e.vni,
+                        vni: e.network,
                         ifindex: e.ifindex,
                         mac: MacAddr(e.mac),
                         gateway_mac: MacAddr(e.gateway_mac),
@@ -145,6 +150,7 @@ impl Plan {
                 .nat_config
                 .filter(|c| current.nat_config != Some(*c)),
             networks: diff(&desired.networks, &current.networks),
+            vnis: diff(&desired.vnis, &current.vnis),
             subnets: diff(&desired.subnets, &current.subnets),
             routes: diff(&desired.routes, &current.routes),
             vteps: diff(&desired.vteps, &current.vteps),
@@ -157,6 +163,7 @@ impl Plan {
         self.config.is_some() as usize
             + self.nat_config.is_some() as usize
             + self.networks.len()
+            + self.vnis.len()
             + self.subnets.len()
             + self.routes.len()
             + self.vteps.len()
@@ -189,6 +196,11 @@ impl Plan {
                 maps.put_network(*k, *v)?;
             }
         }
+        for c in &self.vnis {
+            if let Change::Put(k, v) = c {
+                maps.put_vni(*k, *v)?;
+            }
+        }
         for c in &self.subnets {
             if let Change::Put(k, v) = c {
                 maps.put_subnet(*k, *v)?;
@@ -210,7 +222,7 @@ impl Plan {
             match c {
                 EndpointChange::Park(ip, p) => {
                     local.park(dp, *ip, *p)?;
-                    tracing::warn!(%ip, vni = p.vni, "network disabled: endpoint parked (kept, out of the datapath until the network is enabled)");
+                    tracing::warn!(%ip, network_id = p.vni, "network disabled: endpoint parked (kept, out of the datapath until the network is enabled)");
                 }
                 EndpointChange::Unpark(ip, p) => local.unpark_into(dp, *ip, *p)?,
                 EndpointChange::Remove(ip, ifindex) => {
@@ -224,6 +236,11 @@ impl Plan {
         for c in &self.subnets {
             if let Change::Remove(k) = c {
                 maps.remove_subnet(*k)?;
+            }
+        }
+        for c in &self.vnis {
+            if let Change::Remove(k) = c {
+                maps.remove_vni(*k)?;
             }
         }
         for c in &self.networks {
@@ -259,6 +276,7 @@ mod tests {
     fn held(d: &DesiredDatapath) -> MapContents {
         MapContents {
             networks: d.networks.clone(),
+            vnis: d.vnis.clone(),
             subnets: d.subnets.clone(),
             routes: d.routes.clone(),
             vteps: d.vteps.clone(),
@@ -272,14 +290,15 @@ mod tests {
     fn plan_of_identical_state_is_empty() {
         let mut d = DesiredDatapath::default();
         d.networks.insert(1024, Network::default());
+        d.vnis.insert(1024, WireVni::carrying(&[1024]));
         d.vteps.insert("10.0.0.2".parse().unwrap(), Vtep::default());
         let host = Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 1]);
         d.host_endpoints.insert("9.0.1.1".parse().unwrap(), host);
         let none = BTreeMap::new();
         assert!(Plan::between(&d, &held(&d), &none).is_empty());
         let empty = DesiredDatapath::default();
-        assert_eq!(Plan::between(&d, &held(&empty), &none).len(), 3);
-        assert_eq!(Plan::between(&empty, &held(&d), &none).len(), 3);
+        assert_eq!(Plan::between(&d, &held(&empty), &none).len(), 4);
+        assert_eq!(Plan::between(&empty, &held(&d), &none).len(), 4);
     }
 
     #[test]

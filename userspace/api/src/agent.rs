@@ -64,7 +64,8 @@ impl Half {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointInfo {
     pub network: String,
-    pub vni: u32,
+    /// The network's id (its key in the datapath's maps; not its VNI, which networks share).
+    pub network_id: u32,
     pub ip: Ipv4Addr,
     pub host_veth: String,
     pub ifindex: u32,

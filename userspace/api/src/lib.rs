@@ -1,7 +1,8 @@
 //! Types and client of the overlay master's HTTP/JSON API.
 //!
 //! The JSON shapes are DC/OS's (`/overlay-master/state`), so existing tooling keeps working;
-//! our additions are extra fields only (`vxlan_port`, per-network `vni`, watch `revision`).
+//! our additions are extra fields only (`vxlan_port`, per-network `id`, `vni` and `masquerade`,
+//! watch `revision`).
 
 pub mod agent;
 pub mod build;

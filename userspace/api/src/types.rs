@@ -1,6 +1,8 @@
 //! The DC/OS overlay `State` and its parts, serialised field for field as DC/OS's
 //! `GET /overlay-master/state` does (optional fields are omitted when absent), plus this
-//! project's extra fields (`vxlan_port`, per-network `vni`), which DC/OS clients ignore.
+//! project's extra fields (`vxlan_port`, per-network `id`, `vni` and `masquerade`), which DC/OS
+//! clients ignore. Every network's backend says VNI 1024 and `vtep1024`, as DC/OS's master does,
+//! unless the network has its own `vni` (an option for clusters with no kernel agents).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -13,6 +15,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const DEFAULT_VXLAN_PORT: u16 = 64000;
 /// Name of the agent's VTEP device, as in DC/OS.
 pub const VTEP_NAME: &str = "vtep1024";
+/// The VNI every network shares on the wire unless it has its own (DC/OS's `vtep1024`).
+pub const SHARED_VNI: u32 = 1024;
+
+/// The name DC/OS gives the VTEP device of VNI `vni` (`vtep1024` for the shared one).
+pub fn vtep_name(vni: u32) -> String {
+    format!("vtep{vni}")
+}
 
 /// Everything the master knows: the network configuration and every agent's allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +70,14 @@ pub struct OverlayInfo {
     pub prefix6: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
-    /// Extra: VXLAN network identifier of this network (24 bits). The master always fills it in.
+    /// Extra: the network's id inside ebpf-overlay: what the datapath's maps, isolation and
+    /// counters key on (the VNI does not say the network: networks share one). The master
+    /// always fills it in and keeps it for the network's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    /// Extra, optional: the VXLAN network identifier this network's frames carry (24 bits).
+    /// Absent: [`SHARED_VNI`], shared by every network as in DC/OS, the only choice a cluster with
+    /// DC/OS kernel agents can make (they send and accept VNI 1024 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vni: Option<u32>,
     /// Extra: whether traffic from this network to outside every overlay is masqueraded to the
@@ -74,6 +90,11 @@ impl OverlayInfo {
     /// Absent `enabled` means enabled, as in DC/OS.
     pub fn is_enabled(&self) -> bool {
         self.enabled.unwrap_or(true)
+    }
+
+    /// The VNI this network's frames carry on the wire.
+    pub fn wire_vni(&self) -> u32 {
+        self.vni.unwrap_or(SHARED_VNI)
     }
 
     /// Absent `masquerade` means masquerade, as DC/OS always did.

@@ -173,7 +173,8 @@ enum NetworkCmd {
         subnet6: Option<String>,
         #[arg(long)]
         prefix6: Option<u8>,
-        /// VXLAN network identifier (default: the master picks one).
+        /// A VXLAN network identifier of its own (default: the VNI 1024 every network shares,
+        /// as DC/OS; only for clusters without DC/OS kernel agents, which use 1024 alone).
         #[arg(long)]
         vni: Option<u32>,
         /// Leave traffic to outside the overlay to the host's routing.
@@ -242,7 +243,10 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 #[derive(Serialize)]
 struct NetworkRow {
     name: String,
-    vni: Option<u32>,
+    /// The network's id (what the datapath's maps and counters say).
+    id: Option<u32>,
+    /// The VNI its frames carry (1024, shared, unless it has its own).
+    vni: u32,
     subnet: Option<String>,
     prefix: Option<u8>,
     subnet6: Option<String>,
@@ -264,7 +268,8 @@ async fn network_list(client: &MasterClient, format: Format) -> anyhow::Result<(
         .iter()
         .map(|o| NetworkRow {
             name: o.name.clone(),
-            vni: o.vni,
+            id: o.id,
+            vni: o.wire_vni(),
             subnet: o.subnet.map(|s| s.to_string()),
             prefix: o.prefix,
             subnet6: o.subnet6.map(|s| s.to_string()),
@@ -286,6 +291,7 @@ async fn network_list(client: &MasterClient, format: Format) -> anyhow::Result<(
         table(
             &[
                 "NAME",
+                "ID",
                 "VNI",
                 "SUBNET",
                 "PREFIX",
@@ -300,7 +306,8 @@ async fn network_list(client: &MasterClient, format: Format) -> anyhow::Result<(
                 .map(|r| {
                     vec![
                         r.name.clone(),
-                        or_dash(r.vni),
+                        or_dash(r.id),
+                        r.vni.to_string(),
                         or_dash(r.subnet.as_ref()),
                         or_dash(r.prefix),
                         or_dash(r.subnet6.as_ref()),
@@ -333,9 +340,10 @@ fn yes_no(b: bool) -> String {
 
 fn network_text(n: &OverlayInfo) -> String {
     format!(
-        "{} vni {} subnet {} prefix {}{} {}",
+        "{} id {} vni {} subnet {} prefix {}{} {}",
         n.name,
-        or_dash(n.vni),
+        or_dash(n.id),
+        n.wire_vni(),
         or_dash(n.subnet),
         or_dash(n.prefix),
         n.subnet6
@@ -369,6 +377,7 @@ async fn network(client: &MasterClient, command: NetworkCmd, format: Format) -> 
                 subnet6: parse_cidr("subnet6", subnet6)?,
                 prefix6,
                 enabled: disabled.then_some(false),
+                id: None,
                 vni,
                 masquerade: no_masquerade.then_some(false),
             };
@@ -613,14 +622,15 @@ fn endpoints(socket: &Path, format: Format) -> anyhow::Result<()> {
     })
 }
 
-/// Network names of the VNIs the local agent knows (its API), for the datapath view.
+/// Network names by network id, as the local agent knows them (its API), for the datapath view
+/// (not by VNI: networks share one).
 fn local_vni_names(socket: &Path) -> std::collections::BTreeMap<u32, String> {
     LocalClient::new(socket)
         .overlay()
         .map(|a| {
             a.overlays
                 .iter()
-                .map(|o| (o.backend.vxlan.vni, o.info.name.clone()))
+                .filter_map(|o| Some((o.info.id?, o.info.name.clone())))
                 .collect()
         })
         .unwrap_or_default()
@@ -768,7 +778,7 @@ fn show_datapath(
     bpffs: &std::path::Path,
     names: &std::collections::BTreeMap<u32, String>,
 ) -> anyhow::Result<()> {
-    let net = |vni: u32| format!("{} (vni {vni})", status::network_name(names, vni));
+    let net = |id: u32| format!("{} (id {id})", status::network_name(names, id));
     let pins = PinLayout::new(bpffs, instance)?;
     let maps = OverlayMaps::open_pinned(&pins)?;
     println!("pins: {}", pins.dir().display());
@@ -785,14 +795,22 @@ fn show_datapath(
         ),
     }
     println!("networks:");
-    for (vni, n) in maps.networks()? {
-        println!("  {:<24} flags {:#x}", net(vni), n.flags);
+    for (id, n) in maps.networks()? {
+        println!("  {:<24} flags {:#x}", net(id), n.flags);
+    }
+    println!("VNIs accepted:");
+    for (vni, v) in maps.vnis()? {
+        let carries = match v.network {
+            overlay_common::counters::NO_NETWORK => "several networks".to_owned(),
+            id => net(id),
+        };
+        println!("  vni {vni:<8} carries {carries}");
     }
     println!("endpoints:");
     for (ip, e) in maps.endpoints()? {
         println!(
             "  {ip:<18} {:<24} ifindex {:>4}  mac {}  gateway {}",
-            net(e.vni),
+            net(e.network),
             e.ifindex,
             mac(&e.mac),
             mac(&e.gateway_mac)
@@ -802,14 +820,15 @@ fn show_datapath(
     for (subnet, r) in maps.routes()? {
         let via = from_addr16(&r.underlay_ip);
         println!(
-            "  {subnet:<18} {:<24} via {via}  vtep mac {}",
-            net(r.vni),
-            mac(&r.vtep_mac)
+            "  {subnet:<18} {:<24} via {via}  vtep mac {}  vni {}",
+            net(r.network),
+            mac(&r.vtep_mac),
+            r.vni
         );
     }
     println!("overlay subnets:");
     for (subnet, s) in maps.subnets()? {
-        println!("  {subnet:<18} {}", net(s.vni));
+        println!("  {subnet:<18} {}", net(s.network));
     }
     println!("known agents (VTEPs):");
     for (ip, v) in maps.vteps()? {
@@ -857,7 +876,7 @@ fn show_datapath(
     for r in maps.stats()? {
         println!(
             "  {:<24} {:<22} {:>12} packets {:>14} bytes",
-            net(r.vni),
+            net(r.network),
             r.counter.name(),
             r.packets,
             r.bytes

@@ -63,7 +63,8 @@ pub struct IpamUse {
 #[derive(Debug, Serialize)]
 pub struct DropCount {
     pub network: String,
-    pub vni: u32,
+    /// The network's id (the counters' key; not its VNI, which networks share).
+    pub network_id: u32,
     pub reason: &'static str,
     pub packets: u64,
 }
@@ -83,21 +84,21 @@ pub struct MasterSection {
     pub networks: usize,
 }
 
-/// Network name of every VNI the configuration knows.
+/// Network name of every network id the configuration knows.
 pub fn vni_names(config: &NetworkConfig) -> BTreeMap<u32, String> {
     config
         .overlays
         .iter()
-        .filter_map(|o| Some((o.vni?, o.name.clone())))
+        .filter_map(|o| Some((o.id?, o.name.clone())))
         .collect()
 }
 
-/// The network of `vni`, or the bare number when no configuration names it.
-pub fn network_name(names: &BTreeMap<u32, String>, vni: u32) -> String {
-    match names.get(&vni) {
+/// The network of network id `id`, or the bare number when no configuration names it.
+pub fn network_name(names: &BTreeMap<u32, String>, id: u32) -> String {
+    match names.get(&id) {
         Some(name) => name.clone(),
-        None if vni == overlay_common::counters::NO_NETWORK => "(none)".into(),
-        None => format!("vni {vni}"),
+        None if id == overlay_common::counters::NO_NETWORK => "(none)".into(),
+        None => format!("network {id}"),
     }
 }
 
@@ -149,9 +150,9 @@ fn agent_section(socket: &Path, master_names: Option<&BTreeMap<u32, String>>) ->
     let mut names = master_names.cloned().unwrap_or_default();
     if let Some(agent) = &status.agent {
         for o in &agent.overlays {
-            names
-                .entry(o.backend.vxlan.vni)
-                .or_insert_with(|| o.info.name.clone());
+            if let Some(id) = o.info.id {
+                names.entry(id).or_insert_with(|| o.info.name.clone());
+            }
         }
     }
     match client.ipam() {
@@ -200,8 +201,8 @@ fn agent_section(socket: &Path, master_names: Option<&BTreeMap<u32, String>>) ->
                     .into_iter()
                     .filter(|r| r.counter.is_drop() && r.packets > 0)
                     .map(|r| DropCount {
-                        network: network_name(&names, r.vni),
-                        vni: r.vni,
+                        network: network_name(&names, r.network),
+                        network_id: r.network,
                         reason: r.counter.name(),
                         packets: r.packets,
                     })

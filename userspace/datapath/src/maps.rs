@@ -1,5 +1,5 @@
 //! The typed façade over the datapath's maps. Nothing else in userspace touches a map: callers
-//! speak in addresses, prefixes and VNIs; this module owns the key encodings.
+//! speak in addresses, prefixes, network ids and VNIs; this module owns the key encodings.
 
 use std::{
     collections::BTreeMap,
@@ -17,8 +17,8 @@ use overlay_common::{
     maps::{
         Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
         NatQuotaKey, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute,
-        Stat, StatKey, Vtep, VtepKey, family_prefix_len, ipv4_mapped, ipv4_mapped_prefix_len,
-        ipv4_unmapped, names,
+        Stat, StatKey, VniKey, Vtep, VtepKey, WireVni, family_prefix_len, ipv4_mapped,
+        ipv4_mapped_prefix_len, ipv4_unmapped, names,
     },
 };
 
@@ -69,7 +69,8 @@ pub struct AgentSettings {
 /// One counter of one network, summed over CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatRow {
-    pub vni: u32,
+    /// Network id (or `NO_NETWORK`).
+    pub network: u32,
     pub counter: Counter,
     pub packets: u64,
     pub bytes: u64,
@@ -87,6 +88,7 @@ pub struct OverlayMaps {
     nat_config: Array<MapData, NatConfig>,
     protected: HashMap<MapData, ProtectedKey, Protected>,
     nat_quota: HashMap<MapData, NatQuotaKey, NatQuota>,
+    vnis: HashMap<MapData, VniKey, WireVni>,
 }
 
 /// A destination containers may not reach: one address, or (None) every agent's addresses.
@@ -152,6 +154,7 @@ impl OverlayMaps {
             nat_config: Map::Array(pinned(pins, names::NAT_CONFIG)?).try_into()?,
             protected: Map::HashMap(pinned(pins, names::PROTECTED)?).try_into()?,
             nat_quota: Map::LruHashMap(pinned(pins, names::NAT_QUOTA)?).try_into()?,
+            vnis: Map::HashMap(pinned(pins, names::VNIS)?).try_into()?,
         })
     }
 
@@ -169,6 +172,7 @@ impl OverlayMaps {
             nat_config: take(ebpf, names::NAT_CONFIG)?.try_into()?,
             protected: take(ebpf, names::PROTECTED)?.try_into()?,
             nat_quota: take(ebpf, names::NAT_QUOTA)?.try_into()?,
+            vnis: take(ebpf, names::VNIS)?.try_into()?,
         })
     }
 
@@ -267,23 +271,46 @@ impl OverlayMaps {
             .context("reading OVL_VTEPS")
     }
 
-    pub fn put_network(&mut self, vni: u32, network: Network) -> anyhow::Result<()> {
+    /// Network (id) `id` takes part here.
+    pub fn put_network(&mut self, id: u32, network: Network) -> anyhow::Result<()> {
         self.networks
-            .insert(NetworkKey::new(vni), network, 0)
-            .with_context(|| format!("adding network VNI {vni} to OVL_NETWORKS"))
+            .insert(NetworkKey::new(id), network, 0)
+            .with_context(|| format!("adding network {id} to OVL_NETWORKS"))
     }
 
-    pub fn remove_network(&mut self, vni: u32) -> anyhow::Result<()> {
-        ignore_missing(self.networks.remove(&NetworkKey::new(vni)))
-            .with_context(|| format!("removing network VNI {vni} from OVL_NETWORKS"))
+    pub fn remove_network(&mut self, id: u32) -> anyhow::Result<()> {
+        ignore_missing(self.networks.remove(&NetworkKey::new(id)))
+            .with_context(|| format!("removing network {id} from OVL_NETWORKS"))
     }
 
+    /// Every network by id.
     pub fn networks(&self) -> anyhow::Result<BTreeMap<u32, Network>> {
         self.networks
             .iter()
-            .map(|r| r.map(|(k, v)| (k.vni, v)))
+            .map(|r| r.map(|(k, v)| (k.network, v)))
             .collect::<Result<_, _>>()
             .context("reading OVL_NETWORKS")
+    }
+
+    /// VXLAN is accepted in VNI `vni`, which carries what `carries` says.
+    pub fn put_vni(&mut self, vni: u32, carries: WireVni) -> anyhow::Result<()> {
+        self.vnis
+            .insert(VniKey::new(vni), carries, 0)
+            .with_context(|| format!("adding VNI {vni} to OVL_VNIS"))
+    }
+
+    pub fn remove_vni(&mut self, vni: u32) -> anyhow::Result<()> {
+        ignore_missing(self.vnis.remove(&VniKey::new(vni)))
+            .with_context(|| format!("removing VNI {vni} from OVL_VNIS"))
+    }
+
+    /// Every VNI VXLAN is accepted in.
+    pub fn vnis(&self) -> anyhow::Result<BTreeMap<u32, WireVni>> {
+        self.vnis
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.vni, v)))
+            .collect::<Result<_, _>>()
+            .context("reading OVL_VNIS")
     }
 
     /// Every counter, summed over CPUs, sorted by network then counter.
@@ -298,13 +325,13 @@ impl OverlayMaps {
                 .iter()
                 .fold((0u64, 0u64), |(p, b), s| (p + s.packets, b + s.bytes));
             rows.push(StatRow {
-                vni: key.vni,
+                network: key.network,
                 counter,
                 packets,
                 bytes,
             });
         }
-        rows.sort_by_key(|r| (r.vni, r.counter as u32));
+        rows.sort_by_key(|r| (r.network, r.counter as u32));
         Ok(rows)
     }
 
@@ -379,12 +406,12 @@ impl OverlayMaps {
         Ok(())
     }
 
-    /// Packets counted for `counter` on network `vni` (0 if never hit).
-    pub fn stat(&self, vni: u32, counter: Counter) -> anyhow::Result<u64> {
+    /// Packets counted for `counter` on network (id) `network` (0 if never hit).
+    pub fn stat(&self, network: u32, counter: Counter) -> anyhow::Result<u64> {
         Ok(self
             .stats()?
             .iter()
-            .find(|r| r.vni == vni && r.counter == counter)
+            .find(|r| r.network == network && r.counter == counter)
             .map_or(0, |r| r.packets))
     }
 }

@@ -40,3 +40,13 @@ pub fn add_peer(
         "onlink"])?;
     Ok(())
 }
+
+/// The route dcos-net writes on `node` for a peer's subnet of one more network: every network's
+/// subnets go via the peer's one VTEP (one VNI, 1024, for all), whose neighbour and FDB entries
+/// [`add_peer`] wrote.
+pub fn add_peer_route(node: &Node, peer_vtep_ip: &str, peer_subnet: &str) -> anyhow::Result<()> {
+    #[rustfmt::skip]
+    node.exec("ip", &["route", "replace", peer_subnet, "via", peer_vtep_ip, "dev", "vtep1024",
+        "onlink"])?;
+    Ok(())
+}

@@ -844,7 +844,7 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{assign_default_vnis, dcos_default};
+    use crate::config::{assign_network_ids, dcos_default};
     use overlay_api::subnets::{halves4, halves6};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
@@ -855,7 +855,7 @@ mod tests {
         config.vtep_subnet = vtep.parse().unwrap();
         config.overlays[0].subnet = Some(subnet.parse().unwrap());
         config.overlays[0].prefix = Some(prefix);
-        assign_default_vnis(&mut config.overlays);
+        assign_network_ids(&mut config.overlays);
         config
     }
 

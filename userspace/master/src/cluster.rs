@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use overlay_api::{
     AgentInfo, AgentOverlayInfo, BackendInfo, BridgeInfo, MacAddr, NetworkConfig, OverlayInfo,
-    OverlayState, State, Status, VTEP_NAME, VxLANInfo, WatchedDelta,
+    OverlayState, State, Status, VxLANInfo, WatchedDelta, vtep_name,
 };
 
 use crate::alloc::{Allocator, RestoreReport};
-use crate::config::assign_default_vnis;
+use crate::config::assign_network_ids;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{AgentRecord, NetworkRecord, Op, Origin, SettingsRecord, Snapshot, StoreError};
 use crate::validate::{ConfigError, ReservedAddress, check_reserved_addresses, validate};
@@ -597,18 +597,18 @@ impl ClusterState {
         Ok(report)
     }
 
-    /// The configuration a config file asks for: its networks (VNIs kept from the running
-    /// ones when the file gives none) plus the networks added through the API.
+    /// The configuration a config file asks for: its networks (each keeping the running one's
+    /// network id; the VNI is the file's: absent, the shared one) plus the networks added
+    /// through the API.
     pub fn candidate_from_file(
         &self,
         mut file: NetworkConfig,
     ) -> (NetworkConfig, BTreeMap<String, Origin>) {
         let running = self.config();
         for overlay in &mut file.overlays {
-            if overlay.vni.is_none()
-                && let Some(existing) = running.overlays.iter().find(|o| o.name == overlay.name)
-            {
-                overlay.vni = existing.vni;
+            if let Some(existing) = running.overlays.iter().find(|o| o.name == overlay.name) {
+                // A store from before network ids knew a network by its VNI: that is its id.
+                overlay.id = existing.id.or(existing.vni);
             }
         }
         let mut origins: BTreeMap<String, Origin> = file
@@ -624,7 +624,7 @@ impl ClusterState {
                 file.overlays.push(overlay.clone());
             }
         }
-        assign_default_vnis(&mut file.overlays);
+        assign_network_ids(&mut file.overlays);
         (file, origins)
     }
 
@@ -911,8 +911,10 @@ impl ClusterState {
                     return None;
                 }
                 let vxlan = VxLANInfo {
-                    vni: overlay.vni.expect("validated configs have VNIs"),
-                    vtep_name: VTEP_NAME.to_owned(),
+                    // DC/OS's master: VNI 1024 on `vtep1024` for every network, unless this
+                    // one has its own.
+                    vni: overlay.wire_vni(),
+                    vtep_name: vtep_name(overlay.wire_vni()),
                     vtep_ip: record.vtep_ip.map(|ip| {
                         ipnetwork::Ipv4Network::new(ip, config.vtep_subnet.prefix())
                             .expect("validated prefix")
@@ -1004,8 +1006,9 @@ pub(crate) fn apply_network_change(
                 )));
             }
             let name = spec.name.clone();
-            candidate.overlays.push(spec);
-            assign_default_vnis(&mut candidate.overlays);
+            // Ids are the master's to give.
+            candidate.overlays.push(OverlayInfo { id: None, ..spec });
+            assign_network_ids(&mut candidate.overlays);
             origins.insert(name.clone(), Origin::Api);
             Some(name)
         }
@@ -1079,7 +1082,7 @@ mod tests {
 
     fn cluster(safety: SafetySettings) -> ClusterState {
         let mut config = dcos_default();
-        assign_default_vnis(&mut config.overlays);
+        assign_network_ids(&mut config.overlays);
         let mut cluster = ClusterState::fresh(config, Origin::File).unwrap();
         cluster.set_safety(safety);
         cluster
@@ -1093,6 +1096,7 @@ mod tests {
             subnet6: None,
             prefix6: None,
             enabled: None,
+            id: None,
             vni: None,
             masquerade: None,
         }

@@ -8,10 +8,13 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_api::{DEFAULT_VXLAN_PORT, MacAddr, MacOui, NetworkConfig, OverlayInfo};
 use serde::Deserialize;
 
-/// VNI of the network named `dcos` unless configured otherwise (DC/OS's only VNI).
-pub const DCOS_VNI: u32 = 1024;
-/// Default VNIs of other networks are derived from their names within [FIRST, LAST].
-const HASHED_VNI_FIRST: u32 = 4096;
+/// Network id of the network named `dcos` (the number its VNI used to be, so that counters and
+/// pinned endpoints read the same).
+pub const DCOS_NETWORK_ID: u32 = 1024;
+/// Network ids of other networks are derived from their names within [FIRST, MAX_NETWORK_ID].
+const HASHED_ID_FIRST: u32 = 4096;
+pub const MAX_NETWORK_ID: u32 = (1 << 24) - 1;
+/// Largest VNI (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 
 /// Key under which a DC/OS `config.yaml` nests the object.
@@ -188,6 +191,7 @@ impl OverlaySpec {
             prefix: self.prefix,
             prefix6: self.prefix6,
             enabled: self.enabled,
+            id: None,
             vni: self.vni,
             masquerade: self.masquerade,
         })
@@ -214,6 +218,7 @@ pub fn dcos_default() -> NetworkConfig {
                 subnet6: None,
                 prefix6: None,
                 enabled: None,
+                id: None,
                 vni: None,
                 masquerade: None,
             },
@@ -224,6 +229,7 @@ pub fn dcos_default() -> NetworkConfig {
                 subnet6: Some("fd01:b::/64".parse().expect("valid literal")),
                 prefix6: Some(80),
                 enabled: None,
+                id: None,
                 vni: None,
                 masquerade: None,
             },
@@ -310,42 +316,43 @@ pub fn parse(text: &str) -> Result<NetworkConfig, String> {
     })
 }
 
-/// Fills in the VNI of every network that has none, deterministically from the names:
+/// Fills in the network id of every network that has none, deterministically from the names:
 /// `dcos` gets 1024, others a hash of their name in [4096, 2^24), probing upwards on clashes
-/// (in name order, so the result depends only on the set of networks).
-pub fn assign_default_vnis(overlays: &mut [OverlayInfo]) {
-    let mut taken: BTreeSet<u32> = overlays.iter().filter_map(|o| o.vni).collect();
+/// (in name order, so the result depends only on the set of networks). The VNI on the wire is
+/// another matter ([`OverlayInfo::wire_vni`]): ids are never configured, VNIs may be.
+pub fn assign_network_ids(overlays: &mut [OverlayInfo]) {
+    let mut taken: BTreeSet<u32> = overlays.iter().filter_map(|o| o.id).collect();
     let mut missing: Vec<usize> = (0..overlays.len())
-        .filter(|&i| overlays[i].vni.is_none())
+        .filter(|&i| overlays[i].id.is_none())
         .collect();
     missing.sort_by(|&a, &b| overlays[a].name.cmp(&overlays[b].name));
     for index in missing {
         let name = &overlays[index].name;
-        let mut vni = if name == "dcos" {
-            DCOS_VNI
+        let mut id = if name == "dcos" {
+            DCOS_NETWORK_ID
         } else {
-            hashed_vni(name)
+            hashed_id(name)
         };
-        while taken.contains(&vni) {
-            vni = if vni >= MAX_VNI {
-                HASHED_VNI_FIRST
+        while taken.contains(&id) {
+            id = if id >= MAX_NETWORK_ID {
+                HASHED_ID_FIRST
             } else {
-                vni + 1
+                id + 1
             };
         }
-        taken.insert(vni);
-        overlays[index].vni = Some(vni);
+        taken.insert(id);
+        overlays[index].id = Some(id);
     }
 }
 
 /// FNV-1a of the name, folded into [4096, 2^24).
-fn hashed_vni(name: &str) -> u32 {
+fn hashed_id(name: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in name.bytes() {
         hash ^= u32::from(byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    HASHED_VNI_FIRST + hash % (MAX_VNI - HASHED_VNI_FIRST + 1)
+    HASHED_ID_FIRST + hash % (MAX_NETWORK_ID - HASHED_ID_FIRST + 1)
 }
 
 #[cfg(test)]
@@ -446,25 +453,29 @@ mod tests {
     }
 
     #[test]
-    fn default_vnis_are_deterministic_and_distinct() {
+    fn network_ids_are_deterministic_and_distinct_and_vnis_shared_by_default() {
         let mut config = dcos_default();
-        assign_default_vnis(&mut config.overlays);
-        assert_eq!(config.overlays[0].vni, Some(DCOS_VNI));
-        let dcos6 = config.overlays[1].vni.unwrap();
-        assert!((HASHED_VNI_FIRST..=MAX_VNI).contains(&dcos6));
+        assign_network_ids(&mut config.overlays);
+        assert_eq!(config.overlays[0].id, Some(DCOS_NETWORK_ID));
+        let dcos6 = config.overlays[1].id.unwrap();
+        assert!((HASHED_ID_FIRST..=MAX_NETWORK_ID).contains(&dcos6));
+        // DC/OS's scheme: every network on VNI 1024 unless it says otherwise.
+        for o in &config.overlays {
+            assert_eq!((o.vni, o.wire_vni()), (None, 1024), "{}", o.name);
+        }
 
-        // Same names in another order give the same VNIs; an explicit VNI is kept.
+        // Same names in another order give the same ids; an existing id is kept.
         let mut reversed = dcos_default().overlays;
         reversed.reverse();
-        assign_default_vnis(&mut reversed);
-        assert_eq!(reversed[0].vni, Some(dcos6));
-        assert_eq!(reversed[1].vni, Some(DCOS_VNI));
+        assign_network_ids(&mut reversed);
+        assert_eq!(reversed[0].id, Some(dcos6));
+        assert_eq!(reversed[1].id, Some(DCOS_NETWORK_ID));
 
-        // A clash with an explicit VNI moves the default one along.
+        // A clash with an existing id moves the new one along.
         let mut clash = dcos_default().overlays;
-        clash[1].vni = Some(DCOS_VNI);
-        assign_default_vnis(&mut clash);
-        assert_eq!(clash[1].vni, Some(DCOS_VNI));
-        assert_eq!(clash[0].vni, Some(DCOS_VNI + 1));
+        clash[1].id = Some(DCOS_NETWORK_ID);
+        assign_network_ids(&mut clash);
+        assert_eq!(clash[1].id, Some(DCOS_NETWORK_ID));
+        assert_eq!(clash[0].id, Some(DCOS_NETWORK_ID + 1));
     }
 }

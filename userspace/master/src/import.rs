@@ -20,11 +20,12 @@ use overlay_api::{MacAddr, NetworkConfig, State};
 
 use crate::alloc::{Allocator, RestoreReport};
 use crate::cluster::ClusterState;
-use crate::config::assign_default_vnis;
+use crate::config::assign_network_ids;
 use crate::store::{
     AgentNetworkRecord, AgentRecord, NetworkRecord, Op, Origin, SettingsRecord, Store,
 };
 use crate::validate::{check_agent_address, validate};
+use overlay_api::SHARED_VNI;
 use overlay_api::subnets::{halves4, halves6};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +89,10 @@ fn records_of(
         reasons,
     };
     let mut config = state.network.clone();
-    // DC/OS's state has no VNI per network: its agents' backends say it (1024 for all).
+    // DC/OS's state has no VNI per network: its agents' backends say it (1024 for all, which
+    // is our default too). A backend with another VNI (a state of ours, a network with its own)
+    // comes across as that network's `vni`. Network ids (none in DC/OS's state) are given
+    // below.
     for overlay in &mut config.overlays {
         if overlay.vni.is_none() {
             overlay.vni = state
@@ -96,21 +100,11 @@ fn records_of(
                 .iter()
                 .flat_map(|a| &a.overlays)
                 .find(|o| o.info.name == overlay.name)
-                .map(|o| o.backend.vxlan.vni);
+                .map(|o| o.backend.vxlan.vni)
+                .filter(|&vni| vni != SHARED_VNI);
         }
     }
-    // Per-network VNIs must differ here: the first network keeps DC/OS's shared one, the
-    // others get their default (traffic with kernel agents flows on the shared one only).
-    let mut seen = BTreeSet::new();
-    for overlay in &mut config.overlays {
-        if let Some(vni) = overlay.vni
-            && !seen.insert(vni)
-        {
-            tracing::warn!(network = %overlay.name, vni, "VNI shared with an earlier network; this network gets its own default VNI");
-            overlay.vni = None;
-        }
-    }
-    assign_default_vnis(&mut config.overlays);
+    assign_network_ids(&mut config.overlays);
     validate(&config).map_err(|e| invalid(vec![format!("network: {e}")]))?;
 
     let mut reasons = Vec::new();

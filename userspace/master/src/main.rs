@@ -374,7 +374,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let file_config = read_config(args.config.as_ref())?;
     // Refuse a broken file before touching the data directory.
     let mut checked = file_config.clone();
-    config::assign_default_vnis(&mut checked.overlays);
+    config::assign_network_ids(&mut checked.overlays);
     overlay_master::validate::validate(&checked).with_context(|| match &args.config {
         Some(path) => format!("config file {}", path.display()),
         None => "DC/OS's default configuration".to_owned(),

@@ -25,7 +25,7 @@ pub use crate::cluster::{
     AgentNetworkConfig, ClusterState, MasterError, NetworkChange, ReconfigureReport, SafetySettings,
 };
 use crate::cluster::{ChangeLog, apply_network_change, apply_reload, log_reconfigure};
-use crate::config::assign_default_vnis;
+use crate::config::assign_network_ids;
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
 use crate::store::{Op, Origin, Snapshot, Store, StoreError};
@@ -234,7 +234,7 @@ impl Master {
             }
             None => {
                 let mut config = file_config;
-                assign_default_vnis(&mut config.overlays);
+                assign_network_ids(&mut config.overlays);
                 tracing::info!("empty store: starting from the configuration");
                 crate::validate::check_reserved_addresses(
                     &config,
@@ -757,6 +757,7 @@ mod tests {
             subnet6: None,
             prefix6: None,
             enabled: None,
+            id: None,
             vni: None,
             masquerade: None,
         }
@@ -799,7 +800,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(added.vni.is_some());
+        assert!(
+            added.id.is_some() && added.vni.is_none(),
+            "an id of its own, the shared VNI"
+        );
         let info = master.register(ip("10.0.0.1")).await.unwrap();
         let dev = info.overlays.iter().find(|o| o.info.name == "dev").unwrap();
         assert_eq!(dev.subnet, Some("10.10.0.0/24".parse().unwrap()));

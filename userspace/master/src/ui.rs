@@ -32,7 +32,7 @@ pub struct PageData {
 #[derive(Serialize)]
 struct NetworkView {
     name: String,
-    vni: Option<u32>,
+    vni: u32,
     subnet: Option<String>,
     prefix: Option<u8>,
     subnet6: Option<String>,
@@ -111,7 +111,7 @@ pub async fn data(
             }
             NetworkView {
                 name: o.name.clone(),
-                vni: o.vni,
+                vni: o.wire_vni(),
                 subnet: o.subnet.map(|s| s.to_string()),
                 prefix: o.prefix,
                 subnet6: o.subnet6.map(|s| s.to_string()),

@@ -11,7 +11,8 @@ use overlay_api::{
     subnets::{MAX_AGENT_PREFIX4, MAX_AGENT_PREFIX6},
 };
 
-use crate::config::MAX_VNI;
+use crate::config::{MAX_NETWORK_ID, MAX_VNI};
+use overlay_api::SHARED_VNI;
 
 /// Longest network name: Linux device names have 15 characters and the bridges are
 /// `m-<name>` / `d-<name>`.
@@ -88,6 +89,7 @@ pub fn validate(config: &NetworkConfig) -> Result<(), ConfigError> {
     }
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     let mut vnis: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut ids: BTreeMap<u32, usize> = BTreeMap::new();
     for (index, overlay) in config.overlays.iter().enumerate() {
         validate_overlay(index, overlay, &mut errors);
         if let Some(first) = names.insert(&overlay.name, index) {
@@ -97,14 +99,29 @@ pub fn validate(config: &NetworkConfig) -> Result<(), ConfigError> {
                 format!("duplicate network name (also overlays[{first}])"),
             );
         }
-        if let Some(vni) = overlay.vni
+        // Networks share VNI 1024 by default (isolation comes from the addresses); a VNI of
+        // its own is one network's alone.
+        if let Some(vni) = overlay.vni.filter(|&v| v != SHARED_VNI)
             && let Some(first) = vnis.insert(vni, index)
         {
             errors.fail(
                 format!("overlays[{index}].vni ({})", overlay.name),
                 vni,
                 format!(
-                    "duplicate VNI (also overlays[{first}], {})",
+                    "duplicate VNI (also overlays[{first}], {}): a network's own VNI is its \
+                     alone (leave `vni` out to share {SHARED_VNI})",
+                    config.overlays[first].name
+                ),
+            );
+        }
+        if let Some(id) = overlay.id
+            && let Some(first) = ids.insert(id, index)
+        {
+            errors.fail(
+                format!("overlays[{index}].id ({})", overlay.name),
+                id,
+                format!(
+                    "duplicate network id (also overlays[{first}], {})",
                     config.overlays[first].name
                 ),
             );
@@ -291,6 +308,15 @@ fn validate_overlay(index: usize, overlay: &OverlayInfo, errors: &mut Collector)
         (None, Some(prefix6)) => errors.fail(field("prefix6"), prefix6, "given without `subnet6`"),
         (None, None) => {}
     }
+    if let Some(id) = overlay.id
+        && !(1..=MAX_NETWORK_ID).contains(&id)
+    {
+        errors.fail(
+            field("id"),
+            id,
+            format!("must be between 1 and {MAX_NETWORK_ID}"),
+        );
+    }
     if let Some(vni) = overlay.vni
         && !(1..=MAX_VNI).contains(&vni)
     {
@@ -443,11 +469,11 @@ pub fn check_agent_address(config: &NetworkConfig, ip: IpAddr) -> Result<(), Con
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{assign_default_vnis, dcos_default};
+    use crate::config::{assign_network_ids, dcos_default};
 
     fn default_config() -> NetworkConfig {
         let mut config = dcos_default();
-        assign_default_vnis(&mut config.overlays);
+        assign_network_ids(&mut config.overlays);
         config
     }
 
@@ -498,9 +524,18 @@ mod tests {
         config.overlays.push(copy);
         assert_rejected(&config, "overlays[2].name", "dcos");
 
+        // Sharing 1024 is the default, saying so is allowed; a network's own VNI is its alone.
         let mut config = default_config();
         config.overlays[1].vni = Some(1024);
-        assert_rejected(&config, "overlays[1].vni", "1024");
+        validate(&config).unwrap();
+        config.overlays[0].vni = Some(5000);
+        config.overlays[1].vni = Some(5000);
+        assert_rejected(&config, "overlays[1].vni", "5000");
+
+        // Network ids (the master's own) never repeat.
+        let mut config = default_config();
+        config.overlays[1].id = config.overlays[0].id;
+        assert_rejected(&config, "overlays[1].id", "1024");
     }
 
     #[test]
@@ -525,10 +560,10 @@ mod tests {
         let mut config = default_config();
         let mut other = config.overlays[0].clone();
         other.name = "other".into();
-        other.vni = None;
+        other.id = None;
         other.subnet = Some("9.1.0.0/16".parse().unwrap());
         config.overlays.push(other);
-        assign_default_vnis(&mut config.overlays);
+        assign_network_ids(&mut config.overlays);
         assert_rejected(&config, "overlays[2].subnet", "9.1.0.0/16");
     }
 

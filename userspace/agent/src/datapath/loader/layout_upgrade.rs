@@ -11,6 +11,10 @@
 //!   endpoints, routes, VTEPs, networks and counters carry over and traffic keeps flowing. The
 //!   others start empty and are refilled by the agent (NAT state is lost: masqueraded flows
 //!   start again).
+//! - Maps whose layout changed in a way this binary can translate ([`translated`]) have their
+//!   entries rewritten into the new layout instead: a v2 route becomes a v3 route whose network id
+//!   and VNI are both the old VNI (what it meant then), and the VNIs of the old networks are
+//!   accepted, so the wire stays as it was until the agent applies the master's state.
 //! - Then the old version's pins are removed; its maps go with its last program.
 
 use std::{
@@ -31,7 +35,8 @@ use super::{super::PinLayout, replace_in_pinned_link};
 pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
     (names::CONFIG, 1),
     (names::ENDPOINTS, 1),
-    (names::ROUTES, 1),
+    // v3: RemoteRoute holds the network id and the wire VNI apart (32 -> 36 bytes).
+    (names::ROUTES, 3),
     (names::SUBNETS, 1),
     (names::VTEPS, 1),
     (names::NETWORKS, 1),
@@ -41,6 +46,8 @@ pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
     (names::NAT, 2),
     (names::NAT_CONFIG, 2),
     (names::NAT_QUOTA, 2),
+    // v3: new map, the VNIs VXLAN is accepted in (the agent refills it from the state).
+    (names::VNIS, 3),
 ];
 
 /// Maps never copied from another layout: program arrays, whose entries are the loading
@@ -49,7 +56,7 @@ pub const NEVER_CARRIED: &[&str] = &[names::TAIL_CALLS];
 
 /// The layout version [`SAME_LAYOUT_SINCE`] was last checked against (a test compares it).
 #[allow(dead_code)]
-pub const CHECKED_FOR: u32 = 2;
+pub const CHECKED_FOR: u32 = 3;
 
 /// Whether entries of `map` pinned by an agent of layout `version` can be copied as they are.
 pub fn carries_over(map: &str, version: u32) -> bool {
@@ -145,6 +152,12 @@ fn take_over(
         if !old.exists() {
             continue;
         }
+        if let Some(translate) = translated(name, version) {
+            let n = translate_entries(&old, &pins.map(name), translate)
+                .with_context(|| format!("translating the entries of {name}"))?;
+            report.maps_copied.push(((*name).to_owned(), n));
+            continue;
+        }
         if !carries_over(name, version) {
             report.maps_dropped.push((*name).to_owned());
             continue;
@@ -154,6 +167,15 @@ fn take_over(
         {
             Some(n) => report.maps_copied.push(((*name).to_owned(), n)),
             None => report.maps_dropped.push((*name).to_owned()),
+        }
+    }
+    if version < 3 {
+        // Before v3 a network's id was its VNI: accept each old network's VNI as carrying it.
+        let old = old_dir.join("maps").join(names::NETWORKS);
+        if old.exists() {
+            let n = vnis_of_networks(&old, &pins.map(names::VNIS))
+                .context("accepting the VNIs of the old layout's networks")?;
+            report.maps_copied.push((names::VNIS.to_owned(), n));
         }
     }
     let links = old_dir.join("links");
@@ -194,6 +216,82 @@ fn take_over(
         let _ = std::fs::remove_dir(version_dir); // only if no other instance is left in it
     }
     Ok(report)
+}
+
+/// Rewrites one entry's value of an older layout into this one's (None: leave the entry out).
+type Translate = fn(&[u8]) -> Option<Vec<u8>>;
+
+/// How entries of `map` pinned by an agent of layout `version` are rewritten into this layout,
+/// when they are not carried as they are.
+pub fn translated(map: &str, version: u32) -> Option<Translate> {
+    (map == names::ROUTES && version < 3).then_some(route_v2_to_v3 as Translate)
+}
+
+/// v1/v2 `RemoteRoute` (underlay 16, MAC 6, pad 2, vni 4, flags 4) -> v3 (underlay 16, MAC 6,
+/// pad 2, network 4, vni 4, flags 4): the old VNI was both the network and the wire VNI.
+fn route_v2_to_v3(old: &[u8]) -> Option<Vec<u8>> {
+    if old.len() != 32 {
+        return None;
+    }
+    let mut new = Vec::with_capacity(36);
+    new.extend_from_slice(&old[..28]);
+    new.extend_from_slice(&old[24..28]);
+    new.extend_from_slice(&old[28..32]);
+    Some(new)
+}
+
+/// Writes every entry of the map pinned at `from`, translated, into the one pinned at `to`
+/// (same key size); returns how many were written.
+fn translate_entries(from: &Path, to: &Path, translate: Translate) -> anyhow::Result<usize> {
+    let src = MapData::from_pin(from).with_context(|| format!("opening {}", from.display()))?;
+    let dst = MapData::from_pin(to).with_context(|| format!("opening {}", to.display()))?;
+    let (si, di) = (src.info()?, dst.info()?);
+    if si.key_size() != di.key_size() {
+        bail!("key size {} -> {}", si.key_size(), di.key_size());
+    }
+    let (src_fd, dst_fd) = (src.fd().as_fd().as_raw_fd(), dst.fd().as_fd().as_raw_fd());
+    let mut written = 0;
+    for (key, value) in raw::entries(src_fd, si.key_size() as usize, si.value_size() as usize)? {
+        let Some(value) = translate(&value) else {
+            continue;
+        };
+        if value.len() != di.value_size() as usize {
+            bail!(
+                "translated value of {} bytes, map holds {}",
+                value.len(),
+                di.value_size()
+            );
+        }
+        raw::update(dst_fd, &key, &value).context("BPF_MAP_UPDATE_ELEM")?;
+        written += 1;
+    }
+    Ok(written)
+}
+
+/// Puts into `OVL_VNIS` (pinned at `to`) the VNI of every network of an old layout's
+/// `OVL_NETWORKS` (pinned at `from`, keyed by the VNI that was the network's id).
+fn vnis_of_networks(from: &Path, to: &Path) -> anyhow::Result<usize> {
+    use overlay_common::maps::WireVni;
+    let src = MapData::from_pin(from).with_context(|| format!("opening {}", from.display()))?;
+    let dst = MapData::from_pin(to).with_context(|| format!("opening {}", to.display()))?;
+    let src_fd = src.fd().as_fd().as_raw_fd();
+    let dst_fd = dst.fd().as_fd().as_raw_fd();
+    let key_len = src.info()?.key_size() as usize;
+    let value_len = src.info()?.value_size() as usize;
+    if key_len != 4 {
+        bail!("old OVL_NETWORKS has keys of {key_len} bytes");
+    }
+    let mut written = 0;
+    for (key, _) in raw::entries(src_fd, key_len, value_len)? {
+        let id = u32::from_ne_bytes([key[0], key[1], key[2], key[3]]);
+        let carries = WireVni::carrying(&[id]);
+        let mut value = Vec::with_capacity(8);
+        value.extend_from_slice(&carries.network.to_ne_bytes());
+        value.extend_from_slice(&carries.flags.to_ne_bytes());
+        raw::update(dst_fd, &key, &value).context("BPF_MAP_UPDATE_ELEM")?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 /// Copies every entry of the map pinned at `from` into the one pinned at `to`, byte for byte.
@@ -312,6 +410,27 @@ mod raw {
         }
     }
 
+    /// Every (key, value) of a (non per-CPU) map.
+    pub fn entries(
+        fd: RawFd,
+        key_len: usize,
+        value_len: usize,
+    ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut key = vec![0u8; key_len];
+        let mut next = vec![0u8; key_len];
+        let mut first = true;
+        while next_key(fd, (!first).then_some(&key[..]), &mut next)? {
+            first = false;
+            key.copy_from_slice(&next);
+            let mut value = vec![0u8; value_len];
+            if lookup(fd, &key, &mut value)? {
+                out.push((key.clone(), value));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn update(fd: RawFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
         let attr = MapElemAttr {
             map_fd: fd as u32,
@@ -347,11 +466,38 @@ mod tests {
     }
 
     #[test]
+    fn v2_routes_become_v3_routes_of_the_same_network_and_vni() {
+        use overlay_common::maps::{RemoteRoute, ipv4_mapped};
+        // A v2 route as the old agent wrote it: network 4242 was also its VNI.
+        let mut old = Vec::new();
+        old.extend_from_slice(&ipv4_mapped([10, 0, 0, 2]));
+        old.extend_from_slice(&[2, 0, 0, 0, 0, 3, 0, 0]);
+        old.extend_from_slice(&4242u32.to_ne_bytes());
+        old.extend_from_slice(&0u32.to_ne_bytes());
+        let new = translated(names::ROUTES, 2).unwrap()(&old).unwrap();
+        let want = RemoteRoute::new(ipv4_mapped([10, 0, 0, 2]), [2, 0, 0, 0, 0, 3], 4242, 4242);
+        // SAFETY: RemoteRoute is plain #[repr(C)] data of this size.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&want as *const RemoteRoute).cast::<u8>(),
+                size_of::<RemoteRoute>(),
+            )
+        };
+        assert_eq!(new, bytes);
+        assert!(translated(names::ROUTES, 3).is_none());
+        assert!(translated(names::ENDPOINTS, 2).is_none());
+        assert!(route_v2_to_v3(&[0; 36]).is_none());
+    }
+
+    #[test]
     fn entries_carry_over_only_from_versions_with_the_same_layout() {
         assert!(carries_over(names::ENDPOINTS, 1));
         assert!(carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION));
         assert!(!carries_over(names::NAT, 1));
         assert!(carries_over(names::NAT, 2));
+        // v3 split a route's network id from its VNI: v2 routes are not read as v3 ones.
+        assert!(!carries_over(names::ROUTES, 2));
+        assert!(carries_over(names::ROUTES, 3));
         // A newer agent's layout is unknown to us.
         assert!(!carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION + 1));
         assert!(!carries_over("OVL_SOMETHING_ELSE", 1));
@@ -360,7 +506,7 @@ mod tests {
     #[test]
     fn other_layouts_lists_this_instance_under_other_versions_only() {
         let root = std::env::temp_dir().join(format!("layout-upgrade-{}", std::process::id()));
-        for dir in ["v1/a", "v1/b", "v3/a", "x/a", "vx/a"] {
+        for dir in ["v1/a", "v1/b", "v99/a", "x/a", "vx/a"] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
         std::fs::create_dir_all(root.join(format!("v{MAP_LAYOUT_VERSION}/a"))).unwrap();
@@ -368,7 +514,7 @@ mod tests {
         let missing = other_layouts(&root.join("missing"), "a").unwrap();
         std::fs::remove_dir_all(&root).unwrap();
         let versions: Vec<u32> = found.iter().map(|(v, _)| *v).collect();
-        assert_eq!(versions, [1, 3]);
+        assert_eq!(versions, [1, 99]);
         assert_eq!(found[0].1, root.join("v1/a"));
         assert!(missing.is_empty());
     }
