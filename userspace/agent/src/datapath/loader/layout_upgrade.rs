@@ -228,8 +228,13 @@ pub fn translated(map: &str, version: u32) -> Option<Translate> {
 }
 
 /// v1/v2 `RemoteRoute` (underlay 16, MAC 6, pad 2, vni 4, flags 4) -> v3 (underlay 16, MAC 6,
-/// pad 2, network 4, vni 4, flags 4): the old VNI was both the network and the wire VNI.
+/// pad 2, network 4, vni 4, flags 4): the old VNI was both the network and the wire VNI. A value
+/// already of v3's size (pins recorded under an older version but written by this layout, as a
+/// take-over interrupted after the copy leaves them) is this layout's already: kept as it is.
 fn route_v2_to_v3(old: &[u8]) -> Option<Vec<u8>> {
+    if old.len() == size_of::<overlay_common::maps::RemoteRoute>() {
+        return Some(old.to_vec());
+    }
     if old.len() != 32 {
         return None;
     }
@@ -486,7 +491,8 @@ mod tests {
         assert_eq!(new, bytes);
         assert!(translated(names::ROUTES, 3).is_none());
         assert!(translated(names::ENDPOINTS, 2).is_none());
-        assert!(route_v2_to_v3(&[0; 36]).is_none());
+        assert_eq!(route_v2_to_v3(&new), Some(new.clone()), "already v3: kept");
+        assert!(route_v2_to_v3(&[0; 20]).is_none());
     }
 
     #[test]
