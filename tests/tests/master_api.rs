@@ -66,10 +66,13 @@ async fn registration_is_idempotent_and_delete_quarantines() {
     assert_eq!(dcos.backend.vxlan.vni, 1024);
     let dcos6 = overlay(second, "dcos6");
     assert_eq!(dcos6.subnet6, Some("fd01:b::1:0:0:0/80".parse().unwrap()));
-    assert_ne!(
-        dcos6.backend.vxlan.vni, 1024,
-        "every network has its own VNI"
+    // DC/OS's scheme: one VNI, 1024 on `vtep1024`, for every network (DC/OS's integration
+    // tests assert it for dcos and dcos6); the networks keep ids of their own.
+    assert_eq!(
+        (dcos6.backend.vxlan.vni, dcos6.backend.vxlan.vtep_name.as_str()),
+        (1024, "vtep1024")
     );
+    assert_ne!(dcos6.info.id, dcos.info.id);
 
     // Idempotent: same IP, same allocation, no new revision.
     let revision = client
