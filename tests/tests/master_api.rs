@@ -69,7 +69,10 @@ async fn registration_is_idempotent_and_delete_quarantines() {
     // DC/OS's scheme: one VNI, 1024 on `vtep1024`, for every network (DC/OS's integration
     // tests assert it for dcos and dcos6); the networks keep ids of their own.
     assert_eq!(
-        (dcos6.backend.vxlan.vni, dcos6.backend.vxlan.vtep_name.as_str()),
+        (
+            dcos6.backend.vxlan.vni,
+            dcos6.backend.vxlan.vtep_name.as_str()
+        ),
         (1024, "vtep1024")
     );
     assert_ne!(dcos6.info.id, dcos.info.id);

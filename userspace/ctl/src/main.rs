@@ -624,7 +624,7 @@ fn endpoints(socket: &Path, format: Format) -> anyhow::Result<()> {
 
 /// Network names by network id, as the local agent knows them (its API), for the datapath view
 /// (not by VNI: networks share one).
-fn local_vni_names(socket: &Path) -> std::collections::BTreeMap<u32, String> {
+fn local_network_names(socket: &Path) -> std::collections::BTreeMap<u32, String> {
     LocalClient::new(socket)
         .overlay()
         .map(|a| {
@@ -722,7 +722,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Datapath { instance, bpffs } => {
-            let names = local_vni_names(&cli.socket);
+            let names = local_network_names(&cli.socket);
             show_datapath(&instance, &bpffs, &names)?
         }
         Cmd::Cleanup {

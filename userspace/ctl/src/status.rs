@@ -85,7 +85,7 @@ pub struct MasterSection {
 }
 
 /// Network name of every network id the configuration knows.
-pub fn vni_names(config: &NetworkConfig) -> BTreeMap<u32, String> {
+pub fn network_names(config: &NetworkConfig) -> BTreeMap<u32, String> {
     config
         .overlays
         .iter()
@@ -259,7 +259,7 @@ pub async fn collect(agent_socket: Option<&Path>, master: Option<&MasterClient>)
         }
         None => (None, None),
     };
-    let names = config.as_ref().map(vni_names);
+    let names = config.as_ref().map(network_names);
     let agent = agent_socket.map(|socket| agent_section(socket, names.as_ref()));
     let mut problems = Vec::new();
     if let Some(a) = &agent {
