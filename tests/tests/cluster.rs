@@ -325,3 +325,67 @@ fn agent_restart_keeps_traffic_flowing_and_entries_in_place() {
         "a restart with unchanged state must not rewrite maps"
     );
 }
+
+/// The per-network `vni` option (for clusters without DC/OS kernel agents): `blue` on VNI 5000
+/// of its own, `dcos` on the shared 1024. Each network's frames carry its VNI (the routes and the
+/// accepted VNIs say so, and the receiving agent counts them under the right network), both
+/// networks work across agents, and they stay isolated.
+#[test]
+fn a_network_with_a_vni_of_its_own_works_and_stays_isolated() {
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let mut spec = ClusterSpec::new(2, &bin_dir);
+    spec.config = format!("{}    vni: 5000\n", overlay_lab::cluster::TWO_NETWORKS);
+    let mut c = Cluster::up(spec).unwrap();
+    let mut on = |agent: &str, net: &str| c.add_container(agent, net).unwrap();
+    let (d1, b1, d2, b2) = (
+        on("a1", "dcos"),
+        on("a1", "blue"),
+        on("a2", "dcos"),
+        on("a2", "blue"),
+    );
+    let info = c.agent_info("a2").unwrap();
+    let of = |name: &str| {
+        let o = info.overlays.iter().find(|o| o.info.name == name).unwrap();
+        (
+            o.info.id.unwrap(),
+            o.backend.vxlan.vni,
+            o.backend.vxlan.vtep_name.clone(),
+        )
+    };
+    let (dcos_id, dcos_vni, dcos_dev) = of("dcos");
+    let (blue_id, blue_vni, blue_dev) = of("blue");
+    assert_eq!((dcos_vni, dcos_dev.as_str()), (1024, "vtep1024"));
+    assert_eq!((blue_vni, blue_dev.as_str()), (5000, "vtep5000"));
+
+    let within = ping_all(&[
+        (&d1, ip(&d2)),
+        (&d2, ip(&d1)),
+        (&b1, ip(&b2)),
+        (&b2, ip(&b1)),
+    ]);
+    assert_eq!(within, [true; 4], "within each network, across agents");
+    let between = ping_all(&[
+        (&d1, ip(&b2)),
+        (&b1, ip(&d2)),
+        (&d2, ip(&b1)),
+        (&b2, ip(&d1)),
+    ]);
+    assert_eq!(between, [false; 4], "isolation between the networks");
+
+    let m = maps(&c, "a2");
+    let vnis = m.vnis().unwrap();
+    assert_eq!(
+        vnis.iter()
+            .map(|(v, w)| (*v, w.network))
+            .collect::<Vec<_>>(),
+        [(1024, dcos_id), (5000, blue_id)],
+        "each VNI carries one network"
+    );
+    for (subnet, r) in m.routes().unwrap() {
+        let want = if r.network == blue_id { 5000 } else { 1024 };
+        assert_eq!(r.vni, want, "route {subnet} of network {}", r.network);
+    }
+    assert!(m.stat(blue_id, Counter::Decapsulated).unwrap() > 0);
+    assert!(m.stat(dcos_id, Counter::Decapsulated).unwrap() > 0);
+    assert!(m.stat(dcos_id, Counter::DropCrossNetwork).unwrap() > 0);
+}

@@ -25,7 +25,7 @@ const CONTAINER_IFNAME: &str = "eth0";
 /// Where the master listens, inside the lab.
 pub const MASTER_PORT: u16 = 5050;
 
-/// Two networks: DC/OS's default `dcos` (VNI 1024) and a second one, `blue`.
+/// Two networks: DC/OS's default `dcos` and a second one, `blue` (both on VNI 1024, DC/OS's scheme).
 pub const TWO_NETWORKS: &str = "\
 vtep_subnet: 44.128.0.0/20
 vtep_mac_oui: 70:B3:D5:00:00:00
