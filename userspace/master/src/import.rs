@@ -77,7 +77,8 @@ pub fn import_file(
     import_state(store, &state, ipv6_underlay, &shown)
 }
 
-/// The file's state as store records: settings, networks (in its order, VNIs filled in)
+/// The file's state as store records: settings, networks (in its order, ids given, a VNI of
+/// its own where its agents' backends say one other than the shared 1024)
 /// and agents (in its order). Refused where DC/OS's state cannot be kept as it is.
 fn records_of(
     state: &State,
