@@ -1313,3 +1313,34 @@ fn too_big_packets_are_answered_with_the_overlay_mtu_byte_for_byte() {
     );
     assert_eq!(f.stat(VNI_A, Counter::TooBigAnswered), 2);
 }
+
+/// The micro-benchmark's packets (`cargo xtask bench --micro`) take the paths its table names:
+/// each run's verdict, output and counter are checked by the fixture itself, so a misrouted
+/// packet fails here as it fails the bench.
+#[test]
+fn micro_benchmark_cases_take_their_paths() {
+    let bench = overlay_tests::micro_bench::MicroBench::new().unwrap();
+    let cases = bench.cases().unwrap();
+    let names: Vec<_> = cases.iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        [
+            "local delivery",
+            "encap",
+            "decap",
+            "masquerade egress",
+            "reply translation",
+            "ARP reply",
+            "NDP reply",
+            "drop (cross network)"
+        ]
+    );
+    for case in &cases {
+        let ns = bench.run(case, 3).unwrap();
+        assert_eq!(ns.len(), 3, "{}", case.name);
+    }
+    let drop = cases.last().unwrap();
+    bench.run_repeated(drop, 10).unwrap();
+    // Repeating a path that rewrites its packet would measure its own output: refused.
+    assert!(bench.run_repeated(&cases[1], 10).is_err());
+}
