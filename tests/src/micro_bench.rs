@@ -364,6 +364,11 @@ impl MicroBench {
         before: &BTreeMap<(u32, u32), u64>,
         runs: u64,
     ) -> anyhow::Result<()> {
+        // An experiment's build that counts elsewhere (or not at all) is still held to its
+        // verdicts and outputs.
+        if std::env::var_os("OVERLAY_MICROBENCH_NO_COUNTER_CHECK").is_some() {
+            return Ok(());
+        }
         let after = self.counters()?;
         let (vni, counter) = case.counter;
         for (key, n) in &after {
