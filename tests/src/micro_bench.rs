@@ -229,11 +229,7 @@ impl MicroBench {
         )?;
         m.put_route(
             "9.0.2.0/24".parse()?,
-            RemoteRoute::new(
-                addr16(IpAddr::V4(REMOTE_UNDERLAY)),
-                REMOTE_VTEP_MAC,
-                VNI_A,
-            ),
+            RemoteRoute::new(addr16(IpAddr::V4(REMOTE_UNDERLAY)), REMOTE_VTEP_MAC, VNI_A),
         )?;
         Ok(())
     }

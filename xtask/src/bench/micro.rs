@@ -66,7 +66,10 @@ fn rows_of(doc: &Value) -> anyhow::Result<Measured> {
         })
     };
     let mut rows = vec![];
-    for c in doc["cases"].as_array().context("microbench output lacks cases")? {
+    for c in doc["cases"]
+        .as_array()
+        .context("microbench output lacks cases")?
+    {
         rows.push(row(c, 1)?);
     }
     let r = &doc["repeated"];
@@ -129,7 +132,10 @@ pub fn run(
     for round in 1..=rounds {
         println!("bench: micro-benchmark round {round} of {rounds}");
         if let Some(b) = baseline {
-            merge(&mut base, run_binary(b, calls).context("baseline micro-benchmark")?)?;
+            merge(
+                &mut base,
+                run_binary(b, calls).context("baseline micro-benchmark")?,
+            )?;
         }
         merge(&mut current, run_binary(bin, calls)?)?;
     }

@@ -18,6 +18,7 @@
 mod bpfstats;
 mod control;
 mod kernel;
+mod levers;
 mod micro;
 mod report;
 pub mod traffic;
@@ -86,6 +87,10 @@ pub struct BenchArgs {
     /// Program runs per case and round (default 2000; 200 with --quick).
     #[arg(long)]
     pub micro_calls: Option<usize>,
+    /// Instead: what the kernel does around the programs on the cross-agent path (head
+    /// reallocations under UDP 64 B, software GSO under TCP), measured with perf.
+    #[arg(long)]
+    pub levers: bool,
     /// Instead: iperf3 between containers in two QEMU VMs (the VM lab), raw vs DC/OS kernel
     /// datapath vs ebpf-overlay in one lab run (default 1 run of 10 s per figure).
     #[arg(long)]
@@ -133,6 +138,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             workspace_root().join("target/release")
         }
     };
+    if args.levers {
+        let out_dir = args
+            .out
+            .clone()
+            .unwrap_or_else(|| workspace_root().join("bench-results"));
+        return levers::run(&bin_dir, args.secs.unwrap_or(3).max(2), &out_dir);
+    }
     let mut needed = vec!["overlay-master", "overlay-agent"];
     if !args.no_micro {
         needed.push("overlay-microbench");
@@ -236,6 +248,8 @@ struct Setup {
     paths: Vec<(&'static str, Result<Target, String>)>,
     /// Programs attached by this setup's agents (ebpf only).
     prog_ids: Vec<u32>,
+    /// The agents' own namespaces (ebpf only).
+    agent_nodes: Vec<Node>,
     _keep: Box<dyn std::any::Any>,
 }
 
@@ -264,6 +278,7 @@ fn raw_setup() -> anyhow::Result<Setup> {
         // same_agent is filled from cross_agent (one measurement, see the module doc).
         paths: vec![("cross_agent", t(&a2)), ("external", t(&ext))],
         prog_ids: vec![],
+        agent_nodes: vec![],
         _keep: Box::new(lab),
     })
 }
@@ -303,6 +318,7 @@ fn kernel_setup() -> anyhow::Result<Setup> {
             ("external", t(&ext)),
         ],
         prog_ids: vec![],
+        agent_nodes: vec![],
         _keep: Box::new(k),
     })
 }
@@ -347,9 +363,11 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
         })
     };
     let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
+    let agent_nodes = vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()];
     Ok(Setup {
         name: "ebpf",
         prog_ids: bpfstats::lab_prog_ids(&instances)?,
+        agent_nodes,
         paths: vec![
             ("same_agent", t(&c2)),
             ("cross_agent", t(&c3)),
