@@ -86,6 +86,17 @@ fn in_program(block: &str, program: &str) -> bool {
     })
 }
 
+/// The count `perf stat -x ,` wrote for its one event (NaN if it wrote none).
+fn perf_stat_count(path: &Path) -> f64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("kmem:kmalloc"))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn stat(node: &Node, dev: &str, what: &str) -> anyhow::Result<u64> {
     node.exec("cat", &[&format!("/sys/class/net/{dev}/statistics/{what}")])?
         .trim()
@@ -157,13 +168,7 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
     )?;
     rec.wait()?;
     counting.wait()?;
-    let counted: f64 = std::fs::read_to_string(&stat_out)
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.contains("kmem:kmalloc"))
-        .and_then(|l| l.split(',').next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(f64::NAN);
+    let counted = perf_stat_count(&stat_out);
     let _ = std::fs::remove_file(&stat_out);
     let sent = udp["end"]["sum"]["packets"].as_f64().unwrap_or(0.0);
     println!(
@@ -264,6 +269,22 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         "sleep",
         &dur,
     ])?;
+    let tcp_stat = out_dir.join("levers-tcp-alloc.stat");
+    let mut counting = perf(&[
+        "stat",
+        "-a",
+        "-x",
+        ",",
+        "-o",
+        tcp_stat.to_str().unwrap(),
+        "-e",
+        "kmem:kmalloc",
+        "--filter",
+        &f1,
+        "--",
+        "sleep",
+        &dur,
+    ])?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     let tcp = traffic::iperf(
         &target.client,
@@ -272,6 +293,9 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         &[],
     )?;
     rec.wait()?;
+    counting.wait()?;
+    let tcp_expand = perf_stat_count(&tcp_stat);
+    let _ = std::fs::remove_file(&tcp_stat);
     let (p1, b1) = (
         stat(&agent, "eth0", "tx_packets")?,
         stat(&agent, "eth0", "tx_bytes")?,
@@ -323,7 +347,7 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
     println!(
         "levers: TCP 1 stream cross agent {gbps:.1} Gbit/s: sending agent's eth0 {} packets, {:.0} \
          bytes per packet; CPU samples in software segmentation {seg}, in the programs {progs} \
-         (of {} machine-wide)",
+         (of {} machine-wide); pskb_expand_head kmalloc allocations machine-wide {tcp_expand:.0}",
         p1 - p0,
         (b1 - b0) as f64 / (p1 - p0).max(1) as f64,
         samples.len()
