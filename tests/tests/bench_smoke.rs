@@ -1,4 +1,5 @@
-//! `cargo xtask bench --quick` runs end to end and its JSON has every figure with sane values.
+//! `cargo xtask bench --quick` runs end to end and its JSON has every figure with sane values,
+//! the micro-benchmark table's included.
 //!
 //! Uses the debug binaries that `cargo xtask test` builds (`--bin-dir`), writes into a temporary
 //! directory (`--out`), and runs the quick mode: one run, 2 s per test, small agent counts.
@@ -102,4 +103,32 @@ fn quick_bench_reports_every_figure() {
             >= 0.0
     );
     assert!(out.path().join("latest.md").exists());
+
+    // The micro-benchmark table: every path measured, with the verdict it was checked against.
+    let rows = v["micro"]["current"]["rows"].as_array().unwrap();
+    let paths: Vec<_> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    for want in [
+        "local delivery",
+        "encap",
+        "decap",
+        "masquerade egress",
+        "reply translation",
+        "ARP reply",
+        "NDP reply",
+        "drop (cross network)",
+    ] {
+        assert!(
+            paths.contains(&want),
+            "no micro-benchmark row {want}: {paths:?}"
+        );
+    }
+    for r in rows {
+        let ns = r["median_ns"].as_f64().unwrap();
+        assert!(ns > 0.0 && ns < 1_000_000.0, "implausible micro figure {r}");
+        let verdict = r["verdict"].as_str().unwrap();
+        assert!(
+            verdict == "TC_ACT_REDIRECT" || verdict == "TC_ACT_SHOT",
+            "{r}"
+        );
+    }
 }

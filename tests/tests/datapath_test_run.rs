@@ -1495,3 +1495,34 @@ fn shared_vni_cross_network_packets_from_a_remote_vtep_or_a_container_are_droppe
     );
     assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 0);
 }
+
+/// The micro-benchmark's packets (`cargo xtask bench --micro`) take the paths its table names:
+/// each run's verdict, output and counter are checked by the fixture itself, so a misrouted
+/// packet fails here as it fails the bench.
+#[test]
+fn micro_benchmark_cases_take_their_paths() {
+    let bench = overlay_tests::micro_bench::MicroBench::new().unwrap();
+    let cases = bench.cases().unwrap();
+    let names: Vec<_> = cases.iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        [
+            "local delivery",
+            "encap",
+            "decap",
+            "masquerade egress",
+            "reply translation",
+            "ARP reply",
+            "NDP reply",
+            "drop (cross network)"
+        ]
+    );
+    for case in &cases {
+        let ns = bench.run(case, 3).unwrap();
+        assert_eq!(ns.len(), 3, "{}", case.name);
+    }
+    let drop = cases.last().unwrap();
+    bench.run_repeated(drop, 10).unwrap();
+    // Repeating a path that rewrites its packet would measure its own output: refused.
+    assert!(bench.run_repeated(&cases[1], 10).is_err());
+}

@@ -4,7 +4,6 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };

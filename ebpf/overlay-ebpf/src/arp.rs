@@ -30,7 +30,7 @@ pub fn respond(ctx: &TcContext) -> Result<i32, Drop> {
     let reply = arp_reply(&frame, ep.gateway_mac)
         .ok_or(Counter::ArpIgnored)
         .in_network(network)?;
-    ctx.store(0, &reply, 0)
+    skb::store(ctx, 0, &reply)
         .map_err(|_| Counter::DropMalformed)
         .in_network(network)?;
     count(network, Counter::ArpReplied, ctx.len());

@@ -14,6 +14,8 @@ use overlay_common::{
     packet::{ETH_HLEN, EncapParams, VXLAN_ENCAP_LEN, build_vxlan_headers, vxlan_source_port},
 };
 
+use crate::skb;
+
 /// Length of the inner Ethernet header, encoded for `bpf_skb_adjust_room` so the kernel records
 /// where the inner frame starts (needed for GSO of the tunnelled packet).
 const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
@@ -61,8 +63,7 @@ pub fn to_remote(
     });
     ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .map_err(|_| Counter::DropEncapFailed)?;
-    ctx.store(0, &headers, 0)
-        .map_err(|_| Counter::DropEncapFailed)?;
+    skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
     // SAFETY: plain helper call; no explicit next hop, the FIB decides.
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }

@@ -1,13 +1,53 @@
 //! Small accessors over the TC context shared by the program paths.
+//!
+//! Headers are read and written in place (direct packet access: one bounds check against
+//! `data_end` per header) when they lie in the skb's linear part, which is where a packet's
+//! headers almost always are; only a header beyond it (a GRO'd or paged skb) goes through the
+//! copying helpers `bpf_skb_load_bytes` / `bpf_skb_store_bytes`.
 
 use aya_ebpf::{helpers::generated::bpf_skb_change_tail, programs::TcContext};
 use overlay_common::counters::Counter;
 
+/// Largest offset read in place; beyond it (never a header of ours) the helpers are used. Also
+/// bounds the offset for the verifier, which accepts packet-pointer arithmetic only with a
+/// bounded scalar.
+const DIRECT_MAX_OFFSET: usize = 0x3fff;
+
+/// Address of `N` bytes at `offset` in the linear part, if they are all there.
+#[inline(always)]
+fn linear<const N: usize>(ctx: &TcContext, offset: usize) -> Option<usize> {
+    if offset > DIRECT_MAX_OFFSET {
+        return None;
+    }
+    let at = ctx.data() + offset;
+    if at + N > ctx.data_end() {
+        return None;
+    }
+    Some(at)
+}
+
 /// Loads a fixed-size header at `offset`; a packet too short to hold it is truncated.
 #[inline(always)]
 pub fn load<const N: usize>(ctx: &TcContext, offset: usize) -> Result<[u8; N], Counter> {
+    if let Some(at) = linear::<N>(ctx, offset) {
+        // SAFETY: `at..at + N` lies within data..data_end, checked just above (and by the
+        // verifier on the same comparison).
+        return Ok(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
+    }
     ctx.load::<[u8; N]>(offset)
         .map_err(|_| Counter::DropTruncated)
+}
+
+/// Writes `bytes` at `offset` (no checksum is updated: callers fix checksums themselves).
+#[inline(always)]
+pub fn store<const N: usize>(ctx: &TcContext, offset: usize, bytes: &[u8; N]) -> Result<(), ()> {
+    if let Some(at) = linear::<N>(ctx, offset) {
+        // SAFETY: as in `load`; the verifier makes a cloned skb's head private before a program
+        // that writes to packet data runs.
+        unsafe { core::ptr::write_unaligned(at as *mut [u8; N], *bytes) };
+        return Ok(());
+    }
+    ctx.store(offset, bytes, 0).map_err(|_| ())
 }
 
 /// ifindex of the device the packet arrived on.
@@ -30,7 +70,7 @@ pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), Count
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&dst);
     macs[6..].copy_from_slice(&src);
-    ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)
+    store(ctx, 0, &macs).map_err(|_| Counter::DropMalformed)
 }
 
 /// Whether the frame carries a VLAN tag, in band (`ethertype`) or as the metadata the kernel

@@ -18,6 +18,8 @@
 mod bpfstats;
 mod control;
 mod kernel;
+mod levers;
+mod micro;
 mod report;
 pub mod traffic;
 mod vm;
@@ -69,6 +71,26 @@ pub struct BenchArgs {
     /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf).
     #[arg(long, value_delimiter = ',', default_value = "raw,kernel,ebpf")]
     pub datapaths: Vec<String>,
+    /// Only the micro-benchmark table (per-packet program cost by BPF_PROG_TEST_RUN).
+    #[arg(long)]
+    pub micro: bool,
+    /// Skip the micro-benchmark table.
+    #[arg(long, conflicts_with = "micro")]
+    pub no_micro: bool,
+    /// An earlier build of `overlay-microbench`, measured in the same run as this one (rounds in
+    /// turn): the micro table shows before, after and the ratio.
+    #[arg(long)]
+    pub micro_baseline: Option<PathBuf>,
+    /// Micro-benchmark rounds (default 5; 1 with --quick).
+    #[arg(long)]
+    pub micro_rounds: Option<usize>,
+    /// Program runs per case and round (default 2000; 200 with --quick).
+    #[arg(long)]
+    pub micro_calls: Option<usize>,
+    /// Instead: what the kernel does around the programs on the cross-agent path (head
+    /// reallocations under UDP 64 B, software GSO under TCP), measured with perf.
+    #[arg(long)]
+    pub levers: bool,
     /// Instead: iperf3 between containers in two QEMU VMs (the VM lab), raw vs DC/OS kernel
     /// datapath vs ebpf-overlay in one lab run (default 1 run of 10 s per figure).
     #[arg(long)]
@@ -116,12 +138,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             workspace_root().join("target/release")
         }
     };
-    for bin in ["overlay-master", "overlay-agent"] {
+    if args.levers {
+        let out_dir = args
+            .out
+            .clone()
+            .unwrap_or_else(|| workspace_root().join("bench-results"));
+        return levers::run(&bin_dir, args.secs.unwrap_or(3).max(2), &out_dir);
+    }
+    let mut needed = vec!["overlay-master", "overlay-agent"];
+    if !args.no_micro {
+        needed.push("overlay-microbench");
+    }
+    if args.micro {
+        needed = vec!["overlay-microbench"];
+    }
+    for bin in needed {
         if !bin_dir.join(bin).exists() {
             bail!("{} missing", bin_dir.join(bin).display());
         }
     }
     for tool in ["iperf3", "sockperf", "iptables"] {
+        if args.micro {
+            break;
+        }
         if overlay_lab::run("sh", &["-c", &format!("command -v {tool}")]).is_err() {
             bail!("{tool} missing: run `cargo xtask setup`");
         }
@@ -134,12 +173,33 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let mut results = Results::new(
-        if args.quick { "quick" } else { "full" },
+        if args.micro {
+            "micro"
+        } else if args.quick {
+            "quick"
+        } else {
+            "full"
+        },
         plan.runs,
         plan.secs,
     );
     results.load_before = load();
-    if !args.no_data {
+    if !args.no_micro {
+        let micro = micro::run(
+            &bin_dir.join("overlay-microbench"),
+            args.micro_baseline.as_deref(),
+            args.micro_rounds
+                .unwrap_or(if args.quick { 1 } else { 5 })
+                .max(1),
+            args.micro_calls
+                .unwrap_or(if args.quick { 200 } else { 2000 })
+                .max(1),
+        )
+        .context("micro-benchmark")?;
+        println!("{}", micro::markdown(&micro));
+        results.micro = Some(micro);
+    }
+    if !args.no_data && !args.micro {
         let stats = if args.bpf_stats {
             Some(bpfstats::StatsGuard::enable()?)
         } else {
@@ -157,7 +217,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             &mut results,
         )?;
     }
-    if !args.no_control {
+    if !args.no_control && !args.micro {
         control_plane(&plan, &bin_dir, &mut results)?;
     }
     results.load_after = load();
@@ -188,6 +248,8 @@ struct Setup {
     paths: Vec<(&'static str, Result<Target, String>)>,
     /// Programs attached by this setup's agents (ebpf only).
     prog_ids: Vec<u32>,
+    /// The agents' own namespaces (ebpf only).
+    agent_nodes: Vec<Node>,
     _keep: Box<dyn std::any::Any>,
 }
 
@@ -216,6 +278,7 @@ fn raw_setup() -> anyhow::Result<Setup> {
         // same_agent is filled from cross_agent (one measurement, see the module doc).
         paths: vec![("cross_agent", t(&a2)), ("external", t(&ext))],
         prog_ids: vec![],
+        agent_nodes: vec![],
         _keep: Box::new(lab),
     })
 }
@@ -255,6 +318,7 @@ fn kernel_setup() -> anyhow::Result<Setup> {
             ("external", t(&ext)),
         ],
         prog_ids: vec![],
+        agent_nodes: vec![],
         _keep: Box::new(k),
     })
 }
@@ -299,9 +363,11 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
         })
     };
     let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
+    let agent_nodes = vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()];
     Ok(Setup {
         name: "ebpf",
         prog_ids: bpfstats::lab_prog_ids(&instances)?,
+        agent_nodes,
         paths: vec![
             ("same_agent", t(&c2)),
             ("cross_agent", t(&c3)),

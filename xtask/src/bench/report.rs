@@ -123,6 +123,8 @@ pub struct Results {
     /// (path, program) -> (runs, run time ns), ebpf-overlay's programs over all tests of a path
     /// (`--bpf-stats`).
     pub bpf_programs: std::collections::BTreeMap<(String, String), (u64, u64)>,
+    /// The micro-benchmark table (per-packet program cost by test run).
+    pub micro: Option<super::micro::MicroResults>,
 }
 
 impl Results {
@@ -139,6 +141,7 @@ impl Results {
             scale: None,
             bpf_stats_enabled: false,
             bpf_programs: Default::default(),
+            micro: None,
         }
     }
 
@@ -355,6 +358,9 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
+    if let Some(m) = &r.micro {
+        s.push_str(&super::micro::markdown(m));
+    }
     if !r.bpf_programs.is_empty() {
         let _ = writeln!(
             s,
@@ -464,6 +470,7 @@ pub fn to_json(r: &Results, timestamp: &str) -> serde_json::Value {
         "ratios": ratios,
         "control_plane": {"joins": joins, "scale": scale},
         "targets": targets,
+        "micro": r.micro.as_ref().map(super::micro::to_json),
         "bpf_stats_enabled": r.bpf_stats_enabled,
         "bpf_programs": r.bpf_programs.iter().map(|((path, prog), (cnt, ns))| json!({
             "path": path, "program": prog, "runs": cnt, "run_time_ns": ns,

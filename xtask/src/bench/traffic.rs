@@ -168,7 +168,7 @@ fn clk_tck() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn iperf(
+pub(super) fn iperf(
     client: &Node,
     server: Ipv4Addr,
     secs: u32,

@@ -23,6 +23,22 @@ use super::{OverlayMaps, PinLayout};
 /// The eBPF object, built by this crate's build script.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
 
+/// What one `BPF_PROG_TEST_RUN` call returned.
+#[derive(Clone, Debug)]
+pub struct TestRunOutcome {
+    /// The program's return value (the TC or XDP verdict) of the last run.
+    pub verdict: u32,
+    /// The packet as the last run left it.
+    pub packet: Vec<u8>,
+    /// Kernel-measured time per run (the test run's `duration`: includes reading the clock
+    /// around the runs).
+    pub per_run: std::time::Duration,
+    /// The program's own run time per run as the kernel's run-time statistics account it
+    /// (`run_time_ns` / `run_cnt` around the call: the program alone, as for attached programs),
+    /// when those statistics are on (`BPF_ENABLE_STATS`).
+    pub per_run_stats: Option<std::time::Duration>,
+}
+
 /// The loaded datapath of one agent: programs in the kernel, maps pinned, links pinned.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -156,6 +172,21 @@ impl Datapath {
     /// program's verdict and the packet as the program left it. Maps are the live ones, so the
     /// run counts in `OVL_STATS` like a real packet.
     pub fn test_run(&self, program: &str, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let run = self.test_run_repeated(program, packet, 1)?;
+        Ok((run.verdict, run.packet))
+    }
+
+    /// As [`Datapath::test_run`], with the program run `repeat` times in one call and the
+    /// kernel's measure of the time per run (`BPF_PROG_TEST_RUN`'s `duration`: the runs alone,
+    /// without the syscall or building the skb). The kernel runs every repetition on the same
+    /// skb, so a program that rewrites the packet sees its own output from the second run on:
+    /// `repeat > 1` measures one path only for packets the program leaves as it found them.
+    pub fn test_run_repeated(
+        &self,
+        program: &str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<TestRunOutcome> {
         use aya::programs::{Program, TestRun as _, TestRunOptions};
         let prog = self
             .ebpf
@@ -166,16 +197,31 @@ impl Datapath {
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            repeat: repeat.max(1),
             ..TestRunOptions::new()
         };
+        let stats = || {
+            prog.info()
+                .map(|i| (i.run_count(), i.run_time()))
+                .with_context(|| format!("reading the run-time statistics of {program}"))
+        };
+        let before = stats()?;
         let result = match prog {
             Program::SchedClassifier(p) => p.test_run(opts),
             Program::Xdp(p) => p.test_run(opts),
             other => anyhow::bail!("cannot test-run {program} ({:?})", other.prog_type()),
         }
         .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        let after = stats()?;
+        let runs = after.0.saturating_sub(before.0);
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        Ok(TestRunOutcome {
+            verdict: result.return_value,
+            packet: out,
+            per_run: result.duration,
+            per_run_stats: (runs == u64::from(repeat.max(1)))
+                .then(|| after.1.saturating_sub(before.1) / repeat.max(1)),
+        })
     }
 
     /// Detaches `program_name` by removing the link pinned under `key` (a veth that is already

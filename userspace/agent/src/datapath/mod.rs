@@ -5,7 +5,7 @@
 
 mod loader;
 
-pub use loader::{Datapath, OBJECT, XdpAttached, XdpMode, driver_of};
+pub use loader::{Datapath, OBJECT, TestRunOutcome, XdpAttached, XdpMode, driver_of};
 pub use overlay_datapath::{
     AgentSettings, OverlayMaps, PIN_ROOT, PinLayout, ProtectedDestination, StatRow, addr16,
     from_addr16, maps, pins, prefix_key, stats::attached_ingress_programs,
