@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
         lpm_trie::Key,
     },
     macros::btf_map,
 };
 use overlay_common::ipv6::NA_FRAME_LEN;
+use overlay_common::monitor::{DropBudget, DropEvent, MonitorConfig, RING_BYTES};
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
     Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
@@ -71,6 +72,18 @@ pub static OVL_SCRATCH_FRAME: PerCpuArray<[u8; NA_FRAME_LEN], 1> = PerCpuArray::
 #[btf_map]
 pub static OVL_PROTECTED: HashMap<ProtectedKey, Protected, { capacity::PROTECTED as usize }> =
     HashMap::new();
+
+/// The drop monitor's events (`overlay_common::monitor`), read by the agent.
+#[btf_map]
+pub static OVL_DROP_EVENTS: RingBuf<DropEvent, { RING_BYTES as usize }> = RingBuf::new();
+
+/// Whether drops are reported, and at what rate; written by the agent.
+#[btf_map]
+pub static OVL_MONITOR: Array<MonitorConfig, 1> = Array::new();
+
+/// Each CPU's budget of drop events, and the events it skipped.
+#[btf_map]
+pub static OVL_DROP_BUDGET: PerCpuArray<DropBudget, 1> = PerCpuArray::new();
 
 /// Whether containers may not reach `addr:port` over `protocol`.
 #[inline(always)]
