@@ -36,8 +36,21 @@ pub mod names {
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
-        CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG, PROTECTED,
-        NAT_QUOTA, TAIL_CALLS, DROP_EVENTS, MONITOR, DROP_BUDGET,
+        CONFIG,
+        ENDPOINTS,
+        ROUTES,
+        SUBNETS,
+        VTEPS,
+        NETWORKS,
+        STATS,
+        NAT,
+        NAT_CONFIG,
+        PROTECTED,
+        NAT_QUOTA,
+        TAIL_CALLS,
+        DROP_EVENTS,
+        MONITOR,
+        DROP_BUDGET,
     ];
 }
 

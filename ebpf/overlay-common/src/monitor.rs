@@ -231,7 +231,10 @@ mod tests {
         };
         // SAFETY: plain bytes of a repr(C) value.
         let bytes = unsafe {
-            core::slice::from_raw_parts(&ev as *const DropEvent as *const u8, size_of::<DropEvent>())
+            core::slice::from_raw_parts(
+                &ev as *const DropEvent as *const u8,
+                size_of::<DropEvent>(),
+            )
         };
         assert_eq!(DropEvent::from_bytes(bytes), Some(ev));
         assert_eq!(DropEvent::from_bytes(&bytes[..10]), None);

@@ -9,12 +9,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use overlay_common::ipv6::NA_FRAME_LEN;
-use overlay_common::monitor::{DropBudget, DropEvent, MonitorConfig, RING_BYTES};
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
     Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey, Vtep,
     VtepKey, capacity, tail_calls,
 };
+use overlay_common::monitor::{DropBudget, DropEvent, MonitorConfig, RING_BYTES};
 
 #[btf_map]
 pub static OVL_CONFIG: Array<AgentConfig, 1> = Array::new();

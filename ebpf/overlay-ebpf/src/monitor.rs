@@ -58,10 +58,16 @@ impl Frame for XdpContext {
     }
 }
 
-/// Reports `drop` of a packet of `len` bytes seen by program `hook`, if reporting is on and
-/// this CPU's budget allows; otherwise (over budget, ring full) counts it as skipped.
+/// Reports `drop` of a packet of `len` bytes seen by program `hook`, if it is a drop
+/// (`Counter::is_drop`), reporting is on and this CPU's budget allows; otherwise (over budget,
+/// ring full) counts it as skipped.
 #[inline(always)]
 pub fn report<F: Frame>(frame: &F, hook: u8, drop: Drop, len: u32) {
+    // Link housekeeping nobody needs to hear (`arp_ignored`, `nd_ignored`) is not a drop: what
+    // is reported is what the drop counters count.
+    if !drop.reason.is_drop() {
+        return;
+    }
     // Off: one array lookup, nothing else.
     let Some(cfg) = OVL_MONITOR.get(0) else {
         return;
@@ -157,8 +163,7 @@ unsafe fn describe<F: Frame>(frame: &F, ev: *mut DropEvent, base: u32) {
         let l4 = match ethertype {
             ETH_P_IP => {
                 let mut vihl = 0u8;
-                if !frame.copy_out(l3, &mut vihl, 1) || !frame.copy_out(l3 + 9, &mut protocol, 1)
-                {
+                if !frame.copy_out(l3, &mut vihl, 1) || !frame.copy_out(l3 + 9, &mut protocol, 1) {
                     return;
                 }
                 (*ev).src[10] = 0xff;

@@ -62,6 +62,7 @@ struct Inner {
     followers: Mutex<Followers>,
     events: broadcast::Sender<MonitorEvent>,
     names: Mutex<Names>,
+    agent: Handle,
 }
 
 #[derive(Default)]
@@ -114,10 +115,11 @@ impl Monitor {
                 followers: Mutex::new(Followers::default()),
                 events,
                 names: Mutex::new(Names::default()),
+                agent,
             }),
         };
         tokio::spawn(read_events(monitor.inner.clone(), ring));
-        tokio::spawn(housekeeping(monitor.inner.clone(), agent));
+        tokio::spawn(housekeeping(monitor.inner.clone()));
         Ok(monitor)
     }
 
@@ -138,6 +140,14 @@ impl Monitor {
                 inner: self.inner.clone(),
             },
         })
+    }
+
+    /// Reads the names events are given (networks, containers) from the agent now, rather than
+    /// at the next tick: a new follower's first events are named too.
+    pub async fn refresh_names(&self) -> anyhow::Result<()> {
+        let names = load_names(&self.inner.agent).await?;
+        *self.inner.names.lock().unwrap() = names;
+        Ok(())
     }
 
     /// Whether the datapath reports drops now.
@@ -166,13 +176,7 @@ impl Drop for FollowerGuard {
         let mut followers = self.inner.followers.lock().unwrap();
         followers.count -= 1;
         if followers.count == 0 {
-            match self
-                .inner
-                .switch
-                .lock()
-                .unwrap()
-                .set(&MonitorConfig::off())
-            {
+            match self.inner.switch.lock().unwrap().set(&MonitorConfig::off()) {
                 Ok(()) => tracing::info!("drop monitor off (no follower left)"),
                 Err(e) => tracing::error!("switching the drop monitor off: {e:#}"),
             }
@@ -206,20 +210,22 @@ async fn read_events(inner: Arc<Inner>, mut ring: AsyncFd<aya::maps::RingBuf<aya
         let names = inner.names.lock().unwrap();
         for ev in &batch {
             // No follower (it just left): nothing to do.
-            let _ = inner.events.send(MonitorEvent::Drop(name_event(&names, ev, &clock)));
+            let _ = inner
+                .events
+                .send(MonitorEvent::Drop(name_event(&names, ev, &clock)));
         }
     }
 }
 
 /// Once a second while followed: refresh names, report what the datapath skipped.
-async fn housekeeping(inner: Arc<Inner>, agent: Handle) {
+async fn housekeeping(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(TICK);
     loop {
         tick.tick().await;
         if inner.followers.lock().unwrap().count == 0 {
             continue;
         }
-        match load_names(&agent).await {
+        match load_names(&inner.agent).await {
             Ok(names) => *inner.names.lock().unwrap() = names,
             Err(e) => tracing::warn!("drop monitor: reading names from the agent: {e:#}"),
         }
@@ -331,6 +337,7 @@ fn protocol_name(ev: &DropEvent) -> String {
         };
     }
     match ev.protocol {
+        0 => "hopopt".into(),
         1 => "icmp".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
@@ -402,6 +409,12 @@ async fn follow(State(api): State<OperatorApi>, Query(filter): Query<MonitorFilt
         return error(
             StatusCode::BAD_REQUEST,
             format!("type {kind:?}: the monitor reports only \"drop\" events"),
+        );
+    }
+    if let Err(e) = api.monitor.refresh_names().await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("reading network and container names: {e:#}"),
         );
     }
     let follower = match api.monitor.follow() {

@@ -154,7 +154,8 @@ mod tests {
         prune(&mut s, t0 + Duration::from_secs(95), WINDOW);
         assert_eq!(s.front().unwrap().1, 7);
         // A young agent keeps its first sample.
-        let mut young: VecDeque<(Instant, u32)> = [(t0, 0), (t0 + Duration::from_secs(5), 1)].into();
+        let mut young: VecDeque<(Instant, u32)> =
+            [(t0, 0), (t0 + Duration::from_secs(5), 1)].into();
         prune(&mut young, t0 + Duration::from_secs(10), WINDOW);
         assert_eq!(young.len(), 2);
     }

@@ -41,8 +41,8 @@ pub struct DropReport {
     /// The program that dropped it (`from_container`, `from_host`, `from_underlay`,
     /// `xdp_underlay`).
     pub program: String,
-    /// `tcp`, `udp`, `icmp`, `icmpv6`, the number, or `arp`/`ethertype 0x....` for frames that
-    /// are not IP.
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, `hopopt` (IPv6 hop-by-hop options first), the
+    /// number, or `arp`/`ethertype 0x....` for frames that are not IP.
     pub protocol: String,
     pub src: Option<IpAddr>,
     pub dst: Option<IpAddr>,

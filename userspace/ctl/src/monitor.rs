@@ -36,7 +36,9 @@ pub fn drop_line(d: &DropReport) -> String {
         endpoint(d.dst, d.dst_port),
         dash(&d.src_container),
         dash(&d.dst_container),
-        d.interface.clone().unwrap_or_else(|| format!("if{}", d.ifindex)),
+        d.interface
+            .clone()
+            .unwrap_or_else(|| format!("if{}", d.ifindex)),
         d.program,
         d.len,
         if d.inner { " (inside VXLAN)" } else { "" }
