@@ -405,3 +405,123 @@ fn a_flood_of_drops_is_rate_limited_and_every_drop_is_reported_or_skipped() {
         "still reporting with nobody following"
     );
 }
+
+#[test]
+fn a_drop_on_the_underlay_is_described_by_the_packet_inside_the_vxlan() {
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let mut c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
+    let a = c.add_container("a1", "dcos").unwrap();
+    let a_ip = a.node.ip.unwrap();
+    let a2_ip = c.node("a2").unwrap().ip.unwrap();
+    // An address of a2's share of dcos that no container has: a1 carries it to a2, which has
+    // no endpoint for it.
+    let a2 = c.agent_info("a2").unwrap();
+    let share = a2
+        .overlays
+        .iter()
+        .find(|o| o.info.name == "dcos")
+        .and_then(|o| o.subnet)
+        .expect("a2 has a share of dcos");
+    let nobody = Ipv4Addr::from(u32::from(share.network()) + 100);
+
+    let mut cmd = c.node("a2").unwrap().command(bin_path("overlayctl"));
+    cmd.args(["--socket", c.socket("a2").to_str().unwrap()])
+        .args(["-o", "json", "monitor", "--network", "dcos"]);
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    let follower = Follower { child, lines };
+    let switch = MonitorSwitch::open_pinned(&lab_pins(&c.lab, "a2")).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || switch
+        .reports_drops()
+        .unwrap()));
+    let src_port = send_udp(&a, nobody, 7000, 1);
+    let (_, line) = follower
+        .wait_for(Duration::from_secs(5), |l| l.contains(&nobody.to_string()))
+        .unwrap_or_else(|| {
+            panic!(
+                "a2 reported nothing for {nobody}: {:?}",
+                follower.drain(Duration::from_millis(200))
+            )
+        });
+    let ev: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ev["reason"], "drop_no_endpoint", "{ev}");
+    assert_eq!(ev["network"], "dcos", "{ev}");
+    assert_eq!(ev["program"], "from_underlay", "{ev}");
+    assert_eq!(ev["inner"], true, "{ev}");
+    assert_eq!(ev["src"], a_ip.to_string(), "{ev}");
+    assert_eq!(ev["src_port"], src_port, "{ev}");
+    assert_eq!(ev["dst_port"], 7000, "{ev}");
+    assert_eq!(ev["protocol"], "udp", "{ev}");
+    // Reported by a2, where neither end is a container.
+    assert_eq!(ev["agent"], a2_ip.to_string(), "{ev}");
+    assert_eq!(ev["src_container"], Value::Null, "{ev}");
+    assert_eq!(ev["dst_container"], Value::Null, "{ev}");
+}
+
+#[test]
+fn an_early_drop_in_xdp_is_reported_by_the_xdp_program() {
+    use overlay_tests::support_packets::{VXLAN_PORT, send_udp as send_payloads, vxlan};
+    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let mut spec = ClusterSpec::new(2, &bin_dir);
+    // Lab underlays are veths: generic XDP runs the program there.
+    spec.agent_args = vec!["--xdp".into(), "generic".into()];
+    let c = Cluster::up(spec).unwrap();
+    let (a1, a2) = (c.node("a1").unwrap(), c.node("a2").unwrap());
+    let mut cmd = a1.command(bin_path("overlayctl"));
+    cmd.args(["--socket", c.socket("a1").to_str().unwrap()])
+        .args(["-o", "json", "monitor"]);
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    let follower = Follower { child, lines };
+    let switch = MonitorSwitch::open_pinned(&lab_pins(&c.lab, "a1")).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || switch
+        .reports_drops()
+        .unwrap()));
+    // From a known agent (a2), a VNI that is no network: XDP drops it before TC.
+    send_payloads(
+        a2,
+        a1.ip.unwrap(),
+        VXLAN_PORT,
+        &[vxlan(0x08, 4096, &[0u8; 34])],
+    )
+    .unwrap();
+    let (_, line) = follower
+        .wait_for(Duration::from_secs(5), |l| l.contains("drop_unknown_vni"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no unknown-VNI drop reported: {:?}",
+                follower.drain(Duration::from_millis(200))
+            )
+        });
+    let ev: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ev["program"], "xdp_underlay", "{ev}");
+    assert_eq!(ev["network"], Value::Null, "{ev}");
+    // Nothing IP inside: described by its outer headers, who sent it to our VXLAN port.
+    assert_eq!(ev["inner"], false, "{ev}");
+    assert_eq!(ev["protocol"], "udp", "{ev}");
+    assert_eq!(ev["src"], a2.ip.unwrap().to_string(), "{ev}");
+    assert_eq!(ev["dst"], a1.ip.unwrap().to_string(), "{ev}");
+    assert_eq!(ev["dst_port"], VXLAN_PORT, "{ev}");
+}

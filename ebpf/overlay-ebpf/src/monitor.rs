@@ -115,8 +115,14 @@ fn report_on<F: Frame>(frame: &F, hook: u8, drop: Drop, len: u32, cfg: &MonitorC
             && (*ev).dst_port == vxlan_port
         {
             let ihl = outer_ihl(frame);
-            if ihl != 0 {
-                let inner = ETH_HLEN as u32 + ihl + (UDP_HLEN + VXLAN_HLEN) as u32;
+            let inner = ETH_HLEN as u32 + ihl + (UDP_HLEN + VXLAN_HLEN) as u32;
+            // Only an inner IP packet says more than the outer one (garbage inside a VXLAN
+            // header from an unknown VTEP is described by who sent it).
+            let mut ethertype = [0u8; 2];
+            if ihl != 0
+                && frame.copy_out(inner + 12, ethertype.as_mut_ptr(), 2)
+                && matches!(u16::from_be_bytes(ethertype), ETH_P_IP | ETH_P_IPV6)
+            {
                 describe(frame, ev, inner);
                 (*ev).flags |= DropEvent::FLAG_INNER;
             }
