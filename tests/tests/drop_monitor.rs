@@ -226,6 +226,7 @@ fn monitor_names_a_cross_network_drop_within_a_second_and_status_counts_the_last
         a.host_veth
     );
     assert!(line.contains(&expected), "{line}\nexpected: {expected}");
+    eprintln!("text: {line}");
     // A container filter that matches neither end sees nothing of it.
     let other = Follower::start(&c, &["-o", "json", "--container", "nobody"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -268,6 +269,7 @@ fn monitor_names_a_cross_network_drop_within_a_second_and_status_counts_the_last
         .nth(1)
         .unwrap_or_else(|| panic!("no last-minute section: {text}"));
     let section = section.split("drops since").next().unwrap();
+    eprintln!("status: {text}");
     assert!(
         section
             .lines()
@@ -386,6 +388,9 @@ fn a_flood_of_drops_is_rate_limited_and_every_drop_is_reported_or_skipped() {
     assert!(cross_events + skipped + behind >= dropped);
 
     // The text follower says it skipped, and the same number.
+    if let Some(l) = text_lines.iter().find(|l| l.starts_with("skipped ")) {
+        eprintln!("text: {l}");
+    }
     let text_skipped: u64 = text_lines
         .iter()
         .filter(|l| l.contains("over the datapath's per-CPU rate limit"))

@@ -11,7 +11,8 @@
 //!   delivered; everything else (the host's own traffic) passes untouched.
 //!
 //! Every entry point has one shape: `try_*` returns the verdict or a [`Drop`], and [`run`] is
-//! the one place a packet is dropped (and counted).
+//! the one place a packet is dropped (and counted, and reported to the drop monitor while the
+//! agent has it on: [`monitor`]); `xdp_underlay`'s one drop site does the same.
 #![no_std]
 #![no_main]
 
