@@ -276,6 +276,19 @@ fn monitor_names_a_cross_network_drop_within_a_second_and_status_counts_the_last
             .any(|l| l.contains("dcos") && l.contains("drop_cross_network")),
         "{text}"
     );
+
+    // An agent that exits while followed leaves its (pinned, still attached) programs with
+    // reporting off: nobody would read their events.
+    let follower = Follower::start(&c, &["-o", "json"]);
+    assert!(wait_until(Duration::from_secs(5), || switch
+        .reports_drops()
+        .unwrap()));
+    c.stop_agent("a1");
+    assert!(
+        !switch.reports_drops().unwrap(),
+        "the agent exited with reporting on"
+    );
+    drop(follower);
 }
 
 /// `from_container`'s kernel-accounted run time per packet (ns) while `f` runs.

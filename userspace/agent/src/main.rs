@@ -330,14 +330,15 @@ async fn main() -> anyhow::Result<()> {
     .with_context(|| format!("restricting {}", args.api_socket.display()))?;
     tracing::info!(socket = %args.api_socket.display(), "local API listening");
     // The drop monitor and the last minute's drops, off the owner's thread.
+    let monitor = overlay_agent::monitor::Monitor::start(
+        &pins,
+        agent.clone(),
+        args.monitor_rate,
+        args.monitor_burst,
+    )
+    .context("starting the drop monitor")?;
     let operator = overlay_agent::monitor::OperatorApi {
-        monitor: overlay_agent::monitor::Monitor::start(
-            &pins,
-            agent.clone(),
-            args.monitor_rate,
-            args.monitor_burst,
-        )
-        .context("starting the drop monitor")?,
+        monitor: monitor.clone(),
         recent: overlay_agent::recent_drops::RecentDropsWindow::start(agent.clone()),
     };
     let routes = api::router(agent.clone()).merge(overlay_agent::monitor::router(operator));
@@ -367,6 +368,8 @@ async fn main() -> anyhow::Result<()> {
         r = api => bail!("local API stopped: {r:?}"),
         r = follower => bail!("master follower stopped: {r:?}"),
     }
+    // The programs outlive us: nobody will read their drop events.
+    monitor.stop();
     let _ = std::fs::remove_file(&args.api_socket);
     if let Some(sock) = &docker {
         let _ = std::fs::remove_file(sock);

@@ -68,6 +68,8 @@ struct Inner {
 #[derive(Default)]
 struct Followers {
     count: usize,
+    /// The agent is exiting: reporting stays off whoever comes or goes.
+    stopped: bool,
     /// The datapath's skip count already reported.
     skipped_seen: u64,
 }
@@ -127,6 +129,9 @@ impl Monitor {
     pub fn follow(&self) -> anyhow::Result<Follower> {
         let events = self.inner.events.subscribe();
         let mut followers = self.inner.followers.lock().unwrap();
+        if followers.stopped {
+            anyhow::bail!("the agent is stopping");
+        }
         if followers.count == 0 {
             let mut switch = self.inner.switch.lock().unwrap();
             followers.skipped_seen = switch.skipped()?;
@@ -148,6 +153,16 @@ impl Monitor {
         let names = load_names(&self.inner.agent).await?;
         *self.inner.names.lock().unwrap() = names;
         Ok(())
+    }
+
+    /// Switches reporting off for good (the agent is exiting): its followers' guards may never
+    /// run, and the pinned programs must not go on reporting into a ring nobody reads.
+    pub fn stop(&self) {
+        let mut followers = self.inner.followers.lock().unwrap();
+        followers.stopped = true;
+        if let Err(e) = self.inner.switch.lock().unwrap().set(&MonitorConfig::off()) {
+            tracing::error!("switching the drop monitor off: {e:#}");
+        }
     }
 
     /// Whether the datapath reports drops now.
@@ -175,7 +190,7 @@ impl Drop for FollowerGuard {
     fn drop(&mut self) {
         let mut followers = self.inner.followers.lock().unwrap();
         followers.count -= 1;
-        if followers.count == 0 {
+        if followers.count == 0 && !followers.stopped {
             match self.inner.switch.lock().unwrap().set(&MonitorConfig::off()) {
                 Ok(()) => tracing::info!("drop monitor off (no follower left)"),
                 Err(e) => tracing::error!("switching the drop monitor off: {e:#}"),
