@@ -17,6 +17,8 @@ use crate::agent::{LocalError, percent_encode};
 /// One line of the monitor's stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
+// Passed one at a time on their way to JSON; nearly all are drops.
+#[allow(clippy::large_enum_variant)]
 pub enum MonitorEvent {
     Drop(DropReport),
     /// Events that were not reported: over the datapath's per-CPU budget or the ring buffer
