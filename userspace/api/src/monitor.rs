@@ -308,6 +308,83 @@ mod tests {
         assert_eq!(f(None, None).query(), "");
     }
 
+    /// Serves one canned answer on a fresh Unix socket; returns the socket's path.
+    fn serve_once(answer: Vec<u8>) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "monitor-stream-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let _ = std::io::Read::read(&mut conn, &mut request);
+            conn.write_all(&answer).unwrap();
+        });
+        path
+    }
+
+    #[test]
+    fn the_stream_reads_lines_across_chunks_and_skips_keep_alives() {
+        let skipped = r#"{"type":"skipped","count":7,"by":"datapath"}"#;
+        let drop = serde_json::to_string(&MonitorEvent::Drop(drop_report())).unwrap();
+        let body = format!("\n{skipped}\n\n{drop}\n");
+        // Chunks that split lines anywhere.
+        let mut answer =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n"
+                .to_vec();
+        for piece in body.as_bytes().chunks(5) {
+            answer.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            answer.extend_from_slice(piece);
+            answer.extend_from_slice(b"\r\n");
+        }
+        answer.extend_from_slice(b"0\r\n\r\n");
+        let path = serve_once(answer);
+        let mut stream = MonitorStream::open(&path, &MonitorFilter::default()).unwrap();
+        assert_eq!(
+            stream.next_event().unwrap(),
+            Some(MonitorEvent::Skipped(SkippedReport {
+                count: 7,
+                by: "datapath".into()
+            }))
+        );
+        assert_eq!(
+            stream.next_event().unwrap(),
+            Some(MonitorEvent::Drop(drop_report()))
+        );
+        assert_eq!(stream.next_event().unwrap(), None);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_refusal_is_an_error_with_the_agents_message() {
+        let body = br#"{"error":"type "flow": the monitor reports only "drop" events"}"#;
+        let mut answer = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(body);
+        let path = serve_once(answer);
+        let filter = MonitorFilter {
+            kind: Some("flow".into()),
+            ..Default::default()
+        };
+        match MonitorStream::open(&path, &filter) {
+            Err(LocalError::Rejected { status, message }) => {
+                assert_eq!(status, 400);
+                assert!(message.contains("only \"drop\""), "{message}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a refusal read as a stream"),
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn events_are_tagged_json_lines() {
         let line = serde_json::to_string(&MonitorEvent::Drop(drop_report())).unwrap();
