@@ -195,6 +195,8 @@ fn agent_section(socket: &Path, master_names: Option<&BTreeMap<u32, String>>) ->
                 })
                 .collect();
         }
+        // An agent from before the drop monitor: nothing to show, nothing wrong.
+        Err(overlay_api::agent::LocalError::Rejected { status: 404, .. }) => {}
         Err(error) => {
             section.error = Some(format!(
                 "drops of the last minute: {}",
