@@ -10,6 +10,7 @@
 //!   control plane), and masquerade's destination and handshake rules.
 //! - [`ipv6`]: the IPv6 header, address classes, ICMPv6 roles and the neighbour-discovery
 //!   responder's reply.
+//! - [`monitor`]: the drop monitor's event, configuration and per-CPU rate limit.
 //! - [`too_big`]: the frag-needed / Packet Too Big errors the datapath answers too-big packets
 //!   with.
 //!
@@ -19,6 +20,7 @@
 pub mod counters;
 pub mod ipv6;
 pub mod maps;
+pub mod monitor;
 pub mod nat;
 pub mod packet;
 pub mod policy;

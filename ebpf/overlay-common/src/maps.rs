@@ -36,11 +36,31 @@ pub mod names {
     /// program array when no file refers to it any more, which would cut the pinned programs off
     /// their tail calls while no agent runs.
     pub const TAIL_CALLS: &str = "OVL_TAIL_CALLS";
+    /// The drop monitor ([`crate::monitor`]): its ring buffer of events, its switch and rate,
+    /// and each CPU's budget of events. Pinned so that the agent's monitor reads them off the
+    /// owner thread, and tools can see whether it is on.
+    pub const DROP_EVENTS: &str = "OVL_DROP_EVENTS";
+    pub const MONITOR: &str = "OVL_MONITOR";
+    pub const DROP_BUDGET: &str = "OVL_DROP_BUDGET";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
-        CONFIG, ENDPOINTS, ROUTES, SUBNETS, VTEPS, NETWORKS, STATS, NAT, NAT_CONFIG, PROTECTED,
-        NAT_QUOTA, TAIL_CALLS, VNIS,
+        CONFIG,
+        ENDPOINTS,
+        ROUTES,
+        SUBNETS,
+        VTEPS,
+        NETWORKS,
+        STATS,
+        NAT,
+        NAT_CONFIG,
+        PROTECTED,
+        NAT_QUOTA,
+        TAIL_CALLS,
+        VNIS,
+        DROP_EVENTS,
+        MONITOR,
+        DROP_BUDGET,
     ];
 }
 

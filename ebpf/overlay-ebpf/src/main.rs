@@ -11,7 +11,8 @@
 //!   delivered; everything else (the host's own traffic) passes untouched.
 //!
 //! Every entry point has one shape: `try_*` returns the verdict or a [`Drop`], and [`run`] is
-//! the one place a packet is dropped (and counted).
+//! the one place a packet is dropped (and counted, and reported to the drop monitor while the
+//! agent has it on: [`monitor`]); `xdp_underlay`'s one drop site does the same.
 #![no_std]
 #![no_main]
 
@@ -25,6 +26,7 @@ mod host;
 mod ipv6;
 mod isolation;
 mod maps;
+mod monitor;
 mod nat;
 mod nd;
 mod skb;
@@ -40,6 +42,7 @@ use aya_ebpf::{
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     maps::{ipv4_mapped, tail_calls},
+    monitor::hook,
     packet::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header},
 };
 
@@ -48,37 +51,41 @@ use crate::{
     stats::{count, drop_packet},
 };
 
-/// Runs one program path on the packet and returns its TC verdict; a [`Drop`] is counted
-/// against the packet's length as it arrived.
+/// Runs one program path (of program `hook`) on the packet and returns its TC verdict; a
+/// [`Drop`] is counted against the packet's length as it arrived, and reported to the drop
+/// monitor when it is on.
 #[inline(always)]
-fn run(ctx: &TcContext, path: impl FnOnce(&TcContext) -> Result<i32, Drop>) -> i32 {
+fn run(ctx: &TcContext, hook: u8, path: impl FnOnce(&TcContext) -> Result<i32, Drop>) -> i32 {
     let len = ctx.len();
     match path(ctx) {
         Ok(verdict) => verdict,
-        Err(drop) => drop_packet(drop, len),
+        Err(drop) => {
+            monitor::report(ctx, hook, drop, len);
+            drop_packet(drop, len)
+        }
     }
 }
 
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
-    run(&ctx, try_from_container)
+    run(&ctx, hook::FROM_CONTAINER, try_from_container)
 }
 
 /// Tail-called by `from_container` for IPv6 (see `overlay_common::maps::tail_calls`).
 #[classifier]
 pub fn from_container_ipv6(ctx: TcContext) -> i32 {
-    run(&ctx, try_from_container_ipv6)
+    run(&ctx, hook::FROM_CONTAINER, try_from_container_ipv6)
 }
 
 #[classifier]
 pub fn from_host(ctx: TcContext) -> i32 {
-    run(&ctx, try_from_host)
+    run(&ctx, hook::FROM_HOST, try_from_host)
 }
 
 /// Tail-called by `from_host` for IPv6.
 #[classifier]
 pub fn from_host_ipv6(ctx: TcContext) -> i32 {
-    run(&ctx, |ctx| {
+    run(&ctx, hook::FROM_HOST, |ctx| {
         let cfg = maps::config().ok_or(Counter::DropNotReady)?;
         host::forward_ipv6(ctx, cfg)
     })
@@ -86,7 +93,7 @@ pub fn from_host_ipv6(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
-    run(&ctx, try_from_underlay)
+    run(&ctx, hook::FROM_UNDERLAY, try_from_underlay)
 }
 
 #[inline(always)]
@@ -187,7 +194,10 @@ pub fn xdp_underlay(ctx: XdpContext) -> u32 {
     let len = xdp::frame_len(&ctx);
     match xdp::try_from_underlay(&ctx) {
         Ok(action) => action,
-        Err(drop) => xdp::drop_early(drop, len),
+        Err(drop) => {
+            monitor::report(&ctx, hook::XDP_UNDERLAY, drop, len);
+            xdp::drop_early(drop, len)
+        }
     }
 }
 

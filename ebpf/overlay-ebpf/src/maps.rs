@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
         lpm_trie::Key,
     },
     macros::btf_map,
@@ -14,6 +14,7 @@ use overlay_common::maps::{
     Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey,
     VniKey, Vtep, VtepKey, WireVni, capacity, tail_calls,
 };
+use overlay_common::monitor::{DropBudget, DropEvent, MonitorConfig, RING_BYTES};
 
 #[btf_map]
 pub static OVL_CONFIG: Array<AgentConfig, 1> = Array::new();
@@ -75,6 +76,18 @@ pub static OVL_SCRATCH_FRAME: PerCpuArray<[u8; NA_FRAME_LEN], 1> = PerCpuArray::
 #[btf_map]
 pub static OVL_PROTECTED: HashMap<ProtectedKey, Protected, { capacity::PROTECTED as usize }> =
     HashMap::new();
+
+/// The drop monitor's events (`overlay_common::monitor`), read by the agent.
+#[btf_map]
+pub static OVL_DROP_EVENTS: RingBuf<DropEvent, { RING_BYTES as usize }> = RingBuf::new();
+
+/// Whether drops are reported, and at what rate; written by the agent.
+#[btf_map]
+pub static OVL_MONITOR: Array<MonitorConfig, 1> = Array::new();
+
+/// Each CPU's budget of drop events, and the events it skipped.
+#[btf_map]
+pub static OVL_DROP_BUDGET: PerCpuArray<DropBudget, 1> = PerCpuArray::new();
 
 /// Whether containers may not reach `addr:port` over `protocol`.
 #[inline(always)]

@@ -309,7 +309,7 @@ impl Agent {
             .network
             .overlays
             .iter()
-            .filter_map(|o| Some((o.id.or(o.vni)?, o.name.clone())))
+            .filter_map(|o| Some((o.network_id()?, o.name.clone())))
             .collect();
         let desired = DesiredDatapath::from_state(&state, self.me.as_ref(), &self.local);
         let current = reconcile::read_maps(self.dp.maps())?;

@@ -85,7 +85,7 @@ impl DesiredDatapath {
         let mut by_name: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
         let mut on_vni: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for net in &state.network.overlays {
-            let Some(id) = net.id.or(net.vni) else {
+            let Some(id) = net.network_id() else {
                 continue;
             };
             d.configured.insert(id, net.is_enabled());

@@ -23,7 +23,7 @@ pub async fn report(agent: &Handle) -> (BTreeMap<String, u32>, Vec<ReportedEndpo
                     me.overlays
                         .iter()
                         // By network id: the VNI does not tell networks apart (they share one).
-                        .filter_map(|o| Some((o.info.id.or(o.info.vni)?, o.info.name.clone())))
+                        .filter_map(|o| Some((o.info.network_id()?, o.info.name.clone())))
                         .collect()
                 })
                 .unwrap_or_default();

@@ -131,6 +131,13 @@ struct Args {
     /// on veth; none where the driver has no native XDP), native, generic (skb mode), off.
     #[arg(long, default_value = "auto")]
     xdp: overlay_agent::datapath::XdpMode,
+    /// Drop monitor (`overlayctl monitor`): events per second each CPU may report while someone
+    /// follows; the rest are counted as skipped. Off while nobody follows.
+    #[arg(long, default_value_t = 1000)]
+    monitor_rate: u32,
+    /// Drop monitor: events each CPU may report back to back before the rate applies.
+    #[arg(long, default_value_t = 200)]
+    monitor_burst: u32,
 }
 
 #[tokio::main]
@@ -322,7 +329,20 @@ async fn main() -> anyhow::Result<()> {
     )
     .with_context(|| format!("restricting {}", args.api_socket.display()))?;
     tracing::info!(socket = %args.api_socket.display(), "local API listening");
-    let api = tokio::spawn(axum::serve(listener, api::router(agent.clone())).into_future());
+    // The drop monitor and the last minute's drops, off the owner's thread.
+    let monitor = overlay_agent::monitor::Monitor::start(
+        &pins,
+        agent.clone(),
+        args.monitor_rate,
+        args.monitor_burst,
+    )
+    .context("starting the drop monitor")?;
+    let operator = overlay_agent::monitor::OperatorApi {
+        monitor: monitor.clone(),
+        recent: overlay_agent::recent_drops::RecentDropsWindow::start(agent.clone()),
+    };
+    let routes = api::router(agent.clone()).merge(overlay_agent::monitor::router(operator));
+    let api = tokio::spawn(axum::serve(listener, routes).into_future());
     if let Some(addr) = args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -348,6 +368,8 @@ async fn main() -> anyhow::Result<()> {
         r = api => bail!("local API stopped: {r:?}"),
         r = follower => bail!("master follower stopped: {r:?}"),
     }
+    // The programs outlive us: nobody will read their drop events.
+    monitor.stop();
     let _ = std::fs::remove_file(&args.api_socket);
     if let Some(sock) = &docker {
         let _ = std::fs::remove_file(sock);

@@ -281,6 +281,19 @@ impl LocalClient {
         self
     }
 
+    /// Drops counted in the last minute, by network and reason.
+    pub fn recent_drops(&self) -> Result<crate::monitor::RecentDrops, LocalError> {
+        self.call("GET", "/overlay-agent/drops", None)
+    }
+
+    /// Follows the drop monitor (a long-lived stream; see [`crate::monitor`]).
+    pub fn monitor(
+        &self,
+        filter: &crate::monitor::MonitorFilter,
+    ) -> Result<crate::monitor::MonitorStream, LocalError> {
+        crate::monitor::MonitorStream::open(&self.socket, filter)
+    }
+
     pub fn metrics(&self) -> Result<String, LocalError> {
         let (status, body) = self.request("GET", "/metrics", None)?;
         if status != 200 {

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod build;
 mod client;
+pub mod monitor;
 pub mod sd_notify;
 pub mod subnets;
 pub mod tls;

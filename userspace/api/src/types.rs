@@ -92,6 +92,12 @@ impl OverlayInfo {
         self.enabled.unwrap_or(true)
     }
 
+    /// The id the datapath knows this network by. A master from before network ids sends none:
+    /// its VNI was the network's identity then.
+    pub fn network_id(&self) -> Option<u32> {
+        self.id.or(self.vni)
+    }
+
     /// The VNI this network's frames carry on the wire.
     pub fn wire_vni(&self) -> u32 {
         self.vni.unwrap_or(SHARED_VNI)

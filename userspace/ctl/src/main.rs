@@ -2,6 +2,7 @@
 //! and of the master, networks, agents, addresses, endpoints, and the datapath of an agent on
 //! this host as its pinned maps hold it. Every command prints text, or `-o json|yaml`.
 
+mod monitor;
 mod output;
 mod status;
 
@@ -107,6 +108,24 @@ enum Cmd {
     },
     /// This host's containers: address, network, container id, interface.
     Endpoints,
+    /// Follows this host's dropped packets live (the agent's drop monitor): time, agent,
+    /// network, reason, addresses and ports, protocol, the container it came from or was for.
+    /// Events are rate-limited per CPU in the datapath; what was not reported is said as
+    /// "skipped N". Text lines, or one JSON object per line with `-o json`.
+    Monitor {
+        /// Kind of event; only drops exist today.
+        #[arg(long = "type", default_value = "drop", value_parser = ["drop"])]
+        kind: String,
+        /// Only drops counted under this network (name or id).
+        #[arg(long)]
+        network: Option<String>,
+        /// Only drops of packets this container sent or that were for it.
+        #[arg(long)]
+        container: Option<String>,
+        /// Stop after this many lines (drops and skip reports).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// The master's overlay state (DC/OS `/overlay-master/state` JSON).
     State,
     /// A single-use join token for a new agent (`overlay-agent --join-token`).
@@ -695,6 +714,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: IpamCmd::Show { network },
         } => ipam_show(&cli.socket, network.as_deref(), format)?,
         Cmd::Endpoints => endpoints(&cli.socket, format)?,
+        Cmd::Monitor {
+            kind,
+            network,
+            container,
+            count,
+        } => {
+            let filter = overlay_api::monitor::MonitorFilter {
+                kind: Some(kind),
+                network,
+                container,
+            };
+            monitor::follow(&cli.socket, &filter, count, format)?
+        }
         Cmd::JoinToken { ttl_seconds, ip } => {
             let request = overlay_api::tls::wire::TokenRequest {
                 ttl_seconds: Some(ttl_seconds),

@@ -1,5 +1,5 @@
 //! The datapath as userspace sees it without loading it: the typed façade over the maps
-//! ([`maps`]), where the maps and links are pinned ([`pins`], the one place a pin path is built)
+//! ([`maps`]), the drop monitor's maps ([`monitor`]), where the maps and links are pinned ([`pins`], the one place a pin path is built)
 //! and the kernel's statistics of the programs ([`stats`]).
 //!
 //! The agent loads the eBPF object and hands its maps to [`OverlayMaps::take_from`]; `overlayctl`,
@@ -7,6 +7,7 @@
 //! the eBPF toolchain to build this crate.
 
 pub mod maps;
+pub mod monitor;
 pub mod pins;
 pub mod stats;
 

@@ -51,8 +51,15 @@ pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
 ];
 
 /// Maps never copied from another layout: program arrays, whose entries are the loading
-/// binary's own programs (every load puts them in, `fill_tail_calls`).
-pub const NEVER_CARRIED: &[&str] = &[names::TAIL_CALLS];
+/// binary's own programs (every load puts them in, `fill_tail_calls`); the drop monitor's ring
+/// buffer (no entries to copy: events in flight are lost), switch (every agent starts with it
+/// off) and per-CPU budget (starts full).
+pub const NEVER_CARRIED: &[&str] = &[
+    names::TAIL_CALLS,
+    names::DROP_EVENTS,
+    names::MONITOR,
+    names::DROP_BUDGET,
+];
 
 /// The layout version [`SAME_LAYOUT_SINCE`] was last checked against (a test compares it).
 #[allow(dead_code)]
