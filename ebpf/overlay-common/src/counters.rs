@@ -128,6 +128,10 @@ counters! {
     /// IPv6 link-local traffic that is not neighbour discovery with the gateway: a container
     /// reaches no other container, and not the host, by link-local address.
     DropLinkLocal = 40 => "drop_link_local",
+    /// A remote VTEP whose underlay address is of the other family than this agent's (an IPv4
+    /// underlay agent with a route to an IPv6-underlay one, or the reverse): no outer header
+    /// can carry the packet, so it is not sent.
+    DropUnderlayFamily = 65 => "drop_underlay_family",
 }
 
 /// A packet the datapath refuses: why, and the network it is counted under. Every program

@@ -10,6 +10,8 @@
 //!   control plane), and masquerade's destination and handshake rules.
 //! - [`ipv6`]: the IPv6 header, address classes, ICMPv6 roles and the neighbour-discovery
 //!   responder's reply.
+//! - [`underlay6`]: the IPv6 underlay's outer headers (encap, classification, MTU overhead,
+//!   the zero UDP checksum and why).
 //! - [`too_big`]: the frag-needed / Packet Too Big errors the datapath answers too-big packets
 //!   with.
 //!
@@ -23,6 +25,7 @@ pub mod nat;
 pub mod packet;
 pub mod policy;
 pub mod too_big;
+pub mod underlay6;
 
 #[cfg(test)]
 extern crate std;

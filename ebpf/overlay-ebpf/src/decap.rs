@@ -2,17 +2,18 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     programs::TcContext,
 };
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     ipv6::{Ipv6Header, is_link_local},
-    maps::{Addr16, AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
+    maps::{Addr16, AgentConfig, Endpoint, ipv4_mapped},
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket,
-        VXLAN_HLEN, classify_underlay, parse_vxlan,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, VXLAN_HLEN,
+        parse_vxlan,
     },
     policy::{IPV6_HLEN, in_port_range},
 };
@@ -23,6 +24,7 @@ use crate::{
     guard,
     isolation::remote_sender_matches,
     maps::{endpoint, is_known_network, is_known_vtep, nat_config},
+    outer::{self, Outer},
     skb,
     stats::count,
 };
@@ -32,8 +34,11 @@ pub struct Accepted {
     pub vni: u32,
     pub endpoint: &'static Endpoint,
     pub strip_len: usize,
-    /// The inner packet is IPv6 (the outer Ethernet header says IPv4 until stripped).
+    /// The inner packet is IPv6.
     pub inner_ipv6: bool,
+    /// The outer header is IPv6 (the outer Ethernet type, kept by the strip, says which until
+    /// it is rewritten for the inner family).
+    pub outer_ipv6: bool,
 }
 
 /// What an underlay frame is.
@@ -49,46 +54,16 @@ pub enum Inspected {
 /// [`Inspected::Vxlan`] for VXLAN to deliver, a [`Drop`] for VXLAN to drop.
 #[inline(always)]
 pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
-    let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
-        return Ok(Inspected::Host(None));
+    // The outer headers, of the underlay's family (IPv4 or IPv6): `outer`.
+    let outer = match outer::parse(ctx, cfg)? {
+        Outer::Host(ip) => return Ok(Inspected::Host(ip)),
+        Outer::Vxlan(outer) => outer,
     };
-    // Anything we cannot even parse as UDP/IPv4 is not ours to judge: the host stack decides.
-    let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
-        return Ok(Inspected::Host(None));
-    };
-    let eth = EthHeader::parse(&eth);
-    if eth.ethertype != ETH_P_IP {
-        return Ok(Inspected::Host(None));
-    }
-    let Ok(ip) = skb::load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
-        return Ok(Inspected::Host(None));
-    };
-    let Ok(ip) = Ipv4Header::parse(&ip) else {
-        return Ok(Inspected::Host(None));
-    };
-    let Ok(udp) = skb::load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
-        return Ok(Inspected::Host(Some(ip)));
-    };
-    let (outer_src, strip_len, vxlan_offset) = match classify_underlay(
-        &eth,
-        &ip,
-        &udp,
-        ctx.len() as usize,
-        cfg.vxlan_port,
-        local_ip,
-    )? {
-        UnderlayPacket::NotOurs => return Ok(Inspected::Host(Some(ip))),
-        UnderlayPacket::Vxlan {
-            outer_src,
-            strip_len,
-            vxlan_offset,
-        } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
-    };
+    let (outer_src, strip_len, vxlan_offset) = (outer.src, outer.strip_len, outer.vxlan_offset);
     // Agents send VXLAN from ports outside the masquerade range; from inside it, it is a
     // container's datagram that masquerade gave this agent's address (a second line behind
     // `guard::to_outside` on the sending agent).
-    let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
-    if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
+    if nat_config().is_some_and(|n| in_port_range(outer.src_port, n.port_min, n.port_max)) {
         return Err(Counter::DropVxlanNatPort.into());
     }
     if !is_known_vtep(outer_src) {
@@ -139,6 +114,7 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
         endpoint: ep,
         strip_len,
         inner_ipv6,
+        outer_ipv6: outer.ipv6,
     }))
 }
 
@@ -165,28 +141,35 @@ fn accepted_endpoint(
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, accepted: Accepted) -> Result<i32, Drop> {
     let (vni, len) = (accepted.vni, ctx.len());
-    strip(ctx, accepted.strip_len, accepted.inner_ipv6).in_network(vni)?;
+    strip(ctx, accepted.strip_len, accepted.inner_ipv6, accepted.outer_ipv6).in_network(vni)?;
     let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(vni)?;
     count(vni, Counter::Decapsulated, len);
     Ok(verdict)
 }
 
-/// Removes the outer IPv4/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
-/// (its type is IPv4; for an inner IPv6 packet it is rewritten, and DECAP_L3_IPV6 makes the
-/// kernel's protocol of the packet IPv6 too). FIXED_GSO keeps the MSS of a GSO super-packet as it
-/// was built.
+/// Removes the outer IP/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
+/// (its type is the outer family's; when the inner family differs it is rewritten, and
+/// DECAP_L3_IPV4/IPV6 make the kernel's protocol of the packet the inner one too). FIXED_GSO
+/// keeps the MSS of a GSO super-packet as it was built.
 #[inline(always)]
-fn strip(ctx: &TcContext, strip_len: usize, inner_ipv6: bool) -> Result<(), Counter> {
+fn strip(
+    ctx: &TcContext,
+    strip_len: usize,
+    inner_ipv6: bool,
+    outer_ipv6: bool,
+) -> Result<(), Counter> {
     let fail = |_| Counter::DropDecapFailed;
-    let flags = if inner_ipv6 {
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64
-    } else {
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    let family_changes = inner_ipv6 != outer_ipv6;
+    let flags = match (family_changes, inner_ipv6) {
+        (false, _) => BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+        (true, true) => BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64,
+        (true, false) => BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64,
     };
     ctx.adjust_room(-(strip_len as i32), BPF_ADJ_ROOM_MAC, flags)
         .map_err(fail)?;
-    if inner_ipv6 {
-        ctx.store(12, &ETH_P_IPV6.to_be_bytes(), 0).map_err(fail)?;
+    if family_changes {
+        let ethertype = if inner_ipv6 { ETH_P_IPV6 } else { ETH_P_IP };
+        ctx.store(12, &ethertype.to_be_bytes(), 0).map_err(fail)?;
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ mod isolation;
 mod maps;
 mod nat;
 mod nd;
+mod outer;
 mod skb;
 mod stats;
 mod too_big;
