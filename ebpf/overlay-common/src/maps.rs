@@ -8,7 +8,8 @@
 
 /// Version of the layout of every map below. Part of the pin path, so an agent of another layout
 /// version never reuses (and misreads) pinned maps of this one.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+/// v3: `OVL_TAIL_CALLS` has a third slot (`from_underlay_ipv6`).
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the object file, in `bpftool map` and under the pin directory.
 pub mod names {
@@ -49,6 +50,8 @@ pub mod programs {
     pub const FROM_CONTAINER_IPV6: &str = "from_container_ipv6";
     /// The host's IPv6, tail-called from `from_host` likewise.
     pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
+    /// VXLAN in outer IPv6 (an IPv6 underlay), tail-called from `from_underlay`.
+    pub const FROM_UNDERLAY_IPV6: &str = "from_underlay_ipv6";
     /// XDP on the underlay NIC: early drops of VXLAN `from_underlay` would drop anyway.
     pub const XDP_UNDERLAY: &str = "xdp_underlay";
 }
@@ -61,11 +64,14 @@ pub mod tail_calls {
     pub const CONTAINER_IPV6: u32 = 0;
     /// Slot of [`super::programs::FROM_HOST_IPV6`].
     pub const HOST_IPV6: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    /// Slot of [`super::programs::FROM_UNDERLAY_IPV6`].
+    pub const UNDERLAY_IPV6: u32 = 2;
+    pub const SLOTS: u32 = 3;
     /// Every slot and the program that goes into it.
     pub const ALL: &[(u32, &str)] = &[
         (CONTAINER_IPV6, super::programs::FROM_CONTAINER_IPV6),
         (HOST_IPV6, super::programs::FROM_HOST_IPV6),
+        (UNDERLAY_IPV6, super::programs::FROM_UNDERLAY_IPV6),
     ];
 }
 

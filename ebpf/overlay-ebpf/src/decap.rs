@@ -10,12 +10,13 @@ use aya_ebpf::{
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     ipv6::{Ipv6Header, is_link_local},
-    maps::{Addr16, AgentConfig, Endpoint, ipv4_mapped},
+    maps::{Addr16, AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, VXLAN_HLEN,
-        parse_vxlan,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket,
+        VXLAN_HLEN, classify_underlay, parse_vxlan,
     },
     policy::{IPV6_HLEN, in_port_range},
+    underlay6::{VXLAN6_ENCAP_LEN, VXLAN6_OFFSET},
 };
 
 use crate::{
@@ -24,8 +25,7 @@ use crate::{
     guard,
     isolation::remote_sender_matches,
     maps::{endpoint, is_known_network, is_known_vtep, nat_config},
-    outer::{self, Outer},
-    skb,
+    outer, skb,
     stats::count,
 };
 
@@ -36,9 +36,20 @@ pub struct Accepted {
     pub strip_len: usize,
     /// The inner packet is IPv6.
     pub inner_ipv6: bool,
-    /// The outer header is IPv6 (the outer Ethernet type, kept by the strip, says which until
-    /// it is rewritten for the inner family).
+    /// The outer header is IPv6 (an IPv6 underlay). The outer Ethernet type, kept by the strip,
+    /// is the outer family's until rewritten for the inner one.
     pub outer_ipv6: bool,
+}
+
+/// The outer headers of a VXLAN frame that passed their checks (either underlay family).
+pub struct OuterVxlan {
+    /// The sending VTEP's underlay address.
+    pub src: Addr16,
+    pub src_port: u16,
+    /// Outer IP + UDP + VXLAN + inner Ethernet: what decapsulation removes.
+    pub strip_len: usize,
+    pub vxlan_offset: usize,
+    pub ipv6: bool,
 }
 
 /// What an underlay frame is.
@@ -54,16 +65,76 @@ pub enum Inspected {
 /// [`Inspected::Vxlan`] for VXLAN to deliver, a [`Drop`] for VXLAN to drop.
 #[inline(always)]
 pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
-    // The outer headers, of the underlay's family (IPv4 or IPv6): `outer`.
-    let outer = match outer::parse(ctx, cfg)? {
-        Outer::Host(ip) => return Ok(Inspected::Host(ip)),
-        Outer::Vxlan(outer) => outer,
+    let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
+        return Ok(Inspected::Host(None));
     };
+    // Anything we cannot even parse as UDP/IPv4 is not ours to judge: the host stack decides.
+    let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
+        return Ok(Inspected::Host(None));
+    };
+    let eth = EthHeader::parse(&eth);
+    if eth.ethertype != ETH_P_IP {
+        return Ok(Inspected::Host(None));
+    }
+    let Ok(ip) = skb::load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
+        return Ok(Inspected::Host(None));
+    };
+    let Ok(ip) = Ipv4Header::parse(&ip) else {
+        return Ok(Inspected::Host(None));
+    };
+    let Ok(udp) = skb::load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
+        return Ok(Inspected::Host(Some(ip)));
+    };
+    let (outer_src, strip_len, vxlan_offset) = match classify_underlay(
+        &eth,
+        &ip,
+        &udp,
+        ctx.len() as usize,
+        cfg.vxlan_port,
+        local_ip,
+    )? {
+        UnderlayPacket::NotOurs => return Ok(Inspected::Host(Some(ip))),
+        UnderlayPacket::Vxlan {
+            outer_src,
+            strip_len,
+            vxlan_offset,
+        } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
+    };
+    let outer = OuterVxlan {
+        src: outer_src,
+        src_port: u16::from_be_bytes([udp[0], udp[1]]),
+        strip_len,
+        vxlan_offset,
+        ipv6: false,
+    };
+    accept(ctx, &outer).map(Inspected::Vxlan)
+}
+
+/// [`inspect`] for an IPv6 underlay (`from_underlay_ipv6`), on VXLAN whose outer headers
+/// `outer::ipv6` took for ours: the accepted VXLAN, or a [`Drop`].
+#[inline(always)]
+pub fn inspect_ipv6(ctx: &TcContext, parsed: &outer::Outer6) -> Result<Accepted, Drop> {
+    let outer = OuterVxlan {
+        src: parsed.src,
+        src_port: parsed.src_port,
+        strip_len: VXLAN6_ENCAP_LEN,
+        vxlan_offset: VXLAN6_OFFSET,
+        ipv6: true,
+    };
+    accept(ctx, &outer)
+}
+
+/// The checks behind the outer headers, the same for both underlay families: the sender is a
+/// known VTEP outside the masquerade ports, the VNI a known network, the inner packet whole and
+/// for a local endpoint of that network from an address the sending agent owns.
+#[inline(always)]
+fn accept(ctx: &TcContext, outer: &OuterVxlan) -> Result<Accepted, Drop> {
     let (outer_src, strip_len, vxlan_offset) = (outer.src, outer.strip_len, outer.vxlan_offset);
     // Agents send VXLAN from ports outside the masquerade range; from inside it, it is a
     // container's datagram that masquerade gave this agent's address (a second line behind
     // `guard::to_outside` on the sending agent).
-    if nat_config().is_some_and(|n| in_port_range(outer.src_port, n.port_min, n.port_max)) {
+    let outer_src_port = outer.src_port;
+    if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
         return Err(Counter::DropVxlanNatPort.into());
     }
     if !is_known_vtep(outer_src) {
@@ -109,13 +180,13 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
     if ep.is_host() {
         guard::to_host_gateway(ctx, &inner).in_network(vni)?;
     }
-    Ok(Inspected::Vxlan(Accepted {
+    Ok(Accepted {
         vni,
         endpoint: ep,
         strip_len,
         inner_ipv6,
         outer_ipv6: outer.ipv6,
-    }))
+    })
 }
 
 /// The local endpoint a decapsulated packet of network `vni` from `src` to `dst` goes to, if it

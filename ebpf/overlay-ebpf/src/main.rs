@@ -8,7 +8,8 @@
 //!   or remote (no VXLAN device), both families.
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
 //!   validated, stripped and delivered; replies to masqueraded flows are translated back and
-//!   delivered; everything else (the host's own traffic) passes untouched.
+//!   delivered; everything else (the host's own traffic) passes untouched. On an IPv6 underlay
+//!   it tail-calls `from_underlay_ipv6`, which does the same for outer IPv6 VXLAN.
 //!
 //! Every entry point has one shape: `try_*` returns the verdict or a [`Drop`], and [`run`] is
 //! the one place a packet is dropped (and counted).
@@ -40,7 +41,7 @@ use aya_ebpf::{
 };
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
-    maps::{ipv4_mapped, tail_calls},
+    maps::{ipv4_mapped, ipv4_unmapped, tail_calls},
     packet::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header},
 };
 
@@ -88,6 +89,14 @@ pub fn from_host_ipv6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
     run(&ctx, try_from_underlay)
+}
+
+/// Tail-called by `from_underlay` on an agent whose underlay is IPv6: outer IPv6 VXLAN (its own
+/// stack: the IPv6 outer headers next to the IPv4 path and masquerade's replies exceed 512
+/// bytes).
+#[classifier]
+pub fn from_underlay_ipv6(ctx: TcContext) -> i32 {
+    run(&ctx, try_from_underlay_ipv6)
 }
 
 #[inline(always)]
@@ -170,6 +179,12 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(cfg) = maps::config() else {
         return Ok(TC_ACT_OK as i32);
     };
+    if ipv4_unmapped(&cfg.underlay_ip).is_none() {
+        // SAFETY: on success the IPv6-underlay program takes the packet and this one ends here.
+        unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::UNDERLAY_IPV6) };
+        // Its slot is empty until the loader has filled it: the host's traffic flows meanwhile.
+        return Ok(TC_ACT_OK as i32);
+    }
     match decap::inspect(ctx, cfg)? {
         decap::Inspected::Vxlan(accepted) => decap::deliver(ctx, accepted),
         decap::Inspected::Host(None) => Ok(TC_ACT_OK as i32),
@@ -178,6 +193,20 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
             Ok(nat::unmasquerade(ctx, cfg, &ip)?.unwrap_or(TC_ACT_OK as i32))
         }
     }
+}
+
+#[inline(always)]
+fn try_from_underlay_ipv6(ctx: &TcContext) -> Result<i32, Drop> {
+    let Some(cfg) = maps::config() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let parsed = outer::ipv6(ctx, cfg)?;
+    // Not VXLAN to us: the host's own traffic (no IPv4 masquerade without an IPv4 underlay).
+    if !parsed.ours {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let accepted = decap::inspect_ipv6(ctx, &parsed)?;
+    decap::deliver(ctx, accepted)
 }
 
 /// XDP on the underlay NIC (native mode where the driver has it): VXLAN that `from_underlay`
