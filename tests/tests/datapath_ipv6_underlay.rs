@@ -247,8 +247,9 @@ fn encap_over_ipv6_is_byte_exact_for_both_inner_families() {
     check_encap6(&f, ETH_P_IPV6, &ping6_packet(EP_A6, R_A6, 56));
     assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 4);
     // Another flow gets other entropy.
-    let (p1, l1) = check_encap6(&f, ETH_P_IP, &tcp_syn(EP_A, R_A, 40001, 80));
-    let (p2, l2) = check_encap6(&f, ETH_P_IP, &tcp_syn(EP_A, R_A, 40002, 80));
+    let syn = |sport| ipv4(EP_A, R_A, IPPROTO_TCP, &tcp_syn(EP_A, R_A, sport, 80));
+    let (p1, l1) = check_encap6(&f, ETH_P_IP, &syn(40001));
+    let (p2, l2) = check_encap6(&f, ETH_P_IP, &syn(40002));
     assert!(p1 != p2 || l1 != l2, "two flows, one source port and label");
 
     // The overlay MTU is the inner packet's limit whatever the underlay: 1420 goes out in 1490
