@@ -56,7 +56,9 @@ fn an_ipv6_only_fabric_carries_the_overlays_isolated_and_intact() {
     // itself: the interface has no IPv4).
     for agent in ["a1", "a2", "a3"] {
         let node = c.node(agent).unwrap();
-        let v4 = node.exec("ip", &["-4", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+        let v4 = node
+            .exec("ip", &["-4", "-o", "addr", "show", "dev", "eth0"])
+            .unwrap();
         assert!(v4.trim().is_empty(), "{agent} has IPv4 on the fabric: {v4}");
         let info = c.agent_info(agent).unwrap();
         assert_eq!(info.ip, c.lab.fabric_address(agent).unwrap(), "{agent}");
@@ -78,13 +80,7 @@ fn an_ipv6_only_fabric_carries_the_overlays_isolated_and_intact() {
     let b3 = c.add_container("a3", "blue").unwrap();
 
     // Within a network, across agents and on one: ping.
-    for (from, to) in [
-        (&d1, &d2),
-        (&d2, &d3),
-        (&d3, &d1),
-        (&d1, &d1b),
-        (&b2, &b3),
-    ] {
+    for (from, to) in [(&d1, &d2), (&d2, &d3), (&d3, &d1), (&d1, &d1b), (&b2, &b3)] {
         assert!(
             from.node.ping(ip(to)),
             "{} on {} cannot reach {} on {}",
@@ -180,9 +176,8 @@ fn an_agent_refuses_an_mtu_without_room_for_the_ipv6_headers() {
     spec.mtu = 1450;
     let mut c = Cluster::up(spec).unwrap();
     c.spawn_agent("a1").unwrap();
-    let log = wait_for_log(&c, "a1", "leaves no room").unwrap_or_else(|log| {
-        panic!("no MTU refusal in the agent's log:\n{log}")
-    });
+    let log = wait_for_log(&c, "a1", "leaves no room")
+        .unwrap_or_else(|log| panic!("no MTU refusal in the agent's log:\n{log}"));
     assert!(
         log.contains("--mtu 1450") && log.contains("IPv6") && log.contains("--mtu 1430"),
         "{log}"

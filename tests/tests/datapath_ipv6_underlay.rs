@@ -140,7 +140,10 @@ impl Fixture {
         let total = self.total_packets();
         let (got, _) = self.run(program, packet);
         let all = self.dp.maps().stats().unwrap();
-        assert_eq!(got, verdict, "{what} ({program}): verdict; counters {all:?}");
+        assert_eq!(
+            got, verdict,
+            "{what} ({program}): verdict; counters {all:?}"
+        );
         assert_eq!(
             self.stat(NO_NETWORK, c),
             before + 1,
@@ -188,12 +191,7 @@ fn expected_encap6(inner_ethertype: u16, inner: &[u8], sport: u16, label: u32) -
     let mut f = vec![0u8; 12]; // outer MACs: left to bpf_redirect_neigh
     f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
     let payload = (8 + 8 + 14 + inner.len()) as u16;
-    f.extend_from_slice(&[
-        0x60,
-        (label >> 16) as u8,
-        (label >> 8) as u8,
-        label as u8,
-    ]);
+    f.extend_from_slice(&[0x60, (label >> 16) as u8, (label >> 8) as u8, label as u8]);
     f.extend_from_slice(&payload.to_be_bytes());
     f.extend_from_slice(&[IPPROTO_UDP, 64]);
     f.extend_from_slice(&LOCAL6.octets());
@@ -367,15 +365,32 @@ fn malformed_outer_ipv6_vxlan_is_dropped_by_reason_in_tc_and_xdp() {
     // Room for VXLAN and an inner Ethernet header, not for an inner IP header.
     let stub = {
         let u = udp(51234, VXLAN_PORT, &vxlan(0x08, VNI_A, &[0u8; 14 + 10]));
-        eth([2; 6], [4; 6], ETH_P_IPV6, &ipv6(R6, LOCAL6, IPPROTO_UDP, 64, &u))
+        eth(
+            [2; 6],
+            [4; 6],
+            ETH_P_IPV6,
+            &ipv6(R6, LOCAL6, IPPROTO_UDP, 64, &u),
+        )
     };
     for (what, frame, reason) in [
         ("unknown VTEP", &stranger, Counter::DropUnknownVtep),
         ("unknown VNI", &unknown_vni, Counter::DropUnknownVni),
         ("bad VXLAN flags", &bad_flags, Counter::DropBadVxlanFlags),
-        ("payload length past the frame", &cut, Counter::DropTruncated),
-        ("UDP shorter than the payload", &short_udp, Counter::DropMalformed),
-        ("UDP longer than the payload", &long_udp, Counter::DropTruncated),
+        (
+            "payload length past the frame",
+            &cut,
+            Counter::DropTruncated,
+        ),
+        (
+            "UDP shorter than the payload",
+            &short_udp,
+            Counter::DropMalformed,
+        ),
+        (
+            "UDP longer than the payload",
+            &long_udp,
+            Counter::DropTruncated,
+        ),
         ("no room for an inner packet", &stub, Counter::DropTruncated),
     ] {
         f.expect_drop(what, programs::FROM_UNDERLAY, frame, TC_ACT_SHOT, reason);

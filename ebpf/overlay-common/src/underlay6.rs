@@ -234,10 +234,7 @@ mod tests {
             assert!(l != 0 && l <= 0xfffff, "{hash:#x} -> {l:#x}");
         }
         assert_ne!(vxlan_flow_label(1), vxlan_flow_label(2));
-        assert_ne!(
-            vxlan_flow_label(0x0010_0000),
-            vxlan_flow_label(0x0020_0000)
-        );
+        assert_ne!(vxlan_flow_label(0x0010_0000), vxlan_flow_label(0x0020_0000));
         // Bits above 20 are masked out of the field.
         let mut p = params(ETH_P_IP, 84);
         p.flow_label = 0xfff0_0001;

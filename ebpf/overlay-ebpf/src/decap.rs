@@ -212,7 +212,13 @@ fn accepted_endpoint(
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, accepted: Accepted) -> Result<i32, Drop> {
     let (vni, len) = (accepted.vni, ctx.len());
-    strip(ctx, accepted.strip_len, accepted.inner_ipv6, accepted.outer_ipv6).in_network(vni)?;
+    strip(
+        ctx,
+        accepted.strip_len,
+        accepted.inner_ipv6,
+        accepted.outer_ipv6,
+    )
+    .in_network(vni)?;
     let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(vni)?;
     count(vni, Counter::Decapsulated, len);
     Ok(verdict)

@@ -123,7 +123,11 @@ pub fn try_from_underlay(ctx: &XdpContext) -> Result<u32, Drop> {
                 Underlay6Packet::Vxlan {
                     outer_src,
                     vxlan_offset,
-                } => (outer_src, u16::from_be_bytes([udp[0], udp[1]]), vxlan_offset),
+                } => (
+                    outer_src,
+                    u16::from_be_bytes([udp[0], udp[1]]),
+                    vxlan_offset,
+                ),
             }
         }
     };

@@ -169,7 +169,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let underlay = netdev::link(&args.underlay_iface).context("--underlay-iface")?;
-    let my_ip = netdev::underlay_address(&underlay, args.underlay_ip).map_err(anyhow::Error::msg)?;
+    let my_ip =
+        netdev::underlay_address(&underlay, args.underlay_ip).map_err(anyhow::Error::msg)?;
     overlay_agent::vtep_mtu::check_underlay(args.mtu, underlay.mtu, my_ip.is_ipv6())
         .map_err(anyhow::Error::msg)?;
     let state_dir = args

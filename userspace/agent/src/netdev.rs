@@ -48,10 +48,7 @@ pub fn link(ifname: &str) -> anyhow::Result<Link> {
 /// loopback, multicast or unspecified. Unique local addresses (fc00::/7) count: a fabric may
 /// well use them.
 fn is_global_ipv6(ip: &Ipv6Addr) -> bool {
-    !(ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || ip.is_unicast_link_local())
+    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_unicast_link_local())
 }
 
 /// Which of the underlay interface's addresses identifies the agent (`--underlay-ip`).
@@ -73,9 +70,10 @@ impl std::str::FromStr for UnderlayChoice {
             "auto" => Ok(UnderlayChoice::Auto),
             "ipv4" => Ok(UnderlayChoice::Ipv4),
             "ipv6" => Ok(UnderlayChoice::Ipv6),
-            other => other.parse().map(UnderlayChoice::Address).map_err(|_| {
-                format!("{other:?} is neither auto, ipv4, ipv6 nor an IP address")
-            }),
+            other => other
+                .parse()
+                .map(UnderlayChoice::Address)
+                .map_err(|_| format!("{other:?} is neither auto, ipv4, ipv6 nor an IP address")),
         }
     }
 }
@@ -173,13 +171,25 @@ mod tests {
         let dual = link(Some("10.0.0.5"), &["fd00::5"]);
         let v6only = link(None, &["fd00::5", "2001:db8::5"]);
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        assert_eq!(underlay_address(&dual, UnderlayChoice::Auto), Ok(ip("10.0.0.5")));
-        assert_eq!(underlay_address(&v6only, UnderlayChoice::Auto), Ok(ip("fd00::5")));
-        assert_eq!(underlay_address(&dual, UnderlayChoice::Ipv6), Ok(ip("fd00::5")));
+        assert_eq!(
+            underlay_address(&dual, UnderlayChoice::Auto),
+            Ok(ip("10.0.0.5"))
+        );
+        assert_eq!(
+            underlay_address(&v6only, UnderlayChoice::Auto),
+            Ok(ip("fd00::5"))
+        );
+        assert_eq!(
+            underlay_address(&dual, UnderlayChoice::Ipv6),
+            Ok(ip("fd00::5"))
+        );
         let chosen = UnderlayChoice::Address(ip("2001:db8::5"));
         assert_eq!(underlay_address(&v6only, chosen), Ok(ip("2001:db8::5")));
         let err = underlay_address(&v6only, UnderlayChoice::Ipv4).unwrap_err();
-        assert!(err.contains("eth0") && err.contains("IPv4") && err.contains("fd00::5"), "{err}");
+        assert!(
+            err.contains("eth0") && err.contains("IPv4") && err.contains("fd00::5"),
+            "{err}"
+        );
         let err = underlay_address(&dual, UnderlayChoice::Address(ip("fd00::6"))).unwrap_err();
         assert!(err.contains("fd00::6"), "{err}");
         let err = underlay_address(&link(None, &[]), UnderlayChoice::Auto).unwrap_err();

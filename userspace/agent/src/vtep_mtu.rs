@@ -25,7 +25,11 @@ pub fn check(agent_mtu: u32, me: &AgentInfo) -> Result<(), String> {
 /// `Err` when an overlay MTU of `agent_mtu` (`--mtu`, or the master's `vtep_mtu`, which must
 /// equal it) leaves no room for VXLAN's headers on the underlay link: 50 bytes over IPv4, 70 over
 /// IPv6. VTEPs must not fragment (RFC 7348), so such an MTU would drop every full-sized packet.
-pub fn check_underlay(agent_mtu: u32, underlay_mtu: u32, ipv6_underlay: bool) -> Result<(), String> {
+pub fn check_underlay(
+    agent_mtu: u32,
+    underlay_mtu: u32,
+    ipv6_underlay: bool,
+) -> Result<(), String> {
     let overhead = overlay_common::underlay6::mtu_overhead(ipv6_underlay);
     let family = if ipv6_underlay { "IPv6" } else { "IPv4" };
     if agent_mtu + overhead > underlay_mtu {
@@ -55,7 +59,11 @@ mod tests {
                 && error.contains("--mtu 1430"),
             "{error}"
         );
-        assert!(check_underlay(1451, 1500, false).unwrap_err().contains("--mtu 1450"));
+        assert!(
+            check_underlay(1451, 1500, false)
+                .unwrap_err()
+                .contains("--mtu 1450")
+        );
     }
 
     fn agent_with(vtep_mtu: Option<u32>) -> AgentInfo {

@@ -478,9 +478,8 @@ impl Handle {
                 continue;
             }
             let ip = a.attributes.iter().find_map(|at| match at {
-                AddressAttribute::Address(IpAddr::V6(ip)) | AddressAttribute::Local(IpAddr::V6(ip)) => {
-                    Some(*ip)
-                }
+                AddressAttribute::Address(IpAddr::V6(ip))
+                | AddressAttribute::Local(IpAddr::V6(ip)) => Some(*ip),
                 _ => None,
             });
             let tentative = a.header.flags.intersects(
