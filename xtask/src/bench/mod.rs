@@ -331,13 +331,7 @@ fn raw6_setup() -> anyhow::Result<Setup> {
     traffic::wait_servers_on(&a2, server)?;
     Ok(Setup {
         name: "raw6",
-        paths: vec![(
-            "cross_agent",
-            Ok(Target {
-                client: a1,
-                server,
-            }),
-        )],
+        paths: vec![("cross_agent", Ok(Target { client: a1, server }))],
         prog_ids: vec![],
         _keep: Box::new(lab),
     })

@@ -252,7 +252,11 @@ fn targets(r: &Results) -> Vec<(String, String, Option<bool>)> {
 /// The IPv6 underlay's table (`--datapaths ...,raw6,ebpf6`): ebpf-overlay with outer IPv6 VXLAN
 /// against agent-to-agent IPv6 on the same fabric, measured in the same run.
 fn ipv6_underlay_table(r: &Results, s: &mut String) {
-    if !r.figures.iter().any(|f| f.datapath == "raw6" || f.datapath == "ebpf6") {
+    if !r
+        .figures
+        .iter()
+        .any(|f| f.datapath == "raw6" || f.datapath == "ebpf6")
+    {
         return;
     }
     let _ = writeln!(

@@ -71,8 +71,8 @@ pub fn start_servers(lab: &mut Lab, node: &Node, ip: IpAddr) -> anyhow::Result<(
         "bench-cps-server",
         &std::net::SocketAddr::new(ip, CPS_PORT).to_string(),
     ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     lab.spawn_command(cps)?;
     Ok(())
 }
@@ -153,8 +153,7 @@ fn wait_servers_of(node: &Node, sockperf: bool) -> anyhow::Result<()> {
     };
     loop {
         let out = node.exec("ss", &["-Htln"]).unwrap_or_default();
-        if ports.iter().all(|p| out.contains(&format!(":{p}")))
-        {
+        if ports.iter().all(|p| out.contains(&format!(":{p}"))) {
             return Ok(());
         }
         if start.elapsed().as_secs() > 10 {
