@@ -51,7 +51,11 @@ fn wait_for_log(c: &Cluster, agent: &str, needle: &str) -> Result<String, String
 
 #[test]
 fn an_ipv6_only_fabric_carries_the_overlays_isolated_and_intact() {
-    let mut c = Cluster::up(spec(3, &["--ipv6-underlay"])).unwrap();
+    let mut spec = spec(3, &["--ipv6-underlay"]);
+    // XDP on the underlay too (generic: the lab's NICs are veths), so that its outer-IPv6
+    // checks see the real traffic and must let it all through.
+    spec.agent_args = vec!["--xdp".into(), "generic".into()];
+    let mut c = Cluster::up(spec).unwrap();
     // The fabric is IPv6 only, and every agent registered with its IPv6 address (picked by
     // itself: the interface has no IPv4).
     for agent in ["a1", "a2", "a3"] {
@@ -146,6 +150,21 @@ fn an_ipv6_only_fabric_carries_the_overlays_isolated_and_intact() {
         0,
         "no route of the other family"
     );
+    for agent in ["a1", "a2", "a3"] {
+        let log = std::fs::read_to_string(c.log_path(agent)).unwrap();
+        assert!(
+            log.contains("attached=Generic"),
+            "{agent}: XDP not attached:\n{log}"
+        );
+        let m = maps(&c, agent);
+        for vni in [0, 1024] {
+            assert_eq!(
+                m.stat(vni, Counter::XdpDropped).unwrap(),
+                0,
+                "{agent}: XDP dropped VXLAN over the IPv6 underlay"
+            );
+        }
+    }
 }
 
 #[test]
