@@ -132,6 +132,10 @@ counters! {
     /// VXLAN whose inner source and destination are on one network, but whose VNI is not the
     /// one that network's frames carry (a network with its own VNI, reached in another one).
     DropVniMismatch = 70 => "drop_vni_mismatch",
+    /// A remote VTEP whose underlay address is of the other family than this agent's (an IPv4
+    /// underlay agent with a route to an IPv6-underlay one, or the reverse): no outer header
+    /// can carry the packet, so it is not sent.
+    DropUnderlayFamily = 65 => "drop_underlay_family",
 }
 
 /// A packet the datapath refuses: why, and the network it is counted under. Every program

@@ -11,6 +11,8 @@
 //! - [`ipv6`]: the IPv6 header, address classes, ICMPv6 roles and the neighbour-discovery
 //!   responder's reply.
 //! - [`monitor`]: the drop monitor's event, configuration and per-CPU rate limit.
+//! - [`underlay6`]: the IPv6 underlay's outer headers (encap, classification, MTU overhead,
+//!   the zero UDP checksum and why).
 //! - [`too_big`]: the frag-needed / Packet Too Big errors the datapath answers too-big packets
 //!   with.
 //!
@@ -25,6 +27,7 @@ pub mod nat;
 pub mod packet;
 pub mod policy;
 pub mod too_big;
+pub mod underlay6;
 
 #[cfg(test)]
 extern crate std;

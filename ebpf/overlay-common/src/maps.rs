@@ -13,6 +13,8 @@
 
 /// Version of the layout of every map below. Part of the pin path, so an agent of another layout
 /// version never reuses (and misreads) pinned maps of this one.
+/// v3: networks have an id apart from their VNI (routes carry both; `OVL_VNIS` says which VNIs
+/// are accepted), and `OVL_TAIL_CALLS` has more slots (`from_underlay_ipv6`).
 pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// The VNI every network's frames carry unless the network has its own (DC/OS: `vtep1024`).
@@ -78,6 +80,11 @@ pub mod programs {
     pub const FROM_CONTAINER_IPV6: &str = "from_container_ipv6";
     /// The host's IPv6, tail-called from `from_host` likewise.
     pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
+    /// VXLAN in outer IPv6 (an IPv6 underlay), tail-called from `from_underlay`.
+    pub const FROM_UNDERLAY_IPV6: &str = "from_underlay_ipv6";
+    /// A container's IPv4 leaving the overlay, masqueraded; tail-called from `from_container`
+    /// (the flow table's work beside both underlays' encap exceeds 512 bytes of stack).
+    pub const MASQUERADE_IPV4: &str = "masquerade_ipv4";
     /// XDP on the underlay NIC: early drops of VXLAN `from_underlay` would drop anyway.
     pub const XDP_UNDERLAY: &str = "xdp_underlay";
 }
@@ -90,11 +97,17 @@ pub mod tail_calls {
     pub const CONTAINER_IPV6: u32 = 0;
     /// Slot of [`super::programs::FROM_HOST_IPV6`].
     pub const HOST_IPV6: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    /// Slot of [`super::programs::FROM_UNDERLAY_IPV6`].
+    pub const UNDERLAY_IPV6: u32 = 2;
+    /// Slot of [`super::programs::MASQUERADE_IPV4`].
+    pub const MASQUERADE_IPV4: u32 = 3;
+    pub const SLOTS: u32 = 4;
     /// Every slot and the program that goes into it.
     pub const ALL: &[(u32, &str)] = &[
         (CONTAINER_IPV6, super::programs::FROM_CONTAINER_IPV6),
         (HOST_IPV6, super::programs::FROM_HOST_IPV6),
+        (UNDERLAY_IPV6, super::programs::FROM_UNDERLAY_IPV6),
+        (MASQUERADE_IPV4, super::programs::MASQUERADE_IPV4),
     ];
 }
 

@@ -2,19 +2,21 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     programs::TcContext,
 };
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     ipv6::{Ipv6Header, is_link_local},
-    maps::{AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
+    maps::{Addr16, AgentConfig, Endpoint, ipv4_mapped, ipv4_unmapped},
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket,
         VXLAN_HLEN, classify_underlay, parse_vxlan,
     },
     policy::{IPV6_HLEN, in_port_range},
+    underlay6::{VXLAN6_ENCAP_LEN, VXLAN6_OFFSET},
 };
 
 use crate::{
@@ -23,7 +25,7 @@ use crate::{
     guard,
     isolation::accept_remote,
     maps::{is_known_vtep, nat_config, wire_vni},
-    skb,
+    outer, skb,
     stats::count,
 };
 
@@ -33,8 +35,22 @@ pub struct Accepted {
     pub network: u32,
     pub endpoint: &'static Endpoint,
     pub strip_len: usize,
-    /// The inner packet is IPv6 (the outer Ethernet header says IPv4 until stripped).
+    /// The inner packet is IPv6.
     pub inner_ipv6: bool,
+    /// The outer header is IPv6 (an IPv6 underlay). The outer Ethernet type, kept by the strip,
+    /// is the outer family's until rewritten for the inner one.
+    pub outer_ipv6: bool,
+}
+
+/// The outer headers of a VXLAN frame that passed their checks (either underlay family).
+pub struct OuterVxlan {
+    /// The sending VTEP's underlay address.
+    pub src: Addr16,
+    pub src_port: u16,
+    /// Outer IP + UDP + VXLAN + inner Ethernet: what decapsulation removes.
+    pub strip_len: usize,
+    pub vxlan_offset: usize,
+    pub ipv6: bool,
 }
 
 /// What an underlay frame is.
@@ -85,10 +101,40 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
             vxlan_offset,
         } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
     };
+    let outer = OuterVxlan {
+        src: outer_src,
+        src_port: u16::from_be_bytes([udp[0], udp[1]]),
+        strip_len,
+        vxlan_offset,
+        ipv6: false,
+    };
+    accept(ctx, &outer).map(Inspected::Vxlan)
+}
+
+/// [`inspect`] for an IPv6 underlay (`from_underlay_ipv6`), on VXLAN whose outer headers
+/// `outer::ipv6` took for ours: the accepted VXLAN, or a [`Drop`].
+#[inline(always)]
+pub fn inspect_ipv6(ctx: &TcContext, parsed: &outer::Outer6) -> Result<Accepted, Drop> {
+    let outer = OuterVxlan {
+        src: parsed.src,
+        src_port: parsed.src_port,
+        strip_len: VXLAN6_ENCAP_LEN,
+        vxlan_offset: VXLAN6_OFFSET,
+        ipv6: true,
+    };
+    accept(ctx, &outer)
+}
+
+/// The checks behind the outer headers, the same for both underlay families: the sender is a
+/// known VTEP outside the masquerade ports, the VNI a known network, the inner packet whole and
+/// for a local endpoint of that network from an address the sending agent owns.
+#[inline(always)]
+fn accept(ctx: &TcContext, outer: &OuterVxlan) -> Result<Accepted, Drop> {
+    let (outer_src, strip_len, vxlan_offset) = (outer.src, outer.strip_len, outer.vxlan_offset);
     // Agents send VXLAN from ports outside the masquerade range; from inside it, it is a
     // container's datagram that masquerade gave this agent's address (a second line behind
     // `guard::to_outside` on the sending agent).
-    let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
+    let outer_src_port = outer.src_port;
     if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
         return Err(Counter::DropVxlanNatPort.into());
     }
@@ -135,40 +181,54 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
     if ep.is_host() {
         guard::to_host_gateway(ctx, &inner).in_network(ep.network)?;
     }
-    Ok(Inspected::Vxlan(Accepted {
+    Ok(Accepted {
         network: ep.network,
         endpoint: ep,
         strip_len,
         inner_ipv6,
-    }))
+        outer_ipv6: outer.ipv6,
+    })
 }
 
 /// Strips an accepted VXLAN frame and delivers the inner packet to its endpoint.
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, accepted: Accepted) -> Result<i32, Drop> {
     let (network, len) = (accepted.network, ctx.len());
-    strip(ctx, accepted.strip_len, accepted.inner_ipv6).in_network(network)?;
+    strip(
+        ctx,
+        accepted.strip_len,
+        accepted.inner_ipv6,
+        accepted.outer_ipv6,
+    )
+    .in_network(network)?;
     let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(network)?;
     count(network, Counter::Decapsulated, len);
     Ok(verdict)
 }
 
-/// Removes the outer IPv4/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
-/// (its type is IPv4; for an inner IPv6 packet it is rewritten, and DECAP_L3_IPV6 makes the
-/// kernel's protocol of the packet IPv6 too). FIXED_GSO keeps the MSS of a GSO super-packet as it
-/// was built.
+/// Removes the outer IP/UDP/VXLAN and inner Ethernet headers, keeping the outer Ethernet header
+/// (its type is the outer family's; when the inner family differs it is rewritten, and
+/// DECAP_L3_IPV4/IPV6 make the kernel's protocol of the packet the inner one too). FIXED_GSO
+/// keeps the MSS of a GSO super-packet as it was built.
 #[inline(always)]
-fn strip(ctx: &TcContext, strip_len: usize, inner_ipv6: bool) -> Result<(), Counter> {
+fn strip(
+    ctx: &TcContext,
+    strip_len: usize,
+    inner_ipv6: bool,
+    outer_ipv6: bool,
+) -> Result<(), Counter> {
     let fail = |_| Counter::DropDecapFailed;
-    let flags = if inner_ipv6 {
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64
-    } else {
-        BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    let family_changes = inner_ipv6 != outer_ipv6;
+    let flags = match (family_changes, inner_ipv6) {
+        (false, _) => BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+        (true, true) => BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64,
+        (true, false) => BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L3_IPV4 as u64,
     };
     ctx.adjust_room(-(strip_len as i32), BPF_ADJ_ROOM_MAC, flags)
         .map_err(fail)?;
-    if inner_ipv6 {
-        ctx.store(12, &ETH_P_IPV6.to_be_bytes(), 0).map_err(fail)?;
+    if family_changes {
+        let ethertype = if inner_ipv6 { ETH_P_IPV6 } else { ETH_P_IP };
+        ctx.store(12, &ethertype.to_be_bytes(), 0).map_err(fail)?;
     }
     Ok(())
 }

@@ -2,8 +2,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::generated::{bpf_get_hash_recalc, bpf_redirect_neigh},
     programs::TcContext,
@@ -12,6 +12,7 @@ use overlay_common::{
     counters::Counter,
     maps::{AgentConfig, RemoteRoute, ipv4_unmapped},
     packet::{ETH_HLEN, EncapParams, VXLAN_ENCAP_LEN, build_vxlan_headers, vxlan_source_port},
+    underlay6::{Encap6Params, VXLAN6_ENCAP_LEN, build_vxlan6_headers, vxlan_flow_label},
 };
 
 use crate::skb;
@@ -28,7 +29,16 @@ const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | ENCAP_L2_ETH_LEN;
 
-/// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN
+/// The same over an IPv6 underlay: the kernel then also switches the packet's protocol to IPv6
+/// (for an inner IPv4 packet), which `bpf_redirect_neigh` uses to resolve the next hop by NDP.
+const ENCAP6_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
+    | ENCAP_L2_ETH_LEN;
+
+/// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN,
+/// or Ethernet/IPv6/UDP/VXLAN when this agent's underlay is IPv6 (`overlay_common::underlay6`),
 /// towards the agent owning `route` and sends it out of the underlay NIC; the kernel's neighbour
 /// table supplies the next-hop MAC. The ENCAP flags are the same for both inner families: the
 /// kernel finds the inner network header behind the inner Ethernet header (L2_ETH), and the
@@ -40,30 +50,51 @@ pub fn to_remote(
     route: &RemoteRoute,
     inner_ethertype: u16,
 ) -> Result<i32, Counter> {
-    // IPv6 underlays come later; until then an IPv6 VTEP address has no route.
-    let (Some(outer_src), Some(outer_dst)) = (
-        ipv4_unmapped(&cfg.underlay_ip),
-        ipv4_unmapped(&route.underlay_ip),
-    ) else {
-        return Err(Counter::DropNoRoute);
-    };
     // SAFETY: plain helper call on the program's own context.
     let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let headers = build_vxlan_headers(&EncapParams {
-        outer_src,
-        outer_dst,
-        src_port: vxlan_source_port(flow_hash),
-        dst_port: cfg.vxlan_port,
-        // The wire VNI of the route's network (shared by default), not its network id.
-        vni: route.vni,
-        inner_src_mac: cfg.vtep_mac,
-        inner_dst_mac: route.vtep_mac,
-        inner_ethertype,
-        inner_ip_len: (ctx.len() as usize).saturating_sub(ETH_HLEN),
-    });
-    ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .map_err(|_| Counter::DropEncapFailed)?;
-    skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
-    // SAFETY: plain helper call; no explicit next hop, the FIB decides.
+    let inner_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    // `route.vni` is the wire VNI of the route's network (shared by default), not its network id.
+    match (
+        ipv4_unmapped(&cfg.underlay_ip),
+        ipv4_unmapped(&route.underlay_ip),
+    ) {
+        (Some(outer_src), Some(outer_dst)) => {
+            let headers = build_vxlan_headers(&EncapParams {
+                outer_src,
+                outer_dst,
+                src_port: vxlan_source_port(flow_hash),
+                dst_port: cfg.vxlan_port,
+                vni: route.vni,
+                inner_src_mac: cfg.vtep_mac,
+                inner_dst_mac: route.vtep_mac,
+                inner_ethertype,
+                inner_ip_len,
+            });
+            ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+                .map_err(|_| Counter::DropEncapFailed)?;
+            skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
+        }
+        (None, None) => {
+            let headers = build_vxlan6_headers(&Encap6Params {
+                outer_src: cfg.underlay_ip,
+                outer_dst: route.underlay_ip,
+                src_port: vxlan_source_port(flow_hash),
+                dst_port: cfg.vxlan_port,
+                flow_label: vxlan_flow_label(flow_hash),
+                vni: route.vni,
+                inner_src_mac: cfg.vtep_mac,
+                inner_dst_mac: route.vtep_mac,
+                inner_ethertype,
+                inner_ip_len,
+            });
+            ctx.adjust_room(VXLAN6_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP6_FLAGS)
+                .map_err(|_| Counter::DropEncapFailed)?;
+            skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
+        }
+        // An IPv4 underlay cannot reach an IPv6 VTEP, nor the reverse.
+        _ => return Err(Counter::DropUnderlayFamily),
+    }
+    // SAFETY: plain helper call; no explicit next hop, the FIB decides (IPv4 or IPv6 by the
+    // packet's protocol).
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }

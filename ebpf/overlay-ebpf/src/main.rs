@@ -8,7 +8,8 @@
 //!   or remote (no VXLAN device), both families.
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
 //!   validated, stripped and delivered; replies to masqueraded flows are translated back and
-//!   delivered; everything else (the host's own traffic) passes untouched.
+//!   delivered; everything else (the host's own traffic) passes untouched. On an IPv6 underlay
+//!   it tail-calls `from_underlay_ipv6`, which does the same for outer IPv6 VXLAN.
 //!
 //! Every entry point has one shape: `try_*` returns the verdict or a [`Drop`], and [`run`] is
 //! the one place a packet is dropped (and counted, and reported to the drop monitor while the
@@ -29,6 +30,7 @@ mod maps;
 mod monitor;
 mod nat;
 mod nd;
+mod outer;
 mod skb;
 mod stats;
 mod too_big;
@@ -41,7 +43,7 @@ use aya_ebpf::{
 };
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
-    maps::{ipv4_mapped, tail_calls},
+    maps::{ipv4_mapped, ipv4_unmapped, tail_calls},
     monitor::hook,
     packet::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header},
 };
@@ -96,6 +98,20 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
     run(&ctx, hook::FROM_UNDERLAY, try_from_underlay)
 }
 
+/// Tail-called by `from_container` for IPv4 leaving the overlay (masquerade's own stack).
+#[classifier]
+pub fn masquerade_ipv4(ctx: TcContext) -> i32 {
+    run(&ctx, hook::FROM_CONTAINER, try_masquerade_ipv4)
+}
+
+/// Tail-called by `from_underlay` on an agent whose underlay is IPv6: outer IPv6 VXLAN (its own
+/// stack: the IPv6 outer headers next to the IPv4 path and masquerade's replies exceed 512
+/// bytes).
+#[classifier]
+pub fn from_underlay_ipv6(ctx: TcContext) -> i32 {
+    run(&ctx, hook::FROM_UNDERLAY, try_from_underlay_ipv6)
+}
+
 #[inline(always)]
 fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
     let eth = EthHeader::parse(&skb::load::<ETH_HLEN>(ctx, 0)?);
@@ -133,9 +149,24 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
                 count(network, Counter::PassedToHost, ctx.len());
                 return Ok(TC_ACT_OK as i32);
             }
-            nat::masquerade(ctx, cfg, &ip, network).in_network(network)
+            // SAFETY: on success the masquerade program takes the packet and this one ends here.
+            unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::MASQUERADE_IPV4) };
+            // Its slot is empty until the loader has filled it.
+            Err(Counter::DropNotReady.in_network(network))
         }
     }
+}
+
+/// `masquerade_ipv4`: what `from_container` found leaving the overlay from a network that
+/// masquerades. The sender was verified there; its network is its endpoint's.
+#[inline(always)]
+fn try_masquerade_ipv4(ctx: &TcContext) -> Result<i32, Drop> {
+    let cfg = maps::config().ok_or(Counter::DropNotReady)?;
+    let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN)?)?;
+    let network = maps::endpoint(ipv4_mapped(ip.src))
+        .ok_or(Counter::DropSpoofedSource)?
+        .network;
+    nat::masquerade(ctx, cfg, &ip, network).in_network(network)
 }
 
 #[inline(always)]
@@ -176,6 +207,12 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(cfg) = maps::config() else {
         return Ok(TC_ACT_OK as i32);
     };
+    if ipv4_unmapped(&cfg.underlay_ip).is_none() {
+        // SAFETY: on success the IPv6-underlay program takes the packet and this one ends here.
+        unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::UNDERLAY_IPV6) };
+        // Its slot is empty until the loader has filled it: the host's traffic flows meanwhile.
+        return Ok(TC_ACT_OK as i32);
+    }
     match decap::inspect(ctx, cfg)? {
         decap::Inspected::Vxlan(accepted) => decap::deliver(ctx, accepted),
         decap::Inspected::Host(None) => Ok(TC_ACT_OK as i32),
@@ -184,6 +221,20 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
             Ok(nat::unmasquerade(ctx, cfg, &ip)?.unwrap_or(TC_ACT_OK as i32))
         }
     }
+}
+
+#[inline(always)]
+fn try_from_underlay_ipv6(ctx: &TcContext) -> Result<i32, Drop> {
+    let Some(cfg) = maps::config() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let parsed = outer::ipv6(ctx, cfg)?;
+    // Not VXLAN to us: the host's own traffic (no IPv4 masquerade without an IPv4 underlay).
+    if !parsed.ours {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let accepted = decap::inspect_ipv6(ctx, &parsed)?;
+    decap::deliver(ctx, accepted)
 }
 
 /// XDP on the underlay NIC (native mode where the driver has it): VXLAN that `from_underlay`

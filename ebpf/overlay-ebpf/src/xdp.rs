@@ -1,7 +1,8 @@
 //! Early drops on the underlay NIC (XDP, before the kernel builds an skb): VXLAN that
 //! `from_underlay` would drop anyway, for the same reasons and counted under the same counters
 //! (`drop_unknown_vtep`, `drop_unknown_vni`, `drop_fragmented`, `drop_truncated`,
-//! `drop_malformed`, `drop_bad_vxlan_flags`, `drop_vxlan_nat_port`), plus `xdp_dropped` for
+//! `drop_malformed`, `drop_bad_vxlan_flags`, `drop_vxlan_nat_port`; over an IPv6 underlay the
+//! same checks on the outer IPv6 header), plus `xdp_dropped` for
 //! each, so the per-reason figures are the same with XDP attached or not. Everything else
 //! passes on to TC untouched: this program only ever answers `XDP_PASS` or `XDP_DROP`, and
 //! only drops on the outer headers' checks, which need no skb. The inner checks (endpoint,
@@ -14,12 +15,14 @@ use aya_ebpf::{
 };
 use overlay_common::{
     counters::{Counter, Drop},
+    ipv6::Ipv6Header,
     maps::{ipv4_mapped, ipv4_unmapped},
     packet::{
-        ETH_HLEN, ETH_P_IP, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket, VXLAN_HLEN,
-        classify_underlay, parse_vxlan,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHeader, IPV4_HLEN, Ipv4Header, UDP_HLEN, UnderlayPacket,
+        VXLAN_HLEN, classify_underlay, parse_vxlan,
     },
-    policy::in_port_range,
+    policy::{IPV6_HLEN, in_port_range},
+    underlay6::{Underlay6Packet, classify_underlay6},
 };
 
 use crate::{
@@ -60,42 +63,79 @@ pub fn try_from_underlay(ctx: &XdpContext) -> Result<u32, Drop> {
     let Some(cfg) = config() else {
         return Ok(XDP_PASS);
     };
-    let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
-        return Ok(XDP_PASS);
-    };
     let Some(eth) = load::<ETH_HLEN>(ctx, 0) else {
         return Ok(XDP_PASS);
     };
     let eth = EthHeader::parse(&eth);
-    if eth.ethertype != ETH_P_IP {
-        return Ok(XDP_PASS);
-    }
-    let Some(ip) = load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
-        return Ok(XDP_PASS);
-    };
-    let Ok(ip) = Ipv4Header::parse(&ip) else {
-        return Ok(XDP_PASS);
-    };
-    let Some(udp) = load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
-        return Ok(XDP_PASS);
-    };
-    let vxlan_offset = match classify_underlay(
-        &eth,
-        &ip,
-        &udp,
-        frame_len(ctx) as usize,
-        cfg.vxlan_port,
-        local_ip,
-    )? {
-        UnderlayPacket::NotOurs => return Ok(XDP_PASS),
-        UnderlayPacket::Vxlan { vxlan_offset, .. } => vxlan_offset,
+    // The outer headers, of the underlay's family: the VTEP, its source port, the VXLAN offset.
+    let (outer_src, outer_src_port, vxlan_offset) = match ipv4_unmapped(&cfg.underlay_ip) {
+        Some(local_ip) => {
+            if eth.ethertype != ETH_P_IP {
+                return Ok(XDP_PASS);
+            }
+            let Some(ip) = load::<IPV4_HLEN>(ctx, ETH_HLEN) else {
+                return Ok(XDP_PASS);
+            };
+            let Ok(ip) = Ipv4Header::parse(&ip) else {
+                return Ok(XDP_PASS);
+            };
+            let Some(udp) = load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
+                return Ok(XDP_PASS);
+            };
+            match classify_underlay(
+                &eth,
+                &ip,
+                &udp,
+                frame_len(ctx) as usize,
+                cfg.vxlan_port,
+                local_ip,
+            )? {
+                UnderlayPacket::NotOurs => return Ok(XDP_PASS),
+                UnderlayPacket::Vxlan { vxlan_offset, .. } => (
+                    ipv4_mapped(ip.src),
+                    u16::from_be_bytes([udp[0], udp[1]]),
+                    vxlan_offset,
+                ),
+            }
+        }
+        // An IPv6 underlay: the same early drops on outer IPv6 (`underlay6`).
+        None => {
+            if eth.ethertype != ETH_P_IPV6 {
+                return Ok(XDP_PASS);
+            }
+            let Some(ip) = load::<IPV6_HLEN>(ctx, ETH_HLEN) else {
+                return Ok(XDP_PASS);
+            };
+            let Ok(ip) = Ipv6Header::parse(&ip) else {
+                return Ok(XDP_PASS);
+            };
+            let Some(udp) = load::<UDP_HLEN>(ctx, ETH_HLEN + IPV6_HLEN) else {
+                return Ok(XDP_PASS);
+            };
+            match classify_underlay6(
+                &ip,
+                &udp,
+                frame_len(ctx) as usize,
+                cfg.vxlan_port,
+                &cfg.underlay_ip,
+            )? {
+                Underlay6Packet::NotOurs => return Ok(XDP_PASS),
+                Underlay6Packet::Vxlan {
+                    outer_src,
+                    vxlan_offset,
+                } => (
+                    outer_src,
+                    u16::from_be_bytes([udp[0], udp[1]]),
+                    vxlan_offset,
+                ),
+            }
+        }
     };
     // The order of `decap::inspect`: the same packet gets the same reason.
-    let outer_src_port = u16::from_be_bytes([udp[0], udp[1]]);
     if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
         return Err(Counter::DropVxlanNatPort.into());
     }
-    if !is_known_vtep(ipv4_mapped(ip.src)) {
+    if !is_known_vtep(outer_src) {
         return Err(Counter::DropUnknownVtep.into());
     }
     let Some(vxlan) = load::<VXLAN_HLEN>(ctx, vxlan_offset) else {

@@ -49,9 +49,16 @@ struct Args {
     /// the CA the master must present when joining without --ca.
     #[arg(long, env = "OVERLAY_CA_CERT_HASH")]
     ca_cert_hash: Option<String>,
-    /// Underlay NIC: VXLAN leaves and arrives here; its IPv4 address identifies this agent.
+    /// Underlay NIC: VXLAN leaves and arrives here; its address (see --underlay-ip) identifies
+    /// this agent.
     #[arg(long, env = "OVERLAY_UNDERLAY_IFACE")]
     underlay_iface: String,
+    /// Which address of the underlay NIC identifies this agent and carries VXLAN: `auto` (its
+    /// IPv4 address, its global IPv6 address when it has no IPv4), `ipv4`, `ipv6`, or one of
+    /// its addresses. An IPv6 underlay sends VXLAN in outer IPv6 (70 bytes of headers instead
+    /// of 50) and needs a master run with --ipv6-underlay.
+    #[arg(long, env = "OVERLAY_UNDERLAY_IP", default_value = "auto")]
+    underlay_ip: netdev::UnderlayChoice,
     /// Name of this agent's pin directory (several agents may share one bpffs in a lab).
     #[arg(long, default_value = "default")]
     instance: String,
@@ -69,7 +76,8 @@ struct Args {
     /// Log format on standard error: `text` or `json` (one object per line).
     #[arg(long, env = "OVERLAY_AGENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// Container MTU: the largest inner packet carried (underlay MTU minus 50).
+    /// Container MTU: the largest inner packet carried (at most the underlay MTU minus 50, or
+    /// minus 70 over an IPv6 underlay).
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
     /// Persistent agent state (the IPAM's allocations); default /var/lib/ebpf-overlay/<instance>.
@@ -168,17 +176,14 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let underlay = netdev::link(&args.underlay_iface).context("--underlay-iface")?;
-    if underlay.ipv4.is_none() {
-        bail!(
-            "underlay interface {} has no IPv4 address",
-            args.underlay_iface
-        );
-    }
+    let my_ip =
+        netdev::underlay_address(&underlay, args.underlay_ip).map_err(anyhow::Error::msg)?;
+    overlay_agent::vtep_mtu::check_underlay(args.mtu, underlay.mtu, my_ip.is_ipv6())
+        .map_err(anyhow::Error::msg)?;
     let state_dir = args
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("/var/lib/ebpf-overlay").join(&args.instance));
-    let my_ip = std::net::IpAddr::V4(underlay.ipv4.unwrap());
     let tls_options = identity::TlsOptions {
         ca: args.ca.clone(),
         cert: args.cert.clone(),

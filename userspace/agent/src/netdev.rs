@@ -1,6 +1,6 @@
 //! Facts about network interfaces in the agent's namespace (over rtnetlink, `overlay-netlink`).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 
@@ -13,6 +13,10 @@ pub struct Link {
     pub ipv4: Option<Ipv4Addr>,
     /// The directed broadcast address of that IPv4 address's network (none for /31 and /32).
     pub ipv4_broadcast: Option<Ipv4Addr>,
+    /// Its usable global IPv6 addresses (no link-local, none still in duplicate-address
+    /// detection), in the kernel's order.
+    pub ipv6: Vec<Ipv6Addr>,
+    pub mtu: u32,
 }
 
 /// Looks an interface up by name. A missing one is an `overlay_netlink::Error::NoSuchDevice`
@@ -23,12 +27,98 @@ pub fn link(ifname: &str) -> anyhow::Result<Link> {
         .link(ifname)
         .with_context(|| format!("interface {ifname:?} not found"))?;
     let addr = nl.addresses(Some(l.ifindex))?.into_iter().next();
+    let ipv6 = nl
+        .ipv6_addresses(Some(l.ifindex))?
+        .into_iter()
+        .filter(|a| !a.tentative && is_global_ipv6(&a.ip))
+        .map(|a| a.ip)
+        .collect();
     Ok(Link {
         name: l.name,
         ifindex: l.ifindex,
         mac: l.mac,
         ipv4: addr.map(|a| a.ip),
         ipv4_broadcast: addr.and_then(|a| a.broadcast()),
+        ipv6,
+        mtu: l.mtu,
+    })
+}
+
+/// An IPv6 address an agent can be reached at across the fabric: not link-local (fe80::/10),
+/// loopback, multicast or unspecified. Unique local addresses (fc00::/7) count: a fabric may
+/// well use them.
+fn is_global_ipv6(ip: &Ipv6Addr) -> bool {
+    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_unicast_link_local())
+}
+
+/// Which of the underlay interface's addresses identifies the agent (`--underlay-ip`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnderlayChoice {
+    /// Its IPv4 address; its IPv6 one when it has no IPv4 address.
+    Auto,
+    Ipv4,
+    Ipv6,
+    /// This one, which it must have.
+    Address(IpAddr),
+}
+
+impl std::str::FromStr for UnderlayChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<UnderlayChoice, String> {
+        match s {
+            "auto" => Ok(UnderlayChoice::Auto),
+            "ipv4" => Ok(UnderlayChoice::Ipv4),
+            "ipv6" => Ok(UnderlayChoice::Ipv6),
+            other => other
+                .parse()
+                .map(UnderlayChoice::Address)
+                .map_err(|_| format!("{other:?} is neither auto, ipv4, ipv6 nor an IP address")),
+        }
+    }
+}
+
+/// The agent's underlay address on `link` as `choice` picks it; an error naming the interface
+/// and what it has otherwise.
+pub fn underlay_address(link: &Link, choice: UnderlayChoice) -> Result<IpAddr, String> {
+    let v6 = link.ipv6.first().copied().map(IpAddr::V6);
+    let v4 = link.ipv4.map(IpAddr::V4);
+    let has = || {
+        let all: Vec<String> = v4
+            .into_iter()
+            .chain(link.ipv6.iter().map(|a| IpAddr::V6(*a)))
+            .map(|a| a.to_string())
+            .collect();
+        if all.is_empty() {
+            "no usable address".to_owned()
+        } else {
+            all.join(", ")
+        }
+    };
+    let picked = match choice {
+        UnderlayChoice::Auto => v4.or(v6),
+        UnderlayChoice::Ipv4 => v4,
+        UnderlayChoice::Ipv6 => v6,
+        UnderlayChoice::Address(ip) => {
+            let on_link = match ip {
+                IpAddr::V4(ip) => link.ipv4 == Some(ip),
+                IpAddr::V6(ip) => link.ipv6.contains(&ip),
+            };
+            on_link.then_some(ip)
+        }
+    };
+    picked.ok_or_else(|| {
+        let wanted = match choice {
+            UnderlayChoice::Auto => "an IPv4 or global IPv6 address".to_owned(),
+            UnderlayChoice::Ipv4 => "an IPv4 address".to_owned(),
+            UnderlayChoice::Ipv6 => "a global IPv6 address".to_owned(),
+            UnderlayChoice::Address(ip) => format!("the address {ip}"),
+        };
+        format!(
+            "--underlay-iface {}: has no {wanted} for --underlay-ip (it has {})",
+            link.name,
+            has()
+        )
     })
 }
 
@@ -58,4 +148,62 @@ pub fn name_of(ifindex: u32) -> Option<String> {
     }
     let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(ipv4: Option<&str>, ipv6: &[&str]) -> Link {
+        Link {
+            name: "eth0".into(),
+            ifindex: 2,
+            mac: [0; 6],
+            ipv4: ipv4.map(|a| a.parse().unwrap()),
+            ipv4_broadcast: None,
+            ipv6: ipv6.iter().map(|a| a.parse().unwrap()).collect(),
+            mtu: 1500,
+        }
+    }
+
+    #[test]
+    fn underlay_address_follows_the_choice() {
+        let dual = link(Some("10.0.0.5"), &["fd00::5"]);
+        let v6only = link(None, &["fd00::5", "2001:db8::5"]);
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(
+            underlay_address(&dual, UnderlayChoice::Auto),
+            Ok(ip("10.0.0.5"))
+        );
+        assert_eq!(
+            underlay_address(&v6only, UnderlayChoice::Auto),
+            Ok(ip("fd00::5"))
+        );
+        assert_eq!(
+            underlay_address(&dual, UnderlayChoice::Ipv6),
+            Ok(ip("fd00::5"))
+        );
+        let chosen = UnderlayChoice::Address(ip("2001:db8::5"));
+        assert_eq!(underlay_address(&v6only, chosen), Ok(ip("2001:db8::5")));
+        let err = underlay_address(&v6only, UnderlayChoice::Ipv4).unwrap_err();
+        assert!(
+            err.contains("eth0") && err.contains("IPv4") && err.contains("fd00::5"),
+            "{err}"
+        );
+        let err = underlay_address(&dual, UnderlayChoice::Address(ip("fd00::6"))).unwrap_err();
+        assert!(err.contains("fd00::6"), "{err}");
+        let err = underlay_address(&link(None, &[]), UnderlayChoice::Auto).unwrap_err();
+        assert!(err.contains("no usable address"), "{err}");
+    }
+
+    #[test]
+    fn only_global_ipv6_addresses_identify_an_agent() {
+        assert!(is_global_ipv6(&"fd00::1".parse().unwrap()));
+        assert!(is_global_ipv6(&"2001:db8::1".parse().unwrap()));
+        for a in ["fe80::1", "::1", "::", "ff02::1"] {
+            assert!(!is_global_ipv6(&a.parse().unwrap()), "{a}");
+        }
+        assert_eq!("ipv6".parse(), Ok(UnderlayChoice::Ipv6));
+        assert!("eth0".parse::<UnderlayChoice>().is_err());
+    }
 }

@@ -22,9 +22,49 @@ pub fn check(agent_mtu: u32, me: &AgentInfo) -> Result<(), String> {
     }
 }
 
+/// `Err` when an overlay MTU of `agent_mtu` (`--mtu`, or the master's `vtep_mtu`, which must
+/// equal it) leaves no room for VXLAN's headers on the underlay link: 50 bytes over IPv4, 70 over
+/// IPv6. VTEPs must not fragment (RFC 7348), so such an MTU would drop every full-sized packet.
+pub fn check_underlay(
+    agent_mtu: u32,
+    underlay_mtu: u32,
+    ipv6_underlay: bool,
+) -> Result<(), String> {
+    let overhead = overlay_common::underlay6::mtu_overhead(ipv6_underlay);
+    let family = if ipv6_underlay { "IPv6" } else { "IPv4" };
+    if agent_mtu + overhead > underlay_mtu {
+        return Err(format!(
+            "--mtu {agent_mtu} leaves no room for VXLAN over the {family} underlay: {agent_mtu} + \
+             {overhead} bytes of outer headers exceed the underlay interface's MTU {underlay_mtu}; \
+             use --mtu {} or less (and the same vtep_mtu on the master)",
+            underlay_mtu.saturating_sub(overhead)
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_underlay_mtu_leaves_room_for_the_family_s_headers() {
+        assert!(check_underlay(1450, 1500, false).is_ok());
+        assert!(check_underlay(1430, 1500, true).is_ok());
+        let error = check_underlay(1450, 1500, true).unwrap_err();
+        assert!(
+            error.contains("--mtu 1450")
+                && error.contains("IPv6")
+                && error.contains("70")
+                && error.contains("--mtu 1430"),
+            "{error}"
+        );
+        assert!(
+            check_underlay(1451, 1500, false)
+                .unwrap_err()
+                .contains("--mtu 1450")
+        );
+    }
 
     fn agent_with(vtep_mtu: Option<u32>) -> AgentInfo {
         let json = serde_json::json!({

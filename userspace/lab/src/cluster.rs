@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -17,7 +17,7 @@ use overlay_api::{
     agent::{LocalClient, http_exchange, http_exchange_with_headers},
 };
 
-use crate::{Container, Lab, LabSpec, Node, fabric_ip, in_netns};
+use crate::{Container, Fabric, Lab, LabSpec, Node, fabric_ip, in_netns};
 
 /// The interface the CNI plugin makes in each of the cluster's containers.
 const CONTAINER_IFNAME: &str = "eth0";
@@ -64,6 +64,10 @@ pub struct ClusterSpec {
     /// Start every node's agent in `up` (the default). `false` leaves the nodes bare, e.g. to
     /// run DC/OS's kernel datapath on them and convert them later with `start_agent`.
     pub start_agents: bool,
+    /// The fabric's family. [`Fabric::Ipv6`]: the master listens on its IPv6 fabric address and
+    /// agents register with theirs (an IPv6 underlay; the master needs `--ipv6-underlay` in
+    /// `master_args` to accept them). One master on its embedded store only.
+    pub fabric: Fabric,
 }
 
 /// First etcd member's client port inside the lab (its peer port is the next one).
@@ -82,6 +86,7 @@ impl ClusterSpec {
             etcd_members: 0,
             join_tokens: false,
             start_agents: true,
+            fabric: Fabric::Ipv4,
         }
     }
 }
@@ -107,10 +112,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn up(spec: ClusterSpec) -> anyhow::Result<Cluster> {
-        let lab = Lab::up(LabSpec {
-            agents: spec.agents,
-            id: None,
-        })?;
+        if spec.fabric == Fabric::Ipv6 && (spec.etcd_members > 0 || spec.masters > 1) {
+            bail!("an IPv6 fabric runs one master on its embedded store");
+        }
+        let lab = Lab::up_on(
+            LabSpec {
+                agents: spec.agents,
+                id: None,
+            },
+            spec.fabric,
+        )?;
         let work_dir = std::env::temp_dir().join(format!("{}-cluster", lab.id()));
         std::fs::create_dir_all(&work_dir)?;
         let mut c = Cluster {
@@ -154,13 +165,21 @@ impl Cluster {
     }
 
     pub fn master_url(&self) -> String {
-        format!("https://{}:{MASTER_PORT}", fabric_ip(1))
+        format!("https://{}", SocketAddr::new(self.master_ip(), MASTER_PORT))
+    }
+
+    /// The master node's fabric address (of the fabric's family).
+    pub fn master_ip(&self) -> IpAddr {
+        self.lab.fabric().ip(1)
     }
 
     /// Every master's URL (what agents are given, in this order).
     pub fn master_urls(&self) -> Vec<String> {
         (0..self.master_pids.len().max(1))
-            .map(|i| format!("https://{}:{}", fabric_ip(1), MASTER_PORT + i as u16))
+            .map(|i| {
+                let addr = SocketAddr::new(self.master_ip(), MASTER_PORT + i as u16);
+                format!("https://{addr}")
+            })
             .collect()
     }
 
@@ -325,7 +344,7 @@ impl Cluster {
         if index != 0 {
             bail!("several masters need a shared store: set etcd_members");
         }
-        let listen = format!("{}:{MASTER_PORT}", fabric_ip(1));
+        let listen = SocketAddr::new(self.master_ip(), MASTER_PORT).to_string();
         let data = self.work_dir.join("master-data");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -420,12 +439,11 @@ impl Cluster {
         let config = std::sync::Arc::new(tls.client_config()?);
         let bearer = format!("Bearer {}", tls.admin_token.unwrap_or_default());
         let (method, path, body) = (method.to_owned(), path.to_owned(), body.map(<[u8]>::to_vec));
+        let master_ip = self.master_ip();
         in_netns(self.lab.master(), move || {
-            let tcp =
-                TcpStream::connect((fabric_ip(1), port)).context("connecting to the master")?;
+            let tcp = TcpStream::connect((master_ip, port)).context("connecting to the master")?;
             tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let name =
-                rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::V4(fabric_ip(1)).into());
+            let name = rustls::pki_types::ServerName::IpAddress(master_ip.into());
             let connection = rustls::ClientConnection::new(config, name)?;
             let mut stream = rustls::StreamOwned::new(connection, tcp);
             Ok(http_exchange_with_headers(
@@ -475,7 +493,7 @@ impl Cluster {
         let has_cert = state_dir.join("agent.crt").exists();
         if self.join_tokens {
             if !has_cert {
-                let ip = node.ip.context("agent node without a fabric address")?;
+                let ip = self.lab.fabric_address(agent)?;
                 let token = self.ca_command(&[
                     "token",
                     "create",
@@ -490,7 +508,7 @@ impl Cluster {
                     .args(["--ca-cert-hash", &self.ca_cert_hash()?]);
             }
         } else {
-            let ip = node.ip.context("agent node without a fabric address")?;
+            let ip = self.lab.fabric_address(agent)?;
             let out = self.tls_dir().join(agent);
             if !out.with_extension("crt").exists() {
                 self.ca_command(&[

@@ -24,7 +24,7 @@ pub mod vm;
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -45,6 +45,37 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// Address of a node on the fabric.
 pub fn fabric_ip(host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 250, 0, host)
+}
+
+/// Prefix length of the IPv6 fabric ([`Fabric::Ipv6`]).
+pub const FABRIC6_PREFIX_LEN: u8 = 64;
+
+/// Address of a node on an IPv6 fabric: `fd00:250::<host>` (hex), the IPv4 fabric's host
+/// numbers.
+pub fn fabric_ip6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, host as u16)
+}
+
+/// The address family of a lab's fabric (the underlay). Containers' overlay addresses do not
+/// depend on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fabric {
+    /// Every node has an IPv4 address on the fabric ([`fabric_ip`]); the default.
+    #[default]
+    Ipv4,
+    /// IPv6 only: every node has an IPv6 address ([`fabric_ip6`]) and no IPv4 address on the
+    /// fabric (agents then run an IPv6 underlay).
+    Ipv6,
+}
+
+impl Fabric {
+    /// The fabric address of host number `host` (1 the master, 10 + N agent N, 254 external).
+    pub fn ip(self, host: u8) -> IpAddr {
+        match self {
+            Fabric::Ipv4 => IpAddr::V4(fabric_ip(host)),
+            Fabric::Ipv6 => IpAddr::V6(fabric_ip6(host)),
+        }
+    }
 }
 
 /// Runs a command, failing with its stderr if it fails.
@@ -149,6 +180,11 @@ impl Node {
     pub fn ping(&self, dst: Ipv4Addr) -> bool {
         self.try_exec("ping", &["-c", "1", "-W", "1", "-q", &dst.to_string()])
     }
+
+    /// Pings `dst` (either family) from this node; true if a reply came back.
+    pub fn ping_ip(&self, dst: IpAddr) -> bool {
+        self.try_exec("ping", &["-c", "1", "-W", "1", "-q", &dst.to_string()])
+    }
 }
 
 /// A container namespace attached to an agent by a veth pair.
@@ -173,6 +209,12 @@ pub struct LabRecord {
     pub pids: Vec<u32>,
     /// bpffs pin instance names of the lab's agents (`<id>-a1`, ...).
     pub pin_instances: Vec<String>,
+    /// The fabric's family (records of older labs have none: IPv4).
+    #[serde(default)]
+    pub fabric: Fabric,
+    /// Fabric addresses of the nodes of an IPv6 fabric, by role (`Node::ip` holds IPv4 ones).
+    #[serde(default)]
+    pub fabric6: BTreeMap<String, Ipv6Addr>,
 }
 
 /// A running lab. Dropping it tears everything down.
@@ -216,6 +258,11 @@ impl Default for LabSpec {
 impl Lab {
     /// Builds the fabric, a master, `spec.agents` agents and the external host.
     pub fn up(spec: LabSpec) -> anyhow::Result<Lab> {
+        Lab::up_on(spec, Fabric::Ipv4)
+    }
+
+    /// [`Lab::up`] on a fabric of the family `fabric`.
+    pub fn up_on(spec: LabSpec, fabric: Fabric) -> anyhow::Result<Lab> {
         if spec.agents == 0 || spec.agents > 200 {
             bail!("a lab has 1 to 200 agents, not {}", spec.agents);
         }
@@ -224,6 +271,7 @@ impl Lab {
         let mut lab = Lab {
             record: LabRecord {
                 id: id.clone(),
+                fabric,
                 ..Default::default()
             },
             children: vec![],
@@ -266,7 +314,8 @@ impl Lab {
 
     fn attach_to_fabric(&mut self, role: &str, host: u8) -> anyhow::Result<Node> {
         let addr = fabric_ip(host);
-        let node = self.add_netns(role, Some(addr))?;
+        let ipv6 = self.record.fabric == Fabric::Ipv6;
+        let node = self.add_netns(role, (!ipv6).then_some(addr))?;
         let fabric = self.netns_of("fabric")?;
         let port = format!("p-{role}");
         let fabric_ns = overlay_netlink::Netns::named(&fabric)?;
@@ -277,13 +326,47 @@ impl Lab {
         fnl.set_master(&port, br0)?;
         fnl.set_up(&port)?;
         let ifindex = nl.link("eth0")?.ifindex;
-        nl.add_address(overlay_netlink::Address {
-            ifindex,
-            ip: addr,
-            prefix_len: FABRIC_PREFIX_LEN,
-        })?;
+        if ipv6 {
+            let addr6 = fabric_ip6(host);
+            // No duplicate-address detection: the address is usable at once (the lab hands
+            // out unique ones), as a test expects when it starts an agent right after.
+            node.exec(
+                "ip",
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr6}/{FABRIC6_PREFIX_LEN}"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+            self.record.fabric6.insert(role.to_owned(), addr6);
+            self.save()?;
+        } else {
+            nl.add_address(overlay_netlink::Address {
+                ifindex,
+                ip: addr,
+                prefix_len: FABRIC_PREFIX_LEN,
+            })?;
+        }
         nl.set_up("eth0")?;
         Ok(node)
+    }
+
+    /// The lab's fabric family.
+    pub fn fabric(&self) -> Fabric {
+        self.record.fabric
+    }
+
+    /// The fabric address of node `role`, of the fabric's family.
+    pub fn fabric_address(&self, role: &str) -> anyhow::Result<IpAddr> {
+        match self.record.fabric {
+            Fabric::Ipv6 => self.record.fabric6.get(role).copied().map(IpAddr::V6),
+            Fabric::Ipv4 => self.node(role)?.ip.map(IpAddr::V4),
+        }
+        .with_context(|| format!("lab {} node {role} has no fabric address", self.record.id))
     }
 
     /// Adds one more agent node to the fabric (a new agent joining the cluster).

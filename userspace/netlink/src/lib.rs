@@ -12,7 +12,7 @@ mod netns;
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
     path::Path,
 };
@@ -108,6 +108,17 @@ impl Address {
         (self.prefix_len < 31)
             .then(|| Ipv4Addr::from(u32::from(self.ip) | (u32::MAX >> self.prefix_len)))
     }
+}
+
+/// An IPv6 address on an interface, as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Address6 {
+    pub ifindex: u32,
+    pub ip: Ipv6Addr,
+    pub prefix_len: u8,
+    /// Still in duplicate-address detection (`IFA_F_TENTATIVE`), or failed it: not usable as a
+    /// source yet.
+    pub tentative: bool,
 }
 
 /// An IPv4 route of the main table.
@@ -442,6 +453,45 @@ impl Handle {
                     ifindex: a.header.index,
                     ip,
                     prefix_len: a.header.prefix_len,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The IPv6 addresses of interface `ifindex` (all interfaces' with `None`), link-local ones
+    /// included (callers pick).
+    pub fn ipv6_addresses(&mut self, ifindex: Option<u32>) -> Result<Vec<Address6>> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        let answers = self.request(RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP, &|| {
+            "listing IPv6 addresses".to_owned()
+        })?;
+        let mut out = vec![];
+        for a in answers {
+            let RouteNetlinkMessage::NewAddress(a) = a else {
+                continue;
+            };
+            if a.header.family != AddressFamily::Inet6
+                || ifindex.is_some_and(|i| i != a.header.index)
+            {
+                continue;
+            }
+            let ip = a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Address(IpAddr::V6(ip))
+                | AddressAttribute::Local(IpAddr::V6(ip)) => Some(*ip),
+                _ => None,
+            });
+            let tentative = a.header.flags.intersects(
+                netlink_packet_route::address::AddressHeaderFlags::Tentative
+                    | netlink_packet_route::address::AddressHeaderFlags::Dadfailed,
+            );
+            if let Some(ip) = ip {
+                out.push(Address6 {
+                    ifindex: a.header.index,
+                    ip,
+                    prefix_len: a.header.prefix_len,
+                    tentative,
                 });
             }
         }

@@ -191,3 +191,52 @@ fn moving_a_link_between_namespaces_and_bridging() {
     // The thread that ran those is back in its own namespace.
     assert!(Handle::new().unwrap().link("br0").is_err());
 }
+
+#[test]
+fn ipv6_addresses_report_prefix_and_tentative_state() {
+    let a = TestNs::new("v6");
+    let b = TestNs::new("v6peer");
+    let (na, nb) = (a.open(), b.open());
+    let mut ha = Handle::in_netns(&na).unwrap();
+    ha.add_veth("v6-a", "v6-b", 1500, Some(&nb)).unwrap();
+    let ifindex = ha.link("v6-a").unwrap().ifindex;
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &a.0, "ip"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    // One address usable at once, one still in duplicate-address detection (the link is up and
+    // its peer down: DAD cannot finish before we look).
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:250::11/64",
+        "dev",
+        "v6-a",
+        "nodad",
+    ]);
+    ip(&["link", "set", "v6-a", "up"]);
+    ip(&["-6", "addr", "add", "fd00:250::12/64", "dev", "v6-a"]);
+    let found = ha.ipv6_addresses(Some(ifindex)).unwrap();
+    let get = |a: &str| {
+        let a: std::net::Ipv6Addr = a.parse().unwrap();
+        found.iter().find(|x| x.ip == a).copied()
+    };
+    let usable = get("fd00:250::11").unwrap_or_else(|| panic!("{found:?}"));
+    assert_eq!(
+        (usable.prefix_len, usable.tentative, usable.ifindex),
+        (64, false, ifindex)
+    );
+    assert!(
+        get("fd00:250::12")
+            .unwrap_or_else(|| panic!("{found:?}"))
+            .tentative
+    );
+    // No IPv4 address is reported as IPv6, and other interfaces' are left out.
+    assert!(found.iter().all(|x| x.ifindex == ifindex));
+    assert!(ha.addresses(Some(ifindex)).unwrap().is_empty());
+}

@@ -4,6 +4,9 @@
 //!   limit of the lab: veth + bridge + veth);
 //! - `kernel`: DC/OS's kernel datapath as DC/OS builds it (see [`kernel`]);
 //! - `ebpf`: ebpf-overlay, a real master and real agents ([`overlay_lab::cluster::Cluster`]).
+//! - on request (`--datapaths ...,raw6,ebpf6`), the IPv6 underlay: `raw6`, agent to agent over
+//!   an IPv6-only fabric, and `ebpf6`, ebpf-overlay on that fabric (outer IPv6 VXLAN, containers
+//!   on the IPv4 `dcos` network), in a table of their own.
 //!
 //! The three labs exist side by side and every run measures all of them in turn, so that drift in
 //! machine load hits every datapath alike. Paths: two containers on one agent, on two agents, and
@@ -25,14 +28,14 @@ pub mod traffic;
 mod vm;
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 use overlay_lab::{
-    Lab, LabSpec, Node,
+    Fabric, Lab, LabSpec, Node,
     cluster::{Cluster, ClusterSpec},
 };
 
@@ -68,7 +71,8 @@ pub struct BenchArgs {
     /// ebpf-overlay program's runs and average run time per path (adds a little per-run cost).
     #[arg(long)]
     pub bpf_stats: bool,
-    /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf).
+    /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf, and the IPv6
+    /// underlay's raw6,ebpf6, measured only when asked for).
     #[arg(long, value_delimiter = ',', default_value = "raw,kernel,ebpf")]
     pub datapaths: Vec<String>,
     /// Only the micro-benchmark table (per-packet program cost by BPF_PROG_TEST_RUN).
@@ -239,7 +243,7 @@ fn load() -> String {
 /// Client node, server address for one measured path.
 struct Target {
     client: Node,
-    server: Ipv4Addr,
+    server: IpAddr,
 }
 
 /// The labs of one datapath: the paths it can measure (None: not available, with why).
@@ -262,7 +266,7 @@ fn raw_setup() -> anyhow::Result<Setup> {
     let a2 = lab.node("a2")?.clone();
     let ext = lab.external().clone();
     for n in [&a2, &ext] {
-        traffic::start_servers(&mut lab, n, n.ip.unwrap())?;
+        traffic::start_servers(&mut lab, n, n.ip.unwrap().into())?;
     }
     for n in [&a2, &ext] {
         traffic::wait_servers(n)?;
@@ -270,7 +274,7 @@ fn raw_setup() -> anyhow::Result<Setup> {
     let t = |s: &Node| {
         Ok(Target {
             client: a1.clone(),
-            server: s.ip.unwrap(),
+            server: s.ip.unwrap().into(),
         })
     };
     Ok(Setup {
@@ -290,7 +294,7 @@ fn kernel_setup() -> anyhow::Result<Setup> {
     let c3 = k.add_container(2)?;
     let ext = k.lab.external().clone();
     for n in [&c2, &c3, &ext] {
-        traffic::start_servers(&mut k.lab, n, n.ip.unwrap())?;
+        traffic::start_servers(&mut k.lab, n, n.ip.unwrap().into())?;
     }
     for n in [&c2, &c3, &ext] {
         traffic::wait_servers(n)?;
@@ -307,7 +311,7 @@ fn kernel_setup() -> anyhow::Result<Setup> {
     let t = |s: &Node| {
         Ok(Target {
             client: c1.clone(),
-            server: s.ip.unwrap(),
+            server: s.ip.unwrap().into(),
         })
     };
     Ok(Setup {
@@ -334,7 +338,7 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
     let c3 = c.add_container("a2", "dcos")?.node;
     let ext = c.lab.external().clone();
     for n in [&c2, &c3, &ext] {
-        traffic::start_servers(&mut c.lab, n, n.ip.unwrap())?;
+        traffic::start_servers(&mut c.lab, n, n.ip.unwrap().into())?;
     }
     for n in [&c2, &c3, &ext] {
         traffic::wait_servers(n)?;
@@ -348,7 +352,7 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
     let external = if ping(&c1, ext_ip) {
         Ok(Target {
             client: c1.clone(),
-            server: ext_ip,
+            server: ext_ip.into(),
         })
     } else {
         Err(format!(
@@ -359,7 +363,7 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
     let t = |s: &Node| {
         Ok(Target {
             client: c1.clone(),
-            server: s.ip.unwrap(),
+            server: s.ip.unwrap().into(),
         })
     };
     let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
@@ -373,6 +377,63 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
             ("cross_agent", t(&c3)),
             ("external", external),
         ],
+        _keep: Box::new(c),
+    })
+}
+
+/// `raw6`: agent to agent over an IPv6-only fabric (the IPv6 underlay's physical limit).
+fn raw6_setup() -> anyhow::Result<Setup> {
+    let mut lab = Lab::up_on(
+        LabSpec {
+            agents: 2,
+            id: None,
+        },
+        Fabric::Ipv6,
+    )?;
+    let a1 = lab.node("a1")?.clone();
+    let a2 = lab.node("a2")?.clone();
+    let server = lab.fabric_address("a2")?;
+    traffic::start_servers(&mut lab, &a2, server)?;
+    traffic::wait_servers_on(&a2, server)?;
+    Ok(Setup {
+        name: "raw6",
+        paths: vec![("cross_agent", Ok(Target { client: a1.clone(), server }))],
+        prog_ids: vec![],
+        agent_nodes: vec![a1, a2],
+        _keep: Box::new(lab),
+    })
+}
+
+/// `ebpf6`: ebpf-overlay on an IPv6-only fabric (outer IPv6 VXLAN), IPv4 containers.
+fn ebpf6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
+    let mut spec = ClusterSpec::new(2, bin_dir);
+    spec.fabric = Fabric::Ipv6;
+    spec.master_args = vec!["--ipv6-underlay".into()];
+    let mut c = Cluster::up(spec)?;
+    let c1 = c.add_container("a1", "dcos")?.node;
+    let c2 = c.add_container("a1", "dcos")?.node;
+    let c3 = c.add_container("a2", "dcos")?.node;
+    for n in [&c2, &c3] {
+        traffic::start_servers(&mut c.lab, n, n.ip.unwrap().into())?;
+    }
+    for n in [&c2, &c3] {
+        traffic::wait_servers(n)?;
+        if !ping(&c1, n.ip.unwrap()) {
+            bail!("ebpf6: {} cannot reach {}", c1.netns, n.ip.unwrap());
+        }
+    }
+    let t = |s: &Node| {
+        Ok(Target {
+            client: c1.clone(),
+            server: s.ip.unwrap().into(),
+        })
+    };
+    let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
+    Ok(Setup {
+        name: "ebpf6",
+        prog_ids: bpfstats::lab_prog_ids(&instances)?,
+        paths: vec![("same_agent", t(&c2)), ("cross_agent", t(&c3))],
+        agent_nodes: vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()],
         _keep: Box::new(c),
     })
 }
@@ -395,6 +456,12 @@ fn data_plane(
     }
     if want("ebpf") {
         setups.push(ebpf_setup(bin_dir).context("ebpf-overlay cluster")?);
+    }
+    if want("raw6") {
+        setups.push(raw6_setup().context("raw IPv6 underlay lab")?);
+    }
+    if want("ebpf6") {
+        setups.push(ebpf6_setup(bin_dir).context("ebpf-overlay cluster on an IPv6 underlay")?);
     }
     let mut samples: Vec<(&str, &str, Vec<PathSample>)> = vec![];
     let mut unavailable: Vec<(&str, &str, String)> = vec![];
@@ -453,15 +520,24 @@ fn data_plane(
         }
     }
     // raw: one agent-to-agent measurement stands for both container rows.
-    if let Some((_, _, v)) = samples
-        .iter()
-        .find(|(d, p, _)| *d == "raw" && *p == "cross_agent")
-    {
-        let v = v.clone();
-        samples.push(("raw", "same_agent", v));
+    for raw in ["raw", "raw6"] {
+        if let Some((_, _, v)) = samples
+            .iter()
+            .find(|(d, p, _)| *d == raw && *p == "cross_agent")
+        {
+            let v = v.clone();
+            samples.push((raw, "same_agent", v));
+        }
     }
     for (datapath, path, v) in &samples {
         for (metric, f) in report::METRICS {
+            if *datapath == "raw6" && metric.starts_with("lat_") {
+                let why = "sockperf 3.7 (Debian 12) has no IPv6";
+                results
+                    .figures
+                    .push(Figure::unavailable(metric, path, datapath, why));
+                continue;
+            }
             results.figures.push(Figure::measured(
                 metric,
                 path,

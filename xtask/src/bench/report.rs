@@ -252,6 +252,46 @@ fn targets(r: &Results) -> Vec<(String, String, Option<bool>)> {
     out
 }
 
+/// The IPv6 underlay's table (`--datapaths ...,raw6,ebpf6`): ebpf-overlay with outer IPv6 VXLAN
+/// against agent-to-agent IPv6 on the same fabric, measured in the same run.
+fn ipv6_underlay_table(r: &Results, s: &mut String) {
+    if !r
+        .figures
+        .iter()
+        .any(|f| f.datapath == "raw6" || f.datapath == "ebpf6")
+    {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n| figure (IPv6 underlay) | path | raw IPv6 | ebpf-overlay over IPv6 | ebpf6/raw6 |\n|---|---|---|---|---|"
+    );
+    for (metric, _) in METRICS {
+        for path in ["same_agent", "cross_agent"] {
+            let ratio = r
+                .get(metric, path, "ebpf6")
+                .and_then(Figure::median)
+                .zip(r.get(metric, path, "raw6").and_then(Figure::median))
+                .and_then(|(e, o)| (o > 0.0).then(|| e / o));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                label(metric),
+                path.replace('_', " "),
+                cell(r.get(metric, path, "raw6")),
+                cell(r.get(metric, path, "ebpf6")),
+                ratio_cell(ratio)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nraw6: agent to agent over the IPv6-only fabric (stands for both rows); ebpf6: \
+         containers on the IPv4 `dcos` network of agents with an IPv6 underlay (outer \
+         IPv6/UDP/VXLAN, 70 bytes of headers)."
+    );
+}
+
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -301,6 +341,7 @@ pub fn markdown(r: &Results) -> String {
             }
         }
     }
+    ipv6_underlay_table(r, &mut s);
     if !r.joins.is_empty() || r.scale.is_some() {
         let _ = writeln!(
             s,
