@@ -128,6 +128,9 @@ counters! {
     /// IPv6 link-local traffic that is not neighbour discovery with the gateway: a container
     /// reaches no other container, and not the host, by link-local address.
     DropLinkLocal = 40 => "drop_link_local",
+    /// IPv6 from a masquerading network to outside every overlay while the underlay NIC has no
+    /// global IPv6 address to masquerade it to: never sent out with its overlay (ULA) source.
+    DropNat6NoAddress = 55 => "drop_nat6_no_address",
 }
 
 /// A packet the datapath refuses: why, and the network it is counted under. Every program

@@ -8,7 +8,7 @@
 
 /// Version of the layout of every map below. Part of the pin path, so an agent of another layout
 /// version never reuses (and misreads) pinned maps of this one.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the object file, in `bpftool map` and under the pin directory.
 pub mod names {
@@ -49,6 +49,8 @@ pub mod programs {
     pub const FROM_CONTAINER_IPV6: &str = "from_container_ipv6";
     /// The host's IPv6, tail-called from `from_host` likewise.
     pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
+    /// IPv6 on the underlay NIC (replies to IPv6 masquerade), tail-called from `from_underlay`.
+    pub const FROM_UNDERLAY_IPV6: &str = "from_underlay_ipv6";
     /// XDP on the underlay NIC: early drops of VXLAN `from_underlay` would drop anyway.
     pub const XDP_UNDERLAY: &str = "xdp_underlay";
 }
@@ -61,11 +63,14 @@ pub mod tail_calls {
     pub const CONTAINER_IPV6: u32 = 0;
     /// Slot of [`super::programs::FROM_HOST_IPV6`].
     pub const HOST_IPV6: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    /// Slot of [`super::programs::FROM_UNDERLAY_IPV6`].
+    pub const UNDERLAY_IPV6: u32 = 2;
+    pub const SLOTS: u32 = 3;
     /// Every slot and the program that goes into it.
     pub const ALL: &[(u32, &str)] = &[
         (CONTAINER_IPV6, super::programs::FROM_CONTAINER_IPV6),
         (HOST_IPV6, super::programs::FROM_HOST_IPV6),
+        (UNDERLAY_IPV6, super::programs::FROM_UNDERLAY_IPV6),
     ];
 }
 
@@ -503,7 +508,25 @@ pub struct NatConfig {
     /// The underlay network's directed broadcast address (network order; zeros if unknown):
     /// never a masquerade destination, like loopback, multicast and the limited broadcast.
     pub underlay_broadcast: [u8; 4],
-    pub _pad: u32,
+    /// The source IPv6 traffic is masqueraded to: the underlay NIC's global IPv6 address
+    /// (network order). All zeros while it has none: IPv6 to the outside is then dropped
+    /// (`drop_nat6_no_address`), never sent with an overlay source.
+    pub underlay_ip6: Addr16,
+}
+
+impl NatConfig {
+    /// Whether IPv6 can be masqueraded (the underlay NIC has an IPv6 address).
+    pub const fn has_ipv6_source(&self) -> bool {
+        let a = &self.underlay_ip6;
+        let mut i = 0;
+        while i < 16 {
+            if a[i] != 0 {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
 }
 
 /// Key of `OVL_NAT_QUOTA`: one container's flows towards one destination.
@@ -629,7 +652,7 @@ const _: () = {
     assert!(size_of::<Stat>() == 16);
     assert!(size_of::<NatKey>() == 40);
     assert!(size_of::<NatEntry>() == 32);
-    assert!(size_of::<NatConfig>() == 40);
+    assert!(size_of::<NatConfig>() == 52);
     assert!(size_of::<NatQuotaKey>() == 36);
     assert!(size_of::<NatQuota>() == 8);
     assert!(size_of::<ProtectedKey>() == 20);
