@@ -8,7 +8,11 @@
 //!   or remote (no VXLAN device), both families.
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
 //!   validated, stripped and delivered; replies to masqueraded flows are translated back and
-//!   delivered; everything else (the host's own traffic) passes untouched.
+//!   delivered; everything else (the host's own traffic) passes untouched. Its IPv6 goes to the
+//!   tail-called `from_underlay_ipv6` (IPv6 masquerade's replies).
+//!
+//! A container's IPv6 to outside every overlay is masqueraded too (`nat6`), out of the
+//! underlay NIC's IPv6 address.
 //!
 //! Every entry point has one shape: `try_*` returns the verdict or a [`Drop`], and [`run`] is
 //! the one place a packet is dropped (and counted).
@@ -26,6 +30,7 @@ mod ipv6;
 mod isolation;
 mod maps;
 mod nat;
+mod nat6;
 mod nd;
 mod skb;
 mod stats;
@@ -87,6 +92,15 @@ pub fn from_host_ipv6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
     run(&ctx, try_from_underlay)
+}
+
+/// Tail-called by `from_underlay` for IPv6: replies and ICMPv6 errors to masqueraded flows are
+/// translated back and delivered; the rest (the host's own IPv6) passes untouched.
+#[classifier]
+pub fn from_underlay_ipv6(ctx: TcContext) -> i32 {
+    run(&ctx, |ctx| {
+        Ok(nat6::unmasquerade(ctx)?.unwrap_or(TC_ACT_OK as i32))
+    })
 }
 
 #[inline(always)]
@@ -169,6 +183,15 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(cfg) = maps::config() else {
         return Ok(TC_ACT_OK as i32);
     };
+    let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if EthHeader::parse(&eth).ethertype == ETH_P_IPV6 {
+        // SAFETY: as in `try_from_container`.
+        unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::UNDERLAY_IPV6) };
+        // Slot still empty: the host's IPv6 flows as if we were not here.
+        return Ok(TC_ACT_OK as i32);
+    }
     match decap::inspect(ctx, cfg)? {
         decap::Inspected::Vxlan(accepted) => decap::deliver(ctx, accepted),
         decap::Inspected::Host(None) => Ok(TC_ACT_OK as i32),

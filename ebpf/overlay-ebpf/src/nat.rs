@@ -3,7 +3,8 @@
 //!
 //! `OVL_NAT` holds two entries per flow: the egress key (original tuple) and the ingress key
 //! (translated tuple). A port is claimed by inserting the ingress key with `BPF_NOEXIST`, so two
-//! CPUs can never hand out the same tuple.
+//! CPUs can never hand out the same tuple. The flow table, its ports and quotas are shared with
+//! IPv6 ([`crate::nat6`]): only the packet rewriting differs by family.
 
 use aya_ebpf::{
     bindings::{
@@ -25,6 +26,7 @@ use overlay_common::{
         within_quota,
     },
     packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
+    policy::IPPROTO_ICMPV6,
 };
 
 use crate::{
@@ -46,7 +48,7 @@ const IP_DST: usize = ETH_HLEN + 16;
 
 /// Checksum helpers take the raw (network-order) field as it sits in memory.
 #[inline(always)]
-fn raw16(v: u16) -> u64 {
+pub(crate) fn raw16(v: u16) -> u64 {
     u16::from_ne_bytes(v.to_be_bytes()) as u64
 }
 
@@ -56,7 +58,7 @@ fn raw32(a: [u8; 4]) -> u64 {
 }
 
 #[inline(always)]
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_ns() }
 }
@@ -78,7 +80,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport
 
 /// The entry for `key` if it is live (a reference into the map, not a copy: stack).
 #[inline(always)]
-fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<&'static NatEntry> {
+pub(crate) fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<&'static NatEntry> {
     // SAFETY: entries are replaced whole or have only `last_seen_ns`/`flags` updated in place.
     let e = unsafe { OVL_NAT.get(key) }?;
     if is_expired(cfg, key.protocol, e, now) {
@@ -116,7 +118,7 @@ fn touch(key: &NatKey, now: u64, flags: u16) {
 /// Marks both directions of a flow as used now, and moves a TCP flow's handshake state on
 /// (`tcp_track`); a flow that starts closing gives its quota back.
 #[inline(always)]
-fn refresh(key: &NatKey, entry: &NatEntry, now: u64, tcp_flags: u8, egress: bool) {
+pub(crate) fn refresh(key: &NatKey, entry: &NatEntry, now: u64, tcp_flags: u8, egress: bool) {
     let flags = if key.protocol == IPPROTO_TCP {
         tcp_track(entry.flags, tcp_flags, egress)
     } else {
@@ -206,13 +208,14 @@ fn set_transport_port(
     ctx.store(port_at, &new_port.to_be_bytes(), 0).map_err(fail)
 }
 
-/// Claims a port for a new flow. Returns the egress entry (in the map).
+/// Claims a port for a new flow of either family, whose packets leave from `underlay`. Returns
+/// the egress entry (in the map).
 #[inline(always)]
-fn allocate(
+pub(crate) fn allocate(
     ctx: &TcContext,
     nat: &NatConfig,
     key: &NatKey,
-    underlay: [u8; 4],
+    underlay: &Addr16,
     vni: u32,
     vxlan_port: u16,
     now: u64,
@@ -231,7 +234,7 @@ fn allocate(
     }
     // Echo identifiers are never kept as the container sent them: the translated one could be
     // an identifier the host itself pings with.
-    let (original, avoid) = if key.protocol == IPPROTO_ICMP {
+    let (original, avoid) = if key.protocol == IPPROTO_ICMP || key.protocol == IPPROTO_ICMPV6 {
         (0, key.local_port)
     } else {
         (key.local_port, vxlan_port)
@@ -241,13 +244,7 @@ fn allocate(
             break;
         }
         let port = port_candidate(nat, original, hash, attempt, avoid);
-        let ingress = NatKey::ingress(
-            key.protocol,
-            key.remote,
-            key.remote_port,
-            ipv4_mapped(underlay),
-            port,
-        );
+        let ingress = NatKey::ingress(key.protocol, key.remote, key.remote_port, *underlay, port);
         let claimed = if OVL_NAT.insert(ingress, back, BPF_NOEXIST as u64).is_ok() {
             true
         } else {
@@ -271,7 +268,7 @@ fn allocate(
         };
         if claimed {
             let out = NatEntry {
-                addr: ipv4_mapped(underlay),
+                addr: *underlay,
                 port,
                 flags: 0,
                 vni,
@@ -315,7 +312,15 @@ pub fn masquerade(
     let now = now_ns();
     let out = match live(nat, &key, now) {
         Some(e) => e,
-        None => allocate(ctx, nat, &key, underlay, vni, cfg.vxlan_port, now)?,
+        None => allocate(
+            ctx,
+            nat,
+            &key,
+            &ipv4_mapped(underlay),
+            vni,
+            cfg.vxlan_port,
+            now,
+        )?,
     };
     refresh(&key, out, now, t.tcp_flags, true);
 
