@@ -447,6 +447,27 @@ impl Agent {
         self.endpoints.unwire(&mut self.dp, ip)
     }
 
+    /// Makes `source` (the underlay NIC's IPv6 address, or none) the source of IPv6 masquerade:
+    /// into this agent's facts, so that every later reconciliation keeps it, and into the maps.
+    pub fn set_ipv6_source(&mut self, source: Option<std::net::Ipv6Addr>) -> anyhow::Result<()> {
+        let Some(nat) = self.local.nat else {
+            return Ok(());
+        };
+        let nat = crate::masquerade::with_ipv6_source(nat, source);
+        if self.local.nat == Some(nat) {
+            return Ok(());
+        }
+        self.local.nat = Some(nat);
+        let plan = Plan {
+            nat_config: Some(nat),
+            ..Default::default()
+        };
+        plan.apply(&mut self.dp, &mut self.endpoints)
+            .context("writing the IPv6 masquerade source")?;
+        self.map_updates += 1;
+        Ok(())
+    }
+
     /// Records what the NAT sweeper found and how long its walk took.
     pub fn nat_swept(&mut self, expired: usize, remaining: usize, took: std::time::Duration) {
         self.nat_expired += expired as u64;

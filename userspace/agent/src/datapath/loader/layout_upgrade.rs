@@ -38,8 +38,11 @@ pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
     (names::STATS, 1),
     (names::PROTECTED, 1),
     // v2: NatEntry flags track the TCP handshake; NatConfig grew (24 -> 40 bytes); new map.
+    // v3: IPv6 masquerade. NAT entries keep their layout (IPv6 flows are new entries of it);
+    // NatConfig took the IPv6 source address in place of its padding (40 -> 52 bytes): the
+    // agent writes it anew at start. OVL_TAIL_CALLS grew a slot (never carried anyway).
     (names::NAT, 2),
-    (names::NAT_CONFIG, 2),
+    (names::NAT_CONFIG, 3),
     (names::NAT_QUOTA, 2),
 ];
 
@@ -49,7 +52,7 @@ pub const NEVER_CARRIED: &[&str] = &[names::TAIL_CALLS];
 
 /// The layout version [`SAME_LAYOUT_SINCE`] was last checked against (a test compares it).
 #[allow(dead_code)]
-pub const CHECKED_FOR: u32 = 2;
+pub const CHECKED_FOR: u32 = 3;
 
 /// Whether entries of `map` pinned by an agent of layout `version` can be copied as they are.
 pub fn carries_over(map: &str, version: u32) -> bool {
@@ -352,6 +355,12 @@ mod tests {
         assert!(carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION));
         assert!(!carries_over(names::NAT, 1));
         assert!(carries_over(names::NAT, 2));
+        assert!(carries_over(names::NAT, 3));
+        assert!(
+            !carries_over(names::NAT_CONFIG, 2),
+            "v3 NatConfig is 52 bytes"
+        );
+        assert!(carries_over(names::NAT_CONFIG, 3));
         // A newer agent's layout is unknown to us.
         assert!(!carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION + 1));
         assert!(!carries_over("OVL_SOMETHING_ELSE", 1));
