@@ -51,6 +51,9 @@ pub mod programs {
     pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
     /// IPv6 on the underlay NIC (replies to IPv6 masquerade), tail-called from `from_underlay`.
     pub const FROM_UNDERLAY_IPV6: &str = "from_underlay_ipv6";
+    /// A container's IPv6 to masquerade, tail-called from `from_container_ipv6` (masquerade on
+    /// top of the IPv6 checks exceeds one program's stack).
+    pub const MASQUERADE_IPV6: &str = "masquerade_ipv6";
     /// XDP on the underlay NIC: early drops of VXLAN `from_underlay` would drop anyway.
     pub const XDP_UNDERLAY: &str = "xdp_underlay";
 }
@@ -65,12 +68,15 @@ pub mod tail_calls {
     pub const HOST_IPV6: u32 = 1;
     /// Slot of [`super::programs::FROM_UNDERLAY_IPV6`].
     pub const UNDERLAY_IPV6: u32 = 2;
-    pub const SLOTS: u32 = 3;
+    /// Slot of [`super::programs::MASQUERADE_IPV6`].
+    pub const MASQUERADE_IPV6: u32 = 3;
+    pub const SLOTS: u32 = 4;
     /// Every slot and the program that goes into it.
     pub const ALL: &[(u32, &str)] = &[
         (CONTAINER_IPV6, super::programs::FROM_CONTAINER_IPV6),
         (HOST_IPV6, super::programs::FROM_HOST_IPV6),
         (UNDERLAY_IPV6, super::programs::FROM_UNDERLAY_IPV6),
+        (MASQUERADE_IPV6, super::programs::MASQUERADE_IPV6),
     ];
 }
 

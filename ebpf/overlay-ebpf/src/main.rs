@@ -94,6 +94,12 @@ pub fn from_underlay(ctx: TcContext) -> i32 {
     run(&ctx, try_from_underlay)
 }
 
+/// Tail-called by `from_container_ipv6` for IPv6 it masquerades.
+#[classifier]
+pub fn masquerade_ipv6(ctx: TcContext) -> i32 {
+    run(&ctx, nat6::try_masquerade)
+}
+
 /// Tail-called by `from_underlay` for IPv6: replies and ICMPv6 errors to masqueraded flows are
 /// translated back and delivered; the rest (the host's own IPv6) passes untouched.
 #[classifier]

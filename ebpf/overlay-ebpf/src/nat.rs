@@ -245,7 +245,7 @@ pub(crate) fn allocate(
         }
         let port = port_candidate(nat, original, hash, attempt, avoid);
         let ingress = NatKey::ingress(key.protocol, key.remote, key.remote_port, *underlay, port);
-        let claimed = if OVL_NAT.insert(ingress, back, BPF_NOEXIST as u64).is_ok() {
+        let claimed = if OVL_NAT.insert(&ingress, &back, BPF_NOEXIST as u64).is_ok() {
             true
         } else {
             // Taken: the tuple of an expired or closed (FIN/RST seen) flow may be reused, as the
@@ -258,10 +258,10 @@ pub(crate) fn allocate(
             };
             if reusable {
                 // SAFETY: as in `live`.
-                if let Some(old) = unsafe { OVL_NAT.get(ingress) } {
+                if let Some(old) = unsafe { OVL_NAT.get(&ingress) } {
                     let _ = OVL_NAT.remove(ingress.paired(old));
                 }
-                OVL_NAT.insert(ingress, back, BPF_EXIST as u64).is_ok()
+                OVL_NAT.insert(&ingress, &back, BPF_EXIST as u64).is_ok()
             } else {
                 false
             }
@@ -275,7 +275,7 @@ pub(crate) fn allocate(
                 last_seen_ns: now,
             };
             OVL_NAT
-                .insert(key, out, BPF_ANY as u64)
+                .insert(key, &out, BPF_ANY as u64)
                 .map_err(|_| Counter::DropNatNoPort)?;
             take_quota(key);
             count(vni, Counter::NatCreated, 0);

@@ -9,13 +9,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK},
+    btf_maps::PerCpuArray,
     helpers::generated::bpf_redirect_neigh,
+    macros::btf_map,
     programs::TcContext,
 };
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     ipv6::Ipv6Header,
-    maps::{Addr16, AgentConfig, NatConfig, NatKey, ProtectedKey},
+    maps::{Addr16, AgentConfig, NatConfig, NatKey, ProtectedKey, tail_calls},
     nat::{
         ICMP_ECHO_HEADER_LEN, ICMPV6_QUOTE_LEN, TCP_PREFIX_LEN, Transport, UDP_HEADER_LEN,
         addr16_csum_diff, is_icmpv6_error, quoted_flow6, rewrite_icmpv6_quote,
@@ -26,11 +28,16 @@ use overlay_common::{
 
 use crate::{
     deliver,
-    maps::{endpoint, is_known_vtep, is_protected, masquerades, nat_config},
+    maps::{OVL_TAIL_CALLS, config, endpoint, is_known_vtep, is_protected, masquerades, nat_config},
     nat::{allocate, live, now_ns, raw16, refresh},
     skb,
     stats::count,
 };
+
+/// Per-CPU scratch for the egress key of the flow being masqueraded (`masquerade_ipv6`'s stack
+/// holds the rest). Not pinned: its content never outlives one program run.
+#[btf_map]
+static OVL_SCRATCH_NAT6_KEY: PerCpuArray<NatKey, 1> = PerCpuArray::new();
 
 /// Offsets within the frame: the IPv6 addresses and the transport header right behind the fixed
 /// header (extension headers are never translated).
@@ -120,7 +127,24 @@ pub fn to_outside(
         count(vni, Counter::PassedToHost, ctx.len());
         return Ok(TC_ACT_OK as i32);
     }
-    masquerade(ctx, cfg, ip, vni).in_network(vni)
+    // SAFETY: on success `masquerade_ipv6` takes the packet and this program ends here.
+    unsafe { OVL_TAIL_CALLS.tail_call(ctx, tail_calls::MASQUERADE_IPV6) };
+    // Its slot is empty until the loader has filled it.
+    Err(Counter::DropNotReady.in_network(vni))
+}
+
+/// `masquerade_ipv6`, tail-called by `to_outside` (its own stack: masquerade on top of the
+/// IPv6 checks exceeds the verifier's 512 bytes). The sender was verified there; its endpoint
+/// names the network again.
+#[inline(always)]
+pub fn try_masquerade(ctx: &TcContext) -> Result<i32, Drop> {
+    let cfg = config().ok_or(Counter::DropNotReady)?;
+    // Only what masquerade needs of the header (this program's stack is tight).
+    let next_header = skb::load::<1>(ctx, ETH_HLEN + 6)?[0];
+    let src = skb::load::<16>(ctx, IP6_SRC)?;
+    let dst = skb::load::<16>(ctx, IP6_DST)?;
+    let vni = endpoint(src).ok_or(Counter::DropSpoofedSource)?.vni;
+    masquerade(ctx, cfg, (next_header, &src, &dst), vni).in_network(vni)
 }
 
 /// Adds the checksum difference `diff` of a pseudo-header address change to the transport
@@ -174,28 +198,36 @@ fn rewrite(
 fn masquerade(
     ctx: &TcContext,
     cfg: &AgentConfig,
-    ip: &Ipv6Header,
+    (protocol, src, dst): (u8, &Addr16, &Addr16),
     vni: u32,
 ) -> Result<i32, Counter> {
     let nat = nat_config().ok_or(Counter::DropNotReady)?;
     if !nat.has_ipv6_source() {
         return Err(Counter::DropNat6NoAddress);
     }
-    let t = transport(ctx, ip.next_header, true)?;
-    let key = NatKey::egress(ip.next_header, ip.src, t.src_port, ip.dst, t.dst_port);
-    let now = now_ns();
-    let out = match live(nat, &key, now) {
-        Some(e) => e,
-        None => allocate(ctx, nat, &key, &nat.underlay_ip6, vni, cfg.vxlan_port, now)?,
+    let t = transport(ctx, protocol, true)?;
+    // The flow's key in this CPU's scratch slot, off the stack.
+    let slot = OVL_SCRATCH_NAT6_KEY
+        .get_ptr_mut(0)
+        .ok_or(Counter::DropNotReady)?;
+    // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
+    let key = unsafe {
+        *slot = NatKey::egress(protocol, *src, t.src_port, *dst, t.dst_port);
+        &*slot
     };
-    refresh(&key, out, now, t.tcp_flags, true);
+    let now = now_ns();
+    let out = match live(nat, key, now) {
+        Some(e) => e,
+        None => allocate(ctx, nat, key, &nat.underlay_ip6, vni, cfg.vxlan_port, now)?,
+    };
+    refresh(key, out, now, t.tcp_flags, true);
     // The flow's own source (the underlay address when it was created): its replies are keyed
     // by it.
     let source = out.addr;
     rewrite(
         ctx,
-        ip.next_header,
-        (IP6_SRC, &ip.src, &source),
+        protocol,
+        (IP6_SRC, src, &source),
         (t.check_at, t.src_port_at),
         (t.src_port, out.port),
     )?;
