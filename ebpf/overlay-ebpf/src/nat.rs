@@ -40,6 +40,9 @@ use crate::{
 
 /// Upper bound of the probing loop, for the verifier; `NatConfig::max_probes` is the real limit.
 const PROBE_LIMIT: u32 = 64;
+/// The same for IPv6 (`crate::nat6`): its program walks the loop with more state and 64 probes
+/// exceed the verifier's 1M-instruction budget there.
+pub(crate) const PROBE_LIMIT_IPV6: u32 = 16;
 
 /// Offsets within the IPv4 header.
 const IP_CHECK: usize = ETH_HLEN + 10;
@@ -211,7 +214,7 @@ fn set_transport_port(
 /// Claims a port for a new flow of either family, whose packets leave from `underlay`. Returns
 /// the egress entry (in the map).
 #[inline(always)]
-pub(crate) fn allocate(
+pub(crate) fn allocate<const PROBES: u32>(
     ctx: &TcContext,
     nat: &NatConfig,
     key: &NatKey,
@@ -239,7 +242,7 @@ pub(crate) fn allocate(
     } else {
         (key.local_port, vxlan_port)
     };
-    for attempt in 0..PROBE_LIMIT {
+    for attempt in 0..PROBES {
         if attempt >= nat.max_probes {
             break;
         }
@@ -312,7 +315,7 @@ pub fn masquerade(
     let now = now_ns();
     let out = match live(nat, &key, now) {
         Some(e) => e,
-        None => allocate(
+        None => allocate::<PROBE_LIMIT>(
             ctx,
             nat,
             &key,

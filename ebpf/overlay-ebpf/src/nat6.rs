@@ -29,15 +29,35 @@ use overlay_common::{
 use crate::{
     deliver,
     maps::{OVL_TAIL_CALLS, config, endpoint, is_known_vtep, is_protected, masquerades, nat_config},
-    nat::{allocate, live, now_ns, raw16, refresh},
+    nat::{PROBE_LIMIT_IPV6, allocate, live, now_ns, raw16, refresh},
     skb,
     stats::count,
 };
 
-/// Per-CPU scratch for the egress key of the flow being masqueraded (`masquerade_ipv6`'s stack
-/// holds the rest). Not pinned: its content never outlives one program run.
+/// The flow being masqueraded, parked in a per-CPU slot between parsing and rewriting: off
+/// `masquerade_ipv6`'s stack, and read back as values the verifier does not know, so that port
+/// allocation is verified once for every protocol (with each protocol's constant offsets known, the
+/// probing loop was walked once per protocol, past the verifier's 1M-instruction budget).
+#[repr(C)]
+pub struct PendingFlow {
+    key: NatKey,
+    check_at: u32,
+    port_at: u32,
+    port: u32,
+    tcp_flags: u32,
+}
+
+/// Not pinned: its content never outlives one program run.
 #[btf_map]
-static OVL_SCRATCH_NAT6_KEY: PerCpuArray<NatKey, 1> = PerCpuArray::new();
+static OVL_SCRATCH_NAT6: PerCpuArray<PendingFlow, 1> = PerCpuArray::new();
+
+/// Reads a field of the pending flow as the verifier must: from the map, not from what the
+/// compiler remembers storing there.
+#[inline(always)]
+fn reread<T: Copy>(field: &T) -> T {
+    // SAFETY: a reference to initialised map memory.
+    unsafe { core::ptr::read_volatile(field) }
+}
 
 /// Offsets within the frame: the IPv6 addresses and the transport header right behind the fixed
 /// header (extension headers are never translated).
@@ -206,30 +226,49 @@ fn masquerade(
         return Err(Counter::DropNat6NoAddress);
     }
     let t = transport(ctx, protocol, true)?;
-    // The flow's key in this CPU's scratch slot, off the stack.
-    let slot = OVL_SCRATCH_NAT6_KEY
+    let slot = OVL_SCRATCH_NAT6
         .get_ptr_mut(0)
         .ok_or(Counter::DropNotReady)?;
     // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
-    let key = unsafe {
-        *slot = NatKey::egress(protocol, *src, t.src_port, *dst, t.dst_port);
+    let flow = unsafe {
+        *slot = PendingFlow {
+            key: NatKey::egress(protocol, *src, t.src_port, *dst, t.dst_port),
+            check_at: t.check_at as u32,
+            port_at: t.src_port_at as u32,
+            port: t.src_port as u32,
+            tcp_flags: t.tcp_flags as u32,
+        };
         &*slot
     };
+    // From here on, only what the slot holds.
+    let key = &flow.key;
     let now = now_ns();
     let out = match live(nat, key, now) {
         Some(e) => e,
-        None => allocate(ctx, nat, key, &nat.underlay_ip6, vni, cfg.vxlan_port, now)?,
+        None => allocate::<PROBE_LIMIT_IPV6>(
+            ctx,
+            nat,
+            key,
+            &nat.underlay_ip6,
+            vni,
+            cfg.vxlan_port,
+            now,
+        )?,
     };
-    refresh(key, out, now, t.tcp_flags, true);
+    refresh(key, out, now, reread(&flow.tcp_flags) as u8, true);
     // The flow's own source (the underlay address when it was created): its replies are keyed
     // by it.
     let source = out.addr;
+    let container = reread(&key.local);
     rewrite(
         ctx,
-        protocol,
-        (IP6_SRC, src, &source),
-        (t.check_at, t.src_port_at),
-        (t.src_port, out.port),
+        reread(&key.protocol),
+        (IP6_SRC, &container, &source),
+        (
+            reread(&flow.check_at) as usize,
+            reread(&flow.port_at) as usize,
+        ),
+        (reread(&flow.port) as u16, out.port),
     )?;
     count(vni, Counter::Masqueraded, ctx.len());
     // SAFETY: plain helper call; the FIB picks the next hop of the outside address.
