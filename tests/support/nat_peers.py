@@ -186,7 +186,8 @@ def udp_mtu(host, port, seconds):
             continue
     print(answer, flush=True)
     time.sleep(seconds)
-    print("mtu", s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_MTU), flush=True)
+    ipv6_mtu = getattr(socket, "IPV6_MTU", 24)  # <netinet/in.h>; not in every Python
+    print("mtu", s.getsockopt(socket.IPPROTO_IPV6, ipv6_mtu), flush=True)
 
 
 def icmp6_too_big(to, qsrc, qdst, qsport, qdport, mtu):
