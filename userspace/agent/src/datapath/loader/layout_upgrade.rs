@@ -369,7 +369,8 @@ mod tests {
     #[test]
     fn other_layouts_lists_this_instance_under_other_versions_only() {
         let root = std::env::temp_dir().join(format!("layout-upgrade-{}", std::process::id()));
-        for dir in ["v1/a", "v1/b", "v3/a", "x/a", "vx/a"] {
+        let newer = format!("v{}/a", MAP_LAYOUT_VERSION + 1);
+        for dir in ["v1/a", "v1/b", newer.as_str(), "x/a", "vx/a"] {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
         std::fs::create_dir_all(root.join(format!("v{MAP_LAYOUT_VERSION}/a"))).unwrap();
@@ -377,7 +378,7 @@ mod tests {
         let missing = other_layouts(&root.join("missing"), "a").unwrap();
         std::fs::remove_dir_all(&root).unwrap();
         let versions: Vec<u32> = found.iter().map(|(v, _)| *v).collect();
-        assert_eq!(versions, [1, 3]);
+        assert_eq!(versions, [1, MAP_LAYOUT_VERSION + 1]);
         assert_eq!(found[0].1, root.join("v1/a"));
         assert!(missing.is_empty());
     }
