@@ -28,7 +28,9 @@ use overlay_common::{
 
 use crate::{
     deliver,
-    maps::{OVL_TAIL_CALLS, config, endpoint, is_known_vtep, is_protected, masquerades, nat_config},
+    maps::{
+        OVL_TAIL_CALLS, config, endpoint, is_known_vtep, is_protected, masquerades, nat_config,
+    },
     nat::{PROBE_LIMIT_IPV6, allocate, live, now_ns, raw16, refresh},
     skb,
     stats::count,
