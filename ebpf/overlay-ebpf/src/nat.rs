@@ -40,9 +40,10 @@ use crate::{
 
 /// Upper bound of the probing loop, for the verifier; `NatConfig::max_probes` is the real limit.
 const PROBE_LIMIT: u32 = 64;
-/// The same for IPv6 (`crate::nat6`): its program walks the loop with more state and 64 probes
-/// exceed the verifier's 1M-instruction budget there.
-pub(crate) const PROBE_LIMIT_IPV6: u32 = 16;
+/// The same for IPv6 (`crate::nat6`): its program walks the loop with more state, and 64 probes
+/// exceed the verifier's 1M-instruction budget there. 32 is `--nat-max-probes`' default, so by
+/// default both families probe alike; a larger setting only applies to IPv4.
+pub(crate) const PROBE_LIMIT_IPV6: u32 = 32;
 
 /// Offsets within the IPv4 header.
 const IP_CHECK: usize = ETH_HLEN + 10;
