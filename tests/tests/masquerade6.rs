@@ -244,6 +244,15 @@ fn ipv6_containers_reach_the_outside_as_their_agent_and_errors_come_back() {
     assert_eq!(stat(&c, plain_vni, Counter::Masqueraded), 0);
     assert!(stat(&c, plain_vni, Counter::PassedToHost) > 0);
 
+    // The metrics count IPv6 flows apart (as of the sweeper's next walk, every second).
+    wait_for("IPv6 flows in the metrics", Duration::from_secs(5), || {
+        let text = c.agent("a1").metrics().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("overlay_nat_flows{family=\"ipv6\"} "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n >= 3)
+    });
+
     // overlayctl shows the IPv6 source and the IPv6 flows in socket-address notation.
     let out = std::process::Command::new(bin_path("overlayctl"))
         .args(["datapath", "--instance", &c.lab.pin_instance("a1")])

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv6Addr, ops::RangeInclusive};
 
 use anyhow::{Context as _, bail};
 use overlay_common::{
-    maps::{NatConfig, NatEntry, NatKey, NatQuotaKey, nat_direction},
+    maps::{NatConfig, NatEntry, NatKey, NatQuotaKey, ipv4_unmapped, nat_direction},
     nat::is_expired,
     packet::{VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN},
 };
@@ -92,7 +92,17 @@ pub fn sweep(maps: &mut OverlayMaps) -> anyhow::Result<Swept> {
     Ok(Swept {
         expired: expired.len(),
         remaining: live.len(),
+        flows: flows_by_family(&live),
     })
+}
+
+/// Masqueraded flows (their egress entries) by family: IPv4, IPv6.
+pub fn flows_by_family(entries: &[(NatKey, NatEntry)]) -> [usize; 2] {
+    let mut flows = [0; 2];
+    for (k, _) in entries.iter().filter(|(k, _)| k.is_egress()) {
+        flows[usize::from(ipv4_unmapped(&k.local).is_none())] += 1;
+    }
+    flows
 }
 
 /// What one sweep did.
@@ -102,6 +112,8 @@ pub struct Swept {
     pub expired: usize,
     /// Entries left.
     pub remaining: usize,
+    /// Flows left, IPv4 and IPv6.
+    pub flows: [usize; 2],
 }
 
 /// Live (not closing) flows per container and destination, from the egress entries.
@@ -289,6 +301,15 @@ mod tests {
             (key(2, 4, nat_direction::INGRESS), open),
             (key(3, 1, nat_direction::EGRESS), open),
         ];
+        assert_eq!(flows_by_family(&entries), [4, 0]);
+        let v6 = |n: u8| {
+            let mut a = [0u8; 16];
+            a[0] = 0xfd;
+            a[15] = n;
+            a
+        };
+        let six = [(NatKey::egress(58, v6(2), 7, v6(9), 0), open)];
+        assert_eq!(flows_by_family(&six), [0, 1]);
         let counts = live_flows(&entries);
         assert_eq!(counts.len(), 2);
         assert_eq!(counts[&NatQuotaKey::of_egress(&entries[0].0)], 2);

@@ -395,7 +395,7 @@ pub fn spawn_nat_sweeper(
                 let swept = crate::masquerade::sweep(&mut maps);
                 let took = started.elapsed();
                 match swept {
-                    Ok(s) => agent.tell(move |a| a.nat_swept(s.expired, s.remaining, took)),
+                    Ok(s) => agent.tell(move |a| a.nat_swept(s, took)),
                     Err(e) => tracing::warn!("sweeping the NAT table: {e:#}"),
                 }
                 std::thread::sleep(period.max(took));
