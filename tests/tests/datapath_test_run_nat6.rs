@@ -647,6 +647,31 @@ fn ipv6_to_the_outside_drops_and_passes_are_counted_by_reason() {
     ] {
         f.expect_drop(what, c, &frame, VNI_A, counter);
     }
+    // A container's IPv4 address in IPv6 form is the key of its IPv4 endpoint, not an IPv6
+    // address of its own.
+    let mut f2 = Fixture::new(nat(61000..=63999, 0));
+    let v4 = Ipv4Addr::new(9, 0, 1, 2);
+    f2.dp
+        .maps_mut()
+        .put_endpoint(
+            IpAddr::V4(v4),
+            Endpoint::container(LOOPBACK, VNI_A, EP_MAC, EP_GW_MAC),
+        )
+        .unwrap();
+    let mapped = v4.to_ipv6_mapped();
+    f2.expect_drop(
+        "an IPv4-mapped source",
+        c,
+        &from_container(&pkt6(
+            mapped,
+            EXT6,
+            IPPROTO_UDP,
+            &udp6(mapped, EXT6, 40000, 9000, b"x"),
+        )),
+        VNI_A,
+        Counter::DropSpoofedSource,
+    );
+    drop(f2);
     // Masquerade translates TCP, UDP and echo requests only.
     for (what, packet) in [
         (

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     ipv6::Ipv6Header,
-    maps::{Addr16, AgentConfig, NatConfig, NatKey, ProtectedKey, tail_calls},
+    maps::{Addr16, AgentConfig, NatConfig, NatKey, ProtectedKey, ipv4_unmapped, tail_calls},
     nat::{
         ICMP_ECHO_HEADER_LEN, ICMPV6_QUOTE_LEN, TCP_PREFIX_LEN, Transport, UDP_HEADER_LEN,
         addr16_csum_diff, is_icmpv6_error, quoted_flow6, rewrite_icmpv6_quote,
@@ -141,6 +141,12 @@ pub fn to_outside(
     ip: &Ipv6Header,
     vni: u32,
 ) -> Result<i32, Drop> {
+    // An IPv4 endpoint's address in IPv6 form (`::ffff:a.b.c.d`, the maps' key of its IPv4
+    // address) passes anti-spoofing, but it is no IPv6 address of the container's: never on the
+    // wire (RFC 4291 2.5.5.2), never a flow of ours.
+    if ipv4_unmapped(&ip.src).is_some() {
+        return Err(Counter::DropSpoofedSource.in_network(vni));
+    }
     let nat = nat_config();
     guard(ctx, cfg, nat, ip).in_network(vni)?;
     let to_host = ip.dst == cfg.underlay_ip
