@@ -232,7 +232,12 @@ impl MicroBench {
         )?;
         m.put_route(
             "9.0.2.0/24".parse()?,
-            RemoteRoute::new(addr16(IpAddr::V4(REMOTE_UNDERLAY)), REMOTE_VTEP_MAC, VNI_A, VNI_A),
+            RemoteRoute::new(
+                addr16(IpAddr::V4(REMOTE_UNDERLAY)),
+                REMOTE_VTEP_MAC,
+                VNI_A,
+                VNI_A,
+            ),
         )?;
         Ok(())
     }

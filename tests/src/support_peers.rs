@@ -36,3 +36,27 @@ pub fn start_peer_server(c: &mut Cluster, port: u16) {
     }
     let _ = std::fs::remove_file(out);
 }
+
+/// Starts the external host's peer server over IPv6 on `port` (`peer-server6`: it answers
+/// `[address]:port`), killed with the lab, and waits until it listens.
+pub fn start_peer_server6(c: &mut Cluster, port: u16) {
+    let out = std::env::temp_dir().join(format!("{}-peer-server6-{port}.out", c.lab.id()));
+    let mut cmd = c.lab.external().command("python3");
+    cmd.arg(nat_peers_script())
+        .args(["peer-server6", &port.to_string()])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null());
+    c.lab.spawn_command(cmd).unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "IPv6 peer server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(out);
+}

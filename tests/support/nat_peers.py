@@ -10,6 +10,17 @@
                               QDST:QDPORT (what a router on the path would send).
   icmp-listen SECONDS         print the first ICMP destination-unreachable received as
                               "type code quoted_src quoted_sport checksum_ok".
+  peer-server6 PORT           peer-server over IPv6: answers "[address]:port".
+  udp-refused HOST PORT       connected UDP socket to HOST:PORT (a closed port): print "refused"
+                              when the ICMP(v6) port unreachable reaches the socket, else
+                              "no-error".
+  udp-mtu HOST PORT SECONDS   connected UDP socket: print the server's answer, hold SECONDS, then
+                              print "mtu N", the path MTU the kernel holds for the socket.
+  icmp6-too-big TO QSRC QDST QSPORT QDPORT MTU
+                              send an ICMPv6 Packet Too Big to TO quoting a UDP packet
+                              [QSRC]:QSPORT -> [QDST]:QDPORT (the kernel fills the checksum).
+
+HOST may be an IPv4 or an IPv6 address everywhere.
 """
 import select
 import socket
@@ -28,19 +39,30 @@ def checksum(data):
     return ~s & 0xFFFF
 
 
-def peer_server(port):
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def seen(peer):
+    if len(peer) == 4:  # IPv6: (host, port, flowinfo, scope)
+        return "[%s]:%d" % peer[:2]
+    return "%s:%d" % peer
+
+
+def peer_server(port, fam=socket.AF_INET):
+    anywhere = "::" if fam == socket.AF_INET6 else "0.0.0.0"
+    tcp = socket.socket(fam, socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", port))
+    tcp.bind((anywhere, port))
     tcp.listen(512)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp = socket.socket(fam, socket.SOCK_DGRAM)
     # Bursts of a thousand flows: a default receive buffer holds a few hundred datagrams.
     udp.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE (root)
-    udp.bind(("0.0.0.0", port))
+    udp.bind((anywhere, port))
 
     def serve(conn, peer):
         with conn:
-            conn.sendall(("%s:%d\n" % peer).encode())
+            conn.sendall((seen(peer) + "\n").encode())
             while True:
                 data = conn.recv(4096)
                 if not data:
@@ -56,7 +78,7 @@ def peer_server(port):
     print("ready", flush=True)
     while True:
         data, peer = udp.recvfrom(4096)
-        udp.sendto(("%s:%d" % peer).encode(), peer)
+        udp.sendto(seen(peer).encode(), peer)
 
 
 def udp_flows(host, port, n):
@@ -64,7 +86,7 @@ def udp_flows(host, port, n):
     flow whose datagram or answer was lost sends again, up to a deadline."""
     socks = []
     for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family(host), socket.SOCK_DGRAM)
         s.setblocking(False)
         socks.append(s)
     answered = set()
@@ -86,10 +108,10 @@ def udp_flows(host, port, n):
 
 
 def tcp_hold(host, port, bind, seconds):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(family(host), socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if bind:
-        s.bind(("0.0.0.0", bind))
+        s.bind(("::" if family(host) == socket.AF_INET6 else "0.0.0.0", bind))
     s.settimeout(5)
     s.connect((host, port))
     line = s.makefile().readline().strip()
@@ -134,6 +156,49 @@ def icmp_listen(seconds):
     print("none", flush=True)
 
 
+def udp_refused(host, port):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(1)
+    for _ in range(5):
+        try:
+            s.send(b"anyone?")
+            s.recv(100)
+        except ConnectionRefusedError:
+            print("refused", flush=True)
+            return
+        except socket.timeout:
+            continue
+    print("no-error", flush=True)
+
+
+def udp_mtu(host, port, seconds):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(1)
+    answer = None
+    for _ in range(5):
+        s.send(b"hello")
+        try:
+            answer = s.recv(100).decode()
+            break
+        except socket.timeout:
+            continue
+    print(answer, flush=True)
+    time.sleep(seconds)
+    ipv6_mtu = getattr(socket, "IPV6_MTU", 24)  # <netinet/in.h>; not in every Python
+    print("mtu", s.getsockopt(socket.IPPROTO_IPV6, ipv6_mtu), flush=True)
+
+
+def icmp6_too_big(to, qsrc, qdst, qsport, qdport, mtu):
+    udp = struct.pack("!HHHH", qsport, qdport, 8 + 100, 0) + b"\0" * 100
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64,
+                     socket.inet_pton(socket.AF_INET6, qsrc), socket.inet_pton(socket.AF_INET6, qdst))
+    body = struct.pack("!BBHI", 2, 0, 0, mtu) + ip + udp
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    s.sendto(body, (to, 0))
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "peer-server":
@@ -146,6 +211,14 @@ def main():
         icmp_too_big(args[0], args[1], args[2], int(args[3]), int(args[4]), int(args[5]))
     elif cmd == "icmp-listen":
         icmp_listen(float(args[0]))
+    elif cmd == "peer-server6":
+        peer_server(int(args[0]), socket.AF_INET6)
+    elif cmd == "udp-refused":
+        udp_refused(args[0], int(args[1]))
+    elif cmd == "udp-mtu":
+        udp_mtu(args[0], int(args[1]), float(args[2]))
+    elif cmd == "icmp6-too-big":
+        icmp6_too_big(args[0], args[1], args[2], int(args[3]), int(args[4]), int(args[5]))
     else:
         sys.exit("unknown command " + cmd)
 

@@ -153,7 +153,7 @@ fn fill_nat(c: &Cluster, flows: u32) {
             addr,
             port,
             flags: 0,
-            vni: 1024,
+            network: 1024,
             last_seen_ns: now,
         };
         nat.insert(egress, entry(underlay, nat_port), 0).unwrap();

@@ -136,6 +136,9 @@ counters! {
     /// underlay agent with a route to an IPv6-underlay one, or the reverse): no outer header
     /// can carry the packet, so it is not sent.
     DropUnderlayFamily = 65 => "drop_underlay_family",
+    /// IPv6 from a masquerading network to outside every overlay while the underlay NIC has no
+    /// global IPv6 address to masquerade it to: never sent out with its overlay (ULA) source.
+    DropNat6NoAddress = 55 => "drop_nat6_no_address",
 }
 
 /// A packet the datapath refuses: why, and the network it is counted under. Every program

@@ -14,7 +14,8 @@
 /// Version of the layout of every map below. Part of the pin path, so an agent of another layout
 /// version never reuses (and misreads) pinned maps of this one.
 /// v3: networks have an id apart from their VNI (routes carry both; `OVL_VNIS` says which VNIs
-/// are accepted), and `OVL_TAIL_CALLS` has more slots (`from_underlay_ipv6`).
+/// are accepted), `NatConfig` has the underlay's IPv6 address, and `OVL_TAIL_CALLS` has more
+/// slots.
 pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// The VNI every network's frames carry unless the network has its own (DC/OS: `vtep1024`).
@@ -80,11 +81,15 @@ pub mod programs {
     pub const FROM_CONTAINER_IPV6: &str = "from_container_ipv6";
     /// The host's IPv6, tail-called from `from_host` likewise.
     pub const FROM_HOST_IPV6: &str = "from_host_ipv6";
-    /// VXLAN in outer IPv6 (an IPv6 underlay), tail-called from `from_underlay`.
+    /// IPv6 on the underlay NIC, tail-called from `from_underlay`: VXLAN in outer IPv6 (an
+    /// IPv6 underlay) and replies to IPv6 masquerade.
     pub const FROM_UNDERLAY_IPV6: &str = "from_underlay_ipv6";
     /// A container's IPv4 leaving the overlay, masqueraded; tail-called from `from_container`
     /// (the flow table's work beside both underlays' encap exceeds 512 bytes of stack).
     pub const MASQUERADE_IPV4: &str = "masquerade_ipv4";
+    /// A container's IPv6 to masquerade, tail-called from `from_container_ipv6` (masquerade on
+    /// top of the IPv6 checks exceeds one program's stack).
+    pub const MASQUERADE_IPV6: &str = "masquerade_ipv6";
     /// XDP on the underlay NIC: early drops of VXLAN `from_underlay` would drop anyway.
     pub const XDP_UNDERLAY: &str = "xdp_underlay";
 }
@@ -101,13 +106,16 @@ pub mod tail_calls {
     pub const UNDERLAY_IPV6: u32 = 2;
     /// Slot of [`super::programs::MASQUERADE_IPV4`].
     pub const MASQUERADE_IPV4: u32 = 3;
-    pub const SLOTS: u32 = 4;
+    /// Slot of [`super::programs::MASQUERADE_IPV6`].
+    pub const MASQUERADE_IPV6: u32 = 4;
+    pub const SLOTS: u32 = 5;
     /// Every slot and the program that goes into it.
     pub const ALL: &[(u32, &str)] = &[
         (CONTAINER_IPV6, super::programs::FROM_CONTAINER_IPV6),
         (HOST_IPV6, super::programs::FROM_HOST_IPV6),
         (UNDERLAY_IPV6, super::programs::FROM_UNDERLAY_IPV6),
         (MASQUERADE_IPV4, super::programs::MASQUERADE_IPV4),
+        (MASQUERADE_IPV6, super::programs::MASQUERADE_IPV6),
     ];
 }
 
@@ -561,8 +569,8 @@ pub struct NatEntry {
     pub port: u16,
     /// [`NatEntry::FLAG_CLOSING`].
     pub flags: u16,
-    /// The container's network (network id; the field keeps its old name).
-    pub vni: u32,
+    /// The container's network (network id).
+    pub network: u32,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet in either direction.
     pub last_seen_ns: u64,
 }
@@ -601,7 +609,25 @@ pub struct NatConfig {
     /// The underlay network's directed broadcast address (network order; zeros if unknown):
     /// never a masquerade destination, like loopback, multicast and the limited broadcast.
     pub underlay_broadcast: [u8; 4],
-    pub _pad: u32,
+    /// The source IPv6 traffic is masqueraded to: the underlay NIC's global IPv6 address
+    /// (network order). All zeros while it has none: IPv6 to the outside is then dropped
+    /// (`drop_nat6_no_address`), never sent with an overlay source.
+    pub underlay_ip6: Addr16,
+}
+
+impl NatConfig {
+    /// Whether IPv6 can be masqueraded (the underlay NIC has an IPv6 address).
+    pub const fn has_ipv6_source(&self) -> bool {
+        let a = &self.underlay_ip6;
+        let mut i = 0;
+        while i < 16 {
+            if a[i] != 0 {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
 }
 
 /// Key of `OVL_NAT_QUOTA`: one container's flows towards one destination.
@@ -729,7 +755,7 @@ const _: () = {
     assert!(size_of::<Stat>() == 16);
     assert!(size_of::<NatKey>() == 40);
     assert!(size_of::<NatEntry>() == 32);
-    assert!(size_of::<NatConfig>() == 40);
+    assert!(size_of::<NatConfig>() == 52);
     assert!(size_of::<NatQuotaKey>() == 36);
     assert!(size_of::<NatQuota>() == 8);
     assert!(size_of::<ProtectedKey>() == 20);
@@ -766,6 +792,16 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tail_call_has_its_own_slot_inside_the_program_array() {
+        let mut seen = [false; tail_calls::SLOTS as usize];
+        for &(slot, name) in tail_calls::ALL {
+            assert!(slot < tail_calls::SLOTS, "{name} in slot {slot}");
+            assert!(!seen[slot as usize], "{name} shares slot {slot}");
+            seen[slot as usize] = true;
+        }
+    }
 
     #[test]
     fn ipv4_mapping_round_trips() {

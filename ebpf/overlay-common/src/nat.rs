@@ -1,18 +1,37 @@
 //! The pure parts of masquerade: where a packet's ports and checksums are, port candidates,
 //! timeouts, the flow an ICMP error quotes, and the checksum arithmetic of rewriting a packet
-//! (RFC 1624 incremental updates) and an ICMP error's embedded header (RFC 5508), unit-tested on
-//! the host.
+//! (RFC 1624 incremental updates) and an ICMP error's embedded header (RFC 5508), for IPv4 and
+//! IPv6 (whose transport checksums all cover the pseudo-header, ICMPv6's included), unit-tested
+//! on the host.
 
 use crate::{
     counters::Counter,
-    maps::{NatConfig, NatEntry},
+    ipv6::add_folding,
+    maps::{Addr16, NatConfig, NatEntry},
     packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
+    policy::{IPPROTO_ICMPV6, IPV6_HLEN},
 };
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// Whether an ICMPv6 type is an error masquerade translates back (RFC 4443): destination
+/// unreachable, packet too big (path MTU discovery) and time exceeded.
+#[inline(always)]
+pub const fn is_icmpv6_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED
+    )
+}
 
 /// Whether an ICMP type is an error that quotes the packet it is about (and so may be about a
 /// masqueraded flow): destination unreachable (frag-needed included) and time exceeded.
@@ -85,11 +104,27 @@ impl Transport {
         h: &[u8; ICMP_ECHO_HEADER_LEN],
         egress: bool,
     ) -> Result<Transport, Counter> {
-        let wanted = if egress {
-            ICMP_ECHO_REQUEST
-        } else {
-            ICMP_ECHO_REPLY
-        };
+        Transport::echo(l4, h, egress, (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY))
+    }
+
+    /// An ICMPv6 echo (same layout as ICMP's, types 128 and 129).
+    #[inline(always)]
+    pub const fn icmpv6_echo(
+        l4: usize,
+        h: &[u8; ICMP_ECHO_HEADER_LEN],
+        egress: bool,
+    ) -> Result<Transport, Counter> {
+        Transport::echo(l4, h, egress, (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY))
+    }
+
+    #[inline(always)]
+    const fn echo(
+        l4: usize,
+        h: &[u8; ICMP_ECHO_HEADER_LEN],
+        egress: bool,
+        (request, reply): (u8, u8),
+    ) -> Result<Transport, Counter> {
+        let wanted = if egress { request } else { reply };
         if h[0] != wanted {
             return Err(Counter::DropNatUnsupported);
         }
@@ -228,7 +263,7 @@ pub fn timeout_ns(cfg: &NatConfig, protocol: u8, flags: u16) -> u64 {
         IPPROTO_TCP if flags & NatEntry::FLAG_ESTABLISHED != 0 => cfg.tcp_timeout_s,
         IPPROTO_TCP => cfg.tcp_handshake_timeout_s,
         IPPROTO_UDP => cfg.udp_timeout_s,
-        IPPROTO_ICMP => cfg.icmp_timeout_s,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => cfg.icmp_timeout_s,
         _ => cfg.udp_timeout_s,
     };
     seconds as u64 * 1_000_000_000
@@ -327,6 +362,168 @@ pub fn rewrite_icmp_quote(
     let mut check = icmp_check;
     let mut i = 0;
     while i < ICMP_QUOTE_LEN {
+        let old = u16::from_be_bytes([before[i], before[i + 1]]);
+        let new = u16::from_be_bytes([quote[i], quote[i + 1]]);
+        if old != new {
+            check = csum_replace16(check, old, new);
+        }
+        i += 2;
+    }
+    check
+}
+
+/// The masqueraded IPv6 flow an ICMPv6 error is about, read from its quotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotedFlow6 {
+    pub protocol: u8,
+    /// Destination of the quoted packet: the far end.
+    pub remote: Addr16,
+    pub remote_port: u16,
+    /// Source port (or echo identifier) of the quoted packet: the port masquerade allocated.
+    pub local_port: u16,
+}
+
+/// Bytes of an ICMPv6 error's quotation that masquerade reads and rewrites: the embedded IPv6
+/// header and the first 8 bytes of its transport header.
+pub const ICMPV6_QUOTE_LEN: usize = IPV6_HLEN + 8;
+
+#[inline(always)]
+const fn addr_at(b: &[u8; ICMPV6_QUOTE_LEN], at: usize) -> Addr16 {
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        a[i] = b[at + i];
+        i += 1;
+    }
+    a
+}
+
+#[inline(always)]
+const fn same_addr(a: &Addr16, b: &Addr16) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The flow an ICMPv6 error's quotation names, if it is one masquerade could have sent from
+/// `underlay`: an IPv6 packet from that address whose transport header follows the fixed header
+/// (TCP, UDP or an ICMPv6 echo request).
+#[inline(always)]
+pub const fn quoted_flow6(
+    quote: &[u8; ICMPV6_QUOTE_LEN],
+    underlay: &Addr16,
+) -> Option<QuotedFlow6> {
+    let q = quote;
+    if q[0] >> 4 != 6 {
+        return None;
+    }
+    let src = addr_at(q, 8);
+    if !same_addr(&src, underlay) {
+        return None;
+    }
+    let protocol = q[6];
+    let (remote_port, local_port) = match protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (
+            u16::from_be_bytes([q[42], q[43]]),
+            u16::from_be_bytes([q[40], q[41]]),
+        ),
+        IPPROTO_ICMPV6 if q[40] == ICMPV6_ECHO_REQUEST => (0, u16::from_be_bytes([q[44], q[45]])),
+        _ => return None,
+    };
+    Some(QuotedFlow6 {
+        protocol,
+        remote: addr_at(q, 24),
+        remote_port,
+        local_port,
+    })
+}
+
+/// The checksum after a 16-byte address in its coverage changes (RFC 1624, word by word).
+#[inline(always)]
+pub const fn csum_replace_addr16(check: u16, old: &Addr16, new: &Addr16) -> u16 {
+    let mut c = check;
+    let mut i = 0;
+    while i < 16 {
+        c = csum_replace16(
+            c,
+            u16::from_be_bytes([old[i], old[i + 1]]),
+            u16::from_be_bytes([new[i], new[i + 1]]),
+        );
+        i += 2;
+    }
+    c
+}
+
+/// The checksum difference of replacing `old` by `new` (a 16-byte address) as the kernel's
+/// checksum helpers take it (`bpf_l4_csum_replace` with a size of 0: the sum of the words in
+/// memory order, `~old + new`), for an IPv6 address in a pseudo-header.
+#[inline(always)]
+pub const fn addr16_csum_diff(old: &Addr16, new: &Addr16) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 16 {
+        let o = u16::from_ne_bytes([old[i], old[i + 1]]);
+        let n = u16::from_ne_bytes([new[i], new[i + 1]]);
+        sum = add_folding(sum, !o as u32);
+        sum = add_folding(sum, n as u32);
+        i += 2;
+    }
+    sum
+}
+
+/// Rewrites the quotation of an ICMPv6 error about a masqueraded flow so that the container sees
+/// its own packet quoted: the quoted source address and port (or echo identifier) back to the
+/// container's, the quoted UDP checksum (when not zero) or ICMPv6 echo checksum adjusted (both
+/// cover the quoted source through the pseudo-header). Returns the error's own ICMPv6 checksum
+/// adjusted for every changed quote byte and for its destination changing from `outer_dst.0` to
+/// `outer_dst.1` (the pseudo-header of the error itself).
+#[inline(always)]
+pub fn rewrite_icmpv6_quote(
+    icmp_check: u16,
+    quote: &mut [u8; ICMPV6_QUOTE_LEN],
+    (new_src, new_port): (&Addr16, u16),
+    outer_dst: (&Addr16, &Addr16),
+) -> u16 {
+    let before = *quote;
+    let old_src = addr_at(quote, 8);
+    let protocol = quote[6];
+    quote[8..24].copy_from_slice(new_src);
+    let new = new_port.to_be_bytes();
+    // Constant indices only (no panic path may reach the kernel side).
+    let (old_port, check_at) = if protocol == IPPROTO_ICMPV6 {
+        let old = u16::from_be_bytes([quote[44], quote[45]]);
+        quote[44] = new[0];
+        quote[45] = new[1];
+        (old, 42)
+    } else {
+        let old = u16::from_be_bytes([quote[40], quote[41]]);
+        quote[40] = new[0];
+        quote[41] = new[1];
+        // TCP's checksum lies beyond the 8 quoted bytes: nobody can check it (RFC 5508 4.2).
+        (old, 46)
+    };
+    if protocol != IPPROTO_TCP {
+        let c = u16::from_be_bytes([quote[check_at], quote[check_at + 1]]);
+        if c != 0 || protocol == IPPROTO_ICMPV6 {
+            let c = csum_replace_addr16(c, &old_src, new_src);
+            let c = csum_replace16(c, old_port, new_port).to_be_bytes();
+            if check_at == 42 {
+                quote[42] = c[0];
+                quote[43] = c[1];
+            } else {
+                quote[46] = c[0];
+                quote[47] = c[1];
+            }
+        }
+    }
+    let mut check = csum_replace_addr16(icmp_check, outer_dst.0, outer_dst.1);
+    let mut i = 0;
+    while i < ICMPV6_QUOTE_LEN {
         let old = u16::from_be_bytes([before[i], before[i + 1]]);
         let new = u16::from_be_bytes([quote[i], quote[i + 1]]);
         if old != new {
@@ -624,5 +821,225 @@ mod tests {
             udp_sum([9, 0, 1, 2], &rewritten_udp),
             "quoted UDP checksum"
         );
+    }
+
+    fn a6(s: &str) -> Addr16 {
+        s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
+
+    /// The RFC 8200 8.1 pseudo-header sum input for an upper-layer packet of `len` bytes.
+    fn pseudo6(src: &Addr16, dst: &Addr16, next: u8, body: &[u8]) -> std::vec::Vec<u8> {
+        let mut p = vec![];
+        p.extend_from_slice(src);
+        p.extend_from_slice(dst);
+        p.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, next]);
+        p.extend_from_slice(body);
+        p
+    }
+
+    /// An IPv6 packet (fixed header only) carrying `body`.
+    fn ipv6_packet(src: &Addr16, dst: &Addr16, next: u8, body: &[u8]) -> std::vec::Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        p.extend_from_slice(&[next, 64]);
+        p.extend_from_slice(src);
+        p.extend_from_slice(dst);
+        p.extend_from_slice(body);
+        p
+    }
+
+    /// A UDP datagram over IPv6 with its checksum right.
+    fn udp6(src: &Addr16, dst: &Addr16, sport: u16, dport: u16) -> std::vec::Vec<u8> {
+        let mut u = vec![];
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&20u16.to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(&[9u8; 12]);
+        let c = full(&pseudo6(src, dst, IPPROTO_UDP, &u));
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        u
+    }
+
+    /// An ICMPv6 echo request with its checksum right.
+    fn echo6(src: &Addr16, dst: &Addr16, id: u16) -> std::vec::Vec<u8> {
+        let mut m = vec![ICMPV6_ECHO_REQUEST, 0, 0, 0];
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&[0, 1, 0xaa, 0xbb, 0xcc]);
+        let c = full(&pseudo6(src, dst, IPPROTO_ICMPV6, &m));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        m
+    }
+
+    #[test]
+    fn icmpv6_echo_and_errors_are_recognised() {
+        let l4 = 14 + 40;
+        let req = [ICMPV6_ECHO_REQUEST, 0, 0xab, 0xcd, 0x12, 0x34, 0, 1];
+        let e = Transport::icmpv6_echo(l4, &req, true).unwrap();
+        assert_eq!((e.src_port, e.src_port_at, e.check_at), (0x1234, 58, 56));
+        assert!(Transport::icmpv6_echo(l4, &req, false).is_err());
+        let reply = [ICMPV6_ECHO_REPLY, 0, 0, 0, 0xf0, 0x01, 0, 1];
+        let r = Transport::icmpv6_echo(l4, &reply, false).unwrap();
+        assert_eq!(r.ingress_ports(), (0, 0xf001, 58));
+        assert!(Transport::icmpv6_echo(l4, &reply, true).is_err());
+        // ICMPv4's echo types mean nothing in ICMPv6 and the other way round.
+        assert!(Transport::icmpv6_echo(l4, &[8, 0, 0, 0, 0, 1, 0, 1], true).is_err());
+        assert!(Transport::icmp_echo(l4, &req, true).is_err());
+        for t in [1, 2, 3] {
+            assert!(is_icmpv6_error(t), "{t}");
+        }
+        for t in [0, 4, 128, 129, 135, 137] {
+            assert!(!is_icmpv6_error(t), "{t}");
+        }
+        let c = cfg();
+        assert_eq!(timeout_ns(&c, IPPROTO_ICMPV6, 0), 60_000_000_000, "ICMP's");
+    }
+
+    #[test]
+    fn an_address_diff_applied_as_the_kernel_does_matches_recomputation() {
+        let (old, new) = (a6("fd01:b::2"), a6("fd00:fab::11"));
+        let dst = a6("fd00:fab::fe");
+        let before = udp6(&old, &dst, 40000, 9000);
+        let after = udp6(&new, &dst, 40000, 9000);
+        let check = u16::from_be_bytes([before[6], before[7]]);
+        // inet_proto_csum_replace_by_diff: *sum = csum_fold(csum_add(diff, ~csum_unfold(*sum))),
+        // on the field as it sits in memory.
+        let field = u16::from_ne_bytes(check.to_be_bytes()) as u32;
+        let folded = !crate::ipv6::fold(add_folding(addr16_csum_diff(&old, &new), !field));
+        let updated = u16::from_be_bytes(folded.to_ne_bytes());
+        assert_eq!(updated, u16::from_be_bytes([after[6], after[7]]));
+        assert_eq!(
+            csum_replace_addr16(check, &old, &new),
+            updated,
+            "the network-order update agrees"
+        );
+        assert_eq!(
+            addr16_csum_diff(&old, &old) % 0xffff,
+            0,
+            "no change, no difference"
+        );
+    }
+
+    #[test]
+    fn quoted_ipv6_flows_are_read_only_from_our_own_packets() {
+        let underlay = a6("fd00:fab::11");
+        let far = a6("fd00:fab::fe");
+        let quote = |p: std::vec::Vec<u8>| -> [u8; ICMPV6_QUOTE_LEN] {
+            p[..ICMPV6_QUOTE_LEN].try_into().unwrap()
+        };
+        let udp = quote(ipv6_packet(
+            &underlay,
+            &far,
+            IPPROTO_UDP,
+            &udp6(&underlay, &far, 61000, 9000),
+        ));
+        assert_eq!(
+            quoted_flow6(&udp, &underlay),
+            Some(QuotedFlow6 {
+                protocol: IPPROTO_UDP,
+                remote: far,
+                remote_port: 9000,
+                local_port: 61000,
+            })
+        );
+        let mut tcp = udp;
+        tcp[6] = IPPROTO_TCP;
+        assert_eq!(
+            quoted_flow6(&tcp, &underlay).map(|f| f.protocol),
+            Some(IPPROTO_TCP)
+        );
+        let echo = quote(ipv6_packet(
+            &underlay,
+            &far,
+            IPPROTO_ICMPV6,
+            &echo6(&underlay, &far, 0xf001),
+        ));
+        let f = quoted_flow6(&echo, &underlay).unwrap();
+        assert_eq!(
+            (f.protocol, f.remote_port, f.local_port),
+            (IPPROTO_ICMPV6, 0, 0xf001)
+        );
+        // Not ours: another source, an echo reply, a fragment header in front, not IPv6.
+        let other = a6("fd00:fab::12");
+        let theirs = quote(ipv6_packet(
+            &other,
+            &far,
+            IPPROTO_UDP,
+            &udp6(&other, &far, 61000, 9000),
+        ));
+        assert_eq!(quoted_flow6(&theirs, &underlay), None);
+        let mut reply = echo;
+        reply[40] = ICMPV6_ECHO_REPLY;
+        assert_eq!(quoted_flow6(&reply, &underlay), None);
+        let mut fragment = udp;
+        fragment[6] = 44;
+        assert_eq!(quoted_flow6(&fragment, &underlay), None);
+        let mut v4 = udp;
+        v4[0] = 0x45;
+        assert_eq!(quoted_flow6(&v4, &underlay), None);
+    }
+
+    /// An ICMPv6 error of `icmp_type` from `router` to `to` quoting `quoted` (as much as given).
+    fn icmpv6_error(
+        router: &Addr16,
+        to: &Addr16,
+        icmp_type: u8,
+        quoted: &[u8],
+    ) -> std::vec::Vec<u8> {
+        let mut m = vec![icmp_type, 0, 0, 0, 0, 0, 0x05, 0x00];
+        m.extend_from_slice(quoted);
+        let c = full(&pseudo6(router, to, IPPROTO_ICMPV6, &m));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        m
+    }
+
+    #[test]
+    fn icmpv6_error_quote_is_rewritten_with_every_checksum_right() {
+        let underlay = a6("fd00:fab::11");
+        let far = a6("fd00:fab::fe");
+        let router = a6("fd00:fab::1");
+        let container = a6("fd01:b::2");
+        for protocol in [IPPROTO_UDP, IPPROTO_ICMPV6, IPPROTO_TCP] {
+            let l4 = match protocol {
+                IPPROTO_UDP => udp6(&underlay, &far, 61005, 9000),
+                IPPROTO_ICMPV6 => echo6(&underlay, &far, 61005),
+                _ => {
+                    let mut t = udp6(&underlay, &far, 61005, 9000);
+                    t.truncate(8);
+                    t
+                }
+            };
+            let inner = ipv6_packet(&underlay, &far, protocol, &l4);
+            let mut error = icmpv6_error(&router, &underlay, ICMPV6_PACKET_TOO_BIG, &inner);
+            let check = u16::from_be_bytes([error[2], error[3]]);
+            let mut quote: [u8; ICMPV6_QUOTE_LEN] =
+                error[8..8 + ICMPV6_QUOTE_LEN].try_into().unwrap();
+            let new_check = rewrite_icmpv6_quote(
+                check,
+                &mut quote,
+                (&container, 40000),
+                (&underlay, &container),
+            );
+            error[8..8 + ICMPV6_QUOTE_LEN].copy_from_slice(&quote);
+            error[2..4].copy_from_slice(&new_check.to_be_bytes());
+            assert_eq!(
+                full(&pseudo6(&router, &container, IPPROTO_ICMPV6, &error)),
+                0,
+                "protocol {protocol}: the error's own checksum, to the container"
+            );
+            let quoted = &error[8..];
+            assert_eq!(&quoted[8..24], &container, "quoted source");
+            assert_eq!(&quoted[24..40], &far, "quoted destination untouched");
+            let port_at = if protocol == IPPROTO_ICMPV6 { 44 } else { 40 };
+            assert_eq!(&quoted[port_at..port_at + 2], &40000u16.to_be_bytes());
+            if protocol != IPPROTO_TCP {
+                assert_eq!(
+                    full(&pseudo6(&container, &far, protocol, &quoted[40..])),
+                    0,
+                    "protocol {protocol}: the quoted packet's checksum, as the container sent it"
+                );
+            }
+        }
     }
 }

@@ -50,6 +50,26 @@ pub const fn is_unroutable_destination(dst: [u8; 4], underlay_broadcast: [u8; 4]
     dst[0] == 0 || dst[0] == 127 || dst[0] >= 224 || known_broadcast
 }
 
+/// Whether an IPv6 destination outside every overlay is no destination at all for masquerade or
+/// the host: `::/96` (unspecified, loopback, the deprecated IPv4-compatible addresses), IPv4-mapped
+/// addresses (`::ffff:0:0/96`: IPv4 in IPv6 clothes, which would alias IPv4 flows), link-local
+/// (`fe80::/10`) and multicast (`ff00::/8`). Dropped as `drop_no_route`, with no NAT state.
+#[inline(always)]
+pub const fn is_unroutable_destination6(dst: &[u8; 16]) -> bool {
+    let mut high_zero = true;
+    let mut i = 0;
+    while i < 10 {
+        if dst[i] != 0 {
+            high_zero = false;
+        }
+        i += 1;
+    }
+    let v4_compatible_or_loopback = high_zero && dst[10] == 0 && dst[11] == 0;
+    let v4_mapped = high_zero && dst[10] == 0xff && dst[11] == 0xff;
+    let link_local = dst[0] == 0xfe && dst[1] & 0xc0 == 0x80;
+    v4_compatible_or_loopback || v4_mapped || link_local || dst[0] == 0xff
+}
+
 /// Whether `port` lies in `min..=max` (a masquerade port range).
 #[inline(always)]
 pub const fn in_port_range(port: u16, min: u16, max: u16) -> bool {
@@ -108,6 +128,33 @@ mod tests {
         }
         assert!(!is_unroutable_destination([10, 250, 0, 254], [0; 4]));
         assert!(!is_unroutable_destination([0x0a, 0, 0, 1], [0; 4]));
+    }
+
+    #[test]
+    fn ipv6_loopback_mapped_link_local_and_multicast_are_no_destinations() {
+        let a = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        for dst in [
+            "::",
+            "::1",
+            "::10.250.0.254",
+            "::ffff:10.250.0.254",
+            "fe80::1",
+            "febf::1",
+            "ff02::1",
+            "ff05::1:3",
+        ] {
+            assert!(is_unroutable_destination6(&a(dst)), "{dst}");
+        }
+        for dst in [
+            "2001:db8::1",
+            "fd00:fab::fe",
+            "fec0::1",
+            "64:ff9b::a00:1",
+            "::1:0:0:1",
+            "1::",
+        ] {
+            assert!(!is_unroutable_destination6(&a(dst)), "{dst}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A container's IPv6 (inner IPv6 over the IPv4 underlay): RA guard, anti-spoofing (source
 //! address and MAC the endpoint's), link-local kept to the gateway, neighbour discovery answered,
-//! then the same isolation and forwarding as IPv4.
+//! then the same isolation and forwarding as IPv4, and masquerade to the outside (`nat6`).
 
 use aya_ebpf::programs::TcContext;
 use overlay_common::{
@@ -15,7 +15,7 @@ use crate::{
     forward::{self, L3},
     isolation,
     maps::{endpoint, overlay_subnet},
-    nd, skb,
+    nat6, nd, skb,
 };
 
 /// The role of the packet's ICMPv6 message, if it carries one right behind the IPv6 header.
@@ -76,7 +76,7 @@ pub fn from_container(ctx: &TcContext, cfg: &AgentConfig, eth: &EthHeader) -> Re
     }
     match isolation::resolve(vni, ip.dst).in_network(vni)? {
         Some(hop) => forward::into_overlay(ctx, cfg, vni, &L3::v6(&ip, ETH_HLEN), hop),
-        // Masquerade does not translate IPv6 yet: nothing outside the overlays to reach.
-        None => Err(Counter::DropNatUnsupported.in_network(vni)),
+        // Outside every overlay: masqueraded, or the host stack's (as IPv4).
+        None => nat6::to_outside(ctx, cfg, &ip, vni),
     }
 }

@@ -65,10 +65,15 @@ pub fn accept_remote(
     vni_network: u32,
     outer_src: Addr16,
 ) -> Result<&'static Endpoint, Drop> {
-    let ep = endpoint(*dst).ok_or(Counter::DropNoEndpoint.in_network(vni_network))?;
-    let from = match route(*src) {
-        Some(r) if r.underlay_ip == outer_src => r,
-        _ => return Err(Counter::DropSpoofedSource.in_network(ep.network)),
+    // The source's network, when the sending agent owns the source: a packet for no endpoint
+    // counts there (the VNI says no network when networks share it).
+    let from = route(*src).filter(|r| r.underlay_ip == outer_src);
+    let Some(ep) = endpoint(*dst) else {
+        let network = from.map_or(vni_network, |r| r.network);
+        return Err(Counter::DropNoEndpoint.in_network(network));
+    };
+    let Some(from) = from else {
+        return Err(Counter::DropSpoofedSource.in_network(ep.network));
     };
     if from.network != ep.network {
         return Err(Counter::DropCrossNetwork.in_network(from.network));

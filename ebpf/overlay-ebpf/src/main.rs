@@ -8,8 +8,12 @@
 //!   or remote (no VXLAN device), both families.
 //! - `from_underlay` (TC ingress of the underlay NIC): VXLAN from known agents on our port is
 //!   validated, stripped and delivered; replies to masqueraded flows are translated back and
-//!   delivered; everything else (the host's own traffic) passes untouched. On an IPv6 underlay
-//!   it tail-calls `from_underlay_ipv6`, which does the same for outer IPv6 VXLAN.
+//!   delivered; everything else (the host's own traffic) passes untouched. Its IPv6 goes to the
+//!   tail-called `from_underlay_ipv6`: outer IPv6 VXLAN on an IPv6 underlay, and IPv6
+//!   masquerade's replies.
+//!
+//! A container's IPv6 to outside every overlay is masqueraded too (`nat6`), out of the
+//! underlay NIC's IPv6 address.
 //!
 //! Every entry point has one shape: `try_*` returns the verdict or a [`Drop`], and [`run`] is
 //! the one place a packet is dropped (and counted, and reported to the drop monitor while the
@@ -29,6 +33,7 @@ mod isolation;
 mod maps;
 mod monitor;
 mod nat;
+mod nat6;
 mod nd;
 mod outer;
 mod skb;
@@ -104,9 +109,15 @@ pub fn masquerade_ipv4(ctx: TcContext) -> i32 {
     run(&ctx, hook::FROM_CONTAINER, try_masquerade_ipv4)
 }
 
-/// Tail-called by `from_underlay` on an agent whose underlay is IPv6: outer IPv6 VXLAN (its own
-/// stack: the IPv6 outer headers next to the IPv4 path and masquerade's replies exceed 512
-/// bytes).
+/// Tail-called by `from_container_ipv6` for IPv6 it masquerades.
+#[classifier]
+pub fn masquerade_ipv6(ctx: TcContext) -> i32 {
+    run(&ctx, hook::FROM_CONTAINER, nat6::try_masquerade)
+}
+
+/// Tail-called by `from_underlay` for IPv6 (its own stack): on an IPv6 underlay, VXLAN in outer
+/// IPv6 is validated, stripped and delivered; replies and ICMPv6 errors to masqueraded flows are
+/// translated back and delivered; the rest (the host's own IPv6) passes untouched.
 #[classifier]
 pub fn from_underlay_ipv6(ctx: TcContext) -> i32 {
     run(&ctx, hook::FROM_UNDERLAY, try_from_underlay_ipv6)
@@ -207,10 +218,13 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(cfg) = maps::config() else {
         return Ok(TC_ACT_OK as i32);
     };
-    if ipv4_unmapped(&cfg.underlay_ip).is_none() {
-        // SAFETY: on success the IPv6-underlay program takes the packet and this one ends here.
+    let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if EthHeader::parse(&eth).ethertype == ETH_P_IPV6 {
+        // SAFETY: as in `try_from_container`.
         unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::UNDERLAY_IPV6) };
-        // Its slot is empty until the loader has filled it: the host's traffic flows meanwhile.
+        // Slot still empty: the host's IPv6 flows as if we were not here.
         return Ok(TC_ACT_OK as i32);
     }
     match decap::inspect(ctx, cfg)? {
@@ -228,13 +242,15 @@ fn try_from_underlay_ipv6(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(cfg) = maps::config() else {
         return Ok(TC_ACT_OK as i32);
     };
-    let parsed = outer::ipv6(ctx, cfg)?;
-    // Not VXLAN to us: the host's own traffic (no IPv4 masquerade without an IPv4 underlay).
-    if !parsed.ours {
-        return Ok(TC_ACT_OK as i32);
+    if ipv4_unmapped(&cfg.underlay_ip).is_none() {
+        let parsed = outer::ipv6(ctx, cfg)?;
+        if parsed.ours {
+            let accepted = decap::inspect_ipv6(ctx, &parsed)?;
+            return decap::deliver(ctx, accepted);
+        }
     }
-    let accepted = decap::inspect_ipv6(ctx, &parsed)?;
-    decap::deliver(ctx, accepted)
+    // Not VXLAN to us: a reply to a masqueraded IPv6 flow, or the host's own IPv6.
+    Ok(nat6::unmasquerade(ctx)?.unwrap_or(TC_ACT_OK as i32))
 }
 
 /// XDP on the underlay NIC (native mode where the driver has it): VXLAN that `from_underlay`

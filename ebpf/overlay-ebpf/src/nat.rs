@@ -3,7 +3,8 @@
 //!
 //! `OVL_NAT` holds two entries per flow: the egress key (original tuple) and the ingress key
 //! (translated tuple). A port is claimed by inserting the ingress key with `BPF_NOEXIST`, so two
-//! CPUs can never hand out the same tuple.
+//! CPUs can never hand out the same tuple. The flow table, its ports and quotas are shared with
+//! IPv6 ([`crate::nat6`]): only the packet rewriting differs by family.
 
 use aya_ebpf::{
     bindings::{
@@ -25,6 +26,7 @@ use overlay_common::{
         within_quota,
     },
     packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
+    policy::IPPROTO_ICMPV6,
 };
 
 use crate::{
@@ -38,6 +40,10 @@ use crate::{
 
 /// Upper bound of the probing loop, for the verifier; `NatConfig::max_probes` is the real limit.
 const PROBE_LIMIT: u32 = 64;
+/// The same for IPv6 (`crate::nat6`): its program walks the loop with more state, and 64 probes
+/// exceed the verifier's 1M-instruction budget there. 32 is `--nat-max-probes`' default, so by
+/// default both families probe alike; a larger setting only applies to IPv4.
+pub(crate) const PROBE_LIMIT_IPV6: u32 = 32;
 
 /// Offsets within the IPv4 header.
 const IP_CHECK: usize = ETH_HLEN + 10;
@@ -46,7 +52,7 @@ const IP_DST: usize = ETH_HLEN + 16;
 
 /// Checksum helpers take the raw (network-order) field as it sits in memory.
 #[inline(always)]
-fn raw16(v: u16) -> u64 {
+pub(crate) fn raw16(v: u16) -> u64 {
     u16::from_ne_bytes(v.to_be_bytes()) as u64
 }
 
@@ -56,7 +62,7 @@ fn raw32(a: [u8; 4]) -> u64 {
 }
 
 #[inline(always)]
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_ns() }
 }
@@ -78,7 +84,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport
 
 /// The entry for `key` if it is live (a reference into the map, not a copy: stack).
 #[inline(always)]
-fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<&'static NatEntry> {
+pub(crate) fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<&'static NatEntry> {
     // SAFETY: entries are replaced whole or have only `last_seen_ns`/`flags` updated in place.
     let e = unsafe { OVL_NAT.get(key) }?;
     if is_expired(cfg, key.protocol, e, now) {
@@ -116,7 +122,7 @@ fn touch(key: &NatKey, now: u64, flags: u16) {
 /// Marks both directions of a flow as used now, and moves a TCP flow's handshake state on
 /// (`tcp_track`); a flow that starts closing gives its quota back.
 #[inline(always)]
-fn refresh(key: &NatKey, entry: &NatEntry, now: u64, tcp_flags: u8, egress: bool) {
+pub(crate) fn refresh(key: &NatKey, entry: &NatEntry, now: u64, tcp_flags: u8, egress: bool) {
     let flags = if key.protocol == IPPROTO_TCP {
         tcp_track(entry.flags, tcp_flags, egress)
     } else {
@@ -206,14 +212,15 @@ fn set_transport_port(
     ctx.store(port_at, &new_port.to_be_bytes(), 0).map_err(fail)
 }
 
-/// Claims a port for a new flow. Returns the egress entry (in the map).
+/// Claims a port for a new flow of either family, whose packets leave from `underlay`. Returns
+/// the egress entry (in the map).
 #[inline(always)]
-fn allocate(
+pub(crate) fn allocate<const PROBES: u32>(
     ctx: &TcContext,
     nat: &NatConfig,
     key: &NatKey,
-    underlay: [u8; 4],
-    vni: u32,
+    underlay: &Addr16,
+    network: u32,
     vxlan_port: u16,
     now: u64,
 ) -> Result<&'static NatEntry, Counter> {
@@ -223,7 +230,7 @@ fn allocate(
         addr: key.local,
         port: key.local_port,
         flags: 0,
-        vni,
+        network,
         last_seen_ns: now,
     };
     if !quota_admits(nat, key) {
@@ -231,24 +238,18 @@ fn allocate(
     }
     // Echo identifiers are never kept as the container sent them: the translated one could be
     // an identifier the host itself pings with.
-    let (original, avoid) = if key.protocol == IPPROTO_ICMP {
+    let (original, avoid) = if key.protocol == IPPROTO_ICMP || key.protocol == IPPROTO_ICMPV6 {
         (0, key.local_port)
     } else {
         (key.local_port, vxlan_port)
     };
-    for attempt in 0..PROBE_LIMIT {
+    for attempt in 0..PROBES {
         if attempt >= nat.max_probes {
             break;
         }
         let port = port_candidate(nat, original, hash, attempt, avoid);
-        let ingress = NatKey::ingress(
-            key.protocol,
-            key.remote,
-            key.remote_port,
-            ipv4_mapped(underlay),
-            port,
-        );
-        let claimed = if OVL_NAT.insert(ingress, back, BPF_NOEXIST as u64).is_ok() {
+        let ingress = NatKey::ingress(key.protocol, key.remote, key.remote_port, *underlay, port);
+        let claimed = if OVL_NAT.insert(&ingress, &back, BPF_NOEXIST as u64).is_ok() {
             true
         } else {
             // Taken: the tuple of an expired or closed (FIN/RST seen) flow may be reused, as the
@@ -261,31 +262,31 @@ fn allocate(
             };
             if reusable {
                 // SAFETY: as in `live`.
-                if let Some(old) = unsafe { OVL_NAT.get(ingress) } {
+                if let Some(old) = unsafe { OVL_NAT.get(&ingress) } {
                     let _ = OVL_NAT.remove(ingress.paired(old));
                 }
-                OVL_NAT.insert(ingress, back, BPF_EXIST as u64).is_ok()
+                OVL_NAT.insert(&ingress, &back, BPF_EXIST as u64).is_ok()
             } else {
                 false
             }
         };
         if claimed {
             let out = NatEntry {
-                addr: ipv4_mapped(underlay),
+                addr: *underlay,
                 port,
                 flags: 0,
-                vni,
+                network,
                 last_seen_ns: now,
             };
             OVL_NAT
-                .insert(key, out, BPF_ANY as u64)
+                .insert(key, &out, BPF_ANY as u64)
                 .map_err(|_| Counter::DropNatNoPort)?;
             take_quota(key);
-            count(vni, Counter::NatCreated, 0);
+            count(network, Counter::NatCreated, 0);
             // SAFETY: as in `live`.
             return unsafe { OVL_NAT.get(key) }.ok_or(Counter::DropNatNoPort);
         }
-        count(vni, Counter::NatPortRetries, 0);
+        count(network, Counter::NatPortRetries, 0);
     }
     Err(Counter::DropNatNoPort)
 }
@@ -297,7 +298,7 @@ pub fn masquerade(
     ctx: &TcContext,
     cfg: &AgentConfig,
     ip: &Ipv4Header,
-    vni: u32,
+    network: u32,
 ) -> Result<i32, Counter> {
     let nat = nat_config().ok_or(Counter::DropNotReady)?;
     let underlay = ipv4_unmapped(&cfg.underlay_ip).ok_or(Counter::DropNoRoute)?;
@@ -315,7 +316,15 @@ pub fn masquerade(
     let now = now_ns();
     let out = match live(nat, &key, now) {
         Some(e) => e,
-        None => allocate(ctx, nat, &key, underlay, vni, cfg.vxlan_port, now)?,
+        None => allocate::<PROBE_LIMIT>(
+            ctx,
+            nat,
+            &key,
+            &ipv4_mapped(underlay),
+            network,
+            cfg.vxlan_port,
+            now,
+        )?,
     };
     refresh(&key, out, now, t.tcp_flags, true);
 
@@ -327,7 +336,7 @@ pub fn masquerade(
         (ip.src, underlay),
         (t.src_port, out.port),
     )?;
-    count(vni, Counter::Masqueraded, ctx.len());
+    count(network, Counter::Masqueraded, ctx.len());
     // SAFETY: plain helper call; the FIB picks the next hop of the outside address.
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
@@ -373,13 +382,13 @@ pub fn unmasquerade(
     let Some(back) = live(nat, &key, now) else {
         return Ok(None);
     };
-    let vni = back.vni;
+    let network = back.network;
     let ep = endpoint(back.addr)
         .ok_or(Counter::DropNoEndpoint)
-        .in_network(vni)?;
+        .in_network(network)?;
     refresh(&key, back, now, t.tcp_flags, false);
     let container = ipv4_unmapped(&back.addr).ok_or(Counter::DropMalformed)?;
-    set_ip_addr(ctx, IP_DST, underlay, container).in_network(vni)?;
+    set_ip_addr(ctx, IP_DST, underlay, container).in_network(network)?;
     set_transport_port(
         ctx,
         ip.protocol,
@@ -387,9 +396,9 @@ pub fn unmasquerade(
         (underlay, container),
         (local_port, back.port),
     )
-    .in_network(vni)?;
-    let verdict = deliver::to_endpoint(ctx, ep).in_network(vni)?;
-    count(vni, Counter::Unmasqueraded, ctx.len());
+    .in_network(network)?;
+    let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
+    count(network, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
 }
 
@@ -418,26 +427,26 @@ fn icmp_error(ctx: &TcContext, nat: &NatConfig, underlay: [u8; 4]) -> Result<Opt
     let Some(back) = live(nat, &key, now_ns()) else {
         return Ok(None);
     };
-    let vni = back.vni;
+    let network = back.network;
     let ep = endpoint(back.addr)
         .ok_or(Counter::DropNoEndpoint)
-        .in_network(vni)?;
+        .in_network(network)?;
     let container = ipv4_unmapped(&back.addr)
         .ok_or(Counter::DropMalformed)
-        .in_network(vni)?;
+        .in_network(network)?;
     let check = rewrite_icmp_quote(
         u16::from_be_bytes([head[2], head[3]]),
         &mut quote,
         container,
         back.port,
     );
-    let fail = |_| Counter::DropMalformed.in_network(vni);
+    let fail = |_| Counter::DropMalformed.in_network(network);
     let recompute = BPF_F_RECOMPUTE_CSUM as u64;
     ctx.store(l4 + 8, &quote, recompute).map_err(fail)?;
     ctx.store(l4 + 2, &check.to_be_bytes(), recompute)
         .map_err(fail)?;
-    set_ip_addr(ctx, IP_DST, underlay, container).in_network(vni)?;
-    let verdict = deliver::to_endpoint(ctx, ep).in_network(vni)?;
-    count(vni, Counter::Unmasqueraded, ctx.len());
+    set_ip_addr(ctx, IP_DST, underlay, container).in_network(network)?;
+    let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
+    count(network, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
 }

@@ -84,6 +84,8 @@ pub struct Agent {
     master_reachable: bool,
     /// The NAT sweeper's last figures: entries left, entries expired since start.
     nat_entries: u64,
+    /// Masqueraded flows by family (IPv4, IPv6), as of the last sweep.
+    nat_flows: [u64; 2],
     nat_expired: u64,
     nat_sweep_seconds: f64,
 }
@@ -124,6 +126,7 @@ impl Agent {
             state_source: StateSource::None,
             master_reachable: false,
             nat_entries: 0,
+            nat_flows: [0; 2],
             nat_expired: 0,
             nat_sweep_seconds: 0.0,
         })
@@ -447,10 +450,32 @@ impl Agent {
         self.endpoints.unwire(&mut self.dp, ip)
     }
 
+    /// Makes `source` (the underlay NIC's IPv6 address, or none) the source of IPv6 masquerade:
+    /// into this agent's facts, so that every later reconciliation keeps it, and into the maps.
+    pub fn set_ipv6_source(&mut self, source: Option<std::net::Ipv6Addr>) -> anyhow::Result<()> {
+        let Some(nat) = self.local.nat else {
+            return Ok(());
+        };
+        let nat = crate::masquerade::with_ipv6_source(nat, source);
+        if self.local.nat == Some(nat) {
+            return Ok(());
+        }
+        self.local.nat = Some(nat);
+        let plan = Plan {
+            nat_config: Some(nat),
+            ..Default::default()
+        };
+        plan.apply(&mut self.dp, &mut self.endpoints)
+            .context("writing the IPv6 masquerade source")?;
+        self.map_updates += 1;
+        Ok(())
+    }
+
     /// Records what the NAT sweeper found and how long its walk took.
-    pub fn nat_swept(&mut self, expired: usize, remaining: usize, took: std::time::Duration) {
-        self.nat_expired += expired as u64;
-        self.nat_entries = remaining as u64;
+    pub fn nat_swept(&mut self, swept: crate::masquerade::Swept, took: std::time::Duration) {
+        self.nat_expired += swept.expired as u64;
+        self.nat_entries = swept.remaining as u64;
+        self.nat_flows = swept.flows.map(|n| n as u64);
         self.nat_sweep_seconds = took.as_secs_f64();
     }
 
@@ -477,6 +502,7 @@ impl Agent {
             allocation_changes: self.allocation_changes,
             parked: self.endpoints.parked().len() as u64,
             nat_entries: self.nat_entries,
+            nat_flows: self.nat_flows,
             nat_expired: self.nat_expired,
             nat_sweep_seconds: self.nat_sweep_seconds,
         }

@@ -16,7 +16,7 @@ use overlay_agent::{
     desired::{HostLinkFacts, LocalFacts},
     endpoints::Endpoints,
     host_link, identity, masquerade, netdev,
-    runtime::{Handle, follow_master, spawn_nat_sweeper},
+    runtime::{Handle, follow_master, spawn_ipv6_source_watcher, spawn_nat_sweeper},
 };
 use overlay_api::{MasterClient, agent::DEFAULT_AGENT_SOCKET};
 use overlay_common::maps::{HOST_LINK_PEER, programs};
@@ -365,6 +365,14 @@ async fn main() -> anyhow::Result<()> {
     // Idle masqueraded flows leave the NAT table (the kernel's LRU only evicts when full).
     spawn_nat_sweeper(agent.clone(), &pins, std::time::Duration::from_secs(1))
         .context("starting the NAT sweeper")?;
+    // IPv6 masquerade leaves from the underlay NIC's IPv6 address, whenever it has one.
+    spawn_ipv6_source_watcher(
+        agent.clone(),
+        args.underlay_iface.clone(),
+        underlay.ifindex,
+        std::time::Duration::from_secs(1),
+    )
+    .context("starting the IPv6 source watcher")?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

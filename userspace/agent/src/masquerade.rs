@@ -1,11 +1,11 @@
 //! The agent's side of masquerade: the settings the BPF NAT runs with (validated against the
 //! host, so our ports never collide with the host's own connections) and expiry of idle flows.
 
-use std::{collections::BTreeMap, ops::RangeInclusive};
+use std::{collections::BTreeMap, net::Ipv6Addr, ops::RangeInclusive};
 
 use anyhow::{Context as _, bail};
 use overlay_common::{
-    maps::{NatConfig, NatEntry, NatKey, NatQuotaKey, nat_direction},
+    maps::{NatConfig, NatEntry, NatKey, NatQuotaKey, ipv4_unmapped, nat_direction},
     nat::is_expired,
     packet::{VXLAN_SOURCE_PORT_MAX, VXLAN_SOURCE_PORT_MIN},
 };
@@ -92,7 +92,17 @@ pub fn sweep(maps: &mut OverlayMaps) -> anyhow::Result<Swept> {
     Ok(Swept {
         expired: expired.len(),
         remaining: live.len(),
+        flows: flows_by_family(&live),
     })
+}
+
+/// Masqueraded flows (their egress entries) by family: IPv4, IPv6.
+pub fn flows_by_family(entries: &[(NatKey, NatEntry)]) -> [usize; 2] {
+    let mut flows = [0; 2];
+    for (k, _) in entries.iter().filter(|(k, _)| k.is_egress()) {
+        flows[usize::from(ipv4_unmapped(&k.local).is_none())] += 1;
+    }
+    flows
 }
 
 /// What one sweep did.
@@ -102,6 +112,8 @@ pub struct Swept {
     pub expired: usize,
     /// Entries left.
     pub remaining: usize,
+    /// Flows left, IPv4 and IPv6.
+    pub flows: [usize; 2],
 }
 
 /// Live (not closing) flows per container and destination, from the egress entries.
@@ -180,8 +192,63 @@ pub fn nat_config(
             max_flows_per_destination
         },
         underlay_broadcast: underlay_broadcast.map_or([0; 4], |b| b.octets()),
-        _pad: 0,
+        // Filled from the underlay NIC once it has a global IPv6 address (`Ipv6Source`).
+        underlay_ip6: [0; 16],
     }
+}
+
+/// The IPv6 source masquerade uses on the underlay NIC, picked from its addresses: a global one
+/// (scope universe, ULAs included) that the kernel can send from (DAD finished and passed), not
+/// deprecated if another one is not. None: IPv6 to the outside cannot be masqueraded.
+pub fn pick_ipv6_source(addresses: &[overlay_netlink::Address6]) -> Option<Ipv6Addr> {
+    let usable: Vec<&overlay_netlink::Address6> = addresses
+        .iter()
+        .filter(|a| a.global && !a.tentative && !a.dad_failed)
+        .collect();
+    usable
+        .iter()
+        .find(|a| !a.deprecated)
+        .or(usable.first())
+        .map(|a| a.ip)
+}
+
+/// Follows the underlay NIC's IPv6 address for masquerade (it may come after the agent starts:
+/// duplicate-address detection, SLAAC, an operator adding it) and says once when there is none,
+/// and again only when that changes.
+#[derive(Debug, Default)]
+pub struct Ipv6Source {
+    current: Option<Ipv6Addr>,
+    told: bool,
+}
+
+impl Ipv6Source {
+    /// Takes the source the NIC has now; returns it when it is news (the first time, and each
+    /// change).
+    pub fn update(&mut self, ifname: &str, found: Option<Ipv6Addr>) -> Option<Option<Ipv6Addr>> {
+        if found == self.current && self.told {
+            return None;
+        }
+        match found {
+            Some(ip) => tracing::info!(
+                underlay = ifname, source = %ip,
+                "IPv6 to the outside is masqueraded out of this address"
+            ),
+            None => tracing::warn!(
+                underlay = ifname,
+                "the underlay NIC has no global IPv6 address: IPv6 from containers to the outside \
+                 is not masqueraded, it is dropped (counter drop_nat6_no_address)"
+            ),
+        }
+        self.told = true;
+        self.current = found;
+        Some(found)
+    }
+}
+
+/// `cfg` with `source` as its IPv6 masquerade address (zeros: none).
+pub fn with_ipv6_source(mut cfg: NatConfig, source: Option<Ipv6Addr>) -> NatConfig {
+    cfg.underlay_ip6 = source.map_or([0; 16], |ip| ip.octets());
+    cfg
 }
 
 #[cfg(test)]
@@ -234,6 +301,15 @@ mod tests {
             (key(2, 4, nat_direction::INGRESS), open),
             (key(3, 1, nat_direction::EGRESS), open),
         ];
+        assert_eq!(flows_by_family(&entries), [4, 0]);
+        let v6 = |n: u8| {
+            let mut a = [0u8; 16];
+            a[0] = 0xfd;
+            a[15] = n;
+            a
+        };
+        let six = [(NatKey::egress(58, v6(2), 7, v6(9), 0), open)];
+        assert_eq!(flows_by_family(&six), [0, 1]);
         let counts = live_flows(&entries);
         assert_eq!(counts.len(), 2);
         assert_eq!(counts[&NatQuotaKey::of_egress(&entries[0].0)], 2);
@@ -245,5 +321,49 @@ mod tests {
         );
         let cfg = nat_config(&(61000..=63999), NatTimeouts::default(), 32, 1024, None);
         assert_eq!(cfg.max_flows_per_destination, 1024);
+    }
+
+    #[test]
+    fn the_ipv6_source_is_a_global_address_the_kernel_can_send_from() {
+        let a = |ip: &str, f: fn(&mut overlay_netlink::Address6)| {
+            let mut a = overlay_netlink::Address6::new(2, ip.parse().unwrap(), 64);
+            f(&mut a);
+            a
+        };
+        let link_local = a("fe80::1", |a| a.global = false);
+        let tentative = a("fd00:fab::12", |a| a.tentative = true);
+        let failed = a("fd00:fab::13", |a| a.dad_failed = true);
+        let deprecated = a("fd00:fab::14", |a| a.deprecated = true);
+        let good = a("fd00:fab::11", |_| {});
+        assert_eq!(pick_ipv6_source(&[]), None);
+        assert_eq!(
+            pick_ipv6_source(&[link_local, tentative, failed]),
+            None,
+            "nothing usable"
+        );
+        assert_eq!(
+            pick_ipv6_source(&[link_local, deprecated, good]),
+            Some("fd00:fab::11".parse().unwrap()),
+            "a preferred one first"
+        );
+        assert_eq!(
+            pick_ipv6_source(&[deprecated]),
+            Some("fd00:fab::14".parse().unwrap()),
+            "deprecated is still better than none"
+        );
+        // News only the first time and on each change.
+        let mut s = Ipv6Source::default();
+        assert_eq!(s.update("eth0", None), Some(None));
+        assert_eq!(s.update("eth0", None), None, "said once");
+        let ip: Ipv6Addr = "fd00:fab::11".parse().unwrap();
+        assert_eq!(s.update("eth0", Some(ip)), Some(Some(ip)));
+        assert_eq!(s.update("eth0", Some(ip)), None);
+        assert_eq!(s.update("eth0", None), Some(None), "lost again");
+        let cfg = nat_config(&(61000..=63999), NatTimeouts::default(), 32, 0, None);
+        assert!(!cfg.has_ipv6_source());
+        let with = with_ipv6_source(cfg, Some(ip));
+        assert!(with.has_ipv6_source());
+        assert_eq!(with.underlay_ip6, ip.octets());
+        assert_eq!(with_ipv6_source(with, None), cfg);
     }
 }

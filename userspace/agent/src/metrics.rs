@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub allocation_changes: u64,
     pub parked: u64,
     pub nat_entries: u64,
+    /// Masqueraded flows, IPv4 and IPv6.
+    pub nat_flows: [u64; 2],
     pub nat_expired: u64,
     pub nat_sweep_seconds: f64,
 }
@@ -147,6 +149,13 @@ pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
+    }
+    out.push_str(
+        "# HELP overlay_nat_flows Masqueraded flows by address family, as of the last sweep.\n\
+         # TYPE overlay_nat_flows gauge\n",
+    );
+    for (family, n) in ["ipv4", "ipv6"].iter().zip(s.nat_flows) {
+        out.push_str(&format!("overlay_nat_flows{{family=\"{family}\"}} {n}\n"));
     }
     out.push_str(&format!(
         "# HELP overlay_nat_sweep_seconds Duration of the last walk of the NAT table.\n\

@@ -285,7 +285,10 @@ async fn load_names(agent: &Handle) -> anyhow::Result<Names> {
     }
     for ep in endpoints {
         let container = container_of(ep.attachment.as_deref());
-        names.networks.entry(ep.network_id).or_insert(ep.network.clone());
+        names
+            .networks
+            .entry(ep.network_id)
+            .or_insert(ep.network.clone());
         names
             .by_ifindex
             .insert(ep.ifindex, (ep.host_veth.clone(), container.clone()));

@@ -28,9 +28,9 @@ pub fn link(ifname: &str) -> anyhow::Result<Link> {
         .with_context(|| format!("interface {ifname:?} not found"))?;
     let addr = nl.addresses(Some(l.ifindex))?.into_iter().next();
     let ipv6 = nl
-        .ipv6_addresses(Some(l.ifindex))?
+        .addresses6(Some(l.ifindex))?
         .into_iter()
-        .filter(|a| !a.tentative && is_global_ipv6(&a.ip))
+        .filter(|a| !a.tentative && !a.dad_failed && is_global_ipv6(&a.ip))
         .map(|a| a.ip)
         .collect();
     Ok(Link {

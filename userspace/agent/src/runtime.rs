@@ -332,6 +332,46 @@ pub async fn follow_master(
     }
 }
 
+/// Follows the IPv6 address of the underlay NIC `ifname` (`ifindex`) for masquerade, on a
+/// thread of its own: every `period` its addresses are read over netlink and a new source (or
+/// its loss) is handed to the owner. The address may come after the agent starts (DAD, SLAAC,
+/// an operator), so it is not read only once.
+pub fn spawn_ipv6_source_watcher(
+    agent: Handle,
+    ifname: String,
+    ifindex: u32,
+    period: Duration,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let mut nl = overlay_netlink::Handle::new()?;
+    Ok(std::thread::Builder::new()
+        .name("ipv6-source".into())
+        .spawn(move || {
+            let mut source = crate::masquerade::Ipv6Source::default();
+            let mut failing = false;
+            loop {
+                match nl.addresses6(Some(ifindex)) {
+                    Ok(addresses) => {
+                        failing = false;
+                        let found = crate::masquerade::pick_ipv6_source(&addresses);
+                        if let Some(new) = source.update(&ifname, found) {
+                            agent.tell(move |a| {
+                                if let Err(e) = a.set_ipv6_source(new) {
+                                    tracing::warn!("{e:#}");
+                                }
+                            });
+                        }
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!("reading the IPv6 addresses of {ifname}: {e}");
+                    }
+                    Err(_) => {}
+                }
+                std::thread::sleep(period);
+            }
+        })?)
+}
+
 /// Removes idle masqueraded flows (the kernel's LRU only evicts when full), on a thread of its
 /// own with its own handle of the maps: the owner only hears the result. Housekeeping, so it
 /// yields the CPU: it runs at a lower priority and rests at least `period`, and at least as long
@@ -355,7 +395,7 @@ pub fn spawn_nat_sweeper(
                 let swept = crate::masquerade::sweep(&mut maps);
                 let took = started.elapsed();
                 match swept {
-                    Ok(s) => agent.tell(move |a| a.nat_swept(s.expired, s.remaining, took)),
+                    Ok(s) => agent.tell(move |a| a.nat_swept(s, took)),
                     Err(e) => tracing::warn!("sweeping the NAT table: {e:#}"),
                 }
                 std::thread::sleep(period.max(took));

@@ -884,16 +884,26 @@ fn show_datapath(
             n => n.to_string(),
         }
     );
+    let source6 = if nat.has_ipv6_source() {
+        std::net::Ipv6Addr::from(nat.underlay_ip6).to_string()
+    } else {
+        "none (the underlay NIC has no global IPv6 address: IPv6 to the outside is dropped)"
+            .to_owned()
+    };
+    println!("  IPv6 source: {source6}");
     for (k, e) in flows
         .iter()
         .filter(|(k, _)| k.direction == overlay_common::maps::nat_direction::EGRESS)
         .take(20)
     {
-        let (local, remote) = (from_addr16(&k.local), from_addr16(&k.remote));
-        let via = from_addr16(&e.addr);
+        // Socket address notation: IPv6 flows print as [addr]:port.
+        let at = |a: &[u8; 16], port: u16| std::net::SocketAddr::new(from_addr16(a), port);
         println!(
-            "  proto {:>2}  {local}:{} -> {remote}:{}  as {via}:{}",
-            k.protocol, k.local_port, k.remote_port, e.port
+            "  proto {:>2}  {} -> {}  as {}",
+            k.protocol,
+            at(&k.local, k.local_port),
+            at(&k.remote, k.remote_port),
+            at(&e.addr, e.port)
         );
     }
     println!("closed to containers (control plane):");

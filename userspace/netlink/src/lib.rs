@@ -23,7 +23,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    address::{AddressAttribute, AddressMessage, AddressScope},
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope},
     link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{
         RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
@@ -110,15 +110,35 @@ impl Address {
     }
 }
 
-/// An IPv6 address on an interface, as the kernel reports it.
+/// An IPv6 address on an interface, with what the kernel says of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Address6 {
     pub ifindex: u32,
     pub ip: Ipv6Addr,
     pub prefix_len: u8,
-    /// Still in duplicate-address detection (`IFA_F_TENTATIVE`), or failed it: not usable as a
-    /// source yet.
+    /// Scope universe (global and unique-local addresses), not link or host.
+    pub global: bool,
+    /// Duplicate-address detection still running: not usable as a source yet.
     pub tentative: bool,
+    /// Duplicate-address detection found the address in use elsewhere.
+    pub dad_failed: bool,
+    /// Its preferred lifetime is over (still valid, no longer chosen for new flows).
+    pub deprecated: bool,
+}
+
+impl Address6 {
+    /// A global address to add (see [`Handle::add_address6`]).
+    pub fn new(ifindex: u32, ip: Ipv6Addr, prefix_len: u8) -> Address6 {
+        Address6 {
+            ifindex,
+            ip,
+            prefix_len,
+            global: true,
+            tentative: false,
+            dad_failed: false,
+            deprecated: false,
+        }
+    }
 }
 
 /// An IPv4 route of the main table.
@@ -459,45 +479,6 @@ impl Handle {
         Ok(out)
     }
 
-    /// The IPv6 addresses of interface `ifindex` (all interfaces' with `None`), link-local ones
-    /// included (callers pick).
-    pub fn ipv6_addresses(&mut self, ifindex: Option<u32>) -> Result<Vec<Address6>> {
-        let mut m = AddressMessage::default();
-        m.header.family = AddressFamily::Inet6;
-        let answers = self.request(RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP, &|| {
-            "listing IPv6 addresses".to_owned()
-        })?;
-        let mut out = vec![];
-        for a in answers {
-            let RouteNetlinkMessage::NewAddress(a) = a else {
-                continue;
-            };
-            if a.header.family != AddressFamily::Inet6
-                || ifindex.is_some_and(|i| i != a.header.index)
-            {
-                continue;
-            }
-            let ip = a.attributes.iter().find_map(|at| match at {
-                AddressAttribute::Address(IpAddr::V6(ip))
-                | AddressAttribute::Local(IpAddr::V6(ip)) => Some(*ip),
-                _ => None,
-            });
-            let tentative = a.header.flags.intersects(
-                netlink_packet_route::address::AddressHeaderFlags::Tentative
-                    | netlink_packet_route::address::AddressHeaderFlags::Dadfailed,
-            );
-            if let Some(ip) = ip {
-                out.push(Address6 {
-                    ifindex: a.header.index,
-                    ip,
-                    prefix_len: a.header.prefix_len,
-                    tentative,
-                });
-            }
-        }
-        Ok(out)
-    }
-
     fn address_msg(addr: &Address) -> AddressMessage {
         let mut m = AddressMessage::default();
         m.header.family = AddressFamily::Inet;
@@ -531,6 +512,95 @@ impl Handle {
     pub fn del_address(&mut self, addr: Address) -> Result<()> {
         self.change(
             RouteNetlinkMessage::DelAddress(Self::address_msg(&addr)),
+            0,
+            &|| {
+                format!(
+                    "deleting {}/{} from interface #{}",
+                    addr.ip, addr.prefix_len, addr.ifindex
+                )
+            },
+        )
+    }
+
+    /// The IPv6 addresses of interface `ifindex` (all interfaces' with `None`).
+    pub fn addresses6(&mut self, ifindex: Option<u32>) -> Result<Vec<Address6>> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        let answers = self.request(RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP, &|| {
+            "listing IPv6 addresses".to_owned()
+        })?;
+        let mut out = vec![];
+        for a in answers {
+            let RouteNetlinkMessage::NewAddress(a) = a else {
+                continue;
+            };
+            if a.header.family != AddressFamily::Inet6
+                || ifindex.is_some_and(|i| i != a.header.index)
+            {
+                continue;
+            }
+            // IFA_FLAGS holds all 32 flag bits; the header's byte only the first eight.
+            let flags = a
+                .attributes
+                .iter()
+                .find_map(|at| match at {
+                    AddressAttribute::Flags(f) => Some(*f),
+                    _ => None,
+                })
+                .unwrap_or_else(|| AddressFlags::from_bits_retain(a.header.flags.bits() as u32));
+            let ip = a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Local(IpAddr::V6(ip))
+                | AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = ip {
+                out.push(Address6 {
+                    ifindex: a.header.index,
+                    ip,
+                    prefix_len: a.header.prefix_len,
+                    global: a.header.scope == AddressScope::Universe,
+                    tentative: flags.contains(AddressFlags::Tentative),
+                    dad_failed: flags.contains(AddressFlags::Dadfailed),
+                    deprecated: flags.contains(AddressFlags::Deprecated),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn address6_msg(addr: &Address6) -> AddressMessage {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.prefix_len = addr.prefix_len;
+        m.header.index = addr.ifindex;
+        m.header.scope = AddressScope::Universe;
+        m.attributes
+            .push(AddressAttribute::Address(IpAddr::V6(addr.ip)));
+        m
+    }
+
+    /// Adds a global IPv6 address, usable at once (no duplicate-address detection: `nodad`);
+    /// [`Error::Exists`] if the interface has it already.
+    pub fn add_address6(&mut self, addr: Address6) -> Result<()> {
+        let mut m = Self::address6_msg(&addr);
+        m.header.flags = AddressHeaderFlags::Nodad;
+        m.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        self.change(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &|| {
+                format!(
+                    "adding {}/{} to interface #{}",
+                    addr.ip, addr.prefix_len, addr.ifindex
+                )
+            },
+        )
+    }
+
+    pub fn del_address6(&mut self, addr: Address6) -> Result<()> {
+        self.change(
+            RouteNetlinkMessage::DelAddress(Self::address6_msg(&addr)),
             0,
             &|| {
                 format!(

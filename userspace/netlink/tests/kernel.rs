@@ -221,7 +221,7 @@ fn ipv6_addresses_report_prefix_and_tentative_state() {
     ]);
     ip(&["link", "set", "v6-a", "up"]);
     ip(&["-6", "addr", "add", "fd00:250::12/64", "dev", "v6-a"]);
-    let found = ha.ipv6_addresses(Some(ifindex)).unwrap();
+    let found = ha.addresses6(Some(ifindex)).unwrap();
     let get = |a: &str| {
         let a: std::net::Ipv6Addr = a.parse().unwrap();
         found.iter().find(|x| x.ip == a).copied()
@@ -239,4 +239,48 @@ fn ipv6_addresses_report_prefix_and_tentative_state() {
     // No IPv4 address is reported as IPv6, and other interfaces' are left out.
     assert!(found.iter().all(|x| x.ifindex == ifindex));
     assert!(ha.addresses(Some(ifindex)).unwrap().is_empty());
+}
+
+#[test]
+fn ipv6_addresses_are_added_listed_with_their_state_and_deleted() {
+    let a = TestNs::new("v6add");
+    let b = TestNs::new("v6addb");
+    let (na, nb) = (a.open(), b.open());
+    let mut h = Handle::in_netns(&na).unwrap();
+    h.add_veth("v6-a", "v6-b", 1500, Some(&nb)).unwrap();
+    h.set_up("v6-a").unwrap();
+    Handle::in_netns(&nb).unwrap().set_up("v6-b").unwrap();
+    let ifindex = h.link("v6-a").unwrap().ifindex;
+    let ula: std::net::Ipv6Addr = "fd00:fab::11".parse().unwrap();
+    h.add_address6(overlay_netlink::Address6::new(ifindex, ula, 64))
+        .unwrap();
+    assert!(
+        h.add_address6(overlay_netlink::Address6::new(ifindex, ula, 64))
+            .unwrap_err()
+            .is_exists()
+    );
+    let found = h.addresses6(Some(ifindex)).unwrap();
+    let ours = found
+        .iter()
+        .find(|x| x.ip == ula)
+        .unwrap_or_else(|| panic!("{found:?}"));
+    assert_eq!(ours.prefix_len, 64);
+    assert!(
+        ours.global && !ours.tentative && !ours.dad_failed && !ours.deprecated,
+        "nodad: usable at once: {ours:?}"
+    );
+    // The kernel's own link-local address of the veth, if it made one, is not global.
+    for x in found.iter().filter(|x| x.ip.segments()[0] == 0xfe80) {
+        assert!(!x.global, "{x:?}");
+    }
+    // Not among the IPv4 addresses, and the IPv4 listing is not among these.
+    assert!(h.addresses(Some(ifindex)).unwrap().is_empty());
+    h.del_address6(overlay_netlink::Address6::new(ifindex, ula, 64))
+        .unwrap();
+    assert!(
+        !h.addresses6(Some(ifindex))
+            .unwrap()
+            .iter()
+            .any(|x| x.ip == ula)
+    );
 }

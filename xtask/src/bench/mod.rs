@@ -397,7 +397,13 @@ fn raw6_setup() -> anyhow::Result<Setup> {
     traffic::wait_servers_on(&a2, server)?;
     Ok(Setup {
         name: "raw6",
-        paths: vec![("cross_agent", Ok(Target { client: a1.clone(), server }))],
+        paths: vec![(
+            "cross_agent",
+            Ok(Target {
+                client: a1.clone(),
+                server,
+            }),
+        )],
         prog_ids: vec![],
         agent_nodes: vec![a1, a2],
         _keep: Box::new(lab),

@@ -43,8 +43,11 @@ pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
     (names::STATS, 1),
     (names::PROTECTED, 1),
     // v2: NatEntry flags track the TCP handshake; NatConfig grew (24 -> 40 bytes); new map.
+    // v3: IPv6 masquerade. NAT entries keep their layout (IPv6 flows are new entries of it);
+    // NatConfig took the IPv6 source address in place of its padding (40 -> 52 bytes): the
+    // agent writes it anew at start. OVL_TAIL_CALLS grew a slot (never carried anyway).
     (names::NAT, 2),
-    (names::NAT_CONFIG, 2),
+    (names::NAT_CONFIG, 3),
     (names::NAT_QUOTA, 2),
     // v3: new map, the VNIs VXLAN is accepted in (the agent refills it from the state).
     (names::VNIS, 3),
@@ -513,6 +516,12 @@ mod tests {
         // v3 split a route's network id from its VNI: v2 routes are not read as v3 ones.
         assert!(!carries_over(names::ROUTES, 2));
         assert!(carries_over(names::ROUTES, 3));
+        assert!(carries_over(names::NAT, 3));
+        assert!(
+            !carries_over(names::NAT_CONFIG, 2),
+            "v3 NatConfig is 52 bytes"
+        );
+        assert!(carries_over(names::NAT_CONFIG, 3));
         // A newer agent's layout is unknown to us.
         assert!(!carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION + 1));
         assert!(!carries_over("OVL_SOMETHING_ELSE", 1));
