@@ -6,6 +6,7 @@ pub mod runtimes;
 pub mod support_etcd;
 pub mod support_packets;
 pub mod support_peers;
+pub mod test_run;
 use std::path::PathBuf;
 
 /// Path of one of the workspace's binaries (`overlay-master`, `overlay-agent`, ...), built into the

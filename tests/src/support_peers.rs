@@ -16,34 +16,21 @@ pub fn nat_peers_script() -> PathBuf {
 /// Starts the external host's UDP/TCP peer server on `port` (killed with the lab) and waits
 /// until it listens.
 pub fn start_peer_server(c: &mut Cluster, port: u16) {
-    let out = std::env::temp_dir().join(format!("{}-peer-server-{port}.out", c.lab.id()));
-    let mut cmd = c.lab.external().command("python3");
-    cmd.arg(nat_peers_script())
-        .args(["peer-server", &port.to_string()])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null());
-    c.lab.spawn_command(cmd).unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "peer server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = std::fs::remove_file(out);
+    start_peer("peer-server", c, port);
 }
 
 /// Starts the external host's peer server over IPv6 on `port` (`peer-server6`: it answers
 /// `[address]:port`), killed with the lab, and waits until it listens.
 pub fn start_peer_server6(c: &mut Cluster, port: u16) {
-    let out = std::env::temp_dir().join(format!("{}-peer-server6-{port}.out", c.lab.id()));
+    start_peer("peer-server6", c, port);
+}
+
+/// Runs the peer script's server `mode` on the external host and waits for its "ready".
+fn start_peer(mode: &str, c: &mut Cluster, port: u16) {
+    let out = std::env::temp_dir().join(format!("{}-{mode}-{port}.out", c.lab.id()));
     let mut cmd = c.lab.external().command("python3");
     cmd.arg(nat_peers_script())
-        .args(["peer-server6", &port.to_string()])
+        .args([mode, &port.to_string()])
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(Stdio::null());
     c.lab.spawn_command(cmd).unwrap();
@@ -54,7 +41,7 @@ pub fn start_peer_server6(c: &mut Cluster, port: u16) {
     {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "IPv6 peer server did not start"
+            "{mode} did not start"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -17,6 +17,7 @@ use overlay_common::{
 };
 use overlay_datapath::{AgentSettings, PinLayout, addr16};
 use overlay_tests::support_packets::*;
+use overlay_tests::test_run::TestRun as _;
 
 const VNI_A: u32 = 1024;
 const VNI_B: u32 = 2048;
@@ -118,46 +119,23 @@ impl Fixture {
     }
 
     fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.dp.test_run(program, packet).unwrap()
+        self.dp.run(program, packet)
     }
 
-    fn stat(&self, vni: u32, counter: Counter) -> u64 {
-        self.dp.maps().stat(vni, counter).unwrap()
+    fn stat(&self, network: u32, counter: Counter) -> u64 {
+        self.dp.stat(network, counter)
     }
 
     fn total_packets(&self) -> u64 {
-        self.dp
-            .maps()
-            .stats()
-            .unwrap()
-            .iter()
-            .map(|r| r.packets)
-            .sum()
+        self.dp.total_packets()
     }
 
     /// Runs `program` on `packet` and expects `verdict` with exactly one count, under
     /// `(vni, counter)` (and, for XDP drops, `xdp_dropped`).
     fn expect_drop(&self, what: &str, program: &str, packet: &[u8], verdict: u32, c: Counter) {
-        let before = self.stat(NO_NETWORK, c);
-        let total = self.total_packets();
-        let (got, _) = self.run(program, packet);
-        let all = self.dp.maps().stats().unwrap();
-        assert_eq!(
-            got, verdict,
-            "{what} ({program}): verdict; counters {all:?}"
-        );
-        assert_eq!(
-            self.stat(NO_NETWORK, c),
-            before + 1,
-            "{what} ({program}): {} not counted once; counters {all:?}",
-            c.name()
-        );
-        let extra = u64::from(program == programs::XDP_UNDERLAY);
-        assert_eq!(
-            self.total_packets(),
-            total + 1 + extra,
-            "{what} ({program}): counted more than once: {all:?}"
-        );
+        let also = u64::from(program == programs::XDP_UNDERLAY);
+        self.dp
+            .expect_counted_once(what, program, packet, verdict, NO_NETWORK, c, also);
     }
 }
 

@@ -25,6 +25,7 @@ use overlay_common::{
 };
 use overlay_datapath::{AgentSettings, PinLayout, addr16};
 use overlay_tests::support_packets::*;
+use overlay_tests::test_run::TestRun as _;
 
 const VNI_A: u32 = 1024;
 const VNI_B: u32 = 2048;
@@ -176,43 +177,22 @@ impl Fixture {
     }
 
     fn run(&self, program: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.dp.test_run(program, packet).unwrap()
+        self.dp.run(program, packet)
     }
 
-    fn stat(&self, vni: u32, counter: Counter) -> u64 {
-        self.dp.maps().stat(vni, counter).unwrap()
+    fn stat(&self, network: u32, counter: Counter) -> u64 {
+        self.dp.stat(network, counter)
     }
 
     /// Sum of every counter: to show a packet left no trace.
     fn total_packets(&self) -> u64 {
-        self.dp
-            .maps()
-            .stats()
-            .unwrap()
-            .iter()
-            .map(|r| r.packets)
-            .sum()
+        self.dp.total_packets()
     }
 
     /// Runs `program` on `packet`, expects a drop counted exactly once under `(vni, counter)`.
     fn expect_drop(&self, what: &str, program: &str, packet: &[u8], vni: u32, counter: Counter) {
-        let before = self.stat(vni, counter);
-        let total_before = self.total_packets();
-        let (verdict, _) = self.run(program, packet);
-        assert_eq!(verdict, TC_ACT_SHOT, "{what}: verdict");
-        assert_eq!(
-            self.stat(vni, counter),
-            before + 1,
-            "{what}: {} of network {vni} not counted once; all counters: {:?}",
-            counter.name(),
-            self.dp.maps().stats().unwrap()
-        );
-        assert_eq!(
-            self.total_packets(),
-            total_before + 1,
-            "{what}: counted more than once: {:?}",
-            self.dp.maps().stats().unwrap()
-        );
+        self.dp
+            .expect_counted_once(what, program, packet, TC_ACT_SHOT, vni, counter, 0);
     }
 }
 

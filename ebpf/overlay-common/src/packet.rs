@@ -267,25 +267,45 @@ pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
     ip_header.copy_from_slice(&h[ip..ip + IPV4_HLEN]);
     let checksum = ipv4_header_checksum(&ip_header);
     h[ip + 10..ip + 12].copy_from_slice(&checksum.to_be_bytes());
-    // UDP.
-    let udp = ip + IPV4_HLEN;
     let udp_len = ip_total - IPV4_HLEN as u16;
-    h[udp..udp + 2].copy_from_slice(&p.src_port.to_be_bytes());
-    h[udp + 2..udp + 4].copy_from_slice(&p.dst_port.to_be_bytes());
-    h[udp + 4..udp + 6].copy_from_slice(&udp_len.to_be_bytes());
-    // VXLAN.
-    let vx = udp + UDP_HLEN;
+    put_udp_vxlan_eth(
+        &mut h[ip + IPV4_HLEN..],
+        udp_len,
+        (p.src_port, p.dst_port),
+        p.vni,
+        (p.inner_dst_mac, p.inner_src_mac),
+        p.inner_ethertype,
+    );
+    h
+}
+
+/// Writes what follows the outer IP header of a VXLAN frame, the same over both underlay
+/// families, into `h` (which starts at the UDP header): UDP of `udp_len` with checksum 0
+/// (`ports` = source, destination), VXLAN with `vni`, the inner Ethernet header
+/// (`macs` = destination, source).
+#[inline(always)]
+pub fn put_udp_vxlan_eth(
+    h: &mut [u8],
+    udp_len: u16,
+    ports: (u16, u16),
+    vni: u32,
+    macs: ([u8; 6], [u8; 6]),
+    inner_ethertype: u16,
+) {
+    h[0..2].copy_from_slice(&ports.0.to_be_bytes());
+    h[2..4].copy_from_slice(&ports.1.to_be_bytes());
+    h[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    // h[6..8]: checksum 0.
+    let vx = UDP_HLEN;
     h[vx] = VXLAN_FLAG_VNI;
-    let vni = (p.vni & VNI_MAX).to_be_bytes();
+    let vni = (vni & VNI_MAX).to_be_bytes();
     h[vx + 4] = vni[1];
     h[vx + 5] = vni[2];
     h[vx + 6] = vni[3];
-    // Inner Ethernet.
     let inner = vx + VXLAN_HLEN;
-    h[inner..inner + 6].copy_from_slice(&p.inner_dst_mac);
-    h[inner + 6..inner + 12].copy_from_slice(&p.inner_src_mac);
-    h[inner + 12..inner + 14].copy_from_slice(&p.inner_ethertype.to_be_bytes());
-    h
+    h[inner..inner + 6].copy_from_slice(&macs.0);
+    h[inner + 6..inner + 12].copy_from_slice(&macs.1);
+    h[inner + 12..inner + 14].copy_from_slice(&inner_ethertype.to_be_bytes());
 }
 
 /// The reply to an ARP request, as the 42-byte frame to send back, if `frame` is an Ethernet/IPv4

@@ -22,7 +22,7 @@ use crate::{
     ipv6::Ipv6Header,
     maps::Addr16,
     packet::{
-        ETH_HLEN, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VNI_MAX, VXLAN_FLAG_VNI, VXLAN_HLEN,
+        ETH_HLEN, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN, put_udp_vxlan_eth,
     },
     policy::IPV6_HLEN,
 };
@@ -100,21 +100,15 @@ pub fn build_vxlan6_headers(p: &Encap6Params) -> [u8; VXLAN6_HEADERS_LEN] {
     h[ip + 7] = OUTER_HOP_LIMIT;
     h[ip + 8..ip + 24].copy_from_slice(&p.outer_src);
     h[ip + 24..ip + 40].copy_from_slice(&p.outer_dst);
-    let udp = ip + IPV6_HLEN;
-    h[udp..udp + 2].copy_from_slice(&p.src_port.to_be_bytes());
-    h[udp + 2..udp + 4].copy_from_slice(&p.dst_port.to_be_bytes());
-    h[udp + 4..udp + 6].copy_from_slice(&payload.to_be_bytes());
-    // h[udp + 6..udp + 8]: checksum 0.
-    let vx = udp + UDP_HLEN;
-    h[vx] = VXLAN_FLAG_VNI;
-    let vni = (p.vni & VNI_MAX).to_be_bytes();
-    h[vx + 4] = vni[1];
-    h[vx + 5] = vni[2];
-    h[vx + 6] = vni[3];
-    let inner = vx + VXLAN_HLEN;
-    h[inner..inner + 6].copy_from_slice(&p.inner_dst_mac);
-    h[inner + 6..inner + 12].copy_from_slice(&p.inner_src_mac);
-    h[inner + 12..inner + 14].copy_from_slice(&p.inner_ethertype.to_be_bytes());
+    // The UDP checksum stays 0 (see the module documentation).
+    put_udp_vxlan_eth(
+        &mut h[ip + IPV6_HLEN..],
+        payload,
+        (p.src_port, p.dst_port),
+        p.vni,
+        (p.inner_dst_mac, p.inner_src_mac),
+        p.inner_ethertype,
+    );
     h
 }
 

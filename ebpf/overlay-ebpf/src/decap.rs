@@ -62,18 +62,14 @@ pub enum Inspected {
     Vxlan(Accepted),
 }
 
-/// Decides what to do with an underlay frame: [`Inspected::Host`] for what is not VXLAN,
+/// Decides what to do with an underlay frame (its Ethernet header `eth`, already read): [`Inspected::Host`] for what is not VXLAN,
 /// [`Inspected::Vxlan`] for VXLAN to deliver, a [`Drop`] for VXLAN to drop.
 #[inline(always)]
-pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
+pub fn inspect(ctx: &TcContext, cfg: &AgentConfig, eth: &EthHeader) -> Result<Inspected, Drop> {
     let Some(local_ip) = ipv4_unmapped(&cfg.underlay_ip) else {
         return Ok(Inspected::Host(None));
     };
     // Anything we cannot even parse as UDP/IPv4 is not ours to judge: the host stack decides.
-    let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
-        return Ok(Inspected::Host(None));
-    };
-    let eth = EthHeader::parse(&eth);
     if eth.ethertype != ETH_P_IP {
         return Ok(Inspected::Host(None));
     }
@@ -86,21 +82,15 @@ pub fn inspect(ctx: &TcContext, cfg: &AgentConfig) -> Result<Inspected, Drop> {
     let Ok(udp) = skb::load::<UDP_HLEN>(ctx, ETH_HLEN + ip.header_len) else {
         return Ok(Inspected::Host(Some(ip)));
     };
-    let (outer_src, strip_len, vxlan_offset) = match classify_underlay(
-        &eth,
-        &ip,
-        &udp,
-        ctx.len() as usize,
-        cfg.vxlan_port,
-        local_ip,
-    )? {
-        UnderlayPacket::NotOurs => return Ok(Inspected::Host(Some(ip))),
-        UnderlayPacket::Vxlan {
-            outer_src,
-            strip_len,
-            vxlan_offset,
-        } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
-    };
+    let (outer_src, strip_len, vxlan_offset) =
+        match classify_underlay(eth, &ip, &udp, ctx.len() as usize, cfg.vxlan_port, local_ip)? {
+            UnderlayPacket::NotOurs => return Ok(Inspected::Host(Some(ip))),
+            UnderlayPacket::Vxlan {
+                outer_src,
+                strip_len,
+                vxlan_offset,
+            } => (ipv4_mapped(outer_src), strip_len, vxlan_offset),
+        };
     let outer = OuterVxlan {
         src: outer_src,
         src_port: u16::from_be_bytes([udp[0], udp[1]]),

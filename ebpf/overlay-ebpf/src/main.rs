@@ -221,13 +221,14 @@ fn try_from_underlay(ctx: &TcContext) -> Result<i32, Drop> {
     let Ok(eth) = skb::load::<ETH_HLEN>(ctx, 0) else {
         return Ok(TC_ACT_OK as i32);
     };
-    if EthHeader::parse(&eth).ethertype == ETH_P_IPV6 {
+    let eth = EthHeader::parse(&eth);
+    if eth.ethertype == ETH_P_IPV6 {
         // SAFETY: as in `try_from_container`.
         unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::UNDERLAY_IPV6) };
         // Slot still empty: the host's IPv6 flows as if we were not here.
         return Ok(TC_ACT_OK as i32);
     }
-    match decap::inspect(ctx, cfg)? {
+    match decap::inspect(ctx, cfg, &eth)? {
         decap::Inspected::Vxlan(accepted) => decap::deliver(ctx, accepted),
         decap::Inspected::Host(None) => Ok(TC_ACT_OK as i32),
         // Not VXLAN: a reply to a masqueraded flow, or the host's own traffic.
