@@ -1,5 +1,5 @@
 //! `cargo xtask bench --quick` runs end to end and its JSON has every figure with sane values,
-//! the micro-benchmark table's included.
+//! the inner-IPv6 rows (and their ratios) and the micro-benchmark table's included.
 //!
 //! Uses the debug binaries that `cargo xtask test` builds (`--bin-dir`), writes into a temporary
 //! directory (`--out`), and runs the quick mode: one run, 2 s per test, small agent counts.
@@ -19,6 +19,21 @@ const METRICS: [&str; 7] = [
 ];
 const PATHS: [&str; 3] = ["same_agent", "cross_agent", "external"];
 const DATAPATHS: [&str; 3] = ["raw", "kernel", "ebpf"];
+/// Inner IPv6 across agents: raw IPv6, DC/OS's kernel datapath carrying dcos6, ebpf-overlay.
+const DATAPATHS_IPV6: [&str; 3] = ["raw_ipv6", "kernel_ipv6", "ebpf_ipv6"];
+
+/// Whether a figure's median is in a plausible range for its metric.
+fn sane(metric: &str, median: f64) -> bool {
+    median.is_finite()
+        && median > 0.0
+        && match metric {
+            "tcp1_gbps" | "tcp4_gbps" => median < 1000.0,
+            "udp64_kpps" => median < 100_000.0,
+            "lat_mean_us" | "lat_p99_us" => median < 1_000_000.0,
+            "tcp_cps" => median < 10_000_000.0,
+            _ => median < 100.0,
+        }
+}
 
 #[test]
 fn quick_bench_reports_every_figure() {
@@ -71,20 +86,35 @@ fn quick_bench_reports_every_figure() {
                 }
                 let median = f["median"].as_f64().unwrap();
                 assert!(
-                    median.is_finite() && median > 0.0,
-                    "{metric} {path} {dp}: {median}"
+                    sane(metric, median),
+                    "{metric} {path} {dp}: implausible {median}"
                 );
-                let sane = match metric {
-                    "tcp1_gbps" | "tcp4_gbps" => median < 1000.0,
-                    "udp64_kpps" => median < 100_000.0,
-                    "lat_mean_us" | "lat_p99_us" => median < 1_000_000.0,
-                    "tcp_cps" => median < 10_000_000.0,
-                    _ => median < 100.0,
-                };
-                assert!(sane, "{metric} {path} {dp}: implausible {median}");
             }
         }
     }
+    // The inner-IPv6 rows: across agents, every figure measured (RTT by the ping-pong).
+    for metric in METRICS {
+        for dp in DATAPATHS_IPV6 {
+            let f = figures
+                .iter()
+                .find(|f| {
+                    f["metric"] == metric && f["path"] == "cross_agent" && f["datapath"] == dp
+                })
+                .unwrap_or_else(|| panic!("no figure {metric} cross_agent {dp}"));
+            assert_eq!(f["available"], true, "{f}");
+            let median = f["median"].as_f64().unwrap();
+            assert!(sane(metric, median), "{metric} {dp}: implausible {median}");
+        }
+    }
+    let ratios = v["ratios_inner_ipv6"].as_array().unwrap();
+    assert_eq!(ratios.len(), METRICS.len());
+    assert!(
+        ratios
+            .iter()
+            .all(|r| r["ebpf_over_raw"].as_f64().is_some()
+                && r["ebpf_over_kernel"].as_f64().is_some()),
+        "{ratios:?}"
+    );
     let cp = &v["control_plane"];
     let joins = cp["joins"].as_array().unwrap();
     assert!(!joins.is_empty());

@@ -44,6 +44,10 @@ enum Cmd {
     /// (internal) The benchmark's connection-rate server, run inside a lab namespace.
     #[command(hide = true)]
     BenchCpsServer { addr: String },
+    /// (internal) The benchmark's TCP ping-pong server (RTT over IPv6), run inside a lab
+    /// namespace.
+    #[command(hide = true)]
+    BenchRttServer { addr: String },
     /// The Debian package (binaries, CNI plugin, systemd units, default config, man pages).
     Package(package::PackageArgs),
     /// The QEMU VM lab: real boots, systemd, the package installed, virtio-net NICs.
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Vm { action } => vm::run(action),
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchCpsServer { addr } => bench::traffic::cps_server(&addr),
+        Cmd::BenchRttServer { addr } => bench::traffic::rtt_server(&addr),
     }
 }
 

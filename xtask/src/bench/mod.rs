@@ -7,6 +7,12 @@
 //! - on request (`--datapaths ...,raw6,ebpf6`), the IPv6 underlay: `raw6`, agent to agent over
 //!   an IPv6-only fabric, and `ebpf6`, ebpf-overlay on that fabric (outer IPv6 VXLAN, containers
 //!   on the IPv4 `dcos` network), in a table of their own.
+//! - inner IPv6 over the IPv4 underlay (`raw_ipv6,kernel_ipv6,ebpf_ipv6`, measured by default,
+//!   across agents only), in a table of their own: `raw_ipv6`, agent to agent by IPv6 over the
+//!   fabric bridge; `kernel_ipv6`, DC/OS's kernel datapath carrying `dcos6` (Docker containers
+//!   on `d-dcos6`, `vtep_ip6`, see [`kernel`]); `ebpf_ipv6`, ebpf-overlay's real agents and
+//!   programs with IPv6 on `dcos` written at the map level (the agents do not give containers
+//!   IPv6 addresses yet). RTT there is the xtask's own TCP ping-pong ([`traffic::Rtt`]).
 //!
 //! The three labs exist side by side and every run measures all of them in turn, so that drift in
 //! machine load hits every datapath alike. Paths: two containers on one agent, on two agents, and
@@ -28,7 +34,7 @@ pub mod traffic;
 mod vm;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -41,7 +47,7 @@ use overlay_lab::{
 
 use crate::workspace_root;
 pub use report::{Figure, Results};
-use traffic::PathSample;
+use traffic::{PathSample, Rtt};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -71,9 +77,14 @@ pub struct BenchArgs {
     /// ebpf-overlay program's runs and average run time per path (adds a little per-run cost).
     #[arg(long)]
     pub bpf_stats: bool,
-    /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf, and the IPv6
-    /// underlay's raw6,ebpf6, measured only when asked for).
-    #[arg(long, value_delimiter = ',', default_value = "raw,kernel,ebpf")]
+    /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf, inner IPv6's
+    /// raw_ipv6,kernel_ipv6,ebpf_ipv6, and the IPv6 underlay's raw6,ebpf6, measured only when
+    /// asked for).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "raw,kernel,ebpf,raw_ipv6,kernel_ipv6,ebpf_ipv6"
+    )]
     pub datapaths: Vec<String>,
     /// Only the micro-benchmark table (per-packet program cost by BPF_PROG_TEST_RUN).
     #[arg(long)]
@@ -254,6 +265,8 @@ struct Setup {
     prog_ids: Vec<u32>,
     /// The agents' own namespaces (ebpf only).
     agent_nodes: Vec<Node>,
+    /// How RTT is measured on its paths.
+    rtt: Rtt,
     _keep: Box<dyn std::any::Any>,
 }
 
@@ -283,6 +296,7 @@ fn raw_setup() -> anyhow::Result<Setup> {
         paths: vec![("cross_agent", t(&a2)), ("external", t(&ext))],
         prog_ids: vec![],
         agent_nodes: vec![],
+        rtt: Rtt::Sockperf,
         _keep: Box::new(lab),
     })
 }
@@ -323,6 +337,7 @@ fn kernel_setup() -> anyhow::Result<Setup> {
         ],
         prog_ids: vec![],
         agent_nodes: vec![],
+        rtt: Rtt::Sockperf,
         _keep: Box::new(k),
     })
 }
@@ -377,6 +392,7 @@ fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
             ("cross_agent", t(&c3)),
             ("external", external),
         ],
+        rtt: Rtt::Sockperf,
         _keep: Box::new(c),
     })
 }
@@ -406,6 +422,7 @@ fn raw6_setup() -> anyhow::Result<Setup> {
         )],
         prog_ids: vec![],
         agent_nodes: vec![a1, a2],
+        rtt: Rtt::Unavailable,
         _keep: Box::new(lab),
     })
 }
@@ -440,8 +457,152 @@ fn ebpf6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
         prog_ids: bpfstats::lab_prog_ids(&instances)?,
         paths: vec![("same_agent", t(&c2)), ("cross_agent", t(&c3))],
         agent_nodes: vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()],
+        rtt: Rtt::Sockperf,
         _keep: Box::new(c),
     })
+}
+
+/// The IPv6 block of agent `i` (1-based) on the bench's inner-IPv6 network: `dcos6`'s
+/// fd01:b::i:0:0:0/80 (DC/OS's defaults, prefix6 80).
+fn block6(i: u16) -> String {
+    format!("fd01:b::{i:x}:0:0:0/80")
+}
+
+/// `raw_ipv6`: agent to agent by IPv6 over the same fabric bridge as the other inner-IPv6 rows
+/// (an IPv4 lab, each agent's eth0 given its fabric IPv6 address too).
+fn raw_ipv6_setup() -> anyhow::Result<Setup> {
+    let mut lab = Lab::up(LabSpec {
+        agents: 2,
+        id: None,
+    })?;
+    let a1 = lab.node("a1")?.clone();
+    let a2 = lab.node("a2")?.clone();
+    let addr6 = |n: &Node| overlay_lab::fabric_ip6(n.ip.unwrap().octets()[3]);
+    for n in [&a1, &a2] {
+        let cidr = format!("{}/{}", addr6(n), overlay_lab::FABRIC6_PREFIX_LEN);
+        n.exec("ip", &["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
+    }
+    let server = IpAddr::V6(addr6(&a2));
+    traffic::start_servers(&mut lab, &a2, server)?;
+    traffic::wait_servers_on(&a2, server)?;
+    if !ping_ip(&a1, server) {
+        bail!("raw_ipv6: {} cannot reach {server}", a1.netns);
+    }
+    Ok(Setup {
+        name: "raw_ipv6",
+        paths: vec![(
+            "cross_agent",
+            Ok(Target {
+                client: a1.clone(),
+                server,
+            }),
+        )],
+        prog_ids: vec![],
+        agent_nodes: vec![],
+        rtt: Rtt::PingPong,
+        _keep: Box::new(lab),
+    })
+}
+
+/// `kernel_ipv6`: DC/OS's kernel datapath carrying `dcos6`, a Docker container on each agent.
+fn kernel_ipv6_setup() -> anyhow::Result<Setup> {
+    let mut k = kernel::KernelCluster::up_with_ipv6(2)?;
+    let (c1, _) = k.add_container6(1)?;
+    let (c3, c3_ip) = k.add_container6(2)?;
+    let server = IpAddr::V6(c3_ip);
+    traffic::start_servers(&mut k.lab, &c3, server)?;
+    traffic::wait_servers_on(&c3, server)?;
+    if !ping_ip(&c1, server) {
+        bail!("kernel_ipv6: {} cannot reach {server}", c1.netns);
+    }
+    Ok(Setup {
+        name: "kernel_ipv6",
+        paths: vec![(
+            "cross_agent",
+            Ok(Target {
+                client: c1.clone(),
+                server,
+            }),
+        )],
+        prog_ids: vec![],
+        agent_nodes: vec![],
+        rtt: Rtt::PingPong,
+        _keep: Box::new(k),
+    })
+}
+
+/// `ebpf_ipv6`: ebpf-overlay's real agents and programs, a CNI container on `dcos` on each, and
+/// IPv6 on `dcos` written at the map level as the agent will write it for a dual-stack network:
+/// the subnet fd01:b::/64, each container's IPv6 and link-local addresses as endpoints (its IPv4
+/// endpoint's value), the other agent's /80 block as a route (its IPv4 route's value). The
+/// agents are stopped first (their pinned datapath keeps running): their reconciler knows only
+/// IPv4 and would take the IPv6 subnet and routes out again.
+fn ebpf_ipv6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
+    use overlay_common::maps::OverlaySubnet;
+    let mut c = Cluster::up(ClusterSpec::new(2, bin_dir))?;
+    let containers = [
+        c.add_container("a1", "dcos")?,
+        c.add_container("a2", "dcos")?,
+    ];
+    let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
+    let agent_nodes = vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()];
+    let prog_ids = bpfstats::lab_prog_ids(&instances)?;
+    for a in ["a1", "a2"] {
+        c.stop_agent(a);
+    }
+    let addr6 = |i: u16| Ipv6Addr::new(0xfd01, 0xb, 0, 0, i, 0, 0, 2);
+    let link_local = |i: u16| Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, i, 2);
+    for (idx, (container, instance)) in containers.iter().zip(&instances).enumerate() {
+        let i = idx as u16 + 1;
+        let pins = overlay_datapath::PinLayout::new(Path::new(overlay_lab::BPFFS), instance)?;
+        let mut m = overlay_datapath::OverlayMaps::open_pinned(&pins)?;
+        let ip4 = container.node.ip.context("container without an address")?;
+        let ep = *m
+            .endpoints()?
+            .get(&IpAddr::V4(ip4))
+            .with_context(|| format!("no endpoint for {ip4} on a{i}"))?;
+        // The route to the other agent's dcos subnet says where its IPv6 block is too.
+        let peer = *m
+            .routes()?
+            .values()
+            .find(|r| r.network == ep.network)
+            .with_context(|| format!("a{i} has no route of network {}", ep.network))?;
+        m.put_subnet("fd01:b::/64".parse()?, OverlaySubnet::new(ep.network))?;
+        m.put_route(block6(3 - i).parse()?, peer)?;
+        for ip in [addr6(i), link_local(i)] {
+            m.put_endpoint(IpAddr::V6(ip), ep)?;
+            let cidr = format!("{ip}/64");
+            let dev = container.ifname.as_str();
+            container
+                .node
+                .exec("ip", &["-6", "addr", "add", &cidr, "dev", dev, "nodad"])?;
+        }
+    }
+    let (c1, c3) = (&containers[0].node, &containers[1].node);
+    let server = IpAddr::V6(addr6(2));
+    traffic::start_servers(&mut c.lab, c3, server)?;
+    traffic::wait_servers_on(c3, server)?;
+    if !ping_ip(c1, server) {
+        bail!("ebpf_ipv6: {} cannot reach {server}", c1.netns);
+    }
+    Ok(Setup {
+        name: "ebpf_ipv6",
+        prog_ids,
+        agent_nodes,
+        paths: vec![(
+            "cross_agent",
+            Ok(Target {
+                client: c1.clone(),
+                server,
+            }),
+        )],
+        rtt: Rtt::PingPong,
+        _keep: Box::new(c),
+    })
+}
+
+fn ping_ip(from: &Node, to: IpAddr) -> bool {
+    (0..3).any(|_| from.ping_ip(to))
 }
 
 fn data_plane(
@@ -462,6 +623,15 @@ fn data_plane(
     }
     if want("ebpf") {
         setups.push(ebpf_setup(bin_dir).context("ebpf-overlay cluster")?);
+    }
+    if want("raw_ipv6") {
+        setups.push(raw_ipv6_setup().context("raw IPv6 lab (agent to agent)")?);
+    }
+    if want("kernel_ipv6") {
+        setups.push(kernel_ipv6_setup().context("DC/OS kernel datapath lab carrying IPv6")?);
+    }
+    if want("ebpf_ipv6") {
+        setups.push(ebpf_ipv6_setup(bin_dir).context("ebpf-overlay cluster carrying IPv6")?);
     }
     if want("raw6") {
         setups.push(raw6_setup().context("raw IPv6 underlay lab")?);
@@ -490,7 +660,7 @@ fn data_plane(
                 } else {
                     None
                 };
-                let m = traffic::measure(&t.client, t.server, plan.secs, plan.lat_secs)
+                let m = traffic::measure(&t.client, t.server, plan.secs, plan.lat_secs, s.rtt)
                     .with_context(|| format!("{} {path}, run {run}", s.name))?;
                 if let Some(before) = before {
                     let after = bpfstats::snapshot(&s.prog_ids)?;
@@ -504,7 +674,7 @@ fn data_plane(
                     }
                 }
                 println!(
-                    "bench: run {run} {:<6} {:<11} tcp1 {:6.2} Gbit/s  tcp4 {:6.2} Gbit/s  udp64 {:7.1} kpps  rtt {:6.1}/{:6.1} us  cpu {:.3} s/Gbit  {:7.0} conn/s  ({:.0} s)",
+                    "bench: run {run} {:<11} {:<11} tcp1 {:6.2} Gbit/s  tcp4 {:6.2} Gbit/s  udp64 {:7.1} kpps  rtt {:6.1}/{:6.1} us  cpu {:.3} s/Gbit  {:7.0} conn/s  ({:.0} s)",
                     s.name,
                     path,
                     m.tcp1_gbps,
@@ -535,9 +705,10 @@ fn data_plane(
             samples.push((raw, "same_agent", v));
         }
     }
+    let rtt_of = |d: &str| setups.iter().find(|s| s.name == d).map(|s| s.rtt);
     for (datapath, path, v) in &samples {
         for (metric, f) in report::METRICS {
-            if *datapath == "raw6" && metric.starts_with("lat_") {
+            if rtt_of(datapath) == Some(Rtt::Unavailable) && metric.starts_with("lat_") {
                 let why = "sockperf 3.7 (Debian 12) has no IPv6";
                 results
                     .figures

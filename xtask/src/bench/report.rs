@@ -195,13 +195,20 @@ fn join_times(joins: &[JoinSample]) -> Vec<f64> {
     joins.iter().map(|j| j.from_register_ms).collect()
 }
 
+/// Whether the run measured any of the main table's datapaths (raw, kernel, ebpf).
+fn has_main_rows(r: &Results) -> bool {
+    r.figures
+        .iter()
+        .any(|f| DATAPATHS.contains(&f.datapath.as_str()))
+}
+
 /// Target checks: (description, measured, met).
 fn targets(r: &Results) -> Vec<(String, String, Option<bool>)> {
     let mut out = vec![];
     let mut check = |what: String, ratio: Option<f64>, ok: &dyn Fn(f64) -> bool| {
         out.push((what, ratio_cell(ratio), ratio.map(|x| ok(x))));
     };
-    for path in PATHS.iter().filter(|_| !r.figures.is_empty()) {
+    for path in PATHS.iter().filter(|_| has_main_rows(r)) {
         for metric in ["tcp1_gbps", "tcp4_gbps"] {
             check(
                 format!("{metric} {path}: ≥0.95x raw"),
@@ -292,6 +299,53 @@ fn ipv6_underlay_table(r: &Results, s: &mut String) {
     );
 }
 
+/// The ratio of two datapaths' medians of one figure.
+fn ratio_of(r: &Results, metric: &str, path: &str, num: &str, den: &str) -> Option<f64> {
+    let n = r.get(metric, path, num)?.median()?;
+    let d = r.get(metric, path, den)?.median()?;
+    (d > 0.0).then(|| n / d)
+}
+
+/// Inner IPv6 across agents over the IPv4 underlay: raw IPv6 between the agents, DC/OS's
+/// kernel datapath carrying `dcos6`, ebpf-overlay carrying IPv6, measured in the same run.
+fn inner_ipv6_table(r: &Results, s: &mut String) {
+    const DPS: [&str; 3] = ["raw_ipv6", "kernel_ipv6", "ebpf_ipv6"];
+    if !r.figures.iter().any(|f| DPS.contains(&f.datapath.as_str())) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n| figure (inner IPv6, cross agent) | raw IPv6 | kernel (DC/OS, dcos6) | ebpf-overlay | ebpf/raw | ebpf/kernel |\n|---|---|---|---|---|---|"
+    );
+    for (metric, _) in METRICS {
+        let path = "cross_agent";
+        let label = match metric {
+            "lat_mean_us" => "TCP RTT mean (us, xtask ping-pong)",
+            "lat_p99_us" => "TCP RTT p99 (us, xtask ping-pong)",
+            m => label(m),
+        };
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} | {} | {} |",
+            cell(r.get(metric, path, "raw_ipv6")),
+            cell(r.get(metric, path, "kernel_ipv6")),
+            cell(r.get(metric, path, "ebpf_ipv6")),
+            ratio_cell(ratio_of(r, metric, path, "ebpf_ipv6", "raw_ipv6")),
+            ratio_cell(ratio_of(r, metric, path, "ebpf_ipv6", "kernel_ipv6")),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nInner IPv6 over the IPv4 underlay. raw IPv6: agent namespace to agent namespace over \
+         the fabric bridge. kernel: DC/OS's `dcos6` (Docker containers on `d-dcos6`, \
+         `vtep1024` with `vtep_ip6`, neighbour entry and route per peer). ebpf-overlay: the real \
+         agents' programs with IPv6 on `dcos` written at the map level, the agents stopped \
+         after wiring their CNI containers (their IPAM gives no IPv6 address yet, and their \
+         IPv4-only reconciler would remove the IPv6 entries). RTT: the xtask's TCP ping-pong \
+         (14-byte messages; sockperf 3.7 has no IPv6), not comparable with sockperf's figures."
+    );
+}
+
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -306,7 +360,7 @@ pub fn markdown(r: &Results) -> String {
         r.elapsed_s,
         u8::from(r.bpf_stats_enabled)
     );
-    if !r.figures.is_empty() {
+    if has_main_rows(r) {
         let _ = writeln!(
             s,
             "| figure | path | raw | kernel (DC/OS) | ebpf-overlay | ebpf/raw | ebpf/kernel |"
@@ -341,6 +395,7 @@ pub fn markdown(r: &Results) -> String {
             }
         }
     }
+    inner_ipv6_table(r, &mut s);
     ipv6_underlay_table(r, &mut s);
     if !r.joins.is_empty() || r.scale.is_some() {
         let _ = writeln!(
@@ -473,6 +528,14 @@ pub fn to_json(r: &Results, timestamp: &str) -> serde_json::Value {
                    "ebpf_over_kernel": r.ratio(m, p, "kernel")})
         })
         .collect();
+    let ratios_ipv6: Vec<_> = METRICS
+        .iter()
+        .map(|(m, _)| {
+            json!({"metric": m, "path": "cross_agent",
+                   "ebpf_over_raw": ratio_of(r, m, "cross_agent", "ebpf_ipv6", "raw_ipv6"),
+                   "ebpf_over_kernel": ratio_of(r, m, "cross_agent", "ebpf_ipv6", "kernel_ipv6")})
+        })
+        .collect();
     let joins: Vec<_> = r
         .joins
         .iter()
@@ -509,6 +572,7 @@ pub fn to_json(r: &Results, timestamp: &str) -> serde_json::Value {
         "paths": PATHS,
         "figures": figures,
         "ratios": ratios,
+        "ratios_inner_ipv6": ratios_ipv6,
         "control_plane": {"joins": joins, "scale": scale},
         "targets": targets,
         "micro": r.micro.as_ref().map(super::micro::to_json),

@@ -1,5 +1,6 @@
 //! Data-plane measurements between two lab nodes: iperf3 (TCP 1 and 4 streams, UDP 64-byte
-//! packets), sockperf TCP ping-pong, and CPU time from /proc/stat across the single-stream run.
+//! packets), sockperf TCP ping-pong (or, where sockperf cannot go, over IPv6, the xtask's own
+//! TCP ping-pong: [`Rtt`]), and CPU time from /proc/stat across the single-stream run.
 
 use std::{net::IpAddr, process::Stdio, time::Instant};
 
@@ -12,6 +13,23 @@ pub const SOCKPERF_PORT: u16 = 11111;
 pub const CPS_PORT: u16 = 5301;
 /// Client threads opening connections in the connection-rate test.
 const CPS_THREADS: usize = 4;
+/// Port of the TCP ping-pong server (`xtask bench-rtt-server`).
+pub const RTT_PORT: u16 = 5311;
+/// Bytes per ping-pong message: sockperf's default message size.
+const RTT_MSG: usize = 14;
+
+/// How a path's round-trip time is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rtt {
+    /// sockperf TCP ping-pong (sockperf 3.7, Debian 12's, speaks IPv4 only).
+    Sockperf,
+    /// The xtask's own TCP ping-pong (`bench-rtt-server`, either family): one connection,
+    /// `TCP_NODELAY`, 14-byte messages echoed, each round trip timed. Not the same tool as
+    /// sockperf, so its figures compare only with each other.
+    PingPong,
+    /// Not measured (reported as not available).
+    Unavailable,
+}
 
 /// One measurement of one path.
 #[derive(Clone, Debug, Default)]
@@ -58,13 +76,23 @@ pub fn start_servers(lab: &mut Lab, node: &Node, ip: IpAddr) -> anyhow::Result<(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     lab.spawn_command(iperf)?;
-    // sockperf 3.7 (Debian 12) has no IPv6: over IPv6 there is no RTT figure.
+    // sockperf 3.7 (Debian 12) has no IPv6: over IPv6 the ping-pong below measures RTT.
     if ip.is_ipv4() {
         let mut sp = node.command("sockperf");
         sp.args(["sr", "--tcp", "-i", &ip_s, "-p", &SOCKPERF_PORT.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         lab.spawn_command(sp)?;
+    } else {
+        // The ping-pong instead, for the RTT of IPv6 paths (`Rtt::PingPong`).
+        let mut rtt = node.command(std::env::current_exe()?);
+        rtt.args([
+            "bench-rtt-server",
+            &std::net::SocketAddr::new(ip, RTT_PORT).to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        lab.spawn_command(rtt)?;
     }
     let mut cps = node.command(std::env::current_exe()?);
     cps.args([
@@ -107,6 +135,66 @@ pub fn cps_server(addr: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `xtask bench-rtt-server ADDR`: echoes every 14-byte message on every connection.
+pub fn rtt_server(addr: &str) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; RTT_MSG];
+            while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+        });
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The xtask's TCP ping-pong from `client` to `server` for `secs` seconds: (mean, p99) round trip
+/// in microseconds. The client thread is pinned like sockperf's client.
+fn ping_pong(client: &Node, server: IpAddr, secs: u32) -> anyhow::Result<(f64, f64)> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from((server, RTT_PORT));
+    let cpu = pinning().map(|p| p.0.parse::<usize>().unwrap_or(0));
+    let mut rtts = overlay_lab::in_netns(client, move || {
+        if let Some(c) = cpu {
+            pin_thread(c);
+        }
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+            .with_context(|| format!("ping-pong: connecting to {addr}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        let msg = [0x5au8; RTT_MSG];
+        let mut buf = [0u8; RTT_MSG];
+        let mut rtts = Vec::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(secs as u64);
+        while Instant::now() < deadline {
+            let t = Instant::now();
+            s.write_all(&msg)?;
+            s.read_exact(&mut buf).context("ping-pong: no echo")?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(rtts)
+    })?;
+    if rtts.is_empty() {
+        bail!("ping-pong to {addr}: no round trip");
+    }
+    rtts.sort_by(f64::total_cmp);
+    let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
+    let p99 = rtts[(rtts.len() * 99).div_ceil(100) - 1];
+    Ok((mean, p99))
+}
+
 /// Connections per second from `client` to `server`: threads in the client's namespace open and
 /// reset connections for `secs` seconds.
 fn tcp_cps(client: &Node, server: IpAddr, secs: u32) -> anyhow::Result<f64> {
@@ -144,12 +232,12 @@ pub fn wait_servers_on(node: &Node, ip: IpAddr) -> anyhow::Result<()> {
     wait_servers_of(node, ip.is_ipv4())
 }
 
-fn wait_servers_of(node: &Node, sockperf: bool) -> anyhow::Result<()> {
+fn wait_servers_of(node: &Node, ipv4: bool) -> anyhow::Result<()> {
     let start = Instant::now();
-    let ports: &[u16] = if sockperf {
+    let ports: &[u16] = if ipv4 {
         &[IPERF_PORT, SOCKPERF_PORT, CPS_PORT]
     } else {
-        &[IPERF_PORT, CPS_PORT]
+        &[IPERF_PORT, RTT_PORT, CPS_PORT]
     };
     loop {
         let out = node.exec("ss", &["-Htln"]).unwrap_or_default();
@@ -313,6 +401,7 @@ pub fn measure(
     server: IpAddr,
     secs: u32,
     lat_secs: u32,
+    rtt: Rtt,
 ) -> anyhow::Result<PathSample> {
     let tck = clk_tck();
     let (b0, t0) = cpu_jiffies()?;
@@ -329,11 +418,11 @@ pub fn measure(
     let (tcp4_gbps, _) = tcp_gbps(&iperf(client, server, secs, &["-P", "4"])?)?;
     let udp = iperf(client, server, secs, &["-u", "-l", "64", "-b", "0"])?;
     let udp64_kpps = udp_kpps(&udp)?;
-    // No sockperf over IPv6 (see `start_servers`): the caller reports RTT as not available.
-    let (lat_mean_us, lat_p99_us) = if server.is_ipv4() {
-        sockperf(client, server, lat_secs)?
-    } else {
-        (0.0, 0.0)
+    // Not measured: the caller reports RTT as not available.
+    let (lat_mean_us, lat_p99_us) = match rtt {
+        Rtt::Sockperf => sockperf(client, server, lat_secs)?,
+        Rtt::PingPong => ping_pong(client, server, lat_secs)?,
+        Rtt::Unavailable => (0.0, 0.0),
     };
     let tcp_cps = tcp_cps(client, server, lat_secs)?;
     Ok(PathSample {
