@@ -57,7 +57,9 @@ impl FromStr for ContainerDevice {
         match s {
             "veth" => Ok(ContainerDevice::Veth),
             "netkit" => Ok(ContainerDevice::Netkit),
-            other => Err(format!("unknown container device {other:?} (veth or netkit)")),
+            other => Err(format!(
+                "unknown container device {other:?} (veth or netkit)"
+            )),
         }
     }
 }
@@ -114,8 +116,9 @@ impl Handle {
         ) {
             Err(e) if is_unknown_kind(&e) => Err(Error::Unsupported {
                 op: op(),
-                what: "netkit devices (the kernel is built without CONFIG_NETKIT, or older than 6.7)"
-                    .to_owned(),
+                what:
+                    "netkit devices (the kernel is built without CONFIG_NETKIT, or older than 6.7)"
+                        .to_owned(),
             }),
             other => other,
         }
@@ -164,7 +167,12 @@ mod tests {
         for d in [ContainerDevice::Veth, ContainerDevice::Netkit] {
             assert_eq!(d.to_string().parse::<ContainerDevice>(), Ok(d));
         }
-        assert!("tap".parse::<ContainerDevice>().unwrap_err().contains("veth or netkit"));
+        assert!(
+            "tap"
+                .parse::<ContainerDevice>()
+                .unwrap_err()
+                .contains("veth or netkit")
+        );
         assert_eq!(ContainerDevice::default(), ContainerDevice::Veth);
     }
 }
