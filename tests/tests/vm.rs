@@ -495,13 +495,27 @@ fn tcp_transfer(
 /// as an operator would) and waits until it is active again.
 fn restart_with_netkit(vm: &overlay_lab::vm::Vm) {
     let start = Instant::now();
-    vm.ok("echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env && systemctl restart overlay-agent")
+    let pid = vm.ok("systemctl show -P MainPID overlay-agent").unwrap();
+    // --no-block: a Type=notify start under emulation outlasts one shell command's timeout.
+    vm.ok("echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env && systemctl restart --no-block overlay-agent")
         .unwrap();
     vm.wait_for(
-        "systemctl is-active overlay-agent",
-        Duration::from_secs(180),
+        &format!(
+            "systemctl is-active overlay-agent && [ \"$(systemctl show -P MainPID overlay-agent)\" != \"{}\" ]",
+            pid.trim()
+        ),
+        Duration::from_secs(240),
     )
-    .unwrap();
+    .unwrap_or_else(|e| {
+        let log = vm
+            .sh(
+                "journalctl -b -u overlay-agent --no-pager | tail -30",
+                Duration::from_secs(30),
+            )
+            .map(|o| o.text)
+            .unwrap_or_default();
+        panic!("{}: {e:#}\n{log}", vm.name)
+    });
     eprintln!(
         "{}: agent restarted with netkit in {:.0}s",
         vm.name,
