@@ -745,6 +745,21 @@ mod tests {
             ("blue", DEFAULT_MTU)
         );
         assert_eq!(minimal.half, overlay_api::agent::Half::Cni);
+        assert_eq!(
+            minimal.container_device,
+            overlay_netlink::ContainerDevice::Veth
+        );
+        let netkit =
+            parse_config(br#"{"cniVersion":"1.0.0","name":"dcos","container_device":"netkit"}"#)
+                .unwrap();
+        assert_eq!(
+            netkit.container_device,
+            overlay_netlink::ContainerDevice::Netkit
+        );
+        let bad = parse_config(br#"{"cniVersion":"1.0.0","name":"x","container_device":"tap"}"#)
+            .unwrap_err();
+        assert_eq!(bad.code, 7);
+        assert!(bad.msg.contains("container_device"), "{}", bad.msg);
     }
 
     #[test]
