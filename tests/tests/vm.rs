@@ -336,8 +336,14 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
     ))
     .unwrap();
     let pid_before = vm2.ok("systemctl show -P MainPID overlay-agent").unwrap();
-    vm2.ok("mkdir -p /mnt/extra && mount -o ro /dev/vdb /mnt/extra && dpkg -i /mnt/extra/ebpf-overlay_0.1.1_amd64.deb")
+    // Unpacking the debug binaries under emulation takes most of a minute on a loaded host.
+    let dpkg = vm2
+        .sh(
+            "mkdir -p /mnt/extra && mount -o ro /dev/vdb /mnt/extra && dpkg -i /mnt/extra/ebpf-overlay_0.1.1_amd64.deb",
+            Duration::from_secs(240),
+        )
         .unwrap();
+    assert_eq!(dpkg.status, 0, "dpkg -i: {}", dpkg.text);
     vm2.wait_for(
         &format!(
             "systemctl is-active overlay-agent && [ \"$(systemctl show -P MainPID overlay-agent)\" != \"{}\" ]",
