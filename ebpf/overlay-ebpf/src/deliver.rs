@@ -19,6 +19,17 @@ pub fn to_endpoint(ctx: &TcContext, ep: &Endpoint) -> Result<i32, Counter> {
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32);
     }
+    // bpf_redirect_peer works at TC ingress only, where the kernel has just set the skb's
+    // input interface to the device the hook runs on. A program running as a netkit pair's
+    // policy (the container's transmit path, `--container-device netkit`) is not at ingress:
+    // the kernel would drop a peer redirect there, so it hands the frame to the target's
+    // host-side device instead (whose transmit puts it into the container).
+    // SAFETY: the context pointer is valid for the program's run.
+    let at_ingress = unsafe { (*ctx.skb.skb).ingress_ifindex } == skb::ingress_ifindex(ctx);
+    if !at_ingress {
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32);
+    }
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
 }

@@ -135,6 +135,7 @@ mod tests {
             mesos_dir: None,
             agent_socket: "/run/ebpf-overlay/agent.sock".into(),
             mtu: 1420,
+            container_device: Default::default(),
         };
         let dcos = crate::cni_conf::ConfNetwork {
             order: 0,

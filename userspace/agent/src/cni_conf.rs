@@ -40,6 +40,8 @@ pub struct CniConfs {
     pub mesos_dir: Option<PathBuf>,
     pub agent_socket: PathBuf,
     pub mtu: u32,
+    /// The pair the plugin creates; written only for netkit (the plugin's default is veth).
+    pub container_device: crate::container_device::ContainerDevice,
 }
 
 impl CniConfs {
@@ -53,7 +55,15 @@ impl CniConfs {
             "half": "cni",
         });
         match v {
-            Value::Object(m) => m,
+            Value::Object(mut m) => {
+                if self.container_device != crate::container_device::ContainerDevice::Veth {
+                    m.insert(
+                        "container_device".into(),
+                        json!(self.container_device.as_str()),
+                    );
+                }
+                m
+            }
             _ => unreachable!("an object literal"),
         }
     }
@@ -207,6 +217,7 @@ mod tests {
             mesos_dir: Some(mesos.clone()),
             agent_socket: "/run/x.sock".into(),
             mtu: 1400,
+            container_device: Default::default(),
         };
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("other.conf"), "{\"type\":\"bridge\"}").unwrap();

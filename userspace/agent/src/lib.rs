@@ -10,6 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod cleanup;
 pub mod cni_conf;
+pub mod container_device;
 pub mod control_plane;
 pub mod datapath;
 pub mod desired;

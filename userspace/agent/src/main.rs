@@ -146,6 +146,11 @@ struct Args {
     /// Drop monitor: events each CPU may report back to back before the rate applies.
     #[arg(long, default_value_t = 200)]
     monitor_burst: u32,
+    /// The device pair new CNI containers get: veth (every kernel) or netkit (kernel 6.7+ with
+    /// CONFIG_NETKIT: the program runs as the device's policy, no TC hook or backlog queue). On a
+    /// kernel without netkit the agent warns and uses veth (metric overlay_agent_container_device).
+    #[arg(long, env = "OVERLAY_CONTAINER_DEVICE", default_value = "veth")]
+    container_device: overlay_agent::container_device::ContainerDevice,
 }
 
 #[tokio::main]
@@ -268,11 +273,13 @@ async fn main() -> anyhow::Result<()> {
         nat: Some(nat),
     };
     let ipam = overlay_agent::ipam::Ipam::open(&state_dir).context("--state-dir")?;
+    let container_device = overlay_agent::container_device::choose(args.container_device)?;
     let cni_confs = CniConfs {
         dir: args.cni_conf_dir.clone(),
         mesos_dir: args.mesos_cni_conf_dir.clone(),
         agent_socket: std::path::absolute(&args.api_socket).unwrap_or(args.api_socket.clone()),
         mtu: args.mtu,
+        container_device,
     };
     let agent = Agent::start(
         dp,

@@ -31,6 +31,7 @@ pub struct Snapshot {
 pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
     let names = &s.names;
     let mut out = overlay_api::build::build_info_metric("overlay_agent");
+    out.push_str(&crate::container_device::metric());
     out.push_str("# HELP overlay_datapath_packets_total Packets handled by the eBPF datapath, by network and counter (drop_* are drops by reason).\n");
     out.push_str("# TYPE overlay_datapath_packets_total counter\n");
     let stats = maps.stats()?;

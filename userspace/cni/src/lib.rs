@@ -45,9 +45,11 @@ pub trait Host {
     fn iface(&self, netns: Option<&str>, ifname: &str) -> Result<Option<Iface>, NetlinkError>;
     /// The IPv4 routes of the main table in `netns`.
     fn routes(&self, netns: Option<&str>) -> Result<Vec<Route>, NetlinkError>;
-    /// Creates the veth pair: `host_veth` here (and up), `ifname` in the namespace `netns`.
+    /// Creates the pair (a veth, or a netkit pair with `device`): `host_veth` here (and up),
+    /// `ifname` in the namespace `netns`.
     fn add_veth(
         &self,
+        device: overlay_netlink::ContainerDevice,
         host_veth: &str,
         ifname: &str,
         mtu: u32,
@@ -110,6 +112,7 @@ impl Host for System {
     }
     fn add_veth(
         &self,
+        device: overlay_netlink::ContainerDevice,
         host_veth: &str,
         ifname: &str,
         mtu: u32,
@@ -117,7 +120,7 @@ impl Host for System {
     ) -> Result<(), NetlinkError> {
         let ns = Netns::open(netns)?;
         let mut nl = Handle::new()?;
-        nl.add_veth(host_veth, ifname, mtu, Some(&ns))?;
+        nl.add_container_pair(device, host_veth, ifname, mtu, Some(&ns))?;
         nl.set_up(host_veth)
     }
     fn del_link(&self, name: &str) -> Result<bool, NetlinkError> {
@@ -271,7 +274,7 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
     // A veth left by an earlier, interrupted ADD of this attachment.
     host.del_link(&host_veth)
         .map_err(|e| iface_error(e.to_string()))?;
-    host.add_veth(&host_veth, ifname, conf.mtu, netns)
+    host.add_veth(conf.container_device, &host_veth, ifname, conf.mtu, netns)
         .map_err(|e| iface_error(e.to_string()))?;
     let attachment = spec::attachment_id(id, ifname);
     let cleanup = |release: bool| {

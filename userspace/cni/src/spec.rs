@@ -11,6 +11,7 @@
 //! | `agent_socket` | the agent's API socket (absolute path) | `/run/ebpf-overlay/agent.sock` |
 //! | `mtu` | container interface MTU (552..=9000) | 1420 |
 //! | `half` | `cni` (first half of the agent subnet) or `docker` (second) | `cni` |
+//! | `container_device` | the pair to create: `veth` or `netkit` (kernel 6.7+, `CONFIG_NETKIT`) | `veth` |
 //!
 //! A static address may be requested with `CNI_ARGS` `IP=a.b.c.d`, `runtimeConfig.ips`
 //! (capability `ips`), `args.cni.ips` or, from Mesos' `network/cni` isolator, the task's
@@ -197,6 +198,8 @@ pub struct NetConf {
     pub agent_socket: PathBuf,
     pub mtu: u32,
     pub half: overlay_api::agent::Half,
+    /// The device pair ADD creates.
+    pub container_device: overlay_netlink::ContainerDevice,
     /// Static addresses from `runtimeConfig.ips` and `args.cni.ips`.
     pub ips: Vec<Ipv4Addr>,
     pub prev_result: Option<Value>,
@@ -404,6 +407,12 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
             )));
         }
     };
+    let container_device = match string("container_device")? {
+        None => overlay_netlink::ContainerDevice::Veth,
+        Some(d) => d
+            .parse()
+            .map_err(|e: String| invalid(format!("container_device: {e}")))?,
+    };
     let mut ips = vec![];
     let ip_lists = [
         obj.get("runtimeConfig").and_then(|r| r.get("ips")),
@@ -477,6 +486,7 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
         agent_socket,
         mtu,
         half,
+        container_device,
         ips,
         prev_result: obj.get("prevResult").cloned().filter(|v| !v.is_null()),
         valid_attachments,
@@ -735,6 +745,21 @@ mod tests {
             ("blue", DEFAULT_MTU)
         );
         assert_eq!(minimal.half, overlay_api::agent::Half::Cni);
+        assert_eq!(
+            minimal.container_device,
+            overlay_netlink::ContainerDevice::Veth
+        );
+        let netkit =
+            parse_config(br#"{"cniVersion":"1.0.0","name":"dcos","container_device":"netkit"}"#)
+                .unwrap();
+        assert_eq!(
+            netkit.container_device,
+            overlay_netlink::ContainerDevice::Netkit
+        );
+        let bad = parse_config(br#"{"cniVersion":"1.0.0","name":"x","container_device":"tap"}"#)
+            .unwrap_err();
+        assert_eq!(bad.code, 7);
+        assert!(bad.msg.contains("container_device"), "{}", bad.msg);
     }
 
     #[test]

@@ -73,7 +73,14 @@ impl Host for Down {
     fn routes(&self, _: Option<&str>) -> Result<Vec<Route>, NetlinkError> {
         self.nl(|_| vec![])
     }
-    fn add_veth(&self, _: &str, _: &str, _: u32, _: &str) -> Result<(), NetlinkError> {
+    fn add_veth(
+        &self,
+        _: overlay_netlink::ContainerDevice,
+        _: &str,
+        _: &str,
+        _: u32,
+        _: &str,
+    ) -> Result<(), NetlinkError> {
         self.nl(|_| ())
     }
     fn del_link(&self, _: &str) -> Result<bool, NetlinkError> {

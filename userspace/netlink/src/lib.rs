@@ -8,6 +8,7 @@
 //! thread stays where it was. Errors are typed ([`Error`]) where callers branch: no such device,
 //! not found, exists, permission.
 
+mod netkit;
 mod netns;
 
 use std::{
@@ -32,6 +33,7 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
+pub use netkit::{ContainerDevice, NETKIT_HEADROOM};
 pub use netns::Netns;
 
 /// What went wrong, by what the caller can do about it.
@@ -49,6 +51,9 @@ pub enum Error {
     /// EPERM / EACCES: the caller lacks CAP_NET_ADMIN (or CAP_SYS_ADMIN for namespaces).
     #[error("{op}: permission denied (needs CAP_NET_ADMIN)")]
     Permission { op: String },
+    /// EOPNOTSUPP for a device kind: the kernel is built without it (`what` names it).
+    #[error("{op}: not supported by this kernel: {what}")]
+    Unsupported { op: String, what: String },
     /// Any other failure of the kernel or the system call.
     #[error("{op}: {source}")]
     Os { op: String, source: io::Error },
@@ -77,6 +82,10 @@ impl Error {
     pub fn is_exists(&self) -> bool {
         matches!(self, Error::Exists { .. })
     }
+    /// The kernel lacks the feature asked for (a device kind it is built without).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, Error::Unsupported { .. })
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -90,7 +99,7 @@ pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
-    /// `veth`, `bridge`, ... (none for plain devices such as `lo`).
+    /// `veth`, `netkit`, `bridge`, ... (none for plain devices such as `lo`).
     pub kind: Option<String>,
 }
 

@@ -1,11 +1,12 @@
 //! Loading the embedded eBPF object and attaching its programs with pinned TCX links.
 
 mod layout_upgrade;
+mod netkit;
 mod xdp_mode;
 
 pub use xdp_mode::{XdpAttached, XdpMode, driver_of};
 
-use std::{io, path::Path};
+use std::{io, os::fd::AsFd as _, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -154,6 +155,16 @@ impl Datapath {
             .program_mut(program_name)
             .ok_or_else(|| anyhow!("no program {program_name}"))?
             .try_into()?;
+        // A netkit pair has no TC hook of its own in the datapath's sense: the program becomes
+        // the policy of what its container side sends (the same packets a veth's host-side TC
+        // ingress sees).
+        let link = overlay_netlink::Handle::new()
+            .and_then(|mut nl| nl.link(ifname))
+            .with_context(|| format!("looking up {ifname} to attach {program_name}"))?;
+        if link.kind.as_deref() == Some("netkit") {
+            return netkit::attach_peer(link.ifindex, program.fd()?.as_fd(), &pin)
+                .with_context(|| format!("attaching {program_name} to netkit {ifname}"));
+        }
         let link_id = program
             .attach_with_options(
                 ifname,
@@ -248,6 +259,11 @@ fn replace_in_pinned_link(ebpf: &mut Ebpf, program_name: &str, pin: &Path) -> an
     let program = ebpf
         .program_mut(program_name)
         .ok_or_else(|| anyhow!("no program {program_name}"))?;
+    if let aya::programs::Program::SchedClassifier(p) = &*program {
+        if netkit::replace_if_netkit(pin, p.fd()?.as_fd())? {
+            return Ok(true);
+        }
+    }
     let link = FdLink::from(old);
     match program {
         aya::programs::Program::SchedClassifier(p) => {
