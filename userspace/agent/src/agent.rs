@@ -363,7 +363,7 @@ impl Agent {
             .overlays
             .iter()
             .enumerate()
-            .filter(|(_, o)| o.subnet.is_some() && o.info.is_enabled())
+            .filter(|(_, o)| (o.subnet.is_some() || o.subnet6.is_some()) && o.info.is_enabled())
             .map(|(order, o)| ConfNetwork {
                 order,
                 name: o.info.name.clone(),
