@@ -446,10 +446,9 @@ impl Endpoints {
                 tracing::info!(ifindex, attachment = ?req.attachment, "re-wiring the endpoint of an attachment");
                 disconnect_veth(dp, &existing, ifindex)?;
             }
-        } else if !requested.is_empty() && requested.iter().all(|ip| existing.contains_key(ip)) {
-            if requested.iter().all(wired_here) {
-                return Ok(self.info(dp, alloc, requested[0])?);
-            }
+        } else if !requested.is_empty() && requested.iter().all(wired_here) {
+            // The requested addresses, wired to this very veth already: an ADD repeated.
+            return Ok(self.info(dp, alloc, requested[0])?);
         }
         let taken: BTreeSet<IpAddr> = existing.keys().copied().collect();
         let mut addresses: Vec<IpAddr> = vec![];
