@@ -86,14 +86,14 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
     // Kept: the addresses stay allocated in the IPAM; out of the datapath meanwhile.
     for (agent, containers) in [("a1", vec![&x1, &x2]), ("a2", vec![&y])] {
         let usage = c.agent(agent).ipam().unwrap();
-        let allocated: Vec<Ipv4Addr> = usage
+        let allocated: Vec<std::net::IpAddr> = usage
             .iter()
             .filter(|u| u.network == "blue")
             .flat_map(|u| u.allocations.iter().map(|a| a.ip))
             .collect();
         for container in containers {
             assert!(
-                allocated.contains(&ip(container)),
+                allocated.contains(&ip(container).into()),
                 "{agent}: {} lost its address: {usage:?}",
                 ip(container)
             );

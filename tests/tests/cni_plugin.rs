@@ -586,13 +586,10 @@ fn exhaustion_is_error_100_with_the_metric_and_leaves_nothing_behind() {
     assert_eq!(used(&c, "a1", "dcos"), 5);
     let m = c.agent("a1").metrics().unwrap();
     assert!(
-        m.contains("overlay_agent_ipam_addresses{network=\"dcos\",state=\"used\"} 5"),
+        m.contains("network=\"dcos\",family=\"ipv4\",state=\"used\"} 5"),
         "{m}"
     );
-    assert!(
-        m.contains("overlay_agent_ipam_exhausted_total{network=\"dcos\"} 1"),
-        "{m}"
-    );
+    assert!(m.contains("network=\"dcos\",family=\"ipv4\"} 1"), "{m}");
     // Freeing one makes room again.
     del(&c, "a1", &conf, "x0", Some(&nss[0])).ok();
     add(&c, "a1", &conf, "x5", &nss[5]).ok();
@@ -912,4 +909,208 @@ fn the_plugin_needs_no_ip_or_nsenter_on_its_path() {
     cni(&c, "a1", &with_path("DEL"), conf.to_string().as_bytes()).ok();
     assert_clean(&c, "a1");
     let _ = std::fs::remove_dir(&empty);
+}
+
+const DUAL: &str = "\
+vtep_subnet: 44.128.0.0/20
+vtep_mac_oui: 70:B3:D5:00:00:00
+overlays:
+  - name: dual
+    subnet: 9.0.0.0/8
+    prefix: 24
+    subnet6: fd01:c::/112
+    prefix6: 124
+  - name: dcos6
+    subnet6: fd01:b::/64
+    prefix6: 80
+";
+
+/// The addresses of a result in any shape, by family (`ip4`/`ip6` objects or the `ips` list).
+fn result_addrs(v: &Value) -> Vec<String> {
+    match v.get("ips") {
+        Some(ips) => ips
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["address"].as_str().unwrap().to_owned())
+            .collect(),
+        None => ["ip4", "ip6"]
+            .iter()
+            .filter_map(|k| v.get(*k).map(|o| o["ip"].as_str().unwrap().to_owned()))
+            .collect(),
+    }
+}
+
+#[test]
+fn dual_stack_results_check_del_and_ipv6_exhaustion_per_version() {
+    let c = cluster_with(1, Some(DUAL));
+    let me = c.agent_info("a1").unwrap();
+    let dual = me.overlays.iter().find(|o| o.info.name == "dual").unwrap();
+    let (cni4, _) = overlay_api::subnets::halves4(dual.subnet.unwrap());
+    let (cni6, _) = overlay_api::subnets::halves6(dual.subnet6.unwrap());
+    let gw4 = overlay_api::subnets::gateway4(cni4).to_string();
+    let gw6 = overlay_api::subnets::gateway6(cni6).to_string();
+    // One ADD per version, each checked in its own shape, then CHECK (0.4.0 on) and DEL.
+    let versions = ["0.2.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+    let nss: Vec<Netns> = versions.iter().map(|_| Netns::new(&c)).collect();
+    for (i, (version, ns)) in versions.iter().zip(&nss).enumerate() {
+        let conf = agent_conf(&c, "a1", "dual", version);
+        let id = format!("d{i}");
+        let r = add(&c, "a1", &conf, &id, ns);
+        let v = r.ok().json();
+        assert_eq!(v["cniVersion"], *version);
+        match *version {
+            "0.2.0" => {
+                assert!(v.get("ips").is_none(), "{v}");
+                assert_eq!(v["ip4"]["gateway"], gw4.as_str());
+                assert_eq!(v["ip6"]["gateway"], gw6.as_str());
+                assert_eq!(v["ip6"]["routes"][0], json!({"dst": "::/0", "gw": gw6}));
+            }
+            _ => {
+                let ips = v["ips"].as_array().unwrap();
+                assert_eq!(ips.len(), 2, "{v}");
+                assert_eq!(ips[1]["gateway"], gw6.as_str());
+                assert_eq!(ips[1]["interface"], 1);
+                let versioned = version.starts_with("0.");
+                assert_eq!(ips[0].get("version").is_some(), versioned, "{v}");
+                if versioned {
+                    assert_eq!(
+                        (ips[0]["version"].as_str(), ips[1]["version"].as_str()),
+                        (Some("4"), Some("6"))
+                    );
+                }
+                let routes = v["routes"].as_array().unwrap();
+                assert!(routes.contains(&json!({"dst": "::/0", "gw": gw6})), "{v}");
+                assert!(
+                    routes.contains(&json!({"dst": "0.0.0.0/0", "gw": gw4})),
+                    "{v}"
+                );
+            }
+        }
+        let addrs = result_addrs(&v);
+        assert_eq!(addrs.len(), 2, "{v}");
+        let v6: std::net::Ipv6Addr = addrs[1].split('/').next().unwrap().parse().unwrap();
+        assert!(cni6.contains(v6), "{v6} outside {cni6}");
+        assert!(
+            addrs[1].ends_with(&format!("/{}", cni6.prefix())),
+            "{addrs:?}"
+        );
+        // The container has both, its default routes and no router advertisements heeded.
+        let shown = ns.ip(&["-6", "addr", "show", "dev", "eth0"]).unwrap();
+        assert!(shown.contains(&addrs[1]), "{shown}");
+        let route6 = ns.ip(&["-6", "route", "show", "default"]).unwrap();
+        assert!(route6.contains(&gw6), "{route6}");
+        if !matches!(*version, "0.2.0" | "0.3.1") {
+            let mut checked = conf.clone();
+            checked["prevResult"] = v.clone();
+            cni(
+                &c,
+                "a1",
+                &op("CHECK", &id, &ns.path(), "eth0"),
+                checked.to_string().as_bytes(),
+            )
+            .ok();
+            // CHECK sees a missing IPv6 address (and says which).
+            ns.ip(&["-6", "addr", "del", &addrs[1], "dev", "eth0"])
+                .unwrap();
+            let msg = cni(
+                &c,
+                "a1",
+                &op("CHECK", &id, &ns.path(), "eth0"),
+                checked.to_string().as_bytes(),
+            )
+            .err(104);
+            assert!(msg.contains(&addrs[1]), "{msg}");
+            ns.ip(&["-6", "addr", "add", &addrs[1], "dev", "eth0", "nodad"])
+                .unwrap();
+            // ... and a missing IPv6 default route.
+            let _ = ns.ip(&["-6", "route", "del", "default"]);
+            let msg = cni(
+                &c,
+                "a1",
+                &op("CHECK", &id, &ns.path(), "eth0"),
+                checked.to_string().as_bytes(),
+            )
+            .err(104);
+            assert!(msg.contains(&gw6), "{msg}");
+        }
+        assert_eq!(used(&c, "a1", "dual"), 2, "one address per family");
+        del(&c, "a1", &conf, &id, Some(ns)).ok();
+        assert_eq!(used(&c, "a1", "dual"), 0, "DEL frees both families");
+        // DEL again: nothing left to free, still fine.
+        del(&c, "a1", &conf, &id, Some(ns)).ok();
+    }
+    assert_clean(&c, "a1");
+
+    // An IPv6-only network: one address, the IPv6 one.
+    let conf6 = agent_conf(&c, "a1", "dcos6", "1.0.0");
+    let ns = Netns::new(&c);
+    let v = add(&c, "a1", &conf6, "only6", &ns).ok().json();
+    let addrs = result_addrs(&v);
+    assert_eq!(addrs.len(), 1, "{v}");
+    assert!(addrs[0].contains(':'), "{addrs:?}");
+    let conf020 = agent_conf(&c, "a1", "dcos6", "0.2.0");
+    let v = serde_json::from_str::<Value>(
+        &cni(
+            &c,
+            "a1",
+            &op("ADD", "only6", &ns.path(), "eth1"),
+            conf020.to_string().as_bytes(),
+        )
+        .ok()
+        .stdout,
+    )
+    .unwrap();
+    assert!(v.get("ip4").is_none() && v["ip6"]["ip"].is_string(), "{v}");
+    cni(
+        &c,
+        "a1",
+        &op("DEL", "only6", &ns.path(), "eth1"),
+        conf020.to_string().as_bytes(),
+    )
+    .ok();
+    del(&c, "a1", &conf6, "only6", Some(&ns)).ok();
+    assert_clean(&c, "a1");
+
+    // The IPv6 half runs out first (a /124 per agent: /125 halves, 5 usable addresses each):
+    // the error names the network and the family, and the IPv4 address taken before it is
+    // given back (nothing leaks).
+    let conf = agent_conf(&c, "a1", "dual", "1.0.0");
+    let nss: Vec<Netns> = (0..6).map(|_| Netns::new(&c)).collect();
+    for (i, ns) in nss.iter().enumerate().take(5) {
+        add(&c, "a1", &conf, &format!("x{i}"), ns).ok();
+    }
+    let veths = plugin_veths(&c, "a1");
+    let msg = add(&c, "a1", &conf, "x5", &nss[5]).err(100);
+    assert!(
+        msg.contains("network dual") && msg.contains("IPv6") && msg.contains(&cni6.to_string()),
+        "{msg}"
+    );
+    assert_eq!(plugin_veths(&c, "a1"), veths, "failed ADD left a veth");
+    assert!(
+        nss[5].ip(&["link", "show", "eth0"]).is_err(),
+        "failed ADD left eth0"
+    );
+    let usage = c.agent("a1").ipam().unwrap();
+    let by_family = |f: overlay_api::agent::Family| -> u32 {
+        usage
+            .iter()
+            .filter(|u| u.network == "dual" && u.family == f)
+            .map(|u| u.used)
+            .sum()
+    };
+    assert_eq!(
+        by_family(overlay_api::agent::Family::Ipv4),
+        5,
+        "the IPv4 address of the failed ADD leaked"
+    );
+    assert_eq!(by_family(overlay_api::agent::Family::Ipv6), 5);
+    assert_eq!(c.agent("a1").endpoints().unwrap().len(), 5);
+    let m = c.agent("a1").metrics().unwrap();
+    assert!(m.contains("network=\"dual\",family=\"ipv6\"} 1"), "{m}");
+    assert!(m.contains("network=\"dual\",family=\"ipv4\"} 0"), "{m}");
+    for (i, ns) in nss.iter().enumerate().take(5) {
+        del(&c, "a1", &conf, &format!("x{i}"), Some(ns)).ok();
+    }
+    assert_clean(&c, "a1");
 }

@@ -169,6 +169,7 @@ fn convert(cluster: &mut Cluster, me: &DcosAgent, cs: &[Container]) -> AgentInfo
             .add_endpoint(&AddEndpoint {
                 network: NETS[n].0.into(),
                 ip: Some(me.container_ip(n)),
+                ip6: None,
                 host_veth: c.host_veth.clone(),
                 container_mac: mac,
                 half: Default::default(),
@@ -176,7 +177,7 @@ fn convert(cluster: &mut Cluster, me: &DcosAgent, cs: &[Container]) -> AgentInfo
             })
             .unwrap_or_else(|e| panic!("adopting {}'s {} container: {e:#}", me.role, NETS[n].0));
         assert_eq!(ep.ip, me.container_ip(n), "the container keeps its address");
-        assert_eq!(ep.gateway, Some(me.gateway(n)), "and its gateway");
+        assert_eq!(ep.gateway, Some(me.gateway(n).into()), "and its gateway");
     }
     node.exec("ip", &["link", "del", "vtep1024"]).unwrap();
     for (name, _) in NETS {

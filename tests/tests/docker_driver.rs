@@ -8,7 +8,7 @@
 //! the Docker networks themselves (`--docker-host`).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     time::{Duration, Instant},
 };
@@ -22,6 +22,24 @@ use overlay_tests::{
     },
 };
 use serde_json::Value;
+
+/// The lab's two networks and a dual-stack one.
+const CONFIG: &str = "\
+vtep_subnet: 44.128.0.0/20
+vtep_mac_oui: 70:B3:D5:00:00:00
+overlays:
+  - name: dcos
+    subnet: 9.0.0.0/8
+    prefix: 24
+  - name: blue
+    subnet: 10.1.0.0/16
+    prefix: 24
+  - name: dual
+    subnet: 10.2.0.0/16
+    prefix: 24
+    subnet6: fd01:c::/48
+    prefix6: 64
+";
 
 #[test]
 fn docker_and_cni_containers_share_the_overlay_across_agents() {
@@ -41,6 +59,7 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
     std::fs::create_dir_all(&root.0).unwrap();
     let mut spec = ClusterSpec::new(2, &bin_dir);
     spec.agent_args = agent_args(&root.0);
+    spec.config = CONFIG.into();
     let host_run_docker = Path::new("/run/docker").exists();
     let mut c = Cluster::up(spec).unwrap();
     let tar = busybox_tar(&root.0);
@@ -54,6 +73,7 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
         d.run(&["import", tar.to_str().unwrap(), IMAGE]).unwrap();
         d.wait_network("dcos");
         d.wait_network("blue");
+        d.wait_network("dual");
     }
     // The driver's socket refuses what it should, and changes nothing doing so.
     let plugin = |call: &str, body: &[u8]| -> (u16, Value) {
@@ -83,7 +103,7 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
         ),
         (
             "IpamDriver.RequestPool",
-            r#"{"V6":true}"#.to_owned(),
+            r#"{"V6":true,"Options":{"network":"dcos"}}"#.to_owned(),
             "IPv6",
         ),
         (
@@ -218,6 +238,98 @@ fn docker_and_cni_containers_share_the_overlay_across_agents() {
         1,
         "the refused --ip left something"
     );
+    // A dual-stack network: the agent made its Docker network --ipv6 with the IPv6 docker half;
+    // its containers get an IPv6 address from it (and the IPv6 gateway from Join) and reach
+    // each other across agents over IPv6.
+    let inspect: Value =
+        serde_json::from_str(&d1.run(&["network", "inspect", "dual"]).unwrap()).unwrap();
+    assert_eq!(inspect[0]["EnableIPv6"], true, "{inspect}");
+    let dual_run = |d: &Dockerd, name: &str| {
+        d.run(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "dual",
+            IMAGE,
+            "/bin/sleep",
+            "600",
+        ])
+        .unwrap()
+    };
+    dual_run(&d1, "six1");
+    dual_run(&d2, "six2");
+    let ipv6_of = |d: &Dockerd, name: &str| -> Ipv6Addr {
+        let out = d
+            .run(&[
+                "exec", name, "ip", "-6", "-o", "addr", "show", "dev", "eth0",
+            ])
+            .unwrap();
+        let words: Vec<&str> = out.split_whitespace().collect();
+        words
+            .windows(2)
+            .filter(|w| w[0] == "inet6")
+            .filter_map(|w| w[1].split('/').next()?.parse::<Ipv6Addr>().ok())
+            .find(|a| !a.is_unicast_link_local())
+            .unwrap_or_else(|| panic!("no global IPv6 address in {out:?}"))
+    };
+    let (six1, six2) = (ipv6_of(&d1, "six1"), ipv6_of(&d2, "six2"));
+    for (agent, v6) in [("a1", six1), ("a2", six2)] {
+        let me = c.agent_info(agent).unwrap();
+        let dual = me.overlays.iter().find(|o| o.info.name == "dual").unwrap();
+        let (_, docker6) = overlay_api::subnets::halves6(dual.subnet6.unwrap());
+        assert!(
+            docker6.contains(v6),
+            "{v6} outside the IPv6 docker half {docker6}"
+        );
+        let eps = c.agent(agent).endpoints().unwrap();
+        assert!(
+            eps.iter().any(|e| e.ipv6() == Some(v6)),
+            "{v6} not in {eps:?}"
+        );
+    }
+    let route6 = d1.run(&["exec", "six1", "ip", "-6", "route"]).unwrap();
+    assert!(route6.contains("default via"), "{route6}");
+    let ping6 = |d: &Dockerd, from: &str, to: Ipv6Addr| {
+        // The kernel's link-local address of a Docker container is tentative for a moment.
+        let start = Instant::now();
+        loop {
+            if d.run(&[
+                "exec",
+                from,
+                "ping",
+                "-6",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &to.to_string(),
+            ])
+            .is_ok()
+            {
+                return true;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    assert!(
+        ping6(&d1, "six1", six2),
+        "docker -> docker over IPv6 across agents"
+    );
+    assert!(ping6(&d2, "six2", six1), "and back");
+    d1.run(&["rm", "-f", "six1"]).unwrap();
+    d2.run(&["rm", "-f", "six2"]).unwrap();
+    for a in ["a1", "a2"] {
+        assert_eq!(
+            docker_half_used(&c, a, "dual"),
+            0,
+            "{a}: dual-stack addresses leaked"
+        );
+    }
     // disconnect/connect: the container comes back (as eth1) with a working interface.
     d1.run(&["network", "disconnect", "dcos", "one"]).unwrap();
     assert_eq!(

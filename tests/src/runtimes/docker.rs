@@ -225,11 +225,20 @@ pub fn docker_half_used(c: &Cluster, agent: &str, network: &str) -> u32 {
 }
 
 pub fn docker_half(c: &Cluster, agent: &str, network: &str) -> ipnetwork::Ipv4Network {
-    c.agent(agent)
+    let range = c
+        .agent(agent)
         .ipam()
         .unwrap()
         .into_iter()
-        .find(|u| u.network == network && u.half == overlay_api::agent::Half::Docker)
+        .find(|u| {
+            u.network == network
+                && u.half == overlay_api::agent::Half::Docker
+                && u.family == overlay_api::agent::Family::Ipv4
+        })
         .unwrap()
-        .range
+        .range;
+    match range {
+        ipnetwork::IpNetwork::V4(r) => r,
+        other => panic!("IPv4 docker half of {network} is {other}"),
+    }
 }

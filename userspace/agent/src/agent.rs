@@ -5,16 +5,16 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv6Addr},
     path::PathBuf,
     sync::Arc,
 };
 
 use anyhow::Context as _;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_api::{
     AgentInfo, MacAddr, State,
-    agent::{AddEndpoint, AgentStatus, EndpointInfo, GcRequest, Half, IpamUsage, Released},
+    agent::{AddEndpoint, AgentStatus, EndpointInfo, Family, GcRequest, Half, IpamUsage, Released},
 };
 
 use crate::{
@@ -55,7 +55,7 @@ pub struct Applied {
     pub changed: usize,
     /// The host's routes into the overlay as they should be now (set outside the owner: it
     /// talks to the kernel's routing tables); None without a host link.
-    pub host_routes: Option<BTreeMap<Ipv4Network, Ipv4Addr>>,
+    pub host_routes: Option<BTreeMap<IpNetwork, IpAddr>>,
 }
 
 pub struct Agent {
@@ -186,14 +186,13 @@ impl Agent {
                 MacAddr(after.0)
             ));
         }
-        let mut subnets: BTreeMap<String, Option<Ipv4Network>> = BTreeMap::new();
+        // This agent's subnets of each network after the change, both families.
+        let mut subnets: BTreeMap<String, Vec<IpNetwork>> = BTreeMap::new();
         for ov in &old.overlays {
-            let now = new
-                .overlays
-                .iter()
-                .find(|o| o.info.name == ov.info.name)
-                .and_then(|o| o.subnet);
-            if let (Some(before), Some(after)) = (ov.subnet, now)
+            let now = new.overlays.iter().find(|o| o.info.name == ov.info.name);
+            let now4 = now.and_then(|o| o.subnet);
+            let now6 = now.and_then(|o| o.subnet6);
+            if let (Some(before), Some(after)) = (ov.subnet, now4)
                 && before != after
             {
                 changes.push(format!(
@@ -201,24 +200,43 @@ impl Agent {
                     ov.info.name
                 ));
             }
-            subnets.insert(ov.info.name.clone(), now);
+            if let (Some(before), Some(after)) = (ov.subnet6, now6)
+                && before != after
+            {
+                changes.push(format!(
+                    "network {}: subnet6 {before} -> {after}",
+                    ov.info.name
+                ));
+            }
+            subnets.insert(
+                ov.info.name.clone(),
+                now4.map(IpNetwork::V4)
+                    .into_iter()
+                    .chain(now6.map(IpNetwork::V6))
+                    .collect(),
+            );
         }
         if changes.is_empty() {
             return;
         }
-        let mut stranded: Vec<Ipv4Addr> = Vec::new();
+        let mut stranded: Vec<IpAddr> = Vec::new();
         let active = self.endpoints().unwrap_or_default();
         let parked = self.endpoints.parked();
         let endpoints = active
             .iter()
-            .map(|e| (e.ip, e.network_id))
-            .chain(parked.iter().map(|(ip, p)| (*ip, p.vni)));
+            .flat_map(|e| e.addresses().into_iter().map(|a| (a.ip, e.network_id)))
+            .chain(
+                parked
+                    .iter()
+                    .filter(|(ip, _)| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+                    .map(|(ip, p)| (*ip, p.vni)),
+            );
         for (ip, vni) in endpoints {
             let inside = self
                 .names
                 .get(&vni)
-                .and_then(|n| subnets.get(n).copied().flatten())
-                .is_some_and(|s| s.contains(ip));
+                .and_then(|n| subnets.get(n))
+                .is_some_and(|s| s.iter().any(|s| s.contains(ip)));
             if !inside {
                 stranded.push(ip);
             }
@@ -345,7 +363,7 @@ impl Agent {
             .overlays
             .iter()
             .enumerate()
-            .filter(|(_, o)| o.subnet.is_some() && o.info.is_enabled())
+            .filter(|(_, o)| (o.subnet.is_some() || o.subnet6.is_some()) && o.info.is_enabled())
             .map(|(order, o)| ConfNetwork {
                 order,
                 name: o.info.name.clone(),
@@ -397,7 +415,7 @@ impl Agent {
         Ok(info)
     }
 
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), EndpointError> {
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), EndpointError> {
         self.endpoints.remove(&mut self.dp, ip)?;
         self.heartbeat_now.notify_one();
         Ok(())
@@ -423,36 +441,42 @@ impl Agent {
         self.endpoints.usage(self.me.as_ref())
     }
 
-    /// This agent's subnet of `network`, if it has one (the Docker driver's pools).
+    /// This agent's IPv4 subnet of `network`, if it has one (the Docker driver's pools).
     pub fn subnet_of(&self, network: &str) -> Option<Ipv4Network> {
         self.alloc().subnet_of(network)
+    }
+
+    /// This agent's IPv6 subnet of `network`, if it has one (the Docker driver's IPv6 pools).
+    pub fn subnet6_of(&self, network: &str) -> Option<Ipv6Network> {
+        self.alloc().subnet6_of(network)
     }
 
     pub fn reserve_address(
         &mut self,
         network: &str,
+        family: Family,
         half: Half,
-        requested: Option<Ipv4Addr>,
-    ) -> Result<Ipv4Addr, EndpointError> {
+        requested: Option<IpAddr>,
+    ) -> Result<IpAddr, EndpointError> {
         let alloc = Allocation {
             me: self.me.as_ref(),
             names: &self.names,
         };
         self.endpoints
-            .reserve_address(&self.dp, alloc, network, half, requested)
+            .reserve_address(&self.dp, alloc, network, family, half, requested)
     }
 
-    pub fn set_attachment(&mut self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+    pub fn set_attachment(&mut self, ip: IpAddr, attachment: &str) -> anyhow::Result<()> {
         self.endpoints.set_attachment(ip, attachment)
     }
 
-    pub fn unwire_endpoint(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
+    pub fn unwire_endpoint(&mut self, ip: IpAddr) -> anyhow::Result<()> {
         self.endpoints.unwire(&mut self.dp, ip)
     }
 
     /// Makes `source` (the underlay NIC's IPv6 address, or none) the source of IPv6 masquerade:
     /// into this agent's facts, so that every later reconciliation keeps it, and into the maps.
-    pub fn set_ipv6_source(&mut self, source: Option<std::net::Ipv6Addr>) -> anyhow::Result<()> {
+    pub fn set_ipv6_source(&mut self, source: Option<Ipv6Addr>) -> anyhow::Result<()> {
         let Some(nat) = self.local.nat else {
             return Ok(());
         };
@@ -481,14 +505,17 @@ impl Agent {
 
     /// What the metrics need from the agent's knowledge (the maps are read by the renderer).
     pub fn metrics_snapshot(&self) -> Snapshot {
-        let mut ipam: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+        let mut ipam: BTreeMap<(String, Family), (u64, u64)> = BTreeMap::new();
         for u in self.ipam_usage() {
-            let e = ipam.entry(u.network).or_default();
-            e.0 += u.used;
-            e.1 += u.free;
+            let e = ipam.entry((u.network, u.family)).or_default();
+            e.0 += u64::from(u.used);
+            e.1 = e.1.saturating_add(u.free);
         }
         let exhausted = match self.endpoints.ipam() {
-            Some(i) => ipam.keys().map(|n| (n.clone(), i.exhausted(n))).collect(),
+            Some(i) => ipam
+                .keys()
+                .map(|(n, f)| ((n.clone(), *f), i.exhausted(n, *f)))
+                .collect(),
             None => BTreeMap::new(),
         };
         Snapshot {

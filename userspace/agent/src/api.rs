@@ -1,6 +1,6 @@
 //! The agent's local HTTP API, served on a Unix socket (and `/metrics` optionally on TCP).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use axum::{
     Json, Router,
@@ -87,10 +87,10 @@ async fn add_endpoint(
 }
 
 async fn remove_endpoint(State(agent): State<Handle>, Path(ip): Path<String>) -> Response {
-    let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+    let Ok(ip) = ip.parse::<IpAddr>() else {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("{ip:?} is not an IPv4 address"),
+            format!("{ip:?} is not an IP address"),
         );
     };
     match agent.remove_endpoint(ip).await {

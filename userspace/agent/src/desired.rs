@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::IpNetwork;
 use overlay_api::{AgentInfo, State, Status};
 use overlay_common::maps::{
     Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep, WireVni,
@@ -57,8 +57,9 @@ pub struct DesiredDatapath {
     pub configured: BTreeMap<u32, bool>,
     /// The host's endpoints: one per enabled network this agent has a subnet of, at its gateway.
     pub host_endpoints: BTreeMap<IpAddr, Endpoint>,
-    /// The host's routes into the overlay: this agent's subnet -> its gateway (the source).
-    pub host_routes: BTreeMap<Ipv4Network, Ipv4Addr>,
+    /// The host's routes into the overlay: each network's IPv4 and IPv6 subnet -> this agent's
+    /// gateway address in it (the source).
+    pub host_routes: BTreeMap<IpNetwork, IpAddr>,
     /// `OVL_CONFIG`, once this agent has a VTEP.
     pub config: Option<AgentSettings>,
     pub nat_config: Option<NatConfig>,
@@ -68,8 +69,8 @@ impl DesiredDatapath {
     /// Every enabled network; every network's subnet (a disabled network's addresses stay
     /// overlay addresses: unreachable, never masqueraded out); every other agent's subnets of
     /// enabled networks (routes) and VTEP; this agent's config and host endpoints from `me`
-    /// (its allocation). IPv4 only for now: the IPv6 datapath is a later addition (the maps
-    /// already hold 16 bytes).
+    /// (its allocation). Both families alike: a network's `subnet6`, the agents' IPv6 blocks
+    /// and this agent's IPv6 gateways are entries like the IPv4 ones (16-byte keys).
     pub fn from_state(
         state: &State,
         me: Option<&AgentInfo>,
@@ -89,9 +90,13 @@ impl DesiredDatapath {
                 continue;
             };
             d.configured.insert(id, net.is_enabled());
-            if let Some(subnet) = net.subnet {
-                d.subnets
-                    .insert(IpNetwork::V4(subnet), OverlaySubnet::new(id));
+            for subnet in net
+                .subnet
+                .map(IpNetwork::V4)
+                .into_iter()
+                .chain(net.subnet6.map(IpNetwork::V6))
+            {
+                d.subnets.insert(subnet, OverlaySubnet::new(id));
             }
             if !net.is_enabled() {
                 continue;
@@ -116,28 +121,47 @@ impl DesiredDatapath {
                     .as_ref()
                     .is_some_and(|s| s.status == Status::Failed);
                 let net = by_name.get(ov.info.name.as_str()).copied();
-                let (Some(subnet), Some((id, vni)), false) = (ov.subnet, net, failed) else {
+                let (Some((id, vni)), false) = (net, failed) else {
                     continue;
                 };
-                d.routes.insert(
-                    IpNetwork::V4(subnet),
-                    RemoteRoute::new(addr16(agent.ip), vtep_mac, id, vni),
-                );
+                let blocks = ov
+                    .subnet
+                    .map(IpNetwork::V4)
+                    .into_iter()
+                    .chain(ov.subnet6.map(IpNetwork::V6));
+                for block in blocks {
+                    d.routes
+                        .insert(block, RemoteRoute::new(addr16(agent.ip), vtep_mac, id, vni));
+                }
             }
         }
         if let Some(link) = local.host_link {
             for ov in me.iter().flat_map(|me| &me.overlays) {
-                let half = ov.mesos_bridge.as_ref().and_then(|b| b.ip);
-                let id = by_name.get(ov.info.name.as_str()).map(|&(id, _)| id);
-                let (Some(subnet), Some(half), Some(id)) = (ov.info.subnet, half, id) else {
+                let Some(id) = by_name.get(ov.info.name.as_str()).map(|&(id, _)| id) else {
                     continue;
                 };
-                let gateway = ipam::gateway_of(half);
-                d.host_routes.insert(subnet, gateway);
-                d.host_endpoints.insert(
-                    IpAddr::V4(gateway),
-                    Endpoint::host(link.peer_ifindex, id, link.host_mac),
-                );
+                let bridge = ov.mesos_bridge.as_ref();
+                let families = [
+                    (
+                        ov.info.subnet.map(IpNetwork::V4),
+                        bridge.and_then(|b| b.ip).map(IpNetwork::V4),
+                    ),
+                    (
+                        ov.info.subnet6.map(IpNetwork::V6),
+                        bridge.and_then(|b| b.ip6).map(IpNetwork::V6),
+                    ),
+                ];
+                for (subnet, half) in families {
+                    let (Some(subnet), Some(half)) = (subnet, half) else {
+                        continue;
+                    };
+                    let gateway = ipam::gateway_of(half);
+                    d.host_routes.insert(subnet, gateway);
+                    d.host_endpoints.insert(
+                        gateway,
+                        Endpoint::host(link.peer_ifindex, id, link.host_mac),
+                    );
+                }
             }
         }
         d
@@ -310,12 +334,74 @@ mod tests {
         assert_eq!(e, Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 1]));
         assert_eq!(
             d.host_routes[&"9.0.0.0/8".parse().unwrap()],
-            "9.0.1.1".parse::<Ipv4Addr>().unwrap()
+            "9.0.1.1".parse::<IpAddr>().unwrap()
         );
         // Without the host link: neither.
         let mut l = local("10.250.0.12");
         l.host_link = None;
         let d = DesiredDatapath::from_state(&s, Some(&me), &l);
         assert!(d.host_endpoints.is_empty() && d.host_routes.is_empty());
+    }
+    #[test]
+    fn ipv6_subnets_routes_and_host_endpoints() {
+        let s: State = serde_json::from_value(serde_json::json!({
+            "network": {
+                "vtep_subnet": "44.128.0.0/20", "vtep_mac_oui": "70:B3:D5:00:00:00",
+                "overlays": [
+                    {"name": "dcos6", "subnet6": "fd01:b::/64", "prefix6": 80, "id": 1024},
+                    {"name": "dual", "subnet": "10.5.0.0/16", "prefix": 24,
+                     "subnet6": "fd01:c::/48", "prefix6": 64, "id": 1025}
+                ]
+            },
+            "agents": [
+                {"ip": "10.250.0.11", "overlays": [
+                    {"info": {"name": "dcos6", "subnet6": "fd01:b::/64", "prefix6": 80},
+                     "subnet6": "fd01:b::/80",
+                     "mesos_bridge": {"name": "m-dcos6", "ip6": "fd01:b::/81"},
+                     "backend": {"vxlan": {"vni": 1024, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.1/20", "vtep_mac": "70:b3:d5:80:00:01"}}},
+                    {"info": {"name": "dual", "subnet": "10.5.0.0/16", "prefix": 24, "subnet6": "fd01:c::/48", "prefix6": 64},
+                     "subnet": "10.5.0.0/24", "subnet6": "fd01:c::/64",
+                     "mesos_bridge": {"name": "m-dual", "ip": "10.5.0.0/25", "ip6": "fd01:c::/65"},
+                     "backend": {"vxlan": {"vni": 1024, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.1/20", "vtep_mac": "70:b3:d5:80:00:01"}}}
+                ]},
+                {"ip": "10.250.0.12", "overlays": [
+                    {"info": {"name": "dcos6", "subnet6": "fd01:b::/64", "prefix6": 80},
+                     "subnet6": "fd01:b::1:0:0:0/80",
+                     "backend": {"vxlan": {"vni": 1024, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.2/20", "vtep_mac": "70:b3:d5:80:00:02"}}},
+                    {"info": {"name": "dual", "subnet": "10.5.0.0/16", "prefix": 24, "subnet6": "fd01:c::/48", "prefix6": 64},
+                     "subnet": "10.5.1.0/24", "subnet6": "fd01:c:0:1::/64",
+                     "backend": {"vxlan": {"vni": 1024, "vtep_name": "vtep1024", "vtep_ip": "44.128.0.2/20", "vtep_mac": "70:b3:d5:80:00:02"}}}
+                ]}
+            ]
+        }))
+        .unwrap();
+        let me = s.agents[0].clone();
+        let d = DesiredDatapath::from_state(&s, Some(&me), &local("10.250.0.11"));
+        let net = |t: &str| t.parse::<IpNetwork>().unwrap();
+        assert_eq!(d.subnets[&net("fd01:b::/64")].network, 1024);
+        assert_eq!(d.subnets[&net("fd01:c::/48")].network, 1025);
+        assert_eq!(d.subnets[&net("10.5.0.0/16")].network, 1025);
+        // The other agent's blocks of both families, through its VTEP.
+        let routes: Vec<String> = d.routes.keys().map(|k| k.to_string()).collect();
+        assert_eq!(
+            routes,
+            ["10.5.1.0/24", "fd01:b:0:0:1::/80", "fd01:c:0:1::/64"]
+        );
+        let r = d.routes[&net("fd01:b::1:0:0:0/80")];
+        assert_eq!((r.network, r.vni), (1024, 1024));
+        assert_eq!(r.underlay_ip, addr16("10.250.0.12".parse().unwrap()));
+        // The host at its gateway of each family, routed to each whole subnet.
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        for (gw, id) in [("fd01:b::1", 1024), ("fd01:c::1", 1025), ("10.5.0.1", 1025)] {
+            assert_eq!(
+                d.host_endpoints[&ip(gw)],
+                Endpoint::host(7, id, [2, 0, 0, 0, 0, 1]),
+                "{gw}"
+            );
+        }
+        assert_eq!(d.host_endpoints.len(), 3);
+        assert_eq!(d.host_routes[&net("fd01:b::/64")], ip("fd01:b::1"));
+        assert_eq!(d.host_routes[&net("fd01:c::/48")], ip("fd01:c::1"));
+        assert_eq!(d.host_routes[&net("10.5.0.0/16")], ip("10.5.0.1"));
     }
 }

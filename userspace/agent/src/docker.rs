@@ -5,7 +5,9 @@
 //!
 //! - Pools are the **docker half** of this agent's subnet of each network (DC/OS gave Docker
 //!   the second half), addresses come from the agent's IPAM (so Docker and CNI containers never
-//!   collide), the gateway is the half's first host.
+//!   collide), the gateway is the half's first host. A network with `subnet6` has an IPv6 pool
+//!   too (`docker network create --ipv6`: the docker half of the agent's IPv6 subnet, pool id
+//!   `<network>/ipv6`), and its containers get an IPv6 address and gateway beside the IPv4 ones.
 //! - A Docker container's interface is wired exactly like a CNI container's: a veth pair whose
 //!   host side gets the `from_container` program and an endpoint map entry
 //!   ([`crate::agent::Agent::add_endpoint`] with the attachment `docker/<endpoint id>`).
@@ -20,7 +22,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -35,10 +37,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use overlay_api::{
     MacAddr,
-    agent::{AddEndpoint, Half},
+    agent::{AddEndpoint, Family, Half},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -59,6 +61,9 @@ pub struct DockerEndpoint {
     pub network_id: String,
     pub network: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on an `--ipv6` network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub mac: MacAddr,
 }
 
@@ -180,6 +185,30 @@ fn cidr_ip(s: &str) -> Result<Ipv4Addr, DriverError> {
         .ok_or_else(|| bad(format!("{s:?} is not an IPv4 address")))
 }
 
+fn cidr_any(s: &str) -> Result<IpAddr, DriverError> {
+    s.split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| bad(format!("{s:?} is not an IP address")))
+}
+
+/// The pool id of `network`'s pool of `family` (the IPv4 one is the network's name, as before
+/// IPv6).
+fn pool_id(network: &str, family: Family) -> String {
+    match family {
+        Family::Ipv4 => network.to_owned(),
+        Family::Ipv6 => format!("{network}/ipv6"),
+    }
+}
+
+/// The network and family of a pool id.
+fn parse_pool_id(id: &str) -> (&str, Family) {
+    match id.strip_suffix("/ipv6") {
+        Some(network) => (network, Family::Ipv6),
+        None => (id, Family::Ipv4),
+    }
+}
+
 impl Driver {
     pub fn open(agent: Handle, state_dir: &Path, mtu: u32) -> anyhow::Result<Driver> {
         let path = state_dir.join(STATE_FILE);
@@ -213,30 +242,44 @@ impl Driver {
         Ok(())
     }
 
-    /// The docker half of this agent's subnet of `network`.
-    fn pool_of(&self, network: &str) -> Result<Ipv4Network, DriverError> {
-        let subnet = self.agent.blocking_subnet_of(network)?.ok_or_else(|| {
+    /// The docker half of this agent's subnet of `network` in `family`.
+    fn pool_of(&self, network: &str, family: Family) -> Result<IpNetwork, DriverError> {
+        let subnet = match family {
+            Family::Ipv4 => self.agent.blocking_subnet_of(network)?.map(IpNetwork::V4),
+            Family::Ipv6 => self.agent.blocking_subnet6_of(network)?.map(IpNetwork::V6),
+        };
+        let subnet = subnet.ok_or_else(|| {
             bad(format!(
-                "network {network:?} is not configured on this agent (or has no subnet here)"
+                "network {network:?} is not configured on this agent (or has no {} subnet here)",
+                match family {
+                    Family::Ipv4 => "IPv4",
+                    Family::Ipv6 => "IPv6",
+                }
             ))
         })?;
         Ok(ipam::half_range(subnet, Half::Docker))
     }
 
     /// The overlay network a pool stands for: the `network` option, else the network whose
-    /// docker half the pool is.
-    fn network_of(&self, options: &Value, pool: Option<&str>) -> Result<String, DriverError> {
+    /// docker half (of `family`) the pool is.
+    fn network_of(
+        &self,
+        options: &Value,
+        pool: Option<&str>,
+        family: Family,
+    ) -> Result<String, DriverError> {
         if let Some(n) = options.get(NETWORK_OPTION).and_then(Value::as_str) {
             return Ok(n.to_owned());
         }
-        let pool: Option<Ipv4Network> =
-            pool.filter(|p| !p.is_empty()).map(str::parse).transpose()?;
+        let pool: Option<IpNetwork> = pool.filter(|p| !p.is_empty()).map(str::parse).transpose()?;
         if let Some(pool) = pool {
             let me = self.agent.blocking_me()?;
             for o in me.iter().flat_map(|m| &m.overlays) {
-                if o.subnet
-                    .is_some_and(|s| ipam::half_range(s, Half::Docker) == pool)
-                {
+                let subnet = match family {
+                    Family::Ipv4 => o.subnet.map(IpNetwork::V4),
+                    Family::Ipv6 => o.subnet6.map(IpNetwork::V6),
+                };
+                if subnet.is_some_and(|s| ipam::half_range(s, Half::Docker) == pool) {
                     return Ok(o.info.name.clone());
                 }
             }
@@ -272,7 +315,7 @@ impl Driver {
                 let id = str_field(req, "EndpointID")?;
                 let ep = self.stored.lock().unwrap().endpoints.get(id).cloned();
                 if let Some(ep) = ep {
-                    self.agent.blocking_unwire_endpoint(ep.ip)?;
+                    self.agent.blocking_unwire_endpoint(IpAddr::V4(ep.ip))?;
                 }
                 Ok(json!({}))
             }
@@ -290,15 +333,17 @@ impl Driver {
                 "GlobalDefaultAddressSpace": "ebpf-overlay",
             })),
             "IpamDriver.RequestPool" => {
-                if req.get("V6").and_then(Value::as_bool) == Some(true) {
-                    return Err(bad("IPv6 pools are not supported yet"));
-                }
+                let family = if req.get("V6").and_then(Value::as_bool) == Some(true) {
+                    Family::Ipv6
+                } else {
+                    Family::Ipv4
+                };
                 let options = req.get("Options").cloned().unwrap_or(Value::Null);
                 let asked = req.get("Pool").and_then(Value::as_str);
-                let network = self.network_of(&options, asked)?;
-                let pool = self.pool_of(&network)?;
+                let network = self.network_of(&options, asked, family)?;
+                let pool = self.pool_of(&network, family)?;
                 if let Some(a) = asked.filter(|a| !a.is_empty())
-                    && a.parse::<Ipv4Network>().ok() != Some(pool)
+                    && a.parse::<IpNetwork>().ok() != Some(pool)
                 {
                     return Err(bad(format!(
                         "pool {a} asked for network {network}, whose docker half here is {pool}"
@@ -311,14 +356,16 @@ impl Driver {
                 {
                     return Err(bad(format!("sub-pools ({sub}) are not supported")));
                 }
-                Ok(json!({"PoolID": network, "Pool": pool.to_string(), "Data": {}}))
+                Ok(
+                    json!({"PoolID": pool_id(&network, family), "Pool": pool.to_string(), "Data": {}}),
+                )
             }
             "IpamDriver.ReleasePool" => Ok(json!({})),
             "IpamDriver.RequestAddress" => self.request_address(req),
             "IpamDriver.ReleaseAddress" => {
-                let network = str_field(req, "PoolID")?;
-                let addr = cidr_ip(str_field(req, "Address")?)?;
-                let pool = self.pool_of(network)?;
+                let (network, family) = parse_pool_id(str_field(req, "PoolID")?);
+                let addr = cidr_any(str_field(req, "Address")?)?;
+                let pool = self.pool_of(network, family)?;
                 if addr == ipam::gateway_of(pool) {
                     return Ok(json!({}));
                 }
@@ -338,19 +385,29 @@ impl Driver {
             .and_then(|o| o.get(GENERIC_OPTIONS))
             .cloned()
             .unwrap_or(Value::Null);
-        let pool = req
-            .get("IPv4Data")
-            .and_then(|d| d.get(0))
-            .and_then(|d| d.get("Pool"))
-            .and_then(Value::as_str);
-        let network = self.network_of(&generic, pool)?;
-        let docker_half = self.pool_of(&network)?;
+        let pool_in = |data: &str| {
+            req.get(data)
+                .and_then(|d| d.get(0))
+                .and_then(|d| d.get("Pool"))
+                .and_then(Value::as_str)
+        };
+        let pool = pool_in("IPv4Data");
+        let network = self.network_of(&generic, pool, Family::Ipv4)?;
+        let docker_half = self.pool_of(&network, Family::Ipv4)?;
         if let Some(p) = pool
-            && p.parse::<Ipv4Network>().ok() != Some(docker_half)
+            && p.parse::<IpNetwork>().ok() != Some(docker_half)
         {
             return Err(bad(format!(
                 "network {network}: use this agent's docker half {docker_half} as the subnet (got {p}; --ipam-driver ebpf-overlay does it)"
             )));
+        }
+        if let Some(p6) = pool_in("IPv6Data") {
+            let docker_half6 = self.pool_of(&network, Family::Ipv6)?;
+            if p6.parse::<IpNetwork>().ok() != Some(docker_half6) {
+                return Err(bad(format!(
+                    "network {network}: use this agent's IPv6 docker half {docker_half6} as the IPv6 subnet (got {p6})"
+                )));
+            }
         }
         let mut s = self.stored.lock().unwrap();
         s.networks.insert(id.to_owned(), network.clone());
@@ -360,8 +417,8 @@ impl Driver {
     }
 
     fn request_address(&self, req: &Value) -> Answer {
-        let network = str_field(req, "PoolID")?;
-        let pool = self.pool_of(network)?;
+        let (network, family) = parse_pool_id(str_field(req, "PoolID")?);
+        let pool = self.pool_of(network, family)?;
         let options = req.get("Options").cloned().unwrap_or(Value::Null);
         let gateway = ipam::gateway_of(pool);
         if options.get("RequestAddressType").and_then(Value::as_str) == Some(GATEWAY_REQUEST) {
@@ -371,7 +428,7 @@ impl Driver {
             .get("Address")
             .and_then(Value::as_str)
             .filter(|a| !a.is_empty())
-            .map(cidr_ip)
+            .map(cidr_any)
             .transpose()?;
         if let Some(r) = requested
             && !pool.contains(r)
@@ -382,7 +439,7 @@ impl Driver {
         }
         let ip = self
             .agent
-            .blocking_reserve_address(network, Half::Docker, requested)?;
+            .blocking_reserve_address(network, family, Half::Docker, requested)?;
         Ok(json!({"Address": format!("{ip}/{}", pool.prefix()), "Data": {}}))
     }
 
@@ -426,9 +483,22 @@ impl Driver {
             )
             .map_err(bad)?,
         };
+        let ip6 = iface
+            .get("AddressIPv6")
+            .and_then(Value::as_str)
+            .filter(|a| !a.is_empty())
+            .map(|a| match cidr_any(a)? {
+                IpAddr::V6(v6) => Ok(v6),
+                IpAddr::V4(_) => Err(bad(format!("Interface.AddressIPv6 {a:?} is IPv4"))),
+            })
+            .transpose()?;
         let mac = given_mac.unwrap_or_else(|| mac_for(ip));
         self.agent
-            .blocking_set_attachment(ip, &attachment_of(eid))?;
+            .blocking_set_attachment(IpAddr::V4(ip), &attachment_of(eid))?;
+        if let Some(ip6) = ip6 {
+            self.agent
+                .blocking_set_attachment(IpAddr::V6(ip6), &attachment_of(eid))?;
+        }
         let mut s = self.stored.lock().unwrap();
         s.endpoints.insert(
             eid.to_owned(),
@@ -436,6 +506,7 @@ impl Driver {
                 network_id: nid.to_owned(),
                 network,
                 ip,
+                ip6,
                 mac,
             },
         );
@@ -467,41 +538,50 @@ impl Driver {
         del_veth(&host);
         let mut nl = overlay_netlink::Handle::new()?;
         nl.add_veth(&host, &peer, self.mtu, None)?;
-        let wired = (|| -> Result<Ipv4Network, DriverError> {
+        let wired = (|| -> Result<(IpNetwork, Option<IpNetwork>), DriverError> {
             nl.set_mac(&peer, ep.mac.0)?;
             nl.set_up(&host)?;
-            let pool = self.pool_of(&ep.network)?;
+            let pool = self.pool_of(&ep.network, Family::Ipv4)?;
+            let pool6 = ep
+                .ip6
+                .map(|_| self.pool_of(&ep.network, Family::Ipv6))
+                .transpose()?;
             self.agent.blocking_add_endpoint(AddEndpoint {
                 network: ep.network.clone(),
                 ip: Some(ep.ip),
+                ip6: ep.ip6,
                 host_veth: host.clone(),
                 container_mac: ep.mac,
                 half: Half::Docker,
                 attachment: Some(attachment_of(eid)),
             })?;
-            Ok(pool)
+            Ok((pool, pool6))
         })();
-        let pool = match wired {
+        let (pool, pool6) = match wired {
             Ok(p) => p,
             Err(e) => {
                 del_veth(&host);
                 return Err(e);
             }
         };
-        tracing::info!(endpoint = %eid, ip = %ep.ip, veth = %host, "Docker endpoint joined");
-        Ok(json!({
+        tracing::info!(endpoint = %eid, ip = %ep.ip, ip6 = ?ep.ip6, veth = %host, "Docker endpoint joined");
+        let mut answer = json!({
             "InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
             "Gateway": ipam::gateway_of(pool).to_string(),
             "DisableGatewayService": true,
             "StaticRoutes": [],
-        }))
+        });
+        if let Some(pool6) = pool6 {
+            answer["GatewayIPv6"] = json!(ipam::gateway_of(pool6).to_string());
+        }
+        Ok(answer)
     }
 
     fn delete_endpoint(&self, req: &Value) -> Answer {
         let eid = str_field(req, "EndpointID")?;
         let ep = self.stored.lock().unwrap().endpoints.get(eid).cloned();
         if let Some(ep) = &ep {
-            self.agent.blocking_unwire_endpoint(ep.ip)?;
+            self.agent.blocking_unwire_endpoint(IpAddr::V4(ep.ip))?;
         }
         let (host, _) = veth_names(eid);
         del_veth(&host);
@@ -611,15 +691,24 @@ pub fn sync_docker_networks(
     host: &Path,
     plugin: &str,
 ) -> anyhow::Result<usize> {
-    let wanted: Vec<(String, Ipv4Network)> = {
+    // Docker's networks always have an IPv4 pool: a network without IPv4 has no Docker network
+    // (Docker 20.10 has no IPv6-only networks); a dual-stack one is created `--ipv6`.
+    type Pools = (String, IpNetwork, Option<IpNetwork>);
+    let wanted: Vec<Pools> = {
         agent
             .blocking_me()?
             .iter()
             .flat_map(|m| &m.overlays)
             .filter(|o| o.info.is_enabled())
             .filter_map(|o| {
-                o.subnet
-                    .map(|s| (o.info.name.clone(), ipam::half_range(s, Half::Docker)))
+                let half = |s| ipam::half_range(s, Half::Docker);
+                o.subnet.map(|s| {
+                    (
+                        o.info.name.clone(),
+                        half(IpNetwork::V4(s)),
+                        o.subnet6.map(|s6| half(IpNetwork::V6(s6))),
+                    )
+                })
             })
             .collect()
     };
@@ -632,7 +721,7 @@ pub fn sync_docker_networks(
         .map(|a| a.iter().collect())
         .unwrap_or_default();
     let mut changed = 0;
-    for (name, pool) in &wanted {
+    for (name, pool, pool6) in &wanted {
         match existing.iter().find(|n| n["Name"] == name.as_str()) {
             Some(n) if n["Driver"] == plugin => {
                 // Adopt: Docker never re-sends CreateNetwork, so learn its id.
@@ -648,16 +737,23 @@ pub fn sync_docker_networks(
                 tracing::warn!(network = %name, driver = %n["Driver"], "a Docker network of another driver has this name: left alone");
             }
             None => {
+                let mut config = vec![
+                    json!({"Subnet": pool.to_string(), "Gateway": ipam::gateway_of(*pool).to_string()}),
+                ];
+                if let Some(p6) = pool6 {
+                    config.push(json!({"Subnet": p6.to_string(), "Gateway": ipam::gateway_of(*p6).to_string()}));
+                }
                 let body = json!({
                     "Name": name,
                     "Driver": plugin,
                     "CheckDuplicate": true,
+                    "EnableIPv6": pool6.is_some(),
                     "Options": {NETWORK_OPTION: name},
                     "Labels": {MARKER_LABEL: crate::cni_conf::CNI_CONF_MARKER},
                     "IPAM": {
                         "Driver": plugin,
                         "Options": {NETWORK_OPTION: name},
-                        "Config": [{"Subnet": pool.to_string(), "Gateway": ipam::gateway_of(*pool).to_string()}],
+                        "Config": config,
                     },
                 });
                 let (status, out) = docker_api(host, "POST", "/networks/create", Some(&body))?;
@@ -673,7 +769,7 @@ pub fn sync_docker_networks(
         let name = n["Name"].as_str().unwrap_or_default();
         let ours =
             n["Driver"] == plugin && n["Labels"][MARKER_LABEL] == crate::cni_conf::CNI_CONF_MARKER;
-        if ours && !wanted.iter().any(|(w, _)| w == name) {
+        if ours && !wanted.iter().any(|(w, _, _)| w == name) {
             let id = n["Id"].as_str().unwrap_or_default();
             let (status, out) = docker_api(host, "DELETE", &format!("/networks/{id}"), None)?;
             if status == 204 || status == 200 || status == 404 {

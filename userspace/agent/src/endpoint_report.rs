@@ -53,14 +53,17 @@ pub async fn report(agent: &Handle) -> (BTreeMap<String, u32>, Vec<ReportedEndpo
                 .or_default() += row.packets;
         }
     }
+    // One line per address: a dual-stack container is found by either.
     let list = endpoints
         .into_iter()
-        .map(|e| ReportedEndpoint {
-            ip: IpAddr::V4(e.ip),
-            network: e.network,
-            container: e.attachment,
-            interface: e.host_veth,
-            mac: e.container_mac,
+        .flat_map(|e| {
+            e.addresses().into_iter().map(move |a| ReportedEndpoint {
+                ip: a.ip,
+                network: e.network.clone(),
+                container: e.attachment.clone(),
+                interface: e.host_veth.clone(),
+                mac: e.container_mac,
+            })
         })
         .collect();
     (counts, list, drops)

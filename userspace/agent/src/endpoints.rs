@@ -2,17 +2,22 @@
 //! given the datapath and this agent's allocation. The endpoint map is the source of truth
 //! across restarts; the IPAM keeps the addresses (and the endpoints parked while their network
 //! is disabled).
+//!
+//! A container interface is one host veth with one map entry per address: its IPv4 address, its
+//! IPv6 address and IPv6 link-local address on a network with IPv6 (the link-local one so that
+//! its neighbour discovery with the gateway passes anti-spoofing). The entries of one veth are
+//! added and removed together.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv6Addr},
 };
 
 use anyhow::anyhow;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_api::{
-    AgentInfo, MacAddr,
-    agent::{AddEndpoint, EndpointInfo, GcRequest, Half, IpamUsage, Released},
+    AgentInfo, AgentOverlayInfo, MacAddr,
+    agent::{AddEndpoint, EndpointInfo, Family, GcRequest, Half, IpamUsage, Released},
 };
 use overlay_common::maps::{Endpoint, programs};
 
@@ -60,18 +65,31 @@ pub struct Allocation<'a> {
 }
 
 impl Allocation<'_> {
-    /// This agent's subnet of `network`, if it has one.
+    fn overlay(&self, network: &str) -> Option<&AgentOverlayInfo> {
+        self.me?.overlays.iter().find(|o| o.info.name == network)
+    }
+
+    /// This agent's IPv4 subnet of `network`, if it has one.
     pub fn subnet_of(&self, network: &str) -> Option<Ipv4Network> {
-        self.me?
-            .overlays
-            .iter()
-            .find(|o| o.info.name == network)?
-            .subnet
+        self.overlay(network)?.subnet
+    }
+
+    /// This agent's IPv6 subnet of `network`, if it has one.
+    pub fn subnet6_of(&self, network: &str) -> Option<Ipv6Network> {
+        self.overlay(network)?.subnet6
+    }
+
+    /// This agent's subnet of `network` in `family`.
+    pub fn subnet_in(&self, network: &str, family: Family) -> Option<IpNetwork> {
+        match family {
+            Family::Ipv4 => self.subnet_of(network).map(IpNetwork::V4),
+            Family::Ipv6 => self.subnet6_of(network).map(IpNetwork::V6),
+        }
     }
 
     /// The half of this agent's subnet of `network` that holds `ip`.
-    fn half_containing(&self, network: &str, ip: Ipv4Addr) -> Option<Ipv4Network> {
-        ipam::halves(self.subnet_of(network)?)
+    fn half_containing(&self, network: &str, ip: IpAddr) -> Option<IpNetwork> {
+        ipam::halves(self.subnet_in(network, Family::of(ip))?)
             .into_iter()
             .find(|h| h.contains(ip))
     }
@@ -117,12 +135,15 @@ fn container_endpoints(dp: &Datapath) -> anyhow::Result<BTreeMap<IpAddr, Endpoin
         .collect())
 }
 
-fn v4_keys<V>(m: &BTreeMap<IpAddr, V>) -> BTreeSet<Ipv4Addr> {
-    m.keys()
-        .filter_map(|k| match k {
-            IpAddr::V4(ip) => Some(*ip),
-            IpAddr::V6(_) => None,
-        })
+fn is_link_local(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// The container endpoints of one veth.
+fn on_veth(eps: &BTreeMap<IpAddr, Endpoint>, ifindex: u32) -> Vec<IpAddr> {
+    eps.iter()
+        .filter(|(_, e)| !e.is_host() && e.ifindex == ifindex)
+        .map(|(ip, _)| *ip)
         .collect()
 }
 
@@ -132,7 +153,7 @@ pub struct Endpoints {
     /// Container addresses (absent: callers must give every endpoint's address).
     ipam: Option<Ipam>,
     /// Parked endpoints (disabled networks) when there is no IPAM to keep them in.
-    parked_in_memory: BTreeMap<Ipv4Addr, ParkedEndpoint>,
+    parked_in_memory: BTreeMap<IpAddr, ParkedEndpoint>,
 }
 
 impl Endpoints {
@@ -148,7 +169,7 @@ impl Endpoints {
     }
 
     /// Endpoints set aside while their network is disabled.
-    pub fn parked(&self) -> BTreeMap<Ipv4Addr, ParkedEndpoint> {
+    pub fn parked(&self) -> BTreeMap<IpAddr, ParkedEndpoint> {
         match &self.ipam {
             Some(ipam) => ipam.parked().clone(),
             None => self.parked_in_memory.clone(),
@@ -160,7 +181,7 @@ impl Endpoints {
     pub fn park(
         &mut self,
         dp: &mut Datapath,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         endpoint: ParkedEndpoint,
     ) -> anyhow::Result<()> {
         match &mut self.ipam {
@@ -169,10 +190,10 @@ impl Endpoints {
                 self.parked_in_memory.insert(ip, endpoint);
             }
         }
-        dp.maps_mut().remove_endpoint(IpAddr::V4(ip))
+        dp.maps_mut().remove_endpoint(ip)
     }
 
-    fn unpark(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<ParkedEndpoint>> {
+    fn unpark(&mut self, ip: IpAddr) -> anyhow::Result<Option<ParkedEndpoint>> {
         match &mut self.ipam {
             Some(ipam) => ipam.unpark(ip),
             None => Ok(self.parked_in_memory.remove(&ip)),
@@ -184,7 +205,7 @@ impl Endpoints {
     pub fn unpark_into(
         &mut self,
         dp: &mut Datapath,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         p: ParkedEndpoint,
     ) -> anyhow::Result<()> {
         let key = link_key(p.ifindex);
@@ -197,7 +218,7 @@ impl Endpoints {
             Some(name) if expected.as_ref().is_none_or(|x| *x == name) => {
                 dp.attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
                 dp.maps_mut().put_endpoint(
-                    IpAddr::V4(ip),
+                    ip,
                     Endpoint::container(p.ifindex, p.vni, p.mac.0, p.gateway_mac.0),
                 )?;
                 tracing::info!(%ip, veth = %name, "network enabled again: endpoint back in the datapath");
@@ -215,7 +236,7 @@ impl Endpoints {
     pub fn forget_parked(
         &mut self,
         dp: &mut Datapath,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         p: ParkedEndpoint,
     ) -> anyhow::Result<()> {
         tracing::info!(%ip, "network of parked endpoint removed: disconnecting it");
@@ -227,8 +248,9 @@ impl Endpoints {
         Ok(())
     }
 
-    /// Local endpoints per network name (parked ones included): what the master is told, so
-    /// that it refuses to remove or disable a network still in use without force.
+    /// Local endpoints (container interfaces) per network name, parked ones included: what the
+    /// master is told, so that it refuses to remove or disable a network still in use without
+    /// force.
     pub fn counts(
         &self,
         dp: &Datapath,
@@ -236,11 +258,13 @@ impl Endpoints {
     ) -> anyhow::Result<BTreeMap<String, u32>> {
         let mut counts: BTreeMap<String, u32> = BTreeMap::new();
         let parked = self.parked();
-        let vnis = container_endpoints(dp)?
+        // One per veth: a dual-stack container has several entries.
+        let veths: BTreeSet<(u32, u32)> = container_endpoints(dp)?
             .into_values()
-            .map(|e| e.network)
-            .chain(parked.values().map(|p| p.vni));
-        for vni in vnis {
+            .map(|e| (e.ifindex, e.network))
+            .chain(parked.values().map(|p| (p.ifindex, p.vni)))
+            .collect();
+        for (_, vni) in veths {
             let name = names
                 .get(&vni)
                 .cloned()
@@ -250,18 +274,38 @@ impl Endpoints {
         Ok(counts)
     }
 
-    /// Local endpoints, from the pinned map (the source of truth across restarts).
+    /// Local endpoints, from the pinned map (the source of truth across restarts): one per
+    /// container veth, with its IPv4 and IPv6 addresses.
     pub fn list(&self, dp: &Datapath, alloc: Allocation) -> anyhow::Result<Vec<EndpointInfo>> {
-        let mut out = vec![];
+        let mut by_veth: BTreeMap<u32, Vec<(IpAddr, Endpoint)>> = BTreeMap::new();
         for (ip, e) in container_endpoints(dp)? {
-            let IpAddr::V4(ip) = ip else { continue };
+            if !is_link_local(ip) {
+                by_veth.entry(e.ifindex).or_default().push((ip, e));
+            }
+        }
+        let mut out = vec![];
+        for (ifindex, entries) in by_veth {
+            let v4 = entries.iter().find(|(ip, _)| ip.is_ipv4()).copied();
+            let v6 = entries.iter().find(|(ip, _)| ip.is_ipv6()).copied();
+            let Some((ip, e)) = v4.or(v6) else { continue };
             let network = alloc.names.get(&e.network).cloned().unwrap_or_default();
             let range = alloc.half_containing(&network, ip);
+            let ip6 = v4.and(v6).and_then(|(ip, _)| match ip {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            });
+            let subnet6 =
+                ip6.and_then(
+                    |ip6| match alloc.half_containing(&network, IpAddr::V6(ip6)) {
+                        Some(IpNetwork::V6(r)) => Some(r),
+                        _ => None,
+                    },
+                );
             out.push(EndpointInfo {
                 network_id: e.network,
                 ip,
-                host_veth: netdev::name_of(e.ifindex).unwrap_or_default(),
-                ifindex: e.ifindex,
+                host_veth: netdev::name_of(ifindex).unwrap_or_default(),
+                ifindex,
                 container_mac: MacAddr(e.mac),
                 gateway_mac: MacAddr(e.gateway_mac),
                 subnet: range,
@@ -271,24 +315,28 @@ impl Endpoints {
                     .as_ref()
                     .and_then(|i| i.get(ip))
                     .and_then(|a| a.attachment.clone()),
+                ip6,
+                subnet6,
+                gateway6: subnet6.map(overlay_api::subnets::gateway6),
                 network,
             });
         }
         Ok(out)
     }
 
-    fn info(&self, dp: &Datapath, alloc: Allocation, ip: Ipv4Addr) -> anyhow::Result<EndpointInfo> {
+    fn info(&self, dp: &Datapath, alloc: Allocation, ip: IpAddr) -> anyhow::Result<EndpointInfo> {
         self.list(dp, alloc)?
             .into_iter()
-            .find(|e| e.ip == ip)
+            .find(|e| e.ip == ip || e.ip6.map(IpAddr::V6) == Some(ip))
             .ok_or_else(|| anyhow!("endpoint {ip} vanished"))
     }
 
-    /// Connects a container: validates the request against this agent's allocation, takes its
-    /// address (the requested one, or the next free one of the requested half from the IPAM),
-    /// attaches the container program to its veth, then publishes the endpoint. On failure
-    /// nothing is left behind (an address allocated here is released). Adding an attachment
-    /// that already has an endpoint returns it (re-wired if its veth changed).
+    /// Connects a container: validates the request against this agent's allocation, takes one
+    /// address per family the agent has a subnet of the network in (the requested ones, or the
+    /// next free ones of the requested half from the IPAM), attaches the container program to
+    /// its veth, then publishes the endpoints. On failure nothing is left behind (every address
+    /// allocated here is released: an IPv6 exhaustion gives the IPv4 address back). Adding an
+    /// attachment that already has an endpoint returns it (re-wired if its veth changed).
     pub fn add(
         &mut self,
         dp: &mut Datapath,
@@ -325,50 +373,97 @@ impl Endpoints {
             .ok_or_else(|| {
                 EndpointError::Invalid(format!("network {:?} has no VNI", req.network))
             })?;
-        let subnet = ov.subnet.ok_or_else(|| {
-            EndpointError::Invalid(format!(
+        // One address per family this agent has a subnet of the network in.
+        let subnets: Vec<IpNetwork> = [ov.subnet.map(IpNetwork::V4), ov.subnet6.map(IpNetwork::V6)]
+            .into_iter()
+            .flatten()
+            .collect();
+        if subnets.is_empty() {
+            return Err(EndpointError::Invalid(format!(
                 "network {:?}: this agent has no subnet (allocation failed)",
                 req.network
-            ))
-        })?;
-        if let Some(ip) = req.ip {
-            ipam::half_of(ip, subnet).map_err(EndpointError::Invalid)?;
+            )));
+        }
+        let requested: Vec<IpAddr> = req
+            .ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(req.ip6.map(IpAddr::V6))
+            .collect();
+        for ip in &requested {
+            let family = Family::of(*ip);
+            let subnet = subnets
+                .iter()
+                .find(|s| ipam::family_of(**s) == family)
+                .ok_or_else(|| {
+                    EndpointError::Invalid(format!(
+                        "network {:?}: this agent has no {} subnet for the requested address {ip}",
+                        req.network,
+                        match family {
+                            Family::Ipv4 => "IPv4",
+                            Family::Ipv6 => "IPv6",
+                        }
+                    ))
+                })?;
+            ipam::half_of(*ip, *subnet).map_err(EndpointError::Invalid)?;
         }
         let existing = dp.maps().endpoints()?;
-        let same_endpoint = |ip: Ipv4Addr| {
+        let wired_here = |ip: &IpAddr| {
             existing
-                .get(&IpAddr::V4(ip))
+                .get(ip)
                 .is_some_and(|e| e.mac == req.container_mac.0 && Some(e.ifindex) == veth.ifindex())
         };
-        // The same attachment again: its address, its endpoint if still wired the same way.
-        let mut reused = None;
-        if let (Some(att), Some(ipam)) = (&req.attachment, &self.ipam)
-            && let Some((ip, a)) = ipam.find_attachment(att)
-        {
-            if a.network != req.network || req.ip.is_some_and(|r| r != ip) {
+        // The same attachment again: its addresses, its endpoint if still wired the same way.
+        let mut reused: Vec<IpAddr> = vec![];
+        if let (Some(att), Some(ipam)) = (&req.attachment, &self.ipam) {
+            let had = ipam.attachment_addresses(att);
+            if let Some((ip, a)) = had.iter().find(|(ip, a)| {
+                a.network != req.network
+                    || requested
+                        .iter()
+                        .any(|r| Family::of(*r) == Family::of(*ip) && r != ip)
+            }) {
                 return Err(EndpointError::Conflict(format!(
                     "attachment {att} already has address {ip} on network {}",
                     a.network
                 )));
             }
-            if same_endpoint(ip) {
-                return Ok(self.info(dp, alloc, ip)?);
-            }
-            if let Some(e) = existing.get(&IpAddr::V4(ip)) {
-                tracing::info!(%ip, attachment = %att, "re-wiring the endpoint of an attachment");
-                disconnect(dp, ip, e.ifindex)?;
-            }
-            reused = Some(ip);
+            reused = had.into_iter().map(|(ip, _)| ip).collect();
         }
-        let (ip, allocated) = match reused {
-            Some(ip) => (ip, false),
-            None => {
-                if let Some(ip) = req.ip
-                    && existing.contains_key(&IpAddr::V4(ip))
+        if !reused.is_empty() {
+            let complete = subnets
+                .iter()
+                .all(|s| reused.iter().any(|ip| s.contains(*ip)));
+            if complete && reused.iter().all(wired_here) {
+                return Ok(self.info(dp, alloc, reused[0])?);
+            }
+            // Wired elsewhere (an earlier veth of the attachment): unwired there first.
+            let old: BTreeSet<u32> = reused
+                .iter()
+                .filter_map(|ip| existing.get(ip).map(|e| e.ifindex))
+                .collect();
+            for ifindex in old {
+                tracing::info!(ifindex, attachment = ?req.attachment, "re-wiring the endpoint of an attachment");
+                disconnect_veth(dp, &existing, ifindex)?;
+            }
+        } else if !requested.is_empty() && requested.iter().all(wired_here) {
+            // The requested addresses, wired to this very veth already: an ADD repeated.
+            return Ok(self.info(dp, alloc, requested[0])?);
+        }
+        let taken: BTreeSet<IpAddr> = existing.keys().copied().collect();
+        let mut addresses: Vec<IpAddr> = vec![];
+        let mut allocated: Vec<IpAddr> = vec![];
+        let outcome = (|| -> Result<(), EndpointError> {
+            for subnet in &subnets {
+                let family = ipam::family_of(*subnet);
+                if let Some(ip) = reused.iter().find(|ip| subnet.contains(**ip)) {
+                    addresses.push(*ip);
+                    continue;
+                }
+                let wanted = requested.iter().copied().find(|r| Family::of(*r) == family);
+                if let Some(ip) = wanted
+                    && existing.contains_key(&ip)
                 {
-                    if same_endpoint(ip) {
-                        return Ok(self.info(dp, alloc, ip)?);
-                    }
                     return Err(EndpointError::Conflict(format!(
                         "address {ip} is already used by another endpoint"
                     )));
@@ -377,52 +472,72 @@ impl Endpoints {
                     Some(ipam) => {
                         let ip = ipam.allocate(
                             &req.network,
-                            subnet,
+                            *subnet,
                             req.half,
-                            req.ip,
+                            wanted,
                             req.attachment.as_deref(),
                             &req.host_veth,
-                            &v4_keys(&existing),
+                            &taken,
                         )?;
-                        (ip, true)
+                        allocated.push(ip);
+                        addresses.push(ip);
                     }
-                    None => (
-                        req.ip.ok_or_else(|| {
-                            EndpointError::Invalid("this agent has no IPAM: give an ip".into())
-                        })?,
-                        false,
-                    ),
+                    None => addresses.push(wanted.ok_or_else(|| {
+                        EndpointError::Invalid(format!(
+                            "this agent has no IPAM: give an {} address",
+                            match family {
+                                Family::Ipv4 => "ip",
+                                Family::Ipv6 => "ip6",
+                            }
+                        ))
+                    })?),
                 }
             }
-        };
-        if let Err(e) = connect(dp, ip, vni, req, veth) {
-            if allocated && let Some(ipam) = &mut self.ipam {
-                let _ = ipam.release(ip);
+            connect(dp, &addresses, vni, req, veth)
+        })();
+        if let Err(e) = outcome {
+            if let Some(ipam) = &mut self.ipam {
+                for ip in &allocated {
+                    let _ = ipam.release(*ip);
+                }
             }
             return Err(e);
         }
         if let Some(ipam) = &mut self.ipam {
-            ipam.set_host_veth(ip, &req.host_veth)?;
+            for ip in &addresses {
+                ipam.set_host_veth(*ip, &req.host_veth)?;
+            }
         }
-        tracing::info!(%ip, veth = %req.host_veth, network = %req.network, vni, "endpoint added");
-        Ok(self.info(dp, alloc, ip)?)
+        tracing::info!(addresses = ?addresses, veth = %req.host_veth, network = %req.network, vni, "endpoint added");
+        Ok(self.info(dp, alloc, addresses[0])?)
     }
 
-    /// Disconnects a container and frees its address.
-    pub fn remove(&mut self, dp: &mut Datapath, ip: Ipv4Addr) -> Result<(), EndpointError> {
+    /// Disconnects the container that has address `ip` (every entry of its veth) and frees its
+    /// addresses.
+    pub fn remove(&mut self, dp: &mut Datapath, ip: IpAddr) -> Result<(), EndpointError> {
         let existing = dp.maps().endpoints()?;
         let allocated = self.ipam.as_ref().is_some_and(|i| i.get(ip).is_some());
-        let parked = self.parked().get(&ip).copied();
-        match (existing.get(&IpAddr::V4(ip)), parked) {
+        let parked = self.parked();
+        let mut freed: Vec<IpAddr> = vec![ip];
+        match (existing.get(&ip).filter(|e| !e.is_host()), parked.get(&ip)) {
             (Some(e), _) => {
-                disconnect(dp, ip, e.ifindex)?;
-                if parked.is_some() {
-                    self.unpark(ip)?;
+                freed.extend(on_veth(&existing, e.ifindex));
+                disconnect_veth(dp, &existing, e.ifindex)?;
+                for (p, _) in parked.iter().filter(|(_, p)| p.ifindex == e.ifindex) {
+                    self.unpark(*p)?;
                 }
             }
             (None, Some(p)) => {
                 dp.detach(programs::FROM_CONTAINER, &link_key(p.ifindex))?;
-                self.unpark(ip)?;
+                let same: Vec<IpAddr> = parked
+                    .iter()
+                    .filter(|(_, q)| q.ifindex == p.ifindex)
+                    .map(|(ip, _)| *ip)
+                    .collect();
+                for q in same {
+                    self.unpark(q)?;
+                    freed.push(q);
+                }
             }
             (None, None) if allocated => {}
             (None, None) => {
@@ -432,7 +547,9 @@ impl Endpoints {
             }
         }
         if let Some(ipam) = &mut self.ipam {
-            ipam.release(ip)?;
+            for a in &freed {
+                ipam.release(*a)?;
+            }
         }
         tracing::info!(%ip, "endpoint removed");
         Ok(())
@@ -443,7 +560,7 @@ impl Endpoints {
     pub fn remove_orphan(
         &mut self,
         dp: &mut Datapath,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         ifindex: u32,
     ) -> anyhow::Result<()> {
         disconnect(dp, ip, ifindex)?;
@@ -458,19 +575,27 @@ impl Endpoints {
     }
 
     /// Takes an address before its endpoint exists (Docker's IPAM RequestAddress): `requested`
-    /// or the next free one of `half`. Persisted before it returns.
+    /// or the next free one of `half` of this agent's subnet of `network` in `family`.
+    /// Persisted before it returns.
     pub fn reserve_address(
         &mut self,
         dp: &Datapath,
         alloc: Allocation,
         network: &str,
+        family: Family,
         half: Half,
-        requested: Option<Ipv4Addr>,
-    ) -> Result<Ipv4Addr, EndpointError> {
-        let subnet = alloc.subnet_of(network).ok_or_else(|| {
-            EndpointError::Invalid(format!("network {network:?} has no subnet on this agent"))
+        requested: Option<IpAddr>,
+    ) -> Result<IpAddr, EndpointError> {
+        let subnet = alloc.subnet_in(network, family).ok_or_else(|| {
+            EndpointError::Invalid(format!(
+                "network {network:?} has no {} subnet on this agent",
+                match family {
+                    Family::Ipv4 => "IPv4",
+                    Family::Ipv6 => "IPv6",
+                }
+            ))
         })?;
-        let taken = v4_keys(&dp.maps().endpoints()?);
+        let taken: BTreeSet<IpAddr> = dp.maps().endpoints()?.into_keys().collect();
         let ipam = self
             .ipam
             .as_mut()
@@ -479,45 +604,63 @@ impl Endpoints {
     }
 
     /// Names the attachment of a reserved address (Docker's CreateEndpoint).
-    pub fn set_attachment(&mut self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+    pub fn set_attachment(&mut self, ip: IpAddr, attachment: &str) -> anyhow::Result<()> {
         match &mut self.ipam {
             Some(ipam) => ipam.set_attachment(ip, attachment),
             None => Ok(()),
         }
     }
 
-    /// Disconnects an endpoint (map entry, program) but keeps its address (Docker's Leave).
-    pub fn unwire(&mut self, dp: &mut Datapath, ip: Ipv4Addr) -> anyhow::Result<()> {
-        if let Some(e) = dp.maps().endpoints()?.get(&IpAddr::V4(ip)) {
-            disconnect(dp, ip, e.ifindex)?;
+    /// Disconnects the endpoint of `ip` (map entries of its veth, program) but keeps its
+    /// addresses (Docker's Leave).
+    pub fn unwire(&mut self, dp: &mut Datapath, ip: IpAddr) -> anyhow::Result<()> {
+        let existing = dp.maps().endpoints()?;
+        if let Some(e) = existing.get(&ip).filter(|e| !e.is_host()) {
+            disconnect_veth(dp, &existing, e.ifindex)?;
         }
         Ok(())
     }
 
-    /// Releases an attachment: its endpoint and its address. Unknown attachments release
+    /// Releases an attachment: its endpoint and its addresses. Unknown attachments release
     /// nothing (DEL is idempotent).
     pub fn release(
         &mut self,
         dp: &mut Datapath,
         attachment: &str,
     ) -> Result<Released, EndpointError> {
-        let found = self
+        let found: Vec<(IpAddr, String)> = self
             .ipam
             .as_ref()
-            .and_then(|i| i.find_attachment(attachment))
-            .map(|(ip, a)| (ip, a.host_veth.clone()));
-        let Some((ip, host_veth)) = found else {
+            .map(|i| {
+                i.attachment_addresses(attachment)
+                    .into_iter()
+                    .map(|(ip, a)| (ip, a.host_veth.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Some((ip, host_veth)) = found.first().cloned() else {
             return Ok(Released {
                 attachment: attachment.to_owned(),
                 ip: None,
+                ip6: None,
                 host_veth: None,
             });
         };
-        self.remove(dp, ip)?;
-        tracing::info!(%ip, %attachment, "attachment released");
+        for (a, _) in &found {
+            // The first removal takes the whole veth; the rest only free what is left.
+            if self.ipam.as_ref().is_some_and(|i| i.get(*a).is_some()) {
+                self.remove(dp, *a)?;
+            }
+        }
+        let ip6 = found.iter().skip(1).find_map(|(a, _)| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        tracing::info!(%ip, ?ip6, %attachment, "attachment released");
         Ok(Released {
             attachment: attachment.to_owned(),
             ip: Some(ip),
+            ip6,
             host_veth: Some(host_veth),
         })
     }
@@ -528,7 +671,7 @@ impl Endpoints {
         dp: &mut Datapath,
         req: &GcRequest,
     ) -> Result<Vec<Released>, EndpointError> {
-        let stale: Vec<String> = self
+        let stale: BTreeSet<String> = self
             .ipam
             .as_ref()
             .map(|i| {
@@ -543,14 +686,21 @@ impl Endpoints {
         stale.iter().map(|a| self.release(dp, a)).collect()
     }
 
-    /// Address usage per network (that has a subnet here) and half.
+    /// Address usage per network, family (that has a subnet here) and half.
     pub fn usage(&self, me: Option<&AgentInfo>) -> Vec<IpamUsage> {
         let (Some(ipam), Some(me)) = (&self.ipam, me) else {
             return vec![];
         };
         me.overlays
             .iter()
-            .filter_map(|o| o.subnet.map(|s| (o.info.name.as_str(), s)))
+            .flat_map(|o| {
+                let net = o.info.name.as_str();
+                o.subnet
+                    .map(IpNetwork::V4)
+                    .into_iter()
+                    .chain(o.subnet6.map(IpNetwork::V6))
+                    .map(move |s| (net, s))
+            })
             .flat_map(|(net, subnet)| ipam.usage(net, subnet))
             .collect()
     }
@@ -558,29 +708,51 @@ impl Endpoints {
     /// After a restart: give every endpoint whose veth still exists this binary's program (the
     /// pinned link is reused, so the swap is atomic), and forget endpoints whose veth is gone.
     pub fn restore(&mut self, dp: &mut Datapath) -> anyhow::Result<()> {
+        let mut seen: BTreeMap<u32, bool> = BTreeMap::new();
         for (ip, e) in container_endpoints(dp)? {
             let key = link_key(e.ifindex);
-            match netdev::name_of(e.ifindex) {
-                Some(name) => {
-                    netdev::refuse_router_messages(&name)?;
-                    dp.attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
-                    tracing::info!(%ip, veth = %name, "endpoint kept across restart");
-                }
+            let alive = match seen.get(&e.ifindex) {
+                Some(alive) => *alive,
                 None => {
-                    tracing::info!(%ip, "veth of endpoint is gone: removing it");
-                    dp.maps_mut().remove_endpoint(ip)?;
-                    dp.detach(programs::FROM_CONTAINER, &key)?;
+                    let alive = match netdev::name_of(e.ifindex) {
+                        Some(name) => {
+                            netdev::refuse_router_messages(&name)?;
+                            dp.attach_keyed(&name, programs::FROM_CONTAINER, &key)?;
+                            true
+                        }
+                        None => false,
+                    };
+                    seen.insert(e.ifindex, alive);
+                    alive
                 }
+            };
+            if alive {
+                tracing::info!(%ip, "endpoint kept across restart");
+            } else {
+                tracing::info!(%ip, "veth of endpoint is gone: removing it");
+                dp.maps_mut().remove_endpoint(ip)?;
+                dp.detach(programs::FROM_CONTAINER, &key)?;
             }
         }
         Ok(())
     }
 }
 
-/// Attaches the container program to the veth and publishes the endpoint.
+/// The entries a container with `addresses` gets: those, and its link-local address when one of
+/// them is IPv6.
+fn entry_addresses(addresses: &[IpAddr], mac: [u8; 6]) -> Vec<IpAddr> {
+    let mut all = addresses.to_vec();
+    if addresses.iter().any(IpAddr::is_ipv6) {
+        let ll: Ipv6Addr = overlay_api::subnets::link_local(mac);
+        all.push(IpAddr::V6(ll));
+    }
+    all
+}
+
+/// Attaches the container program to the veth and publishes the endpoints (all or none).
 fn connect(
     dp: &mut Datapath,
-    ip: Ipv4Addr,
+    addresses: &[IpAddr],
     vni: u32,
     req: &AddEndpoint,
     veth: &Veth,
@@ -589,16 +761,36 @@ fn connect(
     let key = link_key(veth.ifindex);
     dp.attach_keyed(&veth.name, programs::FROM_CONTAINER, &key)?;
     let ep = Endpoint::container(veth.ifindex, vni, req.container_mac.0, veth.mac);
-    if let Err(e) = dp.maps_mut().put_endpoint(IpAddr::V4(ip), ep) {
-        let _ = dp.detach(programs::FROM_CONTAINER, &key);
-        return Err(e.into());
+    let mut put = vec![];
+    for ip in entry_addresses(addresses, req.container_mac.0) {
+        if let Err(e) = dp.maps_mut().put_endpoint(ip, ep) {
+            for p in put {
+                let _ = dp.maps_mut().remove_endpoint(p);
+            }
+            let _ = dp.detach(programs::FROM_CONTAINER, &key);
+            return Err(e.into());
+        }
+        put.push(ip);
     }
     Ok(())
 }
 
 /// Map entry first (no more traffic to it), then its program.
-pub fn disconnect(dp: &mut Datapath, ip: Ipv4Addr, ifindex: u32) -> anyhow::Result<()> {
-    dp.maps_mut().remove_endpoint(IpAddr::V4(ip))?;
+pub fn disconnect(dp: &mut Datapath, ip: IpAddr, ifindex: u32) -> anyhow::Result<()> {
+    dp.maps_mut().remove_endpoint(ip)?;
+    dp.detach(programs::FROM_CONTAINER, &link_key(ifindex))?;
+    Ok(())
+}
+
+/// Every entry of veth `ifindex` (as `existing` holds them), then its program.
+fn disconnect_veth(
+    dp: &mut Datapath,
+    existing: &BTreeMap<IpAddr, Endpoint>,
+    ifindex: u32,
+) -> anyhow::Result<()> {
+    for ip in on_veth(existing, ifindex) {
+        dp.maps_mut().remove_endpoint(ip)?;
+    }
     dp.detach(programs::FROM_CONTAINER, &link_key(ifindex))?;
     Ok(())
 }
@@ -609,7 +801,7 @@ mod tests {
 
     #[test]
     fn endpoint_addresses_must_be_usable_hosts_of_the_agent_subnet() {
-        let subnet: Ipv4Network = "9.0.1.0/24".parse().unwrap();
+        let subnet: IpNetwork = "9.0.1.0/24".parse().unwrap();
         assert!(ipam::half_of("9.0.1.2".parse().unwrap(), subnet).is_ok());
         assert!(ipam::half_of("9.0.1.130".parse().unwrap(), subnet).is_ok());
         for bad in [

@@ -14,13 +14,13 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
-use ipnetwork::Ipv4Network;
-use overlay_api::agent::{Half, IpamAllocation, IpamUsage};
+use ipnetwork::IpNetwork;
+use overlay_api::agent::{Family, Half, IpamAllocation, IpamUsage};
 use serde::{Deserialize, Serialize};
 
 /// Name of the state file inside the state directory.
@@ -36,18 +36,21 @@ pub struct Allocation {
     pub host_veth: String,
 }
 
+/// The file's layout. Keys are addresses of either family as text, so the files of agents from
+/// before IPv6 (IPv4 keys only) read as they are.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stored {
     version: u32,
-    allocations: BTreeMap<Ipv4Addr, Allocation>,
-    /// Last address handed out per `network/half`: allocation continues after it (round
-    /// robin), so a freed address is not reused at once.
+    allocations: BTreeMap<IpAddr, Allocation>,
+    /// Last address handed out per `network/half` (IPv6: `network/half/ipv6`): allocation
+    /// continues after it (round robin), so a freed address is not reused at once.
     #[serde(default)]
-    last: BTreeMap<String, Ipv4Addr>,
-    /// Endpoints of disabled networks, taken out of the datapath and put back when their
-    /// network is enabled again (kept here so an agent restart does not lose them).
+    last: BTreeMap<String, IpAddr>,
+    /// Endpoints of disabled networks (every address of theirs the datapath had, link-local
+    /// ones too), taken out of the datapath and put back when their network is enabled again
+    /// (kept here so an agent restart does not lose them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    parked: BTreeMap<Ipv4Addr, ParkedEndpoint>,
+    parked: BTreeMap<IpAddr, ParkedEndpoint>,
 }
 
 /// A datapath endpoint set aside while its network is disabled.
@@ -63,14 +66,16 @@ pub struct ParkedEndpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     #[error(
-        "network {network}: no free address in the {} half {range} of this agent's subnet {subnet} ({used} in use)",
+        "network {network}: no free {} address in the {} half {range} of this agent's subnet {subnet} ({used} in use)",
+        family_text(*family),
         half.name()
     )]
     Exhausted {
         network: String,
-        subnet: Ipv4Network,
+        family: Family,
+        subnet: IpNetwork,
         half: Half,
-        range: Ipv4Network,
+        range: IpNetwork,
         used: u32,
     },
     #[error("{0}")]
@@ -81,36 +86,60 @@ pub enum IpamError {
     Io(#[from] anyhow::Error),
 }
 
+fn family_text(f: Family) -> &'static str {
+    match f {
+        Family::Ipv4 => "IPv4",
+        Family::Ipv6 => "IPv6",
+    }
+}
+
+/// The family of a subnet.
+pub fn family_of(subnet: IpNetwork) -> Family {
+    match subnet {
+        IpNetwork::V4(_) => Family::Ipv4,
+        IpNetwork::V6(_) => Family::Ipv6,
+    }
+}
+
 /// The two halves of an agent subnet (the whole subnet twice if it cannot be split): the
-/// master's rule, [`overlay_api::subnets::halves4`].
-pub fn halves(subnet: Ipv4Network) -> [Ipv4Network; 2] {
-    let (cni, docker) = overlay_api::subnets::halves4(subnet);
-    [cni, docker]
+/// master's rule, [`overlay_api::subnets::halves4`] / [`overlay_api::subnets::halves6`].
+pub fn halves(subnet: IpNetwork) -> [IpNetwork; 2] {
+    [
+        half_range(subnet, Half::Cni),
+        half_range(subnet, Half::Docker),
+    ]
 }
 
-pub fn half_range(subnet: Ipv4Network, half: Half) -> Ipv4Network {
-    overlay_api::subnets::half_range4(subnet, half)
+pub fn half_range(subnet: IpNetwork, half: Half) -> IpNetwork {
+    overlay_api::subnets::half_range(subnet, half)
 }
 
-/// The gateway of a half: its first host ([`overlay_api::subnets::gateway4`]).
-pub fn gateway_of(range: Ipv4Network) -> Ipv4Addr {
-    overlay_api::subnets::gateway4(range)
+/// The gateway of a half: its first host ([`overlay_api::subnets::gateway`]).
+pub fn gateway_of(range: IpNetwork) -> IpAddr {
+    overlay_api::subnets::gateway(range)
 }
 
-/// Addresses of `range` that may be handed out (network, gateway and broadcast excluded).
-fn usable(range: Ipv4Network) -> impl Iterator<Item = Ipv4Addr> {
-    let start = u32::from(range.network());
-    let end = u32::from(range.broadcast());
-    (start.saturating_add(2)..end).map(Ipv4Addr::from)
+fn to_num(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(ip) => u128::from(u32::from(ip)),
+        IpAddr::V6(ip) => u128::from(ip),
+    }
 }
 
-fn usable_count(range: Ipv4Network) -> u32 {
-    let size = 1u64 << (32 - range.prefix() as u32);
-    size.saturating_sub(3) as u32
+fn from_num(family: Family, n: u128) -> IpAddr {
+    match family {
+        Family::Ipv4 => IpAddr::V4(Ipv4Addr::from(n as u32)),
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(n)),
+    }
+}
+
+/// How many addresses of `range` may be handed out (network, gateway and last excluded).
+fn usable_count(range: IpNetwork) -> u64 {
+    overlay_api::subnets::usable_count(range)
 }
 
 /// Which half of `subnet` holds `ip`, if `ip` may be handed out at all.
-pub fn half_of(ip: Ipv4Addr, subnet: Ipv4Network) -> Result<Half, String> {
+pub fn half_of(ip: IpAddr, subnet: IpNetwork) -> Result<Half, String> {
     if !subnet.contains(ip) {
         return Err(format!(
             "address {ip} is outside this agent's subnet {subnet}"
@@ -119,9 +148,11 @@ pub fn half_of(ip: Ipv4Addr, subnet: Ipv4Network) -> Result<Half, String> {
     for half in [Half::Cni, Half::Docker] {
         let r = half_range(subnet, half);
         if r.contains(ip) {
-            if ip == r.network() || ip == gateway_of(r) || ip == r.broadcast() {
+            let usable = overlay_api::subnets::usable_span(r)
+                .is_some_and(|(lo, hi)| (lo..=hi).contains(&to_num(ip)));
+            if !usable {
                 return Err(format!(
-                    "address {ip} is reserved in {r} (network, gateway or broadcast)"
+                    "address {ip} is reserved in {r} (network, gateway or last address)"
                 ));
             }
             return Ok(half);
@@ -133,8 +164,8 @@ pub fn half_of(ip: Ipv4Addr, subnet: Ipv4Network) -> Result<Half, String> {
 pub struct Ipam {
     path: PathBuf,
     stored: Stored,
-    /// Exhaustion events per network since start.
-    exhausted: BTreeMap<String, u64>,
+    /// Exhaustion events per network and family since start.
+    exhausted: BTreeMap<(String, Family), u64>,
 }
 
 impl Ipam {
@@ -180,38 +211,52 @@ impl Ipam {
         Ok(())
     }
 
-    pub fn allocations(&self) -> &BTreeMap<Ipv4Addr, Allocation> {
+    pub fn allocations(&self) -> &BTreeMap<IpAddr, Allocation> {
         &self.stored.allocations
     }
 
-    pub fn get(&self, ip: Ipv4Addr) -> Option<&Allocation> {
+    pub fn get(&self, ip: IpAddr) -> Option<&Allocation> {
         self.stored.allocations.get(&ip)
     }
 
-    pub fn find_attachment(&self, attachment: &str) -> Option<(Ipv4Addr, &Allocation)> {
+    /// The first address of an attachment (its IPv4 one when it has both).
+    pub fn find_attachment(&self, attachment: &str) -> Option<(IpAddr, &Allocation)> {
+        self.attachment_addresses(attachment).into_iter().next()
+    }
+
+    /// Every address of an attachment, IPv4 first.
+    pub fn attachment_addresses(&self, attachment: &str) -> Vec<(IpAddr, &Allocation)> {
         self.stored
             .allocations
             .iter()
-            .find(|(_, a)| a.attachment.as_deref() == Some(attachment))
+            .filter(|(_, a)| a.attachment.as_deref() == Some(attachment))
             .map(|(ip, a)| (*ip, a))
+            .collect()
     }
 
-    /// Allocates an address of `network` for `host_veth`: `requested` when given (it must be a
-    /// usable, free address of `subnet`), else the next free one of `half`. `taken` holds
-    /// addresses in use outside the IPAM (endpoints the datapath already has). Persisted before
-    /// it returns.
+    /// Allocates an address of `network` for `host_veth` from `subnet` (this agent's IPv4 or
+    /// IPv6 subnet of it): `requested` when given (it must be a usable, free address of
+    /// `subnet`), else the next free one of `half`. `taken` holds addresses in use outside the
+    /// IPAM (endpoints the datapath already has). Persisted before it returns.
+    #[allow(clippy::too_many_arguments)]
     pub fn allocate(
         &mut self,
         network: &str,
-        subnet: Ipv4Network,
+        subnet: IpNetwork,
         half: Half,
-        requested: Option<Ipv4Addr>,
+        requested: Option<IpAddr>,
         attachment: Option<&str>,
         host_veth: &str,
-        taken: &BTreeSet<Ipv4Addr>,
-    ) -> Result<Ipv4Addr, IpamError> {
+        taken: &BTreeSet<IpAddr>,
+    ) -> Result<IpAddr, IpamError> {
+        let family = family_of(subnet);
         let (ip, half) = match requested {
             Some(ip) => {
+                if Family::of(ip) != family {
+                    return Err(IpamError::Invalid(format!(
+                        "address {ip} is not of the family of this agent's subnet {subnet}"
+                    )));
+                }
                 let half = half_of(ip, subnet).map_err(IpamError::Invalid)?;
                 if let Some(a) = self.stored.allocations.get(&ip) {
                     return Err(IpamError::Conflict(format!(
@@ -231,27 +276,25 @@ impl Ipam {
             }
             None => {
                 let range = half_range(subnet, half);
-                let key = format!("{network}/{}", half.name());
-                let last = self.stored.last.get(&key).copied();
-                let free = |ip: &Ipv4Addr| {
-                    !self.stored.allocations.contains_key(ip) && !taken.contains(ip)
+                let key = match family {
+                    Family::Ipv4 => format!("{network}/{}", half.name()),
+                    Family::Ipv6 => format!("{network}/{}/ipv6", half.name()),
                 };
-                let after = usable(range)
-                    .filter(|ip| last.is_some_and(|l| *ip > l))
-                    .find(free);
-                let ip = match after.or_else(|| usable(range).find(free)) {
-                    Some(ip) => ip,
-                    None => {
-                        *self.exhausted.entry(network.to_owned()).or_default() += 1;
-                        let used = usable(range).filter(|ip| !free(ip)).count() as u32;
-                        return Err(IpamError::Exhausted {
-                            network: network.to_owned(),
-                            subnet,
-                            half,
-                            range,
-                            used,
-                        });
-                    }
+                let last = self.stored.last.get(&key).copied();
+                let Some(ip) = self.next_free(range, last, taken) else {
+                    *self
+                        .exhausted
+                        .entry((network.to_owned(), family))
+                        .or_default() += 1;
+                    let used = self.used_in(range, taken);
+                    return Err(IpamError::Exhausted {
+                        network: network.to_owned(),
+                        family,
+                        subnet,
+                        half,
+                        range,
+                        used,
+                    });
                 };
                 self.stored.last.insert(key, ip);
                 (ip, half)
@@ -273,8 +316,53 @@ impl Ipam {
         Ok(ip)
     }
 
+    /// The first free usable address of `range` after `last`, wrapping around once. Only
+    /// allocated or taken addresses are skipped, so this walks at most that many steps (an
+    /// IPv6 half holds 2^47 addresses: it is never scanned).
+    fn next_free(
+        &self,
+        range: IpNetwork,
+        last: Option<IpAddr>,
+        taken: &BTreeSet<IpAddr>,
+    ) -> Option<IpAddr> {
+        let (lo, hi) = overlay_api::subnets::usable_span(range)?;
+        let family = family_of(range);
+        let busy = |n: u128| {
+            let ip = from_num(family, n);
+            self.stored.allocations.contains_key(&ip) || taken.contains(&ip)
+        };
+        let start = last
+            .map(to_num)
+            .filter(|l| (lo..hi).contains(l))
+            .map_or(lo, |l| l + 1);
+        let mut n = start;
+        // One more step than there are busy addresses finds a free one, if any is left.
+        let limit = self.stored.allocations.len() as u128 + taken.len() as u128 + 1;
+        for _ in 0..=limit {
+            if !busy(n) {
+                return Some(from_num(family, n));
+            }
+            n = if n >= hi { lo } else { n + 1 };
+            if n == start {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Addresses of `range` allocated or taken.
+    fn used_in(&self, range: IpNetwork, taken: &BTreeSet<IpAddr>) -> u32 {
+        let (lo, hi) = (range.network(), range.broadcast());
+        let allocated = self.stored.allocations.range(lo..=hi).count();
+        let outside = taken
+            .range(lo..=hi)
+            .filter(|ip| !self.stored.allocations.contains_key(ip))
+            .count();
+        (allocated + outside) as u32
+    }
+
     /// Records the veth now serving an allocation (a re-ADD of the same attachment).
-    pub fn set_host_veth(&mut self, ip: Ipv4Addr, host_veth: &str) -> anyhow::Result<()> {
+    pub fn set_host_veth(&mut self, ip: IpAddr, host_veth: &str) -> anyhow::Result<()> {
         if let Some(a) = self.stored.allocations.get_mut(&ip)
             && a.host_veth != host_veth
         {
@@ -285,12 +373,12 @@ impl Ipam {
     }
 
     /// Endpoints set aside while their network is disabled.
-    pub fn parked(&self) -> &BTreeMap<Ipv4Addr, ParkedEndpoint> {
+    pub fn parked(&self) -> &BTreeMap<IpAddr, ParkedEndpoint> {
         &self.stored.parked
     }
 
     /// Sets an endpoint aside (persisted before it returns).
-    pub fn park(&mut self, ip: Ipv4Addr, endpoint: ParkedEndpoint) -> anyhow::Result<()> {
+    pub fn park(&mut self, ip: IpAddr, endpoint: ParkedEndpoint) -> anyhow::Result<()> {
         let previous = self.stored.parked.insert(ip, endpoint);
         if let Err(e) = self.persist() {
             match previous {
@@ -304,7 +392,7 @@ impl Ipam {
 
     /// Names the attachment of an address allocated without one (Docker: the address comes
     /// before its endpoint).
-    pub fn set_attachment(&mut self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+    pub fn set_attachment(&mut self, ip: IpAddr, attachment: &str) -> anyhow::Result<()> {
         if let Some(a) = self.stored.allocations.get_mut(&ip)
             && a.attachment.as_deref() != Some(attachment)
         {
@@ -320,7 +408,7 @@ impl Ipam {
     }
 
     /// Forgets a set-aside endpoint (put back, or its container is gone).
-    pub fn unpark(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<ParkedEndpoint>> {
+    pub fn unpark(&mut self, ip: IpAddr) -> anyhow::Result<Option<ParkedEndpoint>> {
         let Some(p) = self.stored.parked.remove(&ip) else {
             return Ok(None);
         };
@@ -332,7 +420,7 @@ impl Ipam {
     }
 
     /// Frees an address; returns what it was allocated to.
-    pub fn release(&mut self, ip: Ipv4Addr) -> anyhow::Result<Option<Allocation>> {
+    pub fn release(&mut self, ip: IpAddr) -> anyhow::Result<Option<Allocation>> {
         let Some(a) = self.stored.allocations.remove(&ip) else {
             return Ok(None);
         };
@@ -343,8 +431,8 @@ impl Ipam {
         Ok(Some(a))
     }
 
-    /// Usage of both halves of `subnet` for `network`.
-    pub fn usage(&self, network: &str, subnet: Ipv4Network) -> Vec<IpamUsage> {
+    /// Usage of both halves of `subnet` (either family) for `network`.
+    pub fn usage(&self, network: &str, subnet: IpNetwork) -> Vec<IpamUsage> {
         [Half::Cni, Half::Docker]
             .into_iter()
             .map(|half| {
@@ -363,19 +451,24 @@ impl Ipam {
                 let used = allocations.len() as u32;
                 IpamUsage {
                     network: network.to_owned(),
+                    family: family_of(subnet),
                     subnet,
                     half,
                     range,
                     used,
-                    free: usable_count(range).saturating_sub(used),
+                    free: usable_count(range).saturating_sub(u64::from(used)),
                     allocations,
                 }
             })
             .collect()
     }
 
-    pub fn exhausted(&self, network: &str) -> u64 {
-        self.exhausted.get(network).copied().unwrap_or(0)
+    /// Exhaustion events of `network` in `family` since start.
+    pub fn exhausted(&self, network: &str, family: Family) -> u64 {
+        self.exhausted
+            .get(&(network.to_owned(), family))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -383,7 +476,7 @@ impl Ipam {
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Network {
+    fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
     }
 
@@ -397,7 +490,7 @@ mod tests {
     fn parked_endpoints_survive_a_reopen_and_leave_no_trace_when_unparked() {
         let dir = tmp_dir("parked");
         let mut ipam = Ipam::open(&dir).unwrap();
-        let ip: Ipv4Addr = "9.0.1.2".parse().unwrap();
+        let ip: IpAddr = "9.0.1.2".parse().unwrap();
         let parked = ParkedEndpoint {
             vni: 1025,
             ifindex: 42,
@@ -440,7 +533,6 @@ mod tests {
             assert!(half_of(bad.parse().unwrap(), s).is_err(), "{bad}");
         }
         assert_eq!(usable_count(net("9.0.1.0/29")), 5);
-        assert_eq!(usable(net("9.0.1.0/29")).count(), 5);
     }
 
     #[test]
@@ -470,7 +562,8 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
         assert!(err.to_string().contains("dcos") && err.to_string().contains("9.0.1.0/28"));
-        assert_eq!(ipam.exhausted("dcos"), 1);
+        assert_eq!(ipam.exhausted("dcos", Family::Ipv4), 1);
+        assert_eq!(ipam.exhausted("dcos", Family::Ipv6), 0);
         // The Docker half is separate.
         let d = ipam
             .allocate("dcos", s, Half::Docker, None, None, "v", &none)
@@ -504,7 +597,7 @@ mod tests {
         let mut taken = BTreeSet::new();
         taken.insert("9.0.1.7".parse().unwrap());
         let mut ipam = Ipam::open(&dir).unwrap();
-        let ip: Ipv4Addr = "9.0.1.5".parse().unwrap();
+        let ip: IpAddr = "9.0.1.5".parse().unwrap();
         assert_eq!(
             ipam.allocate("dcos", s, Half::Cni, Some(ip), None, "v", &taken)
                 .unwrap(),
@@ -567,6 +660,187 @@ mod tests {
             }
         }
         assert!(ipam.allocations().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    #[test]
+    fn ipv6_halves_gateways_and_reserved_addresses() {
+        // dcos6's shape: an agent's /80 of fd01:b::/64, split like IPv4 into /81 halves.
+        let s = net("fd01:b::1:0:0:0/80");
+        assert_eq!(
+            halves(s),
+            [net("fd01:b::1:0:0:0/81"), net("fd01:b::1:8000:0:0/81")]
+        );
+        assert_eq!(
+            gateway_of(half_range(s, Half::Cni)),
+            "fd01:b::1:0:0:1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            gateway_of(half_range(s, Half::Docker)),
+            "fd01:b::1:8000:0:1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            half_of("fd01:b::1:0:0:2".parse().unwrap(), s),
+            Ok(Half::Cni)
+        );
+        assert_eq!(
+            half_of("fd01:b::1:8000:0:2".parse().unwrap(), s),
+            Ok(Half::Docker)
+        );
+        for bad in [
+            "fd01:b::1:0:0:0",
+            "fd01:b::1:0:0:1",
+            "fd01:b::1:7fff:ffff:ffff",
+            "fd01:b::1:8000:0:0",
+            "fd01:b::1:8000:0:1",
+            "fd01:b::1:ffff:ffff:ffff",
+            "fd01:b::2:0:0:2",
+        ] {
+            assert!(half_of(bad.parse().unwrap(), s).is_err(), "{bad}");
+        }
+        assert_eq!(usable_count(half_range(s, Half::Cni)), (1 << 47) - 3);
+    }
+
+    #[test]
+    fn ipv6_allocates_from_its_half_round_robin_and_runs_out_per_family() {
+        let dir = tmp_dir("alloc6");
+        let none = BTreeSet::new();
+        let mut ipam = Ipam::open(&dir).unwrap();
+        // A huge half is never scanned: the next address comes at once.
+        let big = net("fd01:b::1:0:0:0/80");
+        let a = ipam
+            .allocate("dcos6", big, Half::Cni, None, Some("c1"), "v", &none)
+            .unwrap();
+        let b = ipam
+            .allocate("dcos6", big, Half::Cni, None, Some("c2"), "v", &none)
+            .unwrap();
+        assert_eq!(a, "fd01:b::1:0:0:2".parse::<IpAddr>().unwrap());
+        assert_eq!(b, "fd01:b::1:0:0:3".parse::<IpAddr>().unwrap());
+        let d = ipam
+            .allocate("dcos6", big, Half::Docker, None, None, "v", &none)
+            .unwrap();
+        assert_eq!(d, "fd01:b::1:8000:0:2".parse::<IpAddr>().unwrap());
+        // A freed address is not handed out again at once.
+        ipam.release(a).unwrap();
+        let c = ipam
+            .allocate("dcos6", big, Half::Cni, None, Some("c3"), "v", &none)
+            .unwrap();
+        assert_eq!(c, "fd01:b::1:0:0:4".parse::<IpAddr>().unwrap());
+        // A /124 per agent: /125 halves with 5 usable addresses each.
+        let small = net("fd01:c::10/124");
+        let v4 = net("9.0.1.0/24");
+        for i in 0..5 {
+            ipam.allocate(
+                "dual",
+                small,
+                Half::Cni,
+                None,
+                Some(&format!("d{i}")),
+                "v",
+                &none,
+            )
+            .unwrap();
+        }
+        let err = ipam
+            .allocate("dual", small, Half::Cni, None, Some("d9"), "v", &none)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IpamError::Exhausted {
+                    family: Family::Ipv6,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("network dual")
+                && text.contains("IPv6")
+                && text.contains("fd01:c::10/125"),
+            "{text}"
+        );
+        assert_eq!(ipam.exhausted("dual", Family::Ipv6), 1);
+        assert_eq!(ipam.exhausted("dual", Family::Ipv4), 0);
+        // The IPv4 side of the same network is unaffected.
+        ipam.allocate("dual", v4, Half::Cni, None, Some("d9"), "v", &none)
+            .unwrap();
+        let u = ipam.usage("dual", small);
+        assert_eq!((u[0].family, u[0].used, u[0].free), (Family::Ipv6, 5, 0));
+        assert_eq!((u[1].used, u[1].free), (0, 5));
+        // Addresses of the other family are refused, not misfiled.
+        assert!(matches!(
+            ipam.allocate(
+                "dual",
+                small,
+                Half::Cni,
+                Some("9.0.1.9".parse().unwrap()),
+                None,
+                "v",
+                &none
+            ),
+            Err(IpamError::Invalid(_))
+        ));
+        // Both families of an attachment are found by it; a restart keeps them.
+        drop(ipam);
+        let ipam = Ipam::open(&dir).unwrap();
+        let att: Vec<IpAddr> = ipam
+            .attachment_addresses("d9")
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect();
+        assert_eq!(att.len(), 1);
+        assert_eq!(ipam.attachment_addresses("d0").len(), 1);
+        assert_eq!(ipam.allocations().len(), 3 + 5 + 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_older_agents_ipv4_only_file_loads_and_gains_ipv6_alongside() {
+        let dir = tmp_dir("compat");
+        std::fs::create_dir_all(&dir).unwrap();
+        // What an agent from before IPv6 wrote (its Stored with Ipv4Addr keys).
+        let old = r#"{
+  "version": 1,
+  "allocations": {
+    "9.0.1.2": {"network": "dcos", "half": "cni", "attachment": "c1/eth0", "host_veth": "eo1"},
+    "9.0.1.130": {"network": "dcos", "half": "docker", "host_veth": ""}
+  },
+  "last": {"dcos/cni": "9.0.1.2"},
+  "parked": {"9.0.1.2": {"vni": 1024, "ifindex": 7, "mac": "02:00:00:00:00:01", "gateway_mac": "02:00:00:00:00:02"}}
+}"#;
+        std::fs::write(dir.join(STATE_FILE), old).unwrap();
+        let mut ipam = Ipam::open(&dir).unwrap();
+        let ip: IpAddr = "9.0.1.2".parse().unwrap();
+        assert_eq!(ipam.get(ip).unwrap().attachment.as_deref(), Some("c1/eth0"));
+        assert!(ipam.parked().contains_key(&ip));
+        let none = BTreeSet::new();
+        // Round robin goes on after the recorded last address.
+        let next = ipam
+            .allocate("dcos", net("9.0.1.0/24"), Half::Cni, None, None, "v", &none)
+            .unwrap();
+        assert_eq!(next, "9.0.1.3".parse::<IpAddr>().unwrap());
+        let v6 = ipam
+            .allocate(
+                "dcos",
+                net("fd01:b::/80"),
+                Half::Cni,
+                None,
+                Some("c1/eth0"),
+                "eo1",
+                &none,
+            )
+            .unwrap();
+        drop(ipam);
+        let ipam = Ipam::open(&dir).unwrap();
+        assert_eq!(ipam.allocations().len(), 4);
+        assert_eq!(
+            ipam.attachment_addresses("c1/eth0")
+                .into_iter()
+                .map(|(ip, _)| ip)
+                .collect::<Vec<_>>(),
+            [ip, v6]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

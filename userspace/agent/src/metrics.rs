@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use overlay_api::agent::Family;
 use overlay_common::maps::capacity;
 
 use crate::datapath::OverlayMaps;
@@ -12,9 +13,9 @@ use crate::datapath::OverlayMaps;
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub names: BTreeMap<u32, String>,
-    /// Used and free addresses per network.
-    pub ipam: BTreeMap<String, (u32, u32)>,
-    pub ipam_exhausted: BTreeMap<String, u64>,
+    /// Used and free addresses per network and family.
+    pub ipam: BTreeMap<(String, Family), (u64, u64)>,
+    pub ipam_exhausted: BTreeMap<(String, Family), u64>,
     pub revision: u64,
     pub map_updates: u64,
     pub reconcile_errors: u64,
@@ -55,10 +56,23 @@ pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
             r.bytes
         ));
     }
+    // One per interface: a dual-stack container (or the host's gateways of both families) has
+    // several entries on one.
     let mut per_net: BTreeMap<u32, usize> = BTreeMap::new();
-    for e in maps.endpoints()?.values() {
-        *per_net.entry(e.network).or_default() += 1;
+    let interfaces: std::collections::BTreeSet<(u32, u32)> = maps
+        .endpoints()?
+        .values()
+        .map(|e| (e.network, e.ifindex))
+        .collect();
+    for (network, _) in interfaces {
+        *per_net.entry(network).or_default() += 1;
     }
+    let id_of = |name: &str| {
+        names
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .map_or(String::new(), |(id, _)| id.to_string())
+    };
     out.push_str("# HELP overlay_agent_endpoints Local endpoints by network.\n# TYPE overlay_agent_endpoints gauge\n");
     for (id, n) in per_net {
         let net = names.get(&id).map_or("", String::as_str);
@@ -66,17 +80,19 @@ pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
             "overlay_agent_endpoints{{network_id=\"{id}\",network=\"{net}\"}} {n}\n"
         ));
     }
-    out.push_str("# HELP overlay_agent_ipam_addresses Container addresses of this agent's subnets (both halves), by network and state.\n# TYPE overlay_agent_ipam_addresses gauge\n");
-    for (net, (used, free)) in &s.ipam {
+    out.push_str("# HELP overlay_agent_ipam_addresses Container addresses of this agent's subnets (both halves), by network, family and state (free saturates at 2^64).\n# TYPE overlay_agent_ipam_addresses gauge\n");
+    for ((net, family), (used, free)) in &s.ipam {
+        let (id, family) = (id_of(net), family.name());
         out.push_str(&format!(
-            "overlay_agent_ipam_addresses{{network=\"{net}\",state=\"used\"}} {used}\n\
-             overlay_agent_ipam_addresses{{network=\"{net}\",state=\"free\"}} {free}\n"
+            "overlay_agent_ipam_addresses{{network_id=\"{id}\",network=\"{net}\",family=\"{family}\",state=\"used\"}} {used}\n\
+             overlay_agent_ipam_addresses{{network_id=\"{id}\",network=\"{net}\",family=\"{family}\",state=\"free\"}} {free}\n"
         ));
     }
-    out.push_str("# HELP overlay_agent_ipam_exhausted_total Allocations refused because the requested half had no free address.\n# TYPE overlay_agent_ipam_exhausted_total counter\n");
-    for (net, n) in &s.ipam_exhausted {
+    out.push_str("# HELP overlay_agent_ipam_exhausted_total Allocations refused because the requested half had no free address, by network and family.\n# TYPE overlay_agent_ipam_exhausted_total counter\n");
+    for ((net, family), n) in &s.ipam_exhausted {
+        let (id, family) = (id_of(net), family.name());
         out.push_str(&format!(
-            "overlay_agent_ipam_exhausted_total{{network=\"{net}\"}} {n}\n"
+            "overlay_agent_ipam_exhausted_total{{network_id=\"{id}\",network=\"{net}\",family=\"{family}\"}} {n}\n"
         ));
     }
     for (name, help, kind, value) in [

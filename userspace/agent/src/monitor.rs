@@ -292,7 +292,9 @@ async fn load_names(agent: &Handle) -> anyhow::Result<Names> {
         names
             .by_ifindex
             .insert(ep.ifindex, (ep.host_veth.clone(), container.clone()));
-        names.by_addr.insert(IpAddr::V4(ep.ip), container);
+        for a in ep.addresses() {
+            names.by_addr.insert(a.ip, container.clone());
+        }
     }
     Ok(names)
 }

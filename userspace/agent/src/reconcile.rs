@@ -2,10 +2,7 @@
 //! and touch only the entries that differ. Never flush-and-refill: traffic to unchanged
 //! destinations is never interrupted.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnetwork::IpNetwork;
 use overlay_api::MacAddr;
@@ -47,13 +44,13 @@ pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointChange {
     /// Its network is disabled: set aside (kept, out of the datapath).
-    Park(Ipv4Addr, ParkedEndpoint),
+    Park(IpAddr, ParkedEndpoint),
     /// Its network is enabled again: back into the datapath (or forgotten if its veth is gone).
-    Unpark(Ipv4Addr, ParkedEndpoint),
+    Unpark(IpAddr, ParkedEndpoint),
     /// Its network is gone: disconnected (its program on veth `ifindex`), address released.
-    Remove(Ipv4Addr, u32),
+    Remove(IpAddr, u32),
     /// Parked, and its network is gone: program detached, address released.
-    ForgetParked(Ipv4Addr, ParkedEndpoint),
+    ForgetParked(IpAddr, ParkedEndpoint),
 }
 
 /// What the maps hold now: each map read once.
@@ -111,7 +108,7 @@ impl Plan {
     pub fn between(
         desired: &DesiredDatapath,
         current: &MapContents,
-        parked: &BTreeMap<Ipv4Addr, ParkedEndpoint>,
+        parked: &BTreeMap<IpAddr, ParkedEndpoint>,
     ) -> Plan {
         let (host, containers): (BTreeMap<_, _>, BTreeMap<_, _>) = current
             .endpoints
@@ -119,8 +116,9 @@ impl Plan {
             .map(|(k, v)| (*k, *v))
             .partition(|(_, e)| e.is_host());
         let mut endpoints = Vec::new();
+        // Every entry of a container (IPv4, IPv6, link-local) follows its network alike.
         for (ip, e) in &containers {
-            let IpAddr::V4(ip) = *ip else { continue };
+            let ip = *ip;
             match desired.configured.get(&e.network) {
                 Some(true) => {}
                 Some(false) => endpoints.push(EndpointChange::Park(
@@ -140,7 +138,7 @@ impl Plan {
                 Some(false) => {}
                 Some(true) => endpoints.push(EndpointChange::Unpark(*ip, *p)),
                 // Already handled with its (stale) map entry.
-                None if containers.contains_key(&IpAddr::V4(*ip)) => {}
+                None if containers.contains_key(ip) => {}
                 None => endpoints.push(EndpointChange::ForgetParked(*ip, *p)),
             }
         }
@@ -306,10 +304,17 @@ mod tests {
         let mut d = DesiredDatapath::default();
         d.configured = BTreeMap::from([(1024, true), (1025, false)]);
         let ep = |vni| Endpoint::container(9, vni, [0; 6], [0; 6]);
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let mut now = MapContents::default();
-        for (a, vni) in [("9.0.1.2", 1024), ("10.1.1.2", 1025), ("10.3.1.2", 1027)] {
-            now.endpoints.insert(IpAddr::V4(ip(a)), ep(vni));
+        // A dual-stack container of the disabled network: all three entries are parked.
+        for (a, vni) in [
+            ("9.0.1.2", 1024),
+            ("10.1.1.2", 1025),
+            ("fd01:c::2", 1025),
+            ("fe80::2", 1025),
+            ("10.3.1.2", 1027),
+        ] {
+            now.endpoints.insert(ip(a), ep(vni));
         }
         let parked_ep = |vni| ParkedEndpoint {
             vni,
@@ -325,6 +330,8 @@ mod tests {
         let plan = Plan::between(&d, &now, &parked);
         for wanted in [
             EndpointChange::Park(ip("10.1.1.2"), parked_ep(1025)),
+            EndpointChange::Park(ip("fd01:c::2"), parked_ep(1025)),
+            EndpointChange::Park(ip("fe80::2"), parked_ep(1025)),
             EndpointChange::Remove(ip("10.3.1.2"), 9),
             EndpointChange::ForgetParked(ip("10.3.1.3"), parked_ep(1027)),
             EndpointChange::Unpark(ip("9.0.1.3"), parked_ep(1024)),
@@ -334,7 +341,7 @@ mod tests {
                 "{wanted:?} missing: {plan:?}"
             );
         }
-        assert_eq!(plan.endpoints.len(), 4, "{plan:?}");
+        assert_eq!(plan.endpoints.len(), 6, "{plan:?}");
         // The host's endpoints are never container endpoints.
         assert!(
             plan.host_endpoints

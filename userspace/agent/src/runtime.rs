@@ -4,13 +4,13 @@
 //! lookups, the host's routes, the NAT table walk, metrics rendering) runs outside it, so no
 //! request waits behind another's slow work.
 
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::anyhow;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use overlay_api::{
     AgentInfo, MasterClient, State,
-    agent::{AddEndpoint, AgentStatus, EndpointInfo, GcRequest, Half, IpamUsage, Released},
+    agent::{AddEndpoint, AgentStatus, EndpointInfo, Family, GcRequest, Half, IpamUsage, Released},
 };
 use tokio::sync::oneshot;
 
@@ -114,7 +114,7 @@ impl Handle {
         self.call(move |a| a.add_endpoint(&req, &veth)).await?
     }
 
-    pub async fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), EndpointError> {
+    pub async fn remove_endpoint(&self, ip: IpAddr) -> Result<(), EndpointError> {
         self.call(move |a| a.remove_endpoint(ip)).await?
     }
 
@@ -148,30 +148,36 @@ impl Handle {
         self.call_blocking(move |a| a.subnet_of(&network))
     }
 
+    pub fn blocking_subnet6_of(&self, network: &str) -> anyhow::Result<Option<Ipv6Network>> {
+        let network = network.to_owned();
+        self.call_blocking(move |a| a.subnet6_of(&network))
+    }
+
     pub fn blocking_add_endpoint(&self, req: AddEndpoint) -> Result<EndpointInfo, EndpointError> {
         let veth = Veth::resolve(&req.host_veth);
         self.call_blocking(move |a| a.add_endpoint(&req, &veth))?
     }
 
-    pub fn blocking_remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), EndpointError> {
+    pub fn blocking_remove_endpoint(&self, ip: IpAddr) -> Result<(), EndpointError> {
         self.call_blocking(move |a| a.remove_endpoint(ip))?
     }
 
-    pub fn blocking_unwire_endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+    pub fn blocking_unwire_endpoint(&self, ip: IpAddr) -> anyhow::Result<()> {
         self.call_blocking(move |a| a.unwire_endpoint(ip))?
     }
 
     pub fn blocking_reserve_address(
         &self,
         network: &str,
+        family: Family,
         half: Half,
-        requested: Option<Ipv4Addr>,
-    ) -> Result<Ipv4Addr, EndpointError> {
+        requested: Option<IpAddr>,
+    ) -> Result<IpAddr, EndpointError> {
         let network = network.to_owned();
-        self.call_blocking(move |a| a.reserve_address(&network, half, requested))?
+        self.call_blocking(move |a| a.reserve_address(&network, family, half, requested))?
     }
 
-    pub fn blocking_set_attachment(&self, ip: Ipv4Addr, attachment: &str) -> anyhow::Result<()> {
+    pub fn blocking_set_attachment(&self, ip: IpAddr, attachment: &str) -> anyhow::Result<()> {
         let attachment = attachment.to_owned();
         self.call_blocking(move |a| a.set_attachment(ip, &attachment))?
     }

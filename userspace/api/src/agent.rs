@@ -3,7 +3,7 @@
 //! (short-lived callers such as the CNI plugin need no async runtime).
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv6Network};
 
 use crate::{AgentInfo, ErrorBody, MacAddr};
 
@@ -27,6 +27,10 @@ pub struct AddEndpoint {
     /// agent's IPAM allocates one from `half`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<Ipv4Addr>,
+    /// The container's IPv6 address on a network with `subnet6` (same rules as `ip`; absent:
+    /// allocated from `half` of the agent's IPv6 subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// Host-side veth of the container, in the agent's network namespace.
     pub host_veth: String,
     /// MAC of the container's interface: the only source MAC it may send with.
@@ -60,45 +64,137 @@ impl Half {
     }
 }
 
-/// A local endpoint as the agent reports it.
+/// A local endpoint as the agent reports it: one container interface, with one address per
+/// family its network has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointInfo {
     pub network: String,
     /// The network's id (its key in the datapath's maps; not its VNI, which networks share).
     pub network_id: u32,
-    pub ip: Ipv4Addr,
+    /// The container's IPv4 address; its IPv6 address on a network with IPv6 only.
+    pub ip: IpAddr,
     pub host_veth: String,
     pub ifindex: u32,
     pub container_mac: MacAddr,
     pub gateway_mac: MacAddr,
     /// The half of the agent's subnet holding `ip` (the container's on-link prefix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subnet: Option<Ipv4Network>,
+    pub subnet: Option<IpNetwork>,
     /// The container's default gateway: the first host of `subnet`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// Owner of the endpoint, when it was added with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<String>,
+    /// A dual-stack endpoint's IPv6 address (`ip` is then its IPv4 one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+    /// The half of the agent's IPv6 subnet holding `ip6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Ipv6Network>,
+    /// The IPv6 gateway: the first host of `subnet6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
+}
+
+/// One address of an endpoint with its on-link prefix and gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointAddress {
+    pub ip: IpAddr,
+    pub subnet: Option<IpNetwork>,
+    pub gateway: Option<IpAddr>,
+}
+
+impl EndpointInfo {
+    /// Every address of the endpoint, IPv4 first.
+    pub fn addresses(&self) -> Vec<EndpointAddress> {
+        let mut out = vec![EndpointAddress {
+            ip: self.ip,
+            subnet: self.subnet,
+            gateway: self.gateway,
+        }];
+        if let Some(ip6) = self.ip6 {
+            out.push(EndpointAddress {
+                ip: IpAddr::V6(ip6),
+                subnet: self.subnet6.map(IpNetwork::V6),
+                gateway: self.gateway6.map(IpAddr::V6),
+            });
+        }
+        out
+    }
+
+    /// The IPv4 address, if the endpoint has one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        match self.ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// The IPv6 address (dual-stack or IPv6 only), if the endpoint has one.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        match self.ip {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => self.ip6,
+        }
+    }
+
+    /// The address of `family` with its prefix and gateway.
+    pub fn address(&self, family: Family) -> Option<EndpointAddress> {
+        self.addresses()
+            .into_iter()
+            .find(|a| Family::of(a.ip) == family)
+    }
+}
+
+/// An address family, as the IPAM and metrics name it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
 }
 
 /// One line of `GET /overlay-agent/ipam`: the addresses of one half of this agent's subnet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpamUsage {
     pub network: String,
-    /// The agent's subnet of the network.
-    pub subnet: Ipv4Network,
+    /// The family of `subnet` (absent from older agents: IPv4).
+    #[serde(default)]
+    pub family: Family,
+    /// The agent's subnet of the network (its IPv4 or IPv6 one).
+    pub subnet: IpNetwork,
     pub half: Half,
     /// The half itself.
-    pub range: Ipv4Network,
+    pub range: IpNetwork,
     pub used: u32,
-    pub free: u32,
+    /// Addresses left (an IPv6 half has more than 2^32; saturating).
+    pub free: u64,
     pub allocations: Vec<IpamAllocation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpamAllocation {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<String>,
     pub host_veth: String,
@@ -108,7 +204,11 @@ pub struct IpamAllocation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Released {
     pub attachment: String,
-    pub ip: Option<Ipv4Addr>,
+    /// The address freed (the IPv4 one of a dual-stack attachment).
+    pub ip: Option<IpAddr>,
+    /// A dual-stack attachment's IPv6 address, freed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// Host veth the endpoint used (the caller removes it).
     pub host_veth: Option<String>,
 }
@@ -133,7 +233,7 @@ pub struct AgentStatus {
     /// Endpoints of disabled networks, kept (address, IPAM record) but out of the datapath
     /// until their network is enabled again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub parked_endpoints: Vec<std::net::Ipv4Addr>,
+    pub parked_endpoints: Vec<IpAddr>,
     /// Times the master changed this agent's VTEP or subnets under it since start.
     #[serde(default)]
     pub allocation_changes: u64,
@@ -241,7 +341,8 @@ impl LocalClient {
         self.call("POST", "/overlay-agent/endpoints", Some(body))
     }
 
-    pub fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), LocalError> {
+    pub fn remove_endpoint(&self, ip: impl Into<IpAddr>) -> Result<(), LocalError> {
+        let ip: IpAddr = ip.into();
         let (status, body) =
             self.request("DELETE", &format!("/overlay-agent/endpoints/{ip}"), None)?;
         if (200..300).contains(&status) {

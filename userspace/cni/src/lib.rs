@@ -3,11 +3,14 @@
 //! ADD creates a veth pair (the container side named `CNI_IFNAME` in `CNI_NETNS`, the host side
 //! `eo<12 hex>` in the agent's namespace), has the local agent allocate an address and wire the
 //! host side to the eBPF datapath (program attached, endpoint map entry written) before it
-//! answers, then gives the container its address, MTU and default route (on a container's
-//! further networks, a route to that network's subnet instead: one interface per network). DEL releases the
-//! address and the endpoint and removes the veth, and is idempotent. CHECK compares interface,
-//! address, route and the agent's endpoint with what ADD set up. STATUS and GC (1.1.0) ask the
-//! agent. See [`spec`] for the config fields and error codes.
+//! answers, then gives the container its addresses (one per family the network has), MTU and
+//! default routes (on a container's further networks, a route to that network's subnet instead:
+//! one interface per network). On a network with IPv6 the container's interface gets its
+//! link-local address from its MAC (the one the agent admits), makes none of its own and accepts
+//! no router advertisements. DEL releases the addresses and the endpoint and removes the veth,
+//! and is idempotent. CHECK compares interface, addresses, routes and the agent's endpoint with
+//! what ADD set up. STATUS and GC (1.1.0) ask the agent. See [`spec`] for the config fields and
+//! error codes.
 //!
 //! The work is split so that everything but the system calls is pure: [`run`] drives one
 //! invocation against a [`Host`] (the agent API and rtnetlink), [`System`] is the real one. The
@@ -16,22 +19,61 @@
 
 pub mod spec;
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use overlay_api::{
     AgentInfo,
     agent::{AddEndpoint, EndpointInfo, GcRequest, LocalClient, LocalError, Released},
 };
-pub use overlay_netlink::{Address, Error as NetlinkError, Link, Route};
+pub use overlay_netlink::{Address, Address6, Error as NetlinkError, Link, Route, Route6};
 use overlay_netlink::{Handle, Netns};
-use spec::{Attached, CniError, Command, Env, Request, code};
+use spec::{Attached, AttachedIp, CniError, Command, Env, Request, code};
 
-/// An interface and its IPv4 addresses.
+/// An interface and its addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Iface {
     pub link: Link,
     pub addrs: Vec<Address>,
+    pub addrs6: Vec<Address6>,
 }
+
+/// The container side's IPv4 configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setup4 {
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    /// Routed via `gateway` (on-link).
+    pub route: Ipv4Network,
+    pub gateway: Ipv4Addr,
+}
+
+/// The container side's IPv6 configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setup6 {
+    pub ip: Ipv6Addr,
+    pub prefix: u8,
+    pub route: Ipv6Network,
+    pub gateway: Ipv6Addr,
+    /// The interface's only link-local address (from its MAC, as the agent admits it).
+    pub link_local: Ipv6Addr,
+}
+
+/// Per-interface IPv6 sysctls of a container's interface on an IPv6 network, set before it comes
+/// up: IPv6 on; no router advertisements heeded, no addresses of its own from them nor a
+/// link-local one from the kernel (`addr_gen_mode` 1), no duplicate-address detection (the
+/// agent hands out each address once; DAD would only delay it).
+pub const CONTAINER_IPV6_SYSCTLS: &[(&str, &str)] = &[
+    ("disable_ipv6", "0"),
+    ("addr_gen_mode", "1"),
+    ("accept_ra", "0"),
+    ("autoconf", "0"),
+    ("accept_dad", "0"),
+    ("accept_redirects", "0"),
+];
 
 /// What the plugin needs from the system. [`System`] is the real thing; tests substitute.
 /// `netns` is the path of a network namespace (`CNI_NETNS`); `None` is the plugin's own.
@@ -45,6 +87,8 @@ pub trait Host {
     fn iface(&self, netns: Option<&str>, ifname: &str) -> Result<Option<Iface>, NetlinkError>;
     /// The IPv4 routes of the main table in `netns`.
     fn routes(&self, netns: Option<&str>) -> Result<Vec<Route>, NetlinkError>;
+    /// The IPv6 routes of the main table in `netns`.
+    fn routes6(&self, netns: Option<&str>) -> Result<Vec<Route6>, NetlinkError>;
     /// Creates the pair (a veth, or a netkit pair with `device`): `host_veth` here (and up),
     /// `ifname` in the namespace `netns`.
     fn add_veth(
@@ -57,15 +101,15 @@ pub trait Host {
     ) -> Result<(), NetlinkError>;
     /// Deletes an interface of the plugin's namespace; `false` if there was none.
     fn del_link(&self, name: &str) -> Result<bool, NetlinkError>;
-    /// Gives `ifname` in `netns` its address, brings it up and routes `route` via `gateway`
+    /// Gives `ifname` in `netns` its addresses (and, with IPv6, its link-local address and
+    /// [`CONTAINER_IPV6_SYSCTLS`]), brings it up and routes each family's route via its gateway
     /// (on-link).
     fn configure(
         &self,
         netns: &str,
         ifname: &str,
-        addr: (Ipv4Addr, u8),
-        route: (Ipv4Addr, u8),
-        gateway: Ipv4Addr,
+        v4: Option<Setup4>,
+        v6: Option<Setup6>,
     ) -> Result<(), NetlinkError>;
     fn path_exists(&self, path: &str) -> bool;
 }
@@ -105,10 +149,19 @@ impl Host for System {
             Err(e) => return Err(e),
         };
         let addrs = nl.addresses(Some(link.ifindex))?;
-        Ok(Some(Iface { link, addrs }))
+        // A kernel (or namespace) without IPv6 has none to list.
+        let addrs6 = nl.addresses6(Some(link.ifindex)).unwrap_or_default();
+        Ok(Some(Iface {
+            link,
+            addrs,
+            addrs6,
+        }))
     }
     fn routes(&self, netns: Option<&str>) -> Result<Vec<Route>, NetlinkError> {
         netlink_in(netns)?.routes()
+    }
+    fn routes6(&self, netns: Option<&str>) -> Result<Vec<Route6>, NetlinkError> {
+        Ok(netlink_in(netns)?.routes6().unwrap_or_default())
     }
     fn add_veth(
         &self,
@@ -130,19 +183,47 @@ impl Host for System {
         &self,
         netns: &str,
         ifname: &str,
-        (ip, prefix_len): (Ipv4Addr, u8),
-        (dst, dst_len): (Ipv4Addr, u8),
-        gateway: Ipv4Addr,
+        v4: Option<Setup4>,
+        v6: Option<Setup6>,
     ) -> Result<(), NetlinkError> {
-        let mut nl = netlink_in(Some(netns))?;
+        let ns = Netns::open(netns)?;
+        let mut nl = Handle::in_netns(&ns)?;
         let ifindex = nl.link(ifname)?.ifindex;
-        nl.add_address(Address {
-            ifindex,
-            ip,
-            prefix_len,
-        })?;
+        if v6.is_some() {
+            // /proc/sys/net is the namespace of the thread that opens it.
+            ns.run(|| {
+                CONTAINER_IPV6_SYSCTLS.iter().try_for_each(|(knob, value)| {
+                    overlay_netlink::write_sysctl(&format!("net/ipv6/conf/{ifname}/{knob}"), value)
+                })
+            })??;
+        }
+        if let Some(c) = v4 {
+            nl.add_address(Address {
+                ifindex,
+                ip: c.ip,
+                prefix_len: c.prefix,
+            })?;
+        }
+        if let Some(c) = v6 {
+            nl.add_address6(Address6::new(ifindex, c.link_local, 64))?;
+            nl.add_address6(Address6::new(ifindex, c.ip, c.prefix))?;
+        }
         nl.set_up(ifname)?;
-        nl.add_route(Route::new(dst, dst_len, ifindex).gateway(gateway).onlink())
+        if let Some(c) = v4 {
+            nl.add_route(
+                Route::new(c.route.network(), c.route.prefix(), ifindex)
+                    .gateway(c.gateway)
+                    .onlink(),
+            )?;
+        }
+        if let Some(c) = v6 {
+            nl.add_route6(
+                Route6::new(c.route.network(), c.route.prefix(), ifindex)
+                    .gateway(c.gateway)
+                    .onlink(),
+            )?;
+        }
+        Ok(())
     }
     fn path_exists(&self, path: &str) -> bool {
         Path::new(path).exists()
@@ -247,20 +328,32 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
                 format!("network {} is not configured on this agent", conf.network),
             )
         })?;
-    if ov.subnet.is_none() {
+    if ov.subnet.is_none() && ov.subnet6.is_none() {
         return Err(CniError::new(
             code::NETWORK_UNAVAILABLE,
             format!("this agent has no subnet on network {}", conf.network),
         ));
     }
-    // A container on several networks: the first interface takes the default route, the others
-    // route their network's subnet.
+    // A container on several networks: the first interface takes the default routes, the others
+    // route their network's subnets.
     let has_default = host
         .routes(Some(netns))
         .map_err(|e| iface_error(e.to_string()))?
         .iter()
         .any(Route::is_default);
-    let route = spec::route_for(has_default, ov.info.subnet)?;
+    let has_default6 = host
+        .routes6(Some(netns))
+        .map_err(|e| iface_error(e.to_string()))?
+        .iter()
+        .any(Route6::is_default);
+    let route = match ov.subnet {
+        Some(_) => Some(spec::route_for(has_default, ov.info.subnet)?),
+        None => None,
+    };
+    let route6 = match ov.subnet6 {
+        Some(_) => Some(spec::route_for6(has_default6, ov.info.subnet6)?),
+        None => None,
+    };
     if host
         .iface(Some(netns), ifname)
         .map_err(|e| iface_error(e.to_string()))?
@@ -311,6 +404,7 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
         &AddEndpoint {
             network: conf.network.clone(),
             ip: req.ip,
+            ip6: req.ip6,
             host_veth: host_veth.clone(),
             container_mac: mac,
             half: conf.half,
@@ -324,23 +418,67 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
             return Err(agent_error(e));
         }
     };
-    let (Some(range), Some(gateway)) = (ep.subnet, ep.gateway) else {
-        cleanup(true);
-        return Err(CniError::new(
-            code::AGENT_FAILED,
-            format!("the agent reported no subnet for {}", ep.ip),
-        ));
+    let setup = (|| -> Result<(Option<Setup4>, Option<Setup6>), CniError> {
+        let missing = |ip: IpAddr| {
+            CniError::new(
+                code::AGENT_FAILED,
+                format!("the agent reported no subnet for {ip}"),
+            )
+        };
+        let mut v4 = None;
+        let mut v6 = None;
+        for a in ep.addresses() {
+            match (a.ip, a.subnet, a.gateway) {
+                (IpAddr::V4(ip), Some(IpNetwork::V4(range)), Some(IpAddr::V4(gateway))) => {
+                    let route = route.ok_or_else(|| missing(a.ip))?;
+                    v4 = Some(Setup4 {
+                        ip,
+                        prefix: range.prefix(),
+                        route,
+                        gateway,
+                    });
+                }
+                (IpAddr::V6(ip), Some(IpNetwork::V6(range)), Some(IpAddr::V6(gateway))) => {
+                    let route = route6.ok_or_else(|| missing(a.ip))?;
+                    v6 = Some(Setup6 {
+                        ip,
+                        prefix: range.prefix(),
+                        route,
+                        gateway,
+                        link_local: overlay_api::subnets::link_local(mac.0),
+                    });
+                }
+                _ => return Err(missing(a.ip)),
+            }
+        }
+        Ok((v4, v6))
+    })();
+    let (v4, v6) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup(true);
+            return Err(e);
+        }
     };
-    if let Err(e) = host.configure(
-        netns,
-        ifname,
-        (ep.ip, range.prefix()),
-        (route.network(), route.prefix()),
-        gateway,
-    ) {
+    if let Err(e) = host.configure(netns, ifname, v4, v6) {
         cleanup(true);
         return Err(iface_error(format!("configuring {ifname} in {netns}: {e}")));
     }
+    let ips = v4
+        .map(|c| AttachedIp {
+            ip: IpAddr::V4(c.ip),
+            prefix: c.prefix,
+            gateway: IpAddr::V4(c.gateway),
+            route: IpNetwork::V4(c.route),
+        })
+        .into_iter()
+        .chain(v6.map(|c| AttachedIp {
+            ip: IpAddr::V6(c.ip),
+            prefix: c.prefix,
+            gateway: IpAddr::V6(c.gateway),
+            route: IpNetwork::V6(c.route),
+        }))
+        .collect();
     Ok(spec::add_result(
         &conf.cni_version,
         &Attached {
@@ -349,10 +487,7 @@ fn add(host: &dyn Host, req: &Request) -> Result<String, CniError> {
             ifname: ifname.to_owned(),
             container_mac,
             netns: netns.to_owned(),
-            ip: ep.ip,
-            prefix: range.prefix(),
-            gateway,
-            route,
+            ips,
         },
     ))
 }
@@ -416,14 +551,29 @@ fn check(host: &dyn Host, req: &Request) -> Result<(), CniError> {
             }
         }
     }
-    let want_addr = ep.subnet.map(|s| format!("{}/{}", ep.ip, s.prefix()));
+    // Every address of the endpoint, both families.
+    let want_addrs: Vec<String> = ep
+        .addresses()
+        .iter()
+        .filter_map(|a| a.subnet.map(|s| format!("{}/{}", a.ip, s.prefix())))
+        .collect();
     if let Some(prev) = &conf.prev_result {
-        let prev_addr = prev["ips"][0]["address"].as_str();
-        if prev_addr.is_some() && prev_addr != want_addr.as_deref() {
+        let prev_addrs: Vec<&str> = prev["ips"]
+            .as_array()
+            .map(|l| l.iter().filter_map(|i| i["address"].as_str()).collect())
+            .unwrap_or_default();
+        for p in &prev_addrs {
+            if !want_addrs.iter().any(|w| w == p) {
+                diffs.push(format!(
+                    "prevResult address {p} is not one of the agent's {want_addrs:?}"
+                ));
+            }
+        }
+        if !prev_addrs.is_empty() && prev_addrs.len() != want_addrs.len() {
             diffs.push(format!(
-                "prevResult address {} differs from the agent's {}",
-                prev_addr.unwrap_or_default(),
-                want_addr.as_deref().unwrap_or("?")
+                "prevResult has {} addresses, the agent {} ({want_addrs:?})",
+                prev_addrs.len(),
+                want_addrs.len()
             ));
         }
     }
@@ -453,25 +603,47 @@ fn check(host: &dyn Host, req: &Request) -> Result<(), CniError> {
                     .addrs
                     .iter()
                     .map(|a| format!("{}/{}", a.ip, a.prefix_len))
+                    .chain(
+                        i.addrs6
+                            .iter()
+                            .map(|a| format!("{}/{}", a.ip, a.prefix_len)),
+                    )
                     .collect();
-                if let Some(want) = &want_addr
-                    && !addrs.contains(want)
-                {
-                    diffs.push(format!("{ifname} lacks address {want} (has {addrs:?})"));
+                for want in &want_addrs {
+                    if !addrs.contains(want) {
+                        diffs.push(format!("{ifname} lacks address {want} (has {addrs:?})"));
+                    }
+                }
+                if let Some(v6) = ep.ipv6() {
+                    let ll = overlay_api::subnets::link_local(ep.container_mac.0);
+                    if !i.addrs6.iter().any(|a| a.ip == ll) {
+                        diffs.push(format!(
+                            "{ifname} lacks its link-local address {ll} (the agent admits {v6}'s neighbour discovery from it)"
+                        ));
+                    }
                 }
             }
         }
         let routes = host.routes(Some(netns)).unwrap_or_default();
-        // The default route, or the network's subnet for a container's further interface.
-        let ok = ep.gateway.is_some()
-            && routes
-                .iter()
-                .any(|r| r.gateway == ep.gateway && r.oif.is_some() && r.oif == container_ifindex);
-        if !ok {
-            let gw = ep.gateway.map(|g| g.to_string()).unwrap_or_default();
-            diffs.push(format!(
-                "no default route (nor a subnet route) via {gw} dev {ifname}"
-            ));
+        let routes6 = host.routes6(Some(netns)).unwrap_or_default();
+        // The default route of each family, or the network's subnet for a container's further
+        // interface.
+        for a in ep.addresses() {
+            let ok = match a.gateway {
+                Some(IpAddr::V4(gw)) => routes.iter().any(|r| {
+                    r.gateway == Some(gw) && r.oif.is_some() && r.oif == container_ifindex
+                }),
+                Some(IpAddr::V6(gw)) => routes6.iter().any(|r| {
+                    r.gateway == Some(gw) && r.oif.is_some() && r.oif == container_ifindex
+                }),
+                None => false,
+            };
+            if !ok {
+                let gw = a.gateway.map(|g| g.to_string()).unwrap_or_default();
+                diffs.push(format!(
+                    "no default route (nor a subnet route) via {gw} dev {ifname}"
+                ));
+            }
         }
     }
     if diffs.is_empty() {
@@ -493,7 +665,7 @@ fn status(host: &dyn Host, req: &Request) -> Result<(), CniError> {
         )
     })?;
     match me.overlays.iter().find(|o| o.info.name == *net) {
-        Some(o) if o.subnet.is_some() => Ok(()),
+        Some(o) if o.subnet.is_some() || o.subnet6.is_some() => Ok(()),
         Some(_) => Err(CniError::new(
             code::NOT_AVAILABLE,
             format!("this agent has no subnet on network {net}"),

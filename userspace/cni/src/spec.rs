@@ -13,16 +13,21 @@
 //! | `half` | `cni` (first half of the agent subnet) or `docker` (second) | `cni` |
 //! | `container_device` | the pair to create: `veth` or `netkit` (kernel 6.7+, `CONFIG_NETKIT`) | `veth` |
 //!
-//! A static address may be requested with `CNI_ARGS` `IP=a.b.c.d`, `runtimeConfig.ips`
-//! (capability `ips`), `args.cni.ips` or, from Mesos' `network/cni` isolator, the task's
-//! `NetworkInfo.ip_addresses` (`args["org.apache.mesos"]["network_info"]`); it must be a usable
-//! address of this agent's subnet.
+//! A static address may be requested with `CNI_ARGS` `IP=a.b.c.d` (or `IP=a.b.c.d,fd01::5`,
+//! one per family), `runtimeConfig.ips` (capability `ips`), `args.cni.ips` or, from Mesos'
+//! `network/cni` isolator, the task's `NetworkInfo.ip_addresses`
+//! (`args["org.apache.mesos"]["network_info"]`); it must be a usable address of this agent's
+//! subnet of its family.
 //!
-//! Results are shaped per version: 0.1.0/0.2.0 (and configs without `cniVersion`) get the
-//! `ip4` object Mesos parses, 0.3.x/0.4.0 `interfaces`/`ips` with `ips[].version`, 1.x without
-//! it. CHECK exists from 0.4.0 on, STATUS and GC from 1.1.0 on.
+//! A container gets one address per family its network has (IPv4, IPv6, or both). Results are
+//! shaped per version: 0.1.0/0.2.0 (and configs without `cniVersion`) get the `ip4` and `ip6`
+//! objects Mesos parses, 0.3.x/0.4.0 `interfaces`/`ips` with `ips[].version` (`"4"`, `"6"`),
+//! 1.x without it. CHECK exists from 0.4.0 on, STATUS and GC from 1.1.0 on.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use serde_json::{Value, json};
 
@@ -200,8 +205,10 @@ pub struct NetConf {
     pub half: overlay_api::agent::Half,
     /// The device pair ADD creates.
     pub container_device: overlay_netlink::ContainerDevice,
-    /// Static addresses from `runtimeConfig.ips` and `args.cni.ips`.
+    /// Static addresses from `runtimeConfig.ips` and `args.cni.ips` (and Mesos' IPv4 ones).
     pub ips: Vec<Ipv4Addr>,
+    /// Static IPv6 addresses from `runtimeConfig.ips` and `args.cni.ips`.
+    pub ips6: Vec<Ipv6Addr>,
     pub prev_result: Option<Value>,
     /// GC: attachments to keep (`cni.dev/attachments`), as `<container id>/<ifname>`.
     pub valid_attachments: Option<Vec<String>>,
@@ -414,6 +421,7 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
             .map_err(|e: String| invalid(format!("container_device: {e}")))?,
     };
     let mut ips = vec![];
+    let mut ips6: Vec<Ipv6Addr> = vec![];
     let ip_lists = [
         obj.get("runtimeConfig").and_then(|r| r.get("ips")),
         obj.get("args")
@@ -429,7 +437,15 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
                 .as_str()
                 .ok_or_else(|| invalid(format!("ips: {item} is not a string")))?;
             if s.contains(':') {
-                continue; // IPv6: this plugin assigns IPv4 only
+                let ip6 = s
+                    .split('/')
+                    .next()
+                    .and_then(|a| a.parse::<Ipv6Addr>().ok())
+                    .ok_or_else(|| invalid(format!("ips: {s:?} is not an address")))?;
+                if !ips6.contains(&ip6) {
+                    ips6.push(ip6);
+                }
+                continue;
             }
             let ip = parse_ip(s).ok_or_else(|| invalid(format!("ips: {s:?} is not an address")))?;
             if !ips.contains(&ip) {
@@ -453,6 +469,11 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
     if ips.len() > 1 {
         return Err(invalid(format!(
             "ips: one IPv4 address per attachment, got {ips:?}"
+        )));
+    }
+    if ips6.len() > 1 {
+        return Err(invalid(format!(
+            "ips: one IPv6 address per attachment, got {ips6:?}"
         )));
     }
     let valid_attachments = match obj.get("cni.dev/attachments") {
@@ -488,18 +509,23 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
         half,
         container_device,
         ips,
+        ips6,
         prev_result: obj.get("prevResult").cloned().filter(|v| !v.is_null()),
         valid_attachments,
         mesos,
     })
 }
 
-/// `CNI_ARGS` (`K=V;K2=V2`): the requested address (`IP`), if any. Unknown keys are ignored.
-pub fn parse_cni_args(args: Option<&str>) -> Result<Option<Ipv4Addr>, CniError> {
+/// `CNI_ARGS` (`K=V;K2=V2`): the requested addresses (`IP`, one per family, comma-separated),
+/// if any. Unknown keys are ignored.
+pub fn parse_cni_args(
+    args: Option<&str>,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), CniError> {
     let Some(args) = args.filter(|a| !a.is_empty()) else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let mut ip = None;
+    let mut ip6 = None;
     for pair in args.split(';').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
             CniError::new(
@@ -508,15 +534,22 @@ pub fn parse_cni_args(args: Option<&str>) -> Result<Option<Ipv4Addr>, CniError> 
             )
         })?;
         if k == "IP" {
-            ip = Some(parse_ip(v).ok_or_else(|| {
-                CniError::new(
-                    code::BAD_ENV,
-                    format!("CNI_ARGS: IP={v:?} is not an IPv4 address"),
-                )
-            })?);
+            for one in v.split(',') {
+                let bad = || {
+                    CniError::new(
+                        code::BAD_ENV,
+                        format!("CNI_ARGS: IP={v:?} is not an IPv4 or IPv6 address"),
+                    )
+                };
+                match one.split('/').next().unwrap_or_default().parse::<IpAddr>() {
+                    Ok(IpAddr::V4(a)) if ip.is_none() => ip = Some(a),
+                    Ok(IpAddr::V6(a)) if ip6.is_none() => ip6 = Some(a),
+                    _ => return Err(bad()),
+                }
+            }
         }
     }
-    Ok(ip)
+    Ok((ip, ip6))
 }
 
 /// What the agent knows an attachment as.
@@ -566,6 +599,8 @@ pub struct Request {
     pub ifname: Option<String>,
     /// The requested static address (config or `CNI_ARGS`).
     pub ip: Option<Ipv4Addr>,
+    /// The requested static IPv6 address.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// Checks the environment for `command` and parses the config (VERSION is handled before).
@@ -621,12 +656,21 @@ pub fn parse_request(env: &Env, stdin: &[u8]) -> Result<Request, CniError> {
             format!("CNI_IFNAME {i:?} is not a valid interface name"),
         ));
     }
-    let args_ip = parse_cni_args(env.args.as_deref())?;
+    let (args_ip, args_ip6) = parse_cni_args(env.args.as_deref())?;
     let ip = match (conf.ips.first().copied(), args_ip) {
         (Some(a), Some(b)) if a != b => {
             return Err(CniError::new(
                 code::INVALID_CONFIG,
                 format!("requested addresses differ: {a} (config) and {b} (CNI_ARGS)"),
+            ));
+        }
+        (a, b) => a.or(b),
+    };
+    let ip6 = match (conf.ips6.first().copied(), args_ip6) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("requested IPv6 addresses differ: {a} (config) and {b} (CNI_ARGS)"),
             ));
         }
         (a, b) => a.or(b),
@@ -638,6 +682,7 @@ pub fn parse_request(env: &Env, stdin: &[u8]) -> Result<Request, CniError> {
         netns,
         ifname,
         ip,
+        ip6,
     })
 }
 
@@ -645,6 +690,18 @@ pub fn parse_request(env: &Env, stdin: &[u8]) -> Result<Request, CniError> {
 pub fn version_result(stdin: &[u8]) -> String {
     json!({"cniVersion": answer_version(stdin), "supportedVersions": SUPPORTED_VERSIONS})
         .to_string()
+}
+
+/// One address ADD gave the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachedIp {
+    pub ip: IpAddr,
+    pub prefix: u8,
+    pub gateway: IpAddr,
+    /// The route via the gateway: the default route of its family for the container's first
+    /// network, the overlay network's subnet for each further one (their default routes would
+    /// collide).
+    pub route: ipnetwork::IpNetwork,
 }
 
 /// What ADD set up, for the result.
@@ -655,12 +712,8 @@ pub struct Attached {
     pub ifname: String,
     pub container_mac: String,
     pub netns: String,
-    pub ip: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    /// The route via the gateway: the default route for the container's first network, the
-    /// overlay network's subnet for each further one (their default routes would collide).
-    pub route: ipnetwork::Ipv4Network,
+    /// One per family of the network, IPv4 first.
+    pub ips: Vec<AttachedIp>,
 }
 
 /// What a further interface of a container routes: the overlay network's whole subnet.
@@ -679,37 +732,60 @@ pub fn route_for(
     })
 }
 
+/// [`route_for`] for IPv6: `::/0`, or the network's `subnet6` on a further interface.
+pub fn route_for6(
+    has_default_route: bool,
+    overlay_subnet6: Option<ipnetwork::Ipv6Network>,
+) -> Result<ipnetwork::Ipv6Network, CniError> {
+    if !has_default_route {
+        return Ok(ipnetwork::Ipv6Network::new(Ipv6Addr::UNSPECIFIED, 0).expect("/0 is valid"));
+    }
+    overlay_subnet6.ok_or_else(|| {
+        CniError::new(
+            code::NETWORK_UNAVAILABLE,
+            "the container has an IPv6 default route already and the network has no subnet6 to route instead",
+        )
+    })
+}
+
 /// ADD's result, shaped for `version` ([`result_shape`]).
 pub fn add_result(version: &str, a: &Attached) -> String {
-    let default_route = json!({"dst": a.route.to_string(), "gw": a.gateway.to_string()});
+    let route = |i: &AttachedIp| json!({"dst": i.route.to_string(), "gw": i.gateway.to_string()});
     if result_shape(version) == ResultShape::Ip4 {
-        return json!({
-            "cniVersion": version,
-            "ip4": {
-                "ip": format!("{}/{}", a.ip, a.prefix),
-                "gateway": a.gateway.to_string(),
-                "routes": [default_route],
-            },
-            "dns": {},
+        let mut v = json!({"cniVersion": version, "dns": {}});
+        for i in &a.ips {
+            let key = if i.ip.is_ipv4() { "ip4" } else { "ip6" };
+            v[key] = json!({
+                "ip": format!("{}/{}", i.ip, i.prefix),
+                "gateway": i.gateway.to_string(),
+                "routes": [route(i)],
+            });
+        }
+        return v.to_string();
+    }
+    let ips: Vec<Value> = a
+        .ips
+        .iter()
+        .map(|i| {
+            let mut ip = json!({
+                "address": format!("{}/{}", i.ip, i.prefix),
+                "gateway": i.gateway.to_string(),
+                "interface": 1,
+            });
+            if result_shape(version) == ResultShape::IpsVersioned {
+                ip["version"] = json!(if i.ip.is_ipv4() { "4" } else { "6" });
+            }
+            ip
         })
-        .to_string();
-    }
-    let mut ip = json!({
-        "address": format!("{}/{}", a.ip, a.prefix),
-        "gateway": a.gateway.to_string(),
-        "interface": 1,
-    });
-    if result_shape(version) == ResultShape::IpsVersioned {
-        ip["version"] = json!("4");
-    }
+        .collect();
     json!({
         "cniVersion": version,
         "interfaces": [
             {"name": a.host_veth, "mac": a.host_mac},
             {"name": a.ifname, "mac": a.container_mac, "sandbox": a.netns},
         ],
-        "ips": [ip],
-        "routes": [default_route],
+        "ips": ips,
+        "routes": a.ips.iter().map(route).collect::<Vec<_>>(),
         "dns": {},
     })
     .to_string()
@@ -803,6 +879,19 @@ mod tests {
         assert_eq!(parse_request(&e, CONF.as_bytes()).unwrap_err().code, 4);
         e.args = Some("IP=999.1.1.1".into());
         assert_eq!(parse_request(&e, CONF.as_bytes()).unwrap_err().code, 4);
+        // One address per family, comma-separated; two of one family are refused.
+        e.args = Some("IP=9.0.1.10,fd01:b::5".into());
+        let r = parse_request(&e, CONF.as_bytes()).unwrap();
+        assert_eq!(r.ip, Some("9.0.1.10".parse().unwrap()));
+        assert_eq!(r.ip6, Some("fd01:b::5".parse().unwrap()));
+        e.args = Some("IP=fd01:b::5,fd01:b::6".into());
+        assert_eq!(parse_request(&e, CONF.as_bytes()).unwrap_err().code, 4);
+        let conf6 =
+            r#"{"cniVersion":"1.0.0","name":"dcos6","runtimeConfig":{"ips":["fd01:b::9/81"]}}"#;
+        let r = parse_request(&env("ADD"), conf6.as_bytes()).unwrap();
+        assert_eq!((r.ip, r.ip6), (None, Some("fd01:b::9".parse().unwrap())));
+        let two6 = r#"{"cniVersion":"1.0.0","name":"dcos6","runtimeConfig":{"ips":["fd01:b::9","fd01:b::a"]}}"#;
+        assert_eq!(parse_config(two6.as_bytes()).unwrap_err().code, 7);
     }
 
     #[test]
@@ -869,10 +958,12 @@ mod tests {
             ifname: "eth0".into(),
             container_mac: "02:00:00:00:00:02".into(),
             netns: "/run/netns/x".into(),
-            ip: "9.0.1.2".parse().unwrap(),
-            prefix: 25,
-            gateway: "9.0.1.1".parse().unwrap(),
-            route: route_for(false, None).unwrap(),
+            ips: vec![AttachedIp {
+                ip: "9.0.1.2".parse().unwrap(),
+                prefix: 25,
+                gateway: "9.0.1.1".parse().unwrap(),
+                route: route_for(false, None).unwrap().into(),
+            }],
         };
         let old: Value = serde_json::from_str(&add_result("0.4.0", &a)).unwrap();
         assert_eq!(old["ips"][0]["version"], "4");
@@ -909,6 +1000,68 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn dual_stack_results_per_version() {
+        let v4 = AttachedIp {
+            ip: "9.0.1.2".parse().unwrap(),
+            prefix: 25,
+            gateway: "9.0.1.1".parse().unwrap(),
+            route: route_for(false, None).unwrap().into(),
+        };
+        let v6 = AttachedIp {
+            ip: "fd01:b::2".parse().unwrap(),
+            prefix: 81,
+            gateway: "fd01:b::1".parse().unwrap(),
+            route: route_for6(false, None).unwrap().into(),
+        };
+        let a = Attached {
+            host_veth: "eo1".into(),
+            host_mac: "02:00:00:00:00:01".into(),
+            ifname: "eth0".into(),
+            container_mac: "02:00:00:00:00:02".into(),
+            netns: "/run/netns/x".into(),
+            ips: vec![v4, v6],
+        };
+        for version in ["0.1.0", "0.2.0"] {
+            let v: Value = serde_json::from_str(&add_result(version, &a)).unwrap();
+            assert_eq!(v["ip4"]["ip"], "9.0.1.2/25");
+            assert_eq!(v["ip6"]["ip"], "fd01:b::2/81");
+            assert_eq!(v["ip6"]["gateway"], "fd01:b::1");
+            assert_eq!(
+                v["ip6"]["routes"][0],
+                json!({"dst": "::/0", "gw": "fd01:b::1"})
+            );
+        }
+        for version in ["0.3.0", "0.3.1", "0.4.0"] {
+            let v: Value = serde_json::from_str(&add_result(version, &a)).unwrap();
+            assert_eq!(v["ips"][0]["version"], "4");
+            assert_eq!(v["ips"][1]["version"], "6");
+            assert_eq!(v["ips"][1]["address"], "fd01:b::2/81");
+            assert_eq!(v["ips"][1]["interface"], 1);
+            assert_eq!(v["routes"][1], json!({"dst": "::/0", "gw": "fd01:b::1"}));
+        }
+        for version in ["1.0.0", "1.1.0"] {
+            let v: Value = serde_json::from_str(&add_result(version, &a)).unwrap();
+            assert!(v["ips"][1].get("version").is_none());
+            assert_eq!(v["ips"][1]["gateway"], "fd01:b::1");
+        }
+        // IPv6 only (dcos6): no ip4 object, one ips entry.
+        let only6 = Attached { ips: vec![v6], ..a };
+        let v: Value = serde_json::from_str(&add_result("0.2.0", &only6)).unwrap();
+        assert!(
+            v.get("ip4").is_none() && v["ip6"]["ip"] == "fd01:b::2/81",
+            "{v}"
+        );
+        let v: Value = serde_json::from_str(&add_result("1.0.0", &only6)).unwrap();
+        assert_eq!(v["ips"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            route_for6(true, "fd01:b::/64".parse().ok())
+                .unwrap()
+                .to_string(),
+            "fd01:b::/64"
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@ use overlay_api::{
     AgentInfo,
     agent::{AddEndpoint, EndpointInfo, GcRequest, LocalError, Released},
 };
-use overlay_cni::{Host, Iface, Link, NetlinkError, Output, Route, run, spec::Env};
+use overlay_cni::{
+    Host, Iface, Link, NetlinkError, Output, Route, Route6, Setup4, Setup6, run, spec::Env,
+};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -67,10 +69,14 @@ impl Host for Down {
                     kind: None,
                 },
                 addrs: vec![],
+                addrs6: vec![],
             })
         })
     }
     fn routes(&self, _: Option<&str>) -> Result<Vec<Route>, NetlinkError> {
+        self.nl(|_| vec![])
+    }
+    fn routes6(&self, _: Option<&str>) -> Result<Vec<Route6>, NetlinkError> {
         self.nl(|_| vec![])
     }
     fn add_veth(
@@ -90,9 +96,8 @@ impl Host for Down {
         &self,
         _: &str,
         _: &str,
-        _: (std::net::Ipv4Addr, u8),
-        _: (std::net::Ipv4Addr, u8),
-        _: std::net::Ipv4Addr,
+        _: Option<Setup4>,
+        _: Option<Setup6>,
     ) -> Result<(), NetlinkError> {
         self.nl(|_| ())
     }

@@ -587,7 +587,7 @@ fn ipam_show(socket: &Path, network: Option<&str>, format: Format) -> anyhow::Re
                 .map(|u| {
                     vec![
                         u.network.clone(),
-                        "ipv4".into(),
+                        u.family.name().into(),
                         u.half.name().to_owned(),
                         u.range.to_string(),
                         u.used.to_string(),
@@ -625,11 +625,20 @@ fn endpoints(socket: &Path, format: Format) -> anyhow::Result<()> {
     let endpoints = client.endpoints().map_err(|e| anyhow::anyhow!(chain(&e)))?;
     format.emit(&endpoints, |eps| {
         table(
-            &["ADDRESS", "NETWORK", "CONTAINER", "INTERFACE", "MAC"],
+            &[
+                "ADDRESS",
+                "IPV6",
+                "NETWORK",
+                "CONTAINER",
+                "INTERFACE",
+                "MAC",
+            ],
             &eps.iter()
                 .map(|e| {
+                    // A dual-stack endpoint shows both; an IPv6-only one its IPv6 address first.
                     vec![
                         e.ip.to_string(),
+                        or_dash(e.ip6.as_ref()),
                         e.network.clone(),
                         or_dash(e.attachment.as_ref()),
                         e.host_veth.clone(),

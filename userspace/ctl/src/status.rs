@@ -61,7 +61,7 @@ pub struct IpamUse {
     pub half: String,
     pub range: String,
     pub used: u32,
-    pub free: u32,
+    pub free: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -167,7 +167,7 @@ fn agent_section(socket: &Path, master_names: Option<&BTreeMap<u32, String>>) ->
                 .into_iter()
                 .map(|u| IpamUse {
                     network: u.network,
-                    family: "ipv4",
+                    family: u.family.name(),
                     half: u.half.name().to_owned(),
                     range: u.range.to_string(),
                     used: u.used,

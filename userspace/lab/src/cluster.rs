@@ -38,6 +38,13 @@ overlays:
     prefix: 24
 ";
 
+/// The addresses the CNI plugin gave a container, one per family of its network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContainerAddrs {
+    pub ip4: Option<Ipv4Addr>,
+    pub ip6: Option<std::net::Ipv6Addr>,
+}
+
 pub struct ClusterSpec {
     pub agents: usize,
     /// The master's configuration (DC/OS `dcos_overlay_network`, YAML).
@@ -597,6 +604,21 @@ impl Cluster {
     /// `network`. The plugin makes the veth pair, the agent allocates the address from the CNI
     /// half of its subnet and wires the endpoint, the plugin sets address and default route.
     pub fn add_container(&mut self, agent: &str, network: &str) -> anyhow::Result<Container> {
+        let (c, addrs) = self.add_container_addrs(agent, network)?;
+        if addrs.ip4.is_none() && addrs.ip6.is_none() {
+            bail!("the plugin gave the container on {network} no address");
+        }
+        Ok(c)
+    }
+
+    /// [`Cluster::add_container`], with every address the plugin's result gave the container:
+    /// on an IPv6 or dual-stack network its IPv6 address too (`Container::node.ip` is its IPv4
+    /// address, none on an IPv6-only network).
+    pub fn add_container_addrs(
+        &mut self,
+        agent: &str,
+        network: &str,
+    ) -> anyhow::Result<(Container, ContainerAddrs)> {
         let conf = self
             .plugin_conf(agent, network)
             .with_context(|| format!("the CNI config of {network} on {agent}"))?;
@@ -605,16 +627,23 @@ impl Cluster {
         let result = self
             .cni_add(agent, &container_id, &node, &conf)
             .with_context(|| format!("connecting a container to {network} on {agent}"))?;
-        let ip: Ipv4Addr = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no address in the plugin's result {result}"))?;
+        let mut addrs = ContainerAddrs::default();
+        for ip in result["ips"].as_array().into_iter().flatten() {
+            let addr: Option<IpAddr> = ip["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok());
+            match addr {
+                Some(IpAddr::V4(a)) => addrs.ip4 = Some(a),
+                Some(IpAddr::V6(a)) => addrs.ip6 = Some(a),
+                None => bail!("an address of the plugin's result does not parse: {result}"),
+            }
+        }
         let host_veth = result["interfaces"][0]["name"]
             .as_str()
             .with_context(|| format!("no host interface in the plugin's result {result}"))?
             .to_owned();
-        node.ip = Some(ip);
+        node.ip = addrs.ip4;
         let c = Container {
             node,
             agent: agent.into(),
@@ -622,7 +651,7 @@ impl Cluster {
             ifname: CONTAINER_IFNAME.into(),
         };
         self.lab.record_container(c.clone())?;
-        Ok(c)
+        Ok((c, addrs))
     }
 
     /// The plugin config a runtime hands the plugin for `network` on `agent`: the list's one

@@ -207,6 +207,62 @@ impl Route {
     }
 }
 
+/// An IPv6 route of the main table (the twin of [`Route`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route6 {
+    /// Destination network (`::/0` for the default route).
+    pub dst: Ipv6Addr,
+    pub prefix_len: u8,
+    pub oif: Option<u32>,
+    pub gateway: Option<Ipv6Addr>,
+    /// Preferred source address.
+    pub src: Option<Ipv6Addr>,
+    /// `rtm_protocol`: who installed it.
+    pub protocol: u8,
+    /// The gateway is on the link even outside the interface's prefixes.
+    pub onlink: bool,
+}
+
+impl Route6 {
+    /// A route to `dst/prefix_len` through interface `oif`, protocol `static`.
+    pub fn new(dst: Ipv6Addr, prefix_len: u8, oif: u32) -> Route6 {
+        Route6 {
+            dst,
+            prefix_len,
+            oif: Some(oif),
+            gateway: None,
+            src: None,
+            protocol: libc::RTPROT_STATIC,
+            onlink: false,
+        }
+    }
+    /// The default route via `gateway` on `oif`, on-link.
+    pub fn default_via(gateway: Ipv6Addr, oif: u32) -> Route6 {
+        Route6::new(Ipv6Addr::UNSPECIFIED, 0, oif)
+            .gateway(gateway)
+            .onlink()
+    }
+    pub fn gateway(mut self, gw: Ipv6Addr) -> Route6 {
+        self.gateway = Some(gw);
+        self
+    }
+    pub fn src(mut self, src: Ipv6Addr) -> Route6 {
+        self.src = Some(src);
+        self
+    }
+    pub fn protocol(mut self, proto: u8) -> Route6 {
+        self.protocol = proto;
+        self
+    }
+    pub fn onlink(mut self) -> Route6 {
+        self.onlink = true;
+        self
+    }
+    pub fn is_default(&self) -> bool {
+        self.prefix_len == 0
+    }
+}
+
 /// One rtnetlink socket, acting in the network namespace it was opened in.
 pub struct Handle {
     socket: Socket,
@@ -744,6 +800,129 @@ impl Handle {
         self.change(RouteNetlinkMessage::DelRoute(m), 0, &|| {
             Self::route_op("deleting", &r)
         })
+    }
+}
+
+impl Handle {
+    /// The IPv6 unicast routes of the main table (the kernel's own `fe80::/64` and local
+    /// routes included as it lists them; multicast and other tables left out).
+    pub fn routes6(&mut self) -> Result<Vec<Route6>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet6;
+        let answers = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP, &|| {
+            "listing IPv6 routes".to_owned()
+        })?;
+        let mut out = vec![];
+        for r in answers {
+            let RouteNetlinkMessage::NewRoute(r) = r else {
+                continue;
+            };
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(r.header.table as u32);
+            if r.header.address_family != AddressFamily::Inet6
+                || table != RouteHeader::RT_TABLE_MAIN as u32
+                || r.header.kind != RouteType::Unicast
+            {
+                continue;
+            }
+            let v6 = |a: &RouteAddress| match a {
+                RouteAddress::Inet6(ip) => Some(*ip),
+                _ => None,
+            };
+            let mut route = Route6 {
+                dst: Ipv6Addr::UNSPECIFIED,
+                prefix_len: r.header.destination_prefix_length,
+                oif: None,
+                gateway: None,
+                src: None,
+                protocol: u8::from(r.header.protocol),
+                onlink: r.header.flags.contains(RouteFlags::Onlink),
+            };
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => route.dst = v6(d).unwrap_or(route.dst),
+                    RouteAttribute::Oif(i) => route.oif = Some(*i),
+                    RouteAttribute::Gateway(g) => route.gateway = v6(g),
+                    RouteAttribute::PrefSource(s) => route.src = v6(s),
+                    _ => {}
+                }
+            }
+            out.push(route);
+        }
+        Ok(out)
+    }
+
+    fn route6_msg(r: &Route6) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet6;
+        m.header.destination_prefix_length = r.prefix_len;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::from(r.protocol);
+        m.header.kind = RouteType::Unicast;
+        // IPv6 routes are all of universe scope (the kernel ignores what it is told).
+        m.header.scope = RouteScope::Universe;
+        if r.onlink {
+            m.header.flags = RouteFlags::Onlink;
+        }
+        if r.prefix_len > 0 {
+            m.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet6(r.dst)));
+        }
+        if let Some(oif) = r.oif {
+            m.attributes.push(RouteAttribute::Oif(oif));
+        }
+        if let Some(gw) = r.gateway {
+            m.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
+        }
+        if let Some(src) = r.src {
+            m.attributes
+                .push(RouteAttribute::PrefSource(RouteAddress::Inet6(src)));
+        }
+        m
+    }
+
+    fn route6_op(verb: &str, r: &Route6) -> String {
+        let mut s = format!("{verb} route {}/{}", r.dst, r.prefix_len);
+        if let Some(g) = r.gateway {
+            s += &format!(" via {g}");
+        }
+        if let Some(o) = r.oif {
+            s += &format!(" dev #{o}");
+        }
+        s
+    }
+
+    /// Adds an IPv6 route; [`Error::Exists`] if one to that destination is there.
+    pub fn add_route6(&mut self, r: Route6) -> Result<()> {
+        self.change(
+            RouteNetlinkMessage::NewRoute(Self::route6_msg(&r)),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &|| Self::route6_op("adding", &r),
+        )
+    }
+
+    /// Adds an IPv6 route or replaces the one to the same destination.
+    pub fn replace_route6(&mut self, r: Route6) -> Result<()> {
+        self.change(
+            RouteNetlinkMessage::NewRoute(Self::route6_msg(&r)),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &|| Self::route6_op("replacing", &r),
+        )
+    }
+
+    pub fn del_route6(&mut self, r: Route6) -> Result<()> {
+        self.change(
+            RouteNetlinkMessage::DelRoute(Self::route6_msg(&r)),
+            0,
+            &|| Self::route6_op("deleting", &r),
+        )
     }
 }
 

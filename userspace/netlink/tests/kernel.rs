@@ -284,3 +284,55 @@ fn ipv6_addresses_are_added_listed_with_their_state_and_deleted() {
             .any(|x| x.ip == ula)
     );
 }
+
+#[test]
+fn ipv6_routes_are_added_replaced_listed_and_deleted() {
+    let a = TestNs::new("v6rt");
+    let b = TestNs::new("v6rtb");
+    let (na, nb) = (a.open(), b.open());
+    let mut h = Handle::in_netns(&na).unwrap();
+    h.add_veth("r6-a", "r6-b", 1500, Some(&nb)).unwrap();
+    h.set_up("r6-a").unwrap();
+    let ifindex = h.link("r6-a").unwrap().ifindex;
+    let ula: std::net::Ipv6Addr = "fd00:fab::11".parse().unwrap();
+    h.add_address6(overlay_netlink::Address6::new(ifindex, ula, 128))
+        .unwrap();
+    let dst: std::net::Ipv6Addr = "fd01:b::".parse().unwrap();
+    let gw: std::net::Ipv6Addr = "fd01:a::1".parse().unwrap();
+    // A subnet route with a preferred source and our protocol, as the host link writes them.
+    let subnet = overlay_netlink::Route6::new(dst, 64, ifindex)
+        .src(ula)
+        .protocol(77);
+    h.add_route6(subnet).unwrap();
+    assert!(h.add_route6(subnet).unwrap_err().is_exists());
+    h.replace_route6(subnet).unwrap();
+    // The default route via an on-link gateway, as a container gets it.
+    h.add_route6(overlay_netlink::Route6::default_via(gw, ifindex))
+        .unwrap();
+    let routes = h.routes6().unwrap();
+    let ours = routes
+        .iter()
+        .find(|r| r.dst == dst && r.prefix_len == 64)
+        .unwrap_or_else(|| panic!("{routes:?}"));
+    assert_eq!(
+        (ours.oif, ours.src, ours.protocol, ours.gateway),
+        (Some(ifindex), Some(ula), 77, None)
+    );
+    let default = routes
+        .iter()
+        .find(|r| r.is_default())
+        .unwrap_or_else(|| panic!("{routes:?}"));
+    assert_eq!((default.gateway, default.oif), (Some(gw), Some(ifindex)));
+    assert!(default.onlink, "{default:?}");
+    // Not among the IPv4 routes.
+    assert!(h.routes().unwrap().iter().all(|r| r.oif != Some(ifindex)));
+    h.del_route6(*ours).unwrap();
+    h.del_route6(*default).unwrap();
+    let left = h.routes6().unwrap();
+    assert!(
+        !left.iter().any(|r| r.dst == dst && r.prefix_len == 64)
+            && !left.iter().any(|r| r.is_default()),
+        "{left:?}"
+    );
+    assert!(h.del_route6(*ours).unwrap_err().is_not_found());
+}
