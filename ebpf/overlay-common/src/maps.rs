@@ -16,7 +16,11 @@
 /// v3: networks have an id apart from their VNI (routes carry both; `OVL_VNIS` says which VNIs
 /// are accepted), `NatConfig` has the underlay's IPv6 address, and `OVL_TAIL_CALLS` has more
 /// slots.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+/// v4: counters live in a per-CPU array (`OVL_STATS`, indexed by [`stat_index`]) instead of a
+/// per-CPU hash; each network has a counter slot (`OVL_NET_SLOTS`), which endpoints and routes
+/// carry so the fast paths count without a lookup; routes carry their precomputed outer
+/// headers ([`OuterTemplate`]).
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// The VNI every network's frames carry unless the network has its own (DC/OS: `vtep1024`).
 pub const SHARED_VNI: u32 = 1024;
@@ -30,6 +34,8 @@ pub mod names {
     pub const VTEPS: &str = "OVL_VTEPS";
     pub const NETWORKS: &str = "OVL_NETWORKS";
     pub const STATS: &str = "OVL_STATS";
+    /// Network id -> counter slot of `OVL_STATS` (written by the agent's map façade).
+    pub const NET_SLOTS: &str = "OVL_NET_SLOTS";
     pub const NAT: &str = "OVL_NAT";
     pub const NAT_CONFIG: &str = "OVL_NAT_CONFIG";
     pub const PROTECTED: &str = "OVL_PROTECTED";
@@ -55,6 +61,7 @@ pub mod names {
         VTEPS,
         NETWORKS,
         STATS,
+        NET_SLOTS,
         NAT,
         NAT_CONFIG,
         PROTECTED,
@@ -136,7 +143,10 @@ pub mod capacity {
     pub const VTEPS: u32 = 16384;
     pub const NETWORKS: u32 = 1024;
     pub const VNIS: u32 = 1024;
-    pub const STATS: u32 = 16384;
+    /// Counter slots (networks with counters of their own; slot 0 is no network's).
+    pub const STAT_SLOTS: u32 = 256;
+    /// `OVL_STATS` entries: every counter id of every slot.
+    pub const STATS: u32 = STAT_SLOTS * super::STAT_COUNTERS_PER_SLOT;
     /// Connection-tracking entries (two per masqueraded flow), LRU-evicted when full.
     pub const NAT: u32 = 131072;
     /// Live masqueraded flows per container and destination (LRU: a lost count only loosens the
@@ -257,7 +267,9 @@ pub struct Endpoint {
     /// delivered to it.
     pub gateway_mac: [u8; 6],
     pub flags: u32,
-    pub _pad: u32,
+    /// The counter slot of `network` (`OVL_NET_SLOTS`), so that delivery counts without a
+    /// lookup. Filled by the map façade on write (constructors leave it 0: no network's).
+    pub slot: u32,
 }
 
 impl Endpoint {
@@ -279,7 +291,7 @@ impl Endpoint {
             mac,
             gateway_mac,
             flags: 0,
-            _pad: 0,
+            slot: 0,
         }
     }
 
@@ -293,7 +305,7 @@ impl Endpoint {
             mac: host_mac,
             gateway_mac: HOST_LINK_PEER_MAC,
             flags: Endpoint::FLAG_HOST,
-            _pad: 0,
+            slot: 0,
         }
     }
 
@@ -313,7 +325,8 @@ pub struct RemoteRoute {
     pub underlay_ip: Addr16,
     /// That agent's VTEP MAC: inner destination MAC (DC/OS wire format).
     pub vtep_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The counter slot of `network`, as in [`Endpoint::slot`].
+    pub slot: u16,
     /// Network id of the network the subnet belongs to: a packet from a container of another
     /// network is never sent there, and a decapsulated packet from this subnet is of this network.
     pub network: u32,
@@ -321,6 +334,57 @@ pub struct RemoteRoute {
     /// its own): written by encapsulation, and the only one decapsulation accepts from the subnet.
     pub vni: u32,
     pub flags: u32,
+    /// The outer headers towards that agent, precomputed by the map façade from this route and
+    /// the agent's config (zero, unusable, from the constructor; IPv4 underlays only).
+    pub outer: OuterTemplate,
+}
+
+/// Length of [`OuterTemplate::headers`]: outer IPv4, UDP, VXLAN and the inner Ethernet
+/// addresses, everything of a VXLAN-over-IPv4 frame's headers that is the same for every packet
+/// of one route (the outer Ethernet header is constant, the inner Ethernet type per packet).
+pub const OUTER_TEMPLATE_LEN: usize = 48;
+
+/// Precomputed VXLAN-over-IPv4 headers of one route (`crate::packet::outer_template`): the
+/// program copies them and fills in the IPv4 total length and checksum, the UDP source port and
+/// length, and the inner Ethernet type (`crate::packet::apply_outer_template`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OuterTemplate {
+    /// The headers with IPv4 total length, IPv4 checksum, UDP source port and UDP length zero.
+    pub headers: [u8; OUTER_TEMPLATE_LEN],
+    /// Folded ones'-complement sum of the IPv4 header as it is in `headers`: the checksum of a
+    /// packet is the complement of this plus its total length.
+    pub csum_base: u16,
+    /// [`OuterTemplate::FLAG_VALID`] once built.
+    pub flags: u16,
+}
+
+impl Default for OuterTemplate {
+    fn default() -> OuterTemplate {
+        OuterTemplate::NONE
+    }
+}
+
+impl OuterTemplate {
+    pub const FLAG_VALID: u32 = 1;
+    /// No template: encapsulation builds the headers itself.
+    pub const NONE: OuterTemplate = OuterTemplate {
+        headers: [0; OUTER_TEMPLATE_LEN],
+        csum_base: 0,
+        flags: 0,
+    };
+
+    /// Whether the template was built for an agent with this underlay address, VXLAN port and
+    /// VTEP MAC (a config changed since is never sent with the old headers).
+    #[inline(always)]
+    pub fn fits(&self, local_ip: [u8; 4], vxlan_port: u16, vtep_mac: [u8; 6]) -> bool {
+        let h = &self.headers;
+        // Arrays, not slices: a slice comparison is a memcmp call, which BPF has not.
+        self.flags as u32 & OuterTemplate::FLAG_VALID != 0
+            && [h[12], h[13], h[14], h[15]] == local_ip
+            && [h[22], h[23]] == vxlan_port.to_be_bytes()
+            && [h[42], h[43], h[44], h[45], h[46], h[47]] == vtep_mac
+    }
 }
 
 impl RemoteRoute {
@@ -335,10 +399,11 @@ impl RemoteRoute {
         RemoteRoute {
             underlay_ip,
             vtep_mac,
-            _pad: [0; 2],
+            slot: 0,
             network,
             vni,
             flags: 0,
+            outer: OuterTemplate::NONE,
         }
     }
 }
@@ -713,28 +778,49 @@ pub struct Protected {
     pub flags: u32,
 }
 
-/// Key of `OVL_STATS` (per-CPU): one counter of one network.
+/// Counter ids per slot of `OVL_STATS`: every [`crate::counters::Counter`] value is below it.
+pub const STAT_COUNTERS_PER_SLOT: u32 = 96;
+
+/// The `OVL_STATS` index of counter (id) `counter` in counter slot `slot`; a slot out of range
+/// counts in slot 0 (no network's), never in another network's.
+#[inline(always)]
+pub const fn stat_index(slot: u32, counter: u32) -> u32 {
+    let slot = if slot < capacity::STAT_SLOTS { slot } else { 0 };
+    slot * STAT_COUNTERS_PER_SLOT + counter
+}
+
+/// Value of `OVL_NET_SLOTS` (key [`NetworkKey`]): the network's counter slot in `OVL_STATS`.
+/// Slot 0 is [`crate::counters::NO_NETWORK`]'s, and where a network without a slot counts.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StatKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetSlot {
+    pub slot: u32,
+}
+
+/// Value of `OVL_STATS` (per-CPU array, index [`stat_index`]): one counter of one network. The
+/// agent writes `network` and `counter` when it gives the slot to a network (so `bpftool map
+/// dump` says whose counter each entry is); the programs only add to `packets` and `bytes`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
     /// The network id, or [`crate::counters::NO_NETWORK`].
     pub network: u32,
     /// A [`crate::counters::Counter`] value.
     pub counter: u32,
-}
-
-impl StatKey {
-    pub const fn new(network: u32, counter: u32) -> StatKey {
-        StatKey { network, counter }
-    }
-}
-
-/// Value of `OVL_STATS` (per-CPU).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stat {
     pub packets: u64,
     pub bytes: u64,
+}
+
+impl Stat {
+    /// Counter (id) `counter` of network (id) `network`, at zero.
+    pub const fn of(network: u32, counter: u32) -> Stat {
+        Stat {
+            network,
+            counter,
+            packets: 0,
+            bytes: 0,
+        }
+    }
 }
 
 // Layouts are part of the on-disk (pinned) contract: pin them down.
@@ -743,7 +829,8 @@ const _: () = {
     assert!(size_of::<AgentConfig>() == 36);
     assert!(size_of::<EndpointKey>() == 16);
     assert!(size_of::<Endpoint>() == 28);
-    assert!(size_of::<RemoteRoute>() == 36);
+    assert!(size_of::<OuterTemplate>() == 52);
+    assert!(size_of::<RemoteRoute>() == 88);
     assert!(size_of::<OverlaySubnet>() == 8);
     assert!(size_of::<VtepKey>() == 16);
     assert!(size_of::<Vtep>() == 12);
@@ -751,8 +838,8 @@ const _: () = {
     assert!(size_of::<Network>() == 8);
     assert!(size_of::<VniKey>() == 4);
     assert!(size_of::<WireVni>() == 8);
-    assert!(size_of::<StatKey>() == 8);
-    assert!(size_of::<Stat>() == 16);
+    assert!(size_of::<NetSlot>() == 4);
+    assert!(size_of::<Stat>() == 24);
     assert!(size_of::<NatKey>() == 40);
     assert!(size_of::<NatEntry>() == 32);
     assert!(size_of::<NatConfig>() == 52);
@@ -771,6 +858,7 @@ mod pod {
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for RemoteRoute {}
+    unsafe impl aya::Pod for OuterTemplate {}
     unsafe impl aya::Pod for OverlaySubnet {}
     unsafe impl aya::Pod for VtepKey {}
     unsafe impl aya::Pod for Vtep {}
@@ -778,7 +866,7 @@ mod pod {
     unsafe impl aya::Pod for Network {}
     unsafe impl aya::Pod for VniKey {}
     unsafe impl aya::Pod for WireVni {}
-    unsafe impl aya::Pod for StatKey {}
+    unsafe impl aya::Pod for NetSlot {}
     unsafe impl aya::Pod for Stat {}
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatEntry {}
@@ -876,7 +964,7 @@ mod tests {
         let host = Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 9]);
         assert!(host.is_host());
         assert_eq!(host.gateway_mac, HOST_LINK_PEER_MAC);
-        assert_eq!((host.ifindex, host.network, host._pad), (7, 1024, 0));
+        assert_eq!((host.ifindex, host.network, host.slot), (7, 1024, 0));
         let c = Endpoint::container(8, 1024, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
         assert!(!c.is_host());
         assert_eq!(c.flags, 0);
@@ -888,7 +976,7 @@ mod tests {
             7,
             SHARED_VNI,
         );
-        assert_eq!((r._pad, r.flags, r.network, r.vni), ([0; 2], 0, 7, 1024));
+        assert_eq!((r.slot, r.flags, r.network, r.vni), (0, 0, 7, 1024));
         assert_eq!(WireVni::carrying(&[7]).network, 7);
         assert_eq!(
             WireVni::carrying(&[7, 8]).network,
@@ -906,6 +994,23 @@ mod tests {
         // Sum of field sizes equals the struct size: no hidden bytes a hash lookup could miss on.
         assert_eq!(size_of::<Endpoint>(), 4 + 4 + 6 + 6 + 4 + 4);
         assert_eq!(size_of::<AgentConfig>(), 16 + 4 + 6 + 2 + 4 + 4);
-        assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4);
+        assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4 + 52);
+        assert_eq!(size_of::<OuterTemplate>(), OUTER_TEMPLATE_LEN + 2 + 2);
+        assert_eq!(size_of::<Stat>(), 4 + 4 + 8 + 8);
+    }
+
+    #[test]
+    fn every_counter_has_its_own_index_inside_its_slot() {
+        use crate::counters::Counter;
+        for &c in Counter::ALL {
+            assert!((c as u32) < STAT_COUNTERS_PER_SLOT, "{}", c.name());
+        }
+        let last = capacity::STAT_SLOTS - 1;
+        assert_eq!(stat_index(0, 5), 5);
+        assert_eq!(stat_index(2, 17), 2 * STAT_COUNTERS_PER_SLOT + 17);
+        assert!(stat_index(last, STAT_COUNTERS_PER_SLOT - 1) < capacity::STATS);
+        // A slot past the end counts as no network's, never in someone else's slot.
+        assert_eq!(stat_index(capacity::STAT_SLOTS, 17), 17);
+        assert_eq!(stat_index(u32::MAX, 17), 17);
     }
 }
