@@ -171,11 +171,15 @@ fn take_over(
         ..Default::default()
     };
     // Maps first: the programs put into the old links below must find the state already there.
+    // Counters come over last (below), while the old programs still count: the fewer packets
+    // counted after their counter was read, the fewer lost. The slots they go by come first.
     let counts_added = version < 4 && old_dir.join("maps").join(names::STATS).exists();
-    if counts_added {
-        for (name, n) in carry_counts(old_dir, pins).context("adding the old layout's counters")? {
-            report.maps_copied.push((name.to_owned(), n));
-        }
+    let old_slots = old_dir.join("maps").join(names::NET_SLOTS);
+    if counts_added
+        && old_slots.exists()
+        && let Some(n) = copy_entries(&old_slots, &pins.map(names::NET_SLOTS))?
+    {
+        report.maps_copied.push((names::NET_SLOTS.to_owned(), n));
     }
     for name in names::ALL {
         let old = old_dir.join("maps").join(name);
@@ -211,6 +215,10 @@ fn take_over(
     }
     if version < 4 {
         fill_counter_slots(pins).context("giving the carried endpoints and routes their slots")?;
+    }
+    if counts_added {
+        let n = carry_counts(old_dir, pins).context("adding the old layout's counters")?;
+        report.maps_copied.push((names::STATS.to_owned(), n));
     }
     let links = old_dir.join("links");
     let mut pinned: Vec<PathBuf> = match std::fs::read_dir(&links) {
@@ -349,24 +357,39 @@ fn vnis_of_networks(from: &Path, to: &Path) -> anyhow::Result<usize> {
 
 /// Adds the counts of a v1-v3 `OVL_STATS` (a per-CPU hash keyed by network id and counter,
 /// 16-byte values) in `old_dir` into this layout's per-CPU array, each network's in its
-/// counter slot (given to it here if it has none yet); returns what came over. Counters (and
-/// slots) already of this layout, as pins recorded under an older version but written by this
-/// one leave them, are copied as they are.
-fn carry_counts(old_dir: &Path, pins: &PinLayout) -> anyhow::Result<Vec<(&'static str, usize)>> {
+/// counter slot (given to it here if it has none yet); returns how many counters came over.
+/// Counters already of this layout (pins recorded under an older version but written by this
+/// one, whose slots came over before) are copied as they are, the slots in use only.
+fn carry_counts(old_dir: &Path, pins: &PinLayout) -> anyhow::Result<usize> {
     let from = old_dir.join("maps").join(names::STATS);
     let src = MapData::from_pin(&from).with_context(|| format!("opening {}", from.display()))?;
     let info = src.info()?;
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     if info.map_type().ok() == Some(aya::maps::MapType::PerCpuArray) {
-        let mut out = vec![];
-        for name in [names::NET_SLOTS, names::STATS] {
-            let old = old_dir.join("maps").join(name);
-            if old.exists()
-                && let Some(n) = copy_entries(&old, &pins.map(name))?
-            {
-                out.push((name, n));
+        use overlay_common::maps::{STAT_COUNTERS_PER_SLOT, Stat, stat_index};
+        let to = pins.map(names::STATS);
+        let dst = MapData::from_pin(&to).with_context(|| format!("opening {}", to.display()))?;
+        if (info.key_size(), info.value_size())
+            != (dst.info()?.key_size(), dst.info()?.value_size())
+        {
+            bail!("old OVL_STATS is an array of another layout");
+        }
+        let maps = overlay_datapath::OverlayMaps::open_pinned(pins)?;
+        let mut slots: Vec<u32> = maps.counter_slots()?.into_values().collect();
+        slots.push(0);
+        let (src_fd, dst_fd) = (src.fd().as_fd().as_raw_fd(), dst.fd().as_fd().as_raw_fd());
+        let mut value = vec![0u8; size_of::<Stat>().next_multiple_of(8) * cpus];
+        let mut copied = 0;
+        for slot in slots {
+            for counter in 0..STAT_COUNTERS_PER_SLOT {
+                let key = stat_index(slot, counter).to_ne_bytes();
+                if raw::lookup(src_fd, &key, &mut value).context("BPF_MAP_LOOKUP_ELEM")? {
+                    raw::update(dst_fd, &key, &value).context("BPF_MAP_UPDATE_ELEM")?;
+                    copied += 1;
+                }
             }
         }
-        return Ok(out);
+        return Ok(copied);
     }
     if info.key_size() != 8 || info.value_size() != 16 {
         bail!(
@@ -375,7 +398,6 @@ fn carry_counts(old_dir: &Path, pins: &PinLayout) -> anyhow::Result<Vec<(&'stati
             info.value_size()
         );
     }
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     let mut maps = overlay_datapath::OverlayMaps::open_pinned(pins)?;
     let fd = src.fd().as_fd().as_raw_fd();
     let mut carried = 0;
@@ -390,7 +412,7 @@ fn carry_counts(old_dir: &Path, pins: &PinLayout) -> anyhow::Result<Vec<(&'stati
         maps.add_counts(word(&key, 0), word(&key, 4), &per_cpu)?;
         carried += 1;
     }
-    Ok(vec![(names::STATS, carried)])
+    Ok(carried)
 }
 
 /// Rewrites every endpoint and route of this layout's maps (carried over with slot 0) through
