@@ -18,8 +18,7 @@
 /// slots.
 /// v4: counters live in a per-CPU array (`OVL_STATS`, indexed by [`stat_index`]) instead of a
 /// per-CPU hash; each network has a counter slot (`OVL_NET_SLOTS`), which endpoints and routes
-/// carry so the fast paths count without a lookup; routes carry their precomputed outer
-/// headers ([`OuterTemplate`]).
+/// carry so the fast paths count without a lookup.
 pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// The VNI every network's frames carry unless the network has its own (DC/OS: `vtep1024`).
@@ -334,57 +333,6 @@ pub struct RemoteRoute {
     /// its own): written by encapsulation, and the only one decapsulation accepts from the subnet.
     pub vni: u32,
     pub flags: u32,
-    /// The outer headers towards that agent, precomputed by the map façade from this route and
-    /// the agent's config (zero, unusable, from the constructor; IPv4 underlays only).
-    pub outer: OuterTemplate,
-}
-
-/// Length of [`OuterTemplate::headers`]: outer IPv4, UDP, VXLAN and the inner Ethernet
-/// addresses, everything of a VXLAN-over-IPv4 frame's headers that is the same for every packet
-/// of one route (the outer Ethernet header is constant, the inner Ethernet type per packet).
-pub const OUTER_TEMPLATE_LEN: usize = 48;
-
-/// Precomputed VXLAN-over-IPv4 headers of one route (`crate::packet::outer_template`): the
-/// program copies them and fills in the IPv4 total length and checksum, the UDP source port and
-/// length, and the inner Ethernet type (`crate::packet::apply_outer_template`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OuterTemplate {
-    /// The headers with IPv4 total length, IPv4 checksum, UDP source port and UDP length zero.
-    pub headers: [u8; OUTER_TEMPLATE_LEN],
-    /// Folded ones'-complement sum of the IPv4 header as it is in `headers`: the checksum of a
-    /// packet is the complement of this plus its total length.
-    pub csum_base: u16,
-    /// [`OuterTemplate::FLAG_VALID`] once built.
-    pub flags: u16,
-}
-
-impl Default for OuterTemplate {
-    fn default() -> OuterTemplate {
-        OuterTemplate::NONE
-    }
-}
-
-impl OuterTemplate {
-    pub const FLAG_VALID: u32 = 1;
-    /// No template: encapsulation builds the headers itself.
-    pub const NONE: OuterTemplate = OuterTemplate {
-        headers: [0; OUTER_TEMPLATE_LEN],
-        csum_base: 0,
-        flags: 0,
-    };
-
-    /// Whether the template was built for an agent with this underlay address, VXLAN port and
-    /// VTEP MAC (a config changed since is never sent with the old headers).
-    #[inline(always)]
-    pub fn fits(&self, local_ip: [u8; 4], vxlan_port: u16, vtep_mac: [u8; 6]) -> bool {
-        let h = &self.headers;
-        // Arrays, not slices: a slice comparison is a memcmp call, which BPF has not.
-        self.flags as u32 & OuterTemplate::FLAG_VALID != 0
-            && [h[12], h[13], h[14], h[15]] == local_ip
-            && [h[22], h[23]] == vxlan_port.to_be_bytes()
-            && [h[42], h[43], h[44], h[45], h[46], h[47]] == vtep_mac
-    }
 }
 
 impl RemoteRoute {
@@ -403,7 +351,6 @@ impl RemoteRoute {
             network,
             vni,
             flags: 0,
-            outer: OuterTemplate::NONE,
         }
     }
 }
@@ -829,8 +776,7 @@ const _: () = {
     assert!(size_of::<AgentConfig>() == 36);
     assert!(size_of::<EndpointKey>() == 16);
     assert!(size_of::<Endpoint>() == 28);
-    assert!(size_of::<OuterTemplate>() == 52);
-    assert!(size_of::<RemoteRoute>() == 88);
+    assert!(size_of::<RemoteRoute>() == 36);
     assert!(size_of::<OverlaySubnet>() == 8);
     assert!(size_of::<VtepKey>() == 16);
     assert!(size_of::<Vtep>() == 12);
@@ -858,7 +804,6 @@ mod pod {
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for RemoteRoute {}
-    unsafe impl aya::Pod for OuterTemplate {}
     unsafe impl aya::Pod for OverlaySubnet {}
     unsafe impl aya::Pod for VtepKey {}
     unsafe impl aya::Pod for Vtep {}
@@ -994,8 +939,7 @@ mod tests {
         // Sum of field sizes equals the struct size: no hidden bytes a hash lookup could miss on.
         assert_eq!(size_of::<Endpoint>(), 4 + 4 + 6 + 6 + 4 + 4);
         assert_eq!(size_of::<AgentConfig>(), 16 + 4 + 6 + 2 + 4 + 4);
-        assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4 + 52);
-        assert_eq!(size_of::<OuterTemplate>(), OUTER_TEMPLATE_LEN + 2 + 2);
+        assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4);
         assert_eq!(size_of::<Stat>(), 4 + 4 + 8 + 8);
     }
 

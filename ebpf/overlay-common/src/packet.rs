@@ -302,58 +302,6 @@ pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
     h
 }
 
-/// The precomputed headers of one route ([`crate::maps::OuterTemplate`]): what
-/// [`build_vxlan_headers`] writes for `p`, less the per-packet fields (IPv4 total length and
-/// checksum, UDP source port and length, inner Ethernet type), and the checksum base. `p`'s
-/// `src_port`, `inner_ethertype` and `inner_ip_len` are not used.
-pub fn outer_template(p: &EncapParams) -> crate::maps::OuterTemplate {
-    let mut h = build_vxlan_headers(&EncapParams {
-        src_port: 0,
-        inner_ip_len: 0,
-        ..*p
-    });
-    // Total length, checksum, UDP length: per packet.
-    h[16..18].fill(0);
-    h[24..26].fill(0);
-    h[38..40].fill(0);
-    let mut ip = [0u8; IPV4_HLEN];
-    ip.copy_from_slice(&h[ETH_HLEN..ETH_HLEN + IPV4_HLEN]);
-    let mut headers = [0u8; crate::maps::OUTER_TEMPLATE_LEN];
-    headers.copy_from_slice(&h[ETH_HLEN..ETH_HLEN + crate::maps::OUTER_TEMPLATE_LEN]);
-    crate::maps::OuterTemplate {
-        headers,
-        csum_base: ones_complement_sum(&ip),
-        flags: crate::maps::OuterTemplate::FLAG_VALID as u16,
-    }
-}
-
-/// The headers of one packet from its route's template: the same bytes as
-/// [`build_vxlan_headers`] with the route's parameters and these per-packet ones.
-#[inline(always)]
-pub fn apply_outer_template(
-    t: &crate::maps::OuterTemplate,
-    src_port: u16,
-    inner_ethertype: u16,
-    inner_ip_len: usize,
-) -> [u8; VXLAN_HEADERS_LEN] {
-    let mut h = [0u8; VXLAN_HEADERS_LEN];
-    h[12] = (ETH_P_IP >> 8) as u8;
-    h[13] = ETH_P_IP as u8;
-    h[ETH_HLEN..ETH_HLEN + crate::maps::OUTER_TEMPLATE_LEN].copy_from_slice(&t.headers);
-    // Clamped as in build_vxlan_headers.
-    let ip_total = VXLAN_ENCAP_LEN + inner_ip_len;
-    let ip_total = if ip_total > 0xffff { 0xffff } else { ip_total } as u16;
-    h[16..18].copy_from_slice(&ip_total.to_be_bytes());
-    // Ones'-complement addition of the total length to the template's sum (RFC 1624).
-    let sum = t.csum_base as u32 + ip_total as u32;
-    let sum = ((sum & 0xffff) + (sum >> 16)) as u16;
-    h[24..26].copy_from_slice(&(!sum).to_be_bytes());
-    h[34..36].copy_from_slice(&src_port.to_be_bytes());
-    h[38..40].copy_from_slice(&(ip_total - IPV4_HLEN as u16).to_be_bytes());
-    h[62..64].copy_from_slice(&inner_ethertype.to_be_bytes());
-    h
-}
-
 /// Writes what follows the outer IP header of a VXLAN frame, the same over both underlay
 /// families, into `h` (which starts at the UDP header): UDP of `udp_len` with checksum 0
 /// (`ports` = source, destination), VXLAN with `vni`, the inner Ethernet header
@@ -508,47 +456,6 @@ mod tests {
             )));
         }
         assert!(ports.len() > 950, "{} distinct source ports", ports.len());
-    }
-
-    #[test]
-    fn templated_headers_are_the_built_ones_for_every_length_and_port() {
-        let p = EncapParams {
-            outer_src: [10, 250, 0, 11],
-            outer_dst: [10, 250, 0, 12],
-            src_port: 0,
-            dst_port: 64000,
-            vni: 1024,
-            inner_src_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
-            inner_dst_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
-            inner_ethertype: ETH_P_IP,
-            inner_ip_len: 0,
-        };
-        let t = outer_template(&p);
-        assert!(t.fits(p.outer_src, 64000, p.inner_src_mac));
-        assert!(!t.fits([10, 250, 0, 99], 64000, p.inner_src_mac));
-        assert!(!t.fits(p.outer_src, 4789, p.inner_src_mac));
-        assert!(!t.fits(p.outer_src, 64000, [0x70, 0xb3, 0xd5, 0x80, 0, 9]));
-        assert!(!crate::maps::OuterTemplate::NONE.fits([0; 4], 0, [0; 6]));
-        for ethertype in [ETH_P_IP, crate::packet::ETH_P_IPV6] {
-            for len in (0..70_000)
-                .step_by(7)
-                .chain([0xffff - 50, 0xffff - 49, 0xffff])
-            {
-                for port in [32768u16, 45678, 60999] {
-                    let want = build_vxlan_headers(&EncapParams {
-                        src_port: port,
-                        inner_ethertype: ethertype,
-                        inner_ip_len: len,
-                        ..p
-                    });
-                    assert_eq!(
-                        apply_outer_template(&t, port, ethertype, len),
-                        want,
-                        "length {len}, port {port}"
-                    );
-                }
-            }
-        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use overlay_common::{
     maps::{AgentConfig, RemoteRoute, ipv4_unmapped},
     packet::{
         ETH_HLEN, ETH_P_IP, EncapParams, IPPROTO_TCP, IPPROTO_UDP, VXLAN_ENCAP_LEN,
-        apply_outer_template, build_vxlan_headers, ipv4_flow_hash, vxlan_source_port,
+        build_vxlan_headers, ipv4_flow_hash, vxlan_source_port,
     },
     underlay6::{Encap6Params, VXLAN6_ENCAP_LEN, build_vxlan6_headers, vxlan_flow_label},
 };
@@ -90,23 +90,17 @@ pub fn to_remote(
     ) {
         (Some(outer_src), Some(outer_dst)) => {
             let src_port = vxlan_source_port(flow_hash);
-            // The route's precomputed headers when they were built for this config; built here
-            // otherwise (a route written before the config, or the config changed since).
-            let headers = if route.outer.fits(outer_src, cfg.vxlan_port, cfg.vtep_mac) {
-                apply_outer_template(&route.outer, src_port, inner_ethertype, inner_ip_len)
-            } else {
-                build_vxlan_headers(&EncapParams {
-                    outer_src,
-                    outer_dst,
-                    src_port,
-                    dst_port: cfg.vxlan_port,
-                    vni: route.vni,
-                    inner_src_mac: cfg.vtep_mac,
-                    inner_dst_mac: route.vtep_mac,
-                    inner_ethertype,
-                    inner_ip_len,
-                })
-            };
+            let headers = build_vxlan_headers(&EncapParams {
+                outer_src,
+                outer_dst,
+                src_port,
+                dst_port: cfg.vxlan_port,
+                vni: route.vni,
+                inner_src_mac: cfg.vtep_mac,
+                inner_dst_mac: route.vtep_mac,
+                inner_ethertype,
+                inner_ip_len,
+            });
             ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;

@@ -18,12 +18,10 @@ use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{
         Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
-        NatQuotaKey, NetSlot, Network, NetworkKey, OuterTemplate, OverlaySubnet, Protected,
-        ProtectedKey, RemoteRoute, STAT_COUNTERS_PER_SLOT, Stat, VniKey, Vtep, VtepKey, WireVni,
-        capacity, family_prefix_len, ipv4_mapped, ipv4_mapped_prefix_len, ipv4_unmapped, names,
-        stat_index,
+        NatQuotaKey, NetSlot, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey,
+        RemoteRoute, STAT_COUNTERS_PER_SLOT, Stat, VniKey, Vtep, VtepKey, WireVni, capacity,
+        family_prefix_len, ipv4_mapped, ipv4_mapped_prefix_len, ipv4_unmapped, names, stat_index,
     },
-    packet::{EncapParams, outer_template},
 };
 
 use crate::PinLayout;
@@ -194,41 +192,7 @@ impl OverlayMaps {
             overlay_mtu: s.overlay_mtu,
             flags: AgentConfig::FLAG_READY,
         };
-        let before = self.config()?;
-        self.config.set(0, cfg, 0).context("writing OVL_CONFIG")?;
-        // The routes' outer headers were built for the old config (the programs stop using
-        // them the moment it changed: `OuterTemplate::fits`): build them anew.
-        if before != Some(cfg) {
-            for (subnet, route) in self.routes()? {
-                self.put_route(subnet, route)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The outer headers of `route` for this agent's config, if both ends are on an IPv4
-    /// underlay and the config is written (otherwise the program builds them per packet).
-    fn outer_template(&self, route: &RemoteRoute) -> anyhow::Result<OuterTemplate> {
-        let Some(cfg) = self.config()? else {
-            return Ok(OuterTemplate::NONE);
-        };
-        let (Some(outer_src), Some(outer_dst)) = (
-            ipv4_unmapped(&cfg.underlay_ip),
-            ipv4_unmapped(&route.underlay_ip),
-        ) else {
-            return Ok(OuterTemplate::NONE);
-        };
-        Ok(outer_template(&EncapParams {
-            outer_src,
-            outer_dst,
-            src_port: 0,
-            dst_port: cfg.vxlan_port,
-            vni: route.vni,
-            inner_src_mac: cfg.vtep_mac,
-            inner_dst_mac: route.vtep_mac,
-            inner_ethertype: 0,
-            inner_ip_len: 0,
-        }))
+        self.config.set(0, cfg, 0).context("writing OVL_CONFIG")
     }
 
     pub fn config(&self) -> anyhow::Result<Option<AgentConfig>> {
@@ -264,7 +228,6 @@ impl OverlayMaps {
         let route = RemoteRoute {
             // Slots are below capacity::STAT_SLOTS (256), which fits.
             slot: self.counter_slot(route.network)? as u16,
-            outer: self.outer_template(&route)?,
             ..route
         };
         self.routes
@@ -281,12 +244,8 @@ impl OverlayMaps {
         let mut out = BTreeMap::new();
         for r in self.routes.iter() {
             let (k, v) = r.context("reading OVL_ROUTES")?;
-            // Slot and outer headers are this façade's business: left out.
-            let v = RemoteRoute {
-                slot: 0,
-                outer: OuterTemplate::NONE,
-                ..v
-            };
+            // The counter slot is this façade's business: left out.
+            let v = RemoteRoute { slot: 0, ..v };
             out.insert(key_prefix(&k)?, v);
         }
         Ok(out)

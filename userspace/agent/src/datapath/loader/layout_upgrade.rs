@@ -41,9 +41,8 @@ pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
     // v4: `Endpoint::slot` took the place of the padding (0: copied, then filled in).
     (names::ENDPOINTS, 1),
     // v3: RemoteRoute holds the network id and the wire VNI apart (32 -> 36 bytes).
-    // v4: `RemoteRoute::slot` took the place of the padding, and routes carry their outer
-    // headers (36 -> 88 bytes): translated (`route_to_v4`), then rewritten by the façade.
-    (names::ROUTES, 4),
+    // v4: `RemoteRoute::slot` took the place of the padding, as for endpoints.
+    (names::ROUTES, 3),
     (names::SUBNETS, 1),
     (names::VTEPS, 1),
     (names::NETWORKS, 1),
@@ -266,21 +265,7 @@ type Translate = fn(&[u8]) -> Option<Vec<u8>>;
 /// How entries of `map` pinned by an agent of layout `version` are rewritten into this layout,
 /// when they are not carried as they are.
 pub fn translated(map: &str, version: u32) -> Option<Translate> {
-    (map == names::ROUTES && version < 4).then_some(route_to_v4 as Translate)
-}
-
-/// A v2 or v3 route as a v4 one: v2 goes through [`route_v2_to_v3`]; the v3 route's bytes
-/// are v4's first 36 (slot 0, in the padding), followed by no outer headers (zero: the program
-/// builds them until [`fill_counter_slots`] rewrites the route). A value already of v4's size
-/// (an interrupted take-over) is kept.
-fn route_to_v4(old: &[u8]) -> Option<Vec<u8>> {
-    use overlay_common::maps::RemoteRoute;
-    if old.len() == size_of::<RemoteRoute>() {
-        return Some(old.to_vec());
-    }
-    let mut new = route_v2_to_v3(old)?;
-    new.resize(size_of::<RemoteRoute>(), 0);
-    Some(new)
+    (map == names::ROUTES && version < 3).then_some(route_v2_to_v3 as Translate)
 }
 
 /// v1/v2 `RemoteRoute` (underlay 16, MAC 6, pad 2, vni 4, flags 4) -> v3 (underlay 16, MAC 6,
@@ -288,7 +273,7 @@ fn route_to_v4(old: &[u8]) -> Option<Vec<u8>> {
 /// already of v3's size (pins recorded under an older version but written by this layout, as a
 /// take-over interrupted after the copy leaves them) is this layout's already: kept as it is.
 fn route_v2_to_v3(old: &[u8]) -> Option<Vec<u8>> {
-    if old.len() == 36 {
+    if old.len() == size_of::<overlay_common::maps::RemoteRoute>() {
         return Some(old.to_vec());
     }
     if old.len() != 32 {
@@ -600,7 +585,7 @@ mod tests {
     }
 
     #[test]
-    fn v2_and_v3_routes_become_v4_routes_of_the_same_network_and_vni() {
+    fn v2_routes_become_v3_routes_of_the_same_network_and_vni() {
         use overlay_common::maps::{RemoteRoute, ipv4_mapped};
         // A v2 route as the old agent wrote it: network 4242 was also its VNI.
         let mut old = Vec::new();
@@ -617,16 +602,12 @@ mod tests {
                 size_of::<RemoteRoute>(),
             )
         };
-        assert_eq!(new, bytes, "v2 -> v4: slot 0, no outer headers yet");
-        // A v3 route (what v2 -> v3 made of it) becomes the same v4 route.
-        assert_eq!(
-            translated(names::ROUTES, 3).unwrap()(&bytes[..36]),
-            Some(new.clone())
-        );
+        assert_eq!(new, bytes);
+        assert!(translated(names::ROUTES, 3).is_none());
         assert!(translated(names::ROUTES, 4).is_none());
         assert!(translated(names::ENDPOINTS, 2).is_none());
-        assert_eq!(route_to_v4(&new), Some(new.clone()), "already v4: kept");
-        assert!(route_to_v4(&[0; 20]).is_none());
+        assert_eq!(route_v2_to_v3(&new), Some(new.clone()), "already v3: kept");
+        assert!(route_v2_to_v3(&[0; 20]).is_none());
     }
 
     #[test]
@@ -635,11 +616,10 @@ mod tests {
         assert!(carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION));
         assert!(!carries_over(names::NAT, 1));
         assert!(carries_over(names::NAT, 2));
-        // v3 split a route's network id from its VNI, v4 added the outer headers: older routes
-        // are translated, never read as they are.
+        // v3 split a route's network id from its VNI: v2 routes are not read as v3 ones (v4's
+        // slot is v3's padding: carried, then filled in).
         assert!(!carries_over(names::ROUTES, 2));
-        assert!(!carries_over(names::ROUTES, 3));
-        assert!(carries_over(names::ROUTES, 4));
+        assert!(carries_over(names::ROUTES, 3));
         assert!(carries_over(names::NAT, 3));
         assert!(
             !carries_over(names::NAT_CONFIG, 2),
