@@ -130,12 +130,20 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         "pinned",
         pins.map(names::STATS).to_str().unwrap(),
     ]);
-    let has = |counter: Counter| {
+    // A per-CPU array: each entry's values (one per CPU) name their network and counter.
+    let counted = |stats: &serde_json::Value, network: Option<u32>, counter: Counter| {
         stats.as_array().unwrap().iter().any(|e| {
-            e["formatted"]["key"]["counter"] == counter as u32
-                && e["formatted"]["key"]["network"] == VNI
+            e["formatted"]["values"].as_array().is_some_and(|cpus| {
+                cpus.iter().any(|c| {
+                    let v = &c["value"];
+                    v["counter"] == counter as u32
+                        && network.is_none_or(|n| v["network"] == n)
+                        && v["packets"].as_u64().is_some_and(|p| p > 0)
+                })
+            })
         })
     };
+    let has = |counter: Counter| counted(&stats, Some(VNI), counter);
     assert!(
         has(Counter::LocalDelivered),
         "no local_delivered counter: {stats}"
@@ -158,11 +166,7 @@ fn programs_attach_maps_pin_and_print_as_structs() {
         pins.map(names::STATS).to_str().unwrap(),
     ]);
     assert!(
-        stats
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["formatted"]["key"]["counter"] == Counter::DropSpoofedSource as u32),
+        counted(&stats, None, Counter::DropSpoofedSource),
         "spoofed packet not counted: {stats}"
     );
 

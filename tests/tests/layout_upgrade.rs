@@ -143,3 +143,146 @@ fn agent_of_a_new_layout_takes_over_the_old_pins_with_one_program_set_and_no_los
     let a2 = c.add_container("a1", "dcos").unwrap();
     assert!(a2.node.ping(b_ip));
 }
+
+/// Runs bpftool (text output); panics with its error.
+fn bpftool(args: &[String]) -> String {
+    let out = Command::new("bpftool").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `bpftool map create` of a map the way a v3 agent pinned it, with one entry.
+fn old_map(dir: &Path, name: &str, shape: &str, key: &[u8], value: &[u8]) {
+    let pin = dir.join(name).display().to_string();
+    let mut args: Vec<String> = vec!["map".into(), "create".into(), pin.clone()];
+    args.extend(shape.split(' ').map(str::to_owned));
+    args.extend(["name".into(), name.into()]);
+    bpftool(&args);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+    let mut args: Vec<String> = vec!["map".into(), "update".into(), "pinned".into(), pin];
+    args.push("key".into());
+    args.push("hex".into());
+    args.extend(hex(key));
+    args.push("value".into());
+    args.push("hex".into());
+    args.extend(hex(value));
+    bpftool(&args);
+}
+
+#[test]
+fn v3_counters_endpoints_and_routes_are_translated_into_v4() {
+    use overlay_agent::datapath::Datapath;
+    use overlay_common::maps::ipv4_mapped;
+    use overlay_datapath::PinLayout;
+    overlay_lab::ensure_bpffs().unwrap();
+    let instance = format!("upgrade-v3-{}", std::process::id());
+    let pins = PinLayout::new(Path::new(overlay_lab::BPFFS), &instance).unwrap();
+    let root = pins.dir().parent().unwrap().parent().unwrap().to_owned();
+    let old = root.join("v3").join(&instance);
+    let _old = RemoveOnDrop(old.clone());
+    let maps_dir = old.join("maps");
+    std::fs::create_dir_all(&maps_dir).unwrap();
+    let network = 7u32;
+    // v3 OVL_CONFIG: underlay 10.250.0.11, ifindex 1, VTEP MAC, port 64000, MTU 1420, ready.
+    let mut cfg = ipv4_mapped([10, 250, 0, 11]).to_vec();
+    cfg.extend_from_slice(&1u32.to_ne_bytes());
+    cfg.extend_from_slice(&[0x70, 0xb3, 0xd5, 0x80, 0, 1]);
+    cfg.extend_from_slice(&64000u16.to_ne_bytes());
+    cfg.extend_from_slice(&1420u32.to_ne_bytes());
+    cfg.extend_from_slice(&1u32.to_ne_bytes());
+    old_map(
+        &maps_dir,
+        names::CONFIG,
+        "type array key 4 value 36 entries 1",
+        &[0; 4],
+        &cfg,
+    );
+    // A v3 endpoint of the network (its last 4 bytes were padding).
+    let mut ep = 9u32.to_ne_bytes().to_vec();
+    ep.extend_from_slice(&network.to_ne_bytes());
+    ep.extend_from_slice(&[2, 0, 0, 0, 1, 2, 2, 0, 0, 0, 1, 1]);
+    ep.extend_from_slice(&[0; 8]);
+    let ep_key = ipv4_mapped([9, 0, 1, 2]);
+    old_map(
+        &maps_dir,
+        names::ENDPOINTS,
+        "type hash key 16 value 28 entries 16",
+        &ep_key,
+        &ep,
+    );
+    // A v3 route (36 bytes) of the network to 9.0.2.0/24 behind 10.250.0.12.
+    let mut route = ipv4_mapped([10, 250, 0, 12]).to_vec();
+    route.extend_from_slice(&[0x70, 0xb3, 0xd5, 0x80, 0, 2, 0, 0]);
+    route.extend_from_slice(&network.to_ne_bytes());
+    route.extend_from_slice(&1024u32.to_ne_bytes());
+    route.extend_from_slice(&0u32.to_ne_bytes());
+    let mut route_key = 120u32.to_ne_bytes().to_vec();
+    route_key.extend_from_slice(&ipv4_mapped([9, 0, 2, 0]));
+    old_map(
+        &maps_dir,
+        names::ROUTES,
+        "type lpm_trie key 20 value 36 entries 16 flags 1",
+        &route_key,
+        &route,
+    );
+    // v3 counters: a per-CPU hash by (network, counter); 5 packets of 500 bytes on every CPU.
+    let mut stat_key = network.to_ne_bytes().to_vec();
+    stat_key.extend_from_slice(&(Counter::Encapsulated as u32).to_ne_bytes());
+    let mut stat = 5u64.to_ne_bytes().to_vec();
+    stat.extend_from_slice(&500u64.to_ne_bytes());
+    old_map(
+        &maps_dir,
+        names::STATS,
+        "type percpu_hash key 8 value 16 entries 16",
+        &stat_key,
+        &stat,
+    );
+
+    let dp = Datapath::load(pins.clone());
+    let _ = std::fs::remove_dir_all(&old);
+    let dp = dp.unwrap();
+    let cleanup = RemoveOnDrop(pins.dir().to_owned());
+    assert!(!old.exists(), "v3 pins left behind");
+    let cpus = aya::util::nr_cpus().unwrap() as u64;
+    let maps = dp.maps();
+    let slots = maps.counter_slots().unwrap();
+    let slot = *slots.get(&network).expect("the network got a counter slot");
+    assert_ne!(slot, 0);
+    let row = maps
+        .stats()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.network == network && r.counter == Counter::Encapsulated)
+        .expect("v3 counter carried over");
+    assert_eq!((row.packets, row.bytes), (5 * cpus, 500 * cpus));
+    // Endpoint and route carry the slot.
+    let dump = |name: &str| -> serde_json::Value {
+        let pin = pins.map(name).display().to_string();
+        serde_json::from_str(&bpftool(&[
+            "-j".into(),
+            "map".into(),
+            "dump".into(),
+            "pinned".into(),
+            pin,
+        ]))
+        .unwrap()
+    };
+    let eps = dump(names::ENDPOINTS);
+    assert_eq!(eps[0]["formatted"]["value"]["slot"], slot, "{eps}");
+    assert_eq!(eps[0]["formatted"]["value"]["network"], network, "{eps}");
+    let routes = dump(names::ROUTES);
+    let r = &routes[0]["formatted"]["value"];
+    assert_eq!(r["slot"], slot, "{routes}");
+    assert_eq!(
+        (r["network"].clone(), r["vni"].clone()),
+        (network.into(), 1024.into())
+    );
+    drop(dp);
+    drop(cleanup);
+    let _ = pins.remove_all();
+}

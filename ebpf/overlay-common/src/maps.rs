@@ -16,7 +16,10 @@
 /// v3: networks have an id apart from their VNI (routes carry both; `OVL_VNIS` says which VNIs
 /// are accepted), `NatConfig` has the underlay's IPv6 address, and `OVL_TAIL_CALLS` has more
 /// slots.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+/// v4: counters live in a per-CPU array (`OVL_STATS`, indexed by [`stat_index`]) instead of a
+/// per-CPU hash; each network has a counter slot (`OVL_NET_SLOTS`), which endpoints and routes
+/// carry so the fast paths count without a lookup.
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// The VNI every network's frames carry unless the network has its own (DC/OS: `vtep1024`).
 pub const SHARED_VNI: u32 = 1024;
@@ -30,6 +33,8 @@ pub mod names {
     pub const VTEPS: &str = "OVL_VTEPS";
     pub const NETWORKS: &str = "OVL_NETWORKS";
     pub const STATS: &str = "OVL_STATS";
+    /// Network id -> counter slot of `OVL_STATS` (written by the agent's map façade).
+    pub const NET_SLOTS: &str = "OVL_NET_SLOTS";
     pub const NAT: &str = "OVL_NAT";
     pub const NAT_CONFIG: &str = "OVL_NAT_CONFIG";
     pub const PROTECTED: &str = "OVL_PROTECTED";
@@ -55,6 +60,7 @@ pub mod names {
         VTEPS,
         NETWORKS,
         STATS,
+        NET_SLOTS,
         NAT,
         NAT_CONFIG,
         PROTECTED,
@@ -136,7 +142,10 @@ pub mod capacity {
     pub const VTEPS: u32 = 16384;
     pub const NETWORKS: u32 = 1024;
     pub const VNIS: u32 = 1024;
-    pub const STATS: u32 = 16384;
+    /// Counter slots (networks with counters of their own; slot 0 is no network's).
+    pub const STAT_SLOTS: u32 = 256;
+    /// `OVL_STATS` entries: every counter id of every slot.
+    pub const STATS: u32 = STAT_SLOTS * super::STAT_COUNTERS_PER_SLOT;
     /// Connection-tracking entries (two per masqueraded flow), LRU-evicted when full.
     pub const NAT: u32 = 131072;
     /// Live masqueraded flows per container and destination (LRU: a lost count only loosens the
@@ -257,7 +266,9 @@ pub struct Endpoint {
     /// delivered to it.
     pub gateway_mac: [u8; 6],
     pub flags: u32,
-    pub _pad: u32,
+    /// The counter slot of `network` (`OVL_NET_SLOTS`), so that delivery counts without a
+    /// lookup. Filled by the map façade on write (constructors leave it 0: no network's).
+    pub slot: u32,
 }
 
 impl Endpoint {
@@ -279,7 +290,7 @@ impl Endpoint {
             mac,
             gateway_mac,
             flags: 0,
-            _pad: 0,
+            slot: 0,
         }
     }
 
@@ -293,7 +304,7 @@ impl Endpoint {
             mac: host_mac,
             gateway_mac: HOST_LINK_PEER_MAC,
             flags: Endpoint::FLAG_HOST,
-            _pad: 0,
+            slot: 0,
         }
     }
 
@@ -313,7 +324,8 @@ pub struct RemoteRoute {
     pub underlay_ip: Addr16,
     /// That agent's VTEP MAC: inner destination MAC (DC/OS wire format).
     pub vtep_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The counter slot of `network`, as in [`Endpoint::slot`].
+    pub slot: u16,
     /// Network id of the network the subnet belongs to: a packet from a container of another
     /// network is never sent there, and a decapsulated packet from this subnet is of this network.
     pub network: u32,
@@ -335,7 +347,7 @@ impl RemoteRoute {
         RemoteRoute {
             underlay_ip,
             vtep_mac,
-            _pad: [0; 2],
+            slot: 0,
             network,
             vni,
             flags: 0,
@@ -713,28 +725,49 @@ pub struct Protected {
     pub flags: u32,
 }
 
-/// Key of `OVL_STATS` (per-CPU): one counter of one network.
+/// Counter ids per slot of `OVL_STATS`: every [`crate::counters::Counter`] value is below it.
+pub const STAT_COUNTERS_PER_SLOT: u32 = 96;
+
+/// The `OVL_STATS` index of counter (id) `counter` in counter slot `slot`; a slot out of range
+/// counts in slot 0 (no network's), never in another network's.
+#[inline(always)]
+pub const fn stat_index(slot: u32, counter: u32) -> u32 {
+    let slot = if slot < capacity::STAT_SLOTS { slot } else { 0 };
+    slot * STAT_COUNTERS_PER_SLOT + counter
+}
+
+/// Value of `OVL_NET_SLOTS` (key [`NetworkKey`]): the network's counter slot in `OVL_STATS`.
+/// Slot 0 is [`crate::counters::NO_NETWORK`]'s, and where a network without a slot counts.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StatKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetSlot {
+    pub slot: u32,
+}
+
+/// Value of `OVL_STATS` (per-CPU array, index [`stat_index`]): one counter of one network. The
+/// agent writes `network` and `counter` when it gives the slot to a network (so `bpftool map
+/// dump` says whose counter each entry is); the programs only add to `packets` and `bytes`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
     /// The network id, or [`crate::counters::NO_NETWORK`].
     pub network: u32,
     /// A [`crate::counters::Counter`] value.
     pub counter: u32,
-}
-
-impl StatKey {
-    pub const fn new(network: u32, counter: u32) -> StatKey {
-        StatKey { network, counter }
-    }
-}
-
-/// Value of `OVL_STATS` (per-CPU).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stat {
     pub packets: u64,
     pub bytes: u64,
+}
+
+impl Stat {
+    /// Counter (id) `counter` of network (id) `network`, at zero.
+    pub const fn of(network: u32, counter: u32) -> Stat {
+        Stat {
+            network,
+            counter,
+            packets: 0,
+            bytes: 0,
+        }
+    }
 }
 
 // Layouts are part of the on-disk (pinned) contract: pin them down.
@@ -751,8 +784,8 @@ const _: () = {
     assert!(size_of::<Network>() == 8);
     assert!(size_of::<VniKey>() == 4);
     assert!(size_of::<WireVni>() == 8);
-    assert!(size_of::<StatKey>() == 8);
-    assert!(size_of::<Stat>() == 16);
+    assert!(size_of::<NetSlot>() == 4);
+    assert!(size_of::<Stat>() == 24);
     assert!(size_of::<NatKey>() == 40);
     assert!(size_of::<NatEntry>() == 32);
     assert!(size_of::<NatConfig>() == 52);
@@ -778,7 +811,7 @@ mod pod {
     unsafe impl aya::Pod for Network {}
     unsafe impl aya::Pod for VniKey {}
     unsafe impl aya::Pod for WireVni {}
-    unsafe impl aya::Pod for StatKey {}
+    unsafe impl aya::Pod for NetSlot {}
     unsafe impl aya::Pod for Stat {}
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatEntry {}
@@ -876,7 +909,7 @@ mod tests {
         let host = Endpoint::host(7, 1024, [2, 0, 0, 0, 0, 9]);
         assert!(host.is_host());
         assert_eq!(host.gateway_mac, HOST_LINK_PEER_MAC);
-        assert_eq!((host.ifindex, host.network, host._pad), (7, 1024, 0));
+        assert_eq!((host.ifindex, host.network, host.slot), (7, 1024, 0));
         let c = Endpoint::container(8, 1024, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
         assert!(!c.is_host());
         assert_eq!(c.flags, 0);
@@ -888,7 +921,7 @@ mod tests {
             7,
             SHARED_VNI,
         );
-        assert_eq!((r._pad, r.flags, r.network, r.vni), ([0; 2], 0, 7, 1024));
+        assert_eq!((r.slot, r.flags, r.network, r.vni), (0, 0, 7, 1024));
         assert_eq!(WireVni::carrying(&[7]).network, 7);
         assert_eq!(
             WireVni::carrying(&[7, 8]).network,
@@ -907,5 +940,21 @@ mod tests {
         assert_eq!(size_of::<Endpoint>(), 4 + 4 + 6 + 6 + 4 + 4);
         assert_eq!(size_of::<AgentConfig>(), 16 + 4 + 6 + 2 + 4 + 4);
         assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4);
+        assert_eq!(size_of::<Stat>(), 4 + 4 + 8 + 8);
+    }
+
+    #[test]
+    fn every_counter_has_its_own_index_inside_its_slot() {
+        use crate::counters::Counter;
+        for &c in Counter::ALL {
+            assert!((c as u32) < STAT_COUNTERS_PER_SLOT, "{}", c.name());
+        }
+        let last = capacity::STAT_SLOTS - 1;
+        assert_eq!(stat_index(0, 5), 5);
+        assert_eq!(stat_index(2, 17), 2 * STAT_COUNTERS_PER_SLOT + 17);
+        assert!(stat_index(last, STAT_COUNTERS_PER_SLOT - 1) < capacity::STATS);
+        // A slot past the end counts as no network's, never in someone else's slot.
+        assert_eq!(stat_index(capacity::STAT_SLOTS, 17), 17);
+        assert_eq!(stat_index(u32::MAX, 17), 17);
     }
 }

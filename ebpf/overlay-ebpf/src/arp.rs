@@ -8,7 +8,7 @@ use overlay_common::{
     packet::{ARP_LEN, ETH_HLEN, arp_reply},
 };
 
-use crate::{isolation::verified_sender, skb, stats::count};
+use crate::{isolation::verified_sender, skb, stats::count_in_slot};
 
 /// Answers an ARP request from the container behind this veth by sending the reply back out of
 /// the same veth. ARP that needs no answer is dropped as `arp_ignored`.
@@ -33,7 +33,7 @@ pub fn respond(ctx: &TcContext) -> Result<i32, Drop> {
     skb::store(ctx, 0, &reply)
         .map_err(|_| Counter::DropMalformed)
         .in_network(network)?;
-    count(network, Counter::ArpReplied, ctx.len());
+    count_in_slot(ep.slot, Counter::ArpReplied, ctx.len());
     // SAFETY: plain helper call; egress of the ingress veth delivers to its peer, the container.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -26,7 +26,7 @@ use crate::{
     isolation::accept_remote,
     maps::{is_known_vtep, nat_config, wire_vni},
     outer, skb,
-    stats::count,
+    stats::count_in_slot,
 };
 
 /// A VXLAN frame that passed every check, ready to be stripped.
@@ -192,7 +192,7 @@ pub fn deliver(ctx: &TcContext, accepted: Accepted) -> Result<i32, Drop> {
     )
     .in_network(network)?;
     let verdict = deliver::to_endpoint(ctx, accepted.endpoint).in_network(network)?;
-    count(network, Counter::Decapsulated, len);
+    count_in_slot(accepted.endpoint.slot, Counter::Decapsulated, len);
     Ok(verdict)
 }
 

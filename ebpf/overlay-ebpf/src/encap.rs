@@ -11,11 +11,14 @@ use aya_ebpf::{
 use overlay_common::{
     counters::Counter,
     maps::{AgentConfig, RemoteRoute, ipv4_unmapped},
-    packet::{ETH_HLEN, EncapParams, VXLAN_ENCAP_LEN, build_vxlan_headers, vxlan_source_port},
+    packet::{
+        ETH_HLEN, ETH_P_IP, EncapParams, IPPROTO_TCP, IPPROTO_UDP, VXLAN_ENCAP_LEN,
+        build_vxlan_headers, ipv4_flow_hash, vxlan_source_port,
+    },
     underlay6::{Encap6Params, VXLAN6_ENCAP_LEN, build_vxlan6_headers, vxlan_flow_label},
 };
 
-use crate::skb;
+use crate::{forward::L3, skb};
 
 /// Length of the inner Ethernet header, encoded for `bpf_skb_adjust_room` so the kernel records
 /// where the inner frame starts (needed for GSO of the tunnelled packet).
@@ -37,6 +40,33 @@ const ENCAP6_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | ENCAP_L2_ETH_LEN;
 
+/// The inner flow's hash, for the outer source port (and IPv6 flow label): the kernel's when it
+/// has one; for IPv4 without one, [`ipv4_flow_hash`] of the addresses and ports, read in place;
+/// otherwise the kernel's flow dissection (`bpf_get_hash_recalc`).
+#[inline(always)]
+fn flow_hash(ctx: &TcContext, l3: &L3) -> u32 {
+    let known = skb::known_hash(ctx);
+    if known != 0 {
+        return known;
+    }
+    if l3.ethertype == ETH_P_IP
+        && let Ok(addrs) = skb::load::<8>(ctx, ETH_HLEN + 12)
+    {
+        // A fragment (all of a datagram's alike) or another protocol: the addresses alone.
+        let ports = match l3.l4 {
+            Some(l4)
+                if !l3.fragment && (l3.protocol == IPPROTO_TCP || l3.protocol == IPPROTO_UDP) =>
+            {
+                skb::load::<4>(ctx, l4).unwrap_or([0; 4])
+            }
+            _ => [0; 4],
+        };
+        return ipv4_flow_hash(addrs, ports, l3.protocol);
+    }
+    // SAFETY: plain helper call on the program's own context.
+    unsafe { bpf_get_hash_recalc(ctx.skb.skb) }
+}
+
 /// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN,
 /// or Ethernet/IPv6/UDP/VXLAN when this agent's underlay is IPv6 (`overlay_common::underlay6`),
 /// towards the agent owning `route` and sends it out of the underlay NIC; the kernel's neighbour
@@ -48,10 +78,10 @@ pub fn to_remote(
     ctx: &TcContext,
     cfg: &AgentConfig,
     route: &RemoteRoute,
-    inner_ethertype: u16,
+    l3: &L3,
 ) -> Result<i32, Counter> {
-    // SAFETY: plain helper call on the program's own context.
-    let flow_hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let inner_ethertype = l3.ethertype;
+    let flow_hash = flow_hash(ctx, l3);
     let inner_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
     // `route.vni` is the wire VNI of the route's network (shared by default), not its network id.
     match (
@@ -59,10 +89,11 @@ pub fn to_remote(
         ipv4_unmapped(&route.underlay_ip),
     ) {
         (Some(outer_src), Some(outer_dst)) => {
+            let src_port = vxlan_source_port(flow_hash);
             let headers = build_vxlan_headers(&EncapParams {
                 outer_src,
                 outer_dst,
-                src_port: vxlan_source_port(flow_hash),
+                src_port,
                 dst_port: cfg.vxlan_port,
                 vni: route.vni,
                 inner_src_mac: cfg.vtep_mac,

@@ -11,7 +11,7 @@ use overlay_common::{
     policy::{IPV6_HLEN, is_ipv6_extension_header},
 };
 
-use crate::{deliver, encap, guard, skb, stats::count, too_big};
+use crate::{deliver, encap, guard, skb, stats::count_in_slot, too_big};
 
 /// Where a packet inside the overlay goes next.
 pub enum Hop {
@@ -33,6 +33,8 @@ pub struct L3 {
     pub l4: Option<usize>,
     /// IPv4 DF (always for IPv6): a too-big packet is answered, not only dropped.
     pub dont_fragment: bool,
+    /// Part of a fragmented IPv4 datagram (its fragments hash alike, without ports).
+    pub fragment: bool,
 }
 
 impl L3 {
@@ -49,6 +51,7 @@ impl L3 {
                 Some(l3 + ip.header_len)
             },
             dont_fragment: ip.dont_fragment,
+            fragment: ip.is_fragment,
         }
     }
 
@@ -65,6 +68,7 @@ impl L3 {
                 Some(l3 + IPV6_HLEN)
             },
             dont_fragment: true,
+            fragment: false,
         }
     }
 }
@@ -86,7 +90,8 @@ pub fn into_overlay(
                 guard::to_host_gateway(ctx, l3).in_network(network)?;
             }
             let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
-            count(network, Counter::LocalDelivered, len);
+            // The endpoint is of `network` (the callers checked): its slot is the network's.
+            count_in_slot(ep.slot, Counter::LocalDelivered, len);
             Ok(verdict)
         }
         Hop::Remote(route) => {
@@ -96,8 +101,8 @@ pub fn into_overlay(
             if skb::gso_size(ctx) == 0 && l3.total_len > cfg.overlay_mtu as usize {
                 return too_big::answer(ctx, cfg, network, l3);
             }
-            let verdict = encap::to_remote(ctx, cfg, route, l3.ethertype).in_network(network)?;
-            count(network, Counter::Encapsulated, len);
+            let verdict = encap::to_remote(ctx, cfg, route, l3).in_network(network)?;
+            count_in_slot(route.slot as u32, Counter::Encapsulated, len);
             Ok(verdict)
         }
     }

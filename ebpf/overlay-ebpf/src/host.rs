@@ -5,7 +5,7 @@
 
 use aya_ebpf::{helpers::generated::bpf_redirect, programs::TcContext};
 use overlay_common::{
-    counters::{Counter, Drop, NO_NETWORK},
+    counters::{Counter, Drop},
     ipv6::{Icmpv6Role, Ipv6Header, icmpv6_role, is_link_local, is_multicast},
     maps::{Addr16, AgentConfig, HOST_LINK_PEER_MAC},
     packet::{ARP_LEN, ETH_HLEN, arp_reply},
@@ -16,7 +16,7 @@ use crate::{
     forward::{self, Hop, L3},
     maps::{endpoint, route},
     nd, skb,
-    stats::count,
+    stats::count_in_slot,
 };
 
 /// Answers the host's ARP for any overlay address with the host link peer's MAC.
@@ -26,7 +26,7 @@ pub fn answer_arp(ctx: &TcContext) -> Result<i32, Drop> {
     let reply = arp_reply(&frame, HOST_LINK_PEER_MAC).ok_or(Counter::ArpIgnored)?;
     ctx.store(0, &reply, 0)
         .map_err(|_| Counter::DropMalformed)?;
-    count(NO_NETWORK, Counter::ArpReplied, ctx.len());
+    count_in_slot(0, Counter::ArpReplied, ctx.len());
     // SAFETY: plain helper call; back out of the peer, to the host.
     Ok(unsafe { bpf_redirect(skb::ingress_ifindex(ctx), 0) } as i32)
 }

@@ -55,7 +55,7 @@ use overlay_common::{
 
 use crate::{
     forward::L3,
-    stats::{count, drop_packet},
+    stats::{count_in_slot, drop_packet},
 };
 
 /// Runs one program path (of program `hook`) on the packet and returns its TC verdict; a
@@ -157,9 +157,10 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
             // To this agent itself, or from a network that does not masquerade: the host stack.
             let to_host = ipv4_mapped(ip.dst) == cfg.underlay_ip;
             if to_host || !maps::masquerades(network) {
-                count(network, Counter::PassedToHost, ctx.len());
+                count_in_slot(sender.slot, Counter::PassedToHost, ctx.len());
                 return Ok(TC_ACT_OK as i32);
             }
+            skb::pass_sender(ctx, network, sender.slot);
             // SAFETY: on success the masquerade program takes the packet and this one ends here.
             unsafe { maps::OVL_TAIL_CALLS.tail_call(ctx, tail_calls::MASQUERADE_IPV4) };
             // Its slot is empty until the loader has filled it.
@@ -169,15 +170,14 @@ fn try_from_container(ctx: &TcContext) -> Result<i32, Drop> {
 }
 
 /// `masquerade_ipv4`: what `from_container` found leaving the overlay from a network that
-/// masquerades. The sender was verified there; its network is its endpoint's.
+/// masquerades. The sender was verified there, which handed over its network and counter slot
+/// (`skb::pass_sender`; this program is only ever reached by that tail call).
 #[inline(always)]
 fn try_masquerade_ipv4(ctx: &TcContext) -> Result<i32, Drop> {
     let cfg = maps::config().ok_or(Counter::DropNotReady)?;
     let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, ETH_HLEN)?)?;
-    let network = maps::endpoint(ipv4_mapped(ip.src))
-        .ok_or(Counter::DropSpoofedSource)?
-        .network;
-    nat::masquerade(ctx, cfg, &ip, network).in_network(network)
+    let (network, slot) = skb::passed_sender(ctx);
+    nat::masquerade(ctx, cfg, &ip, network, slot).in_network(network)
 }
 
 #[inline(always)]

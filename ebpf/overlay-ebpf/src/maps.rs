@@ -3,15 +3,14 @@
 
 use aya_ebpf::{
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
-        lpm_trie::Key,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key,
     },
     macros::btf_map,
 };
 use overlay_common::ipv6::NA_FRAME_LEN;
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
-    Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat, StatKey,
+    NetSlot, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat,
     VniKey, Vtep, VtepKey, WireVni, capacity, tail_calls,
 };
 use overlay_common::monitor::{DropBudget, DropEvent, MonitorConfig, RING_BYTES};
@@ -41,9 +40,16 @@ pub static OVL_NETWORKS: HashMap<NetworkKey, Network, { capacity::NETWORKS as us
 #[btf_map]
 pub static OVL_VNIS: HashMap<VniKey, WireVni, { capacity::VNIS as usize }> = HashMap::new();
 
+/// Counters, by `overlay_common::maps::stat_index(slot, counter)`: an array, so counting is
+/// an inlined bounds check and an add (no hash, no insert on a first packet).
 #[btf_map]
-pub static OVL_STATS: PerCpuHashMap<StatKey, Stat, { capacity::STATS as usize }> =
-    PerCpuHashMap::new();
+pub static OVL_STATS: PerCpuArray<Stat, { capacity::STATS as usize }> = PerCpuArray::new();
+
+/// Network id -> its counter slot, for counts whose path has no endpoint or route at hand
+/// (drops, mostly).
+#[btf_map]
+pub static OVL_NET_SLOTS: HashMap<NetworkKey, NetSlot, { capacity::STAT_SLOTS as usize }> =
+    HashMap::new();
 
 #[btf_map]
 pub static OVL_NAT: LruHashMap<NatKey, NatEntry, { capacity::NAT as usize }> = LruHashMap::new();

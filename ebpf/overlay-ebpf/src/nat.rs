@@ -22,8 +22,8 @@ use overlay_common::{
     },
     nat::{
         ICMP_ECHO_HEADER_LEN, ICMP_QUOTE_LEN, TCP_PREFIX_LEN, Transport, UDP_HEADER_LEN,
-        is_expired, is_icmp_error, port_candidate, quoted_flow, rewrite_icmp_quote, tcp_track,
-        within_quota,
+        csum_replace32, is_expired, is_icmp_error, port_candidate, quoted_flow, rewrite_icmp_quote,
+        tcp_track, within_quota,
     },
     packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, Ipv4Header},
     policy::IPPROTO_ICMPV6,
@@ -35,7 +35,7 @@ use crate::{
         OVL_NAT, OVL_NAT_QUOTA, OVL_SCRATCH_NAT_KEY, OVL_SCRATCH_QUOTA_KEY, endpoint, nat_config,
     },
     skb,
-    stats::count,
+    stats::{count, count_events, count_in_slot, count_known},
 };
 
 /// Upper bound of the probing loop, for the verifier; `NatConfig::max_probes` is the real limit.
@@ -82,12 +82,14 @@ fn transport(ctx: &TcContext, ip: &Ipv4Header, egress: bool) -> Result<Transport
     }
 }
 
-/// The entry for `key` if it is live (a reference into the map, not a copy: stack).
+/// The entry for `key` if it is live (a pointer into the map, not a copy: stack; [`refresh`]
+/// writes through it, without looking the key up again).
 #[inline(always)]
-pub(crate) fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<&'static NatEntry> {
-    // SAFETY: entries are replaced whole or have only `last_seen_ns`/`flags` updated in place.
-    let e = unsafe { OVL_NAT.get(key) }?;
-    if is_expired(cfg, key.protocol, e, now) {
+pub(crate) fn live(cfg: &NatConfig, key: &NatKey, now: u64) -> Option<*mut NatEntry> {
+    let e = OVL_NAT.get_ptr_mut(key)?;
+    // SAFETY: a pointer into the map value; entries are replaced whole or have only
+    // `last_seen_ns`/`flags` updated in place.
+    if is_expired(cfg, key.protocol, unsafe { &*e }, now) {
         None
     } else {
         Some(e)
@@ -107,46 +109,61 @@ fn quota_key(key: &NatKey, container: Addr16) -> Option<&'static NatQuotaKey> {
     }
 }
 
+/// Marks the entry at `e` (in the map) as used now with `flags` added.
+#[inline(always)]
+fn touch_entry(e: *mut NatEntry, now: u64, flags: u16) {
+    // SAFETY: a pointer into the map value; racing writers only store timestamps/flags.
+    unsafe {
+        (*e).last_seen_ns = now;
+        (*e).flags |= flags;
+    }
+}
+
 /// Marks one entry as used now with `flags` added.
 #[inline(always)]
 fn touch(key: &NatKey, now: u64, flags: u16) {
     if let Some(e) = OVL_NAT.get_ptr_mut(key) {
-        // SAFETY: a pointer into the map value; racing writers only store timestamps/flags.
-        unsafe {
-            (*e).last_seen_ns = now;
-            (*e).flags |= flags;
-        }
+        touch_entry(e, now, flags);
     }
 }
 
 /// Marks both directions of a flow as used now, and moves a TCP flow's handshake state on
-/// (`tcp_track`); a flow that starts closing gives its quota back.
+/// (`tcp_track`); a flow that starts closing gives its quota back. `entry` is `key`'s entry in
+/// the map (from [`live`] or [`allocate`]).
 #[inline(always)]
-pub(crate) fn refresh(key: &NatKey, entry: &NatEntry, now: u64, tcp_flags: u8, egress: bool) {
+pub(crate) fn refresh(key: &NatKey, entry: *mut NatEntry, now: u64, tcp_flags: u8, egress: bool) {
+    // Everything of the entry is read before it is written: the flags it had, the other
+    // direction's key (through the scratch slot, stack as in `quota_key`), the container.
+    // SAFETY: a pointer into the map value (see `live`).
+    let old_flags = unsafe { (*entry).flags };
     let flags = if key.protocol == IPPROTO_TCP {
-        tcp_track(entry.flags, tcp_flags, egress)
+        tcp_track(old_flags, tcp_flags, egress)
     } else {
-        entry.flags
+        old_flags
     };
-    touch(key, now, flags);
-    // The paired key goes through the scratch slot too (stack, as in `quota_key`).
+    let closing = NatEntry::FLAG_CLOSING;
+    let starts_closing = old_flags & closing == 0 && flags & closing != 0;
+    // SAFETY: as above.
+    let container = if egress {
+        key.local
+    } else {
+        unsafe { (*entry).addr }
+    };
     if let Some(k) = OVL_SCRATCH_NAT_KEY.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot.
+        // SAFETY: this CPU's slot; `entry` as above.
         unsafe {
-            *k = key.paired(entry);
+            *k = key.paired(&*entry);
             touch(&*k, now, flags);
         }
     }
-    let closing = NatEntry::FLAG_CLOSING;
-    if entry.flags & closing == 0 && flags & closing != 0 {
-        let container = if egress { key.local } else { entry.addr };
-        if let Some(q) = quota_key(key, container)
-            && let Some(c) = OVL_NAT_QUOTA.get_ptr_mut(q)
-        {
-            // SAFETY: as above; a lost race only leaves the count high until the agent's
-            // recount.
-            unsafe { (*c).flows = (*c).flows.saturating_sub(1) };
-        }
+    touch_entry(entry, now, flags);
+    if starts_closing
+        && let Some(q) = quota_key(key, container)
+        && let Some(c) = OVL_NAT_QUOTA.get_ptr_mut(q)
+    {
+        // SAFETY: as above; a lost race only leaves the count high until the agent's
+        // recount.
+        unsafe { (*c).flows = (*c).flows.saturating_sub(1) };
     }
 }
 
@@ -176,13 +193,16 @@ fn take_quota(key: &NatKey) {
     }
 }
 
-/// Replaces the IPv4 address at `at` (source or destination) and fixes the header checksum.
+/// Replaces the IPv4 address at `at` (source or destination) and fixes the header checksum,
+/// in place (RFC 1624, as `bpf_l3_csum_replace` would: the IPv4 header checksum involves no
+/// skb checksum state), two helper calls fewer per packet.
 #[inline(always)]
 fn set_ip_addr(ctx: &TcContext, at: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), Counter> {
     let fail = |_| Counter::DropMalformed;
-    ctx.l3_csum_replace(IP_CHECK, raw32(old), raw32(new), 4)
-        .map_err(fail)?;
-    ctx.store(at, &new, 0).map_err(fail)
+    let check = skb::load::<2>(ctx, IP_CHECK)?;
+    let check = csum_replace32(u16::from_be_bytes(check), old, new);
+    skb::store(ctx, IP_CHECK, &check.to_be_bytes()).map_err(fail)?;
+    skb::store(ctx, at, &new).map_err(fail)
 }
 
 /// Replaces the transport port (or echo identifier) at `port_at` and fixes the transport
@@ -209,7 +229,7 @@ fn set_transport_port(
     }
     ctx.l4_csum_replace(check_at, raw16(old_port), raw16(new_port), zero_ok | 2)
         .map_err(fail)?;
-    ctx.store(port_at, &new_port.to_be_bytes(), 0).map_err(fail)
+    skb::store(ctx, port_at, &new_port.to_be_bytes()).map_err(|_| Counter::DropMalformed)
 }
 
 /// Claims a port for a new flow of either family, whose packets leave from `underlay`. Returns
@@ -223,7 +243,7 @@ pub(crate) fn allocate<const PROBES: u32>(
     network: u32,
     vxlan_port: u16,
     now: u64,
-) -> Result<&'static NatEntry, Counter> {
+) -> Result<*mut NatEntry, Counter> {
     // SAFETY: plain helper call on the program's own context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let back = NatEntry {
@@ -243,6 +263,10 @@ pub(crate) fn allocate<const PROBES: u32>(
     } else {
         (key.local_port, vxlan_port)
     };
+    // Retries are counted once, after the loop (a count per probe puts two map lookups in
+    // every iteration the verifier walks).
+    let mut retries = 0;
+    let mut claimed_port = None;
     for attempt in 0..PROBES {
         if attempt >= nat.max_probes {
             break;
@@ -257,7 +281,8 @@ pub(crate) fn allocate<const PROBES: u32>(
             // timeout caps new connections to one server at ports/timeout per second. The old
             // flow's egress entry goes with it.
             let reusable = match live(nat, &ingress, now) {
-                Some(e) => e.flags & NatEntry::FLAG_CLOSING != 0,
+                // SAFETY: as in `live`.
+                Some(e) => (unsafe { (*e).flags }) & NatEntry::FLAG_CLOSING != 0,
                 None => true,
             };
             if reusable {
@@ -271,24 +296,26 @@ pub(crate) fn allocate<const PROBES: u32>(
             }
         };
         if claimed {
-            let out = NatEntry {
-                addr: *underlay,
-                port,
-                flags: 0,
-                network,
-                last_seen_ns: now,
-            };
-            OVL_NAT
-                .insert(key, &out, BPF_ANY as u64)
-                .map_err(|_| Counter::DropNatNoPort)?;
-            take_quota(key);
-            count(network, Counter::NatCreated, 0);
-            // SAFETY: as in `live`.
-            return unsafe { OVL_NAT.get(key) }.ok_or(Counter::DropNatNoPort);
+            claimed_port = Some(port);
+            break;
         }
-        count(network, Counter::NatPortRetries, 0);
+        retries += 1;
     }
-    Err(Counter::DropNatNoPort)
+    count_events(network, Counter::NatPortRetries, retries);
+    let port = claimed_port.ok_or(Counter::DropNatNoPort)?;
+    let out = NatEntry {
+        addr: *underlay,
+        port,
+        flags: 0,
+        network,
+        last_seen_ns: now,
+    };
+    OVL_NAT
+        .insert(key, &out, BPF_ANY as u64)
+        .map_err(|_| Counter::DropNatNoPort)?;
+    take_quota(key);
+    count(network, Counter::NatCreated, 0);
+    OVL_NAT.get_ptr_mut(key).ok_or(Counter::DropNatNoPort)
 }
 
 /// Rewrites the source of a container's packet to the underlay address and a flow port and sends
@@ -299,6 +326,7 @@ pub fn masquerade(
     cfg: &AgentConfig,
     ip: &Ipv4Header,
     network: u32,
+    slot: u32,
 ) -> Result<i32, Counter> {
     let nat = nat_config().ok_or(Counter::DropNotReady)?;
     let underlay = ipv4_unmapped(&cfg.underlay_ip).ok_or(Counter::DropNoRoute)?;
@@ -326,6 +354,8 @@ pub fn masquerade(
             now,
         )?,
     };
+    // SAFETY: a pointer into the map value (see `live`).
+    let port = unsafe { (*out).port };
     refresh(&key, out, now, t.tcp_flags, true);
 
     set_ip_addr(ctx, IP_SRC, ip.src, underlay)?;
@@ -334,9 +364,9 @@ pub fn masquerade(
         ip.protocol,
         (t.check_at, t.src_port_at),
         (ip.src, underlay),
-        (t.src_port, out.port),
+        (t.src_port, port),
     )?;
-    count(network, Counter::Masqueraded, ctx.len());
+    count_in_slot(slot, Counter::Masqueraded, ctx.len());
     // SAFETY: plain helper call; the FIB picks the next hop of the outside address.
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
@@ -379,26 +409,33 @@ pub fn unmasquerade(
         local_port,
     );
     let now = now_ns();
-    let Some(back) = live(nat, &key, now) else {
+    let Some(entry) = live(nat, &key, now) else {
         return Ok(None);
     };
-    let network = back.network;
-    let ep = endpoint(back.addr)
+    // SAFETY: a pointer into the map value (see `live`); read before `refresh` writes it.
+    let (network, port, addr) = unsafe { ((*entry).network, (*entry).port, (*entry).addr) };
+    let ep = endpoint(addr)
         .ok_or(Counter::DropNoEndpoint)
         .in_network(network)?;
-    refresh(&key, back, now, t.tcp_flags, false);
-    let container = ipv4_unmapped(&back.addr).ok_or(Counter::DropMalformed)?;
+    let container = ipv4_unmapped(&addr).ok_or(Counter::DropMalformed)?;
+    refresh(&key, entry, now, t.tcp_flags, false);
     set_ip_addr(ctx, IP_DST, underlay, container).in_network(network)?;
     set_transport_port(
         ctx,
         ip.protocol,
         (t.check_at, local_port_at),
         (underlay, container),
-        (local_port, back.port),
+        (local_port, port),
     )
     .in_network(network)?;
     let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
-    count(network, Counter::Unmasqueraded, ctx.len());
+    count_known(
+        network,
+        ep.network,
+        ep.slot,
+        Counter::Unmasqueraded,
+        ctx.len(),
+    );
     Ok(Some(verdict))
 }
 
@@ -427,6 +464,8 @@ fn icmp_error(ctx: &TcContext, nat: &NatConfig, underlay: [u8; 4]) -> Result<Opt
     let Some(back) = live(nat, &key, now_ns()) else {
         return Ok(None);
     };
+    // SAFETY: a pointer into the map value (see `live`), only read here.
+    let back = unsafe { &*back };
     let network = back.network;
     let ep = endpoint(back.addr)
         .ok_or(Counter::DropNoEndpoint)
@@ -447,6 +486,12 @@ fn icmp_error(ctx: &TcContext, nat: &NatConfig, underlay: [u8; 4]) -> Result<Opt
         .map_err(fail)?;
     set_ip_addr(ctx, IP_DST, underlay, container).in_network(network)?;
     let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
-    count(network, Counter::Unmasqueraded, ctx.len());
+    count_known(
+        network,
+        ep.network,
+        ep.slot,
+        Counter::Unmasqueraded,
+        ctx.len(),
+    );
     Ok(Some(verdict))
 }

@@ -263,10 +263,11 @@ fn masquerade(
             now,
         )?,
     };
-    refresh(key, out, now, reread(&flow.tcp_flags) as u8, true);
     // The flow's own source (the underlay address when it was created): its replies are keyed
     // by it.
-    let source = out.addr;
+    // SAFETY: a pointer into the map value (see `nat::live`), read before `refresh` writes it.
+    let (source, out_port) = unsafe { ((*out).addr, (*out).port) };
+    refresh(key, out, now, reread(&flow.tcp_flags) as u8, true);
     let container = reread(&key.local);
     rewrite(
         ctx,
@@ -276,7 +277,7 @@ fn masquerade(
             reread(&flow.check_at) as usize,
             reread(&flow.port_at) as usize,
         ),
-        (reread(&flow.port) as u16, out.port),
+        (reread(&flow.port) as u16, out_port),
     )?;
     count(network, Counter::Masqueraded, ctx.len());
     // SAFETY: plain helper call; the FIB picks the next hop of the outside address.
@@ -317,21 +318,21 @@ pub fn unmasquerade(ctx: &TcContext) -> Result<Option<i32>, Drop> {
     let (remote_port, local_port, local_port_at) = t.ingress_ports();
     let key = NatKey::ingress(ip.next_header, ip.src, remote_port, ip.dst, local_port);
     let now = now_ns();
-    let Some(back) = live(nat, &key, now) else {
+    let Some(entry) = live(nat, &key, now) else {
         return Ok(None);
     };
-    let network = back.network;
-    let ep = endpoint(back.addr)
+    // SAFETY: a pointer into the map value (see `nat::live`), read before `refresh` writes it.
+    let (network, port, container) = unsafe { ((*entry).network, (*entry).port, (*entry).addr) };
+    let ep = endpoint(container)
         .ok_or(Counter::DropNoEndpoint)
         .in_network(network)?;
-    refresh(&key, back, now, t.tcp_flags, false);
-    let container = back.addr;
+    refresh(&key, entry, now, t.tcp_flags, false);
     rewrite(
         ctx,
         ip.next_header,
         (IP6_DST, &ip.dst, &container),
         (t.check_at, local_port_at),
-        (local_port, back.port),
+        (local_port, port),
     )
     .in_network(network)?;
     let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
@@ -364,6 +365,8 @@ fn icmp_error(ctx: &TcContext, nat: &NatConfig, ip: &Ipv6Header) -> Result<Optio
     let Some(back) = live(nat, &key, now_ns()) else {
         return Ok(None);
     };
+    // SAFETY: a pointer into the map value (see `nat::live`), only read here.
+    let back = unsafe { &*back };
     let network = back.network;
     let ep = endpoint(back.addr)
         .ok_or(Counter::DropNoEndpoint)

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{helpers::generated::bpf_redirect, programs::TcContext};
 use overlay_common::{
-    counters::{Counter, Drop, InNetwork, NO_NETWORK},
+    counters::{Counter, Drop, InNetwork},
     ipv6::{Ipv6Header, NA_FRAME_LEN, NS_BODY_LEN, solicited_target, write_neighbor_advertisement},
     maps::{Addr16, Endpoint, HOST_LINK_PEER_MAC},
     packet::ETH_HLEN,
@@ -15,7 +15,7 @@ use overlay_common::{
 use crate::{
     maps::{OVL_SCRATCH_FRAME, endpoint, overlay_subnet, route},
     skb,
-    stats::count,
+    stats::count_in_slot,
 };
 
 /// Whether `target` is an address of network `vni` worth answering for, and whether it is the
@@ -82,7 +82,7 @@ pub fn answer_container(ctx: &TcContext, ip: &Ipv6Header, sender: &Endpoint) -> 
         router,
     )
     .in_network(vni)?;
-    count(vni, Counter::NdReplied, ctx.len());
+    count_in_slot(sender.slot, Counter::NdReplied, ctx.len());
     Ok(verdict)
 }
 
@@ -97,6 +97,6 @@ pub fn answer_host(ctx: &TcContext, ip: &Ipv6Header) -> Result<i32, Drop> {
     let eth = skb::load::<12>(ctx, 0)?;
     let host_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
     let verdict = reply(ctx, (&ip.src, host_mac), &target, HOST_LINK_PEER_MAC, false)?;
-    count(NO_NETWORK, Counter::NdReplied, ctx.len());
+    count_in_slot(0, Counter::NdReplied, ctx.len());
     Ok(verdict)
 }

@@ -57,6 +57,33 @@ pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// Hands the verified sender's network (id) and counter slot to the program `from_container`
+/// tail-calls into (`skb->cb`, which a tail call keeps): that program need not look the sender
+/// up again.
+#[inline(always)]
+pub fn pass_sender(ctx: &TcContext, network: u32, slot: u32) {
+    // SAFETY: the context pointer is valid for the program's run; `cb` is writable from TC.
+    unsafe {
+        (*ctx.skb.skb).cb[0] = network;
+        (*ctx.skb.skb).cb[1] = slot;
+    }
+}
+
+/// What [`pass_sender`] handed over: (network, slot).
+#[inline(always)]
+pub fn passed_sender(ctx: &TcContext) -> (u32, u32) {
+    // SAFETY: as above.
+    unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) }
+}
+
+/// The flow hash the kernel already holds for the packet (a socket's, or one computed on its
+/// way), 0 if none: reading it costs no helper call and no flow dissection.
+#[inline(always)]
+pub fn known_hash(ctx: &TcContext) -> u32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).hash }
+}
+
 /// GSO segment size; 0 for a packet that is not a GSO super-packet.
 #[inline(always)]
 pub fn gso_size(ctx: &TcContext) -> u32 {

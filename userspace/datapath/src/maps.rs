@@ -9,16 +9,18 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
 };
 use ipnetwork::IpNetwork;
 use overlay_common::{
-    counters::Counter,
+    counters::{Counter, NO_NETWORK},
     maps::{
         Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
-        NatQuotaKey, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute,
-        Stat, StatKey, VniKey, Vtep, VtepKey, WireVni, family_prefix_len, ipv4_mapped,
-        ipv4_mapped_prefix_len, ipv4_unmapped, names,
+        NatQuotaKey, NetSlot, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey,
+        RemoteRoute, STAT_COUNTERS_PER_SLOT, Stat, VniKey, Vtep, VtepKey, WireVni, capacity,
+        family_prefix_len, ipv4_mapped, ipv4_mapped_prefix_len, ipv4_unmapped, names, stat_index,
     },
 };
 
@@ -83,7 +85,8 @@ pub struct OverlayMaps {
     subnets: LpmTrie<MapData, Addr16, OverlaySubnet>,
     vteps: HashMap<MapData, VtepKey, Vtep>,
     networks: HashMap<MapData, NetworkKey, Network>,
-    stats: PerCpuHashMap<MapData, StatKey, Stat>,
+    stats: PerCpuArray<MapData, Stat>,
+    net_slots: HashMap<MapData, NetworkKey, NetSlot>,
     nat: HashMap<MapData, NatKey, NatEntry>,
     nat_config: Array<MapData, NatConfig>,
     protected: HashMap<MapData, ProtectedKey, Protected>,
@@ -149,7 +152,8 @@ impl OverlayMaps {
             subnets: Map::LpmTrie(pinned(pins, names::SUBNETS)?).try_into()?,
             vteps: Map::HashMap(pinned(pins, names::VTEPS)?).try_into()?,
             networks: Map::HashMap(pinned(pins, names::NETWORKS)?).try_into()?,
-            stats: Map::PerCpuHashMap(pinned(pins, names::STATS)?).try_into()?,
+            stats: Map::PerCpuArray(pinned(pins, names::STATS)?).try_into()?,
+            net_slots: Map::HashMap(pinned(pins, names::NET_SLOTS)?).try_into()?,
             nat: Map::LruHashMap(pinned(pins, names::NAT)?).try_into()?,
             nat_config: Map::Array(pinned(pins, names::NAT_CONFIG)?).try_into()?,
             protected: Map::HashMap(pinned(pins, names::PROTECTED)?).try_into()?,
@@ -160,7 +164,7 @@ impl OverlayMaps {
 
     /// The maps of a freshly loaded object (the agent's loader), taken out of it.
     pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<OverlayMaps> {
-        Ok(OverlayMaps {
+        let mut maps = OverlayMaps {
             config: take(ebpf, names::CONFIG)?.try_into()?,
             endpoints: take(ebpf, names::ENDPOINTS)?.try_into()?,
             routes: take(ebpf, names::ROUTES)?.try_into()?,
@@ -168,12 +172,15 @@ impl OverlayMaps {
             vteps: take(ebpf, names::VTEPS)?.try_into()?,
             networks: take(ebpf, names::NETWORKS)?.try_into()?,
             stats: take(ebpf, names::STATS)?.try_into()?,
+            net_slots: take(ebpf, names::NET_SLOTS)?.try_into()?,
             nat: take(ebpf, names::NAT)?.try_into()?,
             nat_config: take(ebpf, names::NAT_CONFIG)?.try_into()?,
             protected: take(ebpf, names::PROTECTED)?.try_into()?,
             nat_quota: take(ebpf, names::NAT_QUOTA)?.try_into()?,
             vnis: take(ebpf, names::VNIS)?.try_into()?,
-        })
+        };
+        maps.name_counters_of_no_network()?;
+        Ok(maps)
     }
 
     pub fn set_config(&mut self, s: &AgentSettings) -> anyhow::Result<()> {
@@ -194,6 +201,10 @@ impl OverlayMaps {
     }
 
     pub fn put_endpoint(&mut self, ip: IpAddr, ep: Endpoint) -> anyhow::Result<()> {
+        let ep = Endpoint {
+            slot: self.counter_slot(ep.network)?,
+            ..ep
+        };
         self.endpoints
             .insert(EndpointKey::new(addr16(ip)), ep, 0)
             .with_context(|| format!("adding endpoint {ip} to OVL_ENDPOINTS"))
@@ -204,15 +215,21 @@ impl OverlayMaps {
             .with_context(|| format!("removing endpoint {ip} from OVL_ENDPOINTS"))
     }
 
+    /// Every endpoint, as written (the counter slot is this façade's business: left out).
     pub fn endpoints(&self) -> anyhow::Result<BTreeMap<IpAddr, Endpoint>> {
         self.endpoints
             .iter()
-            .map(|r| r.map(|(k, v)| (from_addr16(&k.addr), v)))
+            .map(|r| r.map(|(k, v)| (from_addr16(&k.addr), Endpoint { slot: 0, ..v })))
             .collect::<Result<_, _>>()
             .context("reading OVL_ENDPOINTS")
     }
 
     pub fn put_route(&mut self, subnet: IpNetwork, route: RemoteRoute) -> anyhow::Result<()> {
+        let route = RemoteRoute {
+            // Slots are below capacity::STAT_SLOTS (256), which fits.
+            slot: self.counter_slot(route.network)? as u16,
+            ..route
+        };
         self.routes
             .insert(&prefix_key(subnet), route, 0)
             .with_context(|| format!("adding route {subnet} to OVL_ROUTES"))
@@ -227,6 +244,8 @@ impl OverlayMaps {
         let mut out = BTreeMap::new();
         for r in self.routes.iter() {
             let (k, v) = r.context("reading OVL_ROUTES")?;
+            // The counter slot is this façade's business: left out.
+            let v = RemoteRoute { slot: 0, ..v };
             out.insert(key_prefix(&k)?, v);
         }
         Ok(out)
@@ -273,6 +292,8 @@ impl OverlayMaps {
 
     /// Network (id) `id` takes part here.
     pub fn put_network(&mut self, id: u32, network: Network) -> anyhow::Result<()> {
+        // Its counters get their slot now: its drops count under it from the first packet.
+        self.counter_slot(id)?;
         self.networks
             .insert(NetworkKey::new(id), network, 0)
             .with_context(|| format!("adding network {id} to OVL_NETWORKS"))
@@ -313,26 +334,148 @@ impl OverlayMaps {
             .context("reading OVL_VNIS")
     }
 
-    /// Every counter, summed over CPUs, sorted by network then counter.
+    /// Every counter that counted something, summed over CPUs, sorted by network then counter.
     pub fn stats(&self) -> anyhow::Result<Vec<StatRow>> {
         let mut rows = Vec::new();
-        for r in self.stats.iter() {
-            let (key, per_cpu) = r.context("reading OVL_STATS")?;
-            let Some(counter) = Counter::from_u32(key.counter) else {
-                continue;
-            };
-            let (packets, bytes) = per_cpu
-                .iter()
-                .fold((0u64, 0u64), |(p, b), s| (p + s.packets, b + s.bytes));
-            rows.push(StatRow {
-                network: key.network,
-                counter,
-                packets,
-                bytes,
-            });
+        let mut slots = vec![(NO_NETWORK, 0)];
+        slots.extend(
+            self.counter_slots()?
+                .into_iter()
+                .filter(|(n, _)| *n != NO_NETWORK),
+        );
+        for (network, slot) in slots {
+            for &counter in Counter::ALL {
+                let per_cpu = self
+                    .stats
+                    .get(&stat_index(slot, counter as u32), 0)
+                    .context("reading OVL_STATS")?;
+                let (packets, bytes) = per_cpu
+                    .iter()
+                    .fold((0u64, 0u64), |(p, b), s| (p + s.packets, b + s.bytes));
+                if packets == 0 && bytes == 0 {
+                    continue;
+                }
+                rows.push(StatRow {
+                    network,
+                    counter,
+                    packets,
+                    bytes,
+                });
+            }
         }
         rows.sort_by_key(|r| (r.network, r.counter as u32));
         Ok(rows)
+    }
+
+    /// Every network's counter slot (`OVL_NET_SLOTS`), by network id.
+    pub fn counter_slots(&self) -> anyhow::Result<BTreeMap<u32, u32>> {
+        self.net_slots
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.network, v.slot)))
+            .collect::<Result<_, _>>()
+            .context("reading OVL_NET_SLOTS")
+    }
+
+    /// The counter slot of network (id) `network`, given to it now if it has none: the lowest
+    /// free one, its counters named (network, counter) and zeroed. Slot 0 is no network's, and
+    /// where a network counts while all are taken. Slots are not taken back when a network
+    /// goes (there are few networks, and a reused slot would mix two networks' counts).
+    fn counter_slot(&mut self, network: u32) -> anyhow::Result<u32> {
+        if network == NO_NETWORK {
+            return Ok(0);
+        }
+        let key = NetworkKey::new(network);
+        match self.net_slots.get(&key, 0) {
+            Ok(s) => return Ok(s.slot),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("reading OVL_NET_SLOTS"),
+        }
+        let taken: std::collections::BTreeSet<u32> = self.counter_slots()?.into_values().collect();
+        let Some(slot) = (1..capacity::STAT_SLOTS).find(|s| !taken.contains(s)) else {
+            return Ok(0);
+        };
+        self.name_counters(slot, network, true)?;
+        self.net_slots
+            .insert(key, NetSlot { slot }, 0)
+            .with_context(|| format!("giving network {network} counter slot {slot}"))?;
+        Ok(slot)
+    }
+
+    /// Adds per-CPU counts (packets, bytes; one pair per CPU) to counter (id) `counter` of
+    /// network (id) `network`: counters carried over from another layout. A counter id this
+    /// layout has no room for is left out.
+    pub fn add_counts(
+        &mut self,
+        network: u32,
+        counter: u32,
+        per_cpu: &[(u64, u64)],
+    ) -> anyhow::Result<()> {
+        if counter >= STAT_COUNTERS_PER_SLOT {
+            return Ok(());
+        }
+        let slot = self.counter_slot(network)?;
+        let index = stat_index(slot, counter);
+        let old = self.stats.get(&index, 0).context("reading OVL_STATS")?;
+        let values: Vec<Stat> = old
+            .iter()
+            .enumerate()
+            .map(|(cpu, s)| {
+                let (p, b) = per_cpu.get(cpu).copied().unwrap_or_default();
+                Stat {
+                    packets: s.packets + p,
+                    bytes: s.bytes + b,
+                    ..*s
+                }
+            })
+            .collect();
+        let values = PerCpuValues::try_from(values)
+            .map_err(|e| anyhow!("per-CPU values of OVL_STATS: {e}"))?;
+        self.stats
+            .set(index, values, 0)
+            .context("writing OVL_STATS")
+    }
+
+    /// Writes the identity (network, counter) of every counter of `slot` on every CPU, its
+    /// counts zeroed (`reset`) or kept.
+    fn name_counters(&mut self, slot: u32, network: u32, reset: bool) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        for counter in 0..STAT_COUNTERS_PER_SLOT {
+            let index = stat_index(slot, counter);
+            let values: Vec<Stat> = if reset {
+                vec![Stat::of(network, counter); cpus]
+            } else {
+                let old = self.stats.get(&index, 0).context("reading OVL_STATS")?;
+                old.iter()
+                    .map(|s| Stat {
+                        network,
+                        counter,
+                        ..*s
+                    })
+                    .collect()
+            };
+            let values = PerCpuValues::try_from(values)
+                .map_err(|e| anyhow!("per-CPU values of OVL_STATS: {e}"))?;
+            self.stats
+                .set(index, values, 0)
+                .with_context(|| format!("naming counter {counter} of slot {slot} in OVL_STATS"))?;
+        }
+        Ok(())
+    }
+
+    /// Names the counters of slot 0 (no network's) once, keeping what they counted (the map may
+    /// be a pinned one the datapath has been counting in).
+    fn name_counters_of_no_network(&mut self) -> anyhow::Result<()> {
+        let last = stat_index(0, STAT_COUNTERS_PER_SLOT - 1);
+        let named = self
+            .stats
+            .get(&last, 0)
+            .context("reading OVL_STATS")?
+            .iter()
+            .all(|s| s.counter == STAT_COUNTERS_PER_SLOT - 1);
+        if named {
+            return Ok(());
+        }
+        self.name_counters(0, NO_NETWORK, false)
     }
 
     pub fn set_nat_config(&mut self, cfg: &NatConfig) -> anyhow::Result<()> {

@@ -15,6 +15,10 @@
 //!   entries rewritten into the new layout instead: a v2 route becomes a v3 route whose network id
 //!   and VNI are both the old VNI (what it meant then), and the VNIs of the old networks are
 //!   accepted, so the wire stays as it was until the agent applies the master's state.
+//! - v4 gave every network a counter slot: endpoints and routes carry theirs (in what was
+//!   padding, so they are copied, then rewritten with their slots: [`fill_counter_slots`]), and
+//!   the old per-CPU hash of counters is added into the new per-CPU array slot by slot
+//!   ([`carry_counts`]).
 //! - Then the old version's pins are removed; its maps go with its last program.
 
 use std::{
@@ -34,13 +38,19 @@ use super::{super::PinLayout, replace_in_pinned_link};
 /// Checked for layout version [`CHECKED_FOR`].
 pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
     (names::CONFIG, 1),
+    // v4: `Endpoint::slot` took the place of the padding (0: copied, then filled in).
     (names::ENDPOINTS, 1),
     // v3: RemoteRoute holds the network id and the wire VNI apart (32 -> 36 bytes).
+    // v4: `RemoteRoute::slot` took the place of the padding, as for endpoints.
     (names::ROUTES, 3),
     (names::SUBNETS, 1),
     (names::VTEPS, 1),
     (names::NETWORKS, 1),
-    (names::STATS, 1),
+    // v4: a per-CPU array by counter slot, not a per-CPU hash: the counts are added in
+    // (`carry_counts`), not copied.
+    (names::STATS, 4),
+    // v4: new map, each network's counter slot (filled as the counts and entries come over).
+    (names::NET_SLOTS, 4),
     (names::PROTECTED, 1),
     // v2: NatEntry flags track the TCP handshake; NatConfig grew (24 -> 40 bytes); new map.
     // v3: IPv6 masquerade. NAT entries keep their layout (IPv6 flows are new entries of it);
@@ -66,9 +76,10 @@ pub const NEVER_CARRIED: &[&str] = &[
 
 /// The layout version [`SAME_LAYOUT_SINCE`] was last checked against (a test compares it).
 /// v3 changed only `OVL_TAIL_CALLS` (a third slot), which is never carried: every other map
-/// keeps its layout and carries over from v1/v2.
+/// keeps its layout and carries over from v1/v2. v4 changed `OVL_STATS` (carried by
+/// [`carry_counts`]) and added `OVL_NET_SLOTS`.
 #[allow(dead_code)]
-pub const CHECKED_FOR: u32 = 3;
+pub const CHECKED_FOR: u32 = 4;
 
 /// Whether entries of `map` pinned by an agent of layout `version` can be copied as they are.
 pub fn carries_over(map: &str, version: u32) -> bool {
@@ -159,9 +170,20 @@ fn take_over(
         ..Default::default()
     };
     // Maps first: the programs put into the old links below must find the state already there.
+    // Counters come over last (below), while the old programs still count: the fewer packets
+    // counted after their counter was read, the fewer lost. The slots they go by come first.
+    let counts_added = version < 4 && old_dir.join("maps").join(names::STATS).exists();
+    let old_slots = old_dir.join("maps").join(names::NET_SLOTS);
+    if counts_added
+        && old_slots.exists()
+        && let Some(n) = copy_entries(&old_slots, &pins.map(names::NET_SLOTS))?
+    {
+        report.maps_copied.push((names::NET_SLOTS.to_owned(), n));
+    }
     for name in names::ALL {
         let old = old_dir.join("maps").join(name);
-        if !old.exists() {
+        let carried = counts_added && (*name == names::STATS || *name == names::NET_SLOTS);
+        if !old.exists() || carried {
             continue;
         }
         if let Some(translate) = translated(name, version) {
@@ -189,6 +211,13 @@ fn take_over(
                 .context("accepting the VNIs of the old layout's networks")?;
             report.maps_copied.push((names::VNIS.to_owned(), n));
         }
+    }
+    if version < 4 {
+        fill_counter_slots(pins).context("giving the carried endpoints and routes their slots")?;
+    }
+    if counts_added {
+        let n = carry_counts(old_dir, pins).context("adding the old layout's counters")?;
+        report.maps_copied.push((names::STATS.to_owned(), n));
     }
     let links = old_dir.join("links");
     let mut pinned: Vec<PathBuf> = match std::fs::read_dir(&links) {
@@ -309,6 +338,79 @@ fn vnis_of_networks(from: &Path, to: &Path) -> anyhow::Result<usize> {
         written += 1;
     }
     Ok(written)
+}
+
+/// Adds the counts of a v1-v3 `OVL_STATS` (a per-CPU hash keyed by network id and counter,
+/// 16-byte values) in `old_dir` into this layout's per-CPU array, each network's in its
+/// counter slot (given to it here if it has none yet); returns how many counters came over.
+/// Counters already of this layout (pins recorded under an older version but written by this
+/// one, whose slots came over before) are copied as they are, the slots in use only.
+fn carry_counts(old_dir: &Path, pins: &PinLayout) -> anyhow::Result<usize> {
+    let from = old_dir.join("maps").join(names::STATS);
+    let src = MapData::from_pin(&from).with_context(|| format!("opening {}", from.display()))?;
+    let info = src.info()?;
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    if info.map_type().ok() == Some(aya::maps::MapType::PerCpuArray) {
+        use overlay_common::maps::{STAT_COUNTERS_PER_SLOT, Stat, stat_index};
+        let to = pins.map(names::STATS);
+        let dst = MapData::from_pin(&to).with_context(|| format!("opening {}", to.display()))?;
+        if (info.key_size(), info.value_size())
+            != (dst.info()?.key_size(), dst.info()?.value_size())
+        {
+            bail!("old OVL_STATS is an array of another layout");
+        }
+        let maps = overlay_datapath::OverlayMaps::open_pinned(pins)?;
+        let mut slots: Vec<u32> = maps.counter_slots()?.into_values().collect();
+        slots.push(0);
+        let (src_fd, dst_fd) = (src.fd().as_fd().as_raw_fd(), dst.fd().as_fd().as_raw_fd());
+        let mut value = vec![0u8; size_of::<Stat>().next_multiple_of(8) * cpus];
+        let mut copied = 0;
+        for slot in slots {
+            for counter in 0..STAT_COUNTERS_PER_SLOT {
+                let key = stat_index(slot, counter).to_ne_bytes();
+                if raw::lookup(src_fd, &key, &mut value).context("BPF_MAP_LOOKUP_ELEM")? {
+                    raw::update(dst_fd, &key, &value).context("BPF_MAP_UPDATE_ELEM")?;
+                    copied += 1;
+                }
+            }
+        }
+        return Ok(copied);
+    }
+    if info.key_size() != 8 || info.value_size() != 16 {
+        bail!(
+            "old OVL_STATS has {}-byte keys and {}-byte values",
+            info.key_size(),
+            info.value_size()
+        );
+    }
+    let mut maps = overlay_datapath::OverlayMaps::open_pinned(pins)?;
+    let fd = src.fd().as_fd().as_raw_fd();
+    let mut carried = 0;
+    for (key, value) in raw::entries(fd, 8, 16 * cpus)? {
+        let word =
+            |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let long = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap());
+        let per_cpu: Vec<(u64, u64)> = value
+            .chunks_exact(16)
+            .map(|v| (long(v, 0), long(v, 8)))
+            .collect();
+        maps.add_counts(word(&key, 0), word(&key, 4), &per_cpu)?;
+        carried += 1;
+    }
+    Ok(carried)
+}
+
+/// Rewrites every endpoint and route of this layout's maps (carried over with slot 0) through
+/// the map façade, which gives each its network's counter slot.
+fn fill_counter_slots(pins: &PinLayout) -> anyhow::Result<()> {
+    let mut maps = overlay_datapath::OverlayMaps::open_pinned(pins)?;
+    for (ip, ep) in maps.endpoints()? {
+        maps.put_endpoint(ip, ep)?;
+    }
+    for (subnet, route) in maps.routes()? {
+        maps.put_route(subnet, route)?;
+    }
+    Ok(())
 }
 
 /// Copies every entry of the map pinned at `from` into the one pinned at `to`, byte for byte.
@@ -502,6 +604,7 @@ mod tests {
         };
         assert_eq!(new, bytes);
         assert!(translated(names::ROUTES, 3).is_none());
+        assert!(translated(names::ROUTES, 4).is_none());
         assert!(translated(names::ENDPOINTS, 2).is_none());
         assert_eq!(route_v2_to_v3(&new), Some(new.clone()), "already v3: kept");
         assert!(route_v2_to_v3(&[0; 20]).is_none());
@@ -513,7 +616,8 @@ mod tests {
         assert!(carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION));
         assert!(!carries_over(names::NAT, 1));
         assert!(carries_over(names::NAT, 2));
-        // v3 split a route's network id from its VNI: v2 routes are not read as v3 ones.
+        // v3 split a route's network id from its VNI: v2 routes are not read as v3 ones (v4's
+        // slot is v3's padding: carried, then filled in).
         assert!(!carries_over(names::ROUTES, 2));
         assert!(carries_over(names::ROUTES, 3));
         assert!(carries_over(names::NAT, 3));
@@ -522,6 +626,10 @@ mod tests {
             "v3 NatConfig is 52 bytes"
         );
         assert!(carries_over(names::NAT_CONFIG, 3));
+        // v4 counters are an array by slot: the old hash's are added in, not copied.
+        assert!(!carries_over(names::STATS, 3));
+        assert!(carries_over(names::STATS, 4));
+        assert!(!carries_over(names::NET_SLOTS, 3));
         // A newer agent's layout is unknown to us.
         assert!(!carries_over(names::ENDPOINTS, MAP_LAYOUT_VERSION + 1));
         assert!(!carries_over("OVL_SOMETHING_ELSE", 1));
