@@ -30,13 +30,15 @@ pub struct TestArgs {
 }
 
 /// Binaries that must have the machine to themselves: they assert on timings (a CNI ADD under
-/// a second during a NAT sweep, the NAT quota's expiry), or load both cores for minutes (the
-/// VM lab under emulation, the benchmark).
+/// a second during a NAT sweep, the NAT quota's expiry, the networks page updating within
+/// seconds in a real browser), or load both cores for minutes (the VM lab under emulation, the
+/// benchmark).
 const ALONE: &[&str] = &[
     "overlay-tests/tests/agent_owner",
     "overlay-tests/tests/security_datapath",
     "overlay-tests/tests/vm",
     "overlay-tests/tests/bench_smoke",
+    "overlay-tests/tests/networks_page",
 ];
 
 /// Seconds each binary took in a whole-suite run (2 cores, see the README), for the order of a
