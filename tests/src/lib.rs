@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: locating the project's binaries, and describing lab
 //! nodes to the datapath as the agent will.
 
+pub mod fixtures;
+pub mod master;
 pub mod micro_bench;
 pub mod runtimes;
 pub mod support_etcd;

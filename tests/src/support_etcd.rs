@@ -1,14 +1,16 @@
-//! Real etcd clusters and etcd-backed masters for tests: members on loopback with free ports and
-//! temporary data directories, killed (SIGKILL) and reaped on drop, so a panicking test leaves
-//! no process behind. A cluster is plain http or, with [`Security::TlsAuth`], TLS between
-//! members and towards clients with client certificates required (a CA made for the test) and
-//! etcd authentication on.
+//! Real etcd clusters for tests (masters on them: [`crate::master::Master::start_etcd`]):
+//! members on loopback with free ports and temporary data directories, killed (SIGKILL) and
+//! reaped on drop, so a panicking test leaves no process behind. A cluster is plain http or,
+//! with [`Security::TlsAuth`], TLS between members and towards clients with client
+//! certificates required (a CA made for the test) and etcd authentication on.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::fixtures::free_port;
 
 /// The Debian `etcd-server` binary.
 pub const ETCD: &str = "/usr/bin/etcd";
@@ -177,11 +179,6 @@ pub fn http(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
-}
-
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    listener.local_addr().expect("local addr").port()
 }
 
 pub struct EtcdMember {
@@ -495,117 +492,5 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// One `overlay-master` on an etcd store; SIGKILLed and reaped on drop.
-pub struct EtcdMaster {
-    child: Option<Child>,
-    pub port: u16,
-    log: PathBuf,
-}
-
-impl EtcdMaster {
-    /// Starts a master on `store` (`etcd://...`) with `prefix` and optional config text, and
-    /// waits for `/health`.
-    pub fn start(dir: &Path, store: &StoreFlags, prefix: &str, config: Option<&str>) -> EtcdMaster {
-        let mut master = Self::spawn(dir, store, prefix, config);
-        master.wait_ready();
-        master
-    }
-
-    pub fn spawn(dir: &Path, store: &StoreFlags, prefix: &str, config: Option<&str>) -> EtcdMaster {
-        let port = free_port();
-        let log = dir.join(format!("master-{port}.log"));
-        let mut command = Command::new(crate::bin_path("overlay-master"));
-        command
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--store", &store.url, "--etcd-prefix", prefix])
-            .args(&store.extra)
-            // The store tests talk raw HTTP to compare masters' answers; TLS is covered by
-            // master_api, control_plane_auth and the lab cluster (etcd_cluster).
-            .arg("--insecure-http")
-            .env("RUST_LOG", "info");
-        if let Some(text) = config {
-            let path = dir.join(format!("config-{port}.yaml"));
-            std::fs::write(&path, text).unwrap();
-            command.arg("--config").arg(path);
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn overlay-master");
-        EtcdMaster {
-            child: Some(child),
-            port,
-            log,
-        }
-    }
-
-    pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the process to exit by itself; its status and log.
-    pub fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return (status, self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "master kept running: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "overlay-master exited early ({status}); log:\n{}",
-                    self.log()
-                );
-            }
-            if let Ok((200, _)) = http(&format!("127.0.0.1:{}", self.port), "GET", "/health", None)
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd master not ready in 20 s; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(30));
-        }
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for EtcdMaster {
-    fn drop(&mut self) {
-        self.kill();
     }
 }

@@ -8,16 +8,8 @@ use std::{
 };
 
 use overlay_api::agent::AgentStatus;
-use overlay_lab::{
-    Container,
-    cluster::{Cluster, ClusterSpec},
-};
-use overlay_tests::bin_path;
-
-fn cluster(agents: usize) -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    Cluster::up(ClusterSpec::new(agents, &bin_dir)).unwrap()
-}
+use overlay_lab::{Container, cluster::Cluster};
+use overlay_tests::fixtures::cluster;
 
 fn ip(c: &Container) -> Ipv4Addr {
     c.node.ip.unwrap()

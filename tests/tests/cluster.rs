@@ -12,12 +12,8 @@ use overlay_lab::{
     Container,
     cluster::{Cluster, ClusterSpec},
 };
-use overlay_tests::{bin_path, lab_pins};
-
-fn cluster(agents: usize) -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    Cluster::up(ClusterSpec::new(agents, &bin_dir)).unwrap()
-}
+use overlay_tests::fixtures::{bin_dir, cluster, cluster_spec};
+use overlay_tests::lab_pins;
 
 fn ip(c: &Container) -> Ipv4Addr {
     c.node.ip.unwrap()
@@ -332,8 +328,7 @@ fn agent_restart_keeps_traffic_flowing_and_entries_in_place() {
 /// networks work across agents, and they stay isolated.
 #[test]
 fn a_network_with_a_vni_of_its_own_works_and_stays_isolated() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    let mut spec = ClusterSpec::new(2, &bin_dir);
+    let mut spec = cluster_spec(2);
     spec.config = format!("{}    vni: 5000\n", overlay_lab::cluster::TWO_NETWORKS);
     let mut c = Cluster::up(spec).unwrap();
     let mut on = |agent: &str, net: &str| c.add_container(agent, net).unwrap();
@@ -388,4 +383,166 @@ fn a_network_with_a_vni_of_its_own_works_and_stays_isolated() {
     assert!(m.stat(blue_id, Counter::Decapsulated).unwrap() > 0);
     assert!(m.stat(dcos_id, Counter::Decapsulated).unwrap() > 0);
     assert!(m.stat(dcos_id, Counter::DropCrossNetwork).unwrap() > 0);
+}
+
+/// The agent spawns nothing (netlink, `setns`, bpf(2)): with a `PATH` holding no iproute2 or
+/// util-linux, it starts, attaches containers through the plugin, carries their traffic across
+/// agents and restarts onto its pinned datapath.
+#[test]
+fn the_agent_needs_no_ip_or_nsenter_on_its_path() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut spec = cluster_spec(2);
+    spec.agent_env = vec![("PATH".into(), empty.path().to_str().unwrap().into())];
+    let mut c = Cluster::up(spec).unwrap();
+    let a = c.add_container("a1", "dcos").unwrap();
+    let b = c.add_container("a2", "dcos").unwrap();
+    let other = c.add_container("a1", "dcos").unwrap();
+    assert!(a.node.ping(ip(&b)), "across agents");
+    assert!(a.node.ping(ip(&other)), "on one agent");
+    c.stop_agent("a1");
+    c.start_agent("a1").unwrap();
+    let late = c.add_container("a1", "blue").unwrap();
+    assert!(a.node.ping(ip(&b)), "after the restart");
+    assert!(!late.node.ping(ip(&a)), "blue reached dcos");
+}
+
+/// The process of the agent serving `socket` (found by its `--api-socket`).
+fn agent_pid(socket: &std::path::Path) -> i32 {
+    let needle = socket.to_str().unwrap().as_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let is_agent = cmdline.split(|b| *b == 0).any(|a| a == needle)
+                && cmdline
+                    .split(|b| *b == 0)
+                    .next()?
+                    .ends_with(b"overlay-agent");
+            is_agent.then_some(pid)
+        })
+        .expect("the agent's process")
+}
+
+/// Programs run (`execve`) and processes made (`fork`, `vfork`, `clone` without
+/// `CLONE_THREAD`) in an `strace -f -e trace=process` log.
+fn spawns(trace: &str) -> (Vec<String>, Vec<String>) {
+    let (mut execs, mut forks) = (vec![], vec![]);
+    for line in trace.lines().filter(|l| !l.contains("resumed>")) {
+        let call = line.split_whitespace().nth(1).unwrap_or("");
+        if call.starts_with("execve(") || call.starts_with("execveat(") {
+            execs.push(line.to_owned());
+        } else if call.starts_with("fork(")
+            || call.starts_with("vfork(")
+            || ((call.starts_with("clone(") || call.starts_with("clone3("))
+                && !line.contains("CLONE_THREAD"))
+        {
+            forks.push(line.to_owned());
+        }
+    }
+    (execs, forks)
+}
+
+/// A CNI ADD runs one program, the plugin: the plugin starts nothing (netlink and `setns`),
+/// and the agent, traced through the whole ADD, neither runs a program nor forks.
+#[test]
+fn a_cni_add_spawns_nothing_but_the_plugin() {
+    let real = bin_dir();
+    let traces = tempfile::tempdir().unwrap();
+    // A binary directory whose plugin runs under strace (master and agent as built).
+    let bin_dir = traces.path().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    for exe in ["overlay-master", "overlay-agent"] {
+        std::os::unix::fs::symlink(real.join(exe), bin_dir.join(exe)).unwrap();
+    }
+    let wrapper = bin_dir.join("ebpf-overlay");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec strace -f -qq -e trace=process -o {dir}/plugin.$$ {plugin} \"$@\"\n",
+            dir = traces.path().display(),
+            plugin = real.join("ebpf-overlay").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut c = Cluster::up(ClusterSpec::new(1, &bin_dir)).unwrap();
+    // Wait for the list, so that the ADD below is all the agent does meanwhile.
+    let warm = c.add_container("a1", "dcos").unwrap();
+
+    let pid = agent_pid(&c.socket("a1"));
+    let agent_trace = traces.path().join("agent");
+    struct Tracer(std::process::Child);
+    impl Drop for Tracer {
+        fn drop(&mut self) {
+            // SIGTERM: strace detaches from the agent and exits.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+    let tracer = Tracer(
+        std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=process", "-o"])
+            .arg(&agent_trace)
+            .args(["-p", &pid.to_string()])
+            .spawn()
+            .expect("strace (cargo xtask setup installs it)"),
+    );
+    // Traced once every thread of the agent has strace as its tracer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let all_traced = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("status"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| {
+                        l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")
+                    })
+            })
+    };
+    while !all_traced() {
+        assert!(
+            Instant::now() < deadline,
+            "strace did not attach to the agent"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before: Vec<_> = std::fs::read_dir(traces.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let added = c.add_container("a1", "dcos").unwrap();
+    assert!(added.node.ping(ip(&warm)), "the traced ADD wired nothing");
+    drop(tracer);
+
+    let agent = std::fs::read_to_string(&agent_trace).unwrap();
+    let (execs, forks) = spawns(&agent);
+    assert!(execs.is_empty(), "the agent ran programs: {execs:#?}");
+    assert!(forks.is_empty(), "the agent forked: {forks:#?}");
+    let plugin_trace = std::fs::read_dir(traces.path())
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name().to_string_lossy().starts_with("plugin.")
+                && !before.contains(&e.file_name())
+        })
+        .expect("the traced ADD's plugin log")
+        .path();
+    let (execs, forks) = spawns(&std::fs::read_to_string(plugin_trace).unwrap());
+    assert_eq!(execs.len(), 1, "the plugin ran programs: {execs:#?}");
+    assert!(
+        execs[0].contains(&format!("\"{}\"", real.join("ebpf-overlay").display())),
+        "{execs:?}"
+    );
+    assert!(forks.is_empty(), "the plugin forked: {forks:#?}");
 }

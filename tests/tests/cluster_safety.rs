@@ -13,7 +13,8 @@ use overlay_lab::{
     Container,
     cluster::{Cluster, ClusterSpec},
 };
-use overlay_tests::{bin_path, lab_pins};
+use overlay_tests::fixtures::bin_dir;
+use overlay_tests::lab_pins;
 
 fn ip(c: &Container) -> Ipv4Addr {
     c.node.ip.unwrap()
@@ -46,7 +47,7 @@ fn in_datapath(c: &Cluster, agent: &str, addr: Ipv4Addr) -> bool {
 
 #[test]
 fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let mut c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
     let x1 = c.add_container("a1", "blue").unwrap();
     let x2 = c.add_container("a1", "blue").unwrap();
@@ -177,7 +178,7 @@ fn a_disabled_network_keeps_its_containers_and_gets_them_back_when_enabled() {
 /// dropping them.
 #[test]
 fn an_agent_whose_allocation_changed_under_it_says_so_and_keeps_its_containers() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let mut c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
     let x = c.add_container("a1", "dcos").unwrap();
     let y = c.add_container("a2", "dcos").unwrap();

@@ -18,6 +18,7 @@ use std::{
 };
 
 use overlay_lab::cluster::{Cluster, ClusterSpec};
+use overlay_tests::fixtures::bin_dir;
 use overlay_tests::{
     bin_path,
     runtimes::{
@@ -34,7 +35,7 @@ fn ctr_run_cni_uses_the_first_list_and_leaves_nothing_behind() {
         Path::new(BUSYBOX).exists() && Command::new("ctr").arg("--version").output().is_ok(),
         "needs containerd and busybox-static (cargo xtask setup)"
     );
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let mut c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
     let same = c.add_container("a1", "dcos").unwrap();
     let remote = c.add_container("a2", "dcos").unwrap();
@@ -150,7 +151,7 @@ fn cri_call(c: &Cluster, agent: &str, env: &[(&str, &str)], stdin: &Value) -> (i
 
 #[test]
 fn cri_style_calls_with_pod_args_port_mappings_and_a_double_del_leak_nothing() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let mut c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
     let remote = c.add_container("a2", "dcos").unwrap();
     let remote_ip = remote.node.ip.unwrap();

@@ -9,15 +9,13 @@
 use std::net::Ipv4Addr;
 
 use overlay_lab::cluster::{Cluster, ClusterSpec};
-use overlay_tests::{
-    bin_path,
-    runtimes::{agent_veths as plugin_veths, mesos::Isolator, used},
-};
+use overlay_tests::fixtures::bin_dir;
+use overlay_tests::runtimes::{agent_veths as plugin_veths, mesos::Isolator, used};
 use serde_json::{Value, json};
 
 #[test]
 fn mesos_tasks_get_the_address_mesos_parses_and_reach_each_other_across_agents() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
     let m1 = Isolator::load(&c, "a1");
     let m2 = Isolator::load(&c, "a2");

@@ -2,14 +2,13 @@
 //! HTTPS from its cluster CA, real certificates, real join tokens; a lab cluster whose agents
 //! join with tokens and carry traffic.
 
-mod master_support;
-
 use std::net::IpAddr;
 use std::time::Duration;
 
-use master_support::{MasterProcess, agent_ip, agent_tls_with_ttl, ca_init, http_with};
 use overlay_api::tls::wire::TokenRequest;
 use overlay_api::{ClientError, MasterClient, MasterTls, OverlayInfo, State};
+use overlay_tests::fixtures::agent_ip;
+use overlay_tests::master::{Master, MasterSpec, agent_tls_with_ttl, ca_init, http_with};
 
 fn network(name: &str, subnet: &str) -> OverlayInfo {
     serde_json::from_value(serde_json::json!({"name": name, "subnet": subnet, "prefix": 24}))
@@ -45,14 +44,14 @@ async fn try_every_change(client: &MasterClient, status: u16, words: &[&str]) {
     );
 }
 
-async fn state(master: &MasterProcess) -> State {
+async fn state(master: &Master) -> State {
     master.client().state().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_credentials_changes_nothing_and_reads_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     master.client().register(agent_ip(1)).await.unwrap();
     let before = state(&master).await;
 
@@ -112,7 +111,7 @@ async fn a_client_without_credentials_changes_nothing_and_reads_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_read_opens_reads_only() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start_with_args(dir.path(), None, &["--anonymous-read"]).await;
+    let master = Master::start_with_args(dir.path(), None, &["--anonymous-read"]).await;
     master.client().register(agent_ip(1)).await.unwrap();
     let before = state(&master).await;
     let reader = master.anonymous_client();
@@ -151,20 +150,8 @@ fn plain_http_needs_the_explicit_lab_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_http_serves_everyone_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let port = master_support::free_port();
-    let log = dir.path().join("master.log");
-    let mut child = std::process::Command::new(overlay_tests::bin_path("overlay-master"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--insecure-http",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let client = MasterClient::new([format!("http://127.0.0.1:{port}")]).unwrap();
+    let mut master = MasterSpec::new(dir.path()).insecure_http().spawn();
+    let client = MasterClient::new([master.base_url()]).unwrap();
     let mut registered = None;
     for _ in 0..200 {
         if let Ok(info) = client.register(agent_ip(1)).await {
@@ -173,21 +160,16 @@ async fn insecure_http_serves_everyone_and_says_so() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        registered.is_some(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
-    let log = std::fs::read_to_string(&log).unwrap();
+    master.kill();
+    assert!(registered.is_some(), "{}", master.log());
+    let log = master.log();
     assert!(log.contains("WITHOUT AUTHENTICATION"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_of_another_ca_is_refused_in_the_handshake() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let before = state(&master).await;
     // A rogue's own CA, with a certificate for a real agent's address.
     let rogue_ca = dir.path().join("rogue-ca");
@@ -215,7 +197,7 @@ async fn a_certificate_of_another_ca_is_refused_in_the_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_certificate_acts_only_as_its_own_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     master.client().register(agent_ip(1)).await.unwrap();
     let a3 = master.agent_client(agent_ip(3));
     // As itself: register, heartbeat, read, watch.
@@ -294,7 +276,7 @@ async fn an_agent_certificate_acts_only_as_its_own_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_token_may_change_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let admin = master.client();
     admin.register(agent_ip(1)).await.unwrap();
     admin
@@ -322,7 +304,7 @@ async fn the_admin_token_may_change_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let short = agent_tls_with_ttl(&master.tls_dir(), agent_ip(4), "1s");
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = MasterClient::with_tls([master.base_url()], &short).unwrap();
@@ -342,7 +324,7 @@ async fn an_expired_certificate_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_agent_revokes_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let mut master = MasterProcess::start(dir.path(), None).await;
+    let mut master = Master::start(dir.path(), None).await;
     let a5 = master.agent_client(agent_ip(5));
     a5.register(agent_ip(5)).await.unwrap();
     master
@@ -373,7 +355,7 @@ async fn deleting_an_agent_revokes_its_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_token_works_once_within_its_ttl_and_only_for_its_address() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let ca_pem = std::fs::read(master.tls_dir().join("ca.crt")).unwrap();
     let ca_der = overlay_api::tls::parse_certs(&ca_pem, "ca").unwrap();
     let hash = overlay_api::tls::cert_hash(&ca_der[0]);
@@ -422,7 +404,7 @@ async fn a_join_token_works_once_within_its_ttl_and_only_for_its_address() {
     );
     // Not after its TTL (a token made with the CLI, offline, is the same).
     let dir_arg = master.tls_dir();
-    let short = master_support::master_command(&[
+    let short = overlay_tests::master::master_command(&[
         "token",
         "create",
         "--dir",

@@ -5,22 +5,22 @@
 //! the next TCP connection works. The maps are written through the façade as the agent must write
 //! them for a dual-stack network (the IPv4 part by `install_datapath`).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 
 use overlay_agent::datapath::{OverlayMaps, addr16};
 use overlay_common::{
     counters::Counter,
     maps::{OverlaySubnet, RemoteRoute},
 };
-use overlay_lab::{Container, Lab, LabSpec};
-use overlay_tests::{PeerAgent, install_datapath, lab_pins};
+use overlay_lab::{Container, Lab};
+use overlay_tests::fixtures::{LabExt, lab, two_agents_over_vxlan};
+use overlay_tests::lab_pins;
 
 const VNI: u32 = 1024;
 const SUBNET6: &str = "fd01:a::/48";
 
 struct AgentPlan {
     role: &'static str,
-    subnet: &'static str,
     subnet6: &'static str,
     container6: Ipv6Addr,
     vtep_mac: [u8; 6],
@@ -29,14 +29,12 @@ struct AgentPlan {
 const AGENTS: [AgentPlan; 2] = [
     AgentPlan {
         role: "a1",
-        subnet: "9.0.1.0/24",
         subnet6: "fd01:a:0:1::/64",
         container6: Ipv6Addr::new(0xfd01, 0xa, 0, 1, 0, 0, 0, 2),
         vtep_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
     },
     AgentPlan {
         role: "a2",
-        subnet: "9.0.2.0/24",
         subnet6: "fd01:a:0:2::/64",
         container6: Ipv6Addr::new(0xfd01, 0xa, 0, 2, 0, 0, 0, 2),
         vtep_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
@@ -143,48 +141,12 @@ fn tcp_transfer(from: &Container, to: &Container, to_addr: &str, listen: &[&str]
 
 #[test]
 fn ipv6_containers_on_two_agents_talk_and_learn_the_overlay_mtu() {
-    let mut lab = Lab::up(LabSpec {
-        agents: 2,
-        id: None,
-    })
-    .unwrap();
-    let c1 = lab
-        .add_container(
-            "a1",
-            Ipv4Addr::new(9, 0, 1, 2),
-            25,
-            Ipv4Addr::new(9, 0, 1, 1),
-            1420,
-        )
-        .unwrap();
-    let c2 = lab
-        .add_container(
-            "a2",
-            Ipv4Addr::new(9, 0, 2, 2),
-            25,
-            Ipv4Addr::new(9, 0, 2, 1),
-            1420,
-        )
-        .unwrap();
-    let locals = [&c1, &c2];
-    for (i, plan) in AGENTS.iter().enumerate() {
-        let peer_plan = &AGENTS[1 - i];
-        let peer = PeerAgent {
-            underlay_ip: lab.node(peer_plan.role).unwrap().ip.unwrap(),
-            vtep_mac: peer_plan.vtep_mac,
-            subnet: peer_plan.subnet,
-        };
-        install_datapath(
-            &lab,
-            plan.role,
-            plan.vtep_mac,
-            VNI,
-            Some("9.0.0.0/8"),
-            &[locals[i]],
-            &[peer],
-        )
-        .unwrap();
-        add_ipv6(&lab, i, locals[i]);
+    let mut lab = lab(2);
+    let c1 = lab.container("a1", "9.0.1.2/25");
+    let c2 = lab.container("a2", "9.0.2.2/25");
+    two_agents_over_vxlan(&lab, VNI, [&c1, &c2]);
+    for (i, c) in [&c1, &c2].into_iter().enumerate() {
+        add_ipv6(&lab, i, c);
     }
 
     // On-link /48: c1 solicits c2's address itself; the datapath answers, no bridge.

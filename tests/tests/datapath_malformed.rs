@@ -12,7 +12,8 @@ use overlay_common::{
     maps::{RemoteRoute, Vtep},
 };
 use overlay_datapath::{OverlayMaps, addr16};
-use overlay_lab::{Lab, LabSpec, Node};
+use overlay_lab::{Lab, Node};
+use overlay_tests::fixtures::{LabExt, lab};
 use overlay_tests::{install_datapath, lab_pins, support_packets::*};
 
 const VNI: u32 = 1024;
@@ -66,20 +67,8 @@ fn wait_for_stat(lab: &Lab, vni: u32, counter: Counter, want: u64) -> u64 {
 
 #[test]
 fn malformed_vxlan_from_the_wire_is_dropped_and_counted() {
-    let mut lab = Lab::up(LabSpec {
-        agents: 2,
-        id: None,
-    })
-    .unwrap();
-    let c = lab
-        .add_container(
-            "a2",
-            Ipv4Addr::new(9, 0, 2, 2),
-            24,
-            Ipv4Addr::new(9, 0, 2, 1),
-            1420,
-        )
-        .unwrap();
+    let mut lab = lab(2);
+    let c = lab.container("a2", "9.0.2.2/24");
     let a2 = lab.node("a2").unwrap().clone();
     let ext = lab.external().clone();
     let a2_ip = a2.ip.unwrap();

@@ -2,11 +2,10 @@
 //! underlay NIC and a container veth, maps pinned and readable as structs through bpftool, and
 //! packets between two local containers delivered by the programs.
 
-use std::net::Ipv4Addr;
-
 use overlay_common::{counters::Counter, maps::names};
 use overlay_datapath::attached_ingress_programs;
-use overlay_lab::{Lab, LabSpec, in_netns};
+use overlay_lab::in_netns;
+use overlay_tests::fixtures::{LabExt, lab};
 use overlay_tests::{endpoint_of, install_datapath, lab_pins};
 use serde_json::Value;
 
@@ -21,29 +20,9 @@ fn bpftool_json(args: &[&str]) -> Value {
 
 #[test]
 fn programs_attach_maps_pin_and_print_as_structs() {
-    let mut lab = Lab::up(LabSpec {
-        agents: 1,
-        id: None,
-    })
-    .unwrap();
-    let c1 = lab
-        .add_container(
-            "a1",
-            Ipv4Addr::new(9, 0, 1, 2),
-            25,
-            Ipv4Addr::new(9, 0, 1, 1),
-            1420,
-        )
-        .unwrap();
-    let c2 = lab
-        .add_container(
-            "a1",
-            Ipv4Addr::new(9, 0, 1, 3),
-            25,
-            Ipv4Addr::new(9, 0, 1, 1),
-            1420,
-        )
-        .unwrap();
+    let mut lab = lab(1);
+    let c1 = lab.container("a1", "9.0.1.2/25");
+    let c2 = lab.container("a1", "9.0.1.3/25");
     let agent = lab.node("a1").unwrap().clone();
     let pins = lab_pins(&lab, "a1");
     let pin_dir = pins.dir().to_owned();

@@ -1,33 +1,13 @@
 //! VXLAN between two agents, built and stripped in BPF: the maps are written through the façade
 //! as the agent's reconciler will write them from the master's state.
 
-use std::net::Ipv4Addr;
-
 use overlay_common::counters::Counter;
 use overlay_datapath::OverlayMaps;
-use overlay_lab::{Lab, LabSpec};
-use overlay_tests::{PeerAgent, install_datapath, lab_pins};
+use overlay_lab::Lab;
+use overlay_tests::fixtures::{LabExt, lab, two_agents_over_vxlan};
+use overlay_tests::lab_pins;
 
 const VNI: u32 = 1024;
-
-struct AgentPlan {
-    role: &'static str,
-    subnet: &'static str,
-    vtep_mac: [u8; 6],
-}
-
-const AGENTS: [AgentPlan; 2] = [
-    AgentPlan {
-        role: "a1",
-        subnet: "9.0.1.0/24",
-        vtep_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
-    },
-    AgentPlan {
-        role: "a2",
-        subnet: "9.0.2.0/24",
-        vtep_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
-    },
-];
 
 fn stat(lab: &Lab, role: &str, counter: Counter) -> u64 {
     OverlayMaps::open_pinned(&lab_pins(lab, role))
@@ -38,48 +18,10 @@ fn stat(lab: &Lab, role: &str, counter: Counter) -> u64 {
 
 #[test]
 fn containers_on_two_agents_talk_over_bpf_vxlan() {
-    let mut lab = Lab::up(LabSpec {
-        agents: 2,
-        id: None,
-    })
-    .unwrap();
-    let c1 = lab
-        .add_container(
-            "a1",
-            Ipv4Addr::new(9, 0, 1, 2),
-            25,
-            Ipv4Addr::new(9, 0, 1, 1),
-            1420,
-        )
-        .unwrap();
-    let c2 = lab
-        .add_container(
-            "a2",
-            Ipv4Addr::new(9, 0, 2, 2),
-            25,
-            Ipv4Addr::new(9, 0, 2, 1),
-            1420,
-        )
-        .unwrap();
-    let locals = [&c1, &c2];
-    for (i, plan) in AGENTS.iter().enumerate() {
-        let peer_plan = &AGENTS[1 - i];
-        let peer = PeerAgent {
-            underlay_ip: lab.node(peer_plan.role).unwrap().ip.unwrap(),
-            vtep_mac: peer_plan.vtep_mac,
-            subnet: peer_plan.subnet,
-        };
-        install_datapath(
-            &lab,
-            plan.role,
-            plan.vtep_mac,
-            VNI,
-            Some("9.0.0.0/8"),
-            &[locals[i]],
-            &[peer],
-        )
-        .unwrap();
-    }
+    let mut lab = lab(2);
+    let c1 = lab.container("a1", "9.0.1.2/25");
+    let c2 = lab.container("a2", "9.0.2.2/25");
+    two_agents_over_vxlan(&lab, VNI, [&c1, &c2]);
 
     assert!(
         c1.node.ping(c2.node.ip.unwrap()),

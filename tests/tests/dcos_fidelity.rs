@@ -3,11 +3,10 @@
 //! semantics (disabled networks, bridge-less registrations, IPv4 agents, delete answering
 //! the whole state, JSONP), DC/OS's own `master.json`, and `--import-dcos-state`.
 
-mod master_support;
-
 use std::collections::BTreeSet;
 
-use master_support::MasterProcess;
+use overlay_tests::fixtures::config::ONE_NETWORK;
+use overlay_tests::master::Master;
 use serde_json::{Value, json};
 
 /// dcos (IPv4), blue (prefix written as a string, as stout accepts it), dcos6 (IPv6).
@@ -30,7 +29,7 @@ fn set<'a>(items: &[&'a str]) -> BTreeSet<&'a str> {
     items.iter().copied().collect()
 }
 
-async fn get_json(master: &MasterProcess, path: &str) -> Value {
+async fn get_json(master: &Master, path: &str) -> Value {
     let response = master
         .http()
         .get(format!("{}{path}", master.base_url()))
@@ -41,7 +40,7 @@ async fn get_json(master: &MasterProcess, path: &str) -> Value {
     response.json().await.unwrap()
 }
 
-async fn post(master: &MasterProcess, path: &str, body: Value) -> reqwest::Response {
+async fn post(master: &Master, path: &str, body: Value) -> reqwest::Response {
     master
         .http()
         .post(format!("{}{path}", master.base_url()))
@@ -61,7 +60,7 @@ fn entry<'a>(agent: &'a Value, name: &str) -> Option<&'a Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_json_is_shaped_as_dcos_prints_it() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), Some(CONFIG)).await;
+    let master = Master::start(dir.path(), Some(CONFIG)).await;
 
     // No agents yet: stout leaves an empty repeated field out.
     let state = get_json(&master, "/overlay-master/state").await;
@@ -316,7 +315,7 @@ async fn dcos_master_json_is_accepted() {
                   "overlays": [{"name": "dcos", "subnet": "9.0.0.0/8", "prefix": "24"},
                                {"name": "dev", "subnet": "192.168.0.0/16", "prefix": 26,
                                 "enabled": "false"}]}}"#;
-    let master = MasterProcess::start(dir.path(), Some(master_json)).await;
+    let master = Master::start(dir.path(), Some(master_json)).await;
     let state = get_json(&master, "/overlay-master/state").await;
     let network = &state["network"];
     assert_eq!(network["vtep_mtu"], 1500);
@@ -382,16 +381,14 @@ const DCOS_STATE: &str = r#"{"network": {"vtep_subnet": "44.128.0.0/20",
                            "vtep_mac": "70:b3:d5:80:00:09"}},
      "state": {"status": "STATUS_OK"}}]}]}"#;
 
-const IMPORT_CONFIG: &str = "vtep_subnet: 44.128.0.0/20\nvtep_mac_oui: 70:B3:D5:00:00:00\noverlays:\n  - name: dcos\n    subnet: 9.0.0.0/8\n    prefix: 24\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_dcos_state_keeps_every_allocation() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dcos-state.json");
     std::fs::write(&file, DCOS_STATE).unwrap();
-    let mut master = MasterProcess::start_with_args(
+    let mut master = Master::start_with_args(
         dir.path(),
-        Some(IMPORT_CONFIG),
+        Some(ONE_NETWORK),
         &["--import-dcos-state", file.to_str().unwrap()],
     )
     .await;
@@ -519,7 +516,7 @@ async fn exhaustion_in_the_state_json_as_dcos_prints_it() {
     let config = r#"{"vtep_subnet": "44.128.0.0/29", "vtep_mac_oui": "70:B3:D5:00:00:00",
       "overlays": [{"name": "small", "subnet": "10.20.0.0/23", "prefix": 24},
                    {"name": "big", "subnet": "10.8.0.0/16", "prefix": 24}]}"#;
-    let master = MasterProcess::start(dir.path(), Some(config)).await;
+    let master = Master::start(dir.path(), Some(config)).await;
     let registered: Vec<String> = (3..=8).map(|n| format!("172.17.0.{n}")).collect();
     for ip in &registered {
         let response = post(&master, "/overlay-master/agents", json!({ "ip": ip })).await;
@@ -575,7 +572,7 @@ async fn a_network_of_its_own_vni_is_an_option_the_state_shows() {
     let config = r#"{"vtep_subnet": "44.128.0.0/20", "vtep_mac_oui": "70:B3:D5:00:00:00",
       "overlays": [{"name": "dcos", "subnet": "9.0.0.0/8", "prefix": 24},
                    {"name": "blue", "subnet": "10.1.0.0/16", "prefix": 24, "vni": "5000"}]}"#;
-    let master = MasterProcess::start(dir.path(), Some(config)).await;
+    let master = Master::start(dir.path(), Some(config)).await;
     let info: Value = post(
         &master,
         "/overlay-master/agents",

@@ -19,11 +19,9 @@ use overlay_api::agent::AddEndpoint;
 use overlay_api::{AgentInfo, MacAddr};
 use overlay_common::counters::Counter;
 use overlay_datapath::OverlayMaps;
-use overlay_lab::cluster::{Cluster, ClusterSpec};
+use overlay_lab::cluster::{Cluster, ClusterSpec, TWO_NETWORKS};
 use overlay_lab::{Container, dcos, fabric_ip};
 use overlay_tests::{bin_path, lab_pins};
-
-const CONFIG: &str = "vtep_subnet: 44.128.0.0/20\nvtep_mac_oui: 70:B3:D5:00:00:00\noverlays:\n  - name: dcos\n    subnet: 9.0.0.0/8\n    prefix: 24\n  - name: blue\n    subnet: 10.1.0.0/16\n    prefix: 24\n";
 
 /// The two networks: name and the first two octets of its subnet (`9.0.0.0/8`, `10.1.0.0/16`).
 const NETS: [(&str, [u8; 2]); 2] = [("dcos", [9, 0]), ("blue", [10, 1])];
@@ -292,7 +290,7 @@ fn dcos_kernel_agents_are_converted_one_by_one_without_renumbering_or_breaking_s
     std::fs::write(&state_file, dcos_state(&agents).to_string()).unwrap();
     let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
     let mut spec = ClusterSpec::new(3, &bin_dir);
-    spec.config = CONFIG.into();
+    spec.config = TWO_NETWORKS.into();
     spec.start_agents = false;
     spec.master_args = vec![
         "--import-dcos-state".into(),

@@ -24,12 +24,12 @@ use overlay_lab::{
     cluster::{Cluster, ClusterSpec},
     in_netns,
 };
+use overlay_tests::fixtures::{bin_dir, cluster_spec};
 use overlay_tests::{bin_path, lab_pins};
 use serde_json::Value;
 
 fn cluster(rate: u32, burst: u32) -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    let mut spec = ClusterSpec::new(1, &bin_dir);
+    let mut spec = cluster_spec(1);
     spec.agent_args = vec![
         "--monitor-rate".into(),
         rate.to_string(),
@@ -442,7 +442,7 @@ fn a_flood_of_drops_is_rate_limited_and_every_drop_is_reported_or_skipped() {
 
 #[test]
 fn a_drop_on_the_underlay_is_described_by_the_packet_inside_the_vxlan() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let mut c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
     let a = c.add_container("a1", "dcos").unwrap();
     let a_ip = a.node.ip.unwrap();
@@ -506,8 +506,7 @@ fn a_drop_on_the_underlay_is_described_by_the_packet_inside_the_vxlan() {
 #[test]
 fn an_early_drop_in_xdp_is_reported_by_the_xdp_program() {
     use overlay_tests::support_packets::{VXLAN_PORT, send_udp as send_payloads, vxlan};
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    let mut spec = ClusterSpec::new(2, &bin_dir);
+    let mut spec = cluster_spec(2);
     // Lab underlays are veths: generic XDP runs the program there.
     spec.agent_args = vec!["--xdp".into(), "generic".into()];
     let c = Cluster::up(spec).unwrap();

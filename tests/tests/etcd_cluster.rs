@@ -5,13 +5,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use overlay_lab::cluster::{Cluster, ClusterSpec};
-use overlay_tests::bin_path;
+use overlay_lab::cluster::Cluster;
+use overlay_tests::fixtures::cluster_spec;
 
 #[test]
 fn agents_fail_over_between_masters_on_etcd_and_traffic_keeps_flowing() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    let mut spec = ClusterSpec::new(2, &bin_dir);
+    let mut spec = cluster_spec(2);
     spec.masters = 3;
     spec.etcd_members = 3;
     let mut c = Cluster::up(spec).unwrap();

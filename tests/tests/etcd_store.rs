@@ -10,7 +10,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use overlay_api::{AgentInfo, MasterClient, OverlayInfo, State};
-use overlay_tests::support_etcd::{EtcdCluster, EtcdMaster, Security, StoreFlags, free_port, http};
+use overlay_tests::fixtures::config::ONE_NETWORK;
+use overlay_tests::fixtures::free_port;
+use overlay_tests::master::{Master, MasterSpec};
+use overlay_tests::support_etcd::{EtcdCluster, Security, StoreFlags, http};
 
 const PREFIX: &str = "/ebpf-overlay/";
 
@@ -18,7 +21,7 @@ fn agent_ip(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
 }
 
-fn client(masters: &[&EtcdMaster]) -> MasterClient {
+fn client(masters: &[&Master]) -> MasterClient {
     MasterClient::new(masters.iter().map(|m| m.base_url())).unwrap()
 }
 
@@ -68,7 +71,7 @@ fn assert_no_duplicates(agents: &[AgentInfo]) {
 }
 
 /// Waits until every master serves the same state with `agents` agents; returns it.
-async fn converged(masters: &[&EtcdMaster], agents: usize) -> State {
+async fn converged(masters: &[&Master], agents: usize) -> State {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut states = Vec::new();
@@ -100,13 +103,13 @@ async fn registration_storm_over_three_masters_gives_no_duplicate(security: Secu
     let etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
     // Started together: their start-up commits race on the empty store too.
-    let mut masters: Vec<EtcdMaster> = (0..3)
-        .map(|_| EtcdMaster::spawn(dir.path(), &etcd.store(), PREFIX, None))
+    let mut masters: Vec<Master> = (0..3)
+        .map(|_| Master::spawn_etcd(dir.path(), &etcd.store(), PREFIX, None))
         .collect();
     for master in &mut masters {
         master.wait_ready();
     }
-    let refs: Vec<&EtcdMaster> = masters.iter().collect();
+    let refs: Vec<&Master> = masters.iter().collect();
 
     // 3 x 100 agents, each sent to one master, all at once; then every agent registers again
     // at another master and must get the same allocation back.
@@ -157,8 +160,8 @@ async fn registration_storm_over_three_masters_gives_no_duplicate(security: Secu
 async fn masters_follow_each_other_and_survive_a_member_and_a_master_loss(security: Security) {
     let mut etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
-    let mut m1 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
-    let m2 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
+    let mut m1 = Master::start_etcd(dir.path(), &etcd.store(), PREFIX, None);
+    let m2 = Master::start_etcd(dir.path(), &etcd.store(), PREFIX, None);
     let c1 = client(&[&m1]);
     let c2 = client(&[&m2]);
 
@@ -217,8 +220,8 @@ async fn masters_follow_each_other_and_survive_a_member_and_a_master_loss(securi
 async fn quorum_loss_refuses_writes_with_503_naming_etcd_and_recovers(security: Security) {
     let mut etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
-    let m1 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
-    let m2 = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
+    let m1 = Master::start_etcd(dir.path(), &etcd.store(), PREFIX, None);
+    let m2 = Master::start_etcd(dir.path(), &etcd.store(), PREFIX, None);
     let c1 = client(&[&m1]);
     let mut before = Vec::new();
     for n in 1..=5 {
@@ -287,36 +290,27 @@ async fn quorum_loss_refuses_writes_with_503_naming_etcd_and_recovers(security: 
     }
 }
 
-const ONE_NETWORK: &str = "\
-vtep_subnet: 44.128.0.0/20
-vtep_mac_oui: 70:B3:D5:00:00:00
-overlays:
-  - name: dcos
-    subnet: 9.0.0.0/8
-    prefix: 24
-";
-
 async fn start_initialises_recovers_and_refuses_a_conflicting_config(security: Security) {
     let etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
     let prefix = "/tenant-a/";
-    let mut m1 = EtcdMaster::start(dir.path(), &etcd.store(), prefix, Some(ONE_NETWORK));
+    let mut m1 = Master::start_etcd(dir.path(), &etcd.store(), prefix, Some(ONE_NETWORK));
     let first = client(&[&m1]).register(agent_ip(1)).await.unwrap();
     m1.kill();
     // A fresh master on the populated prefix recovers the allocations.
-    let m2 = EtcdMaster::start(dir.path(), &etcd.store(), prefix, Some(ONE_NETWORK));
+    let m2 = Master::start_etcd(dir.path(), &etcd.store(), prefix, Some(ONE_NETWORK));
     let again = client(&[&m2]).register(agent_ip(1)).await.unwrap();
     assert!(same_allocation(&again, &first));
     let second = client(&[&m2]).register(agent_ip(2)).await.unwrap();
     assert_no_duplicates(&[first, second]);
 
     // Another prefix is another, empty, cluster.
-    let other = EtcdMaster::start(dir.path(), &etcd.store(), "/tenant-b/", None);
+    let other = Master::start_etcd(dir.path(), &etcd.store(), "/tenant-b/", None);
     assert!(client(&[&other]).state().await.unwrap().agents.is_empty());
 
     // A config whose prefix length contradicts the stored allocations is refused.
     let conflicting = ONE_NETWORK.replace("prefix: 24", "prefix: 23");
-    let mut m3 = EtcdMaster::spawn(dir.path(), &etcd.store(), prefix, Some(&conflicting));
+    let mut m3 = Master::spawn_etcd(dir.path(), &etcd.store(), prefix, Some(&conflicting));
     let (status, log) = m3.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(
@@ -331,7 +325,7 @@ async fn start_initialises_recovers_and_refuses_a_conflicting_config(security: S
         url: format!("etcd://127.0.0.1:{}", free_port()),
         ..etcd.store()
     };
-    let mut m4 = EtcdMaster::spawn(dir.path(), &dead, prefix, None);
+    let mut m4 = Master::spawn_etcd(dir.path(), &dead, prefix, None);
     let (status, log) = m4.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("etcd"), "{log}");
@@ -347,38 +341,14 @@ fn network(name: &str, subnet: &str) -> OverlayInfo {
 async fn state_api_answers_like_the_embedded_store(security: Security) {
     let etcd = EtcdCluster::start_secured(3, security);
     let dir = tempfile::tempdir().unwrap();
-    let etcd_master = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
-    let redb_port = free_port();
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut redb = Reap(
-        std::process::Command::new(overlay_tests::bin_path("overlay-master"))
-            .args(["--listen", &format!("127.0.0.1:{redb_port}")])
-            .arg("--insecure-http")
-            .arg("--data-dir")
-            .arg(dir.path().join("redb"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(
-        http(&format!("127.0.0.1:{redb_port}"), "GET", "/health", None),
-        Ok((200, _))
-    ) {
-        assert!(Instant::now() < deadline && redb.0.try_wait().unwrap().is_none());
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    let etcd_master = Master::start_etcd(dir.path(), &etcd.store(), PREFIX, None);
+    // The same process on its embedded store.
+    let redb = MasterSpec::new(dir.path())
+        .data_dir(&dir.path().join("redb"))
+        .insecure_http()
+        .start();
 
-    let targets = [
-        format!("127.0.0.1:{redb_port}"),
-        format!("127.0.0.1:{}", etcd_master.port),
-    ];
+    let targets = [redb.addr(), format!("127.0.0.1:{}", etcd_master.port)];
     let blue = serde_json::to_string(&network("blue", "10.1.0.0/16")).unwrap();
     let overlap = serde_json::to_string(&network("dup", "10.1.5.0/24")).unwrap();
     let steps: Vec<(&str, String, Option<String>)> = vec![

@@ -7,15 +7,14 @@
 
 use std::time::Duration;
 
-use overlay_tests::support_etcd::{
-    EtcdCluster, EtcdMaster, MASTER_USER, Security, StoreFlags, http,
-};
+use overlay_tests::master::Master;
+use overlay_tests::support_etcd::{EtcdCluster, MASTER_USER, Security, StoreFlags, http};
 
 const PREFIX: &str = "/ebpf-overlay/";
 
 /// Starts a master with `store` and expects it to give up at start; its log.
 fn refused(dir: &std::path::Path, store: &StoreFlags) -> String {
-    let mut master = EtcdMaster::spawn(dir, store, PREFIX, None);
+    let mut master = Master::spawn_etcd(dir, store, PREFIX, None);
     let (status, log) = master.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("etcd"), "the error names etcd: {log}");
@@ -30,7 +29,7 @@ fn only_the_right_certificate_and_password_open_the_tls_store() {
     let dir = tempfile::tempdir().unwrap();
 
     // The right flags: the master serves and writes (an agent registers).
-    let master = EtcdMaster::start(dir.path(), &etcd.store(), PREFIX, None);
+    let master = Master::start_etcd(dir.path(), &etcd.store(), PREFIX, None);
     let addr = format!("127.0.0.1:{}", master.port);
     let (status, body) = http(
         &addr,

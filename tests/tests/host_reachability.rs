@@ -3,15 +3,10 @@
 
 use std::net::Ipv4Addr;
 
-use overlay_lab::{
-    Container,
-    cluster::{Cluster, ClusterSpec},
-};
-use overlay_tests::bin_path;
+use overlay_lab::{Container, cluster::Cluster};
 
 fn cluster() -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap()
+    overlay_tests::fixtures::cluster(2)
 }
 
 fn ip(c: &Container) -> Ipv4Addr {

@@ -1,8 +1,9 @@
 //! The lab itself: a fabric that connects its nodes, and teardown that leaves nothing behind.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::Path, time::Duration};
+use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use overlay_lab::{Lab, LabSpec, lab_namespaces};
+use overlay_tests::fixtures::LabExt;
 
 fn root_links() -> BTreeSet<String> {
     overlay_lab::run("ip", &["-o", "link", "show"])
@@ -73,14 +74,7 @@ fn teardown_leaves_no_namespace_link_process_or_pin() {
             id: None,
         })
         .unwrap();
-        lab.add_container(
-            "a1",
-            Ipv4Addr::new(9, 0, 1, 2),
-            25,
-            Ipv4Addr::new(9, 0, 1, 1),
-            1420,
-        )
-        .unwrap();
+        lab.container("a1", "9.0.1.2/25");
         let pid = lab.spawn("a1", "sleep", &["600"]).unwrap();
         // Something pinned for an agent of this lab, as an agent would leave it.
         let inst = lab.pin_instance("a1");

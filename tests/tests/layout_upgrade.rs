@@ -11,7 +11,8 @@ use overlay_common::{
     maps::{HOST_LINK_PEER, MAP_LAYOUT_VERSION, names},
 };
 use overlay_lab::cluster::{Cluster, ClusterSpec};
-use overlay_tests::{bin_path, lab_pins};
+use overlay_tests::fixtures::bin_dir;
+use overlay_tests::lab_pins;
 
 /// The program id in the link pinned at `pin`, as the kernel reports it.
 fn linked_program(pin: &Path) -> u64 {
@@ -57,7 +58,7 @@ fn agent_of_a_new_layout_takes_over_the_old_pins_with_one_program_set_and_no_los
         MAP_LAYOUT_VERSION > 1,
         "the test plays an agent of layout 1"
     );
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let mut c = Cluster::up(ClusterSpec::new(2, &bin_dir)).unwrap();
     let a = c.add_container("a1", "dcos").unwrap();
     let b = c.add_container("a2", "dcos").unwrap();

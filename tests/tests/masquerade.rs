@@ -12,10 +12,11 @@ use overlay_common::{counters::Counter, maps::nat_direction};
 use overlay_datapath::{OverlayMaps, from_addr16};
 use overlay_lab::{
     Container, Node,
-    cluster::{Cluster, ClusterSpec, TWO_NETWORKS},
+    cluster::{Cluster, TWO_NETWORKS},
 };
+use overlay_tests::fixtures::cluster_spec;
+use overlay_tests::lab_pins;
 use overlay_tests::support_peers::{nat_peers_script, start_peer_server};
-use overlay_tests::{bin_path, lab_pins};
 
 const DCOS: u32 = 1024;
 const EXT: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 254);
@@ -27,8 +28,7 @@ fn cluster(agents: usize, config: &str) -> Cluster {
 }
 
 fn cluster_with(agents: usize, config: &str, extra_agent_args: &[&str]) -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    let mut spec = ClusterSpec::new(agents, &bin_dir);
+    let mut spec = cluster_spec(agents);
     spec.config = config.into();
     spec.agent_args = ["--nat-udp-timeout", "3"].map(String::from).to_vec();
     spec.agent_args

@@ -21,9 +21,10 @@ use overlay_common::{counters::Counter, maps::nat_direction};
 use overlay_datapath::{OverlayMaps, from_addr16};
 use overlay_lab::{
     Container, Node,
-    cluster::{Cluster, ClusterSpec, TWO_NETWORKS},
+    cluster::{Cluster, TWO_NETWORKS},
 };
 use overlay_netlink::Address6;
+use overlay_tests::fixtures::cluster_spec;
 use overlay_tests::support_peers::{nat_peers_script, start_peer_server6};
 use overlay_tests::{bin_path, lab_pins};
 
@@ -114,8 +115,7 @@ fn ipv6_containers_reach_the_outside_as_their_agent_and_errors_come_back() {
     let config = format!(
         "{TWO_NETWORKS}  - name: plain\n    subnet: 10.2.0.0/16\n    prefix: 24\n    masquerade: false\n"
     );
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    let mut spec = ClusterSpec::new(1, &bin_dir);
+    let mut spec = cluster_spec(1);
     spec.config = config;
     let mut c = Cluster::up(spec).unwrap();
     let x = c.add_container("a1", "dcos").unwrap();

@@ -1,12 +1,11 @@
 //! The overlay master's HTTP API, tested against the real process.
 
-mod master_support;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use master_support::{MasterProcess, agent_ip};
 use overlay_api::{AgentInfo, ClientError, OverlayInfo, State, Status};
+use overlay_tests::fixtures::agent_ip;
+use overlay_tests::master::Master;
 use serde_json::{Value, json};
 
 fn overlay<'a>(info: &'a AgentInfo, name: &str) -> &'a overlay_api::AgentOverlayInfo {
@@ -33,7 +32,7 @@ fn network(name: &str, subnet: &str) -> OverlayInfo {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_is_idempotent_and_delete_quarantines() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let client = master.client();
 
     let mut infos = Vec::new();
@@ -134,7 +133,7 @@ async fn state_has_dcos_shape_and_names() {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let http = master.http();
     let url = |path: &str| format!("{}{path}", master.base_url());
     for ip in ["172.17.0.3", "172.17.0.4"] {
@@ -217,7 +216,7 @@ fn assert_subset(reference: &Value, actual: &Value, path: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_network_add_disable_remove() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let client = master.client();
     for n in 1..=3 {
         client.register(agent_ip(n)).await.unwrap();
@@ -319,7 +318,7 @@ async fn runtime_network_add_disable_remove() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_wakes_within_100ms_of_a_change() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let client = master.client();
     client.register(agent_ip(1)).await.unwrap();
 
@@ -384,7 +383,7 @@ async fn watch_wakes_within_100ms_of_a_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_4xx_naming_the_field_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
+    let master = Master::start(dir.path(), None).await;
     let client = master.client();
     client.register(agent_ip(1)).await.unwrap();
     let http = master.http();
@@ -556,7 +555,7 @@ async fn exhaustion_drops_the_registration_or_the_network_entry_and_recovers_aft
     // (`small` must not contain the agents' underlay addresses, 10.0.0.x.) Without a
     // quarantine, freed allocations are reused at once.
     let config = "vtep_subnet: 44.128.0.0/29\noverlays:\n  - name: small\n    subnet: 10.20.0.0/23\n    prefix: 24\n  - name: big\n    subnet: 10.8.0.0/16\n    prefix: 24\n";
-    let master = MasterProcess::start_with_args(
+    let master = Master::start_with_args(
         dir.path(),
         Some(config),
         &["--allocation-quarantine-secs", "0"],
@@ -669,7 +668,7 @@ dcos_overlay_network:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_recovers_and_reconciles_with_config() {
     let dir = tempfile::tempdir().unwrap();
-    let mut master = MasterProcess::start(dir.path(), Some(BASE_CONFIG)).await;
+    let mut master = Master::start(dir.path(), Some(BASE_CONFIG)).await;
     let client = master.client();
     for n in 1..=20 {
         client.register(agent_ip(n)).await.unwrap();
@@ -739,7 +738,7 @@ async fn restart_recovers_and_reconciles_with_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_config_file_exits_nonzero_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let mut master = MasterProcess::start(dir.path(), Some(BASE_CONFIG)).await;
+    let mut master = Master::start(dir.path(), Some(BASE_CONFIG)).await;
     for (text, words) in [
         (
             BASE_CONFIG.replace("name: dcos", "name: fourteen-chars"),
@@ -775,7 +774,7 @@ async fn bad_config_file_exits_nonzero_naming_file_and_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_good_config_and_rejects_bad_one() {
     let dir = tempfile::tempdir().unwrap();
-    let mut master = MasterProcess::start(dir.path(), Some(BASE_CONFIG)).await;
+    let mut master = Master::start(dir.path(), Some(BASE_CONFIG)).await;
     let client = master.client();
     for n in 1..=2 {
         client.register(agent_ip(n)).await.unwrap();
@@ -851,7 +850,7 @@ async fn sighup_reloads_good_config_and_rejects_bad_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_watch_follows_every_change() {
     let dir = tempfile::tempdir().unwrap();
-    let mut master = MasterProcess::start(dir.path(), None).await;
+    let mut master = Master::start(dir.path(), None).await;
     let client = master.client();
     for n in 1..=3 {
         client.register(agent_ip(n)).await.unwrap();
@@ -937,8 +936,8 @@ async fn delta_watch_follows_every_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_fails_over_to_the_next_master_url() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start(dir.path(), None).await;
-    let dead = format!("https://127.0.0.1:{}", master_support::free_port());
+    let master = Master::start(dir.path(), None).await;
+    let dead = format!("https://127.0.0.1:{}", overlay_tests::fixtures::free_port());
     let client =
         overlay_api::MasterClient::with_tls([dead.clone(), master.base_url()], &master.admin_tls())
             .unwrap();

@@ -1,16 +1,16 @@
 //! SIGKILL during a registration storm, again and again: every acknowledged allocation must
 //! survive unchanged and no VTEP, MAC or subnet may ever be handed to two agents.
 
-mod master_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use master_support::{MasterProcess, agent_ip};
 use overlay_api::{AgentInfo, State};
+use overlay_tests::fixtures::agent_ip;
+use overlay_tests::fixtures::config::DUAL_STACK;
+use overlay_tests::master::Master;
 
 const ROUNDS: usize = 10;
 const CONCURRENT_CLIENTS: usize = 16;
@@ -70,8 +70,7 @@ async fn sigkill_during_registration_storm_loses_no_acknowledged_allocation() {
     let mut rng = XorShift(seed);
     let dir = tempfile::tempdir().unwrap();
     // A /16 of VTEPs so thousands of agents never hit exhaustion here.
-    let config = "vtep_subnet: 44.128.0.0/16\nvtep_subnet6: fd01:a::/64\noverlays:\n  - {name: dcos, subnet: 9.0.0.0/8, prefix: 24}\n  - {name: dcos6, subnet6: 'fd01:b::/64', prefix6: 80}\n";
-    let mut master = MasterProcess::start(dir.path(), Some(config)).await;
+    let mut master = Master::start(dir.path(), Some(DUAL_STACK)).await;
     let mut acknowledged: BTreeMap<IpAddr, AgentInfo> = BTreeMap::new();
     let next_agent = Arc::new(AtomicU32::new(1));
 

@@ -9,13 +9,15 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use overlay_api::{AgentInfo, State};
-use overlay_tests::support_etcd::{EtcdCluster, EtcdMaster, EtcdSpec, Security, free_port, http};
+use overlay_tests::fixtures::agent_ip;
+use overlay_tests::master::{Master, MasterSpec};
+use overlay_tests::support_etcd::{EtcdCluster, EtcdSpec, Security, http};
 
 /// An ext4 file system of `size_mib` on a loop device, mounted in a temporary directory.
 struct SmallDisk {
@@ -115,72 +117,6 @@ impl Drop for SmallDisk {
     }
 }
 
-/// `overlay-master` on the embedded store in `data_dir`; SIGKILLed and reaped on drop.
-struct RedbMaster {
-    child: Option<Child>,
-    addr: String,
-    log: PathBuf,
-}
-
-impl RedbMaster {
-    fn start(data_dir: &Path, log_dir: &Path) -> RedbMaster {
-        let port = free_port();
-        let log = log_dir.join(format!("master-{port}.log"));
-        let child = Command::new(overlay_tests::bin_path("overlay-master"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(data_dir)
-            // Raw HTTP keeps the store's behaviour in view; TLS is covered by
-            // control_plane_auth.rs and the lab.
-            .arg("--insecure-http")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn overlay-master");
-        let mut master = RedbMaster {
-            child: Some(child),
-            addr: format!("127.0.0.1:{port}"),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(http(&master.addr, "GET", "/health", None), Ok((200, _))) {
-            master.assert_running();
-            assert!(Instant::now() < deadline, "not ready: {}", master.log());
-            std::thread::sleep(Duration::from_millis(30));
-        }
-        master
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("overlay-master exited ({status}); log:\n{}", self.log());
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedbMaster {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn agent_ip(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
-}
-
 fn register(addr: &str, n: u32) -> (u16, String) {
     http(
         addr,
@@ -277,8 +213,11 @@ fn a_full_disk_refuses_writes_serves_reads_and_resumes_without_restart() {
     let mut disk = SmallDisk::new(16);
     let logs = tempfile::tempdir().unwrap();
     let data = disk.mount.join("data");
-    let mut master = RedbMaster::start(&data, logs.path());
-    let addr = master.addr.clone();
+    let mut master = MasterSpec::new(logs.path())
+        .data_dir(&data)
+        .insecure_http()
+        .start();
+    let addr = master.addr();
 
     let mut acknowledged = BTreeMap::new();
     for n in 1..=3 {
@@ -360,9 +299,12 @@ fn a_full_disk_refuses_writes_serves_reads_and_resumes_without_restart() {
     // networks. Agents registered before the fault got `blue` later, through the network
     // change; compare the fresh answers.
     master.kill();
-    let restarted = RedbMaster::start(&data, logs.path());
-    assert_kept(&restarted.addr, &acknowledged);
-    let names: Vec<String> = state(&restarted.addr)
+    let restarted = MasterSpec::new(logs.path())
+        .data_dir(&data)
+        .insecure_http()
+        .start();
+    assert_kept(&restarted.addr(), &acknowledged);
+    let names: Vec<String> = state(&restarted.addr())
         .network
         .overlays
         .iter()
@@ -383,7 +325,7 @@ fn etcd_nospace_alarm_refuses_writes_and_they_resume_after_compact_defrag_disarm
         ..EtcdSpec::new(1, Security::Plain)
     });
     let dir = tempfile::tempdir().unwrap();
-    let mut master = EtcdMaster::start(dir.path(), &etcd.store(), "/ebpf-overlay/", None);
+    let mut master = Master::start_etcd(dir.path(), &etcd.store(), "/ebpf-overlay/", None);
     let addr = format!("127.0.0.1:{}", master.port);
     let mut acknowledged = BTreeMap::new();
     for n in 1..=3 {

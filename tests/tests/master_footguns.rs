@@ -4,14 +4,13 @@
 //! `*_build_info`, refusals that name the config file and the network, the agent's `--mtu`
 //! against the master's `vtep_mtu`.
 
-mod master_support;
-
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use master_support::{MasterProcess, agent_ip};
 use overlay_tests::bin_path;
-use overlay_tests::support_etcd::{EtcdCluster, EtcdMaster, http};
+use overlay_tests::fixtures::agent_ip;
+use overlay_tests::master::Master;
+use overlay_tests::support_etcd::{EtcdCluster, http};
 
 const TWO_NETWORKS: &str = "overlays:\n  - name: dcos\n    subnet: 9.0.0.0/8\n    prefix: 24\n  - name: blue\n    subnet: 10.1.0.0/16\n    prefix: 24\n";
 
@@ -19,7 +18,7 @@ const TWO_NETWORKS: &str = "overlays:\n  - name: dcos\n    subnet: 9.0.0.0/8\n  
 fn health_follows_the_etcd_quorum_and_readiness_is_its_own_answer() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = EtcdCluster::start(1);
-    let master = EtcdMaster::start(dir.path(), &etcd.store(), "/footguns/", None);
+    let master = Master::start_etcd(dir.path(), &etcd.store(), "/footguns/", None);
     let addr = format!("127.0.0.1:{}", master.port);
     let (status, body) = http(&addr, "GET", "/health", None).unwrap();
     assert_eq!(status, 200, "{body}");
@@ -64,7 +63,7 @@ fn the_listen_address_is_bound_before_the_store_is_opened() {
     );
 }
 
-async fn liveness(master: &MasterProcess) -> Vec<overlay_api::AgentLiveness> {
+async fn liveness(master: &Master) -> Vec<overlay_api::AgentLiveness> {
     master
         .client()
         .get_json("/overlay-master/agents/liveness")
@@ -84,8 +83,8 @@ async fn stale_agents_are_marked_and_reclaimed_only_after_their_lease() {
     ];
     let mut leased_args = common.to_vec();
     leased_args.extend(["--agent-lease-secs", "3"]);
-    let leased = MasterProcess::start_with_args(leased_dir.path(), None, &leased_args).await;
-    let kept = MasterProcess::start_with_args(kept_dir.path(), None, &common).await;
+    let leased = Master::start_with_args(leased_dir.path(), None, &leased_args).await;
+    let kept = Master::start_with_args(kept_dir.path(), None, &common).await;
     // A lease not longer than the heartbeat timeout would reclaim live agents: refused.
     let out = std::process::Command::new(bin_path("overlay-master"))
         .args([
@@ -158,8 +157,7 @@ async fn stale_agents_are_marked_and_reclaimed_only_after_their_lease() {
 async fn json_logs_access_log_version_and_build_info() {
     let dir = tempfile::tempdir().unwrap();
     let master =
-        MasterProcess::start_with_args(dir.path(), Some(TWO_NETWORKS), &["--log-format", "json"])
-            .await;
+        Master::start_with_args(dir.path(), Some(TWO_NETWORKS), &["--log-format", "json"]).await;
     let client = master.client();
     let network = overlay_api::OverlayInfo {
         name: "green".into(),

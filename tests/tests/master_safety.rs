@@ -3,13 +3,13 @@
 //! contain the underlay, and networks in use or from the file are removed or disabled only
 //! with force.
 
-mod master_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use master_support::{MasterProcess, agent_ip};
 use overlay_api::{AgentInfo, ClientError, OverlayInfo};
+use overlay_tests::fixtures::agent_ip;
+use overlay_tests::fixtures::config::ONE_NETWORK;
+use overlay_tests::master::Master;
 
 /// A short quarantine and heartbeat timeout, so the test can watch both run out.
 const QUARANTINE_SECS: u64 = 3;
@@ -78,7 +78,7 @@ fn rejected(err: ClientError) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_agents_allocation_is_quarantined_then_reusable() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start_with_args(dir.path(), None, &SHORT).await;
+    let master = Master::start_with_args(dir.path(), None, &SHORT).await;
     let client = master.client();
     let first = client.register(agent_ip(1)).await.unwrap();
     let victim = client.register(agent_ip(2)).await.unwrap();
@@ -143,7 +143,7 @@ async fn a_deleted_agents_allocation_is_quarantined_then_reusable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_agent_registering_again_gets_its_own_allocation_back() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start_with_args(dir.path(), None, &SHORT).await;
+    let master = Master::start_with_args(dir.path(), None, &SHORT).await;
     let client = master.client();
     client.register(agent_ip(1)).await.unwrap();
     let victim = client.register(agent_ip(2)).await.unwrap();
@@ -161,7 +161,7 @@ async fn a_deleted_agent_registering_again_gets_its_own_allocation_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_is_deleted_without_force() {
     let dir = tempfile::tempdir().unwrap();
-    let master = MasterProcess::start_with_args(dir.path(), None, &SHORT).await;
+    let master = Master::start_with_args(dir.path(), None, &SHORT).await;
     let client = master.client();
     client.register(agent_ip(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2200)).await;
@@ -183,8 +183,7 @@ async fn a_silent_agent_is_deleted_without_force() {
 async fn networks_may_not_contain_agents_or_the_master() {
     let dir = tempfile::tempdir().unwrap();
     let master =
-        MasterProcess::start_with_args(dir.path(), None, &["--advertise-address", "192.168.50.1"])
-            .await;
+        Master::start_with_args(dir.path(), None, &["--advertise-address", "192.168.50.1"]).await;
     let client = master.client();
     client.register(agent_ip(1)).await.unwrap();
     let before = client.state().await.unwrap();
@@ -223,12 +222,10 @@ async fn networks_may_not_contain_agents_or_the_master() {
     assert_eq!(client.state().await.unwrap(), before, "nothing changed");
 }
 
-const FILE_CONFIG: &str = "vtep_subnet: 44.128.0.0/20\nvtep_mac_oui: 70:B3:D5:00:00:00\noverlays:\n    - name: dcos\n      subnet: 9.0.0.0/8\n      prefix: 24\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn networks_in_use_or_from_the_file_need_force() {
     let dir = tempfile::tempdir().unwrap();
-    let mut master = MasterProcess::start(dir.path(), Some(FILE_CONFIG)).await;
+    let mut master = Master::start(dir.path(), Some(ONE_NETWORK)).await;
     let client = master.client();
     client
         .add_network(&network("blue", "10.1.0.0/16"))

@@ -8,17 +8,13 @@ use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use overlay_lab::cluster::{Cluster, ClusterSpec};
+use overlay_lab::cluster::Cluster;
 use overlay_lab::in_netns;
 use overlay_tests::bin_path;
+use overlay_tests::fixtures::cluster;
 use serde_json::{Value, json};
 
 const DRIVER_PORT: u16 = 9515;
-
-fn cluster(agents: usize) -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    Cluster::up(ClusterSpec::new(agents, &bin_dir)).unwrap()
-}
 
 /// One WebDriver command (JSON over HTTP to chromedriver on the master node's loopback).
 fn webdriver(c: &Cluster, method: &str, path: &str, body: Option<Value>) -> Value {

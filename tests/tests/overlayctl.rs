@@ -3,14 +3,10 @@
 
 use std::process::Output;
 
-use overlay_lab::cluster::{Cluster, ClusterSpec};
+use overlay_lab::cluster::Cluster;
 use overlay_tests::bin_path;
+use overlay_tests::fixtures::cluster;
 use serde_json::Value;
-
-fn cluster(agents: usize) -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    Cluster::up(ClusterSpec::new(agents, &bin_dir)).unwrap()
-}
 
 /// Runs `overlayctl ARGS` in `agent`'s namespace, with the cluster's master, CA, admin token
 /// and that agent's socket.

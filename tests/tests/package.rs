@@ -6,6 +6,7 @@ use std::{path::Path, process::Command};
 
 use overlay_lab::cluster::{Cluster, ClusterSpec};
 use overlay_tests::bin_path;
+use overlay_tests::fixtures::bin_dir;
 
 fn dpkg_deb(args: &[&str], deb: &Path) -> String {
     let out = Command::new("dpkg-deb")
@@ -23,7 +24,7 @@ fn dpkg_deb(args: &[&str], deb: &Path) -> String {
 
 #[test]
 fn package_holds_binaries_units_config_man_pages_and_scripts() {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let out = tempfile::tempdir().unwrap();
     let status = Command::new(bin_path("xtask"))
         .args(["package", "--version", "0.1.0+test", "--bin-dir"])

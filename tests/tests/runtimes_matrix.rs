@@ -16,6 +16,7 @@ use std::{
 };
 
 use overlay_lab::cluster::{Cluster, ClusterSpec};
+use overlay_tests::fixtures::bin_dir;
 use overlay_tests::{
     bin_path, lab_pins,
     runtimes::{
@@ -152,7 +153,7 @@ fn mesos_docker_containerd_and_podman_containers_share_two_networks_across_agent
         "needs docker.io, containerd, podman and busybox-static (cargo xtask setup)"
     );
     let started = Instant::now();
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
+    let bin_dir = bin_dir();
     let root = TempDir(std::env::temp_dir().join(format!(
         "eo-matrix-{}-{}",
         std::process::id(),

@@ -11,19 +11,16 @@ use std::{
 
 use overlay_common::counters::{Counter, NO_NETWORK};
 use overlay_datapath::OverlayMaps;
-use overlay_lab::{
-    Container,
-    cluster::{Cluster, ClusterSpec},
-};
+use overlay_lab::{Container, cluster::Cluster};
+use overlay_tests::fixtures::cluster_spec;
 use overlay_tests::support_peers::{nat_peers_script, start_peer_server};
-use overlay_tests::{bin_path, lab_pins, support_packets::*};
+use overlay_tests::{lab_pins, support_packets::*};
 
 const DCOS: u32 = 1024;
 const EXT: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 254);
 
 fn cluster(agents: usize, agent_args: &[&str]) -> Cluster {
-    let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
-    let mut spec = ClusterSpec::new(agents, &bin_dir);
+    let mut spec = cluster_spec(agents);
     spec.agent_args = agent_args.iter().map(|s| s.to_string()).collect();
     Cluster::up(spec).unwrap()
 }

@@ -2,27 +2,35 @@
 //! and leaves it in OUT_DIR for `include_bytes_aligned!`. aya-build passes the BTF link flags that
 //! make the maps print as structs in bpftool.
 
-use anyhow::{Context as _, anyhow};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
 use aya_build::{Package, Toolchain};
 
+/// The eBPF crate sits at a fixed place in the workspace (and is this crate's build-dependency by
+/// that path): found from the manifest directory cargo gives us, without asking `cargo metadata`.
+const EBPF_CRATE: &str = "../../ebpf/overlay-ebpf";
+
 fn main() -> anyhow::Result<()> {
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
-    let ebpf = metadata
-        .packages
-        .into_iter()
-        .find(|p| p.name.as_str() == "overlay-ebpf")
-        .ok_or_else(|| anyhow!("package overlay-ebpf not found in the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("overlay-ebpf manifest has no parent directory"))?;
+    let manifest_dir =
+        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset")?);
+    let root_dir = manifest_dir.join(EBPF_CRATE);
+    let root_dir = root_dir
+        .canonicalize()
+        .with_context(|| format!("eBPF crate {}", root_dir.display()))?;
+    if !root_dir.join("Cargo.toml").is_file() {
+        bail!(
+            "no Cargo.toml in the eBPF crate's directory {}",
+            root_dir.display()
+        );
+    }
+    let root_dir = root_dir
+        .to_str()
+        .with_context(|| format!("eBPF crate path {} is not UTF-8", root_dir.display()))?;
     aya_build::build_ebpf(
         [Package {
-            name: ebpf.name.as_str(),
-            root_dir: root_dir.as_str(),
+            name: "overlay-ebpf",
+            root_dir,
             ..Default::default()
         }],
         Toolchain::default(),

@@ -8,6 +8,7 @@ mod demo;
 mod lab;
 mod package;
 mod setup;
+mod test;
 mod vm;
 
 use std::process::Command;
@@ -26,12 +27,9 @@ struct Cli {
 enum Cmd {
     /// Install what is missing (Debian packages, nightly rust-src, bpf-linker, bpffs); skip what is present.
     Setup,
-    /// Setup, build everything, run the whole test suite.
-    Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
-        args: Vec<String>,
-    },
+    /// Setup, build everything, run the whole test suite (test binaries concurrently; see
+    /// `xtask/src/test.rs`).
+    Test(test::TestArgs),
     /// Setup, build, and bring up a local cluster on the embedded defaults: shows the datapath
     /// attached, its maps, and traffic flowing.
     Demo {
@@ -66,12 +64,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Setup => setup::run(),
-        Cmd::Test { args } => {
+        Cmd::Test(args) => {
             setup::run()?;
             cargo(&["build", "--bins"])?;
-            let mut test_args = vec!["test", "--no-fail-fast"];
-            test_args.extend(args.iter().map(String::as_str));
-            cargo(&test_args)
+            test::run(args)
         }
         Cmd::Demo { keep } => {
             setup::run()?;

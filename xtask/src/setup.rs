@@ -18,6 +18,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "hping3",
     "netcat-openbsd",
     "tcpdump",
+    // counting the processes a CNI ADD starts (tests/tests/cluster.rs)
+    "strace",
     // CNI plugin tests with a real runtime (tests/tests/cni_podman.rs)
     "podman",
     "crun",

@@ -75,6 +75,9 @@ pub struct ClusterSpec {
     /// agents register with theirs (an IPv6 underlay; the master needs `--ipv6-underlay` in
     /// `master_args` to accept them). One master on its embedded store only.
     pub fabric: Fabric,
+    /// Environment of the agent processes on top of the test's (e.g. a `PATH` without
+    /// iproute2, to show the agent spawns nothing).
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// First etcd member's client port inside the lab (its peer port is the next one).
@@ -94,6 +97,7 @@ impl ClusterSpec {
             join_tokens: false,
             start_agents: true,
             fabric: Fabric::Ipv4,
+            agent_env: vec![],
         }
     }
 }
@@ -105,6 +109,7 @@ pub struct Cluster {
     work_dir: PathBuf,
     mtu: u32,
     agent_args: Vec<String>,
+    agent_env: Vec<(String, String)>,
     keep: bool,
     agent_pids: BTreeMap<String, u32>,
     /// Process of each master (None once killed).
@@ -137,6 +142,7 @@ impl Cluster {
             work_dir,
             mtu: spec.mtu,
             agent_args: spec.agent_args.clone(),
+            agent_env: spec.agent_env.clone(),
             keep: false,
             agent_pids: BTreeMap::new(),
             master_pids: vec![],
@@ -553,6 +559,7 @@ impl Cluster {
             self.mesos_cni_conf_dir(agent).to_str().unwrap(),
         ])
         .args(self.agent_args.iter().map(|a| a.replace("{agent}", agent)))
+        .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone()?)
         .stderr(log);
         let pid = self.lab.spawn_command(cmd)?;

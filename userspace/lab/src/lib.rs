@@ -238,6 +238,18 @@ fn new_lab_id() -> String {
     format!("{NETNS_PREFIX}{:06x}", mix & 0xff_ffff)
 }
 
+/// A fresh id no lab on this host (recorded, or with namespaces left) has: test binaries run
+/// concurrently, each making labs.
+fn unused_lab_id() -> String {
+    loop {
+        let id = new_lab_id();
+        let recorded = Path::new(STATE_DIR).join(format!("{id}.json")).exists();
+        if !recorded && lab_namespaces(&id).is_empty() {
+            return id;
+        }
+    }
+}
+
 /// The shape of a lab.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
@@ -267,7 +279,7 @@ impl Lab {
             bail!("a lab has 1 to 200 agents, not {}", spec.agents);
         }
         ensure_bpffs()?;
-        let id = spec.id.unwrap_or_else(new_lab_id);
+        let id = spec.id.unwrap_or_else(unused_lab_id);
         let mut lab = Lab {
             record: LabRecord {
                 id: id.clone(),

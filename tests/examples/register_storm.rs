@@ -1,37 +1,21 @@
 //! Benchmark (not a test): 10,000 agents registering against a real `overlay-master` process,
 //! then a watch fan-out to 1,000 long-poll watchers.
 //!
-//! `cargo run --release -p overlay-master --example register_storm [-- AGENTS WATCHERS CONCURRENCY]`
+//! `cargo run --release -p overlay-tests --example register_storm [-- AGENTS WATCHERS CONCURRENCY]`
 //!
 //! Reports registrations/s, heartbeats/s, the master's RSS (from /proc/<pid>/status), the
 //! state JSON size, and how long until every watcher woke (headers) and had its answer, with
 //! whole-state answers and with deltas.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use overlay_api::MasterClient;
-
-const CONFIG: &str = "\
-vtep_subnet: 44.128.0.0/16
-vtep_subnet6: fd01:a::/64
-overlays:
-  - {name: dcos, subnet: 9.0.0.0/8, prefix: 24}
-  - {name: dcos6, subnet6: 'fd01:b::/64', prefix6: 80}
-";
-
-/// Kills the master however the benchmark ends.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use overlay_tests::fixtures::config::DUAL_STACK;
+use overlay_tests::master::MasterSpec;
 
 fn master_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -110,36 +94,16 @@ async fn main() -> anyhow::Result<()> {
     let watchers = args.get(1).copied().unwrap_or(1_000);
     let concurrency = args.get(2).copied().unwrap_or(64);
 
-    let binary = master_binary()?;
+    master_binary()?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config.yaml");
-    std::fs::write(&config, CONFIG)?;
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let base = format!("http://127.0.0.1:{port}");
-    let child = Command::new(&binary)
-        .arg("--config")
-        .arg(&config)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        // Measures allocation and fan-out, not TLS; loopback only.
-        .arg("--insecure-http")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting overlay-master")?;
-    let master = ChildGuard(child);
-    let pid = master.0.id();
-
+    // Measures allocation and fan-out, not TLS; loopback only.
+    let master = MasterSpec::new(dir.path())
+        .config(Some(DUAL_STACK))
+        .insecure_http()
+        .start();
+    let pid = master.pid() as u32;
+    let base = master.base_url();
     let http = reqwest::Client::new();
-    let ready_deadline = Instant::now() + Duration::from_secs(20);
-    while http.get(format!("{base}/health")).send().await.is_err() {
-        if Instant::now() > ready_deadline {
-            bail!("master not ready");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let client = MasterClient::new([base.clone()])?;
     let (rss_idle, _) = rss_kib(pid)?;
 
