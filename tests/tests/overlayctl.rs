@@ -255,3 +255,93 @@ fn completions_man_pages_and_version_come_from_the_cli_definition() {
     let help = run(&["status", "--help"]);
     assert!(help.contains("https://127.0.0.1:5055"), "{help}");
 }
+
+#[test]
+fn ipam_status_and_endpoints_show_each_family_of_a_dual_stack_cluster() {
+    let mut spec = overlay_tests::fixtures::cluster_spec(1);
+    spec.config = "\
+vtep_subnet: 44.128.0.0/20
+vtep_subnet6: fd01:a::/64
+vtep_mac_oui: 70:B3:D5:00:00:00
+overlays:
+  - {name: dcos, subnet: 9.0.0.0/8, prefix: 24}
+  - {name: dcos6, subnet6: 'fd01:b::/64', prefix6: 80}
+  - {name: dual, subnet: 10.7.0.0/16, prefix: 24, subnet6: 'fd02:7::/64', prefix6: 80}
+"
+    .into();
+    let mut c = Cluster::up(spec).expect("cluster up");
+    let (_container, addrs) = c.add_container_addrs("a1", "dual").unwrap();
+    let (ip4, ip6) = (addrs.ip4.unwrap(), addrs.ip6.unwrap());
+    let (_only6, only6) = c.add_container_addrs("a1", "dcos6").unwrap();
+    assert!(only6.ip4.is_none(), "dcos6 has no IPv4 subnet");
+    let only6 = only6.ip6.unwrap();
+
+    // ipam show: one row per network and family, each allocation under its own family.
+    let ipam = json(&c, "a1", &["ipam", "show"]);
+    let rows = ipam.as_array().unwrap_or_else(|| panic!("{ipam}"));
+    // The rows of a network and family (one per half), as JSON text.
+    let rows_of = |network: &str, family: &str| {
+        let found: Vec<String> = rows
+            .iter()
+            .filter(|r| r["network"] == network && r["family"] == family)
+            .map(|r| r.to_string())
+            .collect();
+        assert!(!found.is_empty(), "no {network}/{family} row in {ipam}");
+        found
+    };
+    for (network, family, ip) in [
+        ("dual", "ipv4", ip4.to_string()),
+        ("dual", "ipv6", ip6.to_string()),
+        ("dcos6", "ipv6", only6.to_string()),
+    ] {
+        let found = rows_of(network, family);
+        assert!(
+            found.iter().any(|r| r.contains(&format!("\"{ip}\""))),
+            "{network}/{family} lacks {ip}: {found:?}"
+        );
+    }
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["network"] == "dcos6" && r["family"] == "ipv4"),
+        "dcos6 has no IPv4 half: {ipam}"
+    );
+    let text = ok(&c, "a1", &["ipam", "show", "--network", "dual"]);
+    assert!(
+        text.contains(&ip4.to_string()) && text.contains(&ip6.to_string()),
+        "{text}"
+    );
+
+    // status: IPAM use by network and family.
+    let status = json(&c, "a1", &["status"]);
+    let families: Vec<(String, String)> = status["agent"]["ipam"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{status}"))
+        .iter()
+        .map(|u| {
+            (
+                u["network"].as_str().unwrap().to_owned(),
+                u["family"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        ("dual", "ipv4"),
+        ("dual", "ipv6"),
+        ("dcos6", "ipv6"),
+        ("dcos", "ipv4"),
+    ] {
+        assert!(
+            families.contains(&(want.0.to_owned(), want.1.to_owned())),
+            "status lacks {want:?}: {families:?}"
+        );
+    }
+
+    // endpoints: the container's IPv6 address beside its IPv4 one.
+    let text = ok(&c, "a1", &["endpoints"]);
+    assert!(
+        text.contains(&ip4.to_string()) && text.contains(&ip6.to_string()),
+        "{text}"
+    );
+    assert!(text.contains(&only6.to_string()), "{text}");
+}
