@@ -150,26 +150,86 @@ impl Address6 {
     }
 }
 
-/// An IPv4 route of the main table.
+/// What an IPv4 route differs in from an IPv6 one: the address type and how rtnetlink
+/// carries it. [`RouteOf`] and the route calls of [`Handle`] are written once over it.
+pub trait RouteFamily: Copy + Eq + std::fmt::Debug + std::fmt::Display {
+    const FAMILY: AddressFamily;
+    /// The destination of the default route.
+    const UNSPECIFIED: Self;
+    /// For error context: "listing IPv6 routes".
+    const ROUTES: &'static str;
+    fn to_route_address(self) -> RouteAddress;
+    fn from_route_address(a: &RouteAddress) -> Option<Self>;
+    /// The scope a route is added with: IPv4 routes without a gateway are link-scoped; the
+    /// kernel gives every IPv6 route universe scope whatever it is told.
+    fn scope(has_gateway: bool) -> RouteScope;
+}
+
+impl RouteFamily for Ipv4Addr {
+    const FAMILY: AddressFamily = AddressFamily::Inet;
+    const UNSPECIFIED: Self = Ipv4Addr::UNSPECIFIED;
+    const ROUTES: &'static str = "routes";
+    fn to_route_address(self) -> RouteAddress {
+        RouteAddress::Inet(self)
+    }
+    fn from_route_address(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn scope(has_gateway: bool) -> RouteScope {
+        if has_gateway {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        }
+    }
+}
+
+impl RouteFamily for Ipv6Addr {
+    const FAMILY: AddressFamily = AddressFamily::Inet6;
+    const UNSPECIFIED: Self = Ipv6Addr::UNSPECIFIED;
+    const ROUTES: &'static str = "IPv6 routes";
+    fn to_route_address(self) -> RouteAddress {
+        RouteAddress::Inet6(self)
+    }
+    fn from_route_address(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet6(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn scope(_: bool) -> RouteScope {
+        RouteScope::Universe
+    }
+}
+
+/// A unicast route of the main table, of either family ([`Route`], [`Route6`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Route {
-    /// Destination network (0.0.0.0/0 for the default route).
-    pub dst: Ipv4Addr,
+pub struct RouteOf<A: RouteFamily> {
+    /// Destination network (0.0.0.0/0 or `::/0` for the default route).
+    pub dst: A,
     pub prefix_len: u8,
     pub oif: Option<u32>,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<A>,
     /// Preferred source address.
-    pub src: Option<Ipv4Addr>,
-    /// `rtm_protocol`: who installed it (see [`Route::protocol`]).
+    pub src: Option<A>,
+    /// `rtm_protocol`: who installed it (see [`RouteOf::protocol`]).
     pub protocol: u8,
     /// The gateway is on the link even outside the interface's subnets.
     pub onlink: bool,
 }
 
-impl Route {
+/// An IPv4 route of the main table.
+pub type Route = RouteOf<Ipv4Addr>;
+/// An IPv6 route of the main table.
+pub type Route6 = RouteOf<Ipv6Addr>;
+
+impl<A: RouteFamily> RouteOf<A> {
     /// A route to `dst/prefix_len` through interface `oif`, protocol `static`.
-    pub fn new(dst: Ipv4Addr, prefix_len: u8, oif: u32) -> Route {
-        Route {
+    pub fn new(dst: A, prefix_len: u8, oif: u32) -> Self {
+        RouteOf {
             dst,
             prefix_len,
             oif: Some(oif),
@@ -181,80 +241,22 @@ impl Route {
     }
     /// The default route via `gateway` on `oif`, on-link (the gateway needs no address of the
     /// interface's subnet).
-    pub fn default_via(gateway: Ipv4Addr, oif: u32) -> Route {
-        Route::new(Ipv4Addr::UNSPECIFIED, 0, oif)
-            .gateway(gateway)
-            .onlink()
+    pub fn default_via(gateway: A, oif: u32) -> Self {
+        Self::new(A::UNSPECIFIED, 0, oif).gateway(gateway).onlink()
     }
-    pub fn gateway(mut self, gw: Ipv4Addr) -> Route {
+    pub fn gateway(mut self, gw: A) -> Self {
         self.gateway = Some(gw);
         self
     }
-    pub fn src(mut self, src: Ipv4Addr) -> Route {
+    pub fn src(mut self, src: A) -> Self {
         self.src = Some(src);
         self
     }
-    pub fn protocol(mut self, proto: u8) -> Route {
+    pub fn protocol(mut self, proto: u8) -> Self {
         self.protocol = proto;
         self
     }
-    pub fn onlink(mut self) -> Route {
-        self.onlink = true;
-        self
-    }
-    pub fn is_default(&self) -> bool {
-        self.prefix_len == 0
-    }
-}
-
-/// An IPv6 route of the main table (the twin of [`Route`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Route6 {
-    /// Destination network (`::/0` for the default route).
-    pub dst: Ipv6Addr,
-    pub prefix_len: u8,
-    pub oif: Option<u32>,
-    pub gateway: Option<Ipv6Addr>,
-    /// Preferred source address.
-    pub src: Option<Ipv6Addr>,
-    /// `rtm_protocol`: who installed it.
-    pub protocol: u8,
-    /// The gateway is on the link even outside the interface's prefixes.
-    pub onlink: bool,
-}
-
-impl Route6 {
-    /// A route to `dst/prefix_len` through interface `oif`, protocol `static`.
-    pub fn new(dst: Ipv6Addr, prefix_len: u8, oif: u32) -> Route6 {
-        Route6 {
-            dst,
-            prefix_len,
-            oif: Some(oif),
-            gateway: None,
-            src: None,
-            protocol: libc::RTPROT_STATIC,
-            onlink: false,
-        }
-    }
-    /// The default route via `gateway` on `oif`, on-link.
-    pub fn default_via(gateway: Ipv6Addr, oif: u32) -> Route6 {
-        Route6::new(Ipv6Addr::UNSPECIFIED, 0, oif)
-            .gateway(gateway)
-            .onlink()
-    }
-    pub fn gateway(mut self, gw: Ipv6Addr) -> Route6 {
-        self.gateway = Some(gw);
-        self
-    }
-    pub fn src(mut self, src: Ipv6Addr) -> Route6 {
-        self.src = Some(src);
-        self
-    }
-    pub fn protocol(mut self, proto: u8) -> Route6 {
-        self.protocol = proto;
-        self
-    }
-    pub fn onlink(mut self) -> Route6 {
+    pub fn onlink(mut self) -> Self {
         self.onlink = true;
         self
     }
@@ -398,19 +400,8 @@ impl Handle {
         mtu: u32,
         peer_netns: Option<&Netns>,
     ) -> Result<()> {
-        let mut peer_msg = LinkMessage::default();
-        peer_msg
-            .attributes
-            .push(LinkAttribute::IfName(peer.to_owned()));
-        peer_msg.attributes.push(LinkAttribute::Mtu(mtu));
-        if let Some(ns) = peer_netns {
-            peer_msg
-                .attributes
-                .push(LinkAttribute::NetNsFd(ns.file().as_raw_fd()));
-        }
-        let mut m = LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(name.to_owned()));
-        m.attributes.push(LinkAttribute::Mtu(mtu));
+        let peer_msg = pair_peer(peer, mtu, peer_netns);
+        let mut m = named_link(name, mtu);
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
@@ -680,10 +671,20 @@ impl Handle {
 
     /// The IPv4 unicast routes of the main table.
     pub fn routes(&mut self) -> Result<Vec<Route>> {
+        self.routes_of()
+    }
+
+    /// The IPv6 unicast routes of the main table (the kernel's own `fe80::/64` and local
+    /// routes included as it lists them; multicast and other tables left out).
+    pub fn routes6(&mut self) -> Result<Vec<Route6>> {
+        self.routes_of()
+    }
+
+    fn routes_of<A: RouteFamily>(&mut self) -> Result<Vec<RouteOf<A>>> {
         let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
+        m.header.address_family = A::FAMILY;
         let answers = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP, &|| {
-            "listing routes".to_owned()
+            format!("listing {}", A::ROUTES)
         })?;
         let mut out = vec![];
         for r in answers {
@@ -698,18 +699,14 @@ impl Handle {
                     _ => None,
                 })
                 .unwrap_or(r.header.table as u32);
-            if r.header.address_family != AddressFamily::Inet
+            if r.header.address_family != A::FAMILY
                 || table != RouteHeader::RT_TABLE_MAIN as u32
                 || r.header.kind != RouteType::Unicast
             {
                 continue;
             }
-            let v4 = |a: &RouteAddress| match a {
-                RouteAddress::Inet(ip) => Some(*ip),
-                _ => None,
-            };
-            let mut route = Route {
-                dst: Ipv4Addr::UNSPECIFIED,
+            let mut route = RouteOf {
+                dst: A::UNSPECIFIED,
                 prefix_len: r.header.destination_prefix_length,
                 oif: None,
                 gateway: None,
@@ -719,10 +716,12 @@ impl Handle {
             };
             for a in &r.attributes {
                 match a {
-                    RouteAttribute::Destination(d) => route.dst = v4(d).unwrap_or(route.dst),
+                    RouteAttribute::Destination(d) => {
+                        route.dst = A::from_route_address(d).unwrap_or(route.dst)
+                    }
                     RouteAttribute::Oif(i) => route.oif = Some(*i),
-                    RouteAttribute::Gateway(g) => route.gateway = v4(g),
-                    RouteAttribute::PrefSource(s) => route.src = v4(s),
+                    RouteAttribute::Gateway(g) => route.gateway = A::from_route_address(g),
+                    RouteAttribute::PrefSource(s) => route.src = A::from_route_address(s),
                     _ => {}
                 }
             }
@@ -731,40 +730,36 @@ impl Handle {
         Ok(out)
     }
 
-    fn route_msg(r: &Route) -> RouteMessage {
+    fn route_msg<A: RouteFamily>(r: &RouteOf<A>) -> RouteMessage {
         let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
+        m.header.address_family = A::FAMILY;
         m.header.destination_prefix_length = r.prefix_len;
         m.header.table = RouteHeader::RT_TABLE_MAIN;
         m.header.protocol = RouteProtocol::from(r.protocol);
         m.header.kind = RouteType::Unicast;
-        m.header.scope = if r.gateway.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
+        m.header.scope = A::scope(r.gateway.is_some());
         if r.onlink {
             m.header.flags = RouteFlags::Onlink;
         }
         if r.prefix_len > 0 {
             m.attributes
-                .push(RouteAttribute::Destination(RouteAddress::Inet(r.dst)));
+                .push(RouteAttribute::Destination(r.dst.to_route_address()));
         }
         if let Some(oif) = r.oif {
             m.attributes.push(RouteAttribute::Oif(oif));
         }
         if let Some(gw) = r.gateway {
             m.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+                .push(RouteAttribute::Gateway(gw.to_route_address()));
         }
         if let Some(src) = r.src {
             m.attributes
-                .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
+                .push(RouteAttribute::PrefSource(src.to_route_address()));
         }
         m
     }
 
-    fn route_op(verb: &str, r: &Route) -> String {
+    fn route_op<A: RouteFamily>(verb: &str, r: &RouteOf<A>) -> String {
         let mut s = format!("{verb} route {}/{}", r.dst, r.prefix_len);
         if let Some(g) = r.gateway {
             s += &format!(" via {g}");
@@ -775,25 +770,20 @@ impl Handle {
         s
     }
 
-    /// Adds a route; [`Error::Exists`] if one to that destination is there.
-    pub fn add_route(&mut self, r: Route) -> Result<()> {
+    fn add_route_of<A: RouteFamily>(
+        &mut self,
+        r: RouteOf<A>,
+        flags: u16,
+        verb: &str,
+    ) -> Result<()> {
         self.change(
             RouteNetlinkMessage::NewRoute(Self::route_msg(&r)),
-            NLM_F_CREATE | NLM_F_EXCL,
-            &|| Self::route_op("adding", &r),
+            NLM_F_CREATE | flags,
+            &|| Self::route_op(verb, &r),
         )
     }
 
-    /// Adds a route or replaces the one to the same destination.
-    pub fn replace_route(&mut self, r: Route) -> Result<()> {
-        self.change(
-            RouteNetlinkMessage::NewRoute(Self::route_msg(&r)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            &|| Self::route_op("replacing", &r),
-        )
-    }
-
-    pub fn del_route(&mut self, r: Route) -> Result<()> {
+    fn del_route_of<A: RouteFamily>(&mut self, r: RouteOf<A>) -> Result<()> {
         let mut m = Self::route_msg(&r);
         // Deletion matches on what is given; the scope of the original need not be guessed.
         m.header.scope = RouteScope::NoWhere;
@@ -801,129 +791,53 @@ impl Handle {
             Self::route_op("deleting", &r)
         })
     }
-}
 
-impl Handle {
-    /// The IPv6 unicast routes of the main table (the kernel's own `fe80::/64` and local
-    /// routes included as it lists them; multicast and other tables left out).
-    pub fn routes6(&mut self) -> Result<Vec<Route6>> {
-        let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet6;
-        let answers = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP, &|| {
-            "listing IPv6 routes".to_owned()
-        })?;
-        let mut out = vec![];
-        for r in answers {
-            let RouteNetlinkMessage::NewRoute(r) = r else {
-                continue;
-            };
-            let table = r
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(r.header.table as u32);
-            if r.header.address_family != AddressFamily::Inet6
-                || table != RouteHeader::RT_TABLE_MAIN as u32
-                || r.header.kind != RouteType::Unicast
-            {
-                continue;
-            }
-            let v6 = |a: &RouteAddress| match a {
-                RouteAddress::Inet6(ip) => Some(*ip),
-                _ => None,
-            };
-            let mut route = Route6 {
-                dst: Ipv6Addr::UNSPECIFIED,
-                prefix_len: r.header.destination_prefix_length,
-                oif: None,
-                gateway: None,
-                src: None,
-                protocol: u8::from(r.header.protocol),
-                onlink: r.header.flags.contains(RouteFlags::Onlink),
-            };
-            for a in &r.attributes {
-                match a {
-                    RouteAttribute::Destination(d) => route.dst = v6(d).unwrap_or(route.dst),
-                    RouteAttribute::Oif(i) => route.oif = Some(*i),
-                    RouteAttribute::Gateway(g) => route.gateway = v6(g),
-                    RouteAttribute::PrefSource(s) => route.src = v6(s),
-                    _ => {}
-                }
-            }
-            out.push(route);
-        }
-        Ok(out)
+    /// Adds a route; [`Error::Exists`] if one to that destination is there.
+    pub fn add_route(&mut self, r: Route) -> Result<()> {
+        self.add_route_of(r, NLM_F_EXCL, "adding")
     }
 
-    fn route6_msg(r: &Route6) -> RouteMessage {
-        let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet6;
-        m.header.destination_prefix_length = r.prefix_len;
-        m.header.table = RouteHeader::RT_TABLE_MAIN;
-        m.header.protocol = RouteProtocol::from(r.protocol);
-        m.header.kind = RouteType::Unicast;
-        // IPv6 routes are all of universe scope (the kernel ignores what it is told).
-        m.header.scope = RouteScope::Universe;
-        if r.onlink {
-            m.header.flags = RouteFlags::Onlink;
-        }
-        if r.prefix_len > 0 {
-            m.attributes
-                .push(RouteAttribute::Destination(RouteAddress::Inet6(r.dst)));
-        }
-        if let Some(oif) = r.oif {
-            m.attributes.push(RouteAttribute::Oif(oif));
-        }
-        if let Some(gw) = r.gateway {
-            m.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
-        }
-        if let Some(src) = r.src {
-            m.attributes
-                .push(RouteAttribute::PrefSource(RouteAddress::Inet6(src)));
-        }
-        m
+    /// Adds a route or replaces the one to the same destination.
+    pub fn replace_route(&mut self, r: Route) -> Result<()> {
+        self.add_route_of(r, NLM_F_REPLACE, "replacing")
     }
 
-    fn route6_op(verb: &str, r: &Route6) -> String {
-        let mut s = format!("{verb} route {}/{}", r.dst, r.prefix_len);
-        if let Some(g) = r.gateway {
-            s += &format!(" via {g}");
-        }
-        if let Some(o) = r.oif {
-            s += &format!(" dev #{o}");
-        }
-        s
+    pub fn del_route(&mut self, r: Route) -> Result<()> {
+        self.del_route_of(r)
     }
 
     /// Adds an IPv6 route; [`Error::Exists`] if one to that destination is there.
     pub fn add_route6(&mut self, r: Route6) -> Result<()> {
-        self.change(
-            RouteNetlinkMessage::NewRoute(Self::route6_msg(&r)),
-            NLM_F_CREATE | NLM_F_EXCL,
-            &|| Self::route6_op("adding", &r),
-        )
+        self.add_route_of(r, NLM_F_EXCL, "adding")
     }
 
     /// Adds an IPv6 route or replaces the one to the same destination.
     pub fn replace_route6(&mut self, r: Route6) -> Result<()> {
-        self.change(
-            RouteNetlinkMessage::NewRoute(Self::route6_msg(&r)),
-            NLM_F_CREATE | NLM_F_REPLACE,
-            &|| Self::route6_op("replacing", &r),
-        )
+        self.add_route_of(r, NLM_F_REPLACE, "replacing")
     }
 
     pub fn del_route6(&mut self, r: Route6) -> Result<()> {
-        self.change(
-            RouteNetlinkMessage::DelRoute(Self::route6_msg(&r)),
-            0,
-            &|| Self::route6_op("deleting", &r),
-        )
+        self.del_route_of(r)
     }
+}
+
+/// A link message naming `name` with `mtu`: the device half of a pair request.
+pub(crate) fn named_link(name: &str, mtu: u32) -> LinkMessage {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    m.attributes.push(LinkAttribute::Mtu(mtu));
+    m
+}
+
+/// The peer half of a pair request (veth or netkit): `peer` with `mtu`, created inside
+/// `peer_netns` when given.
+pub(crate) fn pair_peer(peer: &str, mtu: u32, peer_netns: Option<&Netns>) -> LinkMessage {
+    let mut m = named_link(peer, mtu);
+    if let Some(ns) = peer_netns {
+        m.attributes
+            .push(LinkAttribute::NetNsFd(ns.file().as_raw_fd()));
+    }
+    m
 }
 
 fn first_link(answers: Vec<RouteNetlinkMessage>) -> Option<Link> {

@@ -8,18 +8,15 @@
 //! blackholes until the agent attaches its program, so a container whose program is not
 //! attached yet (or whose agent failed half-way) sends nothing unchecked.
 
-use std::{fmt, os::fd::AsRawFd as _, str::FromStr};
+use std::{fmt, str::FromStr};
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{
-        InfoData, InfoKind, InfoNetkit, LinkAttribute, LinkInfo, LinkMessage, NetkitMode,
-        NetkitPolicy,
-    },
+    link::{InfoData, InfoKind, InfoNetkit, LinkAttribute, LinkInfo, NetkitMode, NetkitPolicy},
 };
 
-use crate::{Error, Handle, Netns, Result};
+use crate::{Error, Handle, Netns, Result, named_link, pair_peer};
 
 /// Room a netkit pair reserves in front of every packet (`IFLA_NETKIT_HEADROOM`, kernel 6.14+;
 /// older kernels ignore the attribute): the 70 bytes of an outer Ethernet + IPv6 + UDP + VXLAN
@@ -83,19 +80,8 @@ impl Handle {
         mtu: u32,
         peer_netns: Option<&Netns>,
     ) -> Result<()> {
-        let mut peer_msg = LinkMessage::default();
-        peer_msg
-            .attributes
-            .push(LinkAttribute::IfName(peer.to_owned()));
-        peer_msg.attributes.push(LinkAttribute::Mtu(mtu));
-        if let Some(ns) = peer_netns {
-            peer_msg
-                .attributes
-                .push(LinkAttribute::NetNsFd(ns.file().as_raw_fd()));
-        }
-        let mut m = LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(name.to_owned()));
-        m.attributes.push(LinkAttribute::Mtu(mtu));
+        let peer_msg = pair_peer(peer, mtu, peer_netns);
+        let mut m = named_link(name, mtu);
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Netkit),
             LinkInfo::Data(InfoData::Netkit(vec![
