@@ -14,22 +14,20 @@ use crate::skb;
 #[inline(always)]
 pub fn to_endpoint(ctx: &TcContext, ep: &Endpoint) -> Result<i32, Counter> {
     skb::set_macs(ctx, ep.mac, ep.gateway_mac)?;
-    if ep.is_host() {
-        // The host link's peer lives in this namespace: out of it, into the host stack.
-        // SAFETY: plain helper call.
-        return Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32);
-    }
-    // bpf_redirect_peer works at TC ingress only, where the kernel has just set the skb's
-    // input interface to the device the hook runs on. A program running as a netkit pair's
-    // policy (the container's transmit path, `--container-device netkit`) is not at ingress:
-    // the kernel would drop a peer redirect there, so it hands the frame to the target's
-    // host-side device instead (whose transmit puts it into the container).
-    // SAFETY: the context pointer is valid for the program's run.
-    let at_ingress = unsafe { (*ctx.skb.skb).ingress_ifindex } == skb::ingress_ifindex(ctx);
-    if !at_ingress {
-        // SAFETY: plain helper call.
-        return Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as i32);
-    }
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+    // Straight into the container's namespace where the kernel allows it: bpf_redirect_peer
+    // works at TC ingress only. Otherwise out of the target's host-side device: for the host's
+    // own endpoint (its link's peer is in this namespace, so this enters the host stack), and
+    // from a netkit pair's policy (`--container-device netkit`), which runs on the container's
+    // transmit path where a peer redirect would be dropped; the device's transmit puts the
+    // frame into the container.
+    let into_peer = !ep.is_host() && skb::at_tc_ingress(ctx);
+    // SAFETY: plain helper calls.
+    let verdict = unsafe {
+        if into_peer {
+            bpf_redirect_peer(ep.ifindex, 0)
+        } else {
+            bpf_redirect(ep.ifindex, 0)
+        }
+    };
+    Ok(verdict as i32)
 }

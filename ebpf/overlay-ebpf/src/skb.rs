@@ -57,6 +57,14 @@ pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// Whether the program runs at TC ingress, where the kernel has just set the packet's input
+/// interface to the device the hook runs on (not so on a netkit policy's transmit path).
+#[inline(always)]
+pub fn at_tc_ingress(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).ingress_ifindex == (*ctx.skb.skb).ifindex }
+}
+
 /// Hands the verified sender's network (id) and counter slot to the program `from_container`
 /// tail-calls into (`skb->cb`, which a tail call keeps): that program need not look the sender
 /// up again.
