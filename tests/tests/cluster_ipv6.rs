@@ -15,7 +15,7 @@ use overlay_api::subnets::halves6;
 use overlay_common::counters::Counter;
 use overlay_datapath::OverlayMaps;
 use overlay_lab::{
-    Container,
+    Container, Node,
     cluster::{Cluster, ClusterSpec, ContainerAddrs},
 };
 use overlay_tests::{bin_path, lab_pins};
@@ -89,25 +89,33 @@ fn ping_all(pairs: &[(&C, IpAddr)]) -> Vec<bool> {
     })
 }
 
+/// Starts `script` (`sh -c`) in `node` and gives it a moment to listen.
+fn listen(node: &Node, script: &str) -> std::process::Child {
+    let mut server = node.command("sh");
+    server.args(["-c", script]);
+    let server = server.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    server
+}
+
+/// Runs `script` (`sh -c`) in `node`.
+fn sh(node: &Node, script: &str) {
+    node.exec("sh", &["-c", script]).unwrap();
+}
+
 /// One TCP message and one UDP datagram from `from` to `to` over IPv6.
 fn tcp_and_udp6(from: &C, to: &C, port: u16) {
     let dir = tempfile::tempdir().unwrap();
     let dst = to.v6().to_string();
     let got = dir.path().join("tcp");
-    let mut server = to.c.node.command("sh");
-    server.args(["-c", &format!("nc -6 -l -p {port} > {}", got.display())]);
-    let mut server = server.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    from.c
-        .node
-        .exec(
-            "sh",
-            &[
-                "-c",
-                &format!("echo tcp6-hello | timeout 10 nc -N {dst} {port}"),
-            ],
-        )
-        .unwrap();
+    let mut server = listen(
+        &to.c.node,
+        &format!("nc -6 -l -p {port} > {}", got.display()),
+    );
+    sh(
+        &from.c.node,
+        &format!("echo tcp6-hello | timeout 10 nc -N {dst} {port}"),
+    );
     server.wait().unwrap();
     assert_eq!(
         std::fs::read_to_string(&got).unwrap(),
@@ -116,23 +124,14 @@ fn tcp_and_udp6(from: &C, to: &C, port: u16) {
         from.v6()
     );
     let got = dir.path().join("udp");
-    let mut server = to.c.node.command("sh");
-    server.args([
-        "-c",
+    let mut server = listen(
+        &to.c.node,
         &format!("timeout 3 nc -6 -u -l -p {port} > {}", got.display()),
-    ]);
-    let mut server = server.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    from.c
-        .node
-        .exec(
-            "sh",
-            &[
-                "-c",
-                &format!("echo udp6-hello | timeout 1 nc -6 -u -q 0 {dst} {port}"),
-            ],
-        )
-        .unwrap();
+    );
+    sh(
+        &from.c.node,
+        &format!("echo udp6-hello | timeout 1 nc -6 -u -q 0 {dst} {port}"),
+    );
     let _ = server.wait();
     assert_eq!(
         std::fs::read_to_string(&got).unwrap(),
@@ -151,28 +150,19 @@ fn bulk6(from: &C, to: &C, bytes: u64) -> (String, String) {
         dir.path().join("received"),
         dir.path().join("fifo"),
     );
-    let mut server = to.c.node.command("sh");
-    server.args([
-        "-c",
+    let mut server = listen(
+        &to.c.node,
         &format!("nc -6 -l -p 7100 | sha256sum > {}", received.display()),
-    ]);
-    let mut server = server.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    from.c
-        .node
-        .exec(
-            "sh",
-            &[
-                "-c",
-                &format!(
-                    "mkfifo {f}; sha256sum < {f} > {s} & head -c {bytes} /dev/urandom | tee {f} | timeout 60 nc -N {dst} 7100; wait",
-                    f = fifo.display(),
-                    s = sent.display(),
-                    dst = to.v6()
-                ),
-            ],
-        )
-        .unwrap();
+    );
+    sh(
+        &from.c.node,
+        &format!(
+            "mkfifo {f}; sha256sum < {f} > {s} & head -c {bytes} /dev/urandom | tee {f} | timeout 60 nc -N {dst} 7100; wait",
+            f = fifo.display(),
+            s = sent.display(),
+            dst = to.v6()
+        ),
+    );
     server.wait().unwrap();
     let read = |p: &std::path::Path| {
         std::fs::read_to_string(p)
