@@ -11,8 +11,7 @@
 //!   across agents only), in a table of their own: `raw_ipv6`, agent to agent by IPv6 over the
 //!   fabric bridge; `kernel_ipv6`, DC/OS's kernel datapath carrying `dcos6` (Docker containers
 //!   on `d-dcos6`, `vtep_ip6`, see [`kernel`]); `ebpf_ipv6`, ebpf-overlay's real agents and
-//!   programs with IPv6 on `dcos` written at the map level (the agents do not give containers
-//!   IPv6 addresses yet). RTT there is the xtask's own TCP ping-pong ([`traffic::Rtt`]).
+//!   programs, CNI containers on `dcos6` with the addresses the agents give them. RTT there is the xtask's own TCP ping-pong ([`traffic::Rtt`]).
 //!
 //! The three labs exist side by side and every run measures all of them in turn, so that drift in
 //! machine load hits every datapath alike. Paths: two containers on one agent, on two agents, and
@@ -34,7 +33,7 @@ pub mod traffic;
 mod vm;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -462,12 +461,6 @@ fn ebpf6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
     })
 }
 
-/// The IPv6 block of agent `i` (1-based) on the bench's inner-IPv6 network: `dcos6`'s
-/// fd01:b::i:0:0:0/80 (DC/OS's defaults, prefix6 80).
-fn block6(i: u16) -> String {
-    format!("fd01:b::{i:x}:0:0:0/80")
-}
-
 /// `raw_ipv6`: agent to agent by IPv6 over the same fabric bridge as the other inner-IPv6 rows
 /// (an IPv4 lab, each agent's eth0 given its fabric IPv6 address too).
 fn raw_ipv6_setup() -> anyhow::Result<Setup> {
@@ -531,71 +524,44 @@ fn kernel_ipv6_setup() -> anyhow::Result<Setup> {
     })
 }
 
-/// `ebpf_ipv6`: ebpf-overlay's real agents and programs, a CNI container on `dcos` on each, and
-/// IPv6 on `dcos` written at the map level as the agent will write it for a dual-stack network:
-/// the subnet fd01:b::/64, each container's IPv6 and link-local addresses as endpoints (its IPv4
-/// endpoint's value), the other agent's /80 block as a route (its IPv4 route's value). The
-/// agents are stopped first (their pinned datapath keeps running): their reconciler knows only
-/// IPv4 and would take the IPv6 subnet and routes out again.
+/// The bench's inner-IPv6 cluster: DC/OS's `dcos6` (fd01:b::/64, a /80 per agent) beside
+/// `dcos`.
+const DCOS6_CONFIG: &str = "\
+vtep_subnet: 44.128.0.0/20
+vtep_subnet6: fd01:a::/64
+vtep_mac_oui: 70:B3:D5:00:00:00
+overlays:
+  - {name: dcos, subnet: 9.0.0.0/8, prefix: 24}
+  - {name: dcos6, subnet6: 'fd01:b::/64', prefix6: 80}
+";
+
+/// `ebpf_ipv6`: ebpf-overlay's real agents and programs, a CNI container on `dcos6` on each
+/// agent, addressed by the agents' IPAM as a runtime's container would be.
 fn ebpf_ipv6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
-    use overlay_common::maps::OverlaySubnet;
-    let mut c = Cluster::up(ClusterSpec::new(2, bin_dir))?;
-    let containers = [
-        c.add_container("a1", "dcos")?,
-        c.add_container("a2", "dcos")?,
-    ];
+    let mut spec = ClusterSpec::new(2, bin_dir);
+    spec.config = DCOS6_CONFIG.into();
+    let mut c = Cluster::up(spec)?;
+    let (c1, _) = c.add_container_addrs("a1", "dcos6")?;
+    let (c3, c3_addrs) = c.add_container_addrs("a2", "dcos6")?;
+    let server = IpAddr::V6(
+        c3_addrs
+            .ip6
+            .context("the plugin gave the dcos6 container on a2 no IPv6 address")?,
+    );
     let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
     let agent_nodes = vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()];
     let prog_ids = bpfstats::lab_prog_ids(&instances)?;
-    for a in ["a1", "a2"] {
-        c.stop_agent(a);
-    }
-    let addr6 = |i: u16| Ipv6Addr::new(0xfd01, 0xb, 0, 0, i, 0, 0, 2);
-    let link_local = |i: u16| Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, i, 2);
-    for (idx, (container, instance)) in containers.iter().zip(&instances).enumerate() {
-        let i = idx as u16 + 1;
-        let pins = overlay_datapath::PinLayout::new(Path::new(overlay_lab::BPFFS), instance)?;
-        let mut m = overlay_datapath::OverlayMaps::open_pinned(&pins)?;
-        let ip4 = container.node.ip.context("container without an address")?;
-        let ep = *m
-            .endpoints()?
-            .get(&IpAddr::V4(ip4))
-            .with_context(|| format!("no endpoint for {ip4} on a{i}"))?;
-        // The route to the other agent's dcos subnet says where its IPv6 block is too.
-        let peer = *m
-            .routes()?
-            .values()
-            .find(|r| r.network == ep.network)
-            .with_context(|| format!("a{i} has no route of network {}", ep.network))?;
-        m.put_subnet("fd01:b::/64".parse()?, OverlaySubnet::new(ep.network))?;
-        m.put_route(block6(3 - i).parse()?, peer)?;
-        for ip in [addr6(i), link_local(i)] {
-            m.put_endpoint(IpAddr::V6(ip), ep)?;
-            let cidr = format!("{ip}/64");
-            let dev = container.ifname.as_str();
-            container
-                .node
-                .exec("ip", &["-6", "addr", "add", &cidr, "dev", dev, "nodad"])?;
-        }
-    }
-    let (c1, c3) = (&containers[0].node, &containers[1].node);
-    let server = IpAddr::V6(addr6(2));
-    traffic::start_servers(&mut c.lab, c3, server)?;
-    traffic::wait_servers_on(c3, server)?;
-    if !ping_ip(c1, server) {
+    let (c1, c3) = (c1.node, c3.node);
+    traffic::start_servers(&mut c.lab, &c3, server)?;
+    traffic::wait_servers_on(&c3, server)?;
+    if !ping_ip(&c1, server) {
         bail!("ebpf_ipv6: {} cannot reach {server}", c1.netns);
     }
     Ok(Setup {
         name: "ebpf_ipv6",
         prog_ids,
         agent_nodes,
-        paths: vec![(
-            "cross_agent",
-            Ok(Target {
-                client: c1.clone(),
-                server,
-            }),
-        )],
+        paths: vec![("cross_agent", Ok(Target { client: c1, server }))],
         rtt: Rtt::PingPong,
         _keep: Box::new(c),
     })

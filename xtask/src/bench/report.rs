@@ -339,9 +339,7 @@ fn inner_ipv6_table(r: &Results, s: &mut String) {
         "\nInner IPv6 over the IPv4 underlay. raw IPv6: agent namespace to agent namespace over \
          the fabric bridge. kernel: DC/OS's `dcos6` (Docker containers on `d-dcos6`, \
          `vtep1024` with `vtep_ip6`, neighbour entry and route per peer). ebpf-overlay: the real \
-         agents' programs with IPv6 on `dcos` written at the map level, the agents stopped \
-         after wiring their CNI containers (their IPAM gives no IPv6 address yet, and their \
-         IPv4-only reconciler would remove the IPv6 entries). RTT: the xtask's TCP ping-pong \
+         agents and programs, CNI containers on `dcos6` addressed by the agents' IPAM. RTT: the xtask's TCP ping-pong \
          (14-byte messages; sockperf 3.7 has no IPv6), not comparable with sockperf's figures."
     );
 }
