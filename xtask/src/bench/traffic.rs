@@ -127,7 +127,16 @@ fn close_with_reset(s: std::net::TcpStream) {
 
 /// `xtask bench-cps-server ADDR`: accepts TCP connections and closes them, as fast as it can.
 pub fn cps_server(addr: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    // A deep accept queue: with std's 128, a burst of handshakes while this one thread is off
+    // the CPU overflows it, the kernel drops the SYN, and that client waits the 1 s SYN
+    // retransmission (its connect times out): runs swung tenfold on every path from that
+    // alone (`TcpExtListenOverflows`). Listening again on a listening socket resizes its queue.
+    // SAFETY: a valid listening socket.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("resizing the accept queue");
+    }
     loop {
         if let Ok((s, _)) = listener.accept() {
             close_with_reset(s);
