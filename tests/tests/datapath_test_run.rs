@@ -1503,3 +1503,50 @@ fn micro_benchmark_cases_take_their_paths() {
     // Repeating a path that rewrites its packet would measure its own output: refused.
     assert!(bench.run_repeated(&cases[1], 10).is_err());
 }
+
+/// A network's counter slot comes back when the network goes and nothing of it is left, and the
+/// next network finds it zeroed: networks that come and go do not use up the 255 slots (after
+/// which every new network would count, unseen, in the no-network slot).
+#[test]
+fn a_removed_networks_counter_slot_is_given_back_zeroed() {
+    const GONE: u32 = 4001;
+    const NEXT: u32 = 4002;
+    let mut f = Fixture::new();
+    let m = f.dp.maps_mut();
+    // Network A still has endpoints and routes here: they count in its slot, which stays.
+    let slot_a = m.counter_slots().unwrap()[&VNI_A];
+    m.remove_network(VNI_A).unwrap();
+    assert_eq!(m.counter_slots().unwrap().get(&VNI_A), Some(&slot_a));
+
+    m.put_network(GONE, Network::default()).unwrap();
+    let slot = m.counter_slots().unwrap()[&GONE];
+    assert_ne!(slot, 0);
+    m.add_counts(GONE, Counter::Encapsulated as u32, &[(7, 700)])
+        .unwrap();
+    assert!(
+        m.stats()
+            .unwrap()
+            .iter()
+            .any(|r| r.network == GONE && r.packets == 7)
+    );
+    m.remove_network(GONE).unwrap();
+    assert!(!m.counter_slots().unwrap().contains_key(&GONE));
+
+    m.put_network(NEXT, Network::default()).unwrap();
+    assert_eq!(
+        m.counter_slots().unwrap()[&NEXT],
+        slot,
+        "the lowest free slot is reused"
+    );
+    let rows = m.stats().unwrap();
+    assert!(
+        rows.iter().all(|r| r.network != GONE),
+        "the gone network is still reported"
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r.network == NEXT)
+            .all(|r| r.packets == 0 && r.bytes == 0),
+        "the reused slot kept the gone network's counts"
+    );
+}

@@ -299,9 +299,27 @@ impl OverlayMaps {
             .with_context(|| format!("adding network {id} to OVL_NETWORKS"))
     }
 
+    /// Network (id) `id` takes part here no more. Its counter slot goes back once no endpoint
+    /// or route of it is left to count in it (the reconciler removes a network after those), so
+    /// networks that come and go do not use the slots up; the next network to take the slot
+    /// finds it zeroed.
     pub fn remove_network(&mut self, id: u32) -> anyhow::Result<()> {
         ignore_missing(self.networks.remove(&NetworkKey::new(id)))
-            .with_context(|| format!("removing network {id} from OVL_NETWORKS"))
+            .with_context(|| format!("removing network {id} from OVL_NETWORKS"))?;
+        self.release_counter_slot(id)
+    }
+
+    fn release_counter_slot(&mut self, network: u32) -> anyhow::Result<()> {
+        if network == NO_NETWORK {
+            return Ok(());
+        }
+        let counted = self.endpoints()?.values().any(|e| e.network == network)
+            || self.routes()?.values().any(|r| r.network == network);
+        if counted {
+            return Ok(());
+        }
+        ignore_missing(self.net_slots.remove(&NetworkKey::new(network)))
+            .with_context(|| format!("giving back the counter slot of network {network}"))
     }
 
     /// Every network by id.
@@ -378,8 +396,8 @@ impl OverlayMaps {
 
     /// The counter slot of network (id) `network`, given to it now if it has none: the lowest
     /// free one, its counters named (network, counter) and zeroed. Slot 0 is no network's, and
-    /// where a network counts while all are taken. Slots are not taken back when a network
-    /// goes (there are few networks, and a reused slot would mix two networks' counts).
+    /// where a network counts while all are taken. A slot comes back when its network goes and
+    /// nothing of it is left ([`Self::remove_network`]).
     fn counter_slot(&mut self, network: u32) -> anyhow::Result<u32> {
         if network == NO_NETWORK {
             return Ok(0);
