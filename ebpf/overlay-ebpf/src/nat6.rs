@@ -33,7 +33,7 @@ use crate::{
     },
     nat::{PROBE_LIMIT_IPV6, allocate, live, now_ns, raw16, refresh},
     skb,
-    stats::count,
+    stats::{count, count_in_slot},
 };
 
 /// The flow being masqueraded, parked in a per-CPU slot between parsing and rewriting: off
@@ -171,8 +171,9 @@ pub fn try_masquerade(ctx: &TcContext) -> Result<i32, Drop> {
     let next_header = skb::load::<1>(ctx, ETH_HLEN + 6)?[0];
     let src = skb::load::<16>(ctx, IP6_SRC)?;
     let dst = skb::load::<16>(ctx, IP6_DST)?;
-    let network = endpoint(src).ok_or(Counter::DropSpoofedSource)?.network;
-    masquerade(ctx, cfg, (next_header, &src, &dst), network).in_network(network)
+    let sender = endpoint(src).ok_or(Counter::DropSpoofedSource)?;
+    let (network, slot) = (sender.network, sender.slot);
+    masquerade(ctx, cfg, (next_header, &src, &dst), (network, slot)).in_network(network)
 }
 
 /// Adds the checksum difference `diff` of a pseudo-header address change to the transport
@@ -227,7 +228,7 @@ fn masquerade(
     ctx: &TcContext,
     cfg: &AgentConfig,
     (protocol, src, dst): (u8, &Addr16, &Addr16),
-    network: u32,
+    (network, counter_slot): (u32, u32),
 ) -> Result<i32, Counter> {
     let nat = nat_config().ok_or(Counter::DropNotReady)?;
     if !nat.has_ipv6_source() {
@@ -279,7 +280,7 @@ fn masquerade(
         ),
         (reread(&flow.port) as u16, out_port),
     )?;
-    count(network, Counter::Masqueraded, ctx.len());
+    count_in_slot(counter_slot, Counter::Masqueraded, ctx.len());
     // SAFETY: plain helper call; the FIB picks the next hop of the outside address.
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)
 }
@@ -336,7 +337,7 @@ pub fn unmasquerade(ctx: &TcContext) -> Result<Option<i32>, Drop> {
     )
     .in_network(network)?;
     let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
-    count(network, Counter::Unmasqueraded, ctx.len());
+    count_in_slot(ep.slot, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
 }
 
@@ -386,6 +387,6 @@ fn icmp_error(ctx: &TcContext, nat: &NatConfig, ip: &Ipv6Header) -> Result<Optio
         .map_err(fail)?;
     ctx.store(IP6_DST, &container, recompute).map_err(fail)?;
     let verdict = deliver::to_endpoint(ctx, ep).in_network(network)?;
-    count(network, Counter::Unmasqueraded, ctx.len());
+    count_in_slot(ep.slot, Counter::Unmasqueraded, ctx.len());
     Ok(Some(verdict))
 }
