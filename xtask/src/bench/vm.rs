@@ -1,10 +1,12 @@
 //! `cargo xtask bench --vm`: iperf3 between containers in two QEMU VMs (`overlay_lab::vm`), over
-//! their virtio-net NICs, three ways in one lab run:
+//! their virtio-net NICs, five ways in one lab run:
 //!
 //! - `ebpf`: ebpf-overlay as the package installs it (agents started by systemd at boot, CNI
 //!   containers on `dcos`, XDP native on virtio_net, TC programs);
 //! - `ebpf, --xdp off`: the same agents restarted without XDP (native XDP turns virtio_net's
 //!   receive offloads off);
+//! - `ebpf, netkit`: the agents restarted with `OVERLAY_CONTAINER_DEVICE=netkit` (XDP on again),
+//!   new containers on netkit pairs;
 //! - `raw`: VM to VM over the same NICs, nothing of the overlay loaded (measured after the
 //!   agents were stopped and `overlayctl cleanup` detached everything);
 //! - `kernel`: DC/OS's kernel datapath built in the guests the way dcos-net builds it (bridge
@@ -138,8 +140,8 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     let kernel_release = vm1.ok("uname -r")?.trim().to_owned();
     let streams = [1u32, 4];
     // samples[datapath][streams index]
-    // raw, kernel, ebpf (as installed), ebpf with --xdp off
-    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![vec![]; streams.len()]; 4];
+    // raw, kernel, ebpf (as installed), ebpf with --xdp off, ebpf with netkit containers
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![vec![]; streams.len()]; 5];
 
     // ebpf-overlay, as installed.
     vm1.add_cni_container("c-dcos", "dcos")?;
@@ -168,10 +170,51 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
             samples[3][k].push(iperf(vm1, Some("c-dcos"), &server, args.secs, *p)?);
         }
     }
+    // netkit containers (the guest kernel has CONFIG_NETKIT): the agents, XDP back on as
+    // installed, restarted with `OVERLAY_CONTAINER_DEVICE=netkit`, give new containers netkit
+    // pairs (from_container as the pair's policy, 70 bytes of headroom for the encapsulation).
+    for vm in [vm1, vm2] {
+        let pid = vm.ok("systemctl show -P MainPID overlay-agent")?;
+        // --no-block: a Type=notify start under emulation outlasts one shell command's timeout.
+        vm.ok("sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=|' /etc/ebpf-overlay/agent.env && echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env && systemctl restart --no-block overlay-agent")?;
+        vm.wait_for(
+            &format!(
+                "systemctl is-active overlay-agent && [ \"$(systemctl show -P MainPID overlay-agent)\" != \"{}\" ]",
+                pid.trim()
+            ),
+            Duration::from_secs(240),
+        )
+        .with_context(|| format!("{}: agent with netkit not active", vm.name))?;
+    }
+    for vm in [vm1, vm2] {
+        vm.wait_for(
+            "journalctl -b -u overlay-agent --no-pager | grep -q 'containers get netkit pairs'",
+            Duration::from_secs(60),
+        )
+        .with_context(|| format!("{}: the agent did not switch to netkit", vm.name))?;
+    }
+    vm1.add_cni_container("c-nk", "dcos")?;
+    let server = vm2.add_cni_container("c-nk", "dcos")?.to_string();
+    for vm in [vm1, vm2] {
+        let links: serde_json::Value = serde_json::from_str(vm.ok("ip -j -d link show")?.trim())
+            .with_context(|| format!("{}: ip -j link", vm.name))?;
+        let netkit = links
+            .as_array()
+            .is_some_and(|l| l.iter().any(|l| l["linkinfo"]["info_kind"] == "netkit"));
+        if !netkit {
+            bail!("{}: c-nk got no netkit pair", vm.name);
+        }
+    }
+    iperf_server(vm2, Some("c-nk"))?;
+    for _ in 0..args.runs {
+        for (k, p) in streams.iter().enumerate() {
+            samples[4][k].push(iperf(vm1, Some("c-nk"), &server, args.secs, *p)?);
+        }
+    }
     // Nothing of the overlay left for the other two.
     for vm in [vm1, vm2] {
         vm.ok(
-            "systemctl stop overlay-agent && overlayctl cleanup >/dev/null && ip netns del c-dcos",
+            "systemctl stop overlay-agent && overlayctl cleanup >/dev/null && ip netns del c-dcos && ip netns del c-nk",
         )?;
         let left = vm.ok("ip link show dev eth0")?;
         if left.contains(" xdp") {
@@ -210,28 +253,32 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
         super::load(),
     );
     md.push_str(
-        "| figure | raw | kernel (DC/OS) | ebpf-overlay | ebpf-overlay, `--xdp off` | ebpf/raw \
-         | ebpf/kernel | ebpf without XDP/kernel | kernel/raw |\n",
+        "| figure | raw | kernel (DC/OS) | ebpf-overlay | ebpf-overlay, `--xdp off` | \
+         ebpf-overlay, netkit | ebpf/raw | ebpf/kernel | ebpf without XDP/kernel | netkit/raw | \
+         netkit/veth | kernel/raw |\n",
     );
-    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut json_rows = vec![];
     for (k, p) in streams.iter().enumerate() {
-        let m: Vec<f64> = (0..4).map(|d| median(&samples[d][k])).collect();
+        let m: Vec<f64> = (0..5).map(|d| median(&samples[d][k])).collect();
         md.push_str(&format!(
-            "| TCP {p} stream{} (Gbit/s) | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
+            "| TCP {p} stream{} (Gbit/s) | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
             if *p == 1 { "" } else { "s" },
             spread(&samples[0][k]),
             spread(&samples[1][k]),
             spread(&samples[2][k]),
             spread(&samples[3][k]),
+            spread(&samples[4][k]),
             m[2] / m[0],
             m[2] / m[1],
             m[3] / m[1],
+            m[4] / m[0],
+            m[4] / m[2],
             m[1] / m[0],
         ));
         json_rows.push(serde_json::json!({
             "streams": p, "raw": samples[0][k], "kernel": samples[1][k], "ebpf": samples[2][k],
-            "ebpf_xdp_off": samples[3][k],
+            "ebpf_xdp_off": samples[3][k], "ebpf_netkit": samples[4][k],
         }));
     }
     drop(lab);
