@@ -108,7 +108,7 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
     if Command::new("perf").arg("--version").output().is_err() {
         bail!("perf missing (Debian's linux-perf)");
     }
-    let setup = super::ebpf_setup(bin_dir).context("ebpf-overlay cluster")?;
+    let setup = super::ebpf_setup(bin_dir, &[]).context("ebpf-overlay cluster")?;
     let Some((_, Ok(target))) = setup.paths.iter().find(|(p, _)| *p == "cross_agent") else {
         bail!("no cross-agent path");
     };

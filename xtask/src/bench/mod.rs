@@ -85,6 +85,11 @@ pub struct BenchArgs {
         default_value = "raw,kernel,ebpf,raw_ipv6,kernel_ipv6,ebpf_ipv6"
     )]
     pub datapaths: Vec<String>,
+    /// An extra argument for the ebpf-overlay agents of the IPv4 data-plane lab (repeatable), to
+    /// measure an agent setting against the defaults, e.g.
+    /// `--agent-arg=--nat-tcp-closing-timeout=1`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
     /// Only the micro-benchmark table (per-packet program cost by BPF_PROG_TEST_RUN).
     #[arg(long)]
     pub micro: bool,
@@ -227,6 +232,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             &plan,
             &bin_dir,
             &args.datapaths,
+            &args.agent_args,
             args.bpf_stats,
             &mut results,
         )?;
@@ -345,8 +351,10 @@ fn ping(from: &Node, to: Ipv4Addr) -> bool {
     (0..3).any(|_| from.ping(to))
 }
 
-fn ebpf_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
-    let mut c = Cluster::up(ClusterSpec::new(2, bin_dir))?;
+fn ebpf_setup(bin_dir: &Path, agent_args: &[String]) -> anyhow::Result<Setup> {
+    let mut spec = ClusterSpec::new(2, bin_dir);
+    spec.agent_args.extend(agent_args.iter().cloned());
+    let mut c = Cluster::up(spec)?;
     let c1 = c.add_container("a1", "dcos")?.node;
     let c2 = c.add_container("a1", "dcos")?.node;
     let c3 = c.add_container("a2", "dcos")?.node;
@@ -575,6 +583,7 @@ fn data_plane(
     plan: &Plan,
     bin_dir: &Path,
     which: &[String],
+    agent_args: &[String],
     bpf_stats: bool,
     results: &mut Results,
 ) -> anyhow::Result<()> {
@@ -588,7 +597,7 @@ fn data_plane(
         setups.push(kernel_setup().context("DC/OS kernel datapath lab")?);
     }
     if want("ebpf") {
-        setups.push(ebpf_setup(bin_dir).context("ebpf-overlay cluster")?);
+        setups.push(ebpf_setup(bin_dir, agent_args).context("ebpf-overlay cluster")?);
     }
     if want("raw_ipv6") {
         setups.push(raw_ipv6_setup().context("raw IPv6 lab (agent to agent)")?);
