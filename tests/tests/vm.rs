@@ -278,7 +278,7 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
         );
         assert_eq!(
             netkit.len(),
-            netkit_devices(vm),
+            vm.netkit_devices().unwrap(),
             "{}: netkit devices",
             vm.name
         );
@@ -459,18 +459,6 @@ fn netkit_programs(vm: &overlay_lab::vm::Vm) -> Vec<String> {
     out
 }
 
-/// The netkit devices of the guest's host namespace (the host sides of netkit pairs).
-fn netkit_devices(vm: &overlay_lab::vm::Vm) -> usize {
-    let links: serde_json::Value =
-        serde_json::from_str(vm.ok("ip -j -d link show").unwrap().trim()).unwrap();
-    links
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["linkinfo"]["info_kind"] == "netkit")
-        .count()
-}
-
 /// A 3-second iperf3 TCP transfer from container `from` in `client` to `to_ip` (container
 /// `server_ns` in `server`): bytes received and Gbit/s.
 fn tcp_transfer(
@@ -503,27 +491,11 @@ fn tcp_transfer(
 /// as an operator would) and waits until it is active again.
 fn restart_with_netkit(vm: &overlay_lab::vm::Vm) {
     let start = Instant::now();
-    let pid = vm.ok("systemctl show -P MainPID overlay-agent").unwrap();
-    // --no-block: a Type=notify start under emulation outlasts one shell command's timeout.
-    vm.ok("echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env && systemctl restart --no-block overlay-agent")
-        .unwrap();
-    vm.wait_for(
-        &format!(
-            "systemctl is-active overlay-agent && [ \"$(systemctl show -P MainPID overlay-agent)\" != \"{}\" ]",
-            pid.trim()
-        ),
+    vm.restart_agent(
+        "echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env",
         Duration::from_secs(240),
     )
-    .unwrap_or_else(|e| {
-        let log = vm
-            .sh(
-                "journalctl -b -u overlay-agent --no-pager | tail -30",
-                Duration::from_secs(30),
-            )
-            .map(|o| o.text)
-            .unwrap_or_default();
-        panic!("{}: {e:#}\n{log}", vm.name)
-    });
+    .unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!(
         "{}: agent restarted with netkit in {:.0}s",
         vm.name,

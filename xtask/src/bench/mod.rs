@@ -203,6 +203,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         plan.secs,
     );
     results.load_before = load();
+    results.agent_args = args.agent_args.clone();
     if !args.no_micro {
         let micro = micro::run(
             &bin_dir.join("overlay-microbench"),
@@ -232,7 +233,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             &plan,
             &bin_dir,
             &args.datapaths,
-            &args.agent_args,
             args.bpf_stats,
             &mut results,
         )?;
@@ -583,7 +583,6 @@ fn data_plane(
     plan: &Plan,
     bin_dir: &Path,
     which: &[String],
-    agent_args: &[String],
     bpf_stats: bool,
     results: &mut Results,
 ) -> anyhow::Result<()> {
@@ -597,7 +596,7 @@ fn data_plane(
         setups.push(kernel_setup().context("DC/OS kernel datapath lab")?);
     }
     if want("ebpf") {
-        setups.push(ebpf_setup(bin_dir, agent_args).context("ebpf-overlay cluster")?);
+        setups.push(ebpf_setup(bin_dir, &results.agent_args).context("ebpf-overlay cluster")?);
     }
     if want("raw_ipv6") {
         setups.push(raw_ipv6_setup().context("raw IPv6 lab (agent to agent)")?);

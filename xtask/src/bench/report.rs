@@ -125,6 +125,9 @@ pub struct Results {
     pub bpf_programs: std::collections::BTreeMap<(String, String), (u64, u64)>,
     /// The micro-benchmark table (per-packet program cost by test run).
     pub micro: Option<super::micro::MicroResults>,
+    /// Extra arguments the ebpf-overlay agents ran with (`--agent-arg`): a lever, not the
+    /// defaults.
+    pub agent_args: Vec<String>,
 }
 
 impl Results {
@@ -142,6 +145,7 @@ impl Results {
             bpf_stats_enabled: false,
             bpf_programs: Default::default(),
             micro: None,
+            agent_args: vec![],
         }
     }
 
@@ -358,6 +362,13 @@ pub fn markdown(r: &Results) -> String {
         r.elapsed_s,
         u8::from(r.bpf_stats_enabled)
     );
+    if !r.agent_args.is_empty() {
+        let _ = writeln!(
+            s,
+            "ebpf-overlay's agents ran with `{}` (not the defaults).\n",
+            r.agent_args.join(" ")
+        );
+    }
     if has_main_rows(r) {
         let _ = writeln!(
             s,
@@ -566,6 +577,7 @@ pub fn to_json(r: &Results, timestamp: &str) -> serde_json::Value {
         "load_before": r.load_before,
         "load_after": r.load_after,
         "elapsed_s": r.elapsed_s,
+        "agent_args": r.agent_args,
         "datapaths": DATAPATHS,
         "paths": PATHS,
         "figures": figures,

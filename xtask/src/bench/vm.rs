@@ -141,52 +141,46 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     let streams = [1u32, 4];
     // samples[datapath][streams index]
     // raw, kernel, ebpf (as installed), ebpf with --xdp off, ebpf with netkit containers
-    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![vec![]; streams.len()]; 5];
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![]; 5];
+    // One datapath's figures: `runs` rounds of each stream count, vm1 (`netns`) to `server`.
+    let measure = |netns: Option<&str>, server: &str| -> anyhow::Result<Vec<Vec<f64>>> {
+        let mut figures = vec![vec![]; streams.len()];
+        for _ in 0..args.runs {
+            for (k, p) in streams.iter().enumerate() {
+                figures[k].push(iperf(vm1, netns, server, args.secs, *p)?);
+            }
+        }
+        Ok(figures)
+    };
 
     // ebpf-overlay, as installed.
     vm1.add_cni_container("c-dcos", "dcos")?;
     let server = vm2.add_cni_container("c-dcos", "dcos")?.to_string();
     iperf_server(vm2, Some("c-dcos"))?;
-    for _ in 0..args.runs {
-        for (k, p) in streams.iter().enumerate() {
-            samples[2][k].push(iperf(vm1, Some("c-dcos"), &server, args.secs, *p)?);
-        }
-    }
+    samples[2] = measure(Some("c-dcos"), &server)?;
     // The same without XDP: attaching native XDP turns virtio_net's receive offloads (guest
     // GRO) off, which this shows apart from the programs' own cost. The restarted agents take
     // the pinned datapath over; the containers stay.
     for vm in [vm1, vm2] {
-        vm.ok("sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=--xdp off|' /etc/ebpf-overlay/agent.env && systemctl restart overlay-agent")?;
-    }
-    for vm in [vm1, vm2] {
+        vm.restart_agent(
+            "sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=--xdp off|' /etc/ebpf-overlay/agent.env",
+            Duration::from_secs(240),
+        )?;
         vm.wait_for(
-            "systemctl is-active overlay-agent && ! ip link show dev eth0 | grep -q ' xdp'",
+            "! ip link show dev eth0 | grep -q ' xdp'",
             Duration::from_secs(240),
         )
-        .with_context(|| format!("{}: agent with --xdp off not active", vm.name))?;
+        .with_context(|| format!("{}: XDP still attached with --xdp off", vm.name))?;
     }
-    for _ in 0..args.runs {
-        for (k, p) in streams.iter().enumerate() {
-            samples[3][k].push(iperf(vm1, Some("c-dcos"), &server, args.secs, *p)?);
-        }
-    }
+    samples[3] = measure(Some("c-dcos"), &server)?;
     // netkit containers (the guest kernel has CONFIG_NETKIT): the agents, XDP back on as
     // installed, restarted with `OVERLAY_CONTAINER_DEVICE=netkit`, give new containers netkit
     // pairs (from_container as the pair's policy, 70 bytes of headroom for the encapsulation).
     for vm in [vm1, vm2] {
-        let pid = vm.ok("systemctl show -P MainPID overlay-agent")?;
-        // --no-block: a Type=notify start under emulation outlasts one shell command's timeout.
-        vm.ok("sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=|' /etc/ebpf-overlay/agent.env && echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env && systemctl restart --no-block overlay-agent")?;
-        vm.wait_for(
-            &format!(
-                "systemctl is-active overlay-agent && [ \"$(systemctl show -P MainPID overlay-agent)\" != \"{}\" ]",
-                pid.trim()
-            ),
+        vm.restart_agent(
+            "sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=|' /etc/ebpf-overlay/agent.env && echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env",
             Duration::from_secs(240),
-        )
-        .with_context(|| format!("{}: agent with netkit not active", vm.name))?;
-    }
-    for vm in [vm1, vm2] {
+        )?;
         vm.wait_for(
             "journalctl -b -u overlay-agent --no-pager | grep -q 'containers get netkit pairs'",
             Duration::from_secs(60),
@@ -196,21 +190,12 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     vm1.add_cni_container("c-nk", "dcos")?;
     let server = vm2.add_cni_container("c-nk", "dcos")?.to_string();
     for vm in [vm1, vm2] {
-        let links: serde_json::Value = serde_json::from_str(vm.ok("ip -j -d link show")?.trim())
-            .with_context(|| format!("{}: ip -j link", vm.name))?;
-        let netkit = links
-            .as_array()
-            .is_some_and(|l| l.iter().any(|l| l["linkinfo"]["info_kind"] == "netkit"));
-        if !netkit {
+        if vm.netkit_devices()? == 0 {
             bail!("{}: c-nk got no netkit pair", vm.name);
         }
     }
     iperf_server(vm2, Some("c-nk"))?;
-    for _ in 0..args.runs {
-        for (k, p) in streams.iter().enumerate() {
-            samples[4][k].push(iperf(vm1, Some("c-nk"), &server, args.secs, *p)?);
-        }
-    }
+    samples[4] = measure(Some("c-nk"), &server)?;
     // Nothing of the overlay left for the other two.
     for vm in [vm1, vm2] {
         vm.ok(
@@ -223,20 +208,12 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     }
     vm2.ok("pkill -x iperf3 || true")?;
     iperf_server(vm2, None)?;
-    for _ in 0..args.runs {
-        for (k, p) in streams.iter().enumerate() {
-            samples[0][k].push(iperf(vm1, None, &vm2.ip.to_string(), args.secs, *p)?);
-        }
-    }
+    samples[0] = measure(None, &vm2.ip.to_string())?;
     vm2.ok("pkill -x iperf3 || true")?;
     kernel_datapath(vm1, 1, &[vm1, vm2])?;
     let server = kernel_datapath(vm2, 2, &[vm1, vm2])?;
     iperf_server(vm2, Some("k-dcos"))?;
-    for _ in 0..args.runs {
-        for (k, p) in streams.iter().enumerate() {
-            samples[1][k].push(iperf(vm1, Some("k-dcos"), &server, args.secs, *p)?);
-        }
-    }
+    samples[1] = measure(Some("k-dcos"), &server)?;
 
     let when = overlay_lab::run("date", &["-u", "+%Y%m%dT%H%M%SZ"])?
         .trim()

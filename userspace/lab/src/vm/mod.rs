@@ -261,6 +261,49 @@ impl Vm {
 }
 
 impl Vm {
+    /// Edits the agent's environment file with the shell command `edit` (as an operator would;
+    /// empty: none) and restarts the agent, waiting until a new process is active. The error
+    /// carries the agent's last journal lines.
+    pub fn restart_agent(&self, edit: &str, timeout: Duration) -> anyhow::Result<()> {
+        let pid = self.ok("systemctl show -P MainPID overlay-agent")?;
+        let edit = if edit.is_empty() {
+            String::new()
+        } else {
+            format!("{edit} && ")
+        };
+        // --no-block: a Type=notify start under emulation outlasts one shell command's timeout.
+        self.ok(&format!("{edit}systemctl restart --no-block overlay-agent"))?;
+        self.wait_for(
+            &format!(
+                "systemctl is-active overlay-agent && [ \"$(systemctl show -P MainPID overlay-agent)\" != \"{}\" ]",
+                pid.trim()
+            ),
+            timeout,
+        )
+        .map(drop)
+        .map_err(|e| {
+            let log = self
+                .sh(
+                    "journalctl -b -u overlay-agent --no-pager | tail -30",
+                    Duration::from_secs(30),
+                )
+                .map(|o| o.text)
+                .unwrap_or_default();
+            e.context(format!("{}: agent restart; its journal:\n{log}", self.name))
+        })
+    }
+
+    /// How many netkit devices the guest has.
+    pub fn netkit_devices(&self) -> anyhow::Result<usize> {
+        let links: serde_json::Value = serde_json::from_str(self.ok("ip -j -d link show")?.trim())
+            .with_context(|| format!("{}: `ip -j -d link show` is not JSON", self.name))?;
+        Ok(links.as_array().map_or(0, |l| {
+            l.iter()
+                .filter(|l| l["linkinfo"]["info_kind"] == "netkit")
+                .count()
+        }))
+    }
+
     /// Adds a container (network namespace `name`) on `network` with the CNI plugin, as a
     /// runtime would: the agent's conflist for the network, turned into the plugin's config as
     /// libcni does (the list's cniVersion and name added to its one plugin). Returns its address.
