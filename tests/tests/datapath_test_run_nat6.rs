@@ -9,15 +9,20 @@
 //! of `overlay_common`.
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use overlay_agent::{datapath::Datapath, masquerade};
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
-    maps::{Endpoint, NatConfig, NatKey, Network, OverlaySubnet, nat_direction, programs},
+    maps::{
+        Endpoint, NatConfig, NatEntry, NatKey, Network, OverlaySubnet, names, nat_direction,
+        programs,
+    },
 };
 use overlay_datapath::{AgentSettings, PinLayout, ProtectedDestination, addr16};
 use overlay_tests::support_packets::*;
@@ -788,4 +793,76 @@ fn ipv6_ports_run_out_like_ipv4_ones() {
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// The agent's walk of the flow table (its sweep, its metrics, `overlayctl`) is exact while
+/// entries come and go under it, as LRU eviction and closing flows make them in a connection
+/// storm: every walk ends, returns each entry at most once and nothing that never existed, and the
+/// sweep's quota recount counts each flow once. An entry-by-entry walk fails this: when the key
+/// it stands on goes, the kernel answers the next `GET_NEXT_KEY` with the table's first key and
+/// the walk reads everything again.
+#[test]
+fn the_flow_table_walk_is_exact_while_entries_come_and_go_under_it() {
+    const FLOWS: u16 = 3_000;
+    const CHURN_PASSES: usize = 30;
+    let mut f = Fixture::new(nat(10_000..=39_999, 0));
+    let c = programs::FROM_CONTAINER;
+    for i in 0..FLOWS {
+        let p = pkt6(
+            EP6,
+            EXT6,
+            IPPROTO_UDP,
+            &udp6(EP6, EXT6, 10_000 + i, 53, b"q"),
+        );
+        assert_eq!(f.run(c, &from_container(&p)).0, TC_ACT_REDIRECT, "flow {i}");
+    }
+    let all = f.dp.maps().nat_entries().unwrap();
+    let keys: HashSet<NatKey> = all.iter().map(|(k, _)| *k).collect();
+    assert_eq!(all.len(), 2 * FLOWS as usize, "two entries per flow");
+    assert_eq!(keys.len(), all.len(), "a quiet walk reads each entry once");
+    let swept = masquerade::sweep(f.dp.maps_mut()).unwrap();
+    assert_eq!(swept.remaining, 2 * FLOWS as usize);
+    assert_eq!(swept.flows, [0, FLOWS as usize], "IPv4 and IPv6 flows");
+    let quotas = f.dp.maps().nat_quotas().unwrap();
+    assert_eq!(quotas.len(), 1, "one destination: {quotas:?}");
+    assert_eq!(
+        quotas[0].1.flows,
+        u32::from(FLOWS),
+        "each flow counted once"
+    );
+
+    // Another handle on the pinned table removes and puts back every entry, over and over,
+    // while this one walks.
+    let table = MapData::from_pin(f._pins.0.map(names::NAT)).unwrap();
+    let mut table: AyaHashMap<MapData, NatKey, NatEntry> =
+        Map::LruHashMap(table).try_into().unwrap();
+    let churn = all.clone();
+    let churning = std::thread::spawn(move || {
+        for _ in 0..CHURN_PASSES {
+            for (k, e) in churn.iter().rev() {
+                table.remove(k).unwrap();
+                table.insert(k, e, 0).unwrap();
+            }
+        }
+    });
+    let mut walks = 0;
+    while !churning.is_finished() {
+        let seen = f.dp.maps().nat_entries().unwrap();
+        walks += 1;
+        let distinct: HashSet<NatKey> = seen.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            distinct.len(),
+            seen.len(),
+            "walk {walks} read {} entries, {} distinct",
+            seen.len(),
+            distinct.len()
+        );
+        assert!(
+            distinct.is_subset(&keys),
+            "walk {walks} read an entry never made"
+        );
+    }
+    churning.join().unwrap();
+    assert!(walks > 1, "walks ran while entries came and went");
+    assert_eq!(f.dp.maps().nat_entries().unwrap().len(), all.len());
 }

@@ -8,9 +8,10 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuValues, lpm_trie::Key,
     },
 };
 use ipnetwork::IpNetwork;
@@ -120,6 +121,17 @@ impl ProtectedDestination {
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// Every entry of a hash map the datapath writes to, in batches ([`crate::batch`]); entry by
+/// entry only where the kernel has no batch lookup.
+fn read_hash<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> anyhow::Result<Vec<(K, V)>> {
+    match crate::batch::hash_entries(map.map()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Ok(map.iter().collect::<Result<_, _>>()?)
+        }
+        r => Ok(r.context("BPF_MAP_LOOKUP_BATCH")?),
+    }
 }
 
 /// Removing an entry that is already gone is not an error: removal is idempotent.
@@ -506,12 +518,10 @@ impl OverlayMaps {
         self.nat_config.get(&0, 0).context("reading OVL_NAT_CONFIG")
     }
 
-    /// Every connection-tracking entry (two per masqueraded flow).
+    /// Every connection-tracking entry (two per masqueraded flow), read in batches: the datapath
+    /// adds and removes entries during the walk (see [`crate::batch`]).
     pub fn nat_entries(&self) -> anyhow::Result<Vec<(NatKey, NatEntry)>> {
-        self.nat
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading OVL_NAT")
+        read_hash(&self.nat).context("reading OVL_NAT")
     }
 
     pub fn remove_nat(&mut self, key: &NatKey) -> anyhow::Result<()> {
@@ -520,10 +530,7 @@ impl OverlayMaps {
 
     /// Live flows per container and destination, as the datapath counts them.
     pub fn nat_quotas(&self) -> anyhow::Result<Vec<(NatQuotaKey, NatQuota)>> {
-        self.nat_quota
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading OVL_NAT_QUOTA")
+        read_hash(&self.nat_quota).context("reading OVL_NAT_QUOTA")
     }
 
     /// Makes `OVL_NAT_QUOTA` hold exactly these counts (the agent's recount of live flows).

@@ -274,7 +274,7 @@ impl Cluster {
                 &peer,
             ])
             .args(["--initial-cluster", &peers.join(",")])
-            .args(["--initial-cluster-token", &self.lab.id().to_string()])
+            .args(["--initial-cluster-token", self.lab.id()])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args([
                 "--max-txn-ops",
