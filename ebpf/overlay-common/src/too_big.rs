@@ -51,6 +51,28 @@ pub const fn ipv6_answerable(total_len: usize, mtu: u32) -> bool {
     total_len > mtu as usize && total_len >= QUOTE_LEN
 }
 
+/// Offset of the TCP data-offset byte (header length in 32-bit words, high nibble).
+pub const TCP_DATA_OFFSET: usize = 12;
+
+/// The TCP header length that the data-offset byte `offset` gives.
+#[inline(always)]
+pub const fn tcp_header_len(offset: u8) -> usize {
+    ((offset >> 4) as usize) * 4
+}
+
+/// The IP length of each packet a GSO super-packet is cut into: its network and transport headers
+/// and `gso_size` bytes of payload (the last may be shorter). The overlay MTU applies to these,
+/// not to the super-packet: a container that believes its link larger than the overlay's sends
+/// super-packets whose segments would not fit, and must hear so as for a single packet.
+#[inline(always)]
+pub const fn gso_segment_len(
+    network_header_len: usize,
+    transport_header_len: usize,
+    gso_size: u32,
+) -> usize {
+    network_header_len + transport_header_len + gso_size as usize
+}
+
 /// Swaps the Ethernet addresses of the original frame: back to the sender, from its gateway.
 #[inline(always)]
 fn eth_back(h: &mut [u8], orig_dst_mac: [u8; 6], orig_src_mac: [u8; 6], ethertype: u16) {
@@ -131,6 +153,18 @@ pub fn write_packet_too_big_headers(
 mod tests {
     use super::*;
     use std::vec::Vec;
+
+    #[test]
+    fn gso_segments_are_measured_with_their_headers() {
+        // IPv4 TCP with timestamps: 20 + 32 + 1368 is the 1420-byte overlay MTU exactly.
+        assert_eq!(tcp_header_len(0x80), 32);
+        assert_eq!(tcp_header_len(0x50), 20);
+        assert_eq!(gso_segment_len(IPV4_HLEN, tcp_header_len(0x80), 1368), 1420);
+        // A container at MTU 1500 cuts 1448-byte segments: 1500, over the overlay's 1420.
+        assert_eq!(gso_segment_len(IPV4_HLEN, 32, 1448), 1500);
+        // IPv6 UDP GSO: 40 + 8 + payload.
+        assert_eq!(gso_segment_len(IPV6_HLEN, 8, 1372), 1420);
+    }
 
     fn reference_checksum(data: &[u8]) -> u16 {
         let mut sum: u64 = 0;

@@ -7,8 +7,10 @@ use overlay_common::{
     counters::{Counter, Drop, InNetwork},
     ipv6::Ipv6Header,
     maps::{AgentConfig, Endpoint, RemoteRoute},
-    packet::{ETH_P_IP, ETH_P_IPV6, Ipv4Header},
+    nat::UDP_HEADER_LEN,
+    packet::{ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv4Header},
     policy::{IPV6_HLEN, is_ipv6_extension_header},
+    too_big::{TCP_DATA_OFFSET, gso_segment_len, tcp_header_len},
 };
 
 use crate::{deliver, encap, guard, skb, stats::count_in_slot, too_big};
@@ -26,6 +28,8 @@ pub enum Hop {
 pub struct L3 {
     pub ethertype: u16,
     pub total_len: usize,
+    /// Length of the IPv4 header, or of the fixed IPv6 header.
+    pub header_len: usize,
     /// IPv4 protocol, or the IPv6 next header.
     pub protocol: u8,
     /// Offset of the transport header; `None` when none is there to check (a later IPv4
@@ -44,6 +48,7 @@ impl L3 {
         L3 {
             ethertype: ETH_P_IP,
             total_len: ip.total_len,
+            header_len: ip.header_len,
             protocol: ip.protocol,
             l4: if ip.is_later_fragment {
                 None
@@ -61,6 +66,7 @@ impl L3 {
         L3 {
             ethertype: ETH_P_IPV6,
             total_len: ip.total_len(),
+            header_len: IPV6_HLEN,
             protocol: ip.next_header,
             l4: if is_ipv6_extension_header(ip.next_header) {
                 None
@@ -71,6 +77,29 @@ impl L3 {
             fragment: false,
         }
     }
+}
+
+/// The IP length that counts against the overlay MTU: the packet's own, or, for a GSO
+/// super-packet, that of each segment it is cut into. A super-packet whose transport header is not
+/// TCP's or UDP's, or cannot be read, counts as fitting: its segments are not known here.
+#[inline(always)]
+fn wire_len(ctx: &TcContext, l3: &L3) -> usize {
+    let gso_size = skb::gso_size(ctx);
+    if gso_size == 0 {
+        return l3.total_len;
+    }
+    let Some(l4) = l3.l4 else { return 0 };
+    let transport_len = match l3.protocol {
+        // Two bytes (data offset and flags): a one-byte bounds check compiles to a form the
+        // verifier does not follow.
+        IPPROTO_TCP => match skb::load::<2>(ctx, l4 + TCP_DATA_OFFSET) {
+            Ok([offset, _]) => tcp_header_len(offset),
+            Err(_) => return 0,
+        },
+        IPPROTO_UDP => UDP_HEADER_LEN,
+        _ => return 0,
+    };
+    gso_segment_len(l3.header_len, transport_len, gso_size)
 }
 
 /// Sends a packet of network (id) `network` on to `hop` and counts it.
@@ -95,10 +124,10 @@ pub fn into_overlay(
             Ok(verdict)
         }
         Hop::Remote(route) => {
-            // VTEPs must not fragment (RFC 7348): a non-GSO packet over the overlay MTU goes back
-            // to its sender as a "too big" error when it can (path MTU discovery), and is
-            // counted as dropped either way.
-            if skb::gso_size(ctx) == 0 && l3.total_len > cfg.overlay_mtu as usize {
+            // VTEPs must not fragment (RFC 7348): a packet over the overlay MTU, or a GSO
+            // super-packet whose segments would be, goes back to its sender as a "too big" error
+            // when it can (path MTU discovery), and is counted as dropped either way.
+            if wire_len(ctx, l3) > cfg.overlay_mtu as usize {
                 return too_big::answer(ctx, cfg, network, l3);
             }
             let verdict = encap::to_remote(ctx, cfg, route, l3).in_network(network)?;
