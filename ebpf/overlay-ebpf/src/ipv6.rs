@@ -77,6 +77,6 @@ pub fn from_container(ctx: &TcContext, cfg: &AgentConfig, eth: &EthHeader) -> Re
     match isolation::resolve(vni, ip.dst).in_network(vni)? {
         Some(hop) => forward::into_overlay(ctx, cfg, vni, &L3::v6(&ip, ETH_HLEN), hop),
         // Outside every overlay: masqueraded, or the host stack's (as IPv4).
-        None => nat6::to_outside(ctx, cfg, &ip, vni),
+        None => nat6::to_outside(ctx, cfg, &ip, (vni, sender.slot)),
     }
 }

@@ -33,7 +33,7 @@ use crate::{
     },
     nat::{PROBE_LIMIT_IPV6, allocate, live, now_ns, raw16, refresh},
     skb,
-    stats::{count, count_in_slot},
+    stats::count_in_slot,
 };
 
 /// The flow being masqueraded, parked in a per-CPU slot between parsing and rewriting: off
@@ -131,7 +131,8 @@ fn guard(
     Ok(())
 }
 
-/// A verified container's IPv6 packet (network `network`) to outside every overlay: checked, then
+/// A verified container's IPv6 packet (network `network`, counter slot `slot`: its endpoint's) to
+/// outside every overlay: checked, then
 /// left to the host stack (to this agent's own addresses, or from a network that does not
 /// masquerade: IPv4's opt-out) or masqueraded.
 #[inline(always)]
@@ -139,7 +140,7 @@ pub fn to_outside(
     ctx: &TcContext,
     cfg: &AgentConfig,
     ip: &Ipv6Header,
-    network: u32,
+    (network, slot): (u32, u32),
 ) -> Result<i32, Drop> {
     // An IPv4 endpoint's address in IPv6 form (`::ffff:a.b.c.d`, the maps' key of its IPv4
     // address) passes anti-spoofing, but it is no IPv6 address of the container's: never on the
@@ -152,7 +153,7 @@ pub fn to_outside(
     let to_host = ip.dst == cfg.underlay_ip
         || nat.is_some_and(|n| n.has_ipv6_source() && ip.dst == n.underlay_ip6);
     if to_host || !masquerades(network) {
-        count(network, Counter::PassedToHost, ctx.len());
+        count_in_slot(slot, Counter::PassedToHost, ctx.len());
         return Ok(TC_ACT_OK as i32);
     }
     // SAFETY: on success `masquerade_ipv6` takes the packet and this program ends here.
