@@ -25,18 +25,50 @@ use super::report::{median, spread};
 
 const IPERF_PORT: u16 = 5201;
 
-/// One measurement: iperf3 TCP from `client` (a netns or the root namespace of vm1) to `server`.
+/// What each datapath is measured on, in this order: iperf3 TCP with 1 and 4 streams (Gbit/s
+/// received), and UDP datagrams of 64 bytes sent as fast as the client can (thousands received a
+/// second: the per-packet cost, where headroom and the programs show).
+#[derive(Clone, Copy)]
+enum Figure {
+    Tcp(u32),
+    Udp64,
+}
+
+const FIGURES: [Figure; 3] = [Figure::Tcp(1), Figure::Tcp(4), Figure::Udp64];
+
+impl Figure {
+    fn label(self) -> String {
+        match self {
+            Figure::Tcp(1) => "TCP 1 stream (Gbit/s)".into(),
+            Figure::Tcp(p) => format!("TCP {p} streams (Gbit/s)"),
+            Figure::Udp64 => "UDP 64 B received (kpps)".into(),
+        }
+    }
+
+    fn key(self) -> String {
+        match self {
+            Figure::Tcp(p) => format!("tcp{p}_gbit_s"),
+            Figure::Udp64 => "udp64_kpps".into(),
+        }
+    }
+}
+
+/// One measurement of `figure` from `client` (a netns or the root namespace of vm1) to `server`.
 fn iperf(
     vm: &Vm,
     netns: Option<&str>,
     server: &str,
     secs: u32,
-    streams: u32,
+    figure: Figure,
 ) -> anyhow::Result<f64> {
     let exec = netns.map_or(String::new(), |n| format!("ip netns exec {n} "));
+    let what = match figure {
+        Figure::Tcp(streams) => format!("-P {streams}"),
+        Figure::Udp64 => "-u -l 64 -b 0".into(),
+    };
     let out = vm.sh(
         &format!(
-            "{exec}iperf3 -J -c {server} -p {IPERF_PORT} -t {secs} -P {streams} --connect-timeout 5000"
+            "{exec}iperf3 -J -c {server} -p {IPERF_PORT} -t {secs} {what} --connect-timeout 5000"
         ),
         Duration::from_secs(secs as u64 + 120),
     )?;
@@ -45,10 +77,23 @@ fn iperf(
     if let Some(e) = v["error"].as_str() {
         bail!("{}: iperf3 to {server}: {e}", vm.name);
     }
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("iperf3: no end.sum_received.bits_per_second")
+    match figure {
+        Figure::Tcp(_) => v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .context("iperf3: no end.sum_received.bits_per_second"),
+        Figure::Udp64 => {
+            let sum = &v["end"]["sum"];
+            let (Some(sent), Some(lost), Some(secs)) = (
+                sum["packets"].as_f64(),
+                sum["lost_packets"].as_f64(),
+                sum["seconds"].as_f64(),
+            ) else {
+                bail!("iperf3 UDP: no end.sum.packets/lost_packets/seconds: {sum}");
+            };
+            Ok((sent - lost) / secs / 1e3)
+        }
+    }
 }
 
 /// Starts an iperf3 server (daemon) in `netns` of `vm` (or its root namespace).
@@ -138,16 +183,15 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
         .unwrap_or("none")
         .to_owned();
     let kernel_release = vm1.ok("uname -r")?.trim().to_owned();
-    let streams = [1u32, 4];
-    // samples[datapath][streams index]
+    // samples[datapath][FIGURES index]
     // raw, kernel, ebpf (as installed), ebpf with --xdp off, ebpf with netkit containers
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![]; 5];
     // One datapath's figures: `runs` rounds of each stream count, vm1 (`netns`) to `server`.
     let measure = |netns: Option<&str>, server: &str| -> anyhow::Result<Vec<Vec<f64>>> {
-        let mut figures = vec![vec![]; streams.len()];
+        let mut figures = vec![vec![]; FIGURES.len()];
         for _ in 0..args.runs {
-            for (k, p) in streams.iter().enumerate() {
-                figures[k].push(iperf(vm1, netns, server, args.secs, *p)?);
+            for (k, f) in FIGURES.iter().enumerate() {
+                figures[k].push(iperf(vm1, netns, server, args.secs, *f)?);
             }
         }
         Ok(figures)
@@ -221,8 +265,8 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     let mut md = format!(
         "VM benchmark `cargo xtask bench --vm` ({when}): 2 QEMU VMs, 1 vCPU and 512 MiB each, \
          guest kernel {kernel_release}, virtio-net NICs on a bridge; accelerator: **{}**; \
-         {} run(s) of {} s per figure, iperf3 TCP container to container across the VMs (raw: \
-         VM to VM). ebpf-overlay as installed (XDP on the receiving NIC: `{xdp}`). Host load \
+         {} run(s) of {} s per figure, iperf3 TCP and UDP (64-byte datagrams) container to \
+         container across the VMs (raw: VM to VM). ebpf-overlay as installed (XDP on the receiving NIC: `{xdp}`). Host load \
          before/after: {load_before} / {}.\n\n",
         accel_reason,
         args.runs,
@@ -236,11 +280,11 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     );
     md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut json_rows = vec![];
-    for (k, p) in streams.iter().enumerate() {
+    for (k, f) in FIGURES.iter().enumerate() {
         let m: Vec<f64> = (0..5).map(|d| median(&samples[d][k])).collect();
         md.push_str(&format!(
-            "| TCP {p} stream{} (Gbit/s) | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
-            if *p == 1 { "" } else { "s" },
+            "| {} | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
+            f.label(),
             spread(&samples[0][k]),
             spread(&samples[1][k]),
             spread(&samples[2][k]),
@@ -254,8 +298,8 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
             m[1] / m[0],
         ));
         json_rows.push(serde_json::json!({
-            "streams": p, "raw": samples[0][k], "kernel": samples[1][k], "ebpf": samples[2][k],
-            "ebpf_xdp_off": samples[3][k], "ebpf_netkit": samples[4][k],
+            "figure": f.key(), "raw": samples[0][k], "kernel": samples[1][k],
+            "ebpf": samples[2][k], "ebpf_xdp_off": samples[3][k], "ebpf_netkit": samples[4][k],
         }));
     }
     drop(lab);
@@ -271,7 +315,7 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
             "accelerator_reason": accel_reason,
             "kernel": kernel_release,
             "runs": args.runs, "secs": args.secs, "xdp": xdp,
-            "tcp_gbit_s": json_rows,
+            "figures": json_rows,
         }))?,
     )?;
     println!("wrote {}\nwrote {}", md_path.display(), json_path.display());
