@@ -59,6 +59,7 @@ pub fn agent_settings(
         vtep_mac,
         vxlan_port: 64000,
         overlay_mtu: 1420,
+        spare_headroom: false,
     }
 }
 

@@ -195,6 +195,7 @@ impl MicroBench {
             vtep_mac: LOCAL_VTEP_MAC,
             vxlan_port: VXLAN_PORT,
             overlay_mtu: 1420,
+            spare_headroom: false,
         })?;
         m.set_nat_config(&overlay_agent::masquerade::nat_config(
             &(61000..=63999),

@@ -77,6 +77,7 @@ impl Fixture {
             vtep_mac: LOCAL_VTEP_MAC,
             vxlan_port: VXLAN_PORT,
             overlay_mtu: 1420,
+            spare_headroom: false,
         })
         .unwrap();
         for vni in [VNI_A, VNI_B] {

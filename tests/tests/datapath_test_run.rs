@@ -19,8 +19,8 @@ use overlay_agent::datapath::Datapath;
 use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{
-        Endpoint, HOST_LINK_PEER_MAC, Network, OverlaySubnet, RemoteRoute, SHARED_VNI, Vtep,
-        WireVni, programs,
+        AgentConfig, Endpoint, HOST_LINK_PEER_MAC, Network, OverlaySubnet, RemoteRoute, SHARED_VNI,
+        Vtep, WireVni, programs,
     },
 };
 use overlay_datapath::{AgentSettings, PinLayout, addr16};
@@ -129,6 +129,7 @@ impl Fixture {
             vtep_mac: LOCAL_VTEP_MAC,
             vxlan_port: VXLAN_PORT,
             overlay_mtu: 1420,
+            spare_headroom: false,
         })
         .unwrap();
         for vni in [VNI_A, VNI_B] {
@@ -288,6 +289,43 @@ fn encap_builds_dcos_vxlan_byte_for_byte() {
     assert_eq!(out.len(), 14 + 1420 + 50);
     assert!(out[64..] == largest[..]);
     assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 3);
+}
+
+/// With an underlay NIC that reserves link-layer headroom (`spare_headroom`, as the agent sets
+/// for a bus device), encapsulation first grows and gives back extra room: the frame that leaves
+/// is the same, byte for byte, for small and MTU-sized packets.
+#[test]
+fn encap_with_spare_headroom_builds_the_same_frames() {
+    let plain = Fixture::new();
+    let mut spare = Fixture::new();
+    spare
+        .dp
+        .maps_mut()
+        .set_config(&AgentSettings {
+            underlay_ip: IpAddr::V4(LOCAL_UNDERLAY),
+            underlay_ifindex: LOOPBACK,
+            vtep_mac: LOCAL_VTEP_MAC,
+            vxlan_port: VXLAN_PORT,
+            overlay_mtu: 1420,
+            spare_headroom: true,
+        })
+        .unwrap();
+    let flags = spare.dp.maps().config().unwrap().unwrap().flags;
+    assert_ne!(flags & AgentConfig::FLAG_SPARE_HEADROOM, 0, "flag written");
+    for payload in [18, 56, 1420 - 28] {
+        let inner_ip = ping_packet(EP_A.ip, Ipv4Addr::new(9, 0, 2, 2), payload);
+        let input = container_frame(EP_A.mac, EP_A.gw_mac, &inner_ip);
+        let (want_verdict, want) = plain.run(programs::FROM_CONTAINER, &input);
+        let (verdict, got) = spare.run(programs::FROM_CONTAINER, &input);
+        assert_eq!(verdict, want_verdict, "{payload}: verdict");
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{payload}: encapsulated");
+        assert!(
+            got == want,
+            "{payload}: frames differ:\n{got:02x?}\n{want:02x?}"
+        );
+    }
+    assert_eq!(spare.stat(VNI_A, Counter::Encapsulated), 3);
+    assert_eq!(spare.stat(VNI_A, Counter::DropEncapFailed), 0);
 }
 
 #[test]

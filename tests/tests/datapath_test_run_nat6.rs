@@ -93,6 +93,7 @@ impl Fixture {
             vtep_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
             vxlan_port: VXLAN_PORT,
             overlay_mtu: 1420,
+            spare_headroom: false,
         })
         .unwrap();
         m.set_nat_config(&nat_config).unwrap();

@@ -120,6 +120,7 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
         master_config: overlay_lab::cluster::TWO_NETWORKS.into(),
         mem_mib: 512,
         extra_files: vec![upgrade],
+        kernel: Default::default(),
     })
     .unwrap();
     eprintln!(

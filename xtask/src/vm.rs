@@ -50,6 +50,7 @@ pub fn run(cmd: VmCmd) -> anyhow::Result<()> {
                 master_config: overlay_lab::cluster::TWO_NETWORKS.into(),
                 mem_mib,
                 extra_files: vec![],
+                kernel: Default::default(),
             })?;
             println!("vm lab {}: accelerator {}", lab.id, lab.accel_reason);
             println!(

@@ -230,12 +230,17 @@ pub struct AgentConfig {
     /// Largest inner IP packet the overlay carries (container MTU); larger ones are dropped and
     /// counted instead of being fragmented by the VTEP (RFC 7348).
     pub overlay_mtu: u32,
-    /// [`AgentConfig::FLAG_READY`] once the agent has written the config.
+    /// [`AgentConfig::FLAG_READY`] once the agent has written the config;
+    /// [`AgentConfig::FLAG_SPARE_HEADROOM`] when the underlay NIC reserves link-layer headroom.
     pub flags: u32,
 }
 
 impl AgentConfig {
     pub const FLAG_READY: u32 = 1;
+    /// The underlay NIC reserves headroom of its own in front of each frame (virtio_net,
+    /// hv_netvsc, ...: a bus device, not a software link): encapsulation grows a packet without
+    /// headroom once by enough for both, not twice (`encap::reserve_headroom`).
+    pub const FLAG_SPARE_HEADROOM: u32 = 2;
 }
 
 /// Key of `OVL_ENDPOINTS`: a local container's address.

@@ -3,7 +3,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::generated::{bpf_get_hash_recalc, bpf_redirect_neigh},
     programs::TcContext,
@@ -67,6 +68,31 @@ fn flow_hash(ctx: &TcContext, l3: &L3) -> u32 {
     unsafe { bpf_get_hash_recalc(ctx.skb.skb) }
 }
 
+/// Room grown in front of a packet that is no GSO super-packet, and given back at once, before
+/// it is encapsulated, when the underlay NIC reserves headroom of its own. A container's
+/// datagram has about 2 bytes of headroom; the kernel grows the head by what the outer headers
+/// lack, rounded up to 64 bytes, which leaves 16 in front of them, and a NIC that reserves more
+/// (virtio_net: 32) has the head reallocated a second time as the packet leaves
+/// (`bpf_redirect_neigh`'s check). Growing by this much first makes the one reallocation large
+/// enough for both. GSO super-packets (TCP) come with the stack's own ample headroom.
+const SPARE_HEADROOM: i32 = 128;
+
+/// See [`SPARE_HEADROOM`]: grows and shrinks the room right behind the Ethernet header, which
+/// leaves the packet and its header offsets as they were, with the head reallocated once, larger,
+/// where it had to be.
+#[inline(always)]
+fn reserve_headroom(ctx: &TcContext, cfg: &AgentConfig) -> Result<(), Counter> {
+    if cfg.flags & AgentConfig::FLAG_SPARE_HEADROOM == 0 || skb::gso_size(ctx) != 0 {
+        return Ok(());
+    }
+    let keep = BPF_F_ADJ_ROOM_NO_CSUM_RESET as u64;
+    let fail = |_| Counter::DropEncapFailed;
+    ctx.adjust_room(SPARE_HEADROOM, BPF_ADJ_ROOM_MAC, keep)
+        .map_err(fail)?;
+    ctx.adjust_room(-SPARE_HEADROOM, BPF_ADJ_ROOM_MAC, keep)
+        .map_err(fail)
+}
+
 /// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN,
 /// or Ethernet/IPv6/UDP/VXLAN when this agent's underlay is IPv6 (`overlay_common::underlay6`),
 /// towards the agent owning `route` and sends it out of the underlay NIC; the kernel's neighbour
@@ -101,6 +127,7 @@ pub fn to_remote(
                 inner_ethertype,
                 inner_ip_len,
             });
+            reserve_headroom(ctx, cfg)?;
             ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
@@ -118,6 +145,7 @@ pub fn to_remote(
                 inner_ethertype,
                 inner_ip_len,
             });
+            reserve_headroom(ctx, cfg)?;
             ctx.adjust_room(VXLAN6_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP6_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;

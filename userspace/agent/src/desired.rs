@@ -25,6 +25,8 @@ pub struct LocalFacts {
     pub underlay_ifindex: u32,
     /// Container MTU.
     pub mtu: u32,
+    /// The underlay NIC reserves link-layer headroom ([`crate::netdev::reserves_headroom`]).
+    pub underlay_spare_headroom: bool,
     /// The host's link into the overlay, once set up.
     pub host_link: Option<HostLinkFacts>,
     /// The masquerade settings (from the command line).
@@ -181,6 +183,7 @@ pub fn agent_settings(
         vtep_mac,
         vxlan_port,
         overlay_mtu: local.mtu,
+        spare_headroom: local.underlay_spare_headroom,
     })
 }
 
@@ -234,6 +237,7 @@ mod tests {
             underlay_ip: ip.parse().unwrap(),
             underlay_ifindex: 2,
             mtu: 1420,
+            underlay_spare_headroom: false,
             host_link: Some(HostLinkFacts {
                 peer_ifindex: 7,
                 host_mac: [2, 0, 0, 0, 0, 1],

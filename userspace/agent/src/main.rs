@@ -262,10 +262,18 @@ async fn main() -> anyhow::Result<()> {
         ?protected,
         "containers may not reach these control-plane destinations"
     );
+    let spare_headroom = netdev::reserves_headroom(&underlay.name);
+    tracing::info!(
+        underlay = %underlay.name,
+        spare_headroom,
+        "encapsulation grows packets without headroom by enough for the underlay NIC's own \
+         (a bus device) or only for the outer headers (a software link)"
+    );
     let local = LocalFacts {
         underlay_ip: my_ip,
         underlay_ifindex: underlay.ifindex,
         mtu: args.mtu,
+        underlay_spare_headroom: spare_headroom,
         host_link: Some(HostLinkFacts {
             peer_ifindex: host_link.peer.ifindex,
             host_mac: host_link.host.mac,

@@ -19,6 +19,17 @@ pub struct Link {
     pub mtu: u32,
 }
 
+/// Whether interface `ifname` is a bus device (PCI, virtio, VMBus: `/sys/class/net/<name>/device`
+/// exists) rather than a software link (veth, bridge): such NICs' drivers commonly reserve
+/// link-layer headroom in front of each frame (virtio_net its header, hv_netvsc RNDIS), which
+/// the encapsulation then leaves room for ([`overlay_common::maps::AgentConfig::FLAG_SPARE_HEADROOM`]).
+pub fn reserves_headroom(ifname: &str) -> bool {
+    std::path::Path::new("/sys/class/net")
+        .join(ifname)
+        .join("device")
+        .exists()
+}
+
 /// Looks an interface up by name. A missing one is an `overlay_netlink::Error::NoSuchDevice`
 /// underneath (callers that branch can downcast).
 pub fn link(ifname: &str) -> anyhow::Result<Link> {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use ipnetwork::IpNetwork;
 use overlay_api::MacAddr;
 use overlay_common::maps::{
-    Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep, WireVni,
+    AgentConfig, Endpoint, NatConfig, Network, OverlaySubnet, RemoteRoute, Vtep, WireVni,
 };
 
 use crate::{
@@ -82,6 +82,7 @@ pub fn read_maps(maps: &OverlayMaps) -> anyhow::Result<MapContents> {
             vtep_mac: c.vtep_mac,
             vxlan_port: c.vxlan_port,
             overlay_mtu: c.overlay_mtu,
+            spare_headroom: c.flags & AgentConfig::FLAG_SPARE_HEADROOM != 0,
         }),
         nat_config: Some(maps.nat_config()?),
     })

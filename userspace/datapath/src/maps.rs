@@ -67,6 +67,9 @@ pub struct AgentSettings {
     pub vtep_mac: [u8; 6],
     pub vxlan_port: u16,
     pub overlay_mtu: u32,
+    /// The underlay NIC reserves link-layer headroom of its own
+    /// (`AgentConfig::FLAG_SPARE_HEADROOM`).
+    pub spare_headroom: bool,
 }
 
 /// One counter of one network, summed over CPUs.
@@ -202,7 +205,12 @@ impl OverlayMaps {
             vtep_mac: s.vtep_mac,
             vxlan_port: s.vxlan_port,
             overlay_mtu: s.overlay_mtu,
-            flags: AgentConfig::FLAG_READY,
+            flags: AgentConfig::FLAG_READY
+                | if s.spare_headroom {
+                    AgentConfig::FLAG_SPARE_HEADROOM
+                } else {
+                    0
+                },
         };
         self.config.set(0, cfg, 0).context("writing OVL_CONFIG")
     }

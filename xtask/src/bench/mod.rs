@@ -114,6 +114,10 @@ pub struct BenchArgs {
     /// datapath vs ebpf-overlay in one lab run (default 1 run of 10 s per figure).
     #[arg(long)]
     pub vm: bool,
+    /// With --vm: the guests' kernel, `bookworm` (6.12, what the tests boot) or
+    /// `trixie-backports` (the newest 6.x there; netkit headroom needs 6.14 or later).
+    #[arg(long, default_value = "bookworm", value_parser = ["bookworm", "trixie-backports"])]
+    pub guest_kernel: String,
 }
 
 pub const DATAPATHS: [&str; 3] = ["raw", "kernel", "ebpf"];
@@ -137,6 +141,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             runs: args.runs.unwrap_or(1).max(1),
             secs: args.secs.unwrap_or(10).max(1),
             out_dir: &out_dir,
+            kernel: match args.guest_kernel.as_str() {
+                "trixie-backports" => overlay_lab::vm::GuestKernel::TrixieBackports,
+                _ => overlay_lab::vm::GuestKernel::Bookworm,
+            },
         });
     }
     let plan = Plan {

@@ -19,22 +19,30 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
-use overlay_lab::vm::{Vm, VmLab, VmLabSpec};
+use overlay_lab::vm::{GuestKernel, Vm, VmLab, VmLabSpec};
 
 use super::report::{median, spread};
 
 const IPERF_PORT: u16 = 5201;
 
 /// What each datapath is measured on, in this order: iperf3 TCP with 1 and 4 streams (Gbit/s
-/// received), and UDP datagrams of 64 bytes sent as fast as the client can (thousands received a
-/// second: the per-packet cost, where headroom and the programs show).
-#[derive(Clone, Copy)]
+/// received), UDP datagrams of 64 bytes sent as fast as the client can (thousands received a
+/// second: the per-packet cost, where headroom and the programs show), and in that UDP run the
+/// sending VM's skb head reallocations (`pskb_expand_head`, a kprobe's hit count) per datagram
+/// sent: the cost of encapsulating into a packet without headroom.
+#[derive(Clone, Copy, PartialEq)]
 enum Figure {
     Tcp(u32),
     Udp64,
+    Udp64HeadReallocs,
 }
 
-const FIGURES: [Figure; 3] = [Figure::Tcp(1), Figure::Tcp(4), Figure::Udp64];
+const FIGURES: [Figure; 4] = [
+    Figure::Tcp(1),
+    Figure::Tcp(4),
+    Figure::Udp64,
+    Figure::Udp64HeadReallocs,
+];
 
 impl Figure {
     fn label(self) -> String {
@@ -42,6 +50,7 @@ impl Figure {
             Figure::Tcp(1) => "TCP 1 stream (Gbit/s)".into(),
             Figure::Tcp(p) => format!("TCP {p} streams (Gbit/s)"),
             Figure::Udp64 => "UDP 64 B received (kpps)".into(),
+            Figure::Udp64HeadReallocs => "UDP 64 B: head reallocations per datagram sent".into(),
         }
     }
 
@@ -49,29 +58,115 @@ impl Figure {
         match self {
             Figure::Tcp(p) => format!("tcp{p}_gbit_s"),
             Figure::Udp64 => "udp64_kpps".into(),
+            Figure::Udp64HeadReallocs => "udp64_head_reallocs_per_datagram".into(),
         }
     }
 }
 
-/// One measurement of `figure` from `client` (a netns or the root namespace of vm1) to `server`.
+/// The kprobe counting `pskb_expand_head` calls in a guest (tracefs).
+const REALLOC_PROBE: &str = "eo_pskb_expand";
+
+/// Puts the reallocation kprobe in place in `vm` (idempotent); `false` where tracefs or kprobe
+/// events are missing (the figure is then not measured).
+fn add_realloc_probe(vm: &Vm) -> bool {
+    let sh = format!(
+        "cd /sys/kernel/tracing && {{ grep -q {REALLOC_PROBE} kprobe_events || \
+         echo 'p:{REALLOC_PROBE} pskb_expand_head' >> kprobe_events; }} && \
+         echo 1 > events/kprobes/{REALLOC_PROBE}/enable"
+    );
+    vm.ok(&sh).is_ok()
+}
+
+/// The reallocation kprobe's hits so far in `vm`.
+fn realloc_hits(vm: &Vm) -> Option<f64> {
+    let out = vm.ok("cat /sys/kernel/tracing/kprobe_profile").ok()?;
+    out.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next()? == REALLOC_PROBE).then(|| w.next()?.parse().ok())?
+    })
+}
+
+/// Counts the reallocations by call chain from now on (a hist trigger on the kprobe); `false`
+/// where hist triggers are missing.
+fn start_realloc_chains(vm: &Vm) -> bool {
+    let trigger = format!("/sys/kernel/tracing/events/kprobes/{REALLOC_PROBE}/trigger");
+    vm.ok(&format!("echo 'hist:keys=common_stacktrace' > {trigger}"))
+        .is_ok()
+}
+
+/// The call chains counted since [`start_realloc_chains`], most frequent first (each the first
+/// frames above `pskb_expand_head`, with its count), and the trigger removed.
+fn take_realloc_chains(vm: &Vm) -> Vec<(u64, String)> {
+    let dir = format!("/sys/kernel/tracing/events/kprobes/{REALLOC_PROBE}");
+    let hist = vm.ok(&format!("cat {dir}/hist")).unwrap_or_default();
+    let _ = vm.ok(&format!(
+        "echo '!hist:keys=common_stacktrace' > {dir}/trigger"
+    ));
+    let mut chains = vec![];
+    for entry in hist.split("{ common_stacktrace:").skip(1) {
+        let Some((frames, rest)) = entry.split_once('}') else {
+            continue;
+        };
+        let Some(hits) = rest
+            .split_once("hitcount:")
+            .and_then(|(_, h)| h.split_whitespace().next())
+            .and_then(|h| h.parse().ok())
+        else {
+            continue;
+        };
+        let chain: Vec<&str> = frames
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(|f| f.split('+').next().unwrap_or(f))
+            .take(6)
+            .collect();
+        chains.push((hits, chain.join(" < ")));
+    }
+    chains.sort_by_key(|c| std::cmp::Reverse(c.0));
+    chains.truncate(3);
+    chains
+}
+
+/// Removes the kprobe again.
+fn remove_realloc_probe(vm: &Vm) {
+    let _ = vm.ok(&format!(
+        "cd /sys/kernel/tracing && echo 0 > events/kprobes/{REALLOC_PROBE}/enable; \
+         echo '-:{REALLOC_PROBE}' >> kprobe_events"
+    ));
+}
+
+/// One iperf3 run of `figure` (TCP or UDP) from `client` (a netns or the root namespace of vm1)
+/// to `server`: the figure, and for UDP also the head reallocations per datagram sent (NaN when
+/// the kprobe is missing).
 fn iperf(
     vm: &Vm,
     netns: Option<&str>,
     server: &str,
     secs: u32,
     figure: Figure,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let exec = netns.map_or(String::new(), |n| format!("ip netns exec {n} "));
     let what = match figure {
         Figure::Tcp(streams) => format!("-P {streams}"),
-        Figure::Udp64 => "-u -l 64 -b 0".into(),
+        _ => "-u -l 64 -b 0".into(),
     };
+    let chains = figure != Figure::Udp64 || start_realloc_chains(vm);
+    let hits_before = realloc_hits(vm);
     let out = vm.sh(
         &format!(
             "{exec}iperf3 -J -c {server} -p {IPERF_PORT} -t {secs} {what} --connect-timeout 5000"
         ),
         Duration::from_secs(secs as u64 + 120),
     )?;
+    let hits = realloc_hits(vm).zip(hits_before).map(|(a, b)| a - b);
+    if figure == Figure::Udp64 && chains {
+        for (n, chain) in take_realloc_chains(vm) {
+            eprintln!(
+                "{}: {n} head reallocations from {chain}",
+                netns.unwrap_or("vm1")
+            );
+        }
+    }
     let v: serde_json::Value = serde_json::from_str(out.text.trim())
         .with_context(|| format!("{}: iperf3 output is not JSON: {}", vm.name, out.text))?;
     if let Some(e) = v["error"].as_str() {
@@ -80,9 +175,9 @@ fn iperf(
     match figure {
         Figure::Tcp(_) => v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
-            .map(|b| b / 1e9)
+            .map(|b| (b / 1e9, f64::NAN))
             .context("iperf3: no end.sum_received.bits_per_second"),
-        Figure::Udp64 => {
+        _ => {
             let sum = &v["end"]["sum"];
             let (Some(sent), Some(lost), Some(secs)) = (
                 sum["packets"].as_f64(),
@@ -91,7 +186,8 @@ fn iperf(
             ) else {
                 bail!("iperf3 UDP: no end.sum.packets/lost_packets/seconds: {sum}");
             };
-            Ok((sent - lost) / secs / 1e3)
+            let per_datagram = hits.map_or(f64::NAN, |h| h / sent.max(1.0));
+            Ok(((sent - lost) / secs / 1e3, per_datagram))
         }
     }
 }
@@ -148,6 +244,7 @@ pub struct VmBenchArgs<'a> {
     pub runs: usize,
     pub secs: u32,
     pub out_dir: &'a Path,
+    pub kernel: GuestKernel,
 }
 
 /// Runs the VM benchmark; prints the table and writes `vm-<timestamp>.{md,json}`.
@@ -161,6 +258,7 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
         master_config: overlay_lab::cluster::TWO_NETWORKS.into(),
         mem_mib: 512,
         extra_files: vec![],
+        kernel: args.kernel,
     })?;
     eprintln!(
         "vm lab {}: {}; boot to shell {:.0}s",
@@ -183,6 +281,10 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
         .unwrap_or("none")
         .to_owned();
     let kernel_release = vm1.ok("uname -r")?.trim().to_owned();
+    let probed = add_realloc_probe(vm1);
+    if !probed {
+        eprintln!("vm1 has no kprobe events in tracefs: head reallocations are not measured");
+    }
     // samples[datapath][FIGURES index]
     // raw, kernel, ebpf (as installed), ebpf with --xdp off, ebpf with netkit containers
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![]; 5];
@@ -191,7 +293,16 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
         let mut figures = vec![vec![]; FIGURES.len()];
         for _ in 0..args.runs {
             for (k, f) in FIGURES.iter().enumerate() {
-                figures[k].push(iperf(vm1, netns, server, args.secs, *f)?);
+                match f {
+                    // Taken in the UDP 64 B run, below.
+                    Figure::Udp64HeadReallocs => {}
+                    Figure::Udp64 => {
+                        let (kpps, reallocs) = iperf(vm1, netns, server, args.secs, *f)?;
+                        figures[k].push(kpps);
+                        figures[k + 1].push(reallocs);
+                    }
+                    Figure::Tcp(_) => figures[k].push(iperf(vm1, netns, server, args.secs, *f)?.0),
+                }
             }
         }
         Ok(figures)
@@ -282,6 +393,22 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     let mut json_rows = vec![];
     for (k, f) in FIGURES.iter().enumerate() {
         let m: Vec<f64> = (0..5).map(|d| median(&samples[d][k])).collect();
+        if *f == Figure::Udp64HeadReallocs {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | – | – | – | – | – | – |\n",
+                f.label(),
+                spread(&samples[0][k]),
+                spread(&samples[1][k]),
+                spread(&samples[2][k]),
+                spread(&samples[3][k]),
+                spread(&samples[4][k]),
+            ));
+            json_rows.push(serde_json::json!({
+                "figure": f.key(), "raw": samples[0][k], "kernel": samples[1][k],
+                "ebpf": samples[2][k], "ebpf_xdp_off": samples[3][k], "ebpf_netkit": samples[4][k],
+            }));
+            continue;
+        }
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
             f.label(),
@@ -302,6 +429,7 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
             "ebpf": samples[2][k], "ebpf_xdp_off": samples[3][k], "ebpf_netkit": samples[4][k],
         }));
     }
+    remove_realloc_probe(vm1);
     drop(lab);
     println!("{md}");
     std::fs::create_dir_all(args.out_dir)?;

@@ -128,19 +128,98 @@ fn sha256_hex(data: &[u8]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout)[..16].to_owned())
 }
 
+/// Which Debian kernel the guests boot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestKernel {
+    /// The newest 6.12 cloud kernel of bookworm-security, from this machine's apt lists: what the
+    /// tests boot.
+    #[default]
+    Bookworm,
+    /// The newest 6.x cloud kernel of trixie-backports (6.14 and later honour netkit's
+    /// `IFLA_NETKIT_HEADROOM`), read from the registry's package index: for measurements.
+    TrixieBackports,
+}
+
+/// trixie-backports' package index and pool.
+const BACKPORTS: &str = "http://deb.debian.org/debian";
+const BACKPORTS_INDEX: &str = "dists/trixie-backports/main/binary-amd64/Packages.xz";
+
+/// Where a guest kernel comes from: its image package's name (the cache key and the release)
+/// and, for one outside this machine's apt lists, the pool files to fetch (newer Debian kernels
+/// split the image into `linux-image-*`, `linux-binary-*` (vmlinuz) and `linux-modules-*`).
+struct KernelSource {
+    package: String,
+    pool_files: Vec<String>,
+}
+
 /// The concrete kernel package the meta-package points at (resolved from the local apt lists).
-fn kernel_package() -> anyhow::Result<String> {
+fn bookworm_kernel() -> anyhow::Result<KernelSource> {
     let out = run("apt-cache", &["depends", KERNEL_META])?;
     let dep = out
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))
         .with_context(|| format!("{KERNEL_META} has no Depends (run apt-get update)"))?;
-    Ok(format!("{}-unsigned", dep.trim()))
+    Ok(KernelSource {
+        package: format!("{}-unsigned", dep.trim()),
+        pool_files: vec![],
+    })
+}
+
+/// The newest 6.x cloud kernel of trixie-backports: its image package and, where split off, its
+/// binary and modules packages (the signed image: its vmlinuz boots without Secure Boot too).
+fn backports_kernel() -> anyhow::Result<KernelSource> {
+    let sh = format!(
+        "curl -fsS --max-time 120 {BACKPORTS}/{BACKPORTS_INDEX} | xz -dc | \
+         awk '/^Package: linux-(image|binary|modules)-6[.][0-9]+[.][0-9]+[+]deb13-cloud-amd64$/ {{p=$2}} \
+              /^Filename: / && p {{print p, $2; p=\"\"}}'"
+    );
+    let out = run("sh", &["-c", &sh]).context("reading trixie-backports' package index")?;
+    let files: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once(' ')).collect();
+    let has = |kind: &str, release: &str| {
+        files
+            .iter()
+            .any(|(pkg, _)| pkg.strip_prefix(kind) == Some(release))
+    };
+    // A split image whose modules package has left the index cannot be put together.
+    let release = files
+        .iter()
+        .filter_map(|(pkg, _)| pkg.strip_prefix("linux-image-"))
+        .filter(|r| !has("linux-binary-", r) || has("linux-modules-", r))
+        .max_by_key(|r| kernel_version(r))
+        .context("no complete 6.x cloud kernel in trixie-backports' index")?;
+    let pool_files = files
+        .iter()
+        .filter(|(pkg, _)| {
+            ["linux-image-", "linux-binary-", "linux-modules-"]
+                .iter()
+                .any(|kind| pkg.strip_prefix(kind) == Some(release))
+        })
+        .map(|(_, file)| file.to_string())
+        .collect();
+    Ok(KernelSource {
+        package: format!("linux-image-{release}"),
+        pool_files,
+    })
+}
+
+/// `(major, minor, patch)` of a release `M.m.p+...`, for choosing the newest.
+fn kernel_version(release: &str) -> (u32, u32, u32) {
+    let v = release.split('+').next().unwrap_or("");
+    let mut n = v.split('.').map(|x| x.parse().unwrap_or(0));
+    (
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+    )
 }
 
 /// The cached base image for the current inputs, built if missing.
-pub fn ensure_base() -> anyhow::Result<BaseImage> {
-    let kernel_pkg = kernel_package()?;
+pub fn ensure_base(kernel: GuestKernel) -> anyhow::Result<BaseImage> {
+    let source = match kernel {
+        GuestKernel::Bookworm => bookworm_kernel()?,
+        GuestKernel::TrixieBackports => backports_kernel()?,
+    };
+    let kernel_pkg = source.package.clone();
     let key_input = format!(
         "{RECIPE_VERSION}\n{SUITE}\n{}\n{}\n{kernel_pkg}\n{}",
         MIRRORS.join("\n"),
@@ -151,7 +230,7 @@ pub fn ensure_base() -> anyhow::Result<BaseImage> {
     let done = dir.join("complete");
     let release = kernel_pkg
         .strip_prefix("linux-image-")
-        .and_then(|s| s.strip_suffix("-unsigned"))
+        .map(|s| s.strip_suffix("-unsigned").unwrap_or(s))
         .context("kernel package name")?
         .to_owned();
     let base = BaseImage {
@@ -173,7 +252,14 @@ pub fn ensure_base() -> anyhow::Result<BaseImage> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let kdir = dir.join("kernel");
-    extract_kernel(&kernel_pkg, &dir, &kdir)?;
+    extract_kernel(&source, &dir, &kdir)?;
+    // Newer packages ship the modules under /usr (merged /usr); the guest finds them under
+    // /lib/modules either way (bookworm's root has /lib -> usr/lib).
+    let usr_modules = kdir.join("usr/lib/modules");
+    if usr_modules.exists() && !kdir.join("lib/modules").exists() {
+        std::fs::create_dir_all(kdir.join("lib"))?;
+        std::fs::rename(&usr_modules, kdir.join("lib/modules"))?;
+    }
     std::fs::copy(kdir.join(format!("boot/vmlinuz-{release}")), &base.kernel)?;
     build_initramfs(&kdir, &release, &dir.join("initrd"), &base.initrd)?;
     build_rootfs(&base.rootfs, &kdir, &release)?;
@@ -187,27 +273,46 @@ pub fn ensure_base() -> anyhow::Result<BaseImage> {
     })
 }
 
-fn extract_kernel(pkg: &str, dir: &Path, kdir: &Path) -> anyhow::Result<()> {
+fn extract_kernel(source: &KernelSource, dir: &Path, kdir: &Path) -> anyhow::Result<()> {
     let dl = dir.join("download");
     std::fs::create_dir_all(&dl)?;
-    let st = Command::new("apt-get")
-        .args(["download", "-q", pkg])
-        .current_dir(&dl)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .context("apt-get download")?;
-    if !st.success() {
-        bail!("apt-get download {pkg} failed");
+    let pkg = &source.package;
+    if source.pool_files.is_empty() {
+        let st = Command::new("apt-get")
+            .args(["download", "-q", pkg])
+            .current_dir(&dl)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .context("apt-get download")?;
+        if !st.success() {
+            bail!("apt-get download {pkg} failed");
+        }
     }
-    let deb = std::fs::read_dir(&dl)?
-        .next()
-        .context("apt-get download left no file")??
-        .path();
-    run(
-        "dpkg",
-        &["-x", deb.to_str().unwrap(), kdir.to_str().unwrap()],
-    )?;
+    for (i, file) in source.pool_files.iter().enumerate() {
+        let st = Command::new("curl")
+            .args(["-fsS", "--max-time", "600", "-o", &format!("{i}.deb")])
+            .arg(format!("{BACKPORTS}/{file}"))
+            .current_dir(&dl)
+            .stdin(Stdio::null())
+            .status()
+            .context("curl")?;
+        if !st.success() {
+            bail!("downloading {BACKPORTS}/{file} failed");
+        }
+    }
+    let mut debs = 0;
+    for deb in std::fs::read_dir(&dl)? {
+        let deb = deb?.path();
+        run(
+            "dpkg",
+            &["-x", deb.to_str().unwrap(), kdir.to_str().unwrap()],
+        )?;
+        debs += 1;
+    }
+    if debs == 0 {
+        bail!("downloading {pkg} left no file");
+    }
     std::fs::remove_dir_all(&dl)?;
     Ok(())
 }

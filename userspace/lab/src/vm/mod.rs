@@ -6,6 +6,8 @@
 
 pub mod image;
 
+pub use image::GuestKernel;
+
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
@@ -96,6 +98,8 @@ pub struct VmLabSpec {
     /// Extra files made available read-only to every guest at /mnt/extra (a second disk),
     /// e.g. a newer package for the upgrade test.
     pub extra_files: Vec<PathBuf>,
+    /// The guests' kernel (the tests boot the default).
+    pub kernel: GuestKernel,
 }
 
 /// One running VM and its command channel.
@@ -405,7 +409,7 @@ impl VmLab {
         // On any failure below, dropping `lab` tears down what was made so far.
         lab.record()?;
         let t = Instant::now();
-        let base = image::ensure_base()?;
+        let base = image::ensure_base(spec.kernel)?;
         lab.image_secs = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let root = lab.work.join("root.img");
