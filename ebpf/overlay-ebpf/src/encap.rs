@@ -68,29 +68,31 @@ fn flow_hash(ctx: &TcContext, l3: &L3) -> u32 {
     unsafe { bpf_get_hash_recalc(ctx.skb.skb) }
 }
 
-/// Room grown in front of a packet that is no GSO super-packet, and given back at once, before
-/// it is encapsulated, when the underlay NIC reserves headroom of its own. A container's
-/// datagram has about 2 bytes of headroom; the kernel grows the head by what the outer headers
-/// lack, rounded up to 64 bytes, which leaves 16 in front of them, and a NIC that reserves more
-/// (virtio_net: 32) has the head reallocated a second time as the packet leaves
-/// (`bpf_redirect_neigh`'s check). Growing by this much first makes the one reallocation large
-/// enough for both. GSO super-packets (TCP) come with the stack's own ample headroom.
-const SPARE_HEADROOM: i32 = 128;
+/// Room beyond the outer headers grown in front of a packet that is no GSO super-packet, and
+/// given back at once, before it is encapsulated, when the underlay NIC reserves headroom of its
+/// own. A container's datagram on a veth has about 2 bytes of headroom; the kernel grows the head
+/// by what the outer headers lack, rounded up to 64 bytes, which leaves 16 in front of them, and
+/// a NIC that reserves more (virtio_net: 32 with the Ethernet header) has the head reallocated a
+/// second time as the packet leaves (`bpf_redirect_neigh`'s check). Growing by the outer headers
+/// and this much first makes the one reallocation large enough for both; a packet that has the
+/// room already (a netkit pair's headroom) is not reallocated at all. GSO super-packets (TCP) come
+/// with the stack's own ample headroom.
+const SPARE_HEADROOM: i32 = 32;
 
 /// See [`SPARE_HEADROOM`]: grows and shrinks the room right behind the Ethernet header, which
 /// leaves the packet and its header offsets as they were, with the head reallocated once, larger,
 /// where it had to be.
 #[inline(always)]
-fn reserve_headroom(ctx: &TcContext, cfg: &AgentConfig) -> Result<(), Counter> {
+fn reserve_headroom(ctx: &TcContext, cfg: &AgentConfig, outer_len: usize) -> Result<(), Counter> {
     if cfg.flags & AgentConfig::FLAG_SPARE_HEADROOM == 0 || skb::gso_size(ctx) != 0 {
         return Ok(());
     }
+    let room = outer_len as i32 + SPARE_HEADROOM;
     let keep = BPF_F_ADJ_ROOM_NO_CSUM_RESET as u64;
     let fail = |_| Counter::DropEncapFailed;
-    ctx.adjust_room(SPARE_HEADROOM, BPF_ADJ_ROOM_MAC, keep)
+    ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, keep)
         .map_err(fail)?;
-    ctx.adjust_room(-SPARE_HEADROOM, BPF_ADJ_ROOM_MAC, keep)
-        .map_err(fail)
+    ctx.adjust_room(-room, BPF_ADJ_ROOM_MAC, keep).map_err(fail)
 }
 
 /// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN,
@@ -127,7 +129,7 @@ pub fn to_remote(
                 inner_ethertype,
                 inner_ip_len,
             });
-            reserve_headroom(ctx, cfg)?;
+            reserve_headroom(ctx, cfg, VXLAN_ENCAP_LEN)?;
             ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
@@ -145,7 +147,7 @@ pub fn to_remote(
                 inner_ethertype,
                 inner_ip_len,
             });
-            reserve_headroom(ctx, cfg)?;
+            reserve_headroom(ctx, cfg, VXLAN6_ENCAP_LEN)?;
             ctx.adjust_room(VXLAN6_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP6_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;

@@ -19,9 +19,11 @@ use netlink_packet_route::{
 use crate::{Error, Handle, Netns, Result, named_link, pair_peer};
 
 /// Room a netkit pair reserves in front of every packet (`IFLA_NETKIT_HEADROOM`, kernel 6.14+;
-/// older kernels ignore the attribute): the 70 bytes of an outer Ethernet + IPv6 + UDP + VXLAN
-/// header, so encapsulating a container's packet never reallocates its head.
-pub const NETKIT_HEADROOM: u16 = 70;
+/// older kernels ignore the attribute): the 70 bytes of an outer IPv6 + UDP + VXLAN + inner
+/// Ethernet header, the encapsulation's spare 32 for an underlay NIC's own link-layer headroom
+/// (`overlay-ebpf`'s `encap::SPARE_HEADROOM`) and 26 more, so encapsulating a container's packet
+/// never reallocates its head.
+pub const NETKIT_HEADROOM: u16 = 128;
 
 /// The kind of device pair that connects a container to the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
