@@ -147,7 +147,13 @@ fn kernel_entries(cluster: &Cluster, role: &str) -> String {
         node.exec("ip", &["route", "show", "dev", "vtep1024"]),
     ]
     .into_iter()
-    .map(|r| r.unwrap())
+    .map(|r| {
+        // Each listing sorted: the kernel dumps neighbours in its hash table's order, which
+        // changes when the table grows, with the same entries.
+        let mut lines: Vec<String> = r.unwrap().lines().map(str::to_owned).collect();
+        lines.sort();
+        lines.join("\n")
+    })
     .collect::<Vec<_>>()
     .join("\n")
 }
