@@ -134,17 +134,11 @@ fn vms_boot_the_agent_with_systemd_and_containers_talk_across_them() {
     // master state applied).
     for vm in [vm1, vm2] {
         let state = vm
-            .wait_for("systemctl is-active overlay-agent", Duration::from_secs(120))
-            .unwrap_or_else(|e| {
-                let log = vm
-                    .sh(
-                        "systemctl status overlay-agent --no-pager; journalctl -b -u overlay-agent --no-pager | tail -30",
-                        Duration::from_secs(30),
-                    )
-                    .map(|o| o.text)
-                    .unwrap_or_default();
-                panic!("{e:#}\n{log}")
-            });
+            .wait_for(
+                "systemctl is-active overlay-agent",
+                Duration::from_secs(120),
+            )
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", vm.agent_journal()));
         assert_eq!(state.trim(), "active");
         // Ready came from the agent itself (sd_notify), once its state was applied.
         let status = vm.ok("systemctl show -P StatusText overlay-agent").unwrap();

@@ -10,7 +10,7 @@
 
 use std::{
     io,
-    mem::{MaybeUninit, size_of},
+    mem::MaybeUninit,
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
@@ -65,20 +65,12 @@ pub fn hash_entries<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
         // SAFETY: `attr` points at buffers of `CHUNK` keys and values of the map's own types
         // (aya checked their sizes when the typed map was made) and at `cursor`; all outlive
         // the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
-        let done = match &err {
-            None => false,
+        let rc = unsafe { crate::sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let done = match rc {
+            Ok(_) => false,
             // The last bucket was read: `count` holds what it had.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Some(_) => return Err(err.unwrap()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
         };
         let got = (attr.count as usize).min(CHUNK);
         out.extend((0..got).map(|i| {

@@ -11,6 +11,7 @@ pub mod maps;
 pub mod monitor;
 pub mod pins;
 pub mod stats;
+pub mod sys;
 
 pub use maps::{
     AgentSettings, OverlayMaps, ProtectedDestination, StatRow, addr16, from_addr16, prefix_key,

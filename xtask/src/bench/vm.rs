@@ -192,6 +192,22 @@ fn iperf(
     }
 }
 
+/// Restarts the agent of each VM after `edit` (a shell command on its settings) and waits until
+/// `until` (a shell condition and its timeout) holds there; `failed` says what it means if not.
+fn restart_agents(
+    vms: [&Vm; 2],
+    edit: &str,
+    (until, timeout): (&str, Duration),
+    failed: &str,
+) -> anyhow::Result<()> {
+    for vm in vms {
+        vm.restart_agent(edit, Duration::from_secs(240))?;
+        vm.wait_for(until, timeout)
+            .with_context(|| format!("{}: {failed}", vm.name))?;
+    }
+    Ok(())
+}
+
 /// Starts an iperf3 server (daemon) in `netns` of `vm` (or its root namespace).
 fn iperf_server(vm: &Vm, netns: Option<&str>) -> anyhow::Result<()> {
     let exec = netns.map_or(String::new(), |n| format!("ip netns exec {n} "));
@@ -316,32 +332,28 @@ pub fn run(args: VmBenchArgs<'_>) -> anyhow::Result<()> {
     // The same without XDP: attaching native XDP turns virtio_net's receive offloads (guest
     // GRO) off, which this shows apart from the programs' own cost. The restarted agents take
     // the pinned datapath over; the containers stay.
-    for vm in [vm1, vm2] {
-        vm.restart_agent(
-            "sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=--xdp off|' /etc/ebpf-overlay/agent.env",
-            Duration::from_secs(240),
-        )?;
-        vm.wait_for(
+    restart_agents(
+        [vm1, vm2],
+        "sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=--xdp off|' /etc/ebpf-overlay/agent.env",
+        (
             "! ip link show dev eth0 | grep -q ' xdp'",
             Duration::from_secs(240),
-        )
-        .with_context(|| format!("{}: XDP still attached with --xdp off", vm.name))?;
-    }
+        ),
+        "XDP still attached with --xdp off",
+    )?;
     samples[3] = measure(Some("c-dcos"), &server)?;
     // netkit containers (the guest kernel has CONFIG_NETKIT): the agents, XDP back on as
     // installed, restarted with `OVERLAY_CONTAINER_DEVICE=netkit`, give new containers netkit
-    // pairs (from_container as the pair's policy, 70 bytes of headroom for the encapsulation).
-    for vm in [vm1, vm2] {
-        vm.restart_agent(
-            "sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=|' /etc/ebpf-overlay/agent.env && echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env",
-            Duration::from_secs(240),
-        )?;
-        vm.wait_for(
+    // pairs (from_container as the pair's policy, 128 bytes of headroom for the encapsulation).
+    restart_agents(
+        [vm1, vm2],
+        "sed -i 's|^OVERLAY_AGENT_ARGS=.*|OVERLAY_AGENT_ARGS=|' /etc/ebpf-overlay/agent.env && echo OVERLAY_CONTAINER_DEVICE=netkit >> /etc/ebpf-overlay/agent.env",
+        (
             "journalctl -b -u overlay-agent --no-pager | grep -q 'containers get netkit pairs'",
             Duration::from_secs(60),
-        )
-        .with_context(|| format!("{}: the agent did not switch to netkit", vm.name))?;
-    }
+        ),
+        "the agent did not switch to netkit",
+    )?;
     vm1.add_cni_container("c-nk", "dcos")?;
     let server = vm2.add_cni_container("c-nk", "dcos")?.to_string();
     for vm in [vm1, vm2] {

@@ -286,15 +286,20 @@ impl Vm {
         )
         .map(drop)
         .map_err(|e| {
-            let log = self
-                .sh(
-                    "journalctl -b -u overlay-agent --no-pager | tail -30",
-                    Duration::from_secs(30),
-                )
-                .map(|o| o.text)
-                .unwrap_or_default();
+            let log = self.agent_journal();
             e.context(format!("{}: agent restart; its journal:\n{log}", self.name))
         })
+    }
+
+    /// The agent unit's status and last 30 journal lines, for failure messages (empty if the
+    /// guest does not answer).
+    pub fn agent_journal(&self) -> String {
+        self.sh(
+            "systemctl status overlay-agent --no-pager; journalctl -b -u overlay-agent --no-pager | tail -30",
+            Duration::from_secs(30),
+        )
+        .map(|o| o.text)
+        .unwrap_or_default()
     }
 
     /// How many netkit devices the guest has.

@@ -481,33 +481,21 @@ mod raw {
         flags: u64,
     }
 
-    fn bpf(cmd: libc::c_long, attr: &MapElemAttr) -> std::io::Result<()> {
+    fn bpf(cmd: libc::c_long, attr: &mut MapElemAttr) -> std::io::Result<()> {
         // SAFETY: `attr` is a valid bpf_attr prefix for `cmd`; the pointers in it point to
         // buffers of the map's key and value sizes that outlive the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr as *const MapElemAttr,
-                size_of::<MapElemAttr>(),
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        unsafe { overlay_datapath::sys::bpf(cmd, attr) }.map(drop)
     }
 
     /// The key after `key` (the first with `None`); false at the end.
     pub fn next_key(fd: RawFd, key: Option<&[u8]>, next: &mut [u8]) -> std::io::Result<bool> {
-        let attr = MapElemAttr {
+        let mut attr = MapElemAttr {
             map_fd: fd as u32,
             key: key.map_or(0, |k| k.as_ptr() as u64),
             value_or_next_key: next.as_mut_ptr() as u64,
             ..Default::default()
         };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &attr) {
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
@@ -516,13 +504,13 @@ mod raw {
 
     /// The value of `key`; false if there is none.
     pub fn lookup(fd: RawFd, key: &[u8], value: &mut [u8]) -> std::io::Result<bool> {
-        let attr = MapElemAttr {
+        let mut attr = MapElemAttr {
             map_fd: fd as u32,
             key: key.as_ptr() as u64,
             value_or_next_key: value.as_mut_ptr() as u64,
             ..Default::default()
         };
-        match bpf(BPF_MAP_LOOKUP_ELEM, &attr) {
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
@@ -551,14 +539,14 @@ mod raw {
     }
 
     pub fn update(fd: RawFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
-        let attr = MapElemAttr {
+        let mut attr = MapElemAttr {
             map_fd: fd as u32,
             key: key.as_ptr() as u64,
             value_or_next_key: value.as_ptr() as u64,
             flags: BPF_ANY,
             ..Default::default()
         };
-        bpf(BPF_MAP_UPDATE_ELEM, &attr)
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
     }
 }
 

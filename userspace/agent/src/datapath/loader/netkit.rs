@@ -77,22 +77,11 @@ struct GetInfo {
     info: u64,
 }
 
+/// bpf(2) on one of this module's attribute structs.
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
-    // SAFETY: `attr` is a live, initialised `repr(C)` prefix of `union bpf_attr` and its size is
-    // passed along; the kernel zero-extends a shorter attribute.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+    // SAFETY: every caller passes a live, initialised `repr(C)` prefix of `union bpf_attr` for
+    // `cmd`, whose pointers point at buffers that outlive the call.
+    unsafe { overlay_datapath::sys::bpf(cmd, attr) }
 }
 
 fn owned(fd: i64) -> OwnedFd {
