@@ -867,3 +867,154 @@ fn the_flow_table_walk_is_exact_while_entries_come_and_go_under_it() {
     assert!(walks > 1, "walks ran while entries came and went");
     assert_eq!(f.dp.maps().nat_entries().unwrap().len(), all.len());
 }
+
+/// The layout upgrade copies the old agent's tables into the new ones while the old programs
+/// still run on them (`overlay_datapath::batch::copy`): a copy under churn reads each entry at
+/// most once and only entries that exist, and a quiet copy carries every one. An entry-by-entry
+/// copy (`BPF_MAP_GET_NEXT_KEY`, as the upgrade did before) is timed beside it for comparison.
+#[test]
+fn the_upgrade_copies_a_flow_table_exactly_while_entries_come_and_go_under_it() {
+    use std::os::fd::AsFd as _;
+    const FLOWS: u16 = 3_000;
+    const CHURN_PASSES: usize = 30;
+    let f = Fixture::new(nat(10_000..=39_999, 0));
+    let new = Fixture::new(nat(10_000..=39_999, 0));
+    for i in 0..FLOWS {
+        let p = pkt6(
+            EP6,
+            EXT6,
+            IPPROTO_UDP,
+            &udp6(EP6, EXT6, 10_000 + i, 53, b"q"),
+        );
+        assert_eq!(
+            f.run(programs::FROM_CONTAINER, &from_container(&p)).0,
+            TC_ACT_REDIRECT,
+            "flow {i}"
+        );
+    }
+    let all = f.dp.maps().nat_entries().unwrap();
+    let keys: HashSet<NatKey> = all.iter().map(|(k, _)| *k).collect();
+    assert_eq!(all.len(), 2 * FLOWS as usize);
+    let from = MapData::from_pin(f._pins.0.map(names::NAT)).unwrap();
+    let to_pin = new._pins.0.map(names::NAT);
+    let to = MapData::from_pin(&to_pin).unwrap();
+    let (key_len, value_len) = (size_of::<NatKey>(), size_of::<NatEntry>());
+    let copy = |from: &MapData, to: &MapData| {
+        overlay_datapath::batch::copy(from.fd().as_fd(), to.fd().as_fd(), key_len, value_len)
+            .unwrap()
+    };
+    let clear = |pin: &Path| {
+        let mut t: AyaHashMap<MapData, NatKey, NatEntry> =
+            Map::LruHashMap(MapData::from_pin(pin).unwrap())
+                .try_into()
+                .unwrap();
+        for k in keys.iter() {
+            let _ = t.remove(k);
+        }
+    };
+    let started = std::time::Instant::now();
+    assert_eq!(
+        copy(&from, &to),
+        all.len(),
+        "a quiet copy carries every entry"
+    );
+    let batched = started.elapsed();
+    let copied: HashSet<NatKey> = new
+        .dp
+        .maps()
+        .nat_entries()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(copied, keys);
+    clear(&to_pin);
+    // For comparison, the entry-by-entry copy (GET_NEXT_KEY and a lookup per entry through
+    // aya's iterator, then an update).
+    let one_by_one = |from_pin: &Path, to_pin: &Path| {
+        let src: AyaHashMap<MapData, NatKey, NatEntry> =
+            Map::LruHashMap(MapData::from_pin(from_pin).unwrap())
+                .try_into()
+                .unwrap();
+        let mut dst: AyaHashMap<MapData, NatKey, NatEntry> =
+            Map::LruHashMap(MapData::from_pin(to_pin).unwrap())
+                .try_into()
+                .unwrap();
+        let mut n = 0;
+        for entry in src.iter() {
+            let Ok((k, e)) = entry else { continue };
+            dst.insert(k, e, 0).unwrap();
+            n += 1;
+        }
+        n
+    };
+    let from_pin = f._pins.0.map(names::NAT);
+    let started = std::time::Instant::now();
+    assert_eq!(one_by_one(&from_pin, &to_pin), all.len());
+    let entry_by_entry = started.elapsed();
+    eprintln!(
+        "quiet copy of {} entries: batches {batched:?}, entry by entry {entry_by_entry:?}",
+        all.len()
+    );
+
+    // Another handle on the old table removes and puts back every entry, over and over, while
+    // the copies run: as the old programs close and open flows during an upgrade.
+    let mut table: AyaHashMap<MapData, NatKey, NatEntry> =
+        Map::LruHashMap(MapData::from_pin(f._pins.0.map(names::NAT)).unwrap())
+            .try_into()
+            .unwrap();
+    let churn = all.clone();
+    let churning = std::thread::spawn(move || {
+        for _ in 0..CHURN_PASSES {
+            for (k, e) in churn.iter().rev() {
+                table.remove(k).unwrap();
+                table.insert(k, e, 0).unwrap();
+            }
+        }
+    });
+    let mut copies = 0;
+    while !churning.is_finished() {
+        clear(&to_pin);
+        let n = copy(&from, &to);
+        copies += 1;
+        let landed: Vec<NatKey> = new
+            .dp
+            .maps()
+            .nat_entries()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            n <= all.len(),
+            "copy {copies} read {n} entries of a {}-entry table",
+            all.len()
+        );
+        assert_eq!(
+            landed.len(),
+            n,
+            "copy {copies}: each entry read once lands once"
+        );
+        assert!(
+            landed.iter().all(|k| keys.contains(k)),
+            "copy {copies} wrote an entry never made"
+        );
+        if copies == 1 {
+            // The entry-by-entry copy under the same churn, for the record: it starts over
+            // whenever the entry it stands on has gone.
+            clear(&to_pin);
+            let started = std::time::Instant::now();
+            let n = one_by_one(&from_pin, &to_pin);
+            eprintln!(
+                "entry-by-entry copy under churn read {n} entries of {} in {:?}",
+                all.len(),
+                started.elapsed()
+            );
+        }
+    }
+    churning.join().unwrap();
+    assert!(copies > 1, "copies ran while entries came and went");
+    eprintln!("{copies} batch copies under churn, each entry at most once");
+    clear(&to_pin);
+    assert_eq!(copy(&from, &to), all.len());
+}

@@ -6,7 +6,7 @@
 //! `xtask` and the tests open the pins an agent left ([`OverlayMaps::open_pinned`]). Neither needs
 //! the eBPF toolchain to build this crate.
 
-mod batch;
+pub mod batch;
 pub mod maps;
 pub mod monitor;
 pub mod pins;

@@ -130,9 +130,7 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
 /// entry only where the kernel has no batch lookup.
 fn read_hash<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> anyhow::Result<Vec<(K, V)>> {
     match crate::batch::hash_entries(map.map()) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            Ok(map.iter().collect::<Result<_, _>>()?)
-        }
+        Err(e) if crate::batch::unsupported(&e) => Ok(map.iter().collect::<Result<_, _>>()?),
         r => Ok(r.context("BPF_MAP_LOOKUP_BATCH")?),
     }
 }

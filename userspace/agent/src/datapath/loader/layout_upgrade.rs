@@ -437,6 +437,14 @@ fn copy_entries(from: &Path, to: &Path) -> anyhow::Result<Option<usize>> {
         _ => si.value_size() as usize,
     };
     let key_len = si.key_size() as usize;
+    // In batches: the old programs still run on `from` (NAT flows open, close and are evicted),
+    // and an entry-by-entry walk starts over each time the entry it stands on goes
+    // (`overlay_datapath::batch`). Entry by entry only where the kernel has no batch calls.
+    match overlay_datapath::batch::copy(src.fd().as_fd(), dst.fd().as_fd(), key_len, value_len) {
+        Ok(n) => return Ok(Some(n)),
+        Err(e) if overlay_datapath::batch::unsupported(&e) => {}
+        Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH / BPF_MAP_UPDATE_BATCH"),
+    }
     let (src_fd, dst_fd) = (src.fd().as_fd().as_raw_fd(), dst.fd().as_fd().as_raw_fd());
     let mut key = vec![0u8; key_len];
     let mut next = vec![0u8; key_len];
@@ -460,7 +468,7 @@ fn copy_entries(from: &Path, to: &Path) -> anyhow::Result<Option<usize>> {
     Ok(Some(copied))
 }
 
-/// The three map commands of bpf(2) the copy needs, on raw key and value bytes (aya's maps are
+/// The map commands of bpf(2) the copy needs where the kernel has no batch calls, on raw key and value bytes (aya's maps are
 /// typed; here the types are whatever both layouts agree on).
 mod raw {
     use std::os::fd::RawFd;
@@ -517,13 +525,30 @@ mod raw {
         }
     }
 
-    /// Every (key, value) of a (non per-CPU) map.
+    /// Every (key, value) of a map (`value_len`: for a per-CPU map, every CPU's), in batches
+    /// where the kernel has them.
     pub fn entries(
         fd: RawFd,
         key_len: usize,
         value_len: usize,
     ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
+        // SAFETY: `fd` is the open descriptor of a map the caller holds for this call.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let batched = overlay_datapath::batch::walk(borrowed, key_len, value_len, |k, v, n| {
+            out.extend((0..n).map(|i| {
+                (
+                    k[i * key_len..(i + 1) * key_len].to_vec(),
+                    v[i * value_len..(i + 1) * value_len].to_vec(),
+                )
+            }));
+            Ok(())
+        });
+        match batched {
+            Ok(()) => return Ok(out),
+            Err(e) if overlay_datapath::batch::unsupported(&e) => out.clear(),
+            Err(e) => return Err(e),
+        }
         let mut key = vec![0u8; key_len];
         let mut next = vec![0u8; key_len];
         let mut first = true;
