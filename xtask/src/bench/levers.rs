@@ -8,7 +8,11 @@
 //!   encapsulating program's CPU samples spent in them;
 //! - GSO: during iperf3 TCP 1 stream, CPU samples in software segmentation (`skb_segment`,
 //!   `__skb_gso_segment`) against those in the programs, and the sending agent's underlay bytes
-//!   per packet (a GSO super-packet that crosses the underlay veth whole is far over the MTU).
+//!   per packet (a GSO super-packet that crosses the underlay veth whole is far over the MTU);
+//! - the per-datagram budget: during UDP 64 B cross agent on the raw lab and on the ebpf-overlay
+//!   lab, one after the other in the same run, where each CPU's time goes, in nanoseconds per
+//!   datagram sent, by what the sampled call chain was doing ([`Part`]): what the overlay adds
+//!   over the wire, part by part.
 
 use std::{path::Path, process::Command};
 
@@ -86,12 +90,17 @@ fn in_program(block: &str, program: &str) -> bool {
     })
 }
 
-/// The count `perf stat -x ,` wrote for its one event (NaN if it wrote none).
+/// The count `perf stat -x ,` wrote for `kmem:kmalloc` (NaN if it wrote none).
 fn perf_stat_count(path: &Path) -> f64 {
+    perf_stat_event(path, "kmem:kmalloc")
+}
+
+/// The count `perf stat -x ,` wrote for `event` (NaN if it wrote none).
+fn perf_stat_event(path: &Path, event: &str) -> f64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find(|l| l.contains("kmem:kmalloc"))
+        .find(|l| l.contains(event))
         .and_then(|l| l.split(',').next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(f64::NAN)
@@ -108,6 +117,8 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
     if Command::new("perf").arg("--version").output().is_err() {
         bail!("perf missing (Debian's linux-perf)");
     }
+    std::fs::create_dir_all(out_dir)?;
+    budget(bin_dir, secs, out_dir).context("the per-datagram budget")?;
     let setup = super::ebpf_setup(bin_dir, &[]).context("ebpf-overlay cluster")?;
     let Some((_, Ok(target))) = setup.paths.iter().find(|(p, _)| *p == "cross_agent") else {
         bail!("no cross-agent path");
@@ -330,7 +341,7 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         *chains.entry(frames.join(" < ")).or_default() += 1;
     }
     let mut chains: Vec<_> = chains.into_iter().collect();
-    chains.sort_by(|a, b| b.1.cmp(&a.1));
+    chains.sort_by_key(|c| std::cmp::Reverse(c.1));
     for (chain, n) in chains.iter().take(4) {
         println!("levers:   {n} segmentation samples: {chain}");
     }
@@ -356,5 +367,361 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(f);
     }
     drop(setup);
+    Ok(())
+}
+
+/// What a CPU sample was doing, by the innermost frame of its call chain that names a part
+/// (leaf first: a sample in `memcpy` under `pskb_expand_head` under a program is the head
+/// reallocation's; one in `__netif_receive_skb_core` under `process_backlog` is the device
+/// hop's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    HeadRealloc,
+    Programs,
+    Redirect,
+    WakeReceiver,
+    UdpIpReceive,
+    FabricBridge,
+    DeviceHops,
+    SocketSend,
+    SocketReceive,
+    SyscallOther,
+    UserSpace,
+    Idle,
+    Other,
+}
+
+impl Part {
+    const ALL: [Part; 13] = [
+        Part::HeadRealloc,
+        Part::Programs,
+        Part::Redirect,
+        Part::WakeReceiver,
+        Part::UdpIpReceive,
+        Part::FabricBridge,
+        Part::DeviceHops,
+        Part::SocketSend,
+        Part::SocketReceive,
+        Part::SyscallOther,
+        Part::UserSpace,
+        Part::Idle,
+        Part::Other,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Part::HeadRealloc => "skb head reallocation (pskb_expand_head)",
+            Part::Programs => "eBPF programs and their helpers",
+            Part::Redirect => "redirect after the program (neighbour, peer)",
+            Part::WakeReceiver => "waking the receiver (sock_def_readable)",
+            Part::UdpIpReceive => "IP and UDP receive (but the wake-up)",
+            Part::FabricBridge => "fabric bridge and its netfilter hooks",
+            Part::DeviceHops => "device hops (veth transmit, backlog, receive core)",
+            Part::SocketSend => "socket send (udp_sendmsg down to the first device)",
+            Part::SocketReceive => "socket receive (udp_recvmsg)",
+            Part::SyscallOther => "other kernel work in system calls",
+            Part::UserSpace => "user space (iperf3)",
+            Part::Idle => "idle",
+            Part::Other => "other",
+        }
+    }
+
+    /// The part a frame (a kernel function name or a `bpf_prog_<tag>_<name>`) names, if any.
+    fn of_frame(f: &str) -> Option<Part> {
+        let any = |names: &[&str]| names.contains(&f);
+        let prefix = |names: &[&str]| names.iter().any(|n| f.starts_with(n));
+        Some(if f == "pskb_expand_head" {
+            Part::HeadRealloc
+        } else if f.starts_with("bpf_prog_") {
+            Part::Programs
+        } else if any(&[
+            "skb_do_redirect",
+            "__bpf_redirect_neigh",
+            "bpf_out_neigh_v4",
+            "bpf_out_neigh_v6",
+        ]) {
+            Part::Redirect
+        } else if f == "sock_def_readable" {
+            // The datagram queued, the sleeping iperf3 woken on the other CPU: an IPI, which on
+            // a virtual machine is an exit to the hypervisor.
+            Part::WakeReceiver
+        } else if any(&[
+            "ip_rcv",
+            "ip_rcv_core",
+            "ip_local_deliver",
+            "ip_list_rcv",
+            "ip_sublist_rcv",
+            "__udp4_lib_rcv",
+            "udp_rcv",
+            "udp_queue_rcv_skb",
+            "udp_unicast_rcv_skb",
+            "ipv6_rcv",
+            "__udp6_lib_rcv",
+        ]) {
+            Part::UdpIpReceive
+        } else if prefix(&["br_", "nf_hook", "ipt_do_table", "nf_conntrack", "nf_nat"]) {
+            Part::FabricBridge
+        } else if any(&[
+            "veth_xmit",
+            "__netif_rx",
+            "netif_rx",
+            "enqueue_to_backlog",
+            "process_backlog",
+            "__netif_receive_skb",
+            "__netif_receive_skb_core",
+            "__netif_receive_skb_one_core",
+            "netif_receive_skb",
+            "__dev_queue_xmit",
+            "dev_hard_start_xmit",
+            "net_rx_action",
+            "__do_softirq",
+            "handle_softirqs",
+            "do_softirq",
+        ]) {
+            Part::DeviceHops
+        } else if any(&[
+            "udp_sendmsg",
+            "ip_make_skb",
+            "udp_send_skb",
+            "ip_send_skb",
+            "__sys_sendto",
+            "sock_sendmsg",
+            "__sys_sendmsg",
+            "sock_write_iter",
+        ]) {
+            Part::SocketSend
+        } else if any(&[
+            "udp_recvmsg",
+            "__sys_recvfrom",
+            "sock_recvmsg",
+            "__skb_recv_udp",
+            "sock_read_iter",
+        ]) {
+            Part::SocketReceive
+        } else if any(&["do_syscall_64", "entry_SYSCALL_64"]) {
+            Part::SyscallOther
+        } else if any(&[
+            "do_idle",
+            "cpuidle_enter",
+            "default_idle",
+            "default_idle_call",
+            "poll_idle",
+            "cpu_startup_entry",
+            "acpi_idle_do_entry",
+            "intel_idle",
+            "pv_native_safe_halt",
+            "native_safe_halt",
+        ]) {
+            Part::Idle
+        } else {
+            return None;
+        })
+    }
+
+    /// The part of one `perf script` block (header line, then frames leaf first).
+    fn of_sample(block: &str) -> Part {
+        let frames: Vec<&str> = block
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|f| f.split('+').next().unwrap_or(f))
+            .collect();
+        if let Some(p) = frames.iter().find_map(|f| Part::of_frame(f)) {
+            return p;
+        }
+        // No kernel frame named a part: a user-space sample has user addresses only.
+        let user = block.lines().skip(1).all(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|a| !a.starts_with("ffff"))
+        });
+        if user && block.lines().nth(1).is_some() {
+            Part::UserSpace
+        } else {
+            Part::Other
+        }
+    }
+}
+
+/// The CPU a `perf script` block's sample was taken on (`[001]` in its header).
+fn sample_cpu(block: &str) -> Option<usize> {
+    let header = block.lines().next()?;
+    let open = header.find('[')?;
+    let close = header[open..].find(']')? + open;
+    header[open + 1..close].trim().parse().ok()
+}
+
+/// Sampling frequency of the budget's recordings (Hz).
+const BUDGET_HZ: u32 = 4999;
+
+/// CPU samples per (CPU, part) during UDP 64 B, and the datagrams sent and received.
+struct UdpProfile {
+    samples: std::collections::BTreeMap<(usize, Part), u64>,
+    sent: f64,
+    received: f64,
+    /// Wake-ups of iperf3 threads (`sched:sched_waking`), machine-wide.
+    wakeups: f64,
+}
+
+impl UdpProfile {
+    /// Nanoseconds of `cpu` in `part` per datagram sent.
+    fn ns(&self, cpu: usize, part: Part) -> f64 {
+        self.samples.get(&(cpu, part)).copied().unwrap_or(0) as f64 / BUDGET_HZ as f64 * 1e9
+            / self.sent.max(1.0)
+    }
+}
+
+/// The [`UdpProfile`] of UDP 64 B from `target` for `secs` seconds; with `data`, CPU samples
+/// recorded there (which slows every path), without, the wake-ups only (nearly free).
+fn udp_profile(
+    target: &super::Target,
+    secs: u32,
+    data: Option<&Path>,
+) -> anyhow::Result<UdpProfile> {
+    let dur = secs.to_string();
+    let hz = BUDGET_HZ.to_string();
+    let mut rec = data
+        .map(|data| {
+            perf(&[
+                "record",
+                "-q",
+                "-a",
+                "-g",
+                "-F",
+                &hz,
+                "-e",
+                "cpu-clock",
+                "-o",
+                data.to_str().unwrap(),
+                "--",
+                "sleep",
+                &dur,
+            ])
+        })
+        .transpose()?;
+    let wakeups_out = std::env::temp_dir().join(format!("levers-wakeups-{}", std::process::id()));
+    let mut counting = perf(&[
+        "stat",
+        "-a",
+        "-x",
+        ",",
+        "-o",
+        wakeups_out.to_str().unwrap(),
+        "-e",
+        "sched:sched_waking",
+        "--filter",
+        "comm == \"iperf3\"",
+        "--",
+        "sleep",
+        &dur,
+    ])?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let udp = traffic::iperf(
+        &target.client,
+        target.server,
+        secs.saturating_sub(1).max(1),
+        &["-u", "-l", "64", "-b", "0"],
+    )?;
+    if let Some(rec) = rec.as_mut() {
+        rec.wait()?;
+    }
+    counting.wait()?;
+    let wakeups = perf_stat_event(&wakeups_out, "sched:sched_waking");
+    let _ = std::fs::remove_file(&wakeups_out);
+    let s = if udp["end"]["sum_received"]["packets"].is_number() {
+        &udp["end"]["sum_received"]
+    } else {
+        &udp["end"]["sum"]
+    };
+    let sent = s["packets"].as_f64().context("iperf3 UDP: no packets")?;
+    let received = sent - s["lost_packets"].as_f64().unwrap_or(0.0);
+    let mut parts = std::collections::BTreeMap::new();
+    for block in data.map(script).transpose()?.unwrap_or_default() {
+        if let Some(cpu) = sample_cpu(&block) {
+            *parts.entry((cpu, Part::of_sample(&block))).or_insert(0) += 1;
+        }
+    }
+    // The recording stays in the output directory, for `perf report -i` on a part's functions.
+    Ok(UdpProfile {
+        samples: parts,
+        sent,
+        received,
+        wakeups,
+    })
+}
+
+/// The per-datagram budget (see the module doc): raw, then ebpf-overlay, UDP 64 B cross agent,
+/// each CPU's samples turned into nanoseconds per datagram sent. The client is pinned to CPU 0
+/// and the server to CPU 1 (as in the traffic tables), so CPU 0 carries the sender and every
+/// softirq its packets raise on the way (veth queues to the CPU it was sent from), CPU 1 the
+/// receiving iperf3.
+fn budget(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut profiles = vec![];
+    for name in ["raw", "ebpf"] {
+        let setup = if name == "raw" {
+            super::raw_setup().context("raw lab")?
+        } else {
+            super::ebpf_setup(bin_dir, &[]).context("ebpf-overlay cluster")?
+        };
+        let Some((_, Ok(target))) = setup.paths.iter().find(|(p, _)| *p == "cross_agent") else {
+            bail!("{name}: no cross-agent path");
+        };
+        let plain = udp_profile(target, secs, None)?;
+        println!(
+            "levers: budget {name}, not profiled: {:.0} kpps received; iperf3 woken {:.3} times \
+             per datagram sent",
+            plain.received / secs.saturating_sub(1).max(1) as f64 / 1e3,
+            plain.wakeups / plain.sent.max(1.0)
+        );
+        let data = out_dir.join(format!("levers-budget-{name}.data"));
+        let profile = udp_profile(target, secs, Some(&data))?;
+        println!(
+            "levers: budget {name}: {:.0} datagrams sent, {:.0} received in {} s ({:.0} kpps \
+             received); iperf3 woken {:.0} times ({:.3} per datagram sent)",
+            profile.sent,
+            profile.received,
+            secs.saturating_sub(1).max(1),
+            profile.received / secs.saturating_sub(1).max(1) as f64 / 1e3,
+            profile.wakeups,
+            profile.wakeups / profile.sent.max(1.0)
+        );
+        profiles.push((name, profile));
+        drop(setup);
+    }
+    let (raw, ebpf) = (&profiles[0].1, &profiles[1].1);
+    println!(
+        "levers: per-datagram budget, UDP 64 B cross agent, ns per datagram sent (samples at {BUDGET_HZ} Hz):"
+    );
+    for cpu in 0..cpus.min(2) {
+        println!(
+            "levers:   CPU {cpu} ({})  raw  ebpf  ebpf-raw",
+            if cpu == 0 {
+                "client and its softirqs"
+            } else {
+                "server"
+            }
+        );
+        let (mut tr, mut te) = (0.0, 0.0);
+        for part in Part::ALL {
+            let (r, e) = (raw.ns(cpu, part), ebpf.ns(cpu, part));
+            if part != Part::Idle {
+                tr += r;
+                te += e;
+            }
+            if r > 0.0 || e > 0.0 {
+                println!(
+                    "levers:     {:<55} {r:6.0} {e:6.0} {:+6.0}",
+                    part.label(),
+                    e - r
+                );
+            }
+        }
+        println!(
+            "levers:     {:<55} {tr:6.0} {te:6.0} {:+6.0}",
+            "busy (all but idle)",
+            te - tr
+        );
+    }
     Ok(())
 }
