@@ -151,6 +151,11 @@ struct Args {
     /// kernel without netkit the agent warns and uses veth (metric overlay_agent_container_device).
     #[arg(long, env = "OVERLAY_CONTAINER_DEVICE", default_value = "veth")]
     container_device: overlay_agent::container_device::ContainerDevice,
+    /// Room for the underlay NIC's own link-layer headroom when encapsulating a packet that has
+    /// too little (one skb head reallocation instead of two): auto (when the underlay is a bus
+    /// device such as virtio_net or a PCI NIC, or a VLAN, bond or team stacked on one), on, off.
+    #[arg(long, env = "OVERLAY_SPARE_HEADROOM", default_value = "auto")]
+    spare_headroom: netdev::SpareHeadroom,
 }
 
 #[tokio::main]
@@ -262,9 +267,10 @@ async fn main() -> anyhow::Result<()> {
         ?protected,
         "containers may not reach these control-plane destinations"
     );
-    let spare_headroom = netdev::reserves_headroom(&underlay.name);
+    let spare_headroom = args.spare_headroom.applies_to(&underlay.name);
     tracing::info!(
         underlay = %underlay.name,
+        mode = ?args.spare_headroom,
         spare_headroom,
         "encapsulation grows packets without headroom by enough for the underlay NIC's own \
          (a bus device) or only for the outer headers (a software link)"

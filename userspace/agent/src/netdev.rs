@@ -19,15 +19,72 @@ pub struct Link {
     pub mtu: u32,
 }
 
+/// `--spare-headroom`: whether encapsulation leaves room for the underlay NIC's own link-layer
+/// headroom ([`overlay_common::maps::AgentConfig::FLAG_SPARE_HEADROOM`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpareHeadroom {
+    /// When the underlay is a bus device or stacked on one ([`reserves_headroom`]).
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for SpareHeadroom {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(SpareHeadroom::Auto),
+            "on" => Ok(SpareHeadroom::On),
+            "off" => Ok(SpareHeadroom::Off),
+            _ => Err(format!("{s:?}: one of auto, on, off")),
+        }
+    }
+}
+
+impl SpareHeadroom {
+    /// Whether to leave the room on underlay `ifname`.
+    pub fn applies_to(self, ifname: &str) -> bool {
+        match self {
+            SpareHeadroom::Auto => reserves_headroom(ifname),
+            SpareHeadroom::On => true,
+            SpareHeadroom::Off => false,
+        }
+    }
+}
+
 /// Whether interface `ifname` is a bus device (PCI, virtio, VMBus: `/sys/class/net/<name>/device`
-/// exists) rather than a software link (veth, bridge): such NICs' drivers commonly reserve
-/// link-layer headroom in front of each frame (virtio_net its header, hv_netvsc RNDIS), which
-/// the encapsulation then leaves room for ([`overlay_common::maps::AgentConfig::FLAG_SPARE_HEADROOM`]).
+/// exists) or stacked on one (a VLAN, bond, team or macvlan whose lower devices, the
+/// `lower_<name>` links, lead to one) rather than a software link alone (veth, bridge): such NICs'
+/// drivers commonly reserve link-layer headroom in front of each frame (virtio_net its header,
+/// hv_netvsc RNDIS), which the encapsulation then leaves room for
+/// ([`overlay_common::maps::AgentConfig::FLAG_SPARE_HEADROOM`]).
 pub fn reserves_headroom(ifname: &str) -> bool {
-    std::path::Path::new("/sys/class/net")
-        .join(ifname)
-        .join("device")
-        .exists()
+    reserves_headroom_in(std::path::Path::new("/sys/class/net"), ifname)
+}
+
+/// [`reserves_headroom`] in the sysfs class directory `class_net`.
+pub fn reserves_headroom_in(class_net: &std::path::Path, ifname: &str) -> bool {
+    // Stacks are shallow (a VLAN on a bond on NICs is three); the bound only guards the walk.
+    const MAX_DEPTH: usize = 8;
+    fn walk(class_net: &std::path::Path, ifname: &str, depth: usize) -> bool {
+        let dir = class_net.join(ifname);
+        if dir.join("device").exists() {
+            return true;
+        }
+        if depth == 0 {
+            return false;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("lower_"))
+                .is_some_and(|lower| walk(class_net, lower, depth - 1))
+        })
+    }
+    walk(class_net, ifname, MAX_DEPTH)
 }
 
 /// Looks an interface up by name. A missing one is an `overlay_netlink::Error::NoSuchDevice`
@@ -164,6 +221,60 @@ pub fn name_of(ifindex: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spare_headroom_follows_stacked_devices_down_to_a_bus_device() {
+        let root = std::env::temp_dir().join(format!("eo-sysfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dev = |name: &str, bus: bool, lowers: &[&str]| {
+            let d = root.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            if bus {
+                std::fs::create_dir_all(d.join("device")).unwrap();
+            }
+            for l in lowers {
+                std::os::unix::fs::symlink(format!("../{l}"), d.join(format!("lower_{l}")))
+                    .unwrap();
+            }
+        };
+        dev("ens3", true, &[]);
+        dev("ens4", true, &[]);
+        dev("bond0", false, &["ens3", "ens4"]);
+        dev("bond0.100", false, &["bond0"]);
+        dev("ens3.7", false, &["ens3"]);
+        dev("veth0", false, &[]);
+        dev("veth0.5", false, &["veth0"]);
+        dev("br0", false, &[]);
+        // A cycle (sysfs has none; the walk must end anyway).
+        dev("loop_a", false, &["loop_b"]);
+        dev("loop_b", false, &["loop_a"]);
+        let found = |n: &str| reserves_headroom_in(&root, n);
+        let got = [
+            found("ens3"),
+            found("bond0"),
+            found("bond0.100"),
+            found("ens3.7"),
+            found("veth0"),
+            found("veth0.5"),
+            found("br0"),
+            found("loop_a"),
+            found("missing"),
+        ];
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            got,
+            [true, true, true, true, false, false, false, false, false]
+        );
+        assert!(SpareHeadroom::On.applies_to("missing"));
+        assert!(!SpareHeadroom::Off.applies_to("lo"));
+        assert_eq!("auto".parse(), Ok(SpareHeadroom::Auto));
+        assert!(
+            "yes"
+                .parse::<SpareHeadroom>()
+                .unwrap_err()
+                .contains("auto, on, off")
+        );
+    }
 
     fn link(ipv4: Option<&str>, ipv6: &[&str]) -> Link {
         Link {
