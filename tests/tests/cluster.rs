@@ -546,3 +546,39 @@ fn a_cni_add_spawns_nothing_but_the_plugin() {
     );
     assert!(forks.is_empty(), "the plugin forked: {forks:#?}");
 }
+
+/// `--spare-headroom on` (what `auto` picks on a bus-device underlay, which the netns lab's veth
+/// is not): the agents write the flag, and packets of every size, the small ones the spare room
+/// is for included, cross agents as without it.
+#[test]
+fn spare_headroom_on_is_written_and_packets_of_every_size_cross_agents() {
+    use overlay_common::maps::AgentConfig;
+    let mut spec = cluster_spec(2);
+    spec.agent_args = vec!["--spare-headroom".into(), "on".into()];
+    let mut c = Cluster::up(spec).unwrap();
+    for agent in ["a1", "a2"] {
+        let flags = maps(&c, agent).config().unwrap().unwrap().flags;
+        assert_ne!(
+            flags & AgentConfig::FLAG_SPARE_HEADROOM,
+            0,
+            "{agent}: spare headroom flag not written"
+        );
+    }
+    let a = c.add_container("a1", "dcos").unwrap();
+    let b = c.add_container("a2", "dcos").unwrap();
+    let b_ip = ip(&b).to_string();
+    // 0 bytes of ICMP payload up to the overlay MTU's (1420 - 28), not fragmented.
+    for size in ["0", "18", "56", "1000", "1392"] {
+        assert!(
+            a.node
+                .exec(
+                    "ping",
+                    &["-c", "2", "-W", "1", "-M", "do", "-s", size, &b_ip]
+                )
+                .is_ok(),
+            "ICMP payload {size} across agents with spare headroom"
+        );
+    }
+    let encapsulated = maps(&c, "a1").stat(1024, Counter::Encapsulated).unwrap();
+    assert!(encapsulated >= 10, "encapsulated {encapsulated}");
+}
