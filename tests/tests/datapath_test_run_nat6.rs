@@ -796,6 +796,57 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
+/// Opens `flows` masqueraded UDP flows from `EP6` to `EXT6` (two NAT entries each); returns the
+/// table's entries.
+fn open_udp_flows(f: &Fixture, flows: u16) -> Vec<(NatKey, NatEntry)> {
+    for i in 0..flows {
+        let p = pkt6(
+            EP6,
+            EXT6,
+            IPPROTO_UDP,
+            &udp6(EP6, EXT6, 10_000 + i, 53, b"q"),
+        );
+        let verdict = f.run(programs::FROM_CONTAINER, &from_container(&p)).0;
+        assert_eq!(verdict, TC_ACT_REDIRECT, "flow {i}");
+    }
+    f.dp.maps().nat_entries().unwrap()
+}
+
+/// Another handle on the NAT table pinned at `pin`.
+fn nat_table(pin: &Path) -> AyaHashMap<MapData, NatKey, NatEntry> {
+    Map::LruHashMap(MapData::from_pin(pin).unwrap())
+        .try_into()
+        .unwrap()
+}
+
+/// A thread that removes and puts back every one of `entries` in the NAT table pinned at `pin`,
+/// `passes` times over: the churn of closing and opening flows.
+fn churn(
+    pin: &Path,
+    entries: Vec<(NatKey, NatEntry)>,
+    passes: usize,
+) -> std::thread::JoinHandle<()> {
+    let mut table = nat_table(pin);
+    std::thread::spawn(move || {
+        for _ in 0..passes {
+            for (k, e) in entries.iter().rev() {
+                table.remove(k).unwrap();
+                table.insert(k, e, 0).unwrap();
+            }
+        }
+    })
+}
+
+/// The keys the NAT table of `f` holds.
+fn nat_keys(f: &Fixture) -> Vec<NatKey> {
+    f.dp.maps()
+        .nat_entries()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
 /// The agent's walk of the flow table (its sweep, its metrics, `overlayctl`) is exact while
 /// entries come and go under it, as LRU eviction and closing flows make them in a connection
 /// storm: every walk ends, returns each entry at most once and nothing that never existed, and the
@@ -807,17 +858,7 @@ fn the_flow_table_walk_is_exact_while_entries_come_and_go_under_it() {
     const FLOWS: u16 = 3_000;
     const CHURN_PASSES: usize = 30;
     let mut f = Fixture::new(nat(10_000..=39_999, 0));
-    let c = programs::FROM_CONTAINER;
-    for i in 0..FLOWS {
-        let p = pkt6(
-            EP6,
-            EXT6,
-            IPPROTO_UDP,
-            &udp6(EP6, EXT6, 10_000 + i, 53, b"q"),
-        );
-        assert_eq!(f.run(c, &from_container(&p)).0, TC_ACT_REDIRECT, "flow {i}");
-    }
-    let all = f.dp.maps().nat_entries().unwrap();
+    let all = open_udp_flows(&f, FLOWS);
     let keys: HashSet<NatKey> = all.iter().map(|(k, _)| *k).collect();
     assert_eq!(all.len(), 2 * FLOWS as usize, "two entries per flow");
     assert_eq!(keys.len(), all.len(), "a quiet walk reads each entry once");
@@ -834,18 +875,7 @@ fn the_flow_table_walk_is_exact_while_entries_come_and_go_under_it() {
 
     // Another handle on the pinned table removes and puts back every entry, over and over,
     // while this one walks.
-    let table = MapData::from_pin(f._pins.0.map(names::NAT)).unwrap();
-    let mut table: AyaHashMap<MapData, NatKey, NatEntry> =
-        Map::LruHashMap(table).try_into().unwrap();
-    let churn = all.clone();
-    let churning = std::thread::spawn(move || {
-        for _ in 0..CHURN_PASSES {
-            for (k, e) in churn.iter().rev() {
-                table.remove(k).unwrap();
-                table.insert(k, e, 0).unwrap();
-            }
-        }
-    });
+    let churning = churn(&f._pins.0.map(names::NAT), all.clone(), CHURN_PASSES);
     let mut walks = 0;
     while !churning.is_finished() {
         let seen = f.dp.maps().nat_entries().unwrap();
@@ -879,20 +909,7 @@ fn the_upgrade_copies_a_flow_table_exactly_while_entries_come_and_go_under_it() 
     const CHURN_PASSES: usize = 30;
     let f = Fixture::new(nat(10_000..=39_999, 0));
     let new = Fixture::new(nat(10_000..=39_999, 0));
-    for i in 0..FLOWS {
-        let p = pkt6(
-            EP6,
-            EXT6,
-            IPPROTO_UDP,
-            &udp6(EP6, EXT6, 10_000 + i, 53, b"q"),
-        );
-        assert_eq!(
-            f.run(programs::FROM_CONTAINER, &from_container(&p)).0,
-            TC_ACT_REDIRECT,
-            "flow {i}"
-        );
-    }
-    let all = f.dp.maps().nat_entries().unwrap();
+    let all = open_udp_flows(&f, FLOWS);
     let keys: HashSet<NatKey> = all.iter().map(|(k, _)| *k).collect();
     assert_eq!(all.len(), 2 * FLOWS as usize);
     let from = MapData::from_pin(f._pins.0.map(names::NAT)).unwrap();
@@ -904,10 +921,7 @@ fn the_upgrade_copies_a_flow_table_exactly_while_entries_come_and_go_under_it() 
             .unwrap()
     };
     let clear = |pin: &Path| {
-        let mut t: AyaHashMap<MapData, NatKey, NatEntry> =
-            Map::LruHashMap(MapData::from_pin(pin).unwrap())
-                .try_into()
-                .unwrap();
+        let mut t = nat_table(pin);
         for k in keys.iter() {
             let _ = t.remove(k);
         }
@@ -919,27 +933,13 @@ fn the_upgrade_copies_a_flow_table_exactly_while_entries_come_and_go_under_it() 
         "a quiet copy carries every entry"
     );
     let batched = started.elapsed();
-    let copied: HashSet<NatKey> = new
-        .dp
-        .maps()
-        .nat_entries()
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let copied: HashSet<NatKey> = nat_keys(&new).into_iter().collect();
     assert_eq!(copied, keys);
     clear(&to_pin);
     // For comparison, the entry-by-entry copy (GET_NEXT_KEY and a lookup per entry through
     // aya's iterator, then an update).
     let one_by_one = |from_pin: &Path, to_pin: &Path| {
-        let src: AyaHashMap<MapData, NatKey, NatEntry> =
-            Map::LruHashMap(MapData::from_pin(from_pin).unwrap())
-                .try_into()
-                .unwrap();
-        let mut dst: AyaHashMap<MapData, NatKey, NatEntry> =
-            Map::LruHashMap(MapData::from_pin(to_pin).unwrap())
-                .try_into()
-                .unwrap();
+        let (src, mut dst) = (nat_table(from_pin), nat_table(to_pin));
         let mut n = 0;
         for entry in src.iter() {
             let Ok((k, e)) = entry else { continue };
@@ -959,32 +959,13 @@ fn the_upgrade_copies_a_flow_table_exactly_while_entries_come_and_go_under_it() 
 
     // Another handle on the old table removes and puts back every entry, over and over, while
     // the copies run: as the old programs close and open flows during an upgrade.
-    let mut table: AyaHashMap<MapData, NatKey, NatEntry> =
-        Map::LruHashMap(MapData::from_pin(f._pins.0.map(names::NAT)).unwrap())
-            .try_into()
-            .unwrap();
-    let churn = all.clone();
-    let churning = std::thread::spawn(move || {
-        for _ in 0..CHURN_PASSES {
-            for (k, e) in churn.iter().rev() {
-                table.remove(k).unwrap();
-                table.insert(k, e, 0).unwrap();
-            }
-        }
-    });
+    let churning = churn(&from_pin, all.clone(), CHURN_PASSES);
     let mut copies = 0;
     while !churning.is_finished() {
         clear(&to_pin);
         let n = copy(&from, &to);
         copies += 1;
-        let landed: Vec<NatKey> = new
-            .dp
-            .maps()
-            .nat_entries()
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let landed = nat_keys(&new);
         assert!(
             n <= all.len(),
             "copy {copies} read {n} entries of a {}-entry table",

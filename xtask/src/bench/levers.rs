@@ -58,6 +58,65 @@ fn perf(args: &[&str]) -> anyhow::Result<std::process::Child> {
         .context("running perf (Debian's linux-perf)")
 }
 
+/// Sampling frequency of the CPU recordings (Hz).
+const SAMPLE_HZ: u32 = 4999;
+
+/// `perf record` of every CPU's `cpu-clock` samples with call chains into `data`, for `dur`
+/// seconds.
+fn record_cpu(data: &Path, dur: &str) -> anyhow::Result<std::process::Child> {
+    let hz = SAMPLE_HZ.to_string();
+    perf(&[
+        "record",
+        "-q",
+        "-a",
+        "-g",
+        "-F",
+        &hz,
+        "-e",
+        "cpu-clock",
+        "-o",
+        data.to_str().unwrap(),
+        "--",
+        "sleep",
+        dur,
+    ])
+}
+
+/// `perf stat` counting `event` (with `filter`) on every CPU into `out`, for `dur` seconds
+/// (read back with [`perf_stat_event`]).
+fn count_event(
+    out: &Path,
+    event: &str,
+    filter: &str,
+    dur: &str,
+) -> anyhow::Result<std::process::Child> {
+    perf(&[
+        "stat",
+        "-a",
+        "-x",
+        ",",
+        "-o",
+        out.to_str().unwrap(),
+        "-e",
+        event,
+        "--filter",
+        filter,
+        "--",
+        "sleep",
+        dur,
+    ])
+}
+
+/// iperf3 UDP 64-byte datagrams, unthrottled, from `target` for `secs` seconds.
+fn udp64(target: &super::Target, secs: u32) -> anyhow::Result<serde_json::Value> {
+    traffic::iperf(
+        &target.client,
+        target.server,
+        secs,
+        &["-u", "-l", "64", "-b", "0"],
+    )
+}
+
 /// `perf script` of a recording: one block per event (header line, then its call chain).
 fn script(data: &Path) -> anyhow::Result<Vec<String>> {
     let out = Command::new("perf")
@@ -124,7 +183,6 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         bail!("no cross-agent path");
     };
     let agent = setup.agent_nodes.first().context("no agent node")?.clone();
-    std::fs::create_dir_all(out_dir)?;
 
     // Headroom: every head allocation of pskb_expand_head, with call chains.
     let (pe0, pe1) = symbol_range("pskb_expand_head")?;
@@ -155,28 +213,9 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         &dur,
     ])?;
     let stat_out = out_dir.join("levers-alloc.stat");
-    let mut counting = perf(&[
-        "stat",
-        "-a",
-        "-x",
-        ",",
-        "-o",
-        stat_out.to_str().unwrap(),
-        "-e",
-        "kmem:kmalloc",
-        "--filter",
-        &f1,
-        "--",
-        "sleep",
-        &dur,
-    ])?;
+    let mut counting = count_event(&stat_out, "kmem:kmalloc", &f1, &dur)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let udp = traffic::iperf(
-        &target.client,
-        target.server,
-        secs.saturating_sub(1).max(1),
-        &["-u", "-l", "64", "-b", "0"],
-    )?;
+    let udp = udp64(target, secs.saturating_sub(1).max(1))?;
     rec.wait()?;
     counting.wait()?;
     let counted = perf_stat_count(&stat_out);
@@ -210,28 +249,9 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
 
     // Their cost: CPU samples during the same test.
     let cpu_data = out_dir.join("levers-cpu-udp.data");
-    let mut rec = perf(&[
-        "record",
-        "-q",
-        "-a",
-        "-g",
-        "-F",
-        "4999",
-        "-e",
-        "cpu-clock",
-        "-o",
-        cpu_data.to_str().unwrap(),
-        "--",
-        "sleep",
-        &dur,
-    ])?;
+    let mut rec = record_cpu(&cpu_data, &dur)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    traffic::iperf(
-        &target.client,
-        target.server,
-        secs.saturating_sub(1).max(1),
-        &["-u", "-l", "64", "-b", "0"],
-    )?;
+    udp64(target, secs.saturating_sub(1).max(1))?;
     rec.wait()?;
     let samples = script(&cpu_data)?;
     let prog: Vec<_> = samples
@@ -265,37 +285,9 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         stat(&receiver, "eth0", "rx_packets")?,
         stat(&receiver, "eth0", "rx_bytes")?,
     );
-    let mut rec = perf(&[
-        "record",
-        "-q",
-        "-a",
-        "-g",
-        "-F",
-        "4999",
-        "-e",
-        "cpu-clock",
-        "-o",
-        gso_data.to_str().unwrap(),
-        "--",
-        "sleep",
-        &dur,
-    ])?;
+    let mut rec = record_cpu(&gso_data, &dur)?;
     let tcp_stat = out_dir.join("levers-tcp-alloc.stat");
-    let mut counting = perf(&[
-        "stat",
-        "-a",
-        "-x",
-        ",",
-        "-o",
-        tcp_stat.to_str().unwrap(),
-        "-e",
-        "kmem:kmalloc",
-        "--filter",
-        &f1,
-        "--",
-        "sleep",
-        &dur,
-    ])?;
+    let mut counting = count_event(&tcp_stat, "kmem:kmalloc", &f1, &dur)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     let tcp = traffic::iperf(
         &target.client,
@@ -345,11 +337,6 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
     for (chain, n) in chains.iter().take(4) {
         println!("levers:   {n} segmentation samples: {chain}");
     }
-    let header = samples
-        .first()
-        .map(|b| b.lines().next().unwrap_or(""))
-        .unwrap_or("");
-    let _ = header;
     let progs = samples.iter().filter(|b| in_program(b, "from_")).count();
     let gbps = tcp["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -551,14 +538,13 @@ fn sample_cpu(block: &str) -> Option<usize> {
     header[open + 1..close].trim().parse().ok()
 }
 
-/// Sampling frequency of the budget's recordings (Hz).
-const BUDGET_HZ: u32 = 4999;
-
 /// CPU samples per (CPU, part) during UDP 64 B, and the datagrams sent and received.
 struct UdpProfile {
     samples: std::collections::BTreeMap<(usize, Part), u64>,
     sent: f64,
     received: f64,
+    /// The test's duration as iperf3 measured it.
+    seconds: f64,
     /// Wake-ups of iperf3 threads (`sched:sched_waking`), machine-wide.
     wakeups: f64,
 }
@@ -566,8 +552,16 @@ struct UdpProfile {
 impl UdpProfile {
     /// Nanoseconds of `cpu` in `part` per datagram sent.
     fn ns(&self, cpu: usize, part: Part) -> f64 {
-        self.samples.get(&(cpu, part)).copied().unwrap_or(0) as f64 / BUDGET_HZ as f64 * 1e9
+        self.samples.get(&(cpu, part)).copied().unwrap_or(0) as f64 / SAMPLE_HZ as f64 * 1e9
             / self.sent.max(1.0)
+    }
+
+    fn received_kpps(&self) -> f64 {
+        self.received / self.seconds.max(f64::MIN_POSITIVE) / 1e3
+    }
+
+    fn wakeups_per_datagram(&self) -> f64 {
+        self.wakeups / self.sent.max(1.0)
     }
 }
 
@@ -579,62 +573,23 @@ fn udp_profile(
     data: Option<&Path>,
 ) -> anyhow::Result<UdpProfile> {
     let dur = secs.to_string();
-    let hz = BUDGET_HZ.to_string();
-    let mut rec = data
-        .map(|data| {
-            perf(&[
-                "record",
-                "-q",
-                "-a",
-                "-g",
-                "-F",
-                &hz,
-                "-e",
-                "cpu-clock",
-                "-o",
-                data.to_str().unwrap(),
-                "--",
-                "sleep",
-                &dur,
-            ])
-        })
-        .transpose()?;
+    let mut rec = data.map(|data| record_cpu(data, &dur)).transpose()?;
     let wakeups_out = std::env::temp_dir().join(format!("levers-wakeups-{}", std::process::id()));
-    let mut counting = perf(&[
-        "stat",
-        "-a",
-        "-x",
-        ",",
-        "-o",
-        wakeups_out.to_str().unwrap(),
-        "-e",
+    let mut counting = count_event(
+        &wakeups_out,
         "sched:sched_waking",
-        "--filter",
         "comm == \"iperf3\"",
-        "--",
-        "sleep",
         &dur,
-    ])?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let udp = traffic::iperf(
-        &target.client,
-        target.server,
-        secs.saturating_sub(1).max(1),
-        &["-u", "-l", "64", "-b", "0"],
     )?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let udp = udp64(target, secs.saturating_sub(1).max(1))?;
     if let Some(rec) = rec.as_mut() {
         rec.wait()?;
     }
     counting.wait()?;
     let wakeups = perf_stat_event(&wakeups_out, "sched:sched_waking");
     let _ = std::fs::remove_file(&wakeups_out);
-    let s = if udp["end"]["sum_received"]["packets"].is_number() {
-        &udp["end"]["sum_received"]
-    } else {
-        &udp["end"]["sum"]
-    };
-    let sent = s["packets"].as_f64().context("iperf3 UDP: no packets")?;
-    let received = sent - s["lost_packets"].as_f64().unwrap_or(0.0);
+    let (sent, lost, seconds) = traffic::udp_totals(&udp)?;
     let mut parts = std::collections::BTreeMap::new();
     for block in data.map(script).transpose()?.unwrap_or_default() {
         if let Some(cpu) = sample_cpu(&block) {
@@ -645,7 +600,8 @@ fn udp_profile(
     Ok(UdpProfile {
         samples: parts,
         sent,
-        received,
+        received: (sent - lost).max(0.0),
+        seconds,
         wakeups,
     })
 }
@@ -671,27 +627,27 @@ fn budget(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         println!(
             "levers: budget {name}, not profiled: {:.0} kpps received; iperf3 woken {:.3} times \
              per datagram sent",
-            plain.received / secs.saturating_sub(1).max(1) as f64 / 1e3,
-            plain.wakeups / plain.sent.max(1.0)
+            plain.received_kpps(),
+            plain.wakeups_per_datagram()
         );
         let data = out_dir.join(format!("levers-budget-{name}.data"));
         let profile = udp_profile(target, secs, Some(&data))?;
         println!(
-            "levers: budget {name}: {:.0} datagrams sent, {:.0} received in {} s ({:.0} kpps \
+            "levers: budget {name}: {:.0} datagrams sent, {:.0} received in {:.1} s ({:.0} kpps \
              received); iperf3 woken {:.0} times ({:.3} per datagram sent)",
             profile.sent,
             profile.received,
-            secs.saturating_sub(1).max(1),
-            profile.received / secs.saturating_sub(1).max(1) as f64 / 1e3,
+            profile.seconds,
+            profile.received_kpps(),
             profile.wakeups,
-            profile.wakeups / profile.sent.max(1.0)
+            profile.wakeups_per_datagram()
         );
         profiles.push((name, profile));
         drop(setup);
     }
     let (raw, ebpf) = (&profiles[0].1, &profiles[1].1);
     println!(
-        "levers: per-datagram budget, UDP 64 B cross agent, ns per datagram sent (samples at {BUDGET_HZ} Hz):"
+        "levers: per-datagram budget, UDP 64 B cross agent, ns per datagram sent (samples at {SAMPLE_HZ} Hz):"
     );
     for cpu in 0..cpus.min(2) {
         println!(

@@ -340,8 +340,8 @@ fn tcp_gbps(v: &serde_json::Value) -> anyhow::Result<(f64, f64)> {
     Ok((bps / 1e9, secs))
 }
 
-/// Received packets per second (thousands) of an iperf3 UDP run.
-fn udp_kpps(v: &serde_json::Value) -> anyhow::Result<f64> {
+/// (packets sent, packets lost, seconds) of an iperf3 UDP run.
+pub(super) fn udp_totals(v: &serde_json::Value) -> anyhow::Result<(f64, f64, f64)> {
     // iperf 3.12: end.sum holds the server's view (packets sent, lost_packets as the receiver
     // counted them); newer versions also have sum_received.
     let s = if v["end"]["sum_received"]["packets"].is_number() {
@@ -355,6 +355,12 @@ fn udp_kpps(v: &serde_json::Value) -> anyhow::Result<f64> {
     if secs <= 0.0 {
         bail!("iperf3 UDP: zero duration");
     }
+    Ok((packets, lost, secs))
+}
+
+/// Received packets per second (thousands) of an iperf3 UDP run.
+fn udp_kpps(v: &serde_json::Value) -> anyhow::Result<f64> {
+    let (packets, lost, secs) = udp_totals(v)?;
     Ok((packets - lost).max(0.0) / secs / 1e3)
 }
 

@@ -295,9 +295,13 @@ fn translate_entries(from: &Path, to: &Path, translate: Translate) -> anyhow::Re
     if si.key_size() != di.key_size() {
         bail!("key size {} -> {}", si.key_size(), di.key_size());
     }
-    let (src_fd, dst_fd) = (src.fd().as_fd().as_raw_fd(), dst.fd().as_fd().as_raw_fd());
+    let dst_fd = dst.fd().as_fd().as_raw_fd();
     let mut written = 0;
-    for (key, value) in raw::entries(src_fd, si.key_size() as usize, si.value_size() as usize)? {
+    for (key, value) in raw::entries(
+        src.fd().as_fd(),
+        si.key_size() as usize,
+        si.value_size() as usize,
+    )? {
         let Some(value) = translate(&value) else {
             continue;
         };
@@ -320,7 +324,6 @@ fn vnis_of_networks(from: &Path, to: &Path) -> anyhow::Result<usize> {
     use overlay_common::maps::WireVni;
     let src = MapData::from_pin(from).with_context(|| format!("opening {}", from.display()))?;
     let dst = MapData::from_pin(to).with_context(|| format!("opening {}", to.display()))?;
-    let src_fd = src.fd().as_fd().as_raw_fd();
     let dst_fd = dst.fd().as_fd().as_raw_fd();
     let key_len = src.info()?.key_size() as usize;
     let value_len = src.info()?.value_size() as usize;
@@ -328,7 +331,7 @@ fn vnis_of_networks(from: &Path, to: &Path) -> anyhow::Result<usize> {
         bail!("old OVL_NETWORKS has keys of {key_len} bytes");
     }
     let mut written = 0;
-    for (key, _) in raw::entries(src_fd, key_len, value_len)? {
+    for (key, _) in raw::entries(src.fd().as_fd(), key_len, value_len)? {
         let id = u32::from_ne_bytes([key[0], key[1], key[2], key[3]]);
         let carries = WireVni::carrying(&[id]);
         let mut value = Vec::with_capacity(8);
@@ -384,9 +387,8 @@ fn carry_counts(old_dir: &Path, pins: &PinLayout) -> anyhow::Result<usize> {
         );
     }
     let mut maps = overlay_datapath::OverlayMaps::open_pinned(pins)?;
-    let fd = src.fd().as_fd().as_raw_fd();
     let mut carried = 0;
-    for (key, value) in raw::entries(fd, 8, 16 * cpus)? {
+    for (key, value) in raw::entries(src.fd().as_fd(), 8, 16 * cpus)? {
         let word =
             |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         let long = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap());
@@ -445,33 +447,21 @@ fn copy_entries(from: &Path, to: &Path) -> anyhow::Result<Option<usize>> {
         Err(e) if overlay_datapath::batch::unsupported(&e) => {}
         Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH / BPF_MAP_UPDATE_BATCH"),
     }
-    let (src_fd, dst_fd) = (src.fd().as_fd().as_raw_fd(), dst.fd().as_fd().as_raw_fd());
-    let mut key = vec![0u8; key_len];
-    let mut next = vec![0u8; key_len];
-    let mut value = vec![0u8; value_len];
+    let dst_fd = dst.fd().as_fd().as_raw_fd();
     let mut copied = 0;
-    let mut first = true;
-    loop {
-        let more = raw::next_key(src_fd, (!first).then_some(&key[..]), &mut next)
-            .context("BPF_MAP_GET_NEXT_KEY")?;
-        if !more {
-            break;
-        }
-        first = false;
-        key.copy_from_slice(&next);
-        // An entry deleted since (an LRU eviction) is skipped.
-        if raw::lookup(src_fd, &key, &mut value).context("BPF_MAP_LOOKUP_ELEM")? {
-            raw::update(dst_fd, &key, &value).context("BPF_MAP_UPDATE_ELEM")?;
-            copied += 1;
-        }
+    for (key, value) in raw::entries_one_by_one(src.fd().as_fd().as_raw_fd(), key_len, value_len)
+        .context("BPF_MAP_GET_NEXT_KEY / BPF_MAP_LOOKUP_ELEM")?
+    {
+        raw::update(dst_fd, &key, &value).context("BPF_MAP_UPDATE_ELEM")?;
+        copied += 1;
     }
     Ok(Some(copied))
 }
 
-/// The map commands of bpf(2) the copy needs where the kernel has no batch calls, on raw key and value bytes (aya's maps are
-/// typed; here the types are whatever both layouts agree on).
+/// The map commands of bpf(2) the copies need, on raw key and value bytes (aya's maps are typed;
+/// here the types are whatever both layouts agree on): batches where the kernel has them.
 mod raw {
-    use std::os::fd::RawFd;
+    use std::os::fd::{AsRawFd as _, BorrowedFd, RawFd};
 
     const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -528,27 +518,36 @@ mod raw {
     /// Every (key, value) of a map (`value_len`: for a per-CPU map, every CPU's), in batches
     /// where the kernel has them.
     pub fn entries(
+        fd: BorrowedFd<'_>,
+        key_len: usize,
+        value_len: usize,
+    ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let batched = overlay_datapath::batch::walk(fd, key_len, value_len, |keys, values, _| {
+            out.extend(
+                keys.chunks_exact(key_len)
+                    .zip(values.chunks_exact(value_len))
+                    .map(|(k, v)| (k.to_vec(), v.to_vec())),
+            );
+            Ok(())
+        });
+        match batched {
+            Ok(()) => Ok(out),
+            Err(e) if overlay_datapath::batch::unsupported(&e) => {
+                entries_one_by_one(fd.as_raw_fd(), key_len, value_len)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`entries`] with `GET_NEXT_KEY` and a lookup per entry (kernels or maps without batch
+    /// calls); an entry gone between the two is left out.
+    pub fn entries_one_by_one(
         fd: RawFd,
         key_len: usize,
         value_len: usize,
     ) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
-        // SAFETY: `fd` is the open descriptor of a map the caller holds for this call.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let batched = overlay_datapath::batch::walk(borrowed, key_len, value_len, |k, v, n| {
-            out.extend((0..n).map(|i| {
-                (
-                    k[i * key_len..(i + 1) * key_len].to_vec(),
-                    v[i * value_len..(i + 1) * value_len].to_vec(),
-                )
-            }));
-            Ok(())
-        });
-        match batched {
-            Ok(()) => return Ok(out),
-            Err(e) if overlay_datapath::batch::unsupported(&e) => out.clear(),
-            Err(e) => return Err(e),
-        }
         let mut key = vec![0u8; key_len];
         let mut next = vec![0u8; key_len];
         let mut first = true;
