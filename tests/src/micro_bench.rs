@@ -36,6 +36,9 @@ const LOCAL_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
 const LOCAL_VTEP_MAC: [u8; 6] = [0x70, 0xb3, 0xd5, 0x80, 0, 1];
 const REMOTE_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 12);
 const REMOTE_VTEP_MAC: [u8; 6] = [0x70, 0xb3, 0xd5, 0x80, 0, 2];
+/// The remote VTEP's next hop on the underlay (its MAC, or a gateway's), and this agent's NIC.
+const REMOTE_NEXT_HOP_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x12];
+const LOCAL_NIC_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x11];
 /// A host outside every overlay (the packets never leave the test run).
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
@@ -114,6 +117,9 @@ fn check_encap(input: &[u8], out: &[u8]) -> Result<(), String> {
     }
     if ipv4_dst(out) != REMOTE_UNDERLAY.octets() {
         return Err("outer destination is not the remote agent".into());
+    }
+    if out[..6] != REMOTE_NEXT_HOP_MAC || out[6..12] != LOCAL_NIC_MAC {
+        return Err("outer MACs are not the cached next hop's".into());
     }
     Ok(())
 }
@@ -231,6 +237,17 @@ impl MicroBench {
             IpAddr::V4(REMOTE_UNDERLAY),
             Vtep::new(REMOTE_VTEP_MAC, [0; 4]),
         )?;
+        // The remote VTEP's next hop as the agent mirrors it: the encap row is the path a
+        // resolved VTEP's packets take (no kernel lookup after the program).
+        m.sync_next_hops(&std::collections::BTreeMap::from([(
+            REMOTE_UNDERLAY,
+            overlay_common::maps::NextHop::new(
+                LOOPBACK,
+                REMOTE_NEXT_HOP_MAC,
+                LOCAL_NIC_MAC,
+                overlay_agent::next_hops::coarse_now_ns() + 24 * 3_600_000_000_000,
+            ),
+        )]))?;
         m.put_route(
             "9.0.2.0/24".parse()?,
             RemoteRoute::new(

@@ -582,3 +582,129 @@ fn spare_headroom_on_is_written_and_packets_of_every_size_cross_agents() {
     let encapsulated = maps(&c, "a1").stat(1024, Counter::Encapsulated).unwrap();
     assert!(encapsulated >= 10, "encapsulated {encapsulated}");
 }
+
+/// Waits up to `within` for `check` to hold; the last value it saw otherwise.
+fn eventually<T>(
+    within: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// The next-hop cache (`OVL_NEXT_HOPS`): each agent mirrors the kernel's neighbour entry of the
+/// other's VTEP, made managed; encapsulated packets then take no kernel lookup. It follows the
+/// kernel when the other agent's underlay MAC changes (traffic resumes with the new MAC), and an
+/// agent that stops confirming it leaves the kernel's lookup in charge.
+#[test]
+fn next_hops_mirror_the_kernel_s_neighbours_follow_a_mac_change_and_expire_without_the_agent() {
+    let mut c = cluster(2);
+    let a = c.add_container("a1", "dcos").unwrap();
+    let b = c.add_container("a2", "dcos").unwrap();
+    assert!(a.node.ping(ip(&b)));
+    let a2_underlay = c.lab.fabric_address("a2").unwrap();
+    let IpAddr::V4(a2_v4) = a2_underlay else {
+        panic!("IPv4 fabric expected")
+    };
+    let a1 = c.lab.node("a1").unwrap().clone();
+    let a2 = c.lab.node("a2").unwrap().clone();
+    let cached_mac = |c: &Cluster| -> Result<[u8; 6], String> {
+        let hops = maps(c, "a1").next_hops().map_err(|e| e.to_string())?;
+        hops.get(&a2_underlay)
+            .map(|h| h.dst_mac)
+            .ok_or_else(|| format!("no next hop for {a2_underlay}: {hops:?}"))
+    };
+    let first_mac = a2.mac("eth0").unwrap();
+    let got = eventually(Duration::from_secs(10), || {
+        cached_mac(&c).and_then(|m| {
+            (m == first_mac)
+                .then_some(m)
+                .ok_or(format!("cached {m:02x?}, a2's eth0 is {first_mac:02x?}"))
+        })
+    });
+    assert!(got.is_ok(), "{got:?}");
+    let hop = maps(&c, "a1").next_hops().unwrap()[&a2_underlay];
+    assert_eq!(hop.src_mac, a1.mac("eth0").unwrap(), "source MAC");
+    assert_eq!(hop.ifindex, a1.ifindex("eth0").unwrap(), "device");
+    // The kernel keeps the entry confirmed by itself: managed, and marked as the agent's.
+    let neighbours = a1
+        .netlink()
+        .unwrap()
+        .neighbours(a1.ifindex("eth0").unwrap())
+        .unwrap();
+    let entry = neighbours
+        .iter()
+        .find(|n| n.ip == a2_v4)
+        .expect("a1's neighbour entry of a2");
+    assert!(entry.managed, "not managed: {entry:?}");
+    assert_eq!(entry.protocol, overlay_agent::next_hops::NEIGH_PROTOCOL);
+
+    // With the cache in place, encapsulated packets take no kernel lookup.
+    let by_kernel = |c: &Cluster| maps(c, "a1").stat(1024, Counter::NextHopByKernel).unwrap();
+    let encapsulated = |c: &Cluster| maps(c, "a1").stat(1024, Counter::Encapsulated).unwrap();
+    let (k0, e0) = (by_kernel(&c), encapsulated(&c));
+    assert!(
+        a.node
+            .exec(
+                "ping",
+                &["-c", "20", "-i", "0.01", "-W", "1", &ip(&b).to_string()]
+            )
+            .is_ok()
+    );
+    assert!(encapsulated(&c) >= e0 + 20, "pings were not encapsulated");
+    assert_eq!(
+        by_kernel(&c),
+        k0,
+        "packets took the kernel's lookup with a fresh next hop"
+    );
+
+    // a2's NIC gets another MAC. a1's kernel finds out as its neighbour code re-probes the entry
+    // (timers shortened here: seconds, not the default half minute), and the cache follows.
+    for (key, value) in [
+        ("base_reachable_time_ms", "500"),
+        ("delay_first_probe_time", "1"),
+        ("retrans_time_ms", "200"),
+        // How often the kernel kicks its managed entries.
+        ("interval_probe_time_ms", "500"),
+    ] {
+        a1.exec(
+            "sysctl",
+            &["-qw", &format!("net.ipv4.neigh.eth0.{key}={value}")],
+        )
+        .unwrap();
+    }
+    let new_mac = [0x02, 0x5e, 0x00, 0x00, 0x0a, 0x02];
+    a2.netlink().unwrap().set_mac("eth0", new_mac).unwrap();
+    let followed = eventually(Duration::from_secs(20), || {
+        cached_mac(&c).and_then(|m| {
+            (m == new_mac)
+                .then_some(m)
+                .ok_or(format!("cached {m:02x?}, a2's eth0 is now {new_mac:02x?}"))
+        })
+    });
+    assert!(followed.is_ok(), "{followed:?}");
+    assert!(a.node.ping(ip(&b)), "no traffic with a2's new MAC");
+
+    // Without the agent nobody confirms the entries: within their 15 s the kernel's lookup
+    // takes over, and traffic goes on.
+    c.stop_agent("a1");
+    let k1 = by_kernel(&c);
+    let took_over = eventually(
+        overlay_agent::next_hops::TTL + Duration::from_secs(5),
+        || {
+            a.node.ping(ip(&b));
+            let k = by_kernel(&c);
+            (k > k1)
+                .then_some(k)
+                .ok_or(format!("next_hop_by_kernel still {k}"))
+        },
+    );
+    assert!(took_over.is_ok(), "{took_over:?}");
+    assert!(a.node.ping(ip(&b)), "no traffic once the cache expired");
+}

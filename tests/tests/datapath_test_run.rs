@@ -328,6 +328,63 @@ fn encap_with_spare_headroom_builds_the_same_frames() {
     assert_eq!(spare.stat(VNI_A, Counter::DropEncapFailed), 0);
 }
 
+/// The agent's mirror of the kernel's next hop (`OVL_NEXT_HOPS`): with a fresh entry for the
+/// destination's VTEP, encapsulation writes the outer MACs itself (the frame is otherwise the
+/// same, byte for byte) and counts no kernel lookup; without one, or with one the agent has not
+/// confirmed in time, or with another VTEP's, the addresses are left to the kernel's lookup and
+/// each such packet is counted.
+#[test]
+fn encap_addresses_the_frame_from_a_fresh_cached_next_hop_only() {
+    use overlay_agent::next_hops::coarse_now_ns;
+    use overlay_common::maps::NextHop;
+    use std::collections::BTreeMap;
+
+    let mut f = Fixture::new();
+    let inner_ip = ping_packet(EP_A.ip, Ipv4Addr::new(9, 0, 2, 2), 56);
+    let input = container_frame(EP_A.mac, EP_A.gw_mac, &inner_ip);
+    let (verdict, by_kernel) = f.run(programs::FROM_CONTAINER, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&by_kernel[..12], &[0; 12], "addresses left to the kernel");
+    assert_eq!(f.stat(VNI_A, Counter::NextHopByKernel), 1);
+
+    const GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x12];
+    const NIC_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x11];
+    let cache = |f: &mut Fixture, vtep: Ipv4Addr, expires_ns: u64| {
+        let hop = NextHop::new(LOOPBACK, GATEWAY_MAC, NIC_MAC, expires_ns);
+        f.dp.maps_mut()
+            .sync_next_hops(&BTreeMap::from([(vtep, hop)]))
+            .unwrap();
+    };
+    cache(&mut f, R_UNDERLAY, coarse_now_ns() + 60_000_000_000);
+    let (verdict, cached) = f.run(programs::FROM_CONTAINER, &input);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&cached[..6], &GATEWAY_MAC, "outer destination MAC");
+    assert_eq!(&cached[6..12], &NIC_MAC, "outer source MAC");
+    assert!(
+        cached[12..] == by_kernel[12..],
+        "the rest of the frame differs"
+    );
+    assert_eq!(
+        f.stat(VNI_A, Counter::NextHopByKernel),
+        1,
+        "no kernel lookup"
+    );
+    assert_eq!(f.stat(VNI_A, Counter::Encapsulated), 2);
+
+    // Not confirmed in time: as if there were none.
+    cache(&mut f, R_UNDERLAY, coarse_now_ns().saturating_sub(1));
+    let (_, expired) = f.run(programs::FROM_CONTAINER, &input);
+    assert!(expired == by_kernel, "an expired entry was used");
+    assert_eq!(f.stat(VNI_A, Counter::NextHopByKernel), 2);
+
+    // Another VTEP's entry (sync leaves only it) is not this one's.
+    cache(&mut f, S_UNDERLAY, coarse_now_ns() + 60_000_000_000);
+    assert_eq!(f.dp.maps().next_hops().unwrap().len(), 1);
+    let (_, other) = f.run(programs::FROM_CONTAINER, &input);
+    assert!(other == by_kernel, "S's next hop was used towards R");
+    assert_eq!(f.stat(VNI_A, Counter::NextHopByKernel), 3);
+}
+
 #[test]
 fn decap_delivers_the_inner_packet_to_the_endpoint() {
     let f = Fixture::new();

@@ -67,6 +67,11 @@ counters! {
     /// VXLAN dropped early by XDP on the underlay NIC; each is also counted under the drop reason
     /// `from_underlay` would have given it, so those agree with or without XDP.
     XdpDropped = 13 => "xdp_dropped",
+    /// Encapsulated towards a VTEP with no fresh cached next hop (`OVL_NEXT_HOPS`): the kernel's
+    /// route and neighbour lookup addressed it (`bpf_redirect_neigh`). The agent has not resolved
+    /// that VTEP's neighbour yet, it is unresolved, the underlay is IPv6, or the agent stopped
+    /// confirming the cache. Each is counted as `encapsulated` as well.
+    NextHopByKernel = 14 => "next_hop_by_kernel",
 
     /// A container sent with an IP or MAC that is not its own.
     DropSpoofedSource = 16 => "drop_spoofed_source",

@@ -40,6 +40,7 @@ pub mod names {
     pub const PROTECTED: &str = "OVL_PROTECTED";
     pub const NAT_QUOTA: &str = "OVL_NAT_QUOTA";
     pub const VNIS: &str = "OVL_VNIS";
+    pub const NEXT_HOPS: &str = "OVL_NEXT_HOPS";
     /// The program array of [`super::tail_calls`]. Pinned like the rest: the kernel empties a
     /// program array when no file refers to it any more, which would cut the pinned programs off
     /// their tail calls while no agent runs.
@@ -67,6 +68,7 @@ pub mod names {
         NAT_QUOTA,
         TAIL_CALLS,
         VNIS,
+        NEXT_HOPS,
         DROP_EVENTS,
         MONITOR,
         DROP_BUDGET,
@@ -140,6 +142,8 @@ pub mod capacity {
     pub const ROUTES: u32 = 65536;
     pub const SUBNETS: u32 = 1024;
     pub const VTEPS: u32 = 16384;
+    /// One cached next hop per remote VTEP at most.
+    pub const NEXT_HOPS: u32 = VTEPS;
     pub const NETWORKS: u32 = 1024;
     pub const VNIS: u32 = 1024;
     /// Counter slots (networks with counters of their own; slot 0 is no network's).
@@ -407,6 +411,50 @@ impl Vtep {
             _pad: [0; 2],
             vtep_ip,
         }
+    }
+}
+
+/// Value of `OVL_NEXT_HOPS` (keyed by [`VtepKey`]): the underlay next hop towards a remote VTEP
+/// as the kernel's own route and neighbour entry have it, mirrored by the agent so that
+/// encapsulation can address the frame itself and `bpf_redirect` it, without the kernel's route
+/// and neighbour lookup after the program (`bpf_redirect_neigh`). The agent rewrites every entry
+/// on each route, neighbour or link change it hears of, and at least every few seconds; an entry
+/// it has not confirmed by `expires_ns` is not used (the agent stopped or is stuck), so a stale
+/// MAC outlives the agent by seconds at most, and the kernel's lookup takes over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// The device the route leaves by (the underlay NIC).
+    pub ifindex: u32,
+    /// The neighbour's MAC (the gateway's, or the VTEP's own on the same link).
+    pub dst_mac: [u8; 6],
+    /// The device's own MAC.
+    pub src_mac: [u8; 6],
+    /// `CLOCK_MONOTONIC` (coarse, as `bpf_ktime_get_coarse_ns`) after which the entry is stale.
+    pub expires_ns: u64,
+}
+
+impl NextHop {
+    pub const fn new(ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], expires_ns: u64) -> Self {
+        NextHop {
+            ifindex,
+            dst_mac,
+            src_mac,
+            expires_ns,
+        }
+    }
+
+    /// Whether the agent's confirmation still holds at `now_ns` (same clock as `expires_ns`).
+    pub const fn is_fresh(&self, now_ns: u64) -> bool {
+        now_ns < self.expires_ns && self.ifindex != 0
+    }
+
+    /// The outer Ethernet addresses, destination then source, as they start the frame.
+    pub const fn macs(&self) -> [u8; 12] {
+        let (d, s) = (self.dst_mac, self.src_mac);
+        [
+            d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
+        ]
     }
 }
 
@@ -785,6 +833,7 @@ const _: () = {
     assert!(size_of::<OverlaySubnet>() == 8);
     assert!(size_of::<VtepKey>() == 16);
     assert!(size_of::<Vtep>() == 12);
+    assert!(size_of::<NextHop>() == 24);
     assert!(size_of::<NetworkKey>() == 4);
     assert!(size_of::<Network>() == 8);
     assert!(size_of::<VniKey>() == 4);
@@ -812,6 +861,7 @@ mod pod {
     unsafe impl aya::Pod for OverlaySubnet {}
     unsafe impl aya::Pod for VtepKey {}
     unsafe impl aya::Pod for Vtep {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for NetworkKey {}
     unsafe impl aya::Pod for Network {}
     unsafe impl aya::Pod for VniKey {}
@@ -940,12 +990,25 @@ mod tests {
     }
 
     #[test]
+    fn a_next_hop_is_used_until_it_expires_and_starts_the_frame_with_its_macs() {
+        let hop = NextHop::new(3, [2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1], 1_000);
+        assert!(hop.is_fresh(999));
+        assert!(!hop.is_fresh(1_000));
+        assert!(!hop.is_fresh(5_000));
+        // A zeroed entry (never written) is never used, whatever the clock says.
+        assert!(!NextHop::default().is_fresh(0));
+        assert!(!NextHop { ifindex: 0, ..hop }.is_fresh(0));
+        assert_eq!(hop.macs(), [2, 0, 0, 0, 0, 9, 2, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
     fn no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hidden bytes a hash lookup could miss on.
         assert_eq!(size_of::<Endpoint>(), 4 + 4 + 6 + 6 + 4 + 4);
         assert_eq!(size_of::<AgentConfig>(), 16 + 4 + 6 + 2 + 4 + 4);
         assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4);
         assert_eq!(size_of::<Stat>(), 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<NextHop>(), 4 + 6 + 6 + 8);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
-    helpers::generated::{bpf_get_hash_recalc, bpf_redirect_neigh},
+    helpers::generated::{bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use overlay_common::{
@@ -19,7 +19,7 @@ use overlay_common::{
     underlay6::{Encap6Params, VXLAN6_ENCAP_LEN, build_vxlan6_headers, vxlan_flow_label},
 };
 
-use crate::{forward::L3, skb};
+use crate::{forward::L3, maps, skb, stats::count_in_slot};
 
 /// Length of the inner Ethernet header, encoded for `bpf_skb_adjust_room` so the kernel records
 /// where the inner frame starts (needed for GSO of the tunnelled packet).
@@ -97,8 +97,9 @@ fn reserve_headroom(ctx: &TcContext, cfg: &AgentConfig, outer_len: usize) -> Res
 
 /// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN,
 /// or Ethernet/IPv6/UDP/VXLAN when this agent's underlay is IPv6 (`overlay_common::underlay6`),
-/// towards the agent owning `route` and sends it out of the underlay NIC; the kernel's neighbour
-/// table supplies the next-hop MAC. The ENCAP flags are the same for both inner families: the
+/// towards the agent owning `route` and sends it out of the underlay NIC. The outer MACs come
+/// from the agent's cached next hop of that VTEP when it has a fresh one (IPv4 underlay), with a
+/// plain redirect; otherwise the kernel's route and neighbour lookup supplies them. The ENCAP flags are the same for both inner families: the
 /// kernel finds the inner network header behind the inner Ethernet header (L2_ETH), and the
 /// inner packet's own GSO type (TCPV4/TCPV6/UDP_L4) stays as it is under the UDP tunnel's.
 #[inline(always)]
@@ -110,7 +111,8 @@ pub fn to_remote(
 ) -> Result<i32, Counter> {
     let inner_ethertype = l3.ethertype;
     let flow_hash = flow_hash(ctx, l3);
-    let inner_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    let len = ctx.len();
+    let inner_ip_len = (len as usize).saturating_sub(ETH_HLEN);
     // `route.vni` is the wire VNI of the route's network (shared by default), not its network id.
     match (
         ipv4_unmapped(&cfg.underlay_ip),
@@ -118,7 +120,7 @@ pub fn to_remote(
     ) {
         (Some(outer_src), Some(outer_dst)) => {
             let src_port = vxlan_source_port(flow_hash);
-            let headers = build_vxlan_headers(&EncapParams {
+            let mut headers = build_vxlan_headers(&EncapParams {
                 outer_src,
                 outer_dst,
                 src_port,
@@ -129,10 +131,19 @@ pub fn to_remote(
                 inner_ethertype,
                 inner_ip_len,
             });
+            let hop = maps::next_hop(&route.underlay_ip);
+            if let Some(hop) = hop {
+                headers[..6].copy_from_slice(&hop.dst_mac);
+                headers[6..12].copy_from_slice(&hop.src_mac);
+            }
             reserve_headroom(ctx, cfg, VXLAN_ENCAP_LEN)?;
             ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
+            if let Some(hop) = hop {
+                // SAFETY: plain helper call; the frame is addressed already.
+                return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
+            }
         }
         (None, None) => {
             let headers = build_vxlan6_headers(&Encap6Params {
@@ -155,6 +166,7 @@ pub fn to_remote(
         // An IPv4 underlay cannot reach an IPv6 VTEP, nor the reverse.
         _ => return Err(Counter::DropUnderlayFamily),
     }
+    count_in_slot(route.slot as u32, Counter::NextHopByKernel, len);
     // SAFETY: plain helper call; no explicit next hop, the FIB decides (IPv4 or IPv6 by the
     // packet's protocol).
     Ok(unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) } as i32)

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use overlay_common::ipv6::NA_FRAME_LEN;
 use overlay_common::maps::{
     Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota, NatQuotaKey,
-    NetSlot, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey, RemoteRoute, Stat,
-    VniKey, Vtep, VtepKey, WireVni, capacity, tail_calls,
+    NetSlot, Network, NetworkKey, NextHop, OverlaySubnet, Protected, ProtectedKey, RemoteRoute,
+    Stat, VniKey, Vtep, VtepKey, WireVni, capacity, tail_calls,
 };
 use overlay_common::monitor::{DropBudget, DropEvent, MonitorConfig, RING_BYTES};
 
@@ -34,6 +34,12 @@ pub static OVL_VTEPS: HashMap<VtepKey, Vtep, { capacity::VTEPS as usize }> = Has
 
 #[btf_map]
 pub static OVL_NETWORKS: HashMap<NetworkKey, Network, { capacity::NETWORKS as usize }> =
+    HashMap::new();
+
+/// The underlay next hop of each remote VTEP, mirrored by the agent from the kernel's route and
+/// neighbour tables (`overlay_common::maps::NextHop`).
+#[btf_map]
+pub static OVL_NEXT_HOPS: HashMap<VtepKey, NextHop, { capacity::NEXT_HOPS as usize }> =
     HashMap::new();
 
 /// The VNIs VXLAN is accepted in, and which networks each carries.
@@ -150,6 +156,21 @@ pub fn overlay_subnet(addr: Addr16) -> Option<&'static OverlaySubnet> {
 #[inline(always)]
 pub fn is_known_vtep(underlay_ip: Addr16) -> bool {
     OVL_VTEPS.get_ptr(VtepKey { underlay_ip }).is_some()
+}
+
+/// The cached next hop towards the VTEP at `underlay_ip`, while the agent's confirmation of it
+/// holds.
+#[inline(always)]
+pub fn next_hop(underlay_ip: &Addr16) -> Option<&'static NextHop> {
+    // The key is the address where it lies (the route's value), not a copy on the stack, which
+    // the IPv6 programs have no room for. SAFETY: `VtepKey` is `repr(C)` around exactly one
+    // `Addr16`, so it has the same layout; entries are replaced whole.
+    let key = unsafe { &*(underlay_ip as *const Addr16).cast::<VtepKey>() };
+    let hop = unsafe { OVL_NEXT_HOPS.get(key) }?;
+    // SAFETY: plain helper call (the coarse clock: a tick's precision is plenty for an expiry
+    // seconds away, and it costs a memory read, not a clock read).
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    hop.is_fresh(now).then_some(hop)
 }
 
 /// What VNI `vni` carries, if VXLAN is accepted in it.

@@ -88,6 +88,8 @@ pub struct Agent {
     nat_flows: [u64; 2],
     nat_expired: u64,
     nat_sweep_seconds: f64,
+    /// Remote VTEPs with a cached next hop and without, as last written.
+    next_hops: [u64; 2],
 }
 
 impl Agent {
@@ -129,6 +131,7 @@ impl Agent {
             nat_flows: [0; 2],
             nat_expired: 0,
             nat_sweep_seconds: 0.0,
+            next_hops: [0; 2],
         })
     }
 
@@ -495,6 +498,39 @@ impl Agent {
         Ok(())
     }
 
+    /// The IPv4 underlay addresses of the other agents' VTEPs in the datapath (the next-hop
+    /// cache's subjects; an IPv6 underlay keeps the kernel's lookup).
+    pub fn remote_vteps_ipv4(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+        let me = self.local.underlay_ip;
+        match self.dp.maps().vteps() {
+            Ok(vteps) => vteps
+                .into_keys()
+                .filter(|ip| *ip != me)
+                .filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("reading the VTEPs for the next-hop cache: {e:#}");
+                Default::default()
+            }
+        }
+    }
+
+    /// Writes the next-hop cache (`crate::next_hops`); `uncached` VTEPs keep the kernel's
+    /// lookup. An entry the map cannot take stays uncached: the kernel's lookup is always right.
+    pub fn set_next_hops(
+        &mut self,
+        hops: BTreeMap<std::net::Ipv4Addr, overlay_common::maps::NextHop>,
+        uncached: usize,
+    ) {
+        match self.dp.maps_mut().sync_next_hops(&hops) {
+            Ok(_) => self.next_hops = [hops.len() as u64, uncached as u64],
+            Err(e) => tracing::warn!("writing the next-hop cache: {e:#}"),
+        }
+    }
+
     /// Records what the NAT sweeper found and how long its walk took.
     pub fn nat_swept(&mut self, swept: crate::masquerade::Swept, took: std::time::Duration) {
         self.nat_expired += swept.expired as u64;
@@ -532,6 +568,7 @@ impl Agent {
             nat_flows: self.nat_flows,
             nat_expired: self.nat_expired,
             nat_sweep_seconds: self.nat_sweep_seconds,
+            next_hops: self.next_hops,
         }
     }
 }

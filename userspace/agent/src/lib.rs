@@ -24,6 +24,7 @@ pub mod masquerade;
 pub mod metrics;
 pub mod monitor;
 pub mod netdev;
+pub mod next_hops;
 pub mod preflight;
 pub mod recent_drops;
 pub mod reconcile;

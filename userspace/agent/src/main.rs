@@ -156,6 +156,11 @@ struct Args {
     /// device such as virtio_net or a PCI NIC, or a VLAN, bond or team stacked on one), on, off.
     #[arg(long, env = "OVERLAY_SPARE_HEADROOM", default_value = "auto")]
     spare_headroom: netdev::SpareHeadroom,
+    /// Mirror each remote VTEP's next hop (route and neighbour, kept resolved as managed
+    /// neighbours) into the datapath, so that encapsulated packets skip the kernel's route and
+    /// neighbour lookup (IPv4 underlay): true or false (the kernel looks up every packet).
+    #[arg(long, env = "OVERLAY_NEXT_HOP_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    next_hop_cache: bool,
 }
 
 #[tokio::main]
@@ -394,6 +399,18 @@ async fn main() -> anyhow::Result<()> {
         std::time::Duration::from_secs(1),
     )
     .context("starting the IPv6 source watcher")?;
+
+    // Encapsulated packets skip the kernel's next-hop lookup where the agent mirrors it.
+    if args.next_hop_cache {
+        overlay_agent::next_hops::spawn_watcher(agent.clone(), underlay.ifindex)
+            .context("starting the next-hop watcher")?;
+    } else {
+        // An earlier run's entries would be used until they expire.
+        agent.tell(|a| a.set_next_hops(Default::default(), 0));
+        tracing::info!(
+            "--next-hop-cache false: the kernel looks up every encapsulated packet's next hop"
+        );
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

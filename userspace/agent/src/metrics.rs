@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub nat_flows: [u64; 2],
     pub nat_expired: u64,
     pub nat_sweep_seconds: f64,
+    /// Remote VTEPs with a cached next hop, and those the kernel's lookup addresses.
+    pub next_hops: [u64; 2],
 }
 
 pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
@@ -143,6 +145,18 @@ pub fn render(s: &Snapshot, maps: &OverlayMaps) -> anyhow::Result<String> {
             "Endpoints of disabled networks, kept out of the datapath until re-enabled.",
             "gauge",
             s.parked,
+        ),
+        (
+            "overlay_next_hops_cached",
+            "Remote VTEPs whose next hop the datapath addresses from the agent's mirror of the kernel's neighbour table.",
+            "gauge",
+            s.next_hops[0],
+        ),
+        (
+            "overlay_next_hops_by_kernel",
+            "Remote VTEPs (IPv4) left to the kernel's next-hop lookup (unresolved, not yet managed, another device; the agent's log says why).",
+            "gauge",
+            s.next_hops[1],
         ),
         (
             "overlay_nat_entries",

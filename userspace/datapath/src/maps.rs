@@ -19,7 +19,7 @@ use overlay_common::{
     counters::{Counter, NO_NETWORK},
     maps::{
         Addr16, AgentConfig, Endpoint, EndpointKey, NatConfig, NatEntry, NatKey, NatQuota,
-        NatQuotaKey, NetSlot, Network, NetworkKey, OverlaySubnet, Protected, ProtectedKey,
+        NatQuotaKey, NetSlot, Network, NetworkKey, NextHop, OverlaySubnet, Protected, ProtectedKey,
         RemoteRoute, STAT_COUNTERS_PER_SLOT, Stat, VniKey, Vtep, VtepKey, WireVni, capacity,
         family_prefix_len, ipv4_mapped, ipv4_mapped_prefix_len, ipv4_unmapped, names, stat_index,
     },
@@ -96,6 +96,8 @@ pub struct OverlayMaps {
     protected: HashMap<MapData, ProtectedKey, Protected>,
     nat_quota: HashMap<MapData, NatQuotaKey, NatQuota>,
     vnis: HashMap<MapData, VniKey, WireVni>,
+    /// None only when opened from the pins of an agent older than the map.
+    next_hops: Option<HashMap<MapData, VtepKey, NextHop>>,
 }
 
 /// A destination containers may not reach: one address, or (None) every agent's addresses.
@@ -172,6 +174,10 @@ impl OverlayMaps {
             protected: Map::HashMap(pinned(pins, names::PROTECTED)?).try_into()?,
             nat_quota: Map::LruHashMap(pinned(pins, names::NAT_QUOTA)?).try_into()?,
             vnis: Map::HashMap(pinned(pins, names::VNIS)?).try_into()?,
+            next_hops: match MapData::from_pin(pins.map(names::NEXT_HOPS)) {
+                Ok(map) => Some(Map::HashMap(map).try_into()?),
+                Err(_) => None,
+            },
         })
     }
 
@@ -191,6 +197,7 @@ impl OverlayMaps {
             protected: take(ebpf, names::PROTECTED)?.try_into()?,
             nat_quota: take(ebpf, names::NAT_QUOTA)?.try_into()?,
             vnis: take(ebpf, names::VNIS)?.try_into()?,
+            next_hops: Some(take(ebpf, names::NEXT_HOPS)?.try_into()?),
         };
         maps.name_counters_of_no_network()?;
         Ok(maps)
@@ -306,6 +313,54 @@ impl OverlayMaps {
             .map(|r| r.map(|(k, v)| (from_addr16(&k.underlay_ip), v)))
             .collect::<Result<_, _>>()
             .context("reading OVL_VTEPS")
+    }
+
+    /// Makes `OVL_NEXT_HOPS` hold exactly `wanted` (remote VTEP -> next hop), every entry
+    /// written anew (a write is the agent's confirmation: it moves the expiry on). Returns the
+    /// entries written and removed.
+    pub fn sync_next_hops(
+        &mut self,
+        wanted: &BTreeMap<Ipv4Addr, NextHop>,
+    ) -> anyhow::Result<(usize, usize)> {
+        let map = self
+            .next_hops
+            .as_mut()
+            .ok_or_else(|| anyhow!("{} is not pinned", names::NEXT_HOPS))?;
+        let key = |ip: &Ipv4Addr| VtepKey::new(ipv4_mapped(ip.octets()));
+        let stale: Vec<VtepKey> = map
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading OVL_NEXT_HOPS")?
+            .into_iter()
+            .filter(|k| {
+                ipv4_unmapped(&k.underlay_ip).is_none_or(|v4| !wanted.contains_key(&v4.into()))
+            })
+            .collect();
+        for (ip, hop) in wanted {
+            map.insert(key(ip), hop, 0)
+                .with_context(|| format!("writing the next hop of VTEP {ip} to OVL_NEXT_HOPS"))?;
+        }
+        for k in &stale {
+            ignore_missing(map.remove(k)).with_context(|| {
+                format!(
+                    "removing the next hop of VTEP {} from OVL_NEXT_HOPS",
+                    from_addr16(&k.underlay_ip)
+                )
+            })?;
+        }
+        Ok((wanted.len(), stale.len()))
+    }
+
+    /// The cached next hops by remote VTEP (empty from an agent older than the map).
+    pub fn next_hops(&self) -> anyhow::Result<BTreeMap<IpAddr, NextHop>> {
+        let Some(map) = &self.next_hops else {
+            return Ok(BTreeMap::new());
+        };
+        Ok(read_hash(map)
+            .context("reading OVL_NEXT_HOPS")?
+            .into_iter()
+            .map(|(k, v)| (from_addr16(&k.underlay_ip), v))
+            .collect())
     }
 
     /// Network (id) `id` takes part here.

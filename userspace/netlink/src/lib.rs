@@ -8,6 +8,7 @@
 //! thread stays where it was. Errors are typed ([`Error`]) where callers branch: no such device,
 //! not found, exists, permission.
 
+mod neigh;
 mod netkit;
 mod netns;
 
@@ -33,7 +34,9 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
+pub use neigh::{Events, Neighbour, RouteLookup, groups};
 pub use netkit::{ContainerDevice, NETKIT_HEADROOM};
+pub use netlink_packet_route::neighbour::NeighbourState;
 pub use netns::Netns;
 
 /// What went wrong, by what the caller can do about it.

@@ -178,7 +178,7 @@ pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(out_dir)?;
     budget(bin_dir, secs, out_dir).context("the per-datagram budget")?;
-    let setup = super::ebpf_setup(bin_dir, &[]).context("ebpf-overlay cluster")?;
+    let setup = super::ebpf_setup("ebpf", bin_dir, &[]).context("ebpf-overlay cluster")?;
     let Some((_, Ok(target))) = setup.paths.iter().find(|(p, _)| *p == "cross_agent") else {
         bail!("no cross-agent path");
     };
@@ -618,7 +618,7 @@ fn budget(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
         let setup = if name == "raw" {
             super::raw_setup().context("raw lab")?
         } else {
-            super::ebpf_setup(bin_dir, &[]).context("ebpf-overlay cluster")?
+            super::ebpf_setup("ebpf", bin_dir, &[]).context("ebpf-overlay cluster")?
         };
         let Some((_, Ok(target))) = setup.paths.iter().find(|(p, _)| *p == "cross_agent") else {
             bail!("{name}: no cross-agent path");

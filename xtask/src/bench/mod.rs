@@ -77,7 +77,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub bpf_stats: bool,
     /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf, inner IPv6's
-    /// raw_ipv6,kernel_ipv6,ebpf_ipv6, and the IPv6 underlay's raw6,ebpf6, measured only when
+    /// raw_ipv6,kernel_ipv6,ebpf_ipv6, the IPv6 underlay's raw6,ebpf6, and ebpf_kernel_next_hop
+    /// (ebpf-overlay with --next-hop-cache false, against ebpf), measured only when
     /// asked for).
     #[arg(
         long,
@@ -359,7 +360,7 @@ fn ping(from: &Node, to: Ipv4Addr) -> bool {
     (0..3).any(|_| from.ping(to))
 }
 
-fn ebpf_setup(bin_dir: &Path, agent_args: &[String]) -> anyhow::Result<Setup> {
+fn ebpf_setup(name: &'static str, bin_dir: &Path, agent_args: &[String]) -> anyhow::Result<Setup> {
     let mut spec = ClusterSpec::new(2, bin_dir);
     spec.agent_args.extend(agent_args.iter().cloned());
     let mut c = Cluster::up(spec)?;
@@ -399,7 +400,7 @@ fn ebpf_setup(bin_dir: &Path, agent_args: &[String]) -> anyhow::Result<Setup> {
     let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
     let agent_nodes = vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()];
     Ok(Setup {
-        name: "ebpf",
+        name,
         prog_ids: bpfstats::lab_prog_ids(&instances)?,
         agent_nodes,
         paths: vec![
@@ -603,8 +604,18 @@ fn data_plane(
     if want("kernel") {
         setups.push(kernel_setup().context("DC/OS kernel datapath lab")?);
     }
+    if want("ebpf_kernel_next_hop") {
+        let mut args = results.agent_args.clone();
+        args.extend(["--next-hop-cache".to_owned(), "false".to_owned()]);
+        setups.push(
+            ebpf_setup("ebpf_kernel_next_hop", bin_dir, &args)
+                .context("ebpf-overlay cluster without the next-hop cache")?,
+        );
+    }
     if want("ebpf") {
-        setups.push(ebpf_setup(bin_dir, &results.agent_args).context("ebpf-overlay cluster")?);
+        setups.push(
+            ebpf_setup("ebpf", bin_dir, &results.agent_args).context("ebpf-overlay cluster")?,
+        );
     }
     if want("raw_ipv6") {
         setups.push(raw_ipv6_setup().context("raw IPv6 lab (agent to agent)")?);

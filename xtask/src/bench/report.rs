@@ -303,6 +303,42 @@ fn ipv6_underlay_table(r: &Results, s: &mut String) {
     );
 }
 
+/// The next-hop lever's table (`--datapaths ...,ebpf_kernel_next_hop,ebpf`): ebpf-overlay with
+/// the agents' next-hop cache (the default) against the same agents with `--next-hop-cache
+/// false` (every encapsulated packet's next hop looked up by the kernel), in the same run.
+fn next_hop_table(r: &Results, s: &mut String) {
+    const OFF: &str = "ebpf_kernel_next_hop";
+    if !r.figures.iter().any(|f| f.datapath == OFF) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n| figure (next hop) | path | raw | ebpf, kernel's lookup | ebpf, cached | cached/kernel's | cached/raw |\n|---|---|---|---|---|---|---|"
+    );
+    for (metric, _) in METRICS {
+        for path in ["cross_agent", "external"] {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                label(metric),
+                path.replace('_', " "),
+                cell(r.get(metric, path, "raw")),
+                cell(r.get(metric, path, OFF)),
+                cell(r.get(metric, path, "ebpf")),
+                ratio_cell(ratio_of(r, metric, path, "ebpf", OFF)),
+                ratio_cell(ratio_of(r, metric, path, "ebpf", "raw")),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nebpf, kernel's lookup: the agents run with --next-hop-cache false \
+         (bpf_redirect_neigh for every encapsulated packet); ebpf, cached: the default (the \
+         agent's mirror of the neighbour entry, a plain bpf_redirect). External traffic is \
+         masqueraded, not encapsulated: the cache does not apply to it (a control row)."
+    );
+}
+
 /// The ratio of two datapaths' medians of one figure.
 fn ratio_of(r: &Results, metric: &str, path: &str, num: &str, den: &str) -> Option<f64> {
     let n = r.get(metric, path, num)?.median()?;
@@ -406,6 +442,7 @@ pub fn markdown(r: &Results) -> String {
     }
     inner_ipv6_table(r, &mut s);
     ipv6_underlay_table(r, &mut s);
+    next_hop_table(r, &mut s);
     if !r.joins.is_empty() || r.scale.is_some() {
         let _ = writeln!(
             s,

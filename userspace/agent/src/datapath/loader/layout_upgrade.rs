@@ -66,9 +66,11 @@ pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
 /// Maps never copied from another layout: program arrays, whose entries are the loading
 /// binary's own programs (every load puts them in, `fill_tail_calls`); the drop monitor's ring
 /// buffer (no entries to copy: events in flight are lost), switch (every agent starts with it
-/// off) and per-CPU budget (starts full).
+/// off) and per-CPU budget (starts full); the cached next hops (the new agent mirrors them from
+/// the kernel's tables again at start; until then the kernel's lookup addresses the packets).
 pub const NEVER_CARRIED: &[&str] = &[
     names::TAIL_CALLS,
+    names::NEXT_HOPS,
     names::DROP_EVENTS,
     names::MONITOR,
     names::DROP_BUDGET,

@@ -1,0 +1,247 @@
+//! Neighbour entries, single route lookups and change notifications: what the agent needs to
+//! mirror the kernel's next hop towards each remote VTEP (`OVL_NEXT_HOPS`).
+
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _, time::Duration};
+
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+    },
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
+
+use crate::{Error, Handle, Result};
+
+/// An IPv4 neighbour entry as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub ip: Ipv4Addr,
+    /// None while unresolved.
+    pub mac: Option<[u8; 6]>,
+    pub state: NeighbourState,
+    /// The kernel keeps it resolved by itself (`NTF_EXT_MANAGED`, Linux 5.16+).
+    pub managed: bool,
+    /// Who made it (`NDA_PROTOCOL`; 0 for the kernel's own).
+    pub protocol: u8,
+}
+
+impl Neighbour {
+    /// Whether the kernel itself would send to `mac` now: resolved, or resolved and being
+    /// re-confirmed (the kernel sends to a STALE, DELAY or PROBE entry's address while it checks).
+    pub fn usable_mac(&self) -> Option<[u8; 6]> {
+        match self.state {
+            NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp => self.mac.filter(|m| *m != [0; 6]),
+            _ => None,
+        }
+    }
+}
+
+/// Where the kernel sends a packet to an IPv4 destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteLookup {
+    /// The device it leaves by.
+    pub oif: u32,
+    /// The neighbour it is handed to: the gateway, or the destination itself on the link.
+    pub next_hop: Ipv4Addr,
+}
+
+impl Handle {
+    /// The IPv4 neighbour entries of interface `ifindex`.
+    pub fn neighbours(&mut self, ifindex: u32) -> Result<Vec<Neighbour>> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = ifindex;
+        let answers = self.request(RouteNetlinkMessage::GetNeighbour(m), NLM_F_DUMP, &|| {
+            format!("listing the neighbours of interface #{ifindex}")
+        })?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => parse_neighbour(n),
+                _ => None,
+            })
+            .filter(|n| n.ifindex == ifindex)
+            .collect())
+    }
+
+    /// Makes the entry of `ip` on `ifindex` one the kernel keeps resolved by itself, probing it
+    /// when it would go stale even while no packet of the kernel's own uses it (managed), and
+    /// marks it as made by `protocol`. A resolved entry keeps its state and address; a missing
+    /// one is created and resolved.
+    pub fn ensure_managed_neighbour(
+        &mut self,
+        ifindex: u32,
+        ip: Ipv4Addr,
+        protocol: u8,
+    ) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = ifindex;
+        m.header.state = NeighbourState::None;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        m.attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        m.attributes
+            .push(NeighbourAttribute::Protocol(RouteProtocol::from(protocol)));
+        self.change(
+            RouteNetlinkMessage::NewNeighbour(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &|| format!("making neighbour {ip} on interface #{ifindex} a managed one"),
+        )
+    }
+
+    /// Removes the neighbour entry of `ip` on `ifindex`; gone already is not an error.
+    pub fn del_neighbour(&mut self, ifindex: u32, ip: Ipv4Addr) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = ifindex;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.change(RouteNetlinkMessage::DelNeighbour(m), 0, &|| {
+            format!("removing neighbour {ip} on interface #{ifindex}")
+        }) {
+            Err(e) if e.is_not_found() => Ok(()),
+            r => r,
+        }
+    }
+
+    /// The kernel's route to `dst` leaving by `oif` (as `bpf_redirect_neigh` looks it up: the
+    /// output device fixed, the FIB choosing the gateway). [`Error::NotFound`]-like errors when
+    /// there is none.
+    pub fn route_to(&mut self, dst: Ipv4Addr, oif: u32) -> Result<RouteLookup> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = 32;
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        m.attributes.push(RouteAttribute::Oif(oif));
+        let op = || format!("looking up the route to {dst} by interface #{oif}");
+        let answers = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_ACK, &op)?;
+        let route = answers
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .ok_or_else(|| Error::NotFound { op: op() })?;
+        if route.header.kind != RouteType::Unicast {
+            return Err(Error::NotFound { op: op() });
+        }
+        let mut found = RouteLookup {
+            oif: 0,
+            next_hop: dst,
+        };
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Oif(i) => found.oif = *i,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => found.next_hop = *g,
+                _ => {}
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn parse_neighbour(n: NeighbourMessage) -> Option<Neighbour> {
+    if n.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let mut out = Neighbour {
+        ifindex: n.header.ifindex,
+        ip: Ipv4Addr::UNSPECIFIED,
+        mac: None,
+        state: n.header.state,
+        managed: false,
+        protocol: 0,
+    };
+    let mut has_ip = false;
+    for a in n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                out.ip = ip;
+                has_ip = true;
+            }
+            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                out.mac = Some(l[..6].try_into().ok()?)
+            }
+            NeighbourAttribute::ExtFlags(f) => out.managed = f.contains(NeighbourExtFlags::Managed),
+            NeighbourAttribute::Protocol(p) => out.protocol = u8::from(p),
+            _ => {}
+        }
+    }
+    has_ip.then_some(out)
+}
+
+/// rtnetlink multicast groups (`RTNLGRP_*`).
+pub mod groups {
+    pub const LINK: u32 = 1;
+    pub const NEIGH: u32 = 3;
+    pub const IPV4_ROUTE: u32 = 7;
+}
+
+/// A socket that hears of changes in the groups it joined (in the namespace it was opened in).
+pub struct Events {
+    socket: Socket,
+}
+
+impl Events {
+    /// Joins `groups` ([`groups`]).
+    pub fn subscribe(groups: &[u32]) -> Result<Events> {
+        let op = "opening a NETLINK_ROUTE socket for change notifications";
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| Error::from_io(op, e))?;
+        socket.bind_auto().map_err(|e| Error::from_io(op, e))?;
+        for &g in groups {
+            socket
+                .add_membership(g)
+                .map_err(|e| Error::from_io(format!("joining rtnetlink group {g}"), e))?;
+        }
+        socket
+            .set_non_blocking(true)
+            .map_err(|e| Error::from_io(op, e))?;
+        Ok(Events { socket })
+    }
+
+    /// Waits up to `timeout` for changes; true when some came (all that queued are read). A
+    /// queue overflow (ENOBUFS: changes were lost) counts as a change: the caller reads the
+    /// state again either way.
+    pub fn wait(&mut self, timeout: Duration) -> Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the call's duration.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(Error::from_io("waiting for rtnetlink changes", e));
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.socket.recv(&mut &mut buf[..], 0) {
+                Ok(0) => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Err(e) => return Err(Error::from_io("reading rtnetlink changes", e)),
+            }
+        }
+    }
+}
