@@ -636,7 +636,7 @@ fn next_hops_mirror_the_kernel_s_neighbours_follow_a_mac_change_and_expire_witho
     let neighbours = a1
         .netlink()
         .unwrap()
-        .neighbours(a1.ifindex("eth0").unwrap())
+        .neighbours(Some(a1.ifindex("eth0").unwrap()))
         .unwrap();
     let entry = neighbours
         .iter()

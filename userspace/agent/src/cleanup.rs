@@ -29,6 +29,8 @@ pub struct Removed {
     pub pin_dirs: Vec<PathBuf>,
     pub cni_confs: Vec<PathBuf>,
     pub host_link: bool,
+    /// Managed neighbour entries the agent made for its next-hop cache.
+    pub neighbours: usize,
 }
 
 impl Cleanup {
@@ -55,6 +57,11 @@ impl Cleanup {
         if self.host_link && crate::netdev::link(overlay_common::maps::HOST_LINK).is_ok() {
             HostLink::remove()?;
             removed.host_link = true;
+        }
+        // The host's own: the kernel would go on probing the other agents' addresses.
+        if self.host_link {
+            removed.neighbours = crate::next_hops::remove_managed_neighbours()
+                .context("removing the next-hop cache's managed neighbours")?;
         }
         removed.cni_confs = remove_generated_cni_confs(&self.cni_conf_dir)?;
         Ok(removed)

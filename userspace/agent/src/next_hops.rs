@@ -198,7 +198,7 @@ impl Watcher {
                 .or_insert_with(|| nl.route_to(vtep, ifindex).ok());
         }
         let read = nl.link_by_index(ifindex).and_then(|link| {
-            let neighbours = nl.neighbours(ifindex)?;
+            let neighbours = nl.neighbours(Some(ifindex))?;
             Ok((link, neighbours))
         });
         let (link, neighbours) = match read {
@@ -256,6 +256,21 @@ impl Watcher {
         let hops = plan.hops;
         agent.tell(move |a| a.set_next_hops(hops, uncached));
     }
+}
+
+/// Removes the managed neighbour entries the agent made (its mark), on every interface: the
+/// host's removal of ebpf-overlay (`overlayctl cleanup`). Returns how many went.
+pub fn remove_managed_neighbours() -> anyhow::Result<usize> {
+    let mut nl = overlay_netlink::Handle::new()?;
+    let ours: Vec<Neighbour> = nl
+        .neighbours(None)?
+        .into_iter()
+        .filter(|n| n.managed && n.protocol == NEIGH_PROTOCOL)
+        .collect();
+    for n in &ours {
+        nl.del_neighbour(n.ifindex, n.ip)?;
+    }
+    Ok(ours.len())
 }
 
 #[cfg(test)]

@@ -955,10 +955,20 @@ fn cleanup(
     if removed.host_link {
         println!("removed host link {}", overlay_common::maps::HOST_LINK);
     }
+    if removed.neighbours > 0 {
+        println!(
+            "removed {} managed neighbour entries of the next-hop cache",
+            removed.neighbours
+        );
+    }
     for conf in &removed.cni_confs {
         println!("removed CNI config {}", conf.display());
     }
-    if removed.pin_dirs.is_empty() && !removed.host_link && removed.cni_confs.is_empty() {
+    if removed.pin_dirs.is_empty()
+        && !removed.host_link
+        && removed.neighbours == 0
+        && removed.cni_confs.is_empty()
+    {
         println!("nothing to remove");
     }
     Ok(())

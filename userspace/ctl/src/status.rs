@@ -216,6 +216,7 @@ fn agent_section(socket: &Path, master_names: Option<&BTreeMap<u32, String>>) ->
                 (names::ROUTES, maps.routes().map(|m| m.len())),
                 (names::SUBNETS, maps.subnets().map(|m| m.len())),
                 (names::VTEPS, maps.vteps().map(|m| m.len())),
+                (names::NEXT_HOPS, maps.next_hops().map(|m| m.len())),
                 (names::NETWORKS, maps.networks().map(|m| m.len())),
                 (names::NAT, maps.nat_entries().map(|m| m.len())),
                 (names::PROTECTED, maps.protected().map(|m| m.len())),

@@ -55,21 +55,27 @@ pub struct RouteLookup {
 }
 
 impl Handle {
-    /// The IPv4 neighbour entries of interface `ifindex`.
-    pub fn neighbours(&mut self, ifindex: u32) -> Result<Vec<Neighbour>> {
+    /// The IPv4 neighbour entries of interface `ifindex` (None: of every interface).
+    pub fn neighbours(&mut self, ifindex: Option<u32>) -> Result<Vec<Neighbour>> {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Inet;
-        m.header.ifindex = ifindex;
-        let answers = self.request(RouteNetlinkMessage::GetNeighbour(m), NLM_F_DUMP, &|| {
-            format!("listing the neighbours of interface #{ifindex}")
-        })?;
+        m.header.ifindex = ifindex.unwrap_or(0);
+        let answers =
+            self.request(
+                RouteNetlinkMessage::GetNeighbour(m),
+                NLM_F_DUMP,
+                &|| match ifindex {
+                    Some(i) => format!("listing the neighbours of interface #{i}"),
+                    None => "listing the neighbours".to_owned(),
+                },
+            )?;
         Ok(answers
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewNeighbour(n) => parse_neighbour(n),
                 _ => None,
             })
-            .filter(|n| n.ifindex == ifindex)
+            .filter(|n| ifindex.is_none_or(|i| n.ifindex == i))
             .collect())
     }
 

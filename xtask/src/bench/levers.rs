@@ -172,13 +172,15 @@ fn stat(node: &Node, dev: &str, what: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{what} of {dev} in {}", node.netns))
 }
 
-pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
+/// `agent_args`: extra arguments of the ebpf-overlay agents (`--agent-arg`), to measure an
+/// agent setting's budget against the defaults' in another run.
+pub fn run(bin_dir: &Path, secs: u32, out_dir: &Path, agent_args: &[String]) -> anyhow::Result<()> {
     if Command::new("perf").arg("--version").output().is_err() {
         bail!("perf missing (Debian's linux-perf)");
     }
     std::fs::create_dir_all(out_dir)?;
-    budget(bin_dir, secs, out_dir).context("the per-datagram budget")?;
-    let setup = super::ebpf_setup("ebpf", bin_dir, &[]).context("ebpf-overlay cluster")?;
+    budget(bin_dir, secs, out_dir, agent_args).context("the per-datagram budget")?;
+    let setup = super::ebpf_setup("ebpf", bin_dir, agent_args).context("ebpf-overlay cluster")?;
     let Some((_, Ok(target))) = setup.paths.iter().find(|(p, _)| *p == "cross_agent") else {
         bail!("no cross-agent path");
     };
@@ -611,14 +613,14 @@ fn udp_profile(
 /// and the server to CPU 1 (as in the traffic tables), so CPU 0 carries the sender and every
 /// softirq its packets raise on the way (veth queues to the CPU it was sent from), CPU 1 the
 /// receiving iperf3.
-fn budget(bin_dir: &Path, secs: u32, out_dir: &Path) -> anyhow::Result<()> {
+fn budget(bin_dir: &Path, secs: u32, out_dir: &Path, agent_args: &[String]) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut profiles = vec![];
     for name in ["raw", "ebpf"] {
         let setup = if name == "raw" {
             super::raw_setup().context("raw lab")?
         } else {
-            super::ebpf_setup("ebpf", bin_dir, &[]).context("ebpf-overlay cluster")?
+            super::ebpf_setup("ebpf", bin_dir, agent_args).context("ebpf-overlay cluster")?
         };
         let Some((_, Ok(target))) = setup.paths.iter().find(|(p, _)| *p == "cross_agent") else {
             bail!("{name}: no cross-agent path");
