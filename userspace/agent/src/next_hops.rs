@@ -38,9 +38,10 @@ pub const TTL: Duration = Duration::from_secs(15);
 /// Marks the neighbour entries the agent made managed (`NDA_PROTOCOL`), the mark of its host
 /// routes too, so that it releases and cleans up only its own.
 pub const NEIGH_PROTOCOL: u8 = 77;
-/// Changes rarely come alone (a link flap brings routes and neighbours): after the first, the
-/// tables are read once this much later.
-const SETTLE: Duration = Duration::from_millis(20);
+/// Changes rarely come alone (a link flap brings routes and neighbours; thousands of managed
+/// entries go stale and are confirmed again all the time): after the first, the tables are read
+/// once this much later, so at most a few times a second.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// `CLOCK_MONOTONIC_COARSE` in ns: the clock `bpf_ktime_get_coarse_ns` reads.
 pub fn coarse_now_ns() -> u64 {
@@ -149,6 +150,7 @@ pub fn spawn_watcher(
                 reported: BTreeMap::new(),
                 failing: false,
                 unmanageable: BTreeSet::new(),
+                written: None,
             };
             loop {
                 match agent.call_blocking(|a| a.remote_vteps_ipv4()) {
@@ -157,13 +159,15 @@ pub fn spawn_watcher(
                     Err(_) => return,
                 }
                 match events.wait(REFRESH) {
-                    Ok(true) => {
-                        // Routes may have changed with any of it: looked up again.
-                        watcher.routes.clear();
+                    Ok(changes) if changes.any() => {
                         std::thread::sleep(SETTLE);
-                        let _ = events.wait(Duration::ZERO);
+                        let more = events.wait(Duration::ZERO).unwrap_or_default();
+                        // A neighbour's change leaves the routes as they were.
+                        if changes.links_or_routes || more.links_or_routes {
+                            watcher.routes.clear();
+                        }
                     }
-                    Ok(false) => {}
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!("hearing of route and neighbour changes: {e}");
                         std::thread::sleep(REFRESH);
@@ -181,6 +185,25 @@ struct Watcher {
     failing: bool,
     /// Neighbours the kernel refused to make managed (logged once each).
     unmanageable: BTreeSet<Ipv4Addr>,
+    /// The cache as last written (expiries aside), and when: it is written again when it
+    /// changes, and whole every [`REFRESH`] to move the expiries on, not on every neighbour
+    /// confirmation the kernel reports.
+    written: Option<(std::time::Instant, BTreeMap<Ipv4Addr, NextHop>)>,
+}
+
+/// Whether two caches send every VTEP the same way (expiries aside).
+fn same_hops(a: &BTreeMap<Ipv4Addr, NextHop>, b: &BTreeMap<Ipv4Addr, NextHop>) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
+            ka == kb
+                && NextHop {
+                    expires_ns: 0,
+                    ..*va
+                } == NextHop {
+                    expires_ns: 0,
+                    ..*vb
+                }
+        })
 }
 
 impl Watcher {
@@ -213,6 +236,7 @@ impl Watcher {
                     );
                 }
                 self.failing = true;
+                self.written = None;
                 let uncached = vteps.len();
                 agent.tell(move |a| a.set_next_hops(BTreeMap::new(), uncached));
                 return;
@@ -253,8 +277,15 @@ impl Watcher {
         }
         let uncached = plan.uncached.len();
         self.reported = plan.uncached;
-        let hops = plan.hops;
-        agent.tell(move |a| a.set_next_hops(hops, uncached));
+        let due = match &self.written {
+            Some((at, hops)) => at.elapsed() >= REFRESH || !same_hops(hops, &plan.hops),
+            None => true,
+        };
+        if due {
+            self.written = Some((std::time::Instant::now(), plan.hops.clone()));
+            let hops = plan.hops;
+            agent.tell(move |a| a.set_next_hops(hops, uncached));
+        }
     }
 }
 
@@ -390,6 +421,16 @@ mod tests {
             NEIGH_PROTOCOL,
         )];
         assert!(plan(&vteps, &reachable, down, 99).hops.is_empty());
+    }
+
+    #[test]
+    fn a_cache_is_the_same_whatever_its_expiries() {
+        let hop = |mac_last, expires| NextHop::new(2, [2, 0, 0, 0, 0, mac_last], NIC.mac, expires);
+        let a = BTreeMap::from([(ip(2), hop(2, 10))]);
+        assert!(same_hops(&a, &BTreeMap::from([(ip(2), hop(2, 99))])));
+        assert!(!same_hops(&a, &BTreeMap::from([(ip(2), hop(3, 10))])));
+        assert!(!same_hops(&a, &BTreeMap::from([(ip(3), hop(2, 10))])));
+        assert!(!same_hops(&a, &BTreeMap::new()));
     }
 
     #[test]

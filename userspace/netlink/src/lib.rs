@@ -34,7 +34,7 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-pub use neigh::{Events, Neighbour, RouteLookup, groups};
+pub use neigh::{Changes, Events, Neighbour, RouteLookup, groups};
 pub use netkit::{ContainerDevice, NETKIT_HEADROOM};
 pub use netlink_packet_route::neighbour::NeighbourState;
 pub use netns::Netns;

@@ -217,10 +217,9 @@ impl Events {
         Ok(Events { socket })
     }
 
-    /// Waits up to `timeout` for changes; true when some came (all that queued are read). A
-    /// queue overflow (ENOBUFS: changes were lost) counts as a change: the caller reads the
-    /// state again either way.
-    pub fn wait(&mut self, timeout: Duration) -> Result<bool> {
+    /// Waits up to `timeout` for changes and reads all that queued. A queue overflow (ENOBUFS:
+    /// changes were lost) counts as a change of every kind: the caller reads everything again.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Changes> {
         let mut pfd = libc::pollfd {
             fd: self.socket.as_raw_fd(),
             events: libc::POLLIN,
@@ -232,22 +231,98 @@ impl Events {
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(false);
+                return Ok(Changes::default());
             }
             return Err(Error::from_io("waiting for rtnetlink changes", e));
         }
+        let mut changes = Changes::default();
         if n == 0 {
-            return Ok(false);
+            return Ok(changes);
         }
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match self.socket.recv(&mut &mut buf[..], 0) {
-                Ok(0) => return Ok(true),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Ok(0) => return Ok(changes),
+                Ok(len) => changes.add(&buf[..len.min(buf.len())]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(changes),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    changes.neighbours = true;
+                    changes.links_or_routes = true;
+                }
                 Err(e) => return Err(Error::from_io("reading rtnetlink changes", e)),
             }
         }
+    }
+}
+
+/// What kinds of change [`Events::wait`] heard of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub neighbours: bool,
+    /// A link or a route: what a route lookup depends on.
+    pub links_or_routes: bool,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        self.neighbours || self.links_or_routes
+    }
+
+    /// Notes the messages of one datagram (netlink headers: length, then type).
+    fn add(&mut self, mut data: &[u8]) {
+        while data.len() >= 16 {
+            let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+            let kind = u16::from_ne_bytes([data[4], data[5]]);
+            match kind {
+                libc::RTM_NEWNEIGH | libc::RTM_DELNEIGH => self.neighbours = true,
+                libc::RTM_NEWLINK | libc::RTM_DELLINK | libc::RTM_NEWROUTE | libc::RTM_DELROUTE => {
+                    self.links_or_routes = true
+                }
+                _ => {}
+            }
+            // Messages are 4-byte aligned; a malformed length ends the walk.
+            let step = (len + 3) & !3;
+            if len < 16 || step > data.len() {
+                break;
+            }
+            data = &data[step..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(len: u32, kind: u16) -> Vec<u8> {
+        let mut h = len.to_ne_bytes().to_vec();
+        h.extend(kind.to_ne_bytes());
+        h.resize(len as usize, 0);
+        h
+    }
+
+    #[test]
+    fn changes_are_told_apart_by_message_type_and_a_bad_length_ends_the_walk() {
+        let mut c = Changes::default();
+        c.add(&header(20, libc::RTM_NEWNEIGH));
+        assert_eq!(
+            c,
+            Changes {
+                neighbours: true,
+                links_or_routes: false
+            }
+        );
+        let mut c = Changes::default();
+        let mut two = header(18, libc::RTM_NEWNEIGH);
+        two.resize(20, 0); // padded to 4 bytes
+        two.extend(header(16, libc::RTM_DELROUTE));
+        c.add(&two);
+        assert!(c.neighbours && c.links_or_routes);
+        let mut c = Changes::default();
+        let mut broken = header(16, 99);
+        broken[0..4].copy_from_slice(&4u32.to_ne_bytes());
+        broken.extend(header(16, libc::RTM_NEWLINK));
+        c.add(&broken);
+        assert!(!c.any(), "read past a malformed header");
     }
 }
