@@ -620,14 +620,17 @@ fn next_hops_mirror_the_kernel_s_neighbours_follow_a_mac_change_and_expire_witho
             .map(|h| h.dst_mac)
             .ok_or_else(|| format!("no next hop for {a2_underlay}: {hops:?}"))
     };
-    let first_mac = a2.mac("eth0").unwrap();
-    let got = eventually(Duration::from_secs(10), || {
-        cached_mac(&c).and_then(|m| {
-            (m == first_mac)
-                .then_some(m)
-                .ok_or(format!("cached {m:02x?}, a2's eth0 is {first_mac:02x?}"))
+    // Until a1's cache holds `want` for a2.
+    let caches = |c: &Cluster, want: [u8; 6], within: Duration| {
+        eventually(within, || {
+            cached_mac(c).and_then(|m| {
+                (m == want)
+                    .then_some(m)
+                    .ok_or(format!("cached {m:02x?}, a2's eth0 is {want:02x?}"))
+            })
         })
-    });
+    };
+    let got = caches(&c, a2.mac("eth0").unwrap(), Duration::from_secs(10));
     assert!(got.is_ok(), "{got:?}");
     let hop = maps(&c, "a1").next_hops().unwrap()[&a2_underlay];
     assert_eq!(hop.src_mac, a1.mac("eth0").unwrap(), "source MAC");
@@ -681,13 +684,7 @@ fn next_hops_mirror_the_kernel_s_neighbours_follow_a_mac_change_and_expire_witho
     }
     let new_mac = [0x02, 0x5e, 0x00, 0x00, 0x0a, 0x02];
     a2.netlink().unwrap().set_mac("eth0", new_mac).unwrap();
-    let followed = eventually(Duration::from_secs(20), || {
-        cached_mac(&c).and_then(|m| {
-            (m == new_mac)
-                .then_some(m)
-                .ok_or(format!("cached {m:02x?}, a2's eth0 is now {new_mac:02x?}"))
-        })
-    });
+    let followed = caches(&c, new_mac, Duration::from_secs(20));
     assert!(followed.is_ok(), "{followed:?}");
     assert!(a.node.ping(ip(&b)), "no traffic with a2's new MAC");
 

@@ -448,14 +448,6 @@ impl NextHop {
     pub const fn is_fresh(&self, now_ns: u64) -> bool {
         now_ns < self.expires_ns && self.ifindex != 0
     }
-
-    /// The outer Ethernet addresses, destination then source, as they start the frame.
-    pub const fn macs(&self) -> [u8; 12] {
-        let (d, s) = (self.dst_mac, self.src_mac);
-        [
-            d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5],
-        ]
-    }
 }
 
 /// Key of `OVL_NETWORKS`.
@@ -990,7 +982,7 @@ mod tests {
     }
 
     #[test]
-    fn a_next_hop_is_used_until_it_expires_and_starts_the_frame_with_its_macs() {
+    fn a_next_hop_is_used_until_it_expires() {
         let hop = NextHop::new(3, [2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1], 1_000);
         assert!(hop.is_fresh(999));
         assert!(!hop.is_fresh(1_000));
@@ -998,7 +990,6 @@ mod tests {
         // A zeroed entry (never written) is never used, whatever the clock says.
         assert!(!NextHop::default().is_fresh(0));
         assert!(!NextHop { ifindex: 0, ..hop }.is_fresh(0));
-        assert_eq!(hop.macs(), [2, 0, 0, 0, 0, 9, 2, 0, 0, 0, 0, 1]);
     }
 
     #[test]
