@@ -164,9 +164,10 @@ pub type Addr16 = [u8; 16];
 
 /// The IPv4-mapped form of an IPv4 address given in network-order bytes.
 pub const fn ipv4_mapped(v4: [u8; 4]) -> Addr16 {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
+    // One 128-bit value, not sixteen bytes: LLVM would merge the ten zero bytes into a `memset`,
+    // which the eBPF build (bpf-linker) cannot expand inline and calls as a byte-at-a-time
+    // subprogram, on every lookup by an IPv4 address.
+    ((0xffff_u128 << 32) | u32::from_be_bytes(v4) as u128).to_be_bytes()
 }
 
 /// The IPv4 address inside an IPv4-mapped address, if it is one.
@@ -886,7 +887,15 @@ mod tests {
     #[test]
     fn ipv4_mapping_round_trips() {
         let a = ipv4_mapped([9, 0, 1, 2]);
+        assert_eq!(a, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 9, 0, 1, 2]);
+        assert_eq!(
+            a,
+            std::net::Ipv4Addr::new(9, 0, 1, 2)
+                .to_ipv6_mapped()
+                .octets()
+        );
         assert_eq!(ipv4_unmapped(&a), Some([9, 0, 1, 2]));
+        assert_eq!(ipv4_unmapped(&ipv4_mapped([255; 4])), Some([255; 4]));
         let v6 = [0xfd, 1, 0, 0xb, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
         assert_eq!(ipv4_unmapped(&v6), None);
         assert_eq!(ipv4_mapped_prefix_len(24), 120);

@@ -248,6 +248,9 @@ pub const fn parse_vxlan(h: &[u8; VXLAN_HLEN]) -> Result<u32, Counter> {
 /// Everything needed to build the headers of one encapsulated frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncapParams {
+    /// Outer Ethernet (destination, source): the cached next hop's; without one they are written
+    /// zero, and the kernel's neighbour code fills them as the frame is sent.
+    pub outer_macs: Option<([u8; 6], [u8; 6])>,
     pub outer_src: [u8; 4],
     pub outer_dst: [u8; 4],
     pub src_port: u16,
@@ -263,33 +266,43 @@ pub struct EncapParams {
     pub inner_ip_len: usize,
 }
 
-/// The 64 bytes in front of the inner IP packet of a VXLAN frame: outer Ethernet (addresses left
-/// zero: the kernel's neighbour code fills them when the frame is sent), outer IPv4 with its
-/// checksum, UDP with checksum 0 (allowed over IPv4 by RFC 7348), VXLAN, inner Ethernet.
+/// The 64 bytes in front of the inner IP packet of a VXLAN frame (see [`write_vxlan_headers`]),
+/// built on the stack.
 #[inline(always)]
 pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
     let mut h = [0u8; VXLAN_HEADERS_LEN];
-    // Outer Ethernet.
-    h[12] = (ETH_P_IP >> 8) as u8;
-    h[13] = ETH_P_IP as u8;
-    // Outer IPv4.
-    let ip_total = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + p.inner_ip_len;
+    write_vxlan_headers(&mut h, p);
+    h
+}
+
+/// Writes the 64 bytes in front of the inner IP packet of a VXLAN frame into `h`, every byte of
+/// it (`h` may be the packet's own fresh headroom): outer Ethernet, outer IPv4 with its checksum,
+/// UDP with checksum 0 (allowed over IPv4 by RFC 7348), VXLAN, inner Ethernet.
+///
+/// Fields are written four bytes at a time where they meet, zero bytes included, and nothing is
+/// cleared first: LLVM turns a run of zero-byte stores into a `memset`, which the eBPF build
+/// (bpf-linker) cannot expand inline and calls as a byte-at-a-time subprogram.
+#[inline(always)]
+pub fn write_vxlan_headers(h: &mut [u8; VXLAN_HEADERS_LEN], p: &EncapParams) {
+    put_outer_macs(h, p.outer_macs);
     // A GSO super-packet's length is rewritten per segment by the kernel; clamp so the field never
     // wraps.
+    let ip_total = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN + p.inner_ip_len;
     let ip_total = if ip_total > 0xffff { 0xffff } else { ip_total } as u16;
     let ip = ETH_HLEN;
-    h[ip] = 0x45;
+    // Ethernet type, version 4 with a 20-byte header, TOS 0.
+    h[12..16].copy_from_slice(&(((ETH_P_IP as u32) << 16) | 0x4500).to_be_bytes());
+    // Length, ID 0, DF: VTEPs must not fragment (RFC 7348), and with DF an ID of 0 is correct
+    // (RFC 6864).
     h[ip + 2..ip + 4].copy_from_slice(&ip_total.to_be_bytes());
-    // DF: VTEPs must not fragment (RFC 7348), and with DF an ID of 0 is correct (RFC 6864).
-    h[ip + 6..ip + 8].copy_from_slice(&IPV4_DF.to_be_bytes());
-    h[ip + 8] = 64; // TTL
-    h[ip + 9] = IPPROTO_UDP;
+    h[ip + 4..ip + 8].copy_from_slice(&(IPV4_DF as u32).to_be_bytes());
+    // TTL, protocol, checksum.
+    let checksum = vxlan_ipv4_checksum(ip_total, p.outer_src, p.outer_dst);
+    h[ip + 8..ip + 12].copy_from_slice(
+        &((64u32 << 24) | ((IPPROTO_UDP as u32) << 16) | checksum as u32).to_be_bytes(),
+    );
     h[ip + 12..ip + 16].copy_from_slice(&p.outer_src);
     h[ip + 16..ip + 20].copy_from_slice(&p.outer_dst);
-    let mut ip_header = [0u8; IPV4_HLEN];
-    ip_header.copy_from_slice(&h[ip..ip + IPV4_HLEN]);
-    let checksum = ipv4_header_checksum(&ip_header);
-    h[ip + 10..ip + 12].copy_from_slice(&checksum.to_be_bytes());
     let udp_len = ip_total - IPV4_HLEN as u16;
     put_udp_vxlan_eth(
         &mut h[ip + IPV4_HLEN..],
@@ -299,12 +312,44 @@ pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
         (p.inner_dst_mac, p.inner_src_mac),
         p.inner_ethertype,
     );
-    h
+}
+
+/// Writes the outer Ethernet addresses (destination, source) at the start of `h`, zero without
+/// them: as two stores, not twelve zero bytes (see [`write_vxlan_headers`]).
+#[inline(always)]
+pub fn put_outer_macs(h: &mut [u8], macs: Option<([u8; 6], [u8; 6])>) {
+    match macs {
+        Some((dst, src)) => {
+            h[0..6].copy_from_slice(&dst);
+            h[6..12].copy_from_slice(&src);
+        }
+        None => {
+            h[0..8].copy_from_slice(&0u64.to_ne_bytes());
+            h[8..12].copy_from_slice(&0u32.to_ne_bytes());
+        }
+    }
+}
+
+/// The header checksum of the outer IPv4 header [`write_vxlan_headers`] writes (version 4,
+/// 20 bytes, TOS 0, ID 0, DF, TTL 64, UDP), summed from its fields rather than read back.
+#[inline(always)]
+pub const fn vxlan_ipv4_checksum(total_len: u16, src: [u8; 4], dst: [u8; 4]) -> u16 {
+    let mut sum = 0x4500u32
+        + total_len as u32
+        + IPV4_DF as u32
+        + ((64u32 << 8) | IPPROTO_UDP as u32)
+        + u16::from_be_bytes([src[0], src[1]]) as u32
+        + u16::from_be_bytes([src[2], src[3]]) as u32
+        + u16::from_be_bytes([dst[0], dst[1]]) as u32
+        + u16::from_be_bytes([dst[2], dst[3]]) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// Writes what follows the outer IP header of a VXLAN frame, the same over both underlay
-/// families, into `h` (which starts at the UDP header): UDP of `udp_len` with checksum 0
-/// (`ports` = source, destination), VXLAN with `vni`, the inner Ethernet header
+/// families, into `h` (which starts at the UDP header), every byte of it: UDP of `udp_len` with
+/// checksum 0 (`ports` = source, destination), VXLAN with `vni`, the inner Ethernet header
 /// (`macs` = destination, source).
 #[inline(always)]
 pub fn put_udp_vxlan_eth(
@@ -315,16 +360,13 @@ pub fn put_udp_vxlan_eth(
     macs: ([u8; 6], [u8; 6]),
     inner_ethertype: u16,
 ) {
-    h[0..2].copy_from_slice(&ports.0.to_be_bytes());
-    h[2..4].copy_from_slice(&ports.1.to_be_bytes());
-    h[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    // h[6..8]: checksum 0.
+    h[0..4].copy_from_slice(&(((ports.0 as u32) << 16) | ports.1 as u32).to_be_bytes());
+    // Length, checksum 0.
+    h[4..8].copy_from_slice(&((udp_len as u32) << 16).to_be_bytes());
     let vx = UDP_HLEN;
-    h[vx] = VXLAN_FLAG_VNI;
-    let vni = (vni & VNI_MAX).to_be_bytes();
-    h[vx + 4] = vni[1];
-    h[vx + 5] = vni[2];
-    h[vx + 6] = vni[3];
+    // Flags (the VNI is valid), 24 reserved bits; the VNI, 8 reserved bits.
+    h[vx..vx + 4].copy_from_slice(&((VXLAN_FLAG_VNI as u32) << 24).to_be_bytes());
+    h[vx + 4..vx + 8].copy_from_slice(&((vni & VNI_MAX) << 8).to_be_bytes());
     let inner = vx + VXLAN_HLEN;
     h[inner..inner + 6].copy_from_slice(&macs.0);
     h[inner + 6..inner + 12].copy_from_slice(&macs.1);
@@ -399,6 +441,7 @@ mod tests {
     #[test]
     fn encap_headers_are_byte_exact() {
         let p = EncapParams {
+            outer_macs: None,
             outer_src: [10, 0, 0, 1],
             outer_dst: [10, 0, 0, 2],
             src_port: 0xc123,
@@ -427,6 +470,44 @@ mod tests {
         assert_eq!(&h[50..56], &p.inner_dst_mac);
         assert_eq!(&h[56..62], &p.inner_src_mac);
         assert_eq!(&h[62..64], &[0x08, 0x00]);
+    }
+
+    #[test]
+    fn encap_headers_written_in_place_cover_every_byte_and_sum_right() {
+        for (inner_ip_len, src, dst) in [
+            (28, [10, 0, 0, 1], [10, 0, 0, 2]),
+            (1450, [192, 168, 255, 254], [172, 16, 0, 9]),
+            (70_000, [255, 255, 255, 255], [0, 0, 0, 0]),
+            (0, [1, 2, 3, 4], [5, 6, 7, 8]),
+        ] {
+            let p = EncapParams {
+                outer_macs: Some(([0x02, 0, 0, 0, 0, 0x0b], [0x02, 0, 0, 0, 0, 0x0a])),
+                outer_src: src,
+                outer_dst: dst,
+                src_port: 0xfedc,
+                dst_port: 4789,
+                vni: 0xabcdef,
+                inner_src_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
+                inner_dst_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
+                inner_ethertype: ETH_P_IPV6,
+                inner_ip_len,
+            };
+            // Headroom holds whatever was there before: every byte must be written.
+            let mut garbage = [0xa5u8; VXLAN_HEADERS_LEN];
+            write_vxlan_headers(&mut garbage, &p);
+            let mut zeroes = [0u8; VXLAN_HEADERS_LEN];
+            write_vxlan_headers(&mut zeroes, &p);
+            assert_eq!(garbage, zeroes, "inner length {inner_ip_len}");
+            assert_eq!(&zeroes[0..12], &[2, 0, 0, 0, 0, 0x0b, 2, 0, 0, 0, 0, 0x0a]);
+            let ip: [u8; 20] = zeroes[14..34].try_into().unwrap();
+            assert_eq!(ipv4_header_checksum(&ip), 0, "inner length {inner_ip_len}");
+            assert_eq!(&ip[0..2], &[0x45, 0]);
+            assert_eq!(&ip[4..10], &[0, 0, 0x40, 0, 64, IPPROTO_UDP]);
+            assert_eq!(
+                parse_vxlan(zeroes[42..50].try_into().unwrap()),
+                Ok(0xabcdef)
+            );
+        }
     }
 
     #[test]
@@ -461,6 +542,7 @@ mod tests {
     #[test]
     fn encap_length_of_gso_superpacket_never_wraps() {
         let p = EncapParams {
+            outer_macs: None,
             outer_src: [1, 1, 1, 1],
             outer_dst: [2, 2, 2, 2],
             src_port: 1,
@@ -644,6 +726,7 @@ mod tests {
     #[test]
     fn encap_sets_dont_fragment() {
         let p = EncapParams {
+            outer_macs: None,
             outer_src: [1, 1, 1, 1],
             outer_dst: [2, 2, 2, 2],
             src_port: 1,

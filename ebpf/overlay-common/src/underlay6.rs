@@ -22,7 +22,8 @@ use crate::{
     ipv6::Ipv6Header,
     maps::Addr16,
     packet::{
-        ETH_HLEN, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN, put_udp_vxlan_eth,
+        ETH_HLEN, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN, put_outer_macs,
+        put_udp_vxlan_eth,
     },
     policy::IPV6_HLEN,
 };
@@ -62,6 +63,9 @@ pub const fn vxlan_flow_label(flow_hash: u32) -> u32 {
 /// Everything needed to build the headers of one frame encapsulated over IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Encap6Params {
+    /// Outer Ethernet (destination, source); without them zero, for the kernel's neighbour code
+    /// to fill.
+    pub outer_macs: Option<([u8; 6], [u8; 6])>,
     pub outer_src: Addr16,
     pub outer_dst: Addr16,
     pub src_port: u16,
@@ -76,28 +80,34 @@ pub struct Encap6Params {
     pub inner_ip_len: usize,
 }
 
-/// The 84 bytes in front of the inner IP packet of a VXLAN-over-IPv6 frame: outer Ethernet
-/// (addresses left zero for the kernel's neighbour code), IPv6 (traffic class 0, the flow
-/// label, hop limit [`OUTER_HOP_LIMIT`], next header UDP), UDP with checksum 0 (see the module
-/// documentation), VXLAN, inner Ethernet.
+/// The 84 bytes in front of the inner IP packet of a VXLAN-over-IPv6 frame (see
+/// [`write_vxlan6_headers`]), built on the stack.
 #[inline(always)]
 pub fn build_vxlan6_headers(p: &Encap6Params) -> [u8; VXLAN6_HEADERS_LEN] {
     let mut h = [0u8; VXLAN6_HEADERS_LEN];
-    h[12] = (ETH_P_IPV6 >> 8) as u8;
-    h[13] = ETH_P_IPV6 as u8;
+    write_vxlan6_headers(&mut h, p);
+    h
+}
+
+/// Writes the 84 bytes in front of the inner IP packet of a VXLAN-over-IPv6 frame into `h`,
+/// every byte of it (as [`crate::packet::write_vxlan_headers`], and for the same reason): outer
+/// Ethernet, IPv6 (traffic class 0, the flow label, hop limit [`OUTER_HOP_LIMIT`], next header
+/// UDP), UDP with checksum 0 (see the module documentation), VXLAN, inner Ethernet.
+#[inline(always)]
+pub fn write_vxlan6_headers(h: &mut [u8; VXLAN6_HEADERS_LEN], p: &Encap6Params) {
+    put_outer_macs(h, p.outer_macs);
+    h[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
     let ip = ETH_HLEN;
-    let label = p.flow_label & 0x000f_ffff;
-    h[ip] = 0x60;
-    h[ip + 1] = (label >> 16) as u8;
-    h[ip + 2] = (label >> 8) as u8;
-    h[ip + 3] = label as u8;
+    // Version 6, traffic class 0, the flow label.
+    h[ip..ip + 4].copy_from_slice(&((6u32 << 28) | (p.flow_label & 0x000f_ffff)).to_be_bytes());
     // A GSO super-packet's lengths are rewritten per segment by the kernel; clamp so that the
     // field never wraps.
     let payload = UDP_HLEN + VXLAN_HLEN + ETH_HLEN + p.inner_ip_len;
     let payload = if payload > 0xffff { 0xffff } else { payload } as u16;
-    h[ip + 4..ip + 6].copy_from_slice(&payload.to_be_bytes());
-    h[ip + 6] = IPPROTO_UDP;
-    h[ip + 7] = OUTER_HOP_LIMIT;
+    h[ip + 4..ip + 8].copy_from_slice(
+        &(((payload as u32) << 16) | ((IPPROTO_UDP as u32) << 8) | OUTER_HOP_LIMIT as u32)
+            .to_be_bytes(),
+    );
     h[ip + 8..ip + 24].copy_from_slice(&p.outer_src);
     h[ip + 24..ip + 40].copy_from_slice(&p.outer_dst);
     // The UDP checksum stays 0 (see the module documentation).
@@ -109,7 +119,6 @@ pub fn build_vxlan6_headers(p: &Encap6Params) -> [u8; VXLAN6_HEADERS_LEN] {
         (p.inner_dst_mac, p.inner_src_mac),
         p.inner_ethertype,
     );
-    h
 }
 
 /// What an IPv6 underlay packet is to the datapath.
@@ -173,8 +182,27 @@ mod tests {
     const LOCAL: Addr16 = [0xfd, 0, 2, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
     const PEER: Addr16 = [0xfd, 0, 2, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12];
 
+    #[test]
+    fn headers_written_in_place_cover_every_byte() {
+        for len in [0, 84, 1430, 70_000] {
+            let mut p = params(ETH_P_IPV6, len);
+            p.outer_macs = Some(([2, 0, 0, 0, 0, 0x0b], [2, 0, 0, 0, 0, 0x0a]));
+            let mut garbage = [0xa5u8; VXLAN6_HEADERS_LEN];
+            write_vxlan6_headers(&mut garbage, &p);
+            let zeroes = build_vxlan6_headers(&p);
+            assert_eq!(garbage, zeroes, "inner length {len}");
+            assert_eq!(
+                &zeroes[0..14],
+                &[2, 0, 0, 0, 0, 0x0b, 2, 0, 0, 0, 0, 0x0a, 0x86, 0xdd]
+            );
+            assert_eq!(&zeroes[14..18], &[0x60, 0x0a, 0xbc, 0xde]);
+            assert_eq!(&zeroes[20..22], &[IPPROTO_UDP, OUTER_HOP_LIMIT]);
+        }
+    }
+
     fn params(inner_ethertype: u16, inner_ip_len: usize) -> Encap6Params {
         Encap6Params {
+            outer_macs: None,
             outer_src: LOCAL,
             outer_dst: PEER,
             src_port: 0xc123,

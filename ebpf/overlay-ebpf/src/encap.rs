@@ -13,10 +13,10 @@ use overlay_common::{
     counters::Counter,
     maps::{AgentConfig, RemoteRoute, ipv4_unmapped},
     packet::{
-        ETH_HLEN, ETH_P_IP, EncapParams, IPPROTO_TCP, IPPROTO_UDP, VXLAN_ENCAP_LEN,
-        build_vxlan_headers, ipv4_flow_hash, vxlan_source_port,
+        ETH_HLEN, ETH_P_IP, EncapParams, IPPROTO_TCP, IPPROTO_UDP, VXLAN_ENCAP_LEN, ipv4_flow_hash,
+        vxlan_source_port, write_vxlan_headers,
     },
-    underlay6::{Encap6Params, VXLAN6_ENCAP_LEN, build_vxlan6_headers, vxlan_flow_label},
+    underlay6::{Encap6Params, VXLAN6_ENCAP_LEN, vxlan_flow_label, write_vxlan6_headers},
 };
 
 use crate::{forward::L3, maps, skb, stats::count_in_slot};
@@ -119,34 +119,32 @@ pub fn to_remote(
         ipv4_unmapped(&route.underlay_ip),
     ) {
         (Some(outer_src), Some(outer_dst)) => {
-            let src_port = vxlan_source_port(flow_hash);
-            let mut headers = build_vxlan_headers(&EncapParams {
+            let hop = maps::next_hop(&route.underlay_ip);
+            let params = EncapParams {
+                outer_macs: hop.map(|h| (h.dst_mac, h.src_mac)),
                 outer_src,
                 outer_dst,
-                src_port,
+                src_port: vxlan_source_port(flow_hash),
                 dst_port: cfg.vxlan_port,
                 vni: route.vni,
                 inner_src_mac: cfg.vtep_mac,
                 inner_dst_mac: route.vtep_mac,
                 inner_ethertype,
                 inner_ip_len,
-            });
-            let hop = maps::next_hop(&route.underlay_ip);
-            if let Some(hop) = hop {
-                headers[..6].copy_from_slice(&hop.dst_mac);
-                headers[6..12].copy_from_slice(&hop.src_mac);
-            }
+            };
             reserve_headroom(ctx, cfg, VXLAN_ENCAP_LEN)?;
             ctx.adjust_room(VXLAN_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
-            skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
+            skb::fill(ctx, 0, |h| write_vxlan_headers(h, &params))
+                .map_err(|_| Counter::DropEncapFailed)?;
             if let Some(hop) = hop {
                 // SAFETY: plain helper call; the frame is addressed already.
                 return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
             }
         }
         (None, None) => {
-            let headers = build_vxlan6_headers(&Encap6Params {
+            let params = Encap6Params {
+                outer_macs: None,
                 outer_src: cfg.underlay_ip,
                 outer_dst: route.underlay_ip,
                 src_port: vxlan_source_port(flow_hash),
@@ -157,11 +155,12 @@ pub fn to_remote(
                 inner_dst_mac: route.vtep_mac,
                 inner_ethertype,
                 inner_ip_len,
-            });
+            };
             reserve_headroom(ctx, cfg, VXLAN6_ENCAP_LEN)?;
             ctx.adjust_room(VXLAN6_ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP6_FLAGS)
                 .map_err(|_| Counter::DropEncapFailed)?;
-            skb::store(ctx, 0, &headers).map_err(|_| Counter::DropEncapFailed)?;
+            skb::fill(ctx, 0, |h| write_vxlan6_headers(h, &params))
+                .map_err(|_| Counter::DropEncapFailed)?;
         }
         // An IPv4 underlay cannot reach an IPv6 VTEP, nor the reverse.
         _ => return Err(Counter::DropUnderlayFamily),

@@ -50,6 +50,21 @@ pub fn store<const N: usize>(ctx: &TcContext, offset: usize, bytes: &[u8; N]) ->
     ctx.store(offset, bytes, 0).map_err(|_| ())
 }
 
+/// Writes `N` bytes at `offset` in place with `write`, which must set every byte (no copy on the
+/// stack first). Only for bytes in the linear part, as room just made by `bpf_skb_adjust_room`
+/// at the front always is (it lies in the skb's head); anything else is an error.
+#[inline(always)]
+pub fn fill<const N: usize>(
+    ctx: &TcContext,
+    offset: usize,
+    write: impl FnOnce(&mut [u8; N]),
+) -> Result<(), ()> {
+    let at = linear::<N>(ctx, offset).ok_or(())?;
+    // SAFETY: as in `store`; the bytes are the program's alone while it runs.
+    write(unsafe { &mut *(at as *mut [u8; N]) });
+    Ok(())
+}
+
 /// ifindex of the device the packet arrived on.
 #[inline(always)]
 pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
