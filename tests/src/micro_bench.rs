@@ -240,7 +240,7 @@ impl MicroBench {
         // The remote VTEP's next hop as the agent mirrors it: the encap row is the path a
         // resolved VTEP's packets take (no kernel lookup after the program).
         m.sync_next_hops(&std::collections::BTreeMap::from([(
-            REMOTE_UNDERLAY,
+            IpAddr::V4(REMOTE_UNDERLAY),
             overlay_common::maps::NextHop::new(
                 LOOPBACK,
                 REMOTE_NEXT_HOP_MAC,

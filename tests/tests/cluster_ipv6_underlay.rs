@@ -167,6 +167,63 @@ fn an_ipv6_only_fabric_carries_the_overlays_isolated_and_intact() {
     }
 }
 
+/// The next-hop cache over an IPv6 underlay: a1 mirrors neighbour discovery's entry of a2's VTEP
+/// (made managed, as over IPv4), and packets encapsulated in outer IPv6 then take no kernel
+/// lookup.
+#[test]
+fn next_hops_over_ipv6_mirror_neighbour_discovery_and_skip_the_kernel_s_lookup() {
+    let mut c = Cluster::up(spec(2, &["--ipv6-underlay"])).unwrap();
+    let a = c.add_container("a1", "dcos").unwrap();
+    let b = c.add_container("a2", "dcos").unwrap();
+    assert!(a.node.ping(ip(&b)));
+    let a2_underlay = c.lab.fabric_address("a2").unwrap();
+    assert!(a2_underlay.is_ipv6(), "IPv6 fabric expected: {a2_underlay}");
+    let a1 = c.lab.node("a1").unwrap().clone();
+    let a2 = c.lab.node("a2").unwrap().clone();
+    let a2_mac = a2.mac("eth0").unwrap();
+    let start = Instant::now();
+    let hop = loop {
+        let hops = maps(&c, "a1").next_hops().unwrap();
+        match hops.get(&a2_underlay) {
+            Some(h) if h.dst_mac == a2_mac => break *h,
+            other if start.elapsed() > Duration::from_secs(10) => {
+                panic!("a1's next hop of {a2_underlay}: {other:?} (all: {hops:?})")
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(hop.src_mac, a1.mac("eth0").unwrap(), "source MAC");
+    assert_eq!(hop.ifindex, a1.ifindex("eth0").unwrap(), "device");
+    let entry = a1
+        .netlink()
+        .unwrap()
+        .neighbours(Some(a1.ifindex("eth0").unwrap()))
+        .unwrap()
+        .into_iter()
+        .find(|n| n.ip == a2_underlay)
+        .expect("a1's neighbour entry of a2");
+    assert!(entry.managed, "not managed: {entry:?}");
+    assert_eq!(entry.protocol, overlay_agent::next_hops::NEIGH_PROTOCOL);
+
+    let by_kernel = |c: &Cluster| maps(c, "a1").stat(1024, Counter::NextHopByKernel).unwrap();
+    let encapsulated = |c: &Cluster| maps(c, "a1").stat(1024, Counter::Encapsulated).unwrap();
+    let (k0, e0) = (by_kernel(&c), encapsulated(&c));
+    assert!(
+        a.node
+            .exec(
+                "ping",
+                &["-c", "20", "-i", "0.01", "-W", "1", &ip(&b).to_string()]
+            )
+            .is_ok()
+    );
+    assert!(encapsulated(&c) >= e0 + 20, "pings were not encapsulated");
+    assert_eq!(
+        by_kernel(&c),
+        k0,
+        "packets took the kernel's lookup with a fresh next hop"
+    );
+}
+
 #[test]
 fn the_master_refuses_ipv6_agents_unless_run_with_ipv6_underlay() {
     let mut spec = spec(1, &[]);

@@ -352,7 +352,7 @@ fn encap_addresses_the_frame_from_a_fresh_cached_next_hop_only() {
     let cache = |f: &mut Fixture, vtep: Ipv4Addr, expires_ns: u64| {
         let hop = NextHop::new(LOOPBACK, GATEWAY_MAC, NIC_MAC, expires_ns);
         f.dp.maps_mut()
-            .sync_next_hops(&BTreeMap::from([(vtep, hop)]))
+            .sync_next_hops(&BTreeMap::from([(vtep.into(), hop)]))
             .unwrap();
     };
     cache(&mut f, R_UNDERLAY, coarse_now_ns() + 60_000_000_000);

@@ -98,8 +98,8 @@ fn reserve_headroom(ctx: &TcContext, cfg: &AgentConfig, outer_len: usize) -> Res
 /// Wraps the frame (an IPv4 or IPv6 packet, `inner_ethertype`) in outer Ethernet/IPv4/UDP/VXLAN,
 /// or Ethernet/IPv6/UDP/VXLAN when this agent's underlay is IPv6 (`overlay_common::underlay6`),
 /// towards the agent owning `route` and sends it out of the underlay NIC. The outer MACs come
-/// from the agent's cached next hop of that VTEP when it has a fresh one (IPv4 underlay), with a
-/// plain redirect; otherwise the kernel's route and neighbour lookup supplies them. The ENCAP flags are the same for both inner families: the
+/// from the agent's cached next hop of that VTEP when it has a fresh one, with a plain redirect;
+/// otherwise the kernel's route and neighbour lookup supplies them. The ENCAP flags are the same for both inner families: the
 /// kernel finds the inner network header behind the inner Ethernet header (L2_ETH), and the
 /// inner packet's own GSO type (TCPV4/TCPV6/UDP_L4) stays as it is under the UDP tunnel's.
 #[inline(always)]
@@ -143,8 +143,9 @@ pub fn to_remote(
             }
         }
         (None, None) => {
+            let hop = maps::next_hop(&route.underlay_ip);
             let params = Encap6Params {
-                outer_macs: None,
+                outer_macs: hop.map(|h| (h.dst_mac, h.src_mac)),
                 outer_src: cfg.underlay_ip,
                 outer_dst: route.underlay_ip,
                 src_port: vxlan_source_port(flow_hash),
@@ -161,6 +162,10 @@ pub fn to_remote(
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::fill(ctx, 0, |h| write_vxlan6_headers(h, &params))
                 .map_err(|_| Counter::DropEncapFailed)?;
+            if let Some(hop) = hop {
+                // SAFETY: plain helper call; the frame is addressed already.
+                return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
+            }
         }
         // An IPv4 underlay cannot reach an IPv6 VTEP, nor the reverse.
         _ => return Err(Counter::DropUnderlayFamily),

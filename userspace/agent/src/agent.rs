@@ -498,19 +498,12 @@ impl Agent {
         Ok(())
     }
 
-    /// The IPv4 underlay addresses of the other agents' VTEPs in the datapath (the next-hop
-    /// cache's subjects; an IPv6 underlay keeps the kernel's lookup).
-    pub fn remote_vteps_ipv4(&self) -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    /// The underlay addresses of the other agents' VTEPs in the datapath (the next-hop cache's
+    /// subjects).
+    pub fn remote_vteps(&self) -> std::collections::BTreeSet<IpAddr> {
         let me = self.local.underlay_ip;
         match self.dp.maps().vteps() {
-            Ok(vteps) => vteps
-                .into_keys()
-                .filter(|ip| *ip != me)
-                .filter_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect(),
+            Ok(vteps) => vteps.into_keys().filter(|ip| *ip != me).collect(),
             Err(e) => {
                 tracing::warn!("reading the VTEPs for the next-hop cache: {e:#}");
                 Default::default()
@@ -522,7 +515,7 @@ impl Agent {
     /// lookup. An entry the map cannot take stays uncached: the kernel's lookup is always right.
     pub fn set_next_hops(
         &mut self,
-        hops: BTreeMap<std::net::Ipv4Addr, overlay_common::maps::NextHop>,
+        hops: BTreeMap<IpAddr, overlay_common::maps::NextHop>,
         uncached: usize,
     ) {
         match self.dp.maps_mut().sync_next_hops(&hops) {

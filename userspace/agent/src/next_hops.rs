@@ -15,14 +15,16 @@
 //! - the agent stopped or stuck: each entry carries an expiry [`TTL`] ahead, which every write
 //!   moves on; an entry not confirmed in time is not used by the programs, and the kernel's
 //!   lookup takes over.
-//! Where none of this can hold (an IPv6 underlay, a kernel without managed neighbours, the
+//!
+//! The same holds over either underlay family (ARP's neighbours or IPv6 neighbour discovery's,
+//! IPv4 or IPv6 routes). Where none of this can hold (a kernel without managed neighbours, the
 //! route leaving by another device), no entry is written and the kernel's lookup addresses the
 //! packets, as before. (A multipath route is cached as the one path the kernel picks for the
 //! VTEP's address: the path its default, L3 multipath hash picks for every packet to it.)
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::Duration,
 };
 
@@ -66,25 +68,25 @@ pub struct Underlay {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// The cache as it should be.
-    pub hops: BTreeMap<Ipv4Addr, NextHop>,
+    pub hops: BTreeMap<IpAddr, NextHop>,
     /// Next-hop neighbours to make managed (not managed yet, or missing).
-    pub to_manage: BTreeSet<Ipv4Addr>,
+    pub to_manage: BTreeSet<IpAddr>,
     /// Managed neighbours of ours no VTEP goes through any more.
-    pub to_release: BTreeSet<Ipv4Addr>,
+    pub to_release: BTreeSet<IpAddr>,
     /// VTEPs without an entry, and why (for the log and the status).
-    pub uncached: BTreeMap<Ipv4Addr, &'static str>,
+    pub uncached: BTreeMap<IpAddr, &'static str>,
 }
 
 /// The cache for `vteps`, given each one's route (`None`: no route by the underlay NIC), the
 /// underlay NIC's neighbours and the NIC itself; entries expire at `expires_ns`.
 pub fn plan(
-    vteps: &BTreeMap<Ipv4Addr, Option<RouteLookup>>,
+    vteps: &BTreeMap<IpAddr, Option<RouteLookup>>,
     neighbours: &[Neighbour],
     underlay: Underlay,
     expires_ns: u64,
 ) -> Plan {
     let mut out = Plan::default();
-    let by_ip: BTreeMap<Ipv4Addr, &Neighbour> = neighbours
+    let by_ip: BTreeMap<IpAddr, &Neighbour> = neighbours
         .iter()
         .filter(|n| n.ifindex == underlay.ifindex)
         .map(|n| (n.ip, n))
@@ -141,7 +143,12 @@ pub fn spawn_watcher(
     underlay_ifindex: u32,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let mut nl = overlay_netlink::Handle::new()?;
-    let mut events = Events::subscribe(&[groups::LINK, groups::NEIGH, groups::IPV4_ROUTE])?;
+    let mut events = Events::subscribe(&[
+        groups::LINK,
+        groups::NEIGH,
+        groups::IPV4_ROUTE,
+        groups::IPV6_ROUTE,
+    ])?;
     Ok(std::thread::Builder::new()
         .name("next-hops".into())
         .spawn(move || {
@@ -153,7 +160,7 @@ pub fn spawn_watcher(
                 written: None,
             };
             loop {
-                match agent.call_blocking(|a| a.remote_vteps_ipv4()) {
+                match agent.call_blocking(|a| a.remote_vteps()) {
                     Ok(vteps) => watcher.cycle(&agent, &mut nl, underlay_ifindex, &vteps),
                     // The owner is gone: the agent is stopping.
                     Err(_) => return,
@@ -179,20 +186,20 @@ pub fn spawn_watcher(
 
 struct Watcher {
     /// Each VTEP's route, looked up once and again after any change.
-    routes: BTreeMap<Ipv4Addr, Option<RouteLookup>>,
+    routes: BTreeMap<IpAddr, Option<RouteLookup>>,
     /// What was last logged per uncached VTEP (logged again only when it changes).
-    reported: BTreeMap<Ipv4Addr, &'static str>,
+    reported: BTreeMap<IpAddr, &'static str>,
     failing: bool,
     /// Neighbours the kernel refused to make managed (logged once each).
-    unmanageable: BTreeSet<Ipv4Addr>,
+    unmanageable: BTreeSet<IpAddr>,
     /// The cache as last written (expiries aside), and when: it is written again when it
     /// changes, and whole every [`REFRESH`] to move the expiries on, not on every neighbour
     /// confirmation the kernel reports.
-    written: Option<(std::time::Instant, BTreeMap<Ipv4Addr, NextHop>)>,
+    written: Option<(std::time::Instant, BTreeMap<IpAddr, NextHop>)>,
 }
 
 /// Whether two caches send every VTEP the same way (expiries aside).
-fn same_hops(a: &BTreeMap<Ipv4Addr, NextHop>, b: &BTreeMap<Ipv4Addr, NextHop>) -> bool {
+fn same_hops(a: &BTreeMap<IpAddr, NextHop>, b: &BTreeMap<IpAddr, NextHop>) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
             ka == kb
@@ -212,7 +219,7 @@ impl Watcher {
         agent: &Handle,
         nl: &mut overlay_netlink::Handle,
         ifindex: u32,
-        vteps: &BTreeSet<Ipv4Addr>,
+        vteps: &BTreeSet<IpAddr>,
     ) {
         self.routes.retain(|ip, _| vteps.contains(ip));
         for &vtep in vteps {
@@ -316,8 +323,8 @@ mod tests {
         up: true,
     };
 
-    fn ip(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 0, 0, last)
+    fn ip(last: u8) -> IpAddr {
+        std::net::Ipv4Addr::new(10, 0, 0, last).into()
     }
 
     fn neighbour(last: u8, state: NeighbourState, managed: bool, protocol: u8) -> Neighbour {
@@ -375,13 +382,47 @@ mod tests {
             next_hop: ip(1),
         });
         let vteps = BTreeMap::from([
-            (Ipv4Addr::new(192, 168, 7, 2), via_gateway),
-            (Ipv4Addr::new(192, 168, 8, 2), via_gateway),
+            (std::net::Ipv4Addr::new(192, 168, 7, 2).into(), via_gateway),
+            (std::net::Ipv4Addr::new(192, 168, 8, 2).into(), via_gateway),
         ]);
         let neighbours = [neighbour(1, NeighbourState::Stale, true, NEIGH_PROTOCOL)];
         let p = plan(&vteps, &neighbours, NIC, 99);
         assert_eq!(p.hops.len(), 2);
         assert!(p.hops.values().all(|h| h.dst_mac == [2, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn ipv6_vteps_behind_a_link_local_router_get_its_mac() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let via_router = Some(RouteLookup {
+            oif: NIC.ifindex,
+            next_hop: v6("fe80::1"),
+        });
+        let on_link = Some(RouteLookup {
+            oif: NIC.ifindex,
+            next_hop: v6("fd00::5"),
+        });
+        let vteps = BTreeMap::from([
+            (v6("fd00:1::2"), via_router),
+            (v6("fd00:2::2"), via_router),
+            (v6("fd00::5"), on_link),
+        ]);
+        let router = Neighbour {
+            ifindex: NIC.ifindex,
+            ip: v6("fe80::1"),
+            mac: Some([2, 0, 0, 0, 0, 0xfe]),
+            state: NeighbourState::Reachable,
+            managed: true,
+            protocol: NEIGH_PROTOCOL,
+        };
+        let p = plan(&vteps, &[router], NIC, 99);
+        assert_eq!(p.hops.len(), 2, "{:?}", p.hops);
+        assert!(p.hops.values().all(|h| h.dst_mac == [2, 0, 0, 0, 0, 0xfe]));
+        assert_eq!(p.to_manage, BTreeSet::from([v6("fd00::5")]));
+        assert_eq!(
+            p.uncached[&v6("fd00::5")],
+            "its next hop has no neighbour entry yet"
+        );
     }
 
     #[test]

@@ -320,24 +320,21 @@ impl OverlayMaps {
     /// entries written and removed.
     pub fn sync_next_hops(
         &mut self,
-        wanted: &BTreeMap<Ipv4Addr, NextHop>,
+        wanted: &BTreeMap<IpAddr, NextHop>,
     ) -> anyhow::Result<(usize, usize)> {
         let map = self
             .next_hops
             .as_mut()
             .ok_or_else(|| anyhow!("{} is not pinned", names::NEXT_HOPS))?;
-        let key = |ip: &Ipv4Addr| VtepKey::new(ipv4_mapped(ip.octets()));
         let stale: Vec<VtepKey> = map
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .context("reading OVL_NEXT_HOPS")?
             .into_iter()
-            .filter(|k| {
-                ipv4_unmapped(&k.underlay_ip).is_none_or(|v4| !wanted.contains_key(&v4.into()))
-            })
+            .filter(|k| !wanted.contains_key(&from_addr16(&k.underlay_ip)))
             .collect();
         for (ip, hop) in wanted {
-            map.insert(key(ip), hop, 0)
+            map.insert(VtepKey::new(addr16(*ip)), hop, 0)
                 .with_context(|| format!("writing the next hop of VTEP {ip} to OVL_NEXT_HOPS"))?;
         }
         for k in &stale {

@@ -1,7 +1,11 @@
 //! Neighbour entries, single route lookups and change notifications: what the agent needs to
 //! mirror the kernel's next hop towards each remote VTEP (`OVL_NEXT_HOPS`).
 
-use std::{net::Ipv4Addr, os::fd::AsRawFd as _, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
 
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
 use netlink_packet_route::{
@@ -19,7 +23,7 @@ use crate::{Error, Handle, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbour {
     pub ifindex: u32,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// None while unresolved.
     pub mac: Option<[u8; 6]>,
     pub state: NeighbourState,
@@ -51,14 +55,15 @@ pub struct RouteLookup {
     /// The device it leaves by.
     pub oif: u32,
     /// The neighbour it is handed to: the gateway, or the destination itself on the link.
-    pub next_hop: Ipv4Addr,
+    pub next_hop: IpAddr,
 }
 
 impl Handle {
     /// The IPv4 neighbour entries of interface `ifindex` (None: of every interface).
     pub fn neighbours(&mut self, ifindex: Option<u32>) -> Result<Vec<Neighbour>> {
         let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Inet;
+        // Both families: ARP's entries and IPv6 neighbour discovery's.
+        m.header.family = AddressFamily::Unspec;
         m.header.ifindex = ifindex.unwrap_or(0);
         let answers =
             self.request(
@@ -86,15 +91,15 @@ impl Handle {
     pub fn ensure_managed_neighbour(
         &mut self,
         ifindex: u32,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         protocol: u8,
     ) -> Result<()> {
         let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Inet;
+        m.header.family = family(ip);
         m.header.ifindex = ifindex;
         m.header.state = NeighbourState::None;
         m.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+            .push(NeighbourAttribute::Destination(neighbour_address(ip)));
         m.attributes
             .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
         m.attributes
@@ -107,12 +112,12 @@ impl Handle {
     }
 
     /// Removes the neighbour entry of `ip` on `ifindex`; gone already is not an error.
-    pub fn del_neighbour(&mut self, ifindex: u32, ip: Ipv4Addr) -> Result<()> {
+    pub fn del_neighbour(&mut self, ifindex: u32, ip: IpAddr) -> Result<()> {
         let mut m = NeighbourMessage::default();
-        m.header.family = AddressFamily::Inet;
+        m.header.family = family(ip);
         m.header.ifindex = ifindex;
         m.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+            .push(NeighbourAttribute::Destination(neighbour_address(ip)));
         match self.change(RouteNetlinkMessage::DelNeighbour(m), 0, &|| {
             format!("removing neighbour {ip} on interface #{ifindex}")
         }) {
@@ -124,12 +129,15 @@ impl Handle {
     /// The kernel's route to `dst` leaving by `oif` (as `bpf_redirect_neigh` looks it up: the
     /// output device fixed, the FIB choosing the gateway). [`Error::NotFound`]-like errors when
     /// there is none.
-    pub fn route_to(&mut self, dst: Ipv4Addr, oif: u32) -> Result<RouteLookup> {
+    pub fn route_to(&mut self, dst: IpAddr, oif: u32) -> Result<RouteLookup> {
         let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
-        m.header.destination_prefix_length = 32;
-        m.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        m.header.address_family = family(dst);
+        let (prefix_len, address) = match dst {
+            IpAddr::V4(v4) => (32, RouteAddress::Inet(v4)),
+            IpAddr::V6(v6) => (128, RouteAddress::Inet6(v6)),
+        };
+        m.header.destination_prefix_length = prefix_len;
+        m.attributes.push(RouteAttribute::Destination(address));
         m.attributes.push(RouteAttribute::Oif(oif));
         let op = || format!("looking up the route to {dst} by interface #{oif}");
         let answers = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_ACK, &op)?;
@@ -150,7 +158,8 @@ impl Handle {
         for a in &route.attributes {
             match a {
                 RouteAttribute::Oif(i) => found.oif = *i,
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => found.next_hop = *g,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => found.next_hop = (*g).into(),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => found.next_hop = (*g).into(),
                 _ => {}
             }
         }
@@ -158,13 +167,27 @@ impl Handle {
     }
 }
 
+fn family(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
 fn parse_neighbour(n: NeighbourMessage) -> Option<Neighbour> {
-    if n.header.family != AddressFamily::Inet {
+    if !matches!(n.header.family, AddressFamily::Inet | AddressFamily::Inet6) {
         return None;
     }
     let mut out = Neighbour {
         ifindex: n.header.ifindex,
-        ip: Ipv4Addr::UNSPECIFIED,
+        ip: Ipv4Addr::UNSPECIFIED.into(),
         mac: None,
         state: n.header.state,
         managed: false,
@@ -174,7 +197,11 @@ fn parse_neighbour(n: NeighbourMessage) -> Option<Neighbour> {
     for a in n.attributes {
         match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
-                out.ip = ip;
+                out.ip = ip.into();
+                has_ip = true;
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                out.ip = ip.into();
                 has_ip = true;
             }
             NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
@@ -193,6 +220,7 @@ pub mod groups {
     pub const LINK: u32 = 1;
     pub const NEIGH: u32 = 3;
     pub const IPV4_ROUTE: u32 = 7;
+    pub const IPV6_ROUTE: u32 = 11;
 }
 
 /// A socket that hears of changes in the groups it joined (in the namespace it was opened in).
