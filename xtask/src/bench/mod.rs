@@ -78,8 +78,8 @@ pub struct BenchArgs {
     pub bpf_stats: bool,
     /// Data-plane datapaths to measure (comma-separated subset of raw,kernel,ebpf, inner IPv6's
     /// raw_ipv6,kernel_ipv6,ebpf_ipv6, the IPv6 underlay's raw6,ebpf6, and ebpf_kernel_next_hop
-    /// (ebpf-overlay with --next-hop-cache false, against ebpf), measured only when
-    /// asked for).
+    /// and ebpf6_kernel_next_hop (ebpf-overlay with --next-hop-cache false, against ebpf or
+    /// ebpf6), measured only when asked for).
     #[arg(
         long,
         value_delimiter = ',',
@@ -449,10 +449,11 @@ fn raw6_setup() -> anyhow::Result<Setup> {
 }
 
 /// `ebpf6`: ebpf-overlay on an IPv6-only fabric (outer IPv6 VXLAN), IPv4 containers.
-fn ebpf6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
+fn ebpf6_setup(name: &'static str, bin_dir: &Path, agent_args: &[String]) -> anyhow::Result<Setup> {
     let mut spec = ClusterSpec::new(2, bin_dir);
     spec.fabric = Fabric::Ipv6;
     spec.master_args = vec!["--ipv6-underlay".into()];
+    spec.agent_args.extend(agent_args.iter().cloned());
     let mut c = Cluster::up(spec)?;
     let c1 = c.add_container("a1", "dcos")?.node;
     let c2 = c.add_container("a1", "dcos")?.node;
@@ -463,7 +464,7 @@ fn ebpf6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
     for n in [&c2, &c3] {
         traffic::wait_servers(n)?;
         if !ping(&c1, n.ip.unwrap()) {
-            bail!("ebpf6: {} cannot reach {}", c1.netns, n.ip.unwrap());
+            bail!("{name}: {} cannot reach {}", c1.netns, n.ip.unwrap());
         }
     }
     let t = |s: &Node| {
@@ -474,7 +475,7 @@ fn ebpf6_setup(bin_dir: &Path) -> anyhow::Result<Setup> {
     };
     let instances: Vec<String> = ["a1", "a2"].iter().map(|a| c.lab.pin_instance(a)).collect();
     Ok(Setup {
-        name: "ebpf6",
+        name,
         prog_ids: bpfstats::lab_prog_ids(&instances)?,
         paths: vec![("same_agent", t(&c2)), ("cross_agent", t(&c3))],
         agent_nodes: vec![c.lab.node("a1")?.clone(), c.lab.node("a2")?.clone()],
@@ -637,7 +638,17 @@ fn data_plane(
         setups.push(raw6_setup().context("raw IPv6 underlay lab")?);
     }
     if want("ebpf6") {
-        setups.push(ebpf6_setup(bin_dir).context("ebpf-overlay cluster on an IPv6 underlay")?);
+        setups.push(
+            ebpf6_setup("ebpf6", bin_dir, &[])
+                .context("ebpf-overlay cluster on an IPv6 underlay")?,
+        );
+    }
+    if want("ebpf6_kernel_next_hop") {
+        let args = ["--next-hop-cache".to_owned(), "false".to_owned()];
+        setups.push(
+            ebpf6_setup("ebpf6_kernel_next_hop", bin_dir, &args)
+                .context("ebpf-overlay cluster on an IPv6 underlay without the next-hop cache")?,
+        );
     }
     let mut samples: Vec<(&str, &str, Vec<PathSample>)> = vec![];
     let mut unavailable: Vec<(&str, &str, String)> = vec![];

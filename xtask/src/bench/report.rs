@@ -303,40 +303,61 @@ fn ipv6_underlay_table(r: &Results, s: &mut String) {
     );
 }
 
-/// The next-hop lever's table (`--datapaths ...,ebpf_kernel_next_hop,ebpf`): ebpf-overlay with
-/// the agents' next-hop cache (the default) against the same agents with `--next-hop-cache
-/// false` (every encapsulated packet's next hop looked up by the kernel), in the same run.
+/// The next-hop lever's tables (`--datapaths ...,ebpf_kernel_next_hop,ebpf`, and over the IPv6
+/// underlay `...,ebpf6_kernel_next_hop,ebpf6`): ebpf-overlay with the agents' next-hop cache (the
+/// default) against the same agents with `--next-hop-cache false` (every encapsulated packet's
+/// next hop looked up by the kernel), in the same run.
 fn next_hop_table(r: &Results, s: &mut String) {
-    const OFF: &str = "ebpf_kernel_next_hop";
-    if !r.figures.iter().any(|f| f.datapath == OFF) {
-        return;
-    }
-    let _ = writeln!(
-        s,
-        "\n| figure (next hop) | path | raw | ebpf, kernel's lookup | ebpf, cached | cached/kernel's | cached/raw |\n|---|---|---|---|---|---|---|"
-    );
-    for (metric, _) in METRICS {
-        for path in ["cross_agent", "external"] {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                label(metric),
-                path.replace('_', " "),
-                cell(r.get(metric, path, "raw")),
-                cell(r.get(metric, path, OFF)),
-                cell(r.get(metric, path, "ebpf")),
-                ratio_cell(ratio_of(r, metric, path, "ebpf", OFF)),
-                ratio_cell(ratio_of(r, metric, path, "ebpf", "raw")),
-            );
+    // (raw, kernel's lookup, cached, the paths, which of them is the control, the title)
+    let tables = [
+        (
+            "raw",
+            "ebpf_kernel_next_hop",
+            "ebpf",
+            ["cross_agent", "external"],
+            "external: masqueraded, not encapsulated",
+            "next hop",
+        ),
+        (
+            "raw6",
+            "ebpf6_kernel_next_hop",
+            "ebpf6",
+            ["cross_agent", "same_agent"],
+            "same agent: delivered on the agent, not encapsulated",
+            "next hop, IPv6 underlay",
+        ),
+    ];
+    for (raw, off, on, paths, control, title) in tables {
+        if !r.figures.iter().any(|f| f.datapath == off) {
+            continue;
         }
+        let _ = writeln!(
+            s,
+            "\n| figure ({title}) | path | {raw} | {on}, kernel's lookup | {on}, cached | cached/kernel's | cached/{raw} |\n|---|---|---|---|---|---|---|"
+        );
+        for (metric, _) in METRICS {
+            for path in paths {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    label(metric),
+                    path.replace('_', " "),
+                    cell(r.get(metric, path, raw)),
+                    cell(r.get(metric, path, off)),
+                    cell(r.get(metric, path, on)),
+                    ratio_cell(ratio_of(r, metric, path, on, off)),
+                    ratio_cell(ratio_of(r, metric, path, on, raw)),
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n{on}, kernel's lookup: the agents run with --next-hop-cache false \
+             (bpf_redirect_neigh for every encapsulated packet); {on}, cached: the default (the \
+             agent's mirror of the neighbour entry, a plain bpf_redirect). The control row \
+             ({control}) does not use the cache."
+        );
     }
-    let _ = writeln!(
-        s,
-        "\nebpf, kernel's lookup: the agents run with --next-hop-cache false \
-         (bpf_redirect_neigh for every encapsulated packet); ebpf, cached: the default (the \
-         agent's mirror of the neighbour entry, a plain bpf_redirect). External traffic is \
-         masqueraded, not encapsulated: the cache does not apply to it (a control row)."
-    );
 }
 
 /// The ratio of two datapaths' medians of one figure.
