@@ -139,3 +139,48 @@ pub fn two_agents_over_vxlan(lab: &Lab, vni: u32, locals: [&Container; 2]) {
         .unwrap();
     }
 }
+
+/// The next-hop cache's two checks, over either underlay: `agent`'s kernel holds a managed
+/// neighbour entry of `vtep` on its eth0, marked as the agent's own; and 20 pings from `from` to
+/// `to` are encapsulated by that agent without one kernel next-hop lookup (`next_hop_by_kernel`
+/// on network 1024 unchanged).
+pub fn assert_next_hop_cached(
+    c: &Cluster,
+    agent: &str,
+    vtep: IpAddr,
+    from: &Container,
+    to: Ipv4Addr,
+) {
+    use overlay_common::counters::Counter;
+    let node = c.lab.node(agent).unwrap();
+    let entry = node
+        .netlink()
+        .unwrap()
+        .neighbours(Some(node.ifindex("eth0").unwrap()))
+        .unwrap()
+        .into_iter()
+        .find(|n| n.ip == vtep)
+        .unwrap_or_else(|| panic!("{agent}'s neighbour entry of {vtep}"));
+    assert!(entry.managed, "not managed: {entry:?}");
+    assert_eq!(entry.protocol, overlay_agent::next_hops::NEIGH_PROTOCOL);
+
+    let maps =
+        || overlay_datapath::OverlayMaps::open_pinned(&crate::lab_pins(&c.lab, agent)).unwrap();
+    let by_kernel = || maps().stat(1024, Counter::NextHopByKernel).unwrap();
+    let encapsulated = || maps().stat(1024, Counter::Encapsulated).unwrap();
+    let (k0, e0) = (by_kernel(), encapsulated());
+    assert!(
+        from.node
+            .exec(
+                "ping",
+                &["-c", "20", "-i", "0.01", "-W", "1", &to.to_string()]
+            )
+            .is_ok()
+    );
+    assert!(encapsulated() >= e0 + 20, "pings were not encapsulated");
+    assert_eq!(
+        by_kernel(),
+        k0,
+        "packets took the kernel's lookup with a fresh next hop"
+    );
+}

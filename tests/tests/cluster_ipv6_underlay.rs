@@ -15,7 +15,7 @@ use overlay_lab::{
     Container, Fabric,
     cluster::{Cluster, ClusterSpec},
 };
-use overlay_tests::{bin_path, lab_pins};
+use overlay_tests::{bin_path, fixtures::assert_next_hop_cached, lab_pins};
 
 fn spec(agents: usize, master_args: &[&str]) -> ClusterSpec {
     let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
@@ -194,34 +194,7 @@ fn next_hops_over_ipv6_mirror_neighbour_discovery_and_skip_the_kernel_s_lookup()
     };
     assert_eq!(hop.src_mac, a1.mac("eth0").unwrap(), "source MAC");
     assert_eq!(hop.ifindex, a1.ifindex("eth0").unwrap(), "device");
-    let entry = a1
-        .netlink()
-        .unwrap()
-        .neighbours(Some(a1.ifindex("eth0").unwrap()))
-        .unwrap()
-        .into_iter()
-        .find(|n| n.ip == a2_underlay)
-        .expect("a1's neighbour entry of a2");
-    assert!(entry.managed, "not managed: {entry:?}");
-    assert_eq!(entry.protocol, overlay_agent::next_hops::NEIGH_PROTOCOL);
-
-    let by_kernel = |c: &Cluster| maps(c, "a1").stat(1024, Counter::NextHopByKernel).unwrap();
-    let encapsulated = |c: &Cluster| maps(c, "a1").stat(1024, Counter::Encapsulated).unwrap();
-    let (k0, e0) = (by_kernel(&c), encapsulated(&c));
-    assert!(
-        a.node
-            .exec(
-                "ping",
-                &["-c", "20", "-i", "0.01", "-W", "1", &ip(&b).to_string()]
-            )
-            .is_ok()
-    );
-    assert!(encapsulated(&c) >= e0 + 20, "pings were not encapsulated");
-    assert_eq!(
-        by_kernel(&c),
-        k0,
-        "packets took the kernel's lookup with a fresh next hop"
-    );
+    assert_next_hop_cached(&c, "a1", a2_underlay, &a, ip(&b));
 }
 
 #[test]

@@ -267,9 +267,9 @@ pub struct EncapParams {
 }
 
 /// The 64 bytes in front of the inner IP packet of a VXLAN frame (see [`write_vxlan_headers`]),
-/// built on the stack.
-#[inline(always)]
-pub fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
+/// built on the stack (the unit tests' view; the programs write them in place).
+#[cfg(test)]
+fn build_vxlan_headers(p: &EncapParams) -> [u8; VXLAN_HEADERS_LEN] {
     let mut h = [0u8; VXLAN_HEADERS_LEN];
     write_vxlan_headers(&mut h, p);
     h
@@ -334,7 +334,7 @@ pub fn put_outer_macs(h: &mut [u8], macs: Option<([u8; 6], [u8; 6])>) {
 /// 20 bytes, TOS 0, ID 0, DF, TTL 64, UDP), summed from its fields rather than read back.
 #[inline(always)]
 pub const fn vxlan_ipv4_checksum(total_len: u16, src: [u8; 4], dst: [u8; 4]) -> u16 {
-    let mut sum = 0x4500u32
+    let sum = 0x4500u32
         + total_len as u32
         + IPV4_DF as u32
         + ((64u32 << 8) | IPPROTO_UDP as u32)
@@ -342,9 +342,7 @@ pub const fn vxlan_ipv4_checksum(total_len: u16, src: [u8; 4], dst: [u8; 4]) -> 
         + u16::from_be_bytes([src[2], src[3]]) as u32
         + u16::from_be_bytes([dst[0], dst[1]]) as u32
         + u16::from_be_bytes([dst[2], dst[3]]) as u32;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    !crate::ipv6::fold(sum)
 }
 
 /// Writes what follows the outer IP header of a VXLAN frame, the same over both underlay

@@ -113,15 +113,16 @@ pub fn to_remote(
     let flow_hash = flow_hash(ctx, l3);
     let len = ctx.len();
     let inner_ip_len = (len as usize).saturating_sub(ETH_HLEN);
+    let hop = maps::next_hop(&route.underlay_ip);
+    let outer_macs = hop.map(|h| (h.dst_mac, h.src_mac));
     // `route.vni` is the wire VNI of the route's network (shared by default), not its network id.
     match (
         ipv4_unmapped(&cfg.underlay_ip),
         ipv4_unmapped(&route.underlay_ip),
     ) {
         (Some(outer_src), Some(outer_dst)) => {
-            let hop = maps::next_hop(&route.underlay_ip);
             let params = EncapParams {
-                outer_macs: hop.map(|h| (h.dst_mac, h.src_mac)),
+                outer_macs,
                 outer_src,
                 outer_dst,
                 src_port: vxlan_source_port(flow_hash),
@@ -137,15 +138,10 @@ pub fn to_remote(
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::fill(ctx, 0, |h| write_vxlan_headers(h, &params))
                 .map_err(|_| Counter::DropEncapFailed)?;
-            if let Some(hop) = hop {
-                // SAFETY: plain helper call; the frame is addressed already.
-                return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
-            }
         }
         (None, None) => {
-            let hop = maps::next_hop(&route.underlay_ip);
             let params = Encap6Params {
-                outer_macs: hop.map(|h| (h.dst_mac, h.src_mac)),
+                outer_macs,
                 outer_src: cfg.underlay_ip,
                 outer_dst: route.underlay_ip,
                 src_port: vxlan_source_port(flow_hash),
@@ -162,13 +158,13 @@ pub fn to_remote(
                 .map_err(|_| Counter::DropEncapFailed)?;
             skb::fill(ctx, 0, |h| write_vxlan6_headers(h, &params))
                 .map_err(|_| Counter::DropEncapFailed)?;
-            if let Some(hop) = hop {
-                // SAFETY: plain helper call; the frame is addressed already.
-                return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
-            }
         }
         // An IPv4 underlay cannot reach an IPv6 VTEP, nor the reverse.
         _ => return Err(Counter::DropUnderlayFamily),
+    }
+    if let Some(hop) = hop {
+        // SAFETY: plain helper call; the frame is addressed already.
+        return Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as i32);
     }
     count_in_slot(route.slot as u32, Counter::NextHopByKernel, len);
     // SAFETY: plain helper call; no explicit next hop, the FIB decides (IPv4 or IPv6 by the

@@ -13,17 +13,24 @@ use overlay_common::counters::Counter;
 /// bounded scalar.
 const DIRECT_MAX_OFFSET: usize = 0x3fff;
 
-/// Address of `N` bytes at `offset` in the linear part, if they are all there.
+/// Address of `N` bytes at `offset` from `data`, if they all lie before `data_end` (a TC
+/// packet's linear part, an XDP frame's first buffer).
 #[inline(always)]
-fn linear<const N: usize>(ctx: &TcContext, offset: usize) -> Option<usize> {
+pub fn in_place<const N: usize>(data: usize, data_end: usize, offset: usize) -> Option<usize> {
     if offset > DIRECT_MAX_OFFSET {
         return None;
     }
-    let at = ctx.data() + offset;
-    if at + N > ctx.data_end() {
+    let at = data + offset;
+    if at + N > data_end {
         return None;
     }
     Some(at)
+}
+
+/// Address of `N` bytes at `offset` in the linear part, if they are all there.
+#[inline(always)]
+fn linear<const N: usize>(ctx: &TcContext, offset: usize) -> Option<usize> {
+    in_place::<N>(ctx.data(), ctx.data_end(), offset)
 }
 
 /// Loads a fixed-size header at `offset`; a packet too short to hold it is truncated.

@@ -45,21 +45,15 @@ pub fn drop_early(drop: Drop, bytes: u32) -> u32 {
     XDP_DROP
 }
 
-/// Largest offset read in place (as `skb::DIRECT_MAX_OFFSET`: bounds it for the verifier).
-const DIRECT_MAX_OFFSET: usize = 0x3fff;
-
 /// Copies `N` bytes at `offset` out of the frame; `None` if the frame is shorter. Read in place
 /// when they lie in the frame's first buffer, through `bpf_xdp_load_bytes` otherwise (a
 /// multi-buffer frame) into a buffer left uninitialised (a zeroed one costs a `memset` call:
 /// see `overlay_common::packet::write_vxlan_headers`).
 #[inline(always)]
 fn load<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
-    if offset <= DIRECT_MAX_OFFSET {
-        let at = ctx.data() + offset;
-        if at + N <= ctx.data_end() {
-            // SAFETY: `at..at + N` lies within data..data_end, checked just above.
-            return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
-        }
+    if let Some(at) = crate::skb::in_place::<N>(ctx.data(), ctx.data_end(), offset) {
+        // SAFETY: `at..at + N` lies within data..data_end, checked by `in_place`.
+        return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
     }
     let mut buf = core::mem::MaybeUninit::<[u8; N]>::uninit();
     // SAFETY: the helper writes N bytes into `buf` or fails (checking the frame's bounds); `buf`

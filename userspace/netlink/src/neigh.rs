@@ -13,11 +13,11 @@ use netlink_packet_route::{
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+    route::{RouteAttribute, RouteMessage, RouteProtocol, RouteType},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
-use crate::{Error, Handle, Result};
+use crate::{Error, Handle, Result, RouteFamily};
 
 /// An IPv4 neighbour entry as the kernel reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,14 +130,23 @@ impl Handle {
     /// output device fixed, the FIB choosing the gateway). [`Error::NotFound`]-like errors when
     /// there is none.
     pub fn route_to(&mut self, dst: IpAddr, oif: u32) -> Result<RouteLookup> {
+        match dst {
+            IpAddr::V4(a) => self.route_to_of(a, 32, oif),
+            IpAddr::V6(a) => self.route_to_of(a, 128, oif),
+        }
+    }
+
+    fn route_to_of<A: RouteFamily + Into<IpAddr>>(
+        &mut self,
+        dst: A,
+        prefix_len: u8,
+        oif: u32,
+    ) -> Result<RouteLookup> {
         let mut m = RouteMessage::default();
-        m.header.address_family = family(dst);
-        let (prefix_len, address) = match dst {
-            IpAddr::V4(v4) => (32, RouteAddress::Inet(v4)),
-            IpAddr::V6(v6) => (128, RouteAddress::Inet6(v6)),
-        };
+        m.header.address_family = A::FAMILY;
         m.header.destination_prefix_length = prefix_len;
-        m.attributes.push(RouteAttribute::Destination(address));
+        m.attributes
+            .push(RouteAttribute::Destination(dst.to_route_address()));
         m.attributes.push(RouteAttribute::Oif(oif));
         let op = || format!("looking up the route to {dst} by interface #{oif}");
         let answers = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_ACK, &op)?;
@@ -153,13 +162,16 @@ impl Handle {
         }
         let mut found = RouteLookup {
             oif: 0,
-            next_hop: dst,
+            next_hop: dst.into(),
         };
         for a in &route.attributes {
             match a {
                 RouteAttribute::Oif(i) => found.oif = *i,
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => found.next_hop = (*g).into(),
-                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => found.next_hop = (*g).into(),
+                RouteAttribute::Gateway(g) => {
+                    if let Some(g) = A::from_route_address(g) {
+                        found.next_hop = g.into();
+                    }
+                }
                 _ => {}
             }
         }
