@@ -438,8 +438,17 @@ fn a_router_advertisement_from_a_container_changes_nothing_on_the_host() {
     let x = c.add_container("a1", "dcos").unwrap();
     let a1 = c.lab.node("a1").unwrap().clone();
     let (x_mac, gw_mac) = macs(&c, &x);
-    // Let the veth's link-local address settle (DAD) so the host would process an RA.
-    std::thread::sleep(Duration::from_secs(2));
+    // Let the veth's link-local address settle (DAD) so the host would process an RA, and so
+    // that its end of DAD is not mistaken for a change below: a busy machine takes longer than
+    // the kernel's one second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while a1
+        .exec("ip", &["-6", "addr", "show", "tentative"])
+        .is_ok_and(|out| !out.trim().is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before = ipv6_config(&a1);
     let counted = |c: &Cluster| {
         (
