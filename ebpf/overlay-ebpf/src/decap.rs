@@ -23,7 +23,7 @@ use crate::{
     deliver,
     forward::L3,
     guard,
-    isolation::accept_remote,
+    isolation::{accept_remote, accepted_remote},
     maps::{is_known_vtep, nat_config, wire_vni},
     outer, skb,
     stats::count_in_slot,
@@ -115,46 +115,47 @@ pub fn inspect_ipv6(ctx: &TcContext, parsed: &outer::Outer6) -> Result<Accepted,
     accept(ctx, &outer)
 }
 
-/// The checks behind the outer headers, the same for both underlay families: the sender is a
-/// known VTEP outside the masquerade ports, the VNI a known network, the inner packet whole and
-/// for a local endpoint of that network from an address the sending agent owns.
+/// What a VXLAN frame says behind its outer headers, parsed before any map is consulted.
+struct Frame {
+    vni: u32,
+    inner_src: Addr16,
+    inner_dst: Addr16,
+    inner: L3,
+    inner_ipv6: bool,
+}
+
+/// Why a frame could not be parsed, by how far it got: the drop of a bad VXLAN header counts
+/// under no network, that of a bad inner packet under the network its VNI carries.
+enum Unparsed {
+    Vxlan(Counter),
+    Inner { vni: u32, reason: Counter },
+}
+
+/// Reads the VXLAN header and the inner Ethernet and IP headers (whole, not link-local).
 #[inline(always)]
-fn accept(ctx: &TcContext, outer: &OuterVxlan) -> Result<Accepted, Drop> {
-    let (outer_src, strip_len, vxlan_offset) = (outer.src, outer.strip_len, outer.vxlan_offset);
-    // Agents send VXLAN from ports outside the masquerade range; from inside it, it is a
-    // container's datagram that masquerade gave this agent's address (a second line behind
-    // `guard::to_outside` on the sending agent).
-    let outer_src_port = outer.src_port;
-    if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
-        return Err(Counter::DropVxlanNatPort.into());
-    }
-    if !is_known_vtep(outer_src) {
-        return Err(Counter::DropUnknownVtep.into());
-    }
-    let vxlan = skb::load::<VXLAN_HLEN>(ctx, vxlan_offset)?;
-    let vni = parse_vxlan(&vxlan)?;
-    // Until the inner addresses say the network, drops count under the one the VNI carries
-    // (none when networks share it).
-    let carried = wire_vni(vni).ok_or(Counter::DropUnknownVni)?.network;
-    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).in_network(carried)?;
+fn parse_frame(ctx: &TcContext, vxlan_offset: usize) -> Result<Frame, Unparsed> {
+    let vxlan = skb::load::<VXLAN_HLEN>(ctx, vxlan_offset).map_err(Unparsed::Vxlan)?;
+    let vni = parse_vxlan(&vxlan).map_err(Unparsed::Vxlan)?;
+    let inner = |reason| Unparsed::Inner { vni, reason };
+    let inner_eth = skb::load::<ETH_HLEN>(ctx, vxlan_offset + VXLAN_HLEN).map_err(inner)?;
     let inner_l3 = vxlan_offset + VXLAN_HLEN + ETH_HLEN;
     let inner_ipv6 = match EthHeader::parse(&inner_eth).ethertype {
         ETH_P_IP => false,
         ETH_P_IPV6 => true,
-        _ => return Err(Counter::DropMalformed.in_network(carried)),
+        _ => return Err(inner(Counter::DropMalformed)),
     };
-    let (inner_src, inner_dst, inner) = if inner_ipv6 {
-        let ip = Ipv6Header::parse(&skb::load::<IPV6_HLEN>(ctx, inner_l3).in_network(carried)?)
-            .in_network(carried)?;
+    let (inner_src, inner_dst, l3) = if inner_ipv6 {
+        let ip = Ipv6Header::parse(&skb::load::<IPV6_HLEN>(ctx, inner_l3).map_err(inner)?)
+            .map_err(inner)?;
         // Link-local addresses never cross an agent: nothing from a remote container reaches a
         // local one (or the host) by link-local, whatever the map holds under that address.
         if is_link_local(&ip.src) || is_link_local(&ip.dst) {
-            return Err(Counter::DropLinkLocal.in_network(carried));
+            return Err(inner(Counter::DropLinkLocal));
         }
         (ip.src, ip.dst, L3::v6(&ip, inner_l3))
     } else {
-        let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, inner_l3).in_network(carried)?)
-            .in_network(carried)?;
+        let ip = Ipv4Header::parse(&skb::load::<IPV4_HLEN>(ctx, inner_l3).map_err(inner)?)
+            .map_err(inner)?;
         (
             ipv4_mapped(ip.src),
             ipv4_mapped(ip.dst),
@@ -163,19 +164,80 @@ fn accept(ctx: &TcContext, outer: &OuterVxlan) -> Result<Accepted, Drop> {
     };
     // The inner packet must be all there: a cut one is never delivered as if whole.
     let inner_room = (ctx.len() as usize).saturating_sub(inner_l3);
-    if inner.total_len > inner_room {
-        return Err(Counter::DropTruncated.in_network(carried));
+    if l3.total_len > inner_room {
+        return Err(inner(Counter::DropTruncated));
     }
-    let ep = accept_remote(&inner_src, &inner_dst, vni, carried, outer_src)?;
-    // A remote container to this host at its gateway address: no control ports either.
+    Ok(Frame {
+        vni,
+        inner_src,
+        inner_dst,
+        inner: l3,
+        inner_ipv6,
+    })
+}
+
+/// The checks behind the outer headers, the same for both underlay families: the sender is a
+/// known VTEP outside the masquerade ports, the VNI a known network, the inner packet whole and
+/// for a local endpoint of that network from an address the sending agent owns.
+///
+/// A frame that passes takes two lookups (the sending agent's route to the inner source, the
+/// destination endpoint), not four: a route to the inner source through this very VTEP in this
+/// very VNI proves both known, for the agent writes a route only after its VTEP and VNI, and
+/// removes it before them (`reconcile::Plan::apply`). Only a frame that fails is looked at again,
+/// check by check in the order above, to name its drop.
+#[inline(always)]
+fn accept(ctx: &TcContext, outer: &OuterVxlan) -> Result<Accepted, Drop> {
+    let outer_src = outer.src;
+    // Agents send VXLAN from ports outside the masquerade range; from inside it, it is a
+    // container's datagram that masquerade gave this agent's address (a second line behind
+    // `guard::to_outside` on the sending agent).
+    let outer_src_port = outer.src_port;
+    if nat_config().is_some_and(|n| in_port_range(outer_src_port, n.port_min, n.port_max)) {
+        return Err(Counter::DropVxlanNatPort.into());
+    }
+    let frame = parse_frame(ctx, outer.vxlan_offset);
+    if let Ok(f) = &frame
+        && let Some(ep) = accepted_remote(&f.inner_src, &f.inner_dst, f.vni, outer_src)
+    {
+        return accepted(ctx, outer, f, ep);
+    }
+    if !is_known_vtep(outer_src) {
+        return Err(Counter::DropUnknownVtep.into());
+    }
+    let vni = match &frame {
+        Ok(f) => f.vni,
+        Err(Unparsed::Inner { vni, .. }) => *vni,
+        Err(Unparsed::Vxlan(reason)) => return Err((*reason).into()),
+    };
+    // Until the inner addresses say the network, drops count under the one the VNI carries
+    // (none when networks share it).
+    let carried = wire_vni(vni).ok_or(Counter::DropUnknownVni)?.network;
+    let f = match &frame {
+        Ok(f) => f,
+        Err(Unparsed::Inner { reason, .. }) => return Err(reason.in_network(carried)),
+        Err(Unparsed::Vxlan(reason)) => return Err((*reason).into()),
+    };
+    let ep = accept_remote(&f.inner_src, &f.inner_dst, vni, carried, outer_src)?;
+    accepted(ctx, outer, f, ep)
+}
+
+/// A frame for local endpoint `ep` that passed the checks of [`accept`], but for the gateway's:
+/// a remote container to this host at its gateway address reaches no control ports either.
+#[inline(always)]
+fn accepted(
+    ctx: &TcContext,
+    outer: &OuterVxlan,
+    frame: &Frame,
+    ep: &'static Endpoint,
+) -> Result<Accepted, Drop> {
     if ep.is_host() {
-        guard::to_host_gateway(ctx, &inner).in_network(ep.network)?;
+        guard::to_host_gateway(ctx, &frame.inner).in_network(ep.network)?;
     }
     Ok(Accepted {
         network: ep.network,
         endpoint: ep,
-        strip_len,
-        inner_ipv6,
+        strip_len: outer.strip_len,
+        inner_ipv6: frame.inner_ipv6,
         outer_ipv6: outer.ipv6,
     })
 }

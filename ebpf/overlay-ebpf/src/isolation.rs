@@ -83,3 +83,19 @@ pub fn accept_remote(
     }
     Ok(ep)
 }
+
+/// [`accept_remote`]'s yes, for a frame whose VTEP and VNI have not been looked up: the local
+/// endpoint, when the sending agent at `outer_src` owns `src` in VNI `vni` and `dst` is an
+/// endpoint of the same network. Such a route proves the VTEP and the VNI known (the agent writes
+/// routes after both and removes them first). `None` says only "not proven": the caller names
+/// the drop with the full checks.
+#[inline(always)]
+pub fn accepted_remote(
+    src: &Addr16,
+    dst: &Addr16,
+    vni: u32,
+    outer_src: Addr16,
+) -> Option<&'static Endpoint> {
+    let from = route(*src).filter(|r| r.underlay_ip == outer_src && r.vni == vni)?;
+    endpoint(*dst).filter(|ep| ep.network == from.network)
+}
