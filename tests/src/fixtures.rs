@@ -184,3 +184,18 @@ pub fn assert_next_hop_cached(
         "packets took the kernel's lookup with a fresh next hop"
     );
 }
+
+/// Waits up to `within` for `check` to hold; the last value it saw otherwise.
+pub fn eventually<T>(
+    within: std::time::Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}

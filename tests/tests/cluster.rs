@@ -12,7 +12,7 @@ use overlay_lab::{
     Container,
     cluster::{Cluster, ClusterSpec},
 };
-use overlay_tests::fixtures::{assert_next_hop_cached, bin_dir, cluster, cluster_spec};
+use overlay_tests::fixtures::{assert_next_hop_cached, bin_dir, cluster, cluster_spec, eventually};
 use overlay_tests::lab_pins;
 
 fn ip(c: &Container) -> Ipv4Addr {
@@ -581,21 +581,6 @@ fn spare_headroom_on_is_written_and_packets_of_every_size_cross_agents() {
     }
     let encapsulated = maps(&c, "a1").stat(1024, Counter::Encapsulated).unwrap();
     assert!(encapsulated >= 10, "encapsulated {encapsulated}");
-}
-
-/// Waits up to `within` for `check` to hold; the last value it saw otherwise.
-fn eventually<T>(
-    within: Duration,
-    mut check: impl FnMut() -> Result<T, String>,
-) -> Result<T, String> {
-    let deadline = Instant::now() + within;
-    loop {
-        match check() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 /// The next-hop cache (`OVL_NEXT_HOPS`): each agent mirrors the kernel's neighbour entry of the

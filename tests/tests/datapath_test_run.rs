@@ -383,6 +383,30 @@ fn encap_addresses_the_frame_from_a_fresh_cached_next_hop_only() {
     let (_, other) = f.run(programs::FROM_CONTAINER, &input);
     assert!(other == by_kernel, "S's next hop was used towards R");
     assert_eq!(f.stat(VNI_A, Counter::NextHopByKernel), 3);
+
+    // R's slot given back and given to another VTEP while a route to R still carries it (the
+    // agent removes a VTEP's routes first, so only a packet in flight could meet this): the
+    // other VTEP's next hop, now at that slot, is not R's.
+    const T_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 14);
+    let r_slot = f.dp.maps().next_hop_slot(R_UNDERLAY.into()).unwrap();
+    f.dp.maps_mut().remove_vtep(R_UNDERLAY.into()).unwrap();
+    f.dp.maps_mut()
+        .put_vtep(T_UNDERLAY.into(), Vtep::new([2, 0, 0, 0, 0, 0x14], [0; 4]))
+        .unwrap();
+    assert_eq!(f.dp.maps().next_hop_slot(T_UNDERLAY.into()), Some(r_slot));
+    cache(&mut f, T_UNDERLAY, coarse_now_ns() + 60_000_000_000);
+    assert!(
+        f.dp.maps()
+            .next_hops()
+            .unwrap()
+            .contains_key(&T_UNDERLAY.into())
+    );
+    let (_, reused) = f.run(programs::FROM_CONTAINER, &input);
+    assert!(
+        reused == by_kernel,
+        "T's next hop, at R's old slot, was used towards R"
+    );
+    assert_eq!(f.stat(VNI_A, Counter::NextHopByKernel), 4);
 }
 
 #[test]

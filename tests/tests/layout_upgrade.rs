@@ -140,6 +140,20 @@ fn agent_of_a_new_layout_takes_over_the_old_pins_with_one_program_set_and_no_los
         "encapsulated {counted_before} before the upgrade, {counted_after} after"
     );
     assert!(a.node.ping(b_ip), "traffic broken after the upgrade");
+    // The carried VTEP and routes have their next-hop slots (`fill_slots`): once the new agent
+    // has mirrored a2's next hop, encapsulation takes it from the cache, not the kernel.
+    let a2_underlay = c.lab.fabric_address("a2").unwrap();
+    let mirrored = overlay_tests::fixtures::eventually(Duration::from_secs(10), || {
+        let hops = OverlayMaps::open_pinned(&pins)
+            .unwrap()
+            .next_hops()
+            .unwrap();
+        hops.contains_key(&a2_underlay)
+            .then_some(())
+            .ok_or(format!("no next hop of {a2_underlay}: {hops:?}"))
+    });
+    assert!(mirrored.is_ok(), "{mirrored:?}");
+    overlay_tests::fixtures::assert_next_hop_cached(&c, "a1", a2_underlay, &a, b_ip);
     // A container added after the upgrade works too.
     let a2 = c.add_container("a1", "dcos").unwrap();
     assert!(a2.node.ping(b_ip));
@@ -176,7 +190,7 @@ fn old_map(dir: &Path, name: &str, shape: &str, key: &[u8], value: &[u8]) {
 }
 
 #[test]
-fn v3_counters_endpoints_and_routes_are_translated_into_v4() {
+fn v3_counters_endpoints_vteps_and_routes_are_translated_into_the_current_layout() {
     use overlay_agent::datapath::Datapath;
     use overlay_common::maps::ipv4_mapped;
     use overlay_datapath::PinLayout;
@@ -231,6 +245,16 @@ fn v3_counters_endpoints_and_routes_are_translated_into_v4() {
         &route_key,
         &route,
     );
+    // The v3 VTEP of that route's agent (its MAC, two bytes of padding, its VTEP IP).
+    let mut vtep = vec![0x70, 0xb3, 0xd5, 0x80, 0, 2, 0, 0];
+    vtep.extend_from_slice(&[44, 128, 0, 2]);
+    old_map(
+        &maps_dir,
+        names::VTEPS,
+        "type hash key 16 value 12 entries 16",
+        &ipv4_mapped([10, 250, 0, 12]),
+        &vtep,
+    );
     // v3 counters: a per-CPU hash by (network, counter); 5 packets of 500 bytes on every CPU.
     let mut stat_key = network.to_ne_bytes().to_vec();
     stat_key.extend_from_slice(&(Counter::Encapsulated as u32).to_ne_bytes());
@@ -283,6 +307,17 @@ fn v3_counters_endpoints_and_routes_are_translated_into_v4() {
         (r["network"].clone(), r["vni"].clone()),
         (network.into(), 1024.into())
     );
+    // The VTEP got a next-hop slot (v5), and the route through it carries it.
+    let hop_slot = maps
+        .next_hop_slot("10.250.0.12".parse().unwrap())
+        .expect("the carried VTEP got a next-hop slot");
+    assert_ne!(hop_slot, 0);
+    let vteps = dump(names::VTEPS);
+    assert_eq!(
+        vteps[0]["formatted"]["value"]["next_hop"], hop_slot,
+        "{vteps}"
+    );
+    assert_eq!(r["next_hop"], hop_slot, "{routes}");
     drop(dp);
     drop(cleanup);
     let _ = pins.remove_all();

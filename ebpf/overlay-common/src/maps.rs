@@ -19,7 +19,10 @@
 /// v4: counters live in a per-CPU array (`OVL_STATS`, indexed by [`stat_index`]) instead of a
 /// per-CPU hash; each network has a counter slot (`OVL_NET_SLOTS`), which endpoints and routes
 /// carry so the fast paths count without a lookup.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+/// v5: `OVL_NEXT_HOPS` is an array indexed by each remote VTEP's next-hop slot, which the VTEP
+/// and the routes through it carry ([`Vtep::next_hop`], [`RemoteRoute::next_hop`]), so
+/// encapsulation finds the cached next hop without a hash lookup.
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// The VNI every network's frames carry unless the network has its own (DC/OS: `vtep1024`).
 pub const SHARED_VNI: u32 = 1024;
@@ -142,8 +145,8 @@ pub mod capacity {
     pub const ROUTES: u32 = 65536;
     pub const SUBNETS: u32 = 1024;
     pub const VTEPS: u32 = 16384;
-    /// One cached next hop per remote VTEP at most.
-    pub const NEXT_HOPS: u32 = VTEPS;
+    /// One cached next hop per remote VTEP, at its next-hop slot (slot 0 is none: one more).
+    pub const NEXT_HOPS: u32 = VTEPS + 1;
     pub const NETWORKS: u32 = 1024;
     pub const VNIS: u32 = 1024;
     /// Counter slots (networks with counters of their own; slot 0 is no network's).
@@ -342,7 +345,10 @@ pub struct RemoteRoute {
     /// The VNI frames of that network carry on the wire ([`SHARED_VNI`] unless the network has
     /// its own): written by encapsulation, and the only one decapsulation accepts from the subnet.
     pub vni: u32,
-    pub flags: u32,
+    /// The next-hop slot of the VTEP at `underlay_ip` ([`Vtep::next_hop`]): where its cached next
+    /// hop lies in `OVL_NEXT_HOPS`. 0: none (the kernel's lookup addresses the frame). Written by
+    /// the map façade, like `slot`.
+    pub next_hop: u32,
 }
 
 impl RemoteRoute {
@@ -360,7 +366,7 @@ impl RemoteRoute {
             slot: 0,
             network,
             vni,
-            flags: 0,
+            next_hop: 0,
         }
     }
 }
@@ -400,7 +406,9 @@ impl VtepKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Vtep {
     pub vtep_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// This VTEP's next-hop slot, the index of its entry in `OVL_NEXT_HOPS` (0: none yet), given
+    /// by the map façade when it first writes the VTEP and taken back when it removes it.
+    pub next_hop: u16,
     /// The agent's VTEP IPv4 address (network order), for diagnostics.
     pub vtep_ip: [u8; 4],
 }
@@ -409,14 +417,14 @@ impl Vtep {
     pub const fn new(vtep_mac: [u8; 6], vtep_ip: [u8; 4]) -> Vtep {
         Vtep {
             vtep_mac,
-            _pad: [0; 2],
+            next_hop: 0,
             vtep_ip,
         }
     }
 }
 
-/// Value of `OVL_NEXT_HOPS` (keyed by [`VtepKey`]): the underlay next hop towards a remote VTEP
-/// as the kernel's own route and neighbour entry have it, mirrored by the agent so that
+/// Value of `OVL_NEXT_HOPS` (an array indexed by the VTEP's next-hop slot, [`Vtep::next_hop`]):
+/// the underlay next hop towards a remote VTEP as the kernel's own route and neighbour entry have it, mirrored by the agent so that
 /// encapsulation can address the frame itself and `bpf_redirect` it, without the kernel's route
 /// and neighbour lookup after the program (`bpf_redirect_neigh`). The agent rewrites every entry
 /// on each route, neighbour or link change it hears of, and at least every few seconds; an entry
@@ -433,15 +441,21 @@ pub struct NextHop {
     pub src_mac: [u8; 6],
     /// `CLOCK_MONOTONIC` (coarse, as `bpf_ktime_get_coarse_ns`) after which the entry is stale.
     pub expires_ns: u64,
+    /// The underlay address of the VTEP the entry is for, written by the map façade with it: a
+    /// route is only ever sent by the entry of its own VTEP, even while a slot given back is
+    /// given to another VTEP.
+    pub vtep: Addr16,
 }
 
 impl NextHop {
+    /// The next hop (its VTEP is filled in by whoever writes it at the VTEP's slot).
     pub const fn new(ifindex: u32, dst_mac: [u8; 6], src_mac: [u8; 6], expires_ns: u64) -> Self {
         NextHop {
             ifindex,
             dst_mac,
             src_mac,
             expires_ns,
+            vtep: [0; 16],
         }
     }
 
@@ -826,7 +840,7 @@ const _: () = {
     assert!(size_of::<OverlaySubnet>() == 8);
     assert!(size_of::<VtepKey>() == 16);
     assert!(size_of::<Vtep>() == 12);
-    assert!(size_of::<NextHop>() == 24);
+    assert!(size_of::<NextHop>() == 40);
     assert!(size_of::<NetworkKey>() == 4);
     assert!(size_of::<Network>() == 8);
     assert!(size_of::<VniKey>() == 4);
@@ -977,7 +991,7 @@ mod tests {
             7,
             SHARED_VNI,
         );
-        assert_eq!((r.slot, r.flags, r.network, r.vni), (0, 0, 7, 1024));
+        assert_eq!((r.slot, r.next_hop, r.network, r.vni), (0, 0, 7, 1024));
         assert_eq!(WireVni::carrying(&[7]).network, 7);
         assert_eq!(
             WireVni::carrying(&[7, 8]).network,
@@ -985,7 +999,7 @@ mod tests {
         );
         assert_eq!(WireVni::carrying(&[]).network, crate::counters::NO_NETWORK);
         let v = Vtep::new([2, 0, 0, 0, 0, 3], [44, 128, 0, 2]);
-        assert_eq!(v._pad, [0; 2]);
+        assert_eq!(v.next_hop, 0);
         assert_eq!(NatQuota::new(3), NatQuota { flows: 3, _pad: 0 });
         assert_eq!(OverlaySubnet::new(1024).flags, 0);
     }
@@ -1008,7 +1022,7 @@ mod tests {
         assert_eq!(size_of::<AgentConfig>(), 16 + 4 + 6 + 2 + 4 + 4);
         assert_eq!(size_of::<RemoteRoute>(), 16 + 6 + 2 + 4 + 4 + 4);
         assert_eq!(size_of::<Stat>(), 4 + 4 + 8 + 8);
-        assert_eq!(size_of::<NextHop>(), 4 + 6 + 6 + 8);
+        assert_eq!(size_of::<NextHop>(), 4 + 6 + 6 + 8 + 16);
     }
 
     #[test]

@@ -113,7 +113,7 @@ pub fn to_remote(
     let flow_hash = flow_hash(ctx, l3);
     let len = ctx.len();
     let inner_ip_len = (len as usize).saturating_sub(ETH_HLEN);
-    let hop = maps::next_hop(&route.underlay_ip);
+    let hop = maps::next_hop(route);
     let outer_macs = hop.map(|h| (h.dst_mac, h.src_mac));
     // `route.vni` is the wire VNI of the route's network (shared by default), not its network id.
     match (

@@ -37,10 +37,10 @@ pub static OVL_NETWORKS: HashMap<NetworkKey, Network, { capacity::NETWORKS as us
     HashMap::new();
 
 /// The underlay next hop of each remote VTEP, mirrored by the agent from the kernel's route and
-/// neighbour tables (`overlay_common::maps::NextHop`).
+/// neighbour tables (`overlay_common::maps::NextHop`), at the VTEP's next-hop slot: a route
+/// carries the slot, so encapsulation reads its next hop by index, not by a hash of the address.
 #[btf_map]
-pub static OVL_NEXT_HOPS: HashMap<VtepKey, NextHop, { capacity::NEXT_HOPS as usize }> =
-    HashMap::new();
+pub static OVL_NEXT_HOPS: Array<NextHop, { capacity::NEXT_HOPS as usize }> = Array::new();
 
 /// The VNIs VXLAN is accepted in, and which networks each carries.
 #[btf_map]
@@ -158,20 +158,46 @@ pub fn is_known_vtep(underlay_ip: Addr16) -> bool {
     OVL_VTEPS.get_ptr(VtepKey { underlay_ip }).is_some()
 }
 
-/// The cached next hop towards the VTEP at `underlay_ip`, while the agent's confirmation of it
-/// holds.
+/// The cached next hop of the VTEP `route` goes to, while the agent's confirmation of it holds.
 #[inline(always)]
-pub fn next_hop(underlay_ip: &Addr16) -> Option<&'static NextHop> {
-    // The key is the address where it lies (the route's value), not a copy on the stack, which
-    // the IPv6 programs have no room for. SAFETY: `VtepKey` is `repr(C)` around exactly one
-    // `Addr16`, so it has the same layout; entries are replaced whole.
-    let key = unsafe { &*(underlay_ip as *const Addr16).cast::<VtepKey>() };
-    let hop = unsafe { OVL_NEXT_HOPS.get(key) }?;
+pub fn next_hop(route: &RemoteRoute) -> Option<&'static NextHop> {
+    if route.next_hop == 0 {
+        return None;
+    }
+    let hop = OVL_NEXT_HOPS.get(route.next_hop)?;
+    // A slot given back and given to another VTEP between the route's lookup and this one (the
+    // agent removes a VTEP's routes before the VTEP, so only then) holds another VTEP's hop.
+    if !is_hop_of(hop, route) {
+        return None;
+    }
     // SAFETY: plain helper call (the coarse clock: a tick's precision is plenty for an expiry
     // seconds away, and it costs a memory read, not a clock read).
     let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
     hop.is_fresh(now).then_some(hop)
 }
+
+/// Whether `hop` is the entry of the VTEP `route` goes to, comparing the addresses four bytes at
+/// a time: as `[u8; 16]` LLVM compares them byte by byte (32 loads), for it cannot know that
+/// they are aligned.
+#[inline(always)]
+fn is_hop_of(hop: &NextHop, route: &RemoteRoute) -> bool {
+    let a = hop.vtep.as_ptr().cast::<u32>();
+    let b = route.underlay_ip.as_ptr().cast::<u32>();
+    // SAFETY: both fields lie at offsets that are multiples of 4 in structs aligned to at least
+    // 4 (asserted below), so each of the four u32 reads is aligned and inside its field.
+    unsafe {
+        a.read() == b.read()
+            && a.add(1).read() == b.add(1).read()
+            && a.add(2).read() == b.add(2).read()
+            && a.add(3).read() == b.add(3).read()
+    }
+}
+
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    assert!(align_of::<NextHop>() >= 4 && offset_of!(NextHop, vtep) % 4 == 0);
+    assert!(align_of::<RemoteRoute>() >= 4 && offset_of!(RemoteRoute, underlay_ip) % 4 == 0);
+};
 
 /// What VNI `vni` carries, if VXLAN is accepted in it.
 #[inline(always)]

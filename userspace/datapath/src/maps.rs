@@ -97,7 +97,66 @@ pub struct OverlayMaps {
     nat_quota: HashMap<MapData, NatQuotaKey, NatQuota>,
     vnis: HashMap<MapData, VniKey, WireVni>,
     /// None only when opened from the pins of an agent older than the map.
-    next_hops: Option<HashMap<MapData, VtepKey, NextHop>>,
+    next_hops: Option<Array<MapData, NextHop>>,
+    /// Which VTEP holds which next-hop slot: what `OVL_VTEPS` says, kept here so that giving a
+    /// slot out takes no walk of the map.
+    hop_slots: HopSlots,
+    /// The next hops last asked for ([`OverlayMaps::sync_next_hops`]): a VTEP written after
+    /// them gets its entry at once, not at the next sync.
+    hops_wanted: BTreeMap<IpAddr, NextHop>,
+}
+
+/// The next-hop slots (indexes into `OVL_NEXT_HOPS`) of the remote VTEPs. Slot 0 is none.
+#[derive(Debug, Default)]
+struct HopSlots {
+    of: BTreeMap<IpAddr, u32>,
+    /// Given back, below `next`.
+    free: std::collections::BTreeSet<u32>,
+    /// The lowest slot never given out.
+    next: u32,
+}
+
+impl HopSlots {
+    /// The slots the VTEPs in `OVL_VTEPS` hold.
+    fn of_vteps(vteps: &HashMap<MapData, VtepKey, Vtep>) -> anyhow::Result<HopSlots> {
+        let of: BTreeMap<IpAddr, u32> = read_hash(vteps)
+            .context("reading OVL_VTEPS")?
+            .into_iter()
+            .filter(|(_, v)| v.next_hop != 0)
+            .map(|(k, v)| (from_addr16(&k.underlay_ip), u32::from(v.next_hop)))
+            .collect();
+        let next = of.values().max().map_or(1, |m| m + 1);
+        let taken: std::collections::BTreeSet<u32> = of.values().copied().collect();
+        let free = (1..next).filter(|s| !taken.contains(s)).collect();
+        Ok(HopSlots { of, free, next })
+    }
+
+    /// The slot of the VTEP at `ip`, given to it now if it has none; 0 when all are taken (its
+    /// frames are then addressed by the kernel's lookup).
+    fn give(&mut self, ip: IpAddr) -> u32 {
+        if let Some(slot) = self.of.get(&ip) {
+            return *slot;
+        }
+        let slot = match self.free.pop_first() {
+            Some(slot) => slot,
+            None if self.next < capacity::NEXT_HOPS => {
+                // Slot 0 is none, never given.
+                let slot = self.next.max(1);
+                self.next = slot + 1;
+                slot
+            }
+            None => return 0,
+        };
+        self.of.insert(ip, slot);
+        slot
+    }
+
+    /// Takes the slot of the VTEP at `ip` back, if it had one.
+    fn take_back(&mut self, ip: IpAddr) -> Option<u32> {
+        let slot = self.of.remove(&ip)?;
+        self.free.insert(slot);
+        Some(slot)
+    }
 }
 
 /// A destination containers may not reach: one address, or (None) every agent's addresses.
@@ -160,7 +219,7 @@ fn pinned(pins: &PinLayout, name: &str) -> anyhow::Result<MapData> {
 impl OverlayMaps {
     /// The maps an agent pinned, opened without loading anything: for inspection tools.
     pub fn open_pinned(pins: &PinLayout) -> anyhow::Result<OverlayMaps> {
-        Ok(OverlayMaps {
+        OverlayMaps {
             config: Map::Array(pinned(pins, names::CONFIG)?).try_into()?,
             endpoints: Map::HashMap(pinned(pins, names::ENDPOINTS)?).try_into()?,
             routes: Map::LpmTrie(pinned(pins, names::ROUTES)?).try_into()?,
@@ -175,10 +234,13 @@ impl OverlayMaps {
             nat_quota: Map::LruHashMap(pinned(pins, names::NAT_QUOTA)?).try_into()?,
             vnis: Map::HashMap(pinned(pins, names::VNIS)?).try_into()?,
             next_hops: match MapData::from_pin(pins.map(names::NEXT_HOPS)) {
-                Ok(map) => Some(Map::HashMap(map).try_into()?),
+                Ok(map) => Some(Map::Array(map).try_into()?),
                 Err(_) => None,
             },
-        })
+            hop_slots: HopSlots::default(),
+            hops_wanted: BTreeMap::new(),
+        }
+        .with_hop_slots()
     }
 
     /// The maps of a freshly loaded object (the agent's loader), taken out of it.
@@ -198,9 +260,17 @@ impl OverlayMaps {
             nat_quota: take(ebpf, names::NAT_QUOTA)?.try_into()?,
             vnis: take(ebpf, names::VNIS)?.try_into()?,
             next_hops: Some(take(ebpf, names::NEXT_HOPS)?.try_into()?),
-        };
+            hop_slots: HopSlots::default(),
+            hops_wanted: BTreeMap::new(),
+        }
+        .with_hop_slots()?;
         maps.name_counters_of_no_network()?;
         Ok(maps)
+    }
+
+    fn with_hop_slots(mut self) -> anyhow::Result<OverlayMaps> {
+        self.hop_slots = HopSlots::of_vteps(&self.vteps)?;
+        Ok(self)
     }
 
     pub fn set_config(&mut self, s: &AgentSettings) -> anyhow::Result<()> {
@@ -250,9 +320,12 @@ impl OverlayMaps {
     }
 
     pub fn put_route(&mut self, subnet: IpNetwork, route: RemoteRoute) -> anyhow::Result<()> {
+        let vtep = from_addr16(&route.underlay_ip);
         let route = RemoteRoute {
             // Slots are below capacity::STAT_SLOTS (256), which fits.
             slot: self.counter_slot(route.network)? as u16,
+            // The VTEP is written before its routes; one that is not (yet) has no cached hop.
+            next_hop: self.hop_slots.of.get(&vtep).copied().unwrap_or(0),
             ..route
         };
         self.routes
@@ -269,8 +342,12 @@ impl OverlayMaps {
         let mut out = BTreeMap::new();
         for r in self.routes.iter() {
             let (k, v) = r.context("reading OVL_ROUTES")?;
-            // The counter slot is this façade's business: left out.
-            let v = RemoteRoute { slot: 0, ..v };
+            // The counter and next-hop slots are this façade's business: left out.
+            let v = RemoteRoute {
+                slot: 0,
+                next_hop: 0,
+                ..v
+            };
             out.insert(key_prefix(&k)?, v);
         }
         Ok(out)
@@ -296,56 +373,107 @@ impl OverlayMaps {
         Ok(out)
     }
 
+    /// Writes the VTEP of the agent at `underlay_ip`, giving it a next-hop slot the first time
+    /// (and its cached next hop, if one was asked for already).
     pub fn put_vtep(&mut self, underlay_ip: IpAddr, vtep: Vtep) -> anyhow::Result<()> {
+        let known = self.hop_slots.of.contains_key(&underlay_ip);
+        let slot = self.hop_slots.give(underlay_ip);
+        if slot == 0 {
+            tracing::warn!(
+                vtep = %underlay_ip,
+                "all {} next-hop slots are taken: frames to this VTEP are addressed by the kernel's lookup",
+                capacity::NEXT_HOPS - 1
+            );
+        }
+        let vtep = Vtep {
+            // Slots are below capacity::NEXT_HOPS (16385), which fits.
+            next_hop: slot as u16,
+            ..vtep
+        };
         self.vteps
             .insert(VtepKey::new(addr16(underlay_ip)), vtep, 0)
-            .with_context(|| format!("adding VTEP of agent {underlay_ip} to OVL_VTEPS"))
+            .with_context(|| format!("adding VTEP of agent {underlay_ip} to OVL_VTEPS"))?;
+        if !known && slot != 0 {
+            let hop = self
+                .hops_wanted
+                .get(&underlay_ip)
+                .copied()
+                .unwrap_or_default();
+            self.write_next_hop(underlay_ip, slot, hop)?;
+        }
+        Ok(())
     }
 
+    /// Removes the VTEP of the agent at `underlay_ip` (after the routes through it: the plan's
+    /// order), clears its cached next hop and takes its slot back.
     pub fn remove_vtep(&mut self, underlay_ip: IpAddr) -> anyhow::Result<()> {
         ignore_missing(self.vteps.remove(&VtepKey::new(addr16(underlay_ip))))
-            .with_context(|| format!("removing VTEP of agent {underlay_ip} from OVL_VTEPS"))
+            .with_context(|| format!("removing VTEP of agent {underlay_ip} from OVL_VTEPS"))?;
+        if let Some(slot) = self.hop_slots.take_back(underlay_ip) {
+            self.write_next_hop(underlay_ip, slot, NextHop::default())?;
+        }
+        Ok(())
     }
 
+    /// Every VTEP, as written (the next-hop slot is this façade's business: left out).
     pub fn vteps(&self) -> anyhow::Result<BTreeMap<IpAddr, Vtep>> {
         self.vteps
             .iter()
-            .map(|r| r.map(|(k, v)| (from_addr16(&k.underlay_ip), v)))
+            .map(|r| r.map(|(k, v)| (from_addr16(&k.underlay_ip), Vtep { next_hop: 0, ..v })))
             .collect::<Result<_, _>>()
             .context("reading OVL_VTEPS")
     }
 
-    /// Makes `OVL_NEXT_HOPS` hold exactly `wanted` (remote VTEP -> next hop), every entry
-    /// written anew (a write is the agent's confirmation: it moves the expiry on). Returns the
-    /// entries written and removed.
+    /// Writes `hop` (zeroed: none) at `slot`, the next-hop slot of the VTEP at `vtep`.
+    fn write_next_hop(&mut self, vtep: IpAddr, slot: u32, hop: NextHop) -> anyhow::Result<()> {
+        let Some(map) = self.next_hops.as_mut() else {
+            return Ok(());
+        };
+        let hop = if hop.ifindex == 0 {
+            NextHop::default()
+        } else {
+            NextHop {
+                vtep: addr16(vtep),
+                ..hop
+            }
+        };
+        map.set(slot, hop, 0).with_context(|| {
+            format!("writing the next hop of VTEP {vtep} to OVL_NEXT_HOPS slot {slot}")
+        })
+    }
+
+    /// Makes `OVL_NEXT_HOPS` hold exactly `wanted` (remote VTEP -> next hop), each at its VTEP's
+    /// slot, every entry written anew (a write is the agent's confirmation: it moves the expiry
+    /// on); the slots of VTEPs not in `wanted` are cleared. A VTEP not written yet gets its entry
+    /// when it is ([`OverlayMaps::put_vtep`]). Returns the entries written and cleared.
     pub fn sync_next_hops(
         &mut self,
         wanted: &BTreeMap<IpAddr, NextHop>,
     ) -> anyhow::Result<(usize, usize)> {
-        let map = self
-            .next_hops
-            .as_mut()
-            .ok_or_else(|| anyhow!("{} is not pinned", names::NEXT_HOPS))?;
-        let stale: Vec<VtepKey> = map
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .context("reading OVL_NEXT_HOPS")?
-            .into_iter()
-            .filter(|k| !wanted.contains_key(&from_addr16(&k.underlay_ip)))
-            .collect();
-        for (ip, hop) in wanted {
-            map.insert(VtepKey::new(addr16(*ip)), hop, 0)
-                .with_context(|| format!("writing the next hop of VTEP {ip} to OVL_NEXT_HOPS"))?;
+        if self.next_hops.is_none() {
+            anyhow::bail!("{} is not pinned", names::NEXT_HOPS);
         }
-        for k in &stale {
-            ignore_missing(map.remove(k)).with_context(|| {
-                format!(
-                    "removing the next hop of VTEP {} from OVL_NEXT_HOPS",
-                    from_addr16(&k.underlay_ip)
-                )
-            })?;
+        self.hops_wanted = wanted.clone();
+        let slots: Vec<(IpAddr, u32)> = self.hop_slots.of.iter().map(|(i, s)| (*i, *s)).collect();
+        let (mut written, mut cleared) = (0, 0);
+        for (vtep, slot) in slots {
+            match wanted.get(&vtep) {
+                Some(hop) => {
+                    self.write_next_hop(vtep, slot, *hop)?;
+                    written += 1;
+                }
+                None => {
+                    self.write_next_hop(vtep, slot, NextHop::default())?;
+                    cleared += 1;
+                }
+            }
         }
-        Ok((wanted.len(), stale.len()))
+        Ok((written, cleared))
+    }
+
+    /// The next-hop slot of the VTEP at `vtep`, if it has one.
+    pub fn next_hop_slot(&self, vtep: IpAddr) -> Option<u32> {
+        self.hop_slots.of.get(&vtep).copied()
     }
 
     /// The cached next hops by remote VTEP (empty from an agent older than the map).
@@ -353,11 +481,16 @@ impl OverlayMaps {
         let Some(map) = &self.next_hops else {
             return Ok(BTreeMap::new());
         };
-        Ok(read_hash(map)
-            .context("reading OVL_NEXT_HOPS")?
-            .into_iter()
-            .map(|(k, v)| (from_addr16(&k.underlay_ip), v))
-            .collect())
+        let mut out = BTreeMap::new();
+        for (vtep, slot) in &self.hop_slots.of {
+            let hop = map
+                .get(slot, 0)
+                .with_context(|| format!("reading OVL_NEXT_HOPS slot {slot}"))?;
+            if hop.ifindex != 0 && hop.vtep == addr16(*vtep) {
+                out.insert(*vtep, hop);
+            }
+        }
+        Ok(out)
     }
 
     /// Network (id) `id` takes part here.
@@ -645,6 +778,22 @@ impl OverlayMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_hop_slots_are_given_lowest_first_kept_and_taken_back() {
+        let ip = |last: u8| IpAddr::V4(Ipv4Addr::new(10, 0, 0, last));
+        let mut slots = HopSlots::default();
+        assert_eq!((slots.give(ip(1)), slots.give(ip(2))), (1, 2));
+        assert_eq!(slots.give(ip(1)), 1, "a VTEP keeps its slot");
+        assert_eq!(slots.take_back(ip(1)), Some(1));
+        assert_eq!(slots.take_back(ip(1)), None);
+        assert_eq!(slots.give(ip(3)), 1, "the slot given back goes first");
+        assert_eq!(slots.give(ip(4)), 3);
+        // All taken: none (the kernel's lookup), and nothing recorded.
+        slots.next = capacity::NEXT_HOPS;
+        assert_eq!(slots.give(ip(5)), 0);
+        assert!(!slots.of.contains_key(&ip(5)));
+    }
 
     #[test]
     fn prefixes_round_trip_through_their_lpm_keys() {

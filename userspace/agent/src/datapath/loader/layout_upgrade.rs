@@ -16,9 +16,12 @@
 //!   and VNI are both the old VNI (what it meant then), and the VNIs of the old networks are
 //!   accepted, so the wire stays as it was until the agent applies the master's state.
 //! - v4 gave every network a counter slot: endpoints and routes carry theirs (in what was
-//!   padding, so they are copied, then rewritten with their slots: [`fill_counter_slots`]), and
+//!   padding, so they are copied, then rewritten with their slots: [`fill_slots`]), and
 //!   the old per-CPU hash of counters is added into the new per-CPU array slot by slot
 //!   ([`carry_counts`]).
+//! - v5 gave every VTEP a next-hop slot: VTEPs and routes carry theirs (in what was padding and
+//!   an unused flags word, so they are copied, then rewritten with their slots:
+//!   [`fill_slots`]); the cached next hops themselves are mirrored again.
 //! - Then the old version's pins are removed; its maps go with its last program.
 
 use std::{
@@ -42,8 +45,11 @@ pub const SAME_LAYOUT_SINCE: &[(&str, u32)] = &[
     (names::ENDPOINTS, 1),
     // v3: RemoteRoute holds the network id and the wire VNI apart (32 -> 36 bytes).
     // v4: `RemoteRoute::slot` took the place of the padding, as for endpoints.
+    // v5: `RemoteRoute::next_hop` took the place of the flags, always 0 before (copied, then
+    // filled in).
     (names::ROUTES, 3),
     (names::SUBNETS, 1),
+    // v5: `Vtep::next_hop` took the place of the padding (0: copied, then filled in).
     (names::VTEPS, 1),
     (names::NETWORKS, 1),
     // v4: a per-CPU array by counter slot, not a per-CPU hash: the counts are added in
@@ -79,9 +85,10 @@ pub const NEVER_CARRIED: &[&str] = &[
 /// The layout version [`SAME_LAYOUT_SINCE`] was last checked against (a test compares it).
 /// v3 changed only `OVL_TAIL_CALLS` (a third slot), which is never carried: every other map
 /// keeps its layout and carries over from v1/v2. v4 changed `OVL_STATS` (carried by
-/// [`carry_counts`]) and added `OVL_NET_SLOTS`.
+/// [`carry_counts`]) and added `OVL_NET_SLOTS`. v5 made `OVL_NEXT_HOPS` an array (never
+/// carried) and gave VTEPs and routes their next-hop slots ([`fill_slots`]).
 #[allow(dead_code)]
-pub const CHECKED_FOR: u32 = 4;
+pub const CHECKED_FOR: u32 = 5;
 
 /// Whether entries of `map` pinned by an agent of layout `version` can be copied as they are.
 pub fn carries_over(map: &str, version: u32) -> bool {
@@ -214,8 +221,8 @@ fn take_over(
             report.maps_copied.push((names::VNIS.to_owned(), n));
         }
     }
-    if version < 4 {
-        fill_counter_slots(pins).context("giving the carried endpoints and routes their slots")?;
+    if version < 5 {
+        fill_slots(pins).context("giving the carried VTEPs, endpoints and routes their slots")?;
     }
     if counts_added {
         let n = carry_counts(old_dir, pins).context("adding the old layout's counters")?;
@@ -404,10 +411,14 @@ fn carry_counts(old_dir: &Path, pins: &PinLayout) -> anyhow::Result<usize> {
     Ok(carried)
 }
 
-/// Rewrites every endpoint and route of this layout's maps (carried over with slot 0) through
-/// the map façade, which gives each its network's counter slot.
-fn fill_counter_slots(pins: &PinLayout) -> anyhow::Result<()> {
+/// Rewrites every VTEP, endpoint and route of this layout's maps (carried over with slots 0)
+/// through the map façade, which gives each VTEP its next-hop slot (VTEPs first: their routes
+/// take it from them) and each endpoint and route its network's counter slot.
+fn fill_slots(pins: &PinLayout) -> anyhow::Result<()> {
     let mut maps = overlay_datapath::OverlayMaps::open_pinned(pins)?;
+    for (ip, vtep) in maps.vteps()? {
+        maps.put_vtep(ip, vtep)?;
+    }
     for (ip, ep) in maps.endpoints()? {
         maps.put_endpoint(ip, ep)?;
     }
