@@ -204,25 +204,21 @@ fn accept(ctx: &TcContext, outer: &OuterVxlan) -> Result<Accepted, Drop> {
     if !is_known_vtep(outer_src) {
         return Err(Counter::DropUnknownVtep.into());
     }
-    let vni = match &frame {
-        Ok(f) => f.vni,
-        Err(Unparsed::Inner { vni, .. }) => *vni,
-        Err(Unparsed::Vxlan(reason)) => return Err((*reason).into()),
+    let (vni, inner) = match frame {
+        Ok(f) => (f.vni, Ok(f)),
+        Err(Unparsed::Inner { vni, reason }) => (vni, Err(reason)),
+        Err(Unparsed::Vxlan(reason)) => return Err(reason.into()),
     };
     // Until the inner addresses say the network, drops count under the one the VNI carries
     // (none when networks share it).
     let carried = wire_vni(vni).ok_or(Counter::DropUnknownVni)?.network;
-    let f = match &frame {
-        Ok(f) => f,
-        Err(Unparsed::Inner { reason, .. }) => return Err(reason.in_network(carried)),
-        Err(Unparsed::Vxlan(reason)) => return Err((*reason).into()),
-    };
+    let f = inner.in_network(carried)?;
     let ep = accept_remote(&f.inner_src, &f.inner_dst, vni, carried, outer_src)?;
-    accepted(ctx, outer, f, ep)
+    accepted(ctx, outer, &f, ep)
 }
 
-/// A frame for local endpoint `ep` that passed the checks of [`accept`], but for the gateway's:
-/// a remote container to this host at its gateway address reaches no control ports either.
+/// The frame, accepted for local endpoint `ep`; if that is the host at a gateway address, only
+/// once the agent's control ports are found out of its reach, as from a local container.
 #[inline(always)]
 fn accepted(
     ctx: &TcContext,
