@@ -135,6 +135,24 @@ pub fn update(fd: BorrowedFd<'_>, keys: &[u8], values: &[u8], n: usize) -> io::R
     unsafe { crate::sys::bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop)
 }
 
+/// Writes `entries` into `map` with one `BPF_MAP_UPDATE_BATCH` (`BPF_ANY`).
+pub fn put_entries<K: Pod, V: Pod>(map: &MapData, entries: &[(K, V)]) -> io::Result<()> {
+    let (key_len, value_len) = (size_of::<K>(), size_of::<V>());
+    let mut keys = Vec::with_capacity(entries.len() * key_len);
+    let mut values = Vec::with_capacity(entries.len() * value_len);
+    for (k, v) in entries {
+        // SAFETY: K and V are plain data (Pod): every byte of them may be read as a u8.
+        unsafe {
+            keys.extend_from_slice(std::slice::from_raw_parts((k as *const K).cast(), key_len));
+            values.extend_from_slice(std::slice::from_raw_parts(
+                (v as *const V).cast(),
+                value_len,
+            ));
+        }
+    }
+    update(map.fd().as_fd(), &keys, &values, entries.len())
+}
+
 /// Copies every entry of `from` into `to` (maps of the same type, key and value sizes), a batch
 /// at a time; returns how many entries were copied. `value_len` as for [`walk`].
 pub fn copy(

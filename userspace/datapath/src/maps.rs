@@ -106,6 +106,19 @@ pub struct OverlayMaps {
     hops_wanted: BTreeMap<IpAddr, NextHop>,
 }
 
+/// The `OVL_NEXT_HOPS` entry of `hop` towards the VTEP at `vtep`: named after it, or all zero
+/// when there is none (`ifindex` 0).
+fn next_hop_entry(vtep: IpAddr, hop: NextHop) -> NextHop {
+    if hop.ifindex == 0 {
+        NextHop::default()
+    } else {
+        NextHop {
+            vtep: addr16(vtep),
+            ..hop
+        }
+    }
+}
+
 /// The next-hop slots (indexes into `OVL_NEXT_HOPS`) of the remote VTEPs. Slot 0 is none.
 #[derive(Debug, Default)]
 struct HopSlots {
@@ -429,17 +442,10 @@ impl OverlayMaps {
         let Some(map) = self.next_hops.as_mut() else {
             return Ok(());
         };
-        let hop = if hop.ifindex == 0 {
-            NextHop::default()
-        } else {
-            NextHop {
-                vtep: addr16(vtep),
-                ..hop
-            }
-        };
-        map.set(slot, hop, 0).with_context(|| {
-            format!("writing the next hop of VTEP {vtep} to OVL_NEXT_HOPS slot {slot}")
-        })
+        map.set(slot, next_hop_entry(vtep, hop), 0)
+            .with_context(|| {
+                format!("writing the next hop of VTEP {vtep} to OVL_NEXT_HOPS slot {slot}")
+            })
     }
 
     /// Makes `OVL_NEXT_HOPS` hold exactly `wanted` (remote VTEP -> next hop), each at its VTEP's
@@ -454,21 +460,29 @@ impl OverlayMaps {
             anyhow::bail!("{} is not pinned", names::NEXT_HOPS);
         }
         self.hops_wanted = wanted.clone();
-        let slots: Vec<(IpAddr, u32)> = self.hop_slots.of.iter().map(|(i, s)| (*i, *s)).collect();
-        let (mut written, mut cleared) = (0, 0);
-        for (vtep, slot) in slots {
-            match wanted.get(&vtep) {
-                Some(hop) => {
-                    self.write_next_hop(vtep, slot, *hop)?;
-                    written += 1;
-                }
-                None => {
-                    self.write_next_hop(vtep, slot, NextHop::default())?;
-                    cleared += 1;
+        let entries: Vec<(u32, NextHop)> = self
+            .hop_slots
+            .of
+            .iter()
+            .map(|(vtep, slot)| {
+                let hop = wanted.get(vtep).copied().unwrap_or_default();
+                (*slot, next_hop_entry(*vtep, hop))
+            })
+            .collect();
+        let written = entries.iter().filter(|(_, h)| h.ifindex != 0).count();
+        let map = self.next_hops.as_mut().expect("checked above");
+        // One syscall for the whole cache, however many VTEPs (the agent writes it every few
+        // seconds and on every change it mirrors); entry by entry on kernels without batches.
+        match crate::batch::put_entries(map.map(), &entries) {
+            Err(e) if crate::batch::unsupported(&e) => {
+                for (slot, hop) in &entries {
+                    map.set(*slot, hop, 0)
+                        .with_context(|| format!("writing OVL_NEXT_HOPS slot {slot}"))?;
                 }
             }
+            r => r.context("writing OVL_NEXT_HOPS (BPF_MAP_UPDATE_BATCH)")?,
         }
-        Ok((written, cleared))
+        Ok((written, entries.len() - written))
     }
 
     /// The next-hop slot of the VTEP at `vtep`, if it has one.
