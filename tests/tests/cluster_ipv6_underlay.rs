@@ -15,7 +15,11 @@ use overlay_lab::{
     Container, Fabric,
     cluster::{Cluster, ClusterSpec},
 };
-use overlay_tests::{bin_path, fixtures::assert_next_hop_cached, lab_pins};
+use overlay_tests::{
+    bin_path,
+    fixtures::{assert_next_hop_cached, eventually},
+    lab_pins,
+};
 
 fn spec(agents: usize, master_args: &[&str]) -> ClusterSpec {
     let bin_dir = bin_path("overlay-agent").parent().unwrap().to_owned();
@@ -181,17 +185,16 @@ fn next_hops_over_ipv6_mirror_neighbour_discovery_and_skip_the_kernel_s_lookup()
     let a1 = c.lab.node("a1").unwrap().clone();
     let a2 = c.lab.node("a2").unwrap().clone();
     let a2_mac = a2.mac("eth0").unwrap();
-    let start = Instant::now();
-    let hop = loop {
+    let hop = eventually(Duration::from_secs(10), || {
         let hops = maps(&c, "a1").next_hops().unwrap();
         match hops.get(&a2_underlay) {
-            Some(h) if h.dst_mac == a2_mac => break *h,
-            other if start.elapsed() > Duration::from_secs(10) => {
-                panic!("a1's next hop of {a2_underlay}: {other:?} (all: {hops:?})")
-            }
-            _ => std::thread::sleep(Duration::from_millis(100)),
+            Some(h) if h.dst_mac == a2_mac => Ok(*h),
+            other => Err(format!(
+                "a1's next hop of {a2_underlay}: {other:?} (all: {hops:?})"
+            )),
         }
-    };
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(hop.src_mac, a1.mac("eth0").unwrap(), "source MAC");
     assert_eq!(hop.ifindex, a1.ifindex("eth0").unwrap(), "device");
     assert_next_hop_cached(&c, "a1", a2_underlay, &a, ip(&b));

@@ -441,14 +441,13 @@ fn a_router_advertisement_from_a_container_changes_nothing_on_the_host() {
     // Let the veth's link-local address settle (DAD) so the host would process an RA, and so
     // that its end of DAD is not mistaken for a change below: a busy machine takes longer than
     // the kernel's one second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while a1
-        .exec("ip", &["-6", "addr", "show", "tentative"])
-        .is_ok_and(|out| !out.trim().is_empty())
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // (Past the deadline the test goes on: the comparison below then says what changed.)
+    let _ = overlay_tests::fixtures::eventually(Duration::from_secs(15), || {
+        match a1.exec("ip", &["-6", "addr", "show", "tentative"]) {
+            Ok(out) if !out.trim().is_empty() => Err(format!("still tentative: {out}")),
+            _ => Ok(()),
+        }
+    });
     let before = ipv6_config(&a1);
     let counted = |c: &Cluster| {
         (

@@ -424,9 +424,10 @@ impl Vtep {
 }
 
 /// Value of `OVL_NEXT_HOPS` (an array indexed by the VTEP's next-hop slot, [`Vtep::next_hop`]):
-/// the underlay next hop towards a remote VTEP as the kernel's own route and neighbour entry have it, mirrored by the agent so that
-/// encapsulation can address the frame itself and `bpf_redirect` it, without the kernel's route
-/// and neighbour lookup after the program (`bpf_redirect_neigh`). The agent rewrites every entry
+/// the underlay next hop towards a remote VTEP as the kernel's own route and neighbour entry
+/// have it, mirrored by the agent so that encapsulation can address the frame itself and
+/// `bpf_redirect` it, without the kernel's route and neighbour lookup after the program
+/// (`bpf_redirect_neigh`). The agent rewrites every entry
 /// on each route, neighbour or link change it hears of, and at least every few seconds; an entry
 /// it has not confirmed by `expires_ns` is not used (the agent stopped or is stuck), so a stale
 /// MAC outlives the agent by seconds at most, and the kernel's lookup takes over.

@@ -436,9 +436,10 @@ mod tests {
         assert_eq!(ipv4_header_checksum(&h), 0xb861);
     }
 
-    #[test]
-    fn encap_headers_are_byte_exact() {
-        let p = EncapParams {
+    /// A frame of `inner_ip_len` bytes of IPv4 from 10.0.0.1 to 10.0.0.2 in VNI 1024, from
+    /// port 0xc123 to 64000, with its outer MACs left to the kernel.
+    fn params(inner_ip_len: usize) -> EncapParams {
+        EncapParams {
             outer_macs: None,
             outer_src: [10, 0, 0, 1],
             outer_dst: [10, 0, 0, 2],
@@ -448,8 +449,13 @@ mod tests {
             inner_src_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
             inner_dst_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
             inner_ethertype: ETH_P_IP,
-            inner_ip_len: 84,
-        };
+            inner_ip_len,
+        }
+    }
+
+    #[test]
+    fn encap_headers_are_byte_exact() {
+        let p = params(84);
         let h = build_vxlan_headers(&p);
         assert_eq!(&h[12..14], &[0x08, 0x00]);
         let ip: [u8; 20] = h[14..34].try_into().unwrap();
@@ -485,10 +491,8 @@ mod tests {
                 src_port: 0xfedc,
                 dst_port: 4789,
                 vni: 0xabcdef,
-                inner_src_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 1],
-                inner_dst_mac: [0x70, 0xb3, 0xd5, 0x80, 0, 2],
                 inner_ethertype: ETH_P_IPV6,
-                inner_ip_len,
+                ..params(inner_ip_len)
             };
             // Headroom holds whatever was there before: every byte must be written.
             let mut garbage = [0xa5u8; VXLAN_HEADERS_LEN];
@@ -539,19 +543,7 @@ mod tests {
 
     #[test]
     fn encap_length_of_gso_superpacket_never_wraps() {
-        let p = EncapParams {
-            outer_macs: None,
-            outer_src: [1, 1, 1, 1],
-            outer_dst: [2, 2, 2, 2],
-            src_port: 1,
-            dst_port: 2,
-            vni: 3,
-            inner_src_mac: [0; 6],
-            inner_dst_mac: [0; 6],
-            inner_ethertype: ETH_P_IPV6,
-            inner_ip_len: 70_000,
-        };
-        let h = build_vxlan_headers(&p);
+        let h = build_vxlan_headers(&params(70_000));
         assert_eq!(&h[16..18], &[0xff, 0xff]);
     }
 
@@ -724,16 +716,8 @@ mod tests {
     #[test]
     fn encap_sets_dont_fragment() {
         let p = EncapParams {
-            outer_macs: None,
-            outer_src: [1, 1, 1, 1],
-            outer_dst: [2, 2, 2, 2],
-            src_port: 1,
-            dst_port: 2,
-            vni: 3,
-            inner_src_mac: [0; 6],
-            inner_dst_mac: [0; 6],
             inner_ethertype: ETH_P_IPV6,
-            inner_ip_len: 100,
+            ..params(100)
         };
         let h = build_vxlan_headers(&p);
         assert_eq!(&h[62..64], &[0x86, 0xdd], "inner IPv6");

@@ -456,10 +456,6 @@ impl OverlayMaps {
         &mut self,
         wanted: &BTreeMap<IpAddr, NextHop>,
     ) -> anyhow::Result<(usize, usize)> {
-        if self.next_hops.is_none() {
-            anyhow::bail!("{} is not pinned", names::NEXT_HOPS);
-        }
-        self.hops_wanted = wanted.clone();
         let entries: Vec<(u32, NextHop)> = self
             .hop_slots
             .of
@@ -470,7 +466,10 @@ impl OverlayMaps {
             })
             .collect();
         let written = entries.iter().filter(|(_, h)| h.ifindex != 0).count();
-        let map = self.next_hops.as_mut().expect("checked above");
+        let map = self
+            .next_hops
+            .as_mut()
+            .ok_or_else(|| anyhow!("{} is not pinned", names::NEXT_HOPS))?;
         // One syscall for the whole cache, however many VTEPs (the agent writes it every few
         // seconds and on every change it mirrors); entry by entry on kernels without batches.
         match crate::batch::put_entries(map.map(), &entries) {
@@ -482,6 +481,7 @@ impl OverlayMaps {
             }
             r => r.context("writing OVL_NEXT_HOPS (BPF_MAP_UPDATE_BATCH)")?,
         }
+        self.hops_wanted = wanted.clone();
         Ok((written, entries.len() - written))
     }
 

@@ -19,7 +19,7 @@ use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
 use crate::{Error, Handle, Result, RouteFamily};
 
-/// An IPv4 neighbour entry as the kernel reports it.
+/// A neighbour entry (ARP's or IPv6 neighbour discovery's) as the kernel reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbour {
     pub ifindex: u32,
@@ -59,7 +59,8 @@ pub struct RouteLookup {
 }
 
 impl Handle {
-    /// The IPv4 neighbour entries of interface `ifindex` (None: of every interface).
+    /// The neighbour entries, of both families, of interface `ifindex` (None: of every
+    /// interface).
     pub fn neighbours(&mut self, ifindex: Option<u32>) -> Result<Vec<Neighbour>> {
         let mut m = NeighbourMessage::default();
         // Both families: ARP's entries and IPv6 neighbour discovery's.
