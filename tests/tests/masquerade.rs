@@ -27,10 +27,20 @@ fn cluster(agents: usize, config: &str) -> Cluster {
     cluster_with(agents, config, &[])
 }
 
+/// A cluster whose UDP flows expire after 3 s of silence, so that tests can watch them go.
 fn cluster_with(agents: usize, config: &str, extra_agent_args: &[&str]) -> Cluster {
+    cluster_with_udp_timeout(agents, config, 3, extra_agent_args)
+}
+
+fn cluster_with_udp_timeout(
+    agents: usize,
+    config: &str,
+    udp_timeout_s: u32,
+    extra_agent_args: &[&str],
+) -> Cluster {
     let mut spec = cluster_spec(agents);
     spec.config = config.into();
-    spec.agent_args = ["--nat-udp-timeout", "3"].map(String::from).to_vec();
+    spec.agent_args = vec!["--nat-udp-timeout".into(), udp_timeout_s.to_string()];
     spec.agent_args
         .extend(extra_agent_args.iter().map(|s| s.to_string()));
     Cluster::up(spec).unwrap()
@@ -267,7 +277,10 @@ fn a_reply_without_a_mapping_reaches_no_container() {
 
 #[test]
 fn a_too_big_icmp_error_from_outside_reaches_the_right_container() {
-    let mut c = cluster(1, TWO_NETWORKS);
+    // The flow's mapping must outlive the start of two listeners and the sender: on a loaded
+    // machine that took more than the 3 s the other tests' flows live (the error then found no
+    // mapping and reached no container).
+    let mut c = cluster_with_udp_timeout(1, TWO_NETWORKS, 60, &[]);
     let x = c.add_container("a1", "dcos").unwrap();
     let other = c.add_container("a1", "dcos").unwrap();
     start_peer_server(&mut c, PORT);
